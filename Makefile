@@ -1,0 +1,59 @@
+# bezoar-jobs: the two commands a newcomer needs are `make demo` and `make test`.
+# Both create .venv on first use from requirements/lock.txt (no resolver: every version pinned,
+# installed with --no-deps), torch==2.13.0 (CPU build) first. The venv is reused until the lock
+# file or pyproject.toml changes.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BEZOAR := $(VENV)/bin/bezoar
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+LOCK_HASH := $(shell cat requirements/lock.txt pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+RUN ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test lint fmt lock clean
+
+help:
+	@echo "make demo   - install (once) and run the whole recipe on the embedded default into $(RUN)"
+	@echo "make test   - install (once) and run the test suite"
+	@echo "make lint   - ruff"
+	@echo "make lock   - re-pin requirements/lock.txt from the current venv"
+
+venv: $(STAMP)
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	@if [ -d $(VENV) ] && ! ls $(VENV)/.installed-* >/dev/null 2>&1; then rm -rf $(VENV); fi
+	@if [ -d $(VENV) ]; then echo "lock file changed: rebuilding $(VENV)"; rm -rf $(VENV); fi
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps -r requirements/lock.txt
+	$(PIP) install -q --no-deps -e .
+	@touch $@
+
+demo: $(STAMP)
+	$(BEZOAR) run --recipe recipes/demo.yaml --run $(RUN)
+	@$(BEZOAR) status --run $(RUN)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Re-pin after changing dependencies: install what you need into .venv, then `make lock`.
+lock:
+	$(PIP) freeze --exclude-editable | grep -v -iE '^(torch==|bezoar)' > requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) runs dist .pytest_cache
+
+-include mk/k8s.mk

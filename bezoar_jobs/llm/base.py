@@ -1,0 +1,95 @@
+"""The one small interface every teacher and judge client implements.
+
+Stages build :class:`GenRequest` objects (a system text, a user text, decoding settings, a stable
+id and a seed) and hand a whole batch to :meth:`LLMClient.run`. The client decides how to render
+the prompt (a raw prompt format for TGI / completions endpoints, messages for chat APIs, the
+tokenizer's chat template in process), how many requests to keep in flight, and how to retry. Each
+finished request is handed to ``on_result`` as soon as it is done, so the stage can persist it at
+once (that is what makes an interrupted stage resumable without duplicates).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    id: str  # stable id: the stage's record id, reused on resume
+    user: str  # the instruction / prompt text
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenResult:
+    id: str
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None  # set when the request failed for good (after retries)
+    cached: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class UsageTotals:
+    requests: int = 0
+    failed: int = 0
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+    def add(self, r: GenResult) -> None:
+        self.requests += 1
+        self.failed += 0 if r.ok else 1
+        self.cached += 1 if r.cached else 0
+        self.prompt_tokens += r.prompt_tokens
+        self.completion_tokens += r.completion_tokens
+
+
+class LLMClient(ABC):
+    """A teacher or judge. ``model_id`` is the exact model the answers came from."""
+
+    model_id: str
+    usage: UsageTotals
+
+    @abstractmethod
+    def run(
+        self,
+        requests: Sequence[GenRequest],
+        on_result: Callable[[GenResult], None],
+        desc: str = "generate",
+    ) -> None:
+        """Answer every request, calling ``on_result`` once per request as each finishes.
+
+        Requests that fail for good are reported with ``error`` set, not raised, unless the
+        failure means every request would fail (bad credentials, unknown model: ``BadInput``;
+        the server unreachable after all retries or a spending cap: ``RetryableError``).
+        """
+
+    def rating_distribution(self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]) -> list[dict[str, float]]:
+        """For each request, the probability of each option as the next text after the rendered
+        prompt plus ``prefix`` (e.g. ``"Rating: "``), normalised over ``options``.
+
+        Only the in-process client can do this; remote clients raise ``NotImplementedError`` and
+        the recipe validator refuses ``filter.method: logprobs`` with a remote judge.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot score rating tokens")
+
+    def close(self) -> None:
+        """Release resources (HTTP sessions, model memory)."""

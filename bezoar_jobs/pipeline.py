@@ -1,0 +1,73 @@
+"""The DAG: stage names, their inputs, and the --from/--until/--only selection.
+
+This module is pure (no torch, no Kubernetes) so both executors and the CLI use it.
+Stages that are not built yet are absent from ``CANONICAL``; they slot in as they land.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BadInput
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[str, ...]  # stages whose committed outputs this one reads
+    family: str  # generate | filter | sft | dpo | evaluate | report
+    needs: tuple[str, ...] = ()  # servers it talks to: teacher, judge
+    gpu: bool = False
+
+
+_ALL = [
+    StageSpec("generate-lamini", (), "generate", ("teacher",)),
+    StageSpec("generate-evol", (), "generate", ("teacher", "judge")),
+    StageSpec("generate-orca", (), "generate", ("teacher",)),
+    StageSpec("filter-lamini", ("generate-lamini",), "filter", ("judge",)),
+    StageSpec("filter-evol", ("generate-evol",), "filter", ("judge",)),
+    StageSpec("filter-orca", ("generate-orca",), "filter", ("judge",)),
+]
+
+CANONICAL: tuple[str, ...] = tuple(s.name for s in _ALL)
+STAGES: dict[str, StageSpec] = {s.name: s for s in _ALL}
+
+
+def spec(name: str) -> StageSpec:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise BadInput(f"unknown stage {name!r}; stages are: {', '.join(CANONICAL)}") from None
+
+
+def select(from_: str | None = None, until: str | None = None, only: list[str] | None = None) -> list[str]:
+    """The stages to consider, in canonical order."""
+    if only:
+        for n in only:
+            spec(n)
+        if from_ or until:
+            raise BadInput("--only cannot be combined with --from/--until")
+        return [n for n in CANONICAL if n in set(only)]
+    names = list(CANONICAL)
+    lo = names.index(spec(from_).name) if from_ else 0
+    hi = names.index(spec(until).name) if until else len(names) - 1
+    if lo > hi:
+        raise BadInput(f"--from {from_} comes after --until {until} in the canonical order")
+    return names[lo : hi + 1]
+
+
+def levels(names: list[str]) -> list[list[str]]:
+    """Group the selected stages into waves whose members do not depend on each other
+    (inputs outside the selection are taken as already committed)."""
+    chosen = set(names)
+    done: set[str] = set()
+    waves: list[list[str]] = []
+    remaining = list(names)
+    while remaining:
+        wave = [n for n in remaining if all(i in done or i not in chosen for i in STAGES[n].inputs)]
+        if not wave:  # pragma: no cover - the DAG is acyclic by construction
+            raise RuntimeError("cycle in stage graph")
+        waves.append(wave)
+        done.update(wave)
+        remaining = [n for n in remaining if n not in done]
+    return waves

@@ -1,0 +1,342 @@
+"""The typed recipe: one pydantic v2 object loaded from YAML, unknown keys refused.
+
+Every validation error names the dotted path of the field, the file and, where the YAML parser can
+tell, the line. The run location is not part of the recipe (it is ``--run``); secrets are never in
+the recipe (only the *names* of environment variables or mounted files that hold them).
+
+Values the OpenBezoar paper does not state are defaults labelled in recipes/openbezoar.yaml.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BadInput
+
+SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and endpoints
+# ---------------------------------------------------------------------------------------------
+class Decoding(Strict):
+    max_new_tokens: PosInt = 256
+    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    stop: tuple[str, ...] = ()
+
+
+class Endpoint(Strict):
+    """A teacher or judge: where it runs and how to talk to it.
+
+    backend:
+      tgi                 Text Generation Inference (huggingface_hub.AsyncInferenceClient), raw prompts
+      openai-completions  an OpenAI-compatible /v1/completions server (vLLM, SGLang), raw prompts
+      openai-chat         an OpenAI-compatible /v1/chat/completions API (GPT-4-class judges)
+      anthropic           Anthropic Messages API (Claude)
+      local               in-process transformers batched generation (the embedded default)
+    """
+
+    backend: Literal["tgi", "openai-completions", "openai-chat", "anthropic", "local"]
+    model: str = Field(description="hub id, local/s3 directory, or pkg://package/file.gguf (local backend)")
+    revision: str | None = Field(None, description="pinned hub revision (commit sha) of the model")
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="name of the env var holding the API key")
+    api_key_file: str | None = Field(None, description="path of a mounted file holding the API key")
+    prompt_format: str | None = Field(
+        None,
+        description="raw-prompt backends: template with {system} and {user}; "
+        "local backend: null uses the tokenizer's chat template",
+    )
+    system_prompt_supported: bool = True
+    max_concurrency: PosInt = 16
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[float, Field(gt=0)] | None = None
+    max_retries: NonNegInt = 6
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    backoff_base_s: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    price_input_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
+    price_output_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
+    spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(None, description="stop paying beyond this, per stage")
+    # in-process (local) backend
+    batch_size: PosInt = 8
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Endpoint:
+        remote = self.backend != "local"
+        if remote and not self.base_url and self.backend in ("tgi", "openai-completions"):
+            raise ValueError(f"backend {self.backend!r} needs base_url")
+        if self.backend in ("tgi", "openai-completions") and not self.prompt_format:
+            raise ValueError(f"backend {self.backend!r} sends raw prompts: prompt_format is required")
+        if self.prompt_format and "{user}" not in self.prompt_format:
+            raise ValueError("prompt_format must contain {user}")
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+
+class StudentModel(Strict):
+    model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    add_bos: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed data
+# ---------------------------------------------------------------------------------------------
+class DatasetSource(Strict):
+    """A dataset: a hub id (pinned revision) or a local / s3:// file (jsonl, json, parquet, csv),
+    or pkg://bezoar_jobs/<path> for the demo files shipped inside the package."""
+
+    path: str
+    revision: str | None = None
+    name: str | None = Field(None, description="hub config / subset name")
+    split: str = "train"
+    data_files: tuple[str, ...] = ()
+    limit: PosInt | None = None
+    licence: str = "unknown"
+
+
+class TemplateRef(Strict):
+    """A prompt template file: pkg://bezoar_jobs/templates/<name> (ours) or a user file."""
+
+    path: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation schemes
+# ---------------------------------------------------------------------------------------------
+class LaminiConfig(Strict):
+    seed_data: Literal["dolly"] = "dolly"
+    example_prompts: NonNegInt = Field(50, description="example-guided generation prompts")
+    topic_prompts: NonNegInt = Field(25, description="topic-guided generation prompts")
+    examples_per_prompt: PosInt = 3
+    topics_per_prompt: PosInt = 3
+    instructions_per_prompt: PosInt = 20
+    topics: DatasetSource | None = Field(None, description="one topic per row (column 'topic')")
+    example_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_example.txt")
+    topic_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topic.txt")
+    response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
+    instruction_decoding: Decoding = Decoding(max_new_tokens=1024, temperature=0.7, top_p=0.9)
+    response_decoding: Decoding = Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2)
+    min_instruction_words: PosInt = 3
+    max_instructions: PosInt | None = Field(None, description="cap on instructions sent for responses")
+
+
+class EvolConfig(Strict):
+    seed_data: Literal["dolly"] = "dolly"
+    seeds: PosInt = Field(1000, description="dolly instructions that start the pool")
+    rounds: PosInt = Field(4, description="evolution rounds (WizardLM default; unknown for OpenBezoar)")
+    in_depth_weight: Prob = Field(0.5, description="probability of an in-depth step versus in-breadth")
+    depth_operations: tuple[Literal["constraints", "deepen", "concretize", "reasoning"], ...] = (
+        "constraints",
+        "deepen",
+        "concretize",
+        "reasoning",
+    )
+    templates_dir: str = Field("pkg://bezoar_jobs/templates/evol", description="one file per operation")
+    response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
+    equality_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/evol_equal.txt")
+    evolve_decoding: Decoding = Decoding(max_new_tokens=512, temperature=0.7, top_p=0.9)
+    response_decoding: Decoding = Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2)
+    equality_check: bool = Field(True, description="rule 1: the judge says the evolution adds nothing")
+    sorry_max_words: PosInt = Field(80, description="rule 2: 'sorry' in a response shorter than this")
+    leak_phrases: tuple[str, ...] = Field(
+        ("#rewritten prompt#", "rewritten prompt", "given prompt", "#given prompt#", "#created prompt#", "created prompt"),
+        description="rule 4: the evolved instruction copies the rewriting prompt's own words",
+    )
+
+
+class OrcaConfig(Strict):
+    seed_data: Literal["flan"] = "flan"
+    seeds: PosInt = 1000
+    system_messages: DatasetSource = DatasetSource(
+        path="pkg://bezoar_jobs/templates/orca_system_messages.jsonl", licence="Apache-2.0"
+    )
+    show_gold_target: bool = Field(False, description="unknown in the paper: whether the teacher saw the target")
+    response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/orca_response.txt")
+    response_decoding: Decoding = Decoding(max_new_tokens=768, temperature=0.3, repetition_penalty=1.2)
+    submix_weights: dict[Literal["cot", "niv2", "t0", "flan2021"], Annotated[float, Field(ge=0)]] = {
+        "cot": 1.0,
+        "niv2": 1.0,
+        "t0": 1.0,
+        "flan2021": 1.0,
+    }
+
+
+class GenerationConfig(Strict):
+    lamini: LaminiConfig = LaminiConfig()
+    evol: EvolConfig = EvolConfig()
+    orca: OrcaConfig = OrcaConfig()
+    flush_every: PosInt = Field(16, description="records per _work part file while generating")
+
+
+class SeedsConfig(Strict):
+    dolly: DatasetSource = DatasetSource(path="databricks/databricks-dolly-15k", licence="CC-BY-SA-3.0")
+    flan: DatasetSource = DatasetSource(path="SirNeural/flan_v2", licence="Apache-2.0 (mixed sources)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Filtering
+# ---------------------------------------------------------------------------------------------
+class FilterConfig(Strict):
+    judge_name: Annotated[str, Field(pattern=r"^[a-z0-9_]+$")] = Field(
+        "gpt4", description="prefix of the verdict columns: {judge_name}_status/_rating/_reason"
+    )
+    method: Literal["generate", "logprobs"] = Field(
+        "generate", description="generate: parse a JSON verdict; logprobs: rate from rating-token probabilities (local judge)"
+    )
+    rubric_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/judge_rubric.txt")
+    threshold: Annotated[float, Field(ge=1, le=10)] = Field(7.0, description="keep status pass with rating >= threshold")
+    require_pass: bool = Field(True, description="also require the judge's status to be 'pass' (generate method)")
+    max_attempts: PosInt = Field(3, description="asks per row when the verdict cannot be parsed")
+    decoding: Decoding = Decoding(max_new_tokens=256, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+class Recipe(Strict):
+    schema_version: Literal[1]
+    name: str
+    description: str = ""
+    seed: int = 42
+    teacher: Endpoint
+    judge: Endpoint
+    student: StudentModel
+    seeds: SeedsConfig = SeedsConfig()
+    generation: GenerationConfig = GenerationConfig()
+    filter: FilterConfig = FilterConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Recipe:
+        if self.filter.method == "logprobs" and self.judge.backend != "local":
+            raise ValueError("filter.method 'logprobs' needs judge.backend 'local' (remote APIs give no token scores)")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    # -- hashing: a stage's key is the hash of exactly the recipe fields it reads -------------
+    def section_hash(self, *dotted: str) -> str:
+        parts = {}
+        for d in dotted:
+            obj: Any = self
+            for key in d.split("."):
+                obj = getattr(obj, key)
+            parts[d] = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+        blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with good errors
+# ---------------------------------------------------------------------------------------------
+class _LineLoader(yaml.SafeLoader):
+    """A SafeLoader that remembers the line of every mapping key, by dotted path."""
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (i,)
+                lines[p] = v.start_mark.line + 1
+                walk(v, p)
+
+    walk(root, ())
+    return lines
+
+
+def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        dotted = ".".join(str(x) for x in loc) or "<root>"
+        # the nearest enclosing key that we know a line for
+        line = None
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        where = f"{source}:{line}" if line else source
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this section)"
+        out.append(f"{where}: {dotted}: {msg}")
+    return "invalid recipe:\n  " + "\n  ".join(out)
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise BadInput(f"{where}: recipe is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{source}: a recipe must be a YAML mapping at the top level")
+    if "schema_version" not in data:
+        raise BadInput(f"{source}: schema_version: missing (this version of bezoar-jobs reads {SCHEMA_VERSION})")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise BadInput(
+            f"{source}:{_key_lines(text).get(('schema_version',), '?')}: schema_version: "
+            f"{data.get('schema_version')!r} is not supported (this version reads {SCHEMA_VERSION})"
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise BadInput(_format_errors(e, source, _key_lines(text))) from None
+
+
+def load_recipe(uri: str | Path) -> tuple[Recipe, str]:
+    """Load a recipe from a path or a run-store URI; return the object and its exact text."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        from .store import open_store
+
+        base, _, name = uri.rpartition("/")
+        text = open_store(base).read_text(name)
+    else:
+        p = Path(uri.removeprefix("file://"))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BadInput(f"{uri}: recipe file not found") from None
+    return parse_recipe(text, uri), text
