@@ -1,0 +1,221 @@
+"""LLM-judge filtering of a generated dataset (filter-lamini, filter-evol, filter-orca).
+
+The judge rates each (instruction, response) with the recipe's rubric. Two methods:
+- ``generate``: the judge writes a verdict; we parse JSON first, then tolerant fallbacks. An
+  unparseable verdict is asked again (another seed) up to ``filter.max_attempts`` times, then
+  recorded as a failure with the raw text (the row goes to rejected/, never silently dropped).
+- ``logprobs`` (in-process judge only): the rating is the expected value of the judge's
+  next-token distribution over "1".."10" after the rubric and "Rating: ". A small local model
+  gives usable, deterministic verdicts this way where its free text would not parse.
+Kept rows go to data/, dropped ones to rejected/, both with ``{judge}_status/_rating/_reason``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from ..data.io import dataset_card, load_template, read_jsonl, render, write_jsonl
+from ..errors import BadInput
+from ..llm.base import GenRequest
+from ..runner import StageContext, StageOutput
+from .common import Phase, cost_usd, endpoint_info, open_client, request, usage_dict
+from .records import stable_hash
+
+log = logging.getLogger("bezoar")
+
+RATING_OPTIONS = tuple(str(i) for i in range(1, 11))
+
+
+def scheme_of(stage: str) -> str:
+    return stage.split("-", 1)[1]
+
+
+def pair(scheme: str, row: dict[str, Any]) -> tuple[str, str]:
+    """The (instruction, response) the judge sees for a row of each scheme."""
+    if scheme == "orca":
+        ins = str(row["inputs"])
+        if row.get("system_message"):
+            ins = f"(The assistant was told: {row['system_message']})\n\n{ins}"
+        return ins, str(row.get("explained_targets") or "")
+    return str(row["instruction"]), str(row.get("response") or "")
+
+
+# ---- verdict parsing ----------------------------------------------------------------------------
+_JSON_OBJ = re.compile(r"\{.*?\}", re.S)
+_RATING = re.compile(r"rating\W{0,5}(\d+(?:\.\d+)?)", re.I)
+_OUT_OF = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.I)
+_BRACKETS = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
+
+
+def _clamp(x: float) -> float | None:
+    return x if 1.0 <= x <= 10.0 else None
+
+
+def parse_verdict(text: str) -> dict[str, Any] | None:
+    """``{"status", "rating", "reason"}`` from a judge's text, or None when it cannot be read.
+
+    JSON first (the first object that has a rating, tolerating single quotes and trailing commas),
+    then "rating: 7", "7/10", "[[7]]"; status from the JSON or the words pass/fail, else from the
+    rating alone (the caller applies the threshold).
+    """
+    for m in _JSON_OBJ.finditer(text):
+        blob = m.group(0)
+        for candidate in (blob, re.sub(r",\s*}", "}", blob.replace("'", '"'))):
+            try:
+                obj = json.loads(candidate)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict) and "rating" in obj:
+                try:
+                    rating = _clamp(float(obj["rating"]))
+                except (TypeError, ValueError):
+                    rating = None
+                if rating is None:
+                    continue
+                status = str(obj.get("status", "")).strip().lower()
+                return {
+                    "status": status if status in ("pass", "fail") else None,
+                    "rating": rating,
+                    "reason": str(obj.get("reason", "")).strip(),
+                }
+    for rx in (_BRACKETS, _RATING, _OUT_OF):
+        m = rx.search(text)
+        if m and _clamp(float(m.group(1))) is not None:
+            low = text.lower()
+            status = "fail" if re.search(r"\bfail", low) else "pass" if re.search(r"\bpass", low) else None
+            return {"status": status, "rating": float(m.group(1)), "reason": text.strip()[:500]}
+    return None
+
+
+def decide(verdict: dict[str, Any], threshold: float, require_pass: bool) -> bool:
+    ok = verdict["rating"] >= threshold
+    if require_pass and verdict.get("status") is not None:
+        ok = ok and verdict["status"] == "pass"
+    return ok
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+def run_filter(ctx: StageContext) -> StageOutput:
+    r = ctx.recipe
+    cfg = r.filter
+    scheme = scheme_of(ctx.name)
+    src = f"generate-{scheme}"
+    data_dir = ctx.fetch_input(src, "data")
+    rows = read_jsonl(data_dir / "train.jsonl", ("id",), f"{ctx.store.url(src)}/data/train.jsonl")
+    if not rows:
+        raise BadInput(f"{ctx.name}: {src} committed an empty dataset")
+    rubric = load_template(cfg.rubric_template.path, "filter.rubric_template", ("instruction", "response"))
+    judge_col = cfg.judge_name
+    prompts = {}
+    for row in rows:
+        ins, resp = pair(scheme, row)
+        prompts[row["id"]] = render(rubric, instruction=ins, response=resp)
+    verdicts: dict[str, dict[str, Any]] = {}
+    judge = open_client(ctx, r.judge, "judge", cached=cfg.method == "generate")
+    try:
+        if cfg.method == "logprobs":
+            verdicts = _rate_logprobs(ctx, judge, rows, prompts)
+        else:
+            verdicts = _rate_generate(ctx, judge, rows, prompts)
+        usage = judge.usage
+    finally:
+        judge.close()
+    kept, dropped = [], []
+    for row in rows:
+        v = verdicts[row["id"]]
+        out = {**row, f"{judge_col}_status": v["status"], f"{judge_col}_rating": v["rating"], f"{judge_col}_reason": v["reason"]}
+        (kept if v["keep"] else dropped).append(out)
+    counts = {
+        "input_rows": len(rows),
+        "kept": len(kept),
+        "rejected": len(dropped),
+        "unparseable": sum(1 for v in verdicts.values() if v["status"] == "error"),
+        "retention": round(len(kept) / len(rows), 4),
+        "scheme": scheme,
+    }
+    data = ctx.out / "data"
+    write_jsonl(data / "train.jsonl", kept)
+    write_jsonl(ctx.out / "rejected" / "rejected.jsonl", dropped)
+    dataset_card(
+        data / "README.md",
+        f"{r.name}: {ctx.name}",
+        f"{scheme} rows kept by the LLM judge ({r.judge.model}, method {cfg.method}, threshold {cfg.threshold}).",
+        r.seeds.flan.licence if scheme == "orca" else r.seeds.dolly.licence,
+        {"filter": cfg.model_dump(mode="json"), "judge": endpoint_info(r.judge), "counts": counts},
+        ["train.jsonl"],
+    )
+    u = usage_dict(usage)
+    log.info("%s: kept %d of %d rows (%.0f%%)", ctx.name, len(kept), len(rows), 100 * counts["retention"])
+    return StageOutput(
+        counts=counts,
+        extra={
+            "judge": {**endpoint_info(r.judge), "model_id": r.judge.model, "method": cfg.method},
+            "usage": {"judge": u},
+            "cost_usd": cost_usd(r.judge, u["prompt_tokens"], u["completion_tokens"]),
+        },
+    )
+
+
+def _rate_generate(ctx: StageContext, judge, rows, prompts) -> dict[str, dict[str, Any]]:
+    cfg = ctx.recipe.filter
+    verdicts: dict[str, dict[str, Any]] = {}
+    raw: dict[str, list[str]] = {row["id"]: [] for row in rows}
+    pending = [row["id"] for row in rows]
+    for attempt in range(1, cfg.max_attempts + 1):
+        items = [
+            (request(f"{rid}-a{attempt}", prompts[rid], cfg.decoding, stable_hash(ctx.recipe.seed, rid, attempt) % (2**31 - 1)), {"row": rid})
+            for rid in pending
+        ]
+        # a retried ask must not be answered from the first ask's cache: greedy decoding would repeat it
+        if attempt > 1 and cfg.decoding.temperature == 0:
+            items = [(_with_temperature(req, 0.7), m) for req, m in items]
+        got = Phase(ctx, f"verdicts-a{attempt}").run(judge, items, lambda res, m: {**m, "text": res.text})
+        ctx.check_stop()
+        still = []
+        for rid in pending:
+            rec = got.get(f"{rid}-a{attempt}")
+            if rec is None:
+                still.append(rid)
+                continue
+            raw[rid].append(rec["text"])
+            v = parse_verdict(rec["text"])
+            if v is None:
+                still.append(rid)
+            else:
+                verdicts[rid] = {**v, "keep": decide(v, cfg.threshold, cfg.require_pass)}
+                if verdicts[rid]["status"] is None:
+                    verdicts[rid]["status"] = "pass" if verdicts[rid]["keep"] else "fail"
+        pending = still
+        if not pending:
+            break
+    for rid in pending:
+        text = " | ".join(raw[rid]) or "no answer from the judge"
+        verdicts[rid] = {"status": "error", "rating": None, "reason": f"unparseable verdict after {cfg.max_attempts} attempts: {text[:1000]}", "keep": False}
+    return verdicts
+
+
+def _with_temperature(req: GenRequest, t: float) -> GenRequest:
+    from dataclasses import replace
+
+    return replace(req, temperature=t)
+
+
+def _rate_logprobs(ctx: StageContext, judge, rows, prompts) -> dict[str, dict[str, Any]]:
+    cfg = ctx.recipe.filter
+    reqs = [request(row["id"], prompts[row["id"]], cfg.decoding, 0) for row in rows]
+    dists = judge.rating_distribution(reqs, "Rating: ", RATING_OPTIONS)
+    verdicts = {}
+    for row, dist in zip(rows, dists, strict=True):
+        rating = round(sum(float(k) * p for k, p in dist.items()), 3)
+        top = max(dist, key=dist.get)
+        keep = rating >= cfg.threshold
+        verdicts[row["id"]] = {
+            "status": "pass" if keep else "fail",
+            "rating": rating,
+            "reason": f"expected rating from the judge's token probabilities (most likely {top}, p={dist[top]:.2f})",
+            "keep": keep,
+        }
+    return verdicts
