@@ -309,7 +309,9 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise BadInput(f"{where}: recipe is not valid YAML: {getattr(e, 'problem', e)}") from None
+        ctx_mark = getattr(e, "context_mark", None)
+        started = f" ({e.context} at line {ctx_mark.line + 1})" if ctx_mark and getattr(e, "context", None) else ""
+        raise BadInput(f"{where}: recipe is not valid YAML: {getattr(e, 'problem', e)}{started}") from None
     if not isinstance(data, dict):
         raise BadInput(f"{source}: a recipe must be a YAML mapping at the top level")
     if "schema_version" not in data:

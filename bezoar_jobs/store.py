@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from .errors import BadInput
 
@@ -76,14 +76,15 @@ class Store(ABC):
         """Upload every file under ``local`` to ``prefix/...``; return the relative paths written."""
         written = []
         for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
-            rel = f"{prefix.rstrip('/')}/{path.relative_to(local).as_posix()}"
+            rel = f"{prefix.strip('/')}/{path.relative_to(local).as_posix()}".lstrip("/")
             self.upload_file(path, rel)
             written.append(rel)
         return written
 
     def download_dir(self, prefix: str, local: Path) -> list[Path]:
         """Download every object under ``prefix`` into ``local`` keeping the relative layout."""
-        prefix = prefix.rstrip("/") + "/"
+        prefix = prefix.strip("/")
+        prefix = prefix + "/" if prefix else ""  # "" is the whole run, not "/"
         out = []
         for rel in self.list(prefix):
             dest = Path(local) / rel[len(prefix):]
@@ -112,8 +113,8 @@ class LocalStore(Store):
         p = self._path(rel)
         try:
             return p.read_bytes()
-        except FileNotFoundError:
-            raise NotFoundInStore(f"{p}: no such file in the run") from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundInStore(f"{self.url(rel)}: no such file in the run") from None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         p = self._path(rel)
@@ -133,19 +134,23 @@ class LocalStore(Store):
         return self._path(rel).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix) if prefix else self.root
-        if base.is_file():
-            return [prefix.lstrip("/")]
+        # S3's meaning of a prefix, so both backends list the same paths: every file whose
+        # run-relative path starts with ``prefix`` as a string ("stage/" is a directory,
+        # "stage/part-" a partial name, "stage" also matches "stage-2/...").
+        prefix = prefix.lstrip("/")
+        head, _, partial = prefix.rpartition("/")
+        base = self._path(head) if head else self.root
         if not base.is_dir():
-            # a prefix may also be a partial name ("stage/part-"): list its parent and filter
-            parent = base.parent
-            if not parent.is_dir():
-                return []
-            cands = [p for p in parent.rglob("*") if p.is_file()]
-            rels = [p.relative_to(self.root).as_posix() for p in cands]
-            return sorted(r for r in rels if r.startswith(prefix.lstrip("/")) and "/.tmp-" not in "/" + r)
-        rels = [p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file()]
-        return sorted(r for r in rels if not Path(r).name.startswith(".tmp-"))
+            return []
+        out = []
+        for entry in base.iterdir():
+            if not entry.name.startswith(partial):
+                continue
+            for p in [entry] if entry.is_file() else entry.rglob("*") if entry.is_dir() else []:
+                # .tmp-* files are writes in progress, never objects
+                if p.is_file() and not p.name.startswith(".tmp-"):
+                    out.append(p.relative_to(self.root).as_posix())
+        return sorted(out)
 
     def delete(self, rel: str) -> None:
         self._path(rel).unlink(missing_ok=True)
@@ -160,9 +165,18 @@ class LocalStore(Store):
     def download_file(self, rel: str, local: Path) -> None:
         p = self._path(rel)
         if not p.is_file():
-            raise NotFoundInStore(f"{p}: no such file in the run")
-        Path(local).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, local)
+            raise NotFoundInStore(f"{self.url(rel)}: no such file in the run")
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        # copy to a temporary name, then rename: a half copy never looks complete
+        fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=".tmp-" + local.name)
+        os.close(fd)
+        try:
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, local)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def open_store(uri: str | Path) -> Store:
@@ -176,7 +190,7 @@ def open_store(uri: str | Path) -> Store:
             raise BadInput(f"run URI {uri!r}: an s3:// URI needs a bucket (s3://bucket/prefix)")
         return S3Store(parsed.netloc, parsed.path.strip("/"))
     if parsed.scheme == "file":
-        return LocalStore(parsed.path)
+        return LocalStore(unquote(parsed.path))  # LocalStore.uri percent-encodes (as_uri)
     if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
         return LocalStore(uri)
     raise BadInput(f"run URI {uri!r}: unsupported scheme {parsed.scheme!r} (use a path, file:// or s3://)")

@@ -26,7 +26,7 @@ def work_key(ctx: StageContext) -> str:
 def open_client(ctx: StageContext, endpoint: Endpoint, role: str, cached: bool = False) -> LLMClient:
     from ..llm import make_client
 
-    client = make_client(endpoint)
+    client = make_client(endpoint, role=role)
     if cached:
         from ..llm.cache import CachedClient
 

@@ -30,8 +30,8 @@ def _rng(ctx: StageContext, *parts: Any) -> random.Random:
     return random.Random(stable_hash(ctx.recipe.seed, ctx.name, *parts))
 
 
-def _req_seed(ctx: StageContext, rid: str) -> int:
-    return stable_hash(ctx.recipe.seed, rid) % (2**31 - 1)
+def _req_seed(ctx: StageContext, *parts: Any) -> int:
+    return stable_hash(ctx.recipe.seed, *parts) % (2**31 - 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,10 +173,9 @@ _EVOL_LABEL = re.compile(r"^\s*(?:#?\s*(?:new|rewritten|created|invented)\s+(?:t
 
 
 def clean_evolved(text: str) -> str:
-    text = text.strip().strip('"').strip()
-    text = _EVOL_LABEL.sub("", text)
+    text = _EVOL_LABEL.sub("", text.strip())
     # the first paragraph is the task; the rest is usually the model answering it
-    return text.split("\n\n")[0].strip()
+    return text.split("\n\n")[0].strip().strip('"').strip()
 
 
 def only_stopwords(text: str) -> bool:
