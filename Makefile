@@ -10,8 +10,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 BEZOAR := $(VENV)/bin/bezoar
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-LOCK_HASH := $(shell cat requirements/lock.txt pyproject.toml | sha256sum | cut -c1-16)
-STAMP := $(VENV)/.installed-$(LOCK_HASH)
+LOCK_HASH := $(shell sha256sum requirements/lock.txt | cut -c1-16)
+LOCKED := $(VENV)/.installed-$(LOCK_HASH)
+# the package itself (entry points, metadata) is reinstalled, cheaply, when pyproject.toml changes
+STAMP := $(VENV)/.editable-$(LOCK_HASH)
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
@@ -25,13 +27,15 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): requirements/lock.txt pyproject.toml
-	@if [ -d $(VENV) ] && ! ls $(VENV)/.installed-* >/dev/null 2>&1; then rm -rf $(VENV); fi
-	@if [ -d $(VENV) ]; then echo "lock file changed: rebuilding $(VENV)"; rm -rf $(VENV); fi
+$(LOCKED):
+	@if [ -d $(VENV) ]; then echo "no venv for this lock file: (re)building $(VENV)"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps -r requirements/lock.txt
+	@touch $@
+
+$(STAMP): $(LOCKED) pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterable, Sequence
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,12 @@ def resolve_pkg(uri: str) -> Path:
     rest = uri[len(PKG):]
     package, _, rel = rest.partition("/")
     try:
-        root = resources.files(package)
-    except ModuleNotFoundError:
-        raise BadInput(f"{uri}: package {package!r} is not installed") from None
-    path = Path(str(root.joinpath(rel)))
+        spec = importlib.util.find_spec(package)  # locate without importing (no import side effects)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(f"{uri}: package {package!r} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.exists():
         raise BadInput(f"{uri}: no such file in package {package!r}")
     return path

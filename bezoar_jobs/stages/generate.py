@@ -58,9 +58,13 @@ def parse_instructions(text: str, min_words: int = 3) -> list[str]:
         item = re.sub(r"</?example>", "", item, flags=re.I)
         item = _LABEL_PREFIX.sub("", _LIST_PREFIX.sub("", item.strip())).strip().strip('"').strip()
         item = _WS.sub(" ", item)
-        if len(item.split()) >= min_words and not item.endswith(":"):
+        if len(item.split()) >= min_words and not item.endswith(":") and not _PREAMBLE.match(item):
             out.append(item)
     return out
+
+
+# a model's own framing lines ("Here are 8 new tasks ...") are not instructions
+_PREAMBLE = re.compile(r"^(?:here (?:are|is)|these are|sure\b|okay\b|below (?:are|is)|\d+ new tasks?\b)", re.I)
 
 
 _WS = re.compile(r"\s+")
@@ -235,7 +239,7 @@ def run_evol(ctx: StageContext) -> StageOutput:
             lineages.append({"id": lid, "current": ins, "category": row["category"]})
 
     teacher = open_client(ctx, r.teacher, "teacher")
-    judge = open_client(ctx, r.judge, "judge", cached=True) if cfg.equality_check else None
+    judge = open_client(ctx, r.judge, "judge", cached=r.judge.backend != "local") if cfg.equality_check else None
     rows: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     try:
@@ -268,13 +272,22 @@ def run_evol(ctx: StageContext) -> StageOutput:
                     for lin in lineages
                     if f"{lin['id']}-r{rnd}-evolve" in evo
                 ]
-                eq = Phase(ctx, f"round{rnd}-equal").run(judge, eq_items, lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)})
+                if r.judge.backend == "local":
+                    # in process: compare the judge's probabilities of the two answer words (one
+                    # forward pass, deterministic) instead of parsing a small model's free text
+                    eq = {}
+                    dists = judge.rating_distribution([q for q, _ in eq_items], "Answer: ", ("Equal", "Different")) if eq_items else []
+                    for (q, m), dist in zip(eq_items, dists, strict=True):
+                        eq[q.id] = {**m, "verdict": f"p(Equal)={dist['Equal']:.3f}", "equal": dist["Equal"] > 0.5}
+                else:
+                    eq = Phase(ctx, f"round{rnd}-equal").run(judge, eq_items, lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)})
                 ctx.check_stop()
             for lin in lineages:
                 e = evo.get(f"{lin['id']}-r{rnd}-evolve")
                 a = resp.get(f"{lin['id']}-r{rnd}-response")
                 if e is None or a is None:
-                    rejected.append({"id": f"{lin['id']}-r{rnd}", "instruction": e and e["evolved"], "epoch": rnd, "reason": "teacher error"})
+                    why = "empty evolution" if e is not None and not e["evolved"] else "teacher error"
+                    rejected.append({"id": f"{lin['id']}-r{rnd}", "instruction": e and e["evolved"], "epoch": rnd, "reason": why})
                     continue
                 q = eq.get(f"{lin['id']}-r{rnd}-equal")
                 op, strategy = plan[lin["id"]]
