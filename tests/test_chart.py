@@ -1,0 +1,955 @@
+"""The Helm chart, rendered by the real helm binary and checked object by object.
+
+Every scenario (helm/openbezoar/ci/*-values.yaml layered on base-values.yaml) is rendered with
+`helm template`, every object is validated with kubernetes-validate --strict against the oldest
+supported and a current Kubernetes, and pytest asserts on the objects. helm-unittest cannot be
+installed offline, so the assertions are plain Python over the YAML. The infra linters (checkov over
+the rendered chart, the Dockerfiles and manifests/; actionlint over the workflows) run here too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import tarfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import bezoar_jobs
+from bezoar_jobs.executors.cluster import ClusterSettings, parse_cluster_settings
+
+try:  # tests/ is not a package today; keep working if it becomes one
+    from tests import infra_tools
+except ImportError:
+    import infra_tools  # type: ignore[no-redef]
+
+REPO = infra_tools.REPO
+CHART = REPO / "helm" / "openbezoar"
+CI = CHART / "ci"
+RELEASE, NAMESPACE = "openbezoar", "bezoar"
+SCENARIOS = ("base", "vllm", "no-teacher", "init-s3", "cronjob", "kueue", "irsa", "dev-secrets")
+# The chart's kubeVersion floor and a current release: fields must exist in both.
+K8S_VERSIONS = ("1.29", "1.35")
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+UID = 10001
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    exe = infra_tools.helm_bin()
+    return str(exe), infra_tools.helm_env(tmp_path_factory.mktemp("helm-home"))
+
+
+def run_helm(helm: tuple[str, dict[str, str]], *args: str) -> subprocess.CompletedProcess[str]:
+    exe, env = helm
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def values_files(scenario: str) -> list[str]:
+    files = [CI / "base-values.yaml"] + ([] if scenario == "base" else [CI / f"{scenario}-values.yaml"])
+    out: list[str] = []
+    for f in files:
+        out += ["-f", str(f)]
+    return out
+
+
+def template(helm: tuple[str, dict[str, str]], *args: str) -> list[dict[str, Any]]:
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: tuple[str, dict[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    return {s: template(helm, *values_files(s)) for s in SCENARIOS}
+
+
+def objs(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    found = [
+        d
+        for d in objs(docs, kind)
+        if component is None or d["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"expected one {kind} {component or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return obj["spec"]["template"]["spec"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def cluster_yaml(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    cm = one(docs, "ConfigMap", "cluster-settings")
+    assert cm["metadata"]["name"] == f"{RELEASE}-cluster-settings"
+    return yaml.safe_load(cm["data"]["cluster.yaml"])
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in {"Deployment", "Job", "CronJob"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# helm lint, kubernetes-validate --strict
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_strict(helm: tuple[str, dict[str, str]], scenario: str) -> None:
+    proc = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values_files(scenario))
+    assert proc.returncode == 0 and "0 chart(s) failed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_every_object_validates_strict(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    kinds: set[str] = set()
+    for scenario, docs in rendered.items():
+        for d in docs:
+            kinds.add(d["kind"])
+            assert d["metadata"].get("namespace") == NAMESPACE, (scenario, d["kind"], d["metadata"]["name"])
+            for version in K8S_VERSIONS:
+                try:
+                    kubernetes_validate.validate(d, version, strict=True)
+                except kubernetes_validate.ValidationError as e:  # pragma: no cover - the failure message
+                    pytest.fail(f"{scenario}: {d['kind']}/{d['metadata']['name']} invalid for {version}: {e.message}")
+    assert kinds == {
+        "ConfigMap",
+        "CronJob",
+        "Deployment",
+        "Job",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "Role",
+        "RoleBinding",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    }
+
+
+def test_strict_validation_catches_unknown_fields(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    # A control for the test above: a misspelt field must fail.
+    job = copy.deepcopy(one(rendered["base"], "Job"))
+    job["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every pod is hardened, sized and identity-scoped
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_are_hardened_and_sized(rendered: dict[str, list[dict[str, Any]]], scenario: str) -> None:
+    for w in workloads(rendered[scenario]):
+        where = f"{scenario}: {w['kind']}/{w['metadata']['name']}"
+        spec = pod_spec(w)
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] == UID, where
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        is_controller = w["metadata"]["labels"]["app.kubernetes.io/component"] == "controller"
+        # Only the controller calls the API server; every other pod runs without a token.
+        assert spec["automountServiceAccountToken"] is is_controller, where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True, where
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][part]), f"{where}: {c['name']} {part}"
+            # A read-only root needs writable scratch: /tmp (HOME) from an emptyDir.
+            tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{where}: {c['name']} has no writable /tmp"
+            for e in c.get("env", []):
+                assert "secretKeyRef" not in e.get("valueFrom", {}), f"{where}: secret {e['name']} as env var"
+            assert not c.get("envFrom"), where
+
+
+def test_teacher_probes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for scenario in ("base", "vllm", "init-s3"):
+        (server,) = pod_spec(one(rendered[scenario], "Deployment"))["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert server[probe]["httpGet"] == {"path": "/health", "port": "http"}, (scenario, probe)
+        # The startup probe covers teacher.startupTimeoutSeconds of model download and load.
+        p = server["startupProbe"]
+        assert p["periodSeconds"] * p["failureThreshold"] == VALUES["teacher"]["startupTimeoutSeconds"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The default install: TGI teacher, controller Job, RBAC, cluster settings
+# ---------------------------------------------------------------------------------------------
+def test_default_tgi_teacher(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["base"]
+    dep = one(docs, "Deployment", "teacher")
+    assert dep["metadata"]["name"] == f"{RELEASE}-teacher"
+    assert dep["spec"]["strategy"] == {"type": "Recreate"} and dep["spec"]["replicas"] == 1
+    spec = pod_spec(dep)
+    assert "initContainers" not in spec
+    (c,) = spec["containers"]
+    t = VALUES["teacher"]
+    assert c["image"] == f"{t['image']['tgi']['repository']}:{t['image']['tgi']['tag']}"
+    assert c["command"] == ["/bin/sh", "-c"]
+    args = c["args"][1:]
+    assert args[0] == "text-generation-launcher"
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert flags == {
+        "--model-id": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v2",
+        "--revision": "main",
+        "--num-shard": "2",
+        "--max-total-tokens": "2048",
+        "--max-input-tokens": "1536",
+        "--hostname": "0.0.0.0",
+        "--port": "8080",
+    }
+    gpu = VALUES["clusterSettings"]["jobs"]["gpuResourceName"]
+    assert c["resources"]["requests"][gpu] == c["resources"]["limits"][gpu] == 2
+    env = env_of(c)
+    assert env["HF_HOME"] == "/data" and "HF_HUB_OFFLINE" not in env and "HF_TOKEN_PATH" not in env
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/data"]]["emptyDir"] == {"sizeLimit": "200Gi"}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
+    assert spec["tolerations"] == VALUES["teacher"]["tolerations"]
+    svc = one(docs, "Service", "teacher")
+    assert svc["metadata"]["name"] == dep["metadata"]["name"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    # No Secret is ever created by default: the chart references Secrets by name only.
+    assert objs(docs, "Secret") == []
+
+
+def test_standard_labels(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    for d in rendered["base"]:
+        labels = d["metadata"]["labels"]
+        assert labels["helm.sh/chart"] == f"openbezoar-{chart['version']}"
+        assert labels["app.kubernetes.io/name"] == "openbezoar"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/version"] == chart["appVersion"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert DNS_LABEL.match(d["metadata"]["name"]) and len(d["metadata"]["name"]) <= 63
+
+
+def test_controller_job_runs_the_run(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["base"]
+    job = one(docs, "Job", "controller")
+    assert job["metadata"]["name"] == f"{RELEASE}-controller-ci-run-1"
+    # `helm upgrade --set run.id=<next>` must not delete a run that is still going.
+    assert job["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    spec = pod_spec(job)
+    (c,) = spec["containers"]
+    assert c["image"] == "ghcr.io/example/bezoar-jobs/bezoar-controller:0.1.0"
+    assert c["command"] == ["bezoar"]
+    assert c["args"] == [
+        "run",
+        "--executor",
+        "kubernetes",
+        "--recipe",
+        "s3://bezoar-ci/recipes/openbezoar.yaml",
+        "--run",
+        "s3://bezoar-ci/runs/ci-run-1",
+        "--run-id",
+        "ci-run-1",
+        "--cluster",
+        "/etc/bezoar/cluster.yaml",
+    ]
+    assert spec["restartPolicy"] == "Never"
+    sa = one(docs, "ServiceAccount", "controller")
+    assert spec["serviceAccountName"] == sa["metadata"]["name"] and sa["automountServiceAccountToken"] is False
+    # /etc/bezoar/cluster.yaml is the cluster-settings ConfigMap's key.
+    (config,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    (source,) = config["projected"]["sources"]
+    assert source["configMap"]["name"] == one(docs, "ConfigMap", "cluster-settings")["metadata"]["name"]
+    assert source["configMap"]["items"] == [{"key": "cluster.yaml", "path": "cluster.yaml"}]
+    assert {"name": "config", "mountPath": "/etc/bezoar", "readOnly": True} in c["volumeMounts"]
+    # S3 credentials as a mounted file, located by AWS_SHARED_CREDENTIALS_FILE.
+    env = env_of(c)
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/var/run/secrets/bezoar/s3/credentials"
+    assert env["AWS_REGION"] == "us-east-1"
+    (creds,) = [v for v in spec["volumes"] if v["name"] == "s3-credentials"]
+    assert creds["secret"]["secretName"] == "bezoar-s3"
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "controller", "operator": "In", "values": [2]},
+    }
+    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert job["spec"]["activeDeadlineSeconds"] == VALUES["controller"]["activeDeadlineSeconds"]
+    # The controller serves nothing: its NetworkPolicy selects it and admits no ingress.
+    np = one(docs, "NetworkPolicy", "controller")
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= spec_labels(job).items()
+    assert np["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in np["spec"]
+
+
+def test_stage_pods_network_policy_selects_the_builders_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    # The chart isolates the stage pods the controller creates: its selector must match the labels
+    # the Job builder puts on them, for every stage family and both phases.
+    from bezoar_jobs.executors.jobs import stage_labels
+
+    np = one(rendered["base"], "NetworkPolicy", "stages")
+    selector = np["spec"]["podSelector"]["matchLabels"]
+    cluster = ClusterSettings.model_validate(cluster_yaml(rendered["base"]))
+    for stage, phase in (("generate-lamini", "main"), ("generate-orca", "commit"), ("dpo", "main"), ("report", "main")):
+        assert selector.items() <= stage_labels(stage, "ci-run-1", cluster, phase).items(), stage
+    assert np["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in np["spec"]
+    # ... and not the chart's own pods (the teacher must stay reachable).
+    assert not selector.items() <= spec_labels(one(rendered["base"], "Deployment")).items()
+
+
+def spec_labels(obj: dict[str, Any]) -> dict[str, str]:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
+def rbac_rules(docs: list[dict[str, Any]]) -> set[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
+    role = one(docs, "Role")
+    out = set()
+    for r in role["rules"]:
+        for group in r["apiGroups"]:
+            for res in r["resources"]:
+                out.add((group, res, tuple(sorted(r["verbs"])), tuple(r.get("resourceNames", ()))))
+    return out
+
+
+def test_rbac_is_namespaced_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["base"]
+    teacher = (f"{RELEASE}-teacher",)
+    assert rbac_rules(docs) == {
+        ("batch", "jobs", ("create", "delete", "get", "list", "watch"), ()),
+        ("", "pods", ("get", "list", "watch"), ()),
+        ("", "pods/log", ("get",), ()),
+        ("apps", "deployments", ("get",), teacher),
+        ("apps", "deployments/scale", ("get", "patch", "update"), teacher),
+    }
+    assert not objs(docs, "ClusterRole") and not objs(docs, "ClusterRoleBinding")
+    rb, role, sa = one(docs, "RoleBinding"), one(docs, "Role"), one(docs, "ServiceAccount", "controller")
+    assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
+    # The teacher the Role may scale is the one the controller is told to scale.
+    assert cluster_yaml(docs)["teacher"]["deployment"] == one(docs, "Deployment")["metadata"]["name"]
+
+
+def test_cluster_settings_validate_against_the_model(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    # The exact path the controller takes: parse the ConfigMap's cluster.yaml.
+    for scenario, docs in rendered.items():
+        cm = one(docs, "ConfigMap", "cluster-settings")
+        parse_cluster_settings(cm["data"]["cluster.yaml"], f"{scenario}:cluster.yaml")
+
+
+def test_default_cluster_settings_are_the_models_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    # The chart's default values, as rendered, validate and equal ClusterSettings' own defaults,
+    # except what the chart fills in: the teacher it deploys (namespace: the release's, = "bezoar").
+    rendered_cs = cluster_yaml(rendered["base"])
+    model = ClusterSettings.model_validate(rendered_cs)
+    got = model.model_dump(mode="json", exclude_none=True)
+    want = ClusterSettings().model_dump(mode="json", exclude_none=True)
+    assert got["teacher"].pop("deployment") == f"{RELEASE}-teacher"
+    assert got["teacher"].pop("url") == f"http://{RELEASE}-teacher.{NAMESPACE}.svc:80"
+    want["teacher"].pop("deployment"), want["teacher"].pop("url")
+    assert got == want
+    # And verbatim: every key of values.yaml's clusterSettings comes through unchanged, save the
+    # documented fills.
+    raw = copy.deepcopy(VALUES["clusterSettings"])
+    raw["namespace"] = NAMESPACE
+    raw["teacher"]["deployment"], raw["teacher"]["url"] = (
+        rendered_cs["teacher"]["deployment"],
+        rendered_cs["teacher"]["url"],
+    )
+    assert rendered_cs == raw
+    ClusterSettings.model_validate(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value switches
+# ---------------------------------------------------------------------------------------------
+def test_vllm_switch(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (c,) = pod_spec(one(rendered["vllm"], "Deployment"))["containers"]
+    assert c["image"] == "vllm/vllm-openai:v0.11.0"
+    assert "exec vllm serve" in c["args"][0]
+    args = c["args"][1:]
+    assert args[:2] == ["vllm", "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v2"]
+    flags = dict(zip(args[2:-2:2], args[3:-2:2], strict=True))
+    assert flags == {
+        "--served-model-name": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v2",
+        "--revision": "0123456789abcdef0123456789abcdef01234567",
+        "--tensor-parallel-size": "1",
+        "--max-model-len": "2048",
+        "--host": "0.0.0.0",
+        "--port": "8080",
+        "--quantization": "bitsandbytes",
+    }
+    assert args[-2:] == ["--gpu-memory-utilization", "0.92"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env_of(c)["VLLM_NO_USAGE_STATS"] == "1"
+
+
+def test_teacher_disabled(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["no-teacher"]
+    assert not objs(docs, "Deployment") and not objs(docs, "Service") and not objs(docs, "PersistentVolumeClaim")
+    components = [np["metadata"]["labels"]["app.kubernetes.io/component"] for np in objs(docs, "NetworkPolicy")]
+    assert components == ["controller", "stages"]
+    # Nothing to scale: no Deployment permissions at all.
+    assert not [r for r in rbac_rules(docs) if r[0] == "apps"]
+    cs = cluster_yaml(docs)
+    assert cs["teacher"]["deployment"] == "" and cs["teacher"]["url"] == "http://tgi.shared-inference.svc:80"
+    assert one(docs, "Job", "controller")
+
+
+def test_init_from_s3_pvc_mirror_and_token(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["init-s3"]
+    dep = one(docs, "Deployment")
+    spec = pod_spec(dep)
+    (init,) = spec["initContainers"]
+    assert init["image"] == "amazon/aws-cli:2.27.0"
+    env = env_of(init)
+    assert env["MODEL_URI"] == "s3://bezoar-ci/models/h2ogpt-falcon-40b/"
+    assert env["AWS_ENDPOINT_URL_S3"] == env["BEZOAR_S3_ENDPOINT_URL"] == "http://seaweedfs.storage.svc:8333"
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/var/run/secrets/bezoar/s3/credentials"
+    assert "addressing_style" in init["args"][0] and env["BEZOAR_S3_ADDRESSING_STYLE"] == "path"
+    assert {"name": "model-cache", "mountPath": "/data"} in init["volumeMounts"]
+    (server,) = spec["containers"]
+    args = server["args"]
+    assert args[args.index("--model-id") + 1] == "/data/model" and "--revision" not in args
+    senv = env_of(server)
+    assert senv["HF_HUB_OFFLINE"] == "1"
+    assert senv["HF_ENDPOINT"] == "https://hf-mirror.internal.example"
+    assert senv["HF_TOKEN_PATH"] == "/var/run/secrets/bezoar/hf/token"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["hf-token"]["secret"]["secretName"] == "bezoar-hf"
+    pvc = one(docs, "PersistentVolumeClaim")
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "250Gi"
+    assert pvc["spec"]["storageClassName"] == "fast-ssd"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_teacher_start_script_reads_the_token_file(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    # Run the container's real start script with a stand-in launcher: the token reaches the
+    # server's environment from the mounted file, and every flag passes through untouched.
+    (server,) = pod_spec(one(rendered["init-s3"], "Deployment"))["containers"]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    launcher = bindir / "text-generation-launcher"
+    launcher.write_text('#!/bin/sh\nprintf "%s\\n" "HF_TOKEN=$HF_TOKEN" "$@"\n')
+    launcher.chmod(0o755)
+    token = tmp_path / "token"
+    token.write_text("hf_secret_value")
+    proc = subprocess.run(
+        [*server["command"], *server["args"]],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": f"{bindir}:/usr/bin:/bin", "HF_TOKEN_PATH": str(token)},
+    )
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "HF_TOKEN=hf_secret_value"
+    assert lines[1:] == server["args"][2:]
+
+
+def test_cronjob_retraining(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    docs = rendered["cronjob"]
+    cron = one(docs, "CronJob")
+    assert cron["spec"]["schedule"] == "0 3 * * 0" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["timeZone"] == "Etc/UTC"
+    (c,) = pod_spec(cron)["containers"]
+    assert c["command"] == ["/bin/sh", "-c"]
+    # Run the real script with a stand-in `bezoar` that prints its arguments.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "bezoar").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (bindir / "bezoar").chmod(0o755)
+    proc = subprocess.run(
+        [*c["command"], *c["args"]],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": f"{bindir}:/usr/bin:/bin"},
+    )
+    got = proc.stdout.splitlines()
+    run_id = got[got.index("--run-id") + 1]
+    assert re.fullmatch(r"retrain-\d{8}-\d{4}", run_id) and DNS_LABEL.match(run_id)
+    assert got == [
+        "run",
+        "--executor",
+        "kubernetes",
+        "--recipe",
+        "/etc/bezoar/recipe.yaml",
+        "--run",
+        f"s3://bezoar-ci/runs/{run_id}",
+        "--run-id",
+        run_id,
+        "--cluster",
+        "/etc/bezoar/cluster.yaml",
+        "--from",
+        "generate-lamini",
+    ]
+    # The inline recipe: a ConfigMap per run id, projected next to cluster.yaml.
+    recipe_cm = one(docs, "ConfigMap", "recipe")
+    assert yaml.safe_load(recipe_cm["data"]["recipe.yaml"]) == {"schema_version": 1, "name": "ci-inline"}
+    for w in (cron, one(docs, "Job")):
+        (config,) = [v for v in pod_spec(w)["volumes"] if v["name"] == "config"]
+        names = [s["configMap"]["name"] for s in config["projected"]["sources"]]
+        assert names == [f"{RELEASE}-cluster-settings", recipe_cm["metadata"]["name"]]
+    job_args = pod_spec(one(docs, "Job"))["containers"][0]["args"]
+    assert job_args[job_args.index("--recipe") + 1] == "/etc/bezoar/recipe.yaml"
+    assert job_args[-2:] == ["--from", "generate-lamini"]
+
+
+def test_kueue_queue(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["kueue"]
+    cs = cluster_yaml(docs)
+    assert cs["kueue"]["queueName"] == "gpu-queue" and cs["priorityClassName"] == "batch-low"
+    dep = one(docs, "Deployment")
+    assert dep["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert spec_labels(dep)["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert pod_spec(dep)["priorityClassName"] == "inference-high"
+    # The controller stays out of the GPU queue: it must run to admit anything at all.
+    job = one(docs, "Job")
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert "kueue.x-k8s.io/queue-name" not in one(rendered["base"], "Deployment")["metadata"]["labels"]
+
+
+def test_irsa_identities(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["irsa"]
+    sa = one(docs, "ServiceAccount", "controller")
+    runner = one(docs, "ServiceAccount", "runner")
+    assert sa["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/bezoar-controller"
+    }
+    assert runner["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith("role/bezoar-runner")
+    assert runner["automountServiceAccountToken"] is False
+    assert sa["imagePullSecrets"] == runner["imagePullSecrets"] == [{"name": "regcred"}]
+    cs = cluster_yaml(docs)
+    assert cs["runnerServiceAccount"] == runner["metadata"]["name"]
+    # No static keys: no credentials Secret mounted, no AWS_SHARED_CREDENTIALS_FILE.
+    job_spec = pod_spec(one(docs, "Job"))
+    assert "AWS_SHARED_CREDENTIALS_FILE" not in env_of(job_spec["containers"][0])
+    assert all(v["name"] != "s3-credentials" for v in job_spec["volumes"])
+    assert job_spec["imagePullSecrets"] == [{"name": "regcred"}]
+    teacher_spec = pod_spec(one(docs, "Deployment"))
+    assert teacher_spec["serviceAccountName"] == runner["metadata"]["name"]
+    assert teacher_spec["imagePullSecrets"] == [{"name": "regcred"}]
+    subjects = one(docs, "RoleBinding")["subjects"]
+    assert {"kind": "Group", "name": "ci-bezoar", "apiGroup": "rbac.authorization.k8s.io"} in subjects
+
+
+def test_dev_secrets_match_the_references(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in objs(rendered["dev-secrets"], "Secret")}
+    assert set(secrets) == {"bezoar-s3", "bezoar-hf", "bezoar-judges"}
+    assert "aws_access_key_id = dev" in secrets["bezoar-s3"]["credentials"]
+    assert secrets["bezoar-hf"] == {"token": "hf_dev_token"}
+    assert secrets["bezoar-judges"] == {"openai": "sk-dev", "anthropic": "ant-dev"}
+    # The settings the stage pods get reference exactly these names and keys.
+    ClusterSettings.model_validate(cluster_yaml(rendered["dev-secrets"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid values fail with the chart's own message
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["teacher.server=sglang"], 'teacher.server must be tgi or vllm, not "sglang"'),
+        (["run.id="], "run.id is required"),
+        (["run.id=Bad_Run"], 'run.id "Bad_Run" is not a DNS label'),
+        (["run.id=" + "a" * 64], f'run.id "{"a" * 64}" is not a DNS label'),
+        (["teacher.gpus=0"], "teacher.gpus must be at least 1 while teacher.enabled"),
+        (["teacher.numShards=4"], "teacher.gpus (2) must be at least teacher.numShards (4)"),
+        (["run.baseUri=", "run.uri="], "set run.uri"),
+        (["run.recipeInline=a: 1"], "set only one of run.recipe and run.recipeInline"),
+        (["run.recipe="], "set run.recipe (a recipe URI) or run.recipeInline"),
+        (["retrain.schedule=0 3 * * 0", "run.baseUri=", "run.uri=s3://b/r/x"], "retrain.schedule needs run.baseUri"),
+        (["teacher.initFromS3.enabled=true"], "teacher.initFromS3.uri must be an s3:// prefix"),
+        (["teacher.cache.type=hostPath"], "teacher.cache.type must be emptyDir or pvc"),
+        (
+            ["clusterSettings.namespace=elsewhere"],
+            'clusterSettings.namespace "elsewhere" differs from the release namespace',
+        ),
+        (["serviceAccount.create=false"], "serviceAccount.name is required"),
+    ],
+)
+def test_invalid_values_fail_with_our_message(helm: tuple[str, dict[str, str]], sets: list[str], message: str) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *values_files("base"), *args)
+    assert proc.returncode != 0
+    assert f"openbezoar: {message}" in proc.stderr, proc.stderr
+
+
+def test_schema_refuses_unknown_and_mistyped_values(helm: tuple[str, dict[str, str]]) -> None:
+    for sets, message in (
+        (["teacher.gpu=1"], "additional properties 'gpu' not allowed"),
+        (["clusterSettings.kueue.queue=x"], "additional properties 'queue' not allowed"),
+        (["teacher.replicas=two"], "/teacher/replicas"),
+        (["teacher.image.tgi.digest=latest"], "/teacher/image/tgi/digest"),
+    ):
+        args = [a for s in sets for a in ("--set", s)]
+        proc = run_helm(helm, "template", RELEASE, str(CHART), *values_files("base"), *args)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_digest_pins_replace_tags_and_lift_the_skips(helm: tuple[str, dict[str, str]]) -> None:
+    digest = "sha256:" + "ab" * 32
+    docs = template(
+        helm,
+        *values_files("base"),
+        "--set",
+        f"teacher.image.tgi.digest={digest}",
+        "--set",
+        f"controller.imageDigest={digest}",
+    )
+    for w in workloads(docs):
+        for c in pod_spec(w)["containers"]:
+            assert c["image"].endswith(f"@{digest}"), c["image"]
+        skipped = " ".join(w["metadata"].get("annotations", {}).values())
+        assert "CKV_K8S_43" not in skipped and "CKV_K8S_15" not in skipped
+
+
+def test_long_release_and_run_id_names_fit(helm: tuple[str, dict[str, str]]) -> None:
+    run_id = "r" * 63
+    proc = run_helm(
+        helm,
+        "template",
+        "a-very-long-release-name-for-openbezoar-testing",
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        *values_files("base"),
+        "--set",
+        f"run.id={run_id}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    for d in yaml.safe_load_all(proc.stdout):
+        if d:
+            assert len(d["metadata"]["name"]) <= 63 and DNS_LABEL.match(d["metadata"]["name"]), d["metadata"]["name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# values.yaml, the schema, versions
+# ---------------------------------------------------------------------------------------------
+def leaf_paths(node: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(node, dict) and node:
+        out = []
+        for k, v in node.items():
+            out += leaf_paths(v, (*prefix, k))
+        return out
+    return [prefix]
+
+
+def schema_at(schema: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    node = schema
+    for key in path:
+        props = node.get("properties", {})
+        if key in props:
+            node = props[key]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        elif "properties" not in node and node.get("additionalProperties", True) is not False:
+            return node  # a free-form object (e.g. a securityContext): typed as a whole
+        else:
+            return None
+    return node
+
+
+def test_schema_covers_every_value_and_nothing_else() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path in leaf_paths(VALUES):
+        assert schema_at(schema, path) is not None, f"{'.'.join(path)} is not in values.schema.json"
+
+    # Every object the schema spells out refuses unknown keys, and every key it names has a default.
+    def walk(node: dict[str, Any], path: tuple[str, ...]) -> None:
+        if "properties" in node:
+            assert node.get("additionalProperties") is False, f"{'.'.join(path) or 'root'} accepts unknown keys"
+            default = VALUES
+            for k in path:
+                default = default[k]
+            extra = set(node["properties"]) - set(default) - {"global"}
+            assert not extra, f"schema names {sorted(extra)} under {'.'.join(path)} with no default in values.yaml"
+            for k, sub in node["properties"].items():
+                if k != "global":
+                    walk(sub, (*path, k))
+
+    walk(schema, ())
+
+
+def test_every_value_is_documented() -> None:
+    # Each key in values.yaml carries a comment on the line(s) just above it, unless an ancestor's
+    # "# --" comment documents its whole block (e.g. a resources or securityContext mapping).
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key_re = re.compile(r"^(\s*)(-\s+)?([A-Za-z][\w./-]*):")
+    stack: list[tuple[int, bool]] = []  # (indent, documents its whole block)
+    undocumented = []
+    in_list_item_indent: int | None = None
+    for i, line in enumerate(lines):
+        m = key_re.match(line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        indent = len(m.group(1))
+        if in_list_item_indent is not None and indent > in_list_item_indent:
+            continue  # keys inside a list item are the item's content, documented by the list's key
+        in_list_item_indent = None
+        if m.group(2):
+            in_list_item_indent = indent
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        above = lines[i - 1].strip() if i else ""
+        documented = above.startswith("#")
+        whole_block = documented and any(ln.strip().startswith("# --") for ln in _comment_block(lines, i))
+        if not documented and not any(block for _, block in stack):
+            undocumented.append(f"line {i + 1}: {m.group(3)}")
+        stack.append((indent, whole_block))
+    assert not undocumented, "undocumented values:\n" + "\n".join(undocumented)
+
+
+def _comment_block(lines: list[str], i: int) -> list[str]:
+    out = []
+    j = i - 1
+    while j >= 0 and lines[j].strip().startswith("#"):
+        out.append(lines[j])
+        j -= 1
+    return out
+
+
+def test_versions_move_together() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    package = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["version"] == chart["appVersion"] == package == bezoar_jobs.__version__
+    assert VALUES["clusterSettings"]["images"]["tag"] == package == ClusterSettings().images.tag
+
+
+def test_no_hyperparameters_in_values() -> None:
+    # Machine-learning knobs live in the recipe only.
+    text = json.dumps(VALUES).lower()
+    for word in (
+        "learning_rate",
+        "learningrate",
+        "lora",
+        "epochs",
+        "batch_size",
+        "batchsize",
+        "beta",
+        "temperature",
+        "top_p",
+    ):
+        assert f'"{word}"' not in text, word
+
+
+def test_package_leaves_ci_values_out(helm: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    proc = run_helm(helm, "package", str(CHART), "-d", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    tgz = tmp_path / f"openbezoar-{version}.tgz"
+    with tarfile.open(tgz) as tf:
+        names = tf.getnames()
+    assert "openbezoar/values.schema.json" in names and "openbezoar/templates/NOTES.txt" in names
+    assert not [n for n in names if "/ci/" in n]
+
+
+def test_notes_tell_how_to_follow_the_run(helm: tuple[str, dict[str, str]]) -> None:
+    proc = run_helm(helm, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client", *values_files("base"))
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert f"kubectl -n {NAMESPACE} logs -f job/{RELEASE}-controller-ci-run-1" in notes
+    assert "bezoar status --run s3://bezoar-ci/runs/ci-run-1" in notes
+    assert "-l bezoar.dev/run=ci-run-1" in notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Infra linters: checkov (chart, images, manifests/), actionlint (workflows)
+# ---------------------------------------------------------------------------------------------
+def test_checkov_zero_failed_checks(helm: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    # checkov's own helm framework renders one value set in the "default" namespace (so it would
+    # flag CKV_K8S_21 on objects whose namespace comes from `helm install -n`); scanning every
+    # scenario as rendered covers each value switch instead.
+    out = tmp_path / "rendered"
+    out.mkdir()
+    for s in SCENARIOS:
+        proc = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *values_files(s))
+        assert proc.returncode == 0, proc.stderr
+        (out / f"{s}.yaml").write_text(proc.stdout)
+    dirs = [str(out), str(REPO / "images")]
+    manifests = REPO / "manifests"
+    if manifests.is_dir() and any(manifests.rglob("*.yaml")):
+        dirs.append(str(manifests))
+    cmd = [str(infra_tools.linter("checkov")), "--framework", "kubernetes", "dockerfile", "--skip-download"]
+    cmd += ["-o", "json", "--compact"]
+    for d in dirs:
+        cmd += ["-d", d]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # One JSON document per directory (a report, or a list of reports when several frameworks hit).
+    reports: list[dict[str, Any]] = []
+    decoder, text, pos = json.JSONDecoder(), proc.stdout, 0
+    while text[pos:].strip():
+        doc, end = decoder.raw_decode(text, len(text) - len(text[pos:].lstrip()))
+        reports += doc if isinstance(doc, list) else [doc]
+        pos = end
+    summary: dict[str, dict[str, int]] = {}
+    for r in reports:
+        kind = r["check_type"]
+        failed = sorted({(f["check_id"], f["check_name"], f["resource"]) for f in r["results"]["failed_checks"]})
+        assert not failed, f"{kind}: fix, or skip with a reasoned checkov.io/skipN annotation:\n" + "\n".join(
+            map(str, failed)
+        )
+        assert r["summary"]["parsing_errors"] == 0, r["summary"]
+        # Every skip carries its reason (an annotation checkov.io/skipN: CHECK=reason).
+        for s in r["results"]["skipped_checks"]:
+            reason = s["check_result"].get("suppress_comment", "")
+            assert reason and reason != "No comment provided", (s["check_id"], s["resource"])
+        totals = summary.setdefault(kind, {"passed": 0, "skipped": 0})
+        totals["passed"] += r["summary"]["passed"]
+        totals["skipped"] += r["summary"]["skipped"]
+    assert set(summary) == {"kubernetes", "dockerfile"}, proc.stderr[-2000:]
+    assert all(t["passed"] > 100 for t in summary.values()), summary
+    assert proc.returncode == 0
+
+
+def test_actionlint_workflows() -> None:
+    workflows = sorted((REPO / ".github" / "workflows").glob("*.y*ml"))
+    assert workflows
+    exe = str(infra_tools.linter("actionlint"))
+    proc = subprocess.run([exe, "-no-color", *map(str, workflows)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Control: the same binary flags a broken workflow.
+    bad = subprocess.run(
+        [exe, "-no-color", "-"],
+        input="on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo ${{ nope.x }}\n",
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The CI retraining workflow: its shape, and its shell steps run for real with bash
+# ---------------------------------------------------------------------------------------------
+WORKFLOW = REPO / ".github" / "workflows" / "retrain.yaml"
+
+
+def workflow_steps() -> dict[str, dict[str, Any]]:
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    (job,) = wf["jobs"].values()
+    return {s.get("name", s.get("uses", "")): s for s in job["steps"]}
+
+
+def run_step(
+    step: dict[str, Any], env: dict[str, str], path_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    path = f"{path_dir}:/usr/bin:/bin" if path_dir else "/usr/bin:/bin"
+    # GitHub runs `shell: bash` steps as `bash --noprofile --norc -eo pipefail {0}`.
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+        capture_output=True,
+        text=True,
+        env={"PATH": path, **env},
+    )
+
+
+def test_retrain_workflow_shape() -> None:
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    on = wf[True]  # YAML 1.1 reads the key `on` as a boolean
+    assert set(on["workflow_dispatch"]["inputs"]) == {"recipe", "run_id"}
+    assert on["workflow_dispatch"]["inputs"]["recipe"]["default"] == "recipes/openbezoar.yaml"
+    assert on["schedule"] and on["push"] == {"branches": ["main"], "paths": ["recipes/**"]}
+    assert wf["permissions"] == {"contents": "read"}
+    assert wf["concurrency"]["group"] and wf["concurrency"]["cancel-in-progress"] is False
+    uses = re.findall(r"uses:\s*(\S+)", WORKFLOW.read_text())
+    assert uses and all(re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", u) for u in uses), uses
+    install = workflow_steps()["Install bezoar-jobs with the Kubernetes extra"]["run"]
+    assert '".[k8s]"' in install and "requirements/lock.txt" in install
+
+
+@pytest.mark.parametrize(
+    ("event", "override", "expected"),
+    [
+        ("push", "", "retrain-0123abc"),
+        ("workflow_dispatch", "", "retrain-0123abc"),
+        ("schedule", "", "retrain-0123abc-DATE"),
+        ("workflow_dispatch", "falcon-rerun-2", "falcon-rerun-2"),
+        ("workflow_dispatch", "Bad_Id", None),
+    ],
+)
+def test_retrain_workflow_run_id(tmp_path: Path, event: str, override: str, expected: str | None) -> None:
+    out = tmp_path / "out"
+    proc = run_step(
+        workflow_steps()["Derive the run id"],
+        {
+            "GITHUB_SHA": "0123abcdef0123abcdef0123abcdef0123abcdef",
+            "EVENT": event,
+            "RUN_ID_OVERRIDE": override,
+            "GITHUB_OUTPUT": str(out),
+        },
+    )
+    if expected is None:
+        assert proc.returncode == 2 and "not a DNS label" in proc.stdout
+        return
+    assert proc.returncode == 0, proc.stderr
+    got = out.read_text().strip()
+    if expected.endswith("DATE"):
+        assert re.fullmatch(expected.replace("DATE", r"\d{8}"), got.removeprefix("id=")), got
+    else:
+        assert got == f"id={expected}"
+
+
+def test_retrain_workflow_kubeconfig_and_command(tmp_path: Path) -> None:
+    steps = workflow_steps()
+    github_env = tmp_path / "env"
+    proc = run_step(
+        steps["Write the kubeconfig to a temporary file"],
+        {
+            "KUBECONFIG_CONTENT": "apiVersion: v1\nkind: Config\n",
+            "RUNNER_TEMP": str(tmp_path),
+            "GITHUB_ENV": str(github_env),
+        },
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = github_env.read_text().splitlines()
+    kubeconfig = Path(line.removeprefix("KUBECONFIG="))
+    assert kubeconfig.parent == tmp_path and kubeconfig.read_text().strip() == "apiVersion: v1\nkind: Config"
+    assert kubeconfig.stat().st_mode & 0o777 == 0o600
+    missing = run_step(
+        steps["Write the kubeconfig to a temporary file"], {"RUNNER_TEMP": str(tmp_path), "GITHUB_ENV": str(github_env)}
+    )
+    assert missing.returncode == 2 and "KUBECONFIG secret is not set" in missing.stdout
+    # The run step, with a stand-in `bezoar` that prints its arguments.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "bezoar").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (bindir / "bezoar").chmod(0o755)
+    proc = run_step(
+        steps["Run the pipeline on the cluster"],
+        {"RUN_ID": "retrain-0123abc", "BUCKET": "my-bucket", "RECIPE": "recipes/openbezoar.yaml"},
+        bindir,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "run",
+        "--executor",
+        "kubernetes",
+        "--recipe",
+        "recipes/openbezoar.yaml",
+        "--run",
+        "s3://my-bucket/runs/retrain-0123abc",
+        "--run-id",
+        "retrain-0123abc",
+        "--cluster",
+        "deploy/cluster.yaml",
+    ]
