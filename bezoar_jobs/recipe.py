@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BadInput
+from .recipe_eval import EvaluationConfig, ReportConfig
+from .recipe_training import TrainingConfig
 
 SCHEMA_VERSION = 1
 
@@ -74,7 +76,7 @@ class Endpoint(Strict):
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
     price_input_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
     price_output_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
-    spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(None, description="stop paying beyond this, per stage")
+    spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(None, description="stop paying beyond this: spend of this role across the run, cached answers included")
     # in-process (local) backend
     batch_size: PosInt = 8
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -208,6 +210,10 @@ class FilterConfig(Strict):
         "generate", description="generate: parse a JSON verdict; logprobs: rate from rating-token probabilities (local judge)"
     )
     rubric_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/judge_rubric.txt")
+    rating_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/judge_rating.txt"),
+        description="logprobs method: the prompt that asks for a bare 1-10 rating",
+    )
     threshold: Annotated[float, Field(ge=1, le=10)] = Field(7.0, description="keep status pass with rating >= threshold")
     require_pass: bool = Field(True, description="also require the judge's status to be 'pass' (generate method)")
     max_attempts: PosInt = Field(3, description="asks per row when the verdict cannot be parsed")
@@ -228,6 +234,9 @@ class Recipe(Strict):
     seeds: SeedsConfig = SeedsConfig()
     generation: GenerationConfig = GenerationConfig()
     filter: FilterConfig = FilterConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Recipe:

@@ -91,5 +91,5 @@ class LLMClient(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot score rating tokens")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources (HTTP sessions, model memory)."""

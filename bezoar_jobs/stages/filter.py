@@ -107,7 +107,10 @@ def run_filter(ctx: StageContext) -> StageOutput:
     rows = read_jsonl(data_dir / "train.jsonl", ("id",), f"{ctx.store.url(src)}/data/train.jsonl")
     if not rows:
         raise BadInput(f"{ctx.name}: {src} committed an empty dataset")
-    rubric = load_template(cfg.rubric_template.path, "filter.rubric_template", ("instruction", "response"))
+    if cfg.method == "logprobs":
+        rubric = load_template(cfg.rating_template.path, "filter.rating_template", ("instruction", "response"))
+    else:
+        rubric = load_template(cfg.rubric_template.path, "filter.rubric_template", ("instruction", "response"))
     judge_col = cfg.judge_name
     prompts = {}
     for row in rows:

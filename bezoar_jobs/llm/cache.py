@@ -1,0 +1,176 @@
+"""A response cache in the run, so a rerun (resume, ``--force``, a retried Job) never pays twice.
+
+Key: sha256 of the inner client's identity (backend, model id, revision, prompt format: whatever
+besides the request decides the answer) and the request's rendered fields (system, user, decoding
+settings, seed). The request id is not part of the key, so the same question asked by two records
+is paid once, except for sampled requests without a seed (temperature > 0, seed None), where
+identical prompts are meant to give different answers: their id joins the key.
+
+Layout: ``<run>/_cache/<namespace>/part-<uuid>.jsonl``. S3 has no append, so results are written as
+new part objects every ``flush_every`` results and at the end (also when the run fails), and every
+part is loaded when the first run starts. Only successful answers are cached: failures are asked
+again next time.
+
+Spending: every cached answer was paid for by an earlier attempt, so their cost is handed to the
+inner client as prior spend (``prior_spent_usd``): a stage that is retried after hitting its
+``spend_cap_usd`` does not spend the cap again. Use one namespace per stage (e.g. the stage name),
+so that the cap counts that stage's own spending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+from ..store import Store
+from .base import GenRequest, GenResult, LLMClient, UsageTotals
+
+log = logging.getLogger("bezoar.llm")
+
+CACHE_PREFIX = "_cache"
+
+
+class CachedClient(LLMClient):
+    def __init__(self, inner: LLMClient, store: Store, namespace: str, flush_every: int = 64):
+        if not namespace or "/" in namespace or namespace.startswith("."):
+            raise ValueError(f"cache namespace {namespace!r}: use a plain name (e.g. the stage name)")
+        self.inner = inner
+        self.store = store
+        self.namespace = namespace
+        self.flush_every = max(1, flush_every)
+        self.model_id = inner.model_id
+        self.usage = UsageTotals()
+        self._entries: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"{CACHE_PREFIX}/{self.namespace}/"
+
+    def _identity(self) -> dict[str, Any]:
+        return getattr(self.inner, "cache_identity", None) or {"model": self.inner.model_id}
+
+    def key(self, req: GenRequest, kind: str = "generate", extra: Any = None) -> str:
+        fields = {
+            "kind": kind,
+            "client": self._identity(),
+            "system": req.system,
+            "user": req.user,
+            "max_new_tokens": req.max_new_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "repetition_penalty": req.repetition_penalty,
+            "seed": req.seed,
+            "stop": list(req.stop),
+            "extra": extra,
+        }
+        if req.temperature > 0 and req.seed is None:
+            fields["id"] = req.id
+        blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # ------------------------------------------------------------------ the store
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Read every part once (first use); later runs in this process reuse the dict."""
+        if self._entries is not None:
+            return self._entries
+        entries: dict[str, dict[str, Any]] = {}
+        parts = [p for p in self.store.list(self.prefix) if p.endswith(".jsonl")]
+        for rel in parts:
+            for n, line in enumerate(self.store.read_text(rel).splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    entries[rec["key"]] = rec
+                except (ValueError, KeyError, TypeError):
+                    log.warning("%s line %d: not a cache record, ignored", self.store.url(rel), n)
+        self._entries = entries
+        prior = sum(self._cost(r) for r in entries.values())
+        if prior and hasattr(self.inner, "prior_spent_usd"):
+            self.inner.prior_spent_usd = prior  # type: ignore[attr-defined]
+        if entries:
+            log.info("cache %s: %d answers from %d parts", self.store.url(self.prefix), len(entries), len(parts))
+        return entries
+
+    def _cost(self, rec: dict[str, Any]) -> float:
+        cost = getattr(self.inner, "cost", None)
+        if cost is None or rec.get("kind") != "generate":
+            return 0.0
+        r = rec["result"]
+        return float(cost(r.get("prompt_tokens", 0), r.get("completion_tokens", 0)))
+
+    def _write_part(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        self.store.write_text(f"{self.prefix}part-{uuid.uuid4().hex}.jsonl", body)
+
+    # ------------------------------------------------------------------ the interface
+    def run(self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate") -> None:
+        entries = self.load()
+        # requests not in the cache, grouped by key: identical questions are asked once
+        waiting: dict[str, list[GenRequest]] = {}
+        for req in requests:
+            k = self.key(req)
+            rec = entries.get(k)
+            if rec is None:
+                waiting.setdefault(k, []).append(req)
+                continue
+            self._hand(GenResult(**{**rec["result"], "id": req.id, "cached": True}), on_result)
+        if not waiting:
+            return
+        key_of = {reqs[0].id: k for k, reqs in waiting.items()}
+        pending: list[dict[str, Any]] = []
+
+        def record(res: GenResult) -> None:
+            k = key_of[res.id]
+            if res.ok:
+                rec = {"key": k, "kind": "generate", "model": self.model_id,
+                       "result": {f: v for f, v in asdict(res).items() if f not in ("id", "cached")}}
+                entries[k] = rec
+                pending.append(rec)
+                if len(pending) >= self.flush_every:
+                    self._flush(pending)
+            others = waiting[k][1:]
+            self._hand(res, on_result)
+            for req in others:  # the same question from another record: answered once, not paid again
+                self._hand(replace(res, id=req.id, cached=res.ok, extra=dict(res.extra)), on_result)
+
+        retries_before = self.inner.usage.retries
+        try:
+            self.inner.run([reqs[0] for reqs in waiting.values()], record, desc)
+        finally:
+            self._flush(pending)
+            self.usage.retries += self.inner.usage.retries - retries_before
+
+    def _hand(self, res: GenResult, on_result: Callable[[GenResult], None]) -> None:
+        self.usage.add(res)
+        on_result(res)
+
+    def _flush(self, pending: list[dict[str, Any]]) -> None:
+        # on_result runs in the caller's thread (see pool.py), so no other thread touches pending
+        batch = list(pending)
+        pending.clear()
+        self._write_part(batch)
+
+    def rating_distribution(self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]) -> list[dict[str, float]]:
+        entries = self.load()
+        keys = [self.key(r, "rating", [prefix, list(options)]) for r in requests]
+        todo = [i for i, k in enumerate(keys) if k not in entries]
+        if todo:
+            got = self.inner.rating_distribution([requests[i] for i in todo], prefix, options)
+            new = []
+            for i, dist in zip(todo, got, strict=True):
+                rec = {"key": keys[i], "kind": "rating", "model": self.model_id, "result": dist}
+                entries[keys[i]] = rec
+                new.append(rec)
+            self._write_part(new)
+        return [dict(entries[k]["result"]) for k in keys]
+
+    def close(self) -> None:
+        self.inner.close()

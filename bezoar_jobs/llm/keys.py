@@ -1,0 +1,35 @@
+"""API keys for remote teachers and judges: from the environment variable named by
+``api_key_env`` or the mounted file named by ``api_key_file``; never from the recipe and never
+logged. Error messages name the variable or file, never the value."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import BadInput
+from ..recipe import Endpoint
+
+
+def resolve_api_key(endpoint: Endpoint, role: str = "endpoint") -> str | None:
+    """The key, or None when the endpoint names no key (a local vLLM/TGI server without auth)."""
+    if endpoint.api_key_env:
+        value = os.environ.get(endpoint.api_key_env, "").strip()
+        if not value:
+            raise BadInput(
+                f"{role}.api_key_env: environment variable {endpoint.api_key_env} is not set or empty "
+                f"(it must hold the API key for {endpoint.backend} model {endpoint.model!r})"
+            )
+        return value
+    if endpoint.api_key_file:
+        path = Path(endpoint.api_key_file).expanduser()
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise BadInput(f"{role}.api_key_file: {path} does not exist (mount the secret holding the API key there)") from None
+        except OSError as e:
+            raise BadInput(f"{role}.api_key_file: {path} cannot be read: {e.strerror}") from None
+        if not value:
+            raise BadInput(f"{role}.api_key_file: {path} is empty")
+        return value
+    return None

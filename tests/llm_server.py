@@ -1,0 +1,583 @@
+"""A scripted LLM server on loopback for tests and the generation benchmark.
+
+It speaks the HTTP routes our remote clients use, with the bodies those clients read:
+
+* TGI: ``POST /`` (what ``huggingface_hub.AsyncInferenceClient(base_url=...).text_generation``
+  posts to: the base URL itself, answered with a one-element list) and ``POST /generate`` (a
+  single object). Request ``{"inputs", "parameters": {...}}``; answer ``generated_text`` plus
+  ``details`` (finish_reason, generated_tokens, seed, prefill, tokens).
+* OpenAI-compatible: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (with ``usage``).
+* Anthropic: ``POST /v1/messages`` (content blocks, ``usage.input_tokens/output_tokens``).
+
+Answers come from ``script(prompt) -> text`` so pipeline tests get deterministic teacher and judge
+answers. The server's "tokenizer" is whitespace: one token per word, so tests can predict counts.
+
+Failure injection (checked in this order for every request): ``rule(prompt) -> fault``, then the
+``plan`` (a sequence of faults consumed in arrival order, None meaning "answer normally"), then
+``rates`` (a random fraction per fault). Faults: ``"429"`` and ``"503"`` (with ``Retry-After``),
+``"500"``, ``"400"``, ``"401"``, ``"404"``, ``"hang"`` (sleeps ``hang_s``, longer than a client's
+timeout), ``"malformed"`` (200 with a body that is not JSON), ``"malformed-json"`` (200 with JSON
+missing the expected fields), ``"drop"`` (closes the connection without an answer).
+
+Capacity model (for the benchmark): at most ``capacity`` sequences decode at once (extra requests
+wait in the server's queue, as TGI/vLLM queue them, first come first served), each takes
+``latency + tokens * per_token_s``. The slots are a computed schedule (a request gets the earliest
+free slot when it arrives and is answered when its decode ends), and every decode interval is
+recorded, so ``busy_fraction()`` says how much of the decoding capacity the client kept busy. A
+request the client abandons (timeout) keeps its slot until its decode would have ended.
+
+Every request is recorded in ``server.calls`` (tests assert retries, seeds, and that cached requests
+were not asked again). Use it as a context manager, through the ``llm_server`` pytest fixture, or as
+a process: ``python tests/llm_server.py --capacity 32 --per-token-ms 2 --longtail`` prints
+``PORT <n>`` and serves ``GET /_stats`` and ``POST /_reset`` until terminated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import heapq
+import json
+import math
+import random
+import re
+import signal
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+FAULTS = ("429", "503", "500", "400", "401", "404", "hang", "malformed", "malformed-json", "drop")
+
+Script = Callable[[str], str]
+
+
+def default_script(prompt: str) -> str:
+    words = prompt.split()
+    return "Answer to: " + " ".join(words[:8])
+
+
+def longtail_script(mu: float = 4.0, sigma: float = 1.0, seed: int = 0) -> Script:
+    """Answers whose length in tokens follows a log-normal distribution (median e**mu, a long
+    tail), fixed per prompt so a sequential and a concurrent run of the same prompts do the same work."""
+
+    def script(prompt: str) -> str:
+        rng = random.Random(zlib.crc32(prompt.encode()) ^ seed)
+        n = max(1, round(math.exp(rng.gauss(mu, sigma))))
+        return "tok " * n
+
+    return script
+
+
+_TOKEN = re.compile(r"\S+\s*")
+
+
+def count_tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def truncate_tokens(text: str, n: int) -> tuple[str, int, bool]:
+    pieces = _TOKEN.findall(text)
+    lead = text[: len(text) - len(text.lstrip())]
+    if len(pieces) <= n:
+        return text, len(pieces), False
+    return lead + "".join(pieces[:n]), n, True
+
+
+@dataclass
+class Call:
+    """One request the server received."""
+
+    n: int
+    route: str  # tgi | completions | chat/completions | messages
+    path: str
+    prompt: str  # the text the script saw (chat: system and user joined by a blank line)
+    system: str | None
+    user: str | None
+    params: dict[str, Any]  # decoding parameters as sent (seed, temperature, max tokens, stop ...)
+    auth: str | None  # the credential the request carried (the fake test key, never a real one)
+    fault: str | None = None
+    status: int = 0
+    arrived: float = 0.0
+    decode_start: float | None = None
+    finished: float | None = None
+    output_tokens: int = 0
+
+    @property
+    def seed(self) -> int | None:
+        return self.params.get("seed")
+
+
+@dataclass
+class ServerStats:
+    requests: int
+    by_status: dict[str, int]
+    max_in_flight: int
+    capacity: int | None
+    first_arrival: float | None
+    last_decode_start: float | None
+    last_finish: float | None
+    busy_s: float
+    output_tokens: int
+
+
+@dataclass
+class LLMTestServer:
+    script: Script = default_script
+    latency: float | Callable[[str], float] = 0.0
+    capacity: int | None = None
+    per_token_s: float = 0.0
+    plan: Sequence[str | None] = ()
+    rates: Mapping[str, float] | None = None
+    rule: Callable[[str], str | None] | None = None
+    retry_after: str | None = "1"
+    hang_s: float = 30.0
+    api_key: str | None = None
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0
+    calls: list[Call] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for f in list(self.plan) + list((self.rates or {}).keys()):
+            if f is not None and f not in FAULTS:
+                raise ValueError(f"unknown fault {f!r}; known: {FAULTS}")
+        self._plan = list(self.plan)
+        self._rng = random.Random(self.seed)
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._slot_free: list[float] = [0.0] * (self.capacity or 0)  # when each decoding slot is next free
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/", self._tgi)
+        app.router.add_post("/generate", self._tgi)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_get("/_stats", self._stats_route)
+        app.router.add_post("/_reset", self._reset_route)
+        return app
+
+    async def start_async(self) -> None:
+        # handler_cancellation: a client that gives up (timeout) frees its handler, as a real
+        # server would notice the closed connection; shutdown_timeout: stop() does not wait on hangs
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=0.2)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop_async(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def start(self) -> LLMTestServer:
+        """Serve from a background thread with its own event loop."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="llm-test-server", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.start_async(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.stop_async(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join(10)
+        self._loop.close()
+        self._loop = None
+
+    def __enter__(self) -> LLMTestServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ measurements
+    def reset(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.max_in_flight = self.in_flight
+
+    def stats(self) -> ServerStats:
+        with self._lock:
+            calls = list(self.calls)
+        by_status: dict[str, int] = {}
+        for c in calls:
+            by_status[str(c.status)] = by_status.get(str(c.status), 0) + 1
+        starts = [c.decode_start for c in calls if c.decode_start is not None]
+        ends = [c.finished for c in calls if c.finished is not None]
+        busy = sum(c.finished - c.decode_start for c in calls if c.decode_start is not None and c.finished is not None)
+        return ServerStats(
+            requests=len(calls),
+            by_status=by_status,
+            max_in_flight=self.max_in_flight,
+            capacity=self.capacity,
+            first_arrival=min((c.arrived for c in calls), default=None),
+            last_decode_start=max(starts, default=None),
+            last_finish=max(ends, default=None),
+            busy_s=busy,
+            output_tokens=sum(c.output_tokens for c in calls),
+        )
+
+    def busy_fraction(self, t0: float | None = None, t1: float | None = None) -> float:
+        """Decoding slot-seconds used over ``capacity * (t1 - t0)``; default window: first arrival
+        to last finish. Needs ``capacity``."""
+        if not self.capacity:
+            raise ValueError("busy_fraction needs a capacity model (capacity=N)")
+        return busy_fraction(self.calls, self.capacity, t0, t1)
+
+    def routes(self) -> list[str]:
+        return [c.route for c in self.calls]
+
+    # ------------------------------------------------------------------ request handling
+    def _pick_fault(self, prompt: str) -> str | None:
+        if self.rule is not None:
+            f = self.rule(prompt)
+            if f is not None:
+                return f
+        with self._lock:
+            if self._plan:
+                return self._plan.pop(0)
+            for f, p in (self.rates or {}).items():
+                if self._rng.random() < p:
+                    return f
+        return None
+
+    def _auth_ok(self, request: web.Request, route: str) -> tuple[bool, str | None]:
+        h = request.headers.get("Authorization", "")
+        given = h[7:] if h.startswith("Bearer ") else None
+        if route == "messages" and given is None:
+            # Anthropic's API key header; the anthropic SDK 2.x sends a Bearer token instead
+            given = request.headers.get("x-api-key")
+        return (self.api_key is None or given == self.api_key), given
+
+    def _latency(self, prompt: str) -> float:
+        return self.latency(prompt) if callable(self.latency) else self.latency
+
+    async def _serve(self, request: web.Request, route: str, parse: Callable[[dict], tuple[str, str | None, str | None, dict]],
+                     render: Callable[[Call, str, str], dict], error: Callable[[int, str], dict],
+                     as_list: bool = False) -> web.StreamResponse:
+        arrived = time.monotonic()
+        raw = await request.read()
+        invalid = None
+        try:
+            prompt, system, user, params = parse(json.loads(raw))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            prompt, system, user, params, invalid = "", None, None, {}, f"bad request body: {e}"
+        ok, given = self._auth_ok(request, route)
+        with self._lock:
+            call = Call(n=len(self.calls), route=route, path=request.path, prompt=prompt, system=system, user=user,
+                        params=params, auth=given, arrived=arrived)
+            self.calls.append(call)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if invalid is not None:
+                call.status, call.fault = 400, "invalid"
+                return web.json_response(error(400, invalid), status=400)
+            if not ok:
+                call.status = 401
+                return web.json_response(error(401, "invalid API key"), status=401)
+            fault = call.fault = self._pick_fault(prompt)
+            if fault in ("429", "503"):
+                call.status = int(fault)
+                headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
+                msg = "rate limited" if fault == "429" else "overloaded, try later"
+                return web.json_response(error(call.status, msg), status=call.status, headers=headers)
+            if fault in ("500", "400", "404"):
+                call.status = int(fault)
+                return web.json_response(error(call.status, f"scripted HTTP {fault}"), status=call.status)
+            if fault == "401":
+                call.status = 401
+                return web.json_response(error(401, "invalid API key"), status=401)
+            if fault == "drop":
+                call.status = -1
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(status=500)  # never reaches the client: the socket is closed
+            if fault == "hang":
+                await asyncio.sleep(self.hang_s)
+            max_new = int(params.get("max_new_tokens") or 16)
+            stops = [s for s in (params.get("stop") or []) if s]
+            text = self.script(prompt)
+            finish = "eos"
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                hit = next(s for s in stops if text.find(s) == cut)
+                text, finish = text[:cut], "stop"
+                params = {**params, "_stop_hit": hit}
+            text, n_out, truncated = truncate_tokens(text, max_new)
+            if truncated:
+                finish = "length"
+            duration = self._latency(prompt) + n_out * self.per_token_s
+            if self.capacity:
+                # the capacity model as a schedule: the earliest free of N slots, FIFO. Times are
+                # computed, not observed, so the busy figure measures the client, not how
+                # promptly this process's event loop happens to wake up
+                with self._lock:
+                    start = max(time.monotonic(), heapq.heappop(self._slot_free))
+                    heapq.heappush(self._slot_free, start + duration)
+                call.decode_start, call.finished = start, start + duration
+                await asyncio.sleep(max(0.0, call.finished - time.monotonic()))
+            else:
+                call.decode_start = time.monotonic()
+                if duration > 0:
+                    await asyncio.sleep(duration)
+                call.finished = time.monotonic()
+            call.output_tokens = n_out
+            call.params = params
+            if fault == "malformed":
+                call.status = 200
+                return web.Response(status=200, text="<html>upstream proxy error</html>", content_type="application/json")
+            if fault == "malformed-json":
+                call.status = 200
+                return web.json_response({"unexpected": "shape"})
+            call.status = 200
+            out = render(call, text, finish)
+            return web.json_response([out] if as_list else out)
+        finally:
+            if call.finished is None:  # error answers and cancelled hangs end here
+                call.finished = time.monotonic()
+            with self._lock:
+                self.in_flight -= 1
+
+    # -- TGI ---------------------------------------------------------------------------------
+    async def _tgi(self, request: web.Request) -> web.StreamResponse:
+        def parse(body: dict) -> tuple[str, str | None, str | None, dict]:
+            prompt = body["inputs"]
+            if not isinstance(prompt, str):
+                raise TypeError("inputs must be a string")
+            p = dict(body.get("parameters") or {})
+            if p.get("temperature") is not None and p["temperature"] <= 0:
+                # what TGI itself answers: temperature must be strictly positive
+                raise ValueError("`temperature` must be strictly positive")
+            if p.get("top_p") is not None and not 0 < p["top_p"] < 1:
+                raise ValueError("`top_p` must be > 0.0 and < 1.0")
+            return prompt, None, None, p
+
+        def render(call: Call, text: str, finish: str) -> dict:
+            p = call.params
+            hit = p.get("_stop_hit")
+            out = {
+                # TGI keeps the matched stop sequence at the end of generated_text
+                "generated_text": text + (hit or ""),
+                "details": {
+                    "finish_reason": {"eos": "eos_token", "stop": "stop_sequence", "length": "length"}[finish],
+                    "generated_tokens": call.output_tokens,
+                    "seed": p.get("seed") if p.get("do_sample") else None,
+                    "prefill": [],
+                    "tokens": [],
+                },
+            }
+            return out
+
+        def error(status: int, msg: str) -> dict:
+            kind = {429: "overloaded", 503: "overloaded", 400: "validation", 422: "validation"}.get(status)
+            return {"error": msg, "error_type": kind} if kind else {"error": msg}
+
+        # the compat route "/" answers with a one-element list, /generate with the object
+        return await self._serve(request, "tgi", parse, render, error, as_list=request.path == "/")
+
+    # -- OpenAI ------------------------------------------------------------------------------
+    @staticmethod
+    def _openai_params(body: dict) -> dict:
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        p = {k: body.get(k) for k in ("seed", "temperature", "top_p", "repetition_penalty", "model")}
+        p["max_new_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens")
+        p["stop"] = stop or []
+        return p
+
+    @staticmethod
+    def _openai_error(status: int, msg: str) -> dict:
+        kind = {429: "rate_limit_exceeded", 401: "invalid_api_key", 404: "model_not_found"}.get(status, "server_error")
+        return {"error": {"message": msg, "type": kind, "code": kind}}
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        def parse(body: dict) -> tuple[str, str | None, str | None, dict]:
+            prompt = body["prompt"]
+            if not isinstance(prompt, str):
+                raise TypeError("prompt must be a string")
+            return prompt, None, None, self._openai_params(body)
+
+        def render(call: Call, text: str, finish: str) -> dict:
+            return {
+                "id": f"cmpl-{call.n}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": call.params.get("model"),
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": "length" if finish == "length" else "stop"}],
+                "usage": {"prompt_tokens": count_tokens(call.prompt), "completion_tokens": call.output_tokens,
+                          "total_tokens": count_tokens(call.prompt) + call.output_tokens},
+            }
+
+        return await self._serve(request, "completions", parse, render, self._openai_error)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        def parse(body: dict) -> tuple[str, str | None, str | None, dict]:
+            msgs = body["messages"]
+            system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system") or None
+            user = "\n\n".join(m["content"] for m in msgs if m["role"] == "user")
+            prompt = "\n\n".join(x for x in (system, user) if x)
+            return prompt, system, user, self._openai_params(body)
+
+        def render(call: Call, text: str, finish: str) -> dict:
+            return {
+                "id": f"chatcmpl-{call.n}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": call.params.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length" if finish == "length" else "stop"}],
+                "usage": {"prompt_tokens": count_tokens(call.prompt), "completion_tokens": call.output_tokens,
+                          "total_tokens": count_tokens(call.prompt) + call.output_tokens},
+            }
+
+        return await self._serve(request, "chat/completions", parse, render, self._openai_error)
+
+    # -- Anthropic ---------------------------------------------------------------------------
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        def parse(body: dict) -> tuple[str, str | None, str | None, dict]:
+            msgs = body["messages"]
+            system = body.get("system")
+            if isinstance(system, list):
+                system = "\n\n".join(b["text"] for b in system)
+            user = "\n\n".join(m["content"] if isinstance(m["content"], str) else
+                               "".join(b["text"] for b in m["content"]) for m in msgs if m["role"] == "user")
+            prompt = "\n\n".join(x for x in (system, user) if x)
+            p = {k: body.get(k) for k in ("temperature", "top_p", "model")}
+            p["max_new_tokens"] = body["max_tokens"]
+            p["stop"] = body.get("stop_sequences") or []
+            p["seed"] = None  # the Messages API has no seed
+            return prompt, system, user, p
+
+        def render(call: Call, text: str, finish: str) -> dict:
+            return {
+                "id": f"msg_{call.n}",
+                "type": "message",
+                "role": "assistant",
+                "model": call.params.get("model"),
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": {"eos": "end_turn", "stop": "stop_sequence", "length": "max_tokens"}[finish],
+                "stop_sequence": call.params.get("_stop_hit"),
+                "usage": {"input_tokens": count_tokens(call.prompt), "output_tokens": call.output_tokens},
+            }
+
+        def error(status: int, msg: str) -> dict:
+            kind = {429: "rate_limit_error", 401: "authentication_error", 404: "not_found_error",
+                    400: "invalid_request_error", 503: "overloaded_error"}.get(status, "api_error")
+            return {"type": "error", "error": {"type": kind, "message": msg}}
+
+        return await self._serve(request, "messages", parse, render, error)
+
+    # -- control routes (for the benchmark's server process) ----------------------------------
+    async def _stats_route(self, request: web.Request) -> web.Response:
+        s = asdict(self.stats())
+        if self.capacity and self.calls:
+            s["busy_fraction"] = self.busy_fraction()
+            s["busy_fraction_until_last_start"] = self.busy_fraction(t1=s["last_decode_start"])
+        return web.json_response(s)
+
+    async def _reset_route(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+
+def busy_fraction(calls: Sequence[Call], capacity: int, t0: float | None = None, t1: float | None = None) -> float:
+    done = [c for c in calls if c.decode_start is not None and c.finished is not None]
+    if not done:
+        return 0.0
+    t0 = min(c.arrived for c in calls) if t0 is None else t0
+    t1 = max(c.finished for c in done if c.finished is not None) if t1 is None else t1
+    if t1 <= t0:
+        return 0.0
+    busy = 0.0
+    for c in done:
+        assert c.decode_start is not None and c.finished is not None
+        busy += max(0.0, min(c.finished, t1) - max(c.decode_start, t0))
+    return busy / (capacity * (t1 - t0))
+
+
+@contextlib.contextmanager
+def running(**kwargs: Any) -> Iterator[LLMTestServer]:
+    """``with running(script=...) as srv:`` starts a server and stops it afterwards."""
+    srv = LLMTestServer(**kwargs).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def llm_server() -> Iterator[Callable[..., LLMTestServer]]:
+    """A factory fixture: ``srv = llm_server(script=..., plan=[...])``; every server it started is
+    stopped at teardown. Import it into a test module to use it."""
+    started: list[LLMTestServer] = []
+
+    def start(**kwargs: Any) -> LLMTestServer:
+        srv = LLMTestServer(**kwargs).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--capacity", type=int, default=None, help="sequences decoding at once")
+    ap.add_argument("--per-token-ms", type=float, default=0.0)
+    ap.add_argument("--latency-ms", type=float, default=0.0)
+    ap.add_argument("--longtail", action="store_true", help="log-normal answer lengths instead of echo answers")
+    ap.add_argument("--mu", type=float, default=4.0)
+    ap.add_argument("--sigma", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    srv = LLMTestServer(
+        script=longtail_script(a.mu, a.sigma, a.seed) if a.longtail else default_script,
+        capacity=a.capacity,
+        per_token_s=a.per_token_ms / 1000,
+        latency=a.latency_ms / 1000,
+        port=a.port,
+    )
+
+    async def serve() -> None:
+        await srv.start_async()
+        print(f"PORT {srv.port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await srv.stop_async()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
