@@ -17,12 +17,13 @@ STAMP := $(VENV)/.editable-$(LOCK_HASH)
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test lint fmt lock clean
+.PHONY: help venv demo test lint fmt lock clean manifests
 
 help:
 	@echo "make demo   - install (once) and run the whole recipe on the embedded default into $(RUN)"
 	@echo "make test   - install (once) and run the test suite"
 	@echo "make lint   - ruff"
+	@echo "make manifests - regenerate manifests/ (plain YAML for kubectl apply)"
 	@echo "make lock   - re-pin requirements/lock.txt from the current venv"
 
 venv: $(STAMP)
@@ -52,6 +53,11 @@ lint: $(STAMP)
 fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# manifests/ is generated from fixed example inputs (examples/cluster.yaml, the chart's values);
+# never edit it by hand. A test fails when it is stale.
+manifests: $(STAMP)
+	$(PY) scripts/gen_manifests.py
 
 # Re-pin after changing dependencies: install what you need into .venv, then `make lock`.
 lock:

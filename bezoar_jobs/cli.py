@@ -24,7 +24,7 @@ import traceback
 from typing import Any
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, BadInput, BezoarError
+from .errors import BadInput, BezoarError
 from .manifest import read_manifest, verify
 from .pipeline import CANONICAL, select, spec
 from .recipe import load_recipe

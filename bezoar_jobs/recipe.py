@@ -280,12 +280,12 @@ def _key_lines(text: str) -> dict[tuple, int]:
     def walk(node: Any, path: tuple) -> None:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                p = path + (k.value,)
+                p = (*path, k.value)
                 lines[p] = k.start_mark.line + 1
                 walk(v, p)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
-                p = path + (i,)
+                p = (*path, i)
                 lines[p] = v.start_mark.line + 1
                 walk(v, p)
 

@@ -21,7 +21,7 @@ def test_recipes_dir_has_the_paper_and_the_demo():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads_and_hashes_every_stage(path):
-    recipe, text = load_recipe(path)
+    recipe, _ = load_recipe(path)
     assert recipe.schema_version == 1
     hashes = {stage: params_hash(recipe, stage) for stage in STAGE_PARAMS}
     assert all(len(h) == 64 for h in hashes.values())
@@ -93,7 +93,7 @@ def test_secrets_are_names_not_values():
     # the recipe has no field that could hold a key itself
     d = _demo()
     d["judge"]["api_key"] = "sk-123"
-    with pytest.raises(BadInput, match="judge.api_key: unknown key"):
+    with pytest.raises(BadInput, match=r"judge\.api_key: unknown key"):
         parse_recipe(yaml.safe_dump(d), "r.yaml")
 
 

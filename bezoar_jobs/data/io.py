@@ -5,10 +5,10 @@ Errors name the file and, for line-oriented formats, the line, and exit 2 (BadIn
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from collections.abc import Iterable, Sequence
-import importlib.util
 from pathlib import Path
 from typing import Any
 

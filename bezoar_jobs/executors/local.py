@@ -15,8 +15,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from ..pipeline import STAGES
-from ..runner import RECIPE_FILE, up_to_date
 from ..recipe import Recipe
+from ..runner import RECIPE_FILE, up_to_date
 from ..store import Store
 
 log = logging.getLogger("bezoar")

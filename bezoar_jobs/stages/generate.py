@@ -14,7 +14,7 @@ import re
 import string
 from typing import Any
 
-from ..data.io import dataset_card, load_rows, load_template, read_jsonl, local_copy, render, write_jsonl
+from ..data.io import dataset_card, load_rows, load_template, local_copy, read_jsonl, render, write_jsonl
 from ..errors import BadInput
 from ..runner import StageContext, StageOutput
 from .common import Phase, cost_usd, endpoint_info, normalise, open_client, request, usage_dict
@@ -343,7 +343,7 @@ _MC = re.compile(r"(^|\n)\s*(options|choices)\s*:", re.I)
 
 def is_multiple_choice(row: dict[str, Any]) -> bool:
     tt = str(row.get("template_type", ""))
-    return (tt.endswith("_opt") or "_opt" in tt and "noopt" not in tt) or bool(_MC.search(str(row.get("inputs", ""))))
+    return (tt.endswith("_opt") or ("_opt" in tt and "noopt" not in tt)) or bool(_MC.search(str(row.get("inputs", ""))))
 
 
 def choose_system_message(messages: list[dict[str, Any]], row: dict[str, Any], rng: random.Random) -> dict[str, Any]:

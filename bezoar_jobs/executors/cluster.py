@@ -1,0 +1,405 @@
+"""Cluster settings: the ONE typed file that says how stage Jobs run on a Kubernetes cluster.
+
+The same YAML is used in two places. The Helm chart renders ``.Values.clusterSettings`` verbatim
+into the ConfigMap ``<release>-cluster-settings`` (key ``cluster.yaml``) that the in-cluster
+controller reads from a mounted file; a laptop or CI passes the same file with ``--cluster FILE``.
+Keys are camelCase because they are Kubernetes-facing (they sit next to Kubernetes fields in Helm
+values). Unknown keys are refused; every error names the dotted path, the file and the line.
+
+Machine-learning hyperparameters never live here: they are in the recipe. This file only holds
+images, resources, scheduling, secrets (by *name*; never values), and the teacher server's
+Deployment.
+
+Per-family scheduling: a stage belongs to one family (``data``: generate-*/filter-*; ``train``:
+sft-*/dpo; ``eval``: eval-harness/eval-mtbench/report). A partial ``scheduling.<family>`` entry is
+merged onto that family's defaults, and ``stageOverrides.<stage>`` is merged onto the family's
+entry. Merging is deep for mappings (``resources.requests``, ``nodeSelector``) and replaces lists
+(``tolerations``), so ``stageOverrides: {sft-hh: {resources: {limits: {memory: 96Gi}}}}`` raises
+one limit and keeps everything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .. import __version__
+from ..errors import BadInput
+
+# The 14 canonical stages of the recipe, in canonical order, with the family that sizes their pods.
+# Stages not built yet still get Jobs (``bezoar render``) and chart resources, so this list is the
+# contract's, not ``pipeline.CANONICAL`` (which grows as stages land).
+STAGE_FAMILIES: dict[str, str] = {
+    "generate-lamini": "data",
+    "generate-evol": "data",
+    "generate-orca": "data",
+    "filter-lamini": "data",
+    "filter-evol": "data",
+    "filter-orca": "data",
+    "sft-lamini": "train",
+    "sft-evol": "train",
+    "sft-orca": "train",
+    "sft-hh": "train",
+    "dpo": "train",
+    "eval-harness": "eval",
+    "eval-mtbench": "eval",
+    "report": "eval",
+}
+ALL_STAGES: tuple[str, ...] = tuple(STAGE_FAMILIES)
+FAMILIES: tuple[str, ...] = ("data", "train", "eval")
+
+
+def stage_family(stage: str) -> str:
+    try:
+        return STAGE_FAMILIES[stage]
+    except KeyError:
+        raise BadInput(f"unknown stage {stage!r}; stages are: {', '.join(ALL_STAGES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes-shaped value types
+# ---------------------------------------------------------------------------------------------
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+_RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+def _quantity(v: Any) -> Any:
+    # YAML reads `cpu: 2` as an int and `cpu: 0.5` as a float: Kubernetes accepts both as quantities.
+    if isinstance(v, bool):
+        raise ValueError("a resource quantity, not a boolean")
+    if isinstance(v, int | float):
+        v = format(v, "g")
+    if not isinstance(v, str) or not _QUANTITY.match(v):
+        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 500m, 2, 8Gi, 20G)")
+    return v
+
+
+def _matching(pattern: str, what: str, max_len: int, allow_empty: bool = False) -> AfterValidator:
+    rx = re.compile(pattern)
+
+    def check(v: str) -> str:
+        if allow_empty and v == "":
+            return v
+        if len(v) > max_len or not rx.match(v):
+            raise ValueError(f"{v!r} is not {what} (at most {max_len} characters)")
+        return v
+
+    return AfterValidator(check)
+
+
+Quantity = Annotated[str, BeforeValidator(_quantity)]
+DnsLabel = Annotated[str, _matching(_DNS_LABEL, "a DNS-1123 label (lower case letters, digits, '-')", 63)]
+DnsSubdomain = Annotated[str, _matching(_DNS_SUBDOMAIN, "a Kubernetes object name (DNS-1123 subdomain)", 253)]
+OptionalName = Annotated[
+    str, _matching(_DNS_SUBDOMAIN, 'a Kubernetes object name (DNS-1123 subdomain) or ""', 253, allow_empty=True)
+]
+EnvName = Annotated[str, _matching(_ENV_NAME, "a valid environment variable name", 253)]
+SecretKey = Annotated[str, _matching(_SECRET_KEY, "a valid Secret key (letters, digits, '-', '_', '.')", 253)]
+ResourceName = Annotated[str, _matching(_RESOURCE_NAME, "a resource name (e.g. cpu, memory, nvidia.com/gpu)", 253)]
+LabelValue = Annotated[str, _matching(_LABEL_VALUE, "a valid label value", 63)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+def _known_stage(v: str) -> str:
+    if v not in STAGE_FAMILIES:
+        raise ValueError(f"unknown stage {v!r}; stages are: {', '.join(ALL_STAGES)}")
+    return v
+
+
+StageName = Annotated[str, AfterValidator(_known_stage)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+class Images(_Model):
+    """``<registry>/<name>:<tag>`` per stage family (``bezoar render`` can pin digests instead)."""
+
+    registry: str = Field("ghcr.io/example/bezoar-jobs", min_length=1, description="build arg REGISTRY")
+    tag: str = Field(__version__, pattern=r"^[\w][\w.-]{0,127}$", description="= package version = chart appVersion")
+    pullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    data: str = Field("bezoar-data", min_length=1, description="generate-*/filter-* stages")
+    train: str = Field("bezoar-train", min_length=1, description="sft-*, dpo")
+    eval: str = Field("bezoar-eval", min_length=1, description="eval-*, report")
+    controller: str = Field("bezoar-controller", min_length=1, description="the controller Job (the chart's)")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v: str) -> str:
+        return v.rstrip("/")
+
+
+class Storage(_Model):
+    s3EndpointUrl: str = Field("", description="-> env BEZOAR_S3_ENDPOINT_URL when set (S3-compatible stores)")
+    s3Region: str = Field("us-east-1", description="-> env AWS_REGION")
+    s3AddressingStyle: Literal["", "path", "virtual"] = Field("", description="-> env BEZOAR_S3_ADDRESSING_STYLE")
+
+
+class S3Secret(_Model):
+    name: OptionalName = Field("bezoar-s3", description='Secret with an AWS shared credentials file; "" = none (IRSA)')
+    credentialsFileKey: SecretKey = "credentials"
+
+
+class HfTokenSecret(_Model):
+    name: OptionalName = Field("", description='Secret with the Hugging Face token; "" = none')
+    key: SecretKey = "token"
+
+
+class ApiKeySecret(_Model):
+    env: EnvName = Field(description="environment variable the stage reads")
+    name: OptionalName = Field("", description='Secret holding the key; "" = not set')
+    key: SecretKey = "api-key"
+
+
+class Secrets(_Model):
+    s3: S3Secret = S3Secret()
+    hfToken: HfTokenSecret = HfTokenSecret()
+    apiKeys: tuple[ApiKeySecret, ...] = (
+        ApiKeySecret(env="OPENAI_API_KEY"),
+        ApiKeySecret(env="ANTHROPIC_API_KEY"),
+    )
+
+    @field_validator("apiKeys")
+    @classmethod
+    def _unique_env(cls, v: tuple[ApiKeySecret, ...]) -> tuple[ApiKeySecret, ...]:
+        seen = [k.env for k in v]
+        dup = sorted({e for e in seen if seen.count(e) > 1})
+        if dup:
+            raise ValueError(f"environment variable(s) {', '.join(dup)} listed more than once")
+        return v
+
+
+class Teacher(_Model):
+    deployment: OptionalName = Field("", description='the teacher Deployment ("" = not managed)')
+    url: str = Field("", description="base URL stage pods use (-> env BEZOAR_TEACHER_URL)")
+    waitReady: bool = Field(True, description="wait for the Deployment to be ready before generate stages")
+    scaleDownAfterGeneration: bool = Field(True, description="scale to 0 once every generate-* stage is committed")
+    replicas: PositiveInt = Field(1, description="replicas to scale up to when it is at 0")
+
+
+class Kueue(_Model):
+    queueName: LabelValue = Field(
+        "", description="non-empty: label kueue.x-k8s.io/queue-name and create Jobs suspended"
+    )
+
+
+class Resources(_Model):
+    requests: dict[ResourceName, Quantity] = {}
+    limits: dict[ResourceName, Quantity] = {}
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds only applies to effect NoExecute")
+        return self
+
+
+class Scheduling(_Model):
+    """How one family's (or one stage's) pods are sized and placed.
+
+    ``resources`` are the container's requests/limits as Kubernetes spells them; the defaults set
+    no CPU limit on purpose (a CPU limit throttles tokenisation and data loading; the request
+    reserves the CPU), add ``limits.cpu`` where a cluster policy wants one. ``ephemeralStorage``
+    is the pod's local disk: the container's ephemeral-storage request and limit, and the size
+    bound of the ``/scratch`` and ``/cache`` emptyDirs (they all count against that one limit).
+    ``shmSize`` is a memory-backed emptyDir, so it counts against the memory limit too.
+    ``parallelism`` departs from the contract sketch (which showed ``parallelism: 1`` for data):
+    1 would run a sharded stage's shards one at a time, so it defaults to unset (all at once).
+    """
+
+    resources: Resources = Resources()
+    gpus: NonNegInt = Field(0, description="GPUs requested and limited (jobs.gpuResourceName)")
+    nodeSelector: dict[str, str] = {}
+    tolerations: tuple[Toleration, ...] = ()
+    activeDeadlineSeconds: PositiveInt = 86400
+    backoffLimit: NonNegInt = Field(3, description="retries of retryable failures (preemptions are not counted)")
+    ephemeralStorage: Quantity = Field("20Gi", description="ephemeral-storage request/limit and /scratch size")
+    shmSize: Quantity = Field("1Gi", description="size of the memory-backed /dev/shm")
+    parallelism: PositiveInt | None = Field(
+        None,
+        description="sharded (Indexed) generate Jobs only: shard pods running at once; "
+        "unset = all generationShards at once. Unsharded Jobs always run one pod.",
+    )
+
+
+class SchedulingOverride(_Model):
+    """A partial :class:`Scheduling`: only the keys given replace (mappings merge deeply)."""
+
+    resources: Resources | None = None
+    gpus: NonNegInt | None = None
+    nodeSelector: dict[str, str] | None = None
+    tolerations: tuple[Toleration, ...] | None = None
+    activeDeadlineSeconds: PositiveInt | None = None
+    backoffLimit: NonNegInt | None = None
+    ephemeralStorage: Quantity | None = None
+    shmSize: Quantity | None = None
+    parallelism: PositiveInt | None = None
+
+
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}},
+        "gpus": 0,
+        "nodeSelector": {},
+        "tolerations": [],
+        "activeDeadlineSeconds": 86400,
+        "backoffLimit": 3,
+        "ephemeralStorage": "20Gi",
+        "shmSize": "1Gi",
+    },
+    "train": {
+        "resources": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "64Gi"}},
+        "gpus": 1,
+        "nodeSelector": {},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "activeDeadlineSeconds": 172800,
+        "backoffLimit": 6,
+        "ephemeralStorage": "200Gi",
+        "shmSize": "16Gi",
+    },
+}
+_FAMILY_DEFAULTS["eval"] = copy.deepcopy(_FAMILY_DEFAULTS["train"])
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` onto ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+class SchedulingSet(_Model):
+    data: Scheduling = Scheduling.model_validate(_FAMILY_DEFAULTS["data"])
+    train: Scheduling = Scheduling.model_validate(_FAMILY_DEFAULTS["train"])
+    eval: Scheduling = Scheduling.model_validate(_FAMILY_DEFAULTS["eval"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _onto_defaults(cls, data: Any) -> Any:
+        # A partial family entry keeps that family's defaults (not the generic field defaults).
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for fam in FAMILIES:
+            if isinstance(data.get(fam), dict):
+                out[fam] = _deep_merge(_FAMILY_DEFAULTS[fam], data[fam])
+        return out
+
+
+class JobsSettings(_Model):
+    ttlSecondsAfterFinished: NonNegInt = 604800
+    terminationGracePeriodSeconds: NonNegInt = Field(300, description="long enough for a final checkpoint upload")
+    gpuResourceName: ResourceName = "nvidia.com/gpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings
+# ---------------------------------------------------------------------------------------------
+class ClusterSettings(_Model):
+    """Everything the Job builder and the controller need to know about the cluster."""
+
+    namespace: DnsLabel = Field("bezoar", description="where stage Jobs are created")
+    runnerServiceAccount: OptionalName = Field("", description='SA of stage pods ("" = default); token never mounted')
+    images: Images = Images()
+    imagePullSecrets: tuple[DnsSubdomain, ...] = ()
+    storage: Storage = Storage()
+    secrets: Secrets = Secrets()
+    teacher: Teacher = Teacher()
+    priorityClassName: OptionalName = ""
+    kueue: Kueue = Kueue()
+    scheduling: SchedulingSet = SchedulingSet()
+    stageOverrides: dict[StageName, SchedulingOverride] = {}
+    generationShards: Annotated[int, Field(ge=1, le=1000)] = Field(
+        1, description=">1: generate-* stages run as Indexed Jobs with this many shards"
+    )
+    jobs: JobsSettings = JobsSettings()
+
+    def scheduling_for(self, stage: str) -> Scheduling:
+        """The family's scheduling entry with the stage's override merged on top."""
+        base: Scheduling = getattr(self.scheduling, stage_family(stage))
+        over = self.stageOverrides.get(stage)
+        if over is None:
+            return base
+        merged = _deep_merge(base.model_dump(mode="json"), over.model_dump(mode="json", exclude_none=True))
+        return Scheduling.model_validate(merged)
+
+    def image_for(self, stage: str) -> str:
+        """``registry/name`` (no tag) of the image that runs ``stage``."""
+        return f"{self.images.registry}/{getattr(self.images, stage_family(stage))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with errors that name path, file and line
+# ---------------------------------------------------------------------------------------------
+def parse_cluster_settings(text: str, source: str = "<cluster settings>") -> ClusterSettings:
+    """Validate cluster-settings YAML text; BadInput names ``file:line: dotted.path: problem``."""
+    # The recipe loader's line tracking: one YAML pass remembering every key's line by path.
+    from ..recipe import _format_errors, _key_lines
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise BadInput(f"{where}: cluster settings are not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}  # an empty file means "all defaults"
+    if not isinstance(data, dict):
+        raise BadInput(f"{source}: cluster settings must be a YAML mapping at the top level")
+    try:
+        return ClusterSettings.model_validate(data)
+    except ValidationError as e:
+        msg = _format_errors(e, source, _key_lines(text))
+        raise BadInput(msg.replace("invalid recipe:", "invalid cluster settings:", 1)) from None
+
+
+def load_cluster_settings(path: str | Path | None) -> ClusterSettings:
+    """Load ``--cluster FILE`` (None: every default). Errors name the dotted path, file and line."""
+    if path is None:
+        return ClusterSettings()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"{p}: cluster settings file not found") from None
+    except IsADirectoryError:
+        raise BadInput(f"{p}: is a directory, not a cluster settings file") from None
+    return parse_cluster_settings(text, str(p))

@@ -1,0 +1,89 @@
+"""manifests/ is generated (scripts/gen_manifests.py, `make manifests`): it must be fresh and valid.
+
+- Regenerating from the fixed example inputs gives exactly the committed files (a change to the Job
+  builder, the chart or examples/cluster.yaml without `make manifests` fails here).
+- Every document in manifests/ validates with kubernetes-validate --strict.
+- The halves agree: the ConfigMap the chart renders holds the cluster settings the Jobs were
+  built from, and the Role lets the controller do what it does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from bezoar_jobs.executors.cluster import ALL_STAGES, ClusterSettings, parse_cluster_settings
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests"
+K8S_VERSIONS = ("1.31", kubernetes_validate.utils.latest_version())
+
+
+def _gen():
+    spec = importlib.util.spec_from_file_location("gen_manifests", REPO / "scripts" / "gen_manifests.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_manifests_are_fresh(tmp_path):
+    gen = _gen()
+    gen.generate(tmp_path)
+    stale = gen.diff_trees(tmp_path, MANIFESTS)
+    assert not stale, f"manifests/ is stale ({', '.join(stale)}): run `make manifests`"
+
+
+def _all_files() -> list[Path]:
+    return sorted(MANIFESTS.rglob("*.yaml"))
+
+
+def test_every_manifest_validates_strictly():
+    files = _all_files()
+    assert {p.stem for p in (MANIFESTS / "jobs").glob("*.yaml")} == set(ALL_STAGES)
+    assert len(list((MANIFESTS / "chart").glob("*.yaml"))) >= 4
+    for path in files:
+        docs = _docs(path)
+        assert docs, path
+        for doc in docs:
+            for version in K8S_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    pytest.fail(f"{path.relative_to(REPO)}: {doc['kind']}/{doc['metadata']['name']} "
+                                f"(Kubernetes {version}): {'.'.join(map(str, e.path))}: {e.message}")
+
+
+def test_chart_and_jobs_agree():
+    by_kind: dict[str, list[dict]] = {}
+    for path in (MANIFESTS / "chart").glob("*.yaml"):
+        for d in _docs(path):
+            by_kind.setdefault(d["kind"], []).append(d)
+    (cm,) = [c for c in by_kind["ConfigMap"] if "cluster.yaml" in c.get("data", {})]
+    settings = parse_cluster_settings(cm["data"]["cluster.yaml"], "manifests ConfigMap")
+    example = parse_cluster_settings((REPO / "examples" / "cluster.yaml").read_text())
+    assert settings == example
+    assert isinstance(settings, ClusterSettings)
+    # the teacher the controller scales is the one the chart deploys, and stage pods' SA exists
+    assert settings.teacher.deployment in [d["metadata"]["name"] for d in by_kind["Deployment"]]
+    assert settings.runnerServiceAccount in [s["metadata"]["name"] for s in by_kind["ServiceAccount"]]
+    # the Role grants what the controller uses (kubernetes.py's docstring lists it)
+    (role,) = by_kind["Role"]
+    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"create", "get", "list", "watch", "delete"} <= verbs[("batch", "jobs")]
+    assert {"get", "list", "watch"} <= verbs[("", "pods")]
+    assert "get" in verbs[("", "pods/log")]
+    assert "get" in verbs[("apps", "deployments")] and {"get", "patch"} <= verbs[("apps", "deployments/scale")]
+    # every stage Job lands in the settings' namespace and runs as the runner SA
+    for path in (MANIFESTS / "jobs").glob("*.yaml"):
+        for job in _docs(path):
+            assert job["metadata"]["namespace"] == settings.namespace
+            assert job["spec"]["template"]["spec"]["serviceAccountName"] == settings.runnerServiceAccount
