@@ -6,6 +6,7 @@
   bezoar plan --recipe FILE --run URI
   bezoar status --run URI [--json]
   bezoar verify --run URI
+  bezoar report --run URI
   bezoar render --recipe FILE --cluster FILE --run URI --out DIR [--run-id ID]
   bezoar cancel --run URI [--cluster FILE] [--run-id ID]
 
@@ -115,8 +116,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     if rc == 0:
         for name in stages:
             m = read_manifest(store, name)
-            if m and "data/train.jsonl" in m.get("files", {}):
+            files = m.get("files", {}) if m else {}
+            if "data/train.jsonl" in files:
                 print(f"{name}: {store.url(name + '/data')}  ({m['counts'].get('rows', m['counts'].get('kept'))} rows)")
+            elif any(f.startswith("model/") for f in files):
+                print(f"{name}: {store.url(name + '/model')}  (checkpoint)")
+            elif "index.html" in files:
+                print(f"report: {store.url(name + '/index.html')}")
     return rc
 
 
@@ -206,6 +212,14 @@ def cmd_render(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from .stages.report import build_report
+
+    for path in build_report(a.run):
+        print(path)
+    return 0
+
+
 def cmd_cancel(a: argparse.Namespace) -> int:
     from .executors.cluster import ClusterSettings, load_cluster_settings
     from .executors.kubernetes import cancel
@@ -268,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--run-id")
     rd.add_argument("--out", required=True)
     rd.set_defaults(fn=cmd_render)
+
+    rp = sub.add_parser("report", help="rebuild <run>/report/ (HTML + Markdown) from what is committed")
+    rp.add_argument("--run", required=True)
+    rp.set_defaults(fn=cmd_report)
 
     c = sub.add_parser("cancel", help="delete the run's Kubernetes Jobs")
     c.add_argument("--run", required=True)

@@ -2,6 +2,8 @@
 
 Figures are upper bounds computed from the recipe alone (counts x max_new_tokens; prompt sizes from
 the template lengths at ~4 characters a token), so a user can price a run before paying for it.
+Training, the harness and the report send no API requests: their rows show 0 (their cost is GPU
+time, which the manifests record once they ran).
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def _expected_rows(recipe: Recipe, scheme: str) -> int:
     return g.orca.seeds
 
 
+def _question_count(src) -> int:
+    """Questions in a local or packaged question file; MT-Bench's 80 when it lives on the hub."""
+    from .data.io import PKG, local_copy
+
+    if src.path.startswith((PKG, "/", "./", "file://")):
+        try:
+            n = sum(1 for line in local_copy(src.path).read_text(encoding="utf-8").splitlines() if line.strip())
+            return min(n, src.limit) if src.limit else n
+        except BadInput:
+            pass
+    return src.limit or 80
+
+
 def estimate(recipe: Recipe, store: Store, stage: str) -> _Tally:
     t = _Tally()
     g = recipe.generation
@@ -77,6 +92,15 @@ def estimate(recipe: Recipe, store: Store, stage: str) -> _Tally:
     elif stage == "generate-orca":
         c = g.orca
         t.add(recipe.teacher, c.seeds, 60 + 2 * ins, c.response_decoding)
+    elif stage == "eval-mtbench":
+        mt = recipe.evaluation.mtbench
+        if mt.enabled:
+            n_models = len(recipe.evaluation.model_labels())
+            n_q = _question_count(mt.questions)
+            judge = mt.judge or recipe.judge
+            dec = mt.judge_decoding if mt.judge_method == "generate" else mt.judge_decoding.model_copy(update={"max_new_tokens": 1})
+            # two turns per question and model, each graded once; answers come from the checkpoints themselves
+            t.add(judge, 2 * n_q * n_models, _tmpl_tokens(mt.judge_prompts) + 3 * mt.answer_max_new_tokens // 2, dec)
     elif stage.startswith("filter-"):
         scheme = stage.split("-", 1)[1]
         m = read_manifest(store, f"generate-{scheme}")

@@ -23,6 +23,7 @@ from tests.llm_server import LLMTestServer
 from tests.scripted import scripted_answer, scripted_recipe
 
 DATA = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini", "filter-evol", "filter-orca"]
+UNTIL = ("--until", "filter-orca")  # this file is about the data half
 
 
 ENV = {**os.environ, "SCRIPTED_JUDGE_KEY": "test-key"}
@@ -46,7 +47,7 @@ def _rows(path: Path) -> list[dict]:
 def test_data_stages_end_to_end_local(tmp_path, server):
     recipe = scripted_recipe(tmp_path, server.url)
     run = tmp_path / "run"
-    res = bezoar("run", "--recipe", str(recipe), "--run", str(run))
+    res = bezoar("run", "--recipe", str(recipe), "--run", str(run), *UNTIL)
     assert res.returncode == 0, res.stderr[-3000:]
     store = open_store(run)
     for stage in DATA:
@@ -83,7 +84,7 @@ def test_data_stages_end_to_end_local(tmp_path, server):
     assert bezoar("verify", "--run", str(run)).returncode == 0
     # a second run skips every stage and asks the servers nothing
     before = len(server.calls)
-    res2 = bezoar("run", "--recipe", str(recipe), "--run", str(run))
+    res2 = bezoar("run", "--recipe", str(recipe), "--run", str(run), *UNTIL)
     assert res2.returncode == 0
     assert res2.stderr.count("skipped: committed") == 6
     assert len(server.calls) == before
@@ -95,7 +96,7 @@ def test_data_stages_end_to_end_local(tmp_path, server):
 
 def test_data_stages_on_s3(tmp_path, server, s3_env, s3_run_uri):
     recipe = scripted_recipe(tmp_path, server.url)
-    res = bezoar("run", "--recipe", str(recipe), "--run", s3_run_uri)
+    res = bezoar("run", "--recipe", str(recipe), "--run", s3_run_uri, *UNTIL)
     assert res.returncode == 0, res.stderr[-3000:]
     st = json.loads(bezoar("status", "--run", s3_run_uri, "--json").stdout)
     assert [s["state"] for s in st["stages"] if s["stage"] in DATA] == ["committed"] * 6
@@ -109,9 +110,9 @@ def test_data_stages_on_s3(tmp_path, server, s3_env, s3_run_uri):
 def test_changed_parameters_rerun_only_affected_stages(tmp_path, server):
     run = tmp_path / "run"
     recipe = scripted_recipe(tmp_path, server.url)
-    assert bezoar("run", "--recipe", str(recipe), "--run", str(run)).returncode == 0
+    assert bezoar("run", "--recipe", str(recipe), "--run", str(run), *UNTIL).returncode == 0
     recipe2 = scripted_recipe(tmp_path, server.url, **{"filter.threshold": 8})
-    res = bezoar("run", "--recipe", str(recipe2), "--run", str(run))
+    res = bezoar("run", "--recipe", str(recipe2), "--run", str(run), *UNTIL)
     assert res.returncode == 0
     assert res.stderr.count("skipped: committed") == 3  # the generate stages
     for s in ("filter-lamini", "filter-evol", "filter-orca"):
@@ -192,7 +193,7 @@ def test_missing_s3_seed_object(tmp_path, server, s3_env, s3_run_uri):
 def test_unauthorised_teacher_is_bad_input(tmp_path):
     with LLMTestServer(script=scripted_answer, api_key="test-key", plan=["401"] * 50) as srv:
         recipe = scripted_recipe(tmp_path, srv.url)
-        res = bezoar("run", "--recipe", str(recipe), "--run", str(tmp_path / "run"))
+        res = bezoar("run", "--recipe", str(recipe), "--run", str(tmp_path / "run"), *UNTIL)
         assert res.returncode == 2
         assert "[generate-evol] starting" not in res.stderr  # the pipeline stopped at the first failure
 

@@ -61,7 +61,9 @@ def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = Fal
                 for name in list(todo):
                     if len(running) >= parallel:
                         break
-                    deps = [d for d in STAGES[name].inputs if d in todo or d in running.values()]
+                    # the report reads whatever is committed, so it waits for every other stage
+                    inputs = [n for n in stages if n != name] if STAGES[name].family == "report" else STAGES[name].inputs
+                    deps = [d for d in inputs if d in todo or d in running.values()]
                     if not deps:
                         todo.remove(name)
                         running[pool.submit(_run_one, name, store, force)] = name

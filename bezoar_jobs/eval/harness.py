@@ -1,0 +1,218 @@
+"""EleutherAI's LM Evaluation Harness (``lm_eval.simple_evaluate``) on one model.
+
+Tasks come from the recipe with their shot counts and pinned versions. Each task (or group, such
+as ``mmlu``) is loaded through a ``TaskManager`` first, so an unknown name or a version that differs
+from the pin fails (exit 2) before any model is loaded; its leaf tasks then get the recipe's
+``num_fewshot`` and the loaded objects go to ``simple_evaluate``, so one call evaluates tasks with
+different shot counts.
+
+Local tasks (the demo's, or a user's) are YAML files in ``evaluation.harness.include_path``; the
+harness resolves relative ``data_files`` against the working directory, so the directory is copied
+to scratch and ``${task_dir}`` in each YAML is replaced with the YAML's own absolute directory.
+When every task is found there, the harness's ~15k built-in task configs are not indexed at all
+(that alone takes tens of seconds on a small CPU).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput
+from ..recipe_eval import HarnessConfig, HarnessTask
+
+log = logging.getLogger("bezoar")
+
+TASK_DIR_TOKEN = "${task_dir}"
+_FIELD = "evaluation.harness"
+
+
+def prepare_include_dir(uri: str | None, scratch: Path) -> Path | None:
+    """A local copy of the include directory with ``${task_dir}`` filled in, or None."""
+    if not uri:
+        return None
+    dest = scratch / "harness_tasks"
+    if dest.exists():
+        shutil.rmtree(dest)
+    if uri.startswith("s3://"):
+        from ..store import open_store
+
+        open_store(uri.rstrip("/")).download_dir("", dest)
+    else:
+        if uri.startswith("pkg://"):
+            from ..data.io import resolve_pkg
+
+            src = resolve_pkg(uri)
+        else:
+            src = Path(uri.removeprefix("file://")).expanduser()
+        if not src.is_dir():
+            raise BadInput(f"{_FIELD}.include_path: {uri} is not a directory")
+        shutil.copytree(src, dest)
+    n = 0
+    for y in sorted(list(dest.rglob("*.yaml")) + list(dest.rglob("*.yml"))):
+        text = y.read_text(encoding="utf-8")
+        if TASK_DIR_TOKEN in text:
+            y.write_text(text.replace(TASK_DIR_TOKEN, str(y.parent.resolve())), encoding="utf-8")
+        n += 1
+    if n == 0:
+        raise BadInput(f"{_FIELD}.include_path: {uri} holds no task YAML files")
+    return dest
+
+
+def task_manager(include_dir: Path | None, names: list[str]) -> Any:
+    """A TaskManager that knows every name in ``names``; BadInput naming the unknown ones."""
+    from lm_eval.tasks import TaskManager
+
+    if include_dir is not None:
+        local = TaskManager(include_path=str(include_dir), include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    tm = TaskManager(include_path=str(include_dir) if include_dir else None)
+    for i, n in enumerate(names):
+        if n not in tm.all_tasks:
+            close = difflib.get_close_matches(n, tm.all_tasks, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise BadInput(f"{_FIELD}.tasks.{i}.name: the harness (lm_eval) has no task or group {n!r}{hint}")
+    return tm
+
+
+def _same_version(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).strip() == str(b).strip()
+
+
+def load_tasks(tm: Any, tasks: tuple[HarnessTask, ...]) -> tuple[list[Any], dict[str, Any]]:
+    """The task/group objects to evaluate (shots set) and each recipe task's installed version."""
+    from lm_eval.api.group import Group
+
+    objects: list[Any] = []
+    versions: dict[str, Any] = {}
+    for i, t in enumerate(tasks):
+        loaded = tm.load([t.name])
+        top: Any
+        if t.name in loaded.get("groups", {}):
+            top = loaded["groups"][t.name]
+            meta = getattr(top.config, "metadata", None) or {}
+            version = meta.get("version") if isinstance(meta, dict) else None
+        elif t.name in loaded["tasks"]:
+            top = loaded["tasks"][t.name]
+            version = getattr(top, "VERSION", None)
+        else:  # a tag has no aggregate score of its own: the recipe must list its tasks
+            raise BadInput(
+                f"{_FIELD}.tasks.{i}.name: {t.name!r} is a tag of {len(loaded['tasks'])} tasks, not a task or "
+                f"group; list the tasks you want ({', '.join(sorted(loaded['tasks'])[:5])}, ...)"
+            )
+        if t.version is not None and (version is None or not _same_version(version, t.version)):
+            raise BadInput(
+                f"{_FIELD}.tasks.{i}.version: {t.name!r} is pinned to version {t.version} but the installed "
+                f"lm_eval has version {version} (update the pin or install the matching lm_eval)"
+            )
+        versions[t.name] = version
+        for leaf in loaded["tasks"].values():
+            leaf.set_config(key="num_fewshot", value=t.num_fewshot)
+        objects.append(top)
+        if isinstance(top, Group):
+            log.info("harness: %s is a group of %d tasks", t.name, len(loaded["tasks"]))
+    return objects, versions
+
+
+def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig, seed: int) -> dict[str, Any]:
+    """Run simple_evaluate on an in-memory model; return lm_eval's result dict."""
+    import os
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    # lm_eval bootstraps stderrs (perplexity and the like) in a fork()ed multiprocessing pool; a
+    # fork of this process (torch, tokenizers and pyarrow threads running) can deadlock in the
+    # child, which we saw happen. Its single-process loop is the same bootstrap without the fork.
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    kw: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": cfg.batch_size}
+    if cfg.max_length is not None:
+        kw["max_length"] = cfg.max_length
+    if cfg.add_bos_token is not None:
+        kw["add_bos_token"] = cfg.add_bos_token
+    lm = HFLM(**kw)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=task_objects,
+        task_manager=tm,
+        limit=cfg.limit,
+        bootstrap_iters=cfg.bootstrap_iters,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    if out is None:  # pragma: no cover - only on non-zero ranks of a distributed launch
+        raise RuntimeError("lm_eval returned no results (not rank 0?)")
+    return out
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def summarize(raw: dict[str, Any], tasks: tuple[HarnessTask, ...], versions: dict[str, Any]) -> dict[str, Any]:
+    """Per recipe task: version, shots, every metric with its stderr, and the primary metric.
+
+    lm_eval keys metrics ``"<metric>,<filter>"`` with stderrs under ``"<metric>_stderr,<filter>"``
+    ("N/A" when not computed, recorded here as null). Group members are kept under ``subtasks``.
+    """
+    results = raw.get("results", {})
+    out: dict[str, Any] = {}
+    for i, t in enumerate(tasks):
+        entry = results.get(t.name, {})
+        metrics = _metrics(entry)
+        primary = metrics.get(t.metric_key)
+        if primary is None:
+            raise BadInput(
+                f"{_FIELD}.tasks.{i}.metric: {t.name!r} reports no metric {t.metric_key!r}; "
+                f"it reports {', '.join(sorted(metrics)) or 'nothing'}"
+            )
+        subtasks = {}
+        for child in raw.get("group_subtasks", {}).get(t.name, []):
+            if child in results:
+                subtasks[child] = {"metrics": _metrics(results[child]), "version": raw.get("versions", {}).get(child)}
+        out[t.name] = {
+            "version": versions.get(t.name, raw.get("versions", {}).get(t.name)),
+            "num_fewshot": t.num_fewshot,
+            "n_samples": raw.get("n-samples", {}).get(t.name, {}).get("effective"),
+            "metric": t.metric_key,
+            "value": primary["value"],
+            "stderr": primary["stderr"],
+            "metrics": metrics,
+            "higher_is_better": raw.get("higher_is_better", {}).get(t.name, {}),
+            **({"subtasks": subtasks} if subtasks else {}),
+        }
+    return out
+
+
+def _metrics(entry: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    metrics: dict[str, dict[str, float | None]] = {}
+    for key, value in entry.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        name, _, flt = key.partition(",")
+        v = _num(value)
+        if v is None:
+            continue
+        metrics[key] = {"value": v, "stderr": _num(entry.get(f"{name}_stderr,{flt}"))}
+    return metrics
+
+
+def raw_subset(raw: dict[str, Any]) -> dict[str, Any]:
+    """The parts of lm_eval's output worth keeping (no per-task prompt configs, no samples)."""
+    keep = ("results", "groups", "group_subtasks", "versions", "n-shot", "n-samples", "higher_is_better",
+            "lm_eval_version", "transformers_version", "max_length")
+    return {k: raw[k] for k in keep if k in raw}

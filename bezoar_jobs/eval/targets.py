@@ -1,0 +1,88 @@
+"""Which models an evaluation stage evaluates, and where each one's weights come from.
+
+A target is the base model (the recipe's student), a training stage's committed ``model/``, or a
+baseline the recipe adds (e.g. the released SurgeGlobal checkpoints). Each has an ``identity``:
+what its weights are (the stage's manifest hash, or the model reference and revision). An
+evaluation stage keys its per-model progress in ``_work/`` by the stage's parameters and this
+identity, so a resumed stage reuses exactly the finished models whose weights did not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..manifest import manifest_hash
+from ..recipe_eval import BASE
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str  # row name in results and the report: base, sft-orca, ..., or a baseline's name
+    kind: str  # base | checkpoint | baseline
+    model: str  # reference: student model, "<stage>/model", or the baseline's model
+    revision: str | None
+    identity: str  # what the weights are (see the module docstring)
+    trust_remote_code: bool = False
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "revision": self.revision, "identity": self.identity}
+
+    def work_key(self, params_hash: str) -> str:
+        """Stable file stem for this model's progress under ``_work/``."""
+        digest = hashlib.sha256(f"{params_hash}\0{self.identity}".encode()).hexdigest()[:16]
+        return f"{self.label}-{digest}"
+
+
+def targets(ctx: Any) -> list[Target]:
+    """The recipe's evaluated models, in report order (checkpoints, then baselines)."""
+    r = ctx.recipe
+    ev = r.evaluation
+    out = []
+    for name in ev.checkpoints:
+        if name == BASE:
+            s = r.student
+            out.append(Target(BASE, "base", s.model, s.revision,
+                              json.dumps({"model": s.model, "revision": s.revision}), s.trust_remote_code))
+        else:
+            m = ctx.input_manifest(name)  # BadInput naming the stage when it is not committed
+            if "model/config.json" not in m.get("files", {}):
+                from ..errors import BadInput
+
+                raise BadInput(f"{ctx.name}: evaluation.checkpoints names {name!r}, whose committed output has no model/")
+            out.append(Target(name, "checkpoint", f"{name}/model", None, manifest_hash(m), r.student.trust_remote_code))
+    for b in ev.baselines:
+        out.append(Target(b.name, "baseline", b.model, b.revision,
+                          json.dumps({"model": b.model, "revision": b.revision}), b.trust_remote_code))
+    return out
+
+
+def model_dir(ctx: Any, t: Target) -> Path:
+    """A local checkpoint directory for the target (downloaded or converted once, as needed)."""
+    from ..models import check_model_dir, resolve_model
+
+    if t.kind == "checkpoint":
+        stage = t.model.split("/", 1)[0]
+        return check_model_dir(ctx.fetch_input(stage, "model"), t.model)
+    return resolve_model(t.model, t.revision, trust_remote_code=t.trust_remote_code)
+
+
+def load(ctx: Any, t: Target) -> tuple[Any, Any]:
+    """(model, tokenizer) of a target, in eval mode on the recipe's evaluation device."""
+    from ..models import load_causal_lm, load_tokenizer
+
+    ev = ctx.recipe.evaluation
+    path = model_dir(ctx, t)
+    tok = load_tokenizer(path, trust_remote_code=t.trust_remote_code)
+    model = load_causal_lm(path, ev.dtype, ev.device, trust_remote_code=t.trust_remote_code)
+    return model, tok
+
+
+def device_figures(model: Any, seconds: float) -> dict[str, Any]:
+    """Where a model ran, and GPU-hours when that was a GPU (one device per evaluated model)."""
+    dev = str(getattr(model, "device", "cpu"))
+    gpu = dev.startswith("cuda")
+    return {"device": dev, "gpu_hours": round(seconds / 3600.0, 6) if gpu else 0.0}

@@ -1,0 +1,238 @@
+"""The typed ``evaluation:`` and ``report:`` sections of the recipe.
+
+Imported by :mod:`bezoar_jobs.recipe`, which the controller and the CLI load, so this module must
+stay importable without torch, transformers or lm_eval (pydantic and the recipe's small types only).
+
+Which models are evaluated (``evaluation.checkpoints`` and ``evaluation.baselines``) is shared by
+both evaluation stages, so a table in the report compares the same rows for both benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .recipe_training import SFT_STAGES
+
+# checkpoint names a recipe may list: the base (student) model and every training stage's output
+TRAINED_STAGES: tuple[str, ...] = (*SFT_STAGES, "dpo")
+BASE = "base"
+
+# MT-Bench's eight categories and the answer temperatures FastChat uses for them (RECIPE.md)
+MTBENCH_TEMPERATURES: dict[str, float] = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+}
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The recipe's Endpoint, Decoding and DatasetSource are defined in recipe.py, which imports this
+# module at its top: importing them here would be a circular import. Fields of those types are
+# therefore declared ``Any`` and validated by the real class, imported when a value is validated
+# (by then recipe.py is loaded), so the error messages and the hashed dumps are those of the real
+# types. Defaults built from them are default factories for the same reason.
+def _recipe_type(name: str) -> Any:
+    from . import recipe
+
+    return getattr(recipe, name)
+
+
+def _validate_as(type_name: str, value: Any) -> Any:
+    cls = _recipe_type(type_name)
+    if value is None or isinstance(value, cls):
+        return value
+    try:
+        return cls.model_validate(value)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key (not a field of this section)" if err["type"] == "extra_forbidden" else err["msg"]
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        raise ValueError("; ".join(parts)) from None
+
+
+def _default_questions() -> Any:
+    return _recipe_type("DatasetSource")(path="HuggingFaceH4/mt_bench_prompts", split="train", licence="Apache-2.0")
+
+
+def _default_judge_decoding() -> Any:
+    # FastChat's judge settings: greedy, room for a long explanation before the verdict
+    return _recipe_type("Decoding")(max_new_tokens=2048, temperature=0.0)
+
+
+class Baseline(_Strict):
+    """An outside model evaluated beside the run's checkpoints (e.g. the released SurgeGlobal ones)."""
+
+    name: Name = Field(description="row label in results and the report")
+    model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
+    revision: str | None = Field(None, description="pinned hub revision (commit sha)")
+    trust_remote_code: bool = False
+
+
+class HarnessTask(_Strict):
+    """One LM Evaluation Harness task (or group, e.g. ``mmlu``) with its shots and pinned version."""
+
+    name: str = Field(description="task or group name as lm_eval knows it (or from include_path)")
+    num_fewshot: NonNegInt = 0
+    metric: str = Field("acc", description="primary metric for the summary: 'acc_norm', or 'metric,filter'")
+    version: str | float | None = Field(
+        None, description="pinned task version (metadata.version); a different installed version is an error"
+    )
+
+    @property
+    def metric_key(self) -> str:
+        """The key lm_eval uses in its results: ``metric,filter`` (filter ``none`` when not given)."""
+        return self.metric if "," in self.metric else f"{self.metric},none"
+
+
+# Open LLM Leaderboard v1: tasks, shots and metrics (RECIPE.md), versions as in lm_eval 0.4.13
+LEADERBOARD_V1: tuple[HarnessTask, ...] = (
+    HarnessTask(name="arc_challenge", num_fewshot=25, metric="acc_norm", version="1.0"),
+    HarnessTask(name="hellaswag", num_fewshot=10, metric="acc_norm", version="1.0"),
+    HarnessTask(name="mmlu", num_fewshot=5, metric="acc", version="2"),
+    HarnessTask(name="truthfulqa_mc2", num_fewshot=0, metric="acc", version="3.0"),
+    HarnessTask(name="winogrande", num_fewshot=5, metric="acc", version="1.0"),
+    HarnessTask(name="gsm8k", num_fewshot=5, metric="exact_match,strict-match", version="3.0"),
+)
+
+
+class HarnessConfig(_Strict):
+    enabled: bool = True
+    tasks: tuple[HarnessTask, ...] = Field(LEADERBOARD_V1, description="tasks, shots and pinned versions")
+    include_path: str | None = Field(
+        None,
+        description="directory of extra task YAMLs (a path, pkg://bezoar_jobs/... or s3://); "
+        "'${task_dir}' in a YAML stands for that YAML's directory",
+    )
+    batch_size: PosInt | Literal["auto"] = 8
+    max_length: PosInt | None = Field(None, description="context length; null: the model's own")
+    limit: PosInt | None = Field(None, description="items per task (smoke runs only: scores are not comparable)")
+    bootstrap_iters: NonNegInt = Field(
+        100_000, description="bootstrap resamples for stderrs of non-mean metrics (lm_eval's default)"
+    )
+    add_bos_token: bool | None = Field(None, description="null: the harness's default for the tokenizer")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple[HarnessTask, ...]) -> tuple[HarnessTask, ...]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task(s) listed twice: {', '.join(dup)}")
+        return v
+
+
+class MTBenchConfig(_Strict):
+    enabled: bool = True
+    questions: Any = Field(
+        default_factory=_default_questions,
+        description="a dataset source (as the recipe's seeds) in MT-Bench's question.jsonl format "
+        "(question_id, category, turns[2], reference) or the hub copy's columns (prompt_id, prompt, reference)",
+    )
+    reference_answers: Any = Field(
+        None,
+        description="FastChat answer-file format (question_id, choices[0].turns) replacing the questions' "
+        "own 'reference' for the categories below",
+    )
+    reference_categories: tuple[str, ...] = ("math", "reasoning", "coding")
+    categories: tuple[str, ...] | None = Field(None, description="evaluate only these categories")
+    # answering
+    temperatures: dict[str, Annotated[float, Field(ge=0.0, le=2.0)]] = Field(
+        default_factory=lambda: dict(MTBENCH_TEMPERATURES), description="answer temperature per category"
+    )
+    default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    answer_max_new_tokens: PosInt = Field(1024, description="FastChat's default")
+    answer_batch_size: PosInt = 8
+    answer_system: str | None = Field(None, description="system text of the prompt format; null: its default")
+    # judging
+    judge: Any = Field(None, description="an endpoint (as the recipe's judge); null: the recipe's judge")
+    judge_method: Literal["generate", "logprobs"] = Field(
+        "generate", description="generate: parse the judge's [[rating]]; logprobs: expected rating from "
+        "the rating-token probabilities (in-process judge only)"
+    )
+    judge_prompts: str = Field(
+        "pkg://bezoar_jobs/templates/mtbench_judge.txt",
+        description="our sectioned template file, or a FastChat judge_prompts.jsonl",
+    )
+    judge_decoding: Any = Field(default_factory=_default_judge_decoding, description="decoding (as elsewhere)")
+    logprobs_prefix: str = Field("Rating: [[", description="text after which the rating token is scored")
+
+    @field_validator("questions", "reference_answers", mode="before")
+    @classmethod
+    def _source(cls, v: Any) -> Any:
+        return _validate_as("DatasetSource", v)
+
+    @field_validator("judge", mode="before")
+    @classmethod
+    def _judge(cls, v: Any) -> Any:
+        return _validate_as("Endpoint", v)
+
+    @field_validator("judge_decoding", mode="before")
+    @classmethod
+    def _decoding(cls, v: Any) -> Any:
+        return _validate_as("Decoding", v)
+
+    @model_validator(mode="after")
+    def _check(self) -> MTBenchConfig:
+        if self.judge is not None and self.judge_method == "logprobs" and self.judge.backend != "local":
+            raise ValueError("judge_method 'logprobs' needs judge.backend 'local' (remote APIs give no token scores)")
+        return self
+
+
+class EvaluationConfig(_Strict):
+    checkpoints: tuple[str, ...] = Field(
+        (BASE, "sft-orca", "sft-hh", "dpo"),
+        description=f"'{BASE}' (the student) and/or training stages whose committed model/ is evaluated",
+    )
+    baselines: tuple[Baseline, ...] = Field((), description="outside models evaluated beside the checkpoints")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    harness: HarnessConfig = HarnessConfig()
+    mtbench: MTBenchConfig = Field(default_factory=lambda: MTBenchConfig())
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = (BASE, *TRAINED_STAGES)
+        bad = [c for c in v if c not in allowed]
+        if bad:
+            raise ValueError(f"unknown checkpoint(s) {bad}; choose from {', '.join(allowed)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a checkpoint is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _names(self) -> EvaluationConfig:
+        names = [b.name for b in self.baselines]
+        clash = sorted({n for n in names if names.count(n) > 1 or n in (BASE, *TRAINED_STAGES)})
+        if clash:
+            raise ValueError(f"baseline name(s) {clash} repeat or clash with checkpoint names")
+        if not self.checkpoints and not self.baselines:
+            raise ValueError("nothing to evaluate: give checkpoints or baselines")
+        return self
+
+    def model_names(self) -> list[str]:
+        """Every evaluated model's label, in report order: checkpoints, then baselines."""
+        return [*self.checkpoints, *(b.name for b in self.baselines)]
+
+
+class ReportConfig(_Strict):
+    title: str | None = Field(None, description="page title; null: the recipe's name")
+    gpu_hour_usd: Annotated[float, Field(ge=0)] | None = Field(None, description="price of one GPU-hour, for costs")
+    judgments_shown: NonNegInt = Field(3, description="MT-Bench judgments quoted per model in the report")
+    include_recipe: bool = True

@@ -1,0 +1,131 @@
+"""eval-harness on the tiny model with the demo's local lm-eval tasks: the results' shape (what the
+report reads), per-checkpoint resume, and bad input (an unknown task, a version pin) exiting 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bezoar_jobs.cli import main as cli_main
+from bezoar_jobs.errors import EXIT_BAD_INPUT
+from bezoar_jobs.manifest import CommitInfo, commit, read_manifest
+from bezoar_jobs.recipe import parse_recipe
+from bezoar_jobs.runner import run_stage
+from bezoar_jobs.stages import report
+from bezoar_jobs.store import open_store
+from tests.tiny_model import build_tiny_model
+
+TASKS = [
+    {"name": "bezoar_demo_facts", "num_fewshot": 2, "metric": "acc_norm", "version": 1.0},
+    {"name": "bezoar_demo_cloze", "num_fewshot": 0, "metric": "acc", "version": "1.0"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _recipe(tmp: Path, tiny: Path, tasks=None, **harness) -> Path:
+    data = {
+        "schema_version": 1,
+        "name": "harness-test",
+        "teacher": {"backend": "local", "model": str(tiny), "prompt_format": "{user}"},
+        "judge": {"backend": "local", "model": str(tiny), "prompt_format": "{user}"},
+        "student": {"model": str(tiny)},
+        "evaluation": {
+            "checkpoints": ["base", "dpo"],
+            "harness": {"include_path": "pkg://bezoar_jobs/demo_data/harness_tasks", "tasks": tasks or TASKS,
+                        "batch_size": 8, "bootstrap_iters": 100, **harness},
+            "mtbench": {"enabled": False},
+        },
+    }
+    p = tmp / "recipe.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def _commit_checkpoints(run: Path, model: Path) -> None:
+    store = open_store(run)
+    for s in ("sft-orca", "sft-hh", "dpo"):
+        out = run.parent / f"_{s}"
+        shutil.copytree(model, out / "model", dirs_exist_ok=True)
+        commit(store, out, CommitInfo(s, "p", {}, {"steps": 1}, {"seconds": 1.0}, {}))
+
+
+def test_harness_on_local_tasks_and_resume(tmp_path, tiny, caplog):
+    run = tmp_path / "run"
+    _commit_checkpoints(run, build_tiny_model(tmp_path / "other", seed=3))
+    recipe_path = _recipe(tmp_path, tiny)
+    assert cli_main(["stage", "eval-harness", "--recipe", str(recipe_path), "--run", str(run)]) == 0
+    store = open_store(run)
+    m = read_manifest(store, "eval-harness")
+    assert m["counts"] == {"models": 2, "tasks": 2}
+    assert set(m["files"]) == {"results/base.json", "results/dpo.json", "results/summary.json"}
+    assert m["models"]["dpo"]["kind"] == "checkpoint" and m["lm_eval_version"]
+
+    summary = json.loads(store.read_text("eval-harness/results/summary.json"))
+    assert summary["order"] == ["base", "dpo"]
+    assert [t["name"] for t in summary["tasks"]] == ["bezoar_demo_facts", "bezoar_demo_cloze"]
+    assert [float(t["version"]) for t in summary["tasks"]] == [1.0, 1.0]
+    for label in ("base", "dpo"):
+        per = json.loads(store.read_text(f"eval-harness/results/{label}.json"))
+        facts, cloze = per["tasks"]["bezoar_demo_facts"], per["tasks"]["bezoar_demo_cloze"]
+        assert facts["num_fewshot"] == 2 and per["lm_eval"]["n-shot"]["bezoar_demo_facts"] == 2
+        assert cloze["num_fewshot"] == 0 and facts["n_samples"] == 20 == cloze["n_samples"]
+        assert facts["metric"] == "acc_norm,none" and 0.0 <= facts["value"] <= 1.0 and facts["stderr"] > 0
+        assert set(facts["metrics"]) == {"acc,none", "acc_norm,none"}
+        assert set(cloze["metrics"]) == {"acc,none", "perplexity,none"} and cloze["metrics"]["perplexity,none"]["value"] > 1
+        # the summary carries exactly the primary metric of each per-model file
+        assert summary["models"][label]["scores"]["bezoar_demo_facts"] == {
+            "value": facts["value"], "stderr": facts["stderr"], "metric": "acc_norm,none"}
+    # different weights, different log-likelihoods
+    base = json.loads(store.read_text("eval-harness/results/base.json"))["tasks"]["bezoar_demo_cloze"]["metrics"]
+    dpo = json.loads(store.read_text("eval-harness/results/dpo.json"))["tasks"]["bezoar_demo_cloze"]["metrics"]
+    assert base["perplexity,none"]["value"] != dpo["perplexity,none"]["value"]
+
+    # the report reads this shape: one row per model, one column per task
+    data = report.collect(store)
+    h = report.harness_summary(store, data)
+    table = report.build_tables(data, report.stage_rows(data), [], h, None, [], [])["harness"]
+    assert [r[0] for r in table.rows] == ["base", "dpo"]
+    assert table.header[2].startswith("bezoar_demo_facts (2-shot, acc_norm,none)")
+
+    # a forced rerun finds both models' results in _work/ and evaluates nothing again
+    recipe = parse_recipe(recipe_path.read_text())
+    caplog.set_level(logging.INFO, logger="bezoar")
+    assert run_stage("eval-harness", recipe, store, force=True) == 0
+    assert caplog.text.count("already evaluated (resumed from _work/)") == 2
+    assert json.loads(store.read_text("eval-harness/results/summary.json")) == summary
+
+
+def test_unknown_task_is_bad_input(tmp_path, tiny):
+    run = tmp_path / "run"
+    _commit_checkpoints(run, tiny)
+    recipe = _recipe(tmp_path, tiny, tasks=[TASKS[0], {"name": "hellaswagg", "num_fewshot": 10}])
+    with pytest.raises(Exception) as e:
+        run_stage("eval-harness", parse_recipe(recipe.read_text()), open_store(run))
+    assert "evaluation.harness.tasks.1.name" in str(e.value) and "'hellaswagg'" in str(e.value)
+    assert "hellaswag" in str(e.value)  # a close match is suggested
+    assert cli_main(["stage", "eval-harness", "--recipe", str(recipe), "--run", str(run)]) == EXIT_BAD_INPUT
+    assert read_manifest(open_store(run), "eval-harness") is None
+
+
+def test_version_pin_mismatch_is_bad_input(tmp_path, tiny):
+    run = tmp_path / "run"
+    _commit_checkpoints(run, tiny)
+    recipe = _recipe(tmp_path, tiny, tasks=[{**TASKS[0], "version": 2.0}])
+    assert cli_main(["stage", "eval-harness", "--recipe", str(recipe), "--run", str(run)]) == EXIT_BAD_INPUT
+    from bezoar_jobs.errors import BadInput
+    from bezoar_jobs.eval import harness
+
+    tm = harness.task_manager(harness.prepare_include_dir("pkg://bezoar_jobs/demo_data/harness_tasks", tmp_path),
+                              ["bezoar_demo_facts"])
+    cfg = parse_recipe(recipe.read_text()).evaluation.harness
+    with pytest.raises(BadInput, match=r"tasks.0.version: 'bezoar_demo_facts' is pinned to version 2.0 .* has version 1.0"):
+        harness.load_tasks(tm, cfg.tasks)
