@@ -95,7 +95,7 @@ def estimate(recipe: Recipe, store: Store, stage: str) -> _Tally:
     elif stage == "eval-mtbench":
         mt = recipe.evaluation.mtbench
         if mt.enabled:
-            n_models = len(recipe.evaluation.model_labels())
+            n_models = len(recipe.evaluation.model_names())
             n_q = _question_count(mt.questions)
             judge = mt.judge or recipe.judge
             dec = mt.judge_decoding if mt.judge_method == "generate" else mt.judge_decoding.model_copy(update={"max_new_tokens": 1})
