@@ -27,6 +27,17 @@ _ALL = [
     StageSpec("filter-lamini", ("generate-lamini",), "filter", ("judge",)),
     StageSpec("filter-evol", ("generate-evol",), "filter", ("judge",)),
     StageSpec("filter-orca", ("generate-orca",), "filter", ("judge",)),
+    # training: inputs follow the default training.sft_order (lamini, evol, orca); see training/config.py
+    StageSpec("sft-lamini", ("filter-lamini",), "sft", gpu=True),
+    StageSpec("sft-evol", ("filter-evol", "sft-lamini"), "sft", gpu=True),
+    StageSpec("sft-orca", ("filter-orca", "sft-evol"), "sft", gpu=True),
+    StageSpec("sft-hh", ("sft-orca",), "sft", gpu=True),
+    StageSpec("dpo", ("sft-hh",), "dpo", gpu=True),
+    # evaluation reads the checkpoints it evaluates (evaluation.checkpoints; the base model needs no stage)
+    StageSpec("eval-harness", ("sft-orca", "sft-hh", "dpo"), "evaluate", gpu=True),
+    StageSpec("eval-mtbench", ("sft-orca", "sft-hh", "dpo"), "evaluate", ("judge",), gpu=True),
+    # the report reads whatever is committed (a partial run too): no declared inputs
+    StageSpec("report", (), "report"),
 ]
 
 CANONICAL: tuple[str, ...] = tuple(s.name for s in _ALL)

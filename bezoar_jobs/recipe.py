@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
 from .recipe_eval import EvaluationConfig, ReportConfig
@@ -258,7 +259,8 @@ class Recipe(Strict):
             obj: Any = self
             for key in d.split("."):
                 obj = getattr(obj, key)
-            parts[d] = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+            # a tuple of models (evaluation.baselines) needs pydantic to become JSON; plain values are unchanged
+            parts[d] = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else to_jsonable_python(obj)
         blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -26,6 +26,7 @@ from .errors import BadInput, Interrupted
 from .manifest import CommitInfo, commit, manifest_hash, read_manifest
 from .pipeline import spec
 from .recipe import Recipe
+from .recipe_training import TRAINING_STAGE_PARAMS
 from .store import Store
 
 log = logging.getLogger("bezoar")
@@ -38,6 +39,14 @@ STAGE_FUNCS: dict[str, str] = {
     "filter-lamini": "bezoar_jobs.stages.filter:run_filter",
     "filter-evol": "bezoar_jobs.stages.filter:run_filter",
     "filter-orca": "bezoar_jobs.stages.filter:run_filter",
+    "sft-lamini": "bezoar_jobs.stages.sft:run_sft",
+    "sft-evol": "bezoar_jobs.stages.sft:run_sft",
+    "sft-orca": "bezoar_jobs.stages.sft:run_sft",
+    "sft-hh": "bezoar_jobs.stages.sft:run_sft",
+    "dpo": "bezoar_jobs.stages.dpo:run_dpo",
+    "eval-harness": "bezoar_jobs.stages.evaluate:run_harness",
+    "eval-mtbench": "bezoar_jobs.stages.evaluate:run_mtbench",
+    "report": "bezoar_jobs.stages.report:run_report",
 }
 
 # stage -> the recipe fields (dotted) it reads; their hash is the stage's parameter key
@@ -48,6 +57,12 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "filter-lamini": ("seed", "judge", "filter"),
     "filter-evol": ("seed", "judge", "filter"),
     "filter-orca": ("seed", "judge", "filter"),
+    **TRAINING_STAGE_PARAMS,
+    "eval-harness": ("seed", "student", "evaluation.checkpoints", "evaluation.baselines", "evaluation.dtype",
+                     "evaluation.device", "evaluation.harness"),
+    "eval-mtbench": ("seed", "student", "judge", "evaluation.checkpoints", "evaluation.baselines", "evaluation.dtype",
+                     "evaluation.device", "evaluation.mtbench"),
+    "report": ("report",),
 }
 
 
@@ -166,6 +181,10 @@ def up_to_date(store: Store, recipe: Recipe, name: str) -> tuple[bool, str]:
         return False, "not committed"
     if m.get("params_hash") != params_hash(recipe, name):
         return False, "recipe parameters changed"
+    if name == "report":  # its inputs are every committed stage, not declared ones
+        from .stages.report import report_is_current
+
+        return report_is_current(store, m)
     for inp in spec(name).inputs:
         im = read_manifest(store, inp)
         if im is None:
@@ -176,7 +195,7 @@ def up_to_date(store: Store, recipe: Recipe, name: str) -> tuple[bool, str]:
 
 
 def _install_sigterm(flag: dict) -> Any:
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         flag["flag"] = True
         log.warning("SIGTERM received: finishing the current step, saving progress, then exiting")
 

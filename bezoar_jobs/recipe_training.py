@@ -1,0 +1,247 @@
+"""The typed ``training:`` section of the recipe (SFT stages, HH-RLHF SFT, DPO).
+
+This module is imported by :mod:`bezoar_jobs.recipe`, which the controller and the CLI load, so it
+must stay importable without torch, transformers, trl or peft. TRL/PEFT settings therefore travel
+as plain dicts of scalars here (``sft_args``, ``dpo.dpo_args``, ``lora``); their keys are checked
+against the real config classes (``SFTConfig``, ``DPOConfig``, ``LoraConfig``) when a stage builds
+its configuration (:func:`bezoar_jobs.training.config.build_sft_config` and friends), so a typo
+fails with the dotted recipe path before any model is loaded.
+
+Pass-through dicts are *overrides*: the keys a recipe gives are laid over the defaults below (the
+QLoRA reference settings of RECIPE.md), and a key set to ``null`` removes our default so the TRL/PEFT
+class default applies. The merged dict is what the stage's parameter hash covers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMES: tuple[str, ...] = ("lamini", "evol", "orca")
+SFT_STAGES: tuple[str, ...] = ("sft-lamini", "sft-evol", "sft-orca", "sft-hh")
+
+Scalar = str | int | float | bool | None
+PassValue = Scalar | list[Scalar] | dict[str, Scalar]
+PassArgs = dict[str, PassValue]
+
+# SFTConfig overrides shared by every SFT stage (QLoRA reference script where RECIPE.md names it;
+# epochs are unknown for OpenBezoar: 1 here, recipes say what they use).
+SFT_DEFAULTS: dict[str, PassValue] = {
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 0.03,  # a float below 1 is a ratio of the total steps
+    "max_grad_norm": 0.3,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "num_train_epochs": 1,
+    "max_length": 2048,
+    "optim": "adamw_torch",
+    "weight_decay": 0.0,
+    # padding-free packing: whole examples placed into max_length rows (best-fit decreasing), no pad
+    # tokens, attention kept inside each example (position ids restart per example)
+    "packing": True,
+    "packing_strategy": "bfd",
+    "activation_checkpointing": False,  # transformers 5 name of gradient checkpointing
+}
+
+# DPOConfig overrides (beta and max_length from RECIPE.md; lr from the alignment-handbook QLoRA DPO
+# recipe: unknown for OpenBezoar).
+DPO_DEFAULTS: dict[str, PassValue] = {
+    "beta": 0.1,
+    "max_length": 1024,
+    "learning_rate": 5e-6,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "num_train_epochs": 1,
+    "optim": "adamw_torch",
+    "activation_checkpointing": False,  # transformers 5 name of gradient checkpointing
+}
+
+# LoraConfig overrides (the OpenBezoar model card: r 16, alpha 16, dropout 0.05 on q, k, v).
+LORA_DEFAULTS: dict[str, PassValue] = {
+    "r": 16,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj"],
+    "bias": "none",
+}
+
+
+def merge_overrides(defaults: dict[str, PassValue], given: Any) -> dict[str, PassValue]:
+    """``defaults`` with ``given`` laid over it; a ``None`` value drops the key (TRL/PEFT default)."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ValueError("must be a mapping of config-class field names to values")
+    out = dict(defaults)
+    for k, v in given.items():
+        if not isinstance(k, str):
+            raise ValueError(f"key {k!r} is not a string")
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSourceRef(_Strict):
+    """A dataset (same meaning as the recipe's seed sources): a hub id at a pinned revision, a local
+    or s3:// file (jsonl, json, parquet), or pkg://bezoar_jobs/<path> for the demo files."""
+
+    path: str
+    revision: str | None = None
+    name: str | None = None
+    split: str = "train"
+    data_files: tuple[str, ...] = ()
+    limit: Annotated[int, Field(gt=0)] | None = Field(None, description="use the first N rows only")
+    licence: str = "unknown"
+
+
+class HHConfig(_Strict):
+    """``sft-hh``: SFT on the chosen dialogues of Anthropic/hh-rlhf (first ``data.limit`` rows)."""
+
+    data: DataSourceRef = DataSourceRef(path="Anthropic/hh-rlhf", limit=100_000, licence="MIT")
+
+
+class DPOStageConfig(_Strict):
+    """``dpo``: DPO with a LoRA adapter; the reference model is the adapter-disabled policy."""
+
+    data: DataSourceRef | None = Field(None, description="preference pairs; null: the same rows as training.hh.data")
+    dpo_args: PassArgs = Field(default_factory=lambda: dict(DPO_DEFAULTS))
+    lora: PassArgs | None = Field(None, description="LoraConfig overrides for DPO; null: training.lora")
+
+    @field_validator("dpo_args", mode="before")
+    @classmethod
+    def _dpo_args(cls, v: Any) -> dict[str, PassValue]:
+        return merge_overrides(DPO_DEFAULTS, v)
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora(cls, v: Any) -> dict[str, PassValue] | None:
+        return None if v is None else merge_overrides(LORA_DEFAULTS, v)
+
+
+class PushConfig(_Strict):
+    """Optional upload of each training stage's checkpoint (and its training data) to a model hub.
+    Off unless the recipe has this section; the token comes from the environment, never the recipe."""
+
+    repo_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")] = Field(
+        description="owner/name-prefix: stage S goes to owner/name-prefix-S"
+    )
+    private: bool = True
+    token_env: str = "HF_TOKEN"
+    datasets: bool = Field(True, description="also push the stage's training rows as a dataset repo")
+
+
+class TrainingConfig(_Strict):
+    sft_order: tuple[Literal["lamini", "evol", "orca"], ...] = Field(
+        SCHEMES, description="order of the scheme SFT stages; each starts from the previous one's model"
+    )
+    quantization: Literal["auto", "4bit", "none"] = Field(
+        "auto", description="auto: 4-bit NF4 QLoRA on CUDA, plain LoRA on CPU; 4bit / none force one"
+    )
+    bnb_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="4-bit compute dtype; auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="training precision; auto: bf16 on CUDA when supported, else fp16; fp32 on CPU"
+    )
+    merge_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the merged full checkpoint written to model/"
+    )
+    checkpoint_every: Annotated[int, Field(gt=0)] = Field(50, description="optimizer steps between checkpoints")
+    keep_checkpoints: Annotated[int, Field(gt=0)] = Field(2, description="complete checkpoints kept in _work/")
+    long_prompts: Literal["error", "drop"] = Field(
+        "error",
+        description="a row whose prompt alone fills max_length: error (exit 2, naming the row) or drop it "
+        "(counted in the manifest); a response that does not fit is cut at max_length either way",
+    )
+    max_dropped_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.2, description="fail (exit 2) when more than this fraction of rows is dropped"
+    )
+    lora: PassArgs = Field(default_factory=lambda: dict(LORA_DEFAULTS), description="LoraConfig overrides")
+    sft_args: PassArgs = Field(default_factory=lambda: dict(SFT_DEFAULTS), description="SFTConfig overrides")
+    stage_args: dict[Literal["sft-lamini", "sft-evol", "sft-orca", "sft-hh"], PassArgs] = Field(
+        default_factory=dict,
+        description="per-stage SFTConfig overrides laid over sft_args (null drops the key for that stage)",
+    )
+    hh: HHConfig = HHConfig()
+    dpo: DPOStageConfig = DPOStageConfig()
+    base_licence: str | None = Field(None, description="licence for model cards; null: read from the base model's card")
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = Field(
+        (), description="extra loggers; losses always go to the stage's metrics.jsonl"
+    )
+    push: PushConfig | None = None
+
+    @field_validator("sft_order")
+    @classmethod
+    def _order(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if sorted(v) != sorted(SCHEMES):
+            raise ValueError(f"must list each of {', '.join(SCHEMES)} exactly once")
+        return v
+
+    @field_validator("sft_args", mode="before")
+    @classmethod
+    def _sft_args(cls, v: Any) -> dict[str, PassValue]:
+        return merge_overrides(SFT_DEFAULTS, v)
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora(cls, v: Any) -> dict[str, PassValue]:
+        return merge_overrides(LORA_DEFAULTS, v)
+
+    # -- helpers the stages use (pure) ------------------------------------------------------
+    def sft_stage_names(self) -> list[str]:
+        return [f"sft-{s}" for s in self.sft_order]
+
+    def previous_stage(self, stage: str) -> str | None:
+        """The stage whose committed model ``stage`` starts from; None: the student base model."""
+        order = self.sft_stage_names()
+        if stage == "sft-hh":
+            return order[-1]
+        if stage == "dpo":
+            return "sft-hh"
+        i = order.index(stage)
+        return order[i - 1] if i else None
+
+    def stage_sft_args(self, stage: str) -> dict[str, PassValue]:
+        """The effective SFTConfig overrides of one SFT stage: sft_args, then stage_args[stage]."""
+        return merge_overrides(dict(self.sft_args), self.stage_args.get(stage))  # type: ignore[call-overload]
+
+    def dpo_data(self) -> DataSourceRef:
+        return self.dpo.data or self.hh.data
+
+    def dpo_lora(self) -> dict[str, PassValue]:
+        return dict(self.dpo.lora) if self.dpo.lora is not None else dict(self.lora)
+
+
+# The recipe fields (dotted) each training stage reads: their hash is the stage's parameter key
+# (runner.STAGE_PARAMS). Checkpoint cadence, loggers and hub upload are left out on purpose: they
+# do not change the trained weights, so changing them neither reruns a stage nor discards its
+# checkpoints.
+_TRAINING_COMMON: tuple[str, ...] = (
+    "training.sft_order",
+    "training.quantization",
+    "training.bnb_compute_dtype",
+    "training.precision",
+    "training.merge_dtype",
+    "training.long_prompts",
+    "training.max_dropped_fraction",
+    "training.base_licence",
+    "training.lora",
+)
+_SFT_FIELDS: tuple[str, ...] = ("seed", "student", *_TRAINING_COMMON, "training.sft_args", "training.stage_args")
+TRAINING_STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "sft-lamini": _SFT_FIELDS,
+    "sft-evol": _SFT_FIELDS,
+    "sft-orca": _SFT_FIELDS,
+    "sft-hh": (*_SFT_FIELDS, "training.hh"),
+    "dpo": ("seed", "student", *_TRAINING_COMMON, "training.hh", "training.dpo"),
+}

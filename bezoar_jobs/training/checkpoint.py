@@ -1,0 +1,184 @@
+"""Training checkpoints in the run store, and resuming from them.
+
+Layout: ``<run>/<stage>/_work/checkpoints/step-N/`` holds the HF Trainer's ``checkpoint-N``
+directory (adapter, optimizer, scheduler, RNG states, trainer state with the data position) plus
+the stage's ``metrics.jsonl`` up to step N. Its ``COMPLETE`` object is written last: a checkpoint
+without it is an interrupted upload and is never resumed from (it is deleted on the next start).
+
+``COMPLETE`` holds the stage's *fingerprint* (parameter hash, input manifest hashes, code version):
+a checkpoint written for other inputs or settings is ignored and deleted, so a changed recipe
+never resumes a stale run.
+
+The upload happens in :meth:`CheckpointCallback.on_save`, right after the Trainer wrote the
+checkpoint locally. SIGTERM (``ctx.stop_requested()``) makes the next step end with a save and a
+stop; the stage then raises :class:`~bezoar_jobs.errors.Interrupted` (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("bezoar")
+
+CKPT = "checkpoints"
+MARKER = "COMPLETE"
+_STEP = re.compile(r"^step-(\d+)/")
+
+
+class StoreCheckpoints:
+    """The stage's checkpoints under ``_work/checkpoints/`` (any run store: local or S3)."""
+
+    def __init__(self, work: Any, fingerprint: dict[str, Any], keep: int = 2):
+        self.work = work
+        self.fingerprint = fingerprint
+        self.keep = max(1, keep)
+
+    # -- listing ------------------------------------------------------------------------------
+    def _steps(self) -> dict[int, list[str]]:
+        """step -> the object names (relative to checkpoints/) stored for it."""
+        out: dict[int, list[str]] = {}
+        for rel in self.work.list(CKPT + "/"):
+            sub = rel[len(CKPT) + 1 :]
+            m = _STEP.match(sub)
+            if m:
+                out.setdefault(int(m.group(1)), []).append(sub)
+        return out
+
+    def _marker(self, step: int) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.work.get_bytes(f"{CKPT}/step-{step}/{MARKER}"))
+        except Exception:  # absent or unreadable: not a complete checkpoint
+            return None
+
+    def complete_steps(self) -> list[int]:
+        """Steps with a COMPLETE marker written for this fingerprint, oldest first."""
+        good = []
+        for step, names in sorted(self._steps().items()):
+            if f"step-{step}/{MARKER}" not in names:
+                continue
+            marker = self._marker(step)
+            if marker and marker.get("fingerprint") == self.fingerprint:
+                good.append(step)
+        return good
+
+    def _delete_step(self, step: int, names: list[str]) -> None:
+        # the marker goes first, so a half-deleted checkpoint is never taken for a complete one
+        marker = f"step-{step}/{MARKER}"
+        if marker in names:
+            self.work.delete(f"{CKPT}/{marker}")
+        for sub in names:
+            if sub != marker:
+                self.work.delete(f"{CKPT}/{sub}")
+
+    def clean(self) -> None:
+        """Delete partial checkpoints and those of another fingerprint (run at start)."""
+        good = set(self.complete_steps())
+        for step, names in self._steps().items():
+            if step not in good:
+                log.info("checkpoints: deleting step-%d (%s)", step, "incomplete upload" if f"step-{step}/{MARKER}" not in names else "written for other inputs or settings")
+                self._delete_step(step, names)
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` complete checkpoints."""
+        good = self.complete_steps()
+        steps = self._steps()
+        for step in good[: -self.keep]:
+            self._delete_step(step, steps.get(step, []))
+
+    # -- upload / download --------------------------------------------------------------------
+    def upload(self, local: Path, step: int, metrics: Path | None = None) -> None:
+        t0 = time.time()
+        prefix = f"{CKPT}/step-{step}"
+        files: dict[str, int] = {}
+        for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            rel = path.relative_to(local).as_posix()
+            self.work.store.upload_file(path, self.work.rel(f"{prefix}/trainer/{rel}"))
+            files[f"trainer/{rel}"] = path.stat().st_size
+        if metrics is not None and metrics.is_file():
+            self.work.store.upload_file(metrics, self.work.rel(f"{prefix}/metrics.jsonl"))
+            files["metrics.jsonl"] = metrics.stat().st_size
+        marker = {"step": step, "fingerprint": self.fingerprint, "files": files, "time": time.time()}
+        self.work.put_bytes(f"{prefix}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
+        log.info("checkpoint step %d saved to %s (%.1f s)", step, self.work.store.url(self.work.rel(prefix)), time.time() - t0)
+        self.prune()
+
+    def restore(self, output_dir: Path, metrics_out: Path | None = None) -> tuple[int, Path] | None:
+        """Download the newest complete checkpoint into ``output_dir/checkpoint-N``; (N, path)."""
+        self.clean()
+        good = self.complete_steps()
+        if not good:
+            return None
+        step = good[-1]
+        marker = self._marker(step) or {}
+        dest = Path(output_dir) / f"checkpoint-{step}"
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp = Path(output_dir) / f".download-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        prefix = f"{CKPT}/step-{step}"
+        for sub, size in marker.get("files", {}).items():
+            target = tmp / sub
+            self.work.store.download_file(self.work.rel(f"{prefix}/{sub}"), target)
+            if target.stat().st_size != size:
+                raise RuntimeError(f"checkpoint step-{step}: {sub} has {target.stat().st_size} bytes, expected {size}")
+        (tmp / "trainer").rename(dest)
+        if metrics_out is not None and (tmp / "metrics.jsonl").is_file():
+            _copy_metrics_upto(tmp / "metrics.jsonl", metrics_out, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return step, dest
+
+
+def _copy_metrics_upto(src: Path, dest: Path, step: int) -> None:
+    """Keep the metric records of steps <= ``step`` (what the checkpoint had seen)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, encoding="utf-8") as f, open(dest, "w", encoding="utf-8") as out:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= step:
+                out.write(line if line.endswith("\n") else line + "\n")
+
+
+class CheckpointCallback(TrainerCallback):
+    """Upload each checkpoint, log every step to metrics.jsonl, stop cleanly on SIGTERM."""
+
+    def __init__(self, ctx: Any, store_ckpts: StoreCheckpoints, metrics_path: Path):
+        self.ctx = ctx
+        self.ckpts = store_ckpts
+        self.metrics_path = metrics_path
+        self.stopped_at: int | None = None
+        self.last_logs: dict[str, float] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.ctx.stop_requested() and self.stopped_at is None:
+            # save inside the grace period, then leave the training loop; the stage exits non-zero
+            log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state.global_step)
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if local.is_dir():
+            self.ckpts.upload(local, state.global_step, self.metrics_path)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return control
+        rec = {k: float(v) for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if not rec:
+            return control
+        self.last_logs.update(rec)
+        self.ctx.metrics({"stage": self.ctx.name, "step": state.global_step, **rec})  # -> <out>/metrics.jsonl
+        return control

@@ -1,0 +1,352 @@
+"""Build TRL / PEFT config objects from the recipe's pass-through dicts, and decide the device plan.
+
+The recipe keeps ``training.sft_args``, ``training.stage_args``, ``training.dpo.dpo_args`` and
+``training.lora`` as plain dicts (see recipe_training.py). Here each key is checked against the
+fields of the real class (``dataclasses.fields(SFTConfig)`` etc.): an unknown key or a field the
+stage owns is a BadInput naming the dotted recipe path, before any model is loaded. Values keep the
+class's own validation (its ``__post_init__``); strings that YAML left unparsed for numeric fields
+(``2e-4`` is a string to YAML 1.1) are converted.
+
+Fields the stage owns (output and checkpoint locations, resume, hub upload, logging cadence,
+precision, seed, the data format) are refused with the reason; the recipe has its own keys for the
+parts a user may choose (``training.checkpoint_every``, ``training.report_to``, ``training.push``,
+``training.precision``, the top-level ``seed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput
+from ..recipe_training import PassValue, TrainingConfig
+
+# field -> why the stage owns it (shared by SFTConfig and DPOConfig; both extend TrainingArguments)
+_OWNED_COMMON: dict[str, str] = {
+    "output_dir": "the stage writes checkpoints into its own work directory",
+    "overwrite_output_dir": "the stage writes checkpoints into its own work directory",
+    "save_strategy": "checkpoints are the stage's: set training.checkpoint_every",
+    "save_steps": "checkpoints are the stage's: set training.checkpoint_every",
+    "save_total_limit": "checkpoints are the stage's: set training.keep_checkpoints",
+    "save_only_model": "a checkpoint must hold optimizer, scheduler and RNG state to resume",
+    "save_on_each_node": "checkpoints are the stage's",
+    "enable_jit_checkpoint": "checkpoints are the stage's",
+    "resume_from_checkpoint": "the stage resumes from the newest complete checkpoint in the run by itself",
+    "ignore_data_skip": "a resumed stage must continue at the data position it stopped at",
+    "restore_callback_states_from_checkpoint": "the stage's resume logic decides",
+    "push_to_hub": "use training.push",
+    "logging_dir": "the stage chooses where logs go",
+    "logging_strategy": "the stage logs every step to metrics.jsonl",
+    "logging_steps": "the stage logs every step to metrics.jsonl",
+    "logging_first_step": "the stage logs every step to metrics.jsonl",
+    "report_to": "use training.report_to (metrics.jsonl is always written)",
+    "run_name": "the run name is the stage name",
+    "seed": "the recipe's top-level seed is used",
+    "data_seed": "the recipe's top-level seed is used",
+    "full_determinism": "the recipe's top-level seed is used",
+    "use_cpu": "the device decides (training.quantization / training.precision)",
+    "bf16": "use training.precision",
+    "fp16": "use training.precision",
+    "bf16_full_eval": "use training.precision",
+    "fp16_full_eval": "use training.precision",
+    "model_init_kwargs": "the stage loads the model (recipe student, trust_remote_code)",
+    "trust_remote_code": "use student.trust_remote_code",
+    "remove_unused_columns": "the stage prepares the dataset columns",
+    "do_train": "the stage trains",
+    "do_eval": "the training stages have no evaluation split",
+    "do_predict": "the training stages have no evaluation split",
+    "eval_strategy": "the training stages have no evaluation split",
+    "eval_steps": "the training stages have no evaluation split",
+    "load_best_model_at_end": "the training stages have no evaluation split",
+    "metric_for_best_model": "the training stages have no evaluation split",
+    "local_rank": "set by the launcher",
+    "pad_token": "the stage sets the pad token (eos, or unk when the tokenizer has no eos)",
+    "eos_token": "the end of a response is the tokenizer's eos token",
+}
+_OWNED_SFT: dict[str, str] = {
+    "dataset_text_field": "the stage renders and tokenizes the OpenBezoar prompt format itself",
+    "dataset_kwargs": "the stage renders and tokenizes the OpenBezoar prompt format itself",
+    "completion_only_loss": "the loss is on response tokens only, always (the stage builds the labels)",
+    "assistant_only_loss": "the loss is on response tokens only, always (the stage builds the labels)",
+    "chat_template_path": "the OpenBezoar prompt format is used, not a chat template",
+    "truncation_mode": "the stage keeps the prompt and cuts the response at max_length",
+}
+_OWNED_DPO: dict[str, str] = {}
+_OWNED_LORA: dict[str, str] = {
+    "task_type": "always CAUSAL_LM",
+    "base_model_name_or_path": "the stage sets the base model",
+    "revision": "the stage sets the base model",
+    "inference_mode": "the stage trains the adapter",
+    "peft_type": "always LoRA",
+}
+_OWNED_PREFIXES = ("hub_", "push_to_hub_")
+
+
+# ---------------------------------------------------------------------------------------------
+# The device plan: QLoRA on CUDA, LoRA on CPU (or what the recipe forces)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DevicePlan:
+    cuda: bool
+    quantize_4bit: bool
+    load_dtype: str  # dtype of the (non-quantized) weights while training: bfloat16 / float16 / float32
+    compute_dtype: str  # 4-bit compute dtype
+    bf16: bool
+    fp16: bool
+    description: str
+
+    @property
+    def mode(self) -> str:
+        return "qlora-4bit" if self.quantize_4bit else "lora"
+
+
+def detect_device() -> tuple[bool, bool]:
+    """(CUDA available, bf16 supported on it)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return cuda, bool(cuda and torch.cuda.is_bf16_supported())
+
+
+def device_plan(training: TrainingConfig, cuda: bool, bf16_ok: bool) -> DevicePlan:
+    """Decide quantization and precision from the recipe and the device (a pure function)."""
+    if training.precision == "auto":
+        precision = ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    else:
+        precision = training.precision
+    if not cuda and precision in ("bf16", "fp16"):
+        raise BadInput(
+            f"training.precision: {precision!r} needs a CUDA device; this machine has none (use auto or fp32)"
+        )
+    quant = training.quantization == "4bit" or (training.quantization == "auto" and cuda)
+    load_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    if training.bnb_compute_dtype != "auto":
+        compute = training.bnb_compute_dtype
+    else:
+        compute = load_dtype if cuda else "float32"
+    if quant:
+        where = "CUDA" if cuda else "CPU (bitsandbytes 4-bit on CPU: slow, for testing the code path)"
+        desc = f"QLoRA: 4-bit NF4 weights with double quantization, {compute} compute, on {where}"
+    else:
+        desc = f"LoRA on {load_dtype} weights on {'CUDA' if cuda else 'CPU'} - this is NOT QLoRA (no 4-bit quantization)"
+    return DevicePlan(cuda, quant, load_dtype, compute, precision == "bf16", precision == "fp16", desc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass-through validation
+# ---------------------------------------------------------------------------------------------
+def _type_args(tp: Any) -> tuple[Any, ...]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        out: tuple[Any, ...] = ()
+        for a in typing.get_args(tp):
+            out += _type_args(a)
+        return out
+    return (origin or tp,)
+
+
+def _coerce(value: PassValue, tp: Any, path: str) -> Any:
+    """YAML 1.1 reads ``2e-4`` as a string: turn such strings into the field's number type, and
+    refuse values of an obviously wrong kind (the config class checks the rest)."""
+    kinds = _type_args(tp)
+    if isinstance(value, str) and str not in kinds and (float in kinds or int in kinds):
+        try:
+            return float(value) if float in kinds else int(value)
+        except ValueError:
+            raise BadInput(f"{path}: {value!r} is not a number") from None
+    if isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
+        raise BadInput(f"{path}: expected a number, got {value!r}")
+    if kinds == (bool,) and not isinstance(value, bool):
+        raise BadInput(f"{path}: expected true or false, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
+        return float(value)
+    return value
+
+
+def check_pass_through(
+    cls: type, args: dict[str, PassValue], path: str, owned: dict[str, str]
+) -> dict[str, Any]:
+    """Keys checked against ``dataclasses.fields(cls)`` and the owned list; values coerced."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        where = f"{path}.{key}"
+        if key in owned or key.startswith(_OWNED_PREFIXES):
+            why = owned.get(key, "use training.push")
+            raise BadInput(f"{where}: set by the stage, not the recipe ({why})")
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise BadInput(f"{where}: unknown key: not a field of {cls.__name__}{hint}")
+        out[key] = _coerce(value, fields[key].type, where)
+    return out
+
+
+def _construct(cls: type, kwargs: dict[str, Any], path: str, plan: DevicePlan) -> Any:
+    """Build the config; for a CUDA plan on a machine without CUDA (validating a GPU recipe on a
+    laptop or in CI) the class's hardware check is skipped by building for CPU and then setting
+    the precision flags the GPU would use."""
+    import torch
+
+    emulate = plan.cuda and not torch.cuda.is_available()
+    if emulate:
+        kwargs = {**kwargs, "bf16": False, "fp16": False, "use_cpu": True}
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BadInput(f"{path}: {cls.__name__} refused the settings: {e}") from None
+    if emulate:
+        obj.bf16, obj.fp16, obj.use_cpu = plan.bf16, plan.fp16, False
+    return obj
+
+
+def _report_to(training: TrainingConfig) -> list[str]:
+    return list(training.report_to) or ["none"]
+
+
+def _common_kwargs(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan) -> dict[str, Any]:
+    t: TrainingConfig = recipe.training
+    return {
+        "output_dir": str(output_dir),
+        "save_strategy": "steps",
+        "save_steps": t.checkpoint_every,
+        "save_total_limit": 1,  # local copies only; the run store keeps training.keep_checkpoints
+        "logging_strategy": "steps",
+        "logging_steps": 1,
+        "report_to": _report_to(t),
+        "run_name": stage,
+        "seed": recipe.seed,
+        "data_seed": recipe.seed,
+        "use_cpu": not plan.cuda,
+        "bf16": plan.bf16,
+        "fp16": plan.fp16,
+        "disable_tqdm": True,
+        "remove_unused_columns": True,
+        "push_to_hub": False,
+    }
+
+
+def _cpu_optim(kwargs: dict[str, Any], plan: DevicePlan, log: Any = None) -> None:
+    """Paged and 8-bit bitsandbytes optimizers need CUDA: fall back to AdamW on CPU, saying so."""
+    optim = str(kwargs.get("optim", ""))
+    if not plan.cuda and ("paged" in optim or "8bit" in optim or optim.startswith("adamw_bnb")):
+        if log is not None:
+            log.warning("optim %r needs CUDA; using adamw_torch on this CPU-only machine", optim)
+        kwargs["optim"] = "adamw_torch"
+
+
+def build_sft_config(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan | None = None, log: Any = None) -> Any:
+    """The SFTConfig of one SFT stage: ``training.sft_args`` + ``training.stage_args[stage]`` + ours."""
+    from trl import SFTConfig
+
+    t: TrainingConfig = recipe.training
+    if plan is None:
+        plan = device_plan(t, *detect_device())
+    given = t.stage_sft_args(stage)
+    path = "training.sft_args" if stage not in t.stage_args else f"training.sft_args / training.stage_args.{stage}"
+    kwargs = check_pass_through(SFTConfig, given, path, {**_OWNED_COMMON, **_OWNED_SFT})
+    _cpu_optim(kwargs, plan, log)
+    if not kwargs.get("max_length"):
+        raise BadInput(f"{path}.max_length: must be set (the stage tokenizes and cuts examples to it)")
+    kwargs.update(_common_kwargs(recipe, stage, output_dir, plan))
+    # we hand over tokenized, labelled rows already cut to max_length
+    kwargs["dataset_kwargs"] = None
+    kwargs["completion_only_loss"] = None
+    if kwargs.get("padding_free") and not kwargs.get("packing"):
+        # TRL refuses padding-free without packing when max_length is set, because it would not
+        # truncate; our rows are already cut to max_length, so the limit is kept by construction.
+        kwargs["max_length"] = None
+    return _construct(SFTConfig, kwargs, path, plan)
+
+
+def build_dpo_config(recipe: Any, output_dir: Path, plan: DevicePlan | None = None, log: Any = None) -> Any:
+    from trl import DPOConfig
+
+    t: TrainingConfig = recipe.training
+    if plan is None:
+        plan = device_plan(t, *detect_device())
+    path = "training.dpo.dpo_args"
+    kwargs = check_pass_through(DPOConfig, dict(t.dpo.dpo_args), path, {**_OWNED_COMMON, **_OWNED_DPO})
+    _cpu_optim(kwargs, plan, log)
+    if not kwargs.get("max_length"):
+        raise BadInput(f"{path}.max_length: must be set (prompts longer than it are refused or dropped)")
+    kwargs.update(_common_kwargs(recipe, "dpo", output_dir, plan))
+    return _construct(DPOConfig, kwargs, path, plan)
+
+
+def build_lora_config(recipe: Any, stage: str) -> Any:
+    from peft import LoraConfig
+
+    t: TrainingConfig = recipe.training
+    if stage == "dpo":
+        args = t.dpo_lora()
+        path = "training.dpo.lora" if t.dpo.lora is not None else "training.lora"
+    else:
+        args, path = dict(t.lora), "training.lora"
+    kwargs = check_pass_through(LoraConfig, args, path, _OWNED_LORA)
+    kwargs["task_type"] = "CAUSAL_LM"
+    try:
+        return LoraConfig(**kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BadInput(f"{path}: LoraConfig refused the settings: {e}") from None
+
+
+def check_report_to(training: TrainingConfig) -> None:
+    """The loggers the recipe asks for must be installed (a missing one is a setup error, exit 2)."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    for name, ok in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
+        if name in training.report_to and not ok():
+            raise BadInput(f"training.report_to: {name!r} is asked for but the {name} package is not installed")
+
+
+@dataclass
+class StageConfigs:
+    """Everything a training stage needs from the recipe, built and validated up front."""
+
+    stage: str
+    plan: DevicePlan
+    trainer_args: Any  # SFTConfig or DPOConfig
+    lora: Any  # LoraConfig
+    base_stage: str | None  # the stage whose model/ this one starts from; None: recipe.student
+
+
+def build_stage_configs(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan | None = None, log: Any = None) -> StageConfigs:
+    """Validate and build one training stage's configuration (sft-*, dpo). Works on CPU for a GPU
+    recipe: pass ``plan`` to build for another device than this one."""
+    t: TrainingConfig = recipe.training
+    if plan is None:
+        plan = device_plan(t, *detect_device())
+    if stage == "dpo":
+        args = build_dpo_config(recipe, output_dir, plan, log)
+    elif stage.startswith("sft-") and stage[4:] in ("lamini", "evol", "orca", "hh"):
+        args = build_sft_config(recipe, stage, output_dir, plan, log)
+    else:
+        raise BadInput(f"{stage}: not a training stage")
+    lora = build_lora_config(recipe, stage)
+    base = t.previous_stage(stage)
+    check_order_matches_graph(t, stage, base)
+    return StageConfigs(stage, plan, args, lora, base)
+
+
+def check_order_matches_graph(t: TrainingConfig, stage: str, base: str | None) -> None:
+    """The stage graph (pipeline.py) is static and wires the SFT stages in the default order, so the
+    executors schedule them that way and a stage's input hashes cover the model it starts from.
+    An order the graph does not wire would train from a model the graph does not track (or one not
+    trained yet): refuse it with the reason rather than run it wrong."""
+    from ..pipeline import spec
+
+    wired = {i for i in spec(stage).inputs if i.startswith("sft-")}
+    wanted = {base} if base and base.startswith("sft-") else set()
+    if wired != wanted:
+        raise BadInput(
+            f"training.sft_order: {list(t.sft_order)} makes {stage} start from "
+            f"{base or 'the student model'}, but the stage graph wires it to "
+            f"{', '.join(sorted(wired)) or 'the student model'}; this version schedules the SFT stages in "
+            "the order lamini, evol, orca only"
+        )

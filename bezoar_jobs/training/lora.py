@@ -1,0 +1,154 @@
+"""LoRA / QLoRA model setup for training, and merging an adapter into a full 16-bit checkpoint.
+
+Loading for training (:func:`load_for_training`): the base is a local safetensors directory (from
+:func:`bezoar_jobs.models.resolve_model` or a previous stage's committed ``model/``). With the
+4-bit plan it loads as NF4 with double quantization and the plan's compute dtype (QLoRA) and is
+prepared for k-bit training (PEFT); otherwise the weights load in the plan's dtype (plain LoRA).
+
+Merging (:func:`merge_adapter`): the base is reloaded *unquantized* in float32 on the CPU (merging
+into 4-bit weights would bake the quantization error into the release, and merging in 16 bits
+rounds the small LoRA delta), the adapter is merged, and the result is cast to
+``training.merge_dtype`` and written as safetensors with the tokenizer and generation config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInput
+from .config import DevicePlan
+
+log = logging.getLogger("bezoar")
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def check_model_dir(model_dir: Path, what: str) -> None:
+    """A loadable checkpoint directory: config.json and safetensors weights (never pickles)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise BadInput(f"{what}: model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise BadInput(f"{what}: {model_dir} has no config.json: not a transformers checkpoint")
+    if not any(model_dir.glob("*.safetensors")):
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        extra = f" (it has {', '.join(pickles)}: pickled weights are not loaded)" if pickles else ""
+        raise BadInput(f"{what}: {model_dir} has no .safetensors weights{extra}")
+
+
+def setup_tokenizer(tok: Any) -> Any:
+    """Padding for training: pad = eos (or unk when there is no eos) when missing; right padding."""
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            raise BadInput("the tokenizer has no pad, eos or unk token to pad with")
+    if tok.eos_token_id is None:
+        raise BadInput("the tokenizer has no end-of-sequence token: responses could not end")
+    tok.padding_side = "right"
+    return tok
+
+
+def load_tokenizer_for_training(model_dir: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{model_dir}: cannot load a tokenizer: {e}") from None
+    return setup_tokenizer(tok)
+
+
+def load_for_training(model_dir: Path, plan: DevicePlan, trust_remote_code: bool, gradient_checkpointing: bool) -> Any:
+    """The base model ready for a LoRA adapter (4-bit NF4 + k-bit preparation for QLoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(model_dir, "base model")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if plan.quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = _torch_dtype(plan.compute_dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": 0} if plan.cuda else {"": "cpu"}
+    else:
+        kwargs["dtype"] = _torch_dtype(plan.load_dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if plan.quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
+    return model
+
+
+def merge_adapter(
+    base_dir: Path,
+    adapter_dir: Path,
+    out_dir: Path,
+    merge_dtype: str,
+    tokenizer: Any,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Merge the LoRA adapter into an unquantized copy of the base; save a full checkpoint."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = merged.to(_torch_dtype(merge_dtype))
+    merged.config.use_cache = True
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    gen = merged.generation_config
+    if gen is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tokenizer.eos_token_id
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the released tokenizer is set up for batched generation
+    try:
+        tokenizer.save_pretrained(str(out_dir))
+    finally:
+        tokenizer.padding_side = padding_side
+    n_params = sum(p.numel() for p in merged.parameters())
+    del merged, base
+    return {"parameters": n_params, "dtype": merge_dtype}
+
+
+def base_licence(model_dir: Path) -> str:
+    """The ``license:`` of a model card's YAML header, or 'unknown'."""
+    card = Path(model_dir) / "README.md"
+    if not card.is_file():
+        return "unknown"
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return "unknown"
+    head = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    import yaml
+
+    try:
+        meta = yaml.safe_load(head) or {}
+    except yaml.YAMLError:
+        return "unknown"
+    lic = meta.get("license") if isinstance(meta, dict) else None
+    return str(lic) if lic else "unknown"

@@ -1,0 +1,676 @@
+"""The training half on a tiny random Llama: configs, masks, packing, SFT/DPO stages, merge, resume.
+
+Everything here runs the real code paths: real TRL trainers on a real (tiny) model, the real stage
+functions through ``runner.run_stage`` or the ``bezoar`` CLI in a subprocess, the real S3 server of
+conftest.py for the chained run. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bezoar_jobs.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput
+from bezoar_jobs.manifest import CommitInfo, commit, read_manifest
+from bezoar_jobs.recipe import Recipe, load_recipe, parse_recipe
+from bezoar_jobs.runner import run_stage
+from bezoar_jobs.store import Store, open_store
+
+try:  # tests/ is not a package today
+    from tests.tiny_model import build_tiny_model
+except ImportError:  # pragma: no cover
+    from tiny_model import build_tiny_model  # type: ignore[no-redef]
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING_STAGES = ("sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo")
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Any:
+    """The tiny model gains nothing from a second thread, and on a shared 2-core machine OpenMP
+    threads that spin-wait for a descheduled sibling make every step many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tok(tiny: Path) -> Any:
+    from bezoar_jobs.models import load_tokenizer
+    from bezoar_jobs.training.lora import setup_tokenizer
+
+    return setup_tokenizer(load_tokenizer(tiny))
+
+
+def training_section(**over: Any) -> dict[str, Any]:
+    t: dict[str, Any] = {
+        "checkpoint_every": 50,
+        "merge_dtype": "float32",
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ALL_LINEAR},
+        "sft_args": {
+            "max_length": 192,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "learning_rate": "1e-2",  # a string on purpose: YAML 1.1 reads 1e-2 as one
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+        },
+        "stage_args": {"sft-hh": {"max_length": 320}},
+        "hh": {"data": {"path": "pkg://bezoar_jobs/demo_data/hh/train.jsonl", "limit": 32, "licence": "Apache-2.0"}},
+        "dpo": {"dpo_args": {"max_length": 320, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4}},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(t.get(k), dict):
+            t[k] = {**t[k], **v}
+        else:
+            t[k] = v
+    return t
+
+
+def make_recipe(tmp_path: Path, model: Path, training: dict[str, Any], **top: Any) -> tuple[Recipe, Path]:
+    data = {
+        "schema_version": 1,
+        "name": "tiny-test",
+        "seed": 7,
+        "teacher": {"backend": "local", "model": str(model)},
+        "judge": {"backend": "local", "model": str(model)},
+        "student": {"model": str(model), **top.pop("student", {})},
+        "training": training,
+        **top,
+    }
+    path = tmp_path / "recipe.yaml"
+    text = yaml.safe_dump(data, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return parse_recipe(text, str(path)), path
+
+
+def lamini_rows(n: int) -> list[dict[str, Any]]:
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+    return [
+        {"instruction": f"Count to {words[i % 12]}.", "source": "example", "response": " ".join(words[: i % 12 + 1]), "id": f"r{i}"}
+        for i in range(n)
+    ]
+
+
+def evol_rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {"instruction": f"Explain step {i} with care.", "response": f"Step {i} is done by counting to {i}.", "category": "qa",
+         "evolution_strategy": "in-depth", "in-depth-evolving_operation": "deepen", "epoch": 1}
+        for i in range(n)
+    ]
+
+
+def orca_rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {"original_index": i, "inputs": f"Q: what is {i} plus one?", "targets": str(i + 1), "task_source": "cot",
+         "task_name": "arith", "template_type": "zs_noopt", "system_message": "You are a careful math tutor." if i % 2 else "",
+         "explained_targets": f"{i} plus one is {i + 1}.", "dataset_source": "demo"}
+        for i in range(n)
+    ]
+
+
+def commit_filter(store: Store, scheme: str, rows: list[dict[str, Any]], tmp: Path, raw: str | None = None) -> None:
+    """Commit a filter stage's output the way the filter stage does (data/train.jsonl + manifest)."""
+    d = tmp / f"filter-{scheme}-out"
+    (d / "data").mkdir(parents=True, exist_ok=True)
+    text = raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows)
+    (d / "data" / "train.jsonl").write_text(text, encoding="utf-8")
+    commit(store, d, CommitInfo(f"filter-{scheme}", "test", {}, {"kept": len(rows)}, {}, {}))
+
+
+def metrics(store: Store, stage: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in store.read_text(f"{stage}/metrics.jsonl").splitlines()]
+
+
+def logits_of(model: Any, ids: list[int]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration: pass-through checked against TRL / PEFT classes, every recipe, every stage
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe_file", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_builds_every_training_stage_on_cpu(recipe_file: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig
+    from trl import DPOConfig, SFTConfig
+
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    recipe, _ = load_recipe(recipe_file)
+    t = recipe.training
+    assert list(t.sft_order) == ["lamini", "evol", "orca"]
+    for cuda in (False, True):  # this machine's plan, and the plan of a GPU node (validated here, on CPU)
+        plan = device_plan(t, cuda=cuda, bf16_ok=cuda)
+        assert plan.quantize_4bit == (t.quantization == "4bit" or (t.quantization == "auto" and cuda))
+        if not plan.quantize_4bit:
+            assert "NOT QLoRA" in plan.description
+        for stage in TRAINING_STAGES:
+            c = build_stage_configs(recipe, stage, tmp_path / stage, plan=plan)
+            assert isinstance(c.trainer_args, DPOConfig if stage == "dpo" else SFTConfig)
+            assert isinstance(c.lora, LoraConfig) and c.lora.task_type == "CAUSAL_LM"
+            a = c.trainer_args
+            # the fields the stage owns
+            assert a.save_steps == t.checkpoint_every and a.logging_steps == 1 and a.seed == recipe.seed
+            assert a.output_dir == str(tmp_path / stage) and not a.push_to_hub
+            assert a.bf16 == plan.bf16 and a.use_cpu == (not cuda)
+            # the recipe's values reached the TRL object
+            given = t.stage_sft_args(stage) if stage != "dpo" else dict(t.dpo.dpo_args)
+            assert a.learning_rate == pytest.approx(float(given["learning_rate"]))
+            assert a.per_device_train_batch_size == given["per_device_train_batch_size"]
+            assert c.lora.r == (t.dpo_lora() if stage == "dpo" else t.lora)["r"]
+            if not cuda:
+                assert "paged" not in str(a.optim)  # paged optimizers need CUDA: AdamW on CPU
+            assert c.base_stage == {"sft-lamini": None, "sft-evol": "sft-lamini", "sft-orca": "sft-evol",
+                                    "sft-hh": "sft-orca", "dpo": "sft-hh"}[stage]
+
+
+def test_openbezoar_values_from_the_paper() -> None:
+    recipe, _ = load_recipe(REPO / "recipes" / "openbezoar.yaml")
+    t = recipe.training
+    assert t.lora["r"] == 16 and t.lora["lora_alpha"] == 16 and t.lora["lora_dropout"] == 0.05
+    assert t.lora["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    assert t.hh.data.path == "Anthropic/hh-rlhf" and t.hh.data.limit == 100_000
+    assert t.stage_sft_args("sft-hh")["num_train_epochs"] == 1 and t.dpo.dpo_args["beta"] == 0.1
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        ({"sft_args": {"learnin_rate": 1e-4}}, "training.sft_args.learnin_rate: unknown key: not a field of SFTConfig (did you mean 'learning_rate'?)"),
+        ({"sft_args": {"output_dir": "/tmp/x"}}, "training.sft_args.output_dir: set by the stage"),
+        ({"sft_args": {"save_steps": 10}}, "training.checkpoint_every"),
+        ({"sft_args": {"push_to_hub": True}}, "use training.push"),
+        ({"sft_args": {"hub_model_id": "me/x"}}, "training.sft_args.hub_model_id: set by the stage"),
+        ({"sft_args": {"report_to": "wandb"}}, "use training.report_to"),
+        ({"sft_args": {"completion_only_loss": False}}, "response tokens only"),
+        ({"sft_args": {"learning_rate": "fast"}}, "training.sft_args.learning_rate: 'fast' is not a number"),
+        ({"sft_args": {"packing": "yes"}}, "training.sft_args.packing: expected true or false"),
+        ({"stage_args": {"sft-hh": {"num_epochs": 2}}}, "training.stage_args.sft-hh.num_epochs: unknown key"),
+        ({"lora": {"rank": 8}}, "training.lora.rank: unknown key: not a field of LoraConfig"),
+        ({"lora": {"task_type": "SEQ_CLS"}}, "training.lora.task_type: set by the stage"),
+        ({"dpo": {"dpo_args": {"betta": 0.2}}}, "training.dpo.dpo_args.betta: unknown key: not a field of DPOConfig (did you mean 'beta'?)"),
+        ({"dpo": {"dpo_args": {"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}}}, "training.dpo.dpo_args: DPOConfig refused the settings"),
+    ],
+)
+def test_pass_through_errors_name_the_dotted_path(tmp_path: Path, tiny: Path, training: dict, message: str) -> None:
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    recipe, _ = make_recipe(tmp_path, tiny, training)
+    plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
+    with pytest.raises(BadInput) as e:
+        for stage in TRAINING_STAGES:
+            build_stage_configs(recipe, stage, tmp_path / "out", plan=plan)
+    assert message in str(e.value)
+    assert e.value.exit_code == EXIT_BAD_INPUT
+
+
+def test_recipe_section_is_typed_and_merges_overrides(tmp_path: Path, tiny: Path) -> None:
+    recipe, _ = make_recipe(tmp_path, tiny, {"sft_args": {"learning_rate": 5e-5, "optim": None}})
+    args = recipe.training.sft_args
+    assert args["learning_rate"] == 5e-5 and "optim" not in args  # null drops our default
+    assert args["max_length"] == 2048  # the other defaults stay
+    with pytest.raises(BadInput, match=r"training\.sft_order: .*exactly once"):
+        make_recipe(tmp_path, tiny, {"sft_order": ["lamini", "lamini", "orca"]})
+    with pytest.raises(BadInput, match=r"recipe\.yaml:\d+: training\.lora_args: unknown key"):
+        make_recipe(tmp_path, tiny, {"lora_args": {"r": 4}})
+    with pytest.raises(BadInput, match=r"training\.quantization"):
+        make_recipe(tmp_path, tiny, {"quantization": "8bit"})
+
+
+def test_an_order_the_stage_graph_does_not_wire_is_refused(tmp_path: Path, tiny: Path) -> None:
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    recipe, _ = make_recipe(tmp_path, tiny, {"sft_order": ["lamini", "orca", "evol"]})
+    plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
+    build_stage_configs(recipe, "sft-lamini", tmp_path, plan=plan)  # still first: fine
+    with pytest.raises(BadInput, match=r"training\.sft_order: .* makes sft-evol start from sft-orca"):
+        build_stage_configs(recipe, "sft-evol", tmp_path, plan=plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# examples: the response-only mask, token by token; long prompts; packing
+# ---------------------------------------------------------------------------------------------
+def test_response_only_mask_token_by_token(tok: Any) -> None:
+    from bezoar_jobs.data.prompt_format import render_example
+    from bezoar_jobs.training.examples import tokenize_example
+
+    prompt, completion = render_example("Name a colour of the sky.", "The sky is blue.")
+    row = tokenize_example(tok, prompt, completion, max_length=512, add_bos=True)
+    ids, labels = row["input_ids"], row["labels"]
+    assert len(ids) == len(labels)
+    assert ids[0] == tok.bos_token_id  # the tiny tokenizer adds no BOS itself: add_bos does
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    n = labels.index(next(x for x in labels if x != -100))
+    # every position before n is prompt (-100), every position from n on is trained, unchanged
+    assert all(x == -100 for x in labels[:n])
+    assert labels[n:] == ids[n:]
+    assert tok.decode(ids[1:n]) == prompt
+    assert tok.decode(ids[n:-1]) == completion
+    # the ids are exactly those of the full text as inference sees it
+    assert ids[1:-1] == tok(prompt + completion, add_special_tokens=False)["input_ids"]
+    # without add_bos there is no BOS; a cut keeps the prompt and the start of the response
+    row2 = tokenize_example(tok, prompt, completion, max_length=n + 2, add_bos=True)
+    assert row2["input_ids"] == ids[: n + 2] and row2["labels"][n:] == ids[n : n + 2]
+    assert tokenize_example(tok, prompt, completion, 512, add_bos=False)["input_ids"] == ids[1:]
+
+
+def test_long_prompts_error_or_drop_and_nothing_left_is_an_error(tok: Any) -> None:
+    from bezoar_jobs.training.examples import Example, PromptTooLong, tokenize_example, tokenize_examples
+
+    long_prompt = "### Instruction:\n" + "word " * 300
+    with pytest.raises(PromptTooLong):
+        tokenize_example(tok, long_prompt, "ok", 64, True)
+    exs = [Example("f.jsonl:1", "### Instruction:\nhi\n\n### Response:\n", "hello"), Example("f.jsonl:2", long_prompt, "ok")]
+    with pytest.raises(BadInput, match=r"f\.jsonl:2: the prompt alone is \d+ tokens; max_length is 64"):
+        tokenize_examples(tok, exs, 64, True, "error", 1.0, "f.jsonl")
+    kept = tokenize_examples(tok, exs, 64, True, "drop", 1.0, "f.jsonl")
+    assert kept.counts["examples"] == 1 and kept.counts["dropped_prompt_too_long"] == 1
+    with pytest.raises(BadInput, match=r"more than training\.max_dropped_fraction=0\.2"):
+        tokenize_examples(tok, exs, 64, True, "drop", 0.2, "f.jsonl")
+    with pytest.raises(BadInput, match=r"f\.jsonl: no examples to train on \(prompt_too_long: 1\)"):
+        tokenize_examples(tok, exs[1:], 64, True, "drop", 1.0, "f.jsonl")
+
+
+def _boundaries(batch: dict[str, Any], r: int) -> list[tuple[int, int]]:
+    """(start, end) of every example in row ``r``: where position ids restart (packed rows), else
+    the attention mask's real tokens."""
+    width = batch["input_ids"].shape[1]
+    if batch.get("position_ids") is not None:
+        pos = batch["position_ids"][r]
+        starts = [i for i in range(width) if pos[i] == 0] + [width]
+        return list(itertools.pairwise(starts))
+    return [(0, int(batch["attention_mask"][r].sum()))]
+
+
+def _per_example_losses(model: Any, batch: dict[str, Any], forward: dict[str, Any] | None = None) -> dict[tuple[int, ...], float]:
+    """Mean next-token loss of every example in a batch, keyed by the example's token ids.
+    ``forward`` replaces the model inputs (to run the same tokens another way)."""
+    import torch
+
+    inputs = forward or {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        # no KV cache, as in training: transformers reads packed rows from position ids only then
+        logits = model(**inputs, use_cache=False).logits.float()
+    out = {}
+    ids, labels = batch["input_ids"], batch["labels"]
+    for r in range(ids.shape[0]):
+        for a, b in _boundaries(batch, r):
+            lab = labels[r, a + 1 : b]
+            mask = lab != -100
+            if not mask.any():
+                continue  # a padding block
+            lp = torch.log_softmax(logits[r, a : b - 1], -1)
+            nll = -lp[mask].gather(-1, lab[mask][:, None]).squeeze(-1)
+            out[tuple(ids[r, a:b].tolist())] = float(nll.mean())
+    return out
+
+
+def test_packed_batches_give_the_same_per_example_losses(tiny: Path, tok: Any) -> None:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from bezoar_jobs.data.prompt_format import render_example
+    from bezoar_jobs.training.examples import tokenize_example
+    from bezoar_jobs.training.packing import PackedRowsCollator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    rows = [tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["one"] * (1 + 5 * i))), 512, True) for i in range(6)]
+    # unpacked: right-padded batches with an attention mask (TRL's default collator)
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
+    ref = _per_example_losses(model, padded)
+    assert len(ref) == 6
+    # packed: best-fit-decreasing rows of at most 256 tokens, position ids restart per example
+    packed = list(pack_dataset(datasets.Dataset.from_list(rows), 256, "bfd", {}))
+    assert len(packed) < len(rows)
+    batch = PackedRowsCollator(pad_token_id=tok.pad_token_id)(packed)
+    assert "attention_mask" not in batch
+    got = _per_example_losses(model, batch)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], abs=1e-4)
+    # TRL's flattened padding-free batch agrees too
+    flat = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(packed)
+    got_flat = _per_example_losses(model, flat)
+    assert set(got_flat) == set(ref)
+    for k in ref:
+        assert got_flat[k] == pytest.approx(ref[k], abs=1e-4)
+    # the check has teeth: with plain causal attention over the packed row, later examples see earlier ones
+    leaky = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"])}
+    leaked = _per_example_losses(model, batch, forward=leaky)
+    assert max(abs(leaked[k] - ref[k]) for k in ref) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# stages on the tiny model
+# ---------------------------------------------------------------------------------------------
+def test_sft_stage_overfits_and_merged_checkpoint_matches_base_plus_adapter(tmp_path: Path, tiny: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, _ = make_recipe(
+        tmp_path, tiny, training_section(checkpoint_every=20, sft_args={"max_steps": 40, "max_length": 128})
+    )
+    store = open_store(tmp_path / "run")
+    commit_filter(store, "lamini", lamini_rows(8), tmp_path)
+    assert run_stage("sft-lamini", recipe, store) == 0
+    m = read_manifest(store, "sft-lamini")
+    assert m is not None and m["counts"]["examples"] == 8 and m["counts"]["steps"] == 40
+    tr = m["training"]
+    assert tr["mode"] == "lora" and "NOT QLoRA" in tr["mode_description"]
+    assert tr["tokens_per_second"] > 0 and 0 < tr["real_token_fraction"] <= 1 and tr["peak_memory_bytes"] > 0
+    assert m["base_model"] == str(tiny) and m["inputs"].keys() == {"filter-lamini"}
+    # losses every step; the loss falls by at least half on 8 examples
+    recs = [r for r in metrics(store, "sft-lamini") if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    first, last = recs[0]["loss"], sum(r["loss"] for r in recs[-3:]) / 3
+    assert last <= first / 2, (first, last)
+    # the model card names recipe, data, steps, loss, licences
+    card = store.read_text("sft-lamini/model/README.md")
+    for needle in ("tiny-test", "filter-lamini/data/train.jsonl", "optimizer steps: 40", "final training loss", "license: apache-2.0", "Licences"):
+        assert needle in card
+    # the merged checkpoint loads on its own and equals base + adapter (from the last checkpoint)
+    merged_dir = tmp_path / "merged"
+    store.download_dir("sft-lamini/model", merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+    adapter_dir = tmp_path / "adapter"
+    store.download_dir("sft-lamini/_work/checkpoints/step-40/trainer", adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
+    mtok = AutoTokenizer.from_pretrained(merged_dir)
+    assert mtok.pad_token == mtok.eos_token
+    ids = mtok("### Instruction:\nCount to five.\n\n### Response:\n")["input_ids"]
+    a, b = logits_of(merged, ids), logits_of(with_adapter, ids)
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    assert not torch.allclose(a, logits_of(AutoModelForCausalLM.from_pretrained(tiny), ids), atol=1e-3)
+
+
+def test_qlora_code_path_on_cpu_merges_into_unquantized_weights(tmp_path: Path, tiny: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, _ = make_recipe(tmp_path, tiny, training_section(quantization="4bit", sft_args={"max_steps": 3}))
+    store = open_store(tmp_path / "run")
+    commit_filter(store, "lamini", lamini_rows(8), tmp_path)
+    assert run_stage("sft-lamini", recipe, store) == 0
+    m = read_manifest(store, "sft-lamini")
+    assert m["training"]["mode"] == "qlora-4bit" and "NF4" in m["training"]["mode_description"]
+    merged_dir = tmp_path / "merged"
+    store.download_dir("sft-lamini/model", merged_dir)
+    cfg = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    adapter = tmp_path / "adapter"
+    store.download_dir("sft-lamini/_work/checkpoints/step-3/trainer", adapter)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), adapter).eval()
+    ids = list(range(3, 40))
+    # merged into the unquantized base: equal to full-precision base + adapter (a merge into the
+    # dequantized 4-bit weights would be off by the quantization error, far above this tolerance)
+    a, b = logits_of(merged, ids), logits_of(ref, ids)
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+def test_the_five_training_stages_chain_through_the_s3_store(tmp_path: Path, tiny: Path, s3_run_uri: str, s3_client: Any) -> None:
+    recipe, _ = make_recipe(tmp_path, tiny, training_section(checkpoint_every=2, keep_checkpoints=1, merge_dtype="bfloat16"))
+    store = open_store(s3_run_uri)
+    commit_filter(store, "lamini", lamini_rows(10), tmp_path)
+    commit_filter(store, "evol", evol_rows(10), tmp_path)
+    commit_filter(store, "orca", orca_rows(10), tmp_path)
+    for stage in TRAINING_STAGES:
+        assert run_stage(stage, recipe, store) == 0, stage
+    ms = {s: read_manifest(store, s) for s in TRAINING_STAGES}
+    assert [ms[s]["base_model"] for s in TRAINING_STAGES] == [str(tiny), "sft-lamini/model", "sft-evol/model", "sft-orca/model", "sft-hh/model"]
+    assert ms["sft-orca"]["inputs"].keys() == {"filter-orca", "sft-evol"}
+    assert all(ms[s]["counts"]["steps"] == 4 for s in TRAINING_STAGES)
+    assert all(ms[s]["training"]["merged"]["dtype"] == "bfloat16" for s in TRAINING_STAGES)
+    assert json.loads(store.read_text("dpo/model/config.json"))["dtype"] == "bfloat16"
+    assert ms["sft-hh"]["counts"]["rows_read"] == 32 and ms["sft-hh"]["data"][0]["licence"] == "Apache-2.0"
+    assert ms["dpo"]["counts"]["examples"] == 32 and ms["dpo"]["training"]["beta"] == 0.1
+    assert "rewards/margins" in ms["dpo"]["training"]["last_rewards"]
+    assert any("rewards/chosen" in r for r in metrics(store, "dpo"))
+    # checkpoints went through S3: only the newest complete one is kept (keep_checkpoints: 1)
+    bucket, _, prefix = s3_run_uri[len("s3://"):].partition("/")
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/dpo/_work/checkpoints/").get("Contents", [])]
+    assert f"{prefix}/dpo/_work/checkpoints/step-4/COMPLETE" in keys
+    assert not [k for k in keys if "/step-2/" in k]
+    assert any(k.endswith("step-4/trainer/optimizer.pt") for k in keys)
+    # a committed stage is not run again
+    assert run_stage("dpo", recipe, store) == 0 and read_manifest(store, "dpo")["committed_at"] == ms["dpo"]["committed_at"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: exit 2 with the file, line and field named
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", r"filter-lamini/data/train\.jsonl: the filter kept no rows"),
+        ("no_response", r"filter-lamini/data/train\.jsonl:2: field 'response' is missing"),
+        ("empty_response", r"filter-lamini/data/train\.jsonl:3: field 'response' is empty"),
+        ("prompt_too_long", r"filter-lamini/data/train\.jsonl:2: the prompt alone is \d+ tokens; max_length is 160"),
+        ("all_dropped", r"no examples to train on \(prompt_too_long: 2\)"),
+        ("missing_model", r"does not exist"),
+        ("not_committed", r"input stage 'filter-lamini' is not committed"),
+    ],
+)
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path: Path, tiny: Path, case: str, message: str) -> None:
+    training = training_section()
+    top: dict[str, Any] = {}
+    rows = lamini_rows(3)
+    raw = None
+    long = {"instruction": "word " * 200, "response": "ok"}
+    if case == "empty":
+        raw = ""
+    elif case == "no_response":
+        rows[1].pop("response")
+    elif case == "empty_response":
+        rows[2]["response"] = "  "
+    elif case == "prompt_too_long":
+        rows[1] = long
+        training = training_section(sft_args={"max_length": 160})
+    elif case == "all_dropped":
+        rows = [long, long]
+        training = training_section(long_prompts="drop", sft_args={"max_length": 160})
+    elif case == "missing_model":
+        top["student"] = {"model": str(tmp_path / "no-such-model")}
+    recipe, _ = make_recipe(tmp_path, tiny, training, **top)
+    store = open_store(tmp_path / "run")
+    if case != "not_committed":
+        commit_filter(store, "lamini", rows, tmp_path, raw)
+    with pytest.raises(BadInput) as e:
+        run_stage("sft-lamini", recipe, store)
+    assert e.value.exit_code == EXIT_BAD_INPUT
+    assert re.search(message, str(e.value)), str(e.value)
+    assert read_manifest(store, "sft-lamini") is None
+
+
+def test_bad_rows_exit_2_through_the_cli(tmp_path: Path, tiny: Path) -> None:
+    _, recipe_path = make_recipe(tmp_path, tiny, training_section())
+    store = open_store(tmp_path / "run")
+    rows = lamini_rows(3)
+    rows[1]["response"] = None
+    commit_filter(store, "lamini", rows, tmp_path)
+    p = _cli(recipe_path, tmp_path / "run", "sft-lamini")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == EXIT_BAD_INPUT, err
+    assert "train.jsonl:2: field 'response' is missing" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# preemption: SIGTERM saves and exits non-zero, SIGKILL resumes from the newest checkpoint
+# ---------------------------------------------------------------------------------------------
+def _cli(recipe: Path, run: Path | str, stage: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # see one_torch_thread
+    return subprocess.Popen(
+        [sys.executable, "-m", "bezoar_jobs.cli", "stage", stage, "--recipe", str(recipe), "--run", str(run)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+class _Tail:
+    """Collect a process's stderr in a thread, so waiting on a line never blocks the pipe."""
+
+    def __init__(self, p: subprocess.Popen):
+        self.lines: list[str] = []
+        self.t = threading.Thread(target=self._read, args=(p,), daemon=True)
+        self.t.start()
+
+    def _read(self, p: subprocess.Popen) -> None:
+        for line in p.stderr:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        self.t.join(timeout=30)
+        return "".join(self.lines)
+
+
+def _wait_for(pred: Callable[[], Any], p: subprocess.Popen, timeout: float = 120, every: float = 0.1) -> Any:
+    end = time.time() + timeout
+    while time.time() < end:
+        got = pred()
+        if got:
+            return got
+        if p.poll() is not None:
+            raise AssertionError(f"process ended (rc {p.returncode}) before the condition held")
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def _complete_steps(store: Store, stage: str) -> list[int]:
+    return sorted(int(m.group(1)) for r in store.list(f"{stage}/_work/checkpoints/") if (m := re.search(r"step-(\d+)/COMPLETE$", r)))
+
+
+def _merged_state(store: Store, stage: str, dest: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    store.download_dir(f"{stage}/model", dest)
+    return load_file(dest / "model.safetensors")
+
+
+def test_sigterm_then_sigkill_resume_to_the_same_result(tmp_path: Path, tiny: Path, s3_run_uri: str) -> None:
+    import torch
+
+    steps, every = 60, 10
+    training = training_section(
+        checkpoint_every=every,
+        sft_args={"max_steps": steps, "learning_rate": 3e-3, "per_device_train_batch_size": 2},
+        lora={"lora_dropout": 0.1},  # dropout makes the result depend on the restored RNG state
+    )
+    recipe, recipe_path = make_recipe(tmp_path, tiny, training)
+    store = open_store(s3_run_uri)
+    commit_filter(store, "lamini", lamini_rows(8), tmp_path)
+
+    # 1. SIGTERM after the first checkpoint: a final checkpoint is saved, the exit code is non-zero
+    p = _cli(recipe_path, s3_run_uri, "sft-lamini")
+    tail = _Tail(p)
+    _wait_for(lambda: _complete_steps(store, "sft-lamini"), p)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
+    log1 = tail.text()
+    assert p.returncode == EXIT_INTERRUPTED, log1
+    assert "SIGTERM" in log1 and read_manifest(store, "sft-lamini") is None
+    stopped = max(_complete_steps(store, "sft-lamini"))
+    assert 0 < stopped < steps
+    assert f"checkpoint at step {stopped}" in log1
+
+    # 2. restart: it resumes from that step; SIGKILL it once a newer checkpoint is complete
+    p = _cli(recipe_path, s3_run_uri, "sft-lamini")
+    tail = _Tail(p)
+    _wait_for(lambda: max(_complete_steps(store, "sft-lamini")) > stopped, p)
+    p.kill()
+    p.wait(timeout=60)
+    log2 = tail.text()
+    assert f"resuming from the checkpoint at step {stopped}" in log2
+    killed_at = max(_complete_steps(store, "sft-lamini"))
+    assert stopped < killed_at < steps
+
+    # 3. the third run continues from the newest complete checkpoint (not from zero) and commits
+    p = _cli(recipe_path, s3_run_uri, "sft-lamini")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert f"resuming from the checkpoint at step {killed_at}" in err
+    m = read_manifest(store, "sft-lamini")
+    assert m["training"]["resumed_from_step"] == killed_at and m["counts"]["steps"] == steps
+    recs = metrics(store, "sft-lamini")
+    # the history carries both restarts, and every step's loss exactly once
+    assert [r["step"] for r in recs if r.get("event") == "resumed"] == [stopped, killed_at]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, steps + 1))
+
+    # 4. same result as an uninterrupted run, up to numerical noise
+    ref_store = open_store(tmp_path / "ref-run")
+    commit_filter(ref_store, "lamini", lamini_rows(8), tmp_path)
+    assert run_stage("sft-lamini", recipe, ref_store) == 0
+    a = _merged_state(store, "sft-lamini", tmp_path / "a")
+    b = _merged_state(ref_store, "sft-lamini", tmp_path / "b")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+    ref_loss = [r["loss"] for r in metrics(ref_store, "sft-lamini") if "loss" in r]
+    got_loss = [r["loss"] for r in recs if "loss" in r]
+    assert torch.allclose(torch.tensor(got_loss), torch.tensor(ref_loss), atol=1e-4)
+
+
+def test_kill_before_any_checkpoint_starts_over_cleanly(tmp_path: Path, tiny: Path) -> None:
+    training = training_section(checkpoint_every=1000, sft_args={"max_steps": 30})
+    recipe, recipe_path = make_recipe(tmp_path, tiny, training)
+    run = tmp_path / "run"
+    store = open_store(run)
+    commit_filter(store, "lamini", lamini_rows(8), tmp_path)
+    p = _cli(recipe_path, run, "sft-lamini")
+    tail = _Tail(p)
+    _wait_for(lambda: any("training from step 0" in line for line in tail.lines), p)
+    p.kill()
+    p.wait(timeout=60)
+    log = tail.text()
+    assert _complete_steps(store, "sft-lamini") == [] and read_manifest(store, "sft-lamini") is None, log
+    # an upload that died half-way leaves files without COMPLETE: never resumed from, deleted
+    store.write_bytes("sft-lamini/_work/checkpoints/step-20/trainer/adapter_model.safetensors", b"partial")
+    assert run_stage("sft-lamini", recipe, store) == 0
+    m = read_manifest(store, "sft-lamini")
+    assert m["training"]["resumed_from_step"] is None and m["counts"]["steps"] == 30
+    assert not store.exists("sft-lamini/_work/checkpoints/step-20/trainer/adapter_model.safetensors")
+    assert _complete_steps(store, "sft-lamini") == [30], (log, metrics(store, "sft-lamini"))
+    # killed after the last checkpoint but before the commit: the rerun trains nothing more (the
+    # HF Trainer alone would run a step past max_steps) and commits the same weights
+    first = read_manifest(store, "sft-lamini")["files"]["model/model.safetensors"]["sha256"]
+    store.delete("sft-lamini/_MANIFEST.json")
+    assert run_stage("sft-lamini", recipe, store) == 0
+    m = read_manifest(store, "sft-lamini")
+    assert m["training"]["resumed_from_step"] == 30 and m["counts"]["steps"] == 30
+    assert m["files"]["model/model.safetensors"]["sha256"] == first
+    assert _complete_steps(store, "sft-lamini") == [30]
