@@ -21,6 +21,9 @@ from urllib.parse import unquote, urlparse
 
 from .errors import BadInput
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class NotFoundInStore(BadInput):
     """A path the caller needs is not in the run. Exit 2: a retry will not make it appear."""
@@ -125,6 +128,7 @@ class LocalStore(Store):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; committed files are ordinary files
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
