@@ -27,7 +27,7 @@ from typing import Any
 from . import __version__
 from .errors import BadInput, BezoarError
 from .manifest import read_manifest, verify
-from .pipeline import CANONICAL, select, spec
+from .pipeline import CANONICAL, select, stage_inputs
 from .recipe import load_recipe
 from .store import open_store
 
@@ -76,7 +76,7 @@ def _stages_for(a: argparse.Namespace, store, recipe) -> list[str]:
         from .runner import up_to_date
 
         for name in stages:
-            for inp in spec(name).inputs:
+            for inp in stage_inputs(name, recipe):
                 if inp in stages:
                     continue
                 if read_manifest(store, inp) is None:

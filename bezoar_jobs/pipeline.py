@@ -7,6 +7,7 @@ Stages that are not built yet are absent from ``CANONICAL``; they slot in as the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import BadInput
 
@@ -27,7 +28,7 @@ _ALL = [
     StageSpec("filter-lamini", ("generate-lamini",), "filter", ("judge",)),
     StageSpec("filter-evol", ("generate-evol",), "filter", ("judge",)),
     StageSpec("filter-orca", ("generate-orca",), "filter", ("judge",)),
-    # training: inputs follow the default training.sft_order (lamini, evol, orca); see training/config.py
+    # training: inputs for the default training.sft_order (lamini, evol, orca); stage_inputs() follows the recipe
     StageSpec("sft-lamini", ("filter-lamini",), "sft", gpu=True),
     StageSpec("sft-evol", ("filter-evol", "sft-lamini"), "sft", gpu=True),
     StageSpec("sft-orca", ("filter-orca", "sft-evol"), "sft", gpu=True),
@@ -42,6 +43,24 @@ _ALL = [
 
 CANONICAL: tuple[str, ...] = tuple(s.name for s in _ALL)
 STAGES: dict[str, StageSpec] = {s.name: s for s in _ALL}
+
+
+SCHEME_SFT = ("sft-lamini", "sft-evol", "sft-orca")
+
+
+def stage_inputs(name: str, recipe: Any = None) -> tuple[str, ...]:
+    """The stages ``name`` reads. The scheme SFT stages follow the recipe's
+    ``training.sft_order`` (each starts from the previous one's model, sft-hh from the last); the
+    static ``StageSpec.inputs`` are that graph for the default order (lamini, evol, orca)."""
+    s = spec(name)
+    order = getattr(getattr(recipe, "training", None), "sft_order", None)
+    if not order or name not in (*SCHEME_SFT, "sft-hh"):
+        return s.inputs
+    chain = [f"sft-{x}" for x in order]
+    if name == "sft-hh":
+        return (chain[-1],)
+    i = chain.index(name)
+    return (f"filter-{name[4:]}",) + ((chain[i - 1],) if i else ())
 
 
 def spec(name: str) -> StageSpec:
@@ -67,7 +86,7 @@ def select(from_: str | None = None, until: str | None = None, only: list[str] |
     return names[lo : hi + 1]
 
 
-def levels(names: list[str]) -> list[list[str]]:
+def levels(names: list[str], recipe: Any = None) -> list[list[str]]:
     """Group the selected stages into waves whose members do not depend on each other
     (inputs outside the selection are taken as already committed)."""
     chosen = set(names)
@@ -75,7 +94,7 @@ def levels(names: list[str]) -> list[list[str]]:
     waves: list[list[str]] = []
     remaining = list(names)
     while remaining:
-        wave = [n for n in remaining if all(i in done or i not in chosen for i in STAGES[n].inputs)]
+        wave = [n for n in remaining if all(i in done or i not in chosen for i in stage_inputs(n, recipe))]
         if not wave:  # pragma: no cover - the DAG is acyclic by construction
             raise RuntimeError("cycle in stage graph")
         waves.append(wave)

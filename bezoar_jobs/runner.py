@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import BadInput, Interrupted
 from .manifest import CommitInfo, commit, manifest_hash, read_manifest
-from .pipeline import spec
+from .pipeline import spec, stage_inputs
 from .recipe import Recipe
 from .recipe_training import TRAINING_STAGE_PARAMS
 from .store import Store
@@ -164,9 +164,9 @@ def stage_function(name: str):
     return getattr(importlib.import_module(mod), fn)
 
 
-def input_hashes(store: Store, name: str) -> dict[str, str]:
+def input_hashes(store: Store, name: str, recipe: Recipe | None = None) -> dict[str, str]:
     out = {}
-    for inp in spec(name).inputs:
+    for inp in stage_inputs(name, recipe):
         m = read_manifest(store, inp)
         if m is None:
             raise BadInput(f"{name}: input stage {inp!r} is not committed in {store.uri}")
@@ -185,7 +185,7 @@ def up_to_date(store: Store, recipe: Recipe, name: str) -> tuple[bool, str]:
         from .stages.report import report_is_current
 
         return report_is_current(store, m)
-    for inp in spec(name).inputs:
+    for inp in stage_inputs(name, recipe):
         im = read_manifest(store, inp)
         if im is None:
             return False, f"input {inp} not committed"
@@ -212,7 +212,7 @@ def run_stage(name: str, recipe: Recipe, store: Store, shard: tuple[int, int] | 
             return 0
     if force and shard is None and read_manifest(store, name) is not None:
         store.delete(f"{name}/_MANIFEST.json")
-    inputs = input_hashes(store, name)
+    inputs = input_hashes(store, name, recipe)
     fn = stage_function(name)
     tmp = Path(tempfile.mkdtemp(prefix=f"bezoar-{name}-", dir=os.environ.get("BEZOAR_SCRATCH")))
     out, scratch = tmp / "out", tmp / "scratch"

@@ -246,14 +246,23 @@ def test_recipe_section_is_typed_and_merges_overrides(tmp_path: Path, tiny: Path
         make_recipe(tmp_path, tiny, {"quantization": "8bit"})
 
 
-def test_an_order_the_stage_graph_does_not_wire_is_refused(tmp_path: Path, tiny: Path) -> None:
+def test_a_custom_sft_order_rewires_the_stage_graph(tmp_path: Path, tiny: Path) -> None:
+    from bezoar_jobs.pipeline import levels, stage_inputs
     from bezoar_jobs.training.config import build_stage_configs, device_plan
 
     recipe, _ = make_recipe(tmp_path, tiny, {"sft_order": ["lamini", "orca", "evol"]})
     plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
-    build_stage_configs(recipe, "sft-lamini", tmp_path, plan=plan)  # still first: fine
-    with pytest.raises(BadInput, match=r"training\.sft_order: .* makes sft-evol start from sft-orca"):
-        build_stage_configs(recipe, "sft-evol", tmp_path, plan=plan)
+    bases = {s: build_stage_configs(recipe, s, tmp_path, plan=plan).base_stage for s in ("sft-lamini", "sft-orca", "sft-evol", "sft-hh")}
+    assert bases == {"sft-lamini": None, "sft-orca": "sft-lamini", "sft-evol": "sft-orca", "sft-hh": "sft-evol"}
+    # the executors schedule (and hash) exactly the model each stage starts from
+    for stage, base in bases.items():
+        inputs = stage_inputs(stage, recipe)
+        assert [i for i in inputs if i.startswith("sft-")] == ([base] if base else [])
+    assert stage_inputs("sft-evol", recipe) == ("filter-evol", "sft-orca")
+    waves = levels(["sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo"], recipe)
+    assert waves == [["sft-lamini"], ["sft-orca"], ["sft-evol"], ["sft-hh"], ["dpo"]]
+    # without a recipe (or with the default order) the static graph applies
+    assert stage_inputs("sft-evol") == ("filter-evol", "sft-lamini")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ What the controller does, in order:
 2. Lists the run's Jobs and pods, then WATCHES them (``list_namespaced_job`` /
    ``list_namespaced_pod`` with the run's label selector, from the list's ``resourceVersion``;
    a ``410 Gone`` re-lists). Job state is never polled.
-3. Starts each selected stage as soon as the stages it reads (``pipeline.STAGES[..].inputs``) are
+3. Starts each selected stage as soon as the stages it reads (``pipeline.stage_inputs``) are
    committed: independent stages run side by side, and a stage never waits for an unrelated
    one of the same "wave". The report, which declares no inputs because it reads whatever is
    committed, starts after every other selected stage. A stage already committed with the same
@@ -82,7 +82,7 @@ from typing import Any, TextIO
 
 from ..errors import BadInput, BezoarError, RetryableError
 from ..manifest import manifest_path, read_manifest
-from ..pipeline import STAGES, spec
+from ..pipeline import STAGES, spec, stage_inputs
 from ..recipe import Recipe, parse_recipe
 from ..runner import freeze_recipe, up_to_date
 from ..store import Store, open_store
@@ -292,7 +292,7 @@ class Controller:
         reads whatever is committed and declares none), every other selected stage."""
         if STAGES[stage].family == "report":
             return [s for s in selected if s != stage]
-        return [i for i in STAGES[stage].inputs if i in selected]
+        return [i for i in stage_inputs(stage, self.recipe) if i in selected]
 
     def _is_current(self, stage: str, after_run: bool = False) -> tuple[bool, str]:
         """``runner.up_to_date``, except for the report: whether it is current depends on every

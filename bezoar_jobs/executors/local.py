@@ -14,7 +14,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from ..pipeline import STAGES
+from ..pipeline import STAGES, stage_inputs
 from ..recipe import Recipe
 from ..runner import RECIPE_FILE, up_to_date
 from ..store import Store
@@ -62,7 +62,7 @@ def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = Fal
                     if len(running) >= parallel:
                         break
                     # the report reads whatever is committed, so it waits for every other stage
-                    inputs = [n for n in stages if n != name] if STAGES[name].family == "report" else STAGES[name].inputs
+                    inputs = [n for n in stages if n != name] if STAGES[name].family == "report" else stage_inputs(name, recipe)
                     deps = [d for d in inputs if d in todo or d in running.values()]
                     if not deps:
                         todo.remove(name)

@@ -329,24 +329,5 @@ def build_stage_configs(recipe: Any, stage: str, output_dir: Path, plan: DeviceP
     else:
         raise BadInput(f"{stage}: not a training stage")
     lora = build_lora_config(recipe, stage)
-    base = t.previous_stage(stage)
-    check_order_matches_graph(t, stage, base)
+    base = t.previous_stage(stage)  # the same chain pipeline.stage_inputs() schedules
     return StageConfigs(stage, plan, args, lora, base)
-
-
-def check_order_matches_graph(t: TrainingConfig, stage: str, base: str | None) -> None:
-    """The stage graph (pipeline.py) is static and wires the SFT stages in the default order, so the
-    executors schedule them that way and a stage's input hashes cover the model it starts from.
-    An order the graph does not wire would train from a model the graph does not track (or one not
-    trained yet): refuse it with the reason rather than run it wrong."""
-    from ..pipeline import spec
-
-    wired = {i for i in spec(stage).inputs if i.startswith("sft-")}
-    wanted = {base} if base and base.startswith("sft-") else set()
-    if wired != wanted:
-        raise BadInput(
-            f"training.sft_order: {list(t.sft_order)} makes {stage} start from "
-            f"{base or 'the student model'}, but the stage graph wires it to "
-            f"{', '.join(sorted(wired)) or 'the student model'}; this version schedules the SFT stages in "
-            "the order lamini, evol, orca only"
-        )
