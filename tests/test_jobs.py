@@ -369,6 +369,15 @@ def test_example_cluster_settings_load():
     assert c.generationShards > 1 and c.kueue.queueName  # the example shows the optional features
 
 
+def test_the_retraining_workflows_cluster_settings_load_and_build_every_job():
+    workflow = (REPO / ".github" / "workflows" / "retrain.yaml").read_text()
+    assert "--cluster deploy/cluster.yaml" in workflow
+    c = load_cluster_settings(REPO / "deploy" / "cluster.yaml")
+    for stage in ALL_STAGES:
+        job = build_job(stage, RUN, "retrain-abc123", c)
+        assert job["metadata"]["labels"]["app.kubernetes.io/name"] == "openbezoar"  # the chart's labels
+
+
 # ---------------------------------------------------------------------------------------------
 # bezoar render
 # ---------------------------------------------------------------------------------------------

@@ -72,8 +72,8 @@ ANNOTATION_RUN_URI = "bezoar.dev/run-uri"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MANAGED_BY = "bezoar-controller"
-PART_OF = "openbezoar"
-APP_NAME = "bezoar-jobs"
+PART_OF = "bezoar-jobs"  # the same app.kubernetes.io labels as the chart (helm/openbezoar/templates/_helpers.tpl)
+APP_NAME = "openbezoar"
 
 RUN_UID = 10001  # the images' non-root user
 
