@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,9 @@ def read_text_uri(uri: str) -> str:
     return local_copy(uri).read_text(encoding="utf-8")
 
 
-def read_jsonl(path: Path, required: Sequence[str] = (), label: str | None = None) -> list[dict[str, Any]]:
-    """Read JSON lines; a broken line or a missing field is an error naming file and line."""
+def iter_jsonl(path: Path, label: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSON-lines file; a broken line is an error naming file and line."""
     label = label or str(path)
-    rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -69,10 +68,18 @@ def read_jsonl(path: Path, required: Sequence[str] = (), label: str | None = Non
                 raise BadInput(f"{label}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise BadInput(f"{label}:{n}: each line must be a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise BadInput(f"{label}:{n}: missing field(s) {', '.join(map(repr, missing))}")
-            rows.append(row)
+            yield n, row
+
+
+def read_jsonl(path: Path, required: Sequence[str] = (), label: str | None = None) -> list[dict[str, Any]]:
+    """Read JSON lines; a broken line or a missing field is an error naming file and line."""
+    label = label or str(path)
+    rows = []
+    for n, row in iter_jsonl(path, label):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise BadInput(f"{label}:{n}: missing field(s) {', '.join(map(repr, missing))}")
+        rows.append(row)
     return rows
 
 

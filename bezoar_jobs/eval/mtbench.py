@@ -21,7 +21,6 @@ scale cannot hold is a misread verdict, and one would skew a mean of ten-point s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -61,23 +60,11 @@ class Question:
 
 def _rows_with_lines(src: Any, field: str) -> list[tuple[str, dict[str, Any]]]:
     """(where, row) pairs; JSONL files keep their line numbers, other sources a row number."""
-    from ..data.io import PKG, load_rows, local_copy
+    from ..data.io import PKG, iter_jsonl, load_rows, local_copy
 
     p = src.path
     if p.endswith((".jsonl", ".ndjson")) and (p.startswith((PKG, "s3://", "file://", "/", "./", "../")) or Path(p).exists()):
-        path = local_copy(p)
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BadInput(f"{field}: {p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise BadInput(f"{field}: {p}:{n}: each line must be a JSON object")
-                out.append((f"{p}:{n}", row))
+        out = [(f"{p}:{n}", row) for n, row in iter_jsonl(local_copy(p), f"{field}: {p}")]
         if src.limit:
             out = out[: src.limit]
         if not out:

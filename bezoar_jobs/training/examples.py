@@ -13,7 +13,6 @@ response. A prompt that alone fills ``max_length`` is an error or a dropped row
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,19 +41,9 @@ def read_filtered_rows(path: Path, label: str) -> list[tuple[str, dict[str, Any]
     """(file:line, row) of a filter stage's ``data/train.jsonl``."""
     if not path.is_file():
         raise BadInput(f"{label}: no such file (the filter stage committed no train.jsonl)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{label}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise BadInput(f"{label}:{n}: each line must be a JSON object")
-            out.append((f"{label}:{n}", row))
-    return out
+    from ..data.io import iter_jsonl
+
+    return [(f"{label}:{n}", row) for n, row in iter_jsonl(path, label)]
 
 
 def scheme_example(scheme: str, where: str, row: dict[str, Any]) -> Example:
