@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", required=True, help="recipe file or URI (Jobs use <run>/recipe.yaml)")
     s.add_argument("--run", required=True, help="run location: a path, file:// or s3://bucket/prefix")
     s.add_argument("--shard", help="i/N: do slice i of N (records only; the run without --shard commits)")
-    s.add_argument("--force", action="store_true", help="rerun even when committed and unchanged")
+    s.add_argument("--force", action="store_true", help="rerun even when committed and unchanged (generation and "
+                   "filter stages reuse the teacher/judge answers already recorded; training and evaluation restart)")
     s.set_defaults(fn=cmd_stage)
 
     def selection(x: argparse.ArgumentParser) -> None:

@@ -66,6 +66,11 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Families whose _work/ survives --force: their records are paid-for teacher and judge answers,
+# keyed by the parameter hash, so a forced rerun re-parses and re-filters without paying again.
+KEEP_WORK_ON_FORCE = frozenset({"generate", "filter"})
+
+
 def params_hash(recipe: Recipe, stage: str) -> str:
     return recipe.section_hash(*STAGE_PARAMS[stage])
 
@@ -210,8 +215,12 @@ def run_stage(name: str, recipe: Recipe, store: Store, shard: tuple[int, int] | 
         if ok:
             log.info("%s: already committed (%s)", name, why)
             return 0
-    if force and shard is None and read_manifest(store, name) is not None:
-        store.delete(f"{name}/_MANIFEST.json")
+    if force and shard is None:
+        if read_manifest(store, name) is not None:
+            store.delete(f"{name}/_MANIFEST.json")
+        if spec(name).family not in KEEP_WORK_ON_FORCE:
+            # a forced rerun recomputes: training restarts from its base model, evaluation re-scores
+            WorkArea(store, name).clear()
     inputs = input_hashes(store, name, recipe)
     fn = stage_function(name)
     tmp = Path(tempfile.mkdtemp(prefix=f"bezoar-{name}-", dir=os.environ.get("BEZOAR_SCRATCH")))

@@ -96,10 +96,12 @@ def test_harness_on_local_tasks_and_resume(tmp_path, tiny, caplog):
     assert [r[0] for r in table.rows] == ["base", "dpo"]
     assert table.header[2].startswith("bezoar_demo_facts (2-shot, acc_norm,none)")
 
-    # a forced rerun finds both models' results in _work/ and evaluates nothing again
+    # a stage interrupted before its commit (here: the manifest gone, as after a kill) resumes per
+    # checkpoint: it finds both models' results in _work/ and evaluates nothing again
     recipe = parse_recipe(recipe_path.read_text())
     caplog.set_level(logging.INFO, logger="bezoar")
-    assert run_stage("eval-harness", recipe, store, force=True) == 0
+    store.delete("eval-harness/_MANIFEST.json")
+    assert run_stage("eval-harness", recipe, store) == 0
     assert caplog.text.count("already evaluated (resumed from _work/)") == 2
     assert json.loads(store.read_text("eval-harness/results/summary.json")) == summary
 

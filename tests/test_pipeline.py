@@ -40,3 +40,32 @@ def test_levels_respect_inputs():
     for name in CANONICAL:
         for inp in STAGES[name].inputs:
             assert CANONICAL.index(inp) < CANONICAL.index(name)
+
+
+def test_force_restarts_training_work_but_keeps_paid_for_records(tmp_path, monkeypatch):
+    """--force clears a training stage's _work/ (checkpoints) but keeps a generate stage's records."""
+    from pathlib import Path
+
+    from bezoar_jobs import runner
+    from bezoar_jobs.recipe import load_recipe
+    from bezoar_jobs.store import open_store
+
+    recipe, _ = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml")
+    store = open_store(tmp_path / "run")
+    seen: dict[str, list[str]] = {}
+
+    def fake_stage(ctx):
+        seen[ctx.name] = ctx.work.list()
+        ctx.work.put_bytes("checkpoints/step-5/COMPLETE", b"")
+        (ctx.out / "marker.txt").write_text(ctx.name)
+        return runner.StageOutput(counts={"ok": 1})
+
+    monkeypatch.setattr(runner, "stage_function", lambda name: fake_stage)
+    for name in ("generate-orca", "dpo"):
+        if name == "dpo":  # its input must be committed
+            monkeypatch.setattr(runner, "input_hashes", lambda store, name, recipe=None: {})
+        assert runner.run_stage(name, recipe, store) == 0
+        assert runner.run_stage(name, recipe, store) == 0  # committed: returns at once
+        assert runner.run_stage(name, recipe, store, force=True) == 0
+    assert seen["generate-orca"] == ["checkpoints/step-5/COMPLETE"]  # records kept for the rerun
+    assert seen["dpo"] == []  # training restarted from scratch
