@@ -279,3 +279,17 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "auto", device: str = "au
     except (OSError, ValueError) as e:
         raise BadInput(f"model in {model_dir}: cannot be loaded: {str(e).splitlines()[0]}") from None
     return model.to(dev).eval()
+
+
+def release_memory() -> None:
+    """Return the memory of a model the caller just dropped (``del``) before the next one loads."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

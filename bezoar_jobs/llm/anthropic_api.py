@@ -13,7 +13,6 @@ is the closest to reproducible this API offers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -44,12 +43,6 @@ class AnthropicClient(RemoteClient):
 
         self._client = anthropic.AsyncAnthropic(api_key=self._api_key or "no-key", base_url=self.endpoint.base_url,
                                                 max_retries=0, timeout=self.endpoint.timeout_s)
-
-    async def _close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.close()
-            self._client = None
 
     async def _send(self, req: GenRequest) -> GenResult:
         import anthropic

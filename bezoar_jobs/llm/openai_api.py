@@ -13,7 +13,6 @@ OpenAI parameter: it goes in the body as vLLM/SGLang read it, only when the reci
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -35,12 +34,6 @@ class _OpenAIBase(RemoteClient):
         # to start without one, and must not pick up an ambient OPENAI_API_KEY by itself
         self._client = openai.AsyncOpenAI(api_key=self._api_key or "no-key", base_url=self.endpoint.base_url,
                                           max_retries=0, timeout=self.endpoint.timeout_s)
-
-    async def _close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.close()
-            self._client = None
 
     def _common(self, req: GenRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model_id, "temperature": req.temperature, "top_p": req.top_p}

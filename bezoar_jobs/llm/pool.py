@@ -30,6 +30,7 @@ are cancelled and the exception propagates from ``run()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import queue
@@ -193,7 +194,12 @@ class RemoteClient(LLMClient):
         """Create the SDK client: it binds to the running event loop."""
 
     async def _close(self) -> None:
-        """Close what ``_open`` created."""
+        """Close what ``_open`` created: by default the SDK client kept in ``self._client``."""
+        client = getattr(self, "_client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+            self._client = None
 
     @abstractmethod
     async def _send(self, req: GenRequest) -> GenResult:

@@ -17,7 +17,6 @@ Heavy imports (torch, transformers, lm_eval) happen inside the functions.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -33,14 +32,9 @@ log = logging.getLogger("bezoar")
 
 def _free() -> None:
     """Return the memory of the model the caller just dropped (``del``) before the next one loads."""
-    gc.collect()
-    try:
-        import torch
+    from ..models import release_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    release_memory()
 
 
 def _write_json(path, obj: Any) -> None:

@@ -13,7 +13,6 @@ The flow of a training stage (sft-*, dpo), shared here:
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -191,14 +190,9 @@ def train(ctx: Any, trainer: Any, configs: StageConfigs, counter: CountingCollat
 
 def release() -> None:
     """Free memory once the caller dropped trainer and model (the merge reloads the base in float32)."""
-    gc.collect()
-    try:
-        import torch
+    from ..models import release_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    release_memory()
 
 
 def push_to_hub(ctx: Any, model_dir: Path, data_dirs: list[Path]) -> dict[str, str]:
