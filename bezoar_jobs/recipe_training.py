@@ -166,6 +166,22 @@ class TrainingConfig(_Strict):
     max_dropped_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.2, description="fail (exit 2) when more than this fraction of rows is dropped"
     )
+    attention: str = Field(
+        "auto",
+        description="attention implementation while training: auto: per-example SDPA (bezoar_segments) for "
+        "padding-free batches, the model's default otherwise; or a transformers name (sdpa, eager, "
+        "flash_attention_2, ...)",
+    )
+    shared_prefix: bool = Field(
+        True,
+        description="with per-example attention (bezoar_segments): compute a prompt prefix that several "
+        "examples of a batch share (the system text) once per batch; same losses and gradients",
+    )
+    response_head: bool = Field(
+        True,
+        description="SFT on CPU: project only the response positions through the LM head (TRL's fused head "
+        "scores every position without Triton); false: TRL's loss everywhere",
+    )
     lora: PassArgs = Field(default_factory=lambda: dict(LORA_DEFAULTS), description="LoraConfig overrides")
     sft_args: PassArgs = Field(default_factory=lambda: dict(SFT_DEFAULTS), description="SFTConfig overrides")
     stage_args: dict[Literal["sft-lamini", "sft-evol", "sft-orca", "sft-hh"], PassArgs] = Field(

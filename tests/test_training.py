@@ -381,6 +381,194 @@ def test_packed_batches_give_the_same_per_example_losses(tiny: Path, tok: Any) -
     assert max(abs(leaked[k] - ref[k]) for k in ref) > 1e-3
 
 
+def test_segment_attention_keeps_examples_apart_in_every_batch_layout(tiny: Path, tok: Any) -> None:
+    """bezoar_segments (per-example SDPA, the CPU stand-in for FlashAttention varlen) gives each
+    example the loss it has alone, for flattened batches, packed rows and right-padded batches."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from bezoar_jobs.data.prompt_format import render_example
+    from bezoar_jobs.training.attention import register, segment_bounds
+    from bezoar_jobs.training.examples import tokenize_example
+    from bezoar_jobs.training.packing import PackedRowsCollator
+
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    seg = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation=register()).eval()
+    assert seg.config._attn_implementation == "bezoar_segments"
+    rows = [tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["two"] * (2 + 4 * i))), 512, True) for i in range(6)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
+    ref = _per_example_losses(sdpa, padded)
+    assert len(ref) == 6
+    packed = list(pack_dataset(datasets.Dataset.from_list(rows), 256, "bfd", {}))
+    flat = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(packed)
+    assert flat["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in flat
+    layouts = {
+        "flat, cu_seq_lens": (flat, {k: flat[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}),
+        "flat, position ids only": (flat, None),
+        "packed rows": (PackedRowsCollator(pad_token_id=tok.pad_token_id)(packed), None),
+        "right-padded with a mask": (padded, None),
+    }
+    for name, (batch, forward) in layouts.items():
+        got = _per_example_losses(seg, batch, forward=forward)
+        assert set(got) == set(ref), name
+        for k in ref:
+            assert got[k] == pytest.approx(ref[k], abs=1e-4), name
+    # the boundaries it cuts at, from each source
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert segment_bounds(1, 6, None, {"position_ids": pos}) == [[(0, 3), (3, 5), (5, 6)]]
+    assert segment_bounds(1, 6, None, {"cu_seq_lens_q": torch.tensor([0, 4, 6]), "position_ids": pos}) == [[(0, 4), (4, 6)]]
+    assert segment_bounds(2, 4, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), {}) == [[(0, 2), (2, 4)], [(0, 4)]]
+    # what it cannot express is refused, not silently attended across
+    with pytest.raises(ValueError, match="right-padded"):
+        segment_bounds(1, 4, torch.tensor([[0, 0, 1, 1]]), {})
+    with pytest.raises(ValueError, match="2-D"):
+        segment_bounds(1, 4, torch.ones(1, 1, 4, 4), {})
+
+
+def test_shared_prefixes_give_each_example_its_own_loss(tiny: Path, tok: Any) -> None:
+    """SharedPrefixCollator computes a common system block once per batch; with per-example
+    attention every example still gets exactly the loss it has alone."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from bezoar_jobs.data.prompt_format import render_example
+    from bezoar_jobs.training.attention import register
+    from bezoar_jobs.training.examples import tokenize_example
+    from bezoar_jobs.training.packing import CountingCollator, SharedPrefixCollator
+
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    seg = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation=register()).eval()
+    systems = [None, None, "You are a careful tutor.", None, "You are a careful tutor.", "Answer briefly."]
+    rows = [
+        tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["three"] * (2 + 3 * i)), system=sy), 512, True)
+        for i, sy in enumerate(systems)
+    ]
+    ref = _per_example_losses(sdpa, DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows))
+    packed = list(pack_dataset(datasets.Dataset.from_list(rows), 256, "bfd", {}))
+    counter = CountingCollator(SharedPrefixCollator(pad_token_id=tok.pad_token_id))
+    batch = counter(packed)
+    layout = batch["segment_prefix"].tolist()
+    n_tokens = sum(len(r["input_ids"]) for r in rows)
+    # three groups share a prefix: the default system block (x3), the tutor (x2); "Answer briefly" is alone
+    prefixes = [r for r in layout if r[2] == r[3] and any(o[2] == r[0] and o[3] > o[2] for o in layout)]
+    assert len(prefixes) == 2
+    assert batch["input_ids"].shape == (1, n_tokens - counter.shared_tokens) and counter.shared_tokens > 0
+    assert counter.real_tokens == n_tokens and counter.real_fraction == 1.0
+    # a shared prefix ends before every member's first target
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    for s0, _e0, ps, pe in layout:
+        assert labels[s0] == -100  # no target predicted across a cut
+        if pe > ps:
+            assert (labels[ps:pe] == -100).all()
+    # per-example losses, each example reassembled from its prefix and its own part
+    with torch.no_grad():
+        logits = seg(**{k: batch[k] for k in ("input_ids", "position_ids", "segment_prefix")}, use_cache=False).logits[0].float()
+    got = {}
+    for s0, e0, ps, pe in layout:
+        if any(o[2] == s0 and o[3] > o[2] for o in layout):
+            continue  # a prefix segment
+        full_ids = torch.cat([ids[ps:pe], ids[s0:e0]])
+        full_logits = torch.cat([logits[ps:pe], logits[s0:e0]])
+        full_labels = torch.cat([labels[ps:pe], labels[s0:e0]])
+        lab = full_labels[1:]
+        mask = lab != -100
+        lp = torch.log_softmax(full_logits[:-1], -1)
+        got[tuple(full_ids.tolist())] = float(-lp[mask].gather(-1, lab[mask][:, None]).squeeze(-1).mean())
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], abs=1e-4)
+    # the check has teeth: without the prefix in view, the examples' losses change
+    leaky = {k: batch[k] for k in ("input_ids", "position_ids")}
+    with torch.no_grad():
+        alone = seg(**leaky, use_cache=False).logits[0].float()
+    assert not torch.allclose(alone, logits, atol=1e-3)
+
+
+def test_response_nll_equals_the_full_logits_loss_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from bezoar_jobs.training import loss as loss_mod
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden0 = torch.randn(2, 12, 16)
+    labels = torch.randint(0, 50, (2, 12))
+    labels[:, :4] = -100  # prompts
+    labels[1, 9:] = -100  # padding
+    pos = torch.tensor([list(range(7)) + list(range(5)), list(range(12))])  # row 0: two examples
+
+    def reference() -> tuple[float, Any, int]:
+        h = hidden0.clone().requires_grad_()
+        logits = head(h)[:, :-1].float()
+        tgt = labels[:, 1:].clone()
+        tgt[pos[:, 1:] == 0] = -100  # the first token of an example is not predicted from the last one
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), tgt.reshape(-1), reduction="sum", ignore_index=-100)
+        nll.backward()
+        return float(nll.detach()), h.grad, int((tgt != -100).sum())
+
+    ref_loss, ref_grad, ref_n = reference()
+    for keep, chunk in ((1 << 26, 2048), (1, 3)):  # logits kept; recomputed in backward, in chunks of 3
+        monkeypatch.setattr(loss_mod, "_KEEP_LOGITS_MAX", keep)
+        monkeypatch.setattr(loss_mod, "_CHUNK_TOKENS", chunk)
+        h = hidden0.clone().requires_grad_()
+        nll, n, correct = loss_mod.response_nll(h, labels, head, pos)
+        nll.backward()
+        assert int(n) == ref_n and 0 <= int(correct) <= ref_n
+        assert float(nll) == pytest.approx(ref_loss, rel=1e-5)
+        assert torch.allclose(h.grad, ref_grad, atol=1e-6)
+    # a micro-batch without a single scored token backpropagates a zero
+    h = hidden0.clone().requires_grad_()
+    nll, n, _ = loss_mod.response_nll(h, torch.full_like(labels, -100), head)
+    nll.backward()
+    assert int(n) == 0 and float(nll) == 0.0 and float(h.grad.abs().sum()) == 0.0
+
+
+def test_response_head_trainer_gives_trls_loss_and_gradients(tmp_path: Path, tiny: Path, tok: Any) -> None:
+    """The stage's trainer (per-example attention, shared prompt prefixes, response-only LM head)
+    against TRL's own SFTTrainer loss on the same examples: same loss, same LoRA gradients."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from bezoar_jobs.data.prompt_format import render_example
+    from bezoar_jobs.training.config import DevicePlan
+    from bezoar_jobs.training.examples import tokenize_example
+    from bezoar_jobs.training.sft import make_trainer
+
+    rows = [tokenize_example(tok, *render_example(f"Name {i} colours.", " ".join(["red"] * (3 + 3 * i))), 256, True) for i in range(8)]
+    plan = DevicePlan(cuda=False, quantize_4bit=False, load_dtype="float32", compute_dtype="float32", bf16=False, fp16=False, description="LoRA")
+    results = {}
+    for name, attention, head in (("ours", "auto", True), ("trl", "sdpa", False)):
+        args = SFTConfig(output_dir=str(tmp_path / name), max_length=256, packing=True, packing_strategy="bfd", use_cpu=True,
+                         report_to="none", per_device_train_batch_size=8, bf16=False)
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+        torch.manual_seed(3)
+        trainer, counter = make_trainer(tiny, plan, args, lora, tok, datasets.Dataset.from_list(rows), attention=attention, response_head=head)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+        assert (counter.shared_tokens > 0) == (name == "ours")  # the system block, computed once
+        model = trainer.model.train()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[name] = (float(loss), grads, type(trainer).__name__, model.config._attn_implementation, trainer._metrics["train"])
+    ours, trl = results["ours"], results["trl"]
+    assert ours[2] == "ResponseHeadSFTTrainer" and ours[3] == "bezoar_segments"
+    assert trl[2] == "SFTTrainer" and trl[3] == "sdpa"
+    assert ours[0] == pytest.approx(trl[0], rel=1e-5)
+    assert ours[1].keys() == trl[1].keys() and len(ours[1]) == 2 * 2 * 2  # A and B of q and v, 2 layers
+    for k in ours[1]:
+        assert torch.allclose(ours[1][k], trl[1][k], rtol=1e-4, atol=1e-6), k
+    # token accuracy is logged on both paths, and agrees
+    assert ours[4]["mean_token_accuracy"] == pytest.approx(trl[4]["mean_token_accuracy"])
+
+
 # ---------------------------------------------------------------------------------------------
 # stages on the tiny model
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +587,8 @@ def test_sft_stage_overfits_and_merged_checkpoint_matches_base_plus_adapter(tmp_
     assert m is not None and m["counts"]["examples"] == 8 and m["counts"]["steps"] == 40
     tr = m["training"]
     assert tr["mode"] == "lora" and "NOT QLoRA" in tr["mode_description"]
+    assert tr["attention"] == "bezoar_segments" and tr["response_only_lm_head"] is True and tr["real_token_fraction"] == 1.0
+    assert tr["batch_layout"] == "SharedPrefixCollator" and tr["shared_prefix_tokens"] > 0
     assert tr["tokens_per_second"] > 0 and 0 < tr["real_token_fraction"] <= 1 and tr["peak_memory_bytes"] > 0
     assert m["base_model"] == str(tiny) and m["inputs"].keys() == {"filter-lamini"}
     # losses every step; the loss falls by at least half on 8 examples

@@ -67,12 +67,20 @@ def load_tokenizer_for_training(model_dir: Path, trust_remote_code: bool) -> Any
     return setup_tokenizer(tok)
 
 
-def load_for_training(model_dir: Path, plan: DevicePlan, trust_remote_code: bool, gradient_checkpointing: bool) -> Any:
+def load_for_training(
+    model_dir: Path,
+    plan: DevicePlan,
+    trust_remote_code: bool,
+    gradient_checkpointing: bool,
+    attn_implementation: str | None = None,
+) -> Any:
     """The base model ready for a LoRA adapter (4-bit NF4 + k-bit preparation for QLoRA)."""
     from transformers import AutoModelForCausalLM
 
     check_model_dir(model_dir, "base model")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if plan.quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -87,7 +95,12 @@ def load_for_training(model_dir: Path, plan: DevicePlan, trust_remote_code: bool
         kwargs["device_map"] = {"": 0} if plan.cuda else {"": "cpu"}
     else:
         kwargs["dtype"] = _torch_dtype(plan.load_dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (ValueError, ImportError) as e:
+        if attn_implementation and attn_implementation in str(e):
+            raise BadInput(f"training.attention: {attn_implementation!r} cannot be used here: {e}") from None
+        raise
     if plan.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 

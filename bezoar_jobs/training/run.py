@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import BadInput, Interrupted
 from .checkpoint import CheckpointCallback, StoreCheckpoints
 from .config import StageConfigs, build_stage_configs, check_report_to
-from .packing import CountingCollator, PackedRowsCollator
+from .packing import CountingCollator, PackedRowsCollator, SharedPrefixCollator
 
 log = logging.getLogger("bezoar")
 
@@ -70,12 +70,23 @@ def resolve_base(ctx: Any, base_stage: str | None) -> tuple[Path, dict[str, Any]
     return path, {"base_model": f"{base_stage}/model", "base_stage": base_stage}
 
 
-def install_collator(trainer: Any, packing: bool) -> CountingCollator:
-    """Keep packed rows apart (unless FlashAttention's varlen kernels are in use) and count tokens."""
+def install_collator(trainer: Any, packing: bool, shared_prefix: bool = False) -> CountingCollator:
+    """Count tokens, and pick the batch layout the model's attention can keep apart:
+
+    - per-example attention (bezoar_segments) and ``shared_prefix``: one flat sequence per batch
+      with shared prompt prefixes computed once (SharedPrefixCollator);
+    - FlashAttention varlen or bezoar_segments: TRL's flattened padding-free batches;
+    - any other attention with packing: packed rows with a block-diagonal mask (PackedRowsCollator).
+    """
+    from .attention import NAME, keeps_examples_apart
+
     inner = trainer.data_collator
-    attn = str(getattr(trainer.model.config, "_attn_implementation", "") or "")
-    if packing and not attn.startswith("flash"):
-        inner = PackedRowsCollator(pad_token_id=trainer.processing_class.pad_token_id)
+    attn = getattr(trainer.model.config, "_attn_implementation", None)
+    pad = trainer.processing_class.pad_token_id
+    if packing and shared_prefix and attn == NAME:
+        inner = SharedPrefixCollator(pad_token_id=pad)
+    elif packing and not keeps_examples_apart(attn):
+        inner = PackedRowsCollator(pad_token_id=pad)
     counter = CountingCollator(inner)
     trainer.data_collator = counter
     return counter
@@ -101,6 +112,7 @@ class TrainResult:
     peak_memory_bytes: int
     adapter_dir: Path
     memory_kind: str = "process max RSS"
+    shared_tokens: int = 0
 
     def figures(self) -> dict[str, Any]:
         tps = self.real_tokens / self.runtime_s if self.runtime_s > 0 else None
@@ -112,7 +124,10 @@ class TrainResult:
             "resumed_from_step": self.resumed_from,
             "real_tokens": self.real_tokens,
             "total_tokens": self.total_tokens,
-            "real_token_fraction": round(self.real_tokens / self.total_tokens, 4) if self.total_tokens else None,
+            # of the positions processed, the fraction that are real tokens (not padding)
+            "real_token_fraction": round((self.real_tokens - self.shared_tokens) / self.total_tokens, 4) if self.total_tokens else None,
+            # example tokens covered by a shared prompt prefix computed once per batch
+            "shared_prefix_tokens": self.shared_tokens,
             "tokens_per_second": round(tps, 2) if tps else None,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory": self.memory_kind,
@@ -179,6 +194,7 @@ def train(ctx: Any, trainer: Any, configs: StageConfigs, counter: CountingCollat
         resumed_from=restored[0] if restored else None,
         real_tokens=counter.real_tokens,
         total_tokens=counter.total_tokens,
+        shared_tokens=counter.shared_tokens,
         peak_memory_bytes=peak_memory_bytes(configs.plan.cuda),
         adapter_dir=adapter_dir,
         memory_kind=mem_kind,

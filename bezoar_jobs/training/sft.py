@@ -57,11 +57,39 @@ def hh_examples(ctx: Any) -> tuple[list[Example], Counter, dict[str, Any]]:
     return examples, skipped, info
 
 
-def run_sft_stage(ctx: Any) -> Any:
-    import datasets
+def make_trainer(
+    base_dir: Path,
+    plan: Any,
+    args: Any,
+    lora: Any,
+    tok: Any,
+    dataset: Any,
+    attention: str = "auto",
+    response_head: bool = True,
+    trust_remote_code: bool = False,
+    shared_prefix: bool = True,
+) -> tuple[Any, Any]:
+    """The SFT trainer of a stage (and of bench/training.py) with its token counter: the model
+    loaded with ``attention`` (auto: per-example SDPA for padding-free batches), TRL's SFTTrainer
+    (with the response-only LM head on CPU when ``response_head``), our collator (shared prompt
+    prefixes computed once per batch when ``shared_prefix`` and the attention allows it)."""
     from trl import SFTTrainer
 
-    from .lora import load_for_training, setup_tokenizer
+    from .attention import choose, is_padding_free
+    from .lora import load_for_training
+    from .loss import sft_trainer_class
+
+    attn = choose(attention, is_padding_free(args))
+    model = load_for_training(base_dir, plan, trust_remote_code, bool(args.activation_checkpointing), attn)
+    cls = sft_trainer_class() if response_head else SFTTrainer
+    trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora)
+    return trainer, run.install_collator(trainer, bool(args.packing), shared_prefix)
+
+
+def run_sft_stage(ctx: Any) -> Any:
+    import datasets
+
+    from .lora import setup_tokenizer
 
     configs = run.prepare(ctx)
     args = configs.trainer_args
@@ -98,15 +126,21 @@ def run_sft_stage(ctx: Any) -> Any:
         ctx.name, len(tokenized.rows), tokenized.tokens, tokenized.response_tokens, label,
     )
     dataset = datasets.Dataset.from_list(tokenized.rows)
-    model = load_for_training(base_dir, configs.plan, ctx.recipe.student.trust_remote_code, bool(args.activation_checkpointing))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=configs.lora)
-    counter = run.install_collator(trainer, bool(args.packing))
+    trainer, counter = make_trainer(
+        base_dir, configs.plan, args, configs.lora, tok, dataset, t.attention, t.response_head,
+        ctx.recipe.student.trust_remote_code, t.shared_prefix,
+    )
     result = run.train(ctx, trainer, configs, counter)
     packed_rows = len(trainer.train_dataset)
-    del trainer, model
+    attention = str(getattr(trainer.model.config, "_attn_implementation", None) or "default")
+    layout = type(counter.inner).__name__
+    response_head = bool(t.response_head and not configs.plan.cuda)
+    del trainer
     run.release()
     counts = {**tokenized.counts, "tokens": tokenized.tokens, "response_tokens": tokenized.response_tokens}
     return run.finish(
         ctx, configs, base_dir, base_info, tok, result, [info], counts,
-        extra={"packed_rows": packed_rows, "packing": bool(args.packing)}, data_dirs=data_dirs,
+        extra={"packed_rows": packed_rows, "packing": bool(args.packing), "attention": attention, "batch_layout": layout,
+               "response_only_lm_head": response_head},
+        data_dirs=data_dirs,
     )
