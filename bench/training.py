@@ -1,20 +1,27 @@
 """Training throughput: our SFT batching against TRL's default, on CPU; plus a QLoRA memory estimate.
 
     .venv/bin/python bench/training.py [--examples 160] [--model bench|smollm2|DIR] [--repeats 1]
+                                       [--orca-systems] [--setups ours,trl-default,...]
 
-Both setups run the real ``SFTTrainer`` with a LoRA adapter for one epoch over the same examples:
+Every setup runs the real ``SFTTrainer`` with a LoRA adapter for one epoch over the same examples:
 
-- ``ours``: the stage's setup: padding-free best-fit-decreasing packing into ``max_length`` rows,
-  rows kept apart with position-id restarts (bezoar_jobs.training.packing.PackedRowsCollator);
+- ``ours``: the SFT stage's setup (bezoar_jobs.training.sft.make_trainer): best-fit-decreasing
+  packing flattened into one sequence per batch, per-example attention (training/attention.py),
+  shared prompt prefixes computed once per batch (training/packing.py, SharedPrefixCollator) and
+  on CPU only response positions through the LM head (training/loss.py);
+- ``ours-no-prefix``, ``ours-trl-loss``, ``packed-rows``: the same with parts switched off, to show
+  where the gain comes from (``packed-rows`` is the stage's setup before these changes);
 - ``trl-default``: ``packing=False``: random batches padded to their longest row (TRL's default);
 - ``length-grouped``: ``packing=False`` with length-grouped sampling, for reference.
 
-The examples follow the demo's generated data: our prompt layout, short instructions and
-long-tailed responses (log-normal token counts, median ~80, sigma 0.9 by default, capped at 900). Throughput is counted
-in *real* (non-pad) tokens per second of training; the real-token fraction is real / all tokens
-the model processed. The model is a random Llama with SmolLM2's tokenizer and a reduced width
-(``--model bench``, compute-bound but fast), or SmolLM2-135M itself (``--model smollm2``, slow on
-CPU). Figures go to docs/benchmarks.md ("## Training").
+The examples follow the demo's generated data: our prompt layout (the default system text, or
+with ``--orca-systems`` one of five system messages as in the Orca data), short instructions and
+long-tailed responses (log-normal token counts, median ~80, sigma 0.9 by default, capped at 900).
+Throughput is counted in the examples' tokens per second of training; the real-token fraction is
+the share of the positions the model processed that are not padding. The model is a random Llama
+with SmolLM2's tokenizer and a reduced width (``--model bench``: fast, dominated by its 49k-token
+LM head), or SmolLM2-135M itself (``--model smollm2``: the demo's student, slower on CPU).
+Figures go to docs/benchmarks.md ("## Training").
 """
 
 from __future__ import annotations
@@ -41,7 +48,18 @@ WORDS = (
 ).split()
 
 
-def make_examples(tok: Any, n: int, seed: int, median: float = 80, sigma: float = 0.9) -> list[dict[str, list[int]]]:
+ORCA_SYSTEMS = (
+    None,  # the default system text
+    "You are an AI assistant. Provide a detailed answer so the user does not need to search elsewhere.",
+    "You are a helpful assistant who always explains the answer step by step.",
+    "You are a teacher. Given a task, explain in simple steps what it asks and how to solve it.",
+    "You should describe the task and explain your answer, giving the wrong choices too.",
+)
+
+
+def make_examples(
+    tok: Any, n: int, seed: int, median: float = 80, sigma: float = 0.9, orca_systems: bool = False
+) -> list[dict[str, list[int]]]:
     """Tokenized examples (our prompt layout, response-only labels) with long-tailed lengths."""
     from bezoar_jobs.data.prompt_format import render_example
     from bezoar_jobs.training.examples import tokenize_example
@@ -52,7 +70,8 @@ def make_examples(tok: Any, n: int, seed: int, median: float = 80, sigma: float 
         ins = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(6, 30)))
         resp_tokens = min(900, max(5, int(rnd.lognormvariate(math.log(median), sigma))))
         resp = " ".join(rnd.choice(WORDS) for _ in range(resp_tokens))
-        out.append(tokenize_example(tok, *render_example(ins.capitalize() + "?", resp), 1024, add_bos=False))
+        system = rnd.choice(ORCA_SYSTEMS) if orca_systems else None
+        out.append(tokenize_example(tok, *render_example(ins.capitalize() + "?", resp, system=system), 1024, add_bos=False))
     return out
 
 
@@ -73,6 +92,17 @@ def bench_model(dest: Path, tok_dir: Path) -> Path:
     return dest
 
 
+# setup -> (packing, attention, response-only LM head, shared prefixes); None: TRL's SFTTrainer as it comes
+SETUPS: dict[str, tuple[bool, str, bool, bool] | None] = {
+    "ours": (True, "auto", True, True),  # the stage's defaults
+    "ours-no-prefix": (True, "auto", True, False),  # flattened batches, per-example attention, response-only head
+    "ours-trl-loss": (True, "auto", False, False),  # flattened batches, per-example attention, TRL's loss
+    "packed-rows": (True, "sdpa", False, False),  # packed rows, block-diagonal SDPA mask, TRL's loss
+    "trl-default": None,
+    "length-grouped": None,
+}
+
+
 def run_one(name: str, model_dir: Path, tok: Any, rows: list[dict[str, list[int]]], out: Path) -> dict[str, Any]:
     import datasets
     import torch
@@ -80,7 +110,9 @@ def run_one(name: str, model_dir: Path, tok: Any, rows: list[dict[str, list[int]
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from bezoar_jobs.training.packing import CountingCollator, PackedRowsCollator
+    from bezoar_jobs.training.config import DevicePlan
+    from bezoar_jobs.training.packing import CountingCollator
+    from bezoar_jobs.training.sft import make_trainer
 
     kwargs: dict[str, Any] = {
         "output_dir": str(out / name), "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
@@ -88,28 +120,38 @@ def run_one(name: str, model_dir: Path, tok: Any, rows: list[dict[str, list[int]
         "logging_steps": 1000, "use_cpu": True, "bf16": False, "seed": 0, "disable_tqdm": True,
         "activation_checkpointing": False, "optim": "adamw_torch",
     }
-    if name == "ours":
-        kwargs.update(packing=True, packing_strategy="bfd")
+    setup = SETUPS[name]
+    if setup is not None:
+        kwargs.update(packing=setup[0], packing_strategy="bfd")
     elif name == "length-grouped":
         kwargs.update(train_sampling_strategy="group_by_length")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora)
-    inner = PackedRowsCollator(pad_token_id=tok.pad_token_id) if name == "ours" else trainer.data_collator
-    counter = CountingCollator(inner)
-    trainer.data_collator = counter
+    dataset = datasets.Dataset.from_list(rows)
+    if setup is not None:
+        plan = DevicePlan(cuda=False, quantize_4bit=False, load_dtype="float32", compute_dtype="float32",
+                          bf16=False, fp16=False, description="LoRA, fp32, CPU")
+        trainer, counter = make_trainer(model_dir, plan, SFTConfig(**kwargs), lora, tok, dataset,
+                                        attention=setup[1], response_head=setup[2], shared_prefix=setup[3])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.config.use_cache = False
+        trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=dataset,
+                             processing_class=tok, peft_config=lora)
+        counter = CountingCollator(trainer.data_collator)
+        trainer.data_collator = counter
     t0 = time.time()
     trainer.train()
     secs = time.time() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "setup": name,
         "steps": trainer.state.global_step,
         "seconds": round(secs, 2),
+        "train_loss": round(float(trainer.state.log_history[-1].get("train_loss", float("nan"))), 4) if not losses else round(losses[-1], 4),
         "real_tokens": counter.real_tokens,
         "all_tokens": counter.total_tokens,
-        "real_fraction": round(counter.real_tokens / counter.total_tokens, 4),
+        "shared_prefix_tokens": counter.shared_tokens,
+        "real_fraction": round(counter.real_fraction or 0.0, 4),
         "real_tokens_per_s": round(counter.real_tokens / secs, 1),
     }
 
@@ -142,7 +184,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--median", type=float, default=80, help="median response length (words, ~tokens)")
     ap.add_argument("--sigma", type=float, default=0.9, help="log-normal spread of response lengths")
-    ap.add_argument("--setups", default="ours,trl-default,length-grouped")
+    ap.add_argument("--setups", default="ours,trl-default,length-grouped,ours-no-prefix,ours-trl-loss,packed-rows",
+                    help=f"comma-separated, of: {', '.join(SETUPS)}")
+    ap.add_argument("--orca-systems", action="store_true", help="vary the system message as in the Orca data")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args()
 
@@ -158,9 +202,10 @@ def main() -> int:
         if model_dir is None:
             model_dir = bench_model(tmp / "model", smol)
         tok = setup_tokenizer(load_tokenizer(model_dir))
-        rows = make_examples(tok, a.examples, seed=1, median=a.median, sigma=a.sigma)
+        rows = make_examples(tok, a.examples, seed=1, median=a.median, sigma=a.sigma, orca_systems=a.orca_systems)
         lengths = sorted(len(r["input_ids"]) for r in rows)
-        print(f"model {a.model}, {len(rows)} examples (responses: log-normal median {a.median}, sigma {a.sigma}), "
+        print(f"model {a.model}, {len(rows)} examples (responses: log-normal median {a.median}, sigma {a.sigma}"
+              f"{', Orca system messages' if a.orca_systems else ''}), "
               f"tokens per example: median {statistics.median(lengths)}, "
               f"p90 {lengths[int(0.9 * len(lengths))]}, max {lengths[-1]}; torch threads {torch.get_num_threads()}")
         results: dict[str, list[dict[str, Any]]] = {}
@@ -172,7 +217,7 @@ def main() -> int:
         best = {k: max(v, key=lambda r: r["real_tokens_per_s"]) for k, v in results.items()}
         summary: dict[str, Any] = {
             "examples": len(rows), "median_tokens": statistics.median(lengths), "p90_tokens": lengths[int(0.9 * len(lengths))],
-            "max_tokens": lengths[-1], "sigma": a.sigma, "setups": best,
+            "max_tokens": lengths[-1], "sigma": a.sigma, "orca_systems": a.orca_systems, "model": a.model, "setups": best,
         }
         if "ours" in best and "trl-default" in best:
             summary["speedup_vs_trl_default"] = round(best["ours"]["real_tokens_per_s"] / best["trl-default"]["real_tokens_per_s"], 2)
