@@ -14,6 +14,7 @@ class default applies. The merged dict is what the stage's parameter hash covers
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -202,6 +203,17 @@ class TrainingConfig(_Strict):
         if sorted(v) != sorted(SCHEMES):
             raise ValueError(f"must list each of {', '.join(SCHEMES)} exactly once")
         return v
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, v: str) -> str:
+        known = ("auto", "bezoar_segments", "sdpa", "eager", "flex_attention")
+        if v in known or re.fullmatch(r"flash_attention_[234]|[\w.-]+/[\w.-]+(:[\w.-]+)?", v):
+            return v
+        raise ValueError(
+            f"unknown attention implementation {v!r}: use one of {', '.join(known)}, flash_attention_2/3/4 "
+            "or a hub kernel (org/repo)"
+        )
 
     @field_validator("sft_args", mode="before")
     @classmethod

@@ -233,6 +233,14 @@ def test_pass_through_errors_name_the_dotted_path(tmp_path: Path, tiny: Path, tr
     assert e.value.exit_code == EXIT_BAD_INPUT
 
 
+def test_unknown_attention_is_refused_when_the_recipe_loads(tmp_path: Path, tiny: Path) -> None:
+    with pytest.raises(BadInput) as e:
+        make_recipe(tmp_path, tiny, {"attention": "sdpaa"})
+    assert "training.attention" in str(e.value) and "unknown attention implementation 'sdpaa'" in str(e.value)
+    for ok in ("auto", "bezoar_segments", "eager", "flash_attention_2", "kernels-community/flash-attn"):
+        assert make_recipe(tmp_path, tiny, {"attention": ok})[0].training.attention == ok
+
+
 def test_recipe_section_is_typed_and_merges_overrides(tmp_path: Path, tiny: Path) -> None:
     recipe, _ = make_recipe(tmp_path, tiny, {"sft_args": {"learning_rate": 5e-5, "optim": None}})
     args = recipe.training.sft_args
