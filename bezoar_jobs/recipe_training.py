@@ -180,8 +180,8 @@ class TrainingConfig(_Strict):
     )
     response_head: bool = Field(
         True,
-        description="SFT on CPU: project only the response positions through the LM head (TRL's fused head "
-        "scores every position without Triton); false: TRL's loss everywhere",
+        description="on CPU, project only the scored (response) positions through the LM head: our SFT loss, "
+        "and TRL's compact fused head for DPO (TRL scores every position without Triton); false: TRL as is",
     )
     lora: PassArgs = Field(default_factory=lambda: dict(LORA_DEFAULTS), description="LoraConfig overrides")
     sft_args: PassArgs = Field(default_factory=lambda: dict(SFT_DEFAULTS), description="SFTConfig overrides")

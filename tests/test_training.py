@@ -577,6 +577,39 @@ def test_response_head_trainer_gives_trls_loss_and_gradients(tmp_path: Path, tin
     assert ours[4]["mean_token_accuracy"] == pytest.approx(trl[4]["mean_token_accuracy"])
 
 
+def test_dpo_on_cpu_scores_only_labelled_positions_with_the_same_loss(tmp_path: Path, tiny: Path, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compact_fused_head: TRL's fused LM head takes its compact path on CPU (DPO keeps TRL's loss)."""
+    import datasets
+    import torch
+    import trl.trainer.utils as trl_utils
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from bezoar_jobs.training.loss import compact_fused_head
+
+    pairs = [{"prompt": f"### Instruction:\nSay {i} twice.\n\n### Response:\n", "chosen": " yes" * (i + 2), "rejected": " no"} for i in range(4)]
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, max_length=128, use_cpu=True, report_to="none", bf16=False)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=datasets.Dataset.from_list(pairs), processing_class=tok, peft_config=lora)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    scored: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda *a: (scored.append(int(a[0].shape[0])), apply(*a))[1])
+    full = float(trainer.compute_loss(trainer.model, dict(batch)))
+    every_position, scored = list(scored), []
+    with compact_fused_head() as on:
+        assert on and trl_utils._use_triton(torch.device("cpu")) is True
+        compact = float(trainer.compute_loss(trainer.model, dict(batch)))
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # restored
+    assert compact == pytest.approx(full, abs=1e-6)
+    assert every_position and scored and max(scored) < min(every_position)  # prompts and pads skipped
+    with compact_fused_head(enabled=False) as on:
+        assert not on and trl_utils._use_triton(torch.device("cpu")) is False
+
+
 # ---------------------------------------------------------------------------------------------
 # stages on the tiny model
 # ---------------------------------------------------------------------------------------------

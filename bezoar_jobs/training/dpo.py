@@ -87,9 +87,15 @@ def run_dpo_stage(ctx: Any) -> Any:
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok, peft_config=configs.lora
     )
     counter = run.install_collator(trainer, packing=False)
-    result = run.train(ctx, trainer, configs, counter)
+    from .loss import compact_fused_head
+
+    with compact_fused_head(ctx.recipe.training.response_head and not configs.plan.cuda) as compact:
+        result = run.train(ctx, trainer, configs, counter)
     logged = [h for h in trainer.state.log_history if "rewards/margins" in h]
     rewards = {k: v for k, v in logged[-1].items() if k.startswith("rewards/")} if logged else {}
     del trainer, model
     run.release()
-    return run.finish(ctx, configs, base_dir, base_info, tok, result, [info], counts, extra={"beta": args.beta, "last_rewards": rewards})
+    return run.finish(
+        ctx, configs, base_dir, base_info, tok, result, [info], counts,
+        extra={"beta": args.beta, "last_rewards": rewards, "response_only_lm_head": compact},
+    )

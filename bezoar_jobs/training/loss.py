@@ -11,10 +11,17 @@ recomputed in the backward pass when their logits would be large.
 :func:`sft_trainer_class` returns TRL's ``SFTTrainer`` with that loss where it helps (no Triton,
 plain NLL loss, no custom loss function) and TRL's own ``compute_loss`` everywhere else. It logs
 ``mean_token_accuracy`` like TRL; the per-token entropy TRL also logs is not computed on this path.
+
+:func:`compact_fused_head` is the same saving for the trainers that keep TRL's loss (DPO): while it
+is active, TRL's fused head takes its compact path (only labelled positions) on the CPU too, with
+TRL's own torch fallback kernels. TRL scores every position off-Triton to keep tile shapes fixed
+for graph compilers, which eager CPU training does not use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # positions x vocabulary above which a chunk's logits are recomputed in backward instead of kept
@@ -63,6 +70,31 @@ def response_nll(hidden: Any, labels: Any, lm_head: Any, position_ids: Any = Non
         total = nll if total is None else total + nll
         correct = correct + ok
     return total, torch.tensor(n, device=tgt.device), correct
+
+
+@contextmanager
+def compact_fused_head(enabled: bool = True) -> Iterator[bool]:
+    """While active, TRL's fused LM head scores only labelled positions on CPU devices as well.
+
+    Yields whether it took effect: TRL decides compact vs. every position with
+    ``trl.trainer.utils._use_triton(device)``; a TRL without that hook keeps its behaviour
+    (tests/test_training.py fails then, so an upgrade cannot drop the saving silently).
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if not enabled or original is None:
+        yield False
+        return
+
+    def compact_on_cpu(device: Any) -> bool:
+        return True if getattr(device, "type", None) == "cpu" else bool(original(device))
+
+    trl_utils._use_triton = compact_on_cpu
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = original
 
 
 def _unwrap(model: Any) -> Any:
