@@ -271,6 +271,14 @@ def test_a_custom_sft_order_rewires_the_stage_graph(tmp_path: Path, tiny: Path) 
     assert waves == [["sft-lamini"], ["sft-orca"], ["sft-evol"], ["sft-hh"], ["dpo"]]
     # without a recipe (or with the default order) the static graph applies
     assert stage_inputs("sft-evol") == ("filter-evol", "sft-lamini")
+    # and the stages run in that order: sft-orca second, from sft-lamini (sft-evol not there yet)
+    store = open_store(tmp_path / "run")
+    commit_filter(store, "lamini", lamini_rows(8), tmp_path)
+    commit_filter(store, "orca", orca_rows(8), tmp_path)
+    assert run_stage("sft-lamini", recipe, store) == 0
+    assert run_stage("sft-orca", recipe, store) == 0
+    m = read_manifest(store, "sft-orca")
+    assert m is not None and set(m["inputs"]) == {"filter-orca", "sft-lamini"} and m["base_stage"] == "sft-lamini"
 
 
 # ---------------------------------------------------------------------------------------------

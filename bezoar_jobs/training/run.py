@@ -50,7 +50,7 @@ def stage_fingerprint(ctx: Any) -> dict[str, Any]:
     return {
         "stage": ctx.name,
         "params": params_hash(ctx.recipe, ctx.name),
-        "inputs": input_hashes(ctx.store, ctx.name),
+        "inputs": input_hashes(ctx.store, ctx.name, ctx.recipe),
         "code": __version__,
     }
 
