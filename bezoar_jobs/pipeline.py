@@ -34,7 +34,8 @@ _ALL = [
     StageSpec("sft-orca", ("filter-orca", "sft-evol"), "sft", gpu=True),
     StageSpec("sft-hh", ("sft-orca",), "sft", gpu=True),
     StageSpec("dpo", ("sft-hh",), "dpo", gpu=True),
-    # evaluation reads the checkpoints it evaluates (evaluation.checkpoints; the base model needs no stage)
+    # evaluation reads the checkpoints it evaluates (the default evaluation.checkpoints; stage_inputs
+    # follows the recipe's list; the base model needs no stage)
     StageSpec("eval-harness", ("sft-orca", "sft-hh", "dpo"), "evaluate", gpu=True),
     StageSpec("eval-mtbench", ("sft-orca", "sft-hh", "dpo"), "evaluate", ("judge",), gpu=True),
     # the report reads whatever is committed (a partial run too): no declared inputs
@@ -51,8 +52,12 @@ SCHEME_SFT = ("sft-lamini", "sft-evol", "sft-orca")
 def stage_inputs(name: str, recipe: Any = None) -> tuple[str, ...]:
     """The stages ``name`` reads. The scheme SFT stages follow the recipe's
     ``training.sft_order`` (each starts from the previous one's model, sft-hh from the last); the
-    static ``StageSpec.inputs`` are that graph for the default order (lamini, evol, orca)."""
+    evaluation stages read the trained stages in ``evaluation.checkpoints`` (the base model needs
+    none). The static ``StageSpec.inputs`` are that graph for the default recipe."""
     s = spec(name)
+    if s.family == "evaluate" and recipe is not None:
+        evaluated = set(getattr(getattr(recipe, "evaluation", None), "checkpoints", None) or ())
+        return tuple(n for n in CANONICAL if n in evaluated)
     order = getattr(getattr(recipe, "training", None), "sft_order", None)
     if not order or name not in (*SCHEME_SFT, "sft-hh"):
         return s.inputs

@@ -69,3 +69,21 @@ def test_force_restarts_training_work_but_keeps_paid_for_records(tmp_path, monke
         assert runner.run_stage(name, recipe, store, force=True) == 0
     assert seen["generate-orca"] == ["checkpoints/step-5/COMPLETE"]  # records kept for the rerun
     assert seen["dpo"] == []  # training restarted from scratch
+
+
+def test_evaluation_reads_the_checkpoints_the_recipe_evaluates():
+    """A checkpoint evaluated is an input (ordered before, hashed, so a retrained one re-evaluates);
+    one not evaluated is not required."""
+    from bezoar_jobs.pipeline import stage_inputs
+    from bezoar_jobs.recipe import parse_recipe
+
+    base = "schema_version: 1\nname: t\nteacher: {backend: local, model: m}\njudge: {backend: local, model: m}\nstudent: {model: m}\n"
+    r = parse_recipe(base + "evaluation: {checkpoints: [dpo, base, sft-lamini]}\n")
+    for stage in ("eval-harness", "eval-mtbench"):
+        assert stage_inputs(stage, r) == ("sft-lamini", "dpo")  # canonical order, base needs no stage
+        assert stage_inputs(stage) == ("sft-orca", "sft-hh", "dpo")  # without a recipe: the default list
+    assert levels(["sft-lamini", "dpo", "eval-harness"], r) == [["sft-lamini", "dpo"], ["eval-harness"]]
+    only_base = parse_recipe(base + "evaluation: {checkpoints: [base]}\n")
+    assert stage_inputs("eval-harness", only_base) == ()
+    default = parse_recipe(base)
+    assert stage_inputs("eval-mtbench", default) == STAGES["eval-mtbench"].inputs
