@@ -15,87 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
+from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
 
 SCHEMA_VERSION = 1
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-Prob = Annotated[float, Field(ge=0.0, le=1.0)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Models and endpoints
-# ---------------------------------------------------------------------------------------------
-class Decoding(Strict):
-    max_new_tokens: PosInt = 256
-    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    stop: tuple[str, ...] = ()
-
-
-class Endpoint(Strict):
-    """A teacher or judge: where it runs and how to talk to it.
-
-    backend:
-      tgi                 Text Generation Inference (huggingface_hub.AsyncInferenceClient), raw prompts
-      openai-completions  an OpenAI-compatible /v1/completions server (vLLM, SGLang), raw prompts
-      openai-chat         an OpenAI-compatible /v1/chat/completions API (GPT-4-class judges)
-      anthropic           Anthropic Messages API (Claude)
-      local               in-process transformers batched generation (the embedded default)
-    """
-
-    backend: Literal["tgi", "openai-completions", "openai-chat", "anthropic", "local"]
-    model: str = Field(description="hub id, local/s3 directory, or pkg://package/file.gguf (local backend)")
-    revision: str | None = Field(None, description="pinned hub revision (commit sha) of the model")
-    base_url: str | None = None
-    api_key_env: str | None = Field(None, description="name of the env var holding the API key")
-    api_key_file: str | None = Field(None, description="path of a mounted file holding the API key")
-    prompt_format: str | None = Field(
-        None,
-        description="raw-prompt backends: template with {system} and {user}; "
-        "local backend: null uses the tokenizer's chat template",
-    )
-    system_prompt_supported: bool = True
-    max_concurrency: PosInt = 16
-    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
-    tokens_per_minute: Annotated[float, Field(gt=0)] | None = None
-    max_retries: NonNegInt = 6
-    timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    backoff_base_s: Annotated[float, Field(gt=0)] = 1.0
-    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
-    price_input_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
-    price_output_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
-    spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(None, description="stop paying beyond this: spend of this role across the run, cached answers included")
-    # in-process (local) backend
-    batch_size: PosInt = 8
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> Endpoint:
-        remote = self.backend != "local"
-        if remote and not self.base_url and self.backend in ("tgi", "openai-completions"):
-            raise ValueError(f"backend {self.backend!r} needs base_url")
-        if self.backend in ("tgi", "openai-completions") and not self.prompt_format:
-            raise ValueError(f"backend {self.backend!r} sends raw prompts: prompt_format is required")
-        if self.prompt_format and "{user}" not in self.prompt_format:
-            raise ValueError("prompt_format must contain {user}")
-        if self.api_key_env and self.api_key_file:
-            raise ValueError("give api_key_env or api_key_file, not both")
-        return self
 
 
 class StudentModel(Strict):
@@ -108,19 +36,6 @@ class StudentModel(Strict):
 # ---------------------------------------------------------------------------------------------
 # Seed data
 # ---------------------------------------------------------------------------------------------
-class DatasetSource(Strict):
-    """A dataset: a hub id (pinned revision) or a local / s3:// file (jsonl, json, parquet, csv),
-    or pkg://bezoar_jobs/<path> for the demo files shipped inside the package."""
-
-    path: str
-    revision: str | None = None
-    name: str | None = Field(None, description="hub config / subset name")
-    split: str = "train"
-    data_files: tuple[str, ...] = ()
-    limit: PosInt | None = None
-    licence: str = "unknown"
-
-
 class TemplateRef(Strict):
     """A prompt template file: pkg://bezoar_jobs/templates/<name> (ours) or a user file."""
 

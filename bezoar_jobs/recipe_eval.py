@@ -9,10 +9,11 @@ both evaluation stages, so a table in the report compares the same rows for both
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .recipe_base import DatasetSource, Decoding, Endpoint
 from .recipe_training import SFT_STAGES
 
 # checkpoint names a recipe may list: the base (student) model and every training stage's output
@@ -40,39 +41,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# The recipe's Endpoint, Decoding and DatasetSource are defined in recipe.py, which imports this
-# module at its top: importing them here would be a circular import. Fields of those types are
-# therefore declared ``Any`` and validated by the real class, imported when a value is validated
-# (by then recipe.py is loaded), so the error messages and the hashed dumps are those of the real
-# types. Defaults built from them are default factories for the same reason.
-def _recipe_type(name: str) -> Any:
-    from . import recipe
-
-    return getattr(recipe, name)
-
-
-def _validate_as(type_name: str, value: Any) -> Any:
-    cls = _recipe_type(type_name)
-    if value is None or isinstance(value, cls):
-        return value
-    try:
-        return cls.model_validate(value)
-    except ValidationError as e:
-        parts = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key (not a field of this section)" if err["type"] == "extra_forbidden" else err["msg"]
-            parts.append(f"{loc}: {msg}" if loc else msg)
-        raise ValueError("; ".join(parts)) from None
-
-
-def _default_questions() -> Any:
-    return _recipe_type("DatasetSource")(path="HuggingFaceH4/mt_bench_prompts", split="train", licence="Apache-2.0")
-
-
-def _default_judge_decoding() -> Any:
-    # FastChat's judge settings: greedy, room for a long explanation before the verdict
-    return _recipe_type("Decoding")(max_new_tokens=2048, temperature=0.0)
+# FastChat's judge settings: greedy, room for a long explanation before the verdict
+JUDGE_DECODING = Decoding(max_new_tokens=2048, temperature=0.0)
+MTBENCH_QUESTIONS = DatasetSource(path="HuggingFaceH4/mt_bench_prompts", split="train", licence="Apache-2.0")
 
 
 class Baseline(_Strict):
@@ -139,12 +110,12 @@ class HarnessConfig(_Strict):
 
 class MTBenchConfig(_Strict):
     enabled: bool = True
-    questions: Any = Field(
-        default_factory=_default_questions,
+    questions: DatasetSource = Field(
+        MTBENCH_QUESTIONS,
         description="a dataset source (as the recipe's seeds) in MT-Bench's question.jsonl format "
         "(question_id, category, turns[2], reference) or the hub copy's columns (prompt_id, prompt, reference)",
     )
-    reference_answers: Any = Field(
+    reference_answers: DatasetSource | None = Field(
         None,
         description="FastChat answer-file format (question_id, choices[0].turns) replacing the questions' "
         "own 'reference' for the categories below",
@@ -160,7 +131,7 @@ class MTBenchConfig(_Strict):
     answer_batch_size: PosInt = 8
     answer_system: str | None = Field(None, description="system text of the prompt format; null: its default")
     # judging
-    judge: Any = Field(None, description="an endpoint (as the recipe's judge); null: the recipe's judge")
+    judge: Endpoint | None = Field(None, description="an endpoint (as the recipe's judge); null: the recipe's judge")
     judge_method: Literal["generate", "logprobs"] = Field(
         "generate", description="generate: parse the judge's [[rating]]; logprobs: expected rating from "
         "the rating-token probabilities (in-process judge only)"
@@ -169,23 +140,8 @@ class MTBenchConfig(_Strict):
         "pkg://bezoar_jobs/templates/mtbench_judge.txt",
         description="our sectioned template file, or a FastChat judge_prompts.jsonl",
     )
-    judge_decoding: Any = Field(default_factory=_default_judge_decoding, description="decoding (as elsewhere)")
+    judge_decoding: Decoding = Field(JUDGE_DECODING, description="decoding (as elsewhere)")
     logprobs_prefix: str = Field("Rating: [[", description="text after which the rating token is scored")
-
-    @field_validator("questions", "reference_answers", mode="before")
-    @classmethod
-    def _source(cls, v: Any) -> Any:
-        return _validate_as("DatasetSource", v)
-
-    @field_validator("judge", mode="before")
-    @classmethod
-    def _judge(cls, v: Any) -> Any:
-        return _validate_as("Endpoint", v)
-
-    @field_validator("judge_decoding", mode="before")
-    @classmethod
-    def _decoding(cls, v: Any) -> Any:
-        return _validate_as("Decoding", v)
 
     @model_validator(mode="after")
     def _check(self) -> MTBenchConfig:
