@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .examples import common_prefix
+
 
 @dataclass
 class PackedRowsCollator:
@@ -94,8 +96,7 @@ class SharedPrefixCollator:
             if out:
                 shared, members = out[-1]
                 first = members[0][0]
-                lcp = next((j for j, (a, b) in enumerate(zip(first, ex[0], strict=False)) if a != b), min(len(first), len(ex[0])))
-                joined = min(shared, lcp, cap)
+                joined = min(shared, common_prefix(first, ex[0]), cap)
                 if joined >= self.min_prefix:
                     out[-1] = (joined, [*members, ex])
                     continue
