@@ -279,12 +279,15 @@ def test_mtbench_with_an_anthropic_judge_over_http(tmp_path, tiny, monkeypatch):
         judge = {"backend": "anthropic", "model": "claude-test-2024-01-01", "base_url": srv.url,
                  "api_key_env": "TEST_ANTHROPIC_KEY", "max_retries": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.1,
                  "price_input_per_mtok": 8.0, "price_output_per_mtok": 24.0}
-        recipe = _recipe(tmp_path, tiny, judge=judge, judge_method="generate", categories=["math", "writing", "coding"])
+        recipe = _recipe(tmp_path, tiny, judge=judge, judge_method="generate", categories=["math", "writing", "coding"],
+                         judge_decoding={"max_new_tokens": 512, "temperature": 0.0, "stop": ["\n\n### END"]})
         run = tmp_path / "run"
         # other weights for the checkpoint, so its answers (and judge prompts) differ from the base's
         _commit_checkpoints(run, build_tiny_model(tmp_path / "other", seed=1))
         assert cli_main(["stage", "eval-mtbench", "--recipe", str(recipe), "--run", str(run)]) == 0
         asked = len(srv.calls)
+        # the recipe's judge decoding reaches the API, stop sequences included
+        assert {tuple(c.params["stop"]) for c in srv.calls} == {("\n\n### END",)}
     store = open_store(run)
     scores = json.loads(store.read_text("eval-mtbench/results/scores.json"))
     assert scores["judge"]["model_id"] == "claude-test-2024-01-01" and scores["judge"]["backend"] == "anthropic"

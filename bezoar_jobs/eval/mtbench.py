@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput
-from ..llm.base import GenRequest, GenResult, LLMClient
+from ..llm.base import GenRequest, GenResult, LLMClient, request
 from .judge_prompts import JudgePrompt, JudgePrompts
 
 log = logging.getLogger("bezoar")
@@ -252,15 +252,7 @@ def judge(
     for q in questions:
         for turn in (1, 2):
             prompt, text = judge_input(prompts, q, answers[q.key], turn, reference_categories)
-            req = GenRequest(
-                id=f"{model_label}/{q.key}/t{turn}",
-                user=text,
-                system=prompt.system,
-                max_new_tokens=decoding.max_new_tokens,
-                temperature=decoding.temperature,
-                top_p=decoding.top_p,
-                seed=seed,
-            )
+            req = request(f"{model_label}/{q.key}/t{turn}", text, decoding, seed, system=prompt.system)
             items.append((req, q, turn, prompt))
     base = [{
         "model": model_label,

@@ -13,6 +13,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..recipe_base import Decoding
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,21 @@ class GenRequest:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+def request(rid: str, user: str, dec: Decoding, seed: int | None, system: str | None = None) -> GenRequest:
+    """A request with the recipe's decoding settings (a ``Decoding`` section) and a seed."""
+    return GenRequest(
+        id=rid,
+        user=user,
+        system=system,
+        max_new_tokens=dec.max_new_tokens,
+        temperature=dec.temperature,
+        top_p=dec.top_p,
+        repetition_penalty=dec.repetition_penalty,
+        seed=seed,
+        stop=tuple(dec.stop),
+    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import Interrupted, RetryableError
 from ..llm.base import GenRequest, GenResult, LLMClient, UsageTotals
-from ..recipe import Decoding, Endpoint
+from ..recipe import Endpoint
 from ..runner import StageContext, params_hash
 from .records import RecordLog
 
@@ -32,20 +32,6 @@ def open_client(ctx: StageContext, endpoint: Endpoint, role: str, cached: bool =
 
         client = CachedClient(client, ctx.store, namespace=role)
     return client
-
-
-def request(rid: str, user: str, dec: Decoding, seed: int, system: str | None = None) -> GenRequest:
-    return GenRequest(
-        id=rid,
-        user=user,
-        system=system,
-        max_new_tokens=dec.max_new_tokens,
-        temperature=dec.temperature,
-        top_p=dec.top_p,
-        repetition_penalty=dec.repetition_penalty,
-        seed=seed,
-        stop=tuple(dec.stop),
-    )
 
 
 class Phase:

@@ -19,9 +19,9 @@ from typing import Any
 
 from ..data.io import dataset_card, load_template, read_jsonl, render, write_jsonl
 from ..errors import BadInput
-from ..llm.base import GenRequest
+from ..llm.base import GenRequest, request
 from ..runner import StageContext, StageOutput
-from .common import Phase, cost_usd, endpoint_info, open_client, request, usage_dict
+from .common import Phase, cost_usd, endpoint_info, open_client, usage_dict
 from .records import stable_hash
 
 log = logging.getLogger("bezoar")

@@ -16,8 +16,9 @@ from typing import Any
 
 from ..data.io import dataset_card, load_rows, load_template, local_copy, read_jsonl, render, write_jsonl
 from ..errors import BadInput
+from ..llm.base import request
 from ..runner import StageContext, StageOutput
-from .common import Phase, cost_usd, endpoint_info, normalise, open_client, request, usage_dict
+from .common import Phase, cost_usd, endpoint_info, normalise, open_client, usage_dict
 from .records import in_shard, stable_hash
 
 log = logging.getLogger("bezoar")
