@@ -176,6 +176,13 @@ def test_fastchat_judge_prompts_file_is_accepted(tmp_path):
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     with pytest.raises(BadInput, match=r"single-v1-multi-turn.*\{question_2\}"):
         load_judge_prompts(str(f))
+    # a broken line names the file and the line, as every JSON-lines file of the project does
+    f.write_text(json.dumps(lines[0]) + "\n" + '{"name": "single-math-v1", "prompt_template": \n' + "[1, 2]\n")
+    with pytest.raises(BadInput, match=r"judge_prompts.jsonl:2: not valid JSON \(.* at column \d+\)"):
+        load_judge_prompts(str(f))
+    f.write_text(json.dumps(lines[0]) + "\n[1, 2]\n")
+    with pytest.raises(BadInput, match=r"judge_prompts.jsonl:2: each line must be a JSON object, got list"):
+        load_judge_prompts(str(f))
 
 
 def test_our_template_sections_are_checked(tmp_path):

@@ -66,18 +66,22 @@ def read_text_uri(uri: str) -> str:
 
 def iter_jsonl(path: Path, label: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) of a JSON-lines file; a broken line is an error naming file and line."""
-    label = label or str(path)
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{label}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise BadInput(f"{label}:{n}: each line must be a JSON object, got {type(row).__name__}")
-            yield n, row
+        yield from iter_jsonl_lines(f, label or str(path))
+
+
+def iter_jsonl_lines(lines: Iterable[str], label: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`iter_jsonl` over lines already read (``label`` names their file in errors)."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{label}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise BadInput(f"{label}:{n}: each line must be a JSON object, got {type(row).__name__}")
+        yield n, row
 
 
 def read_jsonl(path: Path, required: Sequence[str] = (), label: str | None = None) -> list[dict[str, Any]]:

@@ -16,11 +16,10 @@ FastChat's format: one JSON object per line with ``name``, ``type``, ``system_pr
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
-from ..data.io import read_text_uri, render
+from ..data.io import iter_jsonl_lines, read_text_uri, render
 from ..errors import BadInput
 
 KINDS: tuple[str, ...] = ("single", "single-ref", "turn2", "turn2-ref")
@@ -104,14 +103,8 @@ def _from_sections(text: str, uri: str, field: str) -> dict[str, JudgePrompt]:
 
 def _from_fastchat(text: str, uri: str, field: str) -> dict[str, JudgePrompt]:
     entries: dict[str, tuple[int, dict]] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{field}: {uri}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or "name" not in obj or "prompt_template" not in obj:
+    for n, obj in iter_jsonl_lines(text.splitlines(), f"{field}: {uri}"):
+        if "name" not in obj or "prompt_template" not in obj:
             raise BadInput(f"{field}: {uri}:{n}: a judge prompt needs 'name' and 'prompt_template'")
         entries[str(obj["name"])] = (n, obj)
     out = {}
