@@ -179,20 +179,21 @@ def loss_curves(store: Store, data: RunData) -> dict[str, list[tuple[float, floa
     return out
 
 
-def harness_summary(store: Store, data: RunData) -> dict[str, Any] | None:
-    text = _read_listed(store, data, "eval-harness", "results/summary.json")
+def _results(store: Store, data: RunData, stage: str, rel: str) -> dict[str, Any] | None:
+    """An evaluation stage's committed results file, or None (not committed, or the stage was skipped)."""
+    text = _read_listed(store, data, stage, rel)
     if text is None:
         return None
-    summary = json.loads(text)
-    return None if summary.get("skipped") else summary
+    results = json.loads(text)
+    return None if results.get("skipped") else results
+
+
+def harness_summary(store: Store, data: RunData) -> dict[str, Any] | None:
+    return _results(store, data, "eval-harness", "results/summary.json")
 
 
 def mtbench_scores(store: Store, data: RunData) -> dict[str, Any] | None:
-    text = _read_listed(store, data, "eval-mtbench", "results/scores.json")
-    if text is None:
-        return None
-    scores = json.loads(text)
-    return None if scores.get("skipped") else scores
+    return _results(store, data, "eval-mtbench", "results/scores.json")
 
 
 def sample_judgments(store: Store, data: RunData, scores: dict[str, Any], n: int) -> dict[str, list[dict[str, Any]]]:
