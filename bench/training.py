@@ -140,14 +140,13 @@ def run_one(name: str, model_dir: Path, tok: Any, rows: list[dict[str, list[int]
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
     t0 = time.time()
-    trainer.train()
+    out = trainer.train()
     secs = time.time() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "setup": name,
         "steps": trainer.state.global_step,
         "seconds": round(secs, 2),
-        "train_loss": round(float(trainer.state.log_history[-1].get("train_loss", float("nan"))), 4) if not losses else round(losses[-1], 4),
+        "train_loss": round(float(out.training_loss), 4),
         "real_tokens": counter.real_tokens,
         "all_tokens": counter.total_tokens,
         "shared_prefix_tokens": counter.shared_tokens,

@@ -120,11 +120,14 @@ def sft_trainer_class() -> type:
     from trl import SFTTrainer
 
     class ResponseHeadSFTTrainer(SFTTrainer):
+        used_response_head = False  # set once a loss went through the response-only head
+
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
             if not uses_response_head(self, model, return_outputs):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             import torch
 
+            self.used_response_head = True
             mode = "train" if self.model.training else "eval"
             base = _unwrap(model)
             backbone = getattr(base, base.base_model_prefix)

@@ -134,7 +134,7 @@ def run_sft_stage(ctx: Any) -> Any:
     packed_rows = len(trainer.train_dataset)
     attention = str(getattr(trainer.model.config, "_attn_implementation", None) or "default")
     layout = type(counter.inner).__name__
-    response_head = bool(t.response_head and not configs.plan.cuda)
+    response_head = bool(getattr(trainer, "used_response_head", False))
     del trainer
     run.release()
     counts = {**tokenized.counts, "tokens": tokenized.tokens, "response_tokens": tokenized.response_tokens}
