@@ -37,7 +37,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bezoar_jobs.pipeline import CANONICAL, STAGES  # noqa: E402
+from bezoar_jobs.pipeline import waits_for  # noqa: E402
+from bezoar_jobs.registry import CANONICAL  # noqa: E402
 from tests.k8s_harness import FakeCluster, fake_entrypoints, write_plan  # noqa: E402
 
 NS = "bench"
@@ -83,8 +84,7 @@ def one_run(workdir: Path, stages: list[str]) -> tuple[list[float], float, float
     gaps = []
     for s in stages:
         # what the controller waits for: declared inputs; the report waits for every other stage
-        inputs = [o for o in stages if o != s] if STAGES[s].family == "report" else [
-            i for i in STAGES[s].inputs if i in stages]
+        inputs = waits_for(s, stages)
         if not inputs:
             continue
         gaps.append(created[f"bz-run-{s}"] - max(complete[f"bz-run-{i}"] for i in inputs))
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
     a = ap.parse_args(argv)
-    stages = [s for s in CANONICAL if s in STAGES]
+    stages = list(CANONICAL)
     gaps: list[float] = []
     rss: list[float] = []
     walls: list[float] = []

@@ -27,8 +27,9 @@ from typing import Any
 from . import __version__
 from .errors import BadInput, BezoarError
 from .manifest import read_manifest, verify
-from .pipeline import CANONICAL, select, stage_inputs
+from .pipeline import select, stage_inputs
 from .recipe import load_recipe
+from .registry import CANONICAL
 from .store import open_store
 
 log = logging.getLogger("bezoar")
@@ -70,10 +71,10 @@ def cmd_stage(a: argparse.Namespace) -> int:
     return run_stage(a.name, recipe, store, shard=_parse_shard(a.shard), force=a.force)
 
 
-def _stages_for(a: argparse.Namespace, store, recipe) -> list[str]:
+def _stages_for(a: argparse.Namespace, store: Any, recipe: Any) -> list[str]:
     stages = select(a.from_, a.until, a.only)
     if a.only:
-        from .runner import up_to_date
+        from .state import up_to_date
 
         for name in stages:
             for inp in stage_inputs(name, recipe):
@@ -88,8 +89,7 @@ def _stages_for(a: argparse.Namespace, store, recipe) -> list[str]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .runner import freeze_recipe
-
+    """Freeze the recipe, then the one scheduler over the chosen backend (local processes or Jobs)."""
     recipe, text = load_recipe(a.recipe)
     store = open_store(a.run)
     stages = _stages_for(a, store, recipe)
@@ -108,16 +108,17 @@ def cmd_run(a: argparse.Namespace) -> int:
             force=a.force,
         )
     from .executors.local import run_local
+    from .state import freeze_recipe
 
     freeze_recipe(store, text, a.recipe)
     t0 = time.time()
-    rc = run_local(recipe, store, stages, force=a.force, parallel=a.parallel)
+    rc = run_local(recipe, store, stages, force=a.force, parallel=a.parallel).exit_code
     log.info("pipeline %s after %.1f s", "finished" if rc == 0 else f"FAILED (exit {rc})", time.time() - t0)
     if rc == 0:
         for name in stages:
             m = read_manifest(store, name)
             files = m.get("files", {}) if m else {}
-            if "data/train.jsonl" in files:
+            if "data/train.jsonl" in files and m is not None:
                 print(f"{name}: {store.url(name + '/data')}  ({m['counts'].get('rows', m['counts'].get('kept'))} rows)")
             elif any(f.startswith("model/") for f in files):
                 print(f"{name}: {store.url(name + '/model')}  (checkpoint)")
@@ -147,21 +148,20 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-def status_rows(store) -> list[dict[str, Any]]:
+def status_rows(store: Any) -> list[dict[str, Any]]:
+    from .state import stage_state
+
     rows = []
     for name in CANONICAL:
         m = read_manifest(store, name)
-        if m is not None:
-            rows.append({
-                "stage": name,
-                "state": "committed",
-                "counts": m.get("counts", {}),
-                "seconds": m.get("timings", {}).get("seconds"),
-                "committed_at": m.get("committed_at"),
-            })
-        else:
-            partial = bool(store.list(f"{name}/_work/"))
-            rows.append({"stage": name, "state": "partial" if partial else "pending", "counts": {}, "seconds": None, "committed_at": None})
+        state = "committed" if m is not None else stage_state(store, name)
+        rows.append({
+            "stage": name,
+            "state": state,
+            "counts": (m or {}).get("counts", {}),
+            "seconds": (m or {}).get("timings", {}).get("seconds"),
+            "committed_at": (m or {}).get("committed_at"),
+        })
     return rows
 
 

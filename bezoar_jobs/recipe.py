@@ -14,14 +14,14 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
 from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
+from .yamlmodel import key_lines, parse_yaml, validate
 
 SCHEMA_VERSION = 1
 
@@ -133,6 +133,10 @@ class FilterConfig(Strict):
     threshold: Annotated[float, Field(ge=1, le=10)] = Field(7.0, description="keep status pass with rating >= threshold")
     require_pass: bool = Field(True, description="also require the judge's status to be 'pass' (generate method)")
     max_attempts: PosInt = Field(3, description="asks per row when the verdict cannot be parsed")
+    retry_temperature: Annotated[float, Field(gt=0.0, le=2.0)] = Field(
+        0.7, description="temperature of a re-ask when decoding.temperature is 0 (greedy would repeat the same "
+        "unparseable verdict)"
+    )
     decoding: Decoding = Decoding(max_new_tokens=256, temperature=0.0)
 
 
@@ -183,74 +187,18 @@ class Recipe(Strict):
 # ---------------------------------------------------------------------------------------------
 # Loading with good errors
 # ---------------------------------------------------------------------------------------------
-class _LineLoader(yaml.SafeLoader):
-    """A SafeLoader that remembers the line of every mapping key, by dotted path."""
-
-
-def _key_lines(text: str) -> dict[tuple, int]:
-    lines: dict[tuple, int] = {}
-    try:
-        root = yaml.compose(text, Loader=_LineLoader)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: Any, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                p = (*path, k.value)
-                lines[p] = k.start_mark.line + 1
-                walk(v, p)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                p = (*path, i)
-                lines[p] = v.start_mark.line + 1
-                walk(v, p)
-
-    walk(root, ())
-    return lines
-
-
-def _format_errors(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
-    out = []
-    for e in err.errors():
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        dotted = ".".join(str(x) for x in loc) or "<root>"
-        # the nearest enclosing key that we know a line for
-        line = None
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in lines:
-                line = lines[loc[:n]]
-                break
-        where = f"{source}:{line}" if line else source
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (not a field of this section)"
-        out.append(f"{where}: {dotted}: {msg}")
-    return "invalid recipe:\n  " + "\n  ".join(out)
-
-
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        ctx_mark = getattr(e, "context_mark", None)
-        started = f" ({e.context} at line {ctx_mark.line + 1})" if ctx_mark and getattr(e, "context", None) else ""
-        raise BadInput(f"{where}: recipe is not valid YAML: {getattr(e, 'problem', e)}{started}") from None
+    data = parse_yaml(text, source, "recipe")
     if not isinstance(data, dict):
         raise BadInput(f"{source}: a recipe must be a YAML mapping at the top level")
     if "schema_version" not in data:
         raise BadInput(f"{source}: schema_version: missing (this version of bezoar-jobs reads {SCHEMA_VERSION})")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise BadInput(
-            f"{source}:{_key_lines(text).get(('schema_version',), '?')}: schema_version: "
+            f"{source}:{key_lines(text).get(('schema_version',), '?')}: schema_version: "
             f"{data.get('schema_version')!r} is not supported (this version reads {SCHEMA_VERSION})"
         )
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise BadInput(_format_errors(e, source, _key_lines(text))) from None
+    return validate(Recipe, data, text, source, "recipe")
 
 
 def load_recipe(uri: str | Path) -> tuple[Recipe, str]:

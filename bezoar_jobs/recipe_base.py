@@ -85,6 +85,20 @@ class Endpoint(Strict):
             raise ValueError("give api_key_env or api_key_file, not both")
         return self
 
+    # -- money: the one place the price formula lives (stages, the client's spending cap, the plan)
+    @property
+    def priced(self) -> bool:
+        return self.price_input_per_mtok is not None or self.price_output_per_mtok is not None
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        """USD for these tokens at the endpoint's prices (a missing price counts 0)."""
+        return (prompt_tokens * (self.price_input_per_mtok or 0.0)
+                + completion_tokens * (self.price_output_per_mtok or 0.0)) / 1e6
+
+    def cost_usd(self, prompt_tokens: float, completion_tokens: float) -> float | None:
+        """:meth:`cost` rounded for a manifest, or None when the recipe gives no price."""
+        return round(self.cost(prompt_tokens, completion_tokens), 6) if self.priced else None
+
 
 class DatasetSource(Strict):
     """A dataset: a hub id (pinned revision) or a local / s3:// file (jsonl, json, parquet, csv),

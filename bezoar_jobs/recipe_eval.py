@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from .recipe_base import DatasetSource, Decoding, Endpoint
-from .recipe_training import SFT_STAGES
+from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Strict
+from .registry import DEFAULT_EVALUATED, TRAINED_STAGES
 
 # checkpoint names a recipe may list: the base (student) model and every training stage's output
-TRAINED_STAGES: tuple[str, ...] = (*SFT_STAGES, "dpo")
 BASE = "base"
 
 # MT-Bench's eight categories and the answer temperatures FastChat uses for them (RECIPE.md)
@@ -32,13 +31,7 @@ MTBENCH_TEMPERATURES: dict[str, float] = {
     "humanities": 0.1,
 }
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # FastChat's judge settings: greedy, room for a long explanation before the verdict
@@ -46,7 +39,7 @@ JUDGE_DECODING = Decoding(max_new_tokens=2048, temperature=0.0)
 MTBENCH_QUESTIONS = DatasetSource(path="HuggingFaceH4/mt_bench_prompts", split="train", licence="Apache-2.0")
 
 
-class Baseline(_Strict):
+class Baseline(Strict):
     """An outside model evaluated beside the run's checkpoints (e.g. the released SurgeGlobal ones)."""
 
     name: Name = Field(description="row label in results and the report")
@@ -55,7 +48,7 @@ class Baseline(_Strict):
     trust_remote_code: bool = False
 
 
-class HarnessTask(_Strict):
+class HarnessTask(Strict):
     """One LM Evaluation Harness task (or group, e.g. ``mmlu``) with its shots and pinned version."""
 
     name: str = Field(description="task or group name as lm_eval knows it (or from include_path)")
@@ -82,7 +75,7 @@ LEADERBOARD_V1: tuple[HarnessTask, ...] = (
 )
 
 
-class HarnessConfig(_Strict):
+class HarnessConfig(Strict):
     enabled: bool = True
     tasks: tuple[HarnessTask, ...] = Field(LEADERBOARD_V1, description="tasks, shots and pinned versions")
     include_path: str | None = Field(
@@ -108,7 +101,7 @@ class HarnessConfig(_Strict):
         return v
 
 
-class MTBenchConfig(_Strict):
+class MTBenchConfig(Strict):
     enabled: bool = True
     questions: DatasetSource = Field(
         MTBENCH_QUESTIONS,
@@ -150,9 +143,9 @@ class MTBenchConfig(_Strict):
         return self
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(Strict):
     checkpoints: tuple[str, ...] = Field(
-        (BASE, "sft-orca", "sft-hh", "dpo"),
+        (BASE, *DEFAULT_EVALUATED),
         description=f"'{BASE}' (the student) and/or training stages whose committed model/ is evaluated",
     )
     baselines: tuple[Baseline, ...] = Field((), description="outside models evaluated beside the checkpoints")
@@ -187,7 +180,7 @@ class EvaluationConfig(_Strict):
         return [*self.checkpoints, *(b.name for b in self.baselines)]
 
 
-class ReportConfig(_Strict):
+class ReportConfig(Strict):
     title: str | None = Field(None, description="page title; null: the recipe's name")
     gpu_hour_usd: Annotated[float, Field(ge=0)] | None = Field(None, description="price of one GPU-hour, for costs")
     judgments_shown: NonNegInt = Field(3, description="MT-Bench judgments quoted per model in the report")

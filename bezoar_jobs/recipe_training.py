@@ -17,10 +17,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-SCHEMES: tuple[str, ...] = ("lamini", "evol", "orca")
-SFT_STAGES: tuple[str, ...] = ("sft-lamini", "sft-evol", "sft-orca", "sft-hh")
+from .recipe_base import DatasetSource, PosInt, Strict
+from .registry import SCHEME_NAMES, SFT_STAGES
+
+SCHEMES: tuple[str, ...] = SCHEME_NAMES
 
 Scalar = str | int | float | bool | None
 PassValue = Scalar | list[Scalar] | dict[str, Scalar]
@@ -88,33 +90,16 @@ def merge_overrides(defaults: dict[str, PassValue], given: Any) -> dict[str, Pas
     return out
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataSourceRef(_Strict):
-    """A dataset (same meaning as the recipe's seed sources): a hub id at a pinned revision, a local
-    or s3:// file (jsonl, json, parquet), or pkg://bezoar_jobs/<path> for the demo files."""
-
-    path: str
-    revision: str | None = None
-    name: str | None = None
-    split: str = "train"
-    data_files: tuple[str, ...] = ()
-    limit: Annotated[int, Field(gt=0)] | None = Field(None, description="use the first N rows only")
-    licence: str = "unknown"
-
-
-class HHConfig(_Strict):
+class HHConfig(Strict):
     """``sft-hh``: SFT on the chosen dialogues of Anthropic/hh-rlhf (first ``data.limit`` rows)."""
 
-    data: DataSourceRef = DataSourceRef(path="Anthropic/hh-rlhf", limit=100_000, licence="MIT")
+    data: DatasetSource = DatasetSource(path="Anthropic/hh-rlhf", limit=100_000, licence="MIT")
 
 
-class DPOStageConfig(_Strict):
+class DPOStageConfig(Strict):
     """``dpo``: DPO with a LoRA adapter; the reference model is the adapter-disabled policy."""
 
-    data: DataSourceRef | None = Field(None, description="preference pairs; null: the same rows as training.hh.data")
+    data: DatasetSource | None = Field(None, description="preference pairs; null: the same rows as training.hh.data")
     dpo_args: PassArgs = Field(default_factory=lambda: dict(DPO_DEFAULTS))
     lora: PassArgs | None = Field(None, description="LoraConfig overrides for DPO; null: training.lora")
 
@@ -129,7 +114,7 @@ class DPOStageConfig(_Strict):
         return None if v is None else merge_overrides(LORA_DEFAULTS, v)
 
 
-class PushConfig(_Strict):
+class PushConfig(Strict):
     """Optional upload of each training stage's checkpoint (and its training data) to a model hub.
     Off unless the recipe has this section; the token comes from the environment, never the recipe."""
 
@@ -141,8 +126,8 @@ class PushConfig(_Strict):
     datasets: bool = Field(True, description="also push the stage's training rows as a dataset repo")
 
 
-class TrainingConfig(_Strict):
-    sft_order: tuple[Literal["lamini", "evol", "orca"], ...] = Field(
+class TrainingConfig(Strict):
+    sft_order: tuple[str, ...] = Field(
         SCHEMES, description="order of the scheme SFT stages; each starts from the previous one's model"
     )
     quantization: Literal["auto", "4bit", "none"] = Field(
@@ -157,8 +142,8 @@ class TrainingConfig(_Strict):
     merge_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the merged full checkpoint written to model/"
     )
-    checkpoint_every: Annotated[int, Field(gt=0)] = Field(50, description="optimizer steps between checkpoints")
-    keep_checkpoints: Annotated[int, Field(gt=0)] = Field(2, description="complete checkpoints kept in _work/")
+    checkpoint_every: PosInt = Field(50, description="optimizer steps between checkpoints")
+    keep_checkpoints: PosInt = Field(2, description="complete checkpoints kept in _work/")
     long_prompts: Literal["error", "drop"] = Field(
         "error",
         description="a row whose prompt alone fills max_length: error (exit 2, naming the row) or drop it "
@@ -185,7 +170,7 @@ class TrainingConfig(_Strict):
     )
     lora: PassArgs = Field(default_factory=lambda: dict(LORA_DEFAULTS), description="LoraConfig overrides")
     sft_args: PassArgs = Field(default_factory=lambda: dict(SFT_DEFAULTS), description="SFTConfig overrides")
-    stage_args: dict[Literal["sft-lamini", "sft-evol", "sft-orca", "sft-hh"], PassArgs] = Field(
+    stage_args: dict[str, PassArgs] = Field(
         default_factory=dict,
         description="per-stage SFTConfig overrides laid over sft_args (null drops the key for that stage)",
     )
@@ -202,6 +187,14 @@ class TrainingConfig(_Strict):
     def _order(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if sorted(v) != sorted(SCHEMES):
             raise ValueError(f"must list each of {', '.join(SCHEMES)} exactly once")
+        return v
+
+    @field_validator("stage_args")
+    @classmethod
+    def _stage_args(cls, v: dict[str, PassArgs]) -> dict[str, PassArgs]:
+        bad = sorted(k for k in v if k not in SFT_STAGES)
+        if bad:
+            raise ValueError(f"unknown SFT stage(s) {', '.join(bad)}; choose from {', '.join(SFT_STAGES)}")
         return v
 
     @field_validator("attention")
@@ -243,33 +236,8 @@ class TrainingConfig(_Strict):
         """The effective SFTConfig overrides of one SFT stage: sft_args, then stage_args[stage]."""
         return merge_overrides(dict(self.sft_args), self.stage_args.get(stage))  # type: ignore[call-overload]
 
-    def dpo_data(self) -> DataSourceRef:
+    def dpo_data(self) -> DatasetSource:
         return self.dpo.data or self.hh.data
 
     def dpo_lora(self) -> dict[str, PassValue]:
         return dict(self.dpo.lora) if self.dpo.lora is not None else dict(self.lora)
-
-
-# The recipe fields (dotted) each training stage reads: their hash is the stage's parameter key
-# (runner.STAGE_PARAMS). Checkpoint cadence, loggers and hub upload are left out on purpose: they
-# do not change the trained weights, so changing them neither reruns a stage nor discards its
-# checkpoints.
-_TRAINING_COMMON: tuple[str, ...] = (
-    "training.sft_order",
-    "training.quantization",
-    "training.bnb_compute_dtype",
-    "training.precision",
-    "training.merge_dtype",
-    "training.long_prompts",
-    "training.max_dropped_fraction",
-    "training.base_licence",
-    "training.lora",
-)
-_SFT_FIELDS: tuple[str, ...] = ("seed", "student", *_TRAINING_COMMON, "training.sft_args", "training.stage_args")
-TRAINING_STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "sft-lamini": _SFT_FIELDS,
-    "sft-evol": _SFT_FIELDS,
-    "sft-orca": _SFT_FIELDS,
-    "sft-hh": (*_SFT_FIELDS, "training.hh"),
-    "dpo": ("seed", "student", *_TRAINING_COMMON, "training.hh", "training.dpo"),
-}

@@ -44,7 +44,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from .errors import BadInput, RetryableError
-from .store import NotFoundInStore, Store
+from .store_base import NotFoundInStore, Store
 
 MiB = 1 << 20
 DEFAULT_PART = 64 * MiB

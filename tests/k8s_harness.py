@@ -1387,7 +1387,8 @@ def fake_stage_main(argv: list[str]) -> int:
     from bezoar_jobs.errors import BezoarError
     from bezoar_jobs.manifest import CommitInfo, commit
     from bezoar_jobs.recipe import load_recipe
-    from bezoar_jobs.runner import input_hashes, params_hash
+    from bezoar_jobs.registry import spec
+    from bezoar_jobs.state import built_from, input_hashes, params_hash
     from bezoar_jobs.store import open_store
 
     try:
@@ -1410,8 +1411,10 @@ def fake_stage_main(argv: list[str]) -> int:
             out = Path(tmp)
             (out / "data").mkdir()
             (out / "data" / "rows.jsonl").write_text(json.dumps({"stage": a.name, "shards": shards}) + "\n")
+            # a stage that reads the whole run (the report) records what it was built from, as the real one does
+            extra = {"built_from": built_from(store)} if spec(a.name).reads_whole_run else {}
             commit(store, out, CommitInfo(stage=a.name, params_hash=params_hash(recipe, a.name), inputs=inputs,
-                                          counts={"rows": 1}, timings={"seconds": 0.0}, extra={}))
+                                          counts={"rows": 1}, timings={"seconds": 0.0}, extra=extra))
     except BezoarError as e:
         print(f"error: {e}", flush=True)
         return e.exit_code

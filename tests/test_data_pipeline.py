@@ -86,7 +86,7 @@ def test_data_stages_end_to_end_local(tmp_path, server):
     before = len(server.calls)
     res2 = bezoar("run", "--recipe", str(recipe), "--run", str(run), *UNTIL)
     assert res2.returncode == 0
-    assert res2.stderr.count("skipped: committed") == 6
+    assert res2.stderr.count("skipped (committed") == 6
     assert len(server.calls) == before
     # tampering is caught
     (run / "filter-orca" / "data" / "train.jsonl").write_text("{}\n")
@@ -114,7 +114,7 @@ def test_changed_parameters_rerun_only_affected_stages(tmp_path, server):
     recipe2 = scripted_recipe(tmp_path, server.url, **{"filter.threshold": 8})
     res = bezoar("run", "--recipe", str(recipe2), "--run", str(run), *UNTIL)
     assert res.returncode == 0
-    assert res.stderr.count("skipped: committed") == 3  # the generate stages
+    assert res.stderr.count("skipped (committed") == 3  # the generate stages
     for s in ("filter-lamini", "filter-evol", "filter-orca"):
         assert f"[{s}] starting" in res.stderr
     # the judge cache: the same prompts were not paid for twice

@@ -15,8 +15,10 @@ from bezoar_jobs.cli import main as cli_main
 from bezoar_jobs.errors import EXIT_BAD_INPUT
 from bezoar_jobs.manifest import CommitInfo, commit, read_manifest
 from bezoar_jobs.recipe import parse_recipe
+from bezoar_jobs.registry import EVALUATIONS
+from bezoar_jobs.report import evaluation_section
+from bezoar_jobs.report.collect import collect
 from bezoar_jobs.runner import run_stage
-from bezoar_jobs.stages import report
 from bezoar_jobs.store import open_store
 from tests.tiny_model import build_tiny_model
 
@@ -90,9 +92,10 @@ def test_harness_on_local_tasks_and_resume(tmp_path, tiny, caplog):
     assert base["perplexity,none"]["value"] != dpo["perplexity,none"]["value"]
 
     # the report reads this shape: one row per model, one column per task
-    data = report.collect(store)
-    h = report.harness_summary(store, data)
-    table = report.build_tables(data, report.stage_rows(data), [], h, None, [], [])["harness"]
+    data = collect(store)
+    section = evaluation_section(store, data, EVALUATIONS[0], 3)
+    table = section.table
+    assert table is not None and section.key == "harness"
     assert [r[0] for r in table.rows] == ["base", "dpo"]
     assert table.header[2].startswith("bezoar_demo_facts (2-shot, acc_norm,none)")
 

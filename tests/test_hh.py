@@ -19,7 +19,7 @@ from bezoar_jobs.data.hh import (
     split_final,
 )
 from bezoar_jobs.data.prompt_format import Turn, render_prompt
-from bezoar_jobs.recipe_training import DataSourceRef
+from bezoar_jobs.recipe_base import DatasetSource
 
 
 def test_single_turn() -> None:
@@ -127,7 +127,7 @@ def test_demo_file_parses_completely_with_multi_turn_rows() -> None:
 
 
 def test_load_hh_rows_honours_the_limit() -> None:
-    src = DataSourceRef(path="pkg://bezoar_jobs/demo_data/hh/train.jsonl", limit=5)
+    src = DatasetSource(path="pkg://bezoar_jobs/demo_data/hh/train.jsonl", limit=5)
     items = load_hh_rows(src, "training.hh.data")
     assert len(items) == 5
     assert items[0][0] == "pkg://bezoar_jobs/demo_data/hh/train.jsonl row 1"

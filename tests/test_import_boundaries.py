@@ -25,7 +25,7 @@ PKG = REPO / "bezoar_jobs"
 HEAVY = ("torch", "transformers", "trl", "peft")
 # Not in the controller image either (it installs only the `k8s` extra): the `data` extra's packages.
 DATA_EXTRA = ("datasets", "huggingface_hub", "openai", "anthropic", "httpx", "pyarrow", "accelerate")
-EXECUTORS = [PKG / "executors" / f for f in ("cluster.py", "jobs.py", "kubernetes.py")]
+EXECUTORS = sorted(p for p in (PKG / "executors").glob("*.py") if p.name != "__init__.py")
 
 PROBE = r"""
 import json, sys, tempfile
@@ -47,12 +47,15 @@ from bezoar_jobs.recipe import parse_recipe
 from bezoar_jobs.store import open_store
 recipe = parse_recipe("schema_version: 1\nname: p\nteacher: {backend: local, model: m}\n"
                       "judge: {backend: local, model: m}\nstudent: {model: m}\n")
-ctl = k8s.Controller(k8s.make_api_client(kubeconfig=kc), ClusterSettings(), tmp + "/run", "r", open_store(tmp + "/run"),
-                     recipe)
-from bezoar_jobs.pipeline import CANONICAL
+from bezoar_jobs.executors.scheduler import RunOutcome
+from bezoar_jobs.registry import CANONICAL
+from bezoar_jobs.state import planned_actions, up_to_date
+store = open_store(tmp + "/run")
+backend = k8s.KubernetesBackend(k8s.make_api_client(kubeconfig=kc), ClusterSettings(), tmp + "/run", "r", store,
+                                RunOutcome())
 for stage in CANONICAL:  # the skip and commit checks of every stage, the report's included
-    ctl._is_current(stage)
-    ctl._is_current(stage, after_run=True)
+    up_to_date(store, recipe, stage)
+planned_actions(store, recipe, list(CANONICAL))
 import kubernetes.watch
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY_NAMES)
 extra = sorted(m for m in sys.modules if m.split(".")[0] in DATA_EXTRA_NAMES)

@@ -37,7 +37,7 @@ from bezoar_jobs.executors.jobs import (
     run_id_from_uri,
     short_run_id,
 )
-from bezoar_jobs.pipeline import CANONICAL
+from bezoar_jobs.registry import CANONICAL
 
 REPO = Path(__file__).resolve().parents[1]
 # The oldest Kubernetes we support (podFailurePolicy and SuccessCriteriaMet are GA in 1.31) and the

@@ -8,15 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bezoar_jobs.recipe import EvolConfig
+from bezoar_jobs.schemes.evol import clean_evolved, eliminate, parse_equal
+from bezoar_jobs.schemes.lamini import parse_instructions
+from bezoar_jobs.schemes.orca import choose_system_message, is_multiple_choice
 from bezoar_jobs.stages.filter import decide, parse_verdict
-from bezoar_jobs.stages.generate import (
-    choose_system_message,
-    clean_evolved,
-    eliminate,
-    is_multiple_choice,
-    parse_equal,
-    parse_instructions,
-)
 
 
 def test_lamini_tags():

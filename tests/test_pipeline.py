@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bezoar_jobs.errors import BadInput
-from bezoar_jobs.pipeline import CANONICAL, STAGES, levels, select
+from bezoar_jobs.pipeline import select, waits_for
+from bezoar_jobs.registry import CANONICAL, STAGES, StageDef
 
 DATA = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini", "filter-evol", "filter-orca"]
 
@@ -31,12 +32,13 @@ def test_bad_selection(kw):
         select(**kw)
 
 
-def test_levels_respect_inputs():
-    waves = levels(DATA)
-    assert waves[0] == ["generate-lamini", "generate-evol", "generate-orca"]
-    assert waves[1] == ["filter-lamini", "filter-evol", "filter-orca"]
+def test_stages_wait_for_their_selected_inputs():
+    assert [waits_for(s, DATA) for s in DATA[:3]] == [[], [], []]
+    assert [waits_for(s, DATA) for s in DATA[3:]] == [[g] for g in DATA[:3]]
     # inputs outside the selection count as already committed
-    assert levels(["filter-evol"]) == [["filter-evol"]]
+    assert waits_for("filter-evol", ["filter-evol"]) == []
+    # the report reads the whole run: it waits for every other selected stage
+    assert waits_for("report", [*DATA, "report"]) == DATA
     for name in CANONICAL:
         for inp in STAGES[name].inputs:
             assert CANONICAL.index(inp) < CANONICAL.index(name)
@@ -60,7 +62,7 @@ def test_force_restarts_training_work_but_keeps_paid_for_records(tmp_path, monke
         (ctx.out / "marker.txt").write_text(ctx.name)
         return runner.StageOutput(counts={"ok": 1})
 
-    monkeypatch.setattr(runner, "stage_function", lambda name: fake_stage)
+    monkeypatch.setattr(StageDef, "function", lambda self: fake_stage)
     for name in ("generate-orca", "dpo"):
         if name == "dpo":  # its input must be committed
             monkeypatch.setattr(runner, "input_hashes", lambda store, name, recipe=None: {})
@@ -82,7 +84,7 @@ def test_evaluation_reads_the_checkpoints_the_recipe_evaluates():
     for stage in ("eval-harness", "eval-mtbench"):
         assert stage_inputs(stage, r) == ("sft-lamini", "dpo")  # canonical order, base needs no stage
         assert stage_inputs(stage) == ("sft-orca", "sft-hh", "dpo")  # without a recipe: the default list
-    assert levels(["sft-lamini", "dpo", "eval-harness"], r) == [["sft-lamini", "dpo"], ["eval-harness"]]
+    assert waits_for("eval-harness", ["sft-lamini", "dpo", "eval-harness"], r) == ["sft-lamini", "dpo"]
     only_base = parse_recipe(base + "evaluation: {checkpoints: [base]}\n")
     assert stage_inputs("eval-harness", only_base) == ()
     default = parse_recipe(base)

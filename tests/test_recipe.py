@@ -9,7 +9,8 @@ import yaml
 
 from bezoar_jobs.errors import BadInput
 from bezoar_jobs.recipe import load_recipe, parse_recipe
-from bezoar_jobs.runner import STAGE_PARAMS, params_hash
+from bezoar_jobs.registry import CANONICAL
+from bezoar_jobs.state import params_hash
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -23,7 +24,7 @@ def test_recipes_dir_has_the_paper_and_the_demo():
 def test_every_recipe_loads_and_hashes_every_stage(path):
     recipe, _ = load_recipe(path)
     assert recipe.schema_version == 1
-    hashes = {stage: params_hash(recipe, stage) for stage in STAGE_PARAMS}
+    hashes = {stage: params_hash(recipe, stage) for stage in CANONICAL}
     assert all(len(h) == 64 for h in hashes.values())
     # a parameter a stage does not read must not change its key
     assert hashes["filter-lamini"] == hashes["filter-evol"]

@@ -22,8 +22,9 @@ from PIL import Image
 
 from bezoar_jobs.manifest import CommitInfo, commit, read_manifest
 from bezoar_jobs.recipe import parse_recipe
-from bezoar_jobs.runner import freeze_recipe, params_hash, run_stage, up_to_date
+from bezoar_jobs.runner import run_stage
 from bezoar_jobs.stages.report import build_report
+from bezoar_jobs.state import freeze_recipe, params_hash, up_to_date
 from bezoar_jobs.store import open_store
 from tests.tiny_model import build_tiny_model
 

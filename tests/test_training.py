@@ -174,7 +174,7 @@ def test_every_recipe_builds_every_training_stage_on_cpu(recipe_file: Path, tmp_
         if not plan.quantize_4bit:
             assert "NOT QLoRA" in plan.description
         for stage in TRAINING_STAGES:
-            c = build_stage_configs(recipe, stage, tmp_path / stage, plan=plan)
+            c = build_stage_configs(recipe.training, recipe.seed, stage, tmp_path / stage, plan=plan)
             assert isinstance(c.trainer_args, DPOConfig if stage == "dpo" else SFTConfig)
             assert isinstance(c.lora, LoraConfig) and c.lora.task_type == "CAUSAL_LM"
             a = c.trainer_args
@@ -228,7 +228,7 @@ def test_pass_through_errors_name_the_dotted_path(tmp_path: Path, tiny: Path, tr
     plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
     with pytest.raises(BadInput) as e:
         for stage in TRAINING_STAGES:
-            build_stage_configs(recipe, stage, tmp_path / "out", plan=plan)
+            build_stage_configs(recipe.training, recipe.seed, stage, tmp_path / "out", plan=plan)
     assert message in str(e.value)
     assert e.value.exit_code == EXIT_BAD_INPUT
 
@@ -255,20 +255,22 @@ def test_recipe_section_is_typed_and_merges_overrides(tmp_path: Path, tiny: Path
 
 
 def test_a_custom_sft_order_rewires_the_stage_graph(tmp_path: Path, tiny: Path) -> None:
-    from bezoar_jobs.pipeline import levels, stage_inputs
+    from bezoar_jobs.pipeline import stage_inputs, waits_for
     from bezoar_jobs.training.config import build_stage_configs, device_plan
 
     recipe, _ = make_recipe(tmp_path, tiny, {"sft_order": ["lamini", "orca", "evol"]})
     plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
-    bases = {s: build_stage_configs(recipe, s, tmp_path, plan=plan).base_stage for s in ("sft-lamini", "sft-orca", "sft-evol", "sft-hh")}
+    bases = {s: build_stage_configs(recipe.training, recipe.seed, s, tmp_path, plan=plan).base_stage
+             for s in ("sft-lamini", "sft-orca", "sft-evol", "sft-hh")}
     assert bases == {"sft-lamini": None, "sft-orca": "sft-lamini", "sft-evol": "sft-orca", "sft-hh": "sft-evol"}
     # the executors schedule (and hash) exactly the model each stage starts from
     for stage, base in bases.items():
         inputs = stage_inputs(stage, recipe)
         assert [i for i in inputs if i.startswith("sft-")] == ([base] if base else [])
     assert stage_inputs("sft-evol", recipe) == ("filter-evol", "sft-orca")
-    waves = levels(["sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo"], recipe)
-    assert waves == [["sft-lamini"], ["sft-orca"], ["sft-evol"], ["sft-hh"], ["dpo"]]
+    chain = ["sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo"]
+    assert {s: waits_for(s, chain, recipe) for s in chain} == {
+        "sft-lamini": [], "sft-orca": ["sft-lamini"], "sft-evol": ["sft-orca"], "sft-hh": ["sft-evol"], "dpo": ["sft-hh"]}
     # without a recipe (or with the default order) the static graph applies
     assert stage_inputs("sft-evol") == ("filter-evol", "sft-lamini")
     # and the stages run in that order: sft-orca second, from sft-lamini (sft-evol not there yet)

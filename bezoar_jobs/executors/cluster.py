@@ -25,42 +25,25 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from .. import __version__
 from ..errors import BadInput
+from ..registry import CANONICAL, POD_CLASSES, STAGES
+from ..yamlmodel import parse_yaml, validate
 
-# The 14 canonical stages of the recipe, in canonical order, with the family that sizes their pods.
-# Stages not built yet still get Jobs (``bezoar render``) and chart resources, so this list is the
-# contract's, not ``pipeline.CANONICAL`` (which grows as stages land).
-STAGE_FAMILIES: dict[str, str] = {
-    "generate-lamini": "data",
-    "generate-evol": "data",
-    "generate-orca": "data",
-    "filter-lamini": "data",
-    "filter-evol": "data",
-    "filter-orca": "data",
-    "sft-lamini": "train",
-    "sft-evol": "train",
-    "sft-orca": "train",
-    "sft-hh": "train",
-    "dpo": "train",
-    "eval-harness": "eval",
-    "eval-mtbench": "eval",
-    "report": "eval",
-}
-ALL_STAGES: tuple[str, ...] = tuple(STAGE_FAMILIES)
-FAMILIES: tuple[str, ...] = ("data", "train", "eval")
+# Every stage of the registry, in canonical order, with the pod class that sizes its pods.
+STAGE_FAMILIES: dict[str, str] = {name: STAGES[name].pod for name in CANONICAL}
+ALL_STAGES: tuple[str, ...] = CANONICAL
+FAMILIES: tuple[str, ...] = POD_CLASSES
 
 
 def stage_family(stage: str) -> str:
@@ -371,24 +354,12 @@ class ClusterSettings(_Model):
 # ---------------------------------------------------------------------------------------------
 def parse_cluster_settings(text: str, source: str = "<cluster settings>") -> ClusterSettings:
     """Validate cluster-settings YAML text; BadInput names ``file:line: dotted.path: problem``."""
-    # The recipe loader's line tracking: one YAML pass remembering every key's line by path.
-    from ..recipe import _format_errors, _key_lines
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise BadInput(f"{where}: cluster settings are not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = parse_yaml(text, source, "cluster settings")
     if data is None:
         data = {}  # an empty file means "all defaults"
     if not isinstance(data, dict):
         raise BadInput(f"{source}: cluster settings must be a YAML mapping at the top level")
-    try:
-        return ClusterSettings.model_validate(data)
-    except ValidationError as e:
-        msg = _format_errors(e, source, _key_lines(text))
-        raise BadInput(msg.replace("invalid recipe:", "invalid cluster settings:", 1)) from None
+    return validate(ClusterSettings, data, text, source, "cluster settings")
 
 
 def load_cluster_settings(path: str | Path | None) -> ClusterSettings:

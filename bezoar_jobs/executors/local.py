@@ -1,25 +1,31 @@
-"""The local executor: runs each stage as a subprocess of ``bezoar stage`` on this machine.
+"""The local backend: each stage is a subprocess of ``bezoar stage`` on this machine.
 
 Exactly the command a Kubernetes Job's container runs, so a pipeline that works here works there.
 Independent stages may run side by side (``--parallel``); the default is one at a time, which is
-what a 2-core laptop wants.
+what a 2-core laptop wants. The DAG walk is the scheduler's (executors/scheduler.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections import deque
+from collections.abc import Callable
+from typing import Any
 
-from ..pipeline import STAGES, stage_inputs
-from ..recipe import Recipe
-from ..runner import RECIPE_FILE, up_to_date
+from ..layout import RECIPE_FILE
 from ..store import Store
+from .scheduler import RunOutcome, Scheduler, StageEvent
 
 log = logging.getLogger("bezoar")
+
+TAIL_LINES = 20
 
 
 def stage_command(name: str, store: Store, force: bool = False, shard: str | None = None) -> list[str]:
@@ -31,50 +37,85 @@ def stage_command(name: str, store: Store, force: bool = False, shard: str | Non
     return cmd
 
 
-def _run_one(name: str, store: Store, force: bool) -> int:
-    t0 = time.time()
-    log.info("[%s] starting", name)
-    proc = subprocess.Popen(stage_command(name, store, force), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=os.environ.copy())
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stderr.write(f"[{name}] {line}")
-    rc = proc.wait()
-    log.info("[%s] exit %d after %.1f s", name, rc, time.time() - t0)
-    return rc
+class LocalBackend:
+    """Runs stages as local subprocesses; their output goes to stderr prefixed ``[stage]``."""
+
+    wait_on_failure = True  # a subprocess left behind would be orphaned: wait for it
+
+    def __init__(self, store: Store, parallel: int = 1):
+        self.store = store
+        self.parallel: int | None = max(1, parallel)
+        self._events: queue.Queue[StageEvent] = queue.Queue()
+        self._procs: dict[str, subprocess.Popen[str]] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._tails: dict[str, deque[str]] = {}
+        self._lock = threading.Lock()
+        self._running: set[str] = set()  # submitted, and its end not yet handed out by wait()
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, stage: str) -> None:
+        log.info("[%s] starting", stage)
+        proc = subprocess.Popen(stage_command(stage, self.store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, env=os.environ.copy())
+        with self._lock:
+            self._procs[stage] = proc
+            self._tails[stage] = deque(maxlen=TAIL_LINES)
+        self._running.add(stage)
+        th = threading.Thread(target=self._follow, args=(stage, proc, time.time()), name=f"bezoar-{stage}", daemon=True)
+        self._threads[stage] = th
+        th.start()
+
+    def _follow(self, stage: str, proc: subprocess.Popen[str], t0: float) -> None:
+        assert proc.stdout is not None
+        tail = self._tails[stage]
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            sys.stderr.write(f"[{stage}] {line}")
+        rc = proc.wait()
+        log.info("[%s] exit %d after %.1f s", stage, rc, time.time() - t0)
+        with self._lock:
+            self._procs.pop(stage, None)
+        self._events.put(StageEvent(stage, rc, "" if rc == 0 else f"exit code {rc}",
+                                    "the stage process exited 0" if rc == 0 else f"`bezoar stage {stage}` exited {rc}",
+                                    list(tail)))
+
+    def wait(self, timeout: float) -> list[StageEvent]:
+        out = []
+        try:
+            out.append(self._events.get(timeout=timeout))
+            while True:
+                out.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        for ev in out:
+            self._running.discard(ev.stage)
+        return out
+
+    def stage_done(self, stage: str, skipped: bool) -> None:
+        pass
+
+    def running(self) -> list[str]:
+        return sorted(self._running)
+
+    def cancel(self) -> None:
+        with self._lock:
+            procs = list(self._procs.values())
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    def logs(self, stage: str) -> list[str]:
+        return list(self._tails.get(stage, ()))
+
+    def close(self) -> None:
+        for th in list(self._threads.values()):
+            th.join(timeout=0.1)
 
 
-def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = False, parallel: int = 1) -> int:
-    """Run ``stages`` (canonical order) to commit; return the first failing stage's exit code."""
-    todo = []
-    for name in stages:
-        ok, why = up_to_date(store, recipe, name)
-        if ok and not force:
-            log.info("[%s] skipped: %s", name, why)
-        else:
-            todo.append(name)
-    done: set[str] = set()
-    running: dict[Future, str] = {}
-    first_failure = 0
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        while todo or running:
-            if not first_failure:
-                for name in list(todo):
-                    if len(running) >= parallel:
-                        break
-                    # the report reads whatever is committed, so it waits for every other stage
-                    inputs = [n for n in stages if n != name] if STAGES[name].family == "report" else stage_inputs(name, recipe)
-                    deps = [d for d in inputs if d in todo or d in running.values()]
-                    if not deps:
-                        todo.remove(name)
-                        running[pool.submit(_run_one, name, store, force)] = name
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                name = running.pop(fut)
-                rc = fut.result()
-                if rc != 0 and not first_failure:
-                    first_failure = rc
-                    log.error("[%s] failed with exit code %d: stopping the pipeline", name, rc)
-                done.add(name)
-    return first_failure
+def run_local(recipe: Any, store: Store, stages: list[str], force: bool = False, parallel: int = 1,
+              say: Callable[[str], None] | None = None) -> RunOutcome:
+    """``bezoar run`` (the default executor): run ``stages`` (canonical order) to commit."""
+    backend = LocalBackend(store, parallel)
+    return Scheduler(backend, store, recipe, say or (lambda msg: log.info("%s", msg))).run(stages, force)

@@ -182,8 +182,7 @@ class RemoteClient(LLMClient):
                 "system_prompt_supported": e.system_prompt_supported}
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
-        e = self.endpoint
-        return (prompt_tokens * (e.price_input_per_mtok or 0.0) + completion_tokens * (e.price_output_per_mtok or 0.0)) / 1e6
+        return self.endpoint.cost(prompt_tokens, completion_tokens)
 
     # -- what a backend implements (all called on the pool's event loop) --------------------
     @abstractmethod
@@ -288,7 +287,7 @@ class _PoolRun:
         thread.join()
         log.info("%s: %d answers (%d failed, %d retries), %d output tokens in %.1f s%s", self.desc, answered,
                  failed, retries, tokens, time.monotonic() - started,
-                 f", ${self.client.spent_usd:.4f} spent" if self.ep.spend_cap_usd or self.ep.price_output_per_mtok else "")
+                 f", ${self.client.spent_usd:.4f} spent" if self.ep.spend_cap_usd or self.ep.priced else "")
         if error is not None:
             raise error
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the data stages: clients, request phases, outputs with dataset cards."""
+"""What the stages that talk to a teacher or judge share: opening clients, request phases whose
+answers are persisted as records, usage figures."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from ..errors import Interrupted, RetryableError
 from ..llm.base import GenRequest, GenResult, LLMClient, UsageTotals
 from ..recipe import Endpoint
-from ..runner import StageContext, params_hash
+from ..runner import StageContext
 from .records import RecordLog
 
 log = logging.getLogger("bezoar")
@@ -20,17 +21,19 @@ MAX_FAILED_FRACTION = 0.10
 
 
 def work_key(ctx: StageContext) -> str:
-    return "records-" + params_hash(ctx.recipe, ctx.name)[:12]
+    return "records-" + ctx.params_hash[:12]
 
 
-def open_client(ctx: StageContext, endpoint: Endpoint, role: str, cached: bool = False) -> LLMClient:
+def open_client(ctx: StageContext, endpoint: Endpoint, role: str, cached: bool = False, namespace: str | None = None) -> LLMClient:
+    """The client for ``endpoint``; ``cached``: answers are kept in ``<run>/_cache/<namespace>/``
+    (default: the role), so a rerun, a resume or a retried Job never pays twice for one."""
     from ..llm import make_client
 
     client = make_client(endpoint, role=role)
     if cached:
         from ..llm.cache import CachedClient
 
-        client = CachedClient(client, ctx.store, namespace=role)
+        client = CachedClient(client, ctx.store, namespace=namespace or role)
     return client
 
 
@@ -40,7 +43,7 @@ class Phase:
     def __init__(self, ctx: StageContext, name: str):
         self.ctx = ctx
         self.name = name
-        self.log = RecordLog(ctx, work_key(ctx), name, flush_every=ctx.recipe.generation.flush_every)
+        self.log = RecordLog(ctx.work, work_key(ctx), name, flush_every=ctx.recipe.generation.flush_every)
         self.failed: dict[str, str] = {}
         self.asked = 0
 
@@ -87,16 +90,6 @@ def usage_dict(u: UsageTotals) -> dict[str, Any]:
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
     }
-
-
-def cost_usd(endpoint: Endpoint, prompt_tokens: int, completion_tokens: int) -> float | None:
-    if endpoint.price_input_per_mtok is None and endpoint.price_output_per_mtok is None:
-        return None
-    return round(
-        prompt_tokens / 1e6 * (endpoint.price_input_per_mtok or 0.0)
-        + completion_tokens / 1e6 * (endpoint.price_output_per_mtok or 0.0),
-        6,
-    )
 
 
 _WS = re.compile(r"\s+")

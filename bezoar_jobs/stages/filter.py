@@ -19,9 +19,14 @@ from typing import Any
 
 from ..data.io import dataset_card, load_template, read_jsonl, render, write_jsonl
 from ..errors import BadInput
-from ..llm.base import GenRequest, request
+from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
+from ..llm.base import GenRequest, LLMClient, request
+from ..manifest import read_manifest
+from ..recipe_view import get_path
+from ..registry import scheme as scheme_def
+from ..registry import spec
 from ..runner import StageContext, StageOutput
-from .common import Phase, cost_usd, endpoint_info, open_client, usage_dict
+from .common import Phase, endpoint_info, open_client, usage_dict
 from .records import stable_hash
 
 log = logging.getLogger("bezoar")
@@ -30,17 +35,17 @@ RATING_OPTIONS = tuple(str(i) for i in range(1, 11))
 
 
 def scheme_of(stage: str) -> str:
-    return stage.split("-", 1)[1]
+    """The generation scheme a filter stage judges (its registry entry's ``scheme``)."""
+    name = spec(stage).scheme
+    if name is None:
+        raise BadInput(f"{stage}: not a stage of a generation scheme")
+    return name
 
 
 def pair(scheme: str, row: dict[str, Any]) -> tuple[str, str]:
-    """The (instruction, response) the judge sees for a row of each scheme."""
-    if scheme == "orca":
-        ins = str(row["inputs"])
-        if row.get("system_message"):
-            ins = f"(The assistant was told: {row['system_message']})\n\n{ins}"
-        return ins, str(row.get("explained_targets") or "")
-    return str(row["instruction"]), str(row.get("response") or "")
+    """The (instruction, response) the judge sees for a row of ``scheme`` (the scheme module's
+    ``judge_pair``)."""
+    return scheme_def(scheme).load().judge_pair(row)  # type: ignore[no-any-return]
 
 
 # ---- verdict parsing ----------------------------------------------------------------------------
@@ -146,7 +151,7 @@ def run_filter(ctx: StageContext) -> StageOutput:
         data / "README.md",
         f"{r.name}: {ctx.name}",
         f"{scheme} rows kept by the LLM judge ({r.judge.model}, method {cfg.method}, threshold {cfg.threshold}).",
-        r.seeds.flan.licence if scheme == "orca" else r.seeds.dolly.licence,
+        get_path(r, f"{scheme_def(scheme).seed}.licence"),
         {"filter": cfg.model_dump(mode="json"), "judge": endpoint_info(r.judge), "counts": counts},
         ["train.jsonl"],
     )
@@ -157,12 +162,13 @@ def run_filter(ctx: StageContext) -> StageOutput:
         extra={
             "judge": {**endpoint_info(r.judge), "model_id": r.judge.model, "method": cfg.method},
             "usage": {"judge": u},
-            "cost_usd": cost_usd(r.judge, u["prompt_tokens"], u["completion_tokens"]),
+            "cost_usd": r.judge.cost_usd(u["prompt_tokens"], u["completion_tokens"]),
         },
     )
 
 
-def _rate_generate(ctx: StageContext, judge, rows, prompts) -> dict[str, dict[str, Any]]:
+def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any]],
+                   prompts: dict[str, str]) -> dict[str, dict[str, Any]]:
     cfg = ctx.recipe.filter
     verdicts: dict[str, dict[str, Any]] = {}
     raw: dict[str, list[str]] = {row["id"]: [] for row in rows}
@@ -174,7 +180,7 @@ def _rate_generate(ctx: StageContext, judge, rows, prompts) -> dict[str, dict[st
         ]
         # a retried ask must not be answered from the first ask's cache: greedy decoding would repeat it
         if attempt > 1 and cfg.decoding.temperature == 0:
-            items = [(_with_temperature(req, 0.7), m) for req, m in items]
+            items = [(_with_temperature(req, cfg.retry_temperature), m) for req, m in items]
         got = Phase(ctx, f"verdicts-a{attempt}").run(judge, items, lambda res, m: {**m, "text": res.text})
         ctx.check_stop()
         still = []
@@ -206,14 +212,15 @@ def _with_temperature(req: GenRequest, t: float) -> GenRequest:
     return replace(req, temperature=t)
 
 
-def _rate_logprobs(ctx: StageContext, judge, rows, prompts) -> dict[str, dict[str, Any]]:
+def _rate_logprobs(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any]],
+                   prompts: dict[str, str]) -> dict[str, dict[str, Any]]:
     cfg = ctx.recipe.filter
     reqs = [request(row["id"], prompts[row["id"]], cfg.decoding, 0) for row in rows]
     dists = judge.rating_distribution(reqs, "Rating: ", RATING_OPTIONS)
     verdicts = {}
     for row, dist in zip(rows, dists, strict=True):
         rating = round(sum(float(k) * p for k, p in dist.items()), 3)
-        top = max(dist, key=dist.get)
+        top = max(dist, key=lambda k: dist[k])
         keep = rating >= cfg.threshold
         verdicts[row["id"]] = {
             "status": "pass" if keep else "fail",
@@ -222,3 +229,16 @@ def _rate_logprobs(ctx: StageContext, judge, rows, prompts) -> dict[str, dict[st
             "keep": keep,
         }
     return verdicts
+
+
+def estimate(recipe: Any, store: Any, stage: str) -> list[Ask]:
+    """One verdict per generated row: the committed count when the generate stage is committed,
+    else what the recipe asks for."""
+    scheme = scheme_of(stage)
+    m = read_manifest(store, f"generate-{scheme}")
+    rows = m["counts"].get("rows", 0) if m else scheme_def(scheme).load().expected_rows(recipe)
+    prompt = template_tokens(recipe.filter.rubric_template.path) + TYPICAL_INSTRUCTION_TOKENS + 200
+    dec = recipe.filter.decoding
+    if recipe.filter.method == "logprobs":
+        dec = dec.model_copy(update={"max_new_tokens": 1})
+    return [Ask(recipe.judge, rows, prompt, dec)]

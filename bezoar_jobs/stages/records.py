@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from ..runner import StageContext
+from ..runner import WorkArea
 
 
 def stable_hash(*parts: Any) -> int:
@@ -31,16 +31,16 @@ def in_shard(unit_id: str, shard: tuple[int, int] | None) -> bool:
 
 
 class RecordLog:
-    def __init__(self, ctx: StageContext, key: str, phase: str, flush_every: int = 16, flush_seconds: float = 5.0):
-        self.ctx = ctx
+    def __init__(self, work: WorkArea, key: str, phase: str, flush_every: int = 16, flush_seconds: float = 5.0):
+        self.work = work
         self.sub = f"{key}/{phase}"
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.records: dict[str, dict[str, Any]] = {}
         self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
-        for name in ctx.work.list(self.sub + "/"):
-            for line in ctx.work.get_bytes(name).decode("utf-8").splitlines():
+        for name in work.list(self.sub + "/"):
+            for line in work.get_bytes(name).decode("utf-8").splitlines():
                 if line.strip():
                     rec = json.loads(line)
                     self.records.setdefault(rec["id"], rec)  # first write wins: no duplicates
@@ -64,6 +64,6 @@ class RecordLog:
         if not self._pending:
             return
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._pending)
-        self.ctx.work.put_bytes(f"{self.sub}/part-{uuid.uuid4().hex}.jsonl", body.encode("utf-8"))
+        self.work.put_bytes(f"{self.sub}/part-{uuid.uuid4().hex}.jsonl", body.encode("utf-8"))
         self._pending = []
         self._last_flush = time.monotonic()

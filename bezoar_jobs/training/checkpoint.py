@@ -10,8 +10,9 @@ a checkpoint written for other inputs or settings is ignored and deleted, so a c
 never resumes a stale run.
 
 The upload happens in :meth:`CheckpointCallback.on_save`, right after the Trainer wrote the
-checkpoint locally. SIGTERM (``ctx.stop_requested()``) makes the next step end with a save and a
-stop; the stage then raises :class:`~bezoar_jobs.errors.Interrupted` (non-zero exit).
+checkpoint locally. A stop request (SIGTERM: the callback's ``stop_requested()``) makes the next
+step end with a save and a stop; the stage then raises :class:`~bezoar_jobs.errors.Interrupted`
+(non-zero exit).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
@@ -33,13 +35,28 @@ MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d+)/")
 
 
+class WorkStore(Protocol):
+    """A stage's ``_work/`` area (bezoar_jobs.runner.WorkArea): names are relative to it."""
+
+    def list(self, sub: str = "") -> list[str]: ...
+    def get_bytes(self, name: str) -> bytes: ...
+    def put_bytes(self, name: str, data: bytes) -> None: ...
+    def delete(self, name: str) -> None: ...
+    def upload_file(self, local: Path, name: str) -> None: ...
+    def download_file(self, name: str, local: Path) -> None: ...
+    def url(self, name: str) -> str: ...
+
+
 class StoreCheckpoints:
     """The stage's checkpoints under ``_work/checkpoints/`` (any run store: local or S3)."""
 
-    def __init__(self, work: Any, fingerprint: dict[str, Any], keep: int = 2):
+    def __init__(self, work: WorkStore, fingerprint: dict[str, Any], keep: int = 2):
         self.work = work
         self.fingerprint = fingerprint
         self.keep = max(1, keep)
+
+    def url(self, step: int) -> str:
+        return self.work.url(f"{CKPT}/step-{step}")
 
     # -- listing ------------------------------------------------------------------------------
     def _steps(self) -> dict[int, list[str]]:
@@ -100,14 +117,14 @@ class StoreCheckpoints:
         files: dict[str, int] = {}
         for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
             rel = path.relative_to(local).as_posix()
-            self.work.store.upload_file(path, self.work.rel(f"{prefix}/trainer/{rel}"))
+            self.work.upload_file(path, f"{prefix}/trainer/{rel}")
             files[f"trainer/{rel}"] = path.stat().st_size
         if metrics is not None and metrics.is_file():
-            self.work.store.upload_file(metrics, self.work.rel(f"{prefix}/metrics.jsonl"))
+            self.work.upload_file(metrics, f"{prefix}/metrics.jsonl")
             files["metrics.jsonl"] = metrics.stat().st_size
         marker = {"step": step, "fingerprint": self.fingerprint, "files": files, "time": time.time()}
         self.work.put_bytes(f"{prefix}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
-        log.info("checkpoint step %d saved to %s (%.1f s)", step, self.work.store.url(self.work.rel(prefix)), time.time() - t0)
+        log.info("checkpoint step %d saved to %s (%.1f s)", step, self.work.url(prefix), time.time() - t0)
         self.prune()
 
     def restore(self, output_dir: Path, metrics_out: Path | None = None) -> tuple[int, Path] | None:
@@ -125,7 +142,7 @@ class StoreCheckpoints:
         prefix = f"{CKPT}/step-{step}"
         for sub, size in marker.get("files", {}).items():
             target = tmp / sub
-            self.work.store.download_file(self.work.rel(f"{prefix}/{sub}"), target)
+            self.work.download_file(f"{prefix}/{sub}", target)
             if target.stat().st_size != size:
                 raise RuntimeError(f"checkpoint step-{step}: {sub} has {target.stat().st_size} bytes, expected {size}")
         (tmp / "trainer").rename(dest)
@@ -148,18 +165,24 @@ def _copy_metrics_upto(src: Path, dest: Path, step: int) -> None:
                 out.write(line if line.endswith("\n") else line + "\n")
 
 
-class CheckpointCallback(TrainerCallback):
-    """Upload each checkpoint, log every step to metrics.jsonl, stop cleanly on SIGTERM."""
+class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+    """Upload each checkpoint, log every step to metrics.jsonl, stop cleanly on SIGTERM.
 
-    def __init__(self, ctx: Any, store_ckpts: StoreCheckpoints, metrics_path: Path):
-        self.ctx = ctx
+    ``stop_requested`` says whether the stage was asked to stop; ``record`` writes one metrics
+    record (the stage's metrics.jsonl)."""
+
+    def __init__(self, stage: str, store_ckpts: StoreCheckpoints, metrics_path: Path,
+                 stop_requested: Callable[[], bool], record: Callable[[dict[str, Any]], None]):
+        self.stage = stage
         self.ckpts = store_ckpts
         self.metrics_path = metrics_path
+        self.stop_requested = stop_requested
+        self.record = record
         self.stopped_at: int | None = None
         self.last_logs: dict[str, float] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.ctx.stop_requested() and self.stopped_at is None:
+        if self.stop_requested() and self.stopped_at is None:
             # save inside the grace period, then leave the training loop; the stage exits non-zero
             log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state.global_step)
             self.stopped_at = state.global_step
@@ -180,5 +203,5 @@ class CheckpointCallback(TrainerCallback):
         if not rec:
             return control
         self.last_logs.update(rec)
-        self.ctx.metrics({"stage": self.ctx.name, "step": state.global_step, **rec})  # -> <out>/metrics.jsonl
+        self.record({"stage": self.stage, "step": state.global_step, **rec})  # -> <out>/metrics.jsonl
         return control

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 from ..errors import BadInput
 from ..recipe_training import PassValue, TrainingConfig
+from ..registry import SFT_STAGES
 
 # field -> why the stage owns it (shared by SFTConfig and DPOConfig; both extend TrainingArguments)
 _OWNED_COMMON: dict[str, str] = {
@@ -209,19 +211,18 @@ def _report_to(training: TrainingConfig) -> list[str]:
     return list(training.report_to) or ["none"]
 
 
-def _common_kwargs(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan) -> dict[str, Any]:
-    t: TrainingConfig = recipe.training
+def _common_kwargs(training: TrainingConfig, seed: int, stage: str, output_dir: Path, plan: DevicePlan) -> dict[str, Any]:
     return {
         "output_dir": str(output_dir),
         "save_strategy": "steps",
-        "save_steps": t.checkpoint_every,
+        "save_steps": training.checkpoint_every,
         "save_total_limit": 1,  # local copies only; the run store keeps training.keep_checkpoints
         "logging_strategy": "steps",
         "logging_steps": 1,
-        "report_to": _report_to(t),
+        "report_to": _report_to(training),
         "run_name": stage,
-        "seed": recipe.seed,
-        "data_seed": recipe.seed,
+        "seed": seed,
+        "data_seed": seed,
         "use_cpu": not plan.cuda,
         "bf16": plan.bf16,
         "fp16": plan.fp16,
@@ -231,7 +232,7 @@ def _common_kwargs(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan) 
     }
 
 
-def _cpu_optim(kwargs: dict[str, Any], plan: DevicePlan, log: Any = None) -> None:
+def _cpu_optim(kwargs: dict[str, Any], plan: DevicePlan, log: logging.Logger | None = None) -> None:
     """Paged and 8-bit bitsandbytes optimizers need CUDA: fall back to AdamW on CPU, saying so."""
     optim = str(kwargs.get("optim", ""))
     if not plan.cuda and ("paged" in optim or "8bit" in optim or optim.startswith("adamw_bnb")):
@@ -240,20 +241,18 @@ def _cpu_optim(kwargs: dict[str, Any], plan: DevicePlan, log: Any = None) -> Non
         kwargs["optim"] = "adamw_torch"
 
 
-def build_sft_config(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan | None = None, log: Any = None) -> Any:
-    """The SFTConfig of one SFT stage: ``training.sft_args`` + ``training.stage_args[stage]`` + ours."""
+def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: dict[str, PassValue], output_dir: Path,
+                     plan: DevicePlan, log: logging.Logger | None = None) -> Any:
+    """The SFTConfig of one SFT stage from its effective settings (``training.sft_args`` with
+    ``training.stage_args[stage]`` laid over them) and ours."""
     from trl import SFTConfig
 
-    t: TrainingConfig = recipe.training
-    if plan is None:
-        plan = device_plan(t, *detect_device())
-    given = t.stage_sft_args(stage)
-    path = "training.sft_args" if stage not in t.stage_args else f"training.sft_args / training.stage_args.{stage}"
-    kwargs = check_pass_through(SFTConfig, given, path, {**_OWNED_COMMON, **_OWNED_SFT})
+    path = "training.sft_args" if stage not in training.stage_args else f"training.sft_args / training.stage_args.{stage}"
+    kwargs = check_pass_through(SFTConfig, settings, path, {**_OWNED_COMMON, **_OWNED_SFT})
     _cpu_optim(kwargs, plan, log)
     if not kwargs.get("max_length"):
         raise BadInput(f"{path}.max_length: must be set (the stage tokenizes and cuts examples to it)")
-    kwargs.update(_common_kwargs(recipe, stage, output_dir, plan))
+    kwargs.update(_common_kwargs(training, seed, stage, output_dir, plan))
     # we hand over tokenized, labelled rows already cut to max_length
     kwargs["dataset_kwargs"] = None
     kwargs["completion_only_loss"] = None
@@ -264,30 +263,22 @@ def build_sft_config(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan
     return _construct(SFTConfig, kwargs, path, plan)
 
 
-def build_dpo_config(recipe: Any, output_dir: Path, plan: DevicePlan | None = None, log: Any = None) -> Any:
+def build_dpo_config(training: TrainingConfig, seed: int, settings: dict[str, PassValue], output_dir: Path,
+                     plan: DevicePlan, log: logging.Logger | None = None) -> Any:
     from trl import DPOConfig
 
-    t: TrainingConfig = recipe.training
-    if plan is None:
-        plan = device_plan(t, *detect_device())
     path = "training.dpo.dpo_args"
-    kwargs = check_pass_through(DPOConfig, dict(t.dpo.dpo_args), path, {**_OWNED_COMMON, **_OWNED_DPO})
+    kwargs = check_pass_through(DPOConfig, settings, path, {**_OWNED_COMMON, **_OWNED_DPO})
     _cpu_optim(kwargs, plan, log)
     if not kwargs.get("max_length"):
         raise BadInput(f"{path}.max_length: must be set (prompts longer than it are refused or dropped)")
-    kwargs.update(_common_kwargs(recipe, "dpo", output_dir, plan))
+    kwargs.update(_common_kwargs(training, seed, "dpo", output_dir, plan))
     return _construct(DPOConfig, kwargs, path, plan)
 
 
-def build_lora_config(recipe: Any, stage: str) -> Any:
+def build_lora_config(args: dict[str, PassValue], path: str) -> Any:
     from peft import LoraConfig
 
-    t: TrainingConfig = recipe.training
-    if stage == "dpo":
-        args = t.dpo_lora()
-        path = "training.dpo.lora" if t.dpo.lora is not None else "training.lora"
-    else:
-        args, path = dict(t.lora), "training.lora"
     kwargs = check_pass_through(LoraConfig, args, path, _OWNED_LORA)
     kwargs["task_type"] = "CAUSAL_LM"
     try:
@@ -307,27 +298,39 @@ def check_report_to(training: TrainingConfig) -> None:
 
 @dataclass
 class StageConfigs:
-    """Everything a training stage needs from the recipe, built and validated up front."""
+    """Everything a training stage needs from the recipe, built and validated up front: computed
+    once, here, and used by the trainer, the model card and the manifest."""
 
     stage: str
     plan: DevicePlan
     trainer_args: Any  # SFTConfig or DPOConfig
     lora: Any  # LoraConfig
     base_stage: str | None  # the stage whose model/ this one starts from; None: recipe.student
+    settings: dict[str, PassValue]  # the effective SFTConfig/DPOConfig overrides (recipe defaults included)
+    lora_settings: dict[str, PassValue]  # the effective LoraConfig overrides
+
+    @property
+    def max_length(self) -> int:
+        return int(self.settings["max_length"])  # type: ignore[arg-type]
 
 
-def build_stage_configs(recipe: Any, stage: str, output_dir: Path, plan: DevicePlan | None = None, log: Any = None) -> StageConfigs:
+def build_stage_configs(training: TrainingConfig, seed: int, stage: str, output_dir: Path,
+                        plan: DevicePlan | None = None, log: logging.Logger | None = None) -> StageConfigs:
     """Validate and build one training stage's configuration (sft-*, dpo). Works on CPU for a GPU
     recipe: pass ``plan`` to build for another device than this one."""
-    t: TrainingConfig = recipe.training
     if plan is None:
-        plan = device_plan(t, *detect_device())
+        plan = device_plan(training, *detect_device())
     if stage == "dpo":
-        args = build_dpo_config(recipe, output_dir, plan, log)
-    elif stage.startswith("sft-") and stage[4:] in ("lamini", "evol", "orca", "hh"):
-        args = build_sft_config(recipe, stage, output_dir, plan, log)
+        settings = dict(training.dpo.dpo_args)
+        args = build_dpo_config(training, seed, settings, output_dir, plan, log)
+        lora_settings = training.dpo_lora()
+        lora_path = "training.dpo.lora" if training.dpo.lora is not None else "training.lora"
+    elif stage in SFT_STAGES:
+        settings = training.stage_sft_args(stage)
+        args = build_sft_config(training, seed, stage, settings, output_dir, plan, log)
+        lora_settings, lora_path = dict(training.lora), "training.lora"
     else:
         raise BadInput(f"{stage}: not a training stage")
-    lora = build_lora_config(recipe, stage)
-    base = t.previous_stage(stage)  # the same chain pipeline.stage_inputs() schedules
-    return StageConfigs(stage, plan, args, lora, base)
+    lora = build_lora_config(lora_settings, lora_path)
+    base = training.previous_stage(stage)  # the same chain pipeline.stage_inputs() schedules
+    return StageConfigs(stage, plan, args, lora, base, settings, lora_settings)

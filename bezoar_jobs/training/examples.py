@@ -22,12 +22,8 @@ from typing import Any
 from ..data.prompt_format import render_example
 from ..errors import BadInput
 
-# scheme -> (instruction column, response column, system column or None)
-SCHEME_COLUMNS: dict[str, tuple[str, str, str | None]] = {
-    "lamini": ("instruction", "response", None),
-    "evol": ("instruction", "response", None),
-    "orca": ("inputs", "explained_targets", "system_message"),
-}
+# (instruction column, response column, system column or None): each scheme module's TRAIN_COLUMNS
+Columns = tuple[str, str, str | None]
 
 
 @dataclass(frozen=True)
@@ -46,9 +42,9 @@ def read_filtered_rows(path: Path, label: str) -> list[tuple[str, dict[str, Any]
     return [(f"{label}:{n}", row) for n, row in iter_jsonl(path, label)]
 
 
-def scheme_example(scheme: str, where: str, row: dict[str, Any]) -> Example:
-    """The (prompt, completion) of one filtered row of a generation scheme."""
-    ins_col, resp_col, sys_col = SCHEME_COLUMNS[scheme]
+def scheme_example(scheme: str, columns: Columns, where: str, row: dict[str, Any]) -> Example:
+    """The (prompt, completion) of one filtered row of a generation scheme, from its ``columns``."""
+    ins_col, resp_col, sys_col = columns
     for col in (ins_col, resp_col):
         if col not in row or row[col] is None:
             raise BadInput(f"{where}: field {col!r} is missing (every {scheme} row needs {ins_col!r} and {resp_col!r})")

@@ -1,0 +1,219 @@
+"""Job lifecycle and watches: creating (or adopting) a stage's Job, deleting a finished one, finding
+its pods and their exit codes, and watching the run's Jobs and pods.
+
+Watches: ``list_namespaced_job`` / ``list_namespaced_pod`` with the run's label selector, from the
+list's ``resourceVersion``; a ``410 Gone`` re-lists (a ``RELIST`` event carries everything again).
+Job state is never polled. Events go to a queue as ``(kind, type, object)``: kind ``job`` or
+``pod``; ``watch-error`` when a watch cannot go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from typing import Any
+
+from ..errors import BadInput
+from .jobs import CONTAINER, LABEL_RUN, LABEL_STAGE
+from .k8s_api import api_exception, condition, raw
+
+Event = tuple[str, str, Any]
+
+
+class JobApi:
+    """Get, create-or-adopt and delete the Jobs of one run in one namespace."""
+
+    def __init__(self, batch: Any, core: Any, namespace: str, run_label: str):
+        self.batch = batch
+        self.core = core
+        self.ns = namespace
+        self.run_label = run_label  # the run's bezoar.dev/run label value
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        ApiException = api_exception()
+        try:
+            return raw(self.batch.read_namespaced_job(name, self.ns, _preload_content=False))
+        except ApiException as e:
+            if getattr(e, "status", None) == 404:
+                return None
+            raise
+
+    def belongs(self, job: dict[str, Any], stage: str) -> bool:
+        labels = job["metadata"].get("labels") or {}
+        return labels.get(LABEL_STAGE) == stage and labels.get(LABEL_RUN) == self.run_label
+
+    def delete_and_wait(self, name: str, uid: str, timeout: float = 120.0) -> None:
+        """Delete a finished Job of this name and wait until the name is free again."""
+        ApiException = api_exception()
+        with contextlib.suppress(ApiException):
+            self.batch.delete_namespaced_job(name, self.ns, body={"propagationPolicy": "Background"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cur = self.get(name)
+            if cur is None or cur["metadata"].get("uid") != uid:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"Job {name} was deleted but did not go away within {timeout:.0f} s")
+
+    def create_or_adopt(self, body: dict[str, Any], stage: str,
+                        on_replace: Any = None) -> tuple[dict[str, Any], bool]:
+        """(the Job, adopted?): a running Job of that name of this run and stage is adopted (a
+        restarted controller picks up where the last one was); a finished one is deleted and
+        created anew (``on_replace(name)`` is told); ``409 Conflict`` on create means another
+        controller won the race: adopt."""
+        ApiException = api_exception()
+        name = body["metadata"]["name"]
+        for _attempt in range(3):
+            existing = self.get(name)
+            if existing is not None:
+                if not self.belongs(existing, stage):
+                    raise BadInput(f"a Job named {name} already exists in namespace {self.ns} but does not belong to "
+                                   f"run {self.run_label} stage {stage}; delete it or use another --run-id")
+                if condition(existing) is None:
+                    return existing, True
+                if on_replace is not None:
+                    on_replace(name)
+                self.delete_and_wait(name, existing["metadata"]["uid"])
+            try:
+                return raw(self.batch.create_namespaced_job(self.ns, body, _preload_content=False)), False
+            except ApiException as e:
+                if getattr(e, "status", None) == 409:  # someone created it between our get and create
+                    continue
+                raise
+        raise RuntimeError(f"could not create or adopt Job {name}")
+
+    def pods_of(self, uid: str, known: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The Job's pods, fresh from the API (the watch may lag the Job's condition)."""
+        try:
+            data = raw(self.core.list_namespaced_pod(self.ns, label_selector=f"controller-uid={uid}",
+                                                     _preload_content=False))
+            items = data.get("items", [])
+        except Exception:  # the report is best effort; the failure itself is already known
+            items = [p for p in (known or {}).values() if (p["metadata"].get("labels") or {}).get("controller-uid") == uid]
+        return sorted(items, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+
+    def exit_codes(self, uid: str, known: dict[str, dict[str, Any]] | None = None) -> list[int]:
+        codes = []
+        for pod in self.pods_of(uid, known):
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated")
+                if cs.get("name") == CONTAINER and term and term.get("exitCode") is not None:
+                    codes.append(int(term["exitCode"]))
+        return codes
+
+    def delete_run_jobs(self, selector: str) -> list[str]:
+        """Delete every Job matching ``selector`` (propagationPolicy Background); their names."""
+        ApiException = api_exception()
+        data = raw(self.batch.list_namespaced_job(self.ns, label_selector=selector, _preload_content=False))
+        names = sorted(j["metadata"]["name"] for j in data.get("items", []))
+        for name in names:
+            try:
+                self.batch.delete_namespaced_job(name, self.ns, body={"propagationPolicy": "Background"},
+                                                 _preload_content=False).release_conn()
+            except ApiException as e:
+                if getattr(e, "status", None) != 404:  # already gone is what we wanted
+                    raise
+        return names
+
+
+class RunWatch:
+    """Watches the run's Jobs and pods (one thread per kind) into ``events``."""
+
+    def __init__(self, batch: Any, core: Any, namespace: str, selector: str, events: queue.Queue[Event],
+                 stop: threading.Event, timeout_s: int = 240):
+        self.batch = batch
+        self.core = core
+        self.ns = namespace
+        self.selector = selector
+        self.events = events
+        self.stop = stop
+        self.timeout_s = timeout_s
+        self._watches: list[Any] = []
+
+    def list(self, kind: str) -> tuple[list[dict[str, Any]], str]:
+        fn = self.batch.list_namespaced_job if kind == "job" else self.core.list_namespaced_pod
+        data = raw(fn(self.ns, label_selector=self.selector, _preload_content=False))
+        return data.get("items", []), data["metadata"]["resourceVersion"]
+
+    def start(self) -> dict[str, list[dict[str, Any]]]:
+        """List both kinds, start watching from there; return what the lists held."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for kind in ("job", "pod"):
+            items, rv = self.list(kind)
+            found[kind] = items
+            th = threading.Thread(target=self._watch, args=(kind, rv), name=f"bezoar-watch-{kind}", daemon=True)
+            th.start()
+        return found
+
+    def close(self) -> None:
+        self.stop.set()
+        for w in list(self._watches):
+            with contextlib.suppress(Exception):
+                w.stop()
+
+    def _watch(self, kind: str, rv: str) -> None:
+        """Stream events from ``rv``; re-list (and re-announce everything) on 410 Gone.
+
+        Runs in a thread and never raises: a failure it cannot recover from becomes a
+        ``watch-error`` event that stops the run in the main thread."""
+        try:
+            self._watch_loop(kind, rv)
+        except Exception as e:
+            if not self.stop.is_set():
+                self.events.put(("watch-error", kind, e))
+
+    def _watch_loop(self, kind: str, rv: str) -> None:
+        from kubernetes import watch
+
+        ApiException = api_exception()
+        api_fn = self.batch.list_namespaced_job if kind == "job" else self.core.list_namespaced_pod
+
+        def fn(*args, **kwargs):  # type: ignore[no-untyped-def]
+            # Unannotated on purpose: Watch then hands events over as plain dicts instead of
+            # deserialising them into the client's models, which refuse fields newer than the
+            # client (a newer API server would otherwise break the watch).
+            return api_fn(*args, **kwargs)
+
+        failures = 0
+        while not self.stop.is_set():
+            w = watch.Watch()
+            self._watches.append(w)
+            try:
+                for ev in w.stream(fn, self.ns, label_selector=self.selector, resource_version=rv,
+                                   allow_watch_bookmarks=True, timeout_seconds=self.timeout_s,
+                                   _request_timeout=(10, self.timeout_s + 30)):
+                    if self.stop.is_set():
+                        break
+                    failures = 0
+                    if ev["type"] == "BOOKMARK":
+                        rv = ev["raw_object"]["metadata"]["resourceVersion"]
+                        continue
+                    obj = ev["raw_object"]
+                    rv = obj["metadata"]["resourceVersion"]
+                    self.events.put((kind, ev["type"], obj))
+            except ApiException as e:
+                if self.stop.is_set():
+                    return
+                status = getattr(e, "status", None)
+                if status == 410:  # our resourceVersion is too old: list again, then watch from there
+                    items, rv = self.list(kind)
+                    self.events.put((kind, "RELIST", items))
+                    continue
+                failures += 1
+                if failures > 5 or status in (401, 403):
+                    self.events.put(("watch-error", kind, e))
+                    return
+                time.sleep(min(5.0, 0.2 * 2**failures))
+            except Exception as e:  # connection dropped: resume from the last resourceVersion
+                if self.stop.is_set():
+                    return
+                failures += 1
+                if failures > 5:
+                    self.events.put(("watch-error", kind, e))
+                    return
+                time.sleep(min(5.0, 0.2 * 2**failures))
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._watches.remove(w)

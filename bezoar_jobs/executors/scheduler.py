@@ -1,0 +1,201 @@
+"""The one scheduler: the DAG walk of ``bezoar run``, over a small backend interface.
+
+Where a stage runs is the backend's business (:class:`Backend`: a local subprocess, a Kubernetes
+Job); everything else is decided here, the same way for every backend:
+
+- **ready set**: a selected stage starts once every selected stage it waits for is done
+  (:func:`bezoar_jobs.pipeline.waits_for`: its inputs; for the report, which reads the whole run,
+  every other selected stage). Inputs outside the selection count as committed (the stage itself
+  refuses, exit 2, when they are not). Stages start in canonical order, at most ``parallel`` at once.
+- **skip committed**: a stage whose manifest is current (:func:`bezoar_jobs.state.up_to_date`) is
+  skipped unless ``force``; with ``force`` its manifest (and, for training and evaluation, its
+  ``_work/``) is removed first (:func:`bezoar_jobs.state.prepare_force`), so it really reruns.
+- **check the commit**: a stage whose backend reports success but whose manifest is missing or stale
+  has failed (``NoManifest`` / ``StaleManifest``).
+- **failure**: the first failure stops the pipeline: no new stage starts; the outcome names the
+  stage, the reason, the message and the last log lines, and carries the exit code. Stages still
+  running are waited for (local processes) or left to the cluster (Jobs: the next ``bezoar run``
+  adopts them), as the backend says.
+
+A backend is the kubeflow/sdk RuntimeBackend idea cut to what this needs: ``submit`` a stage,
+``wait`` for what happened, ``cancel``, and the last ``logs`` of a stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..pipeline import waits_for
+from ..registry import spec
+from ..state import prepare_force, up_to_date
+from ..store import Store
+
+log = logging.getLogger("bezoar")
+
+EXIT_STAGE_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class StageEvent:
+    """A stage's run ended: ``exit_code`` 0 means the backend saw it succeed (the scheduler still
+    checks its manifest); otherwise ``reason`` and ``message`` say why, ``log_tail`` what it said."""
+
+    stage: str
+    exit_code: int
+    reason: str = ""
+    message: str = ""
+    log_tail: list[str] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    """Where stages run. ``parallel``: how many at once (None: no limit). ``wait_on_failure``:
+    after a failure, whether the scheduler waits for the stages still running (True for local
+    processes, which would be orphaned) or leaves them (False for Jobs, which run on by themselves)."""
+
+    parallel: int | None
+    wait_on_failure: bool
+
+    def start(self) -> None:
+        """Prepare (watches, connections) before the first submit."""
+
+    def submit(self, stage: str) -> None:
+        """Start ``stage`` (exactly ``bezoar stage NAME --recipe <run>/recipe.yaml --run <run>``)."""
+
+    def wait(self, timeout: float) -> list[StageEvent]:
+        """The stages that ended since the last call (none after ``timeout`` seconds)."""
+
+    def stage_done(self, stage: str, skipped: bool) -> None:
+        """Told after each stage that is done (committed or skipped): e.g. to release the teacher."""
+
+    def running(self) -> list[str]:
+        """The stages submitted and not ended."""
+
+    def cancel(self) -> None:
+        """Stop every stage this backend started."""
+
+    def logs(self, stage: str) -> list[str]:
+        """The last log lines of ``stage``."""
+
+    def close(self) -> None:
+        """Release what ``start`` took (the stages the backend leaves running keep running)."""
+
+
+@dataclass
+class RunOutcome:
+    """What a run did; ``exit_code`` is what ``bezoar run`` exits with."""
+
+    exit_code: int = 0
+    failed_stage: str | None = None
+    reason: str = ""
+    message: str = ""
+    last_log_lines: list[str] = field(default_factory=list)
+    committed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)  # Kubernetes: Job names this run created
+    adopted: list[str] = field(default_factory=list)  # Kubernetes: running Jobs it picked up instead
+    still_running: list[str] = field(default_factory=list)  # left running after a failure
+
+    def describe(self) -> str:
+        if self.failed_stage is None:
+            return "ok"
+        lines = [f"stage {self.failed_stage} failed: {self.reason}: {self.message}"]
+        if self.last_log_lines:
+            lines.append(f"last log lines of {self.failed_stage}:")
+            lines += [f"  {ln}" for ln in self.last_log_lines]
+        return "\n".join(lines)
+
+
+class Scheduler:
+    """Runs the selected stages of one run on a backend (see the module docstring)."""
+
+    def __init__(self, backend: Backend, store: Store, recipe: Any, say: Callable[[str], None],
+                 outcome: RunOutcome | None = None):
+        self.backend = backend
+        self.store = store
+        self.recipe = recipe
+        self.say = say
+        self.outcome = outcome or RunOutcome()
+
+    def run(self, stages: list[str], force: bool = False) -> RunOutcome:
+        for s in stages:
+            spec(s)
+        o = self.outcome
+        pending = list(stages)
+        done: set[str] = set()
+        self.backend.start()
+        try:
+            while True:
+                if o.failed_stage is None:
+                    self._start_ready(stages, pending, done, force)
+                running = self.backend.running()
+                if o.failed_stage is not None and (not running or not self.backend.wait_on_failure):
+                    break
+                if not running:
+                    if pending and o.failed_stage is None:  # pragma: no cover - the DAG is acyclic by construction
+                        raise RuntimeError(f"stages {pending} can never start")
+                    break
+                for ev in self.backend.wait(1.0):
+                    self._ended(ev, done)
+        finally:
+            o.still_running = sorted(self.backend.running())
+            self.backend.close()
+        if o.failed_stage is not None:
+            self.say(f"error: {o.describe()}")
+            if o.still_running:
+                self.say(f"still running (left alone; the next `bezoar run` adopts them, `bezoar cancel` stops them): "
+                         f"{', '.join(o.still_running)}")
+        else:
+            self.say(f"{len(o.committed)} stage(s) committed, {len(o.skipped)} already up to date")
+        return o
+
+    def _start_ready(self, stages: list[str], pending: list[str], done: set[str], force: bool) -> None:
+        progressed = True
+        while progressed:
+            progressed = False
+            for s in list(pending):
+                limit = self.backend.parallel
+                if limit is not None and len(self.backend.running()) >= limit:
+                    return
+                if not all(d in done for d in waits_for(s, stages, self.recipe)):
+                    continue
+                pending.remove(s)
+                progressed = True
+                if not force:
+                    ok, why = up_to_date(self.store, self.recipe, s)
+                    if ok:
+                        self.say(f"{s}: skipped ({why})")
+                        self.outcome.skipped.append(s)
+                        done.add(s)
+                        self.backend.stage_done(s, skipped=True)
+                        continue
+                else:
+                    self.say(f"{s}: --force: removing its manifest so the stage reruns")
+                    prepare_force(self.store, s)
+                self.backend.submit(s)
+
+    def _ended(self, ev: StageEvent, done: set[str]) -> None:
+        if ev.exit_code != 0:
+            self._fail(ev)
+            return
+        ok, why = up_to_date(self.store, self.recipe, ev.stage)
+        if not ok:
+            reason = "NoManifest" if why == "not committed" else "StaleManifest"
+            self._fail(StageEvent(ev.stage, EXIT_STAGE_FAILED, reason,
+                                  f"{ev.message or 'it finished'} but the stage is not committed as expected "
+                                  f"({why}: {self.store.url(ev.stage + '/_MANIFEST.json')})", ev.log_tail))
+            return
+        self.say(f"{ev.stage}: committed ({self.store.url(ev.stage)})")
+        self.outcome.committed.append(ev.stage)
+        done.add(ev.stage)
+        self.backend.stage_done(ev.stage, skipped=False)
+
+    def _fail(self, ev: StageEvent) -> None:
+        o = self.outcome
+        if o.failed_stage is not None:
+            return
+        o.failed_stage, o.reason, o.message, o.exit_code = ev.stage, ev.reason, ev.message, ev.exit_code
+        o.last_log_lines = list(ev.log_tail) or self.backend.logs(ev.stage)

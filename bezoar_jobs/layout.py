@@ -1,0 +1,30 @@
+"""The run layout's names, in one place (DESIGN.md "The run layout").
+
+```
+<run>/recipe.yaml                 the run's recipe, frozen when the run starts
+<run>/<stage>/_MANIFEST.json      written last: the stage is committed
+<run>/<stage>/_work/              in-progress records and checkpoints (never read as output)
+<run>/_cache/<namespace>/         teacher/judge answers by request hash
+```
+Every path is relative to the run (see :mod:`bezoar_jobs.store`).
+"""
+
+from __future__ import annotations
+
+RECIPE_FILE = "recipe.yaml"
+MANIFEST = "_MANIFEST.json"
+WORK_DIR = "_work"
+CACHE_DIR = "_cache"
+
+
+def manifest_path(stage: str) -> str:
+    return f"{stage}/{MANIFEST}"
+
+
+def work_prefix(stage: str) -> str:
+    """``<stage>/_work`` (no trailing slash)."""
+    return f"{stage}/{WORK_DIR}"
+
+
+def is_work_path(rel: str, stage: str) -> bool:
+    return rel.startswith(work_prefix(stage) + "/")

@@ -1,0 +1,96 @@
+"""Charts for the report: PNGs drawn with matplotlib (Agg backend, no display), imported inside
+the plotting functions only. Each chart records how many data points it drew: a chart is made only
+when there is data behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Chart:
+    name: str
+    title: str
+    png: bytes
+    points: int  # data points drawn: a chart is only made when there is data
+
+
+def new_figure(width: float, height: float) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def png(fig: Any) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float | None]]) -> int:
+    n = max(len(series), 1)
+    width = 0.8 / n
+    drawn = 0
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(groups))]
+        ys = [v if v is not None else 0.0 for v in values]
+        ax.bar(xs, ys, width=width, label=label)
+        drawn += sum(1 for v in values if v is not None)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, ha="right")
+    ax.legend(fontsize=8)
+    return drawn
+
+
+def charts(stages: list[dict[str, Any]], fun: list[dict[str, Any]], losses: dict[str, list[tuple[float, float]]]) -> list[Chart]:
+    """The generic sections' charts: stage durations, the data funnel, training losses."""
+    out: list[Chart] = []
+    timed = [r for r in stages if r["seconds"] is not None]
+    if timed:
+        fig = new_figure(8, 0.35 * len(timed) + 1.2)
+        ax = fig.add_subplot()
+        ax.barh([r["stage"] for r in timed][::-1], [r["seconds"] for r in timed][::-1], color="#4C72B0")
+        ax.set_xlabel("seconds")
+        ax.set_title("Stage durations")
+        out.append(Chart("durations", "Stage durations", png(fig), len(timed)))
+    gen = [r for r in fun if "generated" in r or "judged" in r]
+    if gen:
+        fig = new_figure(8, 3.2)
+        ax = fig.add_subplot()
+        gen = gen[::-1]  # barh draws bottom-up: keep the schemes in recipe order from the top
+        names = [r["scheme"] for r in gen]
+        kept = [r.get("kept", r.get("committed", 0)) for r in gen]
+        judged_out = [r.get("rejected_by_judge", 0) for r in gen]
+        elim = [r.get("eliminated", 0) for r in gen]
+        judged = any("kept" in r for r in gen)
+        ax.barh(names, kept, color="#55A868", label="kept by the judge" if judged else "committed (not judged yet)")
+        ax.barh(names, judged_out, left=kept, color="#C44E52", label="rejected by the judge")
+        ax.barh(names, elim, left=[a + b for a, b in zip(kept, judged_out, strict=True)], color="#8172B2",
+                label="eliminated at generation")
+        ax.set_xlabel("rows")
+        ax.set_title("Data funnel per scheme")
+        ax.legend(fontsize=8)
+        out.append(Chart("funnel", "Data funnel per scheme", png(fig), len(gen)))
+    if losses:
+        n = len(losses)
+        cols = min(n, 3)
+        rows = (n + cols - 1) // cols
+        fig = new_figure(4 * cols, 2.8 * rows)
+        for i, (stage, pts) in enumerate(losses.items()):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
+            ax.set_title(stage)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+        out.append(Chart("loss", "Training loss", png(fig), sum(len(p) for p in losses.values())))
+    return out

@@ -1,0 +1,193 @@
+"""Rendering the report: tables, the HTML page (self-contained, charts embedded) and the Markdown
+summary. Sections of the evaluations come from each evaluation's module (:class:`Section`)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+from .charts import Chart
+from .collect import RunData, expected, scrub
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def score(v: dict[str, Any] | None) -> str:
+    if not v or v.get("value") is None:
+        return "-"
+    s = fmt(v["value"])
+    return f"{s} ± {fmt(v['stderr'])}" if v.get("stderr") is not None else s
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclass
+class Section:
+    """An evaluation's part of the report (its module's ``report_section``): a table, charts, and
+    details below them (HTML snippets and Markdown lines); ``numbers`` go to report.json."""
+
+    key: str
+    heading: str
+    table: Table | None = None
+    charts: list[Chart] = field(default_factory=list)
+    details_html: list[str] = field(default_factory=list)
+    details_md: list[str] = field(default_factory=list)
+    numbers: Any = None
+    empty: str = ""  # shown when there is nothing (not committed, or switched off)
+
+
+def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str, Any]], usage: list[dict[str, Any]],
+                 prod: list[dict[str, Any]]) -> dict[str, Table]:
+    """The generic sections' tables: stages, data funnel, usage, producers."""
+    t: dict[str, Table] = {}
+    t["stages"] = Table("Stages", ["stage", "status", "seconds", "committed at", "counts"],
+                        [[r["stage"], r["status"], fmt(r["seconds"], 3), r["committed_at"] or "-", r["counts"] or "-"] for r in stages])
+    if fun:
+        t["funnel"] = Table(
+            "Data funnel", ["scheme", "generated", "eliminated at generation", "judged", "kept by judge", "rejected by judge", "retention"],
+            [[r["scheme"], fmt(r.get("generated")), fmt(r.get("eliminated")), fmt(r.get("judged")), fmt(r.get("kept")),
+              fmt(r.get("rejected_by_judge")), fmt(r.get("retention"))] for r in fun],
+            "generated = rows the generate stage produced (committed + eliminated); the judge rates what was committed.")
+    if usage:
+        tot = {k: sum((r[k] or 0) for r in usage) for k in ("seconds", "prompt_tokens", "completion_tokens", "gpu_hours")}
+        api = [r["api_cost_usd"] for r in usage if r["api_cost_usd"] is not None]
+        gpu = [r["gpu_cost_usd"] for r in usage if r["gpu_cost_usd"] is not None]
+        rows = [[r["stage"], fmt(r["seconds"], 3), str(r["prompt_tokens"]), str(r["completion_tokens"]), fmt(r["model_tokens"]),
+                 fmt(r["gpu_hours"], 3), fmt(r["api_cost_usd"], 4), fmt(r["gpu_cost_usd"], 4)] for r in usage]
+        rows.append(["total", fmt(round(tot["seconds"], 1), 6), str(tot["prompt_tokens"]), str(tot["completion_tokens"]), "",
+                     fmt(round(tot["gpu_hours"], 4), 3), fmt(round(sum(api), 4), 4) if api else "-",
+                     fmt(round(sum(gpu), 4), 4) if gpu else "-"])
+        t["usage"] = Table("Tokens, time and cost", ["stage", "seconds", "API tokens in", "API tokens out", "trained / generated tokens",
+                                                     "GPU-hours", "API cost $", "GPU cost $"], rows,
+                           "API tokens: teacher and judge requests (in-process ones included; token-probability ratings "
+                           "count none). Trained / generated: tokens a training stage trained on, or MT-Bench answer tokens "
+                           "the evaluated models wrote. API cost only where the recipe gives the endpoint's prices; GPU cost "
+                           "only with report.gpu_hour_usd.")
+    if prod:
+        t["producers"] = Table("Teacher, judges and models", ["stage", "role", "backend", "model id", "revision", "base URL", "note"],
+                               [[r["stage"], r["role"], r["backend"] or "", r["model_id"] or "", r["revision"] or "-",
+                                 r["base_url"] or "-", r["note"]] for r in prod])
+    return t
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.banner{background:#fff3cd;border:1px solid #e0c36a;padding:.6em 1em;margin:1em 0}
+.note{color:#555;font-size:.85em}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
+figure{margin:1em 0}img{max-width:100%}details{margin:.3em 0}"""
+
+
+def html_table(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in t.rows)
+    note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+
+
+def md_table(t: Table) -> str:
+    def cell(x: str) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in t.header) + " |", "|" + "---|" * len(t.header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
+    if t.note:
+        lines += ["", f"_{t.note}_"]
+    return "\n".join(lines)
+
+
+def figure_html(c: Chart) -> str:
+    b64 = base64.b64encode(c.png).decode("ascii")
+    return (f'<figure data-chart="{c.name}" data-points="{c.points}"><img alt="{html.escape(c.title)}" '
+            f'src="data:image/png;base64,{b64}"><figcaption class="note">{html.escape(c.title)}</figcaption></figure>')
+
+
+def render(data: RunData, title: str, tables: dict[str, Table], chart_list: list[Chart],
+           evaluations: list[Section], include_recipe: bool, built_at: str) -> tuple[str, str]:
+    """(index.html, report.md)."""
+    ch = {c.name: c for c in chart_list}
+    n_done, n_all = len(data.manifests), len(expected())
+    status = (f"Partial run: {n_done} of {n_all} stages committed; not committed: {', '.join(data.missing)}."
+              if data.partial else f"Complete run: all {n_all} stages committed.")
+    h: list[str] = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+                    f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+                    f'<p class="note">Run <code>{html.escape(scrub(data.uri))}</code>, report built {html.escape(built_at)}.</p>',
+                    f'<div class="banner" id="run-status">{html.escape(status)}</div>' if data.partial
+                    else f'<p id="run-status">{html.escape(status)}</p>']
+    md: list[str] = [f"# {title}", "", f"Run `{scrub(data.uri)}`, report built {built_at}.", "",
+                     f"> **{status}**" if data.partial else status, ""]
+
+    def section(key: str, heading: str, charts_after: tuple[str, ...] = (), empty: str = "") -> None:
+        t = tables.get(key)
+        cs = [ch[c] for c in charts_after if c in ch]
+        h.append(f'<h2 id="{key}">{html.escape(heading)}</h2>')
+        md.extend([f"## {heading}", ""])
+        if t is None and not cs:
+            h.append(f'<p class="note">{html.escape(empty)}</p>')
+            md.extend([f"_{empty}_", ""])
+            return
+        if t is not None:
+            h.append(html_table(t))
+            md.extend([md_table(t), ""])
+        for c in cs:
+            h.append(figure_html(c))
+            md.extend([f"![{c.title}](figures/{c.name}.png)", ""])
+
+    section("stages", "Stages", ("durations",))
+    section("funnel", "Data funnel per scheme", ("funnel",), "No generate or filter stage is committed yet.")
+    h.append('<h2 id="training">Training loss</h2>')
+    md.extend(["## Training loss", ""])
+    if "loss" in ch:
+        h.append(figure_html(ch["loss"]))
+        md.extend(["![Training loss](figures/loss.png)", ""])
+    else:
+        h.append('<p class="note">No training stage with logged losses is committed yet.</p>')
+        md.extend(["_No training stage with logged losses is committed yet._", ""])
+    for sec in evaluations:  # in registry order
+        h.append(f'<h2 id="{sec.key}">{html.escape(sec.heading)}</h2>')
+        md.extend([f"## {sec.heading}", ""])
+        if sec.table is None and not sec.charts:
+            h.append(f'<p class="note">{html.escape(sec.empty)}</p>')
+            md.extend([f"_{sec.empty}_", ""])
+            continue
+        if sec.table is not None:
+            h.append(html_table(sec.table))
+            md.extend([md_table(sec.table), ""])
+        for c in sec.charts:
+            h.append(figure_html(c))
+            md.extend([f"![{c.title}](figures/{c.name}.png)", ""])
+        h.extend(sec.details_html)
+        md.extend(sec.details_md)
+    section("usage", "Tokens, time and cost", (), "No stage is committed yet.")
+    section("producers", "Teacher, judges and models", (), "No stage is committed yet.")
+    if include_recipe:
+        h.append('<h2 id="recipe">Recipe</h2>')
+        md.extend(["## Recipe", ""])
+        if data.recipe_error:
+            h.append(f'<p class="note">{html.escape(data.recipe_error)}</p>')
+            md.extend([f"_{data.recipe_error}_", ""])
+        if data.recipe_text is not None:
+            text = scrub(data.recipe_text)
+            h.append(f"<pre>{html.escape(text)}</pre>")
+            md.extend(["```yaml", text.rstrip("\n"), "```", ""])
+    h.append("</body></html>")
+    return "\n".join(h), "\n".join(md)
+
+

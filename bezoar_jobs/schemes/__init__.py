@@ -1,0 +1,1 @@
+"""Generation schemes, one module each (see bezoar_jobs.registry.SCHEMES)."""

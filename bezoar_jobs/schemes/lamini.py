@@ -1,0 +1,174 @@
+"""The LaMini-LM scheme (generate-lamini): instructions from example- and topic-guided prompts, then
+a response to each (../shared/RECIPE.md "LaMini scheme").
+
+Phase 1 asks for ``instructions_per_prompt`` new instructions per prompt (three sampled seed
+instructions as examples, plus three topics in topic-guided prompts); they are parsed, then
+deduplicated against each other and the seeds in unit order. Phase 2 asks for each one's response.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..data.io import load_rows, load_template, render
+from ..errors import BadInput
+from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
+from ..llm.base import request
+from ..runner import StageContext, StageOutput
+from ..stages.common import Phase, endpoint_info, normalise, open_client
+from ..stages.generate import DOLLY_FIELDS, finish, req_seed, unit_rng
+from ..stages.records import in_shard, stable_hash
+
+# the columns sft-lamini trains on: instruction, response, system (none: the default system text)
+TRAIN_COLUMNS: tuple[str, str, str | None] = ("instruction", "response", None)
+
+
+def judge_pair(row: dict[str, Any]) -> tuple[str, str]:
+    """The instruction and response the filter's judge rates."""
+    return str(row["instruction"]), str(row.get("response") or "")
+
+
+def expected_rows(recipe: Any) -> int:
+    c = recipe.generation.lamini
+    n = (c.example_prompts + c.topic_prompts) * c.instructions_per_prompt
+    return min(n, c.max_instructions) if c.max_instructions else n
+
+
+def estimate(recipe: Any, store: Any, stage: str) -> list[Ask]:
+    c = recipe.generation.lamini
+    ins = TYPICAL_INSTRUCTION_TOKENS
+    prompt = template_tokens(c.example_template.path) + c.examples_per_prompt * ins
+    return [Ask(recipe.teacher, c.example_prompts + c.topic_prompts, prompt, c.instruction_decoding),
+            Ask(recipe.teacher, expected_rows(recipe), ins, c.response_decoding)]
+
+
+_TAGGED = re.compile(r"<example>(.*?)</example>", re.S | re.I)
+_OPEN_TAG = re.compile(r"<example>(.*?)(?=<example>|$)", re.S | re.I)
+_LIST_PREFIX = re.compile(r"^\s*(?:\d+\s*[.):\]-]|[-*\u2022]|\(\d+\)|[a-z][.)])\s+", re.I)
+_LABEL_PREFIX = re.compile(r"^\s*(?:task|instruction|question|new task|example)\s*\d*\s*[:.-]\s*", re.I)
+
+
+def parse_instructions(text: str, min_words: int = 3) -> list[str]:
+    """Instructions from a teacher's answer: ``<example>`` tags first; tolerate a missing closing
+    tag, numbered or bulleted lists, and "Task 3:" style labels."""
+    found = _TAGGED.findall(text)
+    if not found and "<example>" in text.lower():
+        found = _OPEN_TAG.findall(text)
+    if not found:
+        found = [ln for ln in text.splitlines() if _LIST_PREFIX.match(ln) or _LABEL_PREFIX.match(ln)]
+        if not found:
+            found = text.splitlines()
+    out = []
+    for item in found:
+        item = re.sub(r"</?example>", "", item, flags=re.I)
+        item = _LABEL_PREFIX.sub("", _LIST_PREFIX.sub("", item.strip())).strip().strip('"').strip()
+        item = _WS.sub(" ", item)
+        if len(item.split()) >= min_words and not item.endswith(":") and not _PREAMBLE.match(item):
+            out.append(item)
+    return out
+
+
+# a model's own framing lines ("Here are 8 new tasks ...") are not instructions
+_PREAMBLE = re.compile(r"^(?:here (?:are|is)|these are|sure\b|okay\b|below (?:are|is)|\d+ new tasks?\b)", re.I)
+
+
+_WS = re.compile(r"\s+")
+
+
+def _examples_block(items: list[str]) -> str:
+    return "\n".join(f"<example>{x}</example>" for x in items)
+
+
+def generate(ctx: StageContext) -> StageOutput:
+    r = ctx.recipe
+    cfg = r.generation.lamini
+    seeds = [row for row in load_rows(r.seeds.dolly, DOLLY_FIELDS, "seeds.dolly") if str(row["instruction"]).strip()]
+    seed_instr = [str(row["instruction"]).strip() for row in seeds]
+    if len(seed_instr) < cfg.examples_per_prompt:
+        raise BadInput(f"seeds.dolly: {len(seed_instr)} instructions, fewer than generation.lamini.examples_per_prompt")
+    topics: list[str] = []
+    if cfg.topic_prompts:
+        if cfg.topics is None:
+            raise BadInput("generation.lamini.topics: needed when topic_prompts > 0")
+        topics = [str(t["topic"]) for t in load_rows(cfg.topics, ("topic",), "generation.lamini.topics")]
+    t_example = load_template(cfg.example_template.path, "generation.lamini.example_template", ("examples", "n"))
+    t_topic = load_template(cfg.topic_template.path, "generation.lamini.topic_template", ("examples", "topics", "n"))
+    t_resp = load_template(cfg.response_template.path, "generation.lamini.response_template", ("instruction",))
+
+    units = [("example", k) for k in range(cfg.example_prompts)] + [("topic", k) for k in range(cfg.topic_prompts)]
+    items = []
+    for kind, k in units:
+        rid = f"lamini-{kind}-{k:05d}"
+        if not in_shard(rid, ctx.shard):
+            continue
+        rng = unit_rng(ctx, rid)
+        ex = rng.sample(seed_instr, cfg.examples_per_prompt)
+        meta: dict[str, Any] = {"source": kind, "examples": ex}
+        if kind == "example":
+            prompt = render(t_example, examples=_examples_block(ex), n=str(cfg.instructions_per_prompt))
+        else:
+            tp = rng.sample(topics, min(cfg.topics_per_prompt, len(topics)))
+            meta["topics"] = tp
+            prompt = render(t_topic, examples=_examples_block(ex), topics=", ".join(tp), n=str(cfg.instructions_per_prompt))
+        items.append((request(rid, prompt, cfg.instruction_decoding, req_seed(ctx, rid)), meta))
+
+    teacher = open_client(ctx, r.teacher, "teacher")
+    try:
+        p1 = Phase(ctx, "instructions")
+        gen = p1.run(teacher, items, lambda res, m: {**m, "raw": res.text})
+        ctx.check_stop()
+        # parse, then deduplicate (against each other and against the seeds), in unit order
+        seen = {normalise(s) for s in seed_instr}
+        rejected: list[dict[str, Any]] = []
+        candidates: list[tuple[str, str]] = []
+        for req, _ in items:
+            rec = gen.get(req.id)
+            if rec is None:
+                continue
+            parsed = parse_instructions(rec["raw"], cfg.min_instruction_words)
+            if not parsed:
+                rejected.append({"id": req.id, "instruction": None, "reason": "no instruction could be parsed", "raw": rec["raw"]})
+            for ins in parsed:
+                key = normalise(ins)
+                if key in seen:
+                    rejected.append({"id": req.id, "instruction": ins, "reason": "duplicate"})
+                    continue
+                seen.add(key)
+                candidates.append((ins, rec["source"]))
+        if cfg.max_instructions:
+            candidates = candidates[: cfg.max_instructions]
+        ritems = []
+        for ins, source in candidates:
+            rid = "lamini-resp-" + format(stable_hash(normalise(ins)), "016x")
+            ritems.append((request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid)), {"instruction": ins, "source": source}))
+        p2 = Phase(ctx, "responses")
+        resp = p2.run(teacher, ritems, lambda res, m: {**m, "response": res.text.strip()})
+        usage = teacher.usage
+    finally:
+        teacher.close()
+    if ctx.shard is not None:
+        return StageOutput(committed=False)
+
+    rows = []
+    for req, m in ritems:
+        rec = resp.get(req.id)
+        if rec is None:
+            rejected.append({"id": req.id, "instruction": m["instruction"], "reason": f"teacher error: {p2.failed.get(req.id)}"})
+        elif not rec["response"].strip():
+            rejected.append({"id": req.id, "instruction": m["instruction"], "reason": "empty response"})
+        else:
+            rows.append({"id": req.id, "instruction": rec["instruction"], "source": rec["source"], "response": rec["response"]})
+    if not rows:
+        raise BadInput("generate-lamini: the teacher's answers gave no usable instruction (see rejected/ and the teacher settings)")
+    counts = {
+        "prompts": len(items),
+        "raw_instructions": len(candidates) + sum(1 for x in rejected if x["reason"] == "duplicate"),
+        "unique_instructions": len(candidates),
+        "rows": len(rows),
+        "rejected": len(rejected),
+    }
+    return finish(ctx, rows, rejected, counts, usage, "LaMini-style instructions and responses", "seeds.dolly",
+                  {"lamini": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher)})
+
+

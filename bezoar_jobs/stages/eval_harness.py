@@ -1,0 +1,132 @@
+"""Stage ``eval-harness``: EleutherAI's LM Evaluation Harness on every checkpoint the recipe names,
+plus baselines, and its section of the run report.
+
+Outputs (``<run>/eval-harness/results/``): ``<model>.json`` (per task: version, shots, every metric
+with stderr, the primary metric; lm_eval's own result tables), ``summary.json`` (primary metric per
+model). Heavy imports (torch, transformers, lm_eval) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..report.charts import Chart, grouped_bars, new_figure, png
+from ..report.render import Section, Table, score
+from ..runner import StageContext, StageOutput
+from .evaluate import free, skipped, write_json
+
+log = logging.getLogger("bezoar")
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from ..eval import harness
+    from ..eval.targets import device_figures, load, targets
+
+    r = ctx.recipe
+    cfg = r.evaluation.harness
+    if not cfg.enabled:
+        return skipped(ctx, "harness")
+    models = targets(ctx)
+    # tasks are checked (names, pinned versions) before any model is loaded
+    include = harness.prepare_include_dir(cfg.include_path, ctx.scratch)
+    tm = harness.task_manager(include, [t.name for t in cfg.tasks])
+    _, versions = harness.load_tasks(tm, cfg.tasks)
+    import lm_eval
+
+    lm_eval_version = getattr(lm_eval, "__version__", "unknown")
+    ph = ctx.params_hash
+    per_model: dict[str, dict[str, Any]] = {}
+    for t in models:
+        ctx.check_stop()
+        name = f"harness/{t.work_key(ph)}.json"
+        if ctx.work.exists(name):
+            per_model[t.label] = json.loads(ctx.work.get_bytes(name))
+            log.info("%s: %s already evaluated (resumed from _work/)", ctx.name, t.label)
+            continue
+        log.info("%s: evaluating %s (%s)", ctx.name, t.label, t.model)
+        model, tok = load(ctx, t)
+        # fresh task objects per model: a task keeps the requests it built for the previous one
+        task_objects, _ = harness.load_tasks(tm, cfg.tasks)
+        t0 = time.time()
+        raw = harness.evaluate(model, tok, tm, task_objects, cfg, r.seed)
+        secs = time.time() - t0
+        rec = {
+            "model": t.label,
+            **t.info(),
+            "tasks": harness.summarize(raw, cfg.tasks, versions),
+            "seconds": round(secs, 2),
+            **device_figures(model, secs),
+            "lm_eval_version": lm_eval_version,
+            "limit": cfg.limit,
+            "lm_eval": harness.raw_subset(raw),
+        }
+        del model, tok, task_objects
+        free()
+        ctx.work.put_bytes(name, json.dumps(rec, default=str).encode())
+        per_model[t.label] = rec
+        log.info("%s: %s: %s", ctx.name, t.label,
+                 ", ".join(f"{k}={v['value']:.4f}" for k, v in rec["tasks"].items() if v["value"] is not None))
+    out = ctx.out / "results"
+    for label, rec in per_model.items():
+        write_json(out / f"{label}.json", rec)
+    summary = {
+        "lm_eval_version": lm_eval_version,
+        "limit": cfg.limit,
+        "tasks": [{"name": t.name, "num_fewshot": t.num_fewshot, "metric": t.metric_key, "version": versions.get(t.name)}
+                  for t in cfg.tasks],
+        "order": [t.label for t in models],
+        "models": {
+            label: {
+                "kind": rec["kind"],
+                "model": rec["model"],
+                "revision": rec["revision"],
+                "scores": {task: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"]}
+                           for task, v in rec["tasks"].items()},
+            }
+            for label, rec in per_model.items()
+        },
+    }
+    write_json(out / "summary.json", summary)
+    gpu_hours = round(sum(rec.get("gpu_hours", 0.0) for rec in per_model.values()), 6)
+    return StageOutput(
+        counts={"models": len(per_model), "tasks": len(cfg.tasks)},
+        extra={
+            "lm_eval_version": lm_eval_version,
+            "evaluator": {"backend": "lm_eval", "model_id": f"lm_eval {lm_eval_version}"},
+            "models": {t.label: t.info() for t in models},
+            "device": sorted({rec.get("device", "cpu") for rec in per_model.values()}),
+            "gpu_hours": gpu_hours,
+        },
+    )
+
+
+def report_section(summary: dict[str, Any], read: Callable[[str], str | None], shown: int) -> Section:
+    """One row per model, one column per task (primary metric ± stderr), and a bar chart."""
+    sec = Section("harness", "Evaluation: LM Evaluation Harness", numbers=summary)
+    if not summary.get("models"):
+        return sec
+    tasks = summary["tasks"]
+    header = ["model", "kind"] + [f"{x['name']} ({x['num_fewshot']}-shot, {x['metric']})" for x in tasks]
+    rows = []
+    for label in summary.get("order", list(summary["models"])):
+        mrow = summary["models"].get(label)
+        if mrow:
+            rows.append([label, mrow.get("kind", "")] + [score(mrow["scores"].get(x["name"])) for x in tasks])
+    note = f"lm_eval {summary.get('lm_eval_version')}; task versions: " + ", ".join(f"{x['name']} v{x['version']}" for x in tasks)
+    if summary.get("limit"):
+        note += f". LIMITED to {summary['limit']} items per task: not comparable with published scores."
+    sec.table = Table("LM Evaluation Harness", header, rows, note)
+    names = [t["name"] for t in tasks]
+    series = {label: [summary["models"][label]["scores"].get(t, {}).get("value") for t in names]
+              for label in summary.get("order", summary["models"]) if label in summary["models"]}
+    if any(v is not None for vs in series.values() for v in vs):
+        fig = new_figure(8, 3.5)
+        ax = fig.add_subplot()
+        pts = grouped_bars(ax, names, series)
+        ax.set_title("LM Evaluation Harness (primary metric per task)")
+        sec.charts.append(Chart("harness", "LM Evaluation Harness", png(fig), pts))
+    return sec

@@ -1,0 +1,125 @@
+"""What a run has committed, and whether each committed stage is still current.
+
+A stage is current when its manifest exists, its parameter hash (the hash of exactly the recipe
+fields its registry entry declares) matches the recipe, and the manifest hashes of its inputs match
+what it was built from. A stage that reads the whole run (the report) is current while every stage
+committed now is the one it was built from. Both schedulers, ``bezoar plan``, ``bezoar status``
+and the runner decide with these functions; none of them imports a stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .errors import BadInput
+from .layout import RECIPE_FILE, manifest_path, work_prefix
+from .manifest import manifest_hash, read_manifest
+from .pipeline import stage_inputs, waits_for
+from .registry import CANONICAL, STAGES, spec
+from .store import Store
+
+log = logging.getLogger("bezoar")
+
+# Families whose _work/ survives --force: their records are paid-for teacher and judge answers,
+# keyed by the parameter hash, so a forced rerun re-parses and re-filters without paying again.
+KEEP_WORK_ON_FORCE = frozenset({"generate", "filter"})
+
+
+def params_hash(recipe: Any, stage: str) -> str:
+    """The stage's parameter key: the hash of the recipe fields it declares (registry ``reads``)."""
+    return str(recipe.section_hash(*spec(stage).reads))
+
+
+def input_hashes(store: Store, name: str, recipe: Any = None) -> dict[str, str]:
+    """Manifest hash of every input stage (BadInput naming the first one not committed)."""
+    out = {}
+    for inp in stage_inputs(name, recipe):
+        m = read_manifest(store, inp)
+        if m is None:
+            raise BadInput(f"{name}: input stage {inp!r} is not committed in {store.uri}")
+        out[inp] = manifest_hash(m)
+    return out
+
+
+def built_from(store: Store) -> dict[str, str]:
+    """Manifest hash of every committed stage that a whole-run reader (the report) reads."""
+    out = {}
+    for name in CANONICAL:
+        if STAGES[name].reads_whole_run:
+            continue
+        m = read_manifest(store, name)
+        if m is not None:
+            out[name] = manifest_hash(m)
+    return out
+
+
+def up_to_date(store: Store, recipe: Any, name: str) -> tuple[bool, str]:
+    """Whether the committed output of ``name`` matches the recipe and inputs, and why not."""
+    m = read_manifest(store, name)
+    if m is None:
+        return False, "not committed"
+    if m.get("params_hash") != params_hash(recipe, name):
+        return False, "recipe parameters changed"
+    if spec(name).reads_whole_run:
+        if m.get("built_from") != built_from(store):
+            return False, f"stages were committed or changed since the {name} was built"
+        return True, "committed, built from the current stages"
+    for inp in stage_inputs(name, recipe):
+        im = read_manifest(store, inp)
+        if im is None:
+            return False, f"input {inp} not committed"
+        if m.get("inputs", {}).get(inp) != manifest_hash(im):
+            return False, f"input {inp} changed"
+    return True, "committed, parameters and inputs unchanged"
+
+
+def planned_actions(store: Store, recipe: Any, stages: list[str], force: bool = False) -> dict[str, tuple[str, str]]:
+    """``{stage: ("run" | "skip", why)}``: what ``bezoar run`` would do with the selected stages.
+
+    A stage downstream of one that reruns runs too ("an input stage reruns"), whatever its own
+    manifest says: its inputs are about to change. This is the schedulers' rule, decided ahead.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for name in stages:
+        if force:
+            out[name] = ("run", "--force")
+            continue
+        rerun = [d for d in waits_for(name, stages, recipe) if out.get(d, ("skip",))[0] == "run"]
+        if rerun:
+            out[name] = ("run", f"an input stage reruns ({', '.join(rerun)})")
+            continue
+        ok, why = up_to_date(store, recipe, name)
+        out[name] = ("skip" if ok else "run", why)
+    return out
+
+
+def prepare_force(store: Store, name: str) -> None:
+    """What ``--force`` does before a stage reruns, whichever executor runs it: remove its manifest
+    and, except for the data stages (whose records are paid-for answers), its ``_work/`` (training
+    restarts from its base model, evaluation re-scores)."""
+    if read_manifest(store, name) is not None:
+        store.delete(manifest_path(name))
+    if spec(name).family not in KEEP_WORK_ON_FORCE:
+        store.delete_prefix(work_prefix(name) + "/")
+
+
+def stage_state(store: Store, name: str) -> str:
+    """committed | partial (work under _work/) | pending."""
+    if read_manifest(store, name) is not None:
+        return "committed"
+    return "partial" if store.list(work_prefix(name) + "/") else "pending"
+
+
+def freeze_recipe(store: Store, text: str, source: str = "<recipe>") -> None:
+    """Write the recipe into ``<run>/recipe.yaml`` when the run starts.
+
+    Every stage of a run reads this frozen copy, so concurrent runs never share a mutable file. A
+    run that already has a different frozen recipe keeps running with the new one only when the
+    caller asked for it (``bezoar run`` refreezes: changed parameters then make the affected
+    stages rerun, which is what the parameter hashes are for).
+    """
+    from .recipe import parse_recipe
+
+    parse_recipe(text, source)  # never freeze an invalid recipe
+    store.write_text(RECIPE_FILE, text)
