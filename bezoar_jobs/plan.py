@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from .estimate import Ask
+from .recipe import Recipe
 from .registry import load_attr, spec
 from .state import planned_actions
 from .store import Store
 
 
-def estimate(recipe: Any, store: Store, stage: str) -> list[Ask]:
+def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     ref = spec(stage).estimate
     if ref is None:
         return []
@@ -32,7 +33,7 @@ def _cost(asks: list[Ask]) -> float | None:
     return round(sum(a.endpoint.cost(a.requests * a.prompt_tokens, a.completion_tokens) for a in priced), 4)
 
 
-def plan(recipe: Any, store: Store, stages: list[str], force: bool = False) -> list[dict[str, Any]]:
+def plan(recipe: Recipe, store: Store, stages: list[str], force: bool = False) -> list[dict[str, Any]]:
     rows = []
     actions = planned_actions(store, recipe, stages, force)
     for name in stages:

@@ -81,7 +81,14 @@ class EvolConfig(Strict):
     equality_check: bool = Field(True, description="rule 1: the judge says the evolution adds nothing")
     sorry_max_words: PosInt = Field(80, description="rule 2: 'sorry' in a response shorter than this")
     leak_phrases: tuple[str, ...] = Field(
-        ("#rewritten prompt#", "rewritten prompt", "given prompt", "#given prompt#", "#created prompt#", "created prompt"),
+        (
+            "#rewritten prompt#",
+            "rewritten prompt",
+            "given prompt",
+            "#given prompt#",
+            "#created prompt#",
+            "created prompt",
+        ),
         description="rule 4: the evolved instruction copies the rewriting prompt's own words",
     )
 
@@ -123,14 +130,17 @@ class FilterConfig(Strict):
         "gpt4", description="prefix of the verdict columns: {judge_name}_status/_rating/_reason"
     )
     method: Literal["generate", "logprobs"] = Field(
-        "generate", description="generate: parse a JSON verdict; logprobs: rate from rating-token probabilities (local judge)"
+        "generate",
+        description="generate: parse a JSON verdict; logprobs: rate from rating-token probabilities (local judge)",
     )
     rubric_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/judge_rubric.txt")
     rating_template: TemplateRef = Field(
         TemplateRef(path="pkg://bezoar_jobs/templates/judge_rating.txt"),
         description="logprobs method: the prompt that asks for a bare 1-10 rating",
     )
-    threshold: Annotated[float, Field(ge=1, le=10)] = Field(7.0, description="keep status pass with rating >= threshold")
+    threshold: Annotated[float, Field(ge=1, le=10)] = Field(
+        7.0, description="keep status pass with rating >= threshold"
+    )
     require_pass: bool = Field(True, description="also require the judge's status to be 'pass' (generate method)")
     max_attempts: PosInt = Field(3, description="asks per row when the verdict cannot be parsed")
     retry_temperature: Annotated[float, Field(gt=0.0, le=2.0)] = Field(

@@ -33,6 +33,10 @@ class Decoding(Strict):
     stop: tuple[str, ...] = ()
 
 
+# backends that send a raw prompt (filled from prompt_format) to a server at base_url
+RAW_PROMPT_BACKENDS: tuple[str, ...] = ("tgi", "openai-completions")
+
+
 class Endpoint(Strict):
     """A teacher or judge: where it runs and how to talk to it.
 
@@ -65,7 +69,9 @@ class Endpoint(Strict):
     backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
     price_input_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
     price_output_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
-    spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(None, description="stop paying beyond this: spend of this role across the run, cached answers included")
+    spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="stop paying beyond this: spend of this role across the run, cached answers included"
+    )
     # in-process (local) backend
     batch_size: PosInt = 8
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -75,9 +81,9 @@ class Endpoint(Strict):
     @model_validator(mode="after")
     def _check(self) -> Endpoint:
         remote = self.backend != "local"
-        if remote and not self.base_url and self.backend in ("tgi", "openai-completions"):
+        if remote and not self.base_url and self.backend in RAW_PROMPT_BACKENDS:
             raise ValueError(f"backend {self.backend!r} needs base_url")
-        if self.backend in ("tgi", "openai-completions") and not self.prompt_format:
+        if self.backend in RAW_PROMPT_BACKENDS and not self.prompt_format:
             raise ValueError(f"backend {self.backend!r} sends raw prompts: prompt_format is required")
         if self.prompt_format and "{user}" not in self.prompt_format:
             raise ValueError("prompt_format must contain {user}")

@@ -30,16 +30,20 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 Family = Literal["generate", "filter", "sft", "dpo", "evaluate", "report"]
 PodClass = Literal["data", "train", "eval"]
 POD_CLASSES: tuple[PodClass, ...] = ("data", "train", "eval")
 
 
-def load_attr(ref: str) -> Any:
+def load_attr(ref: str) -> Any:  # noqa: ANN401 - whatever the named module holds
     """``"package.module:name"`` -> the object (imports the module)."""
     mod, _, name = ref.partition(":")
     return getattr(importlib.import_module(mod), name)
@@ -70,7 +74,7 @@ class Scheme:
     def section(self) -> str:
         return f"generation.{self.name}"
 
-    def load(self) -> Any:
+    def load(self) -> ModuleType:
         return importlib.import_module(self.module)
 
 
@@ -120,7 +124,7 @@ class Evaluation:
     def section(self) -> str:
         return f"evaluation.{self.name}"
 
-    def load(self) -> Any:
+    def load(self) -> ModuleType:
         return importlib.import_module(self.module)
 
 
@@ -149,7 +153,7 @@ class StageDef:
     reads_whole_run: bool = False
     shardable: bool = False
     # the recipe decides the inputs (training chain, evaluated checkpoints): recipe -> inputs
-    dynamic_inputs: Callable[[Any], tuple[str, ...]] | None = field(default=None, compare=False)
+    dynamic_inputs: Callable[[Recipe], tuple[str, ...]] | None = field(default=None, compare=False)
     scheme: str | None = None  # generate/filter/sft stages of a scheme
     evaluation: str | None = None  # evaluation stages
     # "module:function" of the stage's request estimate for `bezoar plan` (None: it sends no requests)
@@ -201,13 +205,13 @@ _TRAINING_UNHASHED: tuple[str, ...] = (
 _SFT_READS: tuple[str, ...] = (*_TRAINING_COMMON, "training.sft_args", "training.stage_args")
 
 
-def _training_chain(recipe: Any) -> list[str]:
+def _training_chain(recipe: Recipe) -> list[str]:
     order = getattr(getattr(recipe, "training", None), "sft_order", None) or SCHEME_NAMES
     return [f"sft-{x}" for x in order]
 
 
-def _sft_inputs(name: str) -> Callable[[Any], tuple[str, ...]]:
-    def inputs(recipe: Any) -> tuple[str, ...]:
+def _sft_inputs(name: str) -> Callable[[Recipe], tuple[str, ...]]:
+    def inputs(recipe: Recipe) -> tuple[str, ...]:
         chain = _training_chain(recipe)
         if name == "sft-hh":
             return (chain[-1],)
@@ -217,7 +221,7 @@ def _sft_inputs(name: str) -> Callable[[Any], tuple[str, ...]]:
     return inputs
 
 
-def _evaluated(recipe: Any) -> tuple[str, ...]:
+def _evaluated(recipe: Recipe) -> tuple[str, ...]:
     checkpoints = set(getattr(getattr(recipe, "evaluation", None), "checkpoints", None) or ())
     return tuple(n for n in _TRAINED if n in checkpoints)
 

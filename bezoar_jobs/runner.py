@@ -142,7 +142,7 @@ class StageOutput:
     committed: bool = True  # False for a shard run: only _work/ was written
 
 
-def _install_sigterm(flag: dict[str, bool]) -> Any:
+def _install_sigterm(flag: dict[str, bool]) -> signal._HANDLER:
     def handler(signum: int, frame: FrameType | None) -> None:
         flag["flag"] = True
         log.warning("SIGTERM received: finishing the current step, saving progress, then exiting")
@@ -166,7 +166,9 @@ def commit_output(store: Store, name: str, out: Path, params: str, inputs: dict[
     return manifest
 
 
-def run_stage(name: str, recipe: Recipe, store: Store, shard: tuple[int, int] | None = None, force: bool = False) -> int:
+def run_stage(
+    name: str, recipe: Recipe, store: Store, shard: tuple[int, int] | None = None, force: bool = False
+) -> int:
     """Run one stage to commit. Returns the exit code; exceptions map to codes in the CLI."""
     stage = spec(name)
     if not force and shard is None:

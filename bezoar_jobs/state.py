@@ -10,7 +10,7 @@ and the runner decide with these functions; none of them imports a stage.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
 from .layout import RECIPE_FILE, manifest_path, work_prefix
@@ -19,6 +19,9 @@ from .pipeline import stage_inputs, waits_for
 from .registry import CANONICAL, STAGES, spec
 from .store import Store
 
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
 log = logging.getLogger("bezoar")
 
 # Families whose _work/ survives --force: their records are paid-for teacher and judge answers,
@@ -26,12 +29,12 @@ log = logging.getLogger("bezoar")
 KEEP_WORK_ON_FORCE = frozenset({"generate", "filter"})
 
 
-def params_hash(recipe: Any, stage: str) -> str:
+def params_hash(recipe: Recipe, stage: str) -> str:
     """The stage's parameter key: the hash of the recipe fields it declares (registry ``reads``)."""
     return str(recipe.section_hash(*spec(stage).reads))
 
 
-def input_hashes(store: Store, name: str, recipe: Any = None) -> dict[str, str]:
+def input_hashes(store: Store, name: str, recipe: Recipe | None = None) -> dict[str, str]:
     """Manifest hash of every input stage (BadInput naming the first one not committed)."""
     out = {}
     for inp in stage_inputs(name, recipe):
@@ -54,7 +57,7 @@ def built_from(store: Store) -> dict[str, str]:
     return out
 
 
-def up_to_date(store: Store, recipe: Any, name: str) -> tuple[bool, str]:
+def up_to_date(store: Store, recipe: Recipe, name: str) -> tuple[bool, str]:
     """Whether the committed output of ``name`` matches the recipe and inputs, and why not."""
     m = read_manifest(store, name)
     if m is None:
@@ -74,7 +77,7 @@ def up_to_date(store: Store, recipe: Any, name: str) -> tuple[bool, str]:
     return True, "committed, parameters and inputs unchanged"
 
 
-def planned_actions(store: Store, recipe: Any, stages: list[str], force: bool = False) -> dict[str, tuple[str, str]]:
+def planned_actions(store: Store, recipe: Recipe, stages: list[str], force: bool = False) -> dict[str, tuple[str, str]]:
     """``{stage: ("run" | "skip", why)}``: what ``bezoar run`` would do with the selected stages.
 
     A stage downstream of one that reruns runs too ("an input stage reruns"), whatever its own

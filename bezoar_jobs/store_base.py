@@ -6,6 +6,7 @@ run* and uses ``/``.
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class Store(ABC):
         for rel in self.list(prefix):
             self.delete(rel)
 
-    def upload_dir(self, local: Path, prefix: str) -> list[str]:
+    def upload_dir(self, local: Path, prefix: str) -> builtins.list[str]:
         """Upload every file under ``local`` to ``prefix/...``; return the relative paths written."""
         written = []
         for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
@@ -71,7 +72,7 @@ class Store(ABC):
             written.append(rel)
         return written
 
-    def download_dir(self, prefix: str, local: Path) -> list[Path]:
+    def download_dir(self, prefix: str, local: Path) -> builtins.list[Path]:
         """Download every object under ``prefix`` into ``local`` keeping the relative layout."""
         prefix = prefix.strip("/")
         prefix = prefix + "/" if prefix else ""  # "" is the whole run, not "/"

@@ -684,7 +684,11 @@ class FakeCluster:
                         continue
                     hit = code in oe["values"] if oe["operator"] == "In" else code not in oe["values"]
                     if hit:
-                        return rule["action"], i, f"Container {cs['name']} for pod {pod_name} failed with exit code {code}"
+                        return (
+                            rule["action"],
+                            i,
+                            f"Container {cs['name']} for pod {pod_name} failed with exit code {code}",
+                        )
             for pc in rule.get("onPodConditions", []) or []:
                 for c in pod["status"].get("conditions", []):
                     if c["type"] == pc["type"] and c["status"] == pc.get("status", "True"):
@@ -730,7 +734,9 @@ class FakeCluster:
         status.setdefault("conditions", []).append(
             self._cond("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods"))
         self._put("Job", ns, job, "MODIFIED")
-        status["conditions"].append(self._cond("Complete", "CompletionsReached", "Reached expected number of succeeded pods"))
+        status["conditions"].append(
+            self._cond("Complete", "CompletionsReached", "Reached expected number of succeeded pods")
+        )
         status["completionTime"] = now_iso()
         self.timeline.append((time.time(), "complete", job["metadata"]["name"]))
         self._put("Job", ns, job, "MODIFIED")
@@ -1141,8 +1147,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._list_or_watch("Job", ns, q)
         elif method == "DELETE":
             with c.lock:
-                names = [o["metadata"]["name"] for (k, jns, _), o in c.objects.items()
-                         if k == "Job" and jns == ns and selector_matches(q.get("labelSelector"), o["metadata"].get("labels"))]
+                names = [
+                    o["metadata"]["name"]
+                    for (k, jns, _), o in c.objects.items()
+                    if k == "Job"
+                    and jns == ns
+                    and selector_matches(q.get("labelSelector"), o["metadata"].get("labels"))
+                ]
             prop = (body or {}).get("propagationPolicy") or q.get("propagationPolicy", "Background")
             for n in names:
                 with contextlib.suppress(ApiError):

@@ -275,9 +275,15 @@ class LLMTestServer:
     def _latency(self, prompt: str) -> float:
         return self.latency(prompt) if callable(self.latency) else self.latency
 
-    async def _serve(self, request: web.Request, route: str, parse: Callable[[dict], tuple[str, str | None, str | None, dict]],
-                     render: Callable[[Call, str, str], dict], error: Callable[[int, str], dict],
-                     as_list: bool = False) -> web.StreamResponse:
+    async def _serve(
+        self,
+        request: web.Request,
+        route: str,
+        parse: Callable[[dict], tuple[str, str | None, str | None, dict]],
+        render: Callable[[Call, str, str], dict],
+        error: Callable[[int, str], dict],
+        as_list: bool = False,
+    ) -> web.StreamResponse:
         arrived = time.monotonic()
         raw = await request.read()
         invalid = None
@@ -349,7 +355,9 @@ class LLMTestServer:
             call.params = params
             if fault == "malformed":
                 call.status = 200
-                return web.Response(status=200, text="<html>upstream proxy error</html>", content_type="application/json")
+                return web.Response(
+                    status=200, text="<html>upstream proxy error</html>", content_type="application/json"
+                )
             if fault == "malformed-json":
                 call.status = 200
                 return web.json_response({"unexpected": "shape"})

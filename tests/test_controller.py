@@ -255,7 +255,9 @@ def test_harness_deployment_scale_subresource(fc):
     fc.add_deployment(NS, "teacher", replicas=0, ready_delay=0.1)
     apps = client.AppsV1Api(fc.api_client())
     assert apps.read_namespaced_deployment_scale("teacher", NS).spec.replicas == 0
-    body = client.V1Scale(metadata=client.V1ObjectMeta(name="teacher", namespace=NS), spec=client.V1ScaleSpec(replicas=3))
+    body = client.V1Scale(
+        metadata=client.V1ObjectMeta(name="teacher", namespace=NS), spec=client.V1ScaleSpec(replicas=3)
+    )
     apps.replace_namespaced_deployment_scale("teacher", NS, body)
     assert apps.read_namespaced_deployment("teacher", NS).spec.replicas == 3
     fc.wait_for(lambda: apps.read_namespaced_deployment("teacher", NS).status.ready_replicas == 3, what="3 ready")
@@ -423,8 +425,10 @@ def test_cancel_deletes_the_runs_jobs_only(fc, tmp_path):
     assert [j["metadata"]["name"] for j in fc.jobs(NS)] == ["other-run-job"]
     r.join()
     assert r.rc == 1 and r.outcome.reason == "JobDeleted"
-    fc.wait_for(lambda: [p["metadata"]["name"] for p in fc.pods(NS)] == [fc.pods(NS, "other-run-job")[0]["metadata"]["name"]],
-                what="the run's pods to be terminated and deleted")
+    fc.wait_for(
+        lambda: [p["metadata"]["name"] for p in fc.pods(NS)] == [fc.pods(NS, "other-run-job")[0]["metadata"]["name"]],
+        what="the run's pods to be terminated and deleted",
+    )
     # the CLI wiring (`bezoar cancel`), through the kubeconfig: nothing of this run is left
     cluster_file = tmp_path / "cluster.yaml"
     cluster_file.write_text(yaml.safe_dump(BASE))
@@ -525,13 +529,24 @@ def test_force_reruns_a_committed_stage(fc, tmp_path):
 
 def test_bad_settings_and_unreachable_cluster_fail_cleanly(fc, tmp_path, monkeypatch):
     out = io.StringIO()
-    rc = k8s.run_pipeline("schema_version: 1\nname: x\n", "r.yaml", str(tmp_path / "run"), None, settings(),
-                          ["generate-lamini"], False, fc.api_client(), out=out)
+    rc = k8s.run_pipeline(
+        "schema_version: 1\nname: x\n",
+        "r.yaml",
+        str(tmp_path / "run"),
+        None,
+        settings(),
+        ["generate-lamini"],
+        False,
+        fc.api_client(),
+        out=out,
+    )
     assert rc == 2 and "teacher" in out.getvalue()
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
     out = io.StringIO()
-    rc = k8s.run_pipeline(RECIPE, "r.yaml", str(tmp_path / "run"), None, settings(), ["generate-lamini"], False, out=out)
+    rc = k8s.run_pipeline(
+        RECIPE, "r.yaml", str(tmp_path / "run"), None, settings(), ["generate-lamini"], False, out=out
+    )
     assert rc == 2 and "no usable Kubernetes configuration" in out.getvalue()
     # a kubeconfig with the wrong token: the API refuses, exit 2 naming the status
     cfg = yaml.safe_load(fc.kubeconfig.read_text())
@@ -540,7 +555,8 @@ def test_bad_settings_and_unreachable_cluster_fail_cleanly(fc, tmp_path, monkeyp
     bad.write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("KUBECONFIG", str(bad))
     out = io.StringIO()
-    rc = k8s.run_pipeline(RECIPE, "r.yaml", str(tmp_path / "run"), None, settings(), ["generate-lamini"], False, out=out)
+    rc = k8s.run_pipeline(RECIPE, "r.yaml", str(tmp_path / "run"), None, settings(), ["generate-lamini"], False,
+                          out=out)
     assert rc == 2 and "401" in out.getvalue()
     assert job_name("generate-lamini", "run") not in fc.created_jobs()
 

@@ -31,7 +31,9 @@ ENV = {**os.environ, "SCRIPTED_JUDGE_KEY": "test-key"}
 
 def bezoar(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     e = {**os.environ, "SCRIPTED_JUDGE_KEY": "test-key", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", *args], capture_output=True, text=True, env=e, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bezoar_jobs.cli", *args], capture_output=True, text=True, env=e, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -60,7 +62,9 @@ def test_data_stages_end_to_end_local(tmp_path, server):
     lam = load_dataset(str(run / "filter-lamini" / "data"), split="train")
     assert {"instruction", "source", "response", "gpt4_status", "gpt4_rating", "gpt4_reason"} <= set(lam.column_names)
     evol = _rows(run / "filter-evol" / "data" / "train.jsonl")
-    assert {"instruction", "response", "category", "evolution_strategy", "in-depth-evolving_operation", "epoch"} <= set(evol[0])
+    assert {"instruction", "response", "category", "evolution_strategy", "in-depth-evolving_operation", "epoch"} <= set(
+        evol[0]
+    )
     orca = _rows(run / "filter-orca" / "data" / "train.jsonl")
     assert {"original_index", "inputs", "targets", "task_source", "task_name", "template_type", "system_message",
             "explained_targets", "dataset_source"} <= set(orca[0])
@@ -118,7 +122,9 @@ def test_changed_parameters_rerun_only_affected_stages(tmp_path, server):
     for s in ("filter-lamini", "filter-evol", "filter-orca"):
         assert f"[{s}] starting" in res.stderr
     # the judge cache: the same prompts were not paid for twice
-    judge_calls = [c for c in server.calls if c.route.endswith("chat/completions") and "Reply with JSON only" in c.prompt]
+    judge_calls = [
+        c for c in server.calls if c.route.endswith("chat/completions") and "Reply with JSON only" in c.prompt
+    ]
     prompts = [c.prompt for c in judge_calls]
     assert len(prompts) == len(set(prompts))
 
@@ -133,7 +139,9 @@ def test_plan_counts_and_cost(tmp_path, server):
     assert rows["generate-orca"]["cost_usd"] is None  # the teacher has no price
     assert rows["filter-orca"]["cost_usd"] > 0
     assert bezoar("run", "--recipe", str(recipe), "--run", str(run), "--until", "generate-orca").returncode == 0
-    rows = {r["stage"]: r for r in json.loads(bezoar("plan", "--recipe", str(recipe), "--run", str(run), "--json").stdout)}
+    rows = {
+        r["stage"]: r for r in json.loads(bezoar("plan", "--recipe", str(recipe), "--run", str(run), "--json").stdout)
+    }
     assert rows["generate-orca"]["action"] == "skip" and rows["generate-orca"]["requests"] == 0
     n = read_manifest(open_store(run), "generate-orca")["counts"]["rows"]
     assert rows["filter-orca"]["requests"] == n  # sized from the committed input
@@ -218,7 +226,17 @@ def test_resume_after_sigkill(tmp_path):
     with LLMTestServer(script=scripted_answer, api_key="test-key", latency=0.15) as srv:
         recipe = scripted_recipe(tmp_path, srv.url, **{"generation.flush_every": 1, "teacher.max_concurrency": 2})
         run = tmp_path / "run"
-        cmd = [sys.executable, "-m", "bezoar_jobs.cli", "stage", "generate-orca", "--recipe", str(recipe), "--run", str(run)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bezoar_jobs.cli",
+            "stage",
+            "generate-orca",
+            "--recipe",
+            str(recipe),
+            "--run",
+            str(run),
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         work = run / "generate-orca" / "_work"
         deadline = time.time() + 60
@@ -250,7 +268,8 @@ def test_sigterm_saves_records_and_exits_nonzero(tmp_path):
     with LLMTestServer(script=scripted_answer, api_key="test-key", latency=0.2) as srv:
         recipe = scripted_recipe(tmp_path, srv.url, **{"generation.flush_every": 50, "teacher.max_concurrency": 2})
         run = tmp_path / "run"
-        cmd = [sys.executable, "-m", "bezoar_jobs.cli", "stage", "generate-orca", "--recipe", str(recipe), "--run", str(run)]
+        cmd = [sys.executable, "-m", "bezoar_jobs.cli", "stage", "generate-orca", "--recipe", str(recipe),
+               "--run", str(run)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         deadline = time.time() + 60
         while time.time() < deadline and len(srv.calls) < 6:

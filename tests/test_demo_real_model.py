@@ -25,9 +25,22 @@ def test_demo_data_stages_on_smollm2(tmp_path):
     run = tmp_path / "demo"
     env = {**os.environ}
     res = subprocess.run(
-        [sys.executable, "-m", "bezoar_jobs.cli", "run", "--recipe", str(REPO / "recipes" / "demo.yaml"), "--run", str(run),
-         "--until", "filter-orca"],
-        capture_output=True, text=True, env=env, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "bezoar_jobs.cli",
+            "run",
+            "--recipe",
+            str(REPO / "recipes" / "demo.yaml"),
+            "--run",
+            str(run),
+            "--until",
+            "filter-orca",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     store = open_store(run)

@@ -82,7 +82,10 @@ def test_harness_on_local_tasks_and_resume(tmp_path, tiny, caplog):
         assert cloze["num_fewshot"] == 0 and facts["n_samples"] == 20 == cloze["n_samples"]
         assert facts["metric"] == "acc_norm,none" and 0.0 <= facts["value"] <= 1.0 and facts["stderr"] > 0
         assert set(facts["metrics"]) == {"acc,none", "acc_norm,none"}
-        assert set(cloze["metrics"]) == {"acc,none", "perplexity,none"} and cloze["metrics"]["perplexity,none"]["value"] > 1
+        assert (
+            set(cloze["metrics"]) == {"acc,none", "perplexity,none"}
+            and cloze["metrics"]["perplexity,none"]["value"] > 1
+        )
         # the summary carries exactly the primary metric of each per-model file
         assert summary["models"][label]["scores"]["bezoar_demo_facts"] == {
             "value": facts["value"], "stderr": facts["stderr"], "metric": "acc_norm,none"}
@@ -132,5 +135,7 @@ def test_version_pin_mismatch_is_bad_input(tmp_path, tiny):
     tm = harness.task_manager(harness.prepare_include_dir("pkg://bezoar_jobs/demo_data/harness_tasks", tmp_path),
                               ["bezoar_demo_facts"])
     cfg = parse_recipe(recipe.read_text()).evaluation.harness
-    with pytest.raises(BadInput, match=r"tasks.0.version: 'bezoar_demo_facts' is pinned to version 2.0 .* has version 1.0"):
+    with pytest.raises(
+        BadInput, match=r"tasks.0.version: 'bezoar_demo_facts' is pinned to version 2.0 .* has version 1.0"
+    ):
         harness.load_tasks(tm, cfg.tasks)

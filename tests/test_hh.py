@@ -87,8 +87,10 @@ def test_unparseable_and_unfinished_dialogues() -> None:
 
 def test_sft_example_targets_the_final_chosen_reply_with_earlier_turns_as_context() -> None:
     row = {
-        "chosen": "\n\nHuman: I am going to Paris.\n\nAssistant: How long?\n\nHuman: Three days.\n\nAssistant: See the Louvre.",
-        "rejected": "\n\nHuman: I am going to Paris.\n\nAssistant: How long?\n\nHuman: Three days.\n\nAssistant: Stay home.",
+        "chosen": "\n\nHuman: I am going to Paris.\n\nAssistant: How long?\n\nHuman: Three days."
+        "\n\nAssistant: See the Louvre.",
+        "rejected": "\n\nHuman: I am going to Paris.\n\nAssistant: How long?\n\nHuman: Three days."
+        "\n\nAssistant: Stay home.",
     }
     prompt, completion = sft_example(row)
     assert completion == "See the Louvre."

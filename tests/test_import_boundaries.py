@@ -59,8 +59,8 @@ planned_actions(store, recipe, list(CANONICAL))
 import kubernetes.watch
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY_NAMES)
 extra = sorted(m for m in sys.modules if m.split(".")[0] in DATA_EXTRA_NAMES)
-print(json.dumps({"heavy": heavy, "data_extra": extra, "stages": sorted(m for m in sys.modules if m.startswith("bezoar_jobs.stages")),
-                  "kubernetes": "kubernetes" in sys.modules}))
+stages = sorted(m for m in sys.modules if m.startswith("bezoar_jobs.stages"))
+print(json.dumps({"heavy": heavy, "data_extra": extra, "stages": stages, "kubernetes": "kubernetes" in sys.modules}))
 """
 
 

@@ -333,11 +333,27 @@ def test_partial_family_entry_keeps_that_familys_defaults():
     [
         ("namespace: bezoar\nimages:\n  tagg: x\n", 3, "images.tagg: unknown key"),
         ("scheduling:\n  train:\n    gpus: -1\n", 3, "scheduling.train.gpus"),
-        ("stageOverrides:\n  sft-foo: {gpus: 1}\n", 2, "stageOverrides.sft-foo.[key]: Value error, unknown stage 'sft-foo'"),
-        ("stageOverrides:\n  dpo:\n    shmSize: lots\n", 3, "stageOverrides.dpo.shmSize: Value error, 'lots' is not a Kubernetes quantity"),
+        (
+            "stageOverrides:\n  sft-foo: {gpus: 1}\n",
+            2,
+            "stageOverrides.sft-foo.[key]: Value error, unknown stage 'sft-foo'",
+        ),
+        (
+            "stageOverrides:\n  dpo:\n    shmSize: lots\n",
+            3,
+            "stageOverrides.dpo.shmSize: Value error, 'lots' is not a Kubernetes quantity",
+        ),
         ("namespace: Bezoar_NS\n", 1, "namespace: Value error, 'Bezoar_NS' is not a DNS-1123 label"),
-        ("secrets:\n  apiKeys:\n    - {env: K}\n    - {env: K}\n", 2, "secrets.apiKeys: Value error, environment variable(s) K"),
-        ("scheduling:\n  data:\n    tolerations:\n      - {operator: Exists, value: x}\n", 4, "scheduling.data.tolerations.0"),
+        (
+            "secrets:\n  apiKeys:\n    - {env: K}\n    - {env: K}\n",
+            2,
+            "secrets.apiKeys: Value error, environment variable(s) K",
+        ),
+        (
+            "scheduling:\n  data:\n    tolerations:\n      - {operator: Exists, value: x}\n",
+            4,
+            "scheduling.data.tolerations.0",
+        ),
         ("kueue: {queueName: 'a b'}\n", 1, "kueue.queueName"),
         ("generationShards: 0\n", 1, "generationShards"),
     ],

@@ -140,13 +140,19 @@ def test_render_placeholders_and_system_merging():
     assert chat_messages("", "hi") == [{"role": "user", "content": "hi"}]
     assert parse_retry_after({"retry-after": "2.5"}) == 2.5
     assert parse_retry_after({"retry-after-ms": "150"}) == 0.15
-    assert 0 < parse_retry_after({"retry-after": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))}) <= 31
+    assert (
+        0
+        < parse_retry_after({"retry-after": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))})
+        <= 31
+    )
 
 
 def test_importing_the_package_pulls_in_no_ml_or_http_sdk():
-    code = ("import sys, bezoar_jobs.llm as m; m.make_client; "
-            "bad = [x for x in ('torch', 'transformers', 'openai', 'anthropic', 'huggingface_hub') if x in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, bezoar_jobs.llm as m; m.make_client; "
+        "bad = [x for x in ('torch', 'transformers', 'openai', 'anthropic', 'huggingface_hub') if x in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -250,7 +256,9 @@ def test_401_stops_the_run_as_bad_input_without_leaking_the_key(backend, llm_ser
 def test_400_fails_only_that_request_and_is_not_retried(llm_server):
     srv = llm_server(rule=lambda p: "400" if "too long" in p else None)
     client = make_client(endpoint("openai-chat", srv))
-    out = run_all(client, [GenRequest(id="bad", user="too long")] + [GenRequest(id=str(i), user=f"q{i}") for i in range(5)])
+    out = run_all(
+        client, [GenRequest(id="bad", user="too long")] + [GenRequest(id=str(i), user=f"q{i}") for i in range(5)]
+    )
     assert not out["bad"].ok and "HTTP 400" in out["bad"].error
     assert all(out[str(i)].ok for i in range(5))
     assert len([c for c in srv.calls if "too long" in c.prompt]) == 1

@@ -38,8 +38,13 @@ def test_gguf_package_converted_once_then_local_generation_and_rating(tmp_path, 
     reqs = [
         GenRequest(id="fr", user="What is the capital of France?", temperature=0.0, max_new_tokens=12),
         GenRequest(id="hi", user="Say hello.", temperature=0.0, max_new_tokens=12),
-        GenRequest(id="sys", user="Name one colour of the sky on a clear summer day.", system="You are a terse assistant.",
-                   temperature=0.0, max_new_tokens=12),
+        GenRequest(
+            id="sys",
+            user="Name one colour of the sky on a clear summer day.",
+            system="You are a terse assistant.",
+            temperature=0.0,
+            max_new_tokens=12,
+        ),
     ]
     batched: dict[str, GenResult] = {}
     client.run(reqs, lambda r: batched.__setitem__(r.id, r))

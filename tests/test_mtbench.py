@@ -43,7 +43,9 @@ OUR_PROMPTS = "pkg://bezoar_jobs/templates/mtbench_judge.txt"
 # ---------------------------------------------------------------------------------------------
 # text that cannot contain a bracketed number: any characters but '['
 _no_bracket = st.text(alphabet=st.characters(blacklist_characters="[", blacklist_categories=("Cs",)), max_size=200)
-_rating = st.one_of(st.integers(1, 10).map(str), st.builds(lambda a, b: f"{a}.{b}", st.integers(1, 9), st.integers(0, 9)))
+_rating = st.one_of(
+    st.integers(1, 10).map(str), st.builds(lambda a, b: f"{a}.{b}", st.integers(1, 9), st.integers(0, 9))
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -132,7 +134,9 @@ def test_turn2_judge_prompt_shows_the_conversation_and_references():
     assert p.kind == "turn2-ref"
     for part in ("What is 2+3?", "It is 5.", "Now double it.", "It is {10}.", "\n10\n"):
         assert part in text
-    assert text.index("What is 2+3?") < text.index("It is 5.") < text.index("Now double it.") < text.index("It is {10}.")
+    assert (
+        text.index("What is 2+3?") < text.index("It is 5.") < text.index("Now double it.") < text.index("It is {10}.")
+    )
     assert "{question_1}" not in text and "{answer_2}" not in text
     p1, text1 = judge_input(prompts, Q_MATH, ["It is 5.", "x"], 1, ("math",))
     assert p1.kind == "single-ref" and "It is 5." in text1 and "Now double it." not in text1
@@ -154,16 +158,43 @@ def test_turn2_answer_prompt_carries_turn1_in_the_training_format():
 def test_fastchat_judge_prompts_file_is_accepted(tmp_path):
     # our own words in FastChat's file layout (names, types, slots): the loader must take it
     lines = [
-        {"name": "single-v1", "type": "single", "system_prompt": "S1", "prompt_template": "Q {question} A {answer} [[n]]",
-         "description": "x", "category": "general", "output_format": "[[rating]]"},
-        {"name": "single-math-v1", "type": "single", "system_prompt": "S2",
-         "prompt_template": "Q {question} R {ref_answer_1} A {answer}", "output_format": "[[rating]]"},
-        {"name": "single-v1-multi-turn", "type": "single", "system_prompt": "S3",
-         "prompt_template": "{question_1} {answer_1} {question_2} {answer_2}", "output_format": "[[rating]]"},
-        {"name": "single-math-v1-multi-turn", "type": "single", "system_prompt": "S4",
-         "prompt_template": "{question_1} {ref_answer_1} {answer_1} {question_2} {ref_answer_2} {answer_2}",
-         "output_format": "[[rating]]"},
-        {"name": "pair-v2", "type": "pairwise", "system_prompt": "P", "prompt_template": "{question}", "output_format": "[[A]]"},
+        {
+            "name": "single-v1",
+            "type": "single",
+            "system_prompt": "S1",
+            "prompt_template": "Q {question} A {answer} [[n]]",
+            "description": "x",
+            "category": "general",
+            "output_format": "[[rating]]",
+        },
+        {
+            "name": "single-math-v1",
+            "type": "single",
+            "system_prompt": "S2",
+            "prompt_template": "Q {question} R {ref_answer_1} A {answer}",
+            "output_format": "[[rating]]",
+        },
+        {
+            "name": "single-v1-multi-turn",
+            "type": "single",
+            "system_prompt": "S3",
+            "prompt_template": "{question_1} {answer_1} {question_2} {answer_2}",
+            "output_format": "[[rating]]",
+        },
+        {
+            "name": "single-math-v1-multi-turn",
+            "type": "single",
+            "system_prompt": "S4",
+            "prompt_template": "{question_1} {ref_answer_1} {answer_1} {question_2} {ref_answer_2} {answer_2}",
+            "output_format": "[[rating]]",
+        },
+        {
+            "name": "pair-v2",
+            "type": "pairwise",
+            "system_prompt": "P",
+            "prompt_template": "{question}",
+            "output_format": "[[A]]",
+        },
     ]
     f = tmp_path / "judge_prompts.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -200,7 +231,16 @@ def test_demo_questions_are_valid_mtbench_format():
     cfg = parse_recipe((REPO / "recipes" / "demo.yaml").read_text()).evaluation.mtbench
     qs = load_questions(cfg)
     assert len(qs) >= 8
-    assert {q.category for q in qs} >= {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+    assert {q.category for q in qs} >= {
+        "writing",
+        "roleplay",
+        "reasoning",
+        "math",
+        "coding",
+        "extraction",
+        "stem",
+        "humanities",
+    }
     assert all(len(q.reference) == 2 for q in qs if q.category in ("math", "reasoning", "coding"))
 
 
@@ -306,7 +346,9 @@ def test_mtbench_with_an_anthropic_judge_over_http(tmp_path, tiny, monkeypatch):
     muffin = [j for j in js if "bakery" in j["user_prompt"]]
     assert len(muffin) == 2 and all(j["score"] is None and j["excluded"] and j["judgment"] for j in muffin)
     # math and coding prompts carry the reference answers; turn 2 uses the conversation prompt
-    assert all("<reference_answer>" in j["user_prompt"] for j in js if j["category"] in ("math", "coding") and j["turn"] == 1)
+    assert all(
+        "<reference_answer>" in j["user_prompt"] for j in js if j["category"] in ("math", "coding") and j["turn"] == 1
+    )
     assert all(j["judge_prompt"].startswith("turn2") for j in js if j["turn"] == 2)
     m = read_manifest(store, "eval-mtbench")
     assert asked == 2 * 8 and m["usage"]["judge"]["requests"] == 16

@@ -20,8 +20,14 @@ def test_lamini_tags():
 
 
 def test_lamini_numbered_and_bulleted_lists():
-    text = "Here you go:\n1. Explain how rainbows form.\n2) List four kinds of clouds\n- Why do cats purr at night?\n* ok"
-    assert parse_instructions(text) == ["Explain how rainbows form.", "List four kinds of clouds", "Why do cats purr at night?"]
+    text = (
+        "Here you go:\n1. Explain how rainbows form.\n2) List four kinds of clouds\n- Why do cats purr at night?\n* ok"
+    )
+    assert parse_instructions(text) == [
+        "Explain how rainbows form.",
+        "List four kinds of clouds",
+        "Why do cats purr at night?",
+    ]
 
 
 def test_lamini_unclosed_tags_and_labels():
@@ -76,7 +82,12 @@ def test_decide_threshold_and_status():
 def test_evol_elimination_rules():
     cfg = EvolConfig()
     orig = "Name a fruit."
-    assert eliminate(cfg, orig, "Name a red fruit that grows on trees.", "An apple is a red fruit that grows on trees.", False) is None
+    assert (
+        eliminate(
+            cfg, orig, "Name a red fruit that grows on trees.", "An apple is a red fruit that grows on trees.", False
+        )
+        is None
+    )
     assert eliminate(cfg, orig, "Name a fruit please.", "Apple.", True).startswith("rule 1")
     assert eliminate(cfg, orig, "Name a rare fruit.", "Sorry, I cannot help with that.", False).startswith("rule 2")
     assert eliminate(cfg, orig, "Name a rare fruit.", "it is. the, a!", False).startswith("rule 3")
@@ -109,4 +120,5 @@ def test_orca_system_message_rules():
     plain = {"inputs": "Summarize this.", "task_source": "flan2021", "template_type": "zs_noopt"}
     assert not is_multiple_choice(plain)
     assert {choose_system_message(msgs, plain, rng)["text"] for _ in range(20)} == {"detailed"}
-    assert {choose_system_message(msgs, {"inputs": "x", "task_source": "niv2"}, rng)["text"] for _ in range(10)} == {"teacher"}
+    niv2 = {"inputs": "x", "task_source": "niv2"}
+    assert {choose_system_message(msgs, niv2, rng)["text"] for _ in range(10)} == {"teacher"}

@@ -25,8 +25,15 @@ def test_only_keeps_canonical_order():
     assert select(only=["filter-orca", "generate-lamini"]) == ["generate-lamini", "filter-orca"]
 
 
-@pytest.mark.parametrize("kw", [{"from_": "nope"}, {"only": ["x"]}, {"from_": "filter-orca", "until": "generate-lamini"},
-                                {"only": ["generate-evol"], "from_": "generate-evol"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"from_": "nope"},
+        {"only": ["x"]},
+        {"from_": "filter-orca", "until": "generate-lamini"},
+        {"only": ["generate-evol"], "from_": "generate-evol"},
+    ],
+)
 def test_bad_selection(kw):
     with pytest.raises(BadInput):
         select(**kw)
@@ -79,7 +86,8 @@ def test_evaluation_reads_the_checkpoints_the_recipe_evaluates():
     from bezoar_jobs.pipeline import stage_inputs
     from bezoar_jobs.recipe import parse_recipe
 
-    base = "schema_version: 1\nname: t\nteacher: {backend: local, model: m}\njudge: {backend: local, model: m}\nstudent: {model: m}\n"
+    base = ("schema_version: 1\nname: t\nteacher: {backend: local, model: m}\njudge: {backend: local, model: m}\n"
+            "student: {model: m}\n")
     r = parse_recipe(base + "evaluation: {checkpoints: [dpo, base, sft-lamini]}\n")
     for stage in ("eval-harness", "eval-mtbench"):
         assert stage_inputs(stage, r) == ("sft-lamini", "dpo")  # canonical order, base needs no stage

@@ -38,22 +38,37 @@ def _recipe_text(tiny: Path) -> str:
         "schema_version": 1,
         "name": "report-test",
         "teacher": {"backend": "local", "model": str(tiny), "prompt_format": "{user}"},
-        "judge": {"backend": "openai-chat", "model": "gpt-4-0613", "api_key_env": "NO_SUCH_KEY_VAR",
-                  "base_url": f"https://team:{SECRET_URL_PASSWORD}@judge.example.com/v1",
-                  "price_input_per_mtok": 30.0, "price_output_per_mtok": 60.0},
+        "judge": {
+            "backend": "openai-chat",
+            "model": "gpt-4-0613",
+            "api_key_env": "NO_SUCH_KEY_VAR",
+            "base_url": f"https://team:{SECRET_URL_PASSWORD}@judge.example.com/v1",
+            "price_input_per_mtok": 30.0,
+            "price_output_per_mtok": 60.0,
+        },
         "student": {"model": str(tiny)},
         "evaluation": {
             "checkpoints": ["base", "sft-orca", "dpo"],
-            "harness": {"include_path": "pkg://bezoar_jobs/demo_data/harness_tasks", "bootstrap_iters": 100,
-                        "tasks": [{"name": "bezoar_demo_facts", "num_fewshot": 1, "metric": "acc_norm"},
-                                  {"name": "bezoar_demo_cloze", "num_fewshot": 0, "metric": "acc"}]},
+            "harness": {
+                "include_path": "pkg://bezoar_jobs/demo_data/harness_tasks",
+                "bootstrap_iters": 100,
+                "tasks": [
+                    {"name": "bezoar_demo_facts", "num_fewshot": 1, "metric": "acc_norm"},
+                    {"name": "bezoar_demo_cloze", "num_fewshot": 0, "metric": "acc"},
+                ],
+            },
             "mtbench": {
                 "questions": {"path": "pkg://bezoar_jobs/demo_data/mtbench/questions.jsonl"},
                 "categories": ["math", "writing", "stem"],
                 "answer_max_new_tokens": 4,
                 "judge_method": "logprobs",
                 "judge_prompts": "pkg://bezoar_jobs/templates/mtbench_judge_short.txt",
-                "judge": {"backend": "local", "model": str(tiny), "prompt_format": "{system}\n{user}\n", "batch_size": 8},
+                "judge": {
+                    "backend": "local",
+                    "model": str(tiny),
+                    "prompt_format": "{system}\n{user}\n",
+                    "batch_size": 8,
+                },
             },
         },
         "report": {"gpu_hour_usd": 2.0, "judgments_shown": 2},
@@ -61,7 +76,9 @@ def _recipe_text(tiny: Path) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def _commit(store, tmp: Path, stage: str, files: dict[str, str | Path], counts: dict, seconds: float, extra: dict) -> None:
+def _commit(
+    store, tmp: Path, stage: str, files: dict[str, str | Path], counts: dict, seconds: float, extra: dict
+) -> None:
     out = tmp / f"out-{stage}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -80,20 +97,55 @@ def _data_stages(store, tmp: Path) -> dict[str, dict]:
     expected = {}
     for i, s in enumerate(SCHEMES):
         rows, rejected = 20 + 5 * i, 3 + i
-        _commit(store, tmp, f"generate-{s}", {"data/train.jsonl": "".join(json.dumps({"id": f"{s}{k}"}) + "\n" for k in range(rows))},
-                {"rows": rows, "rejected": rejected}, 30.0 + i,
-                {"teacher": {"backend": "tgi", "model": "h2oai/falcon", "model_id": "h2oai/falcon", "revision": "abc123",
-                             "base_url": "http://teacher:80"},
-                 "usage": {"teacher": {"prompt_tokens": 1000 * (i + 1), "completion_tokens": 500 * (i + 1), "requests": 10}},
-                 "cost_usd": None})
+        _commit(
+            store,
+            tmp,
+            f"generate-{s}",
+            {"data/train.jsonl": "".join(json.dumps({"id": f"{s}{k}"}) + "\n" for k in range(rows))},
+            {"rows": rows, "rejected": rejected},
+            30.0 + i,
+            {
+                "teacher": {
+                    "backend": "tgi",
+                    "model": "h2oai/falcon",
+                    "model_id": "h2oai/falcon",
+                    "revision": "abc123",
+                    "base_url": "http://teacher:80",
+                },
+                "usage": {
+                    "teacher": {"prompt_tokens": 1000 * (i + 1), "completion_tokens": 500 * (i + 1), "requests": 10}
+                },
+                "cost_usd": None,
+            },
+        )
         kept = rows - 2 - i
-        _commit(store, tmp, f"filter-{s}", {"data/train.jsonl": "x\n", "rejected/rejected.jsonl": "y\n"},
-                {"input_rows": rows, "kept": kept, "rejected": rows - kept, "unparseable": 1, "retention": round(kept / rows, 4),
-                 "scheme": s}, 12.0,
-                {"judge": {"backend": "openai-chat", "model": "gpt-4-0613", "model_id": "gpt-4-0613", "revision": None,
-                           "base_url": f"https://team:{SECRET_URL_PASSWORD}@judge.example.com/v1", "method": "generate"},
-                 "usage": {"judge": {"prompt_tokens": 3000, "completion_tokens": 300, "requests": rows}},
-                 "cost_usd": 0.108})
+        _commit(
+            store,
+            tmp,
+            f"filter-{s}",
+            {"data/train.jsonl": "x\n", "rejected/rejected.jsonl": "y\n"},
+            {
+                "input_rows": rows,
+                "kept": kept,
+                "rejected": rows - kept,
+                "unparseable": 1,
+                "retention": round(kept / rows, 4),
+                "scheme": s,
+            },
+            12.0,
+            {
+                "judge": {
+                    "backend": "openai-chat",
+                    "model": "gpt-4-0613",
+                    "model_id": "gpt-4-0613",
+                    "revision": None,
+                    "base_url": f"https://team:{SECRET_URL_PASSWORD}@judge.example.com/v1",
+                    "method": "generate",
+                },
+                "usage": {"judge": {"prompt_tokens": 3000, "completion_tokens": 300, "requests": rows}},
+                "cost_usd": 0.108,
+            },
+        )
         expected[s] = {"generated": rows + rejected, "kept": kept}
     return expected
 
@@ -113,9 +165,13 @@ def complete_run(tmp_path_factory):
     for k, stage in enumerate(TRAINING):
         pts = [(step, 2.5 - 0.1 * step + 0.01 * k) for step in range(1, 7)]
         losses[stage] = pts
-        metrics = "".join(json.dumps({"time": 1.0, "stage": stage, "step": st, "loss": lo, "learning_rate": 1e-4}) + "\n"
-                          for st, lo in pts)
-        metrics += json.dumps({"time": 2.0, "stage": stage, "step": 6, "train_runtime": 9.0}) + "\n"  # no loss: not a point
+        metrics = "".join(
+            json.dumps({"time": 1.0, "stage": stage, "step": st, "loss": lo, "learning_rate": 1e-4}) + "\n"
+            for st, lo in pts
+        )
+        metrics += (
+            json.dumps({"time": 2.0, "stage": stage, "step": 6, "train_runtime": 9.0}) + "\n"
+        )  # no loss: not a point
         files: dict[str, str | Path] = {"metrics.jsonl": metrics}
         if stage in ("sft-orca", "sft-hh", "dpo"):
             files["model"] = tuned
@@ -128,7 +184,9 @@ def complete_run(tmp_path_factory):
     return {"run": run, "store": store, "recipe": recipe, "expected": expected, "losses": losses}
 
 
-FIGURE = re.compile(r'<figure data-chart="([a-z]+)" data-points="(\d+)"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+FIGURE = re.compile(
+    r'<figure data-chart="([a-z]+)" data-points="(\d+)"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">'
+)
 
 
 def _figures(html: str) -> dict[str, tuple[int, bytes]]:
@@ -166,9 +224,15 @@ def test_report_from_a_complete_run(complete_run):
     assert figs["loss"][0] == sum(len(p) for p in complete_run["losses"].values()) == 30
     assert numbers["loss"]["dpo"] == [list(p) for p in complete_run["losses"]["dpo"]]
     mt = json.loads(store.read_text("eval-mtbench/results/scores.json"))
-    assert figs["mtbench"][0] == sum(v is not None for s in mt["models"].values() for v in s["categories"].values()) == 9
+    assert (
+        figs["mtbench"][0] == sum(v is not None for s in mt["models"].values() for v in s["categories"].values()) == 9
+    )
     hs = json.loads(store.read_text("eval-harness/results/summary.json"))
-    assert figs["harness"][0] == sum(v["value"] is not None for s in hs["models"].values() for v in s["scores"].values()) == 6
+    assert (
+        figs["harness"][0]
+        == sum(v["value"] is not None for s in hs["models"].values() for v in s["scores"].values())
+        == 6
+    )
     for name in figs:  # report.md links the same figures, committed beside it
         assert f"(figures/{name}.png)" in md and f"figures/{name}.png" in m["files"]
     # the funnel per scheme
@@ -184,7 +248,9 @@ def test_report_from_a_complete_run(complete_run):
     assert "Sample judgments" in html and html.count("<details>") == 2 * 3
     # tokens, time and cost: GPU-hours from the CUDA training stages, API spend where priced
     usage = {r["stage"]: r for r in numbers["usage"]}
-    assert usage["sft-orca"]["gpu_hours"] == pytest.approx(0.5) and usage["sft-orca"]["gpu_cost_usd"] == pytest.approx(1.0)
+    assert usage["sft-orca"]["gpu_hours"] == pytest.approx(0.5) and usage["sft-orca"]["gpu_cost_usd"] == pytest.approx(
+        1.0
+    )
     assert usage["filter-evol"]["api_cost_usd"] == pytest.approx(0.108)
     assert usage["generate-orca"]["prompt_tokens"] == 3000
     assert "| total |" in md
@@ -204,7 +270,15 @@ def test_report_reruns_only_when_the_run_changed_and_rebuilds_on_demand(complete
     assert m["built_by"] == "bezoar report" and m["params_hash"] == params_hash(recipe, "report")
     assert up_to_date(store, recipe, "report")[0]
     # a stage committed again (e.g. a forced rerun) makes the report stale
-    _commit(store, tmp_path, "filter-orca", {"data/train.jsonl": "z\n"}, {"input_rows": 30, "kept": 1, "rejected": 29}, 5.0, {})
+    _commit(
+        store,
+        tmp_path,
+        "filter-orca",
+        {"data/train.jsonl": "z\n"},
+        {"input_rows": 30, "kept": 1, "rejected": 29},
+        5.0,
+        {},
+    )
     ok, why = up_to_date(store, recipe, "report")
     assert not ok and "since the report was built" in why
     assert run_stage("report", recipe, store) == 0

@@ -150,3 +150,31 @@ def test_no_module_over_500_lines_without_a_reason():
 @pytest.mark.parametrize("name", ["py.typed"])
 def test_the_package_is_typed(name):
     assert (PKG / name).is_file()
+
+
+def _ctx_params(root: Path) -> list[tuple[str, int, str]]:
+    """(file, line, annotation) of every function parameter named ``ctx`` in the package."""
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
+                    if arg.arg == "ctx":
+                        ann = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                        out.append((p.relative_to(root.parent).as_posix(), node.lineno, ann))
+    return out
+
+
+def test_every_stage_context_is_typed():
+    """A stage context is a StageContext, never Any or unannotated (mypy then checks what stages do with it)."""
+    params = _ctx_params(PKG)
+    assert len(params) > 20  # the check is not vacuous
+    bad = [f"{f}:{n}: ctx: {a or '(none)'}" for f, n, a in params if a != "StageContext"]
+    assert bad == []
+
+
+def test_an_untyped_context_is_caught(tmp_path):
+    pkg = tmp_path / "pkgy"
+    pkg.mkdir()
+    (pkg / "m.py").write_text("from typing import Any\ndef f(ctx: Any) -> None: ...\ndef g(ctx): ...\n")
+    assert [a for _, _, a in _ctx_params(pkg)] == ["Any", ""]

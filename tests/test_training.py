@@ -83,7 +83,14 @@ def training_section(**over: Any) -> dict[str, Any]:
         },
         "stage_args": {"sft-hh": {"max_length": 320}},
         "hh": {"data": {"path": "pkg://bezoar_jobs/demo_data/hh/train.jsonl", "limit": 32, "licence": "Apache-2.0"}},
-        "dpo": {"dpo_args": {"max_length": 320, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4}},
+        "dpo": {
+            "dpo_args": {
+                "max_length": 320,
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "max_steps": 4,
+            }
+        },
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(t.get(k), dict):
@@ -113,24 +120,43 @@ def make_recipe(tmp_path: Path, model: Path, training: dict[str, Any], **top: An
 def lamini_rows(n: int) -> list[dict[str, Any]]:
     words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
     return [
-        {"instruction": f"Count to {words[i % 12]}.", "source": "example", "response": " ".join(words[: i % 12 + 1]), "id": f"r{i}"}
+        {
+            "instruction": f"Count to {words[i % 12]}.",
+            "source": "example",
+            "response": " ".join(words[: i % 12 + 1]),
+            "id": f"r{i}",
+        }
         for i in range(n)
     ]
 
 
 def evol_rows(n: int) -> list[dict[str, Any]]:
     return [
-        {"instruction": f"Explain step {i} with care.", "response": f"Step {i} is done by counting to {i}.", "category": "qa",
-         "evolution_strategy": "in-depth", "in-depth-evolving_operation": "deepen", "epoch": 1}
+        {
+            "instruction": f"Explain step {i} with care.",
+            "response": f"Step {i} is done by counting to {i}.",
+            "category": "qa",
+            "evolution_strategy": "in-depth",
+            "in-depth-evolving_operation": "deepen",
+            "epoch": 1,
+        }
         for i in range(n)
     ]
 
 
 def orca_rows(n: int) -> list[dict[str, Any]]:
     return [
-        {"original_index": i, "inputs": f"Q: what is {i} plus one?", "targets": str(i + 1), "task_source": "cot",
-         "task_name": "arith", "template_type": "zs_noopt", "system_message": "You are a careful math tutor." if i % 2 else "",
-         "explained_targets": f"{i} plus one is {i + 1}.", "dataset_source": "demo"}
+        {
+            "original_index": i,
+            "inputs": f"Q: what is {i} plus one?",
+            "targets": str(i + 1),
+            "task_source": "cot",
+            "task_name": "arith",
+            "template_type": "zs_noopt",
+            "system_message": "You are a careful math tutor." if i % 2 else "",
+            "explained_targets": f"{i} plus one is {i + 1}.",
+            "dataset_source": "demo",
+        }
         for i in range(n)
     ]
 
@@ -205,7 +231,10 @@ def test_openbezoar_values_from_the_paper() -> None:
 @pytest.mark.parametrize(
     ("training", "message"),
     [
-        ({"sft_args": {"learnin_rate": 1e-4}}, "training.sft_args.learnin_rate: unknown key: not a field of SFTConfig (did you mean 'learning_rate'?)"),
+        (
+            {"sft_args": {"learnin_rate": 1e-4}},
+            "training.sft_args.learnin_rate: unknown key: not a field of SFTConfig (did you mean 'learning_rate'?)",
+        ),
         ({"sft_args": {"output_dir": "/tmp/x"}}, "training.sft_args.output_dir: set by the stage"),
         ({"sft_args": {"save_steps": 10}}, "training.checkpoint_every"),
         ({"sft_args": {"push_to_hub": True}}, "use training.push"),
@@ -217,8 +246,14 @@ def test_openbezoar_values_from_the_paper() -> None:
         ({"stage_args": {"sft-hh": {"num_epochs": 2}}}, "training.stage_args.sft-hh.num_epochs: unknown key"),
         ({"lora": {"rank": 8}}, "training.lora.rank: unknown key: not a field of LoraConfig"),
         ({"lora": {"task_type": "SEQ_CLS"}}, "training.lora.task_type: set by the stage"),
-        ({"dpo": {"dpo_args": {"betta": 0.2}}}, "training.dpo.dpo_args.betta: unknown key: not a field of DPOConfig (did you mean 'beta'?)"),
-        ({"dpo": {"dpo_args": {"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}}}, "training.dpo.dpo_args: DPOConfig refused the settings"),
+        (
+            {"dpo": {"dpo_args": {"betta": 0.2}}},
+            "training.dpo.dpo_args.betta: unknown key: not a field of DPOConfig (did you mean 'beta'?)",
+        ),
+        (
+            {"dpo": {"dpo_args": {"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}}},
+            "training.dpo.dpo_args: DPOConfig refused the settings",
+        ),
     ],
 )
 def test_pass_through_errors_name_the_dotted_path(tmp_path: Path, tiny: Path, training: dict, message: str) -> None:
@@ -270,7 +305,12 @@ def test_a_custom_sft_order_rewires_the_stage_graph(tmp_path: Path, tiny: Path) 
     assert stage_inputs("sft-evol", recipe) == ("filter-evol", "sft-orca")
     chain = ["sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo"]
     assert {s: waits_for(s, chain, recipe) for s in chain} == {
-        "sft-lamini": [], "sft-orca": ["sft-lamini"], "sft-evol": ["sft-orca"], "sft-hh": ["sft-evol"], "dpo": ["sft-hh"]}
+        "sft-lamini": [],
+        "sft-orca": ["sft-lamini"],
+        "sft-evol": ["sft-orca"],
+        "sft-hh": ["sft-evol"],
+        "dpo": ["sft-hh"],
+    }
     # without a recipe (or with the default order) the static graph applies
     assert stage_inputs("sft-evol") == ("filter-evol", "sft-lamini")
     # and the stages run in that order: sft-orca second, from sft-lamini (sft-evol not there yet)
@@ -316,7 +356,10 @@ def test_long_prompts_error_or_drop_and_nothing_left_is_an_error(tok: Any) -> No
     long_prompt = "### Instruction:\n" + "word " * 300
     with pytest.raises(PromptTooLong):
         tokenize_example(tok, long_prompt, "ok", 64, True)
-    exs = [Example("f.jsonl:1", "### Instruction:\nhi\n\n### Response:\n", "hello"), Example("f.jsonl:2", long_prompt, "ok")]
+    exs = [
+        Example("f.jsonl:1", "### Instruction:\nhi\n\n### Response:\n", "hello"),
+        Example("f.jsonl:2", long_prompt, "ok"),
+    ]
     with pytest.raises(BadInput, match=r"f\.jsonl:2: the prompt alone is \d+ tokens; max_length is 64"):
         tokenize_examples(tok, exs, 64, True, "error", 1.0, "f.jsonl")
     kept = tokenize_examples(tok, exs, 64, True, "drop", 1.0, "f.jsonl")
@@ -338,7 +381,9 @@ def _boundaries(batch: dict[str, Any], r: int) -> list[tuple[int, int]]:
     return [(0, int(batch["attention_mask"][r].sum()))]
 
 
-def _per_example_losses(model: Any, batch: dict[str, Any], forward: dict[str, Any] | None = None) -> dict[tuple[int, ...], float]:
+def _per_example_losses(
+    model: Any, batch: dict[str, Any], forward: dict[str, Any] | None = None
+) -> dict[tuple[int, ...], float]:
     """Mean next-token loss of every example in a batch, keyed by the example's token ids.
     ``forward`` replaces the model inputs (to run the same tokens another way)."""
     import torch
@@ -373,7 +418,10 @@ def test_packed_batches_give_the_same_per_example_losses(tiny: Path, tok: Any) -
     from bezoar_jobs.training.packing import PackedRowsCollator
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-    rows = [tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["one"] * (1 + 5 * i))), 512, True) for i in range(6)]
+    rows = [
+        tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["one"] * (1 + 5 * i))), 512, True)
+        for i in range(6)
+    ]
     # unpacked: right-padded batches with an attention mask (TRL's default collator)
     padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
     ref = _per_example_losses(model, padded)
@@ -416,7 +464,10 @@ def test_segment_attention_keeps_examples_apart_in_every_batch_layout(tiny: Path
     sdpa = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
     seg = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation=register()).eval()
     assert seg.config._attn_implementation == "bezoar_segments"
-    rows = [tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["two"] * (2 + 4 * i))), 512, True) for i in range(6)]
+    rows = [
+        tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["two"] * (2 + 4 * i))), 512, True)
+        for i in range(6)
+    ]
     padded = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)
     ref = _per_example_losses(sdpa, padded)
     assert len(ref) == 6
@@ -437,7 +488,9 @@ def test_segment_attention_keeps_examples_apart_in_every_batch_layout(tiny: Path
     # the boundaries it cuts at, from each source
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
     assert segment_bounds(1, 6, None, {"position_ids": pos}) == [[(0, 3), (3, 5), (5, 6)]]
-    assert segment_bounds(1, 6, None, {"cu_seq_lens_q": torch.tensor([0, 4, 6]), "position_ids": pos}) == [[(0, 4), (4, 6)]]
+    assert segment_bounds(1, 6, None, {"cu_seq_lens_q": torch.tensor([0, 4, 6]), "position_ids": pos}) == [
+        [(0, 4), (4, 6)]
+    ]
     assert segment_bounds(2, 4, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), {}) == [[(0, 2), (2, 4)], [(0, 4)]]
     # what it cannot express is refused, not silently attended across
     with pytest.raises(ValueError, match="right-padded"):
@@ -464,7 +517,9 @@ def test_shared_prefixes_give_each_example_its_own_loss(tiny: Path, tok: Any) ->
     seg = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation=register()).eval()
     systems = [None, None, "You are a careful tutor.", None, "You are a careful tutor.", "Answer briefly."]
     rows = [
-        tokenize_example(tok, *render_example(f"Count to {i}.", " ".join(["three"] * (2 + 3 * i)), system=sy), 512, True)
+        tokenize_example(
+            tok, *render_example(f"Count to {i}.", " ".join(["three"] * (2 + 3 * i)), system=sy), 512, True
+        )
         for i, sy in enumerate(systems)
     ]
     ref = _per_example_losses(sdpa, DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows))
@@ -486,7 +541,11 @@ def test_shared_prefixes_give_each_example_its_own_loss(tiny: Path, tok: Any) ->
             assert (labels[ps:pe] == -100).all()
     # per-example losses, each example reassembled from its prefix and its own part
     with torch.no_grad():
-        logits = seg(**{k: batch[k] for k in ("input_ids", "position_ids", "segment_prefix")}, use_cache=False).logits[0].float()
+        logits = (
+            seg(**{k: batch[k] for k in ("input_ids", "position_ids", "segment_prefix")}, use_cache=False)
+            .logits[0]
+            .float()
+        )
     got = {}
     for s0, e0, ps, pe in layout:
         if any(o[2] == s0 and o[3] > o[2] for o in layout):
@@ -526,7 +585,9 @@ def test_response_nll_equals_the_full_logits_loss_and_gradient(monkeypatch: pyte
         logits = head(h)[:, :-1].float()
         tgt = labels[:, 1:].clone()
         tgt[pos[:, 1:] == 0] = -100  # the first token of an example is not predicted from the last one
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), tgt.reshape(-1), reduction="sum", ignore_index=-100)
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, 50), tgt.reshape(-1), reduction="sum", ignore_index=-100
+        )
         nll.backward()
         return float(nll.detach()), h.grad, int((tgt != -100).sum())
 
@@ -560,22 +621,56 @@ def test_response_head_trainer_gives_trls_loss_and_gradients(tmp_path: Path, tin
     from bezoar_jobs.training.examples import tokenize_example
     from bezoar_jobs.training.sft import make_trainer
 
-    rows = [tokenize_example(tok, *render_example(f"Name {i} colours.", " ".join(["red"] * (3 + 3 * i))), 256, True) for i in range(8)]
-    plan = DevicePlan(cuda=False, quantize_4bit=False, load_dtype="float32", compute_dtype="float32", bf16=False, fp16=False, description="LoRA")
+    rows = [
+        tokenize_example(tok, *render_example(f"Name {i} colours.", " ".join(["red"] * (3 + 3 * i))), 256, True)
+        for i in range(8)
+    ]
+    plan = DevicePlan(
+        cuda=False,
+        quantize_4bit=False,
+        load_dtype="float32",
+        compute_dtype="float32",
+        bf16=False,
+        fp16=False,
+        description="LoRA",
+    )
     results = {}
     for name, attention, head in (("ours", "auto", True), ("trl", "sdpa", False)):
-        args = SFTConfig(output_dir=str(tmp_path / name), max_length=256, packing=True, packing_strategy="bfd", use_cpu=True,
-                         report_to="none", per_device_train_batch_size=8, bf16=False)
-        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+        args = SFTConfig(
+            output_dir=str(tmp_path / name),
+            max_length=256,
+            packing=True,
+            packing_strategy="bfd",
+            use_cpu=True,
+            report_to="none",
+            per_device_train_batch_size=8,
+            bf16=False,
+        )
+        lora = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         torch.manual_seed(3)
-        trainer, counter = make_trainer(tiny, plan, args, lora, tok, datasets.Dataset.from_list(rows), attention=attention, response_head=head)
+        trainer, counter = make_trainer(
+            tiny, plan, args, lora, tok, datasets.Dataset.from_list(rows), attention=attention, response_head=head
+        )
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
         assert (counter.shared_tokens > 0) == (name == "ours")  # the system block, computed once
         model = trainer.model.train()
         loss = trainer.compute_loss(model, dict(batch))
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[name] = (float(loss), grads, type(trainer).__name__, model.config._attn_implementation, trainer._metrics["train"])
+        results[name] = (
+            float(loss),
+            grads,
+            type(trainer).__name__,
+            model.config._attn_implementation,
+            trainer._metrics["train"],
+        )
     ours, trl = results["ours"], results["trl"]
     assert ours[2] == "ResponseHeadSFTTrainer" and ours[3] == "bezoar_segments"
     assert trl[2] == "SFTTrainer" and trl[3] == "sdpa"
@@ -587,7 +682,9 @@ def test_response_head_trainer_gives_trls_loss_and_gradients(tmp_path: Path, tin
     assert ours[4]["mean_token_accuracy"] == pytest.approx(trl[4]["mean_token_accuracy"])
 
 
-def test_dpo_on_cpu_scores_only_labelled_positions_with_the_same_loss(tmp_path: Path, tiny: Path, tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dpo_on_cpu_scores_only_labelled_positions_with_the_same_loss(
+    tmp_path: Path, tiny: Path, tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """compact_fused_head: TRL's fused LM head takes its compact path on CPU (DPO keeps TRL's loss)."""
     import datasets
     import torch
@@ -598,16 +695,46 @@ def test_dpo_on_cpu_scores_only_labelled_positions_with_the_same_loss(tmp_path: 
 
     from bezoar_jobs.training.loss import compact_fused_head
 
-    pairs = [{"prompt": f"### Instruction:\nSay {i} twice.\n\n### Response:\n", "chosen": " yes" * (i + 2), "rejected": " no"} for i in range(4)]
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4, max_length=128, use_cpu=True, report_to="none", bf16=False)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    pairs = [
+        {
+            "prompt": f"### Instruction:\nSay {i} twice.\n\n### Response:\n",
+            "chosen": " yes" * (i + 2),
+            "rejected": " no",
+        }
+        for i in range(4)
+    ]
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        per_device_train_batch_size=4,
+        max_length=128,
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+    )
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=datasets.Dataset.from_list(pairs), processing_class=tok, peft_config=lora)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(pairs),
+        processing_class=tok,
+        peft_config=lora,
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     scored: list[int] = []
     apply = trl_utils._ChunkedLogProbFunction.apply
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda *a: (scored.append(int(a[0].shape[0])), apply(*a))[1])
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction, "apply", lambda *a: (scored.append(int(a[0].shape[0])), apply(*a))[1]
+    )
     full = float(trainer.compute_loss(trainer.model, dict(batch)))
     every_position, scored = list(scored), []
     with compact_fused_head() as on:
@@ -638,7 +765,11 @@ def test_sft_stage_overfits_and_merged_checkpoint_matches_base_plus_adapter(tmp_
     assert m is not None and m["counts"]["examples"] == 8 and m["counts"]["steps"] == 40
     tr = m["training"]
     assert tr["mode"] == "lora" and "NOT QLoRA" in tr["mode_description"]
-    assert tr["attention"] == "bezoar_segments" and tr["response_only_lm_head"] is True and tr["real_token_fraction"] == 1.0
+    assert (
+        tr["attention"] == "bezoar_segments"
+        and tr["response_only_lm_head"] is True
+        and tr["real_token_fraction"] == 1.0
+    )
     assert tr["batch_layout"] == "SharedPrefixCollator" and tr["shared_prefix_tokens"] > 0
     assert tr["tokens_per_second"] > 0 and 0 < tr["real_token_fraction"] <= 1 and tr["peak_memory_bytes"] > 0
     assert m["base_model"] == str(tiny) and m["inputs"].keys() == {"filter-lamini"}
@@ -649,7 +780,14 @@ def test_sft_stage_overfits_and_merged_checkpoint_matches_base_plus_adapter(tmp_
     assert last <= first / 2, (first, last)
     # the model card names recipe, data, steps, loss, licences
     card = store.read_text("sft-lamini/model/README.md")
-    for needle in ("tiny-test", "filter-lamini/data/train.jsonl", "optimizer steps: 40", "final training loss", "license: apache-2.0", "Licences"):
+    for needle in (
+        "tiny-test",
+        "filter-lamini/data/train.jsonl",
+        "optimizer steps: 40",
+        "final training loss",
+        "license: apache-2.0",
+        "Licences",
+    ):
         assert needle in card
     # the merged checkpoint loads on its own and equals base + adapter (from the last checkpoint)
     merged_dir = tmp_path / "merged"
@@ -695,8 +833,12 @@ def test_qlora_code_path_on_cpu_merges_into_unquantized_weights(tmp_path: Path, 
     assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
 
 
-def test_the_five_training_stages_chain_through_the_s3_store(tmp_path: Path, tiny: Path, s3_run_uri: str, s3_client: Any) -> None:
-    recipe, _ = make_recipe(tmp_path, tiny, training_section(checkpoint_every=2, keep_checkpoints=1, merge_dtype="bfloat16"))
+def test_the_five_training_stages_chain_through_the_s3_store(
+    tmp_path: Path, tiny: Path, s3_run_uri: str, s3_client: Any
+) -> None:
+    recipe, _ = make_recipe(
+        tmp_path, tiny, training_section(checkpoint_every=2, keep_checkpoints=1, merge_dtype="bfloat16")
+    )
     store = open_store(s3_run_uri)
     commit_filter(store, "lamini", lamini_rows(10), tmp_path)
     commit_filter(store, "evol", evol_rows(10), tmp_path)
@@ -704,7 +846,13 @@ def test_the_five_training_stages_chain_through_the_s3_store(tmp_path: Path, tin
     for stage in TRAINING_STAGES:
         assert run_stage(stage, recipe, store) == 0, stage
     ms = {s: read_manifest(store, s) for s in TRAINING_STAGES}
-    assert [ms[s]["base_model"] for s in TRAINING_STAGES] == [str(tiny), "sft-lamini/model", "sft-evol/model", "sft-orca/model", "sft-hh/model"]
+    assert [ms[s]["base_model"] for s in TRAINING_STAGES] == [
+        str(tiny),
+        "sft-lamini/model",
+        "sft-evol/model",
+        "sft-orca/model",
+        "sft-hh/model",
+    ]
     assert ms["sft-orca"]["inputs"].keys() == {"filter-orca", "sft-evol"}
     assert all(ms[s]["counts"]["steps"] == 4 for s in TRAINING_STAGES)
     assert all(ms[s]["training"]["merged"]["dtype"] == "bfloat16" for s in TRAINING_STAGES)
@@ -714,13 +862,19 @@ def test_the_five_training_stages_chain_through_the_s3_store(tmp_path: Path, tin
     assert "rewards/margins" in ms["dpo"]["training"]["last_rewards"]
     assert any("rewards/chosen" in r for r in metrics(store, "dpo"))
     # checkpoints went through S3: only the newest complete one is kept (keep_checkpoints: 1)
-    bucket, _, prefix = s3_run_uri[len("s3://"):].partition("/")
-    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/dpo/_work/checkpoints/").get("Contents", [])]
+    bucket, _, prefix = s3_run_uri[len("s3://") :].partition("/")
+    keys = [
+        o["Key"]
+        for o in s3_client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/dpo/_work/checkpoints/").get("Contents", [])
+    ]
     assert f"{prefix}/dpo/_work/checkpoints/step-4/COMPLETE" in keys
     assert not [k for k in keys if "/step-2/" in k]
     assert any(k.endswith("step-4/trainer/optimizer.pt") for k in keys)
     # a committed stage is not run again
-    assert run_stage("dpo", recipe, store) == 0 and read_manifest(store, "dpo")["committed_at"] == ms["dpo"]["committed_at"]
+    assert (
+        run_stage("dpo", recipe, store) == 0
+        and read_manifest(store, "dpo")["committed_at"] == ms["dpo"]["committed_at"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -822,7 +976,11 @@ def _wait_for(pred: Callable[[], Any], p: subprocess.Popen, timeout: float = 120
 
 
 def _complete_steps(store: Store, stage: str) -> list[int]:
-    return sorted(int(m.group(1)) for r in store.list(f"{stage}/_work/checkpoints/") if (m := re.search(r"step-(\d+)/COMPLETE$", r)))
+    return sorted(
+        int(m.group(1))
+        for r in store.list(f"{stage}/_work/checkpoints/")
+        if (m := re.search(r"step-(\d+)/COMPLETE$", r))
+    )
 
 
 def _merged_state(store: Store, stage: str, dest: Path) -> dict[str, Any]:

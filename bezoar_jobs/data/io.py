@@ -199,11 +199,25 @@ def load_template(uri: str, field: str, placeholders: Sequence[str]) -> str:
     return text.rstrip("\n")
 
 
-def dataset_card(path: Path, title: str, summary: str, licence: str, details: dict[str, Any], files: Sequence[str]) -> None:
+def dataset_card(
+    path: Path, title: str, summary: str, licence: str, details: dict[str, Any], files: Sequence[str]
+) -> None:
     """A dataset card README.md whose YAML header lets ``datasets.load_dataset(dir)`` find the data."""
     lic = licence.split()[0].lower() if licence and licence != "unknown" else "other"
     lines = ["---", f"license: {lic}", "configs:", "- config_name: default", "  data_files:"]
     lines += ["  - split: train", "    path: " + files[0]] if files else []
-    lines += ["---", "", f"# {title}", "", summary, "", f"Seed data licence: {licence}", "", "## Settings", "", "```json"]
+    lines += [
+        "---",
+        "",
+        f"# {title}",
+        "",
+        summary,
+        "",
+        f"Seed data licence: {licence}",
+        "",
+        "## Settings",
+        "",
+        "```json",
+    ]
     lines += [json.dumps(details, indent=2, sort_keys=True, default=str), "```", ""]
     path.write_text("\n".join(lines), encoding="utf-8")

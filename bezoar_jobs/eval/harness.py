@@ -122,7 +122,9 @@ def load_tasks(tm: Any, tasks: tuple[HarnessTask, ...]) -> tuple[list[Any], dict
     return objects, versions
 
 
-def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig, seed: int) -> dict[str, Any]:
+def evaluate(
+    model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig, seed: int
+) -> dict[str, Any]:
     """Run simple_evaluate on an in-memory model; return lm_eval's result dict."""
     import os
 

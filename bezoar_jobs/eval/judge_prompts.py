@@ -91,7 +91,9 @@ def _from_sections(text: str, uri: str, field: str) -> dict[str, JudgePrompt]:
         if name in sections:
             raise BadInput(f"{field}: {uri}:{line}: section '@@ {name}' appears twice")
         if name not in ("about", "system", *KINDS):
-            raise BadInput(f"{field}: {uri}:{line}: unknown section '@@ {name}' (known: about, system, {', '.join(KINDS)})")
+            raise BadInput(
+                f"{field}: {uri}:{line}: unknown section '@@ {name}' (known: about, system, {', '.join(KINDS)})"
+            )
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
         sections[name] = text[m.end():end].strip("\n").strip()
     missing = [k for k in KINDS if not sections.get(k)]
@@ -114,7 +116,9 @@ def _from_fastchat(text: str, uri: str, field: str) -> dict[str, JudgePrompt]:
         n, obj = entries[name]
         fmt = obj.get("output_format")
         if fmt is not None and fmt != "[[rating]]":
-            raise BadInput(f"{field}: {uri}:{n}: {name!r} has output_format {fmt!r}; single-answer grading needs '[[rating]]'")
+            raise BadInput(
+                f"{field}: {uri}:{n}: {name!r} has output_format {fmt!r}; single-answer grading needs '[[rating]]'"
+            )
         kind_type = obj.get("type")
         if kind_type is not None and kind_type != "single":
             raise BadInput(f"{field}: {uri}:{n}: {name!r} has type {kind_type!r}, expected 'single'")

@@ -63,7 +63,9 @@ def _rows_with_lines(src: Any, field: str) -> list[tuple[str, dict[str, Any]]]:
     from ..data.io import PKG, iter_jsonl, load_rows, local_copy
 
     p = src.path
-    if p.endswith((".jsonl", ".ndjson")) and (p.startswith((PKG, "s3://", "file://", "/", "./", "../")) or Path(p).exists()):
+    if p.endswith((".jsonl", ".ndjson")) and (
+        p.startswith((PKG, "s3://", "file://", "/", "./", "../")) or Path(p).exists()
+    ):
         out = [(f"{p}:{n}", row) for n, row in iter_jsonl(local_copy(p), f"{field}: {p}")]
         if src.limit:
             out = out[: src.limit]
@@ -104,7 +106,9 @@ def parse_question(row: dict[str, Any], where: str, field: str = "evaluation.mtb
         if got is None:
             raise BadInput(f"{field}: {where}: question {qid}: 'reference' must be a list of strings")
         reference = got
-    return Question(qid=qid, category=category.strip(), turns=(turns[0], turns[1]), reference=tuple(reference), where=where)
+    return Question(
+        qid=qid, category=category.strip(), turns=(turns[0], turns[1]), reference=tuple(reference), where=where
+    )
 
 
 def load_questions(cfg: Any) -> list[Question]:
@@ -119,7 +123,9 @@ def load_questions(cfg: Any) -> list[Question]:
     if cfg.categories:
         questions = [q for q in questions if q.category in set(cfg.categories)]
         if not questions:
-            raise BadInput(f"evaluation.mtbench.categories: no question has one of the categories {list(cfg.categories)}")
+            raise BadInput(
+                f"evaluation.mtbench.categories: no question has one of the categories {list(cfg.categories)}"
+            )
     if cfg.reference_answers is not None:
         questions = _with_reference_file(questions, cfg.reference_answers)
     for q in questions:
@@ -267,11 +273,18 @@ def judge(
         dists = client.rating_distribution([it[0] for it in items], logprobs_prefix, RATING_OPTIONS)
         out = []
         for rec, dist in zip(base, dists, strict=True):
-            score = round(sum(float(k) * p for k, p in dist.items()), 3)
-            top = max(dist, key=dist.get)
-            out.append({**rec, "score": score, "excluded": None, "distribution": {k: round(v, 5) for k, v in dist.items()},
-                        "judgment": f"expected rating {score:.2f} from the judge's probabilities of the tokens 1-10 after "
-                                    f"{logprobs_prefix!r} (most likely {top}, p={dist[top]:.2f})"})
+            score: float | None = round(sum(float(k) * p for k, p in dist.items()), 3)
+            top = max(dist, key=lambda k: dist[k])
+            out.append(
+                {
+                    **rec,
+                    "score": score,
+                    "excluded": None,
+                    "distribution": {k: round(v, 5) for k, v in dist.items()},
+                    "judgment": f"expected rating {score:.2f} from the judge's probabilities of the tokens 1-10 after "
+                    f"{logprobs_prefix!r} (most likely {top}, p={dist[top]:.2f})",
+                }
+            )
         return out
     results: dict[str, GenResult] = {}
 
@@ -340,8 +353,15 @@ def generate_answers(
         for i in range(0, len(items), bs):
             batch = items[i:i + bs]
             check_stop()
-            texts = _generate(model, tokenizer, [p for _, p in batch], [temperature_for(cfg, q.category) for q, _ in batch],
-                              cfg.answer_max_new_tokens, add_bos, seed + 7919 * turn + i)
+            texts = _generate(
+                model,
+                tokenizer,
+                [p for _, p in batch],
+                [temperature_for(cfg, q.category) for q, _ in batch],
+                cfg.answer_max_new_tokens,
+                add_bos,
+                seed + 7919 * turn + i,
+            )
             for (q, _), (text, n, finish) in zip(batch, texts, strict=True):
                 out[q.key]["turns"].append(text)
                 out[q.key]["tokens"].append(n)

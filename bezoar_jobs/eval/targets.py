@@ -13,10 +13,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..manifest import manifest_hash
 from ..recipe_eval import BASE
+from ..training.types import Model, Tokenizer
+
+if TYPE_CHECKING:
+    from ..runner import StageContext
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class Target:
         return f"{self.label}-{digest}"
 
 
-def targets(ctx: Any) -> list[Target]:
+def targets(ctx: StageContext) -> list[Target]:
     """The recipe's evaluated models, in report order (checkpoints, then baselines)."""
     r = ctx.recipe
     ev = r.evaluation
@@ -52,7 +56,9 @@ def targets(ctx: Any) -> list[Target]:
             if "model/config.json" not in m.get("files", {}):
                 from ..errors import BadInput
 
-                raise BadInput(f"{ctx.name}: evaluation.checkpoints names {name!r}, whose committed output has no model/")
+                raise BadInput(
+                    f"{ctx.name}: evaluation.checkpoints names {name!r}, whose committed output has no model/"
+                )
             out.append(Target(name, "checkpoint", f"{name}/model", None, manifest_hash(m), r.student.trust_remote_code))
     for b in ev.baselines:
         out.append(Target(b.name, "baseline", b.model, b.revision,
@@ -60,7 +66,7 @@ def targets(ctx: Any) -> list[Target]:
     return out
 
 
-def model_dir(ctx: Any, t: Target) -> Path:
+def model_dir(ctx: StageContext, t: Target) -> Path:
     """A local checkpoint directory for the target (downloaded or converted once, as needed)."""
     from ..models import check_model_dir, resolve_model
 
@@ -70,7 +76,7 @@ def model_dir(ctx: Any, t: Target) -> Path:
     return resolve_model(t.model, t.revision, trust_remote_code=t.trust_remote_code)
 
 
-def load(ctx: Any, t: Target) -> tuple[Any, Any]:
+def load(ctx: StageContext, t: Target) -> tuple[Model, Tokenizer]:
     """(model, tokenizer) of a target, in eval mode on the recipe's evaluation device."""
     from ..models import load_causal_lm, load_tokenizer
 
@@ -81,7 +87,7 @@ def load(ctx: Any, t: Target) -> tuple[Any, Any]:
     return model, tok
 
 
-def device_figures(model: Any, seconds: float) -> dict[str, Any]:
+def device_figures(model: Model, seconds: float) -> dict[str, Any]:
     """Where a model ran, and GPU-hours when that was a GPU (one device per evaluated model)."""
     dev = str(getattr(model, "device", "cpu"))
     gpu = dev.startswith("cuda")

@@ -51,6 +51,7 @@ import yaml
 
 from .. import __version__
 from ..errors import BadInput
+from ..layout import RECIPE_FILE
 from .cluster import ALL_STAGES, ClusterSettings, stage_family
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def image_ref(stage: str, cluster: ClusterSettings, image_digests: Mapping[str, 
 def stage_args(stage: str, run_uri: str, shards: int = 1) -> list[str]:
     """The container args (the image entrypoint is ``bezoar``): exactly the stage contract's command."""
     run = run_uri.rstrip("/")
-    args = ["stage", stage, "--recipe", f"{run}/recipe.yaml", "--run", run]
+    args = ["stage", stage, "--recipe", f"{run}/{RECIPE_FILE}", "--run", run]
     if shards > 1:
         # $(VAR) is expanded by the kubelet from the container's env (JOB_COMPLETION_INDEX below).
         args += ["--shard", f"$(JOB_COMPLETION_INDEX)/{shards}"]

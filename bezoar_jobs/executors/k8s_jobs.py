@@ -9,6 +9,7 @@ Job state is never polled. Events go to a queue as ``(kind, type, object)``: kin
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import queue
 import threading
@@ -91,7 +92,9 @@ class JobApi:
                                                      _preload_content=False))
             items = data.get("items", [])
         except Exception:  # the report is best effort; the failure itself is already known
-            items = [p for p in (known or {}).values() if (p["metadata"].get("labels") or {}).get("controller-uid") == uid]
+            items = [
+                p for p in (known or {}).values() if (p["metadata"].get("labels") or {}).get("controller-uid") == uid
+            ]
         return sorted(items, key=lambda p: p["metadata"].get("creationTimestamp") or "")
 
     def exit_codes(self, uid: str, known: dict[str, dict[str, Any]] | None = None) -> list[int]:
@@ -137,9 +140,9 @@ class RunWatch:
         data = raw(fn(self.ns, label_selector=self.selector, _preload_content=False))
         return data.get("items", []), data["metadata"]["resourceVersion"]
 
-    def start(self) -> dict[str, list[dict[str, Any]]]:
+    def start(self) -> dict[str, builtins.list[dict[str, Any]]]:
         """List both kinds, start watching from there; return what the lists held."""
-        found: dict[str, list[dict[str, Any]]] = {}
+        found: dict[str, builtins.list[dict[str, Any]]] = {}
         for kind in ("job", "pod"):
             items, rv = self.list(kind)
             found[kind] = items

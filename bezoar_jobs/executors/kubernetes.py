@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..errors import BezoarError, RetryableError
+from ..layout import RECIPE_FILE
 from ..recipe import Recipe, parse_recipe
 from ..registry import spec
 from ..state import freeze_recipe
@@ -245,8 +246,10 @@ class KubernetesBackend:
             self.say(f"{stage}: adopting running Job {name}")
             self.outcome.adopted.append(name)
         else:
-            self.say(f"{stage}: created Job {name}" + (" (shards)" if is_sharded(stage, self.cluster) and phase == "main"
-                                                       else ""))
+            self.say(
+                f"{stage}: created Job {name}"
+                + (" (shards)" if is_sharded(stage, self.cluster) and phase == "main" else "")
+            )
             self.outcome.created.append(name)
         self._track(name, stage, phase, job)
 
@@ -314,7 +317,9 @@ class KubernetesBackend:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in _WAITING_PROBLEMS and (meta["name"], waiting["reason"]) not in self.warned:
                 self.warned.add((meta["name"], waiting["reason"]))
-                self.say(f"{t.stage}: pod {meta['name']} cannot start: {waiting['reason']}: {waiting.get('message', '')}")
+                self.say(
+                    f"{t.stage}: pod {meta['name']} cannot start: {waiting['reason']}: {waiting.get('message', '')}"
+                )
         index = (meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
         sharded = index is not None and t.phase == "main" and is_sharded(t.stage, self.cluster)
         self.logs_.follow(pod, t.stage, f"[{t.stage}#{index}]" if sharded else f"[{t.stage}]")
@@ -360,7 +365,7 @@ def run_pipeline(
         store = open_store(run_uri)
         api = api_client if api_client is not None else make_api_client()
         freeze_recipe(store, recipe_text, recipe_source)
-        out.write(f"[bezoar] run {rid}: recipe frozen at {store.url('recipe.yaml')}; stages: {', '.join(stages)}\n")
+        out.write(f"[bezoar] run {rid}: recipe frozen at {store.url(RECIPE_FILE)}; stages: {', '.join(stages)}\n")
         outcome = RunOutcome()
         backend = KubernetesBackend(api, cluster, run_uri, rid, store, outcome, out=out, image_digests=image_digests,
                                     **backend_options)

@@ -17,9 +17,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from ..layout import RECIPE_FILE
+from ..recipe import Recipe
 from ..store import Store
 from .scheduler import RunOutcome, Scheduler, StageEvent
 
@@ -29,7 +29,17 @@ TAIL_LINES = 20
 
 
 def stage_command(name: str, store: Store, force: bool = False, shard: str | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "bezoar_jobs.cli", "stage", name, "--recipe", store.url(RECIPE_FILE), "--run", store.uri]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bezoar_jobs.cli",
+        "stage",
+        name,
+        "--recipe",
+        store.url(RECIPE_FILE),
+        "--run",
+        store.uri,
+    ]
     if shard:
         cmd += ["--shard", shard]
     if force:
@@ -114,7 +124,7 @@ class LocalBackend:
             th.join(timeout=0.1)
 
 
-def run_local(recipe: Any, store: Store, stages: list[str], force: bool = False, parallel: int = 1,
+def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = False, parallel: int = 1,
               say: Callable[[str], None] | None = None) -> RunOutcome:
     """``bezoar run`` (the default executor): run ``stages`` (canonical order) to commit."""
     backend = LocalBackend(store, parallel)

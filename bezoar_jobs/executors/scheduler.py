@@ -26,9 +26,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
+from ..layout import manifest_path
 from ..pipeline import waits_for
+from ..recipe import Recipe
 from ..registry import spec
 from ..state import prepare_force, up_to_date
 from ..store import Store
@@ -112,7 +114,7 @@ class RunOutcome:
 class Scheduler:
     """Runs the selected stages of one run on a backend (see the module docstring)."""
 
-    def __init__(self, backend: Backend, store: Store, recipe: Any, say: Callable[[str], None],
+    def __init__(self, backend: Backend, store: Store, recipe: Recipe, say: Callable[[str], None],
                  outcome: RunOutcome | None = None):
         self.backend = backend
         self.store = store
@@ -186,7 +188,7 @@ class Scheduler:
             reason = "NoManifest" if why == "not committed" else "StaleManifest"
             self._fail(StageEvent(ev.stage, EXIT_STAGE_FAILED, reason,
                                   f"{ev.message or 'it finished'} but the stage is not committed as expected "
-                                  f"({why}: {self.store.url(ev.stage + '/_MANIFEST.json')})", ev.log_tail))
+                                  f"({why}: {self.store.url(manifest_path(ev.stage))})", ev.log_tail))
             return
         self.say(f"{ev.stage}: committed ({self.store.url(ev.stage)})")
         self.outcome.committed.append(ev.stage)

@@ -101,7 +101,9 @@ class LLMClient(ABC):
         the server unreachable after all retries or a spending cap: ``RetryableError``).
         """
 
-    def rating_distribution(self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]) -> list[dict[str, float]]:
+    def rating_distribution(
+        self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]
+    ) -> list[dict[str, float]]:
         """For each request, the probability of each option as the next text after the rendered
         prompt plus ``prefix`` (e.g. ``"Rating: "``), normalised over ``options``.
 

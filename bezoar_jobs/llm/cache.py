@@ -27,12 +27,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from ..layout import CACHE_DIR
 from ..store import Store
 from .base import GenRequest, GenResult, LLMClient, UsageTotals
 
 log = logging.getLogger("bezoar.llm")
 
-CACHE_PREFIX = "_cache"
+CACHE_PREFIX = CACHE_DIR
 
 
 class CachedClient(LLMClient):
@@ -92,7 +93,7 @@ class CachedClient(LLMClient):
         self._entries = entries
         prior = sum(self._cost(r) for r in entries.values())
         if prior and hasattr(self.inner, "prior_spent_usd"):
-            self.inner.prior_spent_usd = prior  # type: ignore[attr-defined]
+            setattr(self.inner, "prior_spent_usd", prior)  # noqa: B010 - only remote clients have it
         if entries:
             log.info("cache %s: %d answers from %d parts", self.store.url(self.prefix), len(entries), len(parts))
         return entries
@@ -111,7 +112,9 @@ class CachedClient(LLMClient):
         self.store.write_text(f"{self.prefix}part-{uuid.uuid4().hex}.jsonl", body)
 
     # ------------------------------------------------------------------ the interface
-    def run(self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate") -> None:
+    def run(
+        self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate"
+    ) -> None:
         entries = self.load()
         # requests not in the cache, grouped by key: identical questions are asked once
         waiting: dict[str, list[GenRequest]] = {}
@@ -158,7 +161,9 @@ class CachedClient(LLMClient):
         pending.clear()
         self._write_part(batch)
 
-    def rating_distribution(self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]) -> list[dict[str, float]]:
+    def rating_distribution(
+        self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]
+    ) -> list[dict[str, float]]:
         entries = self.load()
         keys = [self.key(r, "rating", [prefix, list(options)]) for r in requests]
         todo = [i for i, k in enumerate(keys) if k not in entries]

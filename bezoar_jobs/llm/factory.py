@@ -1,16 +1,31 @@
 """``make_client(endpoint)``: the one place that turns a recipe endpoint into a client.
 
-Backend modules are imported here, inside the function, so importing ``bezoar_jobs.llm`` stays
-light (no torch, transformers or HTTP SDKs): the Kubernetes controller imports recipe code
-without any of them installed.
+:data:`BACKENDS` names each backend's client class (``module:Class``). Backend modules are imported
+when a client is made, so importing ``bezoar_jobs.llm`` stays light (no torch, transformers or HTTP
+SDKs): the Kubernetes controller imports recipe code without any of them installed.
+
+A new backend is a client module here, a line in :data:`BACKENDS`, and its name in
+``recipe_base.Endpoint.backend`` (with ``RAW_PROMPT_BACKENDS`` if it sends raw prompts).
 """
 
 from __future__ import annotations
 
 from ..errors import BadInput
-from ..recipe import Endpoint
+from ..recipe_base import Endpoint
+from ..registry import load_attr
 from .base import LLMClient
 from .keys import resolve_api_key
+
+# backend -> the client class; remote clients take (endpoint, api key, role), the in-process one
+# (endpoint, role=...) and loads its model when made
+BACKENDS: dict[str, str] = {
+    "local": "bezoar_jobs.llm.local:LocalClient",
+    "tgi": "bezoar_jobs.llm.tgi:TGIClient",
+    "openai-completions": "bezoar_jobs.llm.openai_api:OpenAICompletionsClient",
+    "openai-chat": "bezoar_jobs.llm.openai_api:OpenAIChatClient",
+    "anthropic": "bezoar_jobs.llm.anthropic_api:AnthropicClient",
+}
+IN_PROCESS = frozenset({"local"})
 
 
 def make_client(endpoint: Endpoint, role: str = "endpoint") -> LLMClient:
@@ -19,26 +34,12 @@ def make_client(endpoint: Endpoint, role: str = "endpoint") -> LLMClient:
     The local backend loads its model here (it may take a while); remote clients connect lazily on
     their first ``run``.
     """
-    backend = endpoint.backend
-    if backend == "local":
-        from .local import LocalClient
-
-        return LocalClient(endpoint, role=role)
-    key = resolve_api_key(endpoint, role)
-    if backend == "tgi":
-        from .tgi import TGIClient
-
-        return TGIClient(endpoint, key, role)
-    if backend == "openai-completions":
-        from .openai_api import OpenAICompletionsClient
-
-        return OpenAICompletionsClient(endpoint, key, role)
-    if backend == "openai-chat":
-        from .openai_api import OpenAIChatClient
-
-        return OpenAIChatClient(endpoint, key, role)
-    if backend == "anthropic":
-        from .anthropic_api import AnthropicClient
-
-        return AnthropicClient(endpoint, key, role)
-    raise BadInput(f"{role}.backend: unknown backend {backend!r}")
+    ref = BACKENDS.get(endpoint.backend)
+    if ref is None:
+        raise BadInput(f"{role}.backend: unknown backend {endpoint.backend!r}")
+    cls = load_attr(ref)
+    if endpoint.backend in IN_PROCESS:
+        client: LLMClient = cls(endpoint, role=role)
+    else:
+        client = cls(endpoint, resolve_api_key(endpoint, role), role)
+    return client

@@ -26,7 +26,9 @@ def resolve_api_key(endpoint: Endpoint, role: str = "endpoint") -> str | None:
         try:
             value = path.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
-            raise BadInput(f"{role}.api_key_file: {path} does not exist (mount the secret holding the API key there)") from None
+            raise BadInput(
+                f"{role}.api_key_file: {path} does not exist (mount the secret holding the API key there)"
+            ) from None
         except OSError as e:
             raise BadInput(f"{role}.api_key_file: {path} cannot be read: {e.strerror}") from None
         if not value:

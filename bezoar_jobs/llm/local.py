@@ -74,7 +74,9 @@ class LocalClient(LLMClient):
         return enc.to(self.model.device)
 
     # ------------------------------------------------------------------------------ generation
-    def run(self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate") -> None:
+    def run(
+        self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate"
+    ) -> None:
         import torch
         from tqdm import tqdm
 
@@ -162,7 +164,9 @@ class LocalClient(LLMClient):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=self.endpoint.prompt_format is not None)["input_ids"]
 
-    def rating_distribution(self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]) -> list[dict[str, float]]:
+    def rating_distribution(
+        self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]
+    ) -> list[dict[str, float]]:
         """For each request, P(option) after the rendered prompt + ``prefix``, normalised over
         ``options``, from the next-token distribution of ONE forward pass per batch.
 

@@ -107,7 +107,7 @@ class OpenAIChatClient(_OpenAIBase):
         # the newer ones); vLLM and SGLang accept it too
         resp = await self._call(self._client.chat.completions.create, messages=self.messages(req),
                                 max_completion_tokens=req.max_new_tokens, **self._common(req))
-        choices = getattr(resp, "choices", None)
+        choices: Any = getattr(resp, "choices", None)
         message = getattr(choices[0], "message", None) if choices else None
         text = getattr(message, "content", None)
         if not isinstance(text, str):

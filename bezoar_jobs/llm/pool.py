@@ -92,7 +92,9 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def classify_status(status: int, message: str, headers: Mapping[str, str] | None, where: str, key_hint: str) -> Exception:
+def classify_status(
+    status: int, message: str, headers: Mapping[str, str] | None, where: str, key_hint: str
+) -> Exception:
     """Map an HTTP error status onto what the pool does with it."""
     retry_after = parse_retry_after(headers)
     short = " ".join(str(message).split())[:300]
@@ -205,7 +207,9 @@ class RemoteClient(LLMClient):
         """One attempt. Raise Transient, Rejected or BadInput; return the result otherwise."""
 
     # -- the interface -----------------------------------------------------------------------
-    def run(self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate") -> None:
+    def run(
+        self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate"
+    ) -> None:
         if not requests:
             return
         _PoolRun(self, list(requests), on_result, desc).run()
@@ -219,7 +223,9 @@ class _Msg:
 
 
 class _PoolRun:
-    def __init__(self, client: RemoteClient, requests: list[GenRequest], on_result: Callable[[GenResult], None], desc: str):
+    def __init__(
+        self, client: RemoteClient, requests: list[GenRequest], on_result: Callable[[GenResult], None], desc: str
+    ):
         self.client = client
         self.ep = client.endpoint
         self.requests = requests
@@ -311,8 +317,16 @@ class _PoolRun:
         # backoff never starve the in-flight slots
         live = asyncio.Semaphore(4 * n)
         self.budget_changed = asyncio.Event()
-        self.rpm = TokenBucket(self.ep.requests_per_minute / 60, self.ep.requests_per_minute / 60) if self.ep.requests_per_minute else None
-        self.tpm = TokenBucket(self.ep.tokens_per_minute / 60, self.ep.tokens_per_minute / 60) if self.ep.tokens_per_minute else None
+        self.rpm = (
+            TokenBucket(self.ep.requests_per_minute / 60, self.ep.requests_per_minute / 60)
+            if self.ep.requests_per_minute
+            else None
+        )
+        self.tpm = (
+            TokenBucket(self.ep.tokens_per_minute / 60, self.ep.tokens_per_minute / 60)
+            if self.ep.tokens_per_minute
+            else None
+        )
         await self.client._open()
         try:
             for i, req in enumerate(self.requests):
@@ -342,7 +356,8 @@ class _PoolRun:
         if self.capped and self.error is None:
             e = self.ep
             self.error = RetryableError(
-                f"{self.client.where}: spending cap reached (${self.client.prior_spent_usd + self.client.spent_usd:.4f} "
+                f"{self.client.where}: spending cap reached "
+                f"(${self.client.prior_spent_usd + self.client.spent_usd:.4f} "
                 f"spent of spend_cap_usd ${e.spend_cap_usd}); {self.unsent} requests were not sent"
             )
 
@@ -443,7 +458,9 @@ class _PoolRun:
             attempt += 1
             if attempt > ep.max_retries:
                 if failure.kind == "connection":
-                    self._halt(RetryableError(f"{client.where}: unreachable after {attempt} attempts: {failure.reason}"))
+                    self._halt(
+                        RetryableError(f"{client.where}: unreachable after {attempt} attempts: {failure.reason}")
+                    )
                     return
                 self._deliver(GenResult(id=req.id, text="", error=f"failed after {attempt} attempts: {failure.reason}"))
                 return

@@ -49,9 +49,13 @@ class TGIClient(RemoteClient):
         from huggingface_hub import AsyncInferenceClient
 
         n = self.endpoint.max_concurrency
-        self._hf = AsyncInferenceClient(base_url=self.endpoint.base_url, api_key=self._api_key, timeout=self.endpoint.timeout_s)
+        self._hf = AsyncInferenceClient(
+            base_url=self.endpoint.base_url, api_key=self._api_key, timeout=self.endpoint.timeout_s
+        )
         if not hasattr(self._hf, "_async_client"):  # a huggingface_hub that manages its client differently
-            raise RuntimeError("huggingface_hub.AsyncInferenceClient has no _async_client: this version is not supported")
+            raise RuntimeError(
+                "huggingface_hub.AsyncInferenceClient has no _async_client: this version is not supported"
+            )
         # our own connection pool (sized to the concurrency), without huggingface_hub's
         # offline-mode request hook: see the module docstring
         hooks = {} if self._api_key else {"request": [_drop_ambient_token]}

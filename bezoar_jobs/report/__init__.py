@@ -50,7 +50,10 @@ def write_report(store: Store, out_dir: Path, built_at: str | None = None) -> di
     gpu_usd = getattr(cfg, "gpu_hour_usd", None)
     shown = getattr(cfg, "judgments_shown", 3)
     include_recipe = getattr(cfg, "include_recipe", True)
-    title = getattr(cfg, "title", None) or f"OpenBezoar run report: {getattr(data.recipe, 'name', None) or data.uri.rstrip('/').rsplit('/', 1)[-1]}"
+    title = (
+        getattr(cfg, "title", None)
+        or f"OpenBezoar run report: {getattr(data.recipe, 'name', None) or data.uri.rstrip('/').rsplit('/', 1)[-1]}"
+    )
     built_at = built_at or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     stages = stage_rows(data)
     fun = funnel(data)

@@ -5,7 +5,10 @@ when there is data behind it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
+
+Figure: TypeAlias = Any  # a matplotlib Figure (matplotlib is imported inside the functions)
+Axes: TypeAlias = Any  # its matplotlib Axes
 
 
 @dataclass
@@ -16,7 +19,7 @@ class Chart:
     points: int  # data points drawn: a chart is only made when there is data
 
 
-def new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Figure:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -25,7 +28,7 @@ def new_figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100)
 
 
-def png(fig: Any) -> bytes:
+def png(fig: Figure) -> bytes:
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -37,7 +40,7 @@ def png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float | None]]) -> int:
+def grouped_bars(ax: Axes, groups: list[str], series: dict[str, list[float | None]]) -> int:
     n = max(len(series), 1)
     width = 0.8 / n
     drawn = 0
@@ -52,7 +55,9 @@ def grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float | None
     return drawn
 
 
-def charts(stages: list[dict[str, Any]], fun: list[dict[str, Any]], losses: dict[str, list[tuple[float, float]]]) -> list[Chart]:
+def charts(
+    stages: list[dict[str, Any]], fun: list[dict[str, Any]], losses: dict[str, list[tuple[float, float]]]
+) -> list[Chart]:
     """The generic sections' charts: stage durations, the data funnel, training losses."""
     out: list[Chart] = []
     timed = [r for r in stages if r["seconds"] is not None]

@@ -189,8 +189,8 @@ def usage_rows(data: RunData, gpu_hour_usd: float | None) -> list[dict[str, Any]
             if isinstance(u, dict):
                 p_tok += int(u.get("prompt_tokens", 0) or 0)
                 c_tok += int(u.get("completion_tokens", 0) or 0)
-        tr = m.get("training") if isinstance(m.get("training"), dict) else {}
-        answers = m.get("answers") if isinstance(m.get("answers"), dict) else {}
+        tr: dict[str, Any] = m["training"] if isinstance(m.get("training"), dict) else {}
+        answers: dict[str, Any] = m["answers"] if isinstance(m.get("answers"), dict) else {}
         gpu_h = _gpu_hours(name, m)
         api = m.get("cost_usd")
         gpu_cost = round(gpu_h * gpu_hour_usd, 4) if gpu_h and gpu_hour_usd is not None else None
@@ -225,15 +225,31 @@ def producers(data: RunData) -> list[dict[str, Any]]:
             e = m.get(role)
             if isinstance(e, dict):
                 extra = e.get("method")
-                rows.append({"stage": name, "role": e.get("role") or role,
-                             "backend": e.get("backend"), "model_id": e.get("model_id") or e.get("model"),
-                             "revision": e.get("revision"), "base_url": scrub(str(e["base_url"])) if e.get("base_url") else None,
-                             "note": f"method {extra}" if extra else ""})
+                rows.append(
+                    {
+                        "stage": name,
+                        "role": e.get("role") or role,
+                        "backend": e.get("backend"),
+                        "model_id": e.get("model_id") or e.get("model"),
+                        "revision": e.get("revision"),
+                        "base_url": scrub(str(e["base_url"])) if e.get("base_url") else None,
+                        "note": f"method {extra}" if extra else "",
+                    }
+                )
         if m.get("base_model"):
             rows.append({"stage": name, "role": "trained from", "backend": "", "model_id": m["base_model"],
                          "revision": m.get("base_revision"), "base_url": None, "note": ""})
         ev = m.get("evaluator")
         if isinstance(ev, dict):
-            rows.append({"stage": name, "role": "evaluator", "backend": ev.get("backend", ""), "model_id": ev.get("model_id"),
-                         "revision": None, "base_url": None, "note": ""})
+            rows.append(
+                {
+                    "stage": name,
+                    "role": "evaluator",
+                    "backend": ev.get("backend", ""),
+                    "model_id": ev.get("model_id"),
+                    "revision": None,
+                    "base_url": None,
+                    "note": "",
+                }
+            )
     return rows

@@ -12,7 +12,7 @@ from .charts import Chart
 from .collect import RunData, expected, scrub
 
 
-def fmt(v: Any, digits: int = 4) -> str:
+def fmt(v: object, digits: int = 4) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -58,38 +58,111 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                  prod: list[dict[str, Any]]) -> dict[str, Table]:
     """The generic sections' tables: stages, data funnel, usage, producers."""
     t: dict[str, Table] = {}
-    t["stages"] = Table("Stages", ["stage", "status", "seconds", "committed at", "counts"],
-                        [[r["stage"], r["status"], fmt(r["seconds"], 3), r["committed_at"] or "-", r["counts"] or "-"] for r in stages])
+    t["stages"] = Table(
+        "Stages",
+        ["stage", "status", "seconds", "committed at", "counts"],
+        [[r["stage"], r["status"], fmt(r["seconds"], 3), r["committed_at"] or "-", r["counts"] or "-"] for r in stages],
+    )
     if fun:
         t["funnel"] = Table(
-            "Data funnel", ["scheme", "generated", "eliminated at generation", "judged", "kept by judge", "rejected by judge", "retention"],
-            [[r["scheme"], fmt(r.get("generated")), fmt(r.get("eliminated")), fmt(r.get("judged")), fmt(r.get("kept")),
-              fmt(r.get("rejected_by_judge")), fmt(r.get("retention"))] for r in fun],
-            "generated = rows the generate stage produced (committed + eliminated); the judge rates what was committed.")
+            "Data funnel",
+            [
+                "scheme",
+                "generated",
+                "eliminated at generation",
+                "judged",
+                "kept by judge",
+                "rejected by judge",
+                "retention",
+            ],
+            [
+                [
+                    r["scheme"],
+                    fmt(r.get("generated")),
+                    fmt(r.get("eliminated")),
+                    fmt(r.get("judged")),
+                    fmt(r.get("kept")),
+                    fmt(r.get("rejected_by_judge")),
+                    fmt(r.get("retention")),
+                ]
+                for r in fun
+            ],
+            "generated = rows the generate stage produced (committed + eliminated); "
+            "the judge rates what was committed.",
+        )
     if usage:
-        tot = {k: sum((r[k] or 0) for r in usage) for k in ("seconds", "prompt_tokens", "completion_tokens", "gpu_hours")}
+        tot = {
+            k: sum((r[k] or 0) for r in usage) for k in ("seconds", "prompt_tokens", "completion_tokens", "gpu_hours")
+        }
         api = [r["api_cost_usd"] for r in usage if r["api_cost_usd"] is not None]
         gpu = [r["gpu_cost_usd"] for r in usage if r["gpu_cost_usd"] is not None]
-        rows = [[r["stage"], fmt(r["seconds"], 3), str(r["prompt_tokens"]), str(r["completion_tokens"]), fmt(r["model_tokens"]),
-                 fmt(r["gpu_hours"], 3), fmt(r["api_cost_usd"], 4), fmt(r["gpu_cost_usd"], 4)] for r in usage]
-        rows.append(["total", fmt(round(tot["seconds"], 1), 6), str(tot["prompt_tokens"]), str(tot["completion_tokens"]), "",
-                     fmt(round(tot["gpu_hours"], 4), 3), fmt(round(sum(api), 4), 4) if api else "-",
-                     fmt(round(sum(gpu), 4), 4) if gpu else "-"])
-        t["usage"] = Table("Tokens, time and cost", ["stage", "seconds", "API tokens in", "API tokens out", "trained / generated tokens",
-                                                     "GPU-hours", "API cost $", "GPU cost $"], rows,
-                           "API tokens: teacher and judge requests (in-process ones included; token-probability ratings "
-                           "count none). Trained / generated: tokens a training stage trained on, or MT-Bench answer tokens "
-                           "the evaluated models wrote. API cost only where the recipe gives the endpoint's prices; GPU cost "
-                           "only with report.gpu_hour_usd.")
+        rows = [
+            [
+                r["stage"],
+                fmt(r["seconds"], 3),
+                str(r["prompt_tokens"]),
+                str(r["completion_tokens"]),
+                fmt(r["model_tokens"]),
+                fmt(r["gpu_hours"], 3),
+                fmt(r["api_cost_usd"], 4),
+                fmt(r["gpu_cost_usd"], 4),
+            ]
+            for r in usage
+        ]
+        rows.append(
+            [
+                "total",
+                fmt(round(tot["seconds"], 1), 6),
+                str(tot["prompt_tokens"]),
+                str(tot["completion_tokens"]),
+                "",
+                fmt(round(tot["gpu_hours"], 4), 3),
+                fmt(round(sum(api), 4), 4) if api else "-",
+                fmt(round(sum(gpu), 4), 4) if gpu else "-",
+            ]
+        )
+        t["usage"] = Table(
+            "Tokens, time and cost",
+            [
+                "stage",
+                "seconds",
+                "API tokens in",
+                "API tokens out",
+                "trained / generated tokens",
+                "GPU-hours",
+                "API cost $",
+                "GPU cost $",
+            ],
+            rows,
+            "API tokens: teacher and judge requests (in-process ones included; token-probability ratings "
+            "count none). Trained / generated: tokens a training stage trained on, or MT-Bench answer tokens "
+            "the evaluated models wrote. API cost only where the recipe gives the endpoint's prices; GPU cost "
+            "only with report.gpu_hour_usd.",
+        )
     if prod:
-        t["producers"] = Table("Teacher, judges and models", ["stage", "role", "backend", "model id", "revision", "base URL", "note"],
-                               [[r["stage"], r["role"], r["backend"] or "", r["model_id"] or "", r["revision"] or "-",
-                                 r["base_url"] or "-", r["note"]] for r in prod])
+        t["producers"] = Table(
+            "Teacher, judges and models",
+            ["stage", "role", "backend", "model id", "revision", "base URL", "note"],
+            [
+                [
+                    r["stage"],
+                    r["role"],
+                    r["backend"] or "",
+                    r["model_id"] or "",
+                    r["revision"] or "-",
+                    r["base_url"] or "-",
+                    r["note"],
+                ]
+                for r in prod
+            ],
+        )
     return t
 
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
+padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:left;vertical-align:top}
 th{background:#f3f3f3}.banner{background:#fff3cd;border:1px solid #e0c36a;padding:.6em 1em;margin:1em 0}
 .note{color:#555;font-size:.85em}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
 figure{margin:1em 0}img{max-width:100%}details{margin:.3em 0}"""
@@ -124,13 +197,20 @@ def render(data: RunData, title: str, tables: dict[str, Table], chart_list: list
     """(index.html, report.md)."""
     ch = {c.name: c for c in chart_list}
     n_done, n_all = len(data.manifests), len(expected())
-    status = (f"Partial run: {n_done} of {n_all} stages committed; not committed: {', '.join(data.missing)}."
-              if data.partial else f"Complete run: all {n_all} stages committed.")
-    h: list[str] = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-                    f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-                    f'<p class="note">Run <code>{html.escape(scrub(data.uri))}</code>, report built {html.escape(built_at)}.</p>',
-                    f'<div class="banner" id="run-status">{html.escape(status)}</div>' if data.partial
-                    else f'<p id="run-status">{html.escape(status)}</p>']
+    status = (
+        f"Partial run: {n_done} of {n_all} stages committed; not committed: {', '.join(data.missing)}."
+        if data.partial
+        else f"Complete run: all {n_all} stages committed."
+    )
+    h: list[str] = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">Run <code>{html.escape(scrub(data.uri))}</code>, report built {html.escape(built_at)}.</p>',
+        f'<div class="banner" id="run-status">{html.escape(status)}</div>'
+        if data.partial
+        else f'<p id="run-status">{html.escape(status)}</p>',
+    ]
     md: list[str] = [f"# {title}", "", f"Run `{scrub(data.uri)}`, report built {built_at}.", "",
                      f"> **{status}**" if data.partial else status, ""]
 

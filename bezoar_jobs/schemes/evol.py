@@ -18,10 +18,13 @@ from ..data.io import load_rows, load_template, render
 from ..errors import BadInput
 from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
 from ..llm.base import request
+from ..recipe import EvolConfig, Recipe
+from ..recipe_base import Decoding
 from ..runner import StageContext, StageOutput
 from ..stages.common import Phase, endpoint_info, normalise, open_client, usage_dict
 from ..stages.generate import DOLLY_FIELDS, finish, req_seed, unit_rng
 from ..stages.records import in_shard
+from ..store import Store
 
 log = logging.getLogger("bezoar")
 
@@ -37,22 +40,24 @@ def judge_pair(row: dict[str, Any]) -> tuple[str, str]:
     return str(row["instruction"]), str(row.get("response") or "")
 
 
-def expected_rows(recipe: Any) -> int:
+def expected_rows(recipe: Recipe) -> int:
     c = recipe.generation.evol
     return int(c.seeds * c.rounds)
 
 
-def estimate(recipe: Any, store: Any, stage: str) -> list[Ask]:
+def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     c = recipe.generation.evol
     ins = TYPICAL_INSTRUCTION_TOKENS
     n = c.seeds * c.rounds
     asks = [Ask(recipe.teacher, n, 100 + ins, c.evolve_decoding), Ask(recipe.teacher, n, 2 * ins, c.response_decoding)]
     if c.equality_check:
-        asks.append(Ask(recipe.judge, n, template_tokens(c.equality_template.path) + 2 * ins, equality_decoding(recipe)))
+        asks.append(
+            Ask(recipe.judge, n, template_tokens(c.equality_template.path) + 2 * ins, equality_decoding(recipe))
+        )
     return asks
 
 
-def equality_decoding(recipe: Any) -> Any:
+def equality_decoding(recipe: Recipe) -> Decoding:
     """The judge's decoding for an equality check: the filter's settings, cut to a few tokens."""
     return recipe.filter.decoding.model_copy(update={"max_new_tokens": EQUALITY_MAX_NEW_TOKENS})
 
@@ -84,7 +89,7 @@ def parse_equal(text: str) -> bool | None:
     return None
 
 
-def eliminate(cfg: Any, original: str, evolved: str, response: str, equal: bool | None) -> str | None:
+def eliminate(cfg: EvolConfig, original: str, evolved: str, response: str, equal: bool | None) -> str | None:
     """The four elimination rules of WizardLM, in order; the reason, or None when kept."""
     if not evolved:
         return "empty evolution"
@@ -111,7 +116,12 @@ def generate(ctx: StageContext) -> StageOutput:
     chosen = pick.sample(range(len(seeds)), min(cfg.seeds, len(seeds)))
     if len(chosen) < cfg.seeds:
         log.warning("generate-evol: %d seeds asked, only %d in seeds.dolly", cfg.seeds, len(chosen))
-    ops = {op: load_template(f"{cfg.templates_dir}/{op}.txt", f"generation.evol.templates_dir ({op}.txt)", ("instruction",)) for op in (*cfg.depth_operations, "breadth")}
+    ops = {
+        op: load_template(
+            f"{cfg.templates_dir}/{op}.txt", f"generation.evol.templates_dir ({op}.txt)", ("instruction",)
+        )
+        for op in (*cfg.depth_operations, "breadth")
+    }
     t_resp = load_template(cfg.response_template.path, "generation.evol.response_template", ("instruction",))
     t_eq = load_template(cfg.equality_template.path, "generation.evol.equality_template", ("first", "second"))
 
@@ -132,31 +142,58 @@ def generate(ctx: StageContext) -> StageOutput:
     rejected: list[dict[str, Any]] = []
     try:
         for rnd in range(1, cfg.rounds + 1):
-            plan = {}
+            plan: dict[str, tuple[str, str]] = {}
             for lin in lineages:
                 rng = unit_rng(ctx, lin["id"], rnd)
                 if rng.random() < cfg.in_depth_weight:
-                    op, strategy = rng.choice(cfg.depth_operations), "in-depth"
+                    plan[lin["id"]] = (rng.choice(cfg.depth_operations), "in-depth")
                 else:
-                    op, strategy = "breadth", "in-breadth"
-                plan[lin["id"]] = (op, strategy)
+                    plan[lin["id"]] = ("breadth", "in-breadth")
             evolve_items = [
-                (request(f"{lin['id']}-r{rnd}-evolve", render(ops[plan[lin['id']][0]], instruction=lin["current"]), cfg.evolve_decoding, req_seed(ctx, lin["id"], rnd)), {"lineage": lin["id"]})
+                (
+                    request(
+                        f"{lin['id']}-r{rnd}-evolve",
+                        render(ops[plan[lin["id"]][0]], instruction=lin["current"]),
+                        cfg.evolve_decoding,
+                        req_seed(ctx, lin["id"], rnd),
+                    ),
+                    {"lineage": lin["id"]},
+                )
                 for lin in lineages
             ]
-            evo = Phase(ctx, f"round{rnd}-evolve").run(teacher, evolve_items, lambda res, m: {**m, "evolved": clean_evolved(res.text)})
+            evo = Phase(ctx, f"round{rnd}-evolve").run(
+                teacher, evolve_items, lambda res, m: {**m, "evolved": clean_evolved(res.text)}
+            )
             ctx.check_stop()
             resp_items = [
-                (request(f"{lin['id']}-r{rnd}-response", render(t_resp, instruction=evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]), cfg.response_decoding, req_seed(ctx, lin["id"], rnd, "r")), {"lineage": lin["id"]})
+                (
+                    request(
+                        f"{lin['id']}-r{rnd}-response",
+                        render(t_resp, instruction=evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]),
+                        cfg.response_decoding,
+                        req_seed(ctx, lin["id"], rnd, "r"),
+                    ),
+                    {"lineage": lin["id"]},
+                )
                 for lin in lineages
                 if f"{lin['id']}-r{rnd}-evolve" in evo and evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]
             ]
-            resp = Phase(ctx, f"round{rnd}-response").run(teacher, resp_items, lambda res, m: {**m, "response": res.text.strip()})
+            resp = Phase(ctx, f"round{rnd}-response").run(
+                teacher, resp_items, lambda res, m: {**m, "response": res.text.strip()}
+            )
             ctx.check_stop()
             eq: dict[str, Any] = {}
             if judge is not None:
                 eq_items = [
-                    (request(f"{lin['id']}-r{rnd}-equal", render(t_eq, first=lin["current"], second=evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]), equality_decoding(r), req_seed(ctx, lin["id"], rnd, "e")), {"lineage": lin["id"]})
+                    (
+                        request(
+                            f"{lin['id']}-r{rnd}-equal",
+                            render(t_eq, first=lin["current"], second=evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]),
+                            equality_decoding(r),
+                            req_seed(ctx, lin["id"], rnd, "e"),
+                        ),
+                        {"lineage": lin["id"]},
+                    )
                     for lin in lineages
                     if f"{lin['id']}-r{rnd}-evolve" in evo
                 ]
@@ -164,22 +201,34 @@ def generate(ctx: StageContext) -> StageOutput:
                     # in process: compare the judge's probabilities of the two answer words (one
                     # forward pass, deterministic) instead of parsing a small model's free text
                     eq = {}
-                    dists = judge.rating_distribution([q for q, _ in eq_items], "Answer: ", ("Equal", "Different")) if eq_items else []
+                    dists = (
+                        judge.rating_distribution([q for q, _ in eq_items], "Answer: ", ("Equal", "Different"))
+                        if eq_items
+                        else []
+                    )
                     for (q, m), dist in zip(eq_items, dists, strict=True):
                         eq[q.id] = {**m, "verdict": f"p(Equal)={dist['Equal']:.3f}", "equal": dist["Equal"] > 0.5}
                 else:
-                    eq = Phase(ctx, f"round{rnd}-equal").run(judge, eq_items, lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)})
+                    eq = Phase(ctx, f"round{rnd}-equal").run(
+                        judge,
+                        eq_items,
+                        lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)},
+                    )
                 ctx.check_stop()
             for lin in lineages:
                 e = evo.get(f"{lin['id']}-r{rnd}-evolve")
                 a = resp.get(f"{lin['id']}-r{rnd}-response")
                 if e is None or a is None:
                     why = "empty evolution" if e is not None and not e["evolved"] else "teacher error"
-                    rejected.append({"id": f"{lin['id']}-r{rnd}", "instruction": e and e["evolved"], "epoch": rnd, "reason": why})
+                    rejected.append(
+                        {"id": f"{lin['id']}-r{rnd}", "instruction": e and e["evolved"], "epoch": rnd, "reason": why}
+                    )
                     continue
-                q = eq.get(f"{lin['id']}-r{rnd}-equal")
+                verdict = eq.get(f"{lin['id']}-r{rnd}-equal")
                 op, strategy = plan[lin["id"]]
-                why = eliminate(cfg, lin["current"], e["evolved"], a["response"], q["equal"] if q else None)
+                reason = eliminate(
+                    cfg, lin["current"], e["evolved"], a["response"], verdict["equal"] if verdict else None
+                )
                 row = {
                     "id": f"{lin['id']}-r{rnd}",
                     "instruction": e["evolved"],
@@ -189,8 +238,8 @@ def generate(ctx: StageContext) -> StageOutput:
                     "in-depth-evolving_operation": op if strategy == "in-depth" else "",
                     "epoch": rnd,
                 }
-                if why:
-                    rejected.append({**row, "reason": why})
+                if reason:
+                    rejected.append({**row, "reason": reason})
                 else:
                     rows.append(row)
                     lin["current"] = e["evolved"]
@@ -212,15 +261,31 @@ def generate(ctx: StageContext) -> StageOutput:
             seen.add(k)
             unique.append(row)
     if not unique:
-        raise BadInput("generate-evol: every evolution was eliminated (see rejected/); check the teacher and judge settings")
+        raise BadInput(
+            "generate-evol: every evolution was eliminated (see rejected/); check the teacher and judge settings"
+        )
     reasons: dict[str, int] = {}
     for x in rejected:
         key = x["reason"].split(":")[0]
         reasons[key] = reasons.get(key, 0) + 1
-    counts = {"seeds": len(lineages), "rounds": cfg.rounds, "rows": len(unique), "rejected": len(rejected), "eliminated_by": reasons}
+    counts = {
+        "seeds": len(lineages),
+        "rounds": cfg.rounds,
+        "rows": len(unique),
+        "rejected": len(rejected),
+        "eliminated_by": reasons,
+    }
     extra_usage = {"judge": usage_dict(j_usage)} if j_usage else {}
-    return finish(ctx, unique, rejected, counts, t_usage, "Evol-Instruct evolutions and responses", "seeds.dolly",
-                  {"evol": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher), "judge": endpoint_info(r.judge)},
-                  extra_usage)
+    return finish(
+        ctx,
+        unique,
+        rejected,
+        counts,
+        t_usage,
+        "Evol-Instruct evolutions and responses",
+        "seeds.dolly",
+        {"evol": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher), "judge": endpoint_info(r.judge)},
+        extra_usage,
+    )
 
 

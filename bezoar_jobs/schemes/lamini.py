@@ -15,10 +15,12 @@ from ..data.io import load_rows, load_template, render
 from ..errors import BadInput
 from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
 from ..llm.base import request
+from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
 from ..stages.common import Phase, endpoint_info, normalise, open_client
 from ..stages.generate import DOLLY_FIELDS, finish, req_seed, unit_rng
 from ..stages.records import in_shard, stable_hash
+from ..store import Store
 
 # the columns sft-lamini trains on: instruction, response, system (none: the default system text)
 TRAIN_COLUMNS: tuple[str, str, str | None] = ("instruction", "response", None)
@@ -29,13 +31,13 @@ def judge_pair(row: dict[str, Any]) -> tuple[str, str]:
     return str(row["instruction"]), str(row.get("response") or "")
 
 
-def expected_rows(recipe: Any) -> int:
+def expected_rows(recipe: Recipe) -> int:
     c = recipe.generation.lamini
     n = (c.example_prompts + c.topic_prompts) * c.instructions_per_prompt
     return min(n, c.max_instructions) if c.max_instructions else n
 
 
-def estimate(recipe: Any, store: Any, stage: str) -> list[Ask]:
+def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     c = recipe.generation.lamini
     ins = TYPICAL_INSTRUCTION_TOKENS
     prompt = template_tokens(c.example_template.path) + c.examples_per_prompt * ins
@@ -110,7 +112,9 @@ def generate(ctx: StageContext) -> StageOutput:
         else:
             tp = rng.sample(topics, min(cfg.topics_per_prompt, len(topics)))
             meta["topics"] = tp
-            prompt = render(t_topic, examples=_examples_block(ex), topics=", ".join(tp), n=str(cfg.instructions_per_prompt))
+            prompt = render(
+                t_topic, examples=_examples_block(ex), topics=", ".join(tp), n=str(cfg.instructions_per_prompt)
+            )
         items.append((request(rid, prompt, cfg.instruction_decoding, req_seed(ctx, rid)), meta))
 
     teacher = open_client(ctx, r.teacher, "teacher")
@@ -128,7 +132,9 @@ def generate(ctx: StageContext) -> StageOutput:
                 continue
             parsed = parse_instructions(rec["raw"], cfg.min_instruction_words)
             if not parsed:
-                rejected.append({"id": req.id, "instruction": None, "reason": "no instruction could be parsed", "raw": rec["raw"]})
+                rejected.append(
+                    {"id": req.id, "instruction": None, "reason": "no instruction could be parsed", "raw": rec["raw"]}
+                )
             for ins in parsed:
                 key = normalise(ins)
                 if key in seen:
@@ -141,7 +147,12 @@ def generate(ctx: StageContext) -> StageOutput:
         ritems = []
         for ins, source in candidates:
             rid = "lamini-resp-" + format(stable_hash(normalise(ins)), "016x")
-            ritems.append((request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid)), {"instruction": ins, "source": source}))
+            ritems.append(
+                (
+                    request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid)),
+                    {"instruction": ins, "source": source},
+                )
+            )
         p2 = Phase(ctx, "responses")
         resp = p2.run(teacher, ritems, lambda res, m: {**m, "response": res.text.strip()})
         usage = teacher.usage
@@ -154,13 +165,19 @@ def generate(ctx: StageContext) -> StageOutput:
     for req, m in ritems:
         rec = resp.get(req.id)
         if rec is None:
-            rejected.append({"id": req.id, "instruction": m["instruction"], "reason": f"teacher error: {p2.failed.get(req.id)}"})
+            rejected.append(
+                {"id": req.id, "instruction": m["instruction"], "reason": f"teacher error: {p2.failed.get(req.id)}"}
+            )
         elif not rec["response"].strip():
             rejected.append({"id": req.id, "instruction": m["instruction"], "reason": "empty response"})
         else:
-            rows.append({"id": req.id, "instruction": rec["instruction"], "source": rec["source"], "response": rec["response"]})
+            rows.append(
+                {"id": req.id, "instruction": rec["instruction"], "source": rec["source"], "response": rec["response"]}
+            )
     if not rows:
-        raise BadInput("generate-lamini: the teacher's answers gave no usable instruction (see rejected/ and the teacher settings)")
+        raise BadInput(
+            "generate-lamini: the teacher's answers gave no usable instruction (see rejected/ and the teacher settings)"
+        )
     counts = {
         "prompts": len(items),
         "raw_instructions": len(candidates) + sum(1 for x in rejected if x["reason"] == "duplicate"),

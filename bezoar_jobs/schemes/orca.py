@@ -12,10 +12,12 @@ from ..data.io import load_rows, load_template, local_copy, read_jsonl, render
 from ..errors import BadInput
 from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask
 from ..llm.base import request
+from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
 from ..stages.common import Phase, endpoint_info, open_client
 from ..stages.generate import FLAN_FIELDS, finish, req_seed, unit_rng
 from ..stages.records import in_shard
+from ..store import Store
 
 log = logging.getLogger("bezoar")
 
@@ -31,11 +33,11 @@ def judge_pair(row: dict[str, Any]) -> tuple[str, str]:
     return ins, str(row.get("explained_targets") or "")
 
 
-def expected_rows(recipe: Any) -> int:
+def expected_rows(recipe: Recipe) -> int:
     return int(recipe.generation.orca.seeds)
 
 
-def estimate(recipe: Any, store: Any, stage: str) -> list[Ask]:
+def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     c = recipe.generation.orca
     return [Ask(recipe.teacher, c.seeds, 60 + 2 * TYPICAL_INSTRUCTION_TOKENS, c.response_decoding)]
 
@@ -77,7 +79,9 @@ def generate(ctx: StageContext) -> StageOutput:
         by_sub.setdefault(str(row["task_source"]).lower(), []).append(i)
     unknown = sorted(set(by_sub) - set(cfg.submix_weights))
     if unknown:
-        log.warning("seeds.flan: task_source values %s have no weight in generation.orca.submix_weights: skipped", unknown)
+        log.warning(
+            "seeds.flan: task_source values %s have no weight in generation.orca.submix_weights: skipped", unknown
+        )
     weights = {s: w for s, w in cfg.submix_weights.items() if by_sub.get(s) and w > 0}
     if not weights:
         raise BadInput(f"seeds.flan: {r.seeds.flan.path}: no rows from the sub-mixes in generation.orca.submix_weights")
@@ -96,7 +100,12 @@ def generate(ctx: StageContext) -> StageOutput:
         row = flan[i]
         msg = choose_system_message(messages, row, unit_rng(ctx, rid))
         user = render(t_resp, inputs=str(row["inputs"]), targets=str(row["targets"]) if cfg.show_gold_target else "")
-        items.append((request(rid, user, cfg.response_decoding, req_seed(ctx, rid), system=msg["text"] or None), {"index": i, "system_message": msg["text"]}))
+        items.append(
+            (
+                request(rid, user, cfg.response_decoding, req_seed(ctx, rid), system=msg["text"] or None),
+                {"index": i, "system_message": msg["text"]},
+            )
+        )
     teacher = open_client(ctx, r.teacher, "teacher")
     try:
         out = Phase(ctx, "responses").run(teacher, items, lambda res, m: {**m, "explained_targets": res.text.strip()})

@@ -24,7 +24,9 @@ def work_key(ctx: StageContext) -> str:
     return "records-" + ctx.params_hash[:12]
 
 
-def open_client(ctx: StageContext, endpoint: Endpoint, role: str, cached: bool = False, namespace: str | None = None) -> LLMClient:
+def open_client(
+    ctx: StageContext, endpoint: Endpoint, role: str, cached: bool = False, namespace: str | None = None
+) -> LLMClient:
     """The client for ``endpoint``; ``cached``: answers are kept in ``<run>/_cache/<namespace>/``
     (default: the role), so a rerun, a resume or a retried Job never pays twice for one."""
     from ..llm import make_client
@@ -55,12 +57,20 @@ class Phase:
     ) -> dict[str, dict[str, Any]]:
         todo = [(r, m) for r, m in items if r.id not in self.log]
         if self.log.resumed:
-            log.info("%s/%s: %d records already done, %d to ask", self.ctx.name, self.name, len(items) - len(todo), len(todo))
+            log.info(
+                "%s/%s: %d records already done, %d to ask", self.ctx.name, self.name, len(items) - len(todo), len(todo)
+            )
         meta = {r.id: m for r, m in todo}
 
         def on_result(res: GenResult) -> None:
             if res.ok:
-                self.log.add({"id": res.id, **make_record(res, meta[res.id]), "_tokens": [res.prompt_tokens, res.completion_tokens]})
+                self.log.add(
+                    {
+                        "id": res.id,
+                        **make_record(res, meta[res.id]),
+                        "_tokens": [res.prompt_tokens, res.completion_tokens],
+                    }
+                )
             else:
                 self.failed[res.id] = res.error or "unknown error"
             if self.ctx.stop_requested():

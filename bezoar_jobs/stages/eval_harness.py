@@ -76,16 +76,20 @@ def run(ctx: StageContext) -> StageOutput:
     summary = {
         "lm_eval_version": lm_eval_version,
         "limit": cfg.limit,
-        "tasks": [{"name": t.name, "num_fewshot": t.num_fewshot, "metric": t.metric_key, "version": versions.get(t.name)}
-                  for t in cfg.tasks],
+        "tasks": [
+            {"name": t.name, "num_fewshot": t.num_fewshot, "metric": t.metric_key, "version": versions.get(t.name)}
+            for t in cfg.tasks
+        ],
         "order": [t.label for t in models],
         "models": {
             label: {
                 "kind": rec["kind"],
                 "model": rec["model"],
                 "revision": rec["revision"],
-                "scores": {task: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"]}
-                           for task, v in rec["tasks"].items()},
+                "scores": {
+                    task: {"value": v["value"], "stderr": v["stderr"], "metric": v["metric"]}
+                    for task, v in rec["tasks"].items()
+                },
             }
             for label, rec in per_model.items()
         },
@@ -116,7 +120,9 @@ def report_section(summary: dict[str, Any], read: Callable[[str], str | None], s
         mrow = summary["models"].get(label)
         if mrow:
             rows.append([label, mrow.get("kind", "")] + [score(mrow["scores"].get(x["name"])) for x in tasks])
-    note = f"lm_eval {summary.get('lm_eval_version')}; task versions: " + ", ".join(f"{x['name']} v{x['version']}" for x in tasks)
+    note = f"lm_eval {summary.get('lm_eval_version')}; task versions: " + ", ".join(
+        f"{x['name']} v{x['version']}" for x in tasks
+    )
     if summary.get("limit"):
         note += f". LIMITED to {summary['limit']} items per task: not comparable with published scores."
     sec.table = Table("LM Evaluation Harness", header, rows, note)

@@ -20,11 +20,13 @@ from typing import Any
 from ..errors import BadInput, RetryableError
 from ..estimate import Ask, template_tokens
 from ..llm.base import LLMClient
-from ..recipe_base import Endpoint
+from ..recipe import Recipe
+from ..recipe_base import DatasetSource, Endpoint
 from ..report.charts import Chart, grouped_bars, new_figure, png
 from ..report.collect import jsonl
 from ..report.render import Section, Table, fmt
 from ..runner import StageContext, StageOutput
+from ..store import Store
 from .common import MAX_FAILED_FRACTION, endpoint_info, open_client, usage_dict
 from .evaluate import free, skipped, write_json, write_jsonl
 
@@ -52,7 +54,9 @@ def judge_endpoint(ctx: StageContext) -> Endpoint:
     ep = cfg.judge or ctx.recipe.judge
     if cfg.judge_method == "logprobs" and ep.backend != "local":
         where = "evaluation.mtbench.judge" if cfg.judge else "judge"
-        raise BadInput(f"evaluation.mtbench.judge_method 'logprobs' needs an in-process judge; {where}.backend is {ep.backend!r}")
+        raise BadInput(
+            f"evaluation.mtbench.judge_method 'logprobs' needs an in-process judge; {where}.backend is {ep.backend!r}"
+        )
     return ep
 
 
@@ -105,7 +109,9 @@ def run(ctx: StageContext) -> StageOutput:
             name = f"mtbench/judgments-{t.work_key(ph + ah)}.json"
             if ctx.work.exists(name):
                 saved_js = json.loads(ctx.work.get_bytes(name))
-                if {(str(j["question_id"]), j["turn"]) for j in saved_js} == {(q.key, n) for q in questions for n in (1, 2)}:
+                if {(str(j["question_id"]), j["turn"]) for j in saved_js} == {
+                    (q.key, n) for q in questions for n in (1, 2)
+                }:
                     judgments[t.label] = saved_js
                     log.info("%s: answers of %s already judged (resumed from _work/)", ctx.name, t.label)
                     continue
@@ -135,11 +141,26 @@ def run(ctx: StageContext) -> StageOutput:
                          "choices": [{"index": 0, "turns": a["turns"]}], "tokens": a["tokens"], "finish": a["finish"]})
         write_jsonl(out / "answers" / f"{t.label}.jsonl", rows)
         write_jsonl(out / "judgments" / f"{t.label}.jsonl", judgments[t.label])
-    write_jsonl(out / "questions.jsonl", [
-        {"question_id": q.qid, "category": q.category, "turns": list(q.turns),
-         **({"reference": list(q.reference)} if q.reference else {})} for q in questions])
-    judge_info = {**endpoint_info(judge_ep), "model_id": judge_model_id, "method": cfg.judge_method, "role": "MT-Bench judge",
-                  "prompts": prompts.source, "temperature": cfg.judge_decoding.temperature}
+    write_jsonl(
+        out / "questions.jsonl",
+        [
+            {
+                "question_id": q.qid,
+                "category": q.category,
+                "turns": list(q.turns),
+                **({"reference": list(q.reference)} if q.reference else {}),
+            }
+            for q in questions
+        ],
+    )
+    judge_info = {
+        **endpoint_info(judge_ep),
+        "model_id": judge_model_id,
+        "method": cfg.judge_method,
+        "role": "MT-Bench judge",
+        "prompts": prompts.source,
+        "temperature": cfg.judge_decoding.temperature,
+    }
     excluded = sum(s["excluded"] for s in scores.values())
     write_json(out / "scores.json", {
         "judge": judge_info,
@@ -178,7 +199,7 @@ def _open_judge(ctx: StageContext, endpoint: Endpoint) -> LLMClient:
 # ---------------------------------------------------------------------------------------------
 # the plan and the report
 # ---------------------------------------------------------------------------------------------
-def _question_count(src: Any) -> int:
+def _question_count(src: DatasetSource) -> int:
     """Questions in a local or packaged question file; MT-Bench's 80 when it lives on the hub."""
     from ..data.io import PKG, local_copy
 
@@ -191,14 +212,18 @@ def _question_count(src: Any) -> int:
     return int(src.limit or 80)
 
 
-def estimate(recipe: Any, store: Any, stage: str) -> list[Ask]:
+def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     """Two turns per question and model, each graded once; the answers come from the checkpoints."""
     mt = recipe.evaluation.mtbench
     if not mt.enabled:
         return []
     n_models = len(recipe.evaluation.model_names())
     judge = mt.judge or recipe.judge
-    dec = mt.judge_decoding if mt.judge_method == "generate" else mt.judge_decoding.model_copy(update={"max_new_tokens": 1})
+    dec = (
+        mt.judge_decoding
+        if mt.judge_method == "generate"
+        else mt.judge_decoding.model_copy(update={"max_new_tokens": 1})
+    )
     prompt = template_tokens(mt.judge_prompts) + 3 * mt.answer_max_new_tokens // 2
     return [Ask(judge, 2 * _question_count(mt.questions) * n_models, prompt, dec)]
 
@@ -215,9 +240,18 @@ def report_section(scores: dict[str, Any], read: Callable[[str], str | None], sh
     for label in scores.get("order", list(scores["models"])):
         s = scores["models"].get(label)
         if s:
-            rows.append([label, scores.get("kinds", {}).get(label, ""), fmt(s["overall"], 3), fmt(s["turns"].get("1"), 3),
-                         fmt(s["turns"].get("2"), 3), *[fmt(s["categories"].get(c), 3) for c in cats],
-                         str(s["judged"]), str(s["excluded"])])
+            rows.append(
+                [
+                    label,
+                    scores.get("kinds", {}).get(label, ""),
+                    fmt(s["overall"], 3),
+                    fmt(s["turns"].get("1"), 3),
+                    fmt(s["turns"].get("2"), 3),
+                    *[fmt(s["categories"].get(c), 3) for c in cats],
+                    str(s["judged"]),
+                    str(s["excluded"]),
+                ]
+            )
     j = scores.get("judge", {})
     sec.table = Table("MT-Bench", header, rows,
                       f"{scores.get('questions')} questions; single-answer grading 1-10 by {j.get('model_id')} "
@@ -244,7 +278,9 @@ def report_section(scores: dict[str, Any], read: Callable[[str], str | None], sh
             for x in js:
                 summary = (f"{label} - question {x.get('question_id')} ({x.get('category')}), turn {x.get('turn')}: "
                            f"score {fmt(x.get('score'))} by {x.get('judge')}")
-                sec.details_html.append(f"<details><summary>{html.escape(summary)}</summary>"
-                                        f"<pre>{html.escape(str(x.get('judgment') or x.get('excluded') or ''))}</pre></details>")
+                sec.details_html.append(
+                    f"<details><summary>{html.escape(summary)}</summary>"
+                    f"<pre>{html.escape(str(x.get('judgment') or x.get('excluded') or ''))}</pre></details>"
+                )
         sec.details_md.extend(["_Every judgment's text is in `eval-mtbench/results/judgments/`._", ""])
     return sec

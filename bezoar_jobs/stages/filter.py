@@ -22,10 +22,12 @@ from ..errors import BadInput
 from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
 from ..llm.base import GenRequest, LLMClient, request
 from ..manifest import read_manifest
+from ..recipe import Recipe
 from ..recipe_view import get_path
 from ..registry import scheme as scheme_def
 from ..registry import spec
 from ..runner import StageContext, StageOutput
+from ..store import Store
 from .common import Phase, endpoint_info, open_client, usage_dict
 from .records import stable_hash
 
@@ -45,7 +47,8 @@ def scheme_of(stage: str) -> str:
 def pair(scheme: str, row: dict[str, Any]) -> tuple[str, str]:
     """The (instruction, response) the judge sees for a row of ``scheme`` (the scheme module's
     ``judge_pair``)."""
-    return scheme_def(scheme).load().judge_pair(row)  # type: ignore[no-any-return]
+    ins, resp = scheme_def(scheme).load().judge_pair(row)
+    return str(ins), str(resp)
 
 
 # ---- verdict parsing ----------------------------------------------------------------------------
@@ -80,18 +83,18 @@ def parse_verdict(text: str) -> dict[str, Any] | None:
                     rating = None
                 if rating is None:
                     continue
-                status = str(obj.get("status", "")).strip().lower()
+                said = str(obj.get("status", "")).strip().lower()
                 return {
-                    "status": status if status in ("pass", "fail") else None,
+                    "status": said if said in ("pass", "fail") else None,
                     "rating": rating,
                     "reason": str(obj.get("reason", "")).strip(),
                 }
     for rx in (_BRACKETS, _RATING, _OUT_OF):
-        m = rx.search(text)
-        if m and _clamp(float(m.group(1))) is not None:
+        found = rx.search(text)
+        if found and _clamp(float(found.group(1))) is not None:
             low = text.lower()
             status = "fail" if re.search(r"\bfail", low) else "pass" if re.search(r"\bpass", low) else None
-            return {"status": status, "rating": float(m.group(1)), "reason": text.strip()[:500]}
+            return {"status": status, "rating": float(found.group(1)), "reason": text.strip()[:500]}
     return None
 
 
@@ -131,10 +134,16 @@ def run_filter(ctx: StageContext) -> StageOutput:
         usage = judge.usage
     finally:
         judge.close()
-    kept, dropped = [], []
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
     for row in rows:
         v = verdicts[row["id"]]
-        out = {**row, f"{judge_col}_status": v["status"], f"{judge_col}_rating": v["rating"], f"{judge_col}_reason": v["reason"]}
+        out = {
+            **row,
+            f"{judge_col}_status": v["status"],
+            f"{judge_col}_rating": v["rating"],
+            f"{judge_col}_reason": v["reason"],
+        }
         (kept if v["keep"] else dropped).append(out)
     counts = {
         "input_rows": len(rows),
@@ -156,7 +165,7 @@ def run_filter(ctx: StageContext) -> StageOutput:
         ["train.jsonl"],
     )
     u = usage_dict(usage)
-    log.info("%s: kept %d of %d rows (%.0f%%)", ctx.name, len(kept), len(rows), 100 * counts["retention"])
+    log.info("%s: kept %d of %d rows (%.0f%%)", ctx.name, len(kept), len(rows), 100 * len(kept) / len(rows))
     return StageOutput(
         counts=counts,
         extra={
@@ -175,7 +184,15 @@ def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any
     pending = [row["id"] for row in rows]
     for attempt in range(1, cfg.max_attempts + 1):
         items = [
-            (request(f"{rid}-a{attempt}", prompts[rid], cfg.decoding, stable_hash(ctx.recipe.seed, rid, attempt) % (2**31 - 1)), {"row": rid})
+            (
+                request(
+                    f"{rid}-a{attempt}",
+                    prompts[rid],
+                    cfg.decoding,
+                    stable_hash(ctx.recipe.seed, rid, attempt) % (2**31 - 1),
+                ),
+                {"row": rid},
+            )
             for rid in pending
         ]
         # a retried ask must not be answered from the first ask's cache: greedy decoding would repeat it
@@ -202,7 +219,12 @@ def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any
             break
     for rid in pending:
         text = " | ".join(raw[rid]) or "no answer from the judge"
-        verdicts[rid] = {"status": "error", "rating": None, "reason": f"unparseable verdict after {cfg.max_attempts} attempts: {text[:1000]}", "keep": False}
+        verdicts[rid] = {
+            "status": "error",
+            "rating": None,
+            "reason": f"unparseable verdict after {cfg.max_attempts} attempts: {text[:1000]}",
+            "keep": False,
+        }
     return verdicts
 
 
@@ -231,7 +253,7 @@ def _rate_logprobs(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any
     return verdicts
 
 
-def estimate(recipe: Any, store: Any, stage: str) -> list[Ask]:
+def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     """One verdict per generated row: the committed count when the generate stage is committed,
     else what the recipe asks for."""
     scheme = scheme_of(stage)

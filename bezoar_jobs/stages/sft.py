@@ -59,7 +59,12 @@ def hh_examples(ctx: StageContext) -> tuple[list[Any], Counter[str], dict[str, A
             skipped[e.reason] += 1
             continue
         examples.append(Example(where, prompt, completion))
-    info = {"name": src.path, "rows": len(items), "licence": src.licence, "note": "chosen dialogues; target = final assistant turn"}
+    info = {
+        "name": src.path,
+        "rows": len(items),
+        "licence": src.licence,
+        "note": "chosen dialogues; target = final assistant turn",
+    }
     if src.revision:
         info["revision"] = src.revision
     return examples, skipped, info
@@ -111,8 +116,20 @@ def run_sft(ctx: StageContext) -> StageOutput:
     release()
     counts = {**tokenized.counts, "tokens": tokenized.tokens, "response_tokens": tokenized.response_tokens}
     return training.finish(
-        ctx, configs, base_dir, base_info, tok, result, [info], counts,
-        extra={"packed_rows": packed_rows, "packing": bool(args.packing), "attention": attention, "batch_layout": layout,
-               "response_only_lm_head": response_head},
+        ctx,
+        configs,
+        base_dir,
+        base_info,
+        tok,
+        result,
+        [info],
+        counts,
+        extra={
+            "packed_rows": packed_rows,
+            "packing": bool(args.packing),
+            "attention": attention,
+            "batch_layout": layout,
+            "response_only_lm_head": response_head,
+        },
         data_dirs=data_dirs,
     )

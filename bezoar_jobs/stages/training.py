@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import BadInput
 from ..runner import StageContext, StageOutput
+from ..training.types import Tokenizer, Trainer
 
 log = logging.getLogger("bezoar")
 
@@ -65,14 +66,14 @@ def resolve_base(ctx: StageContext, base_stage: str | None) -> tuple[Path, dict[
     return path, {"base_model": f"{base_stage}/model", "base_stage": base_stage}
 
 
-def load_tokenizer(ctx: StageContext, base_dir: Path) -> Any:
+def load_tokenizer(ctx: StageContext, base_dir: Path) -> Tokenizer:
     from ..models import load_tokenizer as load
     from ..training.lora import setup_tokenizer
 
     return setup_tokenizer(load(base_dir, trust_remote_code=ctx.recipe.student.trust_remote_code))
 
 
-def train(ctx: StageContext, trainer: Any, configs: StageConfigs, counter: CountingCollator) -> TrainResult:
+def train(ctx: StageContext, trainer: Trainer, configs: StageConfigs, counter: CountingCollator) -> TrainResult:
     """Train with checkpoints in ``_work/checkpoints/`` (resuming from the newest complete one)."""
     from ..training import run
     from ..training.checkpoint import StoreCheckpoints
@@ -107,7 +108,7 @@ def finish(
     configs: StageConfigs,
     base_dir: Path,
     base_info: dict[str, Any],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     result: TrainResult,
     data: list[dict[str, Any]],
     counts: dict[str, Any],

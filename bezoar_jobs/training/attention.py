@@ -39,7 +39,9 @@ def segment_bounds(batch: int, length: int, attention_mask: Any, kwargs: dict[st
         return [_row_bounds([int(x) for x in cu.tolist()[:-1]], length)]
     if attention_mask is not None:
         if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
-            raise ValueError(f"{NAME} attention: only a 2-D padding mask is supported, got shape {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"{NAME} attention: only a 2-D padding mask is supported, got shape {tuple(attention_mask.shape)}"
+            )
         out = []
         for row in attention_mask.bool():
             n = int(row.sum())
@@ -68,7 +70,9 @@ def _sdpa(q: Any, k: Any, v: Any, dropout: float, scaling: float | None, gqa: bo
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
 
 
-def _prefix_layout_attention(query: Any, key: Any, value: Any, layout: Any, dropout: float, scaling: float | None, gqa: bool) -> Any:
+def _prefix_layout_attention(
+    query: Any, key: Any, value: Any, layout: Any, dropout: float, scaling: float | None, gqa: bool
+) -> Any:
     """One flat row (batch 1) cut by ``layout``: rows (start, end, prefix_start, prefix_end) in
     sequence order; a segment attends to its prefix segment (if any) and causally to itself."""
     import torch
@@ -108,7 +112,9 @@ def segment_attention(
     if key.shape[2] != length:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     gqa = key.shape[1] != heads
     layout = kwargs.get("segment_prefix")
     if layout is not None:

@@ -35,7 +35,12 @@ def write_model_card(
     tags = ["bezoar-jobs", "openbezoar", "dpo" if stage == "dpo" else "sft", "lora-merged"]
     if mode.startswith("qlora"):
         tags.append("qlora")
-    head = ["---", f"license: {_licence_tag(base_licence)}", "library_name: transformers", "pipeline_tag: text-generation"]
+    head = [
+        "---",
+        f"license: {_licence_tag(base_licence)}",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+    ]
     head += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     loss = f"{final_loss:.4f}" if final_loss is not None else "n/a"
     lines = [

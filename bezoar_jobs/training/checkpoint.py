@@ -100,7 +100,13 @@ class StoreCheckpoints:
         good = set(self.complete_steps())
         for step, names in self._steps().items():
             if step not in good:
-                log.info("checkpoints: deleting step-%d (%s)", step, "incomplete upload" if f"step-{step}/{MARKER}" not in names else "written for other inputs or settings")
+                log.info(
+                    "checkpoints: deleting step-%d (%s)",
+                    step,
+                    "incomplete upload"
+                    if f"step-{step}/{MARKER}" not in names
+                    else "written for other inputs or settings",
+                )
                 self._delete_step(step, names)
 
     def prune(self) -> None:
@@ -165,7 +171,7 @@ def _copy_metrics_upto(src: Path, dest: Path, step: int) -> None:
                 out.write(line if line.endswith("\n") else line + "\n")
 
 
-class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+class CheckpointCallback(TrainerCallback):
     """Upload each checkpoint, log every step to metrics.jsonl, stop cleanly on SIGTERM.
 
     ``stop_requested`` says whether the stage was asked to stop; ``record`` writes one metrics
@@ -181,7 +187,7 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
         self.stopped_at: int | None = None
         self.last_logs: dict[str, float] = {}
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.stop_requested() and self.stopped_at is None:
             # save inside the grace period, then leave the training loop; the stage exits non-zero
             log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state.global_step)
@@ -190,13 +196,13 @@ class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
             control.should_training_stop = True
         return control
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if local.is_dir():
             self.ckpts.upload(local, state.global_step, self.metrics_path)
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         if not logs:
             return control
         rec = {k: float(v) for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}

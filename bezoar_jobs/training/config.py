@@ -127,6 +127,7 @@ def device_plan(training: TrainingConfig, cuda: bool, bf16_ok: bool) -> DevicePl
         )
     quant = training.quantization == "4bit" or (training.quantization == "auto" and cuda)
     load_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    compute: str
     if training.bnb_compute_dtype != "auto":
         compute = training.bnb_compute_dtype
     else:
@@ -135,7 +136,9 @@ def device_plan(training: TrainingConfig, cuda: bool, bf16_ok: bool) -> DevicePl
         where = "CUDA" if cuda else "CPU (bitsandbytes 4-bit on CPU: slow, for testing the code path)"
         desc = f"QLoRA: 4-bit NF4 weights with double quantization, {compute} compute, on {where}"
     else:
-        desc = f"LoRA on {load_dtype} weights on {'CUDA' if cuda else 'CPU'} - this is NOT QLoRA (no 4-bit quantization)"
+        desc = (
+            f"LoRA on {load_dtype} weights on {'CUDA' if cuda else 'CPU'} - this is NOT QLoRA (no 4-bit quantization)"
+        )
     return DevicePlan(cuda, quant, load_dtype, compute, precision == "bf16", precision == "fp16", desc)
 
 
@@ -211,7 +214,9 @@ def _report_to(training: TrainingConfig) -> list[str]:
     return list(training.report_to) or ["none"]
 
 
-def _common_kwargs(training: TrainingConfig, seed: int, stage: str, output_dir: Path, plan: DevicePlan) -> dict[str, Any]:
+def _common_kwargs(
+    training: TrainingConfig, seed: int, stage: str, output_dir: Path, plan: DevicePlan
+) -> dict[str, Any]:
     return {
         "output_dir": str(output_dir),
         "save_strategy": "steps",
@@ -247,7 +252,9 @@ def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: 
     ``training.stage_args[stage]`` laid over them) and ours."""
     from trl import SFTConfig
 
-    path = "training.sft_args" if stage not in training.stage_args else f"training.sft_args / training.stage_args.{stage}"
+    path = (
+        "training.sft_args" if stage not in training.stage_args else f"training.sft_args / training.stage_args.{stage}"
+    )
     kwargs = check_pass_through(SFTConfig, settings, path, {**_OWNED_COMMON, **_OWNED_SFT})
     _cpu_optim(kwargs, plan, log)
     if not kwargs.get("max_length"):

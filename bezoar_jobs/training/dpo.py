@@ -59,7 +59,12 @@ def dpo_pairs(
         rows.append(pair)
     total = len(items)
     dropped = total - len(rows)
-    counts = {"rows_read": total, "examples": len(rows), "dropped": dropped, **{f"dropped_{k}": v for k, v in sorted(skipped.items())}}
+    counts = {
+        "rows_read": total,
+        "examples": len(rows),
+        "dropped": dropped,
+        **{f"dropped_{k}": v for k, v in sorted(skipped.items())},
+    }
     if not rows:
         raise BadInput(f"{field} ({source}): no preference pairs to train on ({dict(skipped) or 'empty'})")
     if dropped / total > max_dropped_fraction:

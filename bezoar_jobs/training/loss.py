@@ -122,9 +122,13 @@ def sft_trainer_class() -> type:
     class ResponseHeadSFTTrainer(SFTTrainer):
         used_response_head = False  # set once a loss went through the response-only head
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
             if not uses_response_head(self, model, return_outputs):
-                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
             import torch
 
             self.used_response_head = True
@@ -134,7 +138,9 @@ def sft_trainer_class() -> type:
             feed = {k: v for k, v in inputs.items() if k != "labels"}
             feed["use_cache"] = False
             hidden = backbone(**feed).last_hidden_state
-            nll, n, correct = response_nll(hidden, inputs["labels"], base.get_output_embeddings(), inputs.get("position_ids"))
+            nll, n, correct = response_nll(
+                hidden, inputs["labels"], base.get_output_embeddings(), inputs.get("position_ids")
+            )
             denom = num_items_in_batch if num_items_in_batch is not None else n.clamp(min=1)
             loss = nll / torch.as_tensor(denom, device=nll.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

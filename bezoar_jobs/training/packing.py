@@ -88,7 +88,9 @@ class SharedPrefixCollator:
                 at += n
         return out
 
-    def groups(self, examples: list[tuple[list[int], list[int]]]) -> list[tuple[int, list[tuple[list[int], list[int]]]]]:
+    def groups(
+        self, examples: list[tuple[list[int], list[int]]]
+    ) -> list[tuple[int, list[tuple[list[int], list[int]]]]]:
         """(shared prefix length, members): examples sorted by their ids, grouped greedily."""
         out: list[tuple[int, list[tuple[list[int], list[int]]]]] = []
         for ex in sorted(examples, key=lambda e: e[0]):

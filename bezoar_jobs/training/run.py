@@ -78,7 +78,9 @@ class TrainResult:
             "real_tokens": self.real_tokens,
             "total_tokens": self.total_tokens,
             # of the positions processed, the fraction that are real tokens (not padding)
-            "real_token_fraction": round((self.real_tokens - self.shared_tokens) / self.total_tokens, 4) if self.total_tokens else None,
+            "real_token_fraction": round((self.real_tokens - self.shared_tokens) / self.total_tokens, 4)
+            if self.total_tokens
+            else None,
             # example tokens covered by a shared prompt prefix computed once per batch
             "shared_prefix_tokens": self.shared_tokens,
             "tokens_per_second": round(tps, 2) if tps else None,
