@@ -90,7 +90,8 @@ def planned_actions(store: Store, recipe: Recipe, stages: list[str], force: bool
             continue
         rerun = [d for d in waits_for(name, stages, recipe) if out.get(d, ("skip",))[0] == "run"]
         if rerun:
-            out[name] = ("run", f"an input stage reruns ({', '.join(rerun)})")
+            more = f" and {len(rerun) - 3} more" if len(rerun) > 3 else ""
+            out[name] = ("run", f"an input stage reruns ({', '.join(rerun[:3])}{more})")
             continue
         ok, why = up_to_date(store, recipe, name)
         out[name] = ("skip" if ok else "run", why)
