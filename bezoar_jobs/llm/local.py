@@ -59,7 +59,7 @@ class LocalClient(LLMClient):
     def cache_identity(self) -> dict[str, Any]:
         e = self.endpoint
         return {"backend": "local", "model": e.model, "revision": e.revision, "prompt_format": e.prompt_format,
-                "system_prompt_supported": e.system_prompt_supported, "batch_size": e.batch_size}
+                "system_prompt_supported": e.system_prompt_supported, "batch_size": e.batch_size, "dtype": e.dtype}
 
     def render(self, req: GenRequest) -> str:
         if self.endpoint.prompt_format:
