@@ -11,11 +11,22 @@ variables:
 ``BEZOAR_S3_ADDRESSING_STYLE``     ``path``, ``virtual`` or ``auto``; default ``path`` when a custom
                                    endpoint is set (most S3-compatible stores need it), else ``auto``
 ``BEZOAR_S3_MAX_ATTEMPTS``         attempts per request in botocore's ``standard`` retry mode
-                                   (then ``AWS_MAX_ATTEMPTS``, default 5)
+                                   (then ``AWS_MAX_ATTEMPTS``, default 3)
+``BEZOAR_S3_CONNECT_TIMEOUT``      seconds to open a connection (default 5)
+``BEZOAR_S3_READ_TIMEOUT``         seconds a socket may wait without progress (default 20)
+``BEZOAR_S3_CONDITIONAL_WRITES``   ``true`` (default): leases use ``If-None-Match``/``If-Match`` on
+                                   PutObject (AWS S3 since 2024, SeaweedFS, recent MinIO and Ceph);
+                                   ``false`` for a store without them (then a lease is written and
+                                   read back: two writers racing within that window both win)
 ``BEZOAR_S3_MULTIPART_THRESHOLD``  size from which transfers go multipart (default ``64MiB``)
 ``BEZOAR_S3_MULTIPART_CHUNKSIZE``  part size of multipart transfers (default ``64MiB``, min ``5MiB``)
 ``BEZOAR_S3_MAX_CONCURRENCY``      threads per multipart transfer (default 4)
 =================================  ==============================================================
+
+Every operation is bounded: a store that stops answering (a frozen server, a dead connection) costs
+at most ``max_attempts * (connect_timeout + read_timeout)`` plus botocore's backoff per operation
+(about 80 s with the defaults) and then raises :class:`RetryableError`, so a stage fails retryable
+instead of hanging (a frozen SeaweedFS, SIGSTOPped, once kept a stage blocked for over 7 minutes).
 
 Credentials come only from boto3's own chain (environment variables, the shared credentials file
 named by ``AWS_SHARED_CREDENTIALS_FILE``, a web identity as IRSA mounts it, instance metadata):
@@ -44,12 +55,14 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from .errors import BadInput, RetryableError
-from .store_base import NotFoundInStore, Store
+from .store_base import NotFoundInStore, ObjectInfo, Store
 
 MiB = 1 << 20
 DEFAULT_PART = 64 * MiB
 MIN_PART = 5 * MiB  # S3's smallest allowed part (all but the last)
-DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 20.0
 DEFAULT_REGION = "us-east-1"
 
 # Said in every credentials error so an operator knows where to look, without naming any value.
@@ -101,6 +114,19 @@ def _int_env(env: Mapping[str, str], var: str, default: int, minimum: int = 1) -
     return value
 
 
+def _float_env(env: Mapping[str, str], var: str, default: float) -> float:
+    raw = env.get(var)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadInput(f"{var}={raw!r}: not a number of seconds") from None
+    if not value > 0:
+        raise BadInput(f"{var}={raw!r}: must be more than 0 seconds")
+    return value
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -116,6 +142,16 @@ class S3Settings:
     multipart_threshold: int
     multipart_chunksize: int
     max_concurrency: int
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    conditional_writes: bool = True
+
+    @property
+    def worst_case_s(self) -> float:
+        """The longest one operation can take against a store that stopped answering (botocore's
+        standard mode sleeps at most 2**attempt seconds with jitter between attempts)."""
+        backoff = sum(min(2.0**i, 20.0) for i in range(self.max_attempts - 1))
+        return self.max_attempts * (self.connect_timeout + self.read_timeout) + backoff
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> S3Settings:
@@ -154,6 +190,9 @@ class S3Settings:
             multipart_threshold=max(threshold, 1),
             multipart_chunksize=chunk,
             max_concurrency=_int_env(env, "BEZOAR_S3_MAX_CONCURRENCY", 4),
+            connect_timeout=_float_env(env, "BEZOAR_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+            read_timeout=_float_env(env, "BEZOAR_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+            conditional_writes=_truthy(env.get("BEZOAR_S3_CONDITIONAL_WRITES") or "true"),
         )
 
 
@@ -172,8 +211,8 @@ class S3Store(Store):
             region_name=s.region,
             s3={"addressing_style": s.addressing_style},
             retries={"mode": "standard", "total_max_attempts": s.max_attempts},  # incl. the first
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
             # one connection per transfer thread, plus one for the caller
             max_pool_connections=max(10, s.max_concurrency + 1),
         )
@@ -187,6 +226,8 @@ class S3Store(Store):
             multipart_threshold=s.multipart_threshold,
             multipart_chunksize=s.multipart_chunksize,
             max_concurrency=s.max_concurrency,
+            # s3transfer retries a broken download stream on top of botocore's attempts: bound it too
+            num_download_attempts=s.max_attempts,
             # the CRT client (when awscrt is installed) resolves credentials and endpoints its own way
             preferred_transfer_client="classic",
         )
@@ -327,6 +368,83 @@ class S3Store(Store):
             self._bucket_seen = True
         return sorted(out)
 
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        full = self._list_prefix(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out = {}
+        with self._errors(f"s3://{self.bucket}/{full}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        out[obj["Key"][strip:]] = ObjectInfo(int(obj.get("Size", 0)), str(obj.get("ETag", "")))
+            self._bucket_seen = True
+        return dict(sorted(out.items()))
+
+    # ---- conditional writes ------------------------------------------------------------------
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        key = self._key(rel)
+        if not self.settings.conditional_writes:
+            # no If-None-Match: look, write, read back (two writers racing inside this window both win)
+            if self.exists(rel):
+                return None
+            self.write_bytes(rel, data)
+            body, version = self.read_versioned(rel)
+            return version if body == data else None
+        try:
+            with self._errors(self.url(rel)):
+                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+        except BadInput as e:
+            if _precondition_failed(e):
+                return None
+            raise
+        return str(resp.get("ETag", ""))
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        key = self._key(rel)
+        with self._errors(self.url(rel)):
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            return resp["Body"].read(), str(resp.get("ETag", ""))
+
+    def replace_if(self, rel: str, data: bytes, version: str) -> str | None:
+        key = self._key(rel)
+        if not self.settings.conditional_writes:
+            try:
+                _, now = self.read_versioned(rel)
+            except NotFoundInStore:
+                return None
+            if now != version:
+                return None
+            self.write_bytes(rel, data)
+            return self.read_versioned(rel)[1]
+        try:
+            with self._errors(self.url(rel)):
+                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=version)
+        except (BadInput, NotFoundInStore) as e:
+            if isinstance(e, NotFoundInStore) or _precondition_failed(e):
+                return None
+            raise
+        return str(resp.get("ETag", ""))
+
+    def clean_temp(self, prefix: str) -> int:
+        """S3 writes no temporary objects, but an upload killed mid-way leaves an unfinished multipart
+        upload (billed storage, invisible in listings): abort those under ``prefix``."""
+        full = self._list_prefix(prefix)
+        n = 0
+        with self._errors(f"s3://{self.bucket}/{full}"):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                     Prefix=full):
+                for up in page.get("Uploads", []) or []:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+        return n
+
+    def move(self, src: str, dst: str) -> None:
+        """A server-side copy (multipart for large objects: no download), then the delete."""
+        skey, dkey = self._key(src), self._key(dst)
+        with self._errors(self.url(src)):
+            self.client.copy({"Bucket": self.bucket, "Key": skey}, self.bucket, dkey, Config=self.transfer)
+        self.delete(src)
+
     def delete(self, rel: str) -> None:
         key = self._key(rel)
         with self._errors(self.url(rel)):
@@ -366,6 +484,14 @@ class S3Store(Store):
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """A conditional write refused: 412 PreconditionFailed, or 409 ConditionalRequestConflict (a
+    concurrent conditional write to the same key)."""
+    cause = _client_error_in(e)
+    return cause is not None and (_status(cause) in (409, 412) or _code(cause) in (
+        "PreconditionFailed", "ConditionalRequestConflict"))
 
 
 def _client_error_in(exc: BaseException) -> botocore.exceptions.ClientError | None:

@@ -73,6 +73,8 @@ def format_errors(err: ValidationError, source: str, lines: dict[tuple[Any, ...]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section)"
         out.append(f"{where}: {dotted}: {msg}")
+    if len(out) == 1:  # one problem: one line
+        return f"invalid {what}: {out[0]}"
     return f"invalid {what}:\n  " + "\n  ".join(out)
 
 

@@ -278,7 +278,10 @@ def test_manifest_commit_and_verify(store: Store, tmp_path: Path) -> None:
     )
     stored = read_manifest(store, "filter-x")
     assert stored == json.loads(json.dumps(manifest))
-    assert stored["files"]["data/sub/b.bin"] == {"size": 2000, "sha256": sha(out / "data/sub/b.bin")}
+    b_meta = stored["files"]["data/sub/b.bin"]
+    assert {k: b_meta[k] for k in ("size", "sha256")} == {"size": 2000, "sha256": sha(out / "data/sub/b.bin")}
+    # the change token a listing shows right after the upload (S3 ETag / local mtime)
+    assert b_meta["token"] == store.list_info("filter-x/")["filter-x/data/sub/b.bin"].token
     assert stored["counts"] == {"rows": 50} and stored["teacher"] == "m"
     assert verify(store, "filter-x") == []
     assert verify(store, "never-run") == ["never-run: not committed"]
@@ -466,7 +469,12 @@ def test_s3_server_errors_are_retried_then_retryable(
 def test_settings_from_env() -> None:
     s = S3Settings.from_env({"AWS_REGION": "eu-west-3"})
     assert (s.endpoint_url, s.region, s.addressing_style) == (None, "eu-west-3", "auto")
-    assert (s.multipart_threshold, s.multipart_chunksize, s.max_attempts) == (64 * MiB, 64 * MiB, 5)
+    assert (s.multipart_threshold, s.multipart_chunksize, s.max_attempts) == (64 * MiB, 64 * MiB, 3)
+    # every operation is bounded: a store that stops answering fails it within a minute or two
+    assert (s.connect_timeout, s.read_timeout) == (5.0, 20.0)
+    assert 60 < s.worst_case_s <= 120
+    t = S3Settings.from_env({"AWS_REGION": "r", "BEZOAR_S3_CONNECT_TIMEOUT": "1.5", "BEZOAR_S3_READ_TIMEOUT": "4"})
+    assert (t.connect_timeout, t.read_timeout) == (1.5, 4.0)
 
     s = S3Settings.from_env({"AWS_DEFAULT_REGION": "us-west-2", "AWS_ENDPOINT_URL_S3": "http://minio:9000"})
     assert (s.region, s.addressing_style, s.endpoint_url) == ("us-west-2", "path", None)  # boto3 reads it
@@ -495,6 +503,8 @@ def test_settings_from_env() -> None:
         "BEZOAR_S3_MAX_ATTEMPTS": "0",
         "BEZOAR_S3_ADDRESSING_STYLE": "sideways",
         "BEZOAR_S3_ENDPOINT_URL": "minio:9000",
+        "BEZOAR_S3_READ_TIMEOUT": "0",
+        "BEZOAR_S3_CONNECT_TIMEOUT": "soon",
     }
     for var, value in bad.items():
         with pytest.raises(BadInput) as e:
