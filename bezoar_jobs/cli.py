@@ -126,6 +126,15 @@ def _stages_for(a: argparse.Namespace, store: Store, recipe: Recipe) -> list[str
     return stages
 
 
+def _check_training_configs(recipe: Recipe, stages: list[str]) -> None:
+    """Before anything is spent: the recipe's pass-through sections were checked against the TRL/PEFT
+    fields when it loaded; where TRL is installed, also build each selected training stage's configs
+    (the classes' own checks of combinations). The controller image has no TRL: nothing to import."""
+    from .passthrough import build_all
+
+    build_all(recipe, stages)
+
+
 def _register_keys(recipe: Recipe) -> None:
     """Mask the recipe's API keys in what this process relays (the stage processes mask them too)."""
     import os
@@ -149,7 +158,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     recipe, text = load_recipe(a.recipe)
     store = open_store(a.run)
     stages = _stages_for(a, store, recipe)
-    if a.executor == "kubernetes":
+    if a.executor == "kubernetes":  # the controller path never imports TRL: the load-time schema check it is
         from .executors.cluster import ClusterSettings, load_cluster_settings
         from .executors.kubernetes import run_pipeline
 
@@ -163,6 +172,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             stages=stages,
             force=a.force,
         )
+    _check_training_configs(recipe, stages)
     from .executors.local import run_local
     from .layout import RUN_LEASE
     from .lease import Lease
@@ -193,7 +203,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     recipe, _ = load_recipe(a.recipe)
     store = open_store(a.run)
-    rows = plan(recipe, store, select(a.from_, a.until, a.only))
+    stages = select(a.from_, a.until, a.only)
+    _check_training_configs(recipe, stages)
+    rows = plan(recipe, store, stages)
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0

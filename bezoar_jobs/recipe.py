@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
+from .passthrough import check_recipe
 from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
@@ -223,7 +224,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             f"{source}:{key_lines(text).get(('schema_version',), '?')}: schema_version: "
             f"{data.get('schema_version')!r} is not supported (this version reads {SCHEMA_VERSION})"
         )
-    return validate(Recipe, data, text, source, "recipe")
+    recipe = validate(Recipe, data, text, source, "recipe")
+    # the pass-through sections too, now: not when the training stage finally builds them
+    check_recipe(recipe, key_lines(text), source)
+    return recipe
 
 
 def load_recipe(uri: str | Path) -> tuple[Recipe, str]:

@@ -50,6 +50,7 @@ from ..errors import BadInput, RetryableError
 from ..recipe import Endpoint
 from ..redact import redact, redact_known
 from .base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
+from .ratelimit import TokenBucket
 from .render import estimate_tokens
 
 log = logging.getLogger("bezoar.llm")
@@ -130,37 +131,6 @@ def classify_status(
     if status == 404:
         return BadInput(f"{where}: HTTP 404 ({short}): wrong base_url or unknown model")
     return Rejected(f"HTTP {status}: {short}", status=status)
-
-
-class TokenBucket:
-    """``rate`` units per second, bursts up to ``capacity``. Waiters are served in order."""
-
-    def __init__(self, rate_per_s: float, capacity: float):
-        self.rate = rate_per_s
-        self.capacity = max(capacity, 1.0)
-        self.level = self.capacity
-        self.t = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
-        self.t = now
-
-    async def take(self, amount: float) -> None:
-        amount = min(amount, self.capacity)  # a request bigger than the bucket waits for a full one
-        async with self.lock:
-            while True:
-                self._refill()
-                if self.level >= amount:
-                    self.level -= amount
-                    return
-                await asyncio.sleep((amount - self.level) / self.rate)
-
-    def adjust(self, extra: float) -> None:
-        """Charge (or refund, when negative) the difference between the estimate and the truth."""
-        self._refill()
-        self.level = min(self.capacity, self.level - extra)
 
 
 class RemoteClient(LLMClient):
