@@ -85,8 +85,8 @@ def test_the_field_schema_catches(tmp_path, section, message):
 
 
 def test_a_combination_only_the_class_refuses_stops_plan_where_trl_is_installed(tmp_path):
-    recipe = scripted_recipe(tmp_path, "http://127.0.0.1:9",
-                             **{"training.dpo": {"dpo_args": {"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}}})
+    refused = {"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}  # TRL: one weight per loss type
+    recipe = scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"training.dpo": {"dpo_args": refused}})
     res = bezoar("plan", "--recipe", str(recipe), "--run", str(tmp_path / "run"))
     assert res.returncode == 2 and "training.dpo.dpo_args: DPOConfig refused the settings" in res.stderr
     data_only = bezoar("plan", "--recipe", str(recipe), "--run", str(tmp_path / "run"), "--until", "filter-orca")

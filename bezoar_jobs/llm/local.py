@@ -44,7 +44,10 @@ class LocalClient(LLMClient):
         self.model_id = endpoint.model
         self.usage = UsageTotals()
         if model is None or tokenizer is None:
-            path = resolve_model(endpoint.model, endpoint.revision, trust_remote_code=endpoint.trust_remote_code)
+            try:
+                path = resolve_model(endpoint.model, endpoint.revision, trust_remote_code=endpoint.trust_remote_code)
+            except BadInput as e:  # name the recipe field, not only the path
+                raise BadInput(f"{role}.model: {e}") from None
             tokenizer = load_tokenizer(path, trust_remote_code=endpoint.trust_remote_code)
             model = load_causal_lm(path, endpoint.dtype, endpoint.device, trust_remote_code=endpoint.trust_remote_code)
         self.tokenizer = tokenizer
