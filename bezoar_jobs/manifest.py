@@ -27,7 +27,7 @@ from typing import Any
 from . import __version__
 from .errors import BadInput
 from .layout import MANIFEST, WORK_DIR, is_work_path, manifest_path
-from .store import NotFoundInStore, Store
+from .store import NotFoundInStore, ObjectInfo, Store
 
 MANIFEST_SCHEMA = 1
 
@@ -114,7 +114,7 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         store.upload_file(path, f"{stage}/{rel}")
     # the change token of each object as stored: `bezoar run` compares a listing against it
-    listed = store.list_info(stage + "/")
+    listed = _list_committed(store, stage, files)
     for rel, meta in files.items():
         obj = listed.get(f"{stage}/{rel}")
         if obj is not None and obj.size == meta["size"]:
@@ -154,7 +154,7 @@ def quick_check(store: Store, stage: str, m: dict[str, Any]) -> list[str]:
     """Problems of a committed stage's files found cheaply: one listing (missing, size, change token);
     a file whose token changed is hashed (downloaded from S3) to tell an edit from a mere touch."""
     problems = []
-    listed = store.list_info(stage + "/")
+    listed = _list_committed(store, stage, m.get("files", {}))
     for rel, meta in sorted(m.get("files", {}).items()):
         info = listed.get(f"{stage}/{rel}")
         if info is None:
@@ -168,6 +168,16 @@ def quick_check(store: Store, stage: str, m: dict[str, Any]) -> list[str]:
             else:
                 _CONFIRMED.add((stage, rel, info.token))
     return problems
+
+
+def _list_committed(store: Store, stage: str, rels: dict[str, Any]) -> dict[str, ObjectInfo]:
+    """Sizes and change tokens of a stage's committed objects: one listing per top-level entry they
+    are under (data, rejected, model, metrics.jsonl ...), never the stage's ``_work/``, which may hold
+    thousands of record parts and checkpoints."""
+    listed: dict[str, ObjectInfo] = {}
+    for top in sorted({rel.split("/", 1)[0] for rel in rels}):
+        listed.update(store.list_info(f"{stage}/{top}"))
+    return listed
 
 
 def _hash_check(store: Store, stage: str, rel: str, meta: dict[str, Any]) -> str | None:

@@ -298,8 +298,10 @@ class LLMTestServer:
         if self.echo_headers:
             plain_error = error
 
-            def error(status: int, msg: str) -> dict:  # the same error body, quoting the headers
-                return plain_error(status, f"{msg}; you sent: {json.dumps(dict(request.headers))}")
+            def error(status: int, msg: str) -> dict:  # the same error body, quoting the credentials first
+                sent = f"Authorization: {request.headers.get('Authorization')}, x-api-key: " \
+                       f"{request.headers.get('x-api-key')}"
+                return plain_error(status, f"{msg}; you sent {sent}; all headers: {json.dumps(dict(request.headers))}")
 
         with self._lock:
             call = Call(n=len(self.calls), route=route, path=request.path, prompt=prompt, system=system, user=user,
