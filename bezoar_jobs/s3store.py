@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,9 @@ from .s3settings import MiB, S3Settings, parse_size
 from .store_base import NotFoundInStore, ObjectInfo, Store
 
 __all__ = ["MiB", "S3Settings", "S3Store", "parse_size"]
+
+# after an operation found the store unreachable, further operations fail at once for this long
+UNREACHABLE_PAUSE_S = 60.0
 
 # Said in every credentials error so an operator knows where to look, without naming any value.
 CREDENTIAL_SOURCES = (
@@ -118,6 +122,7 @@ class S3Store(Store):
             preferred_transfer_client="classic",
         )
         self._bucket_seen = False  # set once the bucket answered: a later 404 then means "no object"
+        self._unreachable: tuple[float, str] | None = None  # (when, why) the store last did not answer
 
     # ---- keys -----------------------------------------------------------------------------
     def _key(self, rel: str) -> str:
@@ -207,6 +212,16 @@ class S3Store(Store):
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        # a store that just did not answer (every attempt timed out or could not connect) is not asked
+        # again for a while: the stage is failing anyway, and each further operation (the last records,
+        # the cache, the lease) would wait out its own timeouts before it too gave up
+        down = self._unreachable
+        if down is not None:
+            ago = time.monotonic() - down[0]
+            if ago < UNREACHABLE_PAUSE_S:
+                raise RetryableError(f"{what}: cannot reach {self._endpoint()} (it did not answer {ago:.0f} s ago: "
+                                     f"{down[1]}); a retry may succeed")
+            self._unreachable = None
         try:
             yield
         except (
@@ -214,7 +229,11 @@ class S3Store(Store):
             botocore.exceptions.BotoCoreError,
             boto3.exceptions.Boto3Error,
         ) as e:
-            raise self._translate(e, what) from e
+            err = self._translate(e, what)
+            cause = _unreachable_in(e)
+            if cause is not None:
+                self._unreachable = (time.monotonic(), type(cause).__name__)
+            raise err from e
 
     # ---- the primitives ---------------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
@@ -370,6 +389,18 @@ class S3Store(Store):
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _unreachable_in(exc: BaseException) -> BaseException | None:
+    """The connection failure or timeout behind ``exc`` (s3transfer wraps them), if that is what it was."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__ or getattr(cur, "last_exception", None)
+    return None
 
 
 def _precondition_failed(e: BaseException) -> bool:

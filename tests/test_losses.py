@@ -166,3 +166,30 @@ def test_teacher_losses_are_loud_counted_and_limited(tmp_path):
     row = next(r for r in funnel(collect(open_store(run))) if r["scheme"] == "orca")
     assert row["requests_lost"] == lost and row["retries"] == req["retries"]
     assert row["lost_by_cause"] == {"HTTP 503": lost}
+
+
+def test_causes_read_from_an_error_text():
+    from bezoar_jobs.stages.common import cause_of
+
+    assert cause_of("judge request failed: failed after 7 attempts: HTTP 503: overloaded") == "HTTP 503"
+    assert cause_of("refused by the server: HTTP 400: bad max_tokens") == "HTTP 400 refused"
+    assert cause_of("failed after 3 attempts: no answer within timeout_s=10") == "timeout"
+    assert cause_of("failed after 3 attempts: malformed answer: no usage") == "malformed"
+    assert cause_of("something else") == "error"
+
+
+def test_evol_rejected_rows_carry_the_teachers_error(tmp_path):
+    def evolve_503(prompt: str) -> str | None:  # some evolutions never get an answer
+        evolving = "write only the new task" in prompt.lower() or "invented task" in prompt.lower()
+        return "503" if evolving and zlib.crc32(prompt.encode()) % 3 == 0 else None
+
+    with LLMTestServer(script=scripted_answer, api_key="test-key", rule=evolve_503, retry_after=None) as srv:
+        recipe = scripted_recipe(tmp_path, srv.url, **{"generation.max_failed_fraction": 0.9})
+        run = tmp_path / "run"
+        res = bezoar("stage", "generate-evol", "--recipe", str(recipe), "--run", str(run))
+        assert res.returncode == 0, res.stderr[-2000:]
+    rejected = _rows(run / "generate-evol" / "rejected" / "rejected.jsonl")
+    errors = [r for r in rejected if r["reason"].startswith("teacher error")]
+    assert errors and all("failed after 4 attempts: HTTP 503" in r["reason"] for r in errors)
+    m = read_manifest(open_store(run), "generate-evol")
+    assert m["requests"]["failed_by_cause"] == {"HTTP 503": len(errors)}

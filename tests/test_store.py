@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -416,6 +417,33 @@ def test_s3_unreachable_endpoint_is_retryable(s3_env: dict[str, str], monkeypatc
             call()
         assert e.value.exit_code == EXIT_RETRYABLE
         assert "cannot reach http://127.0.0.1:" in str(e.value)
+
+
+def test_s3_a_store_that_does_not_answer_fails_within_its_timeouts(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen server accepts connections and never answers (what SIGSTOP does): the first operation
+    gives up after its read timeouts; the next ones, for a while, at once (issue 11, finding 6)."""
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(16)  # the kernel completes the handshakes; nobody ever reads
+    try:
+        monkeypatch.setenv("BEZOAR_S3_ENDPOINT_URL", f"http://127.0.0.1:{frozen.getsockname()[1]}")
+        monkeypatch.setenv("BEZOAR_S3_MAX_ATTEMPTS", "2")
+        monkeypatch.setenv("BEZOAR_S3_READ_TIMEOUT", "1")
+        store = open_store("s3://some-bucket/runs/x")
+        t0 = time.monotonic()
+        with pytest.raises(RetryableError, match="cannot reach"):
+            store.write_bytes("a", b"x")
+        first = time.monotonic() - t0
+        assert 2 <= first < store.settings.worst_case_s + 5  # two attempts of one second, plus backoff
+        t0 = time.monotonic()
+        for call in (lambda: store.read_bytes("a"), lambda: store.list(), lambda: store.create_exclusive("l", b"x")):
+            with pytest.raises(RetryableError, match="did not answer"):
+                call()
+        assert time.monotonic() - t0 < 1
+    finally:
+        frozen.close()
 
 
 @pytest.fixture

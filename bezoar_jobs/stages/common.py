@@ -170,9 +170,25 @@ def usage_dict(u: UsageTotals) -> dict[str, Any]:
         "requests": u.requests,
         "failed": u.failed,
         "cached": u.cached,
+        "retries": u.retries,
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
     }
+
+
+_HTTP = re.compile(r"\bHTTP (\d{3})\b")
+
+
+def cause_of(error: str) -> str:
+    """The cause of a request failure from its text (for stages that keep only the text)."""
+    m = _HTTP.search(error)
+    if m:
+        return f"HTTP {m.group(1)}" + (" refused" if "refused by the server" in error else "")
+    for key, cause in (("timeout", "timeout"), ("timed out", "timeout"), ("connection", "connection"),
+                       ("malformed", "malformed")):
+        if key in error:
+            return cause
+    return "error"
 
 
 _WS = re.compile(r"\s+")
