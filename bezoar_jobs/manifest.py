@@ -5,8 +5,8 @@ with its size, sha256 and change token (S3 ETag / local mtime, as a listing show
 upload). Readers (later stages, the controller, ``status``, ``verify``, the report) only ever trust
 what a manifest lists, and check it:
 
-- a stage hashes every committed file it reads against its manifest before using it
-  (:func:`check_local_file`, through ``StageContext.fetch_input``) and refuses a damaged one;
+- a stage hashes every committed file it reads and checks it against its manifest before using it
+  (:func:`check_against`, through ``StageContext.fetch_input``), refusing a damaged one;
 - ``bezoar run`` and ``plan`` treat a stage whose files differ from its manifest as not committed
   (:func:`quick_check`: one listing per stage; a changed token is confirmed by hashing that file);
 - a manifest that does not parse is *damaged* (:class:`DamagedManifest`): the stage counts as not
@@ -135,15 +135,13 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
     return manifest
 
 
-def check_local_file(path: Path, meta: dict[str, Any], label: str) -> None:
-    """Raise :class:`DamagedInput` naming ``label`` when ``path`` differs from its manifest entry."""
-    size = path.stat().st_size
+def check_against(meta: dict[str, Any], size: int, sha256: str) -> str | None:
+    """What differs between a file (its size and sha256) and its manifest entry; None: nothing."""
     if size != meta["size"]:
-        raise DamagedInput(f"{label}: {size} bytes, but its manifest says {meta['size']}: the committed file "
-                           "was changed or damaged after commit; nothing was read from it")
-    if sha256_file(path) != meta["sha256"]:
-        raise DamagedInput(f"{label}: its sha256 differs from its manifest: the committed file was changed or "
-                           "damaged after commit; nothing was read from it")
+        return f"{size} bytes, but its manifest says {meta['size']}"
+    if sha256 != meta["sha256"]:
+        return "its sha256 differs from its manifest"
+    return None
 
 
 # (stage, file, token) whose content was hashed and found right: a touched file is hashed once

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BadInput, Interrupted
 from .layout import work_prefix
 from .lease import Lease
-from .manifest import CommitInfo, DamagedInput, check_local_file, commit, read_manifest
+from .manifest import CommitInfo, DamagedInput, check_against, commit, read_manifest
 from .recipe_view import view
 from .registry import spec
 from .state import input_hashes, params_hash, prepare_force, up_to_date
@@ -144,14 +144,15 @@ class StageContext:
         if not wanted:
             raise BadInput(f"{self.name}: input stage {stage!r} has no {sub}/ in its manifest")
         for rel in wanted:
-            local = self.scratch / "inputs" / stage / rel
-            self.store.download_file(f"{stage}/{rel}", local)
-            try:
-                check_local_file(local, m["files"][rel], f"{self.name}: input {self.store.url(f'{stage}/{rel}')}")
-            except DamagedInput as e:
-                raise DamagedInput(f"{e}. Run `bezoar verify --run {self.store.uri}` to see the damage and "
-                                   f"`bezoar repair --run {self.store.uri}` to move {stage} aside so it reruns "
-                                   "(`bezoar run` reruns it by itself)") from None
+            # what it costs: docs/benchmarks.md, "Reading committed inputs"
+            size, sha = self.store.fetch_hashed(f"{stage}/{rel}", self.scratch / "inputs" / stage / rel)
+            problem = check_against(m["files"][rel], size, sha)
+            if problem:
+                raise DamagedInput(
+                    f"{self.name}: input {self.store.url(f'{stage}/{rel}')}: {problem}: the committed file was changed "
+                    f"or damaged after commit; nothing was read from it. Run `bezoar verify --run {self.store.uri}` "
+                    f"to see the damage and `bezoar repair --run {self.store.uri}` to move {stage} aside so it "
+                    "reruns (`bezoar run` reruns it by itself)")
         return dest
 
     def metrics(self, record: dict[str, Any]) -> None:

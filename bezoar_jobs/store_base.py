@@ -7,6 +7,7 @@ run* and uses ``/``.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -63,6 +64,17 @@ class Store(ABC):
     @abstractmethod
     def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
         """Like :meth:`list`, with each object's size and change token (one listing, no download)."""
+
+    def fetch_hashed(self, rel: str, local: Path) -> tuple[int, str]:
+        """Download an object and return its (size, sha256). A download (zero-copy locally, parallel
+        ranges on S3) then a hash of the file still in the page cache: measured no slower than hashing
+        while streaming one GET (docs/benchmarks.md, "Reading committed inputs")."""
+        self.download_file(rel, local)
+        h = hashlib.sha256()
+        with open(local, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return Path(local).stat().st_size, h.hexdigest()
 
     # ---- conditional writes (leases) --------------------------------------------------------
     @abstractmethod
