@@ -158,7 +158,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     recipe, text = load_recipe(a.recipe)
     store = open_store(a.run)
     stages = _stages_for(a, store, recipe)
-    if a.executor == "kubernetes":  # the controller path never imports TRL: the load-time schema check it is
+    if a.executor == "kubernetes":  # the controller path never imports TRL: the schema check at load suffices
         from .executors.cluster import ClusterSettings, load_cluster_settings
         from .executors.kubernetes import run_pipeline
 

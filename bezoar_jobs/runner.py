@@ -124,10 +124,6 @@ class StageContext:
         if self._stop["flag"]:
             raise Interrupted(f"{self.name}: stopped by SIGTERM; progress is saved under _work/")
 
-    def stop(self) -> None:
-        """Ask the stage to stop as SIGTERM would (save progress, exit non-zero)."""
-        self._stop["flag"] = True
-
     def input_manifest(self, stage: str) -> dict[str, Any]:
         m = read_manifest(self.store, stage)
         if m is None:
