@@ -5,7 +5,8 @@
              [--executor local|kubernetes] [--cluster FILE] [--run-id ID] [--parallel N]
   bezoar plan --recipe FILE --run URI
   bezoar status --run URI [--json]
-  bezoar verify --run URI
+  bezoar verify --run URI [--fix]
+  bezoar repair --run URI
   bezoar report --run URI
   bezoar render --recipe FILE --cluster FILE --run URI --out DIR [--run-id ID]
   bezoar cancel --run URI [--cluster FILE] [--run-id ID]
@@ -24,15 +25,48 @@ import time
 import traceback
 from typing import Any
 
-from . import __version__
+from . import __version__, redact
 from .errors import BadInput, BezoarError
-from .manifest import read_manifest, verify
+from .manifest import manifest_state, read_manifest, verify
 from .pipeline import select, stage_inputs
 from .recipe import Recipe, load_recipe
 from .registry import CANONICAL
 from .store import Store, open_store
 
 log = logging.getLogger("bezoar")
+
+
+class _SurvivingStream:
+    """stdout/stderr that outlive their reader: a stage whose `bezoar run` parent was killed keeps
+    running to its commit (as a Kubernetes Job outlives its controller) instead of dying of a broken
+    pipe at its next log line; once the reader is gone, output goes to /dev/null."""
+
+    def __init__(self, stream: Any):  # noqa: ANN401 - a text stream
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - isatty, fileno, encoding ...
+        return getattr(self._stream, name)
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -44,6 +78,10 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "s3transfer", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # nothing we print carries a secret: the credentials in the environment and every key a client
+    # resolves are masked in every log line, whatever a server echoed back
+    redact.register_env()
+    redact.install()
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -88,12 +126,39 @@ def _stages_for(a: argparse.Namespace, store: Store, recipe: Recipe) -> list[str
     return stages
 
 
+def _check_training_configs(recipe: Recipe, stages: list[str]) -> None:
+    """Before anything is spent: the recipe's pass-through sections were checked against the TRL/PEFT
+    fields when it loaded; where TRL is installed, also build each selected training stage's configs
+    (the classes' own checks of combinations). The controller image has no TRL: nothing to import."""
+    from .passthrough import build_all
+
+    build_all(recipe, stages)
+
+
+def _register_keys(recipe: Recipe) -> None:
+    """Mask the recipe's API keys in what this process relays (the stage processes mask them too)."""
+    import os
+    from pathlib import Path
+
+    mt = getattr(getattr(recipe.evaluation, "mtbench", None), "judge", None)
+    for e in (recipe.teacher, recipe.judge, mt):
+        if e is None:
+            continue
+        if e.api_key_env:
+            redact.register(os.environ.get(e.api_key_env))
+        elif e.api_key_file:
+            try:
+                redact.register(Path(e.api_key_file).expanduser().read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                pass  # the stage that needs it says what is wrong
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     """Freeze the recipe, then the one scheduler over the chosen backend (local processes or Jobs)."""
     recipe, text = load_recipe(a.recipe)
     store = open_store(a.run)
     stages = _stages_for(a, store, recipe)
-    if a.executor == "kubernetes":
+    if a.executor == "kubernetes":  # the controller path never imports TRL: the schema check at load suffices
         from .executors.cluster import ClusterSettings, load_cluster_settings
         from .executors.kubernetes import run_pipeline
 
@@ -107,12 +172,18 @@ def cmd_run(a: argparse.Namespace) -> int:
             stages=stages,
             force=a.force,
         )
+    _check_training_configs(recipe, stages)
     from .executors.local import run_local
+    from .layout import RUN_LEASE
+    from .lease import Lease
     from .state import freeze_recipe
 
-    freeze_recipe(store, text, a.recipe)
-    t0 = time.time()
-    rc = run_local(recipe, store, stages, force=a.force, parallel=a.parallel).exit_code
+    _register_keys(recipe)
+    # one `bezoar run` per run: a second one would refreeze the recipe under the first one's stages
+    with Lease(store, RUN_LEASE, "bezoar run" + (f" --only {' '.join(a.only)}" if a.only else "")):
+        freeze_recipe(store, text, a.recipe)
+        t0 = time.time()
+        rc = run_local(recipe, store, stages, force=a.force, parallel=a.parallel).exit_code
     log.info("pipeline %s after %.1f s", "finished" if rc == 0 else f"FAILED (exit {rc})", time.time() - t0)
     if rc == 0:
         for name in stages:
@@ -132,7 +203,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     recipe, _ = load_recipe(a.recipe)
     store = open_store(a.run)
-    rows = plan(recipe, store, select(a.from_, a.until, a.only))
+    stages = select(a.from_, a.until, a.only)
+    _check_training_configs(recipe, stages)
+    rows = plan(recipe, store, stages)
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -158,12 +231,13 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
 
     rows = []
     for name in CANONICAL:
-        m = read_manifest(store, name)
-        state = "committed" if m is not None else stage_state(store, name)
+        mstate, m, why = manifest_state(store, name)
+        state = "committed" if m is not None else "damaged" if mstate == "damaged" else stage_state(store, name)
         rows.append(
             {
                 "stage": name,
                 "state": state,
+                **({"problem": why} if why else {}),
                 "counts": (m or {}).get("counts", {}),
                 "seconds": (m or {}).get("timings", {}).get("seconds"),
                 "committed_at": (m or {}).get("committed_at"),
@@ -184,27 +258,68 @@ def cmd_status(a: argparse.Namespace) -> int:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if not isinstance(v, dict))
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         print(f"{r['stage']:<16} {r['state']:<10} {secs:>8}  {counts}")
+    damaged = [r for r in rows if r["state"] == "damaged"]
+    for r in damaged:
+        print(f"damaged: {r['problem']}")
     return 0
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
+    """Re-hash every committed file of every stage; report every problem and go on. ``--fix``: then
+    repair (move the damaged stages aside)."""
     store = open_store(a.run)
-    bad = 0
     checked = 0
+    damaged: dict[str, list[str]] = {}
     for name in CANONICAL:
-        if read_manifest(store, name) is None:
+        state, _, why = manifest_state(store, name)
+        if state == "pending":
             continue
-        problems = verify(store, name)
         checked += 1
+        problems = [why] if state == "damaged" else verify(store, name)
         if problems:
-            bad += 1
+            damaged[name] = problems
             for p in problems:
                 print(f"FAIL {p}")
         else:
             print(f"ok   {name}")
     if not checked:
         print(f"no committed stage in {store.uri}")
-    return 1 if bad else 0
+    if damaged and a.fix:
+        return _repair(store, damaged)
+    if damaged:
+        print(f"{len(damaged)} stage(s) damaged: `bezoar repair --run {a.run}` moves them aside so they rerun")
+    return 1 if damaged else 0
+
+
+def cmd_repair(a: argparse.Namespace) -> int:
+    """Move every damaged stage aside (a manifest that does not parse, a file that differs from its
+    manifest) so that the next `bezoar run` reruns it; remove what interrupted writes left."""
+    store = open_store(a.run)
+    damaged: dict[str, list[str]] = {}
+    for name in CANONICAL:
+        state, _, why = manifest_state(store, name)
+        if state == "damaged":
+            damaged[name] = [why]
+        elif state == "committed":
+            problems = verify(store, name)
+            if problems:
+                damaged[name] = problems
+    return _repair(store, damaged)
+
+
+def _repair(store: Store, damaged: dict[str, list[str]]) -> int:
+    from .repair import repair_stage
+
+    for name, problems in damaged.items():
+        where = repair_stage(store, name, problems)
+        print(f"moved {name} aside to {where} ({problems[0]}); it reruns on the next `bezoar run`")
+    from .repair import clean_leftovers
+
+    for name, n in clean_leftovers(store).items():
+        print(f"removed {n} temporary object(s) an interrupted write left under {store.url(name)}")
+    if not damaged:
+        print(f"nothing to repair in {store.uri}")
+    return 0
 
 
 def cmd_render(a: argparse.Namespace) -> int:
@@ -279,9 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
 
-    v = sub.add_parser("verify", help="re-hash every committed file against its manifest")
+    v = sub.add_parser("verify", help="re-hash every committed file against its manifest; report every problem")
     v.add_argument("--run", required=True)
+    v.add_argument("--fix", action="store_true", help="then repair: move the damaged stages aside so they rerun")
     v.set_defaults(fn=cmd_verify)
+
+    rr = sub.add_parser("repair", help="move damaged stages aside (they rerun) and remove half-written files")
+    rr.add_argument("--run", required=True)
+    rr.set_defaults(fn=cmd_repair)
 
     rd = sub.add_parser("render", help="write one Kubernetes Job manifest per stage")
     rd.add_argument("--recipe", required=True)
@@ -305,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and not isinstance(sys.stderr, _SurvivingStream):  # the program, not a caller in process
+        sys.stdout = _SurvivingStream(sys.stdout)
+        sys.stderr = _SurvivingStream(sys.stderr)
     _setup_logging(args.verbose)
     try:
         return int(args.fn(args) or 0)
@@ -314,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception:  # a bug or an unexpected failure: retryable by contract, with the traceback
-        traceback.print_exc()
+        sys.stderr.write(redact.redact(traceback.format_exc()))
         return 1
 
 

@@ -5,6 +5,8 @@
 <run>/<stage>/_MANIFEST.json      written last: the stage is committed
 <run>/<stage>/_work/              in-progress records and checkpoints (never read as output)
 <run>/_cache/<namespace>/         teacher/judge answers by request hash
+<run>/_leases/<name>.json         who is running a stage (or the run) right now: one writer each
+<run>/_damaged/<stage>/<time>/    what `bezoar repair` moved aside (a damaged manifest, its files)
 ```
 Every path is relative to the run (see :mod:`bezoar_jobs.store`).
 """
@@ -15,6 +17,9 @@ RECIPE_FILE = "recipe.yaml"
 MANIFEST = "_MANIFEST.json"
 WORK_DIR = "_work"
 CACHE_DIR = "_cache"
+LEASE_DIR = "_leases"
+DAMAGED_DIR = "_damaged"
+RUN_LEASE = "run"  # the lease `bezoar run` holds on the whole run (stage names never clash with it)
 
 
 def manifest_path(stage: str) -> str:
@@ -28,3 +33,7 @@ def work_prefix(stage: str) -> str:
 
 def is_work_path(rel: str, stage: str) -> bool:
     return rel.startswith(work_prefix(stage) + "/")
+
+
+def lease_path(name: str) -> str:
+    return f"{LEASE_DIR}/{name}.json"

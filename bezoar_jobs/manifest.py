@@ -1,14 +1,24 @@
 """The commit rule: a stage's output exists only once ``<run>/<stage>/_MANIFEST.json`` exists.
 
 The manifest is written last, after every output file is in the store, and it lists every file
-with its size and sha256. Readers (later stages, the controller, ``status``, ``verify``, the report)
-only ever trust what a manifest lists.
+with its size, sha256 and change token (S3 ETag / local mtime, as a listing shows it right after the
+upload). Readers (later stages, the controller, ``status``, ``verify``, the report) only ever trust
+what a manifest lists, and check it:
+
+- a stage hashes every committed file it reads and checks it against its manifest before using it
+  (:func:`check_against`, through ``StageContext.fetch_input``), refusing a damaged one;
+- ``bezoar run`` and ``plan`` treat a stage whose files differ from its manifest as not committed
+  (:func:`quick_check`: one listing per stage; a changed token is confirmed by hashing that file);
+- a manifest that does not parse is *damaged* (:class:`DamagedManifest`): the stage counts as not
+  committed (it reruns, ``--force`` works), its readers refuse it by name, ``bezoar repair`` moves it
+  aside.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +27,17 @@ from typing import Any
 from . import __version__
 from .errors import BadInput
 from .layout import MANIFEST, WORK_DIR, is_work_path, manifest_path
-from .store import NotFoundInStore, Store
+from .store import NotFoundInStore, ObjectInfo, Store
 
 MANIFEST_SCHEMA = 1
+
+
+class DamagedManifest(BadInput):
+    """A ``_MANIFEST.json`` that cannot be read (truncated, edited): the stage is not committed."""
+
+
+class DamagedInput(BadInput):
+    """A committed file differs from its manifest (size or sha256): never read, never trusted."""
 
 
 def sha256_file(path: Path) -> str:
@@ -36,10 +54,29 @@ def read_manifest(store: Store, stage: str) -> dict[str, Any] | None:
         raw = store.read_bytes(manifest_path(stage))
     except NotFoundInStore:
         return None
+    where = store.url(manifest_path(stage))
+    hint = f"run `bezoar repair --run {store.uri}` to move it aside so {stage} reruns"
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{store.url(manifest_path(stage))}: manifest is not valid JSON: {e}") from None
+        m = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedManifest(f"{where}: the manifest is damaged (not valid JSON: {e}); {hint}") from None
+    files = m.get("files") if isinstance(m, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    ):
+        raise DamagedManifest(f"{where}: the manifest is damaged (no valid 'files' table); {hint}")
+    result: dict[str, Any] = m
+    return result
+
+
+def manifest_state(store: Store, stage: str) -> tuple[str, dict[str, Any] | None, str]:
+    """``("committed", manifest, "")``, ``("pending", None, "")`` or ``("damaged", None, why)``."""
+    try:
+        m = read_manifest(store, stage)
+    except DamagedManifest as e:
+        return "damaged", None, str(e)
+    return ("committed", m, "") if m is not None else ("pending", None, "")
 
 
 def manifest_hash(m: dict[str, Any]) -> str:
@@ -69,13 +106,19 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
     for rel in store.list(stage + "/"):
         if not is_work_path(rel, stage):
             store.delete(rel)
-    files = {}
+    files: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in Path(local_out).rglob("*") if p.is_file()):
         rel = path.relative_to(local_out).as_posix()
         if rel == MANIFEST or rel.startswith(WORK_DIR + "/"):
             continue
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         store.upload_file(path, f"{stage}/{rel}")
+    # the change token of each object as stored: `bezoar run` compares a listing against it
+    listed = _list_committed(store, stage, files)
+    for rel, meta in files.items():
+        obj = listed.get(f"{stage}/{rel}")
+        if obj is not None and obj.size == meta["size"]:
+            meta["token"] = obj.token
     manifest = {
         "stage": stage,
         "manifest_schema": MANIFEST_SCHEMA,
@@ -92,24 +135,75 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
     return manifest
 
 
+def check_against(meta: dict[str, Any], size: int, sha256: str) -> str | None:
+    """What differs between a file (its size and sha256) and its manifest entry; None: nothing."""
+    if size != meta["size"]:
+        return f"{size} bytes, but its manifest says {meta['size']}"
+    if sha256 != meta["sha256"]:
+        return "its sha256 differs from its manifest"
+    return None
+
+
+# (stage, file, token) whose content was hashed and found right: a touched file is hashed once
+_CONFIRMED: set[tuple[str, str, str]] = set()
+
+
+def quick_check(store: Store, stage: str, m: dict[str, Any]) -> list[str]:
+    """Problems of a committed stage's files found cheaply: one listing (missing, size, change token);
+    a file whose token changed is hashed (downloaded from S3) to tell an edit from a mere touch."""
+    problems = []
+    listed = _list_committed(store, stage, m.get("files", {}))
+    for rel, meta in sorted(m.get("files", {}).items()):
+        info = listed.get(f"{stage}/{rel}")
+        if info is None:
+            problems.append(f"{stage}/{rel}: listed in the manifest but missing")
+        elif info.size != meta["size"]:
+            problems.append(f"{stage}/{rel}: size {info.size} != {meta['size']}")
+        elif meta.get("token") and info.token != meta["token"] and (stage, rel, info.token) not in _CONFIRMED:
+            problem = _hash_check(store, stage, rel, meta)
+            if problem:
+                problems.append(problem)
+            else:
+                _CONFIRMED.add((stage, rel, info.token))
+    return problems
+
+
+def _list_committed(store: Store, stage: str, rels: dict[str, Any]) -> dict[str, ObjectInfo]:
+    """Sizes and change tokens of a stage's committed objects: one listing per top-level entry they
+    are under (data, rejected, model, metrics.jsonl ...), never the stage's ``_work/``, which may hold
+    thousands of record parts and checkpoints."""
+    listed: dict[str, ObjectInfo] = {}
+    for top in sorted({rel.split("/", 1)[0] for rel in rels}):
+        listed.update(store.list_info(f"{stage}/{top}"))
+    return listed
+
+
+def _hash_check(store: Store, stage: str, rel: str, meta: dict[str, Any]) -> str | None:
+    with tempfile.TemporaryDirectory(prefix="bezoar-verify-") as tmp:
+        local = Path(tmp) / "f"
+        try:
+            store.download_file(f"{stage}/{rel}", local)
+        except NotFoundInStore:
+            return f"{stage}/{rel}: listed in the manifest but missing"
+        if local.stat().st_size != meta["size"]:
+            return f"{stage}/{rel}: size {local.stat().st_size} != {meta['size']}"
+        if sha256_file(local) != meta["sha256"]:
+            return f"{stage}/{rel}: sha256 differs from the manifest"
+    return None
+
+
 def verify(store: Store, stage: str) -> list[str]:
-    """Re-hash every file a committed stage lists; return a list of problems (empty = good)."""
-    m = read_manifest(store, stage)
+    """Re-hash every file a committed stage lists; return a list of problems (empty = good). A
+    damaged manifest is one problem, reported, not raised."""
+    try:
+        m = read_manifest(store, stage)
+    except DamagedManifest as e:
+        return [str(e)]
     if m is None:
         return [f"{stage}: not committed"]
     problems = []
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for rel, meta in sorted(m.get("files", {}).items()):
-            local = Path(tmp) / "f"
-            try:
-                store.download_file(f"{stage}/{rel}", local)
-            except NotFoundInStore:
-                problems.append(f"{stage}/{rel}: listed in the manifest but missing")
-                continue
-            if local.stat().st_size != meta["size"]:
-                problems.append(f"{stage}/{rel}: size {local.stat().st_size} != {meta['size']}")
-            elif sha256_file(local) != meta["sha256"]:
-                problems.append(f"{stage}/{rel}: sha256 differs from the manifest")
+    for rel, meta in sorted(m.get("files", {}).items()):
+        problem = _hash_check(store, stage, rel, meta)
+        if problem:
+            problems.append(problem)
     return problems

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
+from .passthrough import check_recipe
 from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
@@ -60,6 +61,12 @@ class LaminiConfig(Strict):
     response_decoding: Decoding = Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2)
     min_instruction_words: PosInt = 3
     max_instructions: PosInt | None = Field(None, description="cap on instructions sent for responses")
+
+    @model_validator(mode="after")
+    def _some_prompts(self) -> LaminiConfig:
+        if self.example_prompts + self.topic_prompts == 0:
+            raise ValueError("example_prompts and topic_prompts are both 0: the stage would have nothing to ask")
+        return self
 
 
 class EvolConfig(Strict):
@@ -115,6 +122,12 @@ class GenerationConfig(Strict):
     evol: EvolConfig = EvolConfig()
     orca: OrcaConfig = OrcaConfig()
     flush_every: PosInt = Field(16, description="records per _work part file while generating")
+    max_failed_fraction: Prob = Field(
+        0.01,
+        description="a request phase of a generate or filter stage that loses more than this fraction of its "
+        "requests (failed for good, or an answer that stays unparseable) fails the stage (retryable) instead of "
+        "committing without them; every loss is counted in the manifest either way",
+    )
 
 
 class SeedsConfig(Strict):
@@ -148,6 +161,9 @@ class FilterConfig(Strict):
         "unparseable verdict)"
     )
     decoding: Decoding = Decoding(max_new_tokens=256, temperature=0.0)
+    allow_empty: bool = Field(
+        False, description="commit a filtered dataset with no row kept (by default that is an error: exit 2)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +224,10 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             f"{source}:{key_lines(text).get(('schema_version',), '?')}: schema_version: "
             f"{data.get('schema_version')!r} is not supported (this version reads {SCHEMA_VERSION})"
         )
-    return validate(Recipe, data, text, source, "recipe")
+    recipe = validate(Recipe, data, text, source, "recipe")
+    # the pass-through sections too, now: not when the training stage finally builds them
+    check_recipe(recipe, key_lines(text), source)
+    return recipe
 
 
 def load_recipe(uri: str | Path) -> tuple[Recipe, str]:
@@ -218,11 +237,25 @@ def load_recipe(uri: str | Path) -> tuple[Recipe, str]:
         from .store import open_store
 
         base, _, name = uri.rpartition("/")
-        text = open_store(base).read_text(name)
+        raw = open_store(base).read_bytes(name)
     else:
         p = Path(uri.removeprefix("file://"))
         try:
-            text = p.read_text(encoding="utf-8")
+            raw = p.read_bytes()
         except FileNotFoundError:
             raise BadInput(f"{uri}: recipe file not found") from None
-    return parse_recipe(text, uri), text
+        except IsADirectoryError:
+            raise BadInput(f"{uri}: is a directory, not a recipe file") from None
+        except OSError as e:
+            raise BadInput(f"{uri}: the recipe cannot be read: {e.strerror}") from None
+    return parse_recipe(decode_text(raw, uri, "recipe"), uri), decode_text(raw, uri, "recipe")
+
+
+def decode_text(raw: bytes, source: str, what: str) -> str:
+    """UTF-8 text, or a BadInput naming the file, the line and the byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise BadInput(f"{source}:{line}: the {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                       f"{e.start}); save it as UTF-8") from None

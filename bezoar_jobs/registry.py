@@ -174,8 +174,10 @@ class StageDef:
 LABELS: tuple[str, ...] = ("name", "description")
 
 # Data stages write their progress (teacher and judge answers) in part files of this many records:
-# how often they are flushed does not change any answer.
-_DATA_UNHASHED: tuple[str, ...] = ("generation.flush_every",)
+# how often they are flushed does not change any answer. The failed-request limit is a gate, not a
+# parameter: it decides whether a stage commits, never what it commits (a committed stage lost at most
+# the fraction of the day it ran), and hashing it would discard every paid-for record in _work/.
+_DATA_UNHASHED: tuple[str, ...] = ("generation.flush_every", "generation.max_failed_fraction")
 
 # The training stages' reads. Checkpoint cadence, loggers and hub upload are left out of the hash on
 # purpose: they do not change the trained weights, so changing them neither reruns a stage nor

@@ -6,6 +6,13 @@ function receives a :class:`StageContext` and returns a :class:`StageOutput`. Th
 is a view that lets the stage read only the fields its registry entry declares
 (:mod:`bezoar_jobs.recipe_view`), so its parameter hash always covers what it read.
 
+Before anything else the runner takes the stage's lease (:mod:`bezoar_jobs.lease`: one writer per
+stage; a second ``bezoar stage`` or ``bezoar run`` of the same stage stops at once, naming the
+holder), removes what an interrupted earlier run left half-written (temporary files, unfinished
+multipart uploads), and every committed input file a stage fetches is checked against its manifest
+(size and sha256) before the stage sees it. Before the commit it checks that it still holds the
+lease.
+
 Exit codes: 0 committed, 2 bad input, anything else retryable (see errors.py).
 """
 
@@ -18,6 +25,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -25,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput, Interrupted
 from .layout import work_prefix
-from .manifest import CommitInfo, commit, read_manifest
+from .lease import Lease
+from .manifest import CommitInfo, DamagedInput, check_against, commit, read_manifest
 from .recipe_view import view
 from .registry import spec
 from .state import input_hashes, params_hash, prepare_force, up_to_date
@@ -100,6 +109,8 @@ class StageContext:
     inputs: dict[str, str] = field(default_factory=dict)
     shard: tuple[int, int] | None = None
     log: logging.Logger = log
+    # request phase -> its counts (stages/common.Phase): the manifest's ``requests``
+    accounting: dict[str, dict[str, Any]] = field(default_factory=dict)
     _stop: dict[str, bool] = field(default_factory=lambda: {"flag": False})
 
     @property
@@ -120,14 +131,24 @@ class StageContext:
         return m
 
     def fetch_input(self, stage: str, sub: str) -> Path:
-        """Download the committed ``<run>/<stage>/<sub>/`` (only files its manifest lists)."""
+        """Download the committed ``<run>/<stage>/<sub>/`` (only files its manifest lists), each checked
+        against its manifest (size, sha256) before it is used: a damaged input is refused (exit 2),
+        naming the file."""
         m = self.input_manifest(stage)
         dest = self.scratch / "inputs" / stage / sub
         wanted = [rel for rel in m["files"] if rel == sub or rel.startswith(sub.rstrip("/") + "/")]
         if not wanted:
             raise BadInput(f"{self.name}: input stage {stage!r} has no {sub}/ in its manifest")
         for rel in wanted:
-            self.store.download_file(f"{stage}/{rel}", self.scratch / "inputs" / stage / rel)
+            # what it costs: docs/benchmarks.md, "Reading committed inputs"
+            size, sha = self.store.fetch_hashed(f"{stage}/{rel}", self.scratch / "inputs" / stage / rel)
+            problem = check_against(m["files"][rel], size, sha)
+            if problem:
+                raise DamagedInput(
+                    f"{self.name}: input {self.store.url(f'{stage}/{rel}')}: {problem}: the committed file was changed "
+                    f"or damaged after commit; nothing was read from it. Run `bezoar verify --run {self.store.uri}` "
+                    f"to see the damage and `bezoar repair --run {self.store.uri}` to move {stage} aside so it "
+                    "reruns (`bezoar run` reruns it by itself)")
         return dest
 
     def metrics(self, record: dict[str, Any]) -> None:
@@ -140,6 +161,19 @@ class StageOutput:
     counts: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # manifest extras: models, revisions, tokens
     committed: bool = True  # False for a shard run: only _work/ was written
+
+
+def requests_summary(accounting: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``requests``: totals over the stage's request phases, and each phase's counts."""
+    total: dict[str, Any] = {"needed": 0, "resumed": 0, "asked": 0, "answered": 0, "cached": 0, "retries": 0,
+                             "failed": 0, "unparseable": 0}
+    by_cause: dict[str, int] = {}
+    for st in accounting.values():
+        for k in total:
+            total[k] += int(st.get(k, 0) or 0)
+        for c, n in (st.get("failed_by_cause") or {}).items():
+            by_cause[c] = by_cause.get(c, 0) + int(n)
+    return {**total, "failed_by_cause": by_cause, "phases": accounting}
 
 
 def _install_sigterm(flag: dict[str, bool]) -> signal._HANDLER:
@@ -176,17 +210,40 @@ def run_stage(
         if ok:
             log.info("%s: already committed (%s)", name, why)
             return 0
-    if force and shard is None:
-        prepare_force(store, name)
+    lease_name = name if shard is None else f"{name}.shard-{shard[0]}-of-{shard[1]}"
+    command = f"bezoar stage {name}" + (f" --shard {shard[0]}/{shard[1]}" if shard else "")
+    stop: dict[str, bool] = {"flag": False}
+    lease = Lease(store, lease_name, command, on_lost=lambda why: stop.update(flag=True))
+    with lease:
+        if shard is None:
+            if not force:  # it may have been committed while we waited for the lease
+                ok, why = up_to_date(store, recipe, name)
+                if ok:
+                    log.info("%s: already committed (%s)", name, why)
+                    return 0
+            removed = store.clean_temp(name + "/")
+            if removed:
+                log.info("%s: removed %d temporary object(s) an interrupted run left behind", name, removed)
+            if force:
+                prepare_force(store, name, holder=lease.id)
+        try:
+            return _run(name, stage.function(), recipe, store, shard, stop, lease)
+        except Interrupted:
+            lease.check()  # a lost lease, not a SIGTERM: say so (LeaseLost, exit 3)
+            raise
+
+
+def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, store: Store,
+         shard: tuple[int, int] | None, stop: dict[str, bool], lease: Lease) -> int:
     inputs = input_hashes(store, name, recipe)
     ph = params_hash(recipe, name)
-    fn = stage.function()
     tmp = Path(tempfile.mkdtemp(prefix=f"bezoar-{name}-", dir=os.environ.get("BEZOAR_SCRATCH")))
     out, scratch = tmp / "out", tmp / "scratch"
     out.mkdir()
     scratch.mkdir()
-    ctx = StageContext(name=name, recipe=view(recipe, name, stage.readable), store=store, out=out, scratch=scratch,
-                       work=WorkArea(store, name), params_hash=ph, inputs=inputs, shard=shard)
+    ctx = StageContext(name=name, recipe=view(recipe, name, spec(name).readable), store=store, out=out,
+                       scratch=scratch, work=WorkArea(store, name), params_hash=ph, inputs=inputs, shard=shard,
+                       _stop=stop)
     prev = _install_sigterm(ctx._stop)
     t0 = time.time()
     try:
@@ -195,6 +252,9 @@ def run_stage(
         if not result.committed:
             log.info("%s: shard %s/%s done (records under _work/)", name, *(shard or (0, 1)))
             return 0
+        if ctx.accounting and "requests" not in result.extra:
+            result.extra["requests"] = requests_summary(ctx.accounting)
+        lease.check()  # never commit after another process took the stage over
         commit_output(store, name, out, ph, inputs, result, t0, recipe.name)
         return 0
     finally:

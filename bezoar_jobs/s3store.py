@@ -11,11 +11,22 @@ variables:
 ``BEZOAR_S3_ADDRESSING_STYLE``     ``path``, ``virtual`` or ``auto``; default ``path`` when a custom
                                    endpoint is set (most S3-compatible stores need it), else ``auto``
 ``BEZOAR_S3_MAX_ATTEMPTS``         attempts per request in botocore's ``standard`` retry mode
-                                   (then ``AWS_MAX_ATTEMPTS``, default 5)
+                                   (then ``AWS_MAX_ATTEMPTS``, default 3)
+``BEZOAR_S3_CONNECT_TIMEOUT``      seconds to open a connection (default 5)
+``BEZOAR_S3_READ_TIMEOUT``         seconds a socket may wait without progress (default 20)
+``BEZOAR_S3_CONDITIONAL_WRITES``   ``true`` (default): leases use ``If-None-Match``/``If-Match`` on
+                                   PutObject (AWS S3 since 2024, SeaweedFS, recent MinIO and Ceph);
+                                   ``false`` for a store without them (then a lease is written and
+                                   read back: two writers racing within that window both win)
 ``BEZOAR_S3_MULTIPART_THRESHOLD``  size from which transfers go multipart (default ``64MiB``)
 ``BEZOAR_S3_MULTIPART_CHUNKSIZE``  part size of multipart transfers (default ``64MiB``, min ``5MiB``)
 ``BEZOAR_S3_MAX_CONCURRENCY``      threads per multipart transfer (default 4)
 =================================  ==============================================================
+
+Every operation is bounded: a store that stops answering (a frozen server, a dead connection) costs
+at most ``max_attempts * (connect_timeout + read_timeout)`` plus botocore's backoff per operation
+(about 80 s with the defaults) and then raises :class:`RetryableError`, so a stage fails retryable
+instead of hanging (a frozen SeaweedFS, SIGSTOPped, once kept a stage blocked for over 7 minutes).
 
 Credentials come only from boto3's own chain (environment variables, the shared credentials file
 named by ``AWS_SHARED_CREDENTIALS_FILE``, a web identity as IRSA mounts it, instance metadata):
@@ -30,10 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +54,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from .errors import BadInput, RetryableError
-from .store_base import NotFoundInStore, Store
+from .s3settings import MiB, S3Settings, parse_size
+from .store_base import NotFoundInStore, ObjectInfo, Store
 
-MiB = 1 << 20
-DEFAULT_PART = 64 * MiB
-MIN_PART = 5 * MiB  # S3's smallest allowed part (all but the last)
-DEFAULT_MAX_ATTEMPTS = 5
-DEFAULT_REGION = "us-east-1"
+__all__ = ["MiB", "S3Settings", "S3Store", "parse_size"]
+
+# after an operation found the store unreachable, further operations fail at once for this long
+UNREACHABLE_PAUSE_S = 60.0
 
 # Said in every credentials error so an operator knows where to look, without naming any value.
 CREDENTIAL_SOURCES = (
@@ -76,87 +86,6 @@ _DENIED = {
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _RETRYABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "503"}
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str, var: str) -> int:
-    """``"64MiB"``, ``"5M"``, ``"5242880"`` -> bytes (binary units: S3 part sizes are MiB)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise BadInput(f"{var}={text!r}: not a size (write bytes, or a number with KiB, MiB or GiB)")
-    unit = (m.group(2) or "b").lower()[0]
-    return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
-
-
-def _int_env(env: Mapping[str, str], var: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(var)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"{var}={raw!r}: not an integer") from None
-    if value < minimum:
-        raise BadInput(f"{var}={raw!r}: must be at least {minimum}")
-    return value
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Client and transfer settings, read from the environment (see the module docstring)."""
-
-    endpoint_url: str | None
-    region: str
-    addressing_style: str
-    max_attempts: int
-    multipart_threshold: int
-    multipart_chunksize: int
-    max_concurrency: int
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> S3Settings:
-        env = os.environ if env is None else env
-        endpoint = (env.get("BEZOAR_S3_ENDPOINT_URL") or "").strip() or None
-        if endpoint and not re.match(r"^https?://[^/\s]+", endpoint):
-            raise BadInput(f"BEZOAR_S3_ENDPOINT_URL={endpoint!r}: expected http(s)://host[:port]")
-        # boto3 itself reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; we only need to know whether one
-        # is set, to pick path-style addressing for it.
-        custom_endpoint = bool(endpoint) or (
-            not _truthy(env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"))
-            and bool(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
-        )
-        style = (env.get("BEZOAR_S3_ADDRESSING_STYLE") or "").strip().lower()
-        if style and style not in ("path", "virtual", "auto"):
-            raise BadInput(f"BEZOAR_S3_ADDRESSING_STYLE={style!r}: expected path, virtual or auto")
-        if not style:
-            style = "path" if custom_endpoint else "auto"
-        region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip()
-        if not region:
-            # the profile's region (shared config file), then S3's historical default
-            region = boto3.session.Session().region_name or DEFAULT_REGION
-        attempts_var = "BEZOAR_S3_MAX_ATTEMPTS" if env.get("BEZOAR_S3_MAX_ATTEMPTS") else "AWS_MAX_ATTEMPTS"
-        threshold = parse_size(
-            env.get("BEZOAR_S3_MULTIPART_THRESHOLD") or str(DEFAULT_PART), "BEZOAR_S3_MULTIPART_THRESHOLD"
-        )
-        chunk_raw = env.get("BEZOAR_S3_MULTIPART_CHUNKSIZE") or str(DEFAULT_PART)
-        chunk = parse_size(chunk_raw, "BEZOAR_S3_MULTIPART_CHUNKSIZE")
-        if chunk < MIN_PART:
-            raise BadInput(f"BEZOAR_S3_MULTIPART_CHUNKSIZE={chunk_raw!r}: S3 parts must be at least 5MiB")
-        return cls(
-            endpoint_url=endpoint,
-            region=region,
-            addressing_style=style,
-            max_attempts=_int_env(env, attempts_var, DEFAULT_MAX_ATTEMPTS),
-            multipart_threshold=max(threshold, 1),
-            multipart_chunksize=chunk,
-            max_concurrency=_int_env(env, "BEZOAR_S3_MAX_CONCURRENCY", 4),
-        )
-
-
 class S3Store(Store):
     """A run under ``s3://bucket/prefix``. Each object is written whole (S3 PUTs are atomic)."""
 
@@ -172,8 +101,8 @@ class S3Store(Store):
             region_name=s.region,
             s3={"addressing_style": s.addressing_style},
             retries={"mode": "standard", "total_max_attempts": s.max_attempts},  # incl. the first
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
             # one connection per transfer thread, plus one for the caller
             max_pool_connections=max(10, s.max_concurrency + 1),
         )
@@ -187,10 +116,13 @@ class S3Store(Store):
             multipart_threshold=s.multipart_threshold,
             multipart_chunksize=s.multipart_chunksize,
             max_concurrency=s.max_concurrency,
+            # s3transfer retries a broken download stream on top of botocore's attempts: bound it too
+            num_download_attempts=s.max_attempts,
             # the CRT client (when awscrt is installed) resolves credentials and endpoints its own way
             preferred_transfer_client="classic",
         )
         self._bucket_seen = False  # set once the bucket answered: a later 404 then means "no object"
+        self._unreachable: tuple[float, str] | None = None  # (when, why) the store last did not answer
 
     # ---- keys -----------------------------------------------------------------------------
     def _key(self, rel: str) -> str:
@@ -280,6 +212,16 @@ class S3Store(Store):
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        # a store that just did not answer (every attempt timed out or could not connect) is not asked
+        # again for a while: the stage is failing anyway, and each further operation (the last records,
+        # the cache, the lease) would wait out its own timeouts before it too gave up
+        down = self._unreachable
+        if down is not None:
+            ago = time.monotonic() - down[0]
+            if ago < UNREACHABLE_PAUSE_S:
+                raise RetryableError(f"{what}: cannot reach {self._endpoint()} (it did not answer {ago:.0f} s ago: "
+                                     f"{down[1]}); a retry may succeed")
+            self._unreachable = None
         try:
             yield
         except (
@@ -287,7 +229,11 @@ class S3Store(Store):
             botocore.exceptions.BotoCoreError,
             boto3.exceptions.Boto3Error,
         ) as e:
-            raise self._translate(e, what) from e
+            err = self._translate(e, what)
+            cause = _unreachable_in(e)
+            if cause is not None:
+                self._unreachable = (time.monotonic(), type(cause).__name__)
+            raise err from e
 
     # ---- the primitives ---------------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
@@ -326,6 +272,83 @@ class S3Store(Store):
                         out.append(key[strip:])
             self._bucket_seen = True
         return sorted(out)
+
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        full = self._list_prefix(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out = {}
+        with self._errors(f"s3://{self.bucket}/{full}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        out[obj["Key"][strip:]] = ObjectInfo(int(obj.get("Size", 0)), str(obj.get("ETag", "")))
+            self._bucket_seen = True
+        return dict(sorted(out.items()))
+
+    # ---- conditional writes ------------------------------------------------------------------
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        key = self._key(rel)
+        if not self.settings.conditional_writes:
+            # no If-None-Match: look, write, read back (two writers racing inside this window both win)
+            if self.exists(rel):
+                return None
+            self.write_bytes(rel, data)
+            body, version = self.read_versioned(rel)
+            return version if body == data else None
+        try:
+            with self._errors(self.url(rel)):
+                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+        except BadInput as e:
+            if _precondition_failed(e):
+                return None
+            raise
+        return str(resp.get("ETag", ""))
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        key = self._key(rel)
+        with self._errors(self.url(rel)):
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            return resp["Body"].read(), str(resp.get("ETag", ""))
+
+    def replace_if(self, rel: str, data: bytes, version: str) -> str | None:
+        key = self._key(rel)
+        if not self.settings.conditional_writes:
+            try:
+                _, now = self.read_versioned(rel)
+            except NotFoundInStore:
+                return None
+            if now != version:
+                return None
+            self.write_bytes(rel, data)
+            return self.read_versioned(rel)[1]
+        try:
+            with self._errors(self.url(rel)):
+                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfMatch=version)
+        except (BadInput, NotFoundInStore) as e:
+            if isinstance(e, NotFoundInStore) or _precondition_failed(e):
+                return None
+            raise
+        return str(resp.get("ETag", ""))
+
+    def clean_temp(self, prefix: str) -> int:
+        """S3 writes no temporary objects, but an upload killed mid-way leaves an unfinished multipart
+        upload (billed storage, invisible in listings): abort those under ``prefix``."""
+        full = self._list_prefix(prefix)
+        n = 0
+        with self._errors(f"s3://{self.bucket}/{full}"):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                     Prefix=full):
+                for up in page.get("Uploads", []) or []:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+        return n
+
+    def move(self, src: str, dst: str) -> None:
+        """A server-side copy (multipart for large objects: no download), then the delete."""
+        skey, dkey = self._key(src), self._key(dst)
+        with self._errors(self.url(src)):
+            self.client.copy({"Bucket": self.bucket, "Key": skey}, self.bucket, dkey, Config=self.transfer)
+        self.delete(src)
 
     def delete(self, rel: str) -> None:
         key = self._key(rel)
@@ -366,6 +389,26 @@ class S3Store(Store):
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _unreachable_in(exc: BaseException) -> BaseException | None:
+    """The connection failure or timeout behind ``exc`` (s3transfer wraps them), if that is what it was."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__ or getattr(cur, "last_exception", None)
+    return None
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """A conditional write refused: 412 PreconditionFailed, or 409 ConditionalRequestConflict (a
+    concurrent conditional write to the same key)."""
+    cause = _client_error_in(e)
+    return cause is not None and (_status(cause) in (409, 412) or _code(cause) in (
+        "PreconditionFailed", "ConditionalRequestConflict"))
 
 
 def _client_error_in(exc: BaseException) -> botocore.exceptions.ClientError | None:

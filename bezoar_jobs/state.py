@@ -1,10 +1,14 @@
 """What a run has committed, and whether each committed stage is still current.
 
-A stage is current when its manifest exists, its parameter hash (the hash of exactly the recipe
-fields its registry entry declares) matches the recipe, and the manifest hashes of its inputs match
-what it was built from. A stage that reads the whole run (the report) is current while every stage
-committed now is the one it was built from. Both schedulers, ``bezoar plan``, ``bezoar status``
-and the runner decide with these functions; none of them imports a stage.
+A stage is current when its manifest exists and is readable, its committed files are what the
+manifest lists (a listing: sizes and change tokens; a changed token is confirmed by hashing), its
+parameter hash (the hash of exactly the recipe fields its registry entry declares) matches the
+recipe, and the manifest hashes of its inputs match what it was built from. A stage whose manifest is
+damaged or whose files were changed after commit is not current: ``bezoar run`` reruns it (and so
+everything downstream) instead of handing damaged data on. A stage that reads the whole run (the
+report) is current while every stage committed now is the one it was built from. Both schedulers,
+``bezoar plan``, ``bezoar status`` and the runner decide with these functions; none of them imports a
+stage.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .errors import BadInput
 from .layout import RECIPE_FILE, manifest_path, work_prefix
-from .manifest import manifest_hash, read_manifest
+from .manifest import manifest_hash, manifest_state, quick_check, read_manifest
 from .pipeline import stage_inputs, waits_for
 from .registry import CANONICAL, STAGES, spec
 from .store import Store
@@ -51,7 +55,7 @@ def built_from(store: Store) -> dict[str, str]:
     for name in CANONICAL:
         if STAGES[name].reads_whole_run:
             continue
-        m = read_manifest(store, name)
+        _, m, _ = manifest_state(store, name)
         if m is not None:
             out[name] = manifest_hash(m)
     return out
@@ -59,17 +63,25 @@ def built_from(store: Store) -> dict[str, str]:
 
 def up_to_date(store: Store, recipe: Recipe, name: str) -> tuple[bool, str]:
     """Whether the committed output of ``name`` matches the recipe and inputs, and why not."""
-    m = read_manifest(store, name)
+    state, m, _ = manifest_state(store, name)
+    if state == "damaged":
+        return False, "its manifest is damaged (it reruns)"
     if m is None:
         return False, "not committed"
     if m.get("params_hash") != params_hash(recipe, name):
         return False, "recipe parameters changed"
+    problems = quick_check(store, name, m)
+    if problems:
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        return False, f"committed files differ from its manifest ({problems[0]}{more}): it reruns"
     if spec(name).reads_whole_run:
         if m.get("built_from") != built_from(store):
             return False, f"stages were committed or changed since the {name} was built"
         return True, "committed, built from the current stages"
     for inp in stage_inputs(name, recipe):
-        im = read_manifest(store, inp)
+        istate, im, _ = manifest_state(store, inp)
+        if istate == "damaged":
+            return False, f"input {inp}'s manifest is damaged"
         if im is None:
             return False, f"input {inp} not committed"
         if m.get("inputs", {}).get(inp) != manifest_hash(im):
@@ -98,20 +110,24 @@ def planned_actions(store: Store, recipe: Recipe, stages: list[str], force: bool
     return out
 
 
-def prepare_force(store: Store, name: str) -> None:
+def prepare_force(store: Store, name: str, holder: str | None = None) -> None:
     """What ``--force`` does before a stage reruns, whichever executor runs it: remove its manifest
     and, except for the data stages (whose records are paid-for answers), its ``_work/`` (training
-    restarts from its base model, evaluation re-scores)."""
-    if read_manifest(store, name) is not None:
-        store.delete(manifest_path(name))
+    restarts from its base model, evaluation re-scores). Refused while another process holds the
+    stage's lease (``holder``: the lease id of the caller, who may)."""
+    from .lease import check_free
+
+    check_free(store, name, holder)
+    store.delete(manifest_path(name))
     if spec(name).family not in KEEP_WORK_ON_FORCE:
         store.delete_prefix(work_prefix(name) + "/")
 
 
 def stage_state(store: Store, name: str) -> str:
-    """committed | partial (work under _work/) | pending."""
-    if read_manifest(store, name) is not None:
-        return "committed"
+    """committed | damaged (its manifest does not parse) | partial (work under _work/) | pending."""
+    state, _, _ = manifest_state(store, name)
+    if state in ("committed", "damaged"):
+        return state
     return "partial" if store.list(work_prefix(name) + "/") else "pending"
 
 

@@ -12,16 +12,18 @@ Credentials never come from the recipe: boto3 reads them from the environment
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from .errors import BadInput
-from .store_base import NotFoundInStore, Store
+from .store_base import NotFoundInStore, ObjectInfo, Store
 
-__all__ = ["LocalStore", "NotFoundInStore", "Store", "open_store"]
+__all__ = ["LocalStore", "NotFoundInStore", "ObjectInfo", "Store", "open_store"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -85,8 +87,87 @@ class LocalStore(Store):
                     out.append(p.relative_to(self.root).as_posix())
         return sorted(out)
 
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        out = {}
+        for rel in self.list(prefix):
+            try:
+                st = self._path(rel).stat()
+            except FileNotFoundError:  # deleted between the listing and the stat
+                continue
+            out[rel] = ObjectInfo(st.st_size, str(st.st_mtime_ns))
+        return out
+
     def delete(self, rel: str) -> None:
         self._path(rel).unlink(missing_ok=True)
+
+    # ---- conditional writes: a hard link is an atomic create-if-absent; replacements happen under
+    # an flock of the directory, so a version checked is still the version replaced
+    @staticmethod
+    def _version(p: Path) -> str:
+        st = p.stat()
+        return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+    def _temp_file(self, p: Path, data: bytes) -> str:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-" + p.name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        return tmp
+
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        p = self._path(rel)
+        tmp = self._temp_file(p, data)
+        try:
+            with _dir_lock(p.parent):
+                os.link(tmp, p)
+                return self._version(p)
+        except FileExistsError:
+            return None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str]:
+        p = self._path(rel)
+        with _dir_lock(p.parent):
+            try:
+                return p.read_bytes(), self._version(p)
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFoundInStore(f"{self.url(rel)}: no such file in the run") from None
+
+    def replace_if(self, rel: str, data: bytes, version: str) -> str | None:
+        p = self._path(rel)
+        tmp = self._temp_file(p, data)
+        try:
+            with _dir_lock(p.parent):
+                try:
+                    if self._version(p) != version:
+                        return None
+                except FileNotFoundError:
+                    return None
+                os.replace(tmp, p)
+                return self._version(p)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def clean_temp(self, prefix: str) -> int:
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        n = 0
+        if base.is_dir():
+            for p in base.rglob(".tmp-*"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
+    def move(self, src: str, dst: str) -> None:
+        s, d = self._path(src), self._path(dst)
+        if not s.is_file():
+            raise NotFoundInStore(f"{self.url(src)}: no such file in the run")
+        d.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(s, d)
 
     def upload_file(self, local: Path, rel: str) -> None:
         p = self._path(rel)
@@ -110,6 +191,20 @@ class LocalStore(Store):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    """An exclusive flock on a directory (held by this process until the block ends)."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def open_store(uri: str | Path) -> Store:

@@ -72,7 +72,9 @@ def format_errors(err: ValidationError, source: str, lines: dict[tuple[Any, ...]
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section)"
-        out.append(f"{where}: {dotted}: {msg}")
+        out.append(f"{where}: {msg}" if dotted == "<root>" else f"{where}: {dotted}: {msg}")
+    if len(out) == 1:  # one problem: one line
+        return f"invalid {what}: {out[0]}"
     return f"invalid {what}:\n  " + "\n  ".join(out)
 
 

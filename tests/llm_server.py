@@ -18,6 +18,8 @@ Failure injection (checked in this order for every request): ``rule(prompt) -> f
 ``"500"``, ``"400"``, ``"401"``, ``"404"``, ``"hang"`` (sleeps ``hang_s``, longer than a client's
 timeout), ``"malformed"`` (200 with a body that is not JSON), ``"malformed-json"`` (200 with JSON
 missing the expected fields), ``"drop"`` (closes the connection without an answer).
+``echo_headers=True`` makes every error answer quote the request's headers (Authorization
+included), as some gateways and debug proxies do: the redaction tests use it.
 
 Capacity model (for the benchmark): at most ``capacity`` sequences decode at once (extra requests
 wait in the server's queue, as TGI/vLLM queue them, first come first served), each takes
@@ -139,6 +141,7 @@ class LLMTestServer:
     retry_after: str | None = "1"
     hang_s: float = 30.0
     api_key: str | None = None
+    echo_headers: bool = False
     seed: int = 0
     host: str = "127.0.0.1"
     port: int = 0
@@ -292,6 +295,14 @@ class LLMTestServer:
         except (ValueError, KeyError, TypeError, IndexError) as e:
             prompt, system, user, params, invalid = "", None, None, {}, f"bad request body: {e}"
         ok, given = self._auth_ok(request, route)
+        if self.echo_headers:
+            plain_error = error
+
+            def error(status: int, msg: str) -> dict:  # the same error body, quoting the credentials first
+                sent = f"Authorization: {request.headers.get('Authorization')}, x-api-key: " \
+                       f"{request.headers.get('x-api-key')}"
+                return plain_error(status, f"{msg}; you sent {sent}; all headers: {json.dumps(dict(request.headers))}")
+
         with self._lock:
             call = Call(n=len(self.calls), route=route, path=request.path, prompt=prompt, system=system, user=user,
                         params=params, auth=given, arrived=arrived)

@@ -154,26 +154,6 @@ def test_only_refuses_without_committed_inputs(tmp_path, server):
     assert "generate-evol" in res.stderr and "not committed" in res.stderr
 
 
-def test_unparseable_verdicts_are_retried_then_recorded(tmp_path):
-    def script(prompt: str) -> str:
-        if "Reply with JSON only" in prompt and "scripted topic" in prompt:
-            return "I cannot decide."  # every LaMini row: nonsense from the judge
-        return scripted_answer(prompt)
-
-    with LLMTestServer(script=script, api_key="test-key") as srv:
-        recipe = scripted_recipe(tmp_path, srv.url)
-        run = tmp_path / "run"
-        res = bezoar("run", "--recipe", str(recipe), "--run", str(run), "--only", "generate-lamini", "filter-lamini")
-        assert res.returncode == 0, res.stderr[-2000:]
-        dropped = _rows(run / "filter-lamini" / "rejected" / "rejected.jsonl")
-        assert dropped and all(r["gpt4_status"] == "error" for r in dropped)
-        assert all("unparseable verdict after 2 attempts: I cannot decide." in r["gpt4_reason"] for r in dropped)
-        m = read_manifest(open_store(run), "filter-lamini")
-        assert m["counts"]["unparseable"] == len(dropped) and m["counts"]["kept"] == 0
-        judged = [c for c in srv.calls if "Reply with JSON only" in c.prompt]
-        assert len(judged) == 2 * len(dropped)  # asked twice (max_attempts), then recorded
-
-
 def test_bad_seed_file_names_file_and_line(tmp_path, server):
     seeds = tmp_path / "dolly.jsonl"
     good = json.dumps({"instruction": "Name a colour.", "context": "", "response": "Red.", "category": "open_qa"})

@@ -134,3 +134,31 @@ def test_load_hh_rows_honours_the_limit() -> None:
     assert len(items) == 5
     assert items[0][0] == "pkg://bezoar_jobs/demo_data/hh/train.jsonl row 1"
     assert set(items[0][1]) == {"chosen", "rejected"}
+
+
+def test_dropped_rows_are_named_not_only_counted(tmp_path, caplog) -> None:
+    """Issue 11, finding 10: an HH-RLHF row without an assistant turn was dropped and counted but
+    never named. sft-hh names the first ones in a WARNING and in its manifest's data entry; DPO in a
+    WARNING."""
+    from types import SimpleNamespace
+
+    from bezoar_jobs.stages.sft import hh_examples
+    from bezoar_jobs.training.dpo import dpo_pairs
+
+    good = "\n\nHuman: Hi there\n\nAssistant: Hello!"
+    path = tmp_path / "hh.jsonl"
+    rows = [{"chosen": good, "rejected": good + " Go away."}, {"chosen": "\n\nHuman: only a question",
+                                                               "rejected": "\n\nHuman: only a question"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = DatasetSource(path=str(path))
+    ctx = SimpleNamespace(name="sft-hh", recipe=SimpleNamespace(training=SimpleNamespace(hh=SimpleNamespace(data=src))))
+    with caplog.at_level("WARNING", logger="bezoar"):
+        examples, skipped, info = hh_examples(ctx)  # type: ignore[arg-type]
+    assert len(examples) == 1 and skipped == {"no_final_assistant": 1}
+    assert info["dropped_rows"] == [{"row": f"{path} row 2",
+                                     "reason": "no_final_assistant: the dialogue does not end with an assistant turn"}]
+    assert f"{path} row 2: no_final_assistant" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bezoar"), pytest.raises(Exception, match="no preference pairs"):
+        dpo_pairs([(f"{path} row 2", rows[1])], None, 64, False, "drop", 1.0, "training.hh.data", str(path))
+    assert f"{path} row 2: no_final_assistant" in caplog.text

@@ -380,6 +380,57 @@ def test_cache_writes_what_it_has_when_the_run_fails(tmp_path, llm_server):
     assert sum(r.cached for r in again.values()) == 3 and len(srv.calls) == asked + 27
 
 
+def test_cache_key_covers_the_endpoint_and_never_keeps_an_unaccepted_answer(tmp_path, llm_server):
+    """Finding 1: the judge cache key left out the endpoint, so a rerun after fixing judge.base_url
+    reused the garbage answers of the wrong server; and garbage was cached as final."""
+    bad = llm_server(script=lambda p: "I cannot decide.")
+    good = llm_server(script=lambda p: '{"rating": 8, "status": "pass"}')
+    store = LocalStore(tmp_path / "run")
+    reqs = [GenRequest(id=f"r{i}", user=f"rate {i}", temperature=0.0, seed=1) for i in range(3)]
+
+    def parses(res: GenResult) -> bool:
+        return "rating" in res.text
+
+    first = run_all(CachedClient(make_client(endpoint("openai-chat", bad)), store, "judge", accept=parses), reqs)
+    assert all(r.ok and r.text == "I cannot decide." for r in first.values())  # handed over, not cached
+    assert not [ln for p in store.list("_cache/judge/") for ln in store.read_text(p).splitlines()]
+    # same model name, another base_url: another key, so nothing of the first server is reused
+    k_bad = CachedClient(make_client(endpoint("openai-chat", bad)), store, "judge").key(reqs[0])
+    k_good = CachedClient(make_client(endpoint("openai-chat", good)), store, "judge").key(reqs[0])
+    assert k_bad != k_good
+    second = run_all(CachedClient(make_client(endpoint("openai-chat", good)), store, "judge", accept=parses), reqs)
+    assert len(good.calls) == 3 and all(parses(r) for r in second.values())
+    # an unaccepted answer already in a cache (written by an older version) is asked again, not used
+    plain = CachedClient(make_client(endpoint("openai-chat", bad)), store, "judge")  # no accept: caches garbage
+    run_all(plain, reqs)
+    asked = len(bad.calls)
+    run_all(CachedClient(make_client(endpoint("openai-chat", bad)), store, "judge"), reqs)
+    assert len(bad.calls) == asked  # without accept the garbage is a cache hit...
+    run_all(CachedClient(make_client(endpoint("openai-chat", bad)), store, "judge", accept=parses), reqs)
+    assert len(bad.calls) == asked + 3  # ...with it, it is asked again
+
+
+def test_a_callback_that_cannot_keep_answers_drains_the_pool(llm_server):
+    """StopRequests from on_result (the store went down): no new request starts, the ones in flight
+    are still delivered, then run() raises the error."""
+    from bezoar_jobs.llm.base import StopRequests
+
+    srv = llm_server(latency=0.1)
+    client = make_client(endpoint("openai-chat", srv, max_concurrency=3))
+    got: list[GenResult] = []
+    store_down = RetryableError("store down")
+
+    def on_result(r: GenResult) -> None:
+        got.append(r)
+        if len(got) == 2:
+            raise StopRequests(store_down)
+
+    with pytest.raises(RetryableError, match="store down"):
+        client.run([GenRequest(id=str(i), user=f"q{i}") for i in range(30)], on_result)
+    answered = [c for c in srv.calls if c.status == 200]
+    assert len(srv.calls) < 30 and len(got) == len(answered)  # every answer received was delivered
+
+
 def test_server_capacity_model_queues_and_measures_busy_time(llm_server):
     # what bench/generation.py relies on: at most N decode at once, the rest queue, busy is exact
     srv = llm_server(capacity=2, per_token_s=0.01, script=lambda p: "a b c d e")

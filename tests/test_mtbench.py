@@ -352,6 +352,11 @@ def test_mtbench_with_an_anthropic_judge_over_http(tmp_path, tiny, monkeypatch):
     assert all(j["judge_prompt"].startswith("turn2") for j in js if j["turn"] == 2)
     m = read_manifest(store, "eval-mtbench")
     assert asked == 2 * 8 and m["usage"]["judge"]["requests"] == 16
+    # the requests are accounted as every request-sending stage accounts them (issue 11): asked, lost
+    # by cause, retried, and the verdicts without a rating (2 per model: the muffin question)
+    req = m["requests"]
+    assert (req["needed"], req["asked"], req["failed"], req["unparseable"]) == (16, 16, 0, 4)
+    assert req["retries"] == m["usage"]["judge"]["retries"] == 0
     assert m["cost_usd"] is not None and m["cost_usd"] > 0
     assert "sk-test" not in json.dumps(m)  # the key never reaches a manifest
 

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,10 @@ def test_manifest_commit_and_verify(store: Store, tmp_path: Path) -> None:
     )
     stored = read_manifest(store, "filter-x")
     assert stored == json.loads(json.dumps(manifest))
-    assert stored["files"]["data/sub/b.bin"] == {"size": 2000, "sha256": sha(out / "data/sub/b.bin")}
+    b_meta = stored["files"]["data/sub/b.bin"]
+    assert {k: b_meta[k] for k in ("size", "sha256")} == {"size": 2000, "sha256": sha(out / "data/sub/b.bin")}
+    # the change token a listing shows right after the upload (S3 ETag / local mtime)
+    assert b_meta["token"] == store.list_info("filter-x/")["filter-x/data/sub/b.bin"].token
     assert stored["counts"] == {"rows": 50} and stored["teacher"] == "m"
     assert verify(store, "filter-x") == []
     assert verify(store, "never-run") == ["never-run: not committed"]
@@ -415,6 +419,33 @@ def test_s3_unreachable_endpoint_is_retryable(s3_env: dict[str, str], monkeypatc
         assert "cannot reach http://127.0.0.1:" in str(e.value)
 
 
+def test_s3_a_store_that_does_not_answer_fails_within_its_timeouts(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen server accepts connections and never answers (what SIGSTOP does): the first operation
+    gives up after its read timeouts; the next ones, for a while, at once (issue 11, finding 6)."""
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(16)  # the kernel completes the handshakes; nobody ever reads
+    try:
+        monkeypatch.setenv("BEZOAR_S3_ENDPOINT_URL", f"http://127.0.0.1:{frozen.getsockname()[1]}")
+        monkeypatch.setenv("BEZOAR_S3_MAX_ATTEMPTS", "2")
+        monkeypatch.setenv("BEZOAR_S3_READ_TIMEOUT", "1")
+        store = open_store("s3://some-bucket/runs/x")
+        t0 = time.monotonic()
+        with pytest.raises(RetryableError, match="cannot reach"):
+            store.write_bytes("a", b"x")
+        first = time.monotonic() - t0
+        assert 2 <= first < store.settings.worst_case_s + 5  # two attempts of one second, plus backoff
+        t0 = time.monotonic()
+        for call in (lambda: store.read_bytes("a"), lambda: store.list(), lambda: store.create_exclusive("l", b"x")):
+            with pytest.raises(RetryableError, match="did not answer"):
+                call()
+        assert time.monotonic() - t0 < 1
+    finally:
+        frozen.close()
+
+
 @pytest.fixture
 def failing_s3() -> Iterator[tuple[str, list[str]]]:
     """A loopback HTTP server that answers every request with S3's 503 SlowDown, counting them."""
@@ -466,7 +497,12 @@ def test_s3_server_errors_are_retried_then_retryable(
 def test_settings_from_env() -> None:
     s = S3Settings.from_env({"AWS_REGION": "eu-west-3"})
     assert (s.endpoint_url, s.region, s.addressing_style) == (None, "eu-west-3", "auto")
-    assert (s.multipart_threshold, s.multipart_chunksize, s.max_attempts) == (64 * MiB, 64 * MiB, 5)
+    assert (s.multipart_threshold, s.multipart_chunksize, s.max_attempts) == (64 * MiB, 64 * MiB, 3)
+    # every operation is bounded: a store that stops answering fails it within a minute or two
+    assert (s.connect_timeout, s.read_timeout) == (5.0, 20.0)
+    assert 60 < s.worst_case_s <= 120
+    t = S3Settings.from_env({"AWS_REGION": "r", "BEZOAR_S3_CONNECT_TIMEOUT": "1.5", "BEZOAR_S3_READ_TIMEOUT": "4"})
+    assert (t.connect_timeout, t.read_timeout) == (1.5, 4.0)
 
     s = S3Settings.from_env({"AWS_DEFAULT_REGION": "us-west-2", "AWS_ENDPOINT_URL_S3": "http://minio:9000"})
     assert (s.region, s.addressing_style, s.endpoint_url) == ("us-west-2", "path", None)  # boto3 reads it
@@ -495,6 +531,8 @@ def test_settings_from_env() -> None:
         "BEZOAR_S3_MAX_ATTEMPTS": "0",
         "BEZOAR_S3_ADDRESSING_STYLE": "sideways",
         "BEZOAR_S3_ENDPOINT_URL": "minio:9000",
+        "BEZOAR_S3_READ_TIMEOUT": "0",
+        "BEZOAR_S3_CONNECT_TIMEOUT": "soon",
     }
     for var, value in bad.items():
         with pytest.raises(BadInput) as e:

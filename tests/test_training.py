@@ -257,9 +257,20 @@ def test_openbezoar_values_from_the_paper() -> None:
     ],
 )
 def test_pass_through_errors_name_the_dotted_path(tmp_path: Path, tiny: Path, training: dict, message: str) -> None:
+    """Each error is found when the recipe loads (the schema of the TRL/PEFT fields: issue 11's
+    finding 4), except a combination only the class itself refuses; building the stage's configs
+    refuses every one of them too, with the same message."""
     from bezoar_jobs.training.config import build_stage_configs, device_plan
 
-    recipe, _ = make_recipe(tmp_path, tiny, training)
+    post_init_only = "refused the settings" in message
+    if post_init_only:
+        recipe, _ = make_recipe(tmp_path, tiny, training)
+    else:
+        with pytest.raises(BadInput) as at_load:
+            make_recipe(tmp_path, tiny, training)
+        assert message in str(at_load.value) and at_load.value.exit_code == EXIT_BAD_INPUT
+        assert f"{tmp_path / 'recipe.yaml'}:" in str(at_load.value)  # the file and the line
+        recipe = Recipe.model_validate(yaml.safe_load((tmp_path / "recipe.yaml").read_text()))
     plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
     with pytest.raises(BadInput) as e:
         for stage in TRAINING_STAGES:
@@ -1051,6 +1062,15 @@ def test_sigterm_then_sigkill_resume_to_the_same_result(tmp_path: Path, tiny: Pa
     ref_loss = [r["loss"] for r in metrics(ref_store, "sft-lamini") if "loss" in r]
     got_loss = [r["loss"] for r in recs if "loss" in r]
     assert torch.allclose(torch.tensor(got_loss), torch.tensor(ref_loss), atol=1e-4)
+    # 5. the manifest's figures cover the whole run across both resumes, not the last session's steps
+    # (issue 11, finding 10): the mean loss of every step, the tokens of every session
+    ref = read_manifest(ref_store, "sft-lamini")["training"]
+    got = m["training"]
+    assert ref["train_loss"] == pytest.approx(sum(ref_loss) / steps, abs=1e-6)
+    assert got["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-4)
+    assert got["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-4)
+    assert got["real_tokens"] == pytest.approx(ref["real_tokens"], rel=0.15)  # batches prefetched at a kill
+    assert got["tokens_per_second"] and got["train_runtime_s"] > 0
 
 
 def test_kill_before_any_checkpoint_starts_over_cleanly(tmp_path: Path, tiny: Path) -> None:
@@ -1075,10 +1095,15 @@ def test_kill_before_any_checkpoint_starts_over_cleanly(tmp_path: Path, tiny: Pa
     assert _complete_steps(store, "sft-lamini") == [30], (log, metrics(store, "sft-lamini"))
     # killed after the last checkpoint but before the commit: the rerun trains nothing more (the
     # HF Trainer alone would run a step past max_steps) and commits the same weights
-    first = read_manifest(store, "sft-lamini")["files"]["model/model.safetensors"]["sha256"]
+    before = read_manifest(store, "sft-lamini")
+    first = before["files"]["model/model.safetensors"]["sha256"]
     store.delete("sft-lamini/_MANIFEST.json")
     assert run_stage("sft-lamini", recipe, store) == 0
     m = read_manifest(store, "sft-lamini")
     assert m["training"]["resumed_from_step"] == 30 and m["counts"]["steps"] == 30
     assert m["files"]["model/model.safetensors"]["sha256"] == first
+    # the figures are the run's, not null (issue 11, finding 10): loss over all 30 steps, tokens/s
+    for key in ("train_loss", "final_loss", "real_tokens", "total_tokens"):
+        assert m["training"][key] == pytest.approx(before["training"][key], rel=1e-6), key
+    assert m["training"]["tokens_per_second"] and m["training"]["train_runtime_s"] > 0
     assert _complete_steps(store, "sft-lamini") == [30]

@@ -57,17 +57,38 @@ def local_copy(uri: str, scratch: Path | None = None) -> Path:
     p = Path(uri.removeprefix("file://")).expanduser()
     if not p.exists():
         raise BadInput(f"{uri}: file not found")
+    if p.is_dir():
+        raise BadInput(f"{uri}: is a directory, not a file")
     return p
 
 
 def read_text_uri(uri: str) -> str:
-    return local_copy(uri).read_text(encoding="utf-8")
+    path = local_copy(uri)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(not_utf8(path, uri)) from None
+
+
+def not_utf8(path: Path, label: str) -> str:
+    """The message for a file that is not UTF-8: its first bad line and byte."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = f"byte 0x{line[e.start]:02x} at column {e.start + 1}"
+                return f"{label}:{n}: not UTF-8 text ({byte}); save it as UTF-8"
+    return f"{label}: not UTF-8 text; save it as UTF-8"
 
 
 def iter_jsonl(path: Path, label: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) of a JSON-lines file; a broken line is an error naming file and line."""
     with open(path, encoding="utf-8") as f:
-        yield from iter_jsonl_lines(f, label or str(path))
+        try:
+            yield from iter_jsonl_lines(f, label or str(path))
+        except UnicodeDecodeError:
+            raise BadInput(not_utf8(path, label or str(path))) from None
 
 
 def iter_jsonl_lines(lines: Iterable[str], label: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -143,7 +164,11 @@ def load_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "da
         ".ndjson",
     )
     if is_file:
-        rows = _read_table(local_copy(p), required, p)
+        path = local_copy(p)
+        try:
+            rows = _read_table(path, required, p)
+        except UnicodeDecodeError:
+            raise BadInput(not_utf8(path, p)) from None
     else:
         from datasets import load_dataset
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import BadInput
 from ..manifest import manifest_hash
 from ..recipe_eval import BASE
 from ..training.types import Model, Tokenizer
@@ -54,8 +55,6 @@ def targets(ctx: StageContext) -> list[Target]:
         else:
             m = ctx.input_manifest(name)  # BadInput naming the stage when it is not committed
             if "model/config.json" not in m.get("files", {}):
-                from ..errors import BadInput
-
                 raise BadInput(
                     f"{ctx.name}: evaluation.checkpoints names {name!r}, whose committed output has no model/"
                 )
@@ -73,7 +72,11 @@ def model_dir(ctx: StageContext, t: Target) -> Path:
     if t.kind == "checkpoint":
         stage = t.model.split("/", 1)[0]
         return check_model_dir(ctx.fetch_input(stage, "model"), t.model)
-    return resolve_model(t.model, t.revision, trust_remote_code=t.trust_remote_code)
+    try:
+        return resolve_model(t.model, t.revision, trust_remote_code=t.trust_remote_code)
+    except BadInput as e:  # name the recipe field, not only the path
+        field = "student.model" if t.kind == "base" else f"evaluation.baselines ({t.label}).model"
+        raise BadInput(f"{field}: {e}") from None
 
 
 def load(ctx: StageContext, t: Target) -> tuple[Model, Tokenizer]:

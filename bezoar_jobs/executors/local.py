@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from ..layout import RECIPE_FILE
 from ..recipe import Recipe
+from ..redact import redact
 from ..store import Store
 from .scheduler import RunOutcome, Scheduler, StageEvent
 
@@ -81,6 +82,7 @@ class LocalBackend:
         assert proc.stdout is not None
         tail = self._tails[stage]
         for line in proc.stdout:
+            line = redact(line)  # the stage masks secrets itself; this is the second line of defence
             tail.append(line.rstrip("\n"))
             sys.stderr.write(f"[{stage}] {line}")
         rc = proc.wait()

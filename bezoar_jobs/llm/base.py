@@ -55,12 +55,23 @@ class GenResult:
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None  # set when the request failed for good (after retries)
+    cause: str | None = None  # with error: its cause, for counts (``HTTP 503``, ``timeout``, ``unparseable``)
     cached: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class StopRequests(Exception):
+    """Raised by an ``on_result`` callback that cannot keep what it gets (the run store is down): the
+    client starts no new request, still delivers the ones in flight (they are paid for), then
+    raises ``error`` from ``run()``."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass

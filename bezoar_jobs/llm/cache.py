@@ -1,15 +1,17 @@
 """A response cache in the run, so a rerun (resume, ``--force``, a retried Job) never pays twice.
 
-Key: sha256 of the inner client's identity (backend, model id, revision, prompt format: whatever
-besides the request decides the answer) and the request's rendered fields (system, user, decoding
-settings, seed). The request id is not part of the key, so the same question asked by two records
+Key: sha256 of the inner client's identity (backend, endpoint URL, model id, revision, prompt
+format: whatever besides the request decides the answer) and the request's rendered fields (system,
+user, decoding settings, seed). The request id is not part of the key, so the same question asked by two records
 is paid once, except for sampled requests without a seed (temperature > 0, seed None), where
 identical prompts are meant to give different answers: their id joins the key.
 
 Layout: ``<run>/_cache/<namespace>/part-<uuid>.jsonl``. S3 has no append, so results are written as
 new part objects every ``flush_every`` results and at the end (also when the run fails), and every
 part is loaded when the first run starts. Only successful answers are cached: failures are asked
-again next time.
+again next time. ``accept`` (the caller's test of an answer, e.g. "the verdict parses") keeps
+answers that say nothing out of the cache too, and an entry already stored that fails it (written
+by an older version) is not used: an unparseable verdict is never a final answer.
 
 Spending: every cached answer was paid for by an earlier attempt, so their cost is handed to the
 inner client as prior spend (``prior_spent_usd``): a stage that is retried after hitting its
@@ -27,9 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from ..errors import RetryableError
 from ..layout import CACHE_DIR
 from ..store import Store
-from .base import GenRequest, GenResult, LLMClient, UsageTotals
+from .base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
 
 log = logging.getLogger("bezoar.llm")
 
@@ -37,13 +40,16 @@ CACHE_PREFIX = CACHE_DIR
 
 
 class CachedClient(LLMClient):
-    def __init__(self, inner: LLMClient, store: Store, namespace: str, flush_every: int = 64):
+    def __init__(self, inner: LLMClient, store: Store, namespace: str, flush_every: int = 64,
+                 accept: Callable[[GenResult], bool] | None = None):
         if not namespace or "/" in namespace or namespace.startswith("."):
             raise ValueError(f"cache namespace {namespace!r}: use a plain name (e.g. the stage name)")
         self.inner = inner
         self.store = store
         self.namespace = namespace
         self.flush_every = max(1, flush_every)
+        self.accept = accept
+        self._store_down = False
         self.model_id = inner.model_id
         self.usage = UsageTotals()
         self._entries: dict[str, dict[str, Any]] | None = None
@@ -121,10 +127,11 @@ class CachedClient(LLMClient):
         for req in requests:
             k = self.key(req)
             rec = entries.get(k)
-            if rec is None:
+            hit = None if rec is None else GenResult(**{**rec["result"], "id": req.id, "cached": True})
+            if hit is None or (self.accept is not None and not self.accept(hit)):
                 waiting.setdefault(k, []).append(req)
                 continue
-            self._hand(GenResult(**{**rec["result"], "id": req.id, "cached": True}), on_result)
+            self._hand(hit, on_result)
         if not waiting:
             return
         key_of = {reqs[0].id: k for k, reqs in waiting.items()}
@@ -132,7 +139,7 @@ class CachedClient(LLMClient):
 
         def record(res: GenResult) -> None:
             k = key_of[res.id]
-            if res.ok:
+            if res.ok and (self.accept is None or self.accept(res)):
                 rec = {"key": k, "kind": "generate", "model": self.model_id,
                        "result": {f: v for f, v in asdict(res).items() if f not in ("id", "cached")}}
                 entries[k] = rec
@@ -140,26 +147,45 @@ class CachedClient(LLMClient):
                 if len(pending) >= self.flush_every:
                     self._flush(pending)
             others = waiting[k][1:]
-            self._hand(res, on_result)
-            for req in others:  # the same question from another record: answered once, not paid again
-                self._hand(replace(res, id=req.id, cached=res.ok, extra=dict(res.extra)), on_result)
+            stop: StopRequests | None = None
+            for r in [res, *(replace(res, id=q.id, cached=res.ok, extra=dict(res.extra)) for q in others)]:
+                # the same question from another record: answered once, not paid again
+                try:
+                    self._hand(r, on_result)
+                except StopRequests as e:  # hand the duplicates over too, then pass the signal on
+                    stop = stop or e
+            if stop is not None:
+                raise stop
 
         retries_before = self.inner.usage.retries
         try:
             self.inner.run([reqs[0] for reqs in waiting.values()], record, desc)
         finally:
-            self._flush(pending)
+            self._flush(pending, final=True)
             self.usage.retries += self.inner.usage.retries - retries_before
 
     def _hand(self, res: GenResult, on_result: Callable[[GenResult], None]) -> None:
         self.usage.add(res)
         on_result(res)
 
-    def _flush(self, pending: list[dict[str, Any]]) -> None:
+    def _flush(self, pending: list[dict[str, Any]], final: bool = False) -> None:
+        """Write the pending answers as a part. The cache is an optimisation (the stage keeps its own
+        records): when the store does not take a part, the answers wait in memory for the final
+        flush, and if that fails too the cache goes without them (a later run asks again)."""
         # on_result runs in the caller's thread (see pool.py), so no other thread touches pending
+        if self._store_down and not final:
+            return
         batch = list(pending)
         pending.clear()
-        self._write_part(batch)
+        try:
+            self._write_part(batch)
+        except RetryableError as e:
+            self._store_down = True
+            if final:
+                log.warning("cache %s: %d answers not cached, the store did not take them (%s)",
+                            self.store.url(self.prefix), len(batch), e)
+            else:
+                pending[:0] = batch
 
     def rating_distribution(
         self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..recipe import Endpoint
+from ..redact import register
 
 
 def resolve_api_key(endpoint: Endpoint, role: str = "endpoint") -> str | None:
@@ -20,6 +21,7 @@ def resolve_api_key(endpoint: Endpoint, role: str = "endpoint") -> str | None:
                 f"{role}.api_key_env: environment variable {endpoint.api_key_env} is not set or empty "
                 f"(it must hold the API key for {endpoint.backend} model {endpoint.model!r})"
             )
+        register(value)  # never printed, whatever a server echoes back
         return value
     if endpoint.api_key_file:
         path = Path(endpoint.api_key_file).expanduser()
@@ -33,5 +35,6 @@ def resolve_api_key(endpoint: Endpoint, role: str = "endpoint") -> str | None:
             raise BadInput(f"{role}.api_key_file: {path} cannot be read: {e.strerror}") from None
         if not value:
             raise BadInput(f"{role}.api_key_file: {path} is empty")
+        register(value)
         return value
     return None

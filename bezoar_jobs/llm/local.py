@@ -44,7 +44,10 @@ class LocalClient(LLMClient):
         self.model_id = endpoint.model
         self.usage = UsageTotals()
         if model is None or tokenizer is None:
-            path = resolve_model(endpoint.model, endpoint.revision, trust_remote_code=endpoint.trust_remote_code)
+            try:
+                path = resolve_model(endpoint.model, endpoint.revision, trust_remote_code=endpoint.trust_remote_code)
+            except BadInput as e:  # name the recipe field, not only the path
+                raise BadInput(f"{role}.model: {e}") from None
             tokenizer = load_tokenizer(path, trust_remote_code=endpoint.trust_remote_code)
             model = load_causal_lm(path, endpoint.dtype, endpoint.device, trust_remote_code=endpoint.trust_remote_code)
         self.tokenizer = tokenizer
@@ -59,7 +62,7 @@ class LocalClient(LLMClient):
     def cache_identity(self) -> dict[str, Any]:
         e = self.endpoint
         return {"backend": "local", "model": e.model, "revision": e.revision, "prompt_format": e.prompt_format,
-                "system_prompt_supported": e.system_prompt_supported, "batch_size": e.batch_size}
+                "system_prompt_supported": e.system_prompt_supported, "batch_size": e.batch_size, "dtype": e.dtype}
 
     def render(self, req: GenRequest) -> str:
         if self.endpoint.prompt_format:

@@ -19,7 +19,10 @@ decoding slots stay busy. Around every attempt:
   unreachable: ``RetryableError`` for the run, since no request can succeed);
 * spending cap: with prices and ``spend_cap_usd``, a request starts only while the money spent plus
   the worst-case cost of everything in flight stays under the cap; when nothing more fits, no new
-  request starts, the ones in flight finish and are delivered, then ``RetryableError`` is raised.
+  request starts, the ones in flight finish and are delivered, then ``RetryableError`` is raised;
+* draining: an ``on_result`` that raises :class:`~bezoar_jobs.llm.base.StopRequests` (the run store
+  stopped taking records) works the same way: no new request or retry starts, the answers in flight
+  are still delivered (they are paid for, and kept), then its error is raised.
 
 Threads: ``on_result`` is always called in the thread that called ``run()``, one result at a
 time; the event loop never waits for it, so a slow ``on_result`` (writing a part file to S3) does
@@ -45,7 +48,9 @@ from typing import Any
 
 from ..errors import BadInput, RetryableError
 from ..recipe import Endpoint
-from .base import GenRequest, GenResult, LLMClient, UsageTotals
+from ..redact import redact, redact_known
+from .base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
+from .ratelimit import TokenBucket
 from .render import estimate_tokens
 
 log = logging.getLogger("bezoar.llm")
@@ -55,17 +60,35 @@ REFUSED_BEFORE_ANY_SUCCESS = 8
 
 
 class Transient(Exception):
-    """This attempt failed in a way a retry may cure."""
+    """This attempt failed in a way a retry may cure. ``reason`` is redacted (it may carry a
+    server's text, see :mod:`bezoar_jobs.redact`)."""
 
-    def __init__(self, reason: str, *, kind: str = "server", retry_after: float | None = None):
+    def __init__(self, reason: str, *, kind: str = "server", retry_after: float | None = None,
+                 status: int | None = None):
+        reason = redact(reason)
         super().__init__(reason)
         self.reason = reason
         self.kind = kind  # server | rate | timeout | connection | malformed
         self.retry_after = retry_after
+        self.status = status
+
+    @property
+    def cause(self) -> str:
+        """The failure's cause, for counts by cause (``HTTP 503``, ``timeout``, ``connection``, ...)."""
+        return f"HTTP {self.status}" if self.status is not None else self.kind
 
 
 class Rejected(Exception):
     """The server refused this one request (400/413/422): a retry will not help, others may work."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        reason = redact(reason)
+        super().__init__(reason)
+        self.status = status
+
+    @property
+    def cause(self) -> str:
+        return f"HTTP {self.status} refused" if self.status is not None else "refused"
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -95,49 +118,19 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
 def classify_status(
     status: int, message: str, headers: Mapping[str, str] | None, where: str, key_hint: str
 ) -> Exception:
-    """Map an HTTP error status onto what the pool does with it."""
+    """Map an HTTP error status onto what the pool does with it. The server's ``message`` is
+    relayed only after redaction (a server may echo the request's headers, the key included)."""
     retry_after = parse_retry_after(headers)
-    short = " ".join(str(message).split())[:300]
+    short = redact(" ".join(redact(message).split()))[:300]
     if status == 429:
-        return Transient(f"HTTP 429 rate limited: {short}", kind="rate", retry_after=retry_after)
+        return Transient(f"HTTP 429 rate limited: {short}", kind="rate", retry_after=retry_after, status=429)
     if status in (408, 409) or status >= 500:
-        return Transient(f"HTTP {status}: {short}", kind="server", retry_after=retry_after)
+        return Transient(f"HTTP {status}: {short}", kind="server", retry_after=retry_after, status=status)
     if status in (401, 403):
         return BadInput(f"{where}: HTTP {status} (authentication refused: {short}); check {key_hint}")
     if status == 404:
         return BadInput(f"{where}: HTTP 404 ({short}): wrong base_url or unknown model")
-    return Rejected(f"HTTP {status}: {short}")
-
-
-class TokenBucket:
-    """``rate`` units per second, bursts up to ``capacity``. Waiters are served in order."""
-
-    def __init__(self, rate_per_s: float, capacity: float):
-        self.rate = rate_per_s
-        self.capacity = max(capacity, 1.0)
-        self.level = self.capacity
-        self.t = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
-        self.t = now
-
-    async def take(self, amount: float) -> None:
-        amount = min(amount, self.capacity)  # a request bigger than the bucket waits for a full one
-        async with self.lock:
-            while True:
-                self._refill()
-                if self.level >= amount:
-                    self.level -= amount
-                    return
-                await asyncio.sleep((amount - self.level) / self.rate)
-
-    def adjust(self, extra: float) -> None:
-        """Charge (or refund, when negative) the difference between the estimate and the truth."""
-        self._refill()
-        self.level = min(self.capacity, self.level - extra)
+    return Rejected(f"HTTP {status}: {short}", status=status)
 
 
 class RemoteClient(LLMClient):
@@ -170,18 +163,21 @@ class RemoteClient(LLMClient):
         )
 
     def __repr__(self) -> str:  # never shows the key
-        return f"{type(self).__name__}(model={self.model_id!r}, base_url={self.endpoint.base_url!r})"
+        return f"{type(self).__name__}(model={self.model_id!r}, base_url={redact(self.endpoint.base_url)!r})"
 
     @property
     def where(self) -> str:
-        return f"{self.role} ({self.backend} {self.endpoint.base_url or 'default URL'}, model {self.model_id})"
+        url = redact(self.endpoint.base_url) if self.endpoint.base_url else "default URL"
+        return f"{self.role} ({self.backend} {url}, model {self.model_id})"
 
     @property
     def cache_identity(self) -> dict[str, Any]:
         """What, besides the request, decides the answer: part of CachedClient's key."""
         e = self.endpoint
-        return {"backend": self.backend, "model": e.model, "revision": e.revision, "prompt_format": e.prompt_format,
-                "system_prompt_supported": e.system_prompt_supported}
+        # the endpoint too: two servers under one model name (a misconfigured proxy, a fixed base_url)
+        # do not give the same answers
+        return {"backend": self.backend, "base_url": e.base_url, "model": e.model, "revision": e.revision,
+                "prompt_format": e.prompt_format, "system_prompt_supported": e.system_prompt_supported}
 
     def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
         return self.endpoint.cost(prompt_tokens, completion_tokens)
@@ -236,6 +232,7 @@ class _PoolRun:
         self.error: BaseException | None = None  # the first run-stopping error
         self.halted = False
         self.capped = False
+        self.draining = False  # on_result asked to stop: no new attempt, deliver what is in flight
         self.unsent = 0
         self.successes = 0
         self.refused_streak = 0
@@ -257,6 +254,7 @@ class _PoolRun:
         usage = self.client.usage
         tokens = answered = failed = retries = 0
         error: BaseException | None = None
+        stop: BaseException | None = None
         try:
             while True:
                 try:
@@ -271,7 +269,15 @@ class _PoolRun:
                     tokens += msg.result.completion_tokens
                     bar.update(1)
                     bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-6):.0f} tok/s", refresh=False)
-                    self.on_result(msg.result)
+                    try:
+                        self.on_result(msg.result)
+                    except StopRequests as e:
+                        if stop is None:
+                            stop = e.error
+                            ready.wait(10)
+                            if self.loop is not None and not self.loop.is_closed():
+                                with contextlib.suppress(RuntimeError):
+                                    self.loop.call_soon_threadsafe(self._drain)
                 elif msg.kind == "retry":
                     usage.retries += 1
                     retries += 1
@@ -294,6 +300,8 @@ class _PoolRun:
         log.info("%s: %d answers (%d failed, %d retries), %d output tokens in %.1f s%s", self.desc, answered,
                  failed, retries, tokens, time.monotonic() - started,
                  f", ${self.client.spent_usd:.4f} spent" if self.ep.spend_cap_usd or self.ep.priced else "")
+        if stop is not None:
+            raise stop
         if error is not None:
             raise error
 
@@ -331,7 +339,7 @@ class _PoolRun:
         try:
             for i, req in enumerate(self.requests):
                 await live.acquire()
-                if self.halted or self.capped:
+                if self.halted or self.capped or self.draining:
                     live.release()
                     self.unsent += len(self.requests) - i
                     break
@@ -371,7 +379,14 @@ class _PoolRun:
             if t is not me:
                 t.cancel()
 
+    def _drain(self) -> None:
+        """No new request or retry from now on; those in flight finish and are delivered."""
+        self.draining = True
+        self.budget_changed.set()
+
     def _deliver(self, res: GenResult) -> None:
+        if res.text:  # a server that echoes the request into its answer must not put a key into our data
+            res.text = redact_known(res.text)
         self.out.put(_Msg("result", res))
 
     async def _reserve(self, amount: float) -> bool:
@@ -380,7 +395,7 @@ class _PoolRun:
         if cap is None:
             return True
         while True:
-            if self.halted or self.capped:
+            if self.halted or self.capped or self.draining:
                 return False
             spent = self.client.prior_spent_usd + self.client.spent_usd
             if spent + self.reserved + amount <= cap:
@@ -409,6 +424,9 @@ class _PoolRun:
         while True:
             while (wait := self.pause_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
+            if self.draining:
+                self.unsent += 1
+                return
             if self.rpm:
                 await self.rpm.take(1)
             if self.tpm:
@@ -419,8 +437,9 @@ class _PoolRun:
             failure: Transient
             try:
                 async with self.inflight:
-                    if self.halted:
+                    if self.halted or self.draining:
                         self._settle(worst_cost, 0.0)
+                        self.unsent += 1
                         return
                     try:
                         async with asyncio.timeout(ep.timeout_s):
@@ -437,7 +456,7 @@ class _PoolRun:
                     self._halt(BadInput(f"{client.where}: the first {self.refused_streak} requests were all refused "
                                         f"(last: {e}); check the endpoint settings and decoding parameters"))
                     return
-                self._deliver(GenResult(id=req.id, text="", error=f"refused by the server: {e}"))
+                self._deliver(GenResult(id=req.id, text="", error=f"refused by the server: {e}", cause=e.cause))
                 return
             except BadInput as e:
                 self._settle(worst_cost, 0.0)
@@ -462,7 +481,8 @@ class _PoolRun:
                         RetryableError(f"{client.where}: unreachable after {attempt} attempts: {failure.reason}")
                     )
                     return
-                self._deliver(GenResult(id=req.id, text="", error=f"failed after {attempt} attempts: {failure.reason}"))
+                self._deliver(GenResult(id=req.id, text="", error=f"failed after {attempt} attempts: {failure.reason}",
+                                        cause=failure.cause))
                 return
             delay = random.uniform(0.0, min(ep.backoff_max_s, ep.backoff_base_s * 2 ** (attempt - 1)))
             if failure.retry_after is not None:

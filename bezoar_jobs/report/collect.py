@@ -7,13 +7,14 @@ Only files a stage's manifest lists are read. Evaluation results are read throug
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..layout import RECIPE_FILE
-from ..manifest import read_manifest
+from ..manifest import DamagedInput, manifest_state
 from ..registry import CANONICAL, SCHEME_NAMES, STAGES
 from ..state import stage_state
 from ..store import NotFoundInStore, Store
@@ -47,10 +48,12 @@ def collect(store: Store) -> RunData:
     manifests: dict[str, dict[str, Any]] = {}
     states: dict[str, str] = {}
     for name in expected():
-        m = read_manifest(store, name)
+        state, m, _ = manifest_state(store, name)
         if m is not None:
             manifests[name] = m
             states[name] = "committed"
+        elif state == "damaged":
+            states[name] = "damaged"
         else:
             states[name] = "partial" if stage_state(store, name) == "partial" else "not run"
     text, recipe, err = None, None, None
@@ -70,11 +73,17 @@ def collect(store: Store) -> RunData:
 
 
 def read_listed(store: Store, data: RunData, stage: str, rel: str) -> str | None:
-    """A committed file's text, only if the stage's manifest lists it."""
+    """A committed file's text, only if the stage's manifest lists it, and only as its manifest
+    lists it (size and sha256 checked: a damaged file is refused, naming it)."""
     m = data.manifests.get(stage)
     if m is None or rel not in m.get("files", {}):
         return None
-    return store.read_text(f"{stage}/{rel}")
+    raw = store.read_bytes(f"{stage}/{rel}")
+    meta = m["files"][rel]
+    if len(raw) != meta.get("size") or hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
+        raise DamagedInput(f"report: input {store.url(f'{stage}/{rel}')} differs from its manifest: the committed "
+                           f"file was changed or damaged after commit; run `bezoar verify --run {store.uri}`")
+    return raw.decode("utf-8")
 
 
 def jsonl(text: str | None) -> list[dict[str, Any]]:
@@ -116,15 +125,31 @@ def stage_rows(data: RunData) -> list[dict[str, Any]]:
     return rows
 
 
+def _requests(m: dict[str, Any] | None) -> dict[str, Any]:
+    r = (m or {}).get("requests")
+    return r if isinstance(r, dict) else {}
+
+
 def funnel(data: RunData) -> list[dict[str, Any]]:
-    """Per scheme: candidates generated, eliminated at generation, judged, kept/rejected by the judge."""
+    """Per scheme: candidates generated, eliminated at generation, judged, kept/rejected by the judge,
+    rows that failed (no usable verdict), and the requests of both stages lost for good and retried."""
     rows = []
     for s in SCHEME_NAMES:
-        g = data.manifests.get(f"generate-{s}", {}).get("counts")
-        f = data.manifests.get(f"filter-{s}", {}).get("counts")
+        gm, fm = data.manifests.get(f"generate-{s}"), data.manifests.get(f"filter-{s}")
+        g = (gm or {}).get("counts")
+        f = (fm or {}).get("counts")
         if not g and not f:
             continue
         row: dict[str, Any] = {"scheme": s}
+        reqs = [_requests(gm), _requests(fm)]
+        if any(reqs):
+            row["requests_lost"] = sum(int(r.get("failed", 0) or 0) for r in reqs)
+            row["retries"] = sum(int(r.get("retries", 0) or 0) for r in reqs)
+            causes: dict[str, int] = {}
+            for r in reqs:
+                for c, n in (r.get("failed_by_cause") or {}).items():
+                    causes[c] = causes.get(c, 0) + int(n)
+            row["lost_by_cause"] = causes
         if g:
             row["committed"] = int(g.get("rows", 0))
             row["eliminated"] = int(g.get("rejected", 0))
@@ -134,6 +159,7 @@ def funnel(data: RunData) -> list[dict[str, Any]]:
             row["kept"] = int(f.get("kept", 0))
             row["rejected_by_judge"] = int(f.get("rejected", 0))
             row["unparseable"] = int(f.get("unparseable", 0) or 0)
+            row["failed"] = int(f.get("failed", 0) or 0)
             row["retention"] = f.get("retention")
         rows.append(row)
     return rows

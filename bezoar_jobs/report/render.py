@@ -73,7 +73,10 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                 "judged",
                 "kept by judge",
                 "rejected by judge",
+                "failed (no verdict)",
                 "retention",
+                "requests lost",
+                "retries",
             ],
             [
                 [
@@ -83,12 +86,19 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                     fmt(r.get("judged")),
                     fmt(r.get("kept")),
                     fmt(r.get("rejected_by_judge")),
+                    fmt(r.get("failed")),
                     fmt(r.get("retention")),
+                    fmt(r.get("requests_lost"))
+                    + (f" ({', '.join(f'{c}: {n}' for c, n in r['lost_by_cause'].items())})"
+                       if r.get("lost_by_cause") else ""),
+                    fmt(r.get("retries")),
                 ]
                 for r in fun
             ],
             "generated = rows the generate stage produced (committed + eliminated); "
-            "the judge rates what was committed.",
+            "the judge rates what was committed; failed = rows whose verdict stayed unparseable or whose "
+            "judge request failed for good (neither kept nor rejected); requests lost and retries count the "
+            "teacher and judge requests of both stages.",
         )
     if usage:
         tot = {

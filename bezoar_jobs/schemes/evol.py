@@ -161,7 +161,8 @@ def generate(ctx: StageContext) -> StageOutput:
                 )
                 for lin in lineages
             ]
-            evo = Phase(ctx, f"round{rnd}-evolve").run(
+            p_evo = Phase(ctx, f"round{rnd}-evolve")
+            evo = p_evo.run(
                 teacher, evolve_items, lambda res, m: {**m, "evolved": clean_evolved(res.text)}
             )
             ctx.check_stop()
@@ -178,7 +179,8 @@ def generate(ctx: StageContext) -> StageOutput:
                 for lin in lineages
                 if f"{lin['id']}-r{rnd}-evolve" in evo and evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]
             ]
-            resp = Phase(ctx, f"round{rnd}-response").run(
+            p_resp = Phase(ctx, f"round{rnd}-response")
+            resp = p_resp.run(
                 teacher, resp_items, lambda res, m: {**m, "response": res.text.strip()}
             )
             ctx.check_stop()
@@ -219,7 +221,9 @@ def generate(ctx: StageContext) -> StageOutput:
                 e = evo.get(f"{lin['id']}-r{rnd}-evolve")
                 a = resp.get(f"{lin['id']}-r{rnd}-response")
                 if e is None or a is None:
-                    why = "empty evolution" if e is not None and not e["evolved"] else "teacher error"
+                    failed = p_evo.failed.get(f"{lin['id']}-r{rnd}-evolve") or p_resp.failed.get(
+                        f"{lin['id']}-r{rnd}-response")
+                    why = "empty evolution" if e is not None and not e["evolved"] else f"teacher error: {failed}"
                     rejected.append(
                         {"id": f"{lin['id']}-r{rnd}", "instruction": e and e["evolved"], "epoch": rnd, "reason": why}
                     )

@@ -108,7 +108,8 @@ def generate(ctx: StageContext) -> StageOutput:
         )
     teacher = open_client(ctx, r.teacher, "teacher")
     try:
-        out = Phase(ctx, "responses").run(teacher, items, lambda res, m: {**m, "explained_targets": res.text.strip()})
+        phase = Phase(ctx, "responses")
+        out = phase.run(teacher, items, lambda res, m: {**m, "explained_targets": res.text.strip()})
         usage = teacher.usage
     finally:
         teacher.close()
@@ -129,7 +130,8 @@ def generate(ctx: StageContext) -> StageOutput:
             "system_message": m["system_message"],
         }
         if rec is None or not rec["explained_targets"]:
-            rejected.append({**base, "reason": "teacher error" if rec is None else "empty response"})
+            why = f"teacher error: {phase.failed.get(req.id)}" if rec is None else "empty response"
+            rejected.append({**base, "reason": why})
         else:
             rows.append({**base, "explained_targets": rec["explained_targets"], "dataset_source": r.seeds.flan.path})
     if not rows:

@@ -14,12 +14,13 @@ import html
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import BadInput, RetryableError
 from ..estimate import Ask, template_tokens
-from ..llm.base import LLMClient
+from ..llm.base import LLMClient, UsageTotals
 from ..recipe import Recipe
 from ..recipe_base import DatasetSource, Endpoint
 from ..report.charts import Chart, grouped_bars, new_figure, png
@@ -27,7 +28,7 @@ from ..report.collect import jsonl
 from ..report.render import Section, Table, fmt
 from ..runner import StageContext, StageOutput
 from ..store import Store
-from .common import MAX_FAILED_FRACTION, endpoint_info, open_client, usage_dict
+from .common import MAX_FAILED_FRACTION, cause_of, endpoint_info, open_client, usage_dict
 from .evaluate import free, skipped, write_json, write_jsonl
 
 log = logging.getLogger("bezoar")
@@ -128,6 +129,7 @@ def run(ctx: StageContext) -> StageOutput:
             judgments[t.label] = js
         usage = usage_dict(client.usage)
         judge_model_id = client.model_id
+        _account(ctx, judgments, client.usage)
     finally:
         client.close()
 
@@ -188,6 +190,25 @@ def run(ctx: StageContext) -> StageOutput:
             "gpu_hours": gpu_hours,
         },
     )
+
+
+def _account(ctx: StageContext, judgments: dict[str, list[dict[str, Any]]], u: UsageTotals) -> None:
+    """The manifest's ``requests`` (stages/common.py): judge requests asked, retried, lost by cause,
+    and verdicts without a rating."""
+    causes: Counter[str] = Counter()
+    unparseable = 0
+    for js in judgments.values():
+        for j in js:
+            why = j.get("excluded") or ""
+            if why.startswith("judge request failed"):
+                causes[cause_of(why)] += 1
+            elif why:
+                unparseable += 1
+    ctx.accounting["judge"] = {
+        "needed": sum(len(js) for js in judgments.values()), "asked": u.requests, "answered": u.requests - u.failed,
+        "cached": u.cached, "retries": u.retries, "failed": sum(causes.values()), "failed_by_cause": dict(causes),
+        "unparseable": unparseable,
+    }
 
 
 def _open_judge(ctx: StageContext, endpoint: Endpoint) -> LLMClient:

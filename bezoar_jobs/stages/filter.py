@@ -1,13 +1,18 @@
 """LLM-judge filtering of a generated dataset (filter-lamini, filter-evol, filter-orca).
 
 The judge rates each (instruction, response) with the recipe's rubric. Two methods:
-- ``generate``: the judge writes a verdict; we parse JSON first, then tolerant fallbacks. An
-  unparseable verdict is asked again (another seed) up to ``filter.max_attempts`` times, then
-  recorded as a failure with the raw text (the row goes to rejected/, never silently dropped).
+- ``generate``: the judge writes a verdict; we parse JSON first, then tolerant fallbacks. A verdict
+  that says nothing is not an answer: an unparseable verdict is asked again (another seed) up to
+  ``filter.max_attempts`` times, and a row whose verdict stays unparseable (or whose judge request
+  failed for good) *fails*: it is neither kept nor rejected, it is written to ``failed/`` with the
+  judge's raw text, counted, and named in a WARNING. More than ``generation.max_failed_fraction`` of
+  failed rows fail the stage (retryable); an unparseable answer is never cached or taken as done, so
+  the rerun asks the judge again.
 - ``logprobs`` (in-process judge only): the rating is the expected value of the judge's
   next-token distribution over "1".."10" after the rubric and "Rating: ". A small local model
   gives usable, deterministic verdicts this way where its free text would not parse.
-Kept rows go to data/, dropped ones to rejected/, both with ``{judge}_status/_rating/_reason``.
+Kept rows go to data/, dropped ones to rejected/, both with ``{judge}_status/_rating/_reason``. A
+filter that keeps nothing is an error (exit 2) unless ``filter.allow_empty`` says otherwise.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from typing import Any
 
 from ..data.io import dataset_card, load_template, read_jsonl, render, write_jsonl
 from ..errors import BadInput
 from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
-from ..llm.base import GenRequest, LLMClient, request
+from ..llm.base import GenRequest, GenResult, LLMClient, request
 from ..manifest import read_manifest
 from ..recipe import Recipe
 from ..recipe_view import get_path
@@ -28,7 +34,7 @@ from ..registry import scheme as scheme_def
 from ..registry import spec
 from ..runner import StageContext, StageOutput
 from ..store import Store
-from .common import Phase, endpoint_info, open_client, usage_dict
+from .common import Phase, causes_text, check_losses, endpoint_info, open_client, usage_dict
 from .records import stable_hash
 
 log = logging.getLogger("bezoar")
@@ -125,7 +131,7 @@ def run_filter(ctx: StageContext) -> StageOutput:
         ins, resp = pair(scheme, row)
         prompts[row["id"]] = render(rubric, instruction=ins, response=resp)
     verdicts: dict[str, dict[str, Any]] = {}
-    judge = open_client(ctx, r.judge, "judge", cached=cfg.method == "generate")
+    judge = open_client(ctx, r.judge, "judge", cached=cfg.method == "generate", accept=_parses)
     try:
         if cfg.method == "logprobs":
             verdicts = _rate_logprobs(ctx, judge, rows, prompts)
@@ -136,6 +142,7 @@ def run_filter(ctx: StageContext) -> StageOutput:
         judge.close()
     kept: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for row in rows:
         v = verdicts[row["id"]]
         out = {
@@ -144,18 +151,32 @@ def run_filter(ctx: StageContext) -> StageOutput:
             f"{judge_col}_rating": v["rating"],
             f"{judge_col}_reason": v["reason"],
         }
-        (kept if v["keep"] else dropped).append(out)
+        (failed if v["status"] == "error" else kept if v["keep"] else dropped).append(out)
+    causes = Counter(str(v["cause"]) for v in verdicts.values() if v["status"] == "error")
+    check_losses(ctx, ctx.name, len(rows), causes,
+                 {x["id"]: str(x[f"{judge_col}_reason"]) for x in failed}, judge.usage.retries, unit="rows")
+    if not kept and not cfg.allow_empty:
+        raise BadInput(
+            f"{ctx.name}: the judge kept none of the {len(rows)} rows (filter.threshold {cfg.threshold:g}"
+            + (", filter.require_pass" if cfg.require_pass else "")
+            + (f"; {len(failed)} failed: {causes_text(causes)}" if failed else "")
+            + "); nothing is committed. Check the judge's answers and the threshold, or set filter.allow_empty: "
+            "true to commit an empty dataset (the judge's answers are cached: a rerun does not pay again)"
+        )
     counts = {
         "input_rows": len(rows),
         "kept": len(kept),
         "rejected": len(dropped),
-        "unparseable": sum(1 for v in verdicts.values() if v["status"] == "error"),
+        "failed": len(failed),
+        "unparseable": causes.get("unparseable", 0),
         "retention": round(len(kept) / len(rows), 4),
         "scheme": scheme,
     }
     data = ctx.out / "data"
     write_jsonl(data / "train.jsonl", kept)
     write_jsonl(ctx.out / "rejected" / "rejected.jsonl", dropped)
+    if failed:
+        write_jsonl(ctx.out / "failed" / "failed.jsonl", failed)
     dataset_card(
         data / "README.md",
         f"{r.name}: {ctx.name}",
@@ -165,7 +186,8 @@ def run_filter(ctx: StageContext) -> StageOutput:
         ["train.jsonl"],
     )
     u = usage_dict(usage)
-    log.info("%s: kept %d of %d rows (%.0f%%)", ctx.name, len(kept), len(rows), 100 * len(kept) / len(rows))
+    log.info("%s: kept %d of %d rows (%.0f%%), rejected %d, failed %d", ctx.name, len(kept), len(rows),
+             100 * len(kept) / len(rows), len(dropped), len(failed))
     return StageOutput(
         counts=counts,
         extra={
@@ -176,11 +198,17 @@ def run_filter(ctx: StageContext) -> StageOutput:
     )
 
 
+def _parses(res: GenResult) -> bool:
+    """A judge answer is final only when its verdict can be read (CachedClient's ``accept``)."""
+    return parse_verdict(res.text) is not None
+
+
 def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any]],
                    prompts: dict[str, str]) -> dict[str, dict[str, Any]]:
     cfg = ctx.recipe.filter
     verdicts: dict[str, dict[str, Any]] = {}
     raw: dict[str, list[str]] = {row["id"]: [] for row in rows}
+    errors: dict[str, tuple[str, str]] = {}  # row -> (cause, message) of its last failed request
     pending = [row["id"] for row in rows]
     for attempt in range(1, cfg.max_attempts + 1):
         items = [
@@ -198,33 +226,42 @@ def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any
         # a retried ask must not be answered from the first ask's cache: greedy decoding would repeat it
         if attempt > 1 and cfg.decoding.temperature == 0:
             items = [(_with_temperature(req, cfg.retry_temperature), m) for req, m in items]
-        got = Phase(ctx, f"verdicts-a{attempt}").run(judge, items, lambda res, m: {**m, "text": res.text})
+        phase = Phase(ctx, f"verdicts-a{attempt}", valid=lambda rec: parse_verdict(rec["text"]) is not None)
+        # failures are asked again in the next attempt; the limit applies to the rows that fail in the end
+        got = phase.run(judge, items, lambda res, m: {**m, "text": res.text}, check=False)
         ctx.check_stop()
         still = []
+        unparseable = 0
         for rid in pending:
             rec = got.get(f"{rid}-a{attempt}")
             if rec is None:
                 still.append(rid)
+                req_id = f"{rid}-a{attempt}"
+                errors[rid] = (phase.failed_cause.get(req_id, "error"), phase.failed.get(req_id, "no answer"))
                 continue
             raw[rid].append(rec["text"])
             v = parse_verdict(rec["text"])
             if v is None:
                 still.append(rid)
+                unparseable += 1
+                errors.pop(rid, None)
             else:
-                verdicts[rid] = {**v, "keep": decide(v, cfg.threshold, cfg.require_pass)}
+                verdicts[rid] = {**v, "keep": decide(v, cfg.threshold, cfg.require_pass), "cause": None}
                 if verdicts[rid]["status"] is None:
                     verdicts[rid]["status"] = "pass" if verdicts[rid]["keep"] else "fail"
+        phase.stats["unparseable"] = unparseable
         pending = still
         if not pending:
             break
     for rid in pending:
-        text = " | ".join(raw[rid]) or "no answer from the judge"
-        verdicts[rid] = {
-            "status": "error",
-            "rating": None,
-            "reason": f"unparseable verdict after {cfg.max_attempts} attempts: {text[:1000]}",
-            "keep": False,
-        }
+        if rid in errors and not raw[rid]:
+            cause, msg = errors[rid]
+            reason = f"the judge request failed for good after {cfg.max_attempts} attempts: {msg}"
+        else:
+            cause = "unparseable"
+            text = " | ".join(raw[rid]) or "no answer from the judge"
+            reason = f"unparseable verdict after {cfg.max_attempts} attempts: {text[:1000]}"
+        verdicts[rid] = {"status": "error", "rating": None, "reason": reason, "keep": False, "cause": cause}
     return verdicts
 
 

@@ -22,6 +22,8 @@ from . import training
 
 log = logging.getLogger("bezoar")
 
+NAMED_DROPS = 20  # dropped HH-RLHF rows named in the manifest (all are counted)
+
 
 def scheme_examples(ctx: StageContext, scheme: str) -> tuple[list[Any], dict[str, Any], Path]:
     """The filtered rows of ``scheme`` as training examples, with the data's card entry."""
@@ -52,19 +54,27 @@ def hh_examples(ctx: StageContext) -> tuple[list[Any], Counter[str], dict[str, A
     src = ctx.recipe.training.hh.data
     items = load_hh_rows(src, "training.hh.data")
     examples, skipped = [], Counter[str]()
+    named: list[dict[str, str]] = []
     for where, row in items:
         try:
             prompt, completion = sft_example(row)
         except SkipRow as e:
             skipped[e.reason] += 1
+            if len(named) < NAMED_DROPS:
+                named.append({"row": where, "reason": str(e)})
             continue
         examples.append(Example(where, prompt, completion))
-    info = {
+    info: dict[str, Any] = {
         "name": src.path,
         "rows": len(items),
         "licence": src.licence,
         "note": "chosen dialogues; target = final assistant turn",
     }
+    if named:  # every dropped row is counted; the first ones are named, here and in the manifest
+        info["dropped_rows"] = named
+        log.warning("%s: %d of %d rows of training.hh.data dropped (%s), e.g. %s", ctx.name, sum(skipped.values()),
+                    len(items), ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())),
+                    "; ".join(f"{d['row']}: {d['reason']}" for d in named[:3]))
     if src.revision:
         info["revision"] = src.revision
     return examples, skipped, info

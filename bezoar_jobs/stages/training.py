@@ -59,7 +59,10 @@ def resolve_base(ctx: StageContext, base_stage: str | None) -> tuple[Path, dict[
 
     if base_stage is None:
         s = ctx.recipe.student
-        path = resolve_model(s.model, s.revision, trust_remote_code=s.trust_remote_code)
+        try:
+            path = resolve_model(s.model, s.revision, trust_remote_code=s.trust_remote_code)
+        except BadInput as e:  # name the recipe field, not only the path
+            raise BadInput(f"student.model: {e}") from None
         return path, {"base_model": s.model, "base_revision": s.revision}
     path = ctx.fetch_input(base_stage, "model")
     check_model_dir(path, f"{base_stage}/model")

@@ -32,6 +32,7 @@ log = logging.getLogger("bezoar")
 
 CKPT = "checkpoints"
 MARKER = "COMPLETE"
+PROGRESS = "progress"  # the metrics event carrying the run's counters at a checkpoint
 _STEP = re.compile(r"^step-(\d+)/")
 
 
@@ -178,8 +179,12 @@ class CheckpointCallback(TrainerCallback):
     record (the stage's metrics.jsonl)."""
 
     def __init__(self, stage: str, store_ckpts: StoreCheckpoints, metrics_path: Path,
-                 stop_requested: Callable[[], bool], record: Callable[[dict[str, Any]], None]):
+                 stop_requested: Callable[[], bool], record: Callable[[dict[str, Any]], None],
+                 progress: Callable[[], dict[str, float]] | None = None):
         self.stage = stage
+        # the whole run's counters so far (tokens, training seconds): written beside each checkpoint,
+        # so a resumed stage reports figures over every session, not only the last one
+        self.progress = progress
         self.ckpts = store_ckpts
         self.metrics_path = metrics_path
         self.stop_requested = stop_requested
@@ -199,6 +204,8 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if local.is_dir():
+            if self.progress is not None:
+                self.record({"stage": self.stage, "event": PROGRESS, "step": state.global_step, **self.progress()})
             self.ckpts.upload(local, state.global_step, self.metrics_path)
         return control
 

@@ -8,11 +8,14 @@ chosen/rejected = the two final assistant turns (data/hh.py). A prompt that alon
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
 
 from ..errors import BadInput
 from .examples import encode
+
+log = logging.getLogger("bezoar")
 
 
 def bos_text(tok: Any, add_bos: bool) -> str:
@@ -40,11 +43,14 @@ def dpo_pairs(
 
     prefix = bos_text(tok, add_bos)
     rows, skipped = [], Counter[str]()
+    named: list[str] = []
     for where, row in items:
         try:
             pair = dpo_pair(row)
         except SkipRow as e:
             skipped[e.reason] += 1
+            if len(named) < 3:
+                named.append(f"{where}: {e}")
             continue
         n_prompt = len(encode(tok, pair["prompt"], add_bos))
         if n_prompt >= max_length:
@@ -65,6 +71,9 @@ def dpo_pairs(
         "dropped": dropped,
         **{f"dropped_{k}": v for k, v in sorted(skipped.items())},
     }
+    if named:  # counted above; the first ones named, so a reader can find them
+        log.warning("%s (%s): %d of %d rows dropped (%s), e.g. %s", field, source, dropped, total,
+                    ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())), "; ".join(named))
     if not rows:
         raise BadInput(f"{field} ({source}): no preference pairs to train on ({dict(skipped) or 'empty'})")
     if dropped / total > max_dropped_fraction:

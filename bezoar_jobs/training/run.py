@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, Interrupted
-from .checkpoint import CheckpointCallback, StoreCheckpoints
+from .checkpoint import PROGRESS, CheckpointCallback, StoreCheckpoints
 from .packing import CountingCollator, PackedRowsCollator, SharedPrefixCollator
 
 log = logging.getLogger("bezoar")
@@ -89,6 +89,30 @@ class TrainResult:
         }
 
 
+def whole_run(metrics_path: Path) -> tuple[float | None, float | None, dict[str, float]]:
+    """(mean training loss over every step, the last step's loss, the counters of the last checkpoint)
+    from the stage's metrics.jsonl, which a resume restores up to its checkpoint and then extends: so
+    the figures cover the whole run, across resumes, not only the steps since the last one."""
+    per_step: dict[int, float] = {}
+    progress: dict[str, float] = {}
+    if metrics_path.is_file():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("event") == PROGRESS:
+                progress = {k: float(rec[k]) for k in PROGRESS_KEYS if isinstance(rec.get(k), int | float)}
+            elif isinstance(rec.get("step"), int) and isinstance(rec.get("loss"), int | float) and "event" not in rec:
+                per_step[rec["step"]] = float(rec["loss"])  # a step logged again after a resume: the last one
+    if not per_step:
+        return None, None, progress
+    return sum(per_step.values()) / len(per_step), per_step[max(per_step)], progress
+
+
+PROGRESS_KEYS = ("real_tokens", "total_tokens", "shared_tokens", "train_seconds")
+
+
 def _finished_state(checkpoint: Path) -> dict[str, Any] | None:
     """The trainer state of a checkpoint taken at the end of training, else None. (The Trainer,
     resumed from its final checkpoint, would run one step past max_steps.)"""
@@ -115,9 +139,18 @@ def train(
     ``adapter_dir``. ``stop_requested``: whether SIGTERM arrived (save, stop, raise Interrupted);
     ``record``: write one metrics record."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    callback = CheckpointCallback(stage, ckpts, metrics_path, stop_requested, record)
+    prior: dict[str, float] = {}
+    session = {"t0": time.time()}
+
+    def progress() -> dict[str, float]:
+        now = {"real_tokens": counter.real_tokens, "total_tokens": counter.total_tokens,
+               "shared_tokens": counter.shared_tokens, "train_seconds": time.time() - session["t0"]}
+        return {k: prior.get(k, 0.0) + now[k] for k in PROGRESS_KEYS}
+
+    callback = CheckpointCallback(stage, ckpts, metrics_path, stop_requested, record, progress)
     trainer.add_callback(callback)
     restored = ckpts.restore(output_dir, metrics_out=metrics_path)
+    prior.update(whole_run(metrics_path)[2])  # what the sessions before this one did
     resume_path = None
     if restored:
         step, resume_path = restored
@@ -132,33 +165,38 @@ def train(
     if done is not None and resume_path is not None:
         # killed after the last checkpoint but before the commit: nothing left to train
         log.info("%s: the checkpoint at step %d ends the training: merging it", stage, done["global_step"])
+        mean, last, _ = whole_run(metrics_path)
         losses = [h["loss"] for h in done.get("log_history", []) if "loss" in h]
         return TrainResult(
-            steps=int(done["global_step"]), final_loss=float(losses[-1]) if losses else None,
-            train_loss=None, runtime_s=0.0, resumed_from=int(done["global_step"]), real_tokens=0, total_tokens=0,
+            steps=int(done["global_step"]), final_loss=last if last is not None else float(losses[-1]) if losses
+            else None, train_loss=mean, runtime_s=prior.get("train_seconds", 0.0),
+            resumed_from=int(done["global_step"]), real_tokens=int(prior.get("real_tokens", 0)),
+            total_tokens=int(prior.get("total_tokens", 0)), shared_tokens=int(prior.get("shared_tokens", 0)),
             peak_memory_bytes=peak_memory_bytes(cuda), adapter_dir=resume_path, memory_kind=mem_kind,
         )
     if cuda:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
-    runtime = time.time() - t0
+    session["t0"] = time.time()
+    trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
     if stop_requested():
         at = callback.stopped_at if callback.stopped_at is not None else trainer.state.global_step
         raise Interrupted(f"{stage}: stopped by SIGTERM; checkpoint at step {at} is in _work/checkpoints/")
     trainer.model.save_pretrained(str(adapter_dir))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # over the whole run, every session's steps and tokens (HF's own training_loss and counters only
+    # see the steps of this process)
+    mean, last, _ = whole_run(metrics_path)
+    total = progress()
     result = TrainResult(
         steps=int(trainer.state.global_step),
-        final_loss=float(losses[-1]) if losses else None,
-        train_loss=float(out.training_loss) if out is not None and out.training_loss is not None else None,
-        runtime_s=runtime,
+        final_loss=last,
+        train_loss=mean,
+        runtime_s=total["train_seconds"],
         resumed_from=restored[0] if restored else None,
-        real_tokens=counter.real_tokens,
-        total_tokens=counter.total_tokens,
-        shared_tokens=counter.shared_tokens,
+        real_tokens=int(total["real_tokens"]),
+        total_tokens=int(total["total_tokens"]),
+        shared_tokens=int(total["shared_tokens"]),
         peak_memory_bytes=peak_memory_bytes(cuda),
         adapter_dir=adapter_dir,
         memory_kind=mem_kind,

@@ -1,0 +1,145 @@
+"""Everything validated before anything is spent (issue 11, finding 4).
+
+Unknown keys inside the pass-through sections (training.lora.rr, training.sft_args.learning_rat)
+passed `plan`, `run`'s freeze and every data stage; only the training stage refused them, after the
+data stages had run and been paid for. Now the recipe's loading checks them against the TRL/PEFT
+fields (the installed classes, or the schema shipped for them where TRL is not installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bezoar_jobs import passthrough
+from bezoar_jobs.errors import BadInput
+from bezoar_jobs.recipe import parse_recipe
+from tests.llm_server import LLMTestServer
+from tests.scripted import scripted_answer, scripted_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TYPOS = {"training": {"lora": {"rr": 8}, "sft_args": {"learning_rat": 1e-4}}}
+
+
+def bezoar(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SCRIPTED_JUDGE_KEY": "test-key"}
+    return subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_typos_in_pass_through_sections_stop_plan_run_and_every_stage_before_a_request(tmp_path):
+    with LLMTestServer(script=scripted_answer, api_key="test-key") as srv:
+        recipe = scripted_recipe(tmp_path, srv.url, **{"training.lora": {"rr": 8}})
+        run = str(tmp_path / "run")
+        results = [
+            bezoar("plan", "--recipe", str(recipe), "--run", run),
+            bezoar("run", "--recipe", str(recipe), "--run", run, "--until", "filter-orca"),
+            bezoar("stage", "generate-orca", "--recipe", str(recipe), "--run", run),
+            bezoar("stage", "filter-lamini", "--recipe", str(recipe), "--run", run),
+        ]
+        assert srv.calls == []  # nothing was asked, nothing paid
+    line = next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip().startswith("rr:"))
+    for res in results:
+        assert res.returncode == 2, res.stderr[-2000:]
+        err = [ln for ln in res.stderr.splitlines() if " ERROR " in ln]
+        assert len(err) == 1 and "Traceback" not in res.stderr
+        assert (f"{recipe}:{line}: training.lora.rr: unknown key: not a field of LoraConfig (did you mean 'r'?)"
+                in err[0])
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # never frozen
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"sft_args": {"learning_rat": 1e-4}}, "training.sft_args.learning_rat: unknown key"),
+        ({"sft_args": {"optim": "adamw_torh"}}, "training.sft_args.optim: 'adamw_torh' is not one of its choices "
+                                                "(did you mean 'adamw_torch'?)"),
+        ({"sft_args": {"lr_scheduler_type": "cosin"}}, "training.sft_args.lr_scheduler_type: 'cosin' is not one"),
+        ({"sft_args": {"num_train_epochs": "two"}}, "training.sft_args.num_train_epochs: 'two' is not a number"),
+        ({"sft_args": {"max_length": None}}, "training.sft_args.max_length: must be set"),
+        ({"stage_args": {"sft-orca": {"gradient_accumulation_step": 2}}},
+         "training.stage_args.sft-orca.gradient_accumulation_step: unknown key"),
+        ({"dpo": {"dpo_args": {"betta": 0.2}}}, "training.dpo.dpo_args.betta: unknown key"),
+        ({"dpo": {"lora": {"lora_alpah": 8}}}, "training.dpo.lora.lora_alpah: unknown key"),
+        ({"lora": {"bias": "some"}}, "training.lora.bias: 'some' is not one of its choices"),
+        ({"lora": {"r": "sixteen"}}, "training.lora.r: 'sixteen' is not a number"),
+        ({"lora": {"use_dora": "yes"}}, "training.lora.use_dora: expected true or false"),
+        ({"lora": {"target_modules": {"q": 1}}}, "training.lora.target_modules: expected"),
+        ({"sft_args": {"seed": 3}}, "training.sft_args.seed: set by the stage"),
+    ],
+)
+def test_the_field_schema_catches(tmp_path, section, message):
+    text = yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "m"},
+                           "judge": {"backend": "local", "model": "m"}, "student": {"model": "m"},
+                           "training": section})
+    with pytest.raises(BadInput) as e:
+        parse_recipe(text, "r.yaml")
+    assert message in str(e.value) and re.search(r"r\.yaml:\d+: ", str(e.value))
+
+
+def test_a_combination_only_the_class_refuses_stops_plan_where_trl_is_installed(tmp_path):
+    refused = {"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}  # TRL: one weight per loss type
+    recipe = scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"training.dpo": {"dpo_args": refused}})
+    res = bezoar("plan", "--recipe", str(recipe), "--run", str(tmp_path / "run"))
+    assert res.returncode == 2 and "training.dpo.dpo_args: DPOConfig refused the settings" in res.stderr
+    data_only = bezoar("plan", "--recipe", str(recipe), "--run", str(tmp_path / "run"), "--until", "filter-orca")
+    assert data_only.returncode == 0  # no training stage selected: nothing to build
+
+
+def test_without_trl_the_shipped_schema_checks_and_nothing_heavy_is_imported(tmp_path):
+    """The controller image: TRL, PEFT and transformers are not installed."""
+    probe = r"""
+import importlib.metadata as md, json, sys
+real = md.version
+def version(name):
+    if name in ("trl", "peft", "transformers"):
+        raise md.PackageNotFoundError(name)
+    return real(name)
+md.version = version
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("trl", "peft", "transformers", "torch"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Block())
+from bezoar_jobs.errors import BadInput
+from bezoar_jobs.recipe import parse_recipe
+try:
+    parse_recipe(sys.argv[1], "r.yaml")
+except BadInput as e:
+    print(json.dumps({"error": str(e)}))
+"""
+    text = yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "m"},
+                           "judge": {"backend": "local", "model": "m"}, "student": {"model": "m"}, **TYPOS})
+    res = subprocess.run([sys.executable, "-c", probe, text], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0, res.stderr
+    err = json.loads(res.stdout.strip().splitlines()[-1])["error"]
+    assert "training.lora.rr: unknown key" in err and "training.sft_args.learning_rat: unknown key" in err
+
+
+def test_other_installed_versions_get_their_own_schema_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEZOAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(passthrough, "installed_versions", lambda: {"trl": "0.0-other", "peft": "x",
+                                                                    "transformers": "y"})
+    passthrough.schema.cache_clear()
+    try:
+        fields = passthrough.schema()["classes"]["LoraConfig"]
+        assert "r" in fields and "rr" not in fields
+        assert len(list((tmp_path / "cache").glob("passthrough-*.json"))) == 1  # built once, cached
+    finally:
+        passthrough.schema.cache_clear()
+
+
+def test_the_shipped_schema_is_that_of_the_pinned_libraries():
+    shipped = json.loads(passthrough.PACKAGED.read_text())
+    lock = dict(ln.split("==") for ln in (REPO / "requirements" / "lock.txt").read_text().split() if "==" in ln)
+    assert shipped["versions"] == {lib: lock[lib] for lib in passthrough.LIBRARIES}
+    if passthrough.installed_versions() == shipped["versions"]:
+        # regenerate with: python -m bezoar_jobs.passthrough --write bezoar_jobs/passthrough_schema.json
+        assert passthrough.build_schema() == shipped
