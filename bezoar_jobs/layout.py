@@ -5,6 +5,8 @@
 <run>/<stage>/_MANIFEST.json      written last: the stage is committed
 <run>/<stage>/_work/              in-progress records and checkpoints (never read as output)
 <run>/_cache/<namespace>/         teacher/judge answers by request hash
+<run>/_control/cancelled.json     `bezoar cancel` was here: every controller of the run stops
+<run>/_control/status.json        what the Kubernetes controller sees (Pending, Unschedulable, Kueue)
 ```
 Every path is relative to the run (see :mod:`bezoar_jobs.store`).
 """
@@ -15,6 +17,8 @@ RECIPE_FILE = "recipe.yaml"
 MANIFEST = "_MANIFEST.json"
 WORK_DIR = "_work"
 CACHE_DIR = "_cache"
+CANCELLED_FILE = "_control/cancelled.json"
+CONTROLLER_STATUS_FILE = "_control/status.json"
 
 
 def manifest_path(stage: str) -> str:

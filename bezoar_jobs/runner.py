@@ -23,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .cluster_env import cluster_teacher
+from .device_check import check as check_devices
 from .errors import BadInput, Interrupted
 from .layout import work_prefix
 from .manifest import CommitInfo, commit, read_manifest
@@ -176,16 +178,18 @@ def run_stage(
         if ok:
             log.info("%s: already committed (%s)", name, why)
             return 0
+    check_devices()  # a pod that asked for GPUs and cannot use CUDA stops here (exit 2), never trains on CPU
     if force and shard is None:
         prepare_force(store, name)
     inputs = input_hashes(store, name, recipe)
-    ph = params_hash(recipe, name)
+    ph = params_hash(recipe, name)  # from the frozen recipe: the cluster's teacher endpoint is not a parameter
+    run_recipe, teacher_endpoint = cluster_teacher(recipe, name) if "teacher" in stage.needs else (recipe, None)
     fn = stage.function()
     tmp = Path(tempfile.mkdtemp(prefix=f"bezoar-{name}-", dir=os.environ.get("BEZOAR_SCRATCH")))
     out, scratch = tmp / "out", tmp / "scratch"
     out.mkdir()
     scratch.mkdir()
-    ctx = StageContext(name=name, recipe=view(recipe, name, stage.readable), store=store, out=out, scratch=scratch,
+    ctx = StageContext(name=name, recipe=view(run_recipe, name, stage.readable), store=store, out=out, scratch=scratch,
                        work=WorkArea(store, name), params_hash=ph, inputs=inputs, shard=shard)
     prev = _install_sigterm(ctx._stop)
     t0 = time.time()
@@ -195,6 +199,8 @@ def run_stage(
         if not result.committed:
             log.info("%s: shard %s/%s done (records under _work/)", name, *(shard or (0, 1)))
             return 0
+        if teacher_endpoint is not None:
+            result.extra["teacher_endpoint"] = teacher_endpoint
         commit_output(store, name, out, ph, inputs, result, t0, recipe.name)
         return 0
     finally:
