@@ -15,7 +15,7 @@
 REGISTRY ?= ghcr.io/example/bezoar-jobs
 CHART_REGISTRY ?= ghcr.io/example/charts
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-K8S_IMAGES := controller data train eval
+K8S_IMAGES := controller data train eval demo teacher
 DOCKER ?= docker
 TOOLS_DIR := .tools
 HELM := $(TOOLS_DIR)/bin/helm
