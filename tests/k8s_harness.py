@@ -1882,6 +1882,8 @@ def fake_stage_main(argv: list[str]) -> int:
                                 "attempt": attempt}) + "\n")
     for line in st.get("log", [f"{a.name}: starting (attempt {attempt})"]):
         print(line, flush=True)
+        if st.get("log_every"):
+            time.sleep(float(st["log_every"]))
     for name in st.get("require_env", []):
         if not os.environ.get(name):
             print(f"error: environment variable {name} is not set", flush=True)
@@ -1891,6 +1893,14 @@ def fake_stage_main(argv: list[str]) -> int:
         if not fp or not Path(fp).is_file() or not os.access(fp, os.R_OK):
             print(f"error: {name} does not point at a readable file ({fp})", flush=True)
             return 2
+    for target in st.get("write", []):  # where a pod may write (its mounts) and where it may not
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text("x")
+            print(f"wrote {target} as uid {os.getuid()}", flush=True)
+        except OSError as e:
+            print(f"cannot write {target} as uid {os.getuid()}: {e.strerror}", flush=True)
+            return 3
     for name in st.get("require_key_files", []):
         fp = Path(os.environ.get("BEZOAR_KEYS_DIR", "/nonexistent")) / name
         if not os.access(fp, os.R_OK) or not fp.read_text().strip():

@@ -950,7 +950,8 @@ def test_egress_policies_for_a_default_deny_namespace(rendered: dict[str, list[d
         assert ports(dns) == {(53, "UDP"), (53, "TCP")}
         assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
         storage = spec["egress"][1]
-        assert storage["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}] and ports(storage) == {(443, "TCP"), (8333, "TCP")}
+        assert storage["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+        assert ports(storage) == {(443, "TCP"), (8333, "TCP")}
     assert by["controller"]["egress"][2]["to"] == [{"ipBlock": {"cidr": "172.20.0.1/32"}}]
     assert len(by["teacher"]["egress"]) == 2  # DNS and storage (the Hub) only
     teacher_rule = by["stages"]["egress"][3]
@@ -1010,7 +1011,7 @@ def test_checkov_zero_failed_checks(helm: tuple[str, dict[str, str]], tmp_path: 
 def test_checkov_scans_the_chart_directory_with_its_defaults(helm: tuple[str, dict[str, str]]) -> None:
     """Finding 10: `checkov -d helm/openbezoar` rendered nothing (the defaults did not render) and reported
     clean. Its helm framework now renders the chart's defaults (the demo) and finds nothing to fail."""
-    exe, env = helm
+    _exe, env = helm
     proc = subprocess.run([str(infra_tools.linter("checkov")), "-d", str(CHART), "--framework", "helm",
                            "--skip-download", "-o", "json", "--compact"], capture_output=True, text=True, env=env)
     report = json.loads(proc.stdout)

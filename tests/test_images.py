@@ -373,3 +373,16 @@ def test_the_teacher_image_runs_tgi_as_a_non_root_user() -> None:
     assert values["teacher"]["image"]["tgi"]["repository"] == ""  # = <registry>/bezoar-teacher
     makefile = (REPO / "mk" / "k8s.mk").read_text()
     assert re.search(r"K8S_IMAGES\s*:=.*\bteacher\b", makefile) and re.search(r"K8S_IMAGES\s*:=.*\bdemo\b", makefile)
+
+
+def test_the_real_cluster_smoke_test_is_wired() -> None:
+    """What the harness cannot run is checked on a real cluster by `make smoke-cluster`: the script
+    parses, and covers the demo install, the GPU images' device check and the non-root teacher."""
+    script = REPO / "scripts" / "smoke_cluster.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for part in ("pod-security.kubernetes.io/enforce=restricted", "bezoar_jobs.device_check", "BEZOAR_GPUS",
+                 "bezoar-teacher", "runAsUser: 10001", "readOnlyRootFilesystem: true"):
+        assert part in text, part
+    makefile = (REPO / "mk" / "k8s.mk").read_text()
+    assert re.search(r"^smoke-cluster:\n\tREGISTRY=.*scripts/smoke_cluster.sh", makefile, re.M)

@@ -28,6 +28,8 @@ from .k8s_retry import ApiRetry
 from .k8s_teacher import TeacherLifecycle
 from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, StageEvent
 
+CANCEL_LOOK_S = 5.0  # how often a running controller reads the run's cancel mark
+
 
 @dataclass
 class _Tracked:
@@ -95,6 +97,7 @@ class KubernetesBackend:
                               else cluster.controller.pendingReportSeconds, cluster.kueue.queueName)
         self.tick_s = tick_s
         self._next_tick = 0.0
+        self._next_cancel_look = 0.0
         self._status_written = 0.0
         self.pods: dict[str, dict[str, Any]] = {}
         self.active: dict[str, _Tracked] = {}  # Job name -> what it runs
@@ -179,7 +182,10 @@ class KubernetesBackend:
         if now < self._next_tick:
             return
         self._next_tick = now + self.tick_s
-        if self._check_cancelled():
+        look = now >= self._next_cancel_look  # the store is asked at most every CANCEL_LOOK_S
+        if look:
+            self._next_cancel_look = now + max(self.tick_s, CANCEL_LOOK_S)
+        if look and self._check_cancelled():
             for t in list(self.active.values()):
                 self._ended.append(self._cancelled_event(t.stage))
             self.active.clear()
@@ -330,7 +336,7 @@ class KubernetesBackend:
             return
         del self.active[name]
         if cond["type"] == "Failed":
-            self.diag.forget(t.stage, "Failed")
+            self.diag.failed(t.stage, cond.get("reason") or "Failed", cond.get("message") or "")
             self._ended.append(self._failed(t.stage, name, t.uid, cond))
         elif t.phase == "main" and is_sharded(t.stage, self.cluster):
             self.say(f"{t.stage}: all {self.cluster.generationShards} shards done; committing")

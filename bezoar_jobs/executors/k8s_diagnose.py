@@ -84,7 +84,8 @@ class Diagnosis:
         self.changed = False
         self._said: set[tuple[str, str]] = set()
         self._kueue_version: str | None = None
-        self._kueue_missing = False
+        self._next_look: dict[str, float] = {}  # Job uid -> when to ask the API about it again
+        self.look_every_s = min(15.0, max(1.0, report_after_s))
 
     # -- bookkeeping -------------------------------------------------------------------------
     def track(self, stage: str, job: str) -> None:
@@ -96,6 +97,16 @@ class Diagnosis:
         if v is not None and v.state != state:
             v.state, v.reason, v.message, v.since = state, "", "", time.time()
             self.changed = True
+
+    def failed(self, stage: str, reason: str, message: str) -> None:
+        """The stage's Job failed: keep what kept it from running, if anything did (a deadline that hit
+        a Pending pod is about the scheduler's reason, not the deadline)."""
+        v = self.views.get(stage)
+        if v is None:
+            return
+        before = f" (it was {v.state}: {v.reason}: {v.message})" if v.state in ("Pending", "Suspended") else ""
+        v.state, v.reason, v.message, v.since = "Failed", reason, message + before, time.time()
+        self.changed = True
 
     def _set(self, stage: str, state: str, reason: str = "", message: str = "") -> None:
         v = self.views.get(stage)
@@ -153,13 +164,21 @@ class Diagnosis:
         meta = job["metadata"]
         created = meta.get("creationTimestamp")
         age = time.time() - _epoch(created) if created else 0.0
+        if has_pods or age < self.report_after_s:
+            if not (job.get("spec") or {}).get("suspend"):
+                return None
+        now = time.monotonic()
+        if now < self._next_look.get(meta["uid"], 0.0):
+            return None  # asked recently: events and Workloads change slowly, spare the API server
+        if age >= self.report_after_s:
+            self._next_look[meta["uid"]] = now + self.look_every_s
         if (job.get("spec") or {}).get("suspend"):
-            self._set(stage, "Suspended", "WaitingForAdmission",
-                      f"Kueue queue {self.queue}" if self.queue else "the Job is suspended")
+            v = self.views.get(stage)
+            if v is not None and v.state != "Suspended":
+                self._set(stage, "Suspended", "WaitingForAdmission",
+                          f"Kueue queue {self.queue}" if self.queue else "the Job is suspended")
             if age >= self.report_after_s:
                 return self._kueue(stage, meta)
-            return None
-        if has_pods or age < self.report_after_s:
             return None
         try:
             items = raw(self.retry.call("list events", self.core.list_namespaced_event, self.ns,

@@ -5,14 +5,17 @@ of each stage for the failure report.
 A log stream breaks for reasons that have nothing to do with the stage: the API server restarts, a
 load balancer drops an idle connection, the kubelet rotates the file. A follower therefore asks for
 timestamps (``timestamps=true``) and, when its stream ends while the container still runs, reconnects
-with ``sinceTime`` (whole seconds: the API's resolution) and drops the lines it already printed
-(compared by their nanosecond timestamps), so every line is printed once. It stops when the container
-has terminated and its log was read to the end, when the pod is gone, or when the controller stops.
+with ``sinceSeconds`` reaching back past the last line it printed (plus a margin for clock skew
+between this process and the node; the Python client has no ``sinceTime``) and drops the lines it
+already printed, compared by their nanosecond timestamps, so every line is printed once. It stops
+when the container has terminated and its log was read to the end, when the pod is gone, or when the
+controller stops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -42,8 +45,11 @@ def split_timestamp(line: str) -> tuple[Stamp | None, str]:
     return (secs, nanos), rest
 
 
-def _since(stamp: Stamp) -> str:
-    return datetime.fromtimestamp(stamp[0], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+SKEW_MARGIN_S = 30  # how far further back a resumed stream reaches, for clocks that disagree
+
+
+def _since_seconds(stamp: Stamp) -> int:
+    return max(1, math.ceil(time.time() - stamp[0]) + SKEW_MARGIN_S)
 
 
 def container_terminated(pod: dict[str, Any]) -> bool:
@@ -113,7 +119,7 @@ class LogFollower:
             kwargs: dict[str, Any] = {"container": CONTAINER, "follow": True, "timestamps": True,
                                       "_preload_content": False}
             if last is not None:
-                kwargs["since_time"] = _since(last)
+                kwargs["since_seconds"] = _since_seconds(last)
             try:
                 resp = self.retry.call(f"log of pod {pod}", self.core.read_namespaced_pod_log, pod, self.ns, **kwargs)
             except ApiException as e:
