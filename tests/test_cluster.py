@@ -149,6 +149,38 @@ def test_pods_that_break_the_restricted_profile_are_never_created(tmp_path, monk
         assert e.fc.events_for(NS, kind="Job", reason="FailedCreate")
 
 
+def test_the_harness_scheduler_filters_as_the_real_one_words_it():
+    """The node pool's filters: requests against what is left, selectors and required affinity, taints;
+    the message counts the reasons per node, as a FailedScheduling event does."""
+    from tests.k8s_nodes import schedule
+
+    gpu = Node("gpu-1", cpu="16", memory="64Gi", ephemeral="100Gi", gpus=2,
+               labels={"nvidia.com/gpu.product": "NVIDIA-L4"},
+               taints=[{"key": "nvidia.com/gpu", "value": "", "effect": "NoSchedule"}])
+    cpu = Node("cpu-1", cpu="8", memory="32Gi", ephemeral="100Gi")
+    tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+    def pod(requests: dict[str, str], **spec: Any) -> dict[str, Any]:
+        return {"containers": [{"name": "c", "resources": {"requests": requests, "limits": requests}}], **spec}
+
+    assert schedule(pod({"cpu": "2", "memory": "8Gi"}), [gpu, cpu], {}, []) == ("cpu-1", "")
+    assert schedule(pod({"nvidia.com/gpu": "1"}, tolerations=tol), [gpu, cpu], {}, [])[0] == "gpu-1"
+    node, msg = schedule(pod({"nvidia.com/gpu": "1"}, tolerations=tol), [gpu, cpu],
+                         {"gpu-1": {"nvidia.com/gpu": 2.0}}, [])
+    assert node is None and msg.startswith("0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+    node, msg = schedule(pod({"nvidia.com/gpu": "1"}), [gpu, cpu], {}, [])
+    assert "1 node(s) had untolerated taint {nvidia.com/gpu: }" in msg and "1 Insufficient nvidia.com/gpu" in msg
+    h100 = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In",
+                               "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}}
+    node, msg = schedule(pod({"nvidia.com/gpu": "2"}, tolerations=tol, affinity=h100), [gpu], {}, [])
+    assert node is None and "1 node(s) didn't match Pod's node affinity/selector" in msg
+    node, msg = schedule(pod({"ephemeral-storage": "200Gi"}), [cpu], {}, [])
+    assert node is None and msg == ("0/1 nodes are available: 1 Insufficient ephemeral-storage. preemption: 0/1 nodes "
+                                    "are available: 1 No preemption victims found for incoming pod.")
+    assert schedule(pod({}), [cpu], {}, ["runs"])[1].startswith('0/1 nodes are available: persistentvolumeclaim "runs"')
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding 4: a stage that failed for good stops the run; the controller Job does not re-run it
 # ---------------------------------------------------------------------------------------------
@@ -600,15 +632,40 @@ def test_the_budget_divides_among_stages_and_shards():
 # ---------------------------------------------------------------------------------------------
 # The demo on Kubernetes: the chart's default install, every stage, the real SmolLM2
 # ---------------------------------------------------------------------------------------------
+def smaller(recipe_text: str) -> str:
+    """The demo recipe with its counts cut so that 14 pods fit the suite on 2 shared cores: fewer
+    prompts and seeds, shorter answers, 2 optimizer steps, one evaluated model, few items. Every stage
+    still runs its real code on the real SmolLM2 (`make demo` runs the full sizes)."""
+    r = yaml.safe_load(recipe_text)
+    g = r["generation"]
+    g["lamini"].update({"example_prompts": 2, "topic_prompts": 1, "instructions_per_prompt": 4, "max_instructions": 8,
+                        "instruction_decoding": {"max_new_tokens": 48, "temperature": 0.7, "top_p": 0.9},
+                        "response_decoding": {**g["lamini"]["response_decoding"], "max_new_tokens": 16}})
+    g["evol"].update({"seeds": 8, "evolve_decoding": {**g["evol"]["evolve_decoding"], "max_new_tokens": 16},
+                      "response_decoding": {**g["evol"]["response_decoding"], "max_new_tokens": 16}})
+    g["orca"].update({"seeds": 8, "response_decoding": {**g["orca"]["response_decoding"], "max_new_tokens": 16}})
+    r["training"]["sft_args"]["max_steps"] = 2
+    r["training"]["dpo"]["dpo_args"]["max_steps"] = 2
+    ev = r["evaluation"]
+    ev["checkpoints"] = ["dpo"]
+    ev["harness"].update({"limit": 4, "bootstrap_iters": 0})
+    ev["mtbench"]["questions"]["limit"] = 1
+    ev["mtbench"]["answer_max_new_tokens"] = 16
+    return yaml.safe_dump(r, sort_keys=False)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_the_default_install_runs_the_demo_end_to_end(tmp_path):
-    """`helm install openbezoar helm/openbezoar` with no values: its cluster settings and recipe, all 14
-    stages as Jobs in the harness (sandboxed, restricted, scheduled), the real stage code on the
-    embedded SmolLM2, runs on the chart's PVC. A cache PVC shares the converted model between pods
-    (seeded from this machine's cache when it has one)."""
+    """`helm install openbezoar helm/openbezoar` with no values: its cluster settings and recipe (counts
+    cut, see smaller()), all 14 stages as Jobs in the harness (sandboxed, restricted, scheduled), the
+    real stage code on the embedded SmolLM2, runs on the chart's PVC. A cache PVC shares the converted
+    model between pods (seeded from this machine's cache when it has one)."""
     docs = helm_template(tmp_path, "openbezoar", NS)
     cs = yaml.safe_load(by_kind(docs, "ConfigMap", "cluster-settings")["data"]["cluster.yaml"])
-    recipe = by_kind(docs, "ConfigMap", "recipe")["data"]["recipe.yaml"]
+    chart_recipe = by_kind(docs, "ConfigMap", "recipe")["data"]["recipe.yaml"]
+    assert yaml.safe_load(chart_recipe) == yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+    recipe = smaller(chart_recipe)
     job = by_kind(docs, "Job", "controller")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--run") + 1] == "/runs/openbezoar" and cs["storage"]["runVolume"]["mountPath"] == "/runs"
