@@ -30,6 +30,8 @@ except ImportError:
     import infra_tools  # type: ignore[no-redef]
 
 REPO = infra_tools.REPO
+# the dev virtualenv: the repository's .venv (make venv), else the one running the tests (a git worktree)
+VENV_BIN = (REPO / ".venv" if (REPO / ".venv").exists() else Path(sys.prefix)) / "bin"
 IMAGES = REPO / "images"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
@@ -172,7 +174,7 @@ def test_torch_pinned_first_to_the_makefile_version(image: str) -> None:
     assert makefile_pin, "the Makefile no longer pins torch"
     assert args["TORCH_VERSION"] == makefile_pin.group(1)
     installed = subprocess.run(
-        [str(REPO / ".venv/bin/python"), "-c", "import importlib.metadata as m; print(m.version('torch'))"],
+        [str(VENV_BIN / "python"), "-c", "import importlib.metadata as m; print(m.version('torch'))"],
         capture_output=True,
         text=True,
         check=True,
@@ -217,7 +219,7 @@ def test_entrypoint_is_the_declared_console_script(image: str) -> None:
     tree = ast.parse(source.read_text())
     assert any(isinstance(n, ast.FunctionDef) and n.name == func for n in tree.body), f"{source} lost {func}()"
     # The CMD the image runs by default, through the console script of the same pyproject.
-    proc = subprocess.run([str(REPO / ".venv/bin/bezoar"), *cmd[0]], capture_output=True, text=True)
+    proc = subprocess.run([str(VENV_BIN / "bezoar"), *cmd[0]], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: bezoar" in proc.stdout
 
 
