@@ -60,19 +60,27 @@ CONTROLLER = (
 
 def one_run(workdir: Path, stages: list[str]) -> tuple[list[float], float, float]:
     """Run the pipeline once; return (gaps in s, controller peak RSS in MiB, wall seconds)."""
-    plan = workdir / "plan.json"
+    fake = workdir / "fake"
+    fake.mkdir()
+    plan = fake / "plan.json"
     env_extra = write_plan(plan, {})
-    with FakeCluster(workdir / "k8s", entrypoints=fake_entrypoints(), extra_env=env_extra) as fc:
+    runs = workdir / "runs"
+    # the pods are sandboxed (tests/k8s_sandbox.py): the runs live on a PVC they mount where this
+    # process sees them too, and the fake stage's plan on a host share
+    with FakeCluster(workdir / "k8s", entrypoints=fake_entrypoints(), extra_env=env_extra,
+                     host_shares=[fake]) as fc:
+        fc.add_pvc(NS, "runs", runs)
         recipe = workdir / "recipe.yaml"
         recipe.write_text(RECIPE)
         cluster = workdir / "cluster.yaml"
-        cluster.write_text(yaml.safe_dump({"namespace": NS, "secrets": {"s3": {"name": ""}}}))
+        cluster.write_text(yaml.safe_dump({"namespace": NS, "secrets": {"s3": {"name": ""}},
+                                           "storage": {"runVolume": {"claimName": "runs", "mountPath": str(runs)}}}))
         env = {**os.environ, "KUBECONFIG": str(fc.kubeconfig), "PYTHONPATH": str(REPO)}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         t0 = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-c", CONTROLLER, "run", "--executor", "kubernetes", "--recipe", str(recipe),
-             "--run", str(workdir / "run"), "--cluster", str(cluster), "--until", stages[-1]],
+             "--run", str(runs / "run"), "--cluster", str(cluster), "--until", stages[-1]],
             capture_output=True, text=True, timeout=600, env=env,
         )
         wall = time.monotonic() - t0

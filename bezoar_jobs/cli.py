@@ -2,14 +2,14 @@
 
   bezoar stage NAME --recipe FILE_OR_URI --run URI [--shard i/N] [--force]
   bezoar run --recipe FILE --run URI [--from S] [--until S] [--only S ...] [--force]
-             [--executor local|kubernetes] [--cluster FILE] [--run-id ID] [--parallel N]
+             [--executor local|kubernetes] [--cluster FILE] [--run-id ID] [--parallel N] [--refreeze]
   bezoar plan --recipe FILE --run URI
   bezoar status --run URI [--json]
   bezoar verify --run URI [--fix]
   bezoar repair --run URI
   bezoar report --run URI
-  bezoar render --recipe FILE --cluster FILE --run URI --out DIR [--run-id ID]
-  bezoar cancel --run URI [--cluster FILE] [--run-id ID]
+  bezoar render --recipe FILE --cluster FILE --run URI --out DIR [--run-id ID] [--image-digest FAMILY=sha256:...]
+  bezoar cancel --run URI [--cluster FILE] [--run-id ID] [--undo]
 
 Exit codes: 0 done, 2 bad input (do not retry), anything else a failure a retry may cure.
 This module never imports torch or the Kubernetes client at import time.
@@ -155,8 +155,11 @@ def _register_keys(recipe: Recipe) -> None:
 
 def cmd_run(a: argparse.Namespace) -> int:
     """Freeze the recipe, then the one scheduler over the chosen backend (local processes or Jobs)."""
+    from .run_control import refuse_if_cancelled
+
     recipe, text = load_recipe(a.recipe)
     store = open_store(a.run)
+    refuse_if_cancelled(store)  # `bezoar cancel` holds for every executor
     stages = _stages_for(a, store, recipe)
     if a.executor == "kubernetes":  # the controller path never imports TRL: the schema check at load suffices
         from .executors.cluster import ClusterSettings, load_cluster_settings
@@ -171,6 +174,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             cluster=cluster,
             stages=stages,
             force=a.force,
+            refreeze=a.refreeze,
         )
     _check_training_configs(recipe, stages)
     from .executors.local import run_local
@@ -247,12 +251,16 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
+    from .run_control import cancelled, read_controller_status
+
     store = open_store(a.run)
     rows = status_rows(store)
+    cluster = read_controller_status(store)
+    marker = cancelled(store)
     if a.json:
-        print(json.dumps({"run": store.uri, "stages": rows}, indent=2))
+        print(json.dumps({"run": store.uri, "stages": rows, "cancelled": marker, "controller": cluster}, indent=2))
         return 0
-    print(f"run: {store.uri}")
+    print(f"run: {store.uri}" + (f"  (CANCELLED at {marker.get('cancelled_at', '?')})" if marker is not None else ""))
     print(f"{'stage':<16} {'state':<10} {'seconds':>8}  counts")
     for r in rows:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if not isinstance(v, dict))
@@ -261,6 +269,16 @@ def cmd_status(a: argparse.Namespace) -> int:
     damaged = [r for r in rows if r["state"] == "damaged"]
     for r in damaged:
         print(f"damaged: {r['problem']}")
+    seen = cluster or {}
+    committed = {r["stage"] for r in rows if r["state"] == "committed"}
+    waiting = {s: v for s, v in (seen.get("stages") or {}).items()
+               if v.get("state") != "Succeeded" and s not in committed}
+    if waiting:
+        print(f"on the cluster (namespace {seen.get('namespace', '?')}, as the controller saw it at "
+              f"{seen.get('updated_at', '?')}):")
+        for s, v in waiting.items():
+            why = ": ".join(x for x in (v.get("reason"), v.get("message")) if x)
+            print(f"  {s:<16} {v.get('state', '?'):<10} Job {v.get('job', '?')}" + (f"  {why}" if why else ""))
     return 0
 
 
@@ -322,13 +340,24 @@ def _repair(store: Store, damaged: dict[str, list[str]]) -> int:
     return 0
 
 
+def _image_digests(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for p in pairs or []:
+        family, sep, digest = p.partition("=")
+        if not sep or family not in ("data", "train", "eval"):
+            raise BadInput(f"--image-digest {p!r}: expected data|train|eval=sha256:<64 hex digits>")
+        out[family] = digest
+    return out
+
+
 def cmd_render(a: argparse.Namespace) -> int:
     from .executors.cluster import load_cluster_settings
     from .executors.jobs import render
 
-    load_recipe(a.recipe)  # never render Jobs for an invalid recipe
+    _, text = load_recipe(a.recipe)  # never render Jobs for an invalid recipe; it picks each stage's keys
     cluster = load_cluster_settings(a.cluster)
-    written = render(run_uri=a.run, run_id=run_id_of(a.run, a.run_id), cluster=cluster, out_dir=a.out)
+    written = render(run_uri=a.run, run_id=run_id_of(a.run, a.run_id), cluster=cluster, out_dir=a.out,
+                     image_digests=_image_digests(a.image_digest), recipe_text=text, recipe_source=a.recipe)
     for p in written:
         print(p)
     return 0
@@ -347,7 +376,7 @@ def cmd_cancel(a: argparse.Namespace) -> int:
     from .executors.kubernetes import cancel
 
     cluster = load_cluster_settings(a.cluster) if a.cluster else ClusterSettings()
-    return cancel(run_uri=a.run, run_id=run_id_of(a.run, a.run_id), cluster=cluster)
+    return cancel(run_uri=a.run, run_id=run_id_of(a.run, a.run_id), cluster=cluster, undo=a.undo)
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
@@ -380,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "kubernetes"], default="local")
     r.add_argument("--cluster", help="cluster settings YAML (kubernetes executor)")
     r.add_argument("--parallel", type=int, default=1, help="local executor: independent stages side by side")
+    r.add_argument("--refreeze", action="store_true",
+                   help="kubernetes executor: replace a frozen recipe that differs (it is otherwise written once)")
     r.set_defaults(fn=cmd_run)
 
     pl = sub.add_parser("plan", help="what would run or be skipped, with expected requests, tokens and cost")
@@ -409,16 +440,19 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--run", required=True)
     rd.add_argument("--run-id")
     rd.add_argument("--out", required=True)
+    rd.add_argument("--image-digest", action="append", metavar="FAMILY=sha256:...",
+                    help="pin the data, train or eval image by digest (repeatable; or images.digests in --cluster)")
     rd.set_defaults(fn=cmd_render)
 
     rp = sub.add_parser("report", help="rebuild <run>/report/ (HTML + Markdown) from what is committed")
     rp.add_argument("--run", required=True)
     rp.set_defaults(fn=cmd_report)
 
-    c = sub.add_parser("cancel", help="delete the run's Kubernetes Jobs")
+    c = sub.add_parser("cancel", help="cancel the run: mark it cancelled, delete its Kubernetes Jobs")
     c.add_argument("--run", required=True)
     c.add_argument("--run-id")
     c.add_argument("--cluster")
+    c.add_argument("--undo", action="store_true", help="lift the cancel: controllers of the run may start again")
     c.set_defaults(fn=cmd_cancel)
     return p
 

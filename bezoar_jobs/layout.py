@@ -7,6 +7,8 @@
 <run>/_cache/<namespace>/         teacher/judge answers by request hash
 <run>/_leases/<name>.json         who is running a stage (or the run) right now: one writer each
 <run>/_damaged/<stage>/<time>/    what `bezoar repair` moved aside (a damaged manifest, its files)
+<run>/_control/cancelled.json     `bezoar cancel` was here: every controller of the run stops
+<run>/_control/status.json        what the Kubernetes controller sees (Pending, Unschedulable, Kueue)
 ```
 Every path is relative to the run (see :mod:`bezoar_jobs.store`).
 """
@@ -20,6 +22,8 @@ CACHE_DIR = "_cache"
 LEASE_DIR = "_leases"
 DAMAGED_DIR = "_damaged"
 RUN_LEASE = "run"  # the lease `bezoar run` holds on the whole run (stage names never clash with it)
+CANCELLED_FILE = "_control/cancelled.json"
+CONTROLLER_STATUS_FILE = "_control/status.json"
 
 
 def manifest_path(stage: str) -> str:

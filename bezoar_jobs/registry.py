@@ -10,7 +10,8 @@ A declaration says what the rest of the project needs to know about a stage:
   (:mod:`bezoar_jobs.recipe_view`), so a stage cannot read a setting its hash leaves out;
 - ``unhashed``: fields it may read that do not change what it commits (progress-file cadence,
   checkpoint cadence, loggers, labels), each family's reason given where it is declared;
-- ``pod``: which pod class sizes its Kubernetes Job (``data``, ``train``, ``eval``);
+- ``pod``: which pod class sizes its Kubernetes Job (``data``, ``train``, ``eval``, ``report``: the
+  report renders files from the run and needs no GPU);
 - ``needs``: the servers it talks to (``teacher``, ``judge``);
 - ``reads_whole_run``: it reads whatever is committed (the report), so it runs after every other
   selected stage and is current only while nothing else changed.
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 Family = Literal["generate", "filter", "sft", "dpo", "evaluate", "report"]
-PodClass = Literal["data", "train", "eval"]
-POD_CLASSES: tuple[PodClass, ...] = ("data", "train", "eval")
+PodClass = Literal["data", "train", "eval", "report"]
+POD_CLASSES: tuple[PodClass, ...] = ("data", "train", "eval", "report")
 
 
 def load_attr(ref: str) -> Any:  # noqa: ANN401 - whatever the named module holds
@@ -272,7 +273,7 @@ def _build() -> tuple[StageDef, ...]:
             estimate=f"{ev.module}:estimate" if ev.sends_requests else None,
         ))
     out.append(StageDef("report", "report", "bezoar_jobs.stages.report:run_report", reads=("report",),
-                        pod="eval", reads_whole_run=True))
+                        pod="report", reads_whole_run=True))
     return tuple(out)
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .cluster_env import cluster_teacher
+from .device_check import check as check_devices
 from .errors import BadInput, Interrupted
 from .layout import work_prefix
 from .lease import Lease
@@ -210,6 +212,7 @@ def run_stage(
         if ok:
             log.info("%s: already committed (%s)", name, why)
             return 0
+    check_devices()  # a pod that asked for GPUs and cannot use CUDA stops here (exit 2), never trains on CPU
     lease_name = name if shard is None else f"{name}.shard-{shard[0]}-of-{shard[1]}"
     command = f"bezoar stage {name}" + (f" --shard {shard[0]}/{shard[1]}" if shard else "")
     stop: dict[str, bool] = {"flag": False}
@@ -236,12 +239,14 @@ def run_stage(
 def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, store: Store,
          shard: tuple[int, int] | None, stop: dict[str, bool], lease: Lease) -> int:
     inputs = input_hashes(store, name, recipe)
-    ph = params_hash(recipe, name)
+    ph = params_hash(recipe, name)  # from the frozen recipe: the cluster's teacher endpoint is not a parameter
+    needs_teacher = "teacher" in spec(name).needs
+    run_recipe, teacher_endpoint = cluster_teacher(recipe, name) if needs_teacher else (recipe, None)
     tmp = Path(tempfile.mkdtemp(prefix=f"bezoar-{name}-", dir=os.environ.get("BEZOAR_SCRATCH")))
     out, scratch = tmp / "out", tmp / "scratch"
     out.mkdir()
     scratch.mkdir()
-    ctx = StageContext(name=name, recipe=view(recipe, name, spec(name).readable), store=store, out=out,
+    ctx = StageContext(name=name, recipe=view(run_recipe, name, spec(name).readable), store=store, out=out,
                        scratch=scratch, work=WorkArea(store, name), params_hash=ph, inputs=inputs, shard=shard,
                        _stop=stop)
     prev = _install_sigterm(ctx._stop)
@@ -255,6 +260,8 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
         if ctx.accounting and "requests" not in result.extra:
             result.extra["requests"] = requests_summary(ctx.accounting)
         lease.check()  # never commit after another process took the stage over
+        if teacher_endpoint is not None:
+            result.extra["teacher_endpoint"] = teacher_endpoint
         commit_output(store, name, out, ph, inputs, result, t0, recipe.name)
         return 0
     finally:

@@ -4,12 +4,14 @@ Two halves, both from fixed example inputs so the output only changes when the c
 
 - ``manifests/jobs/<stage>.yaml``: one file per canonical stage (all 14), straight from the Job
   builder (:func:`bezoar_jobs.executors.jobs.render_jobs`) with the cluster settings in
-  ``examples/cluster.yaml`` and the run ``s3://bezoar-runs/runs/example`` (id ``example``). With
+  ``examples/cluster.yaml``, the paper's recipe (recipes/openbezoar.yaml: it decides which API keys
+  each stage's pods get) and the run ``s3://bezoar-runs/runs/example`` (id ``example``). With
   ``generationShards`` > 1 a generate stage's file holds its Indexed shards Job and its commit Job.
 - ``manifests/chart/<template>.yaml``: the chart's standing objects (teacher Deployment and
   Service, ServiceAccounts, Role/RoleBinding, cluster-settings ConfigMap, NetworkPolicies) from
-  ``helm template`` of helm/openbezoar, with the same cluster settings as ``clusterSettings`` and
-  the controller Job disabled (applying by hand means running stages by hand, in DAG order).
+  ``helm template`` of helm/openbezoar with values-paper.yaml, the same cluster settings as
+  ``clusterSettings`` and the controller Job disabled (applying by hand means running stages by
+  hand, in DAG order).
 
 Usage: ``python scripts/gen_manifests.py [--out DIR] [--check]``. ``--check`` regenerates into a
 temporary directory and exits 1 when manifests/ differs (tests/test_manifests.py does the same).
@@ -36,8 +38,10 @@ if str(REPO) not in sys.path:
 
 from bezoar_jobs.executors.cluster import load_cluster_settings  # noqa: E402
 from bezoar_jobs.executors.jobs import render_jobs  # noqa: E402
+from bezoar_jobs.recipe import load_recipe  # noqa: E402
 
 EXAMPLE_CLUSTER = REPO / "examples" / "cluster.yaml"
+PAPER_RECIPE = REPO / "recipes" / "openbezoar.yaml"
 CHART = REPO / "helm" / "openbezoar"
 RUN_ID = "example"
 RUN_URI = f"s3://bezoar-runs/runs/{RUN_ID}"
@@ -49,6 +53,7 @@ def chart_values() -> dict:
     """Fixed Helm values: the example cluster settings, standing objects only."""
     return {
         "run": {"id": RUN_ID, "uri": RUN_URI},
+        "runStore": {"enabled": False},
         "controller": {"enabled": False},
         "runnerServiceAccount": {"create": True, "name": "openbezoar-runner"},
         "clusterSettings": yaml.safe_load(EXAMPLE_CLUSTER.read_text()),
@@ -62,7 +67,8 @@ def helm_template(namespace: str) -> str:
         values = Path(tmp) / "values.yaml"
         values.write_text(yaml.safe_dump(chart_values(), sort_keys=True))
         proc = subprocess.run(
-            [str(helm_bin()), "template", RELEASE, str(CHART), "--namespace", namespace, "-f", str(values)],
+            [str(helm_bin()), "template", RELEASE, str(CHART), "--namespace", namespace,
+             "-f", str(CHART / "values-paper.yaml"), "-f", str(values)],
             capture_output=True, text=True, env=helm_env(Path(tmp)), timeout=120,
         )
     if proc.returncode != 0:
@@ -90,7 +96,8 @@ def generate(out: Path) -> list[Path]:
         (out / sub).mkdir(parents=True)
     written = []
     what = f"Job builder, examples/cluster.yaml, run {RUN_URI}"
-    for name, text in render_jobs(RUN_URI, RUN_ID, cluster).items():
+    recipe, _ = load_recipe(PAPER_RECIPE)
+    for name, text in render_jobs(RUN_URI, RUN_ID, cluster, recipe=recipe).items():
         p = out / "jobs" / name
         p.write_text(HEADER.format(what=what) + text)
         written.append(p)

@@ -12,17 +12,40 @@ this threaded HTTP server instead. It serves the part of the REST API the contro
 Requests need the bearer token of the kubeconfig the harness writes (:attr:`FakeCluster.kubeconfig`),
 so the client's real configuration loading is exercised too.
 
-**Jobs really run.** For each created Job the harness plays the Job controller and the kubelet: it
-creates pods and runs each pod's container as a LOCAL SUBPROCESS: the container's ``command``, or the
-image entrypoint ``bezoar`` mapped to this virtualenv's ``bezoar`` console script, plus ``args`` with
-``$(VAR)`` expanded from the container env as the kubelet does. The env is resolved the way the
-kubelet would: ``secretKeyRef`` from the harness's own Secret store (:meth:`FakeCluster.add_secret`),
-``fieldRef`` from the pod (``JOB_COMPLETION_INDEX`` from the completion-index annotation). Mounted
-volumes become directories under the pod's temp root (secret volumes hold the Secret's files), and
-env values that point into a mount are rewritten to the matching directory. Only ``PATH``,
-``PYTHONPATH`` and locale variables come from the host, so a pod sees what its Job spec gives it and
-no more (that is how the tests prove a spec carries its credentials). Not emulated: images (every
-image runs this checkout), resource limits, ``readOnlyRootFilesystem``, the security context.
+**Jobs really run.** For each created Job the harness plays the Job controller, the scheduler and
+the kubelet: it creates pods, binds them to a node of its pool, and runs each pod's container as a
+LOCAL SUBPROCESS: the container's ``command``, or the image entrypoint ``bezoar`` mapped to this
+virtualenv's ``bezoar`` console script, plus ``args`` with ``$(VAR)`` expanded from the container env
+as the kubelet does. The env is resolved the way the kubelet would: ``secretKeyRef`` from the
+harness's own Secret store (:meth:`FakeCluster.add_secret`), ``fieldRef`` from the pod
+(``JOB_COMPLETION_INDEX`` from the completion-index annotation, labels such as
+``batch.kubernetes.io/job-name``). Only ``PATH``, ``PYTHONPATH`` and locale variables come from the
+host, so a pod sees what its Job spec gives it and no more (that is how the tests prove a spec
+carries its credentials).
+
+**What a real cluster refuses, the harness refuses** (each part in its own module):
+
+- the pod's security context, in :mod:`k8s_sandbox`: the process runs as ``runAsUser``/``runAsGroup``
+  with ``fsGroup`` as a supplementary group, on a read-only root filesystem (``readOnlyRootFilesystem``)
+  where only the mounted volumes are writable (emptyDirs, PVCs; Secrets and ConfigMaps read-only),
+  in a private mount namespace; a stage writing outside its mounts fails here as in a pod. Cluster
+  Services (:meth:`FakeCluster.add_service`) resolve by their DNS names through the pod's
+  ``/etc/hosts`` to a loopback address on the Service port that forwards to the backing server;
+- the restricted Pod Security profile, in :mod:`pod_security`: a pod that violates its namespace's
+  level (``restricted`` unless :meth:`FakeCluster.set_pod_security` says otherwise) is never created;
+  the Job gets ``FailedCreate`` events, as from the PodSecurity admission controller;
+- the scheduler, in :mod:`k8s_nodes`: pods bind to a declared node pool (GPUs, cpu, memory,
+  ephemeral storage, labels, taints); a pod that fits nowhere stays Pending with
+  ``PodScheduled=False``/``Unschedulable`` and a ``FailedScheduling`` event giving the reasons; a pod
+  mounting a PVC that does not exist does too;
+- Kueue, in :mod:`k8s_kueue`: suspended Jobs with a queue label get a Workload and are admitted when
+  the queue's quota fits; without Kueue (the default) nothing admits them and its API answers 404.
+
+Also served: ``/api/v1/namespaces/{ns}/events`` (list, ``fieldSelector``), Deployment ``PATCH``
+with a ``resourceVersion`` precondition (409 on a stale one), log ``timestamps``/``sinceTime``.
+:meth:`FakeCluster.outage` takes the API server away for a while (connections refused, open streams
+cut) and brings it back on the same port; :meth:`FakeCluster.cut_log_streams` breaks the log streams.
+Not emulated: images (every image runs this checkout), resource limits at run time, preemption.
 
 Job status follows the documented Job semantics (kubernetes.io, "Jobs"):
 
@@ -33,8 +56,7 @@ Job status follows the documented Job semantics (kubernetes.io, "Jobs"):
   a replacement pod starts; ``Count`` or no match -> counted; more counted failures than
   ``backoffLimit`` -> ``FailureTarget`` then ``Failed`` with reason ``BackoffLimitExceeded``;
 - ``activeDeadlineSeconds`` -> ``Failed`` with reason ``DeadlineExceeded``;
-- ``suspend: true`` -> no pods until unsuspended; a Job carrying the Kueue queue label is admitted
-  (unsuspended) after ``kueue_admit_delay`` seconds, as Kueue would once quota is free;
+- ``suspend: true`` -> no pods until unsuspended (by Kueue, when one is modelled: see above);
 - ``podReplacementPolicy: Failed``: a replacement starts only after the failed pod has terminated.
 
 :meth:`FakeCluster.disrupt` plays a preemption: the pod gets the ``DisruptionTarget`` condition and
@@ -71,10 +93,32 @@ from urllib.parse import parse_qs, urlparse
 
 import yaml
 
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the harness's own modules, whether imported as tests.k8s_harness or run as a script
+    sys.path.insert(0, str(HERE))
+
+import k8s_kueue  # noqa: E402
+import k8s_sandbox  # noqa: E402
+import pod_security  # noqa: E402
+from k8s_nodes import Node, default_pool, pod_requests, schedule  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "harness-token"
-NODE = "harness-node"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+JOB_UID = "batch.kubernetes.io/controller-uid"
+JOB_NAME = "batch.kubernetes.io/job-name"
+
+
+def rfc3339nano(ts_ns: int) -> str:
+    """Kubernetes' RFC3339Nano (trailing zeros of the fraction trimmed)."""
+    secs, nanos = divmod(ts_ns, 1_000_000_000)
+    base = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    frac = f"{nanos:09d}".rstrip("0")
+    return f"{base}.{frac}Z" if frac else f"{base}Z"
+
+
+def parse_rfc3339(v: str) -> float:
+    return datetime.strptime(v.replace("Z", "+00:00")[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
 
 
 def now_iso() -> str:
@@ -178,8 +222,11 @@ class _PodProc:
         self.popen = popen
         self.log_path = log_path
         self.exit_code: int | None = None
-        self.done = threading.Event()
+        self.done = threading.Event()  # the process has exited and its output is fully read
         self.started = time.time()
+        self.lines: list[tuple[int, bytes]] = []  # (time.time_ns() when written, the line)
+        self.more = threading.Condition()
+        self.eof = threading.Event()  # the output pipe is read to its end
 
 
 def _expand(s: str, env: dict[str, str]) -> str:
@@ -211,18 +258,43 @@ class FakeCluster:
         entrypoints: dict[str, list[str]] | None = None,
         extra_env: dict[str, str] | None = None,
         retry_delay: float = 0.05,
-        kueue_admit_delay: float = 0.3,
         tick: float = 0.02,
         token: str = TOKEN,
         validate_jobs: bool = True,
+        nodes: list[Node] | None = None,
+        kueue: k8s_kueue.Kueue | None = None,
+        pod_security_level: str = "restricted",
+        host_shares: list[Path] | None = None,
+        legacy_job_labels: bool = True,
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.entrypoints = entrypoints or default_entrypoints()
         self.extra_env = dict(extra_env or {})
         self.retry_delay = retry_delay
-        self.kueue_admit_delay = kueue_admit_delay
         self.tick = tick
+        self.nodes = list(nodes) if nodes is not None else default_pool()
+        self.kueue = kueue
+        self.pss_default = pod_security_level
+        self.pss_levels: dict[str, str] = {}
+        self.host_shares = [Path(p) for p in host_shares or []]
+        for share in self.host_shares:
+            share.mkdir(parents=True, exist_ok=True)
+            share.chmod(0o777)  # the pods' user writes there (the fake stage's call log)
+        self.legacy_job_labels = legacy_job_labels
+        why_not = k8s_sandbox.available()
+        self.sandboxed = why_not is None
+        if not self.sandboxed and os.environ.get("BEZOAR_HARNESS_SANDBOX", "").lower() not in ("0", "off", "no"):
+            raise RuntimeError(f"k8s harness: pods cannot be sandboxed here ({why_not}); set "
+                               "BEZOAR_HARNESS_SANDBOX=off to run them unconfined (weaker tests)")
+        self.pvcs: dict[tuple[str, str], Path] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, str]] = {}
+        self.services: dict[str, tuple[str, int]] = {}  # DNS name -> (loopback IP, port)
+        self._service_servers: list[Any] = []
+        self._conns: set[Any] = set()  # open client connections (cut by an outage)
+        self._log_conns: set[Any] = set()
+        self.down = threading.Event()  # the API server is away (outage)
+        self._said_scheduling: set[tuple[str, str]] = set()
         self.token = token
         self.validate_jobs = validate_jobs
         self.lock = threading.RLock()
@@ -239,6 +311,7 @@ class FakeCluster:
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every API request
         self.timeline: list[tuple[float, str, str]] = []  # (time.time(), what, job name)
         self.scale_history: list[tuple[str, int]] = []
+        self.patches: list[tuple[str, dict[str, Any]]] = []  # Deployment patches, as received
         self.errors: list[str] = []  # harness-internal failures (a test should never see one)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -246,16 +319,20 @@ class FakeCluster:
         self.kubeconfig = self.workdir / "kubeconfig.yaml"
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> FakeCluster:
+    def _serve(self, port: int = 0) -> None:
         handler = type("Handler", (_Handler,), {"cluster": self})
-        self.server = _Server(("127.0.0.1", 0), handler)
+        self.server = _Server(("127.0.0.1", port), handler)
         self.server.cluster = self
         self.server.daemon_threads = True
         t = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         t.start()
+        self._threads.append(t)
+
+    def start(self) -> FakeCluster:
+        self._serve()
         tk = threading.Thread(target=self._ticker, daemon=True)
         tk.start()
-        self._threads += [t, tk]
+        self._threads.append(tk)
         self.kubeconfig.write_text(
             yaml.safe_dump(
                 {
@@ -290,9 +367,12 @@ class FakeCluster:
             if p.popen.poll() is None:
                 self._signal(p, signal.SIGKILL)
                 p.popen.wait(timeout=5)
-        if self.server:
+        if self.server and not self.down.is_set():
             self.server.shutdown()
             self.server.server_close()
+        for srv in self._service_servers:
+            srv.shutdown()
+            srv.server_close()
         for t in self._threads:
             t.join(timeout=5)
 
@@ -315,6 +395,112 @@ class FakeCluster:
         with self.lock:
             self.secrets[(namespace, name)] = dict(data)
 
+    def add_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        with self.lock:
+            self.configmaps[(namespace, name)] = dict(data)
+
+    def add_pvc(self, namespace: str, name: str, host_dir: str | Path | None = None) -> Path:
+        """A bound PersistentVolumeClaim backed by ``host_dir`` (default: a directory of the harness)."""
+        d = Path(host_dir) if host_dir is not None else self.workdir / "pvcs" / f"{namespace}-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            self.pvcs[(namespace, name)] = d
+        return d
+
+    def set_pod_security(self, namespace: str, level: str) -> None:
+        """The namespace's ``pod-security.kubernetes.io/enforce`` level (default: the cluster's)."""
+        assert level in pod_security.LEVELS, level
+        with self.lock:
+            self.pss_levels[namespace] = level
+
+    def add_service(self, namespace: str, name: str, port: int, target: str) -> str:
+        """A Service ``name`` in ``namespace`` on ``port`` in front of ``target`` (``http://host:port`` of a
+        server on this machine). Pods reach it as ``name``, ``name.namespace``, ``name.namespace.svc``
+        and ``name.namespace.svc.cluster.local`` (their /etc/hosts), on a loopback address of its own;
+        returns that address. Needs the sandbox (root)."""
+        import socketserver
+
+        if not self.sandboxed:
+            raise RuntimeError("k8s harness: Services need the pod sandbox (root)")
+        u = urlparse(target)
+        dest = (u.hostname or "127.0.0.1", u.port or 80)
+        rng = uuid.uuid4().int
+        ip = f"127.{(rng >> 8) % 200 + 20}.{(rng >> 16) % 250 + 1}.{rng % 250 + 2}"
+
+        class Proxy(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                import socket
+
+                with contextlib.suppress(OSError), socket.create_connection(dest, timeout=30) as up:
+                    def pump(a: Any, b: Any) -> None:
+                        with contextlib.suppress(OSError):
+                            while data := a.recv(65536):
+                                b.sendall(data)
+                        with contextlib.suppress(OSError):
+                            b.shutdown(socket.SHUT_WR)
+
+                    t = threading.Thread(target=pump, args=(up, self.request), daemon=True)
+                    t.start()
+                    pump(self.request, up)
+                    t.join(timeout=600)
+
+        srv = socketserver.ThreadingTCPServer((ip, port), Proxy, bind_and_activate=False)
+        srv.daemon_threads = True
+        srv.allow_reuse_address = True
+        srv.server_bind()
+        srv.server_activate()
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        self._service_servers.append(srv)
+        for dns in (name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"):
+            self.services[dns] = (ip, port)
+        return ip
+
+    def hosts_file(self) -> str:
+        base = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else "127.0.0.1 localhost\n"
+        by_ip: dict[str, list[str]] = {}
+        for dns, (ip, _port) in sorted(self.services.items()):
+            by_ip.setdefault(ip, []).append(dns)
+        return base.rstrip("\n") + "\n" + "".join(f"{ip} {' '.join(names)}\n" for ip, names in by_ip.items())
+
+    def events_for(self, namespace: str, kind: str | None = None, name: str | None = None,
+                   reason: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items()
+                    if k == "Event" and ns == namespace
+                    and (kind is None or o["involvedObject"]["kind"] == kind)
+                    and (name is None or o["involvedObject"]["name"] == name)
+                    and (reason is None or o["reason"] == reason)]
+
+    def outage(self, seconds: float) -> None:
+        """Take the API server away for ``seconds``: new connections are refused and open ones (watches,
+        log streams) are cut; the Jobs, pods and kubelets carry on. Then serve again on the same port."""
+        assert self.server is not None
+        port = self.server.server_address[1]
+        self.down.set()
+        self.timeline.append((time.time(), "api-down", ""))
+        self.server.shutdown()
+        self.server.server_close()
+        for conn in list(self._conns):
+            with contextlib.suppress(OSError):
+                conn.shutdown(2)
+
+        def back() -> None:
+            if self._stopping.wait(seconds):
+                return
+            self._serve(port)
+            self.down.clear()
+            self.timeline.append((time.time(), "api-up", ""))
+
+        threading.Thread(target=back, daemon=True).start()
+
+    def cut_log_streams(self) -> int:
+        """Break every open log stream (a load balancer dropping idle connections); how many."""
+        conns = list(self._log_conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(2)
+        return len(conns)
+
     def add_deployment(self, namespace: str, name: str, replicas: int = 0, ready_delay: float = 0.2) -> None:
         """A Deployment whose pods become ready ``ready_delay`` s after a scale-up (no process runs)."""
         with self.cond:
@@ -322,7 +508,7 @@ class FakeCluster:
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
                 "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "generation": 1,
-                             "creationTimestamp": now_iso(), "labels": {"app": name}},
+                             "creationTimestamp": now_iso(), "labels": {"app": name}, "annotations": {}},
                 "spec": {
                     "replicas": replicas,
                     "selector": {"matchLabels": {"app": name}},
@@ -350,7 +536,7 @@ class FakeCluster:
             return sorted(
                 (copy.deepcopy(o) for (k, ns, _), o in self.objects.items()
                  if k == "Pod" and (namespace is None or ns == namespace)
-                 and (job is None or o["metadata"]["labels"].get("job-name") == job)),
+                 and (job is None or o["metadata"]["labels"].get(JOB_NAME) == job)),
                 key=lambda p: order.get(p["metadata"]["name"], -1),
             )
 
@@ -449,16 +635,18 @@ class FakeCluster:
             spec.setdefault("completionMode", "NonIndexed")
             spec.setdefault("suspend", False)
             spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
-            sel = {"batch.kubernetes.io/controller-uid": uid}
+            sel = {JOB_UID: uid}
             spec["selector"] = {"matchLabels": sel}
             tlabels = spec["template"].setdefault("metadata", {}).setdefault("labels", {})
-            tlabels.update({"batch.kubernetes.io/controller-uid": uid, "controller-uid": uid,
-                            "batch.kubernetes.io/job-name": name, "job-name": name})
+            tlabels.update({JOB_UID: uid, JOB_NAME: name})
+            if self.legacy_job_labels:  # Kubernetes still sets the unprefixed ones too (deprecated)
+                tlabels.update({"controller-uid": uid, "job-name": name})
             job["status"] = {}
             if spec["suspend"]:
                 job["status"]["conditions"] = [self._cond("Suspended", "JobSuspended", "Job suspended")]
             self.job_state[uid] = {"counted_failures": 0, "succeeded": set(), "accounted": set(),
-                                   "next_start": 0.0, "finishing": False, "admit_at": None, "started_pods": 0}
+                                   "next_start": 0.0, "finishing": False, "admit_at": None, "started_pods": 0,
+                                   "refused": 0}
             self._put("Job", ns, job, "ADDED")
             self.timeline.append((arrived, "created", name))
             self._reconcile(job)
@@ -507,7 +695,7 @@ class FakeCluster:
             uid = job["metadata"]["uid"]
             self.job_state.pop(uid, None)
             pods = [p for (k, pns, _), p in list(self.objects.items())
-                    if k == "Pod" and pns == ns and p["metadata"]["labels"].get("controller-uid") == uid]
+                    if k == "Pod" and pns == ns and p["metadata"]["labels"].get(JOB_UID) == uid]
         if propagation != "Orphan":
             # The garbage collector: terminate and delete the Job's pods, off the request thread.
             threading.Thread(target=self._guarded, args=(f"GC of {name}", self._collect_pods, ns, pods),
@@ -537,7 +725,7 @@ class FakeCluster:
         uid = job["metadata"]["uid"]
         ns = job["metadata"]["namespace"]
         return [p for (k, pns, _), p in self.objects.items()
-                if k == "Pod" and pns == ns and p["metadata"]["labels"].get("controller-uid") == uid]
+                if k == "Pod" and pns == ns and p["metadata"]["labels"].get(JOB_UID) == uid]
 
     @staticmethod
     def _finished(job: dict[str, Any]) -> bool:
@@ -554,6 +742,9 @@ class FakeCluster:
                             self._reconcile(obj)
                         elif kind == "Deployment":
                             self._deployment_tick(obj, now)
+                        elif kind == "Pod" and obj["status"].get("phase") == "Pending" and not obj["spec"].get(
+                                "nodeName") and not obj["metadata"].get("deletionTimestamp"):
+                            self._schedule(obj)
                     except Exception as e:  # a harness bug: keep ticking, report it at exit
                         self._record_error(f"ticker on {kind} {_name}", e)
 
@@ -577,21 +768,11 @@ class FakeCluster:
         if st is None or self._finished(job) or st["finishing"]:
             return
         spec, status = job["spec"], job["status"]
-        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        ns = job["metadata"]["namespace"]
         now = time.time()
         if spec.get("suspend"):
-            labels = job["metadata"].get("labels", {})
-            if "kueue.x-k8s.io/queue-name" in labels:
-                if st["admit_at"] is None:
-                    st["admit_at"] = now + self.kueue_admit_delay
-                elif now >= st["admit_at"]:
-                    # Kueue admits the workload: it unsuspends the Job.
-                    spec["suspend"] = False
-                    conds = [c for c in status.get("conditions", []) if c["type"] != "Suspended"]
-                    conds.append(self._cond("Suspended", "JobResumed", "Job resumed", status="False"))
-                    status["conditions"] = conds
-                    self.timeline.append((now, "admitted", name))
-                    self._put("Job", ns, job, "MODIFIED")
+            if self.kueue is not None and k8s_kueue.QUEUE_LABEL in (job["metadata"].get("labels") or {}):
+                self._kueue_reconcile(job, st, now)
             if spec.get("suspend"):
                 return
         if "startTime" not in status:
@@ -719,6 +900,7 @@ class FakeCluster:
                 cur["status"]["ready"] = 0
                 self.timeline.append((time.time(), "failed", name))
                 self._put("Job", ns, cur, "MODIFIED")
+                self._kueue_finished(cur)
 
         threading.Thread(target=self._guarded, args=(f"failing {name}", finish), daemon=True).start()
 
@@ -740,13 +922,110 @@ class FakeCluster:
         status["completionTime"] = now_iso()
         self.timeline.append((time.time(), "complete", job["metadata"]["name"]))
         self._put("Job", ns, job, "MODIFIED")
+        self._kueue_finished(job)
 
-    # -- the kubelet ----------------------------------------------------------------------------
+    # -- events -----------------------------------------------------------------------------------
+    def _event(self, ns: str, obj: dict[str, Any], reason: str, message: str, etype: str = "Warning",
+               component: str = "job-controller") -> None:
+        """Record a core/v1 Event about ``obj`` (called with the lock held)."""
+        meta = obj["metadata"]
+        t = now_iso()
+        ev = {"apiVersion": "v1", "kind": "Event",
+              "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": ns,
+                           "uid": str(uuid.uuid4()), "creationTimestamp": t},
+              "involvedObject": {"kind": obj.get("kind", ""), "name": meta["name"], "namespace": ns,
+                                 "uid": meta.get("uid", ""), "apiVersion": obj.get("apiVersion", "")},
+              "reason": reason, "message": message, "type": etype, "count": 1,
+              "firstTimestamp": t, "lastTimestamp": t, "source": {"component": component}}
+        self._put("Event", ns, ev, "ADDED")
+
+    # -- Kueue --------------------------------------------------------------------------------------
+    def _kueue_reconcile(self, job: dict[str, Any], st: dict[str, Any], now: float) -> None:
+        """Kueue's part for one suspended, queued Job: its Workload, quota, admission (k8s_kueue.py)."""
+        assert self.kueue is not None
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        wname = k8s_kueue.workload_name(job)
+        queue = job["metadata"]["labels"][k8s_kueue.QUEUE_LABEL]
+        wl = self.objects.get(("Workload", ns, wname))
+        if wl is None:
+            wl = {"apiVersion": f"{k8s_kueue.GROUP}/{k8s_kueue.VERSION}", "kind": "Workload",
+                  "metadata": {"name": wname, "namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": now_iso(),
+                               "labels": {k8s_kueue.JOB_UID_LABEL: job["metadata"]["uid"]},
+                               "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                    "uid": job["metadata"]["uid"], "controller": True}]},
+                  "spec": {"queueName": queue, "podSets": [{"name": "main", "count": job["spec"].get("parallelism", 1),
+                                                            "template": job["spec"]["template"]}]},
+                  "status": {"conditions": []}}
+            self._put("Workload", ns, wl, "ADDED")
+            st["admit_at"] = now + self.kueue.admit_delay
+            self._event(ns, job, "CreatedWorkload", f"Created Workload: {ns}/{wname}", "Normal",
+                        "batch/job-kueue-controller")
+            return
+        if now < (st["admit_at"] or 0):
+            return
+        quota = self.kueue.quota(queue)
+        need = k8s_kueue.pod_set_need(job)
+        if quota is None:
+            verdict = ("QuotaReserved", "False", "Inadmissible", f"LocalQueue {queue} doesn't exist")
+        else:
+            used: dict[str, float] = {}
+            for (k, wns, _), other in self.objects.items():
+                if k != "Workload" or other is wl or other["spec"]["queueName"] != queue:
+                    continue
+                conds = {c["type"]: c["status"] for c in other["status"].get("conditions", [])}
+                if conds.get("Admitted") == "True" and conds.get("Finished") != "True":
+                    owner = other["metadata"]["ownerReferences"][0]["name"]
+                    oj = self.objects.get(("Job", wns, owner))
+                    if oj is not None:
+                        for r, v in k8s_kueue.pod_set_need(oj).items():
+                            used[r] = used.get(r, 0.0) + v
+            short = k8s_kueue.shortage(quota, used, need)
+            verdict = ("Admitted", "True", "Admitted", "The workload is admitted") if short is None else (
+                "QuotaReserved", "False", "Pending",
+                f"couldn't assign flavors to pod set main: insufficient unused quota for {short[0]} in flavor "
+                f"default-flavor, {k8s_kueue.fmt_amount(*short)} more needed")
+        kind, status, reason, message = verdict
+        conds = {c["type"]: c for c in wl["status"]["conditions"]}
+        if kind == "Admitted":
+            wl["status"]["conditions"] = [
+                self._cond("QuotaReserved", "QuotaReserved", "Quota reserved in ClusterQueue"),
+                self._cond("Admitted", "Admitted", message)]
+            self._put("Workload", ns, wl, "MODIFIED")
+            job["spec"]["suspend"] = False
+            job["status"]["conditions"] = [c for c in job["status"].get("conditions", []) if c["type"] != "Suspended"]
+            job["status"]["conditions"].append(self._cond("Suspended", "JobResumed", "Job resumed", status="False"))
+            self.timeline.append((now, "admitted", name))
+            self._put("Job", ns, job, "MODIFIED")
+        elif (conds.get(kind) or {}).get("message") != message:
+            wl["status"]["conditions"] = [self._cond(kind, reason, message, status=status)]
+            self._put("Workload", ns, wl, "MODIFIED")
+
+    def _kueue_finished(self, job: dict[str, Any]) -> None:
+        """A finished Job's Workload is Finished: its quota is free again."""
+        if self.kueue is None:
+            return
+        ns = job["metadata"]["namespace"]
+        wl = self.objects.get(("Workload", ns, k8s_kueue.workload_name(job)))
+        if wl is not None:
+            wl["status"]["conditions"].append(self._cond("Finished", "JobFinished", "Job finished"))
+            self._put("Workload", ns, wl, "MODIFIED")
+
+    # -- the kubelet (and the scheduler) --------------------------------------------------------
     def _create_pod(self, job: dict[str, Any], index: int | None) -> None:
         ns, jname = job["metadata"]["namespace"], job["metadata"]["name"]
         tmpl = copy.deepcopy(job["spec"]["template"])
         suffix = uuid.uuid4().hex[:5]
         name = f"{jname}-{index}-{suffix}" if index is not None else f"{jname}-{suffix}"
+        st = self.job_state[job["metadata"]["uid"]]
+        level = self.pss_levels.get(ns, self.pss_default)
+        violations = pod_security.check(tmpl["spec"], level)
+        if violations:
+            # the PodSecurity admission controller refuses the pod: no pod, a FailedCreate event on the
+            # Job, and the Job controller tries again later (with backoff)
+            st["refused"] += 1
+            st["next_start"] = time.time() + min(10.0, self.retry_delay * 2 ** st["refused"])
+            self._event(ns, job, "FailedCreate", "Error creating: " + pod_security.message(name, violations, level))
+            return
         meta = tmpl.get("metadata", {})
         labels = dict(meta.get("labels", {}))
         annotations = dict(meta.get("annotations", {}))
@@ -762,13 +1041,47 @@ class FakeCluster:
                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": jname,
                                      "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}],
             },
-            "spec": {**tmpl["spec"], "nodeName": NODE},
-            "status": {"phase": "Pending", "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}]},
+            "spec": dict(tmpl["spec"]),
+            "status": {"phase": "Pending", "conditions": []},
         }
-        self.job_state[job["metadata"]["uid"]]["started_pods"] += 1
+        st["started_pods"] += 1
         self._put("Pod", ns, pod, "ADDED")
         self.timeline.append((time.time(), "pod", name))
+        self._schedule(pod)
+
+    def _schedule(self, pod: dict[str, Any]) -> None:
+        """Bind a Pending pod to a node of the pool, or say why it cannot be (k8s_nodes.py)."""
+        ns = pod["metadata"]["namespace"]
+        used: dict[str, dict[str, float]] = {}
+        for (k, _pns, _), o in self.objects.items():
+            if k == "Pod" and o["spec"].get("nodeName") and o["status"].get("phase") in ("Pending", "Running"):
+                acc = used.setdefault(o["spec"]["nodeName"], {})
+                for r, v in pod_requests(o["spec"]).items():
+                    acc[r] = acc.get(r, 0.0) + v
+        missing = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes", [])
+                   if "persistentVolumeClaim" in v and (ns, v["persistentVolumeClaim"]["claimName"]) not in self.pvcs]
+        node, message = schedule(pod["spec"], self.nodes, used, missing)
+        if node is None:
+            cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                    "lastTransitionTime": now_iso(), "lastProbeTime": None}
+            old = next((c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled"), None)
+            if old is None or old.get("message") != message:
+                pod["status"]["conditions"] = [c for c in pod["status"]["conditions"] if c["type"] != "PodScheduled"]
+                pod["status"]["conditions"].append(cond)
+                self._put("Pod", ns, pod, "MODIFIED")
+                self._event(ns, pod, "FailedScheduling", message, component="default-scheduler")
+                self.timeline.append((time.time(), "unschedulable", pod["metadata"]["name"]))
+            return
+        pod["spec"]["nodeName"] = node
+        pod["status"]["conditions"] = [c for c in pod["status"]["conditions"] if c["type"] != "PodScheduled"]
+        pod["status"]["conditions"].append({"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()})
+        self._put("Pod", ns, pod, "MODIFIED")
+        self._event(ns, pod, "Scheduled", f"Successfully assigned {ns}/{pod['metadata']['name']} to {node}", "Normal",
+                    "default-scheduler")
+        self._start_container(pod)
+
+    def _start_container(self, pod: dict[str, Any]) -> None:
+        ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         try:
             argv, env, cwd = self._container_process(pod)
         except ContainerConfigError as e:
@@ -781,14 +1094,12 @@ class FakeCluster:
             return
         log_path = self.workdir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        logf = open(log_path, "wb")  # handed to the child, closed by the watcher thread
         try:
-            popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT,
+            popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             # what containerd reports when the entrypoint cannot be executed: the container
             # terminates at once with exit code 128 (StartError) and, restartPolicy Never, the pod fails
-            logf.close()
             t = now_iso()
             pod["status"]["phase"] = "Failed"
             pod["status"]["containerStatuses"] = [{
@@ -814,8 +1125,24 @@ class FakeCluster:
             for t in ("Initialized", "ContainersReady", "Ready")
         ]
         self._put("Pod", ns, pod, "MODIFIED")
-        threading.Thread(target=self._wait_pod, args=(ns, name, pod["metadata"]["uid"], proc, logf, started),
+        threading.Thread(target=self._read_output, args=(proc,), daemon=True).start()
+        threading.Thread(target=self._wait_pod, args=(ns, name, pod["metadata"]["uid"], proc, None, started),
                          daemon=True).start()
+
+    @staticmethod
+    def _read_output(proc: _PodProc) -> None:
+        """The container runtime's log: every line with the time it was written (for timestamps=true)."""
+        assert proc.popen.stdout is not None
+        with open(proc.log_path, "wb") as f:
+            for line in iter(proc.popen.stdout.readline, b""):
+                f.write(line)
+                f.flush()
+                with proc.more:
+                    proc.lines.append((time.time_ns(), line))
+                    proc.more.notify_all()
+        proc.eof.set()
+        with proc.more:
+            proc.more.notify_all()
 
     def _wait_pod(self, ns: str, name: str, uid: str, proc: _PodProc, logf: Any, started: str) -> None:
         try:
@@ -826,7 +1153,7 @@ class FakeCluster:
 
     def _pod_exited(self, ns: str, name: str, uid: str, proc: _PodProc, logf: Any, started: str) -> None:
         rc = proc.popen.wait()
-        logf.close()
+        proc.eof.wait(timeout=5)  # the log holds every line before the container counts as terminated
         code = rc if rc >= 0 else 128 - rc  # killed by a signal: what the runtime reports (143 = SIGTERM)
         proc.exit_code = code
         with self.cond:
@@ -855,33 +1182,103 @@ class FakeCluster:
             proc.done.set()
             self.cond.notify_all()
 
+    def _volume_dir(self, pod: dict[str, Any], root: Path, vol: dict[str, Any], fs_group: int | None) -> Path:
+        """The host directory that backs one of the pod's volumes, populated as the kubelet would."""
+        ns = pod["metadata"]["namespace"]
+        name = vol["name"]
+        if "persistentVolumeClaim" in vol:
+            d = self.pvcs[(ns, vol["persistentVolumeClaim"]["claimName"])]
+            if fs_group is not None and self.sandboxed:
+                k8s_sandbox.grant_group(d, fs_group)  # the kubelet makes a volume's ownership the fsGroup's
+            return d
+        d = root / "volumes" / name
+        d.mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in vol:
+            d.chmod(0o777)  # what the kubelet gives an emptyDir
+            if fs_group is not None and self.sandboxed:
+                os.chown(d, 0, fs_group)
+                d.chmod(0o2777)
+            return d
+        files: list[tuple[str, str, int]] = []  # (path in the volume, content, mode)
+
+        def from_secret(secret: str, items: list[dict[str, Any]] | None, mode: int, optional: bool) -> None:
+            data = self.secrets.get((ns, secret))
+            if data is None:
+                if optional:
+                    return
+                raise ContainerConfigError(f'secret "{secret}" not found')
+            for it in items or [{"key": k, "path": k} for k in data]:
+                if it["key"] not in data:
+                    raise ContainerConfigError(f'couldn\'t find key {it["key"]} in Secret {ns}/{secret}')
+                files.append((it["path"], data[it["key"]], it.get("mode", mode)))
+
+        def from_configmap(cm: str, items: list[dict[str, Any]] | None, mode: int, optional: bool) -> None:
+            data = self.configmaps.get((ns, cm))
+            if data is None:
+                if optional:
+                    return
+                raise ContainerConfigError(f'configmap "{cm}" not found')
+            for it in items or [{"key": k, "path": k} for k in data]:
+                if it["key"] not in data:
+                    raise ContainerConfigError(f'couldn\'t find key {it["key"]} in ConfigMap {ns}/{cm}')
+                files.append((it["path"], data[it["key"]], it.get("mode", mode)))
+
+        if "secret" in vol:
+            v = vol["secret"]
+            from_secret(v["secretName"], v.get("items"), v.get("defaultMode", 0o644), v.get("optional", False))
+        elif "configMap" in vol:
+            v = vol["configMap"]
+            from_configmap(v["name"], v.get("items"), v.get("defaultMode", 0o644), v.get("optional", False))
+        elif "projected" in vol:
+            mode = vol["projected"].get("defaultMode", 0o644)
+            for src in vol["projected"].get("sources", []):
+                if "secret" in src:
+                    from_secret(src["secret"]["name"], src["secret"].get("items"), mode,
+                                src["secret"].get("optional", False))
+                elif "configMap" in src:
+                    from_configmap(src["configMap"]["name"], src["configMap"].get("items"), mode,
+                                   src["configMap"].get("optional", False))
+                else:
+                    raise ContainerConfigError(f"harness: unsupported projected source {sorted(src)}")
+        else:
+            raise ContainerConfigError(f"harness: unsupported volume type {sorted(set(vol) - {'name'})}")
+        for rel, content, mode in files:
+            f = d / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(content)
+            if fs_group is not None and self.sandboxed:
+                os.chown(f, 0, fs_group)  # owner root, group fsGroup: readable by the pod's user through the group
+            f.chmod(mode if self.sandboxed else mode | 0o400)
+        return d
+
     def _container_process(self, pod: dict[str, Any]) -> tuple[list[str], dict[str, str], str]:
-        """argv, env and cwd for the pod's (first) container, resolved as the kubelet would."""
+        """argv, env and cwd of the process that runs the pod's (first) container, resolved as the
+        kubelet would; in the sandbox (k8s_sandbox.py) with the pod's user and filesystem view."""
         ns = pod["metadata"]["namespace"]
         c = pod["spec"]["containers"][0]
         root = self.workdir / "pods" / pod["metadata"]["name"]
         root.mkdir(parents=True, exist_ok=True)
-        mounts: dict[str, Path] = {}
+        psc = pod["spec"].get("securityContext") or {}
+        csc = c.get("securityContext") or {}
+        fs_group = psc.get("fsGroup")
+        uid = csc.get("runAsUser", psc.get("runAsUser", 0))  # no image to ask: an image's default user is root
+        gid = csc.get("runAsGroup", psc.get("runAsGroup", 0))
+        if (csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True) and uid == 0:
+            raise ContainerConfigError("container has runAsNonRoot and image will run as root")
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        mounts: dict[str, Path] = {}
+        sandbox_mounts: list[dict[str, Any]] = []
         for m in c.get("volumeMounts", []):
-            host = root / m["mountPath"].lstrip("/")
-            host.mkdir(parents=True, exist_ok=True)
             vol = volumes.get(m["name"])
             if vol is None:
                 raise ContainerConfigError(f'volume "{m["name"]}" is mounted but not defined')
-            if "secret" in vol:
-                data = self.secrets.get((ns, vol["secret"]["secretName"]))
-                if data is None:
-                    raise ContainerConfigError(f'secret "{vol["secret"]["secretName"]}" not found')
-                items = vol["secret"].get("items") or [{"key": k, "path": k} for k in data]
-                for it in items:
-                    if it["key"] not in data:
-                        raise ContainerConfigError(
-                            f'couldn\'t find key {it["key"]} in Secret {ns}/{vol["secret"]["secretName"]}')
-                    f = host / it["path"]
-                    f.write_text(data[it["key"]])
-                    f.chmod(it.get("mode", vol["secret"].get("defaultMode", 0o644)) | 0o400)
+            host = self._volume_dir(pod, root, vol, fs_group)
+            if m.get("subPath"):
+                host = host / m["subPath"]
+            ro = bool(m.get("readOnly")) or any(k in vol for k in ("secret", "configMap", "projected"))
             mounts[m["mountPath"].rstrip("/") or "/"] = host
+            sandbox_mounts.append({"source": str(host), "target": m["mountPath"], "readOnly": ro,
+                                   "file": host.is_file()})
         env: dict[str, str] = {}
         for e in c.get("env", []):
             if "value" in e:
@@ -904,18 +1301,31 @@ class FakeCluster:
                 raise ContainerConfigError(f"harness: unsupported valueFrom for env {e['name']}: {sorted(vf)}")
         if COMPLETION_INDEX in pod["metadata"].get("annotations", {}) and "JOB_COMPLETION_INDEX" not in env:
             env["JOB_COMPLETION_INDEX"] = pod["metadata"]["annotations"][COMPLETION_INDEX]  # the Job controller's
-        # Paths into mounted volumes point at the pod's directories on this machine.
-        for k, v in env.items():
-            for mpath, host in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
-                if v == mpath or v.startswith(mpath + "/"):
-                    env[k] = str(host) + v[len(mpath):]
-                    break
+        if not self.sandboxed:
+            # unconfined: paths into mounted volumes point at the pod's directories on this machine
+            for k, v in env.items():
+                for mpath, host in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+                    if v == mpath or v.startswith(mpath + "/"):
+                        env[k] = str(host) + v[len(mpath):]
+                        break
         argv = [_expand(a, env) for a in (c.get("command") or ["bezoar"]) + list(c.get("args", []))]
         if argv and argv[0] in self.entrypoints:
             argv = list(self.entrypoints[argv[0]]) + argv[1:]
         host_env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "SYSTEMROOT") if k in os.environ}
         host_env["PYTHONPATH"] = str(REPO)
-        return argv, {**host_env, **env, **self.extra_env}, str(root)
+        full_env = {**host_env, **env, **self.extra_env}
+        if not self.sandboxed:
+            return argv, full_env, str(root)
+        for share in self.host_shares:  # test instruments (the fake stage's plan), never part of a pod spec
+            sandbox_mounts.append({"source": str(share), "target": str(share), "readOnly": False, "file": False})
+        spec_path = root / "sandbox.json"
+        groups = [gid] + ([fs_group] if fs_group is not None else []) + list(psc.get("supplementalGroups", []))
+        k8s_sandbox.write_spec(
+            spec_path, argv=argv, env=full_env, cwd=c.get("workingDir", "/"), rootfs=root / "rootfs",
+            mounts=sandbox_mounts, uid=uid, gid=gid, groups=groups,
+            read_only_root=bool(csc.get("readOnlyRootFilesystem")),
+            no_new_privs=csc.get("allowPrivilegeEscalation") is False, hosts=self.hosts_file())
+        return [sys.executable, str(HERE / "k8s_sandbox.py"), str(spec_path)], {"PATH": host_env.get("PATH", "")}, "/"
 
     def _signal(self, proc: _PodProc, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -932,6 +1342,33 @@ class FakeCluster:
         threading.Thread(target=reaper, daemon=True).start()
 
     # -- Deployments ----------------------------------------------------------------------------
+    def patch_deployment(self, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A merge (or strategic merge) patch of a Deployment. A ``metadata.resourceVersion`` in the patch
+        is a precondition, as for the API server: 409 Conflict when the object has moved on."""
+        with self.cond:
+            dep = self._get("Deployment", ns, name)
+            want_rv = (patch.get("metadata") or {}).get("resourceVersion")
+            if want_rv is not None and want_rv != dep["metadata"]["resourceVersion"]:
+                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on deployments.apps "{name}": the '
+                                                "object has been modified; please apply your changes to the latest "
+                                                "version and try again", {"name": name, "group": "apps",
+                                                                          "kind": "deployments"})
+            new = copy.deepcopy(dep)
+            patch = copy.deepcopy(patch)
+            (patch.get("metadata") or {}).pop("resourceVersion", None)
+            _merge_patch(new, patch)
+            replicas = new["spec"].get("replicas")
+            if not isinstance(replicas, int) or replicas < 0:
+                raise ApiError(422, "Invalid", f'Deployment.apps "{name}" is invalid: spec.replicas: must be >= 0')
+            new["spec"]["replicas"] = dep["spec"]["replicas"]
+            dep["metadata"] = new["metadata"]
+            if replicas != dep["spec"]["replicas"]:
+                self.scale(ns, name, replicas)  # bumps the generation and announces the change
+            else:
+                self._put("Deployment", ns, dep, "MODIFIED")
+            self.patches.append((name, copy.deepcopy(patch)))
+            return copy.deepcopy(dep)
+
     def scale(self, ns: str, name: str, replicas: int) -> None:
         with self.cond:
             dep = self._get("Deployment", ns, name)
@@ -1039,8 +1476,28 @@ _ROUTES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs/([^/]+)$"), "job"),
     (re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)$"), "deployment"),
     (re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)/scale$"), "scale"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/events$"), "events"),
+    (re.compile(r"^/apis/kueue\.x-k8s\.io/([^/]+)/namespaces/([^/]+)/workloads$"), "workloads"),
 ]
-_LIST_KIND = {"Job": ("JobList", "batch/v1"), "Pod": ("PodList", "v1")}
+_LIST_KIND = {"Job": ("JobList", "batch/v1"), "Pod": ("PodList", "v1"), "Event": ("EventList", "v1"),
+              "Workload": ("WorkloadList", f"{k8s_kueue.GROUP}/{k8s_kueue.VERSION}")}
+
+
+def field_selector_matches(selector: str | None, obj: dict[str, Any]) -> bool:
+    """``involvedObject.name=x,reason=y``-style field selectors (``=``, ``==``, ``!=``)."""
+    if not selector:
+        return True
+    for term in selector.split(","):
+        m = re.match(r"^([^!=]+?)\s*(==|!=|=)\s*(.*)$", term.strip())
+        if not m:
+            raise ApiError(400, "BadRequest", f"invalid field selector {term!r}")
+        node: Any = obj
+        for part in m.group(1).split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        value = "" if node is None else str(node)
+        if (m.group(2) == "!=") == (value == m.group(3)):
+            return False
+    return True
 
 
 class _Server(ThreadingHTTPServer):
@@ -1061,6 +1518,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: tests read their own output
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.cluster._conns.add(self.connection)
+
+    def finish(self) -> None:
+        self.cluster._conns.discard(self.connection)
+        self.cluster._log_conns.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -1119,6 +1586,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         c.requests.append((method, self.path))
+        if c.down.is_set():
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(2)
+            return
         try:
             body = self._body() if method in ("POST", "PUT", "PATCH", "DELETE") else None
             if self.headers.get("Authorization") != f"Bearer {c.token}":
@@ -1196,11 +1667,23 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "BadRequest", f'container "{container}" in pod "{name}" is waiting to start: '
                                               "ContainerCreating")
         follow = q.get("follow") in ("true", "1")
+        stamps = q.get("timestamps") in ("true", "1")
         tail = int(q["tailLines"]) if "tailLines" in q else None
+        since_ns = 0
+        if "sinceTime" in q:
+            since_ns = int(parse_rfc3339(q["sinceTime"]) * 1e9)
+        elif "sinceSeconds" in q:
+            since_ns = time.time_ns() - int(q["sinceSeconds"]) * 1_000_000_000
+
+        def render(lines: list[tuple[int, bytes]]) -> bytes:
+            return b"".join((rfc3339nano(t).encode() + b" " + ln) if stamps else ln for t, ln in lines)
+
+        with proc.more:
+            lines = [x for x in proc.lines if x[0] >= since_ns]
+        if tail is not None:
+            lines = lines[-tail:] if tail else []
         if not follow:
-            text = proc.log_path.read_bytes()
-            if tail is not None:
-                text = b"".join(text.splitlines(keepends=True)[-tail:]) if tail else b""
+            text = render(lines)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(text)))
@@ -1208,28 +1691,39 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(text)
             return
         self._start_stream("text/plain")
+        c._log_conns.add(self.connection)
         try:
-            with open(proc.log_path, "rb") as f:
-                if tail is not None:
-                    lines = f.read().splitlines(keepends=True)
-                    self._chunk(b"".join(lines[-tail:]) if tail else b"")
-                while not c._stopping.is_set():
-                    finished = proc.done.is_set()
-                    data = f.read()
-                    self._chunk(data)
-                    if finished and not data:
-                        break
-                    if not data:
-                        proc.done.wait(0.02)
+            self._chunk(render(lines))
+            with proc.more:
+                sent = len(proc.lines)
+            while not c._stopping.is_set():
+                with proc.more:
+                    if len(proc.lines) == sent and not proc.eof.is_set():
+                        proc.more.wait(0.05)
+                    new = proc.lines[sent:]
+                    sent += len(new)
+                    finished = proc.eof.is_set() and sent == len(proc.lines)
+                self._chunk(render([x for x in new if x[0] >= since_ns]))
+                if finished:
+                    break
             self._end_stream()
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, OSError):
             pass
+        finally:
+            c._log_conns.discard(self.connection)
 
     def _r_deployment(self, method: str, q: dict[str, str], body: Any, ns: str, name: str) -> None:
-        if method != "GET":
+        c = self.cluster
+        if method == "GET":
+            with c.lock:
+                self._send_json(200, copy.deepcopy(c._get("Deployment", ns, name)))
+            return
+        if method != "PATCH":
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on deployments here")
-        with self.cluster.lock:
-            self._send_json(200, copy.deepcopy(self.cluster._get("Deployment", ns, name)))
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0]
+        if ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+            raise ApiError(415, "UnsupportedMediaType", f"harness: PATCH {ctype} is not supported on deployments")
+        self._send_json(200, c.patch_deployment(ns, name, body or {}))
 
     def _r_scale(self, method: str, q: dict[str, str], body: Any, ns: str, name: str) -> None:
         c = self.cluster
@@ -1260,6 +1754,19 @@ class _Handler(BaseHTTPRequestHandler):
         with c.lock:
             self._send_json(200, c.scale_object(ns, name))
 
+    def _r_events(self, method: str, q: dict[str, str], body: Any, ns: str) -> None:
+        if method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on events here")
+        self._list_or_watch("Event", ns, q)
+
+    def _r_workloads(self, method: str, q: dict[str, str], body: Any, version: str, ns: str) -> None:
+        c = self.cluster
+        if c.kueue is None or version != k8s_kueue.VERSION:  # no such API: Kueue (this version) is not installed
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({self.path})")
+        if method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on workloads here")
+        self._list_or_watch("Workload", ns, q)
+
     # -- list and watch -------------------------------------------------------------------------
     def _list_or_watch(self, kind: str, ns: str, q: dict[str, str]) -> None:
         c = self.cluster
@@ -1268,7 +1775,8 @@ class _Handler(BaseHTTPRequestHandler):
         if q.get("watch") not in ("true", "1"):
             with c.lock:
                 items = [copy.deepcopy(o) for (k, ons, _), o in sorted(c.objects.items())
-                         if k == kind and ons == ns and selector_matches(sel, o["metadata"].get("labels"))]
+                         if k == kind and ons == ns and selector_matches(sel, o["metadata"].get("labels"))
+                         and field_selector_matches(q.get("fieldSelector"), o)]
                 self._send_json(200, {"kind": list_kind, "apiVersion": api_version,
                                       "metadata": {"resourceVersion": str(c.rv)}, "items": items})
             return
@@ -1374,14 +1882,29 @@ def fake_stage_main(argv: list[str]) -> int:
                                 "attempt": attempt}) + "\n")
     for line in st.get("log", [f"{a.name}: starting (attempt {attempt})"]):
         print(line, flush=True)
+        if st.get("log_every"):
+            time.sleep(float(st["log_every"]))
     for name in st.get("require_env", []):
         if not os.environ.get(name):
             print(f"error: environment variable {name} is not set", flush=True)
             return 2
     for name in st.get("require_files_env", []):
         fp = os.environ.get(name)
-        if not fp or not Path(fp).is_file():
+        if not fp or not Path(fp).is_file() or not os.access(fp, os.R_OK):
             print(f"error: {name} does not point at a readable file ({fp})", flush=True)
+            return 2
+    for target in st.get("write", []):  # where a pod may write (its mounts) and where it may not
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text("x")
+            print(f"wrote {target} as uid {os.getuid()}", flush=True)
+        except OSError as e:
+            print(f"cannot write {target} as uid {os.getuid()}: {e.strerror}", flush=True)
+            return 3
+    for name in st.get("require_key_files", []):
+        fp = Path(os.environ.get("BEZOAR_KEYS_DIR", "/nonexistent")) / name
+        if not os.access(fp, os.R_OK) or not fp.read_text().strip():
+            print(f"error: API key {name} is not a readable file in $BEZOAR_KEYS_DIR ({fp})", flush=True)
             return 2
     end = time.time() + float(st.get("sleep", 0))
     while time.time() < end:

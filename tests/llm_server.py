@@ -28,6 +28,11 @@ free slot when it arrives and is answered when its decode ends), and every decod
 recorded, so ``busy_fraction()`` says how much of the decoding capacity the client kept busy. A
 request the client abandons (timeout) keeps its slot until its decode would have ended.
 
+TGI's own admission limit: with ``max_concurrent_requests=N`` the server answers ``GET /info`` with
+``max_concurrent_requests`` (as TGI does) and refuses a request that would make more than N in flight
+with 429 "Model is overloaded" (TGI's ``--max-concurrent-requests`` behaviour), so a client that does
+not keep to the budget gets the storm of 429s a real server gives it.
+
 Every request is recorded in ``server.calls`` (tests assert retries, seeds, and that cached requests
 were not asked again). Use it as a context manager, through the ``llm_server`` pytest fixture, or as
 a process: ``python tests/llm_server.py --capacity 32 --per-token-ms 2 --longtail`` prints
@@ -142,6 +147,7 @@ class LLMTestServer:
     hang_s: float = 30.0
     api_key: str | None = None
     echo_headers: bool = False
+    max_concurrent_requests: int | None = None
     seed: int = 0
     host: str = "127.0.0.1"
     port: int = 0
@@ -173,6 +179,7 @@ class LLMTestServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_get("/info", self._info_route)
         app.router.add_get("/_stats", self._stats_route)
         app.router.add_post("/_reset", self._reset_route)
         return app
@@ -309,7 +316,11 @@ class LLMTestServer:
             self.calls.append(call)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            overloaded = self.max_concurrent_requests is not None and self.in_flight > self.max_concurrent_requests
         try:
+            if overloaded:  # TGI's --max-concurrent-requests: refused at once, never queued
+                call.status, call.fault = 429, "overloaded"
+                return web.json_response(error(429, "Model is overloaded"), status=429)
             if invalid is not None:
                 call.status, call.fault = 400, "invalid"
                 return web.json_response(error(400, invalid), status=400)
@@ -513,6 +524,12 @@ class LLMTestServer:
         return await self._serve(request, "messages", parse, render, error)
 
     # -- control routes (for the benchmark's server process) ----------------------------------
+    async def _info_route(self, request: web.Request) -> web.Response:
+        info: dict[str, Any] = {"model_id": "scripted/teacher", "version": "scripted"}
+        if self.max_concurrent_requests is not None:
+            info["max_concurrent_requests"] = self.max_concurrent_requests
+        return web.json_response(info)
+
     async def _stats_route(self, request: web.Request) -> web.Response:
         s = asdict(self.stats())
         if self.capacity and self.calls:

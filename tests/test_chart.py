@@ -1,10 +1,13 @@
 """The Helm chart, rendered by the real helm binary and checked object by object.
 
-Every scenario (helm/openbezoar/ci/*-values.yaml layered on base-values.yaml) is rendered with
-`helm template`, every object is validated with kubernetes-validate --strict against the oldest
-supported and a current Kubernetes, and pytest asserts on the objects. helm-unittest cannot be
-installed offline, so the assertions are plain Python over the YAML. The infra linters (checkov over
-the rendered chart, the Dockerfiles and manifests/; actionlint over the workflows) run here too.
+Every scenario is rendered with `helm template`: "default" with no values at all (the CPU demo),
+"base" with values-paper.yaml and ci/base-values.yaml, every other one with its
+helm/openbezoar/ci/<scenario>-values.yaml layered on "base". Every object is validated with
+kubernetes-validate --strict against the oldest supported and a current Kubernetes, every pod spec
+against the restricted Pod Security profile (tests/pod_security.py), and pytest asserts on the objects.
+helm-unittest cannot be installed offline, so the assertions are plain Python over the YAML. The infra
+linters (checkov over the chart directory and the rendered scenarios, the Dockerfiles and manifests/;
+actionlint over the workflows) run here too.
 """
 
 from __future__ import annotations
@@ -26,18 +29,20 @@ import bezoar_jobs
 from bezoar_jobs.executors.cluster import ClusterSettings, parse_cluster_settings
 
 try:  # tests/ is not a package today; keep working if it becomes one
-    from tests import infra_tools
+    from tests import infra_tools, pod_security
 except ImportError:
     import infra_tools  # type: ignore[no-redef]
+    import pod_security  # type: ignore[no-redef]
 
 REPO = infra_tools.REPO
 CHART = REPO / "helm" / "openbezoar"
 CI = CHART / "ci"
 RELEASE, NAMESPACE = "openbezoar", "bezoar"
-SCENARIOS = ("base", "vllm", "no-teacher", "init-s3", "cronjob", "kueue", "irsa", "dev-secrets")
+SCENARIOS = ("default", "base", "vllm", "no-teacher", "init-s3", "cronjob", "kueue", "irsa", "dev-secrets", "egress")
 # The chart's kubeVersion floor and a current release: fields must exist in both.
-K8S_VERSIONS = ("1.29", "1.35")
+K8S_VERSIONS = ("1.31", "1.35")
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+PAPER = yaml.safe_load((CHART / "values-paper.yaml").read_text())
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 UID = 10001
 
@@ -57,7 +62,10 @@ def run_helm(helm: tuple[str, dict[str, str]], *args: str) -> subprocess.Complet
 
 
 def values_files(scenario: str) -> list[str]:
-    files = [CI / "base-values.yaml"] + ([] if scenario == "base" else [CI / f"{scenario}-values.yaml"])
+    if scenario == "default":
+        return []
+    files = [CHART / "values-paper.yaml", CI / "base-values.yaml"]
+    files += [] if scenario == "base" else [CI / f"{scenario}-values.yaml"]
     out: list[str] = []
     for f in files:
         out += ["-f", str(f)]
@@ -160,6 +168,8 @@ def test_pods_are_hardened_and_sized(rendered: dict[str, list[dict[str, Any]]], 
     for w in workloads(rendered[scenario]):
         where = f"{scenario}: {w['kind']}/{w['metadata']['name']}"
         spec = pod_spec(w)
+        # finding 1: the TGI teacher too runs under the restricted profile now (our image, UID 10001)
+        assert pod_security.check(spec, "restricted") == [], where
         psc = spec["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] == UID, where
         assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
@@ -199,12 +209,16 @@ def test_default_tgi_teacher(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["base"]
     dep = one(docs, "Deployment", "teacher")
     assert dep["metadata"]["name"] == f"{RELEASE}-teacher"
-    assert dep["spec"]["strategy"] == {"type": "Recreate"} and dep["spec"]["replicas"] == 1
+    # finding 6: Helm rendered replicas: 1, so every `helm upgrade` brought the 2-GPU teacher back in
+    # the middle of training; the controllers own the replica count now
+    assert dep["spec"]["strategy"] == {"type": "Recreate"} and "replicas" not in dep["spec"]
     spec = pod_spec(dep)
     assert "initContainers" not in spec
     (c,) = spec["containers"]
-    t = VALUES["teacher"]
-    assert c["image"] == f"{t['image']['tgi']['repository']}:{t['image']['tgi']['tag']}"
+    # finding 1: our non-root build of the pinned TGI release (images/teacher), as UID 10001
+    assert c["image"] == "ghcr.io/example/bezoar-jobs/bezoar-teacher:0.1.0"
+    assert spec["securityContext"]["runAsUser"] == c["securityContext"]["runAsUser"] == UID
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["command"] == ["/bin/sh", "-c"]
     args = c["args"][1:]
     assert args[0] == "text-generation-launcher"
@@ -215,18 +229,30 @@ def test_default_tgi_teacher(rendered: dict[str, list[dict[str, Any]]]) -> None:
         "--num-shard": "2",
         "--max-total-tokens": "2048",
         "--max-input-tokens": "1536",
+        "--max-concurrent-requests": "128",
         "--hostname": "0.0.0.0",
         "--port": "8080",
     }
     gpu = VALUES["clusterSettings"]["jobs"]["gpuResourceName"]
     assert c["resources"]["requests"][gpu] == c["resources"]["limits"][gpu] == 2
+    # finding 7: the weights' emptyDir counts against the node's disk: requested, so the pod lands
+    # where they fit and is not evicted halfway through the download
+    assert c["resources"]["requests"]["ephemeral-storage"] == c["resources"]["limits"]["ephemeral-storage"] == "102Gi"
     env = env_of(c)
     assert env["HF_HOME"] == "/data" and "HF_HUB_OFFLINE" not in env and "HF_TOKEN_PATH" not in env
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert volumes[mounts["/data"]]["emptyDir"] == {"sizeLimit": "200Gi"}
+    assert volumes[mounts["/data"]]["emptyDir"] == {"sizeLimit": "100Gi"}
     assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
     assert spec["tolerations"] == VALUES["teacher"]["tolerations"]
+    # finding 7: a 16-bit 40B model over two GPUs needs 80GB-class ones: the paper values require them
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (expr,) = term["matchExpressions"]
+    assert expr["key"] == "nvidia.com/gpu.product" and expr["operator"] == "In"
+    assert expr["values"] and all("80GB" in v or "H100" in v or "H200" in v for v in expr["values"])
+    # finding 10: no checkov skip the teacher does not need (no secret is an env var anywhere)
+    skips = " ".join(dep["metadata"].get("annotations", {}).values())
+    assert "CKV_K8S_35" not in skips
     svc = one(docs, "Service", "teacher")
     assert svc["metadata"]["name"] == dep["metadata"]["name"]
     assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
@@ -289,10 +315,15 @@ def test_controller_job_runs_the_run(rendered: dict[str, list[dict[str, Any]]]) 
     (creds,) = [v for v in spec["volumes"] if v["name"] == "s3-credentials"]
     assert creds["secret"]["secretName"] == "bezoar-s3"
     rules = job["spec"]["podFailurePolicy"]["rules"]
+    # finding 4: only exit 2 stopped the controller Job, and the controller exited 1 on a failed stage
+    # and on cancel, so Kubernetes retried it and it ran the stage again; 4 (cancelled) and 5 (a stage
+    # failed for good) stop it now (test_cluster.py runs this Job in the harness)
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": "controller", "operator": "In", "values": [2]},
+        "onExitCodes": {"containerName": "controller", "operator": "In", "values": [2, 4, 5]},
     }
+    uid_env = next(e for e in c["env"] if e["name"] == "BEZOAR_CONTROLLER_UID")
+    assert uid_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
     assert job["spec"]["activeDeadlineSeconds"] == VALUES["controller"]["activeDeadlineSeconds"]
     # The controller serves nothing: its NetworkPolicy selects it and admits no ingress.
@@ -337,9 +368,13 @@ def test_rbac_is_namespaced_least_privilege(rendered: dict[str, list[dict[str, A
         ("batch", "jobs", ("create", "delete", "get", "list", "watch"), ()),
         ("", "pods", ("get", "list", "watch"), ()),
         ("", "pods/log", ("get",), ()),
-        ("apps", "deployments", ("get",), teacher),
-        ("apps", "deployments/scale", ("get", "patch", "update"), teacher),
+        # finding 7: the scheduler's reasons come from events
+        ("", "events", ("get", "list"), ()),
+        # leases (annotations) and the replica count are patches of the teacher Deployment itself
+        ("apps", "deployments", ("get", "patch"), teacher),
     }
+    # Kueue's Workloads are read only where a queue is configured
+    assert ("kueue.x-k8s.io", "workloads", ("get", "list"), ()) in rbac_rules(rendered["kueue"])
     assert not objs(docs, "ClusterRole") and not objs(docs, "ClusterRoleBinding")
     rb, role, sa = one(docs, "RoleBinding"), one(docs, "Role"), one(docs, "ServiceAccount", "controller")
     assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
@@ -358,24 +393,62 @@ def test_cluster_settings_validate_against_the_model(rendered: dict[str, list[di
 def test_default_cluster_settings_are_the_models_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:
     # The chart's default values, as rendered, validate and equal ClusterSettings' own defaults,
     # except what the chart fills in: the teacher it deploys (namespace: the release's, = "bezoar").
+    # The paper's values (values-paper.yaml) render ClusterSettings' own defaults, except what the
+    # chart fills in: the teacher it deploys (namespace: the release's, = "bezoar").
     rendered_cs = cluster_yaml(rendered["base"])
     model = ClusterSettings.model_validate(rendered_cs)
     got = model.model_dump(mode="json", exclude_none=True)
     want = ClusterSettings().model_dump(mode="json", exclude_none=True)
-    assert got["teacher"].pop("deployment") == f"{RELEASE}-teacher"
-    assert got["teacher"].pop("url") == f"http://{RELEASE}-teacher.{NAMESPACE}.svc:80"
-    want["teacher"].pop("deployment"), want["teacher"].pop("url")
+    fills = {"deployment": f"{RELEASE}-teacher", "url": f"http://{RELEASE}-teacher.{NAMESPACE}.svc:80",
+             "backend": "tgi", "maxConcurrentRequests": 128, "readyTimeoutSeconds": 3600 + 900}
+    for k, v in fills.items():
+        assert got["teacher"].pop(k) == v, k
+        want["teacher"].pop(k)
     assert got == want
-    # And verbatim: every key of values.yaml's clusterSettings comes through unchanged, save the
-    # documented fills.
+    # And verbatim: every key of the chart's clusterSettings (defaults + values-paper) comes through
+    # unchanged, save the documented fills.
     raw = copy.deepcopy(VALUES["clusterSettings"])
     raw["namespace"] = NAMESPACE
-    raw["teacher"]["deployment"], raw["teacher"]["url"] = (
-        rendered_cs["teacher"]["deployment"],
-        rendered_cs["teacher"]["url"],
-    )
-    assert rendered_cs == raw
+    for k, v in rendered_cs["teacher"].items():
+        if k in fills:
+            raw["teacher"][k] = v
+    assert {k: v for k, v in rendered_cs.items() if k not in PAPER["clusterSettings"]} == \
+        {k: v for k, v in raw.items() if k not in PAPER["clusterSettings"]}
     ClusterSettings.model_validate(raw)
+
+
+def test_the_default_install_is_the_cpu_demo_on_an_in_cluster_run_store(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Finding 10: the chart did not render with its defaults, so `helm install` with no values failed
+    (and checkov scanned nothing). Now no values at all is the demo: the embedded SmolLM2 recipe, CPU
+    pods, runs on a PVC, the run id from the release."""
+    docs = rendered["default"]
+    assert not objs(docs, "Deployment")  # the demo's teacher runs in process
+    job = one(docs, "Job", "controller")
+    args = pod_spec(job)["containers"][0]["args"]
+    assert args[args.index("--run-id") + 1] == RELEASE and args[args.index("--run") + 1] == f"/runs/{RELEASE}"
+    assert args[args.index("--recipe") + 1] == "/etc/bezoar/recipe.yaml"
+    recipe = one(docs, "ConfigMap", "recipe")["data"]["recipe.yaml"]
+    assert yaml.safe_load(recipe) == yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+    assert (CHART / "files" / "openbezoar.yaml").read_text() == (REPO / "recipes" / "openbezoar.yaml").read_text()
+    pvc = one(docs, "PersistentVolumeClaim", "run-store")
+    assert pvc["metadata"]["name"] == f"{RELEASE}-runs" and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (mount,) = [m for m in pod_spec(job)["containers"][0]["volumeMounts"] if m["mountPath"] == "/runs"]
+    (vol,) = [v for v in pod_spec(job)["volumes"] if v["name"] == mount["name"]]
+    assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    cs = ClusterSettings.model_validate(cluster_yaml(docs))
+    assert cs.storage.runVolume.claimName == pvc["metadata"]["name"] and cs.storage.runVolume.mountPath == "/runs"
+    assert cs.secrets.s3.name == "" and cs.teacher.deployment == ""
+    from bezoar_jobs.executors.jobs import build_job
+    from bezoar_jobs.registry import CANONICAL
+
+    for stage in CANONICAL:  # every stage pod of the demo: CPU, the all-in-one demo image, the PVC
+        built = build_job(stage, f"/runs/{RELEASE}", RELEASE, cs)
+        c = built["spec"]["template"]["spec"]["containers"][0]
+        assert "nvidia.com/gpu" not in c["resources"]["requests"], stage
+        assert c["image"].startswith("ghcr.io/example/bezoar-jobs/bezoar-demo:"), stage
+        assert {"name": "runs", "mountPath": "/runs"} in c["volumeMounts"]
+        assert pod_security.check(built["spec"]["template"]["spec"]) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +464,8 @@ def test_vllm_switch(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert flags == {
         "--served-model-name": "h2oai/h2ogpt-gm-oasst1-en-2048-falcon-40b-v2",
         "--revision": "0123456789abcdef0123456789abcdef01234567",
+        "--tokenizer-revision": "0123456789abcdef0123456789abcdef01234567",
+        "--max-num-seqs": "128",
         "--tensor-parallel-size": "1",
         "--max-model-len": "2048",
         "--host": "0.0.0.0",
@@ -399,7 +474,13 @@ def test_vllm_switch(rendered: dict[str, list[dict[str, Any]]]) -> None:
     }
     assert args[-2:] == ["--gpu-memory-utilization", "0.92"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert env_of(c)["VLLM_NO_USAGE_STATS"] == "1"
+    env = env_of(c)
+    assert env["VLLM_NO_USAGE_STATS"] == "1"
+    # a UID without a passwd entry: torch's inductor cache needs USER/LOGNAME or a cache dir of its own
+    assert env["USER"] and env["LOGNAME"] and env["TORCHINDUCTOR_CACHE_DIR"].startswith("/tmp/")
+    # finding 2: the stage pods get the vLLM endpoint and protocol, whatever the recipe says
+    cs = cluster_yaml(rendered["vllm"])["teacher"]
+    assert cs["url"] == f"http://{RELEASE}-teacher.{NAMESPACE}.svc:80/v1" and cs["backend"] == "openai-completions"
 
 
 def test_teacher_disabled(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -472,21 +553,35 @@ def test_cronjob_retraining(rendered: dict[str, list[dict[str, Any]]], tmp_path:
     assert cron["spec"]["timeZone"] == "Etc/UTC"
     (c,) = pod_spec(cron)["containers"]
     assert c["command"] == ["/bin/sh", "-c"]
-    # Run the real script with a stand-in `bezoar` that prints its arguments.
+    # finding 5: the run id came from `date` inside the pod, so a retried or preempted pod started a
+    # second run beside the first. It comes from the Job's name now: the CronJob names the Job of a
+    # tick <cronjob>-<scheduled minutes since the epoch> (kubernetes/pkg/controller/cronjob), and the
+    # pod reads that name from its batch.kubernetes.io/job-name label.
+    jn = next(e for e in c["env"] if e["name"] == "JOB_NAME")
+    assert jn["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    assert cron["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 4, 5]
+    # Run the real script with a stand-in `bezoar` that prints its arguments, and a `date` that
+    # would give away any use of the clock.
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "bezoar").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     (bindir / "bezoar").chmod(0o755)
-    proc = subprocess.run(
-        [*c["command"], *c["args"]],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PATH": f"{bindir}:/usr/bin:/bin"},
-    )
-    got = proc.stdout.splitlines()
+    (bindir / "date").write_text('#!/bin/sh\ncase "$*" in *@*) exec /bin/date "$@";; esac\necho NOW-USED; exit 1\n')
+    (bindir / "date").chmod(0o755)
+    job_name = f"{cron['metadata']['name']}-29000000"  # the tick scheduled at 29000000 min = 2025-02-19 21:20 UTC
+
+    def start(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*c["command"], *c["args"]], capture_output=True, text=True,
+                              env={"PATH": f"{bindir}:/usr/bin:/bin", "JOB_NAME": name})
+
+    first, retried = start(job_name), start(job_name)  # two pods of the tick's Job
+    assert first.returncode == 0, first.stderr
+    got = first.stdout.splitlines()
     run_id = got[got.index("--run-id") + 1]
-    assert re.fullmatch(r"retrain-\d{8}-\d{4}", run_id) and DNS_LABEL.match(run_id)
+    assert run_id == "retrain-20250219-2120" and DNS_LABEL.match(run_id)
+    assert retried.stdout == first.stdout  # the same run, never a second one beside it
+    bad = start("not-a-cronjob-job")
+    assert bad.returncode == 2 and "cannot read the scheduled time" in bad.stderr
     assert got == [
         "run",
         "--executor",
@@ -569,15 +664,14 @@ def test_dev_secrets_match_the_references(rendered: dict[str, list[dict[str, Any
     ("sets", "message"),
     [
         (["teacher.server=sglang"], 'teacher.server must be tgi or vllm, not "sglang"'),
-        (["run.id="], "run.id is required"),
         (["run.id=Bad_Run"], 'run.id "Bad_Run" is not a DNS label'),
         (["run.id=" + "a" * 64], f'run.id "{"a" * 64}" is not a DNS label'),
         (["teacher.gpus=0"], "teacher.gpus must be at least 1 while teacher.enabled"),
         (["teacher.numShards=4"], "teacher.gpus (2) must be at least teacher.numShards (4)"),
-        (["run.baseUri=", "run.uri="], "set run.uri"),
+        (["run.baseUri=", "run.uri="], "set run.uri"),  # the paper values turn the runStore off
         (["run.recipeInline=a: 1"], "set only one of run.recipe and run.recipeInline"),
-        (["run.recipe="], "set run.recipe (a recipe URI) or run.recipeInline"),
-        (["retrain.schedule=0 3 * * 0", "run.baseUri=", "run.uri=s3://b/r/x"], "retrain.schedule needs run.baseUri"),
+        (["retrain.schedule=0 3 * * 0", "run.baseUri=", "run.uri=s3://b/r/x"],
+         "retrain.schedule needs run.baseUri or runStore"),
         (["teacher.initFromS3.enabled=true"], "teacher.initFromS3.uri must be an s3:// prefix"),
         (["teacher.cache.type=hostPath"], "teacher.cache.type must be emptyDir or pvc"),
         (
@@ -598,7 +692,9 @@ def test_schema_refuses_unknown_and_mistyped_values(helm: tuple[str, dict[str, s
     for sets, message in (
         (["teacher.gpu=1"], "additional properties 'gpu' not allowed"),
         (["clusterSettings.kueue.queue=x"], "additional properties 'queue' not allowed"),
-        (["teacher.replicas=two"], "/teacher/replicas"),
+        (["teacher.gpus=two"], "/teacher/gpus"),
+        (["teacher.replicas=1"], "additional properties 'replicas' not allowed"),
+        (["teacher.cache.size=200G"], "/teacher/cache/size"),
         (["teacher.image.tgi.digest=latest"], "/teacher/image/tgi/digest"),
     ):
         args = [a for s in sets for a in ("--set", s)]
@@ -614,13 +710,21 @@ def test_digest_pins_replace_tags_and_lift_the_skips(helm: tuple[str, dict[str, 
         "--set",
         f"teacher.image.tgi.digest={digest}",
         "--set",
-        f"controller.imageDigest={digest}",
+        f"clusterSettings.images.digests.controller={digest}",
+        "--set",
+        f"clusterSettings.images.digests.train={digest}",
     )
     for w in workloads(docs):
         for c in pod_spec(w)["containers"]:
             assert c["image"].endswith(f"@{digest}"), c["image"]
         skipped = " ".join(w["metadata"].get("annotations", {}).values())
         assert "CKV_K8S_43" not in skipped and "CKV_K8S_15" not in skipped
+    # finding 8: the stage images pin through the same settings the controller builds Jobs from
+    from bezoar_jobs.executors.jobs import build_job
+
+    cs = ClusterSettings.model_validate(cluster_yaml(docs))
+    assert build_job("dpo", "s3://b/r", "r", cs)["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"ghcr.io/example/bezoar-jobs/bezoar-train@{digest}")
 
 
 def test_long_release_and_run_id_names_fit(helm: tuple[str, dict[str, str]]) -> None:
@@ -773,6 +877,88 @@ def test_notes_tell_how_to_follow_the_run(helm: tuple[str, dict[str, str]]) -> N
     assert "-l bezoar.dev/run=ci-run-1" in notes
 
 
+def test_notes_name_the_label_the_jobs_carry_for_any_run_id(helm: tuple[str, dict[str, str]]) -> None:
+    """Finding 10: NOTES.txt fell back to app.kubernetes.io/name=bezoar-jobs, a label no Job carries
+    (the name label is "openbezoar"), for run ids the Job builder shortens. The chart now computes the
+    same short id as bezoar_jobs.executors.jobs.short_run_id."""
+    from bezoar_jobs.executors.jobs import short_run_id
+
+    for run_id in ("ci-run-1", "a--b", "retrain-2026-11-24-a-very-long-run-identifier-from-ci"):
+        proc = run_helm(helm, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client",
+                        *values_files("base"), "--set", f"run.id={run_id}")
+        assert proc.returncode == 0, proc.stderr
+        notes = proc.stdout.split("NOTES:", 1)[1]
+        assert f"-l bezoar.dev/run={short_run_id(run_id)}\n" in notes, (run_id, notes)
+        assert "app.kubernetes.io/name=bezoar-jobs" not in notes
+
+
+def test_versions_of_kubernetes_agree() -> None:
+    """Finding 10: README and Chart.yaml said Kubernetes 1.29 while the controller needs 1.31."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.31.0-0"
+    assert "Minimum Kubernetes: 1.31" in (REPO / "bezoar_jobs" / "executors" / "kubernetes.py").read_text()
+    for doc in (REPO / "README.md", REPO / "docs" / "kubernetes.md", CHART / "README.md"):
+        text = doc.read_text()
+        assert "1.29" not in text and "1.31" in text, doc
+
+
+def test_the_chart_readme_lists_every_value() -> None:
+    """`helm show readme` documents every value (generated from values.yaml's comments)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_chart_readme", REPO / "scripts" / "gen_chart_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    readme = (CHART / "README.md").read_text()
+    assert readme == mod.render(), "helm/openbezoar/README.md is stale: run scripts/gen_chart_readme.py"
+    for path in leaf_paths(VALUES):
+        assert f"`{'.'.join(path)}`" in readme, ".".join(path)
+    assert "helm install openbezoar helm/openbezoar" in readme and "values-paper.yaml" in readme
+
+
+def test_teacher_security_context_can_be_overridden_per_component(helm: tuple[str, dict[str, str]]) -> None:
+    """The one documented exception: an image that must run as root (upstream TGI), teacher only."""
+    docs = template(helm, *values_files("base"), "--set", "teacher.image.tgi.repository=ghcr.io/huggingface/"
+                    "text-generation-inference", "--set", "teacher.image.tgi.tag=3.3.6",
+                    "--set", "teacher.podSecurityContext.runAsNonRoot=false",
+                    "--set", "teacher.podSecurityContext.runAsUser=0",
+                    "--set", "teacher.securityContext.runAsNonRoot=false",
+                    "--set", "teacher.securityContext.runAsUser=0")
+    spec = pod_spec(one(docs, "Deployment"))
+    assert spec["securityContext"]["runAsUser"] == 0 and spec["containers"][0]["securityContext"]["runAsUser"] == 0
+    assert spec["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod_security.check(spec, "restricted") and pod_security.check(spec, "baseline") == []
+    ctl = pod_spec(one(docs, "Job", "controller"))
+    assert ctl["securityContext"]["runAsUser"] == UID  # nobody else is affected
+
+
+def test_egress_policies_for_a_default_deny_namespace(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Finding 8: NetworkPolicies were ingress-only; a namespace that denies egress by default broke
+    every pod. With networkPolicy.egress.enabled each pod may reach exactly what it needs."""
+    assert all("egress" not in np["spec"] for np in objs(rendered["base"], "NetworkPolicy"))
+    by = {np["metadata"]["labels"]["app.kubernetes.io/component"]: np["spec"] for np in
+          objs(rendered["egress"], "NetworkPolicy")}
+    assert set(by) == {"teacher", "controller", "stages"}
+
+    def ports(rule: dict[str, Any]) -> set[tuple[int, str]]:
+        return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+    for comp, spec in by.items():
+        assert spec["policyTypes"] == ["Ingress", "Egress"], comp
+        dns = spec["egress"][0]
+        assert ports(dns) == {(53, "UDP"), (53, "TCP")}
+        assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+        storage = spec["egress"][1]
+        assert storage["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+        assert ports(storage) == {(443, "TCP"), (8333, "TCP")}
+    assert by["controller"]["egress"][2]["to"] == [{"ipBlock": {"cidr": "172.20.0.1/32"}}]
+    assert len(by["teacher"]["egress"]) == 2  # DNS and storage (the Hub) only
+    teacher_rule = by["stages"]["egress"][3]
+    assert teacher_rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "teacher"
+    assert ports(teacher_rule) == {(8080, "TCP")}
+
+
 # ---------------------------------------------------------------------------------------------
 # Infra linters: checkov (chart, images, manifests/), actionlint (workflows)
 # ---------------------------------------------------------------------------------------------
@@ -819,6 +1005,20 @@ def test_checkov_zero_failed_checks(helm: tuple[str, dict[str, str]], tmp_path: 
         totals["skipped"] += r["summary"]["skipped"]
     assert set(summary) == {"kubernetes", "dockerfile"}, proc.stderr[-2000:]
     assert all(t["passed"] > 100 for t in summary.values()), summary
+    assert proc.returncode == 0
+
+
+def test_checkov_scans_the_chart_directory_with_its_defaults(helm: tuple[str, dict[str, str]]) -> None:
+    """Finding 10: `checkov -d helm/openbezoar` rendered nothing (the defaults did not render) and reported
+    clean. Its helm framework now renders the chart's defaults (the demo) and finds nothing to fail."""
+    _exe, env = helm
+    proc = subprocess.run([str(infra_tools.linter("checkov")), "-d", str(CHART), "--framework", "helm",
+                           "--skip-download", "-o", "json", "--compact"], capture_output=True, text=True, env=env)
+    report = json.loads(proc.stdout)
+    report = report[0] if isinstance(report, list) else report
+    assert report["check_type"] == "helm", report
+    assert report["summary"]["failed"] == 0, [f["check_id"] for f in report["results"]["failed_checks"]]
+    assert report["summary"]["passed"] > 50 and report["summary"]["resource_count"] >= 8, report["summary"]
     assert proc.returncode == 0
 
 
@@ -869,7 +1069,15 @@ def test_retrain_workflow_shape() -> None:
     assert set(on["workflow_dispatch"]["inputs"]) == {"recipe", "run_id"}
     assert on["workflow_dispatch"]["inputs"]["recipe"]["default"] == "recipes/openbezoar.yaml"
     assert on["schedule"] and on["push"] == {"branches": ["main"], "paths": ["recipes/**"]}
-    assert wf["permissions"] == {"contents": "read"}
+    # finding 8: a static kubeconfig and static AWS keys; a push to recipes/ started a paid run unasked.
+    # Now OIDC (id-token) into a cloud role, and the job runs in an environment with required reviewers.
+    assert wf["permissions"] == {"contents": "read", "id-token": "write"}
+    (job,) = wf["jobs"].values()
+    assert job["environment"] == "retrain"
+    assert "secrets." not in WORKFLOW.read_text()  # no static credential of any kind
+    role = workflow_steps()["Assume the cloud role (OIDC, no static keys)"]
+    assert role["uses"].startswith("aws-actions/configure-aws-credentials@")
+    assert role["with"]["role-to-assume"] == "${{ vars.AWS_ROLE_ARN }}" and "aws-access-key-id" not in role["with"]
     assert wf["concurrency"]["group"] and wf["concurrency"]["cancel-in-progress"] is False
     uses = re.findall(r"uses:\s*(\S+)", WORKFLOW.read_text())
     assert uses and all(re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", u) for u in uses), uses
@@ -912,26 +1120,25 @@ def test_retrain_workflow_run_id(tmp_path: Path, event: str, override: str, expe
 def test_retrain_workflow_kubeconfig_and_command(tmp_path: Path) -> None:
     steps = workflow_steps()
     github_env = tmp_path / "env"
-    proc = run_step(
-        steps["Write the kubeconfig to a temporary file"],
-        {
-            "KUBECONFIG_CONTENT": "apiVersion: v1\nkind: Config\n",
-            "RUNNER_TEMP": str(tmp_path),
-            "GITHUB_ENV": str(github_env),
-        },
-    )
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # a stand-in `aws` that writes what `aws eks update-kubeconfig` writes: an exec-plugin kubeconfig
+    (bindir / "aws").write_text('#!/bin/sh\n[ "$1 $2" = "eks update-kubeconfig" ] || exit 9\n'
+                                'while [ $# -gt 0 ]; do [ "$1" = --kubeconfig ] && out="$2"; shift; done\n'
+                                'printf "apiVersion: v1\\nkind: Config\\nusers: [{name: u, user: {exec: '
+                                '{command: aws}}}]\\n" > "$out"\n')
+    (bindir / "aws").chmod(0o755)
+    creds = steps["Get the cluster's credentials through the role"]
+    proc = run_step(creds, {"CLUSTER": "gpu-cluster", "AWS_REGION": "us-east-1", "RUNNER_TEMP": str(tmp_path),
+                            "GITHUB_ENV": str(github_env)}, bindir)
     assert proc.returncode == 0, proc.stderr
     (line,) = github_env.read_text().splitlines()
     kubeconfig = Path(line.removeprefix("KUBECONFIG="))
-    assert kubeconfig.parent == tmp_path and kubeconfig.read_text().strip() == "apiVersion: v1\nkind: Config"
+    assert kubeconfig.parent == tmp_path and "exec" in kubeconfig.read_text() and "token:" not in kubeconfig.read_text()
     assert kubeconfig.stat().st_mode & 0o777 == 0o600
-    missing = run_step(
-        steps["Write the kubeconfig to a temporary file"], {"RUNNER_TEMP": str(tmp_path), "GITHUB_ENV": str(github_env)}
-    )
-    assert missing.returncode == 2 and "KUBECONFIG secret is not set" in missing.stdout
+    missing = run_step(creds, {"RUNNER_TEMP": str(tmp_path), "GITHUB_ENV": str(github_env)}, bindir)
+    assert missing.returncode == 2 and "EKS_CLUSTER variable is not set" in missing.stdout
     # The run step, with a stand-in `bezoar` that prints its arguments.
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
     (bindir / "bezoar").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     (bindir / "bezoar").chmod(0o755)
     proc = run_step(

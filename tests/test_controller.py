@@ -42,6 +42,7 @@ from bezoar_jobs.executors.jobs import job_name
 from bezoar_jobs.manifest import read_manifest
 from bezoar_jobs.store import open_store
 from tests.k8s_harness import TOKEN, FakeCluster, fake_calls, fake_entrypoints, write_plan
+from tests.k8s_kueue import Kueue
 
 NS = "bz-test"
 RECIPE = """schema_version: 1
@@ -50,19 +51,48 @@ teacher: {backend: local, model: pkg://none/teacher.gguf}
 judge: {backend: local, model: pkg://none/judge.gguf}
 student: {model: pkg://none/student.gguf}
 """
+# a teacher behind a gateway that wants a key: its stages get OPENAI_API_KEY (as a file)
+KEYED = RECIPE.replace("teacher: {backend: local, model: pkg://none/teacher.gguf}",
+                       "teacher: {backend: tgi, model: t, base_url: 'http://teacher:80', prompt_format: '{user}', "
+                       "api_key_env: OPENAI_API_KEY}")
 DATA = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini", "filter-evol", "filter-orca"]
-BASE = {"namespace": NS, "secrets": {"s3": {"name": ""}}}
+# Runs live on a PersistentVolumeClaim ("runs"), mounted in every stage pod at the path the controller
+# (this test process) uses too, as the chart's in-cluster run store does; the pods cannot see anything
+# else of this machine's /tmp (tests/k8s_sandbox.py).
+_RUNS: list[Path] = []
+
+
+def base() -> dict[str, Any]:
+    return {"namespace": NS, "secrets": {"s3": {"name": ""}},
+            "storage": {"runVolume": {"claimName": "runs", "mountPath": str(_RUNS[-1])}}}
 
 
 def settings(**extra: Any) -> ClusterSettings:
-    return ClusterSettings.model_validate({**BASE, **extra})
+    return ClusterSettings.model_validate({**base(), **extra})
+
+
+def restricted(spec: dict[str, Any]) -> dict[str, Any]:
+    """A pod spec made to pass the restricted Pod Security profile (the harness enforces it)."""
+    spec.setdefault("securityContext", {}).update(
+        {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+         "seccompProfile": {"type": "RuntimeDefault"}})
+    for c in spec["containers"]:
+        c.setdefault("securityContext", {}).update({"allowPrivilegeEscalation": False,
+                                                    "capabilities": {"drop": ["ALL"]}})
+    return spec
 
 
 @pytest.fixture
 def fc(tmp_path):
-    plan = tmp_path / "plan.json"
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    plan = fake / "plan.json"
     env = write_plan(plan, {})
-    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env) as cluster:
+    runs = tmp_path / "runs"
+    _RUNS.append(runs)
+    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env,
+                     host_shares=[fake]) as cluster:
+        cluster.add_pvc(NS, "runs", runs)
         cluster.plan_path = plan  # type: ignore[attr-defined]
         yield cluster
 
@@ -75,15 +105,16 @@ class Run:
     """One ``run_pipeline`` call (optionally in a thread) with its output and outcome."""
 
     def __init__(self, fc: FakeCluster, run_dir: Path, stages: list[str], cluster: ClusterSettings | None = None,
-                 force: bool = False, recipe: str = RECIPE):
+                 force: bool = False, recipe: str = RECIPE, **opts: Any):
         self.out = io.StringIO()
         self.outcome: k8s.RunOutcome | None = None
         self.rc: int | None = None
         self.args = (recipe, "recipe.yaml", str(run_dir), None, cluster or settings(), stages, force, fc.api_client())
+        self.opts = {"tick_s": 0.2, **opts}
         self.thread: threading.Thread | None = None
 
     def __call__(self) -> Run:
-        self.rc = k8s.run_pipeline(*self.args, out=self.out, on_outcome=self._keep)
+        self.rc = k8s.run_pipeline(*self.args, out=self.out, on_outcome=self._keep, **self.opts)
         return self
 
     def _keep(self, o: k8s.RunOutcome) -> None:
@@ -132,6 +163,7 @@ def _job(name: str, script: str, *, completions: int = 1, parallelism: int = 1, 
             {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}},
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
         ]}
+    restricted(body["spec"]["template"]["spec"])
     return body
 
 
@@ -207,6 +239,7 @@ def test_harness_deadline_suspend_and_kueue_admission(fc):
     job = _wait_terminal(fc, "slow")
     assert next(c for c in job.status.conditions if c.type == "Failed").reason == "DeadlineExceeded"
     assert time.time() - t0 < 8
+    fc.kueue = Kueue({"team-a": {"cpu": "4", "memory": "8Gi"}})
     queued = _job("queued", "echo admitted", suspend=True)
     queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
     batch.create_namespaced_job(NS, queued)
@@ -272,9 +305,9 @@ def test_harness_deployment_scale_subresource(fc):
 # ---------------------------------------------------------------------------------------------
 def test_stages_start_as_soon_as_their_inputs_commit(fc, tmp_path):
     plan(fc, generate_lamini={"sleep": 1.0}, generate_evol={"sleep": 2.5})
-    r = Run(fc, tmp_path / "run", DATA)()
+    r = Run(fc, tmp_path / "runs" / "run", DATA)()
     assert r.rc == 0, r.text
-    store = open_store(tmp_path / "run")
+    store = open_store(tmp_path / "runs" / "run")
     assert all(read_manifest(store, s) for s in DATA)
     assert store.read_text("recipe.yaml") == RECIPE  # frozen into the run
     assert r.outcome.committed and sorted(r.outcome.committed) == sorted(DATA)
@@ -298,7 +331,7 @@ def test_stages_start_as_soon_as_their_inputs_commit(fc, tmp_path):
 def test_the_report_runs_after_every_other_selected_stage(fc, tmp_path):
     plan(fc, generate_orca={"sleep": 1.0})
     stages = ["generate-lamini", "generate-orca", "filter-lamini", "report"]
-    r = Run(fc, tmp_path / "run", stages)()
+    r = Run(fc, tmp_path / "runs" / "run", stages)()
     assert r.rc == 0, r.text
     others = max(when(fc, "complete", f"bz-run-{s}") for s in stages[:-1])
     assert when(fc, "created", "bz-run-report") > others
@@ -306,20 +339,25 @@ def test_the_report_runs_after_every_other_selected_stage(fc, tmp_path):
     # for every stage, the report included (bezoar_jobs.state, no stage imported), so a second run
     # skips them all and creates no Job
     n = len(fc.created_jobs())
-    again = Run(fc, tmp_path / "run", stages)()
+    again = Run(fc, tmp_path / "runs" / "run", stages)()
     assert again.rc == 0 and again.outcome.skipped == stages and again.outcome.committed == []
     assert len(fc.created_jobs()) == n
 
 
 def test_committed_stages_are_skipped_and_changed_ones_rerun(fc, tmp_path):
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "run"
     assert Run(fc, run, DATA)().rc == 0
     n = len(fc.created_jobs())
     again = Run(fc, run, DATA)()
     assert again.rc == 0 and again.outcome.skipped == DATA and again.outcome.created == []
     assert len(fc.created_jobs()) == n and again.text.count("skipped (committed") == 6
-    # a changed filter parameter reruns exactly the filters; their finished Jobs are replaced
-    changed = Run(fc, run, DATA, recipe=RECIPE + "filter: {threshold: 8}\n")()
+    # a run's recipe is written once: a controller with another recipe is refused (a retried controller
+    # pod whose recipe source was edited meanwhile must not change the run behind its committed stages)
+    refused = Run(fc, run, DATA, recipe=RECIPE + "filter: {threshold: 8}\n")()
+    assert refused.rc == 2 and "recipe is written once" in refused.text and "--refreeze" in refused.text
+    assert open_store(run).read_text("recipe.yaml") == RECIPE and len(fc.created_jobs()) == n
+    # asked to (--refreeze), a changed filter parameter reruns exactly the filters; their finished Jobs are replaced
+    changed = Run(fc, run, DATA, recipe=RECIPE + "filter: {threshold: 8}\n", refreeze=True)()
     assert changed.rc == 0
     assert changed.outcome.skipped == DATA[:3]
     assert sorted(changed.outcome.created) == sorted(f"bz-run-{s}" for s in DATA[3:])
@@ -329,8 +367,8 @@ def test_committed_stages_are_skipped_and_changed_ones_rerun(fc, tmp_path):
 def test_a_failing_stage_stops_the_pipeline_naming_stage_reason_and_log(fc, tmp_path):
     plan(fc, filter_lamini={"fail_times": 10, "log": ["judging 12 rows", "judge returned 503 three times"]})
     cluster = settings(stageOverrides={"filter-lamini": {"backoffLimit": 1}})
-    r = Run(fc, tmp_path / "run", ["generate-lamini", "filter-lamini", "sft-lamini"], cluster)()
-    assert r.rc == 1
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-lamini", "filter-lamini", "sft-lamini"], cluster)()
+    assert r.rc == 5  # a stage failed for good: the controller Job must not run it again (its podFailurePolicy)
     o = r.outcome
     assert o.failed_stage == "filter-lamini" and o.reason == "BackoffLimitExceeded"
     assert "Job bz-run-filter-lamini" in o.message and "exit codes of its pods: 3, 3" in o.message
@@ -344,7 +382,7 @@ def test_a_failing_stage_stops_the_pipeline_naming_stage_reason_and_log(fc, tmp_
 
 def test_exit_code_2_is_not_retried_and_exits_2(fc, tmp_path):
     plan(fc, generate_orca={"exit": 2, "log": ["seeds: flan.jsonl:3: not valid JSON"]})
-    r = Run(fc, tmp_path / "run", ["generate-orca", "filter-orca"])()
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-orca", "filter-orca"])()
     assert r.rc == 2
     assert r.outcome.failed_stage == "generate-orca" and r.outcome.reason == "PodFailurePolicy"
     assert "seeds: flan.jsonl:3: not valid JSON" in r.outcome.last_log_lines
@@ -355,7 +393,7 @@ def test_exit_code_2_is_not_retried_and_exits_2(fc, tmp_path):
 def test_a_disrupted_pod_is_retried_and_the_stage_completes(fc, tmp_path):
     plan(fc, generate_lamini={"sleep": 1.5})
     cluster = settings(stageOverrides={"generate-lamini": {"backoffLimit": 0}})
-    r = Run(fc, tmp_path / "run", ["generate-lamini"], cluster).start()
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-lamini"], cluster).start()
     pod = fc.wait_for(lambda: [p for p in fc.pods(NS, "bz-run-generate-lamini") if p["status"]["phase"] == "Running"],
                       what="the stage's pod to run")[0]
     fc.disrupt(pod["metadata"]["name"], NS)
@@ -363,7 +401,7 @@ def test_a_disrupted_pod_is_retried_and_the_stage_completes(fc, tmp_path):
     assert r.rc == 0, r.text
     assert len(fc.pods(NS, "bz-run-generate-lamini")) == 2
     assert not job_status(fc, "bz-run-generate-lamini").get("failed")  # backoffLimit 0 was not used up
-    assert read_manifest(open_store(tmp_path / "run"), "generate-lamini") is not None
+    assert read_manifest(open_store(tmp_path / "runs" / "run"), "generate-lamini") is not None
 
 
 def test_a_restarted_controller_adopts_the_running_job(fc, tmp_path):
@@ -372,8 +410,8 @@ def test_a_restarted_controller_adopts_the_running_job(fc, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     cluster_file = tmp_path / "cluster.yaml"
-    cluster_file.write_text(yaml.safe_dump(BASE))
-    run = tmp_path / "run"
+    cluster_file.write_text(yaml.safe_dump(base()))
+    run = tmp_path / "runs" / "run"
     env = {**os.environ, "KUBECONFIG": str(fc.kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     first = subprocess.Popen(
@@ -404,46 +442,59 @@ def test_a_restarted_controller_adopts_the_running_job(fc, tmp_path):
 
 def test_complete_without_a_manifest_is_a_failure(fc, tmp_path):
     plan(fc, generate_evol={"no_manifest": True})
-    r = Run(fc, tmp_path / "run", ["generate-evol", "filter-evol"])()
-    assert r.rc == 1
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-evol", "filter-evol"])()
+    assert r.rc == 5
     assert r.outcome.failed_stage == "generate-evol" and r.outcome.reason == "NoManifest"
     assert "generate-evol/_MANIFEST.json" in r.outcome.message and "not committed" in r.outcome.message
     assert fc.job_condition(NS, "bz-run-generate-evol") == "Complete"
     assert "bz-run-filter-evol" not in fc.created_jobs()
 
 
-def test_cancel_deletes_the_runs_jobs_only(fc, tmp_path):
+def test_cancel_deletes_the_runs_jobs_only_and_holds(fc, tmp_path):
+    """Finding 4: `bezoar cancel` deleted the Jobs, and the controller (exit 1, retried by its Job) made them
+    again. Now cancel marks the run in its store: the running controller stops with exit 4 (its Job's
+    podFailurePolicy fails the Job), and any later controller of the run refuses to start."""
     plan(fc, **{s.replace("-", "_"): {"sleep": 30} for s in DATA[:3]})
     other = _job("other-run-job", "sleep 30")
     other["metadata"]["labels"] = {"bezoar.dev/run": "another-run"}
     client.BatchV1Api(fc.api_client()).create_namespaced_job(NS, other)
-    r = Run(fc, tmp_path / "run", DATA).start()
+    r = Run(fc, tmp_path / "runs" / "run", DATA).start()
     fc.wait_for(lambda: sum(1 for p in fc.pods(NS) if p["status"]["phase"] == "Running") == 4, what="4 running pods")
     out = io.StringIO()
-    assert k8s.cancel(str(tmp_path / "run"), None, settings(), fc.api_client(), out=out) == 0
+    assert k8s.cancel(str(tmp_path / "runs" / "run"), None, settings(), fc.api_client(), out=out) == 0
     assert "deleted 3 Job(s) of run run" in out.getvalue()
     assert [j["metadata"]["name"] for j in fc.jobs(NS)] == ["other-run-job"]
     r.join()
-    assert r.rc == 1 and r.outcome.reason == "JobDeleted"
+    assert r.rc == 4 and r.outcome.reason == "Cancelled", r.text
+    assert (tmp_path / "runs" / "run" / "_control" / "cancelled.json").is_file()
     fc.wait_for(
         lambda: [p["metadata"]["name"] for p in fc.pods(NS)] == [fc.pods(NS, "other-run-job")[0]["metadata"]["name"]],
         what="the run's pods to be terminated and deleted",
     )
     # the CLI wiring (`bezoar cancel`), through the kubeconfig: nothing of this run is left
     cluster_file = tmp_path / "cluster.yaml"
-    cluster_file.write_text(yaml.safe_dump(BASE))
+    cluster_file.write_text(yaml.safe_dump(base()))
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-    res = subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", "cancel", "--run", str(tmp_path / "run"),
+    res = subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", "cancel", "--run", str(tmp_path / "runs" / "run"),
                           "--cluster", str(cluster_file)], capture_output=True, text=True, timeout=60,
                          env={**env, "KUBECONFIG": str(fc.kubeconfig)})
     assert res.returncode == 0 and "no Jobs of run run in namespace bz-test" in res.stdout, res.stderr
     assert [j["metadata"]["name"] for j in fc.jobs(NS)] == ["other-run-job"]
+    # a retried controller (or a laptop, or CI) cannot undo the cancel: it refuses before creating anything
+    n = len(fc.created_jobs())
+    again = Run(fc, tmp_path / "runs" / "run", DATA)()
+    assert again.rc == 4 and "was cancelled" in again.text and len(fc.created_jobs()) == n
+    # `bezoar cancel --undo` lifts it; the run then resumes (fresh Jobs, nothing was committed)
+    assert k8s.cancel(str(tmp_path / "runs" / "run"), None, settings(), fc.api_client(), out=io.StringIO(),
+                      undo=True) == 0
+    plan(fc)
+    assert Run(fc, tmp_path / "runs" / "run", DATA[:1])().rc == 0
 
 
 def test_sharded_generation_runs_shards_then_commits(fc, tmp_path):
     plan(fc, generate_lamini={"shards": 3})
     cluster = settings(generationShards=3)
-    r = Run(fc, tmp_path / "run", ["generate-lamini", "filter-lamini"], cluster)()
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-lamini", "filter-lamini"], cluster)()
     assert r.rc == 0, r.text
     shard_pods = fc.pods(NS, "bz-run-generate-lamini")
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in shard_pods) == [
@@ -455,35 +506,36 @@ def test_sharded_generation_runs_shards_then_commits(fc, tmp_path):
     assert calls[3:] == [("generate-lamini", None), ("filter-lamini", None)]
     for i in range(3):
         assert f"[generate-lamini#{i}] generate-lamini: shard {i}/3 written" in r.text
-    assert read_manifest(open_store(tmp_path / "run"), "generate-lamini") is not None
+    assert read_manifest(open_store(tmp_path / "runs" / "run"), "generate-lamini") is not None
 
 
 def test_teacher_is_scaled_up_waited_for_and_scaled_down(fc, tmp_path):
     fc.add_deployment(NS, "teacher", replicas=0, ready_delay=0.6)
     cluster = settings(teacher={"deployment": "teacher", "url": "http://teacher:80", "replicas": 2})
     plan(fc, generate_lamini={"require_env": ["BEZOAR_TEACHER_URL"]})
-    r = Run(fc, tmp_path / "run", DATA, cluster)()
+    r = Run(fc, tmp_path / "runs" / "run", DATA, cluster)()
     assert r.rc == 0, r.text
     assert fc.scale_history == [("teacher", 2), ("teacher", 0)]
     ready = when(fc, "ready-2", "teacher")
     assert all(when(fc, "created", f"bz-run-{s}") >= ready for s in DATA[:3])  # no generation before it is ready
     # scaled down once generation was committed, while the filters may still run
     assert when(fc, "scaled-0", "teacher") >= max(when(fc, "complete", f"bz-run-{s}") for s in DATA[:3])
-    assert "every generate stage is committed; scaled Deployment teacher to 0" in r.text
+    assert "every generate stage is committed; no other run holds it: scaled Deployment teacher to 0" in r.text
     # a second run needs no generation: it neither scales the teacher up nor waits for it
-    again = Run(fc, tmp_path / "run", DATA, cluster)()
+    again = Run(fc, tmp_path / "runs" / "run", DATA, cluster)()
     assert again.rc == 0 and fc.scale_history == [("teacher", 2), ("teacher", 0)]
 
 
 def test_missing_teacher_deployment_is_bad_input(fc, tmp_path):
     cluster = settings(teacher={"deployment": "no-such-teacher"})
-    r = Run(fc, tmp_path / "run", ["generate-lamini"], cluster)()
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-lamini"], cluster)()
     assert r.rc == 2 and r.outcome.reason == "TeacherNotReady" and "404" in r.outcome.message
     assert fc.created_jobs() == []
 
 
 def test_kueue_jobs_wait_for_admission(fc, tmp_path):
-    r = Run(fc, tmp_path / "run", ["generate-orca"], settings(kueue={"queueName": "team-a"}))()
+    fc.kueue = Kueue({"team-a": {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "100Gi"}})
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-orca"], settings(kueue={"queueName": "team-a"}))()
     assert r.rc == 0, r.text
     name = "bz-run-generate-orca"
     pod = fc.pods(NS, name)[0]["metadata"]["name"]
@@ -492,7 +544,7 @@ def test_kueue_jobs_wait_for_admission(fc, tmp_path):
 
 def test_watch_expiry_relists_and_carries_on(fc, tmp_path):
     plan(fc, generate_lamini={"sleep": 1.0})
-    r = Run(fc, tmp_path / "run", ["generate-lamini", "filter-lamini"]).start()
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-lamini", "filter-lamini"]).start()
     fc.wait_for(lambda: fc.pods(NS, "bz-run-generate-lamini"), what="the first pod")
     fc.compact()
     r.join()
@@ -504,22 +556,25 @@ def test_watch_expiry_relists_and_carries_on(fc, tmp_path):
 def test_secrets_reach_the_pod_and_a_missing_one_is_reported(fc, tmp_path):
     cluster = settings(secrets={"s3": {"name": "s3"}, "hfToken": {"name": "hf"},
                                 "apiKeys": [{"env": "OPENAI_API_KEY", "name": "judge", "key": "key"}]})
-    plan(fc, generate_lamini={"require_env": ["OPENAI_API_KEY", "AWS_REGION", "BEZOAR_SCRATCH"],
+    # the API key reaches the stage whose endpoint names it, as a file readable by the pod's user only
+    plan(fc, generate_lamini={"require_env": ["AWS_REGION", "BEZOAR_SCRATCH"], "require_key_files": ["OPENAI_API_KEY"],
                               "require_files_env": ["AWS_SHARED_CREDENTIALS_FILE", "HF_TOKEN_PATH"]})
     fc.add_secret(NS, "s3", {"credentials": "[default]\naws_access_key_id = a\naws_secret_access_key = b\n"})
     fc.add_secret(NS, "hf", {"token": "hf_x"})
     fc.add_secret(NS, "judge", {"key": "sk-test"})
-    assert Run(fc, tmp_path / "run", ["generate-lamini"], cluster)().rc == 0
+    assert Run(fc, tmp_path / "runs" / "run", ["generate-lamini"], cluster, recipe=KEYED)().rc == 0
+    job = next(j for j in fc.jobs(NS) if j["metadata"]["name"] == "bz-run-generate-lamini")
+    assert "OPENAI_API_KEY" not in {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     # a Secret that does not exist: the pod cannot start; the controller says why, the deadline ends it
     missing = settings(secrets={"s3": {"name": ""}, "apiKeys": [{"env": "OPENAI_API_KEY", "name": "absent"}]},
                        stageOverrides={"generate-orca": {"activeDeadlineSeconds": 1}})
-    r = Run(fc, tmp_path / "run", ["generate-orca"], missing)()
-    assert r.rc == 1 and r.outcome.reason == "DeadlineExceeded"
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-orca"], missing, recipe=KEYED, refreeze=True)()
+    assert r.rc == 5 and r.outcome.reason == "DeadlineExceeded"
     assert 'cannot start: CreateContainerConfigError: secret "absent" not found' in r.text
 
 
 def test_force_reruns_a_committed_stage(fc, tmp_path):
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "run"
     assert Run(fc, run, ["generate-lamini"])().rc == 0
     r = Run(fc, run, ["generate-lamini"], force=True)()
     assert r.rc == 0 and r.outcome.committed == ["generate-lamini"]
@@ -532,7 +587,7 @@ def test_bad_settings_and_unreachable_cluster_fail_cleanly(fc, tmp_path, monkeyp
     rc = k8s.run_pipeline(
         "schema_version: 1\nname: x\n",
         "r.yaml",
-        str(tmp_path / "run"),
+        str(tmp_path / "runs" / "run"),
         None,
         settings(),
         ["generate-lamini"],
@@ -545,7 +600,7 @@ def test_bad_settings_and_unreachable_cluster_fail_cleanly(fc, tmp_path, monkeyp
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
     out = io.StringIO()
     rc = k8s.run_pipeline(
-        RECIPE, "r.yaml", str(tmp_path / "run"), None, settings(), ["generate-lamini"], False, out=out
+        RECIPE, "r.yaml", str(tmp_path / "runs" / "run"), None, settings(), ["generate-lamini"], False, out=out
     )
     assert rc == 2 and "no usable Kubernetes configuration" in out.getvalue()
     # a kubeconfig with the wrong token: the API refuses, exit 2 naming the status
@@ -555,8 +610,8 @@ def test_bad_settings_and_unreachable_cluster_fail_cleanly(fc, tmp_path, monkeyp
     bad.write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("KUBECONFIG", str(bad))
     out = io.StringIO()
-    rc = k8s.run_pipeline(RECIPE, "r.yaml", str(tmp_path / "run"), None, settings(), ["generate-lamini"], False,
-                          out=out)
+    rc = k8s.run_pipeline(RECIPE, "r.yaml", str(tmp_path / "runs" / "run"), None, settings(), ["generate-lamini"],
+                          False, out=out)
     assert rc == 2 and "401" in out.getvalue()
     assert job_name("generate-lamini", "run") not in fc.created_jobs()
 

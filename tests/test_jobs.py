@@ -37,6 +37,7 @@ from bezoar_jobs.executors.jobs import (
     run_id_from_uri,
     short_run_id,
 )
+from bezoar_jobs.recipe import load_recipe
 from bezoar_jobs.registry import CANONICAL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 # newest schema kubernetes-validate bundles.
 K8S_VERSIONS = ("1.31", kubernetes_validate.utils.latest_version())
 RUN = "s3://bezoar-runs/runs/r1"
+PAPER, _ = load_recipe(REPO / "recipes" / "openbezoar.yaml")
 
 FULL = {
     "namespace": "ml-batch",
@@ -148,7 +150,8 @@ def test_labels_annotations_and_selector():
 
 def test_image_by_family_and_digest_pinning():
     cluster = ClusterSettings.model_validate(FULL)
-    expect = {"data": "bezoar-data", "train": "bezoar-train", "eval": "bezoar-eval"}
+    # the report renders with the eval image (on CPU, see test_report_runs_on_cpu)
+    expect = {"data": "bezoar-data", "train": "bezoar-train", "eval": "bezoar-eval", "report": "bezoar-eval"}
     for stage in ALL_STAGES:
         img = _container(build_job(stage, RUN, "r1", cluster))["image"]
         assert img == f"registry.example.com/bz/{expect[stage_family(stage)]}:0.1.0"
@@ -158,6 +161,28 @@ def test_image_by_family_and_digest_pinning():
     assert _container(pinned)["imagePullPolicy"] == "Always"
     with pytest.raises(BadInput, match="sha256"):
         build_job("dpo", RUN, "r1", cluster, image_digests={"train": "latest"})
+
+
+def test_every_stage_image_pins_by_digest_from_the_cluster_settings(tmp_path):
+    """Finding 8: stage images could not be pinned by digest (only a render-time argument existed, and the
+    CLI never passed it). Now images.digests in the settings pins every Job the controller creates."""
+    d = {f: "sha256:" + c * 64 for f, c in (("data", "a"), ("train", "b"), ("eval", "c"))}
+    cluster = ClusterSettings.model_validate({**FULL, "images": {**FULL["images"], "digests": d}})
+    for stage in ALL_STAGES:
+        job = build_job(stage, RUN, "r1", cluster)
+        family = {"report": "eval"}.get(stage_family(stage), stage_family(stage))
+        assert _container(job)["image"] == f"registry.example.com/bz/bezoar-{family}@{d[family]}", stage
+        assert not any(v.startswith("CKV_K8S_43") for v in job["metadata"]["annotations"].values())
+    with pytest.raises(BadInput, match=r"images.digests.train"):
+        parse_cluster_settings("images:\n  digests: {train: 'sha256:nothex'}\n")
+    # and `bezoar render --image-digest` pins from the command line
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "bezoar_jobs.cli", "render", "--recipe", str(REPO / "recipes" / "demo.yaml"),
+         "--run", RUN, "--out", str(out), "--cluster", str(REPO / "examples" / "cluster.yaml"),
+         "--image-digest", f"eval={d['eval']}"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert _container(yaml.safe_load((out / "report.yaml").read_text()))["image"].endswith(f"bezoar-eval@{d['eval']}")
 
 
 def test_container_runs_exactly_the_stage_contract():
@@ -201,8 +226,12 @@ def test_env_points_at_mounted_secrets_and_never_holds_a_value():
     assert mounts["/var/run/secrets/bezoar/s3"]["readOnly"] is True
     assert vols[mounts["/var/run/secrets/bezoar/s3"]["name"]]["secret"]["secretName"] == "s3-creds"
     assert env["HF_TOKEN_PATH"]["value"] == "/var/run/secrets/bezoar/hf/token"
-    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "judge-keys", "key": "openai"}
-    assert "ANTHROPIC_API_KEY" not in env  # no Secret named: not set at all
+    # API keys are mounted files, never env vars of the pod spec (without a recipe: every named key
+    # goes to the stages that call a teacher or judge)
+    assert "OPENAI_API_KEY" not in env and env["BEZOAR_KEYS_DIR"]["value"] == "/var/run/secrets/bezoar/keys"
+    keys = vols[mounts["/var/run/secrets/bezoar/keys"]["name"]]["projected"]["sources"]
+    assert keys == [{"secret": {"name": "judge-keys", "items": [{"key": "openai", "path": "OPENAI_API_KEY"}]}}]
+    assert mounts["/var/run/secrets/bezoar/keys"]["readOnly"] is True
     assert env["BEZOAR_TEACHER_URL"]["value"] == "http://openbezoar-teacher:80"
     assert env["BEZOAR_SCRATCH"]["value"] == "/scratch" and "/scratch" in mounts
     for var in ("HOME", "HF_HOME", "BEZOAR_CACHE"):
@@ -217,12 +246,12 @@ def test_resources_gpus_and_placement():
     cluster = ClusterSettings.model_validate(FULL)
     data = build_job("generate-lamini", RUN, "r1", cluster)
     res = _container(data)["resources"]
-    assert res["requests"] == {"cpu": "2", "ephemeral-storage": "20Gi", "memory": "8Gi"}
+    assert res["requests"] == {"cpu": "2", "ephemeral-storage": "17Gi", "memory": "8Gi"}
     assert "amd.com/gpu" not in res["limits"]
     sft = build_job("sft-lamini", RUN, "r1", cluster)
     res = _container(sft)["resources"]
     assert res["requests"]["amd.com/gpu"] == res["limits"]["amd.com/gpu"] == "2"
-    assert res["requests"]["ephemeral-storage"] == res["limits"]["ephemeral-storage"] == "200Gi"
+    assert res["requests"]["ephemeral-storage"] == res["limits"]["ephemeral-storage"] == "26Gi"
     pod = sft["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "a100"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -231,7 +260,7 @@ def test_resources_gpus_and_placement():
     assert pod["serviceAccountName"] == "bezoar-runner"
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
-    assert vols["scratch"]["emptyDir"]["sizeLimit"] == "200Gi"
+    assert vols["scratch"]["emptyDir"]["sizeLimit"] == "26Gi"
     # a stage override merges into the family's entry: dpo keeps cpu/requests, raises one limit
     dpo = _container(build_job("dpo", RUN, "r1", cluster))["resources"]
     assert dpo["limits"]["memory"] == "96Gi" and dpo["requests"]["memory"] == "64Gi" and dpo["requests"]["cpu"] == "8"
@@ -306,7 +335,8 @@ def test_defaults_follow_the_contract():
     assert c.teacher.waitReady and c.teacher.scaleDownAfterGeneration and c.teacher.replicas == 1
     assert c.scheduling.data.gpus == 0 and c.scheduling.train.gpus == 1 and c.scheduling.eval.gpus == 1
     assert c.scheduling.data.backoffLimit == 3 and c.scheduling.train.backoffLimit == 6
-    assert c.scheduling.train.shmSize == "16Gi" and c.scheduling.data.ephemeralStorage == "20Gi"
+    assert c.scheduling.train.shmSize == "16Gi" and c.scheduling.data.ephemeralStorage == "auto"
+    assert c.scheduling.report.gpus == 0 and c.scheduling.report.tolerations == ()
     assert c.generationShards == 1
     assert (c.jobs.ttlSecondsAfterFinished, c.jobs.terminationGracePeriodSeconds, c.jobs.gpuResourceName) == (
         604800, 300, "nvidia.com/gpu")
@@ -314,7 +344,7 @@ def test_defaults_follow_the_contract():
     contract = {
         "scheduling": {"data": {"resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}},
                                 "gpus": 0, "nodeSelector": {}, "tolerations": [], "activeDeadlineSeconds": 86400,
-                                "backoffLimit": 3, "ephemeralStorage": "20Gi", "shmSize": "1Gi"}},
+                                "backoffLimit": 3, "ephemeralStorage": "auto", "shmSize": "1Gi"}},
     }
     assert ClusterSettings.model_validate(contract) == c
 
@@ -322,7 +352,7 @@ def test_defaults_follow_the_contract():
 def test_partial_family_entry_keeps_that_familys_defaults():
     c = ClusterSettings.model_validate({"scheduling": {"train": {"gpus": 8}}})
     assert c.scheduling.train.gpus == 8
-    assert c.scheduling.train.backoffLimit == 6 and c.scheduling.train.ephemeralStorage == "200Gi"
+    assert c.scheduling.train.backoffLimit == 6 and c.scheduling.train.ephemeralStorage == "auto"
     # YAML numbers are accepted as quantities
     c = parse_cluster_settings("scheduling:\n  data:\n    resources: {requests: {cpu: 4}}\n")
     assert c.scheduling.data.resources.requests == {"cpu": "4", "memory": "8Gi"}
@@ -389,6 +419,10 @@ def test_the_retraining_workflows_cluster_settings_load_and_build_every_job():
     workflow = (REPO / ".github" / "workflows" / "retrain.yaml").read_text()
     assert "--cluster deploy/cluster.yaml" in workflow
     c = load_cluster_settings(REPO / "deploy" / "cluster.yaml")
+    # finding 7: deploy/cluster.yaml assumed a Kueue queue, so on a cluster without Kueue every Job
+    # stayed suspended forever; the copy users start from now assumes none (the controller also
+    # fails a stage at once when a queue is set and Kueue is missing: test_controller)
+    assert c.kueue.queueName == ""
     for stage in ALL_STAGES:
         job = build_job(stage, RUN, "retrain-abc123", c)
         assert job["metadata"]["labels"]["app.kubernetes.io/name"] == "openbezoar"  # the chart's labels
@@ -453,5 +487,119 @@ def test_scanner_skips_only_while_the_choice_holds():
     strict = ClusterSettings.model_validate({"images": {"pullPolicy": "Always"}})
     pinned = build_job("filter-lamini", RUN, "r1", strict, image_digests={"data": "sha256:" + "0" * 64})
     assert not [k for k in pinned["metadata"]["annotations"] if k.startswith("checkov.io/")]
+    # API keys are mounted files: no secret is an env var, so no CKV_K8S_35 skip is needed anywhere
     keyed = build_job("filter-lamini", RUN, "r1", ClusterSettings.model_validate(FULL))
-    assert any(v.startswith("CKV_K8S_35=") for v in keyed["metadata"]["annotations"].values())
+    assert not any(v.startswith("CKV_K8S_35=") for v in keyed["metadata"]["annotations"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# What the review of a real cluster found (issue 10): each test failed on the old builder
+# ---------------------------------------------------------------------------------------------
+def test_each_stage_pod_gets_only_the_keys_it_uses_as_mounted_files():
+    """Finding 8: every stage pod got every judge key and the HF token as env vars. Now each key is a
+    file in only the stages whose recipe endpoints name it; the HF token skips the report."""
+    cluster = ClusterSettings.model_validate(FULL | {"secrets": {
+        "s3": {"name": "s3-creds"}, "hfToken": {"name": "hf", "key": "token"},
+        "apiKeys": [{"env": "OPENAI_API_KEY", "name": "judge-keys", "key": "openai"},
+                    {"env": "ANTHROPIC_API_KEY", "name": "judge-keys", "key": "anthropic"}]}})
+    got = {}
+    for stage in ALL_STAGES:
+        job = build_job(stage, RUN, "r1", cluster, recipe=PAPER)
+        env = _env(job)
+        assert not [e for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})], stage
+        vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        got[stage] = sorted(it["path"] for src in vols.get("api-keys", {}).get("projected", {}).get("sources", [])
+                            for it in src["secret"]["items"])
+        assert ("HF_TOKEN_PATH" in env) == (stage != "report") == ("hf-token" in vols), stage
+    # the paper: a TGI teacher without a key, the GPT-4 filter judge, the Claude MT-Bench judge
+    assert got == {s: (["OPENAI_API_KEY"] if s.startswith("filter-") or s == "generate-evol" else
+                       ["ANTHROPIC_API_KEY"] if s == "eval-mtbench" else []) for s in ALL_STAGES}
+    # and the client finds a mounted key where the pod's env points
+    from bezoar_jobs.llm.keys import resolve_api_key
+
+    with pytest.MonkeyPatch.context() as mp, __import__("tempfile").TemporaryDirectory() as d:
+        (Path(d) / "OPENAI_API_KEY").write_text("sk-from-file\n")
+        mp.delenv("OPENAI_API_KEY", raising=False)
+        mp.setenv("BEZOAR_KEYS_DIR", d)
+        assert resolve_api_key(PAPER.judge, "judge") == "sk-from-file"
+
+
+def test_the_cluster_teacher_and_its_budget_go_only_to_teacher_stages():
+    """Findings 2 and 9: the URL was injected into every pod and read by none; no pod knew how many
+    others shared the teacher. Now the stages that call the teacher get its URL, protocol, capacity
+    and the number of pods sharing it; the others get none of it."""
+    cluster = ClusterSettings.model_validate({"generationShards": 4, "teacher": {
+        "url": "http://bz-openbezoar-teacher.ml.svc:80/v1", "backend": "openai-completions",
+        "maxConcurrentRequests": 96}})
+    for stage in ALL_STAGES:
+        for job in build_stage_jobs(stage, RUN, "r1", cluster):
+            env = _env(job)
+            if stage.startswith("generate-"):
+                assert env["BEZOAR_TEACHER_URL"]["value"] == "http://bz-openbezoar-teacher.ml.svc:80/v1"
+                assert env["BEZOAR_TEACHER_BACKEND"]["value"] == "openai-completions"
+                assert env["BEZOAR_TEACHER_CAPACITY"]["value"] == "96"
+                assert env["BEZOAR_TEACHER_PARTIES"]["value"] == "12"  # 3 generate stages x 4 shards
+            else:
+                assert not [k for k in env if k.startswith("BEZOAR_TEACHER")], stage
+    # fewer slots than pods cannot be divided: refused with the file and line
+    with pytest.raises(BadInput, match=r"c.yaml:2: generationShards: .*maxConcurrentRequests \(8\).*12 pods"):
+        parse_cluster_settings("teacher: {maxConcurrentRequests: 8}\ngenerationShards: 4\n", "c.yaml")
+
+
+def test_gpu_pods_say_so_and_cpu_pods_do_not():
+    """Finding 3: a pod that asked for a GPU and cannot use CUDA trained on CPU. The builder marks every
+    GPU pod with BEZOAR_GPUS, which the stage checks before it starts (bezoar_jobs/device_check.py)."""
+    cluster = ClusterSettings.model_validate(FULL)
+    for stage in ALL_STAGES:
+        env = _env(build_job(stage, RUN, "r1", cluster))
+        gpus = cluster.scheduling_for(stage).gpus
+        assert env.get("BEZOAR_GPUS", {}).get("value") == (str(gpus) if gpus else None), stage
+        assert "NVIDIA_VISIBLE_DEVICES" not in env  # the device plugin decides which devices a pod sees
+
+
+def test_local_disk_is_sized_from_the_model_and_the_report_runs_on_cpu():
+    """Finding 7: train/eval requested a blanket 200Gi of ephemeral storage (more than many GPU nodes
+    have), and the report held a GPU to render HTML."""
+    from bezoar_jobs.executors.sizing import auto_gib, weights_gib
+
+    assert weights_gib(3.4) == 7 and weights_gib(0.135) == 1
+    paper = ClusterSettings()
+    # W = 7Gi; eval: the paper evaluates 4 checkpoints and 3 released baselines: 10 + 7 x 7
+    want = {"data": "17Gi", "train": "26Gi", "eval": "59Gi", "report": "5Gi"}
+    for stage in ALL_STAGES:
+        res = _container(build_job(stage, RUN, "r1", paper, recipe=PAPER))["resources"]
+        fam = stage_family(stage)
+        assert res["requests"]["ephemeral-storage"] == res["limits"]["ephemeral-storage"] == want[fam], stage
+    # the recipe's evaluated checkpoints size the eval pods; a 7B student doubles the weights
+    assert auto_gib("eval", 3.4, targets=2) == 24 and auto_gib("train", 7.0) == 10 + 2 * 14 + 3
+    big = ClusterSettings.model_validate({"sizing": {"modelParamsB": 7.0}})
+    assert _container(build_job("sft-hh", RUN, "r1", big))["resources"]["requests"]["ephemeral-storage"] == "41Gi"
+    fixed = ClusterSettings.model_validate({"scheduling": {"train": {"ephemeralStorage": "120Gi"}}})
+    assert _container(build_job("dpo", RUN, "r1", fixed))["resources"]["limits"]["ephemeral-storage"] == "120Gi"
+    report = build_job("report", RUN, "r1", paper)
+    res, pod = _container(report)["resources"], report["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in res["requests"] and "tolerations" not in pod and "BEZOAR_GPUS" not in _env(report)
+    assert res["requests"]["memory"] == "4Gi"
+
+
+def test_in_cluster_run_store_and_shared_cache_volumes():
+    """The chart's default install keeps runs on a PVC (no S3 needed): every stage pod mounts it where
+    the controller does; a cache PVC replaces the /cache emptyDir when set."""
+    cluster = ClusterSettings.model_validate({"storage": {"runVolume": {"claimName": "bz-runs", "mountPath": "/runs"},
+                                                          "cacheVolume": {"claimName": "bz-cache"}}})
+    job = build_job("sft-orca", "/runs/demo", "demo", cluster)
+    vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in _container(job)["volumeMounts"]}
+    assert vols[mounts["/runs"]]["persistentVolumeClaim"] == {"claimName": "bz-runs"}
+    assert vols[mounts["/cache"]]["persistentVolumeClaim"] == {"claimName": "bz-cache"}
+    assert _container(job)["args"][-2:] == ["--run", "/runs/demo"]
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+
+
+def test_the_controller_job_that_created_a_stage_job_is_recorded():
+    """Finding 4 (part): a retried controller must recognise a failure of its own attempt; the Job
+    carries the uid of the controller Job that created it."""
+    job = build_job("dpo", RUN, "r1", ClusterSettings(), controller_uid="0b1c-uid")
+    assert job["metadata"]["annotations"]["bezoar.dev/controller-uid"] == "0b1c-uid"
+    assert "bezoar.dev/controller-uid" not in build_job("dpo", RUN, "r1", ClusterSettings())["metadata"]["annotations"]

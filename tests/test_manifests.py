@@ -81,9 +81,24 @@ def test_chart_and_jobs_agree():
     assert {"create", "get", "list", "watch", "delete"} <= verbs[("batch", "jobs")]
     assert {"get", "list", "watch"} <= verbs[("", "pods")]
     assert "get" in verbs[("", "pods/log")]
-    assert "get" in verbs[("apps", "deployments")] and {"get", "patch"} <= verbs[("apps", "deployments/scale")]
+    assert {"get", "list"} <= verbs[("", "events")]  # the scheduler's reasons for a Pending pod
+    assert {"get", "patch"} <= verbs[("apps", "deployments")]  # leases and the replica count
     # every stage Job lands in the settings' namespace and runs as the runner SA
     for path in (MANIFESTS / "jobs").glob("*.yaml"):
         for job in _docs(path):
             assert job["metadata"]["namespace"] == settings.namespace
             assert job["spec"]["template"]["spec"]["serviceAccountName"] == settings.runnerServiceAccount
+
+
+def test_every_pod_meets_the_restricted_pod_security_profile():
+    """Every pod spec of manifests/ (the stage Jobs and the chart's teacher) is admitted in a namespace
+    labelled pod-security.kubernetes.io/enforce=restricted."""
+    from tests import pod_security
+
+    n = 0
+    for path in _all_files():
+        for doc in _docs(path):
+            if doc["kind"] in ("Job", "Deployment"):
+                assert pod_security.check(doc["spec"]["template"]["spec"], "restricted") == [], path.name
+                n += 1
+    assert n >= 18

@@ -11,26 +11,30 @@ images, resources, scheduling, secrets (by *name*; never values), and the teache
 Deployment.
 
 Per-family scheduling: a stage belongs to one family (``data``: generate-*/filter-*; ``train``:
-sft-*/dpo; ``eval``: eval-harness/eval-mtbench/report). A partial ``scheduling.<family>`` entry is
-merged onto that family's defaults, and ``stageOverrides.<stage>`` is merged onto the family's
-entry. Merging is deep for mappings (``resources.requests``, ``nodeSelector``) and replaces lists
-(``tolerations``), so ``stageOverrides: {sft-hh: {resources: {limits: {memory: 96Gi}}}}`` raises
-one limit and keeps everything else.
+sft-*/dpo; ``eval``: eval-harness/eval-mtbench; ``report``: the report, on CPU, with the eval image).
+A partial ``scheduling.<family>`` entry is merged onto that family's defaults, and
+``stageOverrides.<stage>`` is merged onto the family's entry. Merging is deep for mappings
+(``resources.requests``, ``nodeSelector``) and replaces lists (``tolerations``), so
+``stageOverrides: {sft-hh: {resources: {limits: {memory: 96Gi}}}}`` raises one limit and keeps
+everything else.
+
+The defaults are the paper's GPU setup (``helm/openbezoar/values-paper.yaml`` renders exactly these);
+the chart's own defaults are the CPU-sized demo. Local disk (``ephemeralStorage: auto``) is sized from
+the model (:mod:`bezoar_jobs.executors.sizing`), not a blanket figure.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -39,11 +43,26 @@ from .. import __version__
 from ..errors import BadInput
 from ..registry import CANONICAL, POD_CLASSES, STAGES
 from ..yamlmodel import parse_yaml, validate
+from .k8s_types import (
+    AutoQuantity,
+    DnsLabel,
+    DnsSubdomain,
+    EnvName,
+    LabelValue,
+    NonNegInt,
+    OptionalName,
+    PositiveInt,
+    Quantity,
+    ResourceName,
+    SecretKey,
+)
 
 # Every stage of the registry, in canonical order, with the pod class that sizes its pods.
 STAGE_FAMILIES: dict[str, str] = {name: STAGES[name].pod for name in CANONICAL}
 ALL_STAGES: tuple[str, ...] = CANONICAL
 FAMILIES: tuple[str, ...] = POD_CLASSES
+# the stages that call the teacher (they share its capacity)
+TEACHER_STAGES: tuple[str, ...] = tuple(n for n in CANONICAL if "teacher" in STAGES[n].needs)
 
 
 def stage_family(stage: str) -> str:
@@ -51,56 +70,6 @@ def stage_family(stage: str) -> str:
         return STAGE_FAMILIES[stage]
     except KeyError:
         raise BadInput(f"unknown stage {stage!r}; stages are: {', '.join(ALL_STAGES)}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Kubernetes-shaped value types
-# ---------------------------------------------------------------------------------------------
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-_SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
-_RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
-
-
-def _quantity(v: Any) -> Any:
-    # YAML reads `cpu: 2` as an int and `cpu: 0.5` as a float: Kubernetes accepts both as quantities.
-    if isinstance(v, bool):
-        raise ValueError("a resource quantity, not a boolean")
-    if isinstance(v, int | float):
-        v = format(v, "g")
-    if not isinstance(v, str) or not _QUANTITY.match(v):
-        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 500m, 2, 8Gi, 20G)")
-    return v
-
-
-def _matching(pattern: str, what: str, max_len: int, allow_empty: bool = False) -> AfterValidator:
-    rx = re.compile(pattern)
-
-    def check(v: str) -> str:
-        if allow_empty and v == "":
-            return v
-        if len(v) > max_len or not rx.match(v):
-            raise ValueError(f"{v!r} is not {what} (at most {max_len} characters)")
-        return v
-
-    return AfterValidator(check)
-
-
-Quantity = Annotated[str, BeforeValidator(_quantity)]
-DnsLabel = Annotated[str, _matching(_DNS_LABEL, "a DNS-1123 label (lower case letters, digits, '-')", 63)]
-DnsSubdomain = Annotated[str, _matching(_DNS_SUBDOMAIN, "a Kubernetes object name (DNS-1123 subdomain)", 253)]
-OptionalName = Annotated[
-    str, _matching(_DNS_SUBDOMAIN, 'a Kubernetes object name (DNS-1123 subdomain) or ""', 253, allow_empty=True)
-]
-EnvName = Annotated[str, _matching(_ENV_NAME, "a valid environment variable name", 253)]
-SecretKey = Annotated[str, _matching(_SECRET_KEY, "a valid Secret key (letters, digits, '-', '_', '.')", 253)]
-ResourceName = Annotated[str, _matching(_RESOURCE_NAME, "a resource name (e.g. cpu, memory, nvidia.com/gpu)", 253)]
-LabelValue = Annotated[str, _matching(_LABEL_VALUE, "a valid label value", 63)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
 
 
 def _known_stage(v: str) -> str:
@@ -119,8 +88,25 @@ class _Model(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
+_DIGEST_PATTERN = r"^(sha256:[0-9a-f]{64})?$"
+
+
+class ImageDigests(_Model):
+    """``sha256:...`` per image ("" = pulled by tag): a pinned digest is what runs, whatever the tag says."""
+
+    data: str = Field("", pattern=_DIGEST_PATTERN, description="digest of the data image")
+    train: str = Field("", pattern=_DIGEST_PATTERN, description="digest of the train image")
+    eval: str = Field("", pattern=_DIGEST_PATTERN, description="digest of the eval image (eval-* and report)")
+    controller: str = Field("", pattern=_DIGEST_PATTERN, description="digest of the controller image (the chart's)")
+
+
+# The image each pod class runs: the report renders with the evaluation image (its charts), on CPU.
+IMAGE_OF_FAMILY: dict[str, str] = {"data": "data", "train": "train", "eval": "eval", "report": "eval"}
+
+
 class Images(_Model):
-    """``<registry>/<name>:<tag>`` per stage family (``bezoar render`` can pin digests instead)."""
+    """``<registry>/<name>:<tag>`` per stage family, or ``<registry>/<name>@sha256:...`` when ``digests``
+    names one (``bezoar render --image-digest`` can pin them too)."""
 
     registry: str = Field("ghcr.io/example/bezoar-jobs", min_length=1, description="build arg REGISTRY")
     tag: str = Field(__version__, pattern=r"^[\w][\w.-]{0,127}$", description="= package version = chart appVersion")
@@ -129,6 +115,7 @@ class Images(_Model):
     train: str = Field("bezoar-train", min_length=1, description="sft-*, dpo")
     eval: str = Field("bezoar-eval", min_length=1, description="eval-*, report")
     controller: str = Field("bezoar-controller", min_length=1, description="the controller Job (the chart's)")
+    digests: ImageDigests = ImageDigests()
 
     @field_validator("registry")
     @classmethod
@@ -136,10 +123,29 @@ class Images(_Model):
         return v.rstrip("/")
 
 
+class RunVolume(_Model):
+    """A PersistentVolumeClaim that holds runs stored as plain directories (``--run /runs/<id>``): the
+    in-cluster run store of the chart's default install. Every stage pod mounts it at ``mountPath``,
+    as the controller does, so a run path means the same files everywhere. ReadWriteOnce works on a
+    single-node cluster (kind, minikube, k3d); several nodes need ReadWriteMany (or an S3 run store)."""
+
+    claimName: OptionalName = Field("", description='the PVC ("" = none: runs live in S3)')
+    mountPath: str = Field("/runs", pattern=r"^/[^:]*$", description="where every pod sees it")
+
+
+class CacheVolume(_Model):
+    claimName: OptionalName = Field(
+        "", description='a PVC mounted at /cache instead of an emptyDir ("" = emptyDir): downloaded and '
+        "converted models are then shared by the stage pods (ReadWriteMany on several nodes)"
+    )
+
+
 class Storage(_Model):
     s3EndpointUrl: str = Field("", description="-> env BEZOAR_S3_ENDPOINT_URL when set (S3-compatible stores)")
     s3Region: str = Field("us-east-1", description="-> env AWS_REGION")
     s3AddressingStyle: Literal["", "path", "virtual"] = Field("", description="-> env BEZOAR_S3_ADDRESSING_STYLE")
+    runVolume: RunVolume = RunVolume()
+    cacheVolume: CacheVolume = CacheVolume()
 
 
 class S3Secret(_Model):
@@ -153,7 +159,11 @@ class HfTokenSecret(_Model):
 
 
 class ApiKeySecret(_Model):
-    env: EnvName = Field(description="environment variable the stage reads")
+    """An API key a recipe endpoint names with ``api_key_env``: mounted as the file
+    ``/var/run/secrets/bezoar/keys/<env>`` into the pods of the stages whose endpoints name it (never
+    an environment variable of the pod spec); the client reads it from there (``BEZOAR_KEYS_DIR``)."""
+
+    env: EnvName = Field(description="the recipe's api_key_env naming this key")
     name: OptionalName = Field("", description='Secret holding the key; "" = not set')
     key: SecretKey = "api-key"
 
@@ -177,11 +187,32 @@ class Secrets(_Model):
 
 
 class Teacher(_Model):
+    """The teacher server as the cluster knows it. ``url`` and ``backend`` override the recipe's
+    ``teacher.base_url`` / ``teacher.backend`` in the pods of the stages that call the teacher (logged
+    and recorded in their manifests), so another release name, namespace or server still works."""
+
     deployment: OptionalName = Field("", description='the teacher Deployment ("" = not managed)')
     url: str = Field("", description="base URL stage pods use (-> env BEZOAR_TEACHER_URL)")
+    backend: Literal["", "tgi", "openai-completions"] = Field(
+        "", description='protocol spoken at url (-> env BEZOAR_TEACHER_BACKEND; "" = the recipe\'s): tgi for '
+        "TGI, openai-completions (url ending in /v1) for vLLM"
+    )
+    maxConcurrentRequests: NonNegInt = Field(
+        0, description="the server's capacity: TGI --max-concurrent-requests, vLLM --max-num-seqs (0 = ask TGI's "
+        "/info); the stages calling the teacher divide it (-> env BEZOAR_TEACHER_CAPACITY)"
+    )
     waitReady: bool = Field(True, description="wait for the Deployment to be ready before generate stages")
-    scaleDownAfterGeneration: bool = Field(True, description="scale to 0 once every generate-* stage is committed")
+    readyTimeoutSeconds: PositiveInt = Field(
+        3600, description="how long the controller waits for a ready teacher (the chart: its startup timeout "
+        "plus time to schedule and pull)"
+    )
+    scaleDownAfterGeneration: bool = Field(
+        True, description="scale to 0 once every generate-* stage is committed and no other run holds a lease"
+    )
     replicas: PositiveInt = Field(1, description="replicas to scale up to when it is at 0")
+    leaseSeconds: Annotated[int, Field(ge=30)] = Field(
+        600, description="a run's lease on the teacher lasts this long unless renewed (a crashed run's lease expires)"
+    )
 
 
 class Kueue(_Model):
@@ -230,7 +261,9 @@ class Scheduling(_Model):
     tolerations: tuple[Toleration, ...] = ()
     activeDeadlineSeconds: PositiveInt = 86400
     backoffLimit: NonNegInt = Field(3, description="retries of retryable failures (preemptions are not counted)")
-    ephemeralStorage: Quantity = Field("20Gi", description="ephemeral-storage request/limit and /scratch size")
+    ephemeralStorage: AutoQuantity = Field(
+        "auto", description='ephemeral-storage request/limit and /scratch size ("auto" = sized from the model)'
+    )
     shmSize: Quantity = Field("1Gi", description="size of the memory-backed /dev/shm")
     parallelism: PositiveInt | None = Field(
         None,
@@ -248,7 +281,7 @@ class SchedulingOverride(_Model):
     tolerations: tuple[Toleration, ...] | None = None
     activeDeadlineSeconds: PositiveInt | None = None
     backoffLimit: NonNegInt | None = None
-    ephemeralStorage: Quantity | None = None
+    ephemeralStorage: AutoQuantity | None = None
     shmSize: Quantity | None = None
     parallelism: PositiveInt | None = None
 
@@ -261,7 +294,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tolerations": [],
         "activeDeadlineSeconds": 86400,
         "backoffLimit": 3,
-        "ephemeralStorage": "20Gi",
+        "ephemeralStorage": "auto",
         "shmSize": "1Gi",
     },
     "train": {
@@ -271,8 +304,19 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "activeDeadlineSeconds": 172800,
         "backoffLimit": 6,
-        "ephemeralStorage": "200Gi",
+        "ephemeralStorage": "auto",
         "shmSize": "16Gi",
+    },
+    # the report reads results files and renders HTML: no GPU, small
+    "report": {
+        "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
+        "gpus": 0,
+        "nodeSelector": {},
+        "tolerations": [],
+        "activeDeadlineSeconds": 7200,
+        "backoffLimit": 3,
+        "ephemeralStorage": "auto",
+        "shmSize": "1Gi",
     },
 }
 _FAMILY_DEFAULTS["eval"] = copy.deepcopy(_FAMILY_DEFAULTS["train"])
@@ -293,6 +337,7 @@ class SchedulingSet(_Model):
     data: Scheduling = Scheduling.model_validate(_FAMILY_DEFAULTS["data"])
     train: Scheduling = Scheduling.model_validate(_FAMILY_DEFAULTS["train"])
     eval: Scheduling = Scheduling.model_validate(_FAMILY_DEFAULTS["eval"])
+    report: Scheduling = Scheduling.model_validate(_FAMILY_DEFAULTS["report"])
 
     @model_validator(mode="before")
     @classmethod
@@ -305,6 +350,23 @@ class SchedulingSet(_Model):
             if isinstance(data.get(fam), dict):
                 out[fam] = _deep_merge(_FAMILY_DEFAULTS[fam], data[fam])
         return out
+
+
+class Sizing(_Model):
+    """What ``ephemeralStorage: auto`` is computed from (formula in :mod:`bezoar_jobs.executors.sizing`)."""
+
+    modelParamsB: Annotated[float, Field(gt=0, le=10000)] = Field(
+        3.4, description="parameters of the student (and of an in-process teacher/judge), in billions"
+    )
+
+
+class ControllerSettings(_Model):
+    apiOutageToleranceSeconds: Annotated[int, Field(ge=10)] = Field(
+        900, description="how long the controller retries while the API server cannot be reached"
+    )
+    pendingReportSeconds: Annotated[int, Field(ge=1)] = Field(
+        60, description="a pod Pending (or a Job suspended) this long is reported with the scheduler's / Kueue's reason"
+    )
 
 
 class JobsSettings(_Model):
@@ -334,6 +396,25 @@ class ClusterSettings(_Model):
         1, description=">1: generate-* stages run as Indexed Jobs with this many shards"
     )
     jobs: JobsSettings = JobsSettings()
+    sizing: Sizing = Sizing()
+    controller: ControllerSettings = ControllerSettings()
+
+    @field_validator("generationShards")
+    @classmethod
+    def _teacher_budget(cls, shards: int, info: ValidationInfo) -> int:
+        teacher = info.data.get("teacher")
+        cap, parties = (teacher.maxConcurrentRequests if teacher else 0), len(TEACHER_STAGES) * shards
+        if cap and cap < parties:
+            raise ValueError(
+                f"teacher.maxConcurrentRequests ({cap}) cannot be divided among the {parties} pods that call the "
+                f"teacher at once ({len(TEACHER_STAGES)} stages x generationShards {shards}): raise it or lower "
+                "generationShards"
+            )
+        return shards
+
+    def teacher_parties(self) -> int:
+        """How many pods may call the teacher at once: every teacher stage, each in all its shards."""
+        return len(TEACHER_STAGES) * self.generationShards
 
     def scheduling_for(self, stage: str) -> Scheduling:
         """The family's scheduling entry with the stage's override merged on top."""
@@ -346,7 +427,11 @@ class ClusterSettings(_Model):
 
     def image_for(self, stage: str) -> str:
         """``registry/name`` (no tag) of the image that runs ``stage``."""
-        return f"{self.images.registry}/{getattr(self.images, stage_family(stage))}"
+        return f"{self.images.registry}/{getattr(self.images, IMAGE_OF_FAMILY[stage_family(stage)])}"
+
+    def digest_for(self, stage: str) -> str:
+        """The pinned digest of the image that runs ``stage`` ("" = by tag)."""
+        return str(getattr(self.images.digests, IMAGE_OF_FAMILY[stage_family(stage)]))
 
 
 # ---------------------------------------------------------------------------------------------

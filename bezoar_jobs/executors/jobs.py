@@ -29,14 +29,24 @@ What a stage Job looks like (and why):
   write ``<run>/<stage>/_work/``; then the controller runs the *commit* Job
   ``bz-<run>-<stage>-commit`` (the same command without ``--shard``), which finds every shard's
   records, deduplicates and commits. ``build_job(..., phase="commit")`` builds it.
-- **Hardened pod**: non-root UID/GID 10001, ``seccompProfile: RuntimeDefault``, no privilege
-  escalation, all capabilities dropped, read-only root filesystem with writable ``emptyDir``
-  volumes for ``/tmp``, ``/scratch`` (sized by ``ephemeralStorage``), ``/cache`` (``HOME``,
-  ``HF_HOME``, ``BEZOAR_CACHE``) and a memory-backed ``/dev/shm`` (``shmSize``), and no
-  service-account token (stages never talk to the API server).
-- **Secrets by reference**: the S3 credentials file and the Hugging Face token are mounted
-  read-only files (env ``AWS_SHARED_CREDENTIALS_FILE`` / ``HF_TOKEN_PATH`` point at them), judge
-  API keys come from ``secretKeyRef``. No secret value ever appears in a Job.
+- **Hardened pod** (the restricted Pod Security profile): non-root UID/GID 10001,
+  ``seccompProfile: RuntimeDefault``, no privilege escalation, all capabilities dropped, read-only
+  root filesystem with writable ``emptyDir`` volumes for ``/tmp``, ``/scratch`` and ``/cache``
+  (``HOME``, ``HF_HOME``, ``BEZOAR_CACHE``; or the ``storage.cacheVolume`` PVC), each sized by
+  ``ephemeralStorage`` (``auto``: from the model, :mod:`bezoar_jobs.executors.sizing`), a
+  memory-backed ``/dev/shm`` (``shmSize``), and no service-account token (stages never talk to the
+  API server). ``storage.runVolume`` adds the PVC of an in-cluster run store at its mount path.
+- **Secrets by reference, and only where used**: the S3 credentials file is mounted read-only
+  (``AWS_SHARED_CREDENTIALS_FILE``), the Hugging Face token into every stage but the report
+  (``HF_TOKEN_PATH``), and each API key only into the stages whose recipe endpoints name it, as the
+  file ``/var/run/secrets/bezoar/keys/<ENV>`` (``BEZOAR_KEYS_DIR``; :mod:`bezoar_jobs.llm.keys`
+  reads it there). No secret is an environment variable of a pod spec, and no value is in a Job.
+- **The cluster's teacher**: the stages that call the teacher get ``BEZOAR_TEACHER_URL`` /
+  ``BEZOAR_TEACHER_BACKEND`` (which override the recipe's endpoint, :mod:`bezoar_jobs.cluster_env`)
+  and their share of its capacity (``BEZOAR_TEACHER_CAPACITY`` / ``BEZOAR_TEACHER_PARTIES``,
+  :mod:`bezoar_jobs.llm.budget`).
+- **No silent CPU**: a pod that requests GPUs carries ``BEZOAR_GPUS``; a stage that then finds no
+  usable CUDA device exits 2 naming the driver and CUDA versions (:mod:`bezoar_jobs.device_check`).
 """
 
 from __future__ import annotations
@@ -45,21 +55,46 @@ import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from .. import __version__
 from ..errors import BadInput
-from ..layout import RECIPE_FILE
-from .cluster import ALL_STAGES, ClusterSettings, stage_family
+from .cluster import ALL_STAGES, IMAGE_OF_FAMILY, ClusterSettings, stage_family
+from .pod import (  # the pod's pieces, re-exported for the modules that name them here
+    CACHE_DIR,
+    COMPLETION_INDEX_ANNOTATION,
+    CONTAINER,
+    HF_SECRET_DIR,
+    KEYS_DIR,
+    RUN_UID,
+    S3_SECRET_DIR,
+    SCRATCH_DIR,
+    SHM_DIR,
+    TMP_DIR,
+    keys_for,
+    pod_spec,
+    stage_args,
+    stage_endpoints,
+    uses_hub,
+)
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+__all__ = [
+    "CACHE_DIR", "COMPLETION_INDEX_ANNOTATION", "CONTAINER", "HF_SECRET_DIR", "KEYS_DIR", "RUN_UID", "S3_SECRET_DIR",
+    "SCRATCH_DIR", "SHM_DIR", "TMP_DIR", "build_job", "build_stage_jobs", "image_ref", "job_name", "keys_for",
+    "render", "render_jobs", "run_id_from_uri", "run_selector", "short_run_id", "stage_args", "stage_endpoints",
+    "stage_labels", "uses_hub",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Names and labels
 # ---------------------------------------------------------------------------------------------
 NAME_PREFIX = "bz-"
 COMMIT_SUFFIX = "-commit"
-CONTAINER = "stage"  # the podFailurePolicy's exit-code rule names this container
 MAX_NAME = 63
 # Room for the longest stage name plus the commit suffix: every Job name of a run then fits.
 _LONGEST_SUFFIX = max(len(s) for s in ALL_STAGES) + len(COMMIT_SUFFIX)
@@ -70,21 +105,11 @@ LABEL_STAGE = "bezoar.dev/stage"
 LABEL_PHASE = "bezoar.dev/phase"
 ANNOTATION_RUN_ID = "bezoar.dev/run-id"
 ANNOTATION_RUN_URI = "bezoar.dev/run-uri"
+ANNOTATION_CONTROLLER = "bezoar.dev/controller-uid"  # the controller Job that created it (retry-safe failures)
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MANAGED_BY = "bezoar-controller"
 PART_OF = "bezoar-jobs"  # the same app.kubernetes.io labels as the chart (helm/openbezoar/templates/_helpers.tpl)
 APP_NAME = "openbezoar"
-
-RUN_UID = 10001  # the images' non-root user
-
-# Where things live inside a stage pod.
-S3_SECRET_DIR = "/var/run/secrets/bezoar/s3"
-HF_SECRET_DIR = "/var/run/secrets/bezoar/hf"
-SCRATCH_DIR = "/scratch"
-CACHE_DIR = "/cache"
-TMP_DIR = "/tmp"
-SHM_DIR = "/dev/shm"
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -164,10 +189,12 @@ def stage_labels(stage: str, run_id: str, cluster: ClusterSettings, phase: Phase
 # The pod
 # ---------------------------------------------------------------------------------------------
 def image_ref(stage: str, cluster: ClusterSettings, image_digests: Mapping[str, str] | None = None) -> str:
-    """``registry/name:tag``, or ``registry/name@sha256:...`` when a digest for the family is given."""
-    family = stage_family(stage)
+    """``registry/name:tag``, or ``registry/name@sha256:...`` when a digest is pinned: in
+    ``image_digests`` (family -> digest, e.g. from ``bezoar render --image-digest``) or in the
+    settings' ``images.digests``."""
+    family = IMAGE_OF_FAMILY[stage_family(stage)]
     repo = cluster.image_for(stage)
-    digest = (image_digests or {}).get(family)
+    digest = (image_digests or {}).get(family) or cluster.digest_for(stage)
     if digest:
         if not _DIGEST.match(digest):
             raise BadInput(f"image digest for the {family} image: {digest!r} is not sha256:<64 hex digits>")
@@ -175,174 +202,16 @@ def image_ref(stage: str, cluster: ClusterSettings, image_digests: Mapping[str, 
     return f"{repo}:{cluster.images.tag}"
 
 
-def stage_args(stage: str, run_uri: str, shards: int = 1) -> list[str]:
-    """The container args (the image entrypoint is ``bezoar``): exactly the stage contract's command."""
-    run = run_uri.rstrip("/")
-    args = ["stage", stage, "--recipe", f"{run}/{RECIPE_FILE}", "--run", run]
-    if shards > 1:
-        # $(VAR) is expanded by the kubelet from the container's env (JOB_COMPLETION_INDEX below).
-        args += ["--shard", f"$(JOB_COMPLETION_INDEX)/{shards}"]
-    return args
-
-
-def _env(cluster: ClusterSettings, indexed: bool) -> list[dict[str, Any]]:
-    st, sec = cluster.storage, cluster.secrets
-    env: list[dict[str, Any]] = [
-        {"name": "PYTHONUNBUFFERED", "value": "1"},  # log lines reach `kubectl logs` (and the controller) at once
-        {"name": "AWS_REGION", "value": st.s3Region},
-    ]
-    if st.s3EndpointUrl:
-        env.append({"name": "BEZOAR_S3_ENDPOINT_URL", "value": st.s3EndpointUrl})
-    if st.s3AddressingStyle:
-        env.append({"name": "BEZOAR_S3_ADDRESSING_STYLE", "value": st.s3AddressingStyle})
-    if sec.s3.name:
-        env.append({"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{S3_SECRET_DIR}/{sec.s3.credentialsFileKey}"})
-    if sec.hfToken.name:
-        env.append({"name": "HF_TOKEN_PATH", "value": f"{HF_SECRET_DIR}/{sec.hfToken.key}"})
-    for k in sec.apiKeys:
-        if k.name:
-            env.append({"name": k.env, "valueFrom": {"secretKeyRef": {"name": k.name, "key": k.key}}})
-    if cluster.teacher.url:
-        env.append({"name": "BEZOAR_TEACHER_URL", "value": cluster.teacher.url})
-    env += [
-        {"name": "BEZOAR_SCRATCH", "value": SCRATCH_DIR},
-        {"name": "HOME", "value": CACHE_DIR},
-        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        {"name": "BEZOAR_CACHE", "value": f"{CACHE_DIR}/bezoar"},
-        {"name": "TMPDIR", "value": TMP_DIR},
-    ]
-    if indexed:
-        # The Job controller injects this too; declaring it makes the $(JOB_COMPLETION_INDEX) in
-        # the args explicit and keeps the spec readable on its own.
-        env.append(
-            {
-                "name": "JOB_COMPLETION_INDEX",
-                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
-            }
-        )
-    return env
-
-
-def _volumes(cluster: ClusterSettings, stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    sched = cluster.scheduling_for(stage)
-    sec = cluster.secrets
-    volumes: list[dict[str, Any]] = [
-        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": sched.ephemeralStorage}},
-        {"name": "cache", "emptyDir": {"sizeLimit": sched.ephemeralStorage}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": sched.shmSize}},
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "tmp", "mountPath": TMP_DIR},
-        {"name": "scratch", "mountPath": SCRATCH_DIR},
-        {"name": "cache", "mountPath": CACHE_DIR},
-        {"name": "dshm", "mountPath": SHM_DIR},
-    ]
-    if sec.s3.name:
-        volumes.append(
-            {
-                "name": "s3-credentials",
-                "secret": {
-                    "secretName": sec.s3.name,
-                    "items": [{"key": sec.s3.credentialsFileKey, "path": sec.s3.credentialsFileKey}],
-                    "defaultMode": 0o440,  # owner root, group fsGroup: readable by the stage user only
-                },
-            }
-        )
-        mounts.append({"name": "s3-credentials", "mountPath": S3_SECRET_DIR, "readOnly": True})
-    if sec.hfToken.name:
-        volumes.append(
-            {
-                "name": "hf-token",
-                "secret": {
-                    "secretName": sec.hfToken.name,
-                    "items": [{"key": sec.hfToken.key, "path": sec.hfToken.key}],
-                    "defaultMode": 0o440,
-                },
-            }
-        )
-        mounts.append({"name": "hf-token", "mountPath": HF_SECRET_DIR, "readOnly": True})
-    return volumes, mounts
-
-
-def _resources(cluster: ClusterSettings, stage: str) -> dict[str, dict[str, Any]]:
-    sched = cluster.scheduling_for(stage)
-    requests: dict[str, Any] = dict(sched.resources.requests)
-    limits: dict[str, Any] = dict(sched.resources.limits)
-    requests["ephemeral-storage"] = sched.ephemeralStorage
-    limits["ephemeral-storage"] = sched.ephemeralStorage
-    if sched.gpus:
-        # Extended resources must have request == limit.
-        requests[cluster.jobs.gpuResourceName] = str(sched.gpus)
-        limits[cluster.jobs.gpuResourceName] = str(sched.gpus)
-    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
-
-
-def _pod_spec(stage: str, run_uri: str, cluster: ClusterSettings, image: str, shards: int) -> dict[str, Any]:
-    sched = cluster.scheduling_for(stage)
-    volumes, mounts = _volumes(cluster, stage)
-    container = {
-        "name": CONTAINER,
-        "image": image,
-        "imagePullPolicy": cluster.images.pullPolicy,
-        "args": stage_args(stage, run_uri, shards),
-        "env": _env(cluster, indexed=shards > 1),
-        "resources": _resources(cluster, stage),
-        "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUN_UID,
-            "runAsGroup": RUN_UID,
-        },
-        # The stage's last words (e.g. a BadInput message) show up in the pod status, so the
-        # controller can name the reason even when logs are gone.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,  # stage pods need no service env vars (and a huge env slows exec)
-        "terminationGracePeriodSeconds": cluster.jobs.terminationGracePeriodSeconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_UID,
-            "runAsGroup": RUN_UID,
-            "fsGroup": RUN_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if cluster.runnerServiceAccount:
-        spec["serviceAccountName"] = cluster.runnerServiceAccount
-    if cluster.imagePullSecrets:
-        spec["imagePullSecrets"] = [{"name": n} for n in cluster.imagePullSecrets]
-    if cluster.priorityClassName:
-        spec["priorityClassName"] = cluster.priorityClassName
-    if sched.nodeSelector:
-        spec["nodeSelector"] = dict(sched.nodeSelector)
-    if sched.tolerations:
-        spec["tolerations"] = [t.model_dump(exclude_none=True) for t in sched.tolerations]
-    return spec
-
-
 def _scanner_skips(stage: str, cluster: ClusterSettings, image_digests: Mapping[str, str] | None) -> dict[str, str]:
     """checkov skip annotations (``checkov.io/skipN: CHECK=reason``) for the deliberate choices
     that a policy scanner flags, each only while the choice is in effect, so a scan of rendered
     Jobs (manifests/, ``bezoar render``) fails on anything else."""
     reasons = []
-    if not (image_digests or {}).get(stage_family(stage)):
+    if not ((image_digests or {}).get(IMAGE_OF_FAMILY[stage_family(stage)]) or cluster.digest_for(stage)):
         reasons.append("CKV_K8S_43=pinned by release tag (images are built once per release); "
-                       "bezoar render can pin digests")
+                       "set images.digests to pin by digest")
     if cluster.images.pullPolicy != "Always":
         reasons.append(f"CKV_K8S_15={cluster.images.pullPolicy} with a release tag or digest that is never rebuilt")
-    if any(k.name for k in cluster.secrets.apiKeys):
-        reasons.append("CKV_K8S_35=judge and teacher API clients read keys from env vars; "
-                       "the Job holds only secretKeyRef references, never a value")
     return {f"checkov.io/skip{i}": r for i, r in enumerate(reasons, start=1)}
 
 
@@ -357,12 +226,17 @@ def build_job(
     image_digests: Mapping[str, str] | None = None,
     *,
     phase: Phase = "main",
+    recipe: Recipe | None = None,
+    controller_uid: str | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job (a plain dict) that runs ``stage`` of the run at ``run_uri``.
 
     ``image_digests`` maps a family (``data``/``train``/``eval``) to ``sha256:...`` to pin images
-    by digest. ``phase="commit"`` builds the unsharded commit Job of a sharded generate stage;
-    for an unsharded stage the main Job already commits and ``commit`` is refused.
+    by digest (beside ``images.digests`` of the settings). ``phase="commit"`` builds the unsharded
+    commit Job of a sharded generate stage; for an unsharded stage the main Job already commits and
+    ``commit`` is refused. ``recipe`` (the run's) decides which API keys the pods get and sizes
+    ``ephemeralStorage: auto``; ``controller_uid`` (the in-cluster controller Job's uid) is recorded
+    so a retried controller recognises a failure of its own run attempt.
     """
     stage_family(stage)  # refuses an unknown stage
     sharded = is_sharded(stage, cluster)
@@ -377,6 +251,8 @@ def build_job(
     pod_labels = {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}
     annotations = {ANNOTATION_RUN_ID: run_id, ANNOTATION_RUN_URI: run_uri.rstrip("/")}
     job_annotations = {**annotations, **_scanner_skips(stage, cluster, image_digests)}
+    if controller_uid:
+        job_annotations[ANNOTATION_CONTROLLER] = controller_uid
     spec: dict[str, Any] = {
         "backoffLimit": sched.backoffLimit,
         "activeDeadlineSeconds": sched.activeDeadlineSeconds,
@@ -390,7 +266,7 @@ def build_job(
         },
         "template": {
             "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
-            "spec": _pod_spec(stage, run_uri, cluster, image_ref(stage, cluster, image_digests), shards),
+            "spec": pod_spec(stage, run_uri, cluster, image_ref(stage, cluster, image_digests), shards, recipe),
         },
     }
     if shards > 1:
@@ -417,12 +293,13 @@ def build_job(
 
 
 def build_stage_jobs(
-    stage: str, run_uri: str, run_id: str, cluster: ClusterSettings, image_digests: Mapping[str, str] | None = None
+    stage: str, run_uri: str, run_id: str, cluster: ClusterSettings, image_digests: Mapping[str, str] | None = None,
+    recipe: Recipe | None = None,
 ) -> list[dict[str, Any]]:
     """Every Job a stage runs, in order: one, or for a sharded stage the shards then the commit."""
-    jobs = [build_job(stage, run_uri, run_id, cluster, image_digests)]
+    jobs = [build_job(stage, run_uri, run_id, cluster, image_digests, recipe=recipe)]
     if is_sharded(stage, cluster):
-        jobs.append(build_job(stage, run_uri, run_id, cluster, image_digests, phase="commit"))
+        jobs.append(build_job(stage, run_uri, run_id, cluster, image_digests, phase="commit", recipe=recipe))
     return jobs
 
 
@@ -453,10 +330,11 @@ def render_jobs(
     cluster: ClusterSettings,
     image_digests: Mapping[str, str] | None = None,
     stages: tuple[str, ...] = ALL_STAGES,
+    recipe: Recipe | None = None,
 ) -> dict[str, str]:
     """``{file name: YAML}`` for the given stages (default: all 14 canonical stages)."""
     rid = run_id or run_id_from_uri(run_uri)
-    return {f"{s}.yaml": to_yaml(build_stage_jobs(s, run_uri, rid, cluster, image_digests)) for s in stages}
+    return {f"{s}.yaml": to_yaml(build_stage_jobs(s, run_uri, rid, cluster, image_digests, recipe)) for s in stages}
 
 
 def render(
@@ -472,19 +350,20 @@ def render(
 
     ``<stage>.yaml`` holds the stage's Job; for a sharded generate stage it holds two Jobs, the
     shards then the commit Job (apply the second once the first is Complete). The recipe does not
-    change the Jobs (pods read the copy frozen into ``<run>/recipe.yaml``); pass ``recipe_text`` to
-    refuse rendering for an invalid recipe. Applying these files by hand needs that frozen copy in
-    place first: the controller writes it; by hand, upload the recipe to ``<run>/recipe.yaml``.
-    Returns the paths written, in canonical order.
+    change what the pods run (they read the copy frozen into ``<run>/recipe.yaml``), only which API
+    keys each stage's pods get and the ``auto`` disk sizes; an invalid recipe is refused. Applying
+    these files by hand needs that frozen copy in place first: the controller writes it; by hand,
+    upload the recipe to ``<run>/recipe.yaml``. Returns the paths written, in canonical order.
     """
+    recipe = None
     if recipe_text is not None:
         from ..recipe import parse_recipe
 
-        parse_recipe(recipe_text, recipe_source)
+        recipe = parse_recipe(recipe_text, recipe_source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render_jobs(run_uri, run_id, cluster, image_digests).items():
+    for name, text in render_jobs(run_uri, run_id, cluster, image_digests, recipe=recipe).items():
         path = out / name
         path.write_text(text, encoding="utf-8")
         written.append(path)

@@ -4,7 +4,13 @@ its pods and their exit codes, and watching the run's Jobs and pods.
 Watches: ``list_namespaced_job`` / ``list_namespaced_pod`` with the run's label selector, from the
 list's ``resourceVersion``; a ``410 Gone`` re-lists (a ``RELIST`` event carries everything again).
 Job state is never polled. Events go to a queue as ``(kind, type, object)``: kind ``job`` or
-``pod``; ``watch-error`` when a watch cannot go on.
+``pod``; ``watch-error`` when a watch cannot go on: a refusal (401/403), or an API server that has
+not answered for longer than the outage tolerance (:mod:`bezoar_jobs.executors.k8s_retry`); shorter
+outages are ridden out with backoff and the watch resumes from its last resourceVersion.
+
+Pods are found by the labels the Job controller sets, ``batch.kubernetes.io/controller-uid`` and
+``batch.kubernetes.io/job-name`` (Kubernetes 1.27+; the unprefixed ``controller-uid``/``job-name``
+are legacy).
 """
 
 from __future__ import annotations
@@ -17,25 +23,38 @@ import time
 from typing import Any
 
 from ..errors import BadInput
-from .jobs import CONTAINER, LABEL_RUN, LABEL_STAGE
+from .jobs import ANNOTATION_CONTROLLER, CONTAINER, LABEL_RUN, LABEL_STAGE
 from .k8s_api import api_exception, condition, raw
+from .k8s_retry import ApiRetry, transient
 
 Event = tuple[str, str, Any]
+POD_JOB_UID = "batch.kubernetes.io/controller-uid"
+POD_JOB_NAME = "batch.kubernetes.io/job-name"
+
+
+def pod_job(pod: dict[str, Any]) -> tuple[str, str]:
+    """(Job name, Job uid) of a Job's pod, from the labels the Job controller sets."""
+    labels = pod["metadata"].get("labels") or {}
+    return labels.get(POD_JOB_NAME, ""), labels.get(POD_JOB_UID, "")
 
 
 class JobApi:
     """Get, create-or-adopt and delete the Jobs of one run in one namespace."""
 
-    def __init__(self, batch: Any, core: Any, namespace: str, run_label: str):
+    def __init__(self, batch: Any, core: Any, namespace: str, run_label: str, retry: ApiRetry | None = None,
+                 controller_uid: str | None = None):
         self.batch = batch
         self.core = core
         self.ns = namespace
         self.run_label = run_label  # the run's bezoar.dev/run label value
+        self.retry = retry or ApiRetry(900, lambda _m: None)
+        self.controller_uid = controller_uid  # the in-cluster controller Job this controller runs in, if any
 
     def get(self, name: str) -> dict[str, Any] | None:
         ApiException = api_exception()
         try:
-            return raw(self.batch.read_namespaced_job(name, self.ns, _preload_content=False))
+            return raw(self.retry.call(f"get Job {name}", self.batch.read_namespaced_job, name, self.ns,
+                                       _preload_content=False))
         except ApiException as e:
             if getattr(e, "status", None) == 404:
                 return None
@@ -49,7 +68,8 @@ class JobApi:
         """Delete a finished Job of this name and wait until the name is free again."""
         ApiException = api_exception()
         with contextlib.suppress(ApiException):
-            self.batch.delete_namespaced_job(name, self.ns, body={"propagationPolicy": "Background"})
+            self.retry.call(f"delete Job {name}", self.batch.delete_namespaced_job, name, self.ns,
+                            body={"propagationPolicy": "Background"})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             cur = self.get(name)
@@ -59,11 +79,13 @@ class JobApi:
         raise RuntimeError(f"Job {name} was deleted but did not go away within {timeout:.0f} s")
 
     def create_or_adopt(self, body: dict[str, Any], stage: str,
-                        on_replace: Any = None) -> tuple[dict[str, Any], bool]:
-        """(the Job, adopted?): a running Job of that name of this run and stage is adopted (a
-        restarted controller picks up where the last one was); a finished one is deleted and
-        created anew (``on_replace(name)`` is told); ``409 Conflict`` on create means another
-        controller won the race: adopt."""
+                        on_replace: Any = None) -> tuple[dict[str, Any], str]:
+        """(the Job, how): ``adopted``: a running Job of that name of this run and stage (a restarted
+        controller picks up where the last one was); ``failed``: a Job that FAILED for good under this
+        same controller Job (its retried pod must not run the stage again: the failure stands);
+        ``created``: anything else, a finished Job of an earlier ``bezoar run`` being deleted first
+        (``on_replace(name)`` is told). ``409 Conflict`` on create means another controller won the
+        race: look again."""
         ApiException = api_exception()
         name = body["metadata"]["name"]
         for _attempt in range(3):
@@ -72,13 +94,18 @@ class JobApi:
                 if not self.belongs(existing, stage):
                     raise BadInput(f"a Job named {name} already exists in namespace {self.ns} but does not belong to "
                                    f"run {self.run_label} stage {stage}; delete it or use another --run-id")
-                if condition(existing) is None:
-                    return existing, True
+                cond = condition(existing)
+                if cond is None:
+                    return existing, "adopted"
+                ours = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_CONTROLLER)
+                if cond["type"] == "Failed" and self.controller_uid and ours == self.controller_uid:
+                    return existing, "failed"
                 if on_replace is not None:
                     on_replace(name)
                 self.delete_and_wait(name, existing["metadata"]["uid"])
             try:
-                return raw(self.batch.create_namespaced_job(self.ns, body, _preload_content=False)), False
+                return raw(self.retry.call(f"create Job {name}", self.batch.create_namespaced_job, self.ns, body,
+                                           _preload_content=False)), "created"
             except ApiException as e:
                 if getattr(e, "status", None) == 409:  # someone created it between our get and create
                     continue
@@ -88,13 +115,11 @@ class JobApi:
     def pods_of(self, uid: str, known: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """The Job's pods, fresh from the API (the watch may lag the Job's condition)."""
         try:
-            data = raw(self.core.list_namespaced_pod(self.ns, label_selector=f"controller-uid={uid}",
-                                                     _preload_content=False))
+            data = raw(self.retry.call("list pods", self.core.list_namespaced_pod, self.ns,
+                                       label_selector=f"{POD_JOB_UID}={uid}", _preload_content=False))
             items = data.get("items", [])
         except Exception:  # the report is best effort; the failure itself is already known
-            items = [
-                p for p in (known or {}).values() if (p["metadata"].get("labels") or {}).get("controller-uid") == uid
-            ]
+            items = [p for p in (known or {}).values() if pod_job(p)[1] == uid]
         return sorted(items, key=lambda p: p["metadata"].get("creationTimestamp") or "")
 
     def exit_codes(self, uid: str, known: dict[str, dict[str, Any]] | None = None) -> list[int]:
@@ -109,12 +134,13 @@ class JobApi:
     def delete_run_jobs(self, selector: str) -> list[str]:
         """Delete every Job matching ``selector`` (propagationPolicy Background); their names."""
         ApiException = api_exception()
-        data = raw(self.batch.list_namespaced_job(self.ns, label_selector=selector, _preload_content=False))
+        data = raw(self.retry.call("list Jobs", self.batch.list_namespaced_job, self.ns, label_selector=selector,
+                                   _preload_content=False))
         names = sorted(j["metadata"]["name"] for j in data.get("items", []))
         for name in names:
             try:
-                self.batch.delete_namespaced_job(name, self.ns, body={"propagationPolicy": "Background"},
-                                                 _preload_content=False).release_conn()
+                raw(self.retry.call(f"delete Job {name}", self.batch.delete_namespaced_job, name, self.ns,
+                                    body={"propagationPolicy": "Background"}, _preload_content=False))
             except ApiException as e:
                 if getattr(e, "status", None) != 404:  # already gone is what we wanted
                     raise
@@ -125,7 +151,7 @@ class RunWatch:
     """Watches the run's Jobs and pods (one thread per kind) into ``events``."""
 
     def __init__(self, batch: Any, core: Any, namespace: str, selector: str, events: queue.Queue[Event],
-                 stop: threading.Event, timeout_s: int = 240):
+                 stop: threading.Event, timeout_s: int = 240, retry: ApiRetry | None = None):
         self.batch = batch
         self.core = core
         self.ns = namespace
@@ -133,11 +159,13 @@ class RunWatch:
         self.events = events
         self.stop = stop
         self.timeout_s = timeout_s
+        self.retry = retry or ApiRetry(900, lambda _m: None, stop)
         self._watches: list[Any] = []
 
     def list(self, kind: str) -> tuple[list[dict[str, Any]], str]:
         fn = self.batch.list_namespaced_job if kind == "job" else self.core.list_namespaced_pod
-        data = raw(fn(self.ns, label_selector=self.selector, _preload_content=False))
+        data = raw(self.retry.call(f"list {kind}s", fn, self.ns, label_selector=self.selector,
+                                   _preload_content=False))
         return data.get("items", []), data["metadata"]["resourceVersion"]
 
     def start(self) -> dict[str, builtins.list[dict[str, Any]]]:
@@ -180,6 +208,7 @@ class RunWatch:
             return api_fn(*args, **kwargs)
 
         failures = 0
+        down_since: float | None = None
         while not self.stop.is_set():
             w = watch.Watch()
             self._watches.append(w)
@@ -189,34 +218,37 @@ class RunWatch:
                                    _request_timeout=(10, self.timeout_s + 30)):
                     if self.stop.is_set():
                         break
-                    failures = 0
+                    if down_since is not None:
+                        self.retry.say(f"watching {kind}s again after {time.monotonic() - down_since:.0f} s")
+                    failures, down_since = 0, None
                     if ev["type"] == "BOOKMARK":
                         rv = ev["raw_object"]["metadata"]["resourceVersion"]
                         continue
                     obj = ev["raw_object"]
                     rv = obj["metadata"]["resourceVersion"]
                     self.events.put((kind, ev["type"], obj))
-            except ApiException as e:
+            except Exception as e:  # a refusal, a 410, or a connection dropped: resume from the last resourceVersion
                 if self.stop.is_set():
                     return
-                status = getattr(e, "status", None)
+                status = getattr(e, "status", None) if isinstance(e, ApiException) else None
                 if status == 410:  # our resourceVersion is too old: list again, then watch from there
                     items, rv = self.list(kind)
                     self.events.put((kind, "RELIST", items))
                     continue
-                failures += 1
-                if failures > 5 or status in (401, 403):
+                if status is not None and not transient(e):
+                    self.events.put(("watch-error", kind, e))  # 401, 403, 404, ...: retrying cannot help
+                    return
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since > self.retry.tolerance_s:
                     self.events.put(("watch-error", kind, e))
                     return
-                time.sleep(min(5.0, 0.2 * 2**failures))
-            except Exception as e:  # connection dropped: resume from the last resourceVersion
-                if self.stop.is_set():
-                    return
+                self.retry._report(f"watch of {kind}s interrupted ({type(e).__name__}); resuming from "
+                                   f"resourceVersion {rv}")
+                self.stop.wait(self.retry.delay(failures))
                 failures += 1
-                if failures > 5:
-                    self.events.put(("watch-error", kind, e))
-                    return
-                time.sleep(min(5.0, 0.2 * 2**failures))
+            else:  # the server ended the stream (its timeout): it was reachable
+                failures, down_since = 0, None
             finally:
                 with contextlib.suppress(ValueError):
                     self._watches.remove(w)

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from ..layout import RECIPE_FILE
 from ..recipe import Recipe
 from ..redact import redact
+from ..registry import spec
 from ..store import Store
+from .cluster import TEACHER_STAGES
 from .scheduler import RunOutcome, Scheduler, StageEvent
 
 log = logging.getLogger("bezoar")
@@ -68,8 +70,12 @@ class LocalBackend:
 
     def submit(self, stage: str) -> None:
         log.info("[%s] starting", stage)
+        env = os.environ.copy()
+        if "teacher" in spec(stage).needs and "BEZOAR_TEACHER_PARTIES" not in env:
+            # the teacher stages run side by side (up to --parallel) within one budget (llm/budget.py)
+            env["BEZOAR_TEACHER_PARTIES"] = str(min(self.parallel or 1, len(TEACHER_STAGES)))
         proc = subprocess.Popen(stage_command(stage, self.store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, env=os.environ.copy())
+                                text=True, bufsize=1, env=env)
         with self._lock:
             self._procs[stage] = proc
             self._tails[stage] = deque(maxlen=TAIL_LINES)

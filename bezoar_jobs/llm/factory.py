@@ -41,5 +41,8 @@ def make_client(endpoint: Endpoint, role: str = "endpoint") -> LLMClient:
     if endpoint.backend in IN_PROCESS:
         client: LLMClient = cls(endpoint, role=role)
     else:
-        client = cls(endpoint, resolve_api_key(endpoint, role), role)
+        from .budget import apply  # a teacher server's capacity is shared by every pod calling it
+
+        key = resolve_api_key(endpoint, role)
+        client = cls(apply(endpoint, role, key), key, role)
     return client

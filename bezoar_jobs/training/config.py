@@ -108,9 +108,13 @@ class DevicePlan:
 
 
 def detect_device() -> tuple[bool, bool]:
-    """(CUDA available, bf16 supported on it)."""
+    """(CUDA available, bf16 supported on it). In a pod that asked for GPUs (``BEZOAR_GPUS``) CUDA must
+    work: no silent fallback to CPU training (:mod:`bezoar_jobs.device_check`, exit 2)."""
     import torch
 
+    from ..device_check import check
+
+    check()
     cuda = torch.cuda.is_available()
     return cuda, bool(cuda and torch.cuda.is_bf16_supported())
 

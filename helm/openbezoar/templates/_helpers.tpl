@@ -58,12 +58,40 @@ full name so two long names never collide.
 {{- include "openbezoar.dnsName" (list (include "openbezoar.fullname" .) "cluster-settings") }}
 {{- end }}
 
+{{/* The run id: run.id, else the release name. */}}
+{{- define "openbezoar.runId" -}}
+{{- default .Release.Name .Values.run.id }}
+{{- end }}
+
+{{/*
+The run's label value bezoar.dev/run, as bezoar_jobs.executors.jobs.short_run_id computes it for a
+run id that is a DNS label: the id itself when it fits 37 characters and has no "--", else its first
+characters and 8 hex digits of its sha256.
+*/}}
+{{- define "openbezoar.shortRunId" -}}
+{{- $id := include "openbezoar.runId" . }}
+{{- if and (le (len $id) 37) (not (contains "--" $id)) }}
+{{- $id }}
+{{- else }}
+{{- printf "%s-%s" (regexReplaceAll "-{2,}" $id "-" | trunc 28 | trimSuffix "-") (sha256sum $id | trunc 8) }}
+{{- end }}
+{{- end }}
+
 {{- define "openbezoar.recipeConfigMapName" -}}
-{{- include "openbezoar.dnsName" (list (include "openbezoar.fullname" .) (printf "recipe-%s" (default "scheduled" .Values.run.id))) }}
+{{- include "openbezoar.dnsName" (list (include "openbezoar.fullname" .) (printf "recipe-%s" (include "openbezoar.runId" .))) }}
 {{- end }}
 
 {{- define "openbezoar.controllerJobName" -}}
-{{- include "openbezoar.dnsName" (list (include "openbezoar.fullname" .) (printf "controller-%s" .Values.run.id)) }}
+{{- include "openbezoar.dnsName" (list (include "openbezoar.fullname" .) (printf "controller-%s" (include "openbezoar.runId" .))) }}
+{{- end }}
+
+{{- define "openbezoar.runStoreClaim" -}}
+{{- default (include "openbezoar.dnsName" (list (include "openbezoar.fullname" .) "runs")) .Values.runStore.existingClaim }}
+{{- end }}
+
+{{/* Whether runs live on the runStore PVC (no S3 location given). */}}
+{{- define "openbezoar.onRunStore" -}}
+{{- if and .Values.runStore.enabled (not .Values.run.uri) (not .Values.run.baseUri) }}true{{ end }}
 {{- end }}
 
 {{- define "openbezoar.serviceAccountName" -}}
@@ -78,18 +106,28 @@ full name so two long names never collide.
 {{- default (include "openbezoar.dnsName" (list (include "openbezoar.fullname" .) "runner")) .Values.runnerServiceAccount.name }}
 {{- end }}
 
-{{/* The run location: run.uri, else <run.baseUri>/<run.id>. */}}
+{{/* Where runs are: run.baseUri, else (runStore) the run volume's mount path. */}}
+{{- define "openbezoar.runBase" -}}
+{{- if .Values.run.baseUri }}{{ .Values.run.baseUri | trimSuffix "/" }}{{ else }}{{ .Values.runStore.mountPath | trimSuffix "/" }}{{ end }}
+{{- end }}
+
+{{/* The run location: run.uri, else <run.baseUri or runStore.mountPath>/<run id>. */}}
 {{- define "openbezoar.runUri" -}}
 {{- if .Values.run.uri }}
 {{- .Values.run.uri }}
 {{- else }}
-{{- printf "%s/%s" (.Values.run.baseUri | trimSuffix "/") .Values.run.id }}
+{{- printf "%s/%s" (include "openbezoar.runBase" .) (include "openbezoar.runId" .) }}
 {{- end }}
 {{- end }}
 
-{{/* The recipe argument of `bezoar run`. */}}
+{{/* The recipe argument of `bezoar run`: run.recipe, else the mounted ConfigMap (inline or the demo). */}}
 {{- define "openbezoar.recipeArg" -}}
-{{- if .Values.run.recipeInline }}/etc/bezoar/recipe.yaml{{ else }}{{ .Values.run.recipe }}{{ end }}
+{{- if .Values.run.recipe }}{{ .Values.run.recipe }}{{ else }}/etc/bezoar/recipe.yaml{{ end }}
+{{- end }}
+
+{{/* The recipe text of the ConfigMap: run.recipeInline, else the recipe shipped in the chart. */}}
+{{- define "openbezoar.recipeText" -}}
+{{- if .Values.run.recipeInline }}{{ .Values.run.recipeInline }}{{ else }}{{ .Files.Get (printf "files/%s.yaml" .Values.run.builtinRecipe) }}{{ end }}
 {{- end }}
 
 {{/*
@@ -104,13 +142,25 @@ four fields the chart knows better filled when empty (documented in values.yaml)
 {{- if and .Values.runnerServiceAccount.create (not $cs.runnerServiceAccount) }}
 {{- $_ := set $cs "runnerServiceAccount" (include "openbezoar.runnerServiceAccountName" .) }}
 {{- end }}
+{{- if and (include "openbezoar.onRunStore" .) (not $cs.storage.runVolume.claimName) }}
+{{- $_ := set $cs.storage.runVolume "claimName" (include "openbezoar.runStoreClaim" .) }}
+{{- $_ := set $cs.storage.runVolume "mountPath" .Values.runStore.mountPath }}
+{{- end }}
 {{- if .Values.teacher.enabled }}
+{{- $t := .Values.teacher }}
 {{- if not $cs.teacher.deployment }}
 {{- $_ := set $cs.teacher "deployment" (include "openbezoar.teacherName" .) }}
 {{- end }}
 {{- if not $cs.teacher.url }}
-{{- $_ := set $cs.teacher "url" (printf "http://%s.%s.svc:%v" (include "openbezoar.teacherName" .) .Release.Namespace .Values.teacher.service.port) }}
+{{- $_ := set $cs.teacher "url" (printf "http://%s.%s.svc:%v%s" (include "openbezoar.teacherName" .) .Release.Namespace $t.service.port (ternary "/v1" "" (eq $t.server "vllm"))) }}
 {{- end }}
+{{- if not $cs.teacher.backend }}
+{{- $_ := set $cs.teacher "backend" (ternary "openai-completions" "tgi" (eq $t.server "vllm")) }}
+{{- end }}
+{{- if not (int $cs.teacher.maxConcurrentRequests) }}
+{{- $_ := set $cs.teacher "maxConcurrentRequests" (int $t.maxConcurrentRequests) }}
+{{- end }}
+{{- $_ := set $cs.teacher "readyTimeoutSeconds" (add (int $t.startupTimeoutSeconds) 900) }}
 {{- end }}
 {{- toYaml $cs }}
 {{- end }}
@@ -126,11 +176,18 @@ four fields the chart knows better filled when empty (documented in values.yaml)
 
 {{- define "openbezoar.controllerImage" -}}
 {{- $img := .Values.clusterSettings.images }}
-{{- include "openbezoar.image" (dict "repository" (printf "%s/%s" ($img.registry | trimSuffix "/") $img.controller) "tag" $img.tag "digest" .Values.controller.imageDigest) }}
+{{- include "openbezoar.image" (dict "repository" (printf "%s/%s" ($img.registry | trimSuffix "/") $img.controller) "tag" $img.tag "digest" $img.digests.controller) }}
+{{- end }}
+
+{{/* The teacher server image; for TGI by default our non-root build (images/teacher). */}}
+{{- define "openbezoar.teacherImageRef" -}}
+{{- $i := index .Values.teacher.image .Values.teacher.server }}
+{{- $img := .Values.clusterSettings.images }}
+{{- dict "repository" (default (printf "%s/bezoar-teacher" ($img.registry | trimSuffix "/")) $i.repository) "tag" (default $img.tag $i.tag) "digest" $i.digest | toYaml }}
 {{- end }}
 
 {{- define "openbezoar.teacherImage" -}}
-{{- include "openbezoar.image" (index .Values.teacher.image .Values.teacher.server) }}
+{{- include "openbezoar.image" (include "openbezoar.teacherImageRef" . | fromYaml) }}
 {{- end }}
 
 {{- define "openbezoar.imagePullSecrets" -}}
@@ -200,27 +257,22 @@ checkov.io/skip{{ add1 (index . 1) }}: CKV_K8S_15=IfNotPresent with a release ta
 {{- define "openbezoar.validate" -}}
 {{- $dns := "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" }}
 {{- $v := .Values }}
+{{- $id := include "openbezoar.runId" . }}
 {{- if $v.controller.enabled }}
-{{- if not $v.run.id }}
-{{- fail "openbezoar: run.id is required (a DNS label, e.g. --set run.id=openbezoar-2026-01)" }}
+{{- if or (gt (len $id) 63) (not (regexMatch $dns $id)) }}
+{{- fail (printf "openbezoar: run.id %q is not a DNS label (lowercase letters, digits and '-', starting and ending alphanumeric, at most 63 characters)" $id) }}
 {{- end }}
-{{- if or (gt (len $v.run.id) 63) (not (regexMatch $dns $v.run.id)) }}
-{{- fail (printf "openbezoar: run.id %q is not a DNS label (lowercase letters, digits and '-', starting and ending alphanumeric, at most 63 characters)" $v.run.id) }}
-{{- end }}
-{{- if and (not $v.run.uri) (not $v.run.baseUri) }}
-{{- fail "openbezoar: set run.uri (the run location, e.g. s3://bucket/runs/<id>) or run.baseUri" }}
+{{- if and (not $v.run.uri) (not $v.run.baseUri) (not $v.runStore.enabled) }}
+{{- fail "openbezoar: set run.uri (the run location, e.g. s3://bucket/runs/<id>) or run.baseUri, or enable runStore" }}
 {{- end }}
 {{- end }}
 {{- if or $v.controller.enabled $v.retrain.schedule }}
 {{- if and $v.run.recipe $v.run.recipeInline }}
 {{- fail "openbezoar: set only one of run.recipe and run.recipeInline" }}
 {{- end }}
-{{- if not (or $v.run.recipe $v.run.recipeInline) }}
-{{- fail "openbezoar: set run.recipe (a recipe URI) or run.recipeInline (recipe YAML text)" }}
 {{- end }}
-{{- end }}
-{{- if and $v.retrain.schedule (not $v.run.baseUri) }}
-{{- fail "openbezoar: retrain.schedule needs run.baseUri (each scheduled run is <run.baseUri>/retrain-<timestamp>)" }}
+{{- if and $v.retrain.schedule (not $v.run.baseUri) (not $v.runStore.enabled) }}
+{{- fail "openbezoar: retrain.schedule needs run.baseUri or runStore (each scheduled run is <base>/retrain-<time>)" }}
 {{- end }}
 {{- if $v.teacher.enabled }}
 {{- if not (has $v.teacher.server (list "tgi" "vllm")) }}
@@ -264,6 +316,7 @@ The controller pod spec, shared by the run's Job and the retraining CronJob. Cal
 {{- define "openbezoar.controllerPodSpec" -}}
 {{- $ := .root }}
 {{- $v := $.Values }}
+{{- $store := include "openbezoar.onRunStore" $ }}
 serviceAccountName: {{ include "openbezoar.serviceAccountName" $ | quote }}
 # The one pod of the chart that talks to the API server (stage Jobs, pods, logs, teacher scale).
 automountServiceAccountToken: true
@@ -282,6 +335,15 @@ containers:
     env:
       - name: HOME
         value: /tmp
+      # The controller Job's uid: a retried controller pod recognises the stage Jobs that failed
+      # under this same Job and does not run them again.
+      - name: BEZOAR_CONTROLLER_UID
+        valueFrom:
+          fieldRef:
+            fieldPath: metadata.labels['batch.kubernetes.io/controller-uid']
+      {{- with .extraEnv }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
       {{- with (include "openbezoar.s3Env" $ | trim) }}{{ . | nindent 6 }}{{- end }}
     resources:
       {{- toYaml $v.controller.resources | nindent 6 }}
@@ -293,6 +355,10 @@ containers:
         readOnly: true
       - name: tmp
         mountPath: /tmp
+      {{- if $store }}
+      - name: runs
+        mountPath: {{ $v.runStore.mountPath }}
+      {{- end }}
       {{- with (include "openbezoar.s3CredentialsMount" $ | trim) }}{{ . | nindent 6 }}{{- end }}
 volumes:
   # /etc/bezoar/cluster.yaml (and /etc/bezoar/recipe.yaml for an inline recipe).
@@ -305,7 +371,7 @@ volumes:
             items:
               - key: cluster.yaml
                 path: cluster.yaml
-        {{- if $v.run.recipeInline }}
+        {{- if not $v.run.recipe }}
         - configMap:
             name: {{ include "openbezoar.recipeConfigMapName" $ }}
             items:
@@ -313,6 +379,11 @@ volumes:
                 path: recipe.yaml
         {{- end }}
   {{- with (include "openbezoar.tmpVolume" $ | trim) }}{{ . | nindent 2 }}{{- end }}
+  {{- if $store }}
+  - name: runs
+    persistentVolumeClaim:
+      claimName: {{ include "openbezoar.runStoreClaim" $ }}
+  {{- end }}
   {{- with (include "openbezoar.s3CredentialsVolume" $ | trim) }}{{ . | nindent 2 }}{{- end }}
 {{- with $v.controller.nodeSelector }}
 nodeSelector:
@@ -331,5 +402,56 @@ affinity:
 {{/* Skips shared by the controller Job and CronJob (metadata annotations, see tagPinSkips). */}}
 {{- define "openbezoar.controllerSkips" -}}
 checkov.io/skip1: CKV_K8S_38=the controller creates and watches stage Jobs through the API server so it needs its token; the Role bound to it is namespaced and least-privilege
-{{- with (include "openbezoar.tagPinSkips" (list .Values.controller.imageDigest 2) | trim) }}{{ . | nindent 0 }}{{- end }}
+{{- with (include "openbezoar.tagPinSkips" (list .Values.clusterSettings.images.digests.controller 2) | trim) }}{{ . | nindent 0 }}{{- end }}
+{{- end }}
+
+{{/* The controller Job's failure policy: stop at once on what a retry cannot cure. */}}
+{{- define "openbezoar.controllerFailurePolicy" -}}
+# Exit 2: bad input; 4: the run was cancelled; 5: a stage failed for good (a retried controller would
+# only run it again). Other exits (1 a crash, 3 the API server away too long) are retried within
+# backoffLimit: the next pod adopts the run's Jobs. A preemption is not a failure.
+podFailurePolicy:
+  rules:
+    - action: FailJob
+      onExitCodes:
+        containerName: controller
+        operator: In
+        values: [2, 4, 5]
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+{{- end }}
+
+{{/* NetworkPolicy egress rules: DNS (UDP and TCP 53) to the configured peers. */}}
+{{- define "openbezoar.egressDns" -}}
+- to:
+    {{- toYaml .dns | nindent 4 }}
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- end }}
+{{/* An egress rule: (list <peers> <ports>), TCP. */}}
+{{- define "openbezoar.egressTo" -}}
+- to:
+    {{- toYaml (index . 0) | nindent 4 }}
+  ports:
+    {{- range (index . 1) }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+
+{{/*
+checkov renders charts into the "default" namespace and flags CKV_K8S_21 there. The chart installs
+into the release namespace (`helm install -n <ns>`, as the README does); only when that namespace IS
+"default" does the object carry this skip, with the reason, so a scan of the chart directory shows
+every other finding. Usage, under metadata.annotations: include "openbezoar.nsSkip" .
+*/}}
+{{- define "openbezoar.nsSkip" -}}
+{{- if eq .Release.Namespace "default" }}
+checkov.io/skip9: CKV_K8S_21=the chart installs into the release namespace chosen with helm install -n (the README installs into its own); default is only what a scan renders into
+{{- end }}
 {{- end }}

@@ -1,0 +1,372 @@
+"""The Kubernetes backend of the scheduler: one :class:`KubernetesBackend` per ``bezoar run
+--executor kubernetes`` creates, adopts and watches the run's Jobs (what it does for each stage is
+described in :mod:`bezoar_jobs.executors.kubernetes`, which holds the entry points)."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from ..errors import RetryableError
+from ..recipe import Recipe
+from ..registry import spec
+from ..run_control import EXIT_CANCELLED, cancelled, write_controller_status
+from ..store import Store
+from .cluster import ClusterSettings
+from .jobs import COMPLETION_INDEX_ANNOTATION, Phase, build_job, is_sharded, job_name, run_selector, short_run_id
+from .k8s_api import condition
+from .k8s_diagnose import Diagnosis
+from .k8s_jobs import Event, JobApi, RunWatch, pod_job
+from .k8s_logs import LogFollower
+from .k8s_retry import ApiRetry
+from .k8s_teacher import TeacherLifecycle
+from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, StageEvent
+
+CANCEL_LOOK_S = 5.0  # how often a running controller reads the run's cancel mark
+
+
+@dataclass
+class _Tracked:
+    stage: str
+    phase: Phase
+    uid: str
+    job: dict[str, Any]
+
+
+class KubernetesBackend:
+    """Runs stages as Jobs of one run (see the module docstring). One instance per ``bezoar run``."""
+
+    parallel: int | None = None  # the cluster (and Kueue) decide how many run at once
+    wait_on_failure = False  # Jobs run on by themselves: the next `bezoar run` adopts them
+
+    def __init__(
+        self,
+        api_client: Any,
+        cluster: ClusterSettings,
+        run_uri: str,
+        run_id: str,
+        store: Store,
+        outcome: RunOutcome,
+        *,
+        out: TextIO | None = None,
+        image_digests: Mapping[str, str] | None = None,
+        recipe: Recipe | None = None,
+        controller_uid: str | None = None,
+        teacher_timeout_s: float | None = None,
+        teacher_poll_s: float = 2.0,
+        watch_timeout_s: int = 240,
+        api_outage_s: float | None = None,
+        api_backoff_cap_s: float = 30.0,
+        report_pending_s: float | None = None,
+        tick_s: float = 2.0,
+        log_reconnect_s: float = 1.0,
+    ):
+        from kubernetes import client
+
+        self.cluster = cluster
+        self.ns = cluster.namespace
+        self.run_uri = run_uri.rstrip("/")
+        self.run_id = run_id
+        self.store = store
+        self.outcome = outcome
+        self.out = out or sys.stdout
+        self.image_digests = image_digests
+        self.recipe = recipe
+        self.controller_uid = controller_uid
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.stop = threading.Event()
+        self._print_lock = threading.Lock()
+        tolerance = api_outage_s if api_outage_s is not None else cluster.controller.apiOutageToleranceSeconds
+        self.retry = ApiRetry(tolerance, self.say, self.stop, cap_s=api_backoff_cap_s)
+        batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+        self.jobs = JobApi(batch, core, self.ns, short_run_id(run_id), self.retry, controller_uid)
+        self.watch = RunWatch(batch, core, self.ns, run_selector(run_id), self.events, self.stop, watch_timeout_s,
+                              self.retry)
+        self.logs_ = LogFollower(core, self.ns, self.emit, self.say, self.stop, self.retry, log_reconnect_s)
+        self.teacher = TeacherLifecycle(client.AppsV1Api(api_client), core, self.ns, cluster.teacher, store,
+                                        short_run_id(run_id), self.say, self.events, self.stop, self.retry,
+                                        teacher_timeout_s, teacher_poll_s)
+        self.diag = Diagnosis(core, client.CustomObjectsApi(api_client), self.ns, self.say, self.retry,
+                              report_pending_s if report_pending_s is not None
+                              else cluster.controller.pendingReportSeconds, cluster.kueue.queueName)
+        self.tick_s = tick_s
+        self._next_tick = 0.0
+        self._next_cancel_look = 0.0
+        self._status_written = 0.0
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.active: dict[str, _Tracked] = {}  # Job name -> what it runs
+        self._waiting_teacher: list[str] = []
+        self._ended: list[StageEvent] = []
+        self._cancelled = False
+
+    # -- output ---------------------------------------------------------------------------------
+    def emit(self, line: str) -> None:
+        with self._print_lock:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def say(self, msg: str) -> None:
+        self.emit(f"[bezoar] {msg}")
+
+    # -- the backend interface ------------------------------------------------------------------
+    def start(self) -> None:
+        found = self.watch.start()
+        for pod in found["pod"]:
+            self.pods[pod["metadata"]["name"]] = pod
+
+    def submit(self, stage: str) -> None:
+        if self._check_cancelled():
+            self._ended.append(self._cancelled_event(stage))
+            return
+        if self.teacher.managed and "teacher" in spec(stage).needs and self.teacher.state != "ready":
+            if self.teacher.state == "failed":
+                self._ended.append(StageEvent(stage, EXIT_STAGE_FAILED, "TeacherNotReady",
+                                              "the teacher Deployment is not ready"))
+                return
+            self._waiting_teacher.append(stage)
+            self.teacher.request()
+            return
+        if is_sharded(stage, self.cluster) and self._adopt_running_commit(stage):
+            return
+        self._submit(stage, "main")
+
+    def wait(self, timeout: float) -> list[StageEvent]:
+        if not self._ended:
+            self._tick()
+        if not self._ended:
+            try:
+                kind, etype, obj = self.events.get(timeout=min(timeout, self.tick_s))
+            except queue.Empty:
+                return []
+            self._handle(kind, etype, obj)
+        out, self._ended = self._ended, []
+        return out
+
+    def stage_done(self, stage: str, skipped: bool) -> None:
+        self.diag.forget(stage, "Succeeded")
+        if spec(stage).family == "generate":
+            self.teacher.after_generation([t.stage for t in self.active.values()])
+
+    def running(self) -> list[str]:
+        return sorted({t.stage for t in self.active.values()} | set(self._waiting_teacher)
+                      | {ev.stage for ev in self._ended})
+
+    def cancel(self) -> None:
+        self.jobs.delete_run_jobs(run_selector(self.run_id))
+
+    def logs(self, stage: str) -> list[str]:
+        return list(self.logs_.tails.get(stage, ()))
+
+    def close(self) -> None:
+        self._write_status(force=True)
+        self.watch.close()
+        self.logs_.close()
+
+    def finish(self, outcome: RunOutcome) -> None:
+        """After the run: a run that stopped still holding the teacher gives its lease back (and the
+        teacher goes to 0 when no other run holds it), so a failed run does not keep GPUs busy."""
+        if self.teacher.held:
+            why = f"the run stopped ({outcome.failed_stage}: {outcome.reason})" if outcome.failed_stage else \
+                "the run is done"
+            self.teacher.release(scale_down=self.cluster.teacher.scaleDownAfterGeneration, why=why)
+
+    # -- periodic checks ------------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self.tick_s
+        look = now >= self._next_cancel_look  # the store is asked at most every CANCEL_LOOK_S
+        if look:
+            self._next_cancel_look = now + max(self.tick_s, CANCEL_LOOK_S)
+        if look and self._check_cancelled():
+            for t in list(self.active.values()):
+                self._ended.append(self._cancelled_event(t.stage))
+            self.active.clear()
+            for s in self._waiting_teacher:
+                self._ended.append(self._cancelled_event(s))
+            self._waiting_teacher = []
+            with contextlib.suppress(Exception):  # the canceller deletes them too
+                self.jobs.delete_run_jobs(run_selector(self.run_id))
+            return
+        for name, t in list(self.active.items()):
+            has_pods = any(pod_job(p)[1] == t.uid for p in self.pods.values())
+            verdict = self.diag.check_job(t.stage, t.job, has_pods)
+            if verdict is not None:
+                del self.active[name]
+                self._ended.append(StageEvent(t.stage, EXIT_BAD_INPUT, verdict.reason, verdict.message))
+        self._write_status()
+
+    def _check_cancelled(self) -> bool:
+        if not self._cancelled:
+            try:
+                self._cancelled = cancelled(self.store) is not None
+            except Exception:  # the store is checked again at the next tick
+                return False
+        return self._cancelled
+
+    def _cancelled_event(self, stage: str) -> StageEvent:
+        return StageEvent(stage, EXIT_CANCELLED, "Cancelled",
+                          f"run {self.run_id} was cancelled (bezoar cancel); its Jobs are deleted")
+
+    def _write_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (force or (self.diag.changed and now - self._status_written >= 5.0)):
+            return
+        self._status_written = now
+        with contextlib.suppress(Exception):  # status is for people; never stop a run over it
+            write_controller_status(self.store, {
+                "run_id": self.run_id, "namespace": self.ns,
+                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "stages": self.diag.snapshot(),
+            })
+
+    # -- events ---------------------------------------------------------------------------------
+    def _handle(self, kind: str, etype: str, obj: Any) -> None:
+        if kind == "job":
+            if etype == "RELIST":
+                self._relist_jobs(obj)
+            else:
+                self._on_job(obj, deleted=etype == "DELETED")
+        elif kind == "pod":
+            if etype == "RELIST":
+                for p in obj:
+                    self._on_pod(p)
+            elif etype == "DELETED":
+                self.pods.pop(obj["metadata"]["name"], None)
+            else:
+                self._on_pod(obj)
+        elif kind == "teacher":
+            waiting, self._waiting_teacher = self._waiting_teacher, []
+            if etype == "ready":
+                self.teacher.state = "ready"
+                for s in waiting:
+                    self.submit(s)
+            else:
+                self.teacher.state = "failed"
+                code = EXIT_BAD_INPUT if etype == "bad" else EXIT_STAGE_FAILED
+                for s in waiting:
+                    self._ended.append(StageEvent(s, code, "TeacherNotReady", str(obj)))
+        elif kind == "watch-error":
+            raise RetryableError(f"watching the run's {etype}s failed: {obj}")
+
+    # -- Jobs -----------------------------------------------------------------------------------
+    def _adopt_running_commit(self, stage: str) -> bool:
+        """After a restart, a sharded stage may already be committing: adopt that Job, do not
+        start the shards again next to it."""
+        name = job_name(stage, self.run_id, "commit")
+        existing = self.jobs.get(name)
+        if existing is None or condition(existing) is not None or not self.jobs.belongs(existing, stage):
+            return False
+        self.say(f"{stage}: adopting running Job {name}")
+        self.outcome.adopted.append(name)
+        self._track(name, stage, "commit", existing)
+        return True
+
+    def _submit(self, stage: str, phase: Phase) -> None:
+        """Create (or adopt) the Job running ``stage``/``phase`` and track it."""
+        body = build_job(stage, self.run_uri, self.run_id, self.cluster, self.image_digests, phase=phase,
+                         recipe=self.recipe, controller_uid=self.controller_uid)
+        name = body["metadata"]["name"]
+        job, how = self.jobs.create_or_adopt(
+            body, stage, on_replace=lambda n: self.say(f"{stage}: deleting finished Job {n} from an earlier attempt"))
+        if how == "failed":
+            self.say(f"{stage}: Job {name} already failed under this controller Job; not running it again")
+            cond = condition(job) or {}
+            self._ended.append(self._failed(stage, name, job["metadata"]["uid"], cond))
+            return
+        if how == "adopted":
+            self.say(f"{stage}: adopting running Job {name}")
+            self.outcome.adopted.append(name)
+        else:
+            self.say(
+                f"{stage}: created Job {name}"
+                + (" (shards)" if is_sharded(stage, self.cluster) and phase == "main" else "")
+            )
+            self.outcome.created.append(name)
+            # a cancel that came between the check in submit() and the create: undo our own create
+            self._cancelled = False
+            if self._check_cancelled():
+                with contextlib.suppress(Exception):
+                    self.jobs.delete_and_wait(name, job["metadata"]["uid"], timeout=30)
+                self._ended.append(self._cancelled_event(stage))
+                return
+        self._track(name, stage, phase, job)
+
+    def _track(self, name: str, stage: str, phase: Phase, job: dict[str, Any]) -> None:
+        self.active[name] = _Tracked(stage, phase, job["metadata"]["uid"], job)
+        self.diag.track(stage, name)
+        self.logs_.tail(stage)
+        for pod in list(self.pods.values()):  # pods we saw before we knew the Job (adoption)
+            self._on_pod(pod)
+        self._on_job(job)
+
+    def _relist_jobs(self, items: list[dict[str, Any]]) -> None:
+        seen = {j["metadata"]["name"] for j in items}
+        for j in items:
+            self._on_job(j)
+        for name, t in list(self.active.items()):
+            if name not in seen:
+                self._on_job({"metadata": {"name": name, "uid": t.uid}}, deleted=True)
+
+    def _on_job(self, job: dict[str, Any], deleted: bool = False) -> None:
+        name = job["metadata"]["name"]
+        t = self.active.get(name)
+        if t is None or job["metadata"].get("uid") != t.uid:
+            return  # not ours (an older Job of the same name, another stage's history)
+        if deleted:
+            del self.active[name]
+            self._cancelled = False
+            if self._check_cancelled():
+                self._ended.append(self._cancelled_event(t.stage))
+                return
+            self._ended.append(StageEvent(t.stage, EXIT_STAGE_FAILED, "JobDeleted",
+                                          f"Job {name} was deleted while it ran (by hand?)",
+                                          self._last_lines(t.stage, t.uid)))
+            return
+        t.job = job
+        cond = condition(job)
+        if cond is None:
+            return
+        del self.active[name]
+        if cond["type"] == "Failed":
+            self.diag.failed(t.stage, cond.get("reason") or "Failed", cond.get("message") or "")
+            self._ended.append(self._failed(t.stage, name, t.uid, cond))
+        elif t.phase == "main" and is_sharded(t.stage, self.cluster):
+            self.say(f"{t.stage}: all {self.cluster.generationShards} shards done; committing")
+            self._submit(t.stage, "commit")
+        else:
+            self._ended.append(StageEvent(t.stage, 0, "Complete", f"Job {name} completed"))
+
+    def _failed(self, stage: str, name: str, uid: str, cond: dict[str, Any]) -> StageEvent:
+        reason = cond.get("reason") or "Failed"
+        message = cond.get("message") or ""
+        codes = self.jobs.exit_codes(uid, self.pods)
+        # Our podFailurePolicy's only FailJob rule is "the stage exited 2" (bad input).
+        bad_input = reason == "PodFailurePolicy" or bool(codes and codes[-1] == 2)
+        if codes:
+            message += f" (exit code{'s' if len(codes) > 1 else ''} of its pods: {', '.join(map(str, codes))})"
+        return StageEvent(stage, EXIT_BAD_INPUT if bad_input else EXIT_STAGE_FAILED, reason, f"Job {name}: {message}",
+                          self._last_lines(stage, uid))
+
+    def _last_lines(self, stage: str, uid: str) -> list[str]:
+        return self.logs_.last_lines(stage, self.jobs.pods_of(uid, self.pods))
+
+    # -- pods -----------------------------------------------------------------------------------
+    def _on_pod(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        self.pods[meta["name"]] = pod
+        job, uid = pod_job(pod)
+        t = self.active.get(job)
+        if t is None or uid != t.uid:
+            return
+        self.diag.on_pod(t.stage, pod)
+        index = (meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+        sharded = index is not None and t.phase == "main" and is_sharded(t.stage, self.cluster)
+        self.logs_.follow(pod, t.stage, f"[{t.stage}#{index}]" if sharded else f"[{t.stage}]")

@@ -1,0 +1,117 @@
+"""One concurrency budget for the teacher: the stages and shards that call it divide its capacity.
+
+A TGI server admits ``--max-concurrent-requests`` (default 128) requests at once and answers 429
+"Model is overloaded" to the next one; vLLM queues beyond ``--max-num-seqs``. The three generate
+stages run side by side, each possibly in N shards, and each client keeps ``teacher.max_concurrency``
+requests in flight: 3 x N x 64 would be 192..768 against 128 slots, a storm of 429s and, once a
+record's retries run out, lost rows. So every pod that calls the teacher gets a share:
+
+    share = capacity // parties            (at least 1; the cluster settings refuse fewer slots than parties)
+    in flight per pod = min(teacher.max_concurrency, share)
+
+so the total in flight never exceeds the capacity. ``capacity`` is what TGI reports at ``GET /info``
+(``max_concurrent_requests``), else the configured ``BEZOAR_TEACHER_CAPACITY`` (the chart sets it
+from the server flag it passes: TGI ``--max-concurrent-requests``, vLLM ``--max-num-seqs``). The
+server's own answer wins when the two differ (a hand-edited flag). ``parties`` is
+``BEZOAR_TEACHER_PARTIES``: the Kubernetes Job builder sets it to (stages that call the teacher) x
+``generationShards``; the local executor to the number of such stages it runs side by side. With
+neither a capacity nor parties known, the recipe's ``max_concurrency`` stands alone (and is logged).
+
+The division is static and even: a stage that finishes early leaves its share unused. A budget that
+moves shares to the stages still running would build on :func:`share` (same inputs, more parties
+information); this module is the one place that decides how many requests a teacher client may send.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ..errors import BadInput
+from ..recipe_base import Endpoint
+
+log = logging.getLogger("bezoar")
+
+CAPACITY_ENV = "BEZOAR_TEACHER_CAPACITY"
+PARTIES_ENV = "BEZOAR_TEACHER_PARTIES"
+BUDGETED_BACKENDS = ("tgi", "openai-completions")
+INFO_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    capacity: int | None  # the server's concurrent-request limit (None: unknown)
+    source: str  # where the capacity came from
+    parties: int  # pods sharing it
+    share: int | None  # requests this pod may keep in flight (None: no limit from the budget)
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadInput(f"{name}={raw!r}: expected a whole number") from None
+    if v < 0:
+        raise BadInput(f"{name}={raw!r}: must not be negative")
+    return v or None
+
+
+def tgi_info_capacity(base_url: str, api_key: str | None = None, timeout: float = INFO_TIMEOUT_S) -> int | None:
+    """``max_concurrent_requests`` from a TGI server's ``GET /info``, or None when it does not say."""
+    req = urllib.request.Request(base_url.rstrip("/") + "/info", headers={"Accept": "application/json"})
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            info = json.loads(resp.read().decode("utf-8", "replace"))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        log.info("teacher: GET %s/info failed (%s); using the configured capacity", base_url.rstrip("/"), e)
+        return None
+    v = info.get("max_concurrent_requests") if isinstance(info, dict) else None
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def share(endpoint: Endpoint, api_key: str | None = None, environ: Mapping[str, str] | None = None,
+          probe: Callable[[str, str | None], int | None] = tgi_info_capacity) -> Budget:
+    """This pod's share of the teacher's capacity (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    parties = _int_env(env, PARTIES_ENV) or 1
+    configured = _int_env(env, CAPACITY_ENV)
+    capacity, source = configured, CAPACITY_ENV if configured else "unknown"
+    if endpoint.backend == "tgi" and endpoint.base_url:
+        reported = probe(endpoint.base_url, api_key)
+        if reported:
+            if configured and reported != configured:
+                log.warning("teacher: TGI reports max_concurrent_requests=%d, the cluster settings say %d: "
+                            "using the server's", reported, configured)
+            capacity, source = reported, "TGI /info max_concurrent_requests"
+    if capacity is None:
+        return Budget(None, source, parties, None)
+    if capacity < parties:
+        raise BadInput(f"teacher: its capacity ({capacity} concurrent requests, from {source}) cannot be shared "
+                       f"by {parties} pods ({PARTIES_ENV}): raise the server's limit or lower generationShards")
+    return Budget(capacity, source, parties, capacity // parties)
+
+
+def apply(endpoint: Endpoint, role: str, api_key: str | None = None,
+          environ: Mapping[str, str] | None = None) -> Endpoint:
+    """The endpoint with ``max_concurrency`` cut to this pod's share (teacher servers only)."""
+    if role != "teacher" or endpoint.backend not in BUDGETED_BACKENDS:
+        return endpoint
+    b = share(endpoint, api_key, environ)
+    if b.share is None:
+        log.info("teacher: capacity unknown (no %s, no TGI /info): each of %d pod(s) keeps up to %d requests in "
+                 "flight (teacher.max_concurrency)", CAPACITY_ENV, b.parties, endpoint.max_concurrency)
+        return endpoint
+    n = min(endpoint.max_concurrency, b.share)
+    log.info("teacher: %d request(s) in flight at most: %d slots (%s) shared by %d pod(s), recipe "
+             "max_concurrency %d", n, b.capacity, b.source, b.parties, endpoint.max_concurrency)
+    return endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})

@@ -1,0 +1,111 @@
+"""What controls a run beyond its stages, kept in the run store so every controller of the run sees it.
+
+- **Cancelled** (``<run>/_control/cancelled.json``): ``bezoar cancel`` writes it before deleting the
+  run's Jobs. Every ``bezoar run`` of the run (a retried controller pod, a CronJob retry, CI re-running
+  the workflow, a laptop) refuses to start while it is there, and a running controller stops when it
+  appears, so a cancel cannot be undone by a controller that happened to restart. ``bezoar cancel
+  --undo`` removes it.
+- **The frozen recipe, written once**: the first controller of a run writes ``<run>/recipe.yaml``; a
+  later one (a retry, a restart) with the same text writes nothing, and one with a different text
+  is refused (exit 2) unless told to replace it, so a retried controller never changes a run's
+  recipe behind the stages already committed from it.
+- **Controller status** (``<run>/_control/status.json``): what the Kubernetes controller last saw of
+  each stage it runs (Pending and why the scheduler says so, suspended by Kueue and why, running),
+  for ``bezoar status``.
+
+Store operations only: no Kubernetes client, no stage code.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from .errors import BadInput
+from .layout import CANCELLED_FILE, CONTROLLER_STATUS_FILE, RECIPE_FILE
+from .store import Store
+
+EXIT_CANCELLED = 4
+
+
+class RunCancelled(BadInput):
+    """The run was cancelled: no controller may start or go on. Exit 4 (the controller Job stops)."""
+
+    exit_code = EXIT_CANCELLED
+
+
+def cancel_run(store: Store, reason: str = "bezoar cancel") -> dict[str, Any]:
+    """Mark the run cancelled (idempotent: the first marker is kept)."""
+    existing = cancelled(store)
+    if existing is not None:
+        return existing
+    marker = {"cancelled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": reason,
+              "host": socket.gethostname()}
+    store.write_text(CANCELLED_FILE, json.dumps(marker, indent=2) + "\n")
+    return marker
+
+
+def cancelled(store: Store) -> dict[str, Any] | None:
+    """The cancel marker, or None while the run is not cancelled."""
+    if not store.exists(CANCELLED_FILE):
+        return None
+    try:
+        data = json.loads(store.read_text(CANCELLED_FILE))
+    except (ValueError, BadInput):
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
+def uncancel(store: Store) -> bool:
+    """Remove the marker (``bezoar cancel --undo``); whether there was one."""
+    if not store.exists(CANCELLED_FILE):
+        return False
+    store.delete(CANCELLED_FILE)
+    return True
+
+
+def refuse_if_cancelled(store: Store) -> None:
+    marker = cancelled(store)
+    if marker is not None:
+        raise RunCancelled(
+            f"run {store.uri} was cancelled at {marker.get('cancelled_at', '?')} "
+            f"({marker.get('by', 'bezoar cancel')}): "
+            f"nothing is started; `bezoar cancel --run {store.uri} --undo` lifts it, or start a new run id"
+        )
+
+
+def freeze_once(store: Store, text: str, source: str, replace: bool = False) -> str:
+    """Freeze the recipe into the run unless the run already has it: ``"written"``, ``"unchanged"``
+    or (``replace``) ``"replaced"``. A different frozen recipe without ``replace`` is BadInput."""
+    from .state import freeze_recipe
+
+    if store.exists(RECIPE_FILE):
+        frozen = store.read_text(RECIPE_FILE)
+        if frozen == text:
+            return "unchanged"
+        if not replace:
+            raise BadInput(
+                f"{source}: differs from the recipe frozen in {store.url(RECIPE_FILE)} when the run started; a run's "
+                "recipe is written once, so a retried or restarted controller cannot change it. Start a new run id, "
+                "or pass --refreeze to replace it (the stages whose parameters changed then rerun)"
+            )
+        freeze_recipe(store, text, source)
+        return "replaced"
+    freeze_recipe(store, text, source)
+    return "written"
+
+
+def write_controller_status(store: Store, status: dict[str, Any]) -> None:
+    store.write_text(CONTROLLER_STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
+
+
+def read_controller_status(store: Store) -> dict[str, Any] | None:
+    if not store.exists(CONTROLLER_STATUS_FILE):
+        return None
+    try:
+        data = json.loads(store.read_text(CONTROLLER_STATUS_FILE))
+    except (ValueError, BadInput):
+        return None
+    return data if isinstance(data, dict) else None
