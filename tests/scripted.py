@@ -49,7 +49,7 @@ def scripted_recipe(tmp: Path, url: str, **overrides) -> Path:
         "backend": "tgi",
         "model": "scripted/teacher",
         "base_url": url,
-        "prompt_format": "<|prompt|>{system}{user}<|endoftext|><|answer|>",
+        "prompt_format": "<|prompt|>{user}<|endoftext|><|answer|>",  # h2oGPT: no system slot
         "api_key_env": "SCRIPTED_JUDGE_KEY",  # a TGI behind a gateway that wants a bearer token
         "max_concurrency": 8,
         "max_retries": 3,
