@@ -21,6 +21,7 @@ from .errors import BadInput
 from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
+from .registry import SFT_ALIAS, resolve_checkpoint
 from .yamlmodel import key_lines, parse_yaml, validate
 
 SCHEMA_VERSION = 1
@@ -172,7 +173,17 @@ class Recipe(Strict):
     def _cross(self) -> Recipe:
         if self.filter.method == "logprobs" and self.judge.backend != "local":
             raise ValueError("filter.method 'logprobs' needs judge.backend 'local' (remote APIs give no token scores)")
+        resolved = self.evaluated_checkpoints()
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(
+                f"evaluation.checkpoints: {list(self.evaluation.checkpoints)} names one stage twice "
+                f"('{SFT_ALIAS}' is {resolve_checkpoint(SFT_ALIAS, self)} with this training.sft_order)"
+            )
         return self
+
+    def evaluated_checkpoints(self) -> tuple[str, ...]:
+        """evaluation.checkpoints as stage names ('sft' is the last scheme SFT stage, OpenBezoar-SFT)."""
+        return tuple(resolve_checkpoint(c, self) for c in self.evaluation.checkpoints)
 
     @field_validator("name")
     @classmethod

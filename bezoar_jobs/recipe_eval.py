@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Strict
-from .registry import DEFAULT_EVALUATED, TRAINED_STAGES
+from .registry import DEFAULT_CHECKPOINTS, SFT_ALIAS, TRAINED_STAGES
 
 # checkpoint names a recipe may list: the base (student) model and every training stage's output
 BASE = "base"
@@ -145,8 +145,9 @@ class MTBenchConfig(Strict):
 
 class EvaluationConfig(Strict):
     checkpoints: tuple[str, ...] = Field(
-        (BASE, *DEFAULT_EVALUATED),
-        description=f"'{BASE}' (the student) and/or training stages whose committed model/ is evaluated",
+        (BASE, *DEFAULT_CHECKPOINTS),
+        description=f"'{BASE}' (the student) and/or training stages whose committed model/ is evaluated; "
+        f"'{SFT_ALIAS}' is OpenBezoar-SFT: the last scheme SFT stage of training.sft_order",
     )
     baselines: tuple[Baseline, ...] = Field((), description="outside models evaluated beside the checkpoints")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -157,7 +158,7 @@ class EvaluationConfig(Strict):
     @field_validator("checkpoints")
     @classmethod
     def _checkpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        allowed = (BASE, *TRAINED_STAGES)
+        allowed = (BASE, SFT_ALIAS, *TRAINED_STAGES)
         bad = [c for c in v if c not in allowed]
         if bad:
             raise ValueError(f"unknown checkpoint(s) {bad}; choose from {', '.join(allowed)}")
@@ -168,7 +169,7 @@ class EvaluationConfig(Strict):
     @model_validator(mode="after")
     def _names(self) -> EvaluationConfig:
         names = [b.name for b in self.baselines]
-        clash = sorted({n for n in names if names.count(n) > 1 or n in (BASE, *TRAINED_STAGES)})
+        clash = sorted({n for n in names if names.count(n) > 1 or n in (BASE, SFT_ALIAS, *TRAINED_STAGES)})
         if clash:
             raise ValueError(f"baseline name(s) {clash} repeat or clash with checkpoint names")
         if not self.checkpoints and not self.baselines:

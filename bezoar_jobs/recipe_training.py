@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from .recipe_base import DatasetSource, PosInt, Strict
-from .registry import SCHEME_NAMES, SFT_STAGES
+from .registry import DEFAULT_SFT_ORDER, SCHEME_NAMES, SFT_STAGES
 
 SCHEMES: tuple[str, ...] = SCHEME_NAMES
 
@@ -128,7 +128,9 @@ class PushConfig(Strict):
 
 class TrainingConfig(Strict):
     sft_order: tuple[str, ...] = Field(
-        SCHEMES, description="order of the scheme SFT stages; each starts from the previous one's model"
+        DEFAULT_SFT_ORDER,
+        description="order of the scheme SFT stages; each starts from the previous one's model (default lamini, "
+        "orca, evol: the model card's order and the authors' intermediate checkpoint's name, docs/recipe.md)",
     )
     quantization: Literal["auto", "4bit", "none"] = Field(
         "auto", description="auto: 4-bit NF4 QLoRA on CUDA, plain LoRA on CPU; 4bit / none force one"

@@ -86,10 +86,9 @@ def test_anthropic_sends_the_system_parameter():
 
 
 def test_local_backend_uses_the_chat_template_system_turn(tmp_path):
-    from tests.tiny_model import build_tiny_model
-
     from bezoar_jobs.llm.local import LocalClient
     from bezoar_jobs.models import load_tokenizer
+    from tests.tiny_model import build_tiny_model
 
     tok = load_tokenizer(build_tiny_model(tmp_path / "m"))
     tok.chat_template = (
@@ -102,4 +101,5 @@ def test_local_backend_uses_the_chat_template_system_turn(tmp_path):
     )
     raw = LocalClient(Endpoint(backend="local", model="tiny", prompt_format="<|prompt|>{user}<|endoftext|><|answer|>"),
                       "teacher", model=object(), tokenizer=tok)
-    assert raw.render(GenRequest(id="a", user=USER, system=SYSTEM)) == f"<|prompt|>{SYSTEM}\n\n{USER}<|endoftext|><|answer|>"
+    expected = f"<|prompt|>{SYSTEM}\n\n{USER}<|endoftext|><|answer|>"
+    assert raw.render(GenRequest(id="a", user=USER, system=SYSTEM)) == expected

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover
     from tiny_model import build_tiny_model  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINING_STAGES = ("sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo")
+TRAINING_STAGES = ("sft-lamini", "sft-orca", "sft-evol", "sft-hh", "dpo")  # the default chain
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -193,7 +193,7 @@ def test_every_recipe_builds_every_training_stage_on_cpu(recipe_file: Path, tmp_
 
     recipe, _ = load_recipe(recipe_file)
     t = recipe.training
-    assert list(t.sft_order) == ["lamini", "evol", "orca"]
+    assert list(t.sft_order) == ["lamini", "orca", "evol"]  # the paper's order (docs/recipe.md)
     for cuda in (False, True):  # this machine's plan, and the plan of a GPU node (validated here, on CPU)
         plan = device_plan(t, cuda=cuda, bf16_ok=cuda)
         assert plan.quantize_4bit == (t.quantization == "4bit" or (t.quantization == "auto" and cuda))
@@ -215,8 +215,8 @@ def test_every_recipe_builds_every_training_stage_on_cpu(recipe_file: Path, tmp_
             assert c.lora.r == (t.dpo_lora() if stage == "dpo" else t.lora)["r"]
             if not cuda:
                 assert "paged" not in str(a.optim)  # paged optimizers need CUDA: AdamW on CPU
-            assert c.base_stage == {"sft-lamini": None, "sft-evol": "sft-lamini", "sft-orca": "sft-evol",
-                                    "sft-hh": "sft-orca", "dpo": "sft-hh"}[stage]
+            assert c.base_stage == {"sft-lamini": None, "sft-orca": "sft-lamini", "sft-evol": "sft-orca",
+                                    "sft-hh": "sft-evol", "dpo": "sft-hh"}[stage]
 
 
 def test_openbezoar_values_from_the_paper() -> None:
@@ -293,34 +293,35 @@ def test_a_custom_sft_order_rewires_the_stage_graph(tmp_path: Path, tiny: Path) 
     from bezoar_jobs.pipeline import stage_inputs, waits_for
     from bezoar_jobs.training.config import build_stage_configs, device_plan
 
-    recipe, _ = make_recipe(tmp_path, tiny, {"sft_order": ["lamini", "orca", "evol"]})
+    recipe, _ = make_recipe(tmp_path, tiny, {"sft_order": ["evol", "lamini", "orca"]})
     plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
     bases = {s: build_stage_configs(recipe.training, recipe.seed, s, tmp_path, plan=plan).base_stage
-             for s in ("sft-lamini", "sft-orca", "sft-evol", "sft-hh")}
-    assert bases == {"sft-lamini": None, "sft-orca": "sft-lamini", "sft-evol": "sft-orca", "sft-hh": "sft-evol"}
+             for s in ("sft-evol", "sft-lamini", "sft-orca", "sft-hh")}
+    assert bases == {"sft-evol": None, "sft-lamini": "sft-evol", "sft-orca": "sft-lamini", "sft-hh": "sft-orca"}
     # the executors schedule (and hash) exactly the model each stage starts from
     for stage, base in bases.items():
         inputs = stage_inputs(stage, recipe)
         assert [i for i in inputs if i.startswith("sft-")] == ([base] if base else [])
-    assert stage_inputs("sft-evol", recipe) == ("filter-evol", "sft-orca")
+    assert stage_inputs("sft-lamini", recipe) == ("filter-lamini", "sft-evol")
     chain = ["sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo"]
     assert {s: waits_for(s, chain, recipe) for s in chain} == {
-        "sft-lamini": [],
+        "sft-evol": [],
+        "sft-lamini": ["sft-evol"],
         "sft-orca": ["sft-lamini"],
-        "sft-evol": ["sft-orca"],
-        "sft-hh": ["sft-evol"],
+        "sft-hh": ["sft-orca"],
         "dpo": ["sft-hh"],
     }
-    # without a recipe (or with the default order) the static graph applies
-    assert stage_inputs("sft-evol") == ("filter-evol", "sft-lamini")
-    # and the stages run in that order: sft-orca second, from sft-lamini (sft-evol not there yet)
+    # without a recipe (or with the default order lamini, orca, evol) the static graph applies
+    assert stage_inputs("sft-evol") == ("filter-evol", "sft-orca")
+    assert stage_inputs("sft-lamini") == ("filter-lamini",)
+    # and the stages run in that order: sft-lamini second, from sft-evol
     store = open_store(tmp_path / "run")
+    commit_filter(store, "evol", evol_rows(8), tmp_path)
     commit_filter(store, "lamini", lamini_rows(8), tmp_path)
-    commit_filter(store, "orca", orca_rows(8), tmp_path)
+    assert run_stage("sft-evol", recipe, store) == 0
     assert run_stage("sft-lamini", recipe, store) == 0
-    assert run_stage("sft-orca", recipe, store) == 0
-    m = read_manifest(store, "sft-orca")
-    assert m is not None and set(m["inputs"]) == {"filter-orca", "sft-lamini"} and m["base_stage"] == "sft-lamini"
+    m = read_manifest(store, "sft-lamini")
+    assert m is not None and set(m["inputs"]) == {"filter-lamini", "sft-evol"} and m["base_stage"] == "sft-evol"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,11 +850,11 @@ def test_the_five_training_stages_chain_through_the_s3_store(
     assert [ms[s]["base_model"] for s in TRAINING_STAGES] == [
         str(tiny),
         "sft-lamini/model",
-        "sft-evol/model",
         "sft-orca/model",
+        "sft-evol/model",
         "sft-hh/model",
     ]
-    assert ms["sft-orca"]["inputs"].keys() == {"filter-orca", "sft-evol"}
+    assert ms["sft-evol"]["inputs"].keys() == {"filter-evol", "sft-orca"}
     assert all(ms[s]["counts"]["steps"] == 4 for s in TRAINING_STAGES)
     assert all(ms[s]["training"]["merged"]["dtype"] == "bfloat16" for s in TRAINING_STAGES)
     assert json.loads(store.read_text("dpo/model/config.json"))["dtype"] == "bfloat16"

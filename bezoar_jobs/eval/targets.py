@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Target:
-    label: str  # row name in results and the report: base, sft-orca, ..., or a baseline's name
+    label: str  # row name in results and the report: base, sft-evol, ..., or a baseline's name
     kind: str  # base | checkpoint | baseline
     model: str  # reference: student model, "<stage>/model", or the baseline's model
     revision: str | None
@@ -46,7 +46,7 @@ def targets(ctx: StageContext) -> list[Target]:
     r = ctx.recipe
     ev = r.evaluation
     out = []
-    for name in ev.checkpoints:
+    for name in r.evaluated_checkpoints():
         if name == BASE:
             s = r.student
             out.append(Target(BASE, "base", s.model, s.revision,
