@@ -136,20 +136,28 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'stage':<16} {'action':<5} {'requests':>9} {'tokens in':>10} {'tokens out':>11} {'cost $':>8}  why")
+
+    def money(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    print(f"{'stage':<16} {'action':<5} {'requests':>9} {'tokens in':>10} {'tokens out':>11} {'out worst':>10} "
+          f"{'cost $':>8} {'worst $':>8}  why")
     for r in rows:
-        cost = "-" if r["cost_usd"] is None else f"{r['cost_usd']:.2f}"
         print(
             f"{r['stage']:<16} {r['action']:<5} {r['requests']:>9} {r['prompt_tokens']:>10} "
-            f"{r['completion_tokens']:>11} {cost:>8}  {r['why']}"
+            f"{r['completion_tokens']:>11} {r['completion_tokens_max']:>10} {money(r['cost_usd']):>8} "
+            f"{money(r['cost_usd_max']):>8}  {r['why']}"
         )
     total = [r for r in rows if r["action"] == "run"]
     costs = [r["cost_usd"] for r in total if r["cost_usd"] is not None]
+    worst = [r["cost_usd_max"] for r in total if r["cost_usd_max"] is not None]
+    gpu = [r["teacher_gpu_hours"] for r in total if r["teacher_gpu_hours"] is not None]
     print(
         f"to run: {len(total)} stage(s), ~{sum(r['requests'] for r in total)} requests"
-        + (f", ~${sum(costs):.2f} at the recipe's prices" if costs else "")
+        + (f", ~${sum(costs):.2f} at the recipe's prices (worst case ${sum(worst):.2f})" if costs else "")
+        + (f", ~{sum(gpu):.2f} teacher GPU-hours at the throughput this run measured" if gpu else "")
     )
-    print("(requests and tokens are upper bounds from the recipe's counts and max_new_tokens)")
+    print("(tokens out: typical answer lengths; 'worst': every answer at max_new_tokens, the bound)")
     return 0
 
 

@@ -270,6 +270,27 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False, pa
     return tok
 
 
+def load_tokenizer_of(ref: str, revision: str | None = None, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model reference (hub id, directory, s3://, pkg:// GGUF). For a hub id only
+    the tokenizer's files are downloaded (a 40B teacher's weights are not needed to count tokens)."""
+    if _HUB_ID.match(ref) and not Path(ref).exists():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise BadInput(
+                f"tokenizer {ref!r} revision {revision!r}: cannot be loaded: {str(e).splitlines()[0]}"
+            ) from None
+    if ref.startswith(("pkg://", "s3://")):
+        return load_tokenizer(resolve_model(ref, revision, trust_remote_code=trust_remote_code),
+                              trust_remote_code=trust_remote_code)
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if not path.is_dir():
+        raise BadInput(f"tokenizer {ref!r}: not a directory, s3:// URI, pkg:// GGUF file or hub id")
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
 def load_causal_lm(
     model_dir: str | Path, dtype: str = "auto", device: str = "auto", *, trust_remote_code: bool = False
 ) -> Any:

@@ -53,7 +53,18 @@ class LaminiConfig(Strict):
     examples_per_prompt: PosInt = 3
     topics_per_prompt: PosInt = 3
     instructions_per_prompt: PosInt = 20
-    topics: DatasetSource | None = Field(None, description="one topic per row (column 'topic')")
+    topics: DatasetSource | None = Field(
+        None,
+        description="a file of topics (column 'topic'); null: the teacher proposes topics per dolly category "
+        "in a first phase (checked and deduplicated, saved with the stage's output)",
+    )
+    topics_per_category: PosInt = Field(20, description="topics asked of the teacher per dolly category")
+    topic_max_words: PosInt = Field(3, description="a proposed topic has 1 to this many words (LaMini: short names)")
+    topic_list_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topics.txt"),
+        description="the topic-proposal prompt: {category} {examples} {n}",
+    )
+    topic_decoding: Decoding = Decoding(max_new_tokens=256, temperature=0.7, top_p=0.9)
     example_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_example.txt")
     topic_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topic.txt")
     response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
@@ -63,16 +74,21 @@ class LaminiConfig(Strict):
     max_instructions: PosInt | None = Field(None, description="cap on instructions sent for responses")
 
 
+EvolOperation = Literal["constraints", "deepen", "concretize", "reasoning", "complicate_input"]
+
+
 class EvolConfig(Strict):
     seed_data: Literal["dolly"] = "dolly"
     seeds: PosInt = Field(1000, description="dolly instructions that start the pool")
     rounds: PosInt = Field(4, description="evolution rounds (WizardLM default; unknown for OpenBezoar)")
-    in_depth_weight: Prob = Field(0.5, description="probability of an in-depth step versus in-breadth")
-    depth_operations: tuple[Literal["constraints", "deepen", "concretize", "reasoning"], ...] = (
-        "constraints",
-        "deepen",
-        "concretize",
-        "reasoning",
+    in_depth_weight: Prob | None = Field(
+        None,
+        description="probability of an in-depth step versus in-breadth; null: every prompt (each depth operation "
+        "and breadth) equally likely, as WizardLM's code picks among its five prompts (in-depth 0.8)",
+    )
+    depth_operations: tuple[EvolOperation, ...] = Field(
+        ("constraints", "deepen", "concretize", "reasoning"),
+        description="in-depth operations (WizardLM's released code); add complicate_input for the paper's fifth",
     )
     templates_dir: str = Field("pkg://bezoar_jobs/templates/evol", description="one file per operation")
     response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
@@ -83,6 +99,15 @@ class EvolConfig(Strict):
     sorry_max_words: PosInt = Field(80, description="rule 2: 'sorry' in a response shorter than this")
     leak_phrases: tuple[str, ...] = Field(
         (
+            # the words of our own templates (their labels, "Task:", "New task:", "Invented task:", are
+            # found in the template files themselves and checked too)
+            "new task",
+            "invented task",
+            "rewritten task",
+            "given task",
+            "the task below",
+            "original task",
+            # WizardLM's markers, for its prompt files dropped in
             "#rewritten prompt#",
             "rewritten prompt",
             "given prompt",
@@ -93,22 +118,61 @@ class EvolConfig(Strict):
         description="rule 4: the evolved instruction copies the rewriting prompt's own words",
     )
 
+    @field_validator("depth_operations")
+    @classmethod
+    def _ops(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("an operation is listed twice")
+        return v
+
+
+Submix = Literal["cot", "niv2", "t0", "flan2021"]
+
+# Orca's FLAN-v2 sample (Orca paper, Table 3): CoT 150K, NIv2 440K, T0 2M, Flan 2021 2.5M queries
+ORCA_SUBMIX_WEIGHTS: dict[str, float] = {"cot": 150_000, "niv2": 440_000, "t0": 2_000_000, "flan2021": 2_500_000}
+
 
 class OrcaConfig(Strict):
     seed_data: Literal["flan"] = "flan"
     seeds: PosInt = 1000
-    system_messages: DatasetSource = DatasetSource(
-        path="pkg://bezoar_jobs/templates/orca_system_messages.jsonl", licence="Apache-2.0"
+    system_messages: DatasetSource = Field(
+        DatasetSource(path="pkg://bezoar_jobs/templates/orca_system_messages.jsonl", licence="Apache-2.0"),
+        description="one message per row: id, text, submixes (where it is drawn: cot, niv2, t0, flan2021, and "
+        "flan2021_mc for Flan 2021 multiple-choice rows); ours follow Orca's 16 and its mapping",
     )
-    show_gold_target: bool = Field(False, description="unknown in the paper: whether the teacher saw the target")
+    submix_weights: dict[Submix, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(ORCA_SUBMIX_WEIGHTS),  # type: ignore[arg-type]
+        description="share of the seeds per sub-mix (relative numbers); default Orca's sample sizes",
+    )
+    template_types: tuple[str, ...] = Field(
+        ("zs_opt", "zs_noopt"),
+        description="Flan template_type values sampled; default zero-shot only, as Orca; () samples every template",
+    )
+    sampling: Literal["reservoir", "shuffle_buffer"] = Field(
+        "reservoir",
+        description="reservoir: an exact uniform sample per sub-mix in one full pass; shuffle_buffer: stop early, "
+        "as random as the buffer allows (bezoar_jobs/data/sampling.py)",
+    )
+    shuffle_buffer_size: PosInt = Field(10_000, description="rows in the shuffle buffer (sampling: shuffle_buffer)")
+    show_gold_target: bool = Field(
+        False, description="the teacher sees the Flan target (gold_response_template); unknown in the paper"
+    )
     response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/orca_response.txt")
+    gold_response_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/orca_response_gold.txt"),
+        description="the teacher's prompt when show_gold_target: {inputs} and {targets}",
+    )
+    judge_sees_target: bool = Field(
+        True, description="the filter's judge is shown the Flan target as a reference answer"
+    )
     response_decoding: Decoding = Decoding(max_new_tokens=768, temperature=0.3, repetition_penalty=1.2)
-    submix_weights: dict[Literal["cot", "niv2", "t0", "flan2021"], Annotated[float, Field(ge=0)]] = {
-        "cot": 1.0,
-        "niv2": 1.0,
-        "t0": 1.0,
-        "flan2021": 1.0,
-    }
+
+    @field_validator("submix_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("at least one sub-mix needs a weight above 0")
+        return v
 
 
 class GenerationConfig(Strict):

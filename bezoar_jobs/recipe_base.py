@@ -72,6 +72,17 @@ class Endpoint(Strict):
     spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(
         None, description="stop paying beyond this: spend of this role across the run, cached answers included"
     )
+    # self-hosted servers (the TGI teacher): their cost is GPU time, not tokens
+    gpus: PosInt | None = Field(None, description="GPUs serving this model, for GPU-hours (e.g. 2 for Falcon-40B)")
+    gpu_hour_usd: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per GPU-hour of those GPUs")
+    # the context window: a request whose prompt plus max_new_tokens exceeds it is refused by the
+    # server (TGI answers HTTP 422 on every retry), so the stages measure and skip such rows
+    context_tokens: PosInt | None = Field(
+        None, description="the model's context window in tokens (prompt + max_new_tokens); null: not checked"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer that measures prompts for context_tokens (hub id or directory); null: the model's"
+    )
     # in-process (local) backend
     batch_size: PosInt = 8
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -104,6 +115,14 @@ class Endpoint(Strict):
     def cost_usd(self, prompt_tokens: float, completion_tokens: float) -> float | None:
         """:meth:`cost` rounded for a manifest, or None when the recipe gives no price."""
         return round(self.cost(prompt_tokens, completion_tokens), 6) if self.priced else None
+
+    def gpu_hours(self, seconds: float) -> float | None:
+        """GPU-hours of ``seconds`` of serving on the endpoint's ``gpus`` (None: gpus not given)."""
+        return round(self.gpus * seconds / 3600.0, 6) if self.gpus else None
+
+    def gpu_cost_usd(self, seconds: float) -> float | None:
+        hours = self.gpu_hours(seconds)
+        return round(hours * self.gpu_hour_usd, 6) if hours is not None and self.gpu_hour_usd is not None else None
 
 
 class DatasetSource(Strict):

@@ -56,9 +56,11 @@ def load_attr(ref: str) -> Any:  # noqa: ANN401 - whatever the named module hold
 class Scheme:
     """A generation scheme: ``generate-<name>`` -> ``filter-<name>`` -> ``sft-<name>``.
 
-    ``module`` provides ``generate(ctx)`` (the generate stage), ``judge_pair(row)`` (the
-    instruction and response the filter's judge sees), ``TRAIN_COLUMNS`` (instruction, response and
-    system columns the SFT stage trains on) and ``estimate(recipe)`` (the plan's request estimate).
+    ``module`` provides ``generate(ctx)`` (the generate stage), ``judge_pair(row, recipe)``
+    (the instruction and response the filter's judge sees, reading only ``filter_reads``),
+    ``judge_tokens(recipe)`` (their typical size, for the filter's estimate), ``TRAIN_COLUMNS``
+    (instruction, response and system columns the SFT stage trains on), ``expected_rows(recipe)``
+    and ``estimate(recipe, store, stage)`` (the plan's request estimate).
     ``seed`` is the recipe field of its seed data; ``reads`` the other recipe fields its generation
     reads besides ``seed``, ``teacher``, its seed data and ``generation.<name>``.
     """
@@ -69,6 +71,8 @@ class Scheme:
     reads: tuple[str, ...] = ()
     needs: tuple[str, ...] = ("teacher",)
     description: str = ""
+    # recipe fields its judge_pair(row, recipe) reads: the filter stage declares them
+    filter_reads: tuple[str, ...] = ()
 
     @property
     def section(self) -> str:
@@ -85,7 +89,8 @@ SCHEMES: tuple[Scheme, ...] = (
     # decoding settings (cut to a few tokens)
     Scheme("evol", "bezoar_jobs.schemes.evol", "seeds.dolly", reads=("judge", "filter.decoding"),
            needs=("teacher", "judge"), description="WizardLM Evol-Instruct over dolly-15k"),
-    Scheme("orca", "bezoar_jobs.schemes.orca", "seeds.flan",
+    # its judge is shown the Flan target when generation.orca.judge_sees_target says so
+    Scheme("orca", "bezoar_jobs.schemes.orca", "seeds.flan", filter_reads=("generation.orca.judge_sees_target",),
            description="Orca explanation tuning over the Flan Collection"),
 )
 SCHEME_NAMES: tuple[str, ...] = tuple(s.name for s in SCHEMES)
@@ -275,7 +280,7 @@ def _build() -> tuple[StageDef, ...]:
         out.append(StageDef(
             f"filter-{s.name}", "filter", "bezoar_jobs.stages.filter:run_filter", inputs=(f"generate-{s.name}",),
             # the seed data's licence goes into the filtered dataset's card
-            reads=("seed", "judge", "filter", f"{s.seed}.licence"), unhashed=_DATA_UNHASHED,
+            reads=("seed", "judge", "filter", f"{s.seed}.licence", *s.filter_reads), unhashed=_DATA_UNHASHED,
             needs=("judge",), scheme=s.name, estimate="bezoar_jobs.stages.filter:estimate",
         ))
     for s in SCHEMES:

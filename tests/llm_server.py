@@ -139,6 +139,9 @@ class LLMTestServer:
     retry_after: str | None = "1"
     hang_s: float = 30.0
     api_key: str | None = None
+    # the model's context window: a request whose prompt tokens plus max_new_tokens exceed it is
+    # refused with HTTP 422, as TGI refuses it ("inputs tokens + max_new_tokens must be <= N")
+    context_tokens: int | None = None
     seed: int = 0
     host: str = "127.0.0.1"
     port: int = 0
@@ -305,6 +308,13 @@ class LLMTestServer:
             if not ok:
                 call.status = 401
                 return web.json_response(error(401, "invalid API key"), status=401)
+            if self.context_tokens is not None and route in ("tgi", "completions"):
+                n_in, n_new = count_tokens(prompt), int(params.get("max_new_tokens") or 16)
+                if n_in + n_new > self.context_tokens:
+                    call.status, call.fault = 422, "too-long"
+                    msg = (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
+                           f"{self.context_tokens}. Given: {n_in} `inputs` tokens and {n_new} `max_new_tokens`")
+                    return web.json_response(error(422, msg), status=422)
             fault = call.fault = self._pick_fault(prompt)
             if fault in ("429", "503"):
                 call.status = int(fault)

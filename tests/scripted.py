@@ -21,8 +21,18 @@ def _h(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+_TOPIC_WORDS = ["Astronomy", "Gardening", "Railways", "Chess", "Volcanoes", "Baking", "Sailing", "Opera", "Bees",
+                "Glaciers", "Pottery", "Tennis", "Deserts", "Printing", "Jazz", "Bridges", "Coffee", "Knitting"]
+
+
 def scripted_answer(prompt: str) -> str:
     h = _h(prompt)
+    if "<topic>" in prompt:
+        # LaMini topic proposals: tags, plus one sentence that the topic check must drop
+        picks = [_TOPIC_WORDS[(h + 5 * i) % len(_TOPIC_WORDS)] + ("" if i % 2 else f" of {h % 7}th kind")
+                 for i in range(5)]
+        sentence = "<topic>This is a whole sentence about many things.</topic>"
+        return "\n".join(f"<topic>{t}</topic>" for t in picks) + "\n" + sentence
     if "<example>" in prompt and "Write" in prompt:
         # LaMini instruction generation; one answer in three uses a numbered list instead of tags
         items = [f"Explain scripted topic number {h % 1000} item {i} in plain words" for i in range(6)]

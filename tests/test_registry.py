@@ -79,7 +79,7 @@ def test_every_stage_function_and_estimate_resolves(stage: StageDef):
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_each_scheme_module_provides_what_the_stages_use(scheme):
     mod = scheme.load()
-    for name in ("generate", "judge_pair", "estimate", "expected_rows", "TRAIN_COLUMNS"):
+    for name in ("generate", "judge_pair", "judge_tokens", "estimate", "expected_rows", "TRAIN_COLUMNS"):
         assert hasattr(mod, name), f"{scheme.module} lacks {name}"
     assert [f"{f}-{scheme.name}" in STAGES for f in ("generate", "filter", "sft")] == [True] * 3
 
