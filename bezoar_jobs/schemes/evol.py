@@ -311,8 +311,8 @@ def generate(ctx: StageContext) -> StageOutput:
                     lin["stopped"] = rnd
                     rejected.append({"id": row_id, "instruction": evolved.get(lid), "epoch": rnd,
                                      "parent_id": lin["parent"],
-                                     "reason": f"teacher error in round {rnd}: the lineage stops here for this run "
-                                               "(a rerun asks this round again)"})
+                                     "reason": f"request failed for good in round {rnd} (teacher or judge): the "
+                                               "lineage stops here for this run (a rerun asks this round again)"})
                     continue
                 op, strategy = plan[lid]
                 row = {
@@ -350,7 +350,7 @@ def generate(ctx: StageContext) -> StageOutput:
         )
     reasons: dict[str, int] = {}
     for x in rejected:
-        k = x["reason"].split(":")[0]
+        k = x["reason"].split(":")[0].split(" in round")[0]
         reasons[k] = reasons.get(k, 0) + 1
     counts = {
         "seeds": len(lineages),
