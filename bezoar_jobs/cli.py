@@ -88,9 +88,25 @@ def _stages_for(a: argparse.Namespace, store: Store, recipe: Recipe) -> list[str
     return stages
 
 
+def check_pinned(recipe: Recipe, source: str, allow: bool) -> None:
+    """A run that costs money (the recipe prices API tokens or GPU-hours) must name the exact hub
+    revisions it loads, or the user says --allow-unpinned; the error lists every field to pin."""
+    missing = recipe.unpinned()
+    if not missing or not recipe.paid:
+        return
+    if allow:
+        log.warning("%s: unpinned hub revisions (--allow-unpinned): %s", source, "; ".join(missing))
+        return
+    raise BadInput(
+        f"{source}: this recipe prices its run but loads hub revisions that are not pinned, so the run could not be "
+        f"reproduced: {'; '.join(missing)}. Pin each to a commit sha, or pass --allow-unpinned"
+    )
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     """Freeze the recipe, then the one scheduler over the chosen backend (local processes or Jobs)."""
     recipe, text = load_recipe(a.recipe)
+    check_pinned(recipe, a.recipe, a.allow_unpinned)
     store = open_store(a.run)
     stages = _stages_for(a, store, recipe)
     if a.executor == "kubernetes":
@@ -273,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "kubernetes"], default="local")
     r.add_argument("--cluster", help="cluster settings YAML (kubernetes executor)")
     r.add_argument("--parallel", type=int, default=1, help="local executor: independent stages side by side")
+    r.add_argument("--allow-unpinned", action="store_true",
+                   help="run a priced recipe although some hub revisions are not pinned (not reproducible)")
     r.set_defaults(fn=cmd_run)
 
     pl = sub.add_parser("plan", help="what would run or be skipped, with expected requests, tokens and cost")

@@ -80,12 +80,18 @@ class Ask:
         return self.requests * self.decoding.max_new_tokens
 
     @property
+    def format_tokens(self) -> int:
+        """What the endpoint's raw prompt format adds around the texts (h2oGPT's markers, ~8 tokens)."""
+        fmt = self.endpoint.prompt_format or ""
+        return tokens(fmt.replace("{system}", "").replace("{user}", ""))
+
+    @property
     def prompt_total(self) -> int:
-        return self.requests * self.prompt_tokens
+        return self.requests * (self.prompt_tokens + self.format_tokens)
 
     @property
     def prompt_total_max(self) -> int:
-        return self.requests * (self.prompt_tokens_max or self.prompt_tokens)
+        return self.requests * ((self.prompt_tokens_max or self.prompt_tokens) + self.format_tokens)
 
 
 def tokens(text: str) -> int:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
-from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict
+from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict, is_hub_model
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
 from .registry import SFT_ALIAS, resolve_checkpoint
@@ -244,6 +244,47 @@ class Recipe(Strict):
                 f"('{SFT_ALIAS}' is {resolve_checkpoint(SFT_ALIAS, self)} with this training.sft_order)"
             )
         return self
+
+    # -- pinning: a paid run on unpinned hub revisions cannot be reproduced --------------------
+    def unpinned(self) -> list[str]:
+        """``field (reference)`` for each hub model or dataset the recipe names without a revision."""
+        out: list[str] = []
+
+        def model(field: str, ref: str, revision: str | None) -> None:
+            if revision is None and is_hub_model(ref):
+                out.append(f"{field}.revision ({ref})")
+
+        def data(field: str, src: DatasetSource | None) -> None:
+            if src is not None and src.revision is None and src.on_hub:
+                out.append(f"{field}.revision ({src.path})")
+
+        for role in ("teacher", "judge"):
+            e: Endpoint = getattr(self, role)
+            if e.backend in ("tgi", "local", "openai-completions"):  # weights we serve: the hub copy is pinned
+                model(role, e.model, e.revision)
+        mt_judge = self.evaluation.mtbench.judge
+        if mt_judge is not None and mt_judge.backend in ("tgi", "local", "openai-completions"):
+            model("evaluation.mtbench.judge", mt_judge.model, mt_judge.revision)
+        model("student", self.student.model, self.student.revision)
+        data("seeds.dolly", self.seeds.dolly)
+        data("seeds.flan", self.seeds.flan)
+        data("generation.lamini.topics", self.generation.lamini.topics)
+        data("generation.orca.system_messages", self.generation.orca.system_messages)
+        data("training.hh.data", self.training.hh.data)
+        data("training.dpo.data", self.training.dpo.data)
+        data("evaluation.mtbench.questions", self.evaluation.mtbench.questions)
+        data("evaluation.mtbench.reference_answers", self.evaluation.mtbench.reference_answers)
+        for i, b in enumerate(self.evaluation.baselines):
+            model(f"evaluation.baselines.{i}", b.model, b.revision)
+        return out
+
+    @property
+    def paid(self) -> bool:
+        """Whether the recipe prices anything (API tokens, GPU-hours): a run that costs money."""
+        endpoints = [self.teacher, self.judge, self.evaluation.mtbench.judge]
+        return any(e is not None and (e.priced or e.gpu_hour_usd is not None) for e in endpoints) or (
+            self.report.gpu_hour_usd is not None
+        )
 
     def evaluated_checkpoints(self) -> tuple[str, ...]:
         """evaluation.checkpoints as stage names ('sft' is the last scheme SFT stage, OpenBezoar-SFT)."""

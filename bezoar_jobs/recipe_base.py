@@ -8,6 +8,7 @@ directly. Like recipe.py, this imports neither torch nor any client library.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -125,6 +126,22 @@ class Endpoint(Strict):
         return round(hours * self.gpu_hour_usd, 6) if hours is not None and self.gpu_hour_usd is not None else None
 
 
+# dataset paths that name a file rather than a hub dataset (data/io.py reads these itself)
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".jsonl.gz", ".ndjson.gz", ".json.gz")
+_LOCAL_PREFIXES = ("pkg://", "s3://", "file://", "/", "./", "../", "~")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_file_path(path: str) -> bool:
+    """Whether a dataset path names a file (local, file://, s3://, pkg://) rather than a hub dataset."""
+    return path.startswith(_LOCAL_PREFIXES) or path.lower().endswith(FILE_SUFFIXES)
+
+
+def is_hub_model(ref: str) -> bool:
+    """Whether a model reference is a hub id (org/name) rather than a directory, s3:// or pkg:// file."""
+    return not ref.startswith(_LOCAL_PREFIXES) and bool(_HUB_ID.match(ref))
+
+
 class DatasetSource(Strict):
     """A dataset: a hub id (pinned revision) or a local / s3:// file (jsonl, json, parquet, csv),
     or pkg://bezoar_jobs/<path> for the demo files shipped inside the package."""
@@ -136,3 +153,9 @@ class DatasetSource(Strict):
     data_files: tuple[str, ...] = ()
     limit: PosInt | None = None
     licence: str = "unknown"
+
+    @property
+    def on_hub(self) -> bool:
+        """A hub dataset (pinned by ``revision``), not a file; packaged builders (json, csv,
+        parquet with ``data_files``) read local files and have nothing to pin."""
+        return not is_file_path(self.path) and self.path not in ("json", "csv", "parquet", "text")

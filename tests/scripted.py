@@ -58,6 +58,7 @@ def scripted_recipe(tmp: Path, url: str, **overrides) -> Path:
     data["teacher"] = {
         "backend": "tgi",
         "model": "scripted/teacher",
+        "revision": "0123456789abcdef0123456789abcdef01234567",  # pinned: a priced run refuses unpinned ones
         "base_url": url,
         "prompt_format": "<|prompt|>{user}<|endoftext|><|answer|>",  # h2oGPT: no system slot
         "api_key_env": "SCRIPTED_JUDGE_KEY",  # a TGI behind a gateway that wants a bearer token

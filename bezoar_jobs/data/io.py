@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import BadInput
 from ..recipe import DatasetSource
+from ..recipe_base import is_file_path
 
 PKG = "pkg://"
 
@@ -96,12 +97,9 @@ def read_jsonl(path: Path, required: Sequence[str] = (), label: str | None = Non
     return rows
 
 
-FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".jsonl.gz", ".ndjson.gz", ".json.gz")
-
-
 def is_file_source(path: str) -> bool:
     """Whether a dataset path names a file (local, file://, s3://, pkg://) rather than a hub dataset."""
-    return path.startswith((PKG, "s3://", "file://", "/", "./", "../")) or path.lower().endswith(FILE_SUFFIXES)
+    return is_file_path(path)
 
 
 def _check(row: Any, required: Sequence[str], where: str) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def judge_pair(row: dict[str, Any], recipe: Recipe | None = None) -> tuple[str, 
 def judge_tokens(recipe: Recipe) -> tuple[int, float]:
     """(instruction tokens, response cap) of what the filter's judge sees for a typical row."""
     c = recipe.generation.orca
-    ins = mean_tokens(recipe.seeds.flan, ("inputs",), FLAN_INPUT_TOKENS) + 30
+    ins = mean_tokens(recipe.seeds.flan, ("inputs",), FLAN_INPUT_TOKENS) + mean_tokens(c.system_messages, ("text",), 30)
     if c.judge_sees_target:
         ins += mean_tokens(recipe.seeds.flan, ("targets",), FLAN_TARGET_TOKENS) + 10
     return ins, c.response_decoding.max_new_tokens
@@ -79,7 +79,8 @@ def expected_rows(recipe: Recipe) -> int:
 
 def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     c = recipe.generation.orca
-    prompt = mean_tokens(recipe.seeds.flan, ("inputs",), FLAN_INPUT_TOKENS) + 30  # + a system message
+    prompt = (mean_tokens(recipe.seeds.flan, ("inputs",), FLAN_INPUT_TOKENS)
+              + mean_tokens(c.system_messages, ("text",), 30))  # + a system message
     if c.show_gold_target:
         prompt += template_tokens(c.gold_response_template.path) + FLAN_TARGET_TOKENS
     return [Ask(recipe.teacher, c.seeds, prompt, c.response_decoding, Typical.RESPONSE, "explanations")]
