@@ -110,8 +110,17 @@ class MTBenchConfig(Strict):
     )
     reference_answers: DatasetSource | None = Field(
         None,
-        description="FastChat answer-file format (question_id, choices[0].turns) replacing the questions' "
-        "own 'reference' for the categories below",
+        description="FastChat answer-file format (question_id, choices[0].turns): the references of the "
+        "categories below, replacing the questions' own; every reference category question must get one",
+    )
+    reference_questions: DatasetSource | None = Field(
+        None,
+        description="the question file the reference answers' ids belong to (FastChat's question.jsonl): "
+        "references are then matched to the questions by their first turn's text (the hub copy's ids are "
+        "hashes, FastChat's are 81-160)",
+    )
+    reference_id_map: dict[str, str] = Field(
+        default_factory=dict, description="reference answer question_id -> this recipe's question id"
     )
     reference_categories: tuple[str, ...] = ("math", "reasoning", "coding")
     categories: tuple[str, ...] | None = Field(None, description="evaluate only these categories")
@@ -138,6 +147,10 @@ class MTBenchConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MTBenchConfig:
+        if (self.reference_questions is not None or self.reference_id_map) and self.reference_answers is None:
+            raise ValueError("reference_questions / reference_id_map need reference_answers")
+        if self.reference_questions is not None and self.reference_id_map:
+            raise ValueError("match references by text (reference_questions) or by reference_id_map, not both")
         if self.judge is not None and self.judge_method == "logprobs" and self.judge.backend != "local":
             raise ValueError("judge_method 'logprobs' needs judge.backend 'local' (remote APIs give no token scores)")
         return self
