@@ -90,6 +90,17 @@ class HarnessConfig(Strict):
         100_000, description="bootstrap resamples for stderrs of non-mean metrics (lm_eval's default)"
     )
     add_bos_token: bool | None = Field(None, description="null: the harness's default for the tokenizer")
+    seed: tuple[int | None, int | None, int | None, int | None] | None = Field(
+        None,
+        description="lm_eval's four seeds (python random, numpy, torch, few-shot sampler), as its --seed takes "
+        "them (one integer sets all four); null: lm_eval's own defaults 0,1234,1234,1234, with which the Open "
+        "LLM Leaderboard's numbers were made (the few-shot seed decides which examples each prompt shows)",
+    )
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, v: object) -> object:
+        return (v, v, v, v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("tasks")
     @classmethod

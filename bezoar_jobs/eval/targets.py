@@ -76,12 +76,13 @@ def model_dir(ctx: StageContext, t: Target) -> Path:
     return resolve_model(t.model, t.revision, trust_remote_code=t.trust_remote_code)
 
 
-def load(ctx: StageContext, t: Target) -> tuple[Model, Tokenizer]:
-    """(model, tokenizer) of a target, in eval mode on the recipe's evaluation device."""
+def load(ctx: StageContext, t: Target, path: Path | None = None) -> tuple[Model, Tokenizer]:
+    """(model, tokenizer) of a target (from ``path`` when the caller resolved its directory), in
+    eval mode on the recipe's evaluation device."""
     from ..models import load_causal_lm, load_tokenizer
 
     ev = ctx.recipe.evaluation
-    path = model_dir(ctx, t)
+    path = path or model_dir(ctx, t)
     tok = load_tokenizer(path, trust_remote_code=t.trust_remote_code)
     model = load_causal_lm(path, ev.dtype, ev.device, trust_remote_code=t.trust_remote_code)
     return model, tok

@@ -24,7 +24,7 @@ log = logging.getLogger("bezoar")
 
 def run(ctx: StageContext) -> StageOutput:
     from ..eval import harness
-    from ..eval.targets import device_figures, load, targets
+    from ..eval.targets import device_figures, load, model_dir, targets
 
     r = ctx.recipe
     cfg = r.evaluation.harness
@@ -48,12 +48,17 @@ def run(ctx: StageContext) -> StageOutput:
             log.info("%s: %s already evaluated (resumed from _work/)", ctx.name, t.label)
             continue
         log.info("%s: evaluating %s (%s)", ctx.name, t.label, t.model)
-        model, tok = load(ctx, t)
+        path = model_dir(ctx, t)
+        model, tok = load(ctx, t, path)
         # fresh task objects per model: a task keeps the requests it built for the previous one
         task_objects, _ = harness.load_tasks(tm, cfg.tasks)
         t0 = time.time()
-        raw = harness.evaluate(model, tok, tm, task_objects, cfg, r.seed)
+        raw = harness.evaluate(model, tok, tm, task_objects, cfg)
         secs = time.time() - t0
+        dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
+        device = str(getattr(model, "device", "cpu"))
+        commands = harness.cli_commands(str(path), dtype, device,
+                                        harness.include_path_for_cli(cfg.include_path), cfg)
         rec = {
             "model": t.label,
             **t.info(),
@@ -62,6 +67,10 @@ def run(ctx: StageContext) -> StageOutput:
             **device_figures(model, secs),
             "lm_eval_version": lm_eval_version,
             "limit": cfg.limit,
+            "seed": list(harness.seeds(cfg)),
+            # the lm_eval CLI invocations (one per shot count) that reproduce these numbers
+            "lm_eval_command": commands,
+            "lm_eval_command_note": harness.cli_note(cfg),
             "lm_eval": harness.raw_subset(raw),
         }
         del model, tok, task_objects
