@@ -218,7 +218,7 @@ _TRAINING_UNHASHED: tuple[str, ...] = (
     "training.report_to",
     "training.push",
 )
-_SFT_READS: tuple[str, ...] = (*_TRAINING_COMMON, "training.sft_args", "training.stage_args")
+_SFT_READS: tuple[str, ...] = (*_TRAINING_COMMON, "training.batching", "training.sft_args", "training.stage_args")
 
 
 def default_sft_order() -> tuple[str, ...]:

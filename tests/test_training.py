@@ -242,7 +242,9 @@ def test_openbezoar_values_from_the_paper() -> None:
         ({"sft_args": {"report_to": "wandb"}}, "use training.report_to"),
         ({"sft_args": {"completion_only_loss": False}}, "response tokens only"),
         ({"sft_args": {"learning_rate": "fast"}}, "training.sft_args.learning_rate: 'fast' is not a number"),
-        ({"sft_args": {"packing": "yes"}}, "training.sft_args.packing: expected true or false"),
+        ({"sft_args": {"packing": True}},
+         "training.sft_args.packing: set by the stage, not the recipe (use training.batching"),
+        ({"sft_args": {"packing_strategy": "wrapped"}}, "only used with training.batching: packed"),
         ({"stage_args": {"sft-hh": {"num_epochs": 2}}}, "training.stage_args.sft-hh.num_epochs: unknown key"),
         ({"lora": {"rank": 8}}, "training.lora.rank: unknown key: not a field of LoraConfig"),
         ({"lora": {"task_type": "SEQ_CLS"}}, "training.lora.task_type: set by the stage"),
@@ -681,6 +683,55 @@ def test_response_head_trainer_gives_trls_loss_and_gradients(tmp_path: Path, tin
         assert torch.allclose(ours[1][k], trl[1][k], rtol=1e-4, atol=1e-6), k
     # token accuracy is logged on both paths, and agrees
     assert ours[4]["mean_token_accuracy"] == pytest.approx(trl[4]["mean_token_accuracy"])
+
+
+def test_a_batch_is_examples_as_in_the_qlora_reference(tmp_path: Path, tiny: Path, tok: Any) -> None:
+    """Finding 13: with packing, 'batch 4 x accumulation 4' meant 16 packed rows of max_length per
+    optimizer step (~100 examples), not 16 examples. Now a batch holds exactly the recipe's number of
+    examples (padding-free), so the stage takes TRL's default steps, with the same losses step by
+    step; tokens-per-step batching only when the recipe says training.batching: packed."""
+    import datasets
+    import torch
+    from trl import SFTTrainer
+
+    from bezoar_jobs.data.prompt_format import render_example
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+    from bezoar_jobs.training.examples import tokenize_example
+    from bezoar_jobs.training.lora import load_for_training
+    from bezoar_jobs.training.sft import make_trainer
+
+    paper, _ = load_recipe(REPO / "recipes" / "openbezoar.yaml")
+    for cuda in (False, True):
+        plan = device_plan(paper.training, cuda=cuda, bf16_ok=cuda)
+        a = build_stage_configs(paper.training, paper.seed, "sft-lamini", tmp_path / "p", plan=plan).trainer_args
+        assert a.packing is False and a.padding_free is True
+        assert a.per_device_train_batch_size * a.gradient_accumulation_steps == 16  # examples per step
+    section = training_section()
+    section["sft_args"].update(max_steps=None, num_train_epochs=1, per_device_train_batch_size=4,
+                               learning_rate=1e-3, max_length=600)
+    recipe, _ = make_recipe(tmp_path, tiny, section)
+    packed, _ = make_recipe(tmp_path, tiny, {**section, "batching": "packed"})
+    plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
+    rows = [tokenize_example(tok, *render_example(f"Name {i} colours.", " ".join(["red", "blue"] * (2 + i % 5))),
+                             192, True) for i in range(24)]
+    losses, steps = {}, {}
+    for name, r in (("examples", recipe), ("packed", packed), ("trl-default", recipe)):
+        c = build_stage_configs(r.training, r.seed, "sft-lamini", tmp_path / name, plan=plan)
+        torch.manual_seed(5)
+        if name == "trl-default":  # TRL as it comes: random batches of 4 examples padded to the longest
+            args = c.trainer_args
+            args.padding_free, args.max_length = False, 600
+            model = load_for_training(tiny, plan, False, False, None)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tok, peft_config=c.lora)
+        else:
+            trainer, _ = make_trainer(tiny, plan, c.trainer_args, c.lora, tok, datasets.Dataset.from_list(rows))
+        trainer.train()
+        steps[name] = trainer.state.global_step
+        losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert steps["examples"] == steps["trl-default"] == 6  # 24 examples, 4 per step
+    assert steps["packed"] < steps["examples"]  # packed rows of 192 tokens hold several examples each
+    assert losses["examples"] == pytest.approx(losses["trl-default"], rel=2e-3)
 
 
 def test_dpo_on_cpu_scores_only_labelled_positions_with_the_same_loss(
