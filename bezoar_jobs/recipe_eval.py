@@ -46,6 +46,10 @@ class Baseline(Strict):
     model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
     revision: str | None = Field(None, description="pinned hub revision (commit sha)")
     trust_remote_code: bool = False
+    counterpart: Literal["sft", "sft-hh", "dpo"] | None = Field(
+        None, description="the checkpoint this model is the released counterpart of (the report sets them side by "
+        "side); null: known from its hub id for the SurgeGlobal OpenBezoar models",
+    )
 
 
 class HarnessTask(Strict):

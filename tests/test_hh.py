@@ -134,3 +134,18 @@ def test_load_hh_rows_honours_the_limit() -> None:
     assert len(items) == 5
     assert items[0][0] == "pkg://bezoar_jobs/demo_data/hh/train.jsonl row 1"
     assert set(items[0][1]) == {"chosen", "rejected"}
+
+
+def test_hh_rows_stream_and_stop_at_the_limit(tmp_path) -> None:
+    """Finding 7: HH-RLHF comes through the same streaming path as Flan and dolly: rows are read one at
+    a time and reading stops at the limit (the paper's first 100K rows), through our file reader and
+    through datasets' streaming (the hub's code path) alike."""
+    good = json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go."})
+    path = tmp_path / "hh.jsonl"
+    path.write_text(good + "\n" + good + "\n{a broken line the reader never reaches\n")
+    assert len(load_hh_rows(DatasetSource(path=str(path), limit=2), "training.hh.data")) == 2
+    big = tmp_path / "big.jsonl"
+    big.write_text((good + "\n") * 5000)
+    hub_like = DatasetSource(path="json", data_files=(str(big),), limit=3)
+    items = load_hh_rows(hub_like, "training.hh.data")
+    assert len(items) == 3 and items[0][0] == "json row 1"

@@ -140,3 +140,16 @@ def test_a_priced_run_refuses_unpinned_hub_revisions_unless_allowed(tmp_path):
     res = bezoar("run", "--recipe", recipe, "--run", str(tmp_path / "r"), "--only", "filter-lamini", "--allow-unpinned")
     assert res.returncode == 2 and "unpinned hub revisions (--allow-unpinned)" in res.stderr
     assert "is not committed" in res.stderr
+
+
+def test_plan_counts_the_orca_seeds_a_local_file_can_give(tmp_path):
+    """Finding 12: the demo's seed file holds fewer rows than 48 seeds ask for; the plan (and the
+    stage, see test_schemes_e2e) say how many will really be sent."""
+    data = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+    data["generation"]["orca"]["seeds"] = 48
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    res = bezoar("plan", "--recipe", str(recipe), "--run", str(tmp_path / "run"), "--json")
+    assert res.returncode == 0, res.stderr
+    rows = {r["stage"]: r for r in json.loads(res.stdout)}
+    assert rows["generate-orca"]["requests"] == 40 and rows["filter-orca"]["requests"] == 40

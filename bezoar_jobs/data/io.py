@@ -189,12 +189,14 @@ def stream_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "
     """
     p = src.path
     rows = _file_rows(local_copy(p), required, p) if is_file_source(p) else _hub_rows(src, required, field)
+    if src.limit is not None and src.limit <= 0:
+        return
     n = 0
     for row in rows:
-        if src.limit and n >= src.limit:
-            return
-        n += 1
         yield row
+        n += 1
+        if src.limit and n >= src.limit:  # stop before reading (or downloading) the next row
+            return
 
 
 def load_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "dataset") -> list[dict[str, Any]]:

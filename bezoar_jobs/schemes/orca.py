@@ -73,8 +73,29 @@ def judge_tokens(recipe: Recipe) -> tuple[int, float]:
     return ins, c.response_decoding.max_new_tokens
 
 
+# a local seed file larger than this is taken to hold enough rows of every sub-mix
+_SCAN_FOR_PLAN = 200_000
+
+
 def expected_rows(recipe: Recipe) -> int:
-    return int(recipe.generation.orca.seeds)
+    """The seeds the stage will send: ``seeds``, or fewer when a local seed file holds fewer eligible
+    rows of a sub-mix than its share (the stage says so too; the plan never downloads a hub dataset)."""
+    c = recipe.generation.orca
+    quotas = allocate(c.seeds, {str(k): float(v) for k, v in c.submix_weights.items()})
+    src = recipe.seeds.flan
+    if src.on_hub or src.path.startswith("s3://"):
+        return int(c.seeds)
+    types = {t.lower() for t in c.template_types}
+    have: dict[str, int] = {}
+    try:
+        for n, row in enumerate(stream_rows(src, FLAN_FIELDS, "seeds.flan")):
+            if n >= _SCAN_FOR_PLAN:
+                return int(c.seeds)
+            if not types or str(row.get("template_type") or "").lower() in types:
+                have[submix(row)] = have.get(submix(row), 0) + 1
+    except BadInput:
+        return int(c.seeds)
+    return sum(min(q, have.get(g, 0)) for g, q in quotas.items())
 
 
 def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
@@ -83,7 +104,7 @@ def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
               + mean_tokens(c.system_messages, ("text",), 30))  # + a system message
     if c.show_gold_target:
         prompt += template_tokens(c.gold_response_template.path) + FLAN_TARGET_TOKENS
-    return [Ask(recipe.teacher, c.seeds, prompt, c.response_decoding, Typical.RESPONSE, "explanations")]
+    return [Ask(recipe.teacher, expected_rows(recipe), prompt, c.response_decoding, Typical.RESPONSE, "explanations")]
 
 
 _MC = re.compile(r"(^|\n)\s*(options|choices)\s*:", re.I)
