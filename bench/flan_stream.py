@@ -3,7 +3,7 @@
     .venv/bin/python bench/flan_stream.py [--gb 2] [--seeds 3600] [--paths file,json-builder] [--keep]
 
 Writes a Flan-format JSONL (inputs, targets, task_source, task_name, template_type: four sub-mixes,
-zero- and few-shot templates, ~1,900 tasks, inputs of 60-3,000 characters) of at least ``--gb``
+zero- and few-shot templates, ~1,900 tasks, inputs of 60-3,000 characters, 3% of 1,300-2,500 words) of at least ``--gb``
 GB under /tmp, starts the scripted TGI teacher (tests/llm_server.py) in this process, and runs
 ``bezoar stage generate-orca`` on it as a subprocess under ``/usr/bin/time -v`` (peak resident
 memory of the stage process). The recipe is the demo's with the paper's Orca settings: 3,600 seeds
@@ -50,6 +50,8 @@ def write_flan(path: Path, gigabytes: float, seed: int = 0) -> dict[str, Any]:
         while size < target:
             src, tasks = SUBS[n % 4]
             words = int(min(600, max(10, rnd.lognormvariate(4.6, 0.8))))  # median ~100 words
+            if rnd.random() < 0.03:  # a few NIv2-style definitions too long for a 2,048-token teacher
+                words = rnd.randint(1300, 2500)
             inputs = " ".join(rnd.choice(WORDS) for _ in range(words))
             if n % 4 == 3 and n % 8 == 3:
                 inputs += "\nOPTIONS:\n- yes\n- no\n- it is not possible to tell"
