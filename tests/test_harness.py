@@ -177,6 +177,9 @@ def test_default_seeds_are_lm_evals_and_the_recorded_command_line_reproduces_the
                 assert got[key] == pytest.approx(m["value"], rel=1e-6, abs=0), (task, key)
                 if key.startswith("acc"):
                     assert got[key] == m["value"], (task, key)
+    # a checkpoint's command names its committed model/ in the run (the stage's own copy is gone)
+    dpo = json.loads(open_store(run).read_text("eval-harness/results/dpo.json"))
+    assert f"pretrained={run / 'dpo' / 'model'}," in dpo["lm_eval_command"][0]
     # a recipe's own seeds are used and recorded
     seeded = _recipe(tmp_path, tiny, seed=42)
     run2 = tmp_path / "run2"

@@ -137,7 +137,8 @@ def seeds(cfg: HarnessConfig) -> tuple[int | None, int | None, int | None, int |
     return cfg.seed if cfg.seed is not None else LM_EVAL_SEEDS
 
 
-def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | None, cfg: HarnessConfig) -> list[str]:
+def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | None, cfg: HarnessConfig,
+                 revision: str | None = None) -> list[str]:
     """The ``lm_eval`` command lines that reproduce an evaluation: one per shot count (the CLI sets
     one ``--num_fewshot`` for all the tasks it is given). ``DISABLE_MULTIPROC=1`` as the stage runs
     it (see :func:`evaluate`). The CLI always bootstraps 100,000 times: with another
@@ -145,7 +146,7 @@ def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | No
     (:func:`cli_note`)."""
     import shlex
 
-    margs = [f"pretrained={model_dir}", f"dtype={dtype}"]
+    margs = [f"pretrained={model_dir}", *([f"revision={revision}"] if revision else []), f"dtype={dtype}"]
     if cfg.max_length is not None:
         margs.append(f"max_length={cfg.max_length}")
     if cfg.add_bos_token is not None:

@@ -12,11 +12,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..report.charts import Chart, grouped_bars, new_figure, png
 from ..report.render import Section, Table, score
 from ..runner import StageContext, StageOutput
+
+if TYPE_CHECKING:
+    from ..eval.targets import Target
 from .evaluate import free, skipped, write_json
 
 log = logging.getLogger("bezoar")
@@ -57,8 +60,8 @@ def run(ctx: StageContext) -> StageOutput:
         secs = time.time() - t0
         dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
         device = str(getattr(model, "device", "cpu"))
-        commands = harness.cli_commands(str(path), dtype, device,
-                                        harness.include_path_for_cli(cfg.include_path), cfg)
+        ref, rev = _cli_model(ctx, t, str(path))
+        commands = harness.cli_commands(ref, dtype, device, harness.include_path_for_cli(cfg.include_path), cfg, rev)
         rec = {
             "model": t.label,
             **t.info(),
@@ -115,6 +118,19 @@ def run(ctx: StageContext) -> StageOutput:
             "gpu_hours": gpu_hours,
         },
     )
+
+
+def _cli_model(ctx: StageContext, t: Target, local: str) -> tuple[str, str | None]:
+    """Where the lm_eval CLI finds the evaluated weights: a checkpoint's committed ``model/`` in the
+    run (an s3:// one must be downloaded first: the CLI reads local directories and hub ids), a hub
+    model at its revision, else the local directory the stage loaded."""
+    from ..recipe_base import is_hub_model
+
+    if t.kind == "checkpoint":
+        return ctx.store.url(t.model).removeprefix("file://"), None
+    if is_hub_model(t.model):
+        return t.model, t.revision
+    return local, None
 
 
 def report_section(summary: dict[str, Any], read: Callable[[str], str | None], shown: int) -> Section:
