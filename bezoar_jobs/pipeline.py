@@ -38,6 +38,22 @@ def waits_for(name: str, selected: Iterable[str], recipe: Recipe | None = None) 
     return [s for s in chosen if s in wanted]
 
 
+def in_dependency_order(stages: Iterable[str], recipe: Recipe | None = None) -> list[str]:
+    """``stages`` ordered so that each comes after the selected stages it waits for (canonical order
+    where the graph leaves a choice). The canonical order alone is not enough: the training chain
+    follows the recipe (default lamini, orca, evol), so sft-evol can wait for sft-orca."""
+    chosen = [n for n in CANONICAL if n in set(stages)]
+    out: list[str] = []
+    placed: set[str] = set()
+    while len(out) < len(chosen):
+        ready = [n for n in chosen if n not in placed and all(d in placed for d in waits_for(n, chosen, recipe))]
+        if not ready:  # pragma: no cover - the registry refuses cyclic graphs
+            raise BadInput(f"stages {[n for n in chosen if n not in placed]} wait for each other")
+        out.append(ready[0])
+        placed.add(ready[0])
+    return out
+
+
 def select(from_: str | None = None, until: str | None = None, only: list[str] | None = None) -> list[str]:
     """The stages to consider, in canonical order."""
     if only:

@@ -19,9 +19,10 @@ from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
 from .passthrough import check_recipe
-from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict
+from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict, is_hub_model
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
+from .registry import SFT_ALIAS, resolve_checkpoint
 from .yamlmodel import key_lines, parse_yaml, validate
 
 SCHEMA_VERSION = 1
@@ -53,7 +54,18 @@ class LaminiConfig(Strict):
     examples_per_prompt: PosInt = 3
     topics_per_prompt: PosInt = 3
     instructions_per_prompt: PosInt = 20
-    topics: DatasetSource | None = Field(None, description="one topic per row (column 'topic')")
+    topics: DatasetSource | None = Field(
+        None,
+        description="a file of topics (column 'topic'); null: the teacher proposes topics per dolly category "
+        "in a first phase (checked and deduplicated, saved with the stage's output)",
+    )
+    topics_per_category: PosInt = Field(20, description="topics asked of the teacher per dolly category")
+    topic_max_words: PosInt = Field(3, description="a proposed topic has 1 to this many words (LaMini: short names)")
+    topic_list_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topics.txt"),
+        description="the topic-proposal prompt: {category} {examples} {n}",
+    )
+    topic_decoding: Decoding = Decoding(max_new_tokens=256, temperature=0.7, top_p=0.9)
     example_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_example.txt")
     topic_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topic.txt")
     response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
@@ -69,16 +81,21 @@ class LaminiConfig(Strict):
         return self
 
 
+EvolOperation = Literal["constraints", "deepen", "concretize", "reasoning", "complicate_input"]
+
+
 class EvolConfig(Strict):
     seed_data: Literal["dolly"] = "dolly"
     seeds: PosInt = Field(1000, description="dolly instructions that start the pool")
     rounds: PosInt = Field(4, description="evolution rounds (WizardLM default; unknown for OpenBezoar)")
-    in_depth_weight: Prob = Field(0.5, description="probability of an in-depth step versus in-breadth")
-    depth_operations: tuple[Literal["constraints", "deepen", "concretize", "reasoning"], ...] = (
-        "constraints",
-        "deepen",
-        "concretize",
-        "reasoning",
+    in_depth_weight: Prob | None = Field(
+        None,
+        description="probability of an in-depth step versus in-breadth; null: every prompt (each depth operation "
+        "and breadth) equally likely, as WizardLM's code picks among its five prompts (in-depth 0.8)",
+    )
+    depth_operations: tuple[EvolOperation, ...] = Field(
+        ("constraints", "deepen", "concretize", "reasoning"),
+        description="in-depth operations (WizardLM's released code); add complicate_input for the paper's fifth",
     )
     templates_dir: str = Field("pkg://bezoar_jobs/templates/evol", description="one file per operation")
     response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
@@ -89,6 +106,15 @@ class EvolConfig(Strict):
     sorry_max_words: PosInt = Field(80, description="rule 2: 'sorry' in a response shorter than this")
     leak_phrases: tuple[str, ...] = Field(
         (
+            # the words of our own templates (their labels, "Task:", "New task:", "Invented task:", are
+            # found in the template files themselves and checked too)
+            "new task",
+            "invented task",
+            "rewritten task",
+            "given task",
+            "the task below",
+            "original task",
+            # WizardLM's markers, for its prompt files dropped in
             "#rewritten prompt#",
             "rewritten prompt",
             "given prompt",
@@ -99,22 +125,61 @@ class EvolConfig(Strict):
         description="rule 4: the evolved instruction copies the rewriting prompt's own words",
     )
 
+    @field_validator("depth_operations")
+    @classmethod
+    def _ops(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("an operation is listed twice")
+        return v
+
+
+Submix = Literal["cot", "niv2", "t0", "flan2021"]
+
+# Orca's FLAN-v2 sample (Orca paper, Table 3): CoT 150K, NIv2 440K, T0 2M, Flan 2021 2.5M queries
+ORCA_SUBMIX_WEIGHTS: dict[str, float] = {"cot": 150_000, "niv2": 440_000, "t0": 2_000_000, "flan2021": 2_500_000}
+
 
 class OrcaConfig(Strict):
     seed_data: Literal["flan"] = "flan"
     seeds: PosInt = 1000
-    system_messages: DatasetSource = DatasetSource(
-        path="pkg://bezoar_jobs/templates/orca_system_messages.jsonl", licence="Apache-2.0"
+    system_messages: DatasetSource = Field(
+        DatasetSource(path="pkg://bezoar_jobs/templates/orca_system_messages.jsonl", licence="Apache-2.0"),
+        description="one message per row: id, text, submixes (where it is drawn: cot, niv2, t0, flan2021, and "
+        "flan2021_mc for Flan 2021 multiple-choice rows); ours follow Orca's 16 and its mapping",
     )
-    show_gold_target: bool = Field(False, description="unknown in the paper: whether the teacher saw the target")
+    submix_weights: dict[Submix, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(ORCA_SUBMIX_WEIGHTS),  # type: ignore[arg-type]
+        description="share of the seeds per sub-mix (relative numbers); default Orca's sample sizes",
+    )
+    template_types: tuple[str, ...] = Field(
+        ("zs_opt", "zs_noopt"),
+        description="Flan template_type values sampled; default zero-shot only, as Orca; () samples every template",
+    )
+    sampling: Literal["reservoir", "shuffle_buffer"] = Field(
+        "reservoir",
+        description="reservoir: an exact uniform sample per sub-mix in one full pass; shuffle_buffer: stop early, "
+        "as random as the buffer allows (bezoar_jobs/data/sampling.py)",
+    )
+    shuffle_buffer_size: PosInt = Field(10_000, description="rows in the shuffle buffer (sampling: shuffle_buffer)")
+    show_gold_target: bool = Field(
+        False, description="the teacher sees the Flan target (gold_response_template); unknown in the paper"
+    )
     response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/orca_response.txt")
+    gold_response_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/orca_response_gold.txt"),
+        description="the teacher's prompt when show_gold_target: {inputs} and {targets}",
+    )
+    judge_sees_target: bool = Field(
+        True, description="the filter's judge is shown the Flan target as a reference answer"
+    )
     response_decoding: Decoding = Decoding(max_new_tokens=768, temperature=0.3, repetition_penalty=1.2)
-    submix_weights: dict[Literal["cot", "niv2", "t0", "flan2021"], Annotated[float, Field(ge=0)]] = {
-        "cot": 1.0,
-        "niv2": 1.0,
-        "t0": 1.0,
-        "flan2021": 1.0,
-    }
+
+    @field_validator("submix_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("at least one sub-mix needs a weight above 0")
+        return v
 
 
 class GenerationConfig(Strict):
@@ -188,7 +253,58 @@ class Recipe(Strict):
     def _cross(self) -> Recipe:
         if self.filter.method == "logprobs" and self.judge.backend != "local":
             raise ValueError("filter.method 'logprobs' needs judge.backend 'local' (remote APIs give no token scores)")
+        resolved = self.evaluated_checkpoints()
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(
+                f"evaluation.checkpoints: {list(self.evaluation.checkpoints)} names one stage twice "
+                f"('{SFT_ALIAS}' is {resolve_checkpoint(SFT_ALIAS, self)} with this training.sft_order)"
+            )
         return self
+
+    # -- pinning: a paid run on unpinned hub revisions cannot be reproduced --------------------
+    def unpinned(self) -> list[str]:
+        """``field (reference)`` for each hub model or dataset the recipe names without a revision."""
+        out: list[str] = []
+
+        def model(field: str, ref: str, revision: str | None) -> None:
+            if revision is None and is_hub_model(ref):
+                out.append(f"{field}.revision ({ref})")
+
+        def data(field: str, src: DatasetSource | None) -> None:
+            if src is not None and src.revision is None and src.on_hub:
+                out.append(f"{field}.revision ({src.path})")
+
+        for role in ("teacher", "judge"):
+            e: Endpoint = getattr(self, role)
+            if e.backend in ("tgi", "local", "openai-completions"):  # weights we serve: the hub copy is pinned
+                model(role, e.model, e.revision)
+        mt_judge = self.evaluation.mtbench.judge
+        if mt_judge is not None and mt_judge.backend in ("tgi", "local", "openai-completions"):
+            model("evaluation.mtbench.judge", mt_judge.model, mt_judge.revision)
+        model("student", self.student.model, self.student.revision)
+        data("seeds.dolly", self.seeds.dolly)
+        data("seeds.flan", self.seeds.flan)
+        data("generation.lamini.topics", self.generation.lamini.topics)
+        data("generation.orca.system_messages", self.generation.orca.system_messages)
+        data("training.hh.data", self.training.hh.data)
+        data("training.dpo.data", self.training.dpo.data)
+        data("evaluation.mtbench.questions", self.evaluation.mtbench.questions)
+        data("evaluation.mtbench.reference_answers", self.evaluation.mtbench.reference_answers)
+        for i, b in enumerate(self.evaluation.baselines):
+            model(f"evaluation.baselines.{i}", b.model, b.revision)
+        return out
+
+    @property
+    def paid(self) -> bool:
+        """Whether the recipe prices anything (API tokens, GPU-hours): a run that costs money."""
+        endpoints = [self.teacher, self.judge, self.evaluation.mtbench.judge]
+        return any(e is not None and (e.priced or e.gpu_hour_usd is not None) for e in endpoints) or (
+            self.report.gpu_hour_usd is not None
+        )
+
+    def evaluated_checkpoints(self) -> tuple[str, ...]:
+        """evaluation.checkpoints as stage names ('sft' is the last scheme SFT stage, OpenBezoar-SFT)."""
+        return tuple(resolve_checkpoint(c, self) for c in self.evaluation.checkpoints)
 
     @field_validator("name")
     @classmethod

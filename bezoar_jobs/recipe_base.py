@@ -8,6 +8,7 @@ directly. Like recipe.py, this imports neither torch nor any client library.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -72,6 +73,17 @@ class Endpoint(Strict):
     spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(
         None, description="stop paying beyond this: spend of this role across the run, cached answers included"
     )
+    # self-hosted servers (the TGI teacher): their cost is GPU time, not tokens
+    gpus: PosInt | None = Field(None, description="GPUs serving this model, for GPU-hours (e.g. 2 for Falcon-40B)")
+    gpu_hour_usd: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per GPU-hour of those GPUs")
+    # the context window: a request whose prompt plus max_new_tokens exceeds it is refused by the
+    # server (TGI answers HTTP 422 on every retry), so the stages measure and skip such rows
+    context_tokens: PosInt | None = Field(
+        None, description="the model's context window in tokens (prompt + max_new_tokens); null: not checked"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer that measures prompts for context_tokens (hub id or directory); null: the model's"
+    )
     # in-process (local) backend
     batch_size: PosInt = 8
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -105,6 +117,30 @@ class Endpoint(Strict):
         """:meth:`cost` rounded for a manifest, or None when the recipe gives no price."""
         return round(self.cost(prompt_tokens, completion_tokens), 6) if self.priced else None
 
+    def gpu_hours(self, seconds: float) -> float | None:
+        """GPU-hours of ``seconds`` of serving on the endpoint's ``gpus`` (None: gpus not given)."""
+        return round(self.gpus * seconds / 3600.0, 6) if self.gpus else None
+
+    def gpu_cost_usd(self, seconds: float) -> float | None:
+        hours = self.gpu_hours(seconds)
+        return round(hours * self.gpu_hour_usd, 6) if hours is not None and self.gpu_hour_usd is not None else None
+
+
+# dataset paths that name a file rather than a hub dataset (data/io.py reads these itself)
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".jsonl.gz", ".ndjson.gz", ".json.gz")
+_LOCAL_PREFIXES = ("pkg://", "s3://", "file://", "/", "./", "../", "~")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_file_path(path: str) -> bool:
+    """Whether a dataset path names a file (local, file://, s3://, pkg://) rather than a hub dataset."""
+    return path.startswith(_LOCAL_PREFIXES) or path.lower().endswith(FILE_SUFFIXES)
+
+
+def is_hub_model(ref: str) -> bool:
+    """Whether a model reference is a hub id (org/name) rather than a directory, s3:// or pkg:// file."""
+    return not ref.startswith(_LOCAL_PREFIXES) and bool(_HUB_ID.match(ref))
+
 
 class DatasetSource(Strict):
     """A dataset: a hub id (pinned revision) or a local / s3:// file (jsonl, json, parquet, csv),
@@ -117,3 +153,9 @@ class DatasetSource(Strict):
     data_files: tuple[str, ...] = ()
     limit: PosInt | None = None
     licence: str = "unknown"
+
+    @property
+    def on_hub(self) -> bool:
+        """A hub dataset (pinned by ``revision``), not a file; packaged builders (json, csv,
+        parquet with ``data_files``) read local files and have nothing to pin."""
+        return not is_file_path(self.path) and self.path not in ("json", "csv", "parquet", "text")

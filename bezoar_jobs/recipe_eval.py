@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Strict
-from .registry import DEFAULT_EVALUATED, TRAINED_STAGES
+from .registry import DEFAULT_CHECKPOINTS, SFT_ALIAS, TRAINED_STAGES
 
 # checkpoint names a recipe may list: the base (student) model and every training stage's output
 BASE = "base"
@@ -46,6 +46,10 @@ class Baseline(Strict):
     model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
     revision: str | None = Field(None, description="pinned hub revision (commit sha)")
     trust_remote_code: bool = False
+    counterpart: Literal["sft", "sft-hh", "dpo"] | None = Field(
+        None, description="the checkpoint this model is the released counterpart of (the report sets them side by "
+        "side); null: known from its hub id for the SurgeGlobal OpenBezoar models",
+    )
 
 
 class HarnessTask(Strict):
@@ -90,6 +94,17 @@ class HarnessConfig(Strict):
         100_000, description="bootstrap resamples for stderrs of non-mean metrics (lm_eval's default)"
     )
     add_bos_token: bool | None = Field(None, description="null: the harness's default for the tokenizer")
+    seed: tuple[int | None, int | None, int | None, int | None] | None = Field(
+        None,
+        description="lm_eval's four seeds (python random, numpy, torch, few-shot sampler), as its --seed takes "
+        "them (one integer sets all four); null: lm_eval's own defaults 0,1234,1234,1234, with which the Open "
+        "LLM Leaderboard's numbers were made (the few-shot seed decides which examples each prompt shows)",
+    )
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, v: object) -> object:
+        return (v, v, v, v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("tasks")
     @classmethod
@@ -110,8 +125,17 @@ class MTBenchConfig(Strict):
     )
     reference_answers: DatasetSource | None = Field(
         None,
-        description="FastChat answer-file format (question_id, choices[0].turns) replacing the questions' "
-        "own 'reference' for the categories below",
+        description="FastChat answer-file format (question_id, choices[0].turns): the references of the "
+        "categories below, replacing the questions' own; every reference category question must get one",
+    )
+    reference_questions: DatasetSource | None = Field(
+        None,
+        description="the question file the reference answers' ids belong to (FastChat's question.jsonl): "
+        "references are then matched to the questions by their first turn's text (the hub copy's ids are "
+        "hashes, FastChat's are 81-160)",
+    )
+    reference_id_map: dict[str, str] = Field(
+        default_factory=dict, description="reference answer question_id -> this recipe's question id"
     )
     reference_categories: tuple[str, ...] = ("math", "reasoning", "coding")
     categories: tuple[str, ...] | None = Field(None, description="evaluate only these categories")
@@ -138,6 +162,10 @@ class MTBenchConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> MTBenchConfig:
+        if (self.reference_questions is not None or self.reference_id_map) and self.reference_answers is None:
+            raise ValueError("reference_questions / reference_id_map need reference_answers")
+        if self.reference_questions is not None and self.reference_id_map:
+            raise ValueError("match references by text (reference_questions) or by reference_id_map, not both")
         if self.judge is not None and self.judge_method == "logprobs" and self.judge.backend != "local":
             raise ValueError("judge_method 'logprobs' needs judge.backend 'local' (remote APIs give no token scores)")
         return self
@@ -145,8 +173,9 @@ class MTBenchConfig(Strict):
 
 class EvaluationConfig(Strict):
     checkpoints: tuple[str, ...] = Field(
-        (BASE, *DEFAULT_EVALUATED),
-        description=f"'{BASE}' (the student) and/or training stages whose committed model/ is evaluated",
+        (BASE, *DEFAULT_CHECKPOINTS),
+        description=f"'{BASE}' (the student) and/or training stages whose committed model/ is evaluated; "
+        f"'{SFT_ALIAS}' is OpenBezoar-SFT: the last scheme SFT stage of training.sft_order",
     )
     baselines: tuple[Baseline, ...] = Field((), description="outside models evaluated beside the checkpoints")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -157,7 +186,7 @@ class EvaluationConfig(Strict):
     @field_validator("checkpoints")
     @classmethod
     def _checkpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        allowed = (BASE, *TRAINED_STAGES)
+        allowed = (BASE, SFT_ALIAS, *TRAINED_STAGES)
         bad = [c for c in v if c not in allowed]
         if bad:
             raise ValueError(f"unknown checkpoint(s) {bad}; choose from {', '.join(allowed)}")
@@ -168,7 +197,7 @@ class EvaluationConfig(Strict):
     @model_validator(mode="after")
     def _names(self) -> EvaluationConfig:
         names = [b.name for b in self.baselines]
-        clash = sorted({n for n in names if names.count(n) > 1 or n in (BASE, *TRAINED_STAGES)})
+        clash = sorted({n for n in names if names.count(n) > 1 or n in (BASE, SFT_ALIAS, *TRAINED_STAGES)})
         if clash:
             raise ValueError(f"baseline name(s) {clash} repeat or clash with checkpoint names")
         if not self.checkpoints and not self.baselines:

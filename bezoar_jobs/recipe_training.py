@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from .recipe_base import DatasetSource, PosInt, Strict
-from .registry import SCHEME_NAMES, SFT_STAGES
+from .registry import DEFAULT_SFT_ORDER, SCHEME_NAMES, SFT_STAGES
 
 SCHEMES: tuple[str, ...] = SCHEME_NAMES
 
@@ -41,10 +41,7 @@ SFT_DEFAULTS: dict[str, PassValue] = {
     "max_length": 2048,
     "optim": "adamw_torch",
     "weight_decay": 0.0,
-    # padding-free packing: whole examples placed into max_length rows (best-fit decreasing), no pad
-    # tokens, attention kept inside each example (position ids restart per example)
-    "packing": True,
-    "packing_strategy": "bfd",
+    # batches are padding-free either way (training.batching says what a batch counts)
     "activation_checkpointing": False,  # transformers 5 name of gradient checkpointing
 }
 
@@ -128,7 +125,9 @@ class PushConfig(Strict):
 
 class TrainingConfig(Strict):
     sft_order: tuple[str, ...] = Field(
-        SCHEMES, description="order of the scheme SFT stages; each starts from the previous one's model"
+        DEFAULT_SFT_ORDER,
+        description="order of the scheme SFT stages; each starts from the previous one's model (default lamini, "
+        "orca, evol: the model card's order and the authors' intermediate checkpoint's name, docs/recipe.md)",
     )
     quantization: Literal["auto", "4bit", "none"] = Field(
         "auto", description="auto: 4-bit NF4 QLoRA on CUDA, plain LoRA on CPU; 4bit / none force one"
@@ -151,6 +150,14 @@ class TrainingConfig(Strict):
     )
     max_dropped_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.2, description="fail (exit 2) when more than this fraction of rows is dropped"
+    )
+    batching: Literal["examples", "packed"] = Field(
+        "examples",
+        description="what per_device_train_batch_size counts. examples (default, as the QLoRA reference): each "
+        "batch holds exactly that many examples, flattened without padding (the stage's per-example attention "
+        "keeps them apart); packed: that many rows of max_length tokens, each packed with as many whole examples "
+        "as fit (TRL's packing, strategy sft_args.packing_strategy, default bfd): tokens per step, far more "
+        "examples and fewer optimizer steps per epoch than the same numbers with examples",
     )
     attention: str = Field(
         "auto",

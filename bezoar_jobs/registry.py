@@ -57,9 +57,11 @@ def load_attr(ref: str) -> Any:  # noqa: ANN401 - whatever the named module hold
 class Scheme:
     """A generation scheme: ``generate-<name>`` -> ``filter-<name>`` -> ``sft-<name>``.
 
-    ``module`` provides ``generate(ctx)`` (the generate stage), ``judge_pair(row)`` (the
-    instruction and response the filter's judge sees), ``TRAIN_COLUMNS`` (instruction, response and
-    system columns the SFT stage trains on) and ``estimate(recipe)`` (the plan's request estimate).
+    ``module`` provides ``generate(ctx)`` (the generate stage), ``judge_pair(row, recipe)``
+    (the instruction and response the filter's judge sees, reading only ``filter_reads``),
+    ``judge_tokens(recipe)`` (their typical size, for the filter's estimate), ``TRAIN_COLUMNS``
+    (instruction, response and system columns the SFT stage trains on), ``expected_rows(recipe)``
+    and ``estimate(recipe, store, stage)`` (the plan's request estimate).
     ``seed`` is the recipe field of its seed data; ``reads`` the other recipe fields its generation
     reads besides ``seed``, ``teacher``, its seed data and ``generation.<name>``.
     """
@@ -70,6 +72,8 @@ class Scheme:
     reads: tuple[str, ...] = ()
     needs: tuple[str, ...] = ("teacher",)
     description: str = ""
+    # recipe fields its judge_pair(row, recipe) reads: the filter stage declares them
+    filter_reads: tuple[str, ...] = ()
 
     @property
     def section(self) -> str:
@@ -86,10 +90,22 @@ SCHEMES: tuple[Scheme, ...] = (
     # decoding settings (cut to a few tokens)
     Scheme("evol", "bezoar_jobs.schemes.evol", "seeds.dolly", reads=("judge", "filter.decoding"),
            needs=("teacher", "judge"), description="WizardLM Evol-Instruct over dolly-15k"),
-    Scheme("orca", "bezoar_jobs.schemes.orca", "seeds.flan",
+    # its judge is shown the Flan target when generation.orca.judge_sees_target says so
+    Scheme("orca", "bezoar_jobs.schemes.orca", "seeds.flan", filter_reads=("generation.orca.judge_sees_target",),
            description="Orca explanation tuning over the Flan Collection"),
 )
 SCHEME_NAMES: tuple[str, ...] = tuple(s.name for s in SCHEMES)
+
+# The default order of the scheme SFT stages (training.sft_order): the OpenBezoar model card lists
+# lamini, orca, evol, and the authors' own intermediate checkpoint is named
+# open-llama-v2-lamini-orca-evol-qlora-checkpoint (docs/recipe.md). A scheme not named here trains
+# after these, in SCHEMES order. The canonical order (SCHEMES order) is what --from/--until cut and
+# `bezoar status` lists; the training chain follows this order (or the recipe's).
+_PAPER_SFT_ORDER: tuple[str, ...] = ("lamini", "orca", "evol")
+DEFAULT_SFT_ORDER: tuple[str, ...] = (
+    *(n for n in _PAPER_SFT_ORDER if n in SCHEME_NAMES),
+    *(n for n in SCHEME_NAMES if n not in _PAPER_SFT_ORDER),
+)
 
 
 def scheme(name: str) -> Scheme:
@@ -205,12 +221,23 @@ _TRAINING_UNHASHED: tuple[str, ...] = (
     "training.report_to",
     "training.push",
 )
-_SFT_READS: tuple[str, ...] = (*_TRAINING_COMMON, "training.sft_args", "training.stage_args")
+_SFT_READS: tuple[str, ...] = (*_TRAINING_COMMON, "training.batching", "training.sft_args", "training.stage_args")
 
 
-def _training_chain(recipe: Recipe) -> list[str]:
-    order = getattr(getattr(recipe, "training", None), "sft_order", None) or SCHEME_NAMES
+def default_sft_order() -> tuple[str, ...]:
+    """DEFAULT_SFT_ORDER over the schemes declared now (a scheme added to SCHEMES trains last)."""
+    names = [s.name for s in SCHEMES]
+    return (*(n for n in _PAPER_SFT_ORDER if n in names), *(n for n in names if n not in _PAPER_SFT_ORDER))
+
+
+def _training_chain(recipe: Recipe | None) -> list[str]:
+    order = getattr(getattr(recipe, "training", None), "sft_order", None) or default_sft_order()
     return [f"sft-{x}" for x in order]
+
+
+def last_sft_stage(recipe: Recipe | None) -> str:
+    """The last scheme SFT stage of the training chain: its model is OpenBezoar-SFT."""
+    return _training_chain(recipe)[-1]
 
 
 def _sft_inputs(name: str) -> Callable[[Recipe], tuple[str, ...]]:
@@ -224,13 +251,27 @@ def _sft_inputs(name: str) -> Callable[[Recipe], tuple[str, ...]]:
     return inputs
 
 
+# the checkpoint name that stands for the last scheme SFT stage (OpenBezoar-SFT), whatever the order
+SFT_ALIAS = "sft"
+
+
+def resolve_checkpoint(name: str, recipe: Recipe | None) -> str:
+    """A name of evaluation.checkpoints as a stage name: ``sft`` is the last scheme SFT stage."""
+    return last_sft_stage(recipe) if name == SFT_ALIAS else name
+
+
 def _evaluated(recipe: Recipe) -> tuple[str, ...]:
-    checkpoints = set(getattr(getattr(recipe, "evaluation", None), "checkpoints", None) or ())
-    return tuple(n for n in _TRAINED if n in checkpoints)
+    listed = getattr(getattr(recipe, "evaluation", None), "checkpoints", None) or ()
+    checkpoints = {resolve_checkpoint(n, recipe) for n in listed}
+    return tuple(n for n in _trained() if n in checkpoints)
+
+
+def _trained() -> tuple[str, ...]:
+    return (*(f"sft-{s.name}" for s in SCHEMES), "sft-hh", "dpo")
 
 
 def _build() -> tuple[StageDef, ...]:
-    chain = [f"sft-{s.name}" for s in SCHEMES]
+    chain = _training_chain(None)
     out: list[StageDef] = []
     for s in SCHEMES:
         out.append(StageDef(
@@ -242,11 +283,12 @@ def _build() -> tuple[StageDef, ...]:
         out.append(StageDef(
             f"filter-{s.name}", "filter", "bezoar_jobs.stages.filter:run_filter", inputs=(f"generate-{s.name}",),
             # the seed data's licence goes into the filtered dataset's card
-            reads=("seed", "judge", "filter", f"{s.seed}.licence"), unhashed=_DATA_UNHASHED,
+            reads=("seed", "judge", "filter", f"{s.seed}.licence", *s.filter_reads), unhashed=_DATA_UNHASHED,
             needs=("judge",), scheme=s.name, estimate="bezoar_jobs.stages.filter:estimate",
         ))
-    for i, s in enumerate(SCHEMES):
+    for s in SCHEMES:
         name = f"sft-{s.name}"
+        i = chain.index(name)
         out.append(StageDef(
             name, "sft", "bezoar_jobs.stages.sft:run_sft",
             inputs=(f"filter-{s.name}",) + ((chain[i - 1],) if i else ()),
@@ -266,9 +308,10 @@ def _build() -> tuple[StageDef, ...]:
     for ev in EVALUATIONS:
         out.append(StageDef(
             ev.stage, "evaluate", f"{ev.module}:run",
-            inputs=tuple(n for n in _TRAINED if n in DEFAULT_EVALUATED),
+            inputs=tuple(n for n in _trained() if n in {resolve_checkpoint(c, None) for c in DEFAULT_CHECKPOINTS}),
+            # training.sft_order: which stage the checkpoint name "sft" (OpenBezoar-SFT) stands for
             reads=("seed", "student", "evaluation.checkpoints", "evaluation.baselines", "evaluation.dtype",
-                   "evaluation.device", ev.section, *ev.reads),
+                   "evaluation.device", "training.sft_order", ev.section, *ev.reads),
             pod="eval", needs=ev.needs, dynamic_inputs=_evaluated, evaluation=ev.name,
             estimate=f"{ev.module}:estimate" if ev.sends_requests else None,
         ))
@@ -278,9 +321,10 @@ def _build() -> tuple[StageDef, ...]:
 
 
 # the training stages whose committed model/ can be evaluated, in canonical order
-_TRAINED: tuple[str, ...] = (*(f"sft-{s.name}" for s in SCHEMES), "sft-hh", "dpo")
-# the evaluation's default checkpoints (recipe_eval.EvaluationConfig.checkpoints), for the static graph
-DEFAULT_EVALUATED: tuple[str, ...] = ("sft-orca", "sft-hh", "dpo")
+_TRAINED: tuple[str, ...] = _trained()
+# the evaluation's default checkpoints after the base model (recipe_eval.EvaluationConfig.checkpoints):
+# OpenBezoar-SFT (the last scheme SFT stage), -HH-RLHF-SFT and -HH-RLHF-DPO
+DEFAULT_CHECKPOINTS: tuple[str, ...] = (SFT_ALIAS, "sft-hh", "dpo")
 
 STAGES_LIST: tuple[StageDef, ...] = _build()
 # the canonical order: what --from/--until cut (inclusive) and `bezoar status` lists
@@ -291,18 +335,21 @@ SFT_STAGES: tuple[str, ...] = tuple(n for n in _TRAINED if STAGES[n].family == "
 
 
 def check(stages: tuple[StageDef, ...]) -> list[str]:
-    """What is wrong with a stage table (empty: nothing): names unique; every input a stage declared
-    earlier (the canonical order is a topological order); families, pod classes and servers known;
-    a scheme's or an evaluation's stages named after it; a whole-run reader declares no inputs."""
+    """What is wrong with a stage table (empty: nothing): names unique; every input a declared stage;
+    families, pod classes and servers known;
+    a scheme's or an evaluation's stages named after it; a whole-run reader declares no inputs; the inputs
+    form no cycle. (The canonical order need not be a topological order: the default training chain
+    is lamini, orca, evol while the canonical order lists sft-evol before sft-orca.)"""
     problems: list[str] = []
     seen: list[str] = []
+    names = {s.name for s in stages}
     families = ("generate", "filter", "sft", "dpo", "evaluate", "report")
     for s in stages:
         if s.name in seen:
             problems.append(f"{s.name}: declared twice")
         for inp in s.inputs:
-            if inp not in seen:
-                problems.append(f"{s.name}: input {inp!r} is not a stage declared before it")
+            if inp not in names:
+                problems.append(f"{s.name}: input {inp!r} is not a declared stage")
         if s.family not in families:
             problems.append(f"{s.name}: unknown family {s.family!r}")
         if s.pod not in POD_CLASSES:
@@ -320,7 +367,37 @@ def check(stages: tuple[StageDef, ...]) -> list[str]:
         if overlap:
             problems.append(f"{s.name}: {sorted(overlap)} both hashed and unhashed")
         seen.append(s.name)
+    cycle = _cycle({s.name: tuple(i for i in s.inputs if i in names) for s in stages})
+    if cycle:
+        problems.append(f"the inputs form a cycle: {' -> '.join(cycle)}")
     return problems
+
+
+def _cycle(graph: dict[str, tuple[str, ...]]) -> list[str]:
+    """A cycle of the input graph (stage -> its inputs) as a list of names, or [] when it has none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(n: str) -> list[str]:
+        state[n] = 1
+        path.append(n)
+        for m in graph.get(n, ()):
+            if state.get(m) == 1:
+                return [*path[path.index(m):], m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        path.pop()
+        state[n] = 2
+        return []
+
+    for n in graph:
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return []
 
 
 def spec(name: str) -> StageDef:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .errors import BadInput
 from .layout import RECIPE_FILE, manifest_path, work_prefix
 from .manifest import manifest_hash, manifest_state, quick_check, read_manifest
-from .pipeline import stage_inputs, waits_for
+from .pipeline import in_dependency_order, stage_inputs, waits_for
 from .registry import CANONICAL, STAGES, spec
 from .store import Store
 
@@ -96,7 +96,7 @@ def planned_actions(store: Store, recipe: Recipe, stages: list[str], force: bool
     manifest says: its inputs are about to change. This is the schedulers' rule, decided ahead.
     """
     out: dict[str, tuple[str, str]] = {}
-    for name in stages:
+    for name in in_dependency_order(stages, recipe):
         if force:
             out[name] = ("run", "--force")
             continue
@@ -107,7 +107,7 @@ def planned_actions(store: Store, recipe: Recipe, stages: list[str], force: bool
             continue
         ok, why = up_to_date(store, recipe, name)
         out[name] = ("skip" if ok else "run", why)
-    return out
+    return {n: out[n] for n in stages}
 
 
 def prepare_force(store: Store, name: str, holder: str | None = None) -> None:

@@ -9,8 +9,10 @@ It speaks the HTTP routes our remote clients use, with the bodies those clients 
 * OpenAI-compatible: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (with ``usage``).
 * Anthropic: ``POST /v1/messages`` (content blocks, ``usage.input_tokens/output_tokens``).
 
-Answers come from ``script(prompt) -> text`` so pipeline tests get deterministic teacher and judge
-answers. The server's "tokenizer" is whitespace: one token per word, so tests can predict counts.
+Answers come from ``script(prompt) -> text`` (or ``script(prompt, params)``, params being the
+decoding parameters as sent: ``max_new_tokens``, ``seed``, ...) so pipeline tests get
+deterministic teacher and judge answers. The server's "tokenizer" is whitespace: one token per
+word, so tests can predict counts.
 
 Failure injection (checked in this order for every request): ``rule(prompt) -> fault``, then the
 ``plan`` (a sequence of faults consumed in arrival order, None meaning "answer normally"), then
@@ -62,7 +64,7 @@ from aiohttp import web
 
 FAULTS = ("429", "503", "500", "400", "401", "404", "hang", "malformed", "malformed-json", "drop")
 
-Script = Callable[[str], str]
+Script = Callable[[str], str] | Callable[[str, dict], str]
 
 
 def default_script(prompt: str) -> str:
@@ -148,6 +150,9 @@ class LLMTestServer:
     api_key: str | None = None
     echo_headers: bool = False
     max_concurrent_requests: int | None = None
+    # the model's context window: a request whose prompt tokens plus max_new_tokens exceed it is
+    # refused with HTTP 422, as TGI refuses it ("inputs tokens + max_new_tokens must be <= N")
+    context_tokens: int | None = None
     seed: int = 0
     host: str = "127.0.0.1"
     port: int = 0
@@ -166,6 +171,10 @@ class LLMTestServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._slot_free: list[float] = [0.0] * (self.capacity or 0)  # when each decoding slot is next free
+        # a script may take the request's decoding parameters too: script(prompt, params)
+        import inspect
+
+        self._script_takes_params = len(inspect.signature(self.script).parameters) >= 2
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -327,6 +336,13 @@ class LLMTestServer:
             if not ok:
                 call.status = 401
                 return web.json_response(error(401, "invalid API key"), status=401)
+            if self.context_tokens is not None and route in ("tgi", "completions"):
+                n_in, n_new = count_tokens(prompt), int(params.get("max_new_tokens") or 16)
+                if n_in + n_new > self.context_tokens:
+                    call.status, call.fault = 422, "too-long"
+                    msg = (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
+                           f"{self.context_tokens}. Given: {n_in} `inputs` tokens and {n_new} `max_new_tokens`")
+                    return web.json_response(error(422, msg), status=422)
             fault = call.fault = self._pick_fault(prompt)
             if fault in ("429", "503"):
                 call.status = int(fault)
@@ -348,7 +364,7 @@ class LLMTestServer:
                 await asyncio.sleep(self.hang_s)
             max_new = int(params.get("max_new_tokens") or 16)
             stops = [s for s in (params.get("stop") or []) if s]
-            text = self.script(prompt)
+            text = self.script(prompt, params) if self._script_takes_params else self.script(prompt)  # type: ignore[call-arg,arg-type]
             finish = "eos"
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:

@@ -21,8 +21,18 @@ def _h(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+_TOPIC_WORDS = ["Astronomy", "Gardening", "Railways", "Chess", "Volcanoes", "Baking", "Sailing", "Opera", "Bees",
+                "Glaciers", "Pottery", "Tennis", "Deserts", "Printing", "Jazz", "Bridges", "Coffee", "Knitting"]
+
+
 def scripted_answer(prompt: str) -> str:
     h = _h(prompt)
+    if "<topic>" in prompt:
+        # LaMini topic proposals: tags, plus one sentence that the topic check must drop
+        picks = [_TOPIC_WORDS[(h + 5 * i) % len(_TOPIC_WORDS)] + ("" if i % 2 else f" of {h % 7}th kind")
+                 for i in range(5)]
+        sentence = "<topic>This is a whole sentence about many things.</topic>"
+        return "\n".join(f"<topic>{t}</topic>" for t in picks) + "\n" + sentence
     if "<example>" in prompt and "Write" in prompt:
         # LaMini instruction generation; one answer in three uses a numbered list instead of tags
         items = [f"Explain scripted topic number {h % 1000} item {i} in plain words" for i in range(6)]
@@ -48,8 +58,9 @@ def scripted_recipe(tmp: Path, url: str, **overrides) -> Path:
     data["teacher"] = {
         "backend": "tgi",
         "model": "scripted/teacher",
+        "revision": "0123456789abcdef0123456789abcdef01234567",  # pinned: a priced run refuses unpinned ones
         "base_url": url,
-        "prompt_format": "<|prompt|>{system}{user}<|endoftext|><|answer|>",
+        "prompt_format": "<|prompt|>{user}<|endoftext|><|answer|>",  # h2oGPT: no system slot
         "api_key_env": "SCRIPTED_JUDGE_KEY",  # a TGI behind a gateway that wants a bearer token
         "max_concurrency": 8,
         "max_retries": 3,

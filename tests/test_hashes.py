@@ -222,9 +222,10 @@ def test_a_stage_reading_an_undeclared_field_fails_in_the_runner(tmp_path, monke
 # ---------------------------------------------------------------------------------------------
 def _commit_all(store: Any, recipe: Recipe, tmp: Path) -> None:
     """Every stage committed as the runner would (real parameter and input hashes)."""
+    from bezoar_jobs.pipeline import in_dependency_order
     from bezoar_jobs.state import input_hashes
 
-    for name in CANONICAL:
+    for name in in_dependency_order(CANONICAL, recipe):
         out = tmp / name
         out.mkdir(parents=True)
         (out / "x.txt").write_text(name)

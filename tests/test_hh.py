@@ -162,3 +162,18 @@ def test_dropped_rows_are_named_not_only_counted(tmp_path, caplog) -> None:
     with caplog.at_level("WARNING", logger="bezoar"), pytest.raises(Exception, match="no preference pairs"):
         dpo_pairs([(f"{path} row 2", rows[1])], None, 64, False, "drop", 1.0, "training.hh.data", str(path))
     assert f"{path} row 2: no_final_assistant" in caplog.text
+
+
+def test_hh_rows_stream_and_stop_at_the_limit(tmp_path) -> None:
+    """Finding 7: HH-RLHF comes through the same streaming path as Flan and dolly: rows are read one at
+    a time and reading stops at the limit (the paper's first 100K rows), through our file reader and
+    through datasets' streaming (the hub's code path) alike."""
+    good = json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go."})
+    path = tmp_path / "hh.jsonl"
+    path.write_text(good + "\n" + good + "\n{a broken line the reader never reaches\n")
+    assert len(load_hh_rows(DatasetSource(path=str(path), limit=2), "training.hh.data")) == 2
+    big = tmp_path / "big.jsonl"
+    big.write_text((good + "\n") * 5000)
+    hub_like = DatasetSource(path="json", data_files=(str(big),), limit=3)
+    items = load_hh_rows(hub_like, "training.hh.data")
+    assert len(items) == 3 and items[0][0] == "json row 1"

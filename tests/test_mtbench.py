@@ -249,6 +249,58 @@ def test_hub_column_names_are_understood():
     assert (q.qid, q.turns, q.reference) == (81, ("a", "b"), ())
 
 
+def _mt_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """The hub copy's layout (hashed prompt_id, its own references), FastChat's question file (ids
+    81-83) and FastChat's reference answers for those ids."""
+    texts = [("math", "What is 7 times 6?"), ("coding", "Write a function that adds two numbers."),
+             ("writing", "Write a postcard from Rome.")]
+    hub = tmp / "hub.jsonl"
+    hub.write_text("".join(json.dumps({"prompt_id": 1000 + 17 * i, "category": c, "prompt": [t, "And then?"],
+                                       "reference": ["OLD-REF", "OLD-REF"] if c != "writing" else []}) + "\n"
+                           for i, (c, t) in enumerate(texts)))
+    fq = tmp / "question.jsonl"
+    fq.write_text("".join(json.dumps({"question_id": 81 + i, "category": c, "turns": [t, "And then?"]}) + "\n"
+                          for i, (c, t) in enumerate(texts)))
+    fa = tmp / "gpt-4.jsonl"
+    fa.write_text("".join(
+        json.dumps({"question_id": 81 + i, "model_id": "gpt-4",
+                    "choices": [{"index": 0, "turns": [f"REF-{81 + i}-1", f"REF-{81 + i}-2"]}]}) + "\n"
+        for i, (c, _) in enumerate(texts) if c != "writing"))
+    return hub, fq, fa
+
+
+def _mt_cfg(**kw):
+    from bezoar_jobs.recipe_eval import MTBenchConfig
+
+    return MTBenchConfig.model_validate(kw)
+
+
+def test_fastchat_references_are_matched_by_question_text_or_id_map_and_a_mismatch_is_an_error(tmp_path):
+    """Finding 11: FastChat's reference_answer/gpt-4.jsonl (ids 81-160) matched against the hub
+    questions' hashed ids found nothing, and the questions' own references were silently kept."""
+    hub, fq, fa = _mt_files(tmp_path)
+    with pytest.raises(BadInput, match=r"gpt-4.jsonl:1: the reference for question_id 81 matches none of the "
+                                       r"questions by question_id \(2 of 2 references unmatched"):
+        load_questions(_mt_cfg(questions={"path": str(hub)}, reference_answers={"path": str(fa)}))
+    by_text = load_questions(_mt_cfg(questions={"path": str(hub)}, reference_answers={"path": str(fa)},
+                                     reference_questions={"path": str(fq)}))
+    assert [q.reference for q in by_text] == [("REF-81-1", "REF-81-2"), ("REF-82-1", "REF-82-2"), ()]
+    by_map = load_questions(_mt_cfg(questions={"path": str(hub)}, reference_answers={"path": str(fa)},
+                                    reference_id_map={"81": "1000", "82": "1017"}))
+    assert [q.reference for q in by_map] == [q.reference for q in by_text]
+    # a reference category question the file does not cover is an error, not a silent fallback
+    only_math = tmp_path / "only-math.jsonl"
+    only_math.write_text(fa.read_text().splitlines()[0] + "\n")
+    with pytest.raises(BadInput, match=r"no reference answer for question 1017 \(coding"):
+        load_questions(_mt_cfg(questions={"path": str(hub)}, reference_answers={"path": str(only_math)},
+                               reference_id_map={"81": "1000"}))
+    with pytest.raises(BadInput, match=r"question_id 99 is not in evaluation\.mtbench\.reference_questions"):
+        extra = tmp_path / "extra.jsonl"
+        extra.write_text(fa.read_text() + json.dumps({"question_id": 99, "choices": [{"turns": ["a", "b"]}]}) + "\n")
+        load_questions(_mt_cfg(questions={"path": str(hub)}, reference_answers={"path": str(extra)},
+                               reference_questions={"path": str(fq)}))
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage end to end (tiny model)
 # ---------------------------------------------------------------------------------------------

@@ -105,20 +105,26 @@ def test_evol_cleaning_and_equality_parse():
 
 
 def test_orca_system_message_rules():
+    """Multiple-choice messages are drawn only for Flan 2021 rows that show their options (Orca's
+    mapping); a T0 or NIv2 row with options draws from its own sub-mix's messages."""
     import random
 
     msgs = [
-        {"id": 1, "text": "cot-step", "submixes": ["cot"], "multiple_choice": False},
-        {"id": 2, "text": "mc-first", "submixes": ["t0", "flan2021"], "multiple_choice": True},
-        {"id": 3, "text": "detailed", "submixes": ["t0", "flan2021"], "multiple_choice": False},
-        {"id": 4, "text": "teacher", "submixes": ["niv2"], "multiple_choice": False},
+        {"id": 1, "text": "cot-step", "submixes": ["cot"]},
+        {"id": 2, "text": "mc-first", "submixes": ["flan2021_mc"]},
+        {"id": 3, "text": "detailed", "submixes": ["t0", "flan2021"]},
+        {"id": 4, "text": "teacher", "submixes": ["niv2"]},
     ]
     rng = random.Random(0)
-    mc_row = {"inputs": "Pick one.\nOptions:\n- a\n- b", "task_source": "t0", "template_type": "zs_opt"}
-    assert is_multiple_choice(mc_row)
-    assert {choose_system_message(msgs, mc_row, rng)["text"] for _ in range(20)} == {"mc-first"}
+    t0_opt = {"inputs": "Pick one.\nOptions:\n- a\n- b", "task_source": "T0", "template_type": "zs_opt"}
+    assert not is_multiple_choice(t0_opt)
+    assert {choose_system_message(msgs, t0_opt, rng)["text"] for _ in range(20)} == {"detailed"}
+    flan_opt = {"inputs": "Pick one.\nOPTIONS:\n- a\n- b", "task_source": "Flan2021", "template_type": "zs_opt"}
+    assert is_multiple_choice(flan_opt)
+    assert {choose_system_message(msgs, flan_opt, rng)["text"] for _ in range(20)} == {"mc-first"}
     plain = {"inputs": "Summarize this.", "task_source": "flan2021", "template_type": "zs_noopt"}
     assert not is_multiple_choice(plain)
     assert {choose_system_message(msgs, plain, rng)["text"] for _ in range(20)} == {"detailed"}
-    niv2 = {"inputs": "x", "task_source": "niv2"}
+    niv2 = {"inputs": "x\nOptions: a, b", "task_source": "NIv2", "template_type": "zs_opt"}
+    assert not is_multiple_choice(niv2)
     assert {choose_system_message(msgs, niv2, rng)["text"] for _ in range(10)} == {"teacher"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bezoar_jobs.errors import BadInput
-from bezoar_jobs.pipeline import select, waits_for
+from bezoar_jobs.pipeline import in_dependency_order, select, waits_for
 from bezoar_jobs.registry import CANONICAL, STAGES, StageDef
 
 DATA = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini", "filter-evol", "filter-orca"]
@@ -46,9 +46,14 @@ def test_stages_wait_for_their_selected_inputs():
     assert waits_for("filter-evol", ["filter-evol"]) == []
     # the report reads the whole run: it waits for every other selected stage
     assert waits_for("report", [*DATA, "report"]) == DATA
+    # the dependency order puts every input first, though the canonical order lists sft-evol before
+    # sft-orca (the default chain is lamini, orca, evol)
+    order = in_dependency_order(CANONICAL)
     for name in CANONICAL:
         for inp in STAGES[name].inputs:
-            assert CANONICAL.index(inp) < CANONICAL.index(name)
+            assert order.index(inp) < order.index(name)
+    assert order.index("sft-orca") < order.index("sft-evol")
+    assert CANONICAL.index("sft-evol") < CANONICAL.index("sft-orca")
 
 
 def test_force_restarts_training_work_but_keeps_paid_for_records(tmp_path, monkeypatch):
@@ -91,7 +96,14 @@ def test_evaluation_reads_the_checkpoints_the_recipe_evaluates():
     r = parse_recipe(base + "evaluation: {checkpoints: [dpo, base, sft-lamini]}\n")
     for stage in ("eval-harness", "eval-mtbench"):
         assert stage_inputs(stage, r) == ("sft-lamini", "dpo")  # canonical order, base needs no stage
-        assert stage_inputs(stage) == ("sft-orca", "sft-hh", "dpo")  # without a recipe: the default list
+        assert stage_inputs(stage) == ("sft-evol", "sft-hh", "dpo")  # without a recipe: the default list
+    # "sft" is OpenBezoar-SFT: the last scheme stage of the recipe's order
+    custom = parse_recipe(
+        base + "training: {sft_order: [evol, lamini, orca]}\nevaluation: {checkpoints: [base, sft]}\n"
+    )
+    assert stage_inputs("eval-harness", custom) == ("sft-orca",)
+    with pytest.raises(BadInput, match="names one stage twice"):
+        parse_recipe(base + "evaluation: {checkpoints: [sft, sft-evol]}\n")
     assert waits_for("eval-harness", ["sft-lamini", "dpo", "eval-harness"], r) == ["sft-lamini", "dpo"]
     only_base = parse_recipe(base + "evaluation: {checkpoints: [base]}\n")
     assert stage_inputs("eval-harness", only_base) == ()

@@ -34,7 +34,8 @@ def test_the_registry_is_sound():
 
 @pytest.mark.parametrize("broken, problem", [
     (lambda s: [*s, s[0]], "declared twice"),
-    (lambda s: [dataclasses.replace(s[0], inputs=("dpo",)), *s[1:]], "is not a stage declared before it"),
+    (lambda s: [dataclasses.replace(s[0], inputs=("dpo",)), *s[1:]], "the inputs form a cycle: generate-lamini -> dpo"),
+    (lambda s: [dataclasses.replace(s[0], inputs=("nope",)), *s[1:]], "input 'nope' is not a declared stage"),
     (lambda s: [dataclasses.replace(s[0], needs=("oracle",)), *s[1:]], "unknown server"),
     (lambda s: [*s[:-1], dataclasses.replace(s[-1], inputs=("dpo",))], "declares no inputs"),
     (lambda s: [dataclasses.replace(s[0], unhashed=("seed",)), *s[1:]], "both hashed and unhashed"),
@@ -78,7 +79,7 @@ def test_every_stage_function_and_estimate_resolves(stage: StageDef):
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 def test_each_scheme_module_provides_what_the_stages_use(scheme):
     mod = scheme.load()
-    for name in ("generate", "judge_pair", "estimate", "expected_rows", "TRAIN_COLUMNS"):
+    for name in ("generate", "judge_pair", "judge_tokens", "estimate", "expected_rows", "TRAIN_COLUMNS"):
         assert hasattr(mod, name), f"{scheme.module} lacks {name}"
     assert [f"{f}-{scheme.name}" in STAGES for f in ("generate", "filter", "sft")] == [True] * 3
 
@@ -107,6 +108,27 @@ def test_a_fourth_scheme_is_one_line_in_the_registry(monkeypatch):
     stages = {s.name: s for s in registry._build()}
     assert {"generate-alpaca", "filter-alpaca", "sft-alpaca"} <= set(stages)
     assert stages["filter-alpaca"].inputs == ("generate-alpaca",)
-    assert stages["sft-alpaca"].inputs == ("filter-alpaca", "sft-orca")
+    # it trains after the paper's three (lamini, orca, evol)
+    assert stages["sft-alpaca"].inputs == ("filter-alpaca", "sft-evol")
     assert stages["sft-hh"].inputs == ("sft-alpaca",)
     assert check(tuple(stages.values())) == []
+
+
+def test_the_default_training_chain_is_lamini_orca_evol():
+    """The model card's order and the authors' checkpoint name (docs/recipe.md); the canonical order
+    (what --from/--until cut) stays DESIGN's."""
+    assert registry.DEFAULT_SFT_ORDER == ("lamini", "orca", "evol")
+    assert STAGES["sft-lamini"].inputs == ("filter-lamini",)
+    assert STAGES["sft-orca"].inputs == ("filter-orca", "sft-lamini")
+    assert STAGES["sft-evol"].inputs == ("filter-evol", "sft-orca")
+    assert STAGES["sft-hh"].inputs == ("sft-evol",)
+    assert Recipe.model_fields["training"].default.sft_order == ("lamini", "orca", "evol")
+    # OpenBezoar-SFT, the first model evaluated after the base, is the last of the chain
+    assert registry.resolve_checkpoint("sft", None) == "sft-evol"
+    assert STAGES["eval-harness"].inputs == ("sft-evol", "sft-hh", "dpo")
+    for name in ("openbezoar.yaml", "demo.yaml"):
+        from bezoar_jobs.recipe import load_recipe
+
+        r, _ = load_recipe(REPO / "recipes" / name)
+        assert r.training.sft_order == ("lamini", "orca", "evol"), name
+        assert r.evaluated_checkpoints()[1] == "sft-evol", name

@@ -49,6 +49,8 @@ def _recipe_text(tiny: Path) -> str:
         "student": {"model": str(tiny)},
         "evaluation": {
             "checkpoints": ["base", "sft-orca", "dpo"],
+            # a stand-in for the released DPO model (its counterpart named explicitly)
+            "baselines": [{"name": "released-DPO", "model": str(tiny), "counterpart": "dpo"}],
             "harness": {
                 "include_path": "pkg://bezoar_jobs/demo_data/harness_tasks",
                 "bootstrap_iters": 100,
@@ -229,13 +231,13 @@ def test_report_from_a_complete_run(complete_run):
     assert numbers["loss"]["dpo"] == [list(p) for p in complete_run["losses"]["dpo"]]
     mt = json.loads(store.read_text("eval-mtbench/results/scores.json"))
     assert (
-        figs["mtbench"][0] == sum(v is not None for s in mt["models"].values() for v in s["categories"].values()) == 9
+        figs["mtbench"][0] == sum(v is not None for s in mt["models"].values() for v in s["categories"].values()) == 12
     )
     hs = json.loads(store.read_text("eval-harness/results/summary.json"))
     assert (
         figs["harness"][0]
         == sum(v["value"] is not None for s in hs["models"].values() for v in s["scores"].values())
-        == 6
+        == 8
     )
     for name in figs:  # report.md links the same figures, committed beside it
         assert f"(figures/{name}.png)" in md and f"figures/{name}.png" in m["files"]
@@ -243,14 +245,27 @@ def test_report_from_a_complete_run(complete_run):
     for row in numbers["funnel"]:
         exp = complete_run["expected"][row["scheme"]]
         assert (row["generated"], row["kept"]) == (exp["generated"], exp["kept"])
+    # ... beside the released datasets' sizes (LaMini 1,504, Evol-Instruct 2,304, Orca 3,517)
     # failed rows, the requests lost by cause and the retries are part of the funnel (issue 11)
-    assert "| lamini | 23 | 3 | 20 | 18 | 2 | 1 | 0.9 | 2 (HTTP 503: 2) | 5 |" in md
+    assert "| lamini | 23 | 3 | 20 | 18 | 2 | 1 | 0.9 | 2 (HTTP 503: 2) | 5 | 1,504 (SurgeGlobal/LaMini) | -1,486 |" \
+        in md
+    assert {r["scheme"]: r["released_rows"] for r in numbers["funnel"]} == {"lamini": 1504, "evol": 2304, "orca": 3517}
+    # each checkpoint beside its released counterpart, with the differences
+    vs = [r for r in numbers["released"]["comparison"] if r[0] == "dpo vs OpenBezoar-HH-RLHF-DPO (released-DPO)"]
+    assert [r[1] for r in vs] == ["bezoar_demo_facts (1-shot, acc_norm,none)", "bezoar_demo_cloze (0-shot, acc,none)",
+                                  "MT-Bench overall", "MT-Bench turn 1", "MT-Bench turn 2"]
+    ours, theirs = hs["models"]["dpo"]["scores"], hs["models"]["released-DPO"]["scores"]
+    a, b = ours["bezoar_demo_facts"]["value"], theirs["bezoar_demo_facts"]["value"]
+    assert float(vs[0][4]) == pytest.approx(a - b, abs=1e-4)
+    m_ours, m_theirs = mt["models"]["dpo"]["overall"], mt["models"]["released-DPO"]["overall"]
+    assert float(vs[2][4]) == pytest.approx(m_ours - m_theirs, abs=1e-4)
+    assert "Against the released models" in html and "| dpo vs OpenBezoar-HH-RLHF-DPO (released-DPO) |" in md
     # evaluation tables across checkpoints; which judge produced the MT-Bench scores
     for label in ("base", "sft-orca", "dpo"):
         assert f"| {label} |" in md
     judge_id = mt["judge"]["model_id"]
     assert judge_id in html and "gpt-4-0613" in html and "h2oai/falcon" in html
-    assert "Sample judgments" in html and html.count("<details>") == 2 * 3
+    assert "Sample judgments" in html and html.count("<details>") == 2 * 4
     # tokens, time and cost: GPU-hours from the CUDA training stages, API spend where priced
     usage = {r["stage"]: r for r in numbers["usage"]}
     assert usage["sft-orca"]["gpu_hours"] == pytest.approx(0.5) and usage["sft-orca"]["gpu_cost_usd"] == pytest.approx(
@@ -288,6 +303,7 @@ def test_report_reruns_only_when_the_run_changed_and_rebuilds_on_demand(complete
     assert not ok and "since the report was built" in why
     assert run_stage("report", recipe, store) == 0
     assert "| orca | 35 | 5 | 30 | 1 | 29 |" in store.read_text("report/report.md")
+    assert "| 3,517 (SurgeGlobal/Orca) | -3,516 |" in store.read_text("report/report.md")
 
 
 def test_report_from_a_run_stopped_after_the_data_stages(tmp_path):
@@ -321,3 +337,25 @@ def test_report_of_an_empty_location(tmp_path):
     html = open_store(tmp_path / "nothing").read_text("report/index.html")
     assert "Partial run: 0 of 13 stages committed" in html and "<img" not in html
     assert "recipe.yaml does not exist" in html and urls[1].endswith("report.md")
+
+
+def test_the_shared_teacher_is_counted_once_over_the_union_of_the_generate_spans(tmp_path):
+    """Finding 12: teacher GPU time. The generate stages run side by side on one teacher: their own
+    spans overlap, so the run's teacher GPU-hours are those of the union of the spans."""
+    from bezoar_jobs.report.collect import RunData, teacher_gpu_union, usage_rows
+    from bezoar_jobs.report.render import build_tables
+
+    def gen(start: float, end: float) -> dict:
+        span = end - start
+        return {"teacher_gpu": {"start": start, "end": end, "span_s": span, "gpus": 2, "gpu_hour_usd": 3.0,
+                                "gpu_hours": round(2 * span / 3600, 6), "gpu_cost_usd": round(6 * span / 3600, 6)},
+                "gpu_hours": round(2 * span / 3600, 6), "timings": {"seconds": span}}
+
+    data = RunData("file:///r", {"generate-lamini": gen(0, 3600), "generate-evol": gen(1800, 5400),
+                                 "generate-orca": gen(9000, 10800)}, {}, None, None, None)
+    union = teacher_gpu_union(data)
+    assert union == {"seconds": 7200.0, "gpus": 2, "gpu_hours": 4.0, "gpu_cost_usd": 12.0}
+    usage = usage_rows(data, gpu_hour_usd=None)
+    assert sum(r["gpu_hours"] for r in usage) == pytest.approx(5.0)  # the stages' own figures overlap
+    total = build_tables(data, [], [], usage, [], union)["usage"].rows[-1]
+    assert total[0] == "total" and total[5] == "4" and total[7] == "12"

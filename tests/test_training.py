@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover
     from tiny_model import build_tiny_model  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINING_STAGES = ("sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo")
+TRAINING_STAGES = ("sft-lamini", "sft-orca", "sft-evol", "sft-hh", "dpo")  # the default chain
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -193,7 +193,7 @@ def test_every_recipe_builds_every_training_stage_on_cpu(recipe_file: Path, tmp_
 
     recipe, _ = load_recipe(recipe_file)
     t = recipe.training
-    assert list(t.sft_order) == ["lamini", "evol", "orca"]
+    assert list(t.sft_order) == ["lamini", "orca", "evol"]  # the paper's order (docs/recipe.md)
     for cuda in (False, True):  # this machine's plan, and the plan of a GPU node (validated here, on CPU)
         plan = device_plan(t, cuda=cuda, bf16_ok=cuda)
         assert plan.quantize_4bit == (t.quantization == "4bit" or (t.quantization == "auto" and cuda))
@@ -215,8 +215,8 @@ def test_every_recipe_builds_every_training_stage_on_cpu(recipe_file: Path, tmp_
             assert c.lora.r == (t.dpo_lora() if stage == "dpo" else t.lora)["r"]
             if not cuda:
                 assert "paged" not in str(a.optim)  # paged optimizers need CUDA: AdamW on CPU
-            assert c.base_stage == {"sft-lamini": None, "sft-evol": "sft-lamini", "sft-orca": "sft-evol",
-                                    "sft-hh": "sft-orca", "dpo": "sft-hh"}[stage]
+            assert c.base_stage == {"sft-lamini": None, "sft-orca": "sft-lamini", "sft-evol": "sft-orca",
+                                    "sft-hh": "sft-evol", "dpo": "sft-hh"}[stage]
 
 
 def test_openbezoar_values_from_the_paper() -> None:
@@ -242,7 +242,9 @@ def test_openbezoar_values_from_the_paper() -> None:
         ({"sft_args": {"report_to": "wandb"}}, "use training.report_to"),
         ({"sft_args": {"completion_only_loss": False}}, "response tokens only"),
         ({"sft_args": {"learning_rate": "fast"}}, "training.sft_args.learning_rate: 'fast' is not a number"),
-        ({"sft_args": {"packing": "yes"}}, "training.sft_args.packing: expected true or false"),
+        ({"sft_args": {"packing": True}},
+         "training.sft_args.packing: set by the stage, not the recipe (use training.batching"),
+        ({"sft_args": {"packing_strategy": "wrapped"}}, "only used with training.batching: packed"),
         ({"stage_args": {"sft-hh": {"num_epochs": 2}}}, "training.stage_args.sft-hh.num_epochs: unknown key"),
         ({"lora": {"rank": 8}}, "training.lora.rank: unknown key: not a field of LoraConfig"),
         ({"lora": {"task_type": "SEQ_CLS"}}, "training.lora.task_type: set by the stage"),
@@ -304,34 +306,35 @@ def test_a_custom_sft_order_rewires_the_stage_graph(tmp_path: Path, tiny: Path) 
     from bezoar_jobs.pipeline import stage_inputs, waits_for
     from bezoar_jobs.training.config import build_stage_configs, device_plan
 
-    recipe, _ = make_recipe(tmp_path, tiny, {"sft_order": ["lamini", "orca", "evol"]})
+    recipe, _ = make_recipe(tmp_path, tiny, {"sft_order": ["evol", "lamini", "orca"]})
     plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
     bases = {s: build_stage_configs(recipe.training, recipe.seed, s, tmp_path, plan=plan).base_stage
-             for s in ("sft-lamini", "sft-orca", "sft-evol", "sft-hh")}
-    assert bases == {"sft-lamini": None, "sft-orca": "sft-lamini", "sft-evol": "sft-orca", "sft-hh": "sft-evol"}
+             for s in ("sft-evol", "sft-lamini", "sft-orca", "sft-hh")}
+    assert bases == {"sft-evol": None, "sft-lamini": "sft-evol", "sft-orca": "sft-lamini", "sft-hh": "sft-orca"}
     # the executors schedule (and hash) exactly the model each stage starts from
     for stage, base in bases.items():
         inputs = stage_inputs(stage, recipe)
         assert [i for i in inputs if i.startswith("sft-")] == ([base] if base else [])
-    assert stage_inputs("sft-evol", recipe) == ("filter-evol", "sft-orca")
+    assert stage_inputs("sft-lamini", recipe) == ("filter-lamini", "sft-evol")
     chain = ["sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo"]
     assert {s: waits_for(s, chain, recipe) for s in chain} == {
-        "sft-lamini": [],
+        "sft-evol": [],
+        "sft-lamini": ["sft-evol"],
         "sft-orca": ["sft-lamini"],
-        "sft-evol": ["sft-orca"],
-        "sft-hh": ["sft-evol"],
+        "sft-hh": ["sft-orca"],
         "dpo": ["sft-hh"],
     }
-    # without a recipe (or with the default order) the static graph applies
-    assert stage_inputs("sft-evol") == ("filter-evol", "sft-lamini")
-    # and the stages run in that order: sft-orca second, from sft-lamini (sft-evol not there yet)
+    # without a recipe (or with the default order lamini, orca, evol) the static graph applies
+    assert stage_inputs("sft-evol") == ("filter-evol", "sft-orca")
+    assert stage_inputs("sft-lamini") == ("filter-lamini",)
+    # and the stages run in that order: sft-lamini second, from sft-evol
     store = open_store(tmp_path / "run")
+    commit_filter(store, "evol", evol_rows(8), tmp_path)
     commit_filter(store, "lamini", lamini_rows(8), tmp_path)
-    commit_filter(store, "orca", orca_rows(8), tmp_path)
+    assert run_stage("sft-evol", recipe, store) == 0
     assert run_stage("sft-lamini", recipe, store) == 0
-    assert run_stage("sft-orca", recipe, store) == 0
-    m = read_manifest(store, "sft-orca")
-    assert m is not None and set(m["inputs"]) == {"filter-orca", "sft-lamini"} and m["base_stage"] == "sft-lamini"
+    m = read_manifest(store, "sft-lamini")
+    assert m is not None and set(m["inputs"]) == {"filter-lamini", "sft-evol"} and m["base_stage"] == "sft-evol"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,6 +696,55 @@ def test_response_head_trainer_gives_trls_loss_and_gradients(tmp_path: Path, tin
     assert ours[4]["mean_token_accuracy"] == pytest.approx(trl[4]["mean_token_accuracy"])
 
 
+def test_a_batch_is_examples_as_in_the_qlora_reference(tmp_path: Path, tiny: Path, tok: Any) -> None:
+    """Finding 13: with packing, 'batch 4 x accumulation 4' meant 16 packed rows of max_length per
+    optimizer step (~100 examples), not 16 examples. Now a batch holds exactly the recipe's number of
+    examples (padding-free), so the stage takes TRL's default steps, with the same losses step by
+    step; tokens-per-step batching only when the recipe says training.batching: packed."""
+    import datasets
+    import torch
+    from trl import SFTTrainer
+
+    from bezoar_jobs.data.prompt_format import render_example
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+    from bezoar_jobs.training.examples import tokenize_example
+    from bezoar_jobs.training.lora import load_for_training
+    from bezoar_jobs.training.sft import make_trainer
+
+    paper, _ = load_recipe(REPO / "recipes" / "openbezoar.yaml")
+    for cuda in (False, True):
+        plan = device_plan(paper.training, cuda=cuda, bf16_ok=cuda)
+        a = build_stage_configs(paper.training, paper.seed, "sft-lamini", tmp_path / "p", plan=plan).trainer_args
+        assert a.packing is False and a.padding_free is True
+        assert a.per_device_train_batch_size * a.gradient_accumulation_steps == 16  # examples per step
+    section = training_section()
+    section["sft_args"].update(max_steps=None, num_train_epochs=1, per_device_train_batch_size=4,
+                               learning_rate=1e-3, max_length=600)
+    recipe, _ = make_recipe(tmp_path, tiny, section)
+    packed, _ = make_recipe(tmp_path, tiny, {**section, "batching": "packed"})
+    plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
+    rows = [tokenize_example(tok, *render_example(f"Name {i} colours.", " ".join(["red", "blue"] * (2 + i % 5))),
+                             192, True) for i in range(24)]
+    losses, steps = {}, {}
+    for name, r in (("examples", recipe), ("packed", packed), ("trl-default", recipe)):
+        c = build_stage_configs(r.training, r.seed, "sft-lamini", tmp_path / name, plan=plan)
+        torch.manual_seed(5)
+        if name == "trl-default":  # TRL as it comes: random batches of 4 examples padded to the longest
+            args = c.trainer_args
+            args.padding_free, args.max_length = False, 600
+            model = load_for_training(tiny, plan, False, False, None)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                 processing_class=tok, peft_config=c.lora)
+        else:
+            trainer, _ = make_trainer(tiny, plan, c.trainer_args, c.lora, tok, datasets.Dataset.from_list(rows))
+        trainer.train()
+        steps[name] = trainer.state.global_step
+        losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert steps["examples"] == steps["trl-default"] == 6  # 24 examples, 4 per step
+    assert steps["packed"] < steps["examples"]  # packed rows of 192 tokens hold several examples each
+    assert losses["examples"] == pytest.approx(losses["trl-default"], rel=2e-3)
+
+
 def test_dpo_on_cpu_scores_only_labelled_positions_with_the_same_loss(
     tmp_path: Path, tiny: Path, tok: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -860,11 +912,11 @@ def test_the_five_training_stages_chain_through_the_s3_store(
     assert [ms[s]["base_model"] for s in TRAINING_STAGES] == [
         str(tiny),
         "sft-lamini/model",
-        "sft-evol/model",
         "sft-orca/model",
+        "sft-evol/model",
         "sft-hh/model",
     ]
-    assert ms["sft-orca"]["inputs"].keys() == {"filter-orca", "sft-evol"}
+    assert ms["sft-evol"]["inputs"].keys() == {"filter-evol", "sft-orca"}
     assert all(ms[s]["counts"]["steps"] == 4 for s in TRAINING_STAGES)
     assert all(ms[s]["training"]["merged"]["dtype"] == "bfloat16" for s in TRAINING_STAGES)
     assert json.loads(store.read_text("dpo/model/config.json"))["dtype"] == "bfloat16"

@@ -63,3 +63,18 @@ def build_tiny_model(dest: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     model.save_pretrained(dest, safe_serialization=True)
     (dest / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny random llama (tests)\n", encoding="utf-8")
     return dest
+
+
+def build_word_tokenizer(dest: Path) -> Path:
+    """A tokenizer that counts one token per whitespace-separated word, as the scripted server
+    (tests/llm_server.py) counts them: the teacher's tokenizer for context-window tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "</s>": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+    fast.save_pretrained(dest)
+    return dest

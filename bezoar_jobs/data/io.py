@@ -1,4 +1,4 @@
-"""Dataset and template I/O: seed datasets from the hub, local/S3 files or the package, JSONL out.
+"""Dataset and template I/O: seed datasets streamed from the hub, local/S3 files or the package; JSONL out.
 
 Errors name the file and, for line-oriented formats, the line, and exit 2 (BadInput).
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import BadInput
 from ..recipe import DatasetSource
+from ..recipe_base import is_file_path
 
 PKG = "pkg://"
 
@@ -117,11 +118,37 @@ def read_jsonl(path: Path, required: Sequence[str] = (), label: str | None = Non
     return rows
 
 
-def _read_table(path: Path, required: Sequence[str], label: str) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return read_jsonl(path, required, label)
-    if suffix == ".json":
+def is_file_source(path: str) -> bool:
+    """Whether a dataset path names a file (local, file://, s3://, pkg://) rather than a hub dataset."""
+    return is_file_path(path)
+
+
+def _check(row: Any, required: Sequence[str], where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise BadInput(f"{where}: each row must be an object, got {type(row).__name__}")
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise BadInput(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
+    return row
+
+
+def _file_rows(path: Path, required: Sequence[str], label: str) -> Iterator[dict[str, Any]]:
+    """Rows of a local file, read incrementally: JSONL line by line (errors name the line), parquet
+    one record batch at a time, CSV row by row. A ``.json`` file (one JSON document) is the one
+    format that has to be parsed whole."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")):
+        if name.endswith(".gz"):
+            import gzip
+
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for n, row in iter_jsonl_lines(f, label):
+                    yield _check(row, required, f"{label}:{n}")
+        else:
+            for n, row in iter_jsonl(path, label):
+                yield _check(row, required, f"{label}:{n}")
+        return
+    if name.endswith(".json"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -130,68 +157,83 @@ def _read_table(path: Path, required: Sequence[str], label: str) -> list[dict[st
             data = data["data"]
         if not isinstance(data, list):
             raise BadInput(f"{label}: a .json dataset must be a list of objects")
-        rows = data
-    elif suffix == ".parquet":
+        for i, row in enumerate(data, start=1):
+            yield _check(row, required, f"{label}: row {i}")
+        return
+    if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
-    elif suffix == ".csv":
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                i += 1
+                yield _check(row, required, f"{label}: row {i}")
+        return
+    if name.endswith(".csv"):
         import csv
 
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise BadInput(f"{label}: unsupported dataset file type {suffix!r} (jsonl, json, parquet, csv)")
-    for i, row in enumerate(rows, start=1):
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise BadInput(f"{label}: row {i}: missing field(s) {', '.join(map(repr, missing))}")
-    return rows
+            for i, row in enumerate(csv.DictReader(f), start=1):
+                yield _check(row, required, f"{label}: row {i}")
+        return
+    raise BadInput(f"{label}: unsupported dataset file type {path.suffix!r} (jsonl, jsonl.gz, json, parquet, csv)")
+
+
+def _hub_rows(src: DatasetSource, required: Sequence[str], field: str) -> Iterator[dict[str, Any]]:
+    """Rows of a hub dataset (or a packaged builder such as ``json`` with ``data_files``) through
+    ``datasets.load_dataset(..., streaming=True)``: an IterableDataset read as it downloads, so
+    memory does not grow with the dataset (the Flan Collection is hundreds of millions of rows)."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
+
+    label = src.path + (f" ({src.name})" if src.name else "")
+    try:
+        ds = load_dataset(src.path, src.name, revision=src.revision, split=src.split,
+                          data_files=list(src.data_files) or None, streaming=True)
+    except (FileNotFoundError, DatasetNotFoundError) as e:
+        raise BadInput(f"{field}.path: dataset {label!r} not found: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # an unknown split or config
+        raise BadInput(f"{field}: dataset {label!r}: {str(e).splitlines()[0]}") from None
+    for i, row in enumerate(ds, start=1):
+        yield _check(row, required, f"{field}: {label}: row {i}")
+
+
+def _utf8_checked(path: Path, required: Sequence[str], label: str) -> Iterator[dict[str, Any]]:
+    """:func:`_file_rows`, with a file that is not UTF-8 named by its first bad line and byte."""
+    try:
+        yield from _file_rows(path, required, label)
+    except UnicodeDecodeError:
+        raise BadInput(not_utf8(path, label)) from None
+
+
+def stream_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "dataset") -> Iterator[dict[str, Any]]:
+    """Rows of a dataset source one at a time, in file order, at most ``src.limit``.
+
+    A path that is a file (local, file://, s3://, pkg://) is read incrementally (an s3:// object
+    is first downloaded to a temporary file, not into memory); anything else is a hub dataset id
+    (or a ``datasets`` builder such as ``json`` with ``data_files``) streamed with
+    ``datasets.load_dataset(..., streaming=True)`` at the pinned revision. Dolly, HH-RLHF and the
+    Flan Collection all come through here. A row without a required field is an error naming the
+    file and line (or row).
+    """
+    p = src.path
+    rows = _utf8_checked(local_copy(p), required, p) if is_file_source(p) else _hub_rows(src, required, field)
+    if src.limit is not None and src.limit <= 0:
+        return
+    n = 0
+    for row in rows:
+        yield row
+        n += 1
+        if src.limit and n >= src.limit:  # stop before reading (or downloading) the next row
+            return
 
 
 def load_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "dataset") -> list[dict[str, Any]]:
-    """Rows of a dataset source, in file order, cut to ``src.limit``.
-
-    A path that is a file (local, file://, s3://, pkg://) is read directly; otherwise it is a hub
-    dataset id loaded at the pinned revision with ``datasets.load_dataset``.
-    """
-    p = src.path
-    is_file = p.startswith((PKG, "s3://", "file://", "/", "./", "../")) or Path(p).suffix in (
-        ".jsonl",
-        ".json",
-        ".parquet",
-        ".csv",
-        ".ndjson",
-    )
-    if is_file:
-        path = local_copy(p)
-        try:
-            rows = _read_table(path, required, p)
-        except UnicodeDecodeError:
-            raise BadInput(not_utf8(path, p)) from None
-    else:
-        from datasets import load_dataset
-
-        try:
-            ds = load_dataset(
-                p,
-                src.name,
-                revision=src.revision,
-                split=src.split,
-                data_files=list(src.data_files) or None,
-            )
-        except FileNotFoundError as e:
-            raise BadInput(f"{field}.path: hub dataset {p!r} not found: {e}") from None
-        missing = [k for k in required if k not in ds.column_names]
-        if missing:
-            raise BadInput(f"{field}: hub dataset {p!r} lacks column(s) {missing}")
-        if src.limit:
-            ds = ds.select(range(min(src.limit, len(ds))))
-        rows = ds.to_list()
-    if src.limit:
-        rows = rows[: src.limit]
+    """:func:`stream_rows` as a list (for sources that fit in memory: dolly, HH's first 100K rows,
+    topic lists); an empty source is an error."""
+    rows = list(stream_rows(src, required, field))
     if not rows:
-        raise BadInput(f"{field}.path: {p}: the dataset is empty")
+        raise BadInput(f"{field}.path: {src.path}: the dataset is empty")
     return rows
 
 

@@ -6,9 +6,15 @@ from the pin fails (exit 2) before any model is loaded; its leaf tasks then get 
 ``num_fewshot`` and the loaded objects go to ``simple_evaluate``, so one call evaluates tasks with
 different shot counts.
 
-Local tasks (the demo's, or a user's) are YAML files in ``evaluation.harness.include_path``; the
-harness resolves relative ``data_files`` against the working directory, so the directory is copied
-to scratch and ``${task_dir}`` in each YAML is replaced with the YAML's own absolute directory.
+Local tasks (the demo's, or a user's) are YAML files in ``evaluation.harness.include_path``. The
+demo's take their data from a ``custom_dataset`` function beside them, so they run as shipped with
+the ``lm_eval`` CLI too. For a user's YAML that names data files relative to itself, the harness
+resolves relative ``data_files`` against the working directory, so the directory is copied to
+scratch and ``${task_dir}`` in each YAML is replaced with the YAML's own absolute directory.
+
+Seeds are lm_eval's own defaults (0, 1234, 1234, 1234: few-shot seed 1234, as the Open LLM
+Leaderboard ran) unless the recipe gives ``evaluation.harness.seed``; every results file records the
+``lm_eval`` command lines that reproduce it (:func:`cli_commands`).
 When every task is found there, the harness's ~15k built-in task configs are not indexed at all
 (that alone takes tens of seconds on a small CPU).
 """
@@ -122,10 +128,68 @@ def load_tasks(tm: Any, tasks: tuple[HarnessTask, ...]) -> tuple[list[Any], dict
     return objects, versions
 
 
-def evaluate(
-    model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig, seed: int
-) -> dict[str, Any]:
-    """Run simple_evaluate on an in-memory model; return lm_eval's result dict."""
+# lm_eval's own default seeds (python random, numpy, torch, few-shot sampler): its CLI's --seed default
+LM_EVAL_SEEDS: tuple[int, int, int, int] = (0, 1234, 1234, 1234)
+
+
+def seeds(cfg: HarnessConfig) -> tuple[int | None, int | None, int | None, int | None]:
+    """The four seeds the harness runs with: the recipe's, else lm_eval's defaults."""
+    return cfg.seed if cfg.seed is not None else LM_EVAL_SEEDS
+
+
+def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | None, cfg: HarnessConfig,
+                 revision: str | None = None) -> list[str]:
+    """The ``lm_eval`` command lines that reproduce an evaluation: one per shot count (the CLI sets
+    one ``--num_fewshot`` for all the tasks it is given). ``DISABLE_MULTIPROC=1`` as the stage runs
+    it (see :func:`evaluate`). The CLI always bootstraps 100,000 times: with another
+    ``bootstrap_iters`` the metrics are reproduced, the bootstrapped stderrs not
+    (:func:`cli_note`)."""
+    import shlex
+
+    margs = [f"pretrained={model_dir}", *([f"revision={revision}"] if revision else []), f"dtype={dtype}"]
+    if cfg.max_length is not None:
+        margs.append(f"max_length={cfg.max_length}")
+    if cfg.add_bos_token is not None:
+        margs.append(f"add_bos_token={cfg.add_bos_token}")
+    seed = ",".join("None" if x is None else str(x) for x in seeds(cfg))
+    by_shots: dict[int, list[str]] = {}
+    for t in cfg.tasks:
+        by_shots.setdefault(t.num_fewshot, []).append(t.name)
+    out = []
+    for shots, names in by_shots.items():
+        argv = ["lm_eval", "--model", "hf", "--model_args", ",".join(margs), "--tasks", ",".join(names),
+                "--num_fewshot", str(shots), "--batch_size", str(cfg.batch_size), "--device", device]
+        if include_path:
+            argv += ["--include_path", include_path]
+        if cfg.limit is not None:
+            argv += ["--limit", str(cfg.limit)]
+        argv += ["--seed", seed]  # (the CLI has no --bootstrap_iters: it always takes lm_eval's 100,000)
+        out.append("DISABLE_MULTIPROC=1 " + shlex.join(argv))
+    return out
+
+
+def cli_note(cfg: HarnessConfig) -> str | None:
+    """What the recorded command lines cannot reproduce, if anything."""
+    if cfg.bootstrap_iters != 100_000:
+        return (f"bootstrap_iters {cfg.bootstrap_iters}: the lm_eval CLI always uses 100000, so the stderrs of "
+                "bootstrapped metrics (perplexity, ...) differ; every metric value is reproduced")
+    return None
+
+
+def include_path_for_cli(uri: str | None) -> str | None:
+    """The include directory as the lm_eval CLI can be given it (a package's installed directory)."""
+    if not uri:
+        return None
+    if uri.startswith("pkg://"):
+        from ..data.io import resolve_pkg
+
+        return str(resolve_pkg(uri))
+    return uri.removeprefix("file://")
+
+
+def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig) -> dict[str, Any]:
+    """Run simple_evaluate on an in-memory model with the recipe's seeds (lm_eval's defaults unless
+    the recipe says otherwise); return lm_eval's result dict."""
     import os
 
     import lm_eval
@@ -141,6 +205,7 @@ def evaluate(
     if cfg.add_bos_token is not None:
         kw["add_bos_token"] = cfg.add_bos_token
     lm = HFLM(**kw)
+    random_seed, numpy_seed, torch_seed, fewshot_seed = seeds(cfg)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=task_objects,
@@ -148,10 +213,10 @@ def evaluate(
         limit=cfg.limit,
         bootstrap_iters=cfg.bootstrap_iters,
         log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
+        random_seed=random_seed,
+        numpy_random_seed=numpy_seed,
+        torch_random_seed=torch_seed,
+        fewshot_random_seed=fewshot_seed,
     )
     if out is None:  # pragma: no cover - only on non-zero ranks of a distributed launch
         raise RuntimeError("lm_eval returned no results (not rank 0?)")

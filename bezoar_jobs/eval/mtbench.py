@@ -120,6 +120,8 @@ def load_questions(cfg: Any) -> list[Question]:
         if q.key in seen:
             raise BadInput(f"{field}: {q.where}: question_id {q.qid} repeats {seen[q.key]}")
         seen[q.key] = q.where
+    # every question the file has, for matching references before the categories cut the list
+    complete = not cfg.questions.limit and not cfg.categories
     if cfg.categories:
         questions = [q for q in questions if q.category in set(cfg.categories)]
         if not questions:
@@ -127,7 +129,7 @@ def load_questions(cfg: Any) -> list[Question]:
                 f"evaluation.mtbench.categories: no question has one of the categories {list(cfg.categories)}"
             )
     if cfg.reference_answers is not None:
-        questions = _with_reference_file(questions, cfg.reference_answers)
+        questions = with_reference_file(questions, cfg, complete)
     for q in questions:
         if q.category in cfg.reference_categories and len(q.reference) < 2:
             raise BadInput(
@@ -137,11 +139,20 @@ def load_questions(cfg: Any) -> list[Question]:
     return questions
 
 
-def _with_reference_file(questions: list[Question], src: Any) -> list[Question]:
-    """References from an answer file in FastChat's format (``question_id``, ``choices[0].turns``)."""
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def with_reference_file(questions: list[Question], cfg: Any, complete: bool = True) -> list[Question]:
+    """References from an answer file in FastChat's format (``question_id``, ``choices[0].turns``),
+    matched to the questions by id, through ``reference_id_map``, or by the first turn's text via
+    ``reference_questions`` (FastChat's question.jsonl). A reference that matches no question is an
+    error (unless ``questions.limit`` / ``categories`` leave questions out), and so is a question of a
+    reference category that gets none: the file replaces the questions' own references, it never
+    silently falls back to them."""
     field = "evaluation.mtbench.reference_answers"
-    refs: dict[str, list[str]] = {}
-    for where, row in _rows_with_lines(src, field):
+    refs: list[tuple[str, str, list[str]]] = []  # (where, answer-file id, turns)
+    for where, row in _rows_with_lines(cfg.reference_answers, field):
         qid = row.get("question_id")
         choices = row.get("choices")
         turns = None
@@ -149,10 +160,47 @@ def _with_reference_file(questions: list[Question], src: Any) -> list[Question]:
             turns = _texts(choices[0].get("turns"))
         if qid is None or turns is None:
             raise BadInput(f"{field}: {where}: expected question_id and choices[0].turns (a list of strings)")
-        refs[str(qid)] = turns
+        refs.append((where, str(qid), turns))
+    by_key = {q.key: q for q in questions}
+    target: dict[str, str] = {}  # answer-file id -> our question key
+    if cfg.reference_questions is not None:
+        qfield = "evaluation.mtbench.reference_questions"
+        texts: dict[str, str] = {}
+        for where, row in _rows_with_lines(cfg.reference_questions, qfield):
+            q = parse_question(row, where, qfield)
+            texts[q.key] = _norm(q.turns[0])
+        ours = {_norm(q.turns[0]): q.key for q in questions}
+        for where, rid, _ in refs:
+            if rid not in texts:
+                raise BadInput(f"{field}: {where}: question_id {rid} is not in evaluation.mtbench.reference_questions")
+            if texts[rid] in ours:
+                target[rid] = ours[texts[rid]]
+    elif cfg.reference_id_map:
+        target = {rid: str(cfg.reference_id_map[rid]) for _, rid, _ in refs if rid in cfg.reference_id_map}
+    else:
+        target = {rid: rid for _, rid, _ in refs if rid in by_key}
+    unmatched = [(where, rid) for where, rid, _ in refs if target.get(rid) not in by_key]
+    if unmatched and complete:
+        where, rid = unmatched[0]
+        how = ("by the text of its question in reference_questions" if cfg.reference_questions is not None
+               else "through reference_id_map" if cfg.reference_id_map else "by question_id")
+        raise BadInput(
+            f"{field}: {where}: the reference for question_id {rid} matches none of the questions {how} "
+            f"({len(unmatched)} of {len(refs)} references unmatched; the questions' ids look like "
+            f"{', '.join(list(by_key)[:3])}): give reference_questions (match by text) or reference_id_map"
+        )
+    got: dict[str, list[str]] = {}
+    for _, rid, turns in refs:
+        if target.get(rid) in by_key:
+            got[target[rid]] = turns
     out = []
     for q in questions:
-        r = refs.get(q.key)
+        if q.category in cfg.reference_categories and q.key not in got:
+            raise BadInput(
+                f"{field}: no reference answer for question {q.qid} ({q.category}, {q.where}); the file's references "
+                f"replace the questions' own, so every {'/'.join(cfg.reference_categories)} question needs one"
+            )
+        r = got.get(q.key)
         out.append(Question(q.qid, q.category, q.turns, tuple(r), q.where) if r else q)
     return out
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Target:
-    label: str  # row name in results and the report: base, sft-orca, ..., or a baseline's name
+    label: str  # row name in results and the report: base, sft-evol, ..., or a baseline's name
     kind: str  # base | checkpoint | baseline
     model: str  # reference: student model, "<stage>/model", or the baseline's model
     revision: str | None
@@ -47,7 +47,7 @@ def targets(ctx: StageContext) -> list[Target]:
     r = ctx.recipe
     ev = r.evaluation
     out = []
-    for name in ev.checkpoints:
+    for name in r.evaluated_checkpoints():
         if name == BASE:
             s = r.student
             out.append(Target(BASE, "base", s.model, s.revision,
@@ -79,12 +79,13 @@ def model_dir(ctx: StageContext, t: Target) -> Path:
         raise BadInput(f"{field}: {e}") from None
 
 
-def load(ctx: StageContext, t: Target) -> tuple[Model, Tokenizer]:
-    """(model, tokenizer) of a target, in eval mode on the recipe's evaluation device."""
+def load(ctx: StageContext, t: Target, path: Path | None = None) -> tuple[Model, Tokenizer]:
+    """(model, tokenizer) of a target (from ``path`` when the caller resolved its directory), in
+    eval mode on the recipe's evaluation device."""
     from ..models import load_causal_lm, load_tokenizer
 
     ev = ctx.recipe.evaluation
-    path = model_dir(ctx, t)
+    path = path or model_dir(ctx, t)
     tok = load_tokenizer(path, trust_remote_code=t.trust_remote_code)
     model = load_causal_lm(path, ev.dtype, ev.device, trust_remote_code=t.trust_remote_code)
     return model, tok

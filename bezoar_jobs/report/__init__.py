@@ -25,7 +25,19 @@ from typing import Any
 from ..registry import EVALUATIONS, Evaluation
 from ..store import Store
 from .charts import charts
-from .collect import RunData, collect, funnel, loss_curves, producers, read_listed, results, stage_rows, usage_rows
+from .collect import (
+    RunData,
+    collect,
+    funnel,
+    loss_curves,
+    producers,
+    read_listed,
+    results,
+    stage_rows,
+    teacher_gpu_union,
+    usage_rows,
+)
+from .released import RELEASED_DATASETS, comparison, with_released_sizes
 from .render import Section, build_tables, render
 
 __all__ = ["evaluation_section", "write_report"]
@@ -56,13 +68,18 @@ def write_report(store: Store, out_dir: Path, built_at: str | None = None) -> di
     )
     built_at = built_at or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     stages = stage_rows(data)
-    fun = funnel(data)
+    fun = with_released_sizes(funnel(data))
     losses = loss_curves(store, data)
     sections = [evaluation_section(store, data, ev, shown) for ev in EVALUATIONS]
     usage = usage_rows(data, gpu_usd)
     prod = producers(data)
     chart_list = charts(stages, fun, losses) + [c for s in sections for c in s.charts]
-    tables = build_tables(data, stages, fun, usage, prod)
+    teacher = teacher_gpu_union(data)
+    tables = build_tables(data, stages, fun, usage, prod, teacher)
+    evaluated = {ev.name: results(store, data, ev.stage, ev.results_file) for ev in EVALUATIONS}
+    vs = comparison(data, evaluated.get("harness"), evaluated.get("mtbench"))
+    if vs is not None:
+        tables["released"] = vs
     page, md = render(data, title, tables, chart_list, sections, include_recipe, built_at)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "index.html").write_text(page, encoding="utf-8")
@@ -79,6 +96,8 @@ def write_report(store: Store, out_dir: Path, built_at: str | None = None) -> di
         "loss": {k: [list(p) for p in v] for k, v in losses.items()},
         **{s.key: s.numbers for s in sections},
         "usage": usage,
+        "teacher_gpu": teacher,
+        "released": {"datasets": RELEASED_DATASETS, "comparison": vs.rows if vs is not None else []},
         "producers": prod,
         "charts": {c.name: c.points for c in chart_list},
     }

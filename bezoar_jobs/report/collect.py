@@ -220,6 +220,9 @@ def usage_rows(data: RunData, gpu_hour_usd: float | None) -> list[dict[str, Any]
         gpu_h = _gpu_hours(name, m)
         api = m.get("cost_usd")
         gpu_cost = round(gpu_h * gpu_hour_usd, 4) if gpu_h and gpu_hour_usd is not None else None
+        tg = m.get("teacher_gpu")
+        if isinstance(tg, dict):  # a generate stage: the teacher's GPUs at the teacher's own price
+            gpu_cost = tg.get("gpu_cost_usd")
         rows.append({
             "stage": name,
             "seconds": m.get("timings", {}).get("seconds"),
@@ -229,8 +232,33 @@ def usage_rows(data: RunData, gpu_hour_usd: float | None) -> list[dict[str, Any]
             "gpu_hours": gpu_h,
             "api_cost_usd": api if isinstance(api, int | float) else None,
             "gpu_cost_usd": gpu_cost,
+            "teacher_span": isinstance(tg, dict),  # its GPU-hours are the shared teacher's (spans overlap)
         })
     return rows
+
+
+def teacher_gpu_union(data: RunData) -> dict[str, Any] | None:
+    """The teacher's GPU-hours over the union of the spans it served the generate stages (they run
+    side by side on one teacher, so their own figures overlap and must not be added up)."""
+    spans, gpus, price = [], None, None
+    for m in data.manifests.values():
+        tg = m.get("teacher_gpu")
+        if isinstance(tg, dict) and tg.get("start") is not None and tg.get("end") is not None and tg.get("gpus"):
+            spans.append((float(tg["start"]), float(tg["end"])))
+            gpus, price = int(tg["gpus"]), tg.get("gpu_hour_usd")
+    if not spans or gpus is None:
+        return None
+    spans.sort()
+    total, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            total, lo, hi = total + hi - lo, a, b
+        else:
+            hi = max(hi, b)
+    total += hi - lo
+    hours = round(gpus * total / 3600.0, 6)
+    return {"seconds": round(total, 3), "gpus": gpus, "gpu_hours": hours,
+            "gpu_cost_usd": round(hours * price, 6) if price is not None else None}
 
 
 def scrub(text: str) -> str:

@@ -55,8 +55,9 @@ class Section:
 
 
 def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str, Any]], usage: list[dict[str, Any]],
-                 prod: list[dict[str, Any]]) -> dict[str, Table]:
-    """The generic sections' tables: stages, data funnel, usage, producers."""
+                 prod: list[dict[str, Any]], teacher: dict[str, Any] | None = None) -> dict[str, Table]:
+    """The generic sections' tables: stages, data funnel, usage, producers. ``teacher``: the shared
+    teacher's GPU time over the union of the generate stages' spans (collect.teacher_gpu_union)."""
     t: dict[str, Table] = {}
     t["stages"] = Table(
         "Stages",
@@ -77,6 +78,8 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                 "retention",
                 "requests lost",
                 "retries",
+                "released rows",
+                "kept vs released",
             ],
             [
                 [
@@ -92,13 +95,16 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                     + (f" ({', '.join(f'{c}: {n}' for c, n in r['lost_by_cause'].items())})"
                        if r.get("lost_by_cause") else ""),
                     fmt(r.get("retries")),
+                    f"{r['released_rows']:,} ({r['released_dataset']})" if r.get("released_rows") else "-",
+                    f"{r['vs_released']:+,}" if r.get("vs_released") is not None else "-",
                 ]
                 for r in fun
             ],
             "generated = rows the generate stage produced (committed + eliminated); "
             "the judge rates what was committed; failed = rows whose verdict stayed unparseable or whose "
             "judge request failed for good (neither kept nor rejected); requests lost and retries count the "
-            "teacher and judge requests of both stages.",
+            "teacher and judge requests of both stages. Released rows: the authors' published datasets "
+            "(SurgeGlobal/LaMini, Evol-Instruct, Orca).",
         )
     if usage:
         tot = {
@@ -106,6 +112,12 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
         }
         api = [r["api_cost_usd"] for r in usage if r["api_cost_usd"] is not None]
         gpu = [r["gpu_cost_usd"] for r in usage if r["gpu_cost_usd"] is not None]
+        if teacher is not None:  # the generate stages share one teacher: count its time once
+            own = [r for r in usage if not r.get("teacher_span")]
+            tot["gpu_hours"] = sum((r["gpu_hours"] or 0) for r in own) + teacher["gpu_hours"]
+            gpu = [r["gpu_cost_usd"] for r in own if r["gpu_cost_usd"] is not None]
+            if teacher.get("gpu_cost_usd") is not None:
+                gpu.append(teacher["gpu_cost_usd"])
         rows = [
             [
                 r["stage"],
@@ -147,7 +159,9 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
             "API tokens: teacher and judge requests (in-process ones included; token-probability ratings "
             "count none). Trained / generated: tokens a training stage trained on, or MT-Bench answer tokens "
             "the evaluated models wrote. API cost only where the recipe gives the endpoint's prices; GPU cost "
-            "only with report.gpu_hour_usd.",
+            "with report.gpu_hour_usd, and for the generate stages with the teacher's own gpu_hour_usd over the "
+            "span it served each of them (the total counts the teacher once, over the union of those spans"
+            + (f": {fmt(teacher['gpu_hours'], 3)} GPU-hours" if teacher else "") + ").",
         )
     if prod:
         t["producers"] = Table(
@@ -265,6 +279,8 @@ def render(data: RunData, title: str, tables: dict[str, Table], chart_list: list
             md.extend([f"![{c.title}](figures/{c.name}.png)", ""])
         h.extend(sec.details_html)
         md.extend(sec.details_md)
+    section("released", "Against the released models", (),
+            "No checkpoint and its released counterpart (evaluation.baselines) are both evaluated.")
     section("usage", "Tokens, time and cost", (), "No stage is committed yet.")
     section("producers", "Teacher, judges and models", (), "No stage is committed yet.")
     if include_recipe:

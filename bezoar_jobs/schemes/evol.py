@@ -1,28 +1,41 @@
 """The WizardLM Evol-Instruct scheme (generate-evol) over dolly-15k seeds (../shared/RECIPE.md
-"Evol-Instruct scheme").
+"Evol-Instruct scheme", docs/recipe.md for each departure).
 
-Each lineage starts from a seed instruction (with its context passage); each round evolves it once
-(in depth or in breadth), asks for the evolution's response, asks the judge whether the evolution
-adds anything (rule 1), then applies WizardLM's elimination rules. A kept evolution becomes the
-lineage's current instruction; a failed one returns it to the pool unchanged.
+Each lineage starts from a seed: a dolly instruction with its context passage after a blank line
+(the passage is part of the task being evolved). Each round evolves the lineage's current
+instruction once, with one prompt drawn uniformly among the in-depth operations and in-breadth
+(WizardLM's code: 0.8 / 0.2 with four depth prompts; ``in_depth_weight`` overrides), asks for the
+evolution's response, asks the judge whether the evolution adds anything (rule 1), then applies
+WizardLM's elimination rules. A kept evolution becomes the lineage's current instruction (its row
+names its parent); an eliminated one returns the instruction to the pool unchanged, as in WizardLM.
+
+Two rules keep a lineage a chain:
+
+- request ids carry a key of the text they ask about, so a saved answer is reused only for the
+  question it answered (a rerun after the chain moved on asks afresh, never picks up an answer to
+  an older instruction);
+- when a request of round k fails for good (the teacher, not an elimination), the lineage stops
+  for this run: later rounds would evolve an instruction the chain never reached. A rerun
+  (``--force``, whose records are kept) asks round k again and continues from its answer.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
 import string
 from typing import Any
 
 from ..data.io import load_rows, load_template, render
 from ..errors import BadInput
-from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
-from ..llm.base import request
+from ..estimate import Ask, Typical, dolly_seed_tokens, template_tokens
+from ..llm.base import LLMClient, request
 from ..recipe import EvolConfig, Recipe
 from ..recipe_base import Decoding
 from ..runner import StageContext, StageOutput
-from ..stages.common import Phase, endpoint_info, normalise, open_client, usage_dict
-from ..stages.generate import DOLLY_FIELDS, finish, req_seed, unit_rng
+from ..stages.common import Phase, endpoint_info, normalise, open_client
+from ..stages.generate import DOLLY_FIELDS, ContextGuard, TeacherClock, finish, req_seed, text_key, unit_rng
 from ..stages.records import in_shard
 from ..store import Store
 
@@ -35,9 +48,14 @@ TRAIN_COLUMNS: tuple[str, str, str | None] = ("instruction", "response", None)
 EQUALITY_MAX_NEW_TOKENS = 8
 
 
-def judge_pair(row: dict[str, Any]) -> tuple[str, str]:
+def judge_pair(row: dict[str, Any], recipe: Recipe | None = None) -> tuple[str, str]:
     """The instruction and response the filter's judge rates."""
     return str(row["instruction"]), str(row.get("response") or "")
+
+
+def judge_tokens(recipe: Recipe) -> tuple[int, float]:
+    """(instruction tokens, response cap) of what the filter's judge sees for a typical row."""
+    return dolly_seed_tokens(recipe.seeds.dolly) + 30, recipe.generation.evol.response_decoding.max_new_tokens
 
 
 def expected_rows(recipe: Recipe) -> int:
@@ -46,14 +64,22 @@ def expected_rows(recipe: Recipe) -> int:
 
 
 def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
+    """Per round and lineage: an evolution, its response, an equality check. Realistic sizes: an
+    evolved task is about a seed plus 20 words (passages kept); a response runs long."""
     c = recipe.generation.evol
-    ins = TYPICAL_INSTRUCTION_TOKENS
+    seed = dolly_seed_tokens(recipe.seeds.dolly)
+    evolved = seed + 30
     n = c.seeds * c.rounds
-    asks = [Ask(recipe.teacher, n, 100 + ins, c.evolve_decoding), Ask(recipe.teacher, n, 2 * ins, c.response_decoding)]
+    ops = [*c.depth_operations, "breadth"]
+    evolve_prompt = sum(template_tokens(f"{c.templates_dir}/{op}.txt") for op in ops) // len(ops) + evolved
+    asks = [
+        Ask(recipe.teacher, n, evolve_prompt, c.evolve_decoding, evolved, "evolve"),
+        Ask(recipe.teacher, n, template_tokens(c.response_template.path) + evolved, c.response_decoding,
+            Typical.RESPONSE, "responses"),
+    ]
     if c.equality_check:
-        asks.append(
-            Ask(recipe.judge, n, template_tokens(c.equality_template.path) + 2 * ins, equality_decoding(recipe))
-        )
+        asks.append(Ask(recipe.judge, n, template_tokens(c.equality_template.path) + seed + evolved,
+                        equality_decoding(recipe), Typical.EQUALITY, "equality checks"))
     return asks
 
 
@@ -66,13 +92,48 @@ _STOP_WORDS = frozenset(
     "a an the and or but if then so of to in on at by for with from as is are was were be been it this that these "
     "those i you he she we they me him her us them my your our their its not no yes ok okay".split()
 )
-_EVOL_LABEL = re.compile(r"^\s*(?:#?\s*(?:new|rewritten|created|invented)\s+(?:task|prompt)\s*#?\s*[:.-]?)\s*", re.I)
+# a label a model puts before its rewrite ("New task:", "#Rewritten Prompt#:") or before an answer it
+# adds after it ("Answer:", "Response:")
+_GENERIC_LABEL = re.compile(
+    r"^\s*(?:#?\s*(?:new|rewritten|created|invented|evolved)\s+(?:task|prompt|instruction)\s*#?\s*[:.-]?)\s*", re.I
+)
+_ANSWER_LINE = re.compile(r"^\s*(?:#+\s*)?(?:answer|response|solution|output)\s*#?\s*:", re.I | re.M)
+_LABEL_LINE = re.compile(r"^\s*([#\w][^:{}\n]{0,40}:)\s*(?:\{instruction\})?\s*$")
 
 
-def clean_evolved(text: str) -> str:
-    text = _EVOL_LABEL.sub("", text.strip())
-    # the first paragraph is the task; the rest is usually the model answering it
-    return text.split("\n\n")[0].strip().strip('"').strip()
+def template_labels(templates: list[str]) -> tuple[str, ...]:
+    """The labels our evolution templates print ("Task:", "New task:", or WizardLM's
+    "#The Given Prompt#:"): short lines ending in a colon, alone or before ``{instruction}``."""
+    out: list[str] = []
+    for t in templates:
+        for line in t.splitlines():
+            m = _LABEL_LINE.match(line)
+            if m and m.group(1).strip() not in out:
+                out.append(m.group(1).strip())
+    return tuple(out)
+
+
+def clean_evolved(text: str, labels: tuple[str, ...] = (), keep_paragraphs: bool = False) -> str:
+    """The evolved task from a teacher's answer: leading labels (ours, WizardLM's) stripped, and an
+    answer the model went on to write ("Answer: ...") cut off. With ``keep_paragraphs`` (the task
+    carries an input: a dolly passage, or the complicate-input operation adds a table or code) the
+    paragraphs after the first are part of the task and kept; otherwise the first paragraph is the
+    task and what follows a blank line is the model answering it."""
+    text = text.strip()
+    for _ in range(3):  # "New task: Task: ..." happens
+        before = text
+        text = _GENERIC_LABEL.sub("", text)
+        for label in labels:
+            if text.lower().startswith(label.lower()):
+                text = text[len(label):].lstrip()
+        if text == before:
+            break
+    m = _ANSWER_LINE.search(text)
+    if m and m.start() > 0:
+        text = text[: m.start()]
+    if not keep_paragraphs:
+        text = text.strip().split("\n\n")[0]
+    return text.strip().strip('"').strip()
 
 
 def only_stopwords(text: str) -> bool:
@@ -89,7 +150,21 @@ def parse_equal(text: str) -> bool | None:
     return None
 
 
-def eliminate(cfg: EvolConfig, original: str, evolved: str, response: str, equal: bool | None) -> str | None:
+def leaked(cfg: EvolConfig, evolved: str, labels: tuple[str, ...] = ()) -> str | None:
+    """The rewriting prompt's own words in an evolved instruction (rule 4): a leak phrase anywhere,
+    or one of the templates' labels starting a line or a sentence ("... New task: do X")."""
+    low = evolved.lower()
+    for phrase in cfg.leak_phrases:
+        if phrase.lower() in low:
+            return phrase
+    for label in labels:
+        if re.search(r"(?:^|[\n.!?]\s*)" + re.escape(label.lower()), low):
+            return label
+    return None
+
+
+def eliminate(cfg: EvolConfig, original: str, evolved: str, response: str, equal: bool | None,
+              labels: tuple[str, ...] = ()) -> str | None:
     """The four elimination rules of WizardLM, in order; the reason, or None when kept."""
     if not evolved:
         return "empty evolution"
@@ -99,154 +174,172 @@ def eliminate(cfg: EvolConfig, original: str, evolved: str, response: str, equal
         return f"rule 2: the response says sorry and is under {cfg.sorry_max_words} words"
     if not response.strip() or only_stopwords(response):
         return "rule 3: the response is only punctuation and stop words"
-    low = evolved.lower()
-    for phrase in cfg.leak_phrases:
-        if phrase.lower() in low:
-            return f"rule 4: the instruction copies the rewriting prompt's words ({phrase!r})"
+    leak = leaked(cfg, evolved, labels)
+    if leak:
+        return f"rule 4: the instruction copies the rewriting prompt's words ({leak!r})"
     if normalise(evolved) == normalise(original):
         return "rule 1: identical to the original"
     return None
 
 
+def choose_operation(cfg: EvolConfig, rng: random.Random) -> tuple[str, str]:
+    """(operation, strategy): uniform over the prompts unless ``in_depth_weight`` is given."""
+    depth = list(cfg.depth_operations)
+    if cfg.in_depth_weight is None:
+        op = rng.choice([*depth, "breadth"])
+        return (op, "in-breadth") if op == "breadth" else (op, "in-depth")
+    if depth and rng.random() < cfg.in_depth_weight:
+        return rng.choice(depth), "in-depth"
+    return "breadth", "in-breadth"
+
+
+def keep_input(evolved: str, passage: str, strategy: str) -> tuple[str, bool]:
+    """An in-depth rewrite must keep the task's input; when the teacher dropped the seed's passage,
+    it is put back after a blank line (counted). In-breadth tasks are new tasks: left alone."""
+    if not passage or strategy != "in-depth" or normalise(passage) in normalise(evolved):
+        return evolved, False
+    return f"{evolved}\n\n{passage}", True
+
+
+def seed_text(row: dict[str, Any]) -> tuple[str, str]:
+    """(task, passage): the dolly instruction with its context after a blank line, and the context."""
+    ins = str(row["instruction"]).strip()
+    ctx = str(row.get("context") or "").strip()
+    return (f"{ins}\n\n{ctx}" if ctx else ins), ctx
+
+
 def generate(ctx: StageContext) -> StageOutput:
     r = ctx.recipe
     cfg = r.generation.evol
-    seeds = [row for row in load_rows(r.seeds.dolly, DOLLY_FIELDS, "seeds.dolly") if str(row["instruction"]).strip()]
-    pick = unit_rng(ctx, "seeds")
-    chosen = pick.sample(range(len(seeds)), min(cfg.seeds, len(seeds)))
-    if len(chosen) < cfg.seeds:
-        log.warning("generate-evol: %d seeds asked, only %d in seeds.dolly", cfg.seeds, len(chosen))
     ops = {
         op: load_template(
             f"{cfg.templates_dir}/{op}.txt", f"generation.evol.templates_dir ({op}.txt)", ("instruction",)
         )
         for op in (*cfg.depth_operations, "breadth")
     }
+    labels = template_labels(list(ops.values()))
     t_resp = load_template(cfg.response_template.path, "generation.evol.response_template", ("instruction",))
     t_eq = load_template(cfg.equality_template.path, "generation.evol.equality_template", ("first", "second"))
+    guard = ContextGuard(r.teacher)
+    longest_op = max(ops.values(), key=len)
+    seeds = []
+    for row in load_rows(r.seeds.dolly, DOLLY_FIELDS, "seeds.dolly"):
+        if not str(row["instruction"]).strip():
+            continue
+        # a seed whose evolution prompt cannot fit the teacher's context would be refused on every retry
+        if guard.active and not guard.fits(render(longest_op, instruction=seed_text(row)[0]),
+                                           cfg.evolve_decoding.max_new_tokens):
+            continue
+        seeds.append(row)
+    if guard.too_long:
+        log.info("generate-evol: %d dolly rows skipped: their evolution prompt does not fit teacher.context_tokens",
+                 guard.too_long)
+    pick = unit_rng(ctx, "seeds")
+    chosen = pick.sample(range(len(seeds)), min(cfg.seeds, len(seeds)))
+    if len(chosen) < cfg.seeds:
+        log.warning("generate-evol: %d seeds asked, only %d usable in seeds.dolly", cfg.seeds, len(chosen))
 
-    # lineages: each carries its current instruction; a failed evolution returns to the pool unchanged
     lineages = []
     for idx in chosen:
         lid = f"evol-{idx:06d}"
         if in_shard(lid, ctx.shard):
-            row = seeds[idx]
-            ins = str(row["instruction"]).strip()
-            if str(row.get("context") or "").strip():
-                ins = f"{ins}\n\n{str(row['context']).strip()}"
-            lineages.append({"id": lid, "current": ins, "category": row["category"]})
+            text, passage = seed_text(seeds[idx])
+            lineages.append({"id": lid, "current": text, "parent": f"{lid}-r0", "passage": passage,
+                             "category": seeds[idx]["category"], "stopped": None})
 
     teacher = open_client(ctx, r.teacher, "teacher")
     judge = open_client(ctx, r.judge, "judge", cached=r.judge.backend != "local") if cfg.equality_check else None
+    clock = TeacherClock()
     rows: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    restored = 0
     try:
         for rnd in range(1, cfg.rounds + 1):
-            plan: dict[str, tuple[str, str]] = {}
-            for lin in lineages:
-                rng = unit_rng(ctx, lin["id"], rnd)
-                if rng.random() < cfg.in_depth_weight:
-                    plan[lin["id"]] = (rng.choice(cfg.depth_operations), "in-depth")
-                else:
-                    plan[lin["id"]] = ("breadth", "in-breadth")
+            live = [lin for lin in lineages if lin["stopped"] is None]
+            plan: dict[str, tuple[str, str]] = {lin["id"]: choose_operation(cfg, unit_rng(ctx, lin["id"], rnd))
+                                                for lin in live}
+            # ids carry a key of the asked text: a saved answer is reused only for that question
+            evo_id = {lin["id"]: f"{lin['id']}-r{rnd}-{text_key(plan[lin['id']][0] + lin['current'])}-evolve"
+                      for lin in live}
             evolve_items = [
-                (
-                    request(
-                        f"{lin['id']}-r{rnd}-evolve",
-                        render(ops[plan[lin["id"]][0]], instruction=lin["current"]),
-                        cfg.evolve_decoding,
-                        req_seed(ctx, lin["id"], rnd),
-                    ),
-                    {"lineage": lin["id"]},
-                )
-                for lin in lineages
+                (request(evo_id[lin["id"]], render(ops[plan[lin["id"]][0]], instruction=lin["current"]),
+                         cfg.evolve_decoding, req_seed(ctx, lin["id"], rnd)), {"lineage": lin["id"]})
+                for lin in live
             ]
+            # a task that carries an input keeps its paragraphs (the answer text is cleaned per lineage below)
             p_evo = Phase(ctx, f"round{rnd}-evolve")
-            evo = p_evo.run(
-                teacher, evolve_items, lambda res, m: {**m, "evolved": clean_evolved(res.text)}
-            )
+            with clock:
+                evo = p_evo.run(teacher, evolve_items, lambda res, m: {**m, "raw": res.text})
             ctx.check_stop()
+            evolved: dict[str, str] = {}
+            cleaned: dict[str, str] = {}
+            for lin in live:
+                e = evo.get(evo_id[lin["id"]])
+                if e is None:
+                    continue
+                op = plan[lin["id"]][0]
+                multi = "\n\n" in lin["current"] or op == "complicate_input"
+                cleaned[lin["id"]] = clean_evolved(e["raw"], labels, keep_paragraphs=multi)
+                if cleaned[lin["id"]]:
+                    text, put_back = keep_input(cleaned[lin["id"]], lin["passage"], plan[lin["id"]][1])
+                    restored += put_back
+                    evolved[lin["id"]] = text
+            resp_id = {lid: f"{lid}-r{rnd}-{text_key(text)}-response" for lid, text in evolved.items()}
             resp_items = [
-                (
-                    request(
-                        f"{lin['id']}-r{rnd}-response",
-                        render(t_resp, instruction=evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]),
-                        cfg.response_decoding,
-                        req_seed(ctx, lin["id"], rnd, "r"),
-                    ),
-                    {"lineage": lin["id"]},
-                )
-                for lin in lineages
-                if f"{lin['id']}-r{rnd}-evolve" in evo and evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]
+                (request(resp_id[lid], render(t_resp, instruction=text), cfg.response_decoding,
+                         req_seed(ctx, lid, rnd, "r")), {"lineage": lid})
+                for lid, text in evolved.items()
             ]
             p_resp = Phase(ctx, f"round{rnd}-response")
-            resp = p_resp.run(
-                teacher, resp_items, lambda res, m: {**m, "response": res.text.strip()}
-            )
+            with clock:
+                resp = p_resp.run(teacher, resp_items, lambda res, m: {**m, "response": res.text.strip()})
             ctx.check_stop()
-            eq: dict[str, Any] = {}
-            if judge is not None:
-                eq_items = [
-                    (
-                        request(
-                            f"{lin['id']}-r{rnd}-equal",
-                            render(t_eq, first=lin["current"], second=evo[f"{lin['id']}-r{rnd}-evolve"]["evolved"]),
-                            equality_decoding(r),
-                            req_seed(ctx, lin["id"], rnd, "e"),
-                        ),
-                        {"lineage": lin["id"]},
-                    )
-                    for lin in lineages
-                    if f"{lin['id']}-r{rnd}-evolve" in evo
-                ]
-                if r.judge.backend == "local":
-                    # in process: compare the judge's probabilities of the two answer words (one
-                    # forward pass, deterministic) instead of parsing a small model's free text
-                    eq = {}
-                    dists = (
-                        judge.rating_distribution([q for q, _ in eq_items], "Answer: ", ("Equal", "Different"))
-                        if eq_items
-                        else []
-                    )
-                    for (q, m), dist in zip(eq_items, dists, strict=True):
-                        eq[q.id] = {**m, "verdict": f"p(Equal)={dist['Equal']:.3f}", "equal": dist["Equal"] > 0.5}
-                else:
-                    eq = Phase(ctx, f"round{rnd}-equal").run(
-                        judge,
-                        eq_items,
-                        lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)},
-                    )
-                ctx.check_stop()
-            for lin in lineages:
-                e = evo.get(f"{lin['id']}-r{rnd}-evolve")
-                a = resp.get(f"{lin['id']}-r{rnd}-response")
-                if e is None or a is None:
-                    failed = p_evo.failed.get(f"{lin['id']}-r{rnd}-evolve") or p_resp.failed.get(
-                        f"{lin['id']}-r{rnd}-response")
-                    why = "empty evolution" if e is not None and not e["evolved"] else f"teacher error: {failed}"
-                    rejected.append(
-                        {"id": f"{lin['id']}-r{rnd}", "instruction": e and e["evolved"], "epoch": rnd, "reason": why}
-                    )
+            eq_failed: dict[str, str] = {}
+            eq = _equality(ctx, judge, live, evolved, rnd, t_eq, eq_failed) if judge is not None else {}
+            for lin in live:
+                lid = lin["id"]
+                row_id = f"{lid}-r{rnd}"
+                e = evo.get(evo_id[lid])
+                a = resp.get(resp_id[lid]) if lid in resp_id else None
+                if e is not None and not cleaned.get(lid):
+                    rejected.append({"id": row_id, "instruction": "", "epoch": rnd, "parent_id": lin["parent"],
+                                     "reason": "empty evolution"})
                     continue
-                verdict = eq.get(f"{lin['id']}-r{rnd}-equal")
-                op, strategy = plan[lin["id"]]
-                reason = eliminate(
-                    cfg, lin["current"], e["evolved"], a["response"], verdict["equal"] if verdict else None
-                )
+                if e is None or a is None or (judge is not None and lid not in eq):
+                    lin["stopped"] = rnd
+                    if e is None or a is None:
+                        who, err = "teacher", p_evo.failed.get(evo_id[lid]) or p_resp.failed.get(resp_id.get(lid, ""))
+                    else:
+                        who, err = "judge", eq_failed.get(lid)
+                    rejected.append({"id": row_id, "instruction": evolved.get(lid), "epoch": rnd,
+                                     "parent_id": lin["parent"],
+                                     "reason": f"{who} error: {err} (request failed for good in round {rnd}: the "
+                                               "lineage stops here for this run; a rerun asks this round again)"})
+                    continue
+                op, strategy = plan[lid]
                 row = {
-                    "id": f"{lin['id']}-r{rnd}",
-                    "instruction": e["evolved"],
+                    "id": row_id,
+                    "instruction": evolved[lid],
                     "response": a["response"],
                     "category": lin["category"],
                     "evolution_strategy": strategy,
                     "in-depth-evolving_operation": op if strategy == "in-depth" else "",
                     "epoch": rnd,
+                    "parent_id": lin["parent"],
                 }
+                verdict = eq.get(lid)
+                reason = eliminate(cfg, lin["current"], evolved[lid], a["response"],
+                                   verdict["equal"] if verdict else None, labels)
+                key = normalise(evolved[lid])
+                if reason is None and key in seen:
+                    reason = "duplicate: another lineage reached the same instruction"
                 if reason:
                     rejected.append({**row, "reason": reason})
                 else:
+                    seen.add(key)
                     rows.append(row)
-                    lin["current"] = e["evolved"]
+                    lin["current"], lin["parent"] = evolved[lid], row_id
         t_usage, j_usage = teacher.usage, (judge.usage if judge else None)
     finally:
         teacher.close()
@@ -254,42 +347,51 @@ def generate(ctx: StageContext) -> StageOutput:
             judge.close()
     if ctx.shard is not None:
         return StageOutput(committed=False)
-    # deduplicate across lineages (breadth steps from similar seeds can meet)
-    seen: set[str] = set()
-    unique = []
-    for row in rows:
-        k = normalise(row["instruction"])
-        if k in seen:
-            rejected.append({**row, "reason": "duplicate"})
-        else:
-            seen.add(k)
-            unique.append(row)
-    if not unique:
+    if not rows:
         raise BadInput(
             "generate-evol: every evolution was eliminated (see rejected/); check the teacher and judge settings"
         )
     reasons: dict[str, int] = {}
     for x in rejected:
-        key = x["reason"].split(":")[0]
-        reasons[key] = reasons.get(key, 0) + 1
+        k = x["reason"].split(":")[0].split(" in round")[0]
+        reasons[k] = reasons.get(k, 0) + 1
     counts = {
         "seeds": len(lineages),
+        "seeds_asked": cfg.seeds,
         "rounds": cfg.rounds,
-        "rows": len(unique),
+        "rows": len(rows),
         "rejected": len(rejected),
         "eliminated_by": reasons,
+        "lineages_stopped_by_teacher_errors": sum(1 for lin in lineages if lin["stopped"] is not None),
+        "input_restored": restored,
+        "seeds_too_long": guard.too_long,
     }
-    extra_usage = {"judge": usage_dict(j_usage)} if j_usage else {}
     return finish(
-        ctx,
-        unique,
-        rejected,
-        counts,
-        t_usage,
-        "Evol-Instruct evolutions and responses",
-        "seeds.dolly",
+        ctx, rows, rejected, counts, t_usage, "Evol-Instruct evolutions and responses", "seeds.dolly",
         {"evol": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher), "judge": endpoint_info(r.judge)},
-        extra_usage,
+        judge_usage=j_usage, clock=clock,
     )
 
 
+def _equality(ctx: StageContext, judge: LLMClient, live: list[dict[str, Any]], evolved: dict[str, str], rnd: int,
+              t_eq: str, failed: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Rule 1's judge verdicts by lineage: is the evolution equal to the instruction it evolved? The
+    errors of requests that failed for good go into ``failed`` by lineage."""
+    r = ctx.recipe
+    items = [
+        (request(f"{lin['id']}-r{rnd}-{text_key(lin['current'] + evolved[lin['id']])}-equal",
+                 render(t_eq, first=lin["current"], second=evolved[lin["id"]]), equality_decoding(r),
+                 req_seed(ctx, lin["id"], rnd, "e")), {"lineage": lin["id"]})
+        for lin in live if lin["id"] in evolved
+    ]
+    if r.judge.backend == "local":
+        # in process: compare the judge's probabilities of the two answer words (one forward pass,
+        # deterministic) instead of parsing a small model's free text
+        dists = judge.rating_distribution([q for q, _ in items], "Answer: ", ("Equal", "Different")) if items else []
+        return {m["lineage"]: {**m, "verdict": f"p(Equal)={d['Equal']:.3f}", "equal": d["Equal"] > 0.5}
+                for (_, m), d in zip(items, dists, strict=True)}
+    phase = Phase(ctx, f"round{rnd}-equal")
+    got = phase.run(judge, items, lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)})
+    ctx.check_stop()
+    failed.update({m["lineage"]: phase.failed[q.id] for q, m in items if q.id in phase.failed})
+    return {rec["lineage"]: rec for rec in got.values()}

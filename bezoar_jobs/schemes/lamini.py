@@ -1,9 +1,14 @@
 """The LaMini-LM scheme (generate-lamini): instructions from example- and topic-guided prompts, then
-a response to each (../shared/RECIPE.md "LaMini scheme").
+a response to each (../shared/RECIPE.md "LaMini scheme"; docs/recipe.md for each departure).
 
-Phase 1 asks for ``instructions_per_prompt`` new instructions per prompt (three sampled seed
-instructions as examples, plus three topics in topic-guided prompts); they are parsed, then
-deduplicated against each other and the seeds in unit order. Phase 2 asks for each one's response.
+Phase 0 (topic-guided prompts without a topic file): the teacher proposes ``topics_per_category``
+subjects per dolly category, each checked (one to ``topic_max_words`` words, letters, no
+sentence) and deduplicated; the list is committed with the stage (``topics.jsonl``). LaMini drew
+its topics from Wikipedia categories, which cannot be shipped or fetched here; a user can still
+give a file (``generation.lamini.topics``). Phase 1 asks for ``instructions_per_prompt`` new
+instructions per prompt (three sampled seed instructions as examples, plus three topics in
+topic-guided prompts); they are parsed, then deduplicated against each other and the seeds in unit
+order. Phase 2 asks for each one's response.
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..data.io import load_rows, load_template, render
+from ..data.io import load_rows, load_template, render, write_jsonl
 from ..errors import BadInput
-from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
-from ..llm.base import request
+from ..estimate import GENERATED_INSTRUCTION_TOKENS, Ask, Typical, mean_tokens, template_tokens
+from ..llm.base import LLMClient, request
 from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
 from ..stages.common import Phase, endpoint_info, normalise, open_client
-from ..stages.generate import DOLLY_FIELDS, finish, req_seed, unit_rng
+from ..stages.generate import DOLLY_FIELDS, TeacherClock, finish, req_seed, unit_rng
 from ..stages.records import in_shard, stable_hash
 from ..store import Store
 
@@ -26,9 +31,14 @@ from ..store import Store
 TRAIN_COLUMNS: tuple[str, str, str | None] = ("instruction", "response", None)
 
 
-def judge_pair(row: dict[str, Any]) -> tuple[str, str]:
+def judge_pair(row: dict[str, Any], recipe: Recipe | None = None) -> tuple[str, str]:
     """The instruction and response the filter's judge rates."""
     return str(row["instruction"]), str(row.get("response") or "")
+
+
+def judge_tokens(recipe: Recipe) -> tuple[int, float]:
+    """(instruction tokens, response cap) of what the filter's judge sees for a typical row."""
+    return GENERATED_INSTRUCTION_TOKENS, recipe.generation.lamini.response_decoding.max_new_tokens
 
 
 def expected_rows(recipe: Recipe) -> int:
@@ -39,10 +49,83 @@ def expected_rows(recipe: Recipe) -> int:
 
 def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     c = recipe.generation.lamini
-    ins = TYPICAL_INSTRUCTION_TOKENS
+    ins = mean_tokens(recipe.seeds.dolly, ("instruction",), 18) + 4  # an example in its tags
     prompt = template_tokens(c.example_template.path) + c.examples_per_prompt * ins
-    return [Ask(recipe.teacher, c.example_prompts + c.topic_prompts, prompt, c.instruction_decoding),
-            Ask(recipe.teacher, expected_rows(recipe), ins, c.response_decoding)]
+    asks = []
+    if c.topic_prompts and c.topics is None:
+        asks.append(Ask(recipe.teacher, len(DOLLY_CATEGORIES), template_tokens(c.topic_list_template.path)
+                        + c.examples_per_prompt * ins, c.topic_decoding, Typical.TOPIC_LIST, "topics"))
+    asks += [
+        Ask(recipe.teacher, c.example_prompts + c.topic_prompts, prompt, c.instruction_decoding,
+            Typical.INSTRUCTION_LIST, "instructions"),
+        Ask(recipe.teacher, expected_rows(recipe), template_tokens(c.response_template.path)
+            + GENERATED_INSTRUCTION_TOKENS, c.response_decoding, Typical.RESPONSE, "responses"),
+    ]
+    return asks
+
+
+# dolly-15k's eight categories, in words the topic prompt can use
+DOLLY_CATEGORIES: dict[str, str] = {
+    "brainstorming": "brainstorming",
+    "classification": "classification",
+    "closed_qa": "questions about a given text",
+    "creative_writing": "creative writing",
+    "general_qa": "general questions",
+    "information_extraction": "extracting information from a text",
+    "open_qa": "open questions",
+    "summarization": "summarizing a text",
+}
+_TOPIC_TAG = re.compile(r"<topic>(.*?)</topic>", re.S | re.I)
+_TOPIC_OK = re.compile(r"^[A-Za-z][A-Za-z0-9'&.-]*(?: [A-Za-z0-9'&.-]+)*$")
+
+
+def parse_topics(text: str, max_words: int) -> list[str]:
+    """Topics from a teacher's answer: ``<topic>`` tags first, else one per line (list markers
+    dropped); kept when 1 to ``max_words`` words of letters (a name, not a sentence)."""
+    found = _TOPIC_TAG.findall(text) or [ln for ln in text.splitlines() if ln.strip()]
+    out = []
+    for t in found:
+        t = _WS.sub(" ", _LIST_PREFIX.sub("", re.sub(r"</?topic>", "", t, flags=re.I).strip())).strip().strip('"')
+        t = t.rstrip(".")
+        if t and len(t.split()) <= max_words and _TOPIC_OK.match(t) and not _PREAMBLE.match(t):
+            out.append(t)
+    return out
+
+
+def propose_topics(ctx: StageContext, teacher: LLMClient, seeds: list[dict[str, Any]],
+                   clock: TeacherClock) -> list[dict[str, Any]]:
+    """Phase 0: topics the teacher proposes per dolly category, checked and deduplicated (against
+    each other and the category names), in category order; each as {topic, category}."""
+    cfg = ctx.recipe.generation.lamini
+    t_topics = load_template(cfg.topic_list_template.path, "generation.lamini.topic_list_template",
+                             ("category", "examples", "n"))
+    by_cat: dict[str, list[str]] = {}
+    for row in seeds:
+        by_cat.setdefault(str(row["category"]), []).append(str(row["instruction"]).strip())
+    items = []
+    for cat in sorted(by_cat):
+        rid = f"lamini-topics-{stable_hash(cat) % 10**8:08d}"
+        rng = unit_rng(ctx, rid)
+        ex = rng.sample(by_cat[cat], min(cfg.examples_per_prompt, len(by_cat[cat])))
+        prompt = render(t_topics, category=DOLLY_CATEGORIES.get(cat, cat.replace("_", " ")),
+                        examples=_examples_block(ex), n=str(cfg.topics_per_category))
+        items.append((request(rid, prompt, cfg.topic_decoding, req_seed(ctx, rid)), {"category": cat}))
+    with clock:
+        got = Phase(ctx, "topics").run(teacher, items, lambda res, m: {**m, "raw": res.text})
+    seen = {normalise(c) for c in by_cat} | {normalise(v) for v in DOLLY_CATEGORIES.values()}
+    topics = []
+    for req, m in items:
+        rec = got.get(req.id)
+        for t in parse_topics(rec["raw"], cfg.topic_max_words) if rec else []:
+            if normalise(t) not in seen:
+                seen.add(normalise(t))
+                topics.append({"topic": t, "category": m["category"]})
+    if len(topics) < cfg.topics_per_prompt:
+        raise BadInput(
+            f"generation.lamini.topics: the teacher proposed {len(topics)} usable topic(s), fewer than "
+            f"topics_per_prompt ({cfg.topics_per_prompt}); give a topic file or check the teacher settings"
+        )
+    return topics
 
 
 _TAGGED = re.compile(r"<example>(.*?)</example>", re.S | re.I)
@@ -89,15 +172,32 @@ def generate(ctx: StageContext) -> StageOutput:
     seed_instr = [str(row["instruction"]).strip() for row in seeds]
     if len(seed_instr) < cfg.examples_per_prompt:
         raise BadInput(f"seeds.dolly: {len(seed_instr)} instructions, fewer than generation.lamini.examples_per_prompt")
-    topics: list[str] = []
-    if cfg.topic_prompts:
-        if cfg.topics is None:
-            raise BadInput("generation.lamini.topics: needed when topic_prompts > 0")
-        topics = [str(t["topic"]) for t in load_rows(cfg.topics, ("topic",), "generation.lamini.topics")]
     t_example = load_template(cfg.example_template.path, "generation.lamini.example_template", ("examples", "n"))
     t_topic = load_template(cfg.topic_template.path, "generation.lamini.topic_template", ("examples", "topics", "n"))
     t_resp = load_template(cfg.response_template.path, "generation.lamini.response_template", ("instruction",))
 
+    teacher = open_client(ctx, r.teacher, "teacher")
+    clock = TeacherClock()
+    try:
+        topic_rows: list[dict[str, Any]] = []
+        if cfg.topic_prompts:
+            if cfg.topics is not None:
+                topic_rows = [{"topic": str(t["topic"]), "category": None}
+                              for t in load_rows(cfg.topics, ("topic",), "generation.lamini.topics")]
+            else:
+                topic_rows = propose_topics(ctx, teacher, seeds, clock)
+        ctx.check_stop()
+        return _generate(ctx, teacher, clock, seed_instr, [str(t["topic"]) for t in topic_rows], topic_rows,
+                         (t_example, t_topic, t_resp))
+    finally:
+        teacher.close()
+
+
+def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_instr: list[str], topics: list[str],
+              topic_rows: list[dict[str, Any]], templates: tuple[str, str, str]) -> StageOutput:
+    r = ctx.recipe
+    cfg = r.generation.lamini
+    t_example, t_topic, t_resp = templates
     units = [("example", k) for k in range(cfg.example_prompts)] + [("topic", k) for k in range(cfg.topic_prompts)]
     items = []
     for kind, k in units:
@@ -117,47 +217,45 @@ def generate(ctx: StageContext) -> StageOutput:
             )
         items.append((request(rid, prompt, cfg.instruction_decoding, req_seed(ctx, rid)), meta))
 
-    teacher = open_client(ctx, r.teacher, "teacher")
-    try:
-        p1 = Phase(ctx, "instructions")
+    p1 = Phase(ctx, "instructions")
+    with clock:
         gen = p1.run(teacher, items, lambda res, m: {**m, "raw": res.text})
-        ctx.check_stop()
-        # parse, then deduplicate (against each other and against the seeds), in unit order
-        seen = {normalise(s) for s in seed_instr}
-        rejected: list[dict[str, Any]] = []
-        candidates: list[tuple[str, str]] = []
-        for req, _ in items:
-            rec = gen.get(req.id)
-            if rec is None:
-                continue
-            parsed = parse_instructions(rec["raw"], cfg.min_instruction_words)
-            if not parsed:
-                rejected.append(
-                    {"id": req.id, "instruction": None, "reason": "no instruction could be parsed", "raw": rec["raw"]}
-                )
-            for ins in parsed:
-                key = normalise(ins)
-                if key in seen:
-                    rejected.append({"id": req.id, "instruction": ins, "reason": "duplicate"})
-                    continue
-                seen.add(key)
-                candidates.append((ins, rec["source"]))
-        if cfg.max_instructions:
-            candidates = candidates[: cfg.max_instructions]
-        ritems = []
-        for ins, source in candidates:
-            rid = "lamini-resp-" + format(stable_hash(normalise(ins)), "016x")
-            ritems.append(
-                (
-                    request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid)),
-                    {"instruction": ins, "source": source},
-                )
+    ctx.check_stop()
+    # parse, then deduplicate (against each other and against the seeds), in unit order
+    seen = {normalise(s) for s in seed_instr}
+    rejected: list[dict[str, Any]] = []
+    candidates: list[tuple[str, str]] = []
+    for req, _ in items:
+        rec = gen.get(req.id)
+        if rec is None:
+            continue
+        parsed = parse_instructions(rec["raw"], cfg.min_instruction_words)
+        if not parsed:
+            rejected.append(
+                {"id": req.id, "instruction": None, "reason": "no instruction could be parsed", "raw": rec["raw"]}
             )
-        p2 = Phase(ctx, "responses")
+        for ins in parsed:
+            key = normalise(ins)
+            if key in seen:
+                rejected.append({"id": req.id, "instruction": ins, "reason": "duplicate"})
+                continue
+            seen.add(key)
+            candidates.append((ins, rec["source"]))
+    if cfg.max_instructions:
+        candidates = candidates[: cfg.max_instructions]
+    ritems = []
+    for ins, source in candidates:
+        rid = "lamini-resp-" + format(stable_hash(normalise(ins)), "016x")
+        ritems.append(
+            (
+                request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid)),
+                {"instruction": ins, "source": source},
+            )
+        )
+    p2 = Phase(ctx, "responses")
+    with clock:
         resp = p2.run(teacher, ritems, lambda res, m: {**m, "response": res.text.strip()})
-        usage = teacher.usage
-    finally:
-        teacher.close()
+    usage = teacher.usage
     if ctx.shard is not None:
         return StageOutput(committed=False)
 
@@ -184,8 +282,12 @@ def generate(ctx: StageContext) -> StageOutput:
         "unique_instructions": len(candidates),
         "rows": len(rows),
         "rejected": len(rejected),
+        "topics": len(topics),
+        "topics_source": "file" if cfg.topics is not None else ("teacher" if topics else "none"),
     }
+    if topic_rows:
+        write_jsonl(ctx.out / "topics.jsonl", topic_rows)
     return finish(ctx, rows, rejected, counts, usage, "LaMini-style instructions and responses", "seeds.dolly",
-                  {"lamini": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher)})
+                  {"lamini": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher)}, clock=clock)
 
 

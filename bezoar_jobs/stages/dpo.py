@@ -47,7 +47,7 @@ def run_dpo(ctx: StageContext) -> StageOutput:
     trainer = DPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok, peft_config=configs.lora
     )
-    counter = install_collator(trainer, packing=False)
+    counter = install_collator(trainer, padding_free=False)
     with compact_fused_head(t.response_head and not configs.plan.cuda) as compact:
         result = training.train(ctx, trainer, configs, counter)
     logged = [h for h in trainer.state.log_history if "rewards/margins" in h]

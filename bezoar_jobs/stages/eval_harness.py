@@ -12,11 +12,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..report.charts import Chart, grouped_bars, new_figure, png
 from ..report.render import Section, Table, score
 from ..runner import StageContext, StageOutput
+
+if TYPE_CHECKING:
+    from ..eval.targets import Target
 from .evaluate import free, skipped, write_json
 
 log = logging.getLogger("bezoar")
@@ -24,7 +27,7 @@ log = logging.getLogger("bezoar")
 
 def run(ctx: StageContext) -> StageOutput:
     from ..eval import harness
-    from ..eval.targets import device_figures, load, targets
+    from ..eval.targets import device_figures, load, model_dir, targets
 
     r = ctx.recipe
     cfg = r.evaluation.harness
@@ -48,12 +51,17 @@ def run(ctx: StageContext) -> StageOutput:
             log.info("%s: %s already evaluated (resumed from _work/)", ctx.name, t.label)
             continue
         log.info("%s: evaluating %s (%s)", ctx.name, t.label, t.model)
-        model, tok = load(ctx, t)
+        path = model_dir(ctx, t)
+        model, tok = load(ctx, t, path)
         # fresh task objects per model: a task keeps the requests it built for the previous one
         task_objects, _ = harness.load_tasks(tm, cfg.tasks)
         t0 = time.time()
-        raw = harness.evaluate(model, tok, tm, task_objects, cfg, r.seed)
+        raw = harness.evaluate(model, tok, tm, task_objects, cfg)
         secs = time.time() - t0
+        dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
+        device = str(getattr(model, "device", "cpu"))
+        ref, rev = _cli_model(ctx, t, str(path))
+        commands = harness.cli_commands(ref, dtype, device, harness.include_path_for_cli(cfg.include_path), cfg, rev)
         rec = {
             "model": t.label,
             **t.info(),
@@ -62,6 +70,10 @@ def run(ctx: StageContext) -> StageOutput:
             **device_figures(model, secs),
             "lm_eval_version": lm_eval_version,
             "limit": cfg.limit,
+            "seed": list(harness.seeds(cfg)),
+            # the lm_eval CLI invocations (one per shot count) that reproduce these numbers
+            "lm_eval_command": commands,
+            "lm_eval_command_note": harness.cli_note(cfg),
             "lm_eval": harness.raw_subset(raw),
         }
         del model, tok, task_objects
@@ -106,6 +118,19 @@ def run(ctx: StageContext) -> StageOutput:
             "gpu_hours": gpu_hours,
         },
     )
+
+
+def _cli_model(ctx: StageContext, t: Target, local: str) -> tuple[str, str | None]:
+    """Where the lm_eval CLI finds the evaluated weights: a checkpoint's committed ``model/`` in the
+    run (an s3:// one must be downloaded first: the CLI reads local directories and hub ids), a hub
+    model at its revision, else the local directory the stage loaded."""
+    from ..recipe_base import is_hub_model
+
+    if t.kind == "checkpoint":
+        return ctx.store.url(t.model).removeprefix("file://"), None
+    if is_hub_model(t.model):
+        return t.model, t.revision
+    return local, None
 
 
 def report_section(summary: dict[str, Any], read: Callable[[str], str | None], shown: int) -> Section:

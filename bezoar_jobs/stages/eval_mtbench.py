@@ -19,10 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BadInput, RetryableError
-from ..estimate import Ask, template_tokens
+from ..estimate import MTBENCH_QUESTION_TOKENS, MTBENCH_REFERENCE_TOKENS, Ask, Typical, template_tokens
 from ..llm.base import LLMClient, UsageTotals
 from ..recipe import Recipe
 from ..recipe_base import DatasetSource, Endpoint
+from ..recipe_eval import MTBENCH_TEMPERATURES
 from ..report.charts import Chart, grouped_bars, new_figure, png
 from ..report.collect import jsonl
 from ..report.render import Section, Table, fmt
@@ -234,19 +235,28 @@ def _question_count(src: DatasetSource) -> int:
 
 
 def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
-    """Two turns per question and model, each graded once; the answers come from the checkpoints."""
+    """Two turns per question and model, each graded once. A judgment typically runs to a few
+    hundred tokens (a short explanation, then ``[[rating]]``), not the 2,048 it may take. Its
+    prompt holds the judge template's section, the question(s) and the evaluated model's
+    answer(s) (turn 2: both turns), and the reference answers in the reference categories:
+    typically answers of ``Typical.MTBENCH_ANSWER`` of their cap, at worst every answer at it."""
     mt = recipe.evaluation.mtbench
     if not mt.enabled:
         return []
     n_models = len(recipe.evaluation.model_names())
     judge = mt.judge or recipe.judge
-    dec = (
-        mt.judge_decoding
-        if mt.judge_method == "generate"
-        else mt.judge_decoding.model_copy(update={"max_new_tokens": 1})
-    )
-    prompt = template_tokens(mt.judge_prompts) + 3 * mt.answer_max_new_tokens // 2
-    return [Ask(judge, 2 * _question_count(mt.questions) * n_models, prompt, dec)]
+    logprobs = mt.judge_method != "generate"
+    dec = mt.judge_decoding if not logprobs else mt.judge_decoding.model_copy(update={"max_new_tokens": 1})
+    ref_share = len(set(mt.reference_categories) & set(tuple(MTBENCH_TEMPERATURES))) / len(tuple(MTBENCH_TEMPERATURES))
+    section = template_tokens(mt.judge_prompts) // 5  # the file holds five sections (system, single, ..., turn2-ref)
+
+    def prompt(answer: float) -> int:
+        per_turn = MTBENCH_QUESTION_TOKENS + answer + ref_share * MTBENCH_REFERENCE_TOKENS
+        return round(section + 1.5 * per_turn)  # turn 1 shows one exchange, turn 2 both: 1.5 on average
+
+    cap = mt.answer_max_new_tokens
+    return [Ask(judge, 2 * _question_count(mt.questions) * n_models, prompt(Typical.MTBENCH_ANSWER * cap), dec,
+                None if logprobs else Typical.MTBENCH_JUDGMENT, "judgments", prompt(cap))]
 
 
 def report_section(scores: dict[str, Any], read: Callable[[str], str | None], shown: int) -> Section:

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..data.io import dataset_card, load_template, read_jsonl, render, write_jsonl
 from ..errors import BadInput
-from ..estimate import TYPICAL_INSTRUCTION_TOKENS, Ask, template_tokens
+from ..estimate import Ask, Typical, template_tokens, tokens
 from ..llm.base import GenRequest, GenResult, LLMClient, request
 from ..manifest import read_manifest
 from ..recipe import Recipe
@@ -50,10 +50,11 @@ def scheme_of(stage: str) -> str:
     return name
 
 
-def pair(scheme: str, row: dict[str, Any]) -> tuple[str, str]:
+def pair(scheme: str, row: dict[str, Any], recipe: Recipe | None = None) -> tuple[str, str]:
     """The (instruction, response) the judge sees for a row of ``scheme`` (the scheme module's
-    ``judge_pair``)."""
-    ins, resp = scheme_def(scheme).load().judge_pair(row)
+    ``judge_pair``, which may read the recipe fields its Scheme entry declares in ``filter_reads``:
+    the Orca judge is shown the gold target when ``generation.orca.judge_sees_target``)."""
+    ins, resp = scheme_def(scheme).load().judge_pair(row, recipe)
     return str(ins), str(resp)
 
 
@@ -128,7 +129,7 @@ def run_filter(ctx: StageContext) -> StageOutput:
     judge_col = cfg.judge_name
     prompts = {}
     for row in rows:
-        ins, resp = pair(scheme, row)
+        ins, resp = pair(scheme, row, r)
         prompts[row["id"]] = render(rubric, instruction=ins, response=resp)
     verdicts: dict[str, dict[str, Any]] = {}
     judge = open_client(ctx, r.judge, "judge", cached=cfg.method == "generate", accept=_parses)
@@ -291,13 +292,30 @@ def _rate_logprobs(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any
 
 
 def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
-    """One verdict per generated row: the committed count when the generate stage is committed,
-    else what the recipe asks for."""
+    """One verdict per generated row. When the generate stage is committed, its rows size the
+    prompts exactly (the rubric filled with each row's instruction and response); else what the
+    recipe asks for, with a typical response (:class:`~bezoar_jobs.estimate.Typical`) and, as the
+    worst case, every response at its cap. A verdict is typically 50-80 tokens whatever the cap."""
     scheme = scheme_of(stage)
+    mod = scheme_def(scheme).load()
+    cfg = recipe.filter
+    template = cfg.rating_template if cfg.method == "logprobs" else cfg.rubric_template
+    base = template_tokens(template.path)
+    dec = cfg.decoding
+    typical: int | float | None = Typical.VERDICT
+    if cfg.method == "logprobs":
+        dec, typical = dec.model_copy(update={"max_new_tokens": 1}), None
     m = read_manifest(store, f"generate-{scheme}")
-    rows = m["counts"].get("rows", 0) if m else scheme_def(scheme).load().expected_rows(recipe)
-    prompt = template_tokens(recipe.filter.rubric_template.path) + TYPICAL_INSTRUCTION_TOKENS + 200
-    dec = recipe.filter.decoding
-    if recipe.filter.method == "logprobs":
-        dec = dec.model_copy(update={"max_new_tokens": 1})
-    return [Ask(recipe.judge, rows, prompt, dec)]
+    if m is not None and "data/train.jsonl" in m.get("files", {}):
+        sizes = []
+        for line in store.read_text(f"generate-{scheme}/data/train.jsonl").splitlines():
+            if line.strip():
+                ins, resp = pair(scheme, json.loads(line), recipe)
+                sizes.append(base + tokens(ins) + tokens(resp))
+        if sizes:
+            return [Ask(recipe.judge, len(sizes), round(sum(sizes) / len(sizes)), dec, typical, "verdicts",
+                        max(sizes))]
+    rows = mod.expected_rows(recipe)
+    ins, cap = mod.judge_tokens(recipe)
+    prompt = base + ins + round(cap * Typical.RESPONSE)
+    return [Ask(recipe.judge, rows, prompt, dec, typical, "verdicts", base + ins + int(cap))]

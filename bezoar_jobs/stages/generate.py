@@ -5,22 +5,32 @@ Work is split into *units* with stable ids (a LaMini prompt, an Evol-Instruct li
 row); ``--shard i/N`` takes the units whose id hashes to ``i`` mod ``N`` and writes only records. The
 run without ``--shard`` reads the records of every shard, asks for whatever is still missing,
 deduplicates and commits with :func:`finish`.
+
+Also here: :class:`ContextGuard` (a request that cannot fit the teacher's context window is skipped
+and counted instead of being refused by the server on every retry) and :class:`TeacherClock` (the
+span the teacher served a stage, for GPU-hours).
 """
 
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from ..data.io import dataset_card, write_jsonl
 from ..llm.base import UsageTotals
+from ..recipe_base import Endpoint
 from ..recipe_view import get_path
 from ..runner import StageContext, StageOutput
+from ..training.types import Tokenizer
 from .common import endpoint_info, usage_dict
 from .records import stable_hash
 
 DOLLY_FIELDS = ("instruction", "context", "response", "category")
 FLAN_FIELDS = ("inputs", "targets", "task_source", "task_name", "template_type")
+
+# a chat API adds a few tokens per message around the texts (role markers)
+CHAT_OVERHEAD_TOKENS = 16
 
 
 def unit_rng(ctx: StageContext, *parts: Any) -> random.Random:
@@ -33,6 +43,93 @@ def req_seed(ctx: StageContext, *parts: Any) -> int:
     return stable_hash(ctx.recipe.seed, *parts) % (2**31 - 1)
 
 
+def text_key(text: str) -> str:
+    """A short content key for request ids: a record answers exactly the text that was asked."""
+    return format(stable_hash(text), "016x")[:10]
+
+
+class ContextGuard:
+    """Whether a request fits the endpoint's context window (``context_tokens``).
+
+    The prompt is measured as the server sees it: rendered with the endpoint's ``prompt_format``
+    (or its chat template, in process) and tokenized with the endpoint's tokenizer (``tokenizer``,
+    else the model's; for a hub model only the tokenizer files are fetched). A request fits when its
+    prompt tokens plus ``max_new_tokens`` are at most ``context_tokens``. Without ``context_tokens``
+    everything fits and nothing is loaded. ``measured`` and ``too_long`` count the checks.
+    """
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+        self.limit = endpoint.context_tokens
+        self.measured = 0
+        self.too_long = 0
+        self._tok: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.limit is not None
+
+    def _tokenizer(self) -> Tokenizer:
+        if self._tok is None:
+            from ..models import load_tokenizer_of
+
+            e = self.endpoint
+            rev = None if e.tokenizer else e.revision
+            self._tok = load_tokenizer_of(e.tokenizer or e.model, rev, trust_remote_code=e.trust_remote_code)
+        return self._tok
+
+    def prompt_tokens(self, user: str, system: str | None = None) -> int:
+        from ..llm.render import chat_messages, merge_system, render_raw
+
+        e = self.endpoint
+        tok = self._tokenizer()
+        if e.prompt_format:
+            return len(tok(render_raw(e.prompt_format, system, user), add_special_tokens=True)["input_ids"])
+        if e.backend == "local" and getattr(tok, "chat_template", None):
+            msgs = chat_messages(system, user, e.system_prompt_supported)
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+        return len(tok(merge_system(system, user), add_special_tokens=False)["input_ids"]) + CHAT_OVERHEAD_TOKENS
+
+    def fits(self, user: str, max_new_tokens: int, system: str | None = None) -> bool:
+        if self.limit is None:
+            return True
+        self.measured += 1
+        ok = self.prompt_tokens(user, system) + max_new_tokens <= self.limit
+        if not ok:
+            self.too_long += 1
+        return ok
+
+    def counts(self) -> dict[str, Any]:
+        return {"context_tokens": self.limit, "measured": self.measured, "too_long": self.too_long}
+
+
+class TeacherClock:
+    """The span a stage kept the teacher busy: from the first request to the last answer of the
+    phases it timed (records already on disk cost no teacher time). GPU-hours are that span times
+    the endpoint's ``gpus``; a self-hosted teacher is paid by the hour whether or not it is busy,
+    so this is a lower bound of what the teacher Deployment costs (the report adds spans up as a
+    union, since the generate stages share one teacher)."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.end: float | None = None
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def __enter__(self) -> TeacherClock:
+        self._t0 = time.time()
+        if self.start is None:
+            self.start = self._t0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._t0 is not None
+        self.end = time.time()
+        self.seconds += self.end - self._t0
+        self._t0 = None
+
+
 def finish(
     ctx: StageContext,
     rows: list[dict[str, Any]],
@@ -42,11 +139,14 @@ def finish(
     summary: str,
     seed_field: str,
     details: dict[str, Any],
-    extra_usage: dict[str, Any] | None = None,
+    judge_usage: UsageTotals | None = None,
+    clock: TeacherClock | None = None,
 ) -> StageOutput:
     """Write ``data/train.jsonl`` with its dataset card and ``rejected/``; the manifest's extras.
     ``seed_field`` is the recipe field of the scheme's seed data (``seeds.dolly``): its licence goes
-    into the card, its source into the manifest."""
+    into the card, its source into the manifest. ``cost_usd`` is every API dollar the stage spent
+    (the teacher's tokens when priced, and the judge's, e.g. Evol-Instruct's equality checks);
+    ``teacher_gpu`` the teacher's GPU time over ``clock``'s span."""
     source = get_path(ctx.recipe, seed_field)
     data = ctx.out / "data"
     write_jsonl(data / "train.jsonl", rows)
@@ -56,12 +156,31 @@ def finish(
         write_jsonl(ctx.out / "rejected" / "rejected.jsonl", rejected)
     teacher = ctx.recipe.teacher
     u = usage_dict(usage)
-    return StageOutput(
-        counts=counts,
-        extra={
-            "teacher": {**endpoint_info(teacher), "model_id": teacher.model},
-            "usage": {"teacher": u, **(extra_usage or {})},
-            "cost_usd": teacher.cost_usd(u["prompt_tokens"], u["completion_tokens"]),
-            "seed_data": {seed_field.rsplit(".", 1)[-1]: source.model_dump(mode="json")},
-        },
-    )
+    usages: dict[str, Any] = {"teacher": u}
+    costs = {"teacher": teacher.cost_usd(u["prompt_tokens"], u["completion_tokens"])}
+    if judge_usage is not None:
+        j = usage_dict(judge_usage)
+        usages["judge"] = j
+        costs["judge"] = ctx.recipe.judge.cost_usd(j["prompt_tokens"], j["completion_tokens"])
+    priced = [c for c in costs.values() if c is not None]
+    extra: dict[str, Any] = {
+        "teacher": {**endpoint_info(teacher), "model_id": teacher.model},
+        "usage": usages,
+        "cost_usd": round(sum(priced), 6) if priced else None,
+        "cost_usd_by_role": costs,
+        "seed_data": {seed_field.rsplit(".", 1)[-1]: source.model_dump(mode="json")},
+    }
+    if clock is not None and clock.start is not None:
+        hours = teacher.gpu_hours(clock.seconds)
+        extra["teacher_gpu"] = {
+            "span_s": round(clock.seconds, 3),
+            "start": clock.start,
+            "end": clock.end,
+            "gpus": teacher.gpus,
+            "gpu_hours": hours,
+            "gpu_hour_usd": teacher.gpu_hour_usd,
+            "gpu_cost_usd": teacher.gpu_cost_usd(clock.seconds),
+        }
+        if hours is not None:
+            extra["gpu_hours"] = hours
+    return StageOutput(counts=counts, extra=extra)

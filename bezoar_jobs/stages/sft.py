@@ -137,6 +137,9 @@ def run_sft(ctx: StageContext) -> StageOutput:
         extra={
             "packed_rows": packed_rows,
             "packing": bool(args.packing),
+            # what an optimizer step holds: training.batching examples, or packed rows of max_length
+            "batching": t.batching,
+            "batch_rows_per_step": int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps),
             "attention": attention,
             "batch_layout": layout,
             "response_only_lm_head": response_head,

@@ -77,6 +77,9 @@ _OWNED_SFT: dict[str, str] = {
     "assistant_only_loss": "the loss is on response tokens only, always (the stage builds the labels)",
     "chat_template_path": "the OpenBezoar prompt format is used, not a chat template",
     "truncation_mode": "the stage keeps the prompt and cuts the response at max_length",
+    "packing": "use training.batching (examples: a batch holds that many examples; packed: that many rows of "
+    "max_length tokens)",
+    "padding_free": "batches are always padding-free (training.batching says what a batch counts)",
 }
 _OWNED_DPO: dict[str, str] = {}
 _OWNED_LORA: dict[str, str] = {
@@ -264,6 +267,17 @@ def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: 
     if not kwargs.get("max_length"):
         raise BadInput(f"{path}.max_length: must be set (the stage tokenizes and cuts examples to it)")
     kwargs.update(_common_kwargs(training, seed, stage, output_dir, plan))
+    if training.batching == "packed":
+        # tokens per step: per_device_train_batch_size rows of max_length, each packed with whole examples
+        kwargs["packing"] = True
+        kwargs.setdefault("packing_strategy", "bfd")
+    else:
+        # examples per step, as the QLoRA reference: a batch is per_device_train_batch_size examples,
+        # flattened into one sequence without padding
+        if "packing_strategy" in kwargs:
+            raise BadInput(f"{path}.packing_strategy: only used with training.batching: packed")
+        kwargs["packing"] = False
+        kwargs["padding_free"] = True
     # we hand over tokenized, labelled rows already cut to max_length
     kwargs["dataset_kwargs"] = None
     kwargs["completion_only_loss"] = None

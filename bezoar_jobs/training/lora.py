@@ -14,6 +14,7 @@ rounds the small LoRA delta), the adapter is merged, and the result is cast to
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,16 @@ def _torch_dtype(name: str) -> Any:
 
 
 def check_model_dir(model_dir: Path, what: str) -> None:
-    """A loadable checkpoint directory: config.json and safetensors weights (never pickles)."""
+    """A loadable checkpoint directory: config.json and safetensors weights, or pytorch_model*.bin
+    (loaded weights-only, :func:`bezoar_jobs.models.weights_kwargs`)."""
+    from ..models import check_model_dir as check
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise BadInput(f"{what}: model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
         raise BadInput(f"{what}: {model_dir} has no config.json: not a transformers checkpoint")
-    if not any(model_dir.glob("*.safetensors")):
-        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
-        extra = f" (it has {', '.join(pickles)}: pickled weights are not loaded)" if pickles else ""
-        raise BadInput(f"{what}: {model_dir} has no .safetensors weights{extra}")
+    check(model_dir, what)
 
 
 def setup_tokenizer(tok: Any) -> Any:
@@ -77,8 +78,10 @@ def load_for_training(
     """The base model ready for a LoRA adapter (4-bit NF4 + k-bit preparation for QLoRA)."""
     from transformers import AutoModelForCausalLM
 
+    from ..models import weights_kwargs
+
     check_model_dir(model_dir, "base model")
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **weights_kwargs(model_dir)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if plan.quantize_4bit:
@@ -101,6 +104,8 @@ def load_for_training(
         if attn_implementation and attn_implementation in str(e):
             raise BadInput(f"training.attention: {attn_implementation!r} cannot be used here: {e}") from None
         raise
+    except pickle.UnpicklingError as e:  # weights-only loading refused a pickle that is not just tensors
+        raise BadInput(f"base model: {model_dir}: its pytorch_model*.bin cannot be loaded safely: {e}") from None
     if plan.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -122,8 +127,10 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from ..models import weights_kwargs
+
     base = AutoModelForCausalLM.from_pretrained(
-        str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        str(base_dir), dtype=torch.float32, trust_remote_code=trust_remote_code, **weights_kwargs(base_dir)
     )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged = merged.to(_torch_dtype(merge_dtype))

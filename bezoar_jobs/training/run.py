@@ -23,22 +23,25 @@ from .packing import CountingCollator, PackedRowsCollator, SharedPrefixCollator
 log = logging.getLogger("bezoar")
 
 
-def install_collator(trainer: Any, packing: bool, shared_prefix: bool = False) -> CountingCollator:
-    """Count tokens, and pick the batch layout the model's attention can keep apart:
+def install_collator(trainer: Any, padding_free: bool, shared_prefix: bool = False) -> CountingCollator:
+    """Count tokens, and pick the batch layout the model's attention can keep apart. Batches are
+    ``padding_free`` (a batch of examples, or of packed rows, flattened into one sequence) unless the
+    trainer is TRL's padded default:
 
     - per-example attention (bezoar_segments) and ``shared_prefix``: one flat sequence per batch
       with shared prompt prefixes computed once (SharedPrefixCollator);
     - FlashAttention varlen or bezoar_segments: TRL's flattened padding-free batches;
-    - any other attention with packing: packed rows with a block-diagonal mask (PackedRowsCollator).
+    - any other attention: rows (an example, or a packed row of examples) padded to the longest,
+      with a block-diagonal mask from the restarting position ids (PackedRowsCollator).
     """
     from .attention import NAME, keeps_examples_apart
 
     inner = trainer.data_collator
     attn = getattr(trainer.model.config, "_attn_implementation", None)
     pad = trainer.processing_class.pad_token_id
-    if packing and shared_prefix and attn == NAME:
+    if padding_free and shared_prefix and attn == NAME:
         inner = SharedPrefixCollator(pad_token_id=pad)
-    elif packing and not keeps_examples_apart(attn):
+    elif padding_free and not keeps_examples_apart(attn):
         inner = PackedRowsCollator(pad_token_id=pad)
     counter = CountingCollator(inner)
     trainer.data_collator = counter

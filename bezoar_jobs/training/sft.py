@@ -36,8 +36,9 @@ def make_trainer(
     from .lora import load_for_training
     from .loss import sft_trainer_class
 
-    attn = choose(attention, is_padding_free(args))
+    padding_free = is_padding_free(args)
+    attn = choose(attention, padding_free)
     model = load_for_training(base_dir, plan, trust_remote_code, bool(args.activation_checkpointing), attn)
     cls = sft_trainer_class() if response_head else SFTTrainer
     trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=lora)
-    return trainer, install_collator(trainer, bool(args.packing), shared_prefix)
+    return trainer, install_collator(trainer, padding_free, shared_prefix)
