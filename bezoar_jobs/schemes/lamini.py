@@ -13,16 +13,18 @@ order. Phase 2 asks for each one's response.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 from ..data.io import load_rows, load_template, render, write_jsonl
 from ..errors import BadInput
 from ..estimate import GENERATED_INSTRUCTION_TOKENS, Ask, Typical, mean_tokens, template_tokens
-from ..llm.base import LLMClient, request
+from ..llm.base import GenRequest, LLMClient, request
+from ..llm.flow import Flow
 from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
-from ..stages.common import Phase, endpoint_info, normalise, open_client
+from ..stages.common import Phase, endpoint_info, normalise, open_client, run_flow
 from ..stages.generate import DOLLY_FIELDS, TeacherClock, finish, req_seed, unit_rng
 from ..stages.records import in_shard, stable_hash
 from ..store import Store
@@ -217,51 +219,64 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
             )
         items.append((request(rid, prompt, cfg.instruction_decoding, req_seed(ctx, rid)), meta))
 
-    p1 = Phase(ctx, "instructions")
-    with clock:
-        gen = p1.run(teacher, items, lambda res, m: {**m, "raw": res.text})
-    ctx.check_stop()
-    # parse, then deduplicate (against each other and against the seeds), in unit order
+    # One flow: each prompt's list is parsed and deduplicated as soon as every earlier prompt's is (the
+    # same unit order as a whole pass, so the same candidates, ids, prompts and seeds whatever the
+    # timing), and each new instruction's response is asked at once, while other lists are still
+    # being written. With max_instructions, only the first max_instructions candidates are answered.
+    p1, p2 = Phase(ctx, "instructions"), Phase(ctx, "responses")
+    flow = Flow(ctx.name)
     seen = {normalise(s) for s in seed_instr}
     rejected: list[dict[str, Any]] = []
     candidates: list[tuple[str, str]] = []
-    for req, _ in items:
-        rec = gen.get(req.id)
-        if rec is None:
-            continue
-        parsed = parse_instructions(rec["raw"], cfg.min_instruction_words)
-        if not parsed:
-            rejected.append(
-                {"id": req.id, "instruction": None, "reason": "no instruction could be parsed", "raw": rec["raw"]}
-            )
-        for ins in parsed:
-            key = normalise(ins)
-            if key in seen:
-                rejected.append({"id": req.id, "instruction": ins, "reason": "duplicate"})
-                continue
-            seen.add(key)
-            candidates.append((ins, rec["source"]))
-    if cfg.max_instructions:
-        candidates = candidates[: cfg.max_instructions]
-    ritems = []
-    for ins, source in candidates:
+    ritems: list[tuple[GenRequest, dict[str, Any]]] = []
+    arrived: dict[int, dict[str, Any] | None] = {}
+    frontier = [0]  # the first unit whose list is not yet taken in
+
+    def respond(ins: str, source: str) -> None:
         rid = "lamini-resp-" + format(stable_hash(normalise(ins)), "016x")
-        ritems.append(
-            (
-                request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid)),
-                {"instruction": ins, "source": source},
-            )
-        )
-    p2 = Phase(ctx, "responses")
+        req = request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid))
+        meta = {"instruction": ins, "source": source}
+        ritems.append((req, meta))
+        p2.ask(flow, teacher, req, meta, lambda res, m: {**m, "response": res.text.strip()})
+
+    def take(i: int, rec: dict[str, Any] | None) -> None:
+        arrived[i] = rec
+        while frontier[0] in arrived:
+            k = frontier[0]
+            frontier[0] += 1
+            got = arrived.pop(k)
+            if got is None:  # failed for good (counted by the phase)
+                continue
+            uid = items[k][0].id
+            parsed = parse_instructions(got["raw"], cfg.min_instruction_words)
+            if not parsed:
+                rejected.append(
+                    {"id": uid, "instruction": None, "reason": "no instruction could be parsed", "raw": got["raw"]}
+                )
+            for ins in parsed:
+                key = normalise(ins)
+                if key in seen:
+                    rejected.append({"id": uid, "instruction": ins, "reason": "duplicate"})
+                    continue
+                seen.add(key)
+                candidates.append((ins, got["source"]))
+                if not cfg.max_instructions or len(candidates) <= cfg.max_instructions:
+                    respond(ins, got["source"])
+
+    for i, (req, meta) in enumerate(items):
+        p1.ask(flow, teacher, req, meta, lambda res, m: {**m, "raw": res.text}, then=functools.partial(take, i))
     with clock:
-        resp = p2.run(teacher, ritems, lambda res, m: {**m, "response": res.text.strip()})
+        run_flow(ctx, flow, (p1, p2))
+    ctx.check_stop()
+    n_candidates = len(candidates)
+    duplicates = sum(1 for x in rejected if x["reason"] == "duplicate")
     usage = teacher.usage
     if ctx.shard is not None:
         return StageOutput(committed=False)
 
     rows = []
     for req, m in ritems:
-        rec = resp.get(req.id)
+        rec = p2.log.get(req.id)
         if rec is None:
             rejected.append(
                 {"id": req.id, "instruction": m["instruction"], "reason": f"teacher error: {p2.failed.get(req.id)}"}
@@ -278,8 +293,8 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
         )
     counts = {
         "prompts": len(items),
-        "raw_instructions": len(candidates) + sum(1 for x in rejected if x["reason"] == "duplicate"),
-        "unique_instructions": len(candidates),
+        "raw_instructions": min(n_candidates, cfg.max_instructions or n_candidates) + duplicates,
+        "unique_instructions": len(ritems),
         "rows": len(rows),
         "rejected": len(rejected),
         "topics": len(topics),
@@ -288,6 +303,7 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
     if topic_rows:
         write_jsonl(ctx.out / "topics.jsonl", topic_rows)
     return finish(ctx, rows, rejected, counts, usage, "LaMini-style instructions and responses", "seeds.dolly",
-                  {"lamini": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher)}, clock=clock)
+                  {"lamini": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher)}, clock=clock,
+                  clients={"teacher": teacher})
 
 
