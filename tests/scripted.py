@@ -91,3 +91,20 @@ def scripted_recipe(tmp: Path, url: str, **overrides) -> Path:
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def longtail_pipeline_script(mu: float = 4.0, sigma: float = 1.0, seed: int = 0):
+    """``scripted_answer`` with the responses (and evolutions) padded to log-normal lengths (median
+    e**mu words), fixed per prompt: the benchmark's teacher, as long-tailed as a real one."""
+    import math
+    import random
+
+    def script(prompt: str) -> str:
+        text = scripted_answer(prompt)
+        if text.startswith(("Here is a careful answer", "Describe in three steps")):
+            rng = random.Random(_h(prompt) ^ seed)
+            n = max(1, round(math.exp(rng.gauss(mu, sigma))))
+            text += " and" + " more" * n
+        return text
+
+    return script

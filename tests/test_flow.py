@@ -1,0 +1,179 @@
+"""Records flow through their steps instead of waiting for whole phases; tails do not idle the pool;
+the scripted server honours the output limits the APIs define (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+from bezoar_jobs.llm import GenRequest, make_client
+from bezoar_jobs.manifest import read_manifest
+from bezoar_jobs.store import open_store
+from tests.llm_server import LLMTestServer, count_tokens, llm_server  # noqa: F401 - the fixture
+from tests.scripted import scripted_answer, scripted_recipe
+from tests.test_llm_clients import endpoint, per_prompt, run_all
+from tests.test_schemes_e2e import bezoar, dolly_file, evolving_script
+
+
+# ----------------------------------------------------------------------------------------------
+# the scripted server: output limits as the APIs define them
+# ----------------------------------------------------------------------------------------------
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_scripted_server_honours_max_completion_tokens_and_the_tgi_default():
+    long = " ".join(f"w{i}" for i in range(300))
+    with LLMTestServer(script=lambda p: long) as srv:
+        chat = srv.url + "/v1/chat/completions"
+        msgs = [{"role": "user", "content": "hi"}]
+        status, body = _post(chat, {"model": "m", "messages": msgs, "max_completion_tokens": 8})
+        assert status == 200 and body["usage"]["completion_tokens"] == 8
+        assert count_tokens(body["choices"][0]["message"]["content"]) == 8
+        assert body["choices"][0]["finish_reason"] == "length"
+        # max_tokens is the deprecated alias; without a limit a chat answer is not cut
+        assert _post(chat, {"model": "m", "messages": msgs, "max_tokens": 5})[1]["usage"]["completion_tokens"] == 5
+        assert _post(chat, {"model": "m", "messages": msgs})[1]["usage"]["completion_tokens"] == 300
+        assert _post(chat, {"model": "m", "messages": msgs, "max_completion_tokens": 0})[0] == 400
+        # the legacy completions API knows only max_tokens (default 16)
+        comp = srv.url + "/v1/completions"
+        assert _post(comp, {"model": "m", "prompt": "x", "max_completion_tokens": 8})[0] == 400
+        assert _post(comp, {"model": "m", "prompt": "x"})[1]["usage"]["completion_tokens"] == 16
+        # TGI: max_new_tokens, default 100
+        status, out = _post(srv.url + "/generate", {"inputs": "x", "parameters": {"details": True}})
+        assert status == 200 and out["details"]["generated_tokens"] == 100
+        status, out = _post(srv.url + "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 8}})
+        assert out["details"]["generated_tokens"] == 8
+        with urllib.request.urlopen(srv.url + "/health", timeout=5) as r:
+            assert r.status == 200
+
+
+def test_equality_checks_decode_only_the_tokens_they_ask_for():
+    """The judge's equality check asks for 8 tokens: a chat judge that would write more is cut there."""
+    with LLMTestServer(script=lambda p: "Different, because " + "word " * 200) as srv:
+        client = make_client(endpoint("openai-chat", srv))
+        out = run_all(client, [GenRequest(id="e", user="Task A: x\nTask B: y", max_new_tokens=8)])
+        assert out["e"].completion_tokens == 8 and srv.calls[0].output_tokens == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# tails: deadlines from the latency distribution, Retry-After without idling the pool
+# ----------------------------------------------------------------------------------------------
+def test_a_hung_request_is_abandoned_after_a_few_p99s_and_sent_again_with_its_seed(llm_server):
+    srv = llm_server(rule=per_prompt({"sleepy": ["hang"]}), hang_s=30, latency=0.01)
+    client = make_client(endpoint("tgi", srv, timeout_s=25.0, max_retries=0))
+    reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(70)]
+    reqs.insert(60, GenRequest(id="s", user="sleepy", seed=1234))
+    t0 = time.monotonic()
+    out = run_all(client, reqs)
+    took = time.monotonic() - t0
+    assert all(r.ok for r in out.values())
+    # abandoned once far past the running p99 (the 1 s floor here), not after timeout_s=25
+    assert took < 8, took
+    sleepy = [c for c in srv.calls if "sleepy" in c.prompt]
+    assert len(sleepy) == 2 and sleepy[0].seed == sleepy[1].seed == 1234
+    assert sleepy[1].arrived - sleepy[0].arrived < 5
+    assert client.usage.retries == 1 and out["s"].retries == 0  # not the server's failure: no attempt used up
+
+
+def test_one_retry_after_does_not_pause_the_whole_pool(llm_server):
+    """A Retry-After paused every new attempt of the pool: one 429 among many answers idled the server."""
+    srv = llm_server(rule=per_prompt({"unlucky": ["429"]}), retry_after="1.5", latency=0.02)
+    client = make_client(endpoint("tgi", srv, max_concurrency=4))
+    reqs = [GenRequest(id="u", user="unlucky")] + [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(120)]
+    out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    unlucky = [c for c in srv.calls if "unlucky" in c.prompt]
+    assert len(unlucky) == 2 and unlucky[1].arrived - unlucky[0].finished >= 1.4  # honoured for that request
+    refused_at = unlucky[0].finished
+    meanwhile = [c for c in srv.calls if refused_at < c.arrived < refused_at + 1.0]
+    assert len(meanwhile) >= 20, len(meanwhile)
+
+
+# ----------------------------------------------------------------------------------------------
+# records flow; the committed data does not depend on the timing
+# ----------------------------------------------------------------------------------------------
+def _slow_some(prompt: str) -> float:
+    """A quarter of the prompts take 0.4 s, the rest 10 ms: fixed per prompt."""
+    return 0.4 if zlib.crc32(prompt.encode()) % 4 == 0 else 0.01
+
+
+def _stage(tmp_path, name: str, stage: str, latency, script=scripted_answer, **overrides) -> tuple[LLMTestServer, str]:
+    d = tmp_path / name
+    d.mkdir()
+    with LLMTestServer(script=script, api_key="test-key", latency=latency) as srv:
+        recipe = scripted_recipe(d, srv.url, **overrides)
+        res = bezoar("stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
+        assert res.returncode == 0, res.stderr[-3000:]
+    return srv, str(d / "run")
+
+
+def _files(run: str, stage: str) -> tuple[str, str]:
+    base = f"{run}/{stage}"
+    rej = f"{base}/rejected/rejected.jsonl"
+    return open(f"{base}/data/train.jsonl").read(), open(rej).read() if os.path.exists(rej) else ""
+
+
+def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_the_same_rows(tmp_path):
+    kw = {"generation.lamini.example_prompts": 8, "generation.lamini.topic_prompts": 4,
+          "generation.lamini.max_instructions": 40}
+    _, fast = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
+    srv, slow = _stage(tmp_path, "slow", "generate-lamini", _slow_some, **kw)
+    assert _files(fast, "generate-lamini") == _files(slow, "generate-lamini")
+    lists = [c for c in srv.calls if "<example>" in c.prompt and "Write" in c.prompt]
+    answers = [c for c in srv.calls if c not in lists]
+    assert min(c.arrived for c in answers) < max(c.finished for c in lists)  # no barrier between the steps
+    assert len(answers) == 40  # the cap: no response asked beyond max_instructions
+    u = read_manifest(open_store(slow), "generate-lamini")["utilization"]["teacher"]
+    assert 0 < u["utilization"] <= 1 and u["slots"] == 8
+
+
+def test_evol_lineages_move_on_their_own_and_commit_the_same_rows_whatever_the_timing(tmp_path):
+    kw = {"seeds.dolly": {"path": str(dolly_file(tmp_path))}, "generation.evol.seeds": 12,
+          "generation.evol.rounds": 2}
+    _, fast = _stage(tmp_path, "fast", "generate-evol", 0.0, script=evolving_script(), **kw)
+    srv, slow = _stage(tmp_path, "slow", "generate-evol", _slow_some, script=evolving_script(), **kw)
+    assert _files(fast, "generate-evol") == _files(slow, "generate-evol")
+    evolves = [c for c in srv.calls if c.prompt.rstrip().endswith("task:<|endoftext|><|answer|>")]
+    second = [c for c in evolves if "explain step" in c.prompt]  # evolving a round-1 evolution
+    checks = [c for c in srv.calls if "Task A:" in c.prompt and "explain step" not in c.prompt.split("Task B:")[0]]
+    assert second and checks
+    # a lineage started round 2 while other lineages' round-1 equality checks were still being answered
+    assert min(c.arrived for c in second) < max(c.finished for c in checks)
+    m = read_manifest(open_store(slow), "generate-evol")
+    assert set(m["utilization"]) == {"teacher", "judge"}
+
+
+def test_filter_asks_again_as_soon_as_a_verdict_fails_to_parse(tmp_path):
+    """A re-ask waited for the whole first pass of verdicts."""
+    d = tmp_path / "f"
+    d.mkdir()
+
+    def judge(prompt: str, params: dict) -> str:
+        # the greedy first verdict of a third of the rows does not parse; the re-ask (sampled) does
+        if "Reply with JSON only" in prompt and zlib.crc32(prompt.encode()) % 3 == 0 and params.get("temperature") == 0:
+            return "I cannot decide."
+        return scripted_answer(prompt)
+
+    with LLMTestServer(script=judge, api_key="test-key", latency=_slow_some) as srv:
+        recipe = scripted_recipe(d, srv.url, **{"generation.lamini.example_prompts": 6,
+                                                "generation.lamini.topic_prompts": 0,
+                                                "filter.decoding": {"max_new_tokens": 64, "temperature": 0}})
+        for stage in ("generate-lamini", "filter-lamini"):
+            res = bezoar("stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
+            assert res.returncode == 0, res.stderr[-3000:]
+    verdicts = [c for c in srv.calls if "Reply with JSON only" in c.prompt]
+    first = [c for c in verdicts if c.params.get("temperature") == 0]
+    again = [c for c in verdicts if c.params.get("temperature") != 0]
+    assert again and min(c.arrived for c in again) < max(c.finished for c in first)
+    m = read_manifest(open_store(str(d / "run")), "filter-lamini")
+    assert m["counts"]["failed"] == 0 and m["requests"]["phases"]["verdicts-a2"]["needed"] == len(again)
