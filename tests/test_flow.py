@@ -13,7 +13,7 @@ import zlib
 from bezoar_jobs.llm import GenRequest, make_client
 from bezoar_jobs.manifest import read_manifest
 from bezoar_jobs.store import open_store
-from tests.llm_server import LLMTestServer, count_tokens, llm_server  # noqa: F401 - the fixture
+from tests.llm_server import LLMTestServer, count_tokens, running
 from tests.scripted import scripted_answer, scripted_recipe
 from tests.test_llm_clients import endpoint, per_prompt, run_all
 from tests.test_schemes_e2e import bezoar, dolly_file, evolving_script
@@ -68,14 +68,14 @@ def test_equality_checks_decode_only_the_tokens_they_ask_for():
 # ----------------------------------------------------------------------------------------------
 # tails: deadlines from the latency distribution, Retry-After without idling the pool
 # ----------------------------------------------------------------------------------------------
-def test_a_hung_request_is_abandoned_after_a_few_p99s_and_sent_again_with_its_seed(llm_server):
-    srv = llm_server(rule=per_prompt({"sleepy": ["hang"]}), hang_s=30, latency=0.01)
-    client = make_client(endpoint("tgi", srv, timeout_s=25.0, max_retries=0))
-    reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(70)]
-    reqs.insert(60, GenRequest(id="s", user="sleepy", seed=1234))
-    t0 = time.monotonic()
-    out = run_all(client, reqs)
-    took = time.monotonic() - t0
+def test_a_hung_request_is_abandoned_after_a_few_p99s_and_sent_again_with_its_seed():
+    with running(rule=per_prompt({"sleepy": ["hang"]}), hang_s=30, latency=0.01) as srv:
+        client = make_client(endpoint("tgi", srv, timeout_s=25.0, max_retries=0))
+        reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(70)]
+        reqs.insert(60, GenRequest(id="s", user="sleepy", seed=1234))
+        t0 = time.monotonic()
+        out = run_all(client, reqs)
+        took = time.monotonic() - t0
     assert all(r.ok for r in out.values())
     # abandoned once far past the running p99 (the 1 s floor here), not after timeout_s=25
     assert took < 8, took
@@ -85,12 +85,12 @@ def test_a_hung_request_is_abandoned_after_a_few_p99s_and_sent_again_with_its_se
     assert client.usage.retries == 1 and out["s"].retries == 0  # not the server's failure: no attempt used up
 
 
-def test_one_retry_after_does_not_pause_the_whole_pool(llm_server):
+def test_one_retry_after_does_not_pause_the_whole_pool():
     """A Retry-After paused every new attempt of the pool: one 429 among many answers idled the server."""
-    srv = llm_server(rule=per_prompt({"unlucky": ["429"]}), retry_after="1.5", latency=0.02)
-    client = make_client(endpoint("tgi", srv, max_concurrency=4))
-    reqs = [GenRequest(id="u", user="unlucky")] + [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(120)]
-    out = run_all(client, reqs)
+    with running(rule=per_prompt({"unlucky": ["429"]}), retry_after="1.5", latency=0.02) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=4))
+        reqs = [GenRequest(id="u", user="unlucky")] + [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(120)]
+        out = run_all(client, reqs)
     assert all(r.ok for r in out.values())
     unlucky = [c for c in srv.calls if "unlucky" in c.prompt]
     assert len(unlucky) == 2 and unlucky[1].arrived - unlucky[0].finished >= 1.4  # honoured for that request

@@ -408,13 +408,13 @@ class PoolLane:
                 self.unsent += 1
                 return
             failure: Transient
-            deadline = None if abandoned_once else self.deadline()
             try:
                 async with self.inflight:
                     if self.halted or self.draining:
                         self._settle(worst_cost, 0.0)
                         self.unsent += 1
                         return
+                    deadline = None if abandoned_once else self.deadline()
                     self.active += 1
                     self.attempts += 1
                     t0 = time.monotonic()
