@@ -18,8 +18,10 @@ answer never holds up the others and the server's decoding slots stay busy. Arou
   still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it started (and before
   ``timeout_s``) is abandoned and sent again at once, with the same seed, so the answer is the one the
   first attempt would have given; each request at most once, and at most ``ABANDON_FRACTION`` of the
-  attempts (plus a few), so a server that is merely slow is not asked twice for everything. A hung
-  request frees its slot after a few p99s instead of the whole ``timeout_s``;
+  attempts (plus a few), so a server that is merely slow is not asked twice for everything. Before
+  that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
+  most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget). A
+  hung request idles no slot for long, instead of holding it for the whole ``timeout_s``;
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -36,6 +38,9 @@ Threads: results go to the flow's queue; ``on_result`` is called in the flow's t
 time, and the event loop never waits for it, so a slow ``on_result`` (writing a part file to S3) does
 not idle the pool. Every answered attempt's (start, end) is kept (:meth:`RemoteClient.busy_intervals`)
 for the utilization the client saw.
+
+(Over 500 lines: the lane is one state machine, slots, retries, deadlines and the spending cap acting
+on the same counters; split up, that state would be scattered over modules.)
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ REFUSED_BEFORE_ANY_SUCCESS = 8
 DEADLINE_MIN_SAMPLES = 50
 DEADLINE_P99_FACTOR = 3.0
 DEADLINE_MIN_S = 1.0
-ABANDON_FRACTION = 0.05
+OVERDUE_P99_FACTOR = 1.0
+OVERDUE_MIN_S = 0.5
+ABANDON_FRACTION = 0.1
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
 # the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
@@ -176,6 +183,10 @@ class RemoteClient(LLMClient):
         return self.endpoint.max_concurrency
 
 
+class _Stopped(Exception):
+    """The lane stopped while a request waited for its slot: it is not sent."""
+
+
 @dataclass
 class Msg:
     """What a lane tells its flow: a ``result`` (with the callback to hand it to), a ``retry``, or that
@@ -211,6 +222,7 @@ class PoolLane:
         self.active = 0  # attempts in flight (read by the flow's progress line)
         self.attempts = 0
         self.abandoned = 0
+        self.overdue = 0  # attempts past the p99 that gave their slot away
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._p99: float | None = None
         self._p99_at = 0
@@ -371,8 +383,8 @@ class PoolLane:
             self.reserved -= reserved
             self.budget_changed.set()
 
-    def deadline(self) -> float | None:
-        """Seconds after which an attempt is abandoned and sent again (None: only ``timeout_s``)."""
+    def p99(self) -> float | None:
+        """The running p99 of answered attempts' latencies (None until ``DEADLINE_MIN_SAMPLES``)."""
         n = len(self.latencies)
         if n < DEADLINE_MIN_SAMPLES:
             return None
@@ -380,9 +392,57 @@ class PoolLane:
             ordered = sorted(self.latencies)
             self._p99 = ordered[min(n - 1, int(0.99 * n))]
             self._p99_at = n
-        assert self._p99 is not None
-        d = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * self._p99)
-        return d if d < self.ep.timeout_s else None
+        return self._p99
+
+    async def _attempt(self, req: GenRequest, abandoned_once: bool) -> tuple[GenResult, float, float]:
+        """One attempt in a slot: the answer and when it was sent and answered. Past the running p99
+        (``OVERDUE_P99_FACTOR``) an attempt is *overdue*: it gives its slot to the next request (at most
+        ``max_concurrency`` overdue at once) and keeps waiting; past the deadline it is abandoned
+        (``Transient(kind="deadline")``) while the abandon budget lasts, else it waits out ``timeout_s``."""
+        ep = self.ep
+        await self.inflight.acquire()
+        if self.halted or self.draining:
+            self.inflight.release()
+            raise _Stopped
+        held = True
+
+        def overdue() -> None:
+            nonlocal held
+            if held and self.overdue < ep.max_concurrency:
+                held = False
+                self.overdue += 1
+                self.inflight.release()
+
+        self.active += 1
+        self.attempts += 1
+        t0 = time.monotonic()
+        send = asyncio.ensure_future(self.client._send(req))
+        send.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
+        p99 = self.p99()
+        assert self.loop is not None
+        timer = self.loop.call_later(max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99), overdue) if p99 else None
+        try:
+            deadline = None if abandoned_once or p99 is None else max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99)
+            if deadline is not None and deadline < ep.timeout_s:
+                done, _ = await asyncio.wait({send}, timeout=deadline)
+                if not done and self._may_abandon():
+                    self.abandoned += 1
+                    raise Transient(f"no answer {deadline:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
+                                    "p99 latency): abandoned and sent again", kind="deadline")
+            done, _ = await asyncio.wait({send}, timeout=max(0.0, ep.timeout_s - (time.monotonic() - t0)))
+            if not done:
+                raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
+            return send.result(), t0, time.monotonic()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not send.done():
+                send.cancel()
+            self.active -= 1
+            if held:
+                self.inflight.release()
+            else:
+                self.overdue -= 1
 
     def _may_abandon(self) -> bool:
         return self.abandoned < ABANDON_SLACK + ABANDON_FRACTION * self.attempts
@@ -409,35 +469,11 @@ class PoolLane:
                 return
             failure: Transient
             try:
-                async with self.inflight:
-                    if self.halted or self.draining:
-                        self._settle(worst_cost, 0.0)
-                        self.unsent += 1
-                        return
-                    deadline = None if abandoned_once else self.deadline()
-                    self.active += 1
-                    self.attempts += 1
-                    t0 = time.monotonic()
-                    try:
-                        limit = ep.timeout_s if deadline is None else deadline
-                        async with asyncio.timeout(limit):
-                            res = await client._send(req)
-                    except TimeoutError:
-                        if deadline is not None and self._may_abandon():
-                            raise Transient(f"no answer {deadline:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} "
-                                            "x the p99 latency): abandoned and sent again", kind="deadline") from None
-                        if deadline is not None:  # over the abandon budget: wait out the timeout
-                            try:
-                                async with asyncio.timeout(ep.timeout_s - deadline):
-                                    res = await client._send(req)
-                            except TimeoutError:
-                                raise Transient(f"no answer within timeout_s={ep.timeout_s:g}",
-                                                kind="timeout") from None
-                        else:
-                            raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout") from None
-                    finally:
-                        self.active -= 1
-                    t1 = time.monotonic()
+                res, t0, t1 = await self._attempt(req, abandoned_once)
+            except _Stopped:
+                self._settle(worst_cost, 0.0)
+                self.unsent += 1
+                return
             except Transient as e:
                 failure = e
                 self._settle(worst_cost, 0.0)
@@ -475,7 +511,6 @@ class PoolLane:
             if failure.kind == "deadline":
                 # not the server's failure: sent again at once, not counted against max_retries
                 abandoned_once = True
-                self.abandoned += 1
                 self.out.put(Msg("retry", self))
                 log.debug("%s: request %s: %s", self.desc, req.id, failure.reason)
                 continue
