@@ -101,10 +101,15 @@ def longtail_pipeline_script(mu: float = 4.0, sigma: float = 1.0, seed: int = 0)
 
     def script(prompt: str) -> str:
         text = scripted_answer(prompt)
+        rng = random.Random(_h(prompt) ^ seed)
         if text.startswith(("Here is a careful answer", "Describe in three steps")):
-            rng = random.Random(_h(prompt) ^ seed)
             n = max(1, round(math.exp(rng.gauss(mu, sigma))))
             text += " and" + " more" * n
+        elif "Reply with JSON only" in prompt and text.startswith("{"):
+            # a verdict's reason runs to a few dozen words (at most 150: the JSON must close)
+            verdict = json.loads(text)
+            verdict["reason"] += " because" + " so" * min(150, round(math.exp(rng.gauss(mu - 0.5, sigma / 2))))
+            text = json.dumps(verdict)
         return text
 
     return script

@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 import zlib
 
+import pytest
+
 from bezoar_jobs.llm import GenRequest, make_client
 from bezoar_jobs.manifest import read_manifest
 from bezoar_jobs.store import open_store
@@ -177,3 +179,65 @@ def test_filter_asks_again_as_soon_as_a_verdict_fails_to_parse(tmp_path):
     assert again and min(c.arrived for c in again) < max(c.finished for c in first)
     m = read_manifest(open_store(str(d / "run")), "filter-lamini")
     assert m["counts"]["failed"] == 0 and m["requests"]["phases"]["verdicts-a2"]["needed"] == len(again)
+
+
+# ----------------------------------------------------------------------------------------------
+# the generate stages share one teacher: run together by default
+# ----------------------------------------------------------------------------------------------
+class _Backend:
+    """Stages 'run' until the scheduler waits; each wait ends the oldest one."""
+
+    wait_on_failure = True
+
+    def __init__(self) -> None:
+        self.parallel = 1
+        self.live: list[str] = []
+        self.together: list[set[str]] = []
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def cancel(self) -> None: ...
+    def stage_done(self, stage: str, skipped: bool) -> None: ...
+    def logs(self, stage: str) -> list[str]:
+        return []
+
+    def running(self) -> list[str]:
+        return list(self.live)
+
+    def submit(self, stage: str) -> None:
+        self.live.append(stage)
+        self.together.append(set(self.live))
+
+    def wait(self, timeout: float):
+        from bezoar_jobs.executors.scheduler import StageEvent
+
+        return [StageEvent(self.live.pop(0), 0)] if self.live else []
+
+
+@pytest.mark.parametrize("backend", ["tgi", "local"])
+def test_the_generate_stages_run_together_by_default_when_they_share_a_teacher_server(tmp_path, monkeypatch, backend):
+    from bezoar_jobs.executors import scheduler
+    from bezoar_jobs.recipe import load_recipe
+
+    rec = scripted_recipe(tmp_path, "http://127.0.0.1:9", **({"teacher": {"backend": "local", "model": "x"}}
+                                                                if backend == "local" else {}))
+    recipe, _ = load_recipe(rec)
+    monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in done, "stub"))
+    done: set[str] = set()
+    b = _Backend()
+    orig = b.wait
+
+    def wait(timeout: float):
+        evs = orig(timeout)
+        done.update(e.stage for e in evs)
+        return evs
+
+    b.wait = wait  # type: ignore[method-assign]
+    stages = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini"]
+    out = scheduler.Scheduler(b, open_store(str(tmp_path / "run")), recipe, lambda m: None).run(stages)
+    assert out.exit_code == 0 and set(out.committed) == set(stages)
+    biggest = max(b.together, key=len)
+    if backend == "tgi":  # one slot of --parallel 1 for the three teacher stages; the filter waits its turn
+        assert biggest == {"generate-lamini", "generate-evol", "generate-orca"}
+    else:  # an in-process teacher is a model per process: one at a time
+        assert len(biggest) == 1
