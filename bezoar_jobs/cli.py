@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -69,7 +70,7 @@ class _SurvivingStream:
         return getattr(self._stream, name)
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def _setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -82,6 +83,11 @@ def _setup_logging(verbose: bool = False) -> None:
     # resolves are masked in every log line, whatever a server echoed back
     redact.register_env()
     redact.install()
+    from . import logfmt
+
+    if log_format == "json" or os.environ.get(logfmt.LOG_FORMAT_ENV, "").lower() == "json":
+        os.environ[logfmt.LOG_FORMAT_ENV] = "json"  # the stage processes of `bezoar run` inherit it
+        logfmt.install()
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -102,7 +108,10 @@ def run_id_of(run_uri: str, given: str | None) -> str:
 
 # ---- commands -----------------------------------------------------------------------------------
 def cmd_stage(a: argparse.Namespace) -> int:
+    from .logfmt import STAGE_ENV
     from .runner import run_stage
+
+    os.environ[STAGE_ENV] = a.name  # JSON log lines name it
 
     recipe, _ = load_recipe(a.recipe)
     store = open_store(a.run)
@@ -408,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bezoar", description="OpenBezoar instruction tuning as stage jobs")
     p.add_argument("--version", action="version", version=f"bezoar-jobs {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per log event (stage, phase, counts, rates), for log stacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("stage", help="run one stage to commit")
@@ -488,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and not isinstance(sys.stderr, _SurvivingStream):  # the program, not a caller in process
         sys.stdout = _SurvivingStream(sys.stdout)
         sys.stderr = _SurvivingStream(sys.stderr)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_format)
     try:
         return int(args.fn(args) or 0)
     except BezoarError as e:

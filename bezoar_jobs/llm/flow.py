@@ -37,11 +37,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..logfmt import LOG_FORMAT_ENV
 from .base import GenRequest, GenResult, LLMClient, StopRequests
 
 log = logging.getLogger("bezoar.llm")
 
-LOG_FORMAT_ENV = "BEZOAR_LOG_FORMAT"
 PROGRESS_EVERY_S = 15.0
 
 Callback = Callable[[GenResult], None]
@@ -66,7 +66,7 @@ class Flow:
         self.error: BaseException | None = None  # a lane's error, or the StopRequests error
         self.enders: list[Callable[[], None]] = []
         self.started = time.monotonic()
-        self._last_report = self.started
+        self._last_report = self._last_tick = self.started
 
     # ------------------------------------------------------------------ what stages call
     def ask(self, client: LLMClient, req: GenRequest, on_result: Callback) -> None:
@@ -253,6 +253,9 @@ class Flow:
 
     def _progress(self, bar: Any, final: bool = False) -> None:
         now = time.monotonic()
+        if not final and now - self._last_tick < 0.25:  # the figures are cheap, but not per answer
+            return
+        self._last_tick = now
         if bar is not None:
             if bar.total != self.asked:
                 bar.total = self.asked
