@@ -278,6 +278,8 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
                 "counts": (m or {}).get("counts", {}),
                 "seconds": (m or {}).get("timings", {}).get("seconds"),
                 "committed_at": (m or {}).get("committed_at"),
+                # teacher/judge slots kept busy over the stage's span, as its client saw it
+                "utilization": {role: u.get("utilization") for role, u in ((m or {}).get("utilization") or {}).items()},
             }
         )
     return rows
@@ -297,6 +299,8 @@ def cmd_status(a: argparse.Namespace) -> int:
     print(f"{'stage':<16} {'state':<10} {'seconds':>8}  counts")
     for r in rows:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if not isinstance(v, dict))
+        if r["utilization"]:
+            counts += "; " + ", ".join(f"{role} busy {u:.2f}" for role, u in r["utilization"].items() if u is not None)
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         print(f"{r['stage']:<16} {r['state']:<10} {secs:>8}  {counts}")
     damaged = [r for r in rows if r["state"] == "damaged"]

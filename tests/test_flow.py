@@ -109,14 +109,15 @@ def _slow_some(prompt: str) -> float:
     return 0.4 if zlib.crc32(prompt.encode()) % 4 == 0 else 0.01
 
 
-def _stage(tmp_path, name: str, stage: str, latency, script=scripted_answer, **overrides) -> tuple[LLMTestServer, str]:
+def _stage(tmp_path, name: str, stage: str, latency, script=scripted_answer, pre: tuple[str, ...] = (),
+           **overrides) -> tuple[LLMTestServer, str, str]:
     d = tmp_path / name
     d.mkdir()
     with LLMTestServer(script=script, api_key="test-key", latency=latency) as srv:
         recipe = scripted_recipe(d, srv.url, **overrides)
-        res = bezoar("stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
+        res = bezoar(*pre, "stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
         assert res.returncode == 0, res.stderr[-3000:]
-    return srv, str(d / "run")
+    return srv, str(d / "run"), res.stderr
 
 
 def _files(run: str, stage: str) -> tuple[str, str]:
@@ -128,8 +129,8 @@ def _files(run: str, stage: str) -> tuple[str, str]:
 def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_the_same_rows(tmp_path):
     kw = {"generation.lamini.example_prompts": 8, "generation.lamini.topic_prompts": 4,
           "generation.lamini.max_instructions": 40}
-    _, fast = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
-    srv, slow = _stage(tmp_path, "slow", "generate-lamini", _slow_some, **kw)
+    _, fast, _ = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
+    srv, slow, err = _stage(tmp_path, "slow", "generate-lamini", _slow_some, pre=("--log-format", "json"), **kw)
     assert _files(fast, "generate-lamini") == _files(slow, "generate-lamini")
     lists = [c for c in srv.calls if "<example>" in c.prompt and "Write" in c.prompt]
     answers = [c for c in srv.calls if c not in lists]
@@ -137,13 +138,20 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     assert len(answers) == 40  # the cap: no response asked beyond max_instructions
     u = read_manifest(open_store(slow), "generate-lamini")["utilization"]["teacher"]
     assert 0 < u["utilization"] <= 1 and u["slots"] == 8
+    # visible: `bezoar status` shows it; --log-format json gives one JSON object per event, no progress bar
+    status = bezoar("status", "--run", slow)
+    assert f"teacher busy {u['utilization']:.2f}" in status.stdout
+    events = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
+    done = [e for e in events if e.get("event") == "flow_done"]
+    assert done and done[0]["stage"] == "generate-lamini" and done[0]["done"] == len(srv.calls)
+    assert {"req_per_s", "tok_per_s", "in_flight", "retries", "failed"} <= set(done[0])
 
 
 def test_evol_lineages_move_on_their_own_and_commit_the_same_rows_whatever_the_timing(tmp_path):
     kw = {"seeds.dolly": {"path": str(dolly_file(tmp_path))}, "generation.evol.seeds": 12,
           "generation.evol.rounds": 2}
-    _, fast = _stage(tmp_path, "fast", "generate-evol", 0.0, script=evolving_script(), **kw)
-    srv, slow = _stage(tmp_path, "slow", "generate-evol", _slow_some, script=evolving_script(), **kw)
+    _, fast, _ = _stage(tmp_path, "fast", "generate-evol", 0.0, script=evolving_script(), **kw)
+    srv, slow, _ = _stage(tmp_path, "slow", "generate-evol", _slow_some, script=evolving_script(), **kw)
     assert _files(fast, "generate-evol") == _files(slow, "generate-evol")
     evolves = [c for c in srv.calls if c.prompt.rstrip().endswith("task:<|endoftext|><|answer|>")]
     second = [c for c in evolves if "explain step" in c.prompt]  # evolving a round-1 evolution
