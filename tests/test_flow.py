@@ -135,7 +135,10 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     lists = [c for c in srv.calls if "<example>" in c.prompt and "Write" in c.prompt]
     answers = [c for c in srv.calls if c not in lists]
     assert min(c.arrived for c in answers) < max(c.finished for c in lists)  # no barrier between the steps
-    assert len(answers) == 40  # the cap: no response asked beyond max_instructions
+    # the cap: responses asked as lists come in stop at max_instructions; the committed rows are the
+    # first 40 in unit order (those not asked yet are asked at the end)
+    assert read_manifest(open_store(slow), "generate-lamini")["counts"]["unique_instructions"] == 40
+    assert 40 <= len(answers) <= 80
     u = read_manifest(open_store(slow), "generate-lamini")["utilization"]["teacher"]
     assert 0 < u["utilization"] <= 1 and u["slots"] == 8
     # visible: `bezoar status` shows it; --log-format json gives one JSON object per event, no progress bar
@@ -143,7 +146,7 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     assert f"teacher busy {u['utilization']:.2f}" in status.stdout
     events = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
     done = [e for e in events if e.get("event") == "flow_done"]
-    assert done and done[0]["stage"] == "generate-lamini" and done[0]["done"] == len(srv.calls)
+    assert done and {e["stage"] for e in done} == {"generate-lamini"} and sum(e["done"] for e in done) == len(srv.calls)
     assert {"req_per_s", "tok_per_s", "in_flight", "retries", "failed"} <= set(done[0])
 
 

@@ -81,6 +81,7 @@ DEADLINE_P99_FACTOR = 3.0
 DEADLINE_MIN_S = 1.0
 OVERDUE_P99_FACTOR = 1.0
 OVERDUE_MIN_S = 0.5
+WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
@@ -405,37 +406,35 @@ class PoolLane:
             self.inflight.release()
             raise _Stopped
         held = True
-
-        def overdue() -> None:
-            nonlocal held
-            if held and self.overdue < ep.max_concurrency:
-                held = False
-                self.overdue += 1
-                self.inflight.release()
-
         self.active += 1
         self.attempts += 1
         t0 = time.monotonic()
         send = asyncio.ensure_future(self.client._send(req))
         send.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
-        p99 = self.p99()
-        assert self.loop is not None
-        timer = self.loop.call_later(max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99), overdue) if p99 else None
         try:
-            deadline = None if abandoned_once or p99 is None else max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99)
-            if deadline is not None and deadline < ep.timeout_s:
-                done, _ = await asyncio.wait({send}, timeout=deadline)
-                if not done and self._may_abandon():
-                    self.abandoned += 1
-                    raise Transient(f"no answer {deadline:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
-                                    "p99 latency): abandoned and sent again", kind="deadline")
-            done, _ = await asyncio.wait({send}, timeout=max(0.0, ep.timeout_s - (time.monotonic() - t0)))
-            if not done:
-                raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
-            return send.result(), t0, time.monotonic()
+            # the p99 moves (and is unknown for the first answers): the deadlines are looked at again
+            # every WATCH_S while the attempt waits, so an attempt that hung before the p99 was known
+            # is still cut once it is
+            while True:
+                age = time.monotonic() - t0
+                if age >= ep.timeout_s:
+                    raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
+                p99 = self.p99()
+                if p99 is not None:
+                    overdue = age >= max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99)
+                    if held and overdue and self.overdue < ep.max_concurrency:
+                        held = False
+                        self.overdue += 1
+                        self.inflight.release()
+                    deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99)
+                    if not abandoned_once and deadline <= age < ep.timeout_s and self._may_abandon():
+                        self.abandoned += 1
+                        raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
+                                        "p99 latency): abandoned and sent again", kind="deadline")
+                done, _ = await asyncio.wait({send}, timeout=min(WATCH_S, ep.timeout_s - age))
+                if done:
+                    return send.result(), t0, time.monotonic()
         finally:
-            if timer is not None:
-                timer.cancel()
             if not send.done():
                 send.cancel()
             self.active -= 1
