@@ -12,7 +12,7 @@ over capacity x the stage's span (its first request in to its last answer out, t
 included). Then the same stages under the issue's fault mix (429 10%, 503 10%, requests that hang
 until the client gives up 5%, malformed bodies 1%), compared with the clean run's committed data;
 then the three generate stages started together by ``bezoar run`` (the default: side by side within
-one budget); then the fleet: two server processes behind one endpoint list, and one of them killed
+one budget); then the fleet: two server processes listed in ``BEZOAR_TEACHER_ENDPOINTS``, and one of them killed
 mid-stage.
 
 Why the server decides the figures: its schedule is computed, not observed (see llm_server.py), so a
@@ -184,13 +184,13 @@ def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool) -
         import yaml
 
         doc = yaml.safe_load(rec.read_text())
-        doc["teacher"]["endpoints"] = [u for _, u in servers]
         doc["teacher"]["max_concurrency"] = 2 * a.concurrency
         rec.write_text(yaml.safe_dump(doc, sort_keys=False))
         for _, u in servers:
             control(u, "/_reset", "POST")
         run = d / f"run-{name}"
-        env = {**os.environ, "SCRIPTED_JUDGE_KEY": "k", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "SCRIPTED_JUDGE_KEY": "k", "PYTHONPATH": str(REPO),
+               "BEZOAR_TEACHER_ENDPOINTS": ",".join(u for _, u in servers)}
         p = subprocess.Popen([sys.executable, "-m", "bezoar_jobs.cli", "stage", "generate-orca", "--recipe", str(rec),
                               "--run", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         killed_at = None
@@ -289,7 +289,7 @@ def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
                   "the server.", ""]
     if "fleet" in fig:
         f, k = fig["fleet"], fig["fleet_kill"]
-        lines += [f"Fleet (generate-orca, two replicas of the server listed in `teacher.endpoints`, client "
+        lines += [f"Fleet (generate-orca, two replicas of the server listed in `BEZOAR_TEACHER_ENDPOINTS`, client "
                   f"`max_concurrency: {2 * a.concurrency}`): busy {', '.join(f'{b:.3f}' for b in f['busy'])} "
                   f"({', '.join(str(r) for r in f['requests'])} requests); with the second replica killed "
                   f"{k['killed_after_s']:g} s into the stage: the stage committed {k['rows']} of {k['seeds']} rows, "

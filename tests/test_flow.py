@@ -3,6 +3,7 @@ the scripted server honours the output limits the APIs define (issue 13)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -252,3 +253,29 @@ def test_the_generate_stages_run_together_by_default_when_they_share_a_teacher_s
         assert biggest == {"generate-lamini", "generate-evol", "generate-orca"}
     else:  # an in-process teacher is a model per process: one at a time
         assert len(biggest) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# a fleet of replicas
+# ----------------------------------------------------------------------------------------------
+def test_a_fleet_spreads_requests_per_request_and_survives_a_replica_that_dies(monkeypatch):
+    with running(latency=0.02, max_concurrent_requests=4) as a, running(latency=0.02, max_concurrent_requests=4) as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        client = make_client(endpoint("tgi", a, max_concurrency=8), role="teacher")
+        assert client.slot_capacity() == 8  # the budget: both replicas' /info
+        n = [0]
+
+        def rule(prompt: str) -> str | None:
+            n[0] += 1
+            if n[0] == 20:  # the second replica goes away: refused connections from now on
+                b.healthy = False
+                asyncio.run_coroutine_threadsafe(b.stop_async(), b._loop).result(5)  # type: ignore[arg-type]
+            return None
+
+        a.rule = rule
+        out = run_all(client, [GenRequest(id=f"r{i}", user=f"prompt {i}", seed=i) for i in range(120)])
+        assert all(r.ok for r in out.values()) and len(out) == 120  # nothing lost
+        ok_a = sum(1 for c in a.calls if c.status == 200)
+        ok_b = sum(1 for c in b.calls if c.status == 200)
+        assert ok_a + ok_b == 120 and ok_b >= 8  # both served before b went away
+        assert a.max_in_flight <= 4 and b.max_in_flight <= 4  # each replica within its own limit

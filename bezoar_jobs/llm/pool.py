@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -65,6 +66,7 @@ from .base import GenRequest, GenResult, LLMClient, UsageTotals
 from .faults import Rejected, Transient
 from .faults import classify_status as classify_status  # re-exported: the backends' one import
 from .faults import parse_retry_after as parse_retry_after
+from .fleet import REPLICA, Fleet
 from .ratelimit import TokenBucket
 from .render import estimate_tokens
 
@@ -92,9 +94,11 @@ SATURATION_SHARE = 0.5
 
 
 class RemoteClient(LLMClient):
-    """A client that talks HTTP to a server; subclasses implement one request (``_send``)."""
+    """A client that talks HTTP to a server; subclasses implement one request (``_send``), to the
+    replica in :data:`~bezoar_jobs.llm.fleet.REPLICA` when the client has a fleet (``fleet_capable``)."""
 
     backend = "remote"
+    fleet_capable = False
 
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         if endpoint.spend_cap_usd is not None and (
@@ -115,6 +119,15 @@ class RemoteClient(LLMClient):
         self.spent_usd = 0.0  # paid by this client (all runs)
         self.prior_spent_usd = 0.0  # paid before this process (CachedClient sets it from its cache)
         self.intervals: list[tuple[float, float]] = []  # answered attempts (monotonic start, end)
+        # a teacher served by several replicas: each request goes to one of them (llm/fleet.py)
+        self.fleet = Fleet.from_env(endpoint.base_url) if role == "teacher" and self.fleet_capable else None
+        if self.fleet is not None:
+            if endpoint.backend == "tgi":  # each replica's own admission limit, shared by the pods calling it
+                from .budget import PARTIES_ENV, tgi_info_capacity
+
+                parties = int(os.environ.get(PARTIES_ENV) or 1)
+                self.fleet.set_limits({u: tgi_info_capacity(u, api_key) for u in self.fleet.urls()}, parties)
+            log.info("teacher: a fleet of %d replica(s): %s", len(self.fleet.replicas), ", ".join(self.fleet.urls()))
         self.key_hint = (
             f"the key in ${endpoint.api_key_env}" if endpoint.api_key_env
             else f"the key in {endpoint.api_key_file}" if endpoint.api_key_file
@@ -409,8 +422,14 @@ class PoolLane:
         self.active += 1
         self.attempts += 1
         t0 = time.monotonic()
+        fleet = self.client.fleet
+        assert self.loop is not None
+        replica = await fleet.acquire(self.loop) if fleet is not None else None
+        token = REPLICA.set(replica)
         send = asyncio.ensure_future(self.client._send(req))
+        REPLICA.reset(token)
         send.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
+        ok = sick = False
         try:
             # the p99 moves (and is unknown for the first answers): the deadlines are looked at again
             # every WATCH_S while the attempt waits, so an attempt that hung before the p99 was known
@@ -433,8 +452,15 @@ class PoolLane:
                                         "p99 latency): abandoned and sent again", kind="deadline")
                 done, _ = await asyncio.wait({send}, timeout=min(WATCH_S, ep.timeout_s - age))
                 if done:
-                    return send.result(), t0, time.monotonic()
+                    res = send.result()
+                    ok = True
+                    return res, t0, time.monotonic()
+        except Transient as e:  # a dead or sick replica fails like this; a busy one says 429
+            sick = e.kind in ("connection", "timeout", "deadline") or (e.status or 0) >= 500
+            raise
         finally:
+            if fleet is not None and replica is not None:
+                fleet.done(replica, ok, sick)
             if not send.done():
                 send.cancel()
             self.active -= 1
