@@ -17,8 +17,9 @@ answer never holds up the others and the server's decoding slots stay busy. Arou
 * deadlines from the latency distribution: once ``DEADLINE_MIN_SAMPLES`` answers are in, an attempt
   still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it started (and before
   ``timeout_s``) is abandoned and sent again at once, with the same seed, so the answer is the one the
-  first attempt would have given; each request at most once, and at most ``ABANDON_FRACTION`` of the
-  attempts (plus a few), so a server that is merely slow is not asked twice for everything. Before
+  first attempt would have given; each abandon of a request doubles its next deadline (a request slow
+  by nature still ends), and at most ``ABANDON_FRACTION`` of the attempts (plus a few) are abandoned,
+  so a server that is merely slow is not asked twice for everything. Before
   that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
   most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget). A
   hung request idles no slot for long, instead of holding it for the whole ``timeout_s``;
@@ -408,7 +409,7 @@ class PoolLane:
             self._p99_at = n
         return self._p99
 
-    async def _attempt(self, req: GenRequest, abandoned_once: bool) -> tuple[GenResult, float, float]:
+    async def _attempt(self, req: GenRequest, abandoned: int) -> tuple[GenResult, float, float]:
         """One attempt in a slot: the answer and when it was sent and answered. Past the running p99
         (``OVERDUE_P99_FACTOR``) an attempt is *overdue*: it gives its slot to the next request (at most
         ``max_concurrency`` overdue at once) and keeps waiting; past the deadline it is abandoned
@@ -445,8 +446,10 @@ class PoolLane:
                         held = False
                         self.overdue += 1
                         self.inflight.release()
-                    deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99)
-                    if not abandoned_once and deadline <= age < ep.timeout_s and self._may_abandon():
+                    # each abandon of the same request doubles its deadline: a request that is slow by
+                    # nature still ends (at timeout_s at the latest), a hung one is cut every time
+                    deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
+                    if deadline <= age < ep.timeout_s and self._may_abandon():
                         self.abandoned += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
                                         "p99 latency): abandoned and sent again", kind="deadline")
@@ -478,7 +481,7 @@ class PoolLane:
         est_total = est_in + req.max_new_tokens
         worst_cost = client.cost(est_in, req.max_new_tokens)
         attempt = 0
-        abandoned_once = False
+        abandoned = 0  # attempts of this request cut at their deadline
         while True:
             while (wait := self.pause_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
@@ -494,7 +497,7 @@ class PoolLane:
                 return
             failure: Transient
             try:
-                res, t0, t1 = await self._attempt(req, abandoned_once)
+                res, t0, t1 = await self._attempt(req, abandoned)
             except _Stopped:
                 self._settle(worst_cost, 0.0)
                 self.unsent += 1
@@ -535,7 +538,7 @@ class PoolLane:
                 return
             if failure.kind == "deadline":
                 # not the server's failure: sent again at once, not counted against max_retries
-                abandoned_once = True
+                abandoned += 1
                 self.out.put(Msg("retry", self))
                 log.debug("%s: request %s: %s", self.desc, req.id, failure.reason)
                 continue
