@@ -106,9 +106,9 @@ def longtail_pipeline_script(mu: float = 4.0, sigma: float = 1.0, seed: int = 0)
             n = max(1, round(math.exp(rng.gauss(mu, sigma))))
             text += " and" + " more" * n
         elif "Reply with JSON only" in prompt and text.startswith("{"):
-            # a verdict's reason runs to a few dozen words (at most 150: the JSON must close)
+            # a verdict runs to 50-80 tokens, as the estimates take it (at most 150 words: the JSON must close)
             verdict = json.loads(text)
-            verdict["reason"] += " because" + " so" * min(150, round(math.exp(rng.gauss(mu - 0.5, sigma / 2))))
+            verdict["reason"] += " because" + " so" * min(150, round(math.exp(rng.gauss(mu - 0.3, sigma / 2))))
             text = json.dumps(verdict)
         return text
 

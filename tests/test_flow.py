@@ -71,7 +71,7 @@ def test_equality_checks_decode_only_the_tokens_they_ask_for():
 # ----------------------------------------------------------------------------------------------
 # tails: deadlines from the latency distribution, Retry-After without idling the pool
 # ----------------------------------------------------------------------------------------------
-def test_a_hung_request_is_abandoned_after_a_few_p99s_and_sent_again_with_its_seed():
+def test_a_hung_request_is_hedged_or_abandoned_past_the_p99_and_sent_again_with_its_seed():
     with running(rule=per_prompt({"sleepy": ["hang"]}), hang_s=30, latency=0.01) as srv:
         client = make_client(endpoint("tgi", srv, timeout_s=25.0, max_retries=0))
         reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(70)]
@@ -85,7 +85,8 @@ def test_a_hung_request_is_abandoned_after_a_few_p99s_and_sent_again_with_its_se
     sleepy = [c for c in srv.calls if "sleepy" in c.prompt]
     assert len(sleepy) == 2 and sleepy[0].seed == sleepy[1].seed == 1234
     assert sleepy[1].arrived - sleepy[0].arrived < 5
-    assert client.usage.retries == 1 and out["s"].retries == 0  # not the server's failure: no attempt used up
+    # answered by a duplicate (hedged past the p99) or sent again at the deadline: no attempt used up
+    assert out["s"].retries == 0 and client.usage.retries <= 1
 
 
 def test_one_retry_after_does_not_pause_the_whole_pool():
@@ -277,5 +278,5 @@ def test_a_fleet_spreads_requests_per_request_and_survives_a_replica_that_dies(m
         assert all(r.ok for r in out.values()) and len(out) == 120  # nothing lost
         ok_a = sum(1 for c in a.calls if c.status == 200)
         ok_b = sum(1 for c in b.calls if c.status == 200)
-        assert ok_a + ok_b == 120 and ok_b >= 8  # both served before b went away
+        assert ok_a + ok_b >= 120 and ok_b >= 8  # both served before b went away (a hedge may be answered twice)
         assert a.max_in_flight <= 4 and b.max_in_flight <= 4  # each replica within its own limit

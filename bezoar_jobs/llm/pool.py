@@ -11,8 +11,8 @@ answer never holds up the others and the server's decoding slots stay busy. Arou
 * retries: 429, 5xx, timeouts, connection errors and malformed bodies are retried up to
   ``max_retries`` times after ``uniform(0, min(backoff_max_s, backoff_base_s * 2**k))`` seconds
   ("full jitter"); a ``Retry-After`` from the server is honoured for that request. It pauses every
-  other new attempt too only when the server is saturated: most of the recent attempts were refused
-  with 429/503 (one refusal among many answers is that request's bad luck, and pausing the whole
+  other new attempt too only when the server is saturated: three quarters of the last 32 attempts were
+  refused with 429/503 (one refusal among many answers is that request's bad luck, and pausing the whole
   pool for it would idle the server). A request waiting to retry holds no slot;
 * deadlines from the latency distribution: once ``DEADLINE_MIN_SAMPLES`` answers are in, an attempt
   still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it started (and before
@@ -86,12 +86,14 @@ OVERDUE_P99_FACTOR = 1.0
 OVERDUE_MIN_S = 0.5
 WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
+HEDGE_P99_FACTOR = 1.5
+HEDGE_FRACTION = 0.05
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
 # the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
 # attempts were refused (429/503)
-SATURATION_WINDOW = 16
-SATURATION_SHARE = 0.5
+SATURATION_WINDOW = 32
+SATURATION_SHARE = 0.75
 
 
 class RemoteClient(LLMClient):
@@ -198,6 +200,11 @@ class RemoteClient(LLMClient):
         return self.endpoint.max_concurrency
 
 
+def _sick(e: Transient) -> bool:
+    """Whether a failure says the replica is dead or sick (a busy one says 429)."""
+    return e.kind in ("connection", "timeout", "deadline") or (e.status or 0) >= 500
+
+
 class _Stopped(Exception):
     """The lane stopped while a request waited for its slot: it is not sent."""
 
@@ -238,6 +245,7 @@ class PoolLane:
         self.attempts = 0
         self.abandoned = 0
         self.overdue = 0  # attempts past the p99 that gave their slot away
+        self.hedged = 0  # duplicates sent
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._p99: float | None = None
         self._p99_at = 0
@@ -412,8 +420,10 @@ class PoolLane:
     async def _attempt(self, req: GenRequest, abandoned: int) -> tuple[GenResult, float, float]:
         """One attempt in a slot: the answer and when it was sent and answered. Past the running p99
         (``OVERDUE_P99_FACTOR``) an attempt is *overdue*: it gives its slot to the next request (at most
-        ``max_concurrency`` overdue at once) and keeps waiting; past the deadline it is abandoned
-        (``Transient(kind="deadline")``) while the abandon budget lasts, else it waits out ``timeout_s``."""
+        ``max_concurrency`` overdue at once) and keeps waiting; past ``HEDGE_P99_FACTOR`` x p99 a
+        duplicate (same seed: the same answer; another replica in a fleet) races it while the hedge
+        budget lasts, the first answer wins; past the deadline both are abandoned
+        (``Transient(kind="deadline")``) while the abandon budget lasts, else they wait out ``timeout_s``."""
         ep = self.ep
         await self.inflight.acquire()
         if self.halted or self.draining:
@@ -425,12 +435,19 @@ class PoolLane:
         t0 = time.monotonic()
         fleet = self.client.fleet
         assert self.loop is not None
-        replica = await fleet.acquire(self.loop) if fleet is not None else None
-        token = REPLICA.set(replica)
-        send = asyncio.ensure_future(self.client._send(req))
-        REPLICA.reset(token)
-        send.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
-        ok = sick = False
+        racers: dict[asyncio.Future, str | None] = {}  # the request sent, and its hedge: -> replica
+
+        async def send() -> None:
+            replica = await fleet.acquire(self.loop) if fleet is not None and self.loop else None
+            token = REPLICA.set(replica)
+            f = asyncio.ensure_future(self.client._send(req))
+            REPLICA.reset(token)
+            f.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
+            racers[f] = replica
+
+        await send()
+        hedged = False
+        sick = False
         try:
             # the p99 moves (and is unknown for the first answers): the deadlines are looked at again
             # every WATCH_S while the attempt waits, so an attempt that hung before the p99 was known
@@ -446,6 +463,10 @@ class PoolLane:
                         held = False
                         self.overdue += 1
                         self.inflight.release()
+                    if not hedged and age >= max(OVERDUE_MIN_S, HEDGE_P99_FACTOR * p99) and self._may_hedge():
+                        hedged = True
+                        self.hedged += 1
+                        await send()
                     # each abandon of the same request doubles its deadline: a request that is slow by
                     # nature still ends (at timeout_s at the latest), a hung one is cut every time
                     deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
@@ -453,24 +474,36 @@ class PoolLane:
                         self.abandoned += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
                                         "p99 latency): abandoned and sent again", kind="deadline")
-                done, _ = await asyncio.wait({send}, timeout=min(WATCH_S, ep.timeout_s - age))
-                if done:
-                    res = send.result()
-                    ok = True
-                    return res, t0, time.monotonic()
+                done, _ = await asyncio.wait(set(racers), timeout=min(WATCH_S, ep.timeout_s - age),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for f in done:
+                    replica = racers.pop(f)
+                    error = f.exception()
+                    failed = isinstance(error, Transient)
+                    if fleet is not None and replica is not None:
+                        fleet.done(replica, error is None, failed and _sick(error))  # type: ignore[arg-type]
+                    if error is None:
+                        return f.result(), t0, time.monotonic()
+                    if not racers or not failed:  # nothing else racing (or not a server failure): it is the answer
+                        raise error
+                    # a hedge race: the other one may still answer
         except Transient as e:  # a dead or sick replica fails like this; a busy one says 429
-            sick = e.kind in ("connection", "timeout", "deadline") or (e.status or 0) >= 500
+            sick = _sick(e)
             raise
         finally:
-            if fleet is not None and replica is not None:
-                fleet.done(replica, ok, sick)
-            if not send.done():
-                send.cancel()
+            for f, replica in racers.items():
+                if fleet is not None and replica is not None:
+                    fleet.done(replica, False, sick)
+                if not f.done():
+                    f.cancel()
             self.active -= 1
             if held:
                 self.inflight.release()
             else:
                 self.overdue -= 1
+
+    def _may_hedge(self) -> bool:
+        return self.hedged < ABANDON_SLACK + HEDGE_FRACTION * self.attempts
 
     def _may_abandon(self) -> bool:
         return self.abandoned < ABANDON_SLACK + ABANDON_FRACTION * self.attempts
