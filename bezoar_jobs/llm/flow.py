@@ -53,10 +53,8 @@ def json_logs() -> bool:
 
 class Flow:
     def __init__(self, desc: str = "generate"):
-        from .pool import Msg
-
         self.desc = desc
-        self.out: queue.Queue[Msg] = queue.Queue()
+        self.out: queue.Queue[Any] = queue.Queue()  # the lanes' messages (llm/pool.py Msg)
         self.lanes: dict[int, Any] = {}  # id(client) -> PoolLane
         self.batches: dict[int, tuple[LLMClient, list[tuple[GenRequest, Callback]]]] = {}
         self.ratings: dict[tuple, tuple[LLMClient, str, tuple[str, ...], list[tuple[GenRequest, Any]]]] = {}
@@ -101,13 +99,11 @@ class Flow:
         self.enders.append(fn)
 
     # ------------------------------------------------------------------ what clients call
-    def pool(self, client: Any) -> Any:
-        """The pool lane of a remote client (started on first use)."""
-        from .pool import PoolLane
-
+    def lane(self, client: LLMClient, start: Callable[[queue.Queue[Any], str], Any]) -> Any:
+        """The pool lane of a remote client: ``start(queue, desc)`` on first use (llm/pool.py)."""
         lane = self.lanes.get(id(client))
         if lane is None:
-            lane = self.lanes[id(client)] = PoolLane(client, self.out, self.desc)
+            lane = self.lanes[id(client)] = start(self.out, self.desc)
         return lane
 
     def batch(self, client: LLMClient, req: GenRequest, on_result: Callback) -> None:

@@ -40,7 +40,7 @@ time, and the event loop never waits for it, so a slow ``on_result`` (writing a 
 not idle the pool. Every answered attempt's (start, end) is kept (:meth:`RemoteClient.busy_intervals`)
 for the utilization the client saw.
 
-(Over 500 lines: the lane is one state machine, slots, retries, deadlines and the spending cap acting
+(This module runs over 500 lines: the lane is one state machine, slots, retries, deadlines and the spending cap acting
 on the same counters; split up, that state would be scattered over modules.)
 """
 
@@ -191,7 +191,7 @@ class RemoteClient(LLMClient):
         flow.run()
 
     def enqueue(self, flow: Flow, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
-        flow.pool(self).submit(req, on_result)
+        flow.lane(self, lambda out, desc: PoolLane(self, out, desc)).submit(req, on_result)
 
     def busy_intervals(self) -> list[tuple[float, float]]:
         return self.intervals
