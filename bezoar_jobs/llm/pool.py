@@ -435,7 +435,7 @@ class PoolLane:
         t0 = time.monotonic()
         fleet = self.client.fleet
         assert self.loop is not None
-        racers: dict[asyncio.Future, str | None] = {}  # the request sent, and its hedge: -> replica
+        racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedge: -> replica, sent
 
         async def send() -> None:
             replica = await fleet.acquire(self.loop) if fleet is not None and self.loop else None
@@ -443,7 +443,7 @@ class PoolLane:
             f = asyncio.ensure_future(self.client._send(req))
             REPLICA.reset(token)
             f.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
-            racers[f] = replica
+            racers[f] = (replica, time.monotonic())
 
         await send()
         hedged = False
@@ -477,13 +477,13 @@ class PoolLane:
                 done, _ = await asyncio.wait(set(racers), timeout=min(WATCH_S, ep.timeout_s - age),
                                              return_when=asyncio.FIRST_COMPLETED)
                 for f in done:
-                    replica = racers.pop(f)
+                    replica, sent = racers.pop(f)
                     error = f.exception()
                     failed = isinstance(error, Transient)
                     if fleet is not None and replica is not None:
                         fleet.done(replica, error is None, failed and _sick(error))  # type: ignore[arg-type]
-                    if error is None:
-                        return f.result(), t0, time.monotonic()
+                    if error is None:  # its own latency (a hedge's from when the hedge was sent)
+                        return f.result(), sent, time.monotonic()
                     if not racers or not failed:  # nothing else racing (or not a server failure): it is the answer
                         raise error
                     # a hedge race: the other one may still answer
@@ -491,7 +491,7 @@ class PoolLane:
             sick = _sick(e)
             raise
         finally:
-            for f, replica in racers.items():
+            for f, (replica, _) in racers.items():
                 if fleet is not None and replica is not None:
                     fleet.done(replica, False, sick)
                 if not f.done():
