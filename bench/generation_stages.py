@@ -294,6 +294,13 @@ def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
                   f"({', '.join(str(r) for r in f['requests'])} requests); with the second replica killed "
                   f"{k['killed_after_s']:g} s into the stage: the stage committed {k['rows']} of {k['seeds']} rows, "
                   f"the surviving replica {k['busy'][0]:.3f} busy.", ""]
+    lines += ["Reading the figures. The client runs on the same 2 shared cores as the server and the other work "
+              "here: where a stage needs more requests per second than the client process can make (the filter's "
+              "short verdicts; two replicas), the server is under-fed by the client's CPU, not by waiting; the "
+              "server's figures are computed from its schedule, so contention can lower them but never raise them. "
+              "Under faults, what is left of the gap is the retry chains of the last records: a 429/503 answer "
+              "says `Retry-After: 1`, which the client honours for that request, and a few records meet three or "
+              "four faults in a row (about 26% of attempts fail).", ""]
     return "\n".join(lines)
 
 

@@ -42,7 +42,9 @@ def bezoar(*args: str) -> subprocess.CompletedProcess:
 
 
 def recipe_for(tmp: Path, backend: str, url: str, **more: object) -> Path:
-    teacher = {"model": "scripted/teacher", "api_key_env": "PLANTED_KEY", "max_concurrency": 4, "max_retries": 2,
+    # pinned: the scripted judge is priced, and a priced run refuses unpinned revisions
+    teacher = {"model": "scripted/teacher", "revision": "0123456789abcdef0123456789abcdef01234567",
+               "api_key_env": "PLANTED_KEY", "max_concurrency": 4, "max_retries": 2,
                "backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 10, **BACKENDS[backend](url)}
     return scripted_recipe(tmp, url, teacher=teacher, **more)
 
