@@ -1,6 +1,8 @@
 """What the generate stages share; each scheme's own logic is its module under ``bezoar_jobs/schemes/``.
 
-A scheme's ``generate(ctx)`` is a sequence of request phases (:class:`bezoar_jobs.stages.common.Phase`).
+A scheme's ``generate(ctx)`` asks its steps (:class:`bezoar_jobs.stages.common.Phase`, one per kind of
+request) through one :class:`bezoar_jobs.llm.flow.Flow`: a record's next step goes out as soon as its
+answer is in, and what is committed is decided from the records in a fixed order.
 Work is split into *units* with stable ids (a LaMini prompt, an Evol-Instruct lineage, an Orca seed
 row); ``--shard i/N`` takes the units whose id hashes to ``i`` mod ``N`` and writes only records. The
 run without ``--shard`` reads the records of every shard, asks for whatever is still missing,
