@@ -280,3 +280,19 @@ def test_a_fleet_spreads_requests_per_request_and_survives_a_replica_that_dies(m
         ok_b = sum(1 for c in b.calls if c.status == 200)
         assert ok_a + ok_b >= 120 and ok_b >= 8  # both served before b went away (a hedge may be answered twice)
         assert a.max_in_flight <= 4 and b.max_in_flight <= 4  # each replica within its own limit
+
+
+def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():
+    from bezoar_jobs.llm.fleet import Fleet
+
+    fleet = Fleet.from_env("http://localhost:8080", {"BEZOAR_TEACHER_DISCOVERY": "dns"})
+    assert fleet is not None and "http://127.0.0.1:8080" in fleet.urls()  # every address of the name
+    assert Fleet.from_env("http://localhost:8080", {}) is None  # no fleet unless asked
+    two = Fleet(["http://a:1", "http://b:1"])
+    picks = [two.pick() for _ in range(4)]
+    assert sorted(picks) == ["http://a:1", "http://a:1", "http://b:1", "http://b:1"]  # spread, not pinned
+    for u in picks:
+        two.done(u, ok=True)
+    two.done(two.pick(), ok=False, sick=True)  # the replica that failed is taken out ...
+    out = next(r for r in two.replicas.values() if r.out_until)
+    assert {two.pick() for _ in range(3)} == {u for u in two.urls() if u != out.url}  # ... and not picked
