@@ -91,24 +91,31 @@ def run_client(
     return wall, out
 
 
-def write_section(path: Path, body: str) -> None:
+def write_section(path: Path, body: str, section: str = SECTION) -> None:
     text = (
         path.read_text()
         if path.exists()
         else "# Benchmarks\n\nFigures measured by the scripts in bench/; each section names the command that "
         "produced it.\n"
     )
-    block = f"{SECTION}\n\n{body.strip()}\n"
-    start = text.find(SECTION)
+    block = f"{section}\n\n{body.strip()}\n"
+    start = text.find(section + "\n")
     if start < 0:
         text = text.rstrip() + "\n\n" + block
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
+        nxt = text.find("\n## ", start + len(section))
         text = text[:start] + block + (text[nxt:] if nxt >= 0 else "")
     path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "stages":
+        from generation_stages import main as stages_main  # bench/generation_stages.py
+
+        stages_main(argv[1:])
+        return
     ap = argparse.ArgumentParser(description="continuous-pool generation benchmark against the scripted server")
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--capacity", type=int, default=32, help="server: sequences decoding at once")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -69,7 +70,7 @@ class _SurvivingStream:
         return getattr(self._stream, name)
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def _setup_logging(verbose: bool = False, log_format: str = "text") -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -82,6 +83,11 @@ def _setup_logging(verbose: bool = False) -> None:
     # resolves are masked in every log line, whatever a server echoed back
     redact.register_env()
     redact.install()
+    from . import logfmt
+
+    if log_format == "json" or os.environ.get(logfmt.LOG_FORMAT_ENV, "").lower() == "json":
+        os.environ[logfmt.LOG_FORMAT_ENV] = "json"  # the stage processes of `bezoar run` inherit it
+        logfmt.install()
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -102,7 +108,10 @@ def run_id_of(run_uri: str, given: str | None) -> str:
 
 # ---- commands -----------------------------------------------------------------------------------
 def cmd_stage(a: argparse.Namespace) -> int:
+    from .logfmt import STAGE_ENV
     from .runner import run_stage
+
+    os.environ[STAGE_ENV] = a.name  # JSON log lines name it
 
     recipe, _ = load_recipe(a.recipe)
     store = open_store(a.run)
@@ -239,56 +248,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-def status_rows(store: Store) -> list[dict[str, Any]]:
-    from .state import stage_state
-
-    rows = []
-    for name in CANONICAL:
-        mstate, m, why = manifest_state(store, name)
-        state = "committed" if m is not None else "damaged" if mstate == "damaged" else stage_state(store, name)
-        rows.append(
-            {
-                "stage": name,
-                "state": state,
-                **({"problem": why} if why else {}),
-                "counts": (m or {}).get("counts", {}),
-                "seconds": (m or {}).get("timings", {}).get("seconds"),
-                "committed_at": (m or {}).get("committed_at"),
-            }
-        )
-    return rows
-
-
 def cmd_status(a: argparse.Namespace) -> int:
-    from .run_control import cancelled, read_controller_status
+    from .status import show_status
 
-    store = open_store(a.run)
-    rows = status_rows(store)
-    cluster = read_controller_status(store)
-    marker = cancelled(store)
-    if a.json:
-        print(json.dumps({"run": store.uri, "stages": rows, "cancelled": marker, "controller": cluster}, indent=2))
-        return 0
-    print(f"run: {store.uri}" + (f"  (CANCELLED at {marker.get('cancelled_at', '?')})" if marker is not None else ""))
-    print(f"{'stage':<16} {'state':<10} {'seconds':>8}  counts")
-    for r in rows:
-        counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if not isinstance(v, dict))
-        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        print(f"{r['stage']:<16} {r['state']:<10} {secs:>8}  {counts}")
-    damaged = [r for r in rows if r["state"] == "damaged"]
-    for r in damaged:
-        print(f"damaged: {r['problem']}")
-    seen = cluster or {}
-    committed = {r["stage"] for r in rows if r["state"] == "committed"}
-    waiting = {s: v for s, v in (seen.get("stages") or {}).items()
-               if v.get("state") != "Succeeded" and s not in committed}
-    if waiting:
-        print(f"on the cluster (namespace {seen.get('namespace', '?')}, as the controller saw it at "
-              f"{seen.get('updated_at', '?')}):")
-        for s, v in waiting.items():
-            why = ": ".join(x for x in (v.get("reason"), v.get("message")) if x)
-            print(f"  {s:<16} {v.get('state', '?'):<10} Job {v.get('job', '?')}" + (f"  {why}" if why else ""))
-    return 0
+    return show_status(a.run, a.json)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -393,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bezoar", description="OpenBezoar instruction tuning as stage jobs")
     p.add_argument("--version", action="version", version=f"bezoar-jobs {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per log event (stage, phase, counts, rates), for log stacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("stage", help="run one stage to commit")
@@ -473,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and not isinstance(sys.stderr, _SurvivingStream):  # the program, not a caller in process
         sys.stdout = _SurvivingStream(sys.stdout)
         sys.stderr = _SurvivingStream(sys.stderr)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_format)
     try:
         return int(args.fn(args) or 0)
     except BezoarError as e:

@@ -62,6 +62,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+# TGI's documented default for ``parameters.max_new_tokens``
+TGI_DEFAULT_MAX_NEW_TOKENS = 100
+
 FAULTS = ("429", "503", "500", "400", "401", "404", "hang", "malformed", "malformed-json", "drop")
 
 Script = Callable[[str], str] | Callable[[str, dict], str]
@@ -154,6 +157,7 @@ class LLMTestServer:
     # refused with HTTP 422, as TGI refuses it ("inputs tokens + max_new_tokens must be <= N")
     context_tokens: int | None = None
     seed: int = 0
+    healthy: bool = True
     host: str = "127.0.0.1"
     port: int = 0
     calls: list[Call] = field(default_factory=list)
@@ -189,6 +193,7 @@ class LLMTestServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/info", self._info_route)
+        app.router.add_get("/health", self._health_route)
         app.router.add_get("/_stats", self._stats_route)
         app.router.add_post("/_reset", self._reset_route)
         return app
@@ -337,7 +342,7 @@ class LLMTestServer:
                 call.status = 401
                 return web.json_response(error(401, "invalid API key"), status=401)
             if self.context_tokens is not None and route in ("tgi", "completions"):
-                n_in, n_new = count_tokens(prompt), int(params.get("max_new_tokens") or 16)
+                n_in, n_new = count_tokens(prompt), int(params.get("max_new_tokens") or 0)
                 if n_in + n_new > self.context_tokens:
                     call.status, call.fault = 422, "too-long"
                     msg = (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
@@ -362,7 +367,7 @@ class LLMTestServer:
                 return web.Response(status=500)  # never reaches the client: the socket is closed
             if fault == "hang":
                 await asyncio.sleep(self.hang_s)
-            max_new = int(params.get("max_new_tokens") or 16)
+            max_new = params.get("max_new_tokens")  # None: not cut (chat without a limit)
             stops = [s for s in (params.get("stop") or []) if s]
             text = self.script(prompt, params) if self._script_takes_params else self.script(prompt)  # type: ignore[call-arg,arg-type]
             finish = "eos"
@@ -371,7 +376,7 @@ class LLMTestServer:
                 hit = next(s for s in stops if text.find(s) == cut)
                 text, finish = text[:cut], "stop"
                 params = {**params, "_stop_hit": hit}
-            text, n_out, truncated = truncate_tokens(text, max_new)
+            text, n_out, truncated = truncate_tokens(text, max_new if max_new is not None else 1 << 30)
             if truncated:
                 finish = "length"
             duration = self._latency(prompt) + n_out * self.per_token_s
@@ -420,6 +425,10 @@ class LLMTestServer:
                 raise ValueError("`temperature` must be strictly positive")
             if p.get("top_p") is not None and not 0 < p["top_p"] < 1:
                 raise ValueError("`top_p` must be > 0.0 and < 1.0")
+            n = p.get("max_new_tokens")
+            if n is not None and (not isinstance(n, int) or n < 1):
+                raise ValueError("`max_new_tokens` must be strictly positive")
+            p["max_new_tokens"] = TGI_DEFAULT_MAX_NEW_TOKENS if n is None else n
             return prompt, None, None, p
 
         def render(call: Call, text: str, finish: str) -> dict:
@@ -447,12 +456,23 @@ class LLMTestServer:
 
     # -- OpenAI ------------------------------------------------------------------------------
     @staticmethod
-    def _openai_params(body: dict) -> dict:
+    def _openai_params(body: dict, chat: bool) -> dict:
+        """The decoding parameters as the OpenAI API reads them. The output limit: chat takes
+        ``max_completion_tokens`` (``max_tokens`` is its deprecated alias; without either the answer
+        is not cut); the legacy completions route knows only ``max_tokens`` (default 16) and refuses
+        ``max_completion_tokens`` as an unrecognized argument. A limit below 1 is refused."""
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
         p = {k: body.get(k) for k in ("seed", "temperature", "top_p", "repetition_penalty", "model")}
-        p["max_new_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not chat and "max_completion_tokens" in body:
+            raise ValueError("Unrecognized request argument supplied: max_completion_tokens")
+        for name in ("max_completion_tokens", "max_tokens"):
+            v = body.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"Invalid '{name}': expected an integer >= 1, got {v!r}")
+        limit = body.get("max_completion_tokens") if chat else None
+        p["max_new_tokens"] = limit if limit is not None else body.get("max_tokens", None if chat else 16)
         p["stop"] = stop or []
         return p
 
@@ -466,7 +486,7 @@ class LLMTestServer:
             prompt = body["prompt"]
             if not isinstance(prompt, str):
                 raise TypeError("prompt must be a string")
-            return prompt, None, None, self._openai_params(body)
+            return prompt, None, None, self._openai_params(body, chat=False)
 
         def render(call: Call, text: str, finish: str) -> dict:
             return {
@@ -488,7 +508,7 @@ class LLMTestServer:
             system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system") or None
             user = "\n\n".join(m["content"] for m in msgs if m["role"] == "user")
             prompt = "\n\n".join(x for x in (system, user) if x)
-            return prompt, system, user, self._openai_params(body)
+            return prompt, system, user, self._openai_params(body, chat=True)
 
         def render(call: Call, text: str, finish: str) -> dict:
             return {
@@ -545,6 +565,10 @@ class LLMTestServer:
         if self.max_concurrent_requests is not None:
             info["max_concurrent_requests"] = self.max_concurrent_requests
         return web.json_response(info)
+
+    async def _health_route(self, request: web.Request) -> web.Response:
+        """TGI's readiness route: 200 once the model serves (``healthy=False``: 503, a replica going away)."""
+        return web.Response(status=200 if self.healthy else 503)
 
     async def _stats_route(self, request: web.Request) -> web.Response:
         s = asdict(self.stats())
@@ -609,13 +633,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--mu", type=float, default=4.0)
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scripted", action="store_true",
+                    help="the pipeline's scripted teacher and judge (tests/scripted.py), responses long-tailed")
+    ap.add_argument("--rates", default="", help="fault rates, e.g. 429=0.1,503=0.1,hang=0.05,malformed=0.01")
+    ap.add_argument("--hang-s", type=float, default=30.0)
+    ap.add_argument("--retry-after", default="1", help="Retry-After of 429/503 answers ('' for none)")
+    ap.add_argument("--max-concurrent-requests", type=int, default=None, help="TGI's admission limit (and /info)")
     a = ap.parse_args(argv)
+    rates = {k: float(v) for k, v in (x.split("=") for x in a.rates.split(",") if x)} or None
+    if a.scripted:
+        from scripted import longtail_pipeline_script
+
+        script: Script = longtail_pipeline_script(a.mu, a.sigma, a.seed)
+    else:
+        script = longtail_script(a.mu, a.sigma, a.seed) if a.longtail else default_script
     srv = LLMTestServer(
-        script=longtail_script(a.mu, a.sigma, a.seed) if a.longtail else default_script,
+        script=script,
         capacity=a.capacity,
         per_token_s=a.per_token_ms / 1000,
         latency=a.latency_ms / 1000,
         port=a.port,
+        rates=rates,
+        hang_s=a.hang_s,
+        retry_after=a.retry_after or None,
+        max_concurrent_requests=a.max_concurrent_requests,
+        seed=a.seed,
     )
 
     async def serve() -> None:

@@ -91,3 +91,25 @@ def scripted_recipe(tmp: Path, url: str, **overrides) -> Path:
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def longtail_pipeline_script(mu: float = 4.0, sigma: float = 1.0, seed: int = 0):
+    """``scripted_answer`` with the responses (and evolutions) padded to log-normal lengths (median
+    e**mu words), fixed per prompt: the benchmark's teacher, as long-tailed as a real one."""
+    import math
+    import random
+
+    def script(prompt: str) -> str:
+        text = scripted_answer(prompt)
+        rng = random.Random(_h(prompt) ^ seed)
+        if text.startswith(("Here is a careful answer", "Describe in three steps")):
+            n = max(1, round(math.exp(rng.gauss(mu, sigma))))
+            text += " and" + " more" * n
+        elif "Reply with JSON only" in prompt and text.startswith("{"):
+            # a verdict runs to 50-80 tokens, as the estimates take it (at most 150 words: the JSON must close)
+            verdict = json.loads(text)
+            verdict["reason"] += " because" + " so" * min(150, round(math.exp(rng.gauss(mu - 0.3, sigma / 2))))
+            text = json.dumps(verdict)
+        return text
+
+    return script

@@ -679,6 +679,7 @@ def test_dev_secrets_match_the_references(rendered: dict[str, list[dict[str, Any
             'clusterSettings.namespace "elsewhere" differs from the release namespace',
         ),
         (["serviceAccount.create=false"], "serviceAccount.name is required"),
+        (["teacher.replicas=2", "teacher.cache.type=pvc"], "teacher.replicas > 1 with teacher.cache.type pvc"),
     ],
 )
 def test_invalid_values_fail_with_our_message(helm: tuple[str, dict[str, str]], sets: list[str], message: str) -> None:
@@ -693,7 +694,8 @@ def test_schema_refuses_unknown_and_mistyped_values(helm: tuple[str, dict[str, s
         (["teacher.gpu=1"], "additional properties 'gpu' not allowed"),
         (["clusterSettings.kueue.queue=x"], "additional properties 'queue' not allowed"),
         (["teacher.gpus=two"], "/teacher/gpus"),
-        (["teacher.replicas=1"], "additional properties 'replicas' not allowed"),
+        (["teacher.replica=2"], "additional properties 'replica' not allowed"),
+        (["teacher.replicas=0"], "/teacher/replicas"),
         (["teacher.cache.size=200G"], "/teacher/cache/size"),
         (["teacher.image.tgi.digest=latest"], "/teacher/image/tgi/digest"),
     ):
@@ -1160,3 +1162,20 @@ def test_retrain_workflow_kubeconfig_and_command(tmp_path: Path) -> None:
         "--cluster",
         "deploy/cluster.yaml",
     ]
+
+
+def test_a_teacher_with_replicas_gets_a_headless_service_and_the_stage_pods_a_fleet(
+        helm: tuple[str, dict[str, str]]) -> None:
+    """Issue 13: N teacher replicas, each request to one of them (not pinned by keep-alive to a ClusterIP)."""
+    docs = template(helm, *values_files("base"), "--set", "teacher.replicas=3")
+    svcs = {d["metadata"]["name"]: d for d in objs(docs, "Service")
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == "teacher"}
+    headless = svcs[f"{RELEASE}-teacher-replicas"]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == svcs[
+        f"{RELEASE}-teacher"]["spec"]["selector"]
+    t = ClusterSettings.model_validate(cluster_yaml(docs)).teacher
+    assert t.discovery == "dns" and t.replicas == 3
+    assert t.url == f"http://{RELEASE}-teacher-replicas.{NAMESPACE}.svc:80"
+    assert t.maxConcurrentRequests == 3 * 128  # every replica's slots, divided among the stage pods
+    one_replica = ClusterSettings.model_validate(cluster_yaml(template(helm, *values_files("base")))).teacher
+    assert one_replica.discovery == "" and one_replica.url == f"http://{RELEASE}-teacher.{NAMESPACE}.svc:80"

@@ -18,7 +18,7 @@ import pytest
 
 from bezoar_jobs.errors import BadInput, Interrupted, RetryableError
 from bezoar_jobs.llm import CachedClient, GenRequest, GenResult, make_client
-from bezoar_jobs.llm.pool import parse_retry_after
+from bezoar_jobs.llm.faults import parse_retry_after
 from bezoar_jobs.llm.render import chat_messages, render_raw
 from bezoar_jobs.recipe import Endpoint
 from bezoar_jobs.store import LocalStore

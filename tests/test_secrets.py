@@ -42,7 +42,9 @@ def bezoar(*args: str) -> subprocess.CompletedProcess:
 
 
 def recipe_for(tmp: Path, backend: str, url: str, **more: object) -> Path:
-    teacher = {"model": "scripted/teacher", "api_key_env": "PLANTED_KEY", "max_concurrency": 4, "max_retries": 2,
+    # pinned: the scripted judge is priced, and a priced run refuses unpinned revisions
+    teacher = {"model": "scripted/teacher", "revision": "0123456789abcdef0123456789abcdef01234567",
+               "api_key_env": "PLANTED_KEY", "max_concurrency": 4, "max_retries": 2,
                "backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 10, **BACKENDS[backend](url)}
     return scripted_recipe(tmp, url, teacher=teacher, **more)
 
@@ -62,8 +64,7 @@ def test_a_server_echoing_the_key_on_401_never_gets_it_printed(tmp_path, backend
         recipe = recipe_for(tmp_path, backend, srv.url)
         run = tmp_path / "run"
         stage = bezoar("stage", "generate-orca", "--recipe", str(recipe), "--run", str(run))
-        whole = bezoar("run", "--recipe", str(recipe), "--run", str(run), "--only", "generate-orca",
-                       "--allow-unpinned")  # the scripted teacher has no hub revision to pin
+        whole = bezoar("run", "--recipe", str(recipe), "--run", str(run), "--only", "generate-orca")
         assert srv.calls and all(c.auth == KEY for c in srv.calls)  # the key really was sent (and echoed)
     for res in (stage, whole):
         assert res.returncode == 2, res.stderr[-2000:]

@@ -210,6 +210,10 @@ class Teacher(_Model):
         True, description="scale to 0 once every generate-* stage is committed and no other run holds a lease"
     )
     replicas: PositiveInt = Field(1, description="replicas to scale up to when it is at 0")
+    discovery: Literal["", "dns"] = Field(
+        "", description='"dns": stage pods spread requests over every address of url\'s host, a headless Service '
+        "with one per ready teacher pod (-> env BEZOAR_TEACHER_DISCOVERY; bezoar_jobs/llm/fleet.py)"
+    )
     leaseSeconds: Annotated[int, Field(ge=30)] = Field(
         600, description="a run's lease on the teacher lasts this long unless renewed (a crashed run's lease expires)"
     )

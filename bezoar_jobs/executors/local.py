@@ -2,7 +2,9 @@
 
 Exactly the command a Kubernetes Job's container runs, so a pipeline that works here works there.
 Independent stages may run side by side (``--parallel``); the default is one at a time, which is
-what a 2-core laptop wants. The DAG walk is the scheduler's (executors/scheduler.py).
+what a 2-core laptop wants, except the stages that call a teacher server: they run together, each
+with its share of the teacher's capacity (they spend their time waiting for the server, not on the
+CPU). The DAG walk is the scheduler's (executors/scheduler.py).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class LocalBackend:
     def __init__(self, store: Store, parallel: int = 1):
         self.store = store
         self.parallel: int | None = max(1, parallel)
+        self.teacher_parties = len(TEACHER_STAGES)  # run_local narrows it to the run's selection
         self._events: queue.Queue[StageEvent] = queue.Queue()
         self._procs: dict[str, subprocess.Popen[str]] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -72,8 +75,9 @@ class LocalBackend:
         log.info("[%s] starting", stage)
         env = os.environ.copy()
         if "teacher" in spec(stage).needs and "BEZOAR_TEACHER_PARTIES" not in env:
-            # the teacher stages run side by side (up to --parallel) within one budget (llm/budget.py)
-            env["BEZOAR_TEACHER_PARTIES"] = str(min(self.parallel or 1, len(TEACHER_STAGES)))
+            # the teacher stages run side by side (the scheduler counts them as one slot) within one
+            # budget (llm/budget.py): each gets an even share of the teacher's capacity
+            env["BEZOAR_TEACHER_PARTIES"] = str(self.teacher_parties)
         proc = subprocess.Popen(stage_command(stage, self.store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, env=env)
         with self._lock:
@@ -136,4 +140,5 @@ def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = Fal
               say: Callable[[str], None] | None = None) -> RunOutcome:
     """``bezoar run`` (the default executor): run ``stages`` (canonical order) to commit."""
     backend = LocalBackend(store, parallel)
+    backend.teacher_parties = max(1, sum(1 for s in stages if s in TEACHER_STAGES))
     return Scheduler(backend, store, recipe, say or (lambda msg: log.info("%s", msg))).run(stages, force)

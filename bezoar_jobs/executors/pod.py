@@ -97,6 +97,8 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str]) -
             env.append({"name": "BEZOAR_TEACHER_URL", "value": t.url})
         if t.backend:
             env.append({"name": "BEZOAR_TEACHER_BACKEND", "value": t.backend})
+        if t.discovery:
+            env.append({"name": "BEZOAR_TEACHER_DISCOVERY", "value": t.discovery})
         if t.maxConcurrentRequests:
             env.append({"name": "BEZOAR_TEACHER_CAPACITY", "value": str(t.maxConcurrentRequests)})
         env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(cluster.teacher_parties())})

@@ -6,7 +6,8 @@ Job); everything else is decided here, the same way for every backend:
 - **ready set**: a selected stage starts once every selected stage it waits for is done
   (:func:`bezoar_jobs.pipeline.waits_for`: its inputs; for the report, which reads the whole run,
   every other selected stage). Inputs outside the selection count as committed (the stage itself
-  refuses, exit 2, when they are not). Stages start in canonical order, at most ``parallel`` at once.
+  refuses, exit 2, when they are not). Stages start in canonical order, at most ``parallel`` at once;
+  the stages that call the teacher count as one together, so they run side by side by default.
 - **skip committed**: a stage whose manifest is current (:func:`bezoar_jobs.state.up_to_date`) is
   skipped unless ``force``; with ``force`` its manifest (and, for training and evaluation, its
   ``_work/``) is removed first (:func:`bezoar_jobs.state.prepare_force`), so it really reruns.
@@ -31,11 +32,14 @@ from typing import Protocol
 from ..layout import manifest_path
 from ..pipeline import waits_for
 from ..recipe import Recipe
-from ..registry import spec
+from ..registry import STAGES, spec
 from ..state import prepare_force, up_to_date
 from ..store import Store
 
 log = logging.getLogger("bezoar")
+
+# the stages that call the teacher: they share its capacity, and run together as one slot of `parallel`
+TEACHER_STAGES = frozenset(n for n, st in STAGES.items() if "teacher" in st.needs)
 
 EXIT_STAGE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -159,8 +163,9 @@ class Scheduler:
         while progressed:
             progressed = False
             for s in list(pending):
-                limit = self.backend.parallel
-                if limit is not None and len(self.backend.running()) >= limit:
+                if not self._room_for(s):
+                    if s in TEACHER_STAGES and self.recipe.teacher.backend != "local":
+                        continue  # a stage after it may still join the teacher's group
                     return
                 if not all(d in done for d in waits_for(s, stages, self.recipe)):
                     continue
@@ -178,6 +183,22 @@ class Scheduler:
                     self.say(f"{s}: --force: removing its manifest so the stage reruns")
                     prepare_force(self.store, s)
                 self.backend.submit(s)
+
+    def _room_for(self, stage: str) -> bool:
+        """Whether ``stage`` may start now under ``parallel``. The stages that call a teacher server count
+        as one slot together: they run side by side by default, within one budget of the teacher's
+        capacity (llm/budget.py), instead of one after another with the teacher idle in between. (An
+        in-process teacher is a model per stage process: those stages keep to ``parallel``.)"""
+        limit = self.backend.parallel
+        if limit is None:
+            return True
+        if self.recipe.teacher.backend == "local":  # an in-process teacher: each stage loads its own copy
+            return len(self.backend.running()) < limit
+        running = self.backend.running()
+        teacher = [r for r in running if r in TEACHER_STAGES]
+        used = len(running) - len(teacher) + (1 if teacher else 0)
+        need = 0 if stage in TEACHER_STAGES and teacher else 1
+        return used + need <= limit
 
     def _ended(self, ev: StageEvent, done: set[str]) -> None:
         if ev.exit_code != 0:

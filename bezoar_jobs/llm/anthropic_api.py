@@ -18,7 +18,8 @@ from typing import Any
 
 from ..recipe import Endpoint
 from .base import GenRequest, GenResult
-from .pool import RemoteClient, Transient, classify_status
+from .faults import Transient, classify_status
+from .pool import RemoteClient
 from .render import merge_system
 
 

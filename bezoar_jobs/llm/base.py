@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..recipe_base import Decoding
+    from .flow import Flow
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class GenResult:
     error: str | None = None  # set when the request failed for good (after retries)
     cause: str | None = None  # with error: its cause, for counts (``HTTP 503``, ``timeout``, ``unparseable``)
     cached: bool = False
+    retries: int = 0  # failed attempts before this result (a cached answer: 0)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -112,6 +114,21 @@ class LLMClient(ABC):
         the server unreachable after all retries or a spending cap: ``RetryableError``).
         """
 
+    def enqueue(self, flow: Flow, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
+        """Ask ``req`` within ``flow`` (see :mod:`bezoar_jobs.llm.flow`); ``on_result`` is called once,
+        in the flow's thread. By default the request waits in a batch that the flow hands to :meth:`run`
+        when nothing else is ready (the in-process client generates in batches); the pooled remote
+        clients send it at once."""
+        flow.batch(self, req, on_result)
+
+    def busy_intervals(self) -> list[tuple[float, float]]:
+        """(start, end) of every answered attempt, monotonic clock (remote clients; else none)."""
+        return []
+
+    def slot_capacity(self) -> int | None:
+        """How many requests this client may keep in flight against its server (None: not a pooled client)."""
+        return None
+
     def rating_distribution(
         self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]
     ) -> list[dict[str, float]]:
@@ -125,3 +142,25 @@ class LLMClient(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources (HTTP sessions, model memory)."""
+
+
+def slot_utilization(intervals: Sequence[tuple[float, float]], capacity: int, t0: float, t1: float) -> float:
+    """Busy slot-seconds over capacity-seconds in [t0, t1]: at each moment, min(attempts in flight that
+    were answered, ``capacity``) slots count as busy (a client that keeps more in flight than the server
+    decodes gets queueing, not more work done)."""
+    if t1 <= t0 or capacity <= 0:
+        return 0.0
+    events: list[tuple[float, int]] = []
+    for a, b in intervals:
+        a, b = max(a, t0), min(b, t1)
+        if b > a:
+            events += [(a, 1), (b, -1)]
+    events.sort()
+    busy = 0.0
+    n = 0
+    last = t0
+    for t, d in events:
+        busy += min(n, capacity) * (t - last)
+        n += d
+        last = t
+    return min(1.0, busy / (capacity * (t1 - t0)))

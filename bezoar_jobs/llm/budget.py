@@ -10,11 +10,12 @@ record's retries run out, lost rows. So every pod that calls the teacher gets a 
     in flight per pod = min(teacher.max_concurrency, share)
 
 so the total in flight never exceeds the capacity. ``capacity`` is what TGI reports at ``GET /info``
-(``max_concurrent_requests``), else the configured ``BEZOAR_TEACHER_CAPACITY`` (the chart sets it
-from the server flag it passes: TGI ``--max-concurrent-requests``, vLLM ``--max-num-seqs``). The
-server's own answer wins when the two differ (a hand-edited flag). ``parties`` is
-``BEZOAR_TEACHER_PARTIES``: the Kubernetes Job builder sets it to (stages that call the teacher) x
-``generationShards``; the local executor to the number of such stages it runs side by side. With
+(``max_concurrent_requests``; for a fleet of replicas, llm/fleet.py, the sum of theirs), else the
+configured ``BEZOAR_TEACHER_CAPACITY`` (the chart sets it from the server flag it passes: TGI
+``--max-concurrent-requests``, vLLM ``--max-num-seqs``). The server's own answer wins when the two
+differ (a hand-edited flag). ``parties`` is ``BEZOAR_TEACHER_PARTIES``: the Kubernetes Job builder
+sets it to (stages that call the teacher) x ``generationShards``; the local executor to the number of
+teacher stages in the run (they run side by side, executors/scheduler.py). With
 neither a capacity nor parties known, the recipe's ``max_concurrency`` stands alone (and is logged).
 
 The division is static and even: a stage that finishes early leaves its share unused. A budget that
@@ -87,7 +88,12 @@ def share(endpoint: Endpoint, api_key: str | None = None, environ: Mapping[str, 
     configured = _int_env(env, CAPACITY_ENV)
     capacity, source = configured, CAPACITY_ENV if configured else "unknown"
     if endpoint.backend == "tgi" and endpoint.base_url:
-        reported = probe(endpoint.base_url, api_key)
+        # a fleet (llm/fleet.py): its capacity is every replica's
+        from .fleet import Fleet
+
+        fleet = Fleet.from_env(endpoint.base_url, env)
+        each = [probe(url, api_key) for url in (fleet.urls() if fleet is not None else [endpoint.base_url])]
+        reported = sum(n for n in each if n) if all(each) else None
         if reported:
             if configured and reported != configured:
                 log.warning("teacher: TGI reports max_concurrent_requests=%d, the cluster settings say %d: "

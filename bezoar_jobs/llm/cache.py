@@ -27,12 +27,15 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RetryableError
 from ..layout import CACHE_DIR
 from ..store import Store
 from .base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
+
+if TYPE_CHECKING:
+    from .flow import Flow
 
 log = logging.getLogger("bezoar.llm")
 
@@ -53,6 +56,9 @@ class CachedClient(LLMClient):
         self.model_id = inner.model_id
         self.usage = UsageTotals()
         self._entries: dict[str, dict[str, Any]] | None = None
+        self._flow: Flow | None = None  # the flow being served, and its questions in flight by key
+        self._waiting: dict[str, list[tuple[str, Callable[[GenResult], None]]]] = {}
+        self._pending: list[dict[str, Any]] = []  # answers not yet written
 
     @property
     def prefix(self) -> str:
@@ -121,52 +127,66 @@ class CachedClient(LLMClient):
     def run(
         self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate"
     ) -> None:
-        entries = self.load()
-        # requests not in the cache, grouped by key: identical questions are asked once
-        waiting: dict[str, list[GenRequest]] = {}
-        for req in requests:
-            k = self.key(req)
-            rec = entries.get(k)
-            hit = None if rec is None else GenResult(**{**rec["result"], "id": req.id, "cached": True})
-            if hit is None or (self.accept is not None and not self.accept(hit)):
-                waiting.setdefault(k, []).append(req)
-                continue
-            self._hand(hit, on_result)
-        if not waiting:
+        if not requests:
             return
-        key_of = {reqs[0].id: k for k, reqs in waiting.items()}
-        pending: list[dict[str, Any]] = []
+        from .flow import Flow
 
-        def record(res: GenResult) -> None:
-            k = key_of[res.id]
-            if res.ok and (self.accept is None or self.accept(res)):
-                rec = {"key": k, "kind": "generate", "model": self.model_id,
-                       "result": {f: v for f, v in asdict(res).items() if f not in ("id", "cached")}}
-                entries[k] = rec
-                pending.append(rec)
-                if len(pending) >= self.flush_every:
-                    self._flush(pending)
-            others = waiting[k][1:]
-            stop: StopRequests | None = None
-            for r in [res, *(replace(res, id=q.id, cached=res.ok, extra=dict(res.extra)) for q in others)]:
-                # the same question from another record: answered once, not paid again
-                try:
-                    self._hand(r, on_result)
-                except StopRequests as e:  # hand the duplicates over too, then pass the signal on
-                    stop = stop or e
-            if stop is not None:
-                raise stop
+        flow = Flow(desc)
+        for req in requests:
+            flow.ask(self, req, on_result)
+        flow.run()
 
-        retries_before = self.inner.usage.retries
-        try:
-            self.inner.run([reqs[0] for reqs in waiting.values()], record, desc)
-        finally:
-            self._flush(pending, final=True)
-            self.usage.retries += self.inner.usage.retries - retries_before
+    def enqueue(self, flow: Flow, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
+        """A cached answer is handed over at once; a question already in flight (the same key from
+        another record) waits for that answer instead of being asked again."""
+        entries = self.load()
+        k = self.key(req)
+        rec = entries.get(k)
+        hit = None if rec is None else GenResult(**{**rec["result"], "id": req.id, "cached": True})
+        if hit is not None and (self.accept is None or self.accept(hit)):
+            self.usage.add(hit)
+            flow.later(on_result, hit)
+            return
+        if self._flow is not flow:
+            self._flow = flow
+            self._waiting = {}
+            flow.on_end(lambda: self._flush(self._pending, final=True))
+        waiters = self._waiting.get(k)
+        if waiters is not None:
+            waiters.append((req.id, on_result))
+            return
+        self._waiting[k] = [(req.id, on_result)]
+        flow.ask(self.inner, req, lambda res: self._answered(k, res))
 
-    def _hand(self, res: GenResult, on_result: Callable[[GenResult], None]) -> None:
-        self.usage.add(res)
-        on_result(res)
+    def _answered(self, k: str, res: GenResult) -> None:
+        if res.ok and (self.accept is None or self.accept(res)):
+            rec = {"key": k, "kind": "generate", "model": self.model_id,
+                   "result": {f: v for f, v in asdict(res).items() if f not in ("id", "cached", "retries")}}
+            self.load()[k] = rec
+            self._pending.append(rec)
+            if len(self._pending) >= self.flush_every:
+                self._flush(self._pending)
+        self.usage.retries += res.retries
+        waiters = self._waiting.pop(k)
+        stop: StopRequests | None = None
+        first = True
+        for rid, cb in waiters:
+            # the same question from another record: answered once, not paid again
+            r = res if first else replace(res, id=rid, cached=res.ok, retries=0, extra=dict(res.extra))
+            first = False
+            try:
+                self.usage.add(r)
+                cb(r)
+            except StopRequests as e:  # hand the duplicates over too, then pass the signal on
+                stop = stop or e
+        if stop is not None:
+            raise stop
+
+    def busy_intervals(self) -> list[tuple[float, float]]:
+        return self.inner.busy_intervals()
+
+    def slot_capacity(self) -> int | None:
+        return self.inner.slot_capacity()
 
     def _flush(self, pending: list[dict[str, Any]], final: bool = False) -> None:
         """Write the pending answers as a part. The cache is an optimisation (the stage keeps its own

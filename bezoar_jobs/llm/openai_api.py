@@ -18,7 +18,9 @@ from typing import Any
 
 from ..recipe import Endpoint
 from .base import GenRequest, GenResult
-from .pool import RemoteClient, Transient, classify_status
+from .faults import Transient, classify_status
+from .fleet import REPLICA
+from .pool import RemoteClient
 from .render import chat_messages, render_raw
 
 
@@ -26,6 +28,7 @@ class _OpenAIBase(RemoteClient):
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         super().__init__(endpoint, api_key, role)
         self._client: Any = None
+        self._replicas: dict[str, Any] = {}
 
     async def _open(self) -> None:
         import openai
@@ -77,13 +80,32 @@ class _OpenAIBase(RemoteClient):
 
 class OpenAICompletionsClient(_OpenAIBase):
     backend = "openai-completions"
+    fleet_capable = True
+
+    async def _close(self) -> None:
+        for c in self._replicas.values():
+            await c.close()
+        self._replicas.clear()
+        await super()._close()
+
+    def _for_replica(self) -> Any:
+        """The SDK client of the replica this attempt goes to (llm/fleet.py), else the base URL's."""
+        url = REPLICA.get()
+        if url is None:
+            return self._client
+        if url not in self._replicas:
+            import openai
+
+            self._replicas[url] = openai.AsyncOpenAI(api_key=self._api_key or "no-key", base_url=url, max_retries=0,
+                                                     timeout=self.endpoint.timeout_s)
+        return self._replicas[url]
 
     def prompt_text(self, req: GenRequest) -> str:
         assert self.endpoint.prompt_format is not None
         return render_raw(self.endpoint.prompt_format, req.system, req.user)
 
     async def _send(self, req: GenRequest) -> GenResult:
-        resp = await self._call(self._client.completions.create, prompt=self.prompt_text(req),
+        resp = await self._call(self._for_replica().completions.create, prompt=self.prompt_text(req),
                                 max_tokens=req.max_new_tokens, **self._common(req))
         choices = getattr(resp, "choices", None)
         if not choices or not isinstance(getattr(choices[0], "text", None), str):

@@ -1,17 +1,28 @@
 """The engine every remote client shares: a continuous pool of requests in flight.
 
-``RemoteClient.run`` starts an event loop in a worker thread. At most ``max_concurrency`` requests
-are in flight at any moment and a new one starts as soon as one finishes (a semaphore around each
-attempt, not batch-and-wait), so one long answer never holds up the others and the server's
-decoding slots stay busy. Around every attempt:
+A :class:`PoolLane` runs an event loop in a worker thread for one client within a
+:class:`~bezoar_jobs.llm.flow.Flow`. Requests arrive while it runs (a record's next step is asked as
+soon as its answer is in); at most ``max_concurrency`` are in flight at any moment and a new one
+starts as soon as one finishes (a semaphore around each attempt, not batch-and-wait), so one long
+answer never holds up the others and the server's decoding slots stay busy. Around every attempt:
 
 * rate limits: token buckets for ``requests_per_minute`` and ``tokens_per_minute`` (a request is
   charged ``len(prompt)/4 + max_new_tokens`` up front, corrected by the server's usage afterwards);
 * retries: 429, 5xx, timeouts, connection errors and malformed bodies are retried up to
   ``max_retries`` times after ``uniform(0, min(backoff_max_s, backoff_base_s * 2**k))`` seconds
-  ("full jitter"); a ``Retry-After`` from the server is honoured, and also pauses every other new
-  attempt until then (the server said it is saturated). A request waiting to retry gives its slot to
-  another request;
+  ("full jitter"); a ``Retry-After`` from the server is honoured for that request. It pauses every
+  other new attempt too only when the server is saturated: three quarters of the last 32 attempts were
+  refused with 429/503 (one refusal among many answers is that request's bad luck, and pausing the whole
+  pool for it would idle the server). A request waiting to retry holds no slot;
+* deadlines from the latency distribution: once ``DEADLINE_MIN_SAMPLES`` answers are in, an attempt
+  still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it started (and before
+  ``timeout_s``) is abandoned and sent again at once, with the same seed, so the answer is the one the
+  first attempt would have given; each abandon of a request doubles its next deadline (a request slow
+  by nature still ends), and at most ``ABANDON_FRACTION`` of the attempts (plus a few) are abandoned,
+  so a server that is merely slow is not asked twice for everything. Before
+  that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
+  most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget). A
+  hung request idles no slot for long, instead of holding it for the whole ``timeout_s``;
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -24,119 +35,73 @@ decoding slots stay busy. Around every attempt:
   stopped taking records) works the same way: no new request or retry starts, the answers in flight
   are still delivered (they are paid for, and kept), then its error is raised.
 
-Threads: ``on_result`` is always called in the thread that called ``run()``, one result at a
-time; the event loop never waits for it, so a slow ``on_result`` (writing a part file to S3) does
-not idle the pool. If ``on_result`` raises (e.g. the stage was asked to stop), requests in flight
-are cancelled and the exception propagates from ``run()``.
+Threads: results go to the flow's queue; ``on_result`` is called in the flow's thread, one result at a
+time, and the event loop never waits for it, so a slow ``on_result`` (writing a part file to S3) does
+not idle the pool. Every answered attempt's (start, end) is kept (:meth:`RemoteClient.busy_intervals`)
+for the utilization the client saw.
+
+(This module runs over 500 lines: the lane is one state machine, slots, retries, deadlines and the spending cap acting
+on the same counters; split up, that state would be scattered over modules.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
+import os
 import queue
 import random
-import sys
 import threading
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput, RetryableError
 from ..recipe import Endpoint
 from ..redact import redact, redact_known
-from .base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
+from .base import GenRequest, GenResult, LLMClient, UsageTotals
+from .faults import Rejected, Transient
+from .faults import classify_status as classify_status  # re-exported: the backends' one import
+from .faults import parse_retry_after as parse_retry_after
+from .fleet import REPLICA, Fleet
 from .ratelimit import TokenBucket
 from .render import estimate_tokens
+
+if TYPE_CHECKING:
+    from .flow import Flow
 
 log = logging.getLogger("bezoar.llm")
 
 # after this many refused (4xx) requests without a single success, the run stops as bad input
 REFUSED_BEFORE_ANY_SUCCESS = 8
-
-
-class Transient(Exception):
-    """This attempt failed in a way a retry may cure. ``reason`` is redacted (it may carry a
-    server's text, see :mod:`bezoar_jobs.redact`)."""
-
-    def __init__(self, reason: str, *, kind: str = "server", retry_after: float | None = None,
-                 status: int | None = None):
-        reason = redact(reason)
-        super().__init__(reason)
-        self.reason = reason
-        self.kind = kind  # server | rate | timeout | connection | malformed
-        self.retry_after = retry_after
-        self.status = status
-
-    @property
-    def cause(self) -> str:
-        """The failure's cause, for counts by cause (``HTTP 503``, ``timeout``, ``connection``, ...)."""
-        return f"HTTP {self.status}" if self.status is not None else self.kind
-
-
-class Rejected(Exception):
-    """The server refused this one request (400/413/422): a retry will not help, others may work."""
-
-    def __init__(self, reason: str, status: int | None = None):
-        reason = redact(reason)
-        super().__init__(reason)
-        self.status = status
-
-    @property
-    def cause(self) -> str:
-        return f"HTTP {self.status} refused" if self.status is not None else "refused"
-
-
-def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def classify_status(
-    status: int, message: str, headers: Mapping[str, str] | None, where: str, key_hint: str
-) -> Exception:
-    """Map an HTTP error status onto what the pool does with it. The server's ``message`` is
-    relayed only after redaction (a server may echo the request's headers, the key included)."""
-    retry_after = parse_retry_after(headers)
-    short = redact(" ".join(redact(message).split()))[:300]
-    if status == 429:
-        return Transient(f"HTTP 429 rate limited: {short}", kind="rate", retry_after=retry_after, status=429)
-    if status in (408, 409) or status >= 500:
-        return Transient(f"HTTP {status}: {short}", kind="server", retry_after=retry_after, status=status)
-    if status in (401, 403):
-        return BadInput(f"{where}: HTTP {status} (authentication refused: {short}); check {key_hint}")
-    if status == 404:
-        return BadInput(f"{where}: HTTP 404 ({short}): wrong base_url or unknown model")
-    return Rejected(f"HTTP {status}: {short}", status=status)
+# deadlines from the observed latencies (see the module docstring)
+DEADLINE_MIN_SAMPLES = 50
+DEADLINE_P99_FACTOR = 3.0
+DEADLINE_MIN_S = 1.0
+OVERDUE_P99_FACTOR = 1.0
+OVERDUE_MIN_S = 0.5
+WATCH_S = 0.25
+ABANDON_FRACTION = 0.1
+HEDGE_P99_FACTOR = 1.5
+HEDGE_FRACTION = 0.05
+ABANDON_SLACK = 4
+LATENCY_WINDOW = 2000
+# the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
+# attempts were refused (429/503)
+SATURATION_WINDOW = 32
+SATURATION_SHARE = 0.75
 
 
 class RemoteClient(LLMClient):
-    """A client that talks HTTP to a server; subclasses implement one request (``_send``)."""
+    """A client that talks HTTP to a server; subclasses implement one request (``_send``), to the
+    replica in :data:`~bezoar_jobs.llm.fleet.REPLICA` when the client has a fleet (``fleet_capable``)."""
 
     backend = "remote"
+    fleet_capable = False
 
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         if endpoint.spend_cap_usd is not None and (
@@ -156,6 +121,16 @@ class RemoteClient(LLMClient):
         self._api_key = api_key
         self.spent_usd = 0.0  # paid by this client (all runs)
         self.prior_spent_usd = 0.0  # paid before this process (CachedClient sets it from its cache)
+        self.intervals: list[tuple[float, float]] = []  # answered attempts (monotonic start, end)
+        # a teacher served by several replicas: each request goes to one of them (llm/fleet.py)
+        self.fleet = Fleet.from_env(endpoint.base_url) if role == "teacher" and self.fleet_capable else None
+        if self.fleet is not None:
+            if endpoint.backend == "tgi":  # each replica's own admission limit, shared by the pods calling it
+                from .budget import PARTIES_ENV, tgi_info_capacity
+
+                parties = int(os.environ.get(PARTIES_ENV) or 1)
+                self.fleet.set_limits({u: tgi_info_capacity(u, api_key) for u in self.fleet.urls()}, parties)
+            log.info("teacher: a fleet of %d replica(s): %s", len(self.fleet.replicas), ", ".join(self.fleet.urls()))
         self.key_hint = (
             f"the key in ${endpoint.api_key_env}" if endpoint.api_key_env
             else f"the key in {endpoint.api_key_file}" if endpoint.api_key_file
@@ -208,142 +183,153 @@ class RemoteClient(LLMClient):
     ) -> None:
         if not requests:
             return
-        _PoolRun(self, list(requests), on_result, desc).run()
+        from .flow import Flow
+
+        flow = Flow(desc)
+        for r in requests:
+            flow.ask(self, r, on_result)
+        flow.run()
+
+    def enqueue(self, flow: Flow, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
+        flow.lane(self, lambda out, desc: PoolLane(self, out, desc)).submit(req, on_result)
+
+    def busy_intervals(self) -> list[tuple[float, float]]:
+        return self.intervals
+
+    def slot_capacity(self) -> int | None:
+        return self.endpoint.max_concurrency
+
+
+def _sick(e: Transient) -> bool:
+    """Whether a failure says the replica is dead or sick (a busy one says 429)."""
+    return e.kind in ("connection", "timeout", "deadline") or (e.status or 0) >= 500
+
+
+class _Stopped(Exception):
+    """The lane stopped while a request waited for its slot: it is not sent."""
 
 
 @dataclass
-class _Msg:
+class Msg:
+    """What a lane tells its flow: a ``result`` (with the callback to hand it to), a ``retry``, or that
+    the lane is ``done`` (with the error that stopped it, if any)."""
+
     kind: str  # result | retry | done
+    lane: PoolLane
     result: GenResult | None = None
+    callback: Callable[[GenResult], None] | None = None
     error: BaseException | None = None
 
 
-class _PoolRun:
-    def __init__(
-        self, client: RemoteClient, requests: list[GenRequest], on_result: Callable[[GenResult], None], desc: str
-    ):
+class PoolLane:
+    """One client's pool within a flow: its own event loop thread, requests fed while it runs."""
+
+    def __init__(self, client: RemoteClient, out: queue.Queue[Msg], desc: str):
         self.client = client
         self.ep = client.endpoint
-        self.requests = requests
-        self.on_result = on_result
+        self.out = out
         self.desc = desc
-        self.out: queue.Queue[_Msg] = queue.Queue()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None  # the first run-stopping error
         self.halted = False
         self.capped = False
-        self.draining = False  # on_result asked to stop: no new attempt, deliver what is in flight
+        self.draining = False  # no new attempt, deliver what is in flight
+        self.closed = False  # no more requests will come
+        self.feed: deque[tuple[GenRequest, Callable[[GenResult], None]]] = deque()
         self.unsent = 0
         self.successes = 0
         self.refused_streak = 0
         self.pause_until = 0.0
         self.reserved = 0.0
+        self.active = 0  # attempts in flight (read by the flow's progress line)
+        self.attempts = 0
+        self.abandoned = 0
+        self.overdue = 0  # attempts past the p99 that gave their slot away
+        self.hedged = 0  # duplicates sent
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._p99: float | None = None
+        self._p99_at = 0
+        self.recent_refusals: deque[bool] = deque(maxlen=SATURATION_WINDOW)
         self.tasks: set[asyncio.Task] = set()
+        self.ended = False
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._thread_main, name=f"bezoar-llm-{desc}", daemon=True)
+        self.thread.start()
+        self._ready.wait(30)
 
-    # ---------------------------------------------------------------- the caller's thread
-    def run(self) -> None:
-        from tqdm import tqdm
+    # ---------------------------------------------------------------- the flow's thread
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to do
+                loop.call_soon_threadsafe(fn, *args)
 
-        started = time.monotonic()
-        tty = sys.stderr.isatty()
-        bar = tqdm(total=len(self.requests), desc=self.desc, unit="req", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5 if tty else 15.0, smoothing=0.1)
-        ready = threading.Event()
-        thread = threading.Thread(target=self._thread_main, args=(ready,), name=f"bezoar-llm-{self.desc}", daemon=True)
-        thread.start()
-        usage = self.client.usage
-        tokens = answered = failed = retries = 0
-        error: BaseException | None = None
-        stop: BaseException | None = None
-        try:
-            while True:
-                try:
-                    msg = self.out.get(timeout=0.5)  # a timeout keeps the thread responsive to signals
-                except queue.Empty:
-                    continue
-                if msg.kind == "result":
-                    assert msg.result is not None
-                    usage.add(msg.result)
-                    answered += 1
-                    failed += 0 if msg.result.ok else 1
-                    tokens += msg.result.completion_tokens
-                    bar.update(1)
-                    bar.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-6):.0f} tok/s", refresh=False)
-                    try:
-                        self.on_result(msg.result)
-                    except StopRequests as e:
-                        if stop is None:
-                            stop = e.error
-                            ready.wait(10)
-                            if self.loop is not None and not self.loop.is_closed():
-                                with contextlib.suppress(RuntimeError):
-                                    self.loop.call_soon_threadsafe(self._drain)
-                elif msg.kind == "retry":
-                    usage.retries += 1
-                    retries += 1
-                else:
-                    error = msg.error
-                    break
-        except BaseException:
-            ready.wait(10)
-            if self.loop is not None and not self.loop.is_closed():
-                try:
-                    self.loop.call_soon_threadsafe(self._halt, None)
-                except RuntimeError:  # the loop closed meanwhile: nothing left to stop
-                    pass
-            thread.join()
-            raise
-        finally:
-            bar.close()
-            usage.seconds += time.monotonic() - started
-        thread.join()
-        log.info("%s: %d answers (%d failed, %d retries), %d output tokens in %.1f s%s", self.desc, answered,
-                 failed, retries, tokens, time.monotonic() - started,
-                 f", ${self.client.spent_usd:.4f} spent" if self.ep.spend_cap_usd or self.ep.priced else "")
-        if stop is not None:
-            raise stop
-        if error is not None:
-            raise error
+    def submit(self, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
+        self._call(self._push, req, on_result)
 
-    def _thread_main(self, ready: threading.Event) -> None:
-        try:
-            asyncio.run(self._main(ready))
-            self.out.put(_Msg("done", error=self.error))
-        except BaseException as e:  # an unexpected error: hand it to the caller as is
-            self.out.put(_Msg("done", error=self.error or e))
-        finally:
-            ready.set()
+    def close(self) -> None:
+        self._call(self._close)
+
+    def drain(self) -> None:
+        self._call(self._drain)
+
+    def halt(self) -> None:
+        self._call(self._halt, None)
+
+    def join(self) -> None:
+        self.thread.join()
 
     # ---------------------------------------------------------------- the event loop's thread
-    async def _main(self, ready: threading.Event) -> None:
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+            self.out.put(Msg("done", self, error=self.error))
+        except BaseException as e:  # an unexpected error: hand it to the flow as is
+            self.out.put(Msg("done", self, error=self.error or e))
+        finally:
+            self._ready.set()
+
+    def _push(self, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
+        self.feed.append((req, on_result))
+        self.wake.set()
+
+    def _close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+    def _stopped(self) -> bool:
+        return self.halted or self.capped or self.draining
+
+    async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
-        ready.set()
         n = self.ep.max_concurrency
         self.inflight = asyncio.Semaphore(n)
         # live tasks (in flight, waiting for a slot, or sleeping before a retry): bounded so a
         # million requests do not become a million coroutines, loose enough that requests in
         # backoff never starve the in-flight slots
         live = asyncio.Semaphore(4 * n)
+        self.wake = asyncio.Event()
         self.budget_changed = asyncio.Event()
-        self.rpm = (
-            TokenBucket(self.ep.requests_per_minute / 60, self.ep.requests_per_minute / 60)
-            if self.ep.requests_per_minute
-            else None
-        )
-        self.tpm = (
-            TokenBucket(self.ep.tokens_per_minute / 60, self.ep.tokens_per_minute / 60)
-            if self.ep.tokens_per_minute
-            else None
-        )
+        self.rpm = (TokenBucket(self.ep.requests_per_minute / 60, self.ep.requests_per_minute / 60)
+                    if self.ep.requests_per_minute else None)
+        self.tpm = (TokenBucket(self.ep.tokens_per_minute / 60, self.ep.tokens_per_minute / 60)
+                    if self.ep.tokens_per_minute else None)
+        self._ready.set()
         await self.client._open()
         try:
-            for i, req in enumerate(self.requests):
+            while True:
+                if not self.feed:
+                    if self.closed or self._stopped():
+                        break
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
                 await live.acquire()
-                if self.halted or self.capped or self.draining:
+                if self._stopped():
                     live.release()
-                    self.unsent += len(self.requests) - i
                     break
-                task = asyncio.create_task(self._one(req))
+                req, cb = self.feed.popleft()
+                task = asyncio.create_task(self._one(req, cb))
                 self.tasks.add(task)
 
                 def done(t: asyncio.Task) -> None:
@@ -353,6 +339,8 @@ class _PoolRun:
                         self._halt(t.exception())
 
                 task.add_done_callback(done)
+            self.unsent += len(self.feed)
+            self.feed.clear()
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
         finally:
@@ -374,6 +362,7 @@ class _PoolRun:
         if error is not None and self.error is None:
             self.error = error
         self.halted = True
+        self.wake.set()
         me = asyncio.current_task()
         for t in list(self.tasks):
             if t is not me:
@@ -382,12 +371,13 @@ class _PoolRun:
     def _drain(self) -> None:
         """No new request or retry from now on; those in flight finish and are delivered."""
         self.draining = True
+        self.wake.set()
         self.budget_changed.set()
 
-    def _deliver(self, res: GenResult) -> None:
+    def _deliver(self, res: GenResult, cb: Callable[[GenResult], None]) -> None:
         if res.text:  # a server that echoes the request into its answer must not put a key into our data
             res.text = redact_known(res.text)
-        self.out.put(_Msg("result", res))
+        self.out.put(Msg("result", self, res, cb))
 
     async def _reserve(self, amount: float) -> bool:
         """Hold ``amount`` dollars of the cap for a request about to start; False: cap reached."""
@@ -395,7 +385,7 @@ class _PoolRun:
         if cap is None:
             return True
         while True:
-            if self.halted or self.capped or self.draining:
+            if self._stopped():
                 return False
             spent = self.client.prior_spent_usd + self.client.spent_usd
             if spent + self.reserved + amount <= cap:
@@ -404,6 +394,7 @@ class _PoolRun:
             if self.reserved <= 1e-12:  # nothing in flight will free money: we are done
                 self.capped = True
                 self.budget_changed.set()
+                self.wake.set()
                 return False
             self.budget_changed.clear()
             await self.budget_changed.wait()
@@ -415,12 +406,115 @@ class _PoolRun:
             self.reserved -= reserved
             self.budget_changed.set()
 
-    async def _one(self, req: GenRequest) -> None:
+    def p99(self) -> float | None:
+        """The running p99 of answered attempts' latencies (None until ``DEADLINE_MIN_SAMPLES``)."""
+        n = len(self.latencies)
+        if n < DEADLINE_MIN_SAMPLES:
+            return None
+        if self._p99 is None or n - self._p99_at >= 20 or n == LATENCY_WINDOW:
+            ordered = sorted(self.latencies)
+            self._p99 = ordered[min(n - 1, int(0.99 * n))]
+            self._p99_at = n
+        return self._p99
+
+    async def _attempt(self, req: GenRequest, abandoned: int) -> tuple[GenResult, float, float]:
+        """One attempt in a slot: the answer and when it was sent and answered. Past the running p99
+        (``OVERDUE_P99_FACTOR``) an attempt is *overdue*: it gives its slot to the next request (at most
+        ``max_concurrency`` overdue at once) and keeps waiting; past ``HEDGE_P99_FACTOR`` x p99 a
+        duplicate (same seed: the same answer; another replica in a fleet) races it while the hedge
+        budget lasts, the first answer wins; past the deadline both are abandoned
+        (``Transient(kind="deadline")``) while the abandon budget lasts, else they wait out ``timeout_s``."""
+        ep = self.ep
+        await self.inflight.acquire()
+        if self.halted or self.draining:
+            self.inflight.release()
+            raise _Stopped
+        held = True
+        self.active += 1
+        self.attempts += 1
+        t0 = time.monotonic()
+        fleet = self.client.fleet
+        assert self.loop is not None
+        racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedge: -> replica, sent
+
+        async def send() -> None:
+            replica = await fleet.acquire(self.loop) if fleet is not None and self.loop else None
+            token = REPLICA.set(replica)
+            f = asyncio.ensure_future(self.client._send(req))
+            REPLICA.reset(token)
+            f.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
+            racers[f] = (replica, time.monotonic())
+
+        await send()
+        hedged = False
+        sick = False
+        try:
+            # the p99 moves (and is unknown for the first answers): the deadlines are looked at again
+            # every WATCH_S while the attempt waits, so an attempt that hung before the p99 was known
+            # is still cut once it is
+            while True:
+                age = time.monotonic() - t0
+                if age >= ep.timeout_s:
+                    raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
+                p99 = self.p99()
+                if p99 is not None:
+                    overdue = age >= max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99)
+                    if held and overdue and self.overdue < ep.max_concurrency:
+                        held = False
+                        self.overdue += 1
+                        self.inflight.release()
+                    if not hedged and age >= max(OVERDUE_MIN_S, HEDGE_P99_FACTOR * p99) and self._may_hedge():
+                        hedged = True
+                        self.hedged += 1
+                        await send()
+                    # each abandon of the same request doubles its deadline: a request that is slow by
+                    # nature still ends (at timeout_s at the latest), a hung one is cut every time
+                    deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
+                    if deadline <= age < ep.timeout_s and self._may_abandon():
+                        self.abandoned += 1
+                        raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
+                                        "p99 latency): abandoned and sent again", kind="deadline")
+                done, _ = await asyncio.wait(set(racers), timeout=min(WATCH_S, ep.timeout_s - age),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for f in done:
+                    replica, sent = racers.pop(f)
+                    error = f.exception()
+                    failed = isinstance(error, Transient)
+                    if fleet is not None and replica is not None:
+                        fleet.done(replica, error is None, failed and _sick(error))  # type: ignore[arg-type]
+                    if error is None:  # its own latency (a hedge's from when the hedge was sent)
+                        return f.result(), sent, time.monotonic()
+                    if not racers or not failed:  # nothing else racing (or not a server failure): it is the answer
+                        raise error
+                    # a hedge race: the other one may still answer
+        except Transient as e:  # a dead or sick replica fails like this; a busy one says 429
+            sick = _sick(e)
+            raise
+        finally:
+            for f, (replica, _) in racers.items():
+                if fleet is not None and replica is not None:
+                    fleet.done(replica, False, sick)
+                if not f.done():
+                    f.cancel()
+            self.active -= 1
+            if held:
+                self.inflight.release()
+            else:
+                self.overdue -= 1
+
+    def _may_hedge(self) -> bool:
+        return self.hedged < ABANDON_SLACK + HEDGE_FRACTION * self.attempts
+
+    def _may_abandon(self) -> bool:
+        return self.abandoned < ABANDON_SLACK + ABANDON_FRACTION * self.attempts
+
+    async def _one(self, req: GenRequest, cb: Callable[[GenResult], None]) -> None:
         ep, client = self.ep, self.client
         est_in = estimate_tokens(client.prompt_text(req))
         est_total = est_in + req.max_new_tokens
         worst_cost = client.cost(est_in, req.max_new_tokens)
         attempt = 0
+        abandoned = 0  # attempts of this request cut at their deadline
         while True:
             while (wait := self.pause_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
@@ -436,19 +530,15 @@ class _PoolRun:
                 return
             failure: Transient
             try:
-                async with self.inflight:
-                    if self.halted or self.draining:
-                        self._settle(worst_cost, 0.0)
-                        self.unsent += 1
-                        return
-                    try:
-                        async with asyncio.timeout(ep.timeout_s):
-                            res = await client._send(req)
-                    except TimeoutError:
-                        raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout") from None
+                res, t0, t1 = await self._attempt(req, abandoned)
+            except _Stopped:
+                self._settle(worst_cost, 0.0)
+                self.unsent += 1
+                return
             except Transient as e:
                 failure = e
                 self._settle(worst_cost, 0.0)
+                self.recent_refusals.append(e.status in (429, 503))
             except Rejected as e:
                 self._settle(worst_cost, 0.0)
                 self.refused_streak += 1
@@ -456,7 +546,8 @@ class _PoolRun:
                     self._halt(BadInput(f"{client.where}: the first {self.refused_streak} requests were all refused "
                                         f"(last: {e}); check the endpoint settings and decoding parameters"))
                     return
-                self._deliver(GenResult(id=req.id, text="", error=f"refused by the server: {e}", cause=e.cause))
+                self._deliver(GenResult(id=req.id, text="", error=f"refused by the server: {e}", cause=e.cause,
+                                        retries=attempt), cb)
                 return
             except BadInput as e:
                 self._settle(worst_cost, 0.0)
@@ -472,8 +563,18 @@ class _PoolRun:
                     self.tpm.adjust(res.prompt_tokens + res.completion_tokens - est_total)
                 self.successes += 1
                 self.refused_streak = 0
-                self._deliver(res)
+                self.recent_refusals.append(False)
+                self.latencies.append(t1 - t0)
+                client.intervals.append((t0, t1))
+                res.retries = attempt
+                self._deliver(res, cb)
                 return
+            if failure.kind == "deadline":
+                # not the server's failure: sent again at once, not counted against max_retries
+                abandoned += 1
+                self.out.put(Msg("retry", self))
+                log.debug("%s: request %s: %s", self.desc, req.id, failure.reason)
+                continue
             attempt += 1
             if attempt > ep.max_retries:
                 if failure.kind == "connection":
@@ -482,13 +583,15 @@ class _PoolRun:
                     )
                     return
                 self._deliver(GenResult(id=req.id, text="", error=f"failed after {attempt} attempts: {failure.reason}",
-                                        cause=failure.cause))
+                                        cause=failure.cause, retries=attempt - 1), cb)
                 return
             delay = random.uniform(0.0, min(ep.backoff_max_s, ep.backoff_base_s * 2 ** (attempt - 1)))
             if failure.retry_after is not None:
                 delay = max(delay, failure.retry_after)
-                self.pause_until = max(self.pause_until, time.monotonic() + failure.retry_after)
+                refused = sum(self.recent_refusals)
+                if refused >= SATURATION_SHARE * SATURATION_WINDOW:  # the server is saturated: everyone waits
+                    self.pause_until = max(self.pause_until, time.monotonic() + failure.retry_after)
             log.debug("%s: request %s attempt %d failed (%s); retrying in %.2f s", self.desc, req.id, attempt,
                       failure.reason, delay)
-            self.out.put(_Msg("retry"))
+            self.out.put(Msg("retry", self))
             await asyncio.sleep(delay)

@@ -26,12 +26,15 @@ from typing import Any
 from ..errors import BadInput
 from ..recipe import Endpoint
 from .base import GenRequest, GenResult
-from .pool import RemoteClient, Transient, classify_status
+from .faults import Transient, classify_status
+from .fleet import REPLICA
+from .pool import RemoteClient
 from .render import estimate_tokens, render_raw
 
 
 class TGIClient(RemoteClient):
     backend = "tgi"
+    fleet_capable = True
 
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         super().__init__(endpoint, api_key, role)
@@ -39,6 +42,7 @@ class TGIClient(RemoteClient):
             raise BadInput(f"{role}: backend 'tgi' needs base_url and prompt_format")
         self._hf: Any = None
         self._http: Any = None
+        self._replicas: dict[str, Any] = {}  # a fleet's replicas: base URL -> inference client
 
     def prompt_text(self, req: GenRequest) -> str:
         assert self.endpoint.prompt_format is not None
@@ -63,7 +67,22 @@ class TGIClient(RemoteClient):
                                         limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
         self._hf._async_client = self._http
 
+    def _inference(self) -> Any:
+        """The inference client of the replica this attempt goes to (llm/fleet.py), else the base URL's."""
+        url = REPLICA.get()
+        if url is None:
+            return self._hf
+        hf = self._replicas.get(url)
+        if hf is None:
+            from huggingface_hub import AsyncInferenceClient
+
+            hf = self._replicas[url] = AsyncInferenceClient(base_url=url, api_key=self._api_key,
+                                                             timeout=self.endpoint.timeout_s)
+            hf._async_client = self._http  # one connection pool for every replica
+        return hf
+
     async def _close(self) -> None:
+        self._replicas.clear()
         if self._hf is not None:
             with contextlib.suppress(Exception):
                 await self._hf.close()
@@ -92,7 +111,7 @@ class TGIClient(RemoteClient):
 
         prompt = self.prompt_text(req)
         try:
-            out = await self._hf.text_generation(prompt, **self.parameters(req))
+            out = await self._inference().text_generation(prompt, **self.parameters(req))
         except InferenceTimeoutError as e:
             raise Transient(f"timed out: {e}", kind="timeout") from None
         except (HfHubHTTPError, TextGenerationError) as e:

@@ -233,6 +233,9 @@ def usage_rows(data: RunData, gpu_hour_usd: float | None) -> list[dict[str, Any]
             "api_cost_usd": api if isinstance(api, int | float) else None,
             "gpu_cost_usd": gpu_cost,
             "teacher_span": isinstance(tg, dict),  # its GPU-hours are the shared teacher's (spans overlap)
+            # teacher / judge slots kept busy over the stage's span, as the stage's client saw it
+            "busy": {role: u["utilization"] for role, u in (m.get("utilization") or {}).items()
+                     if isinstance(u, dict) and isinstance(u.get("utilization"), int | float)},
         })
     return rows
 

@@ -128,6 +128,7 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                 fmt(r["gpu_hours"], 3),
                 fmt(r["api_cost_usd"], 4),
                 fmt(r["gpu_cost_usd"], 4),
+                ", ".join(f"{role} {u:.2f}" for role, u in (r.get("busy") or {}).items()) or "-",
             ]
             for r in usage
         ]
@@ -141,6 +142,7 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                 fmt(round(tot["gpu_hours"], 4), 3),
                 fmt(round(sum(api), 4), 4) if api else "-",
                 fmt(round(sum(gpu), 4), 4) if gpu else "-",
+                "",
             ]
         )
         t["usage"] = Table(
@@ -154,6 +156,7 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                 "GPU-hours",
                 "API cost $",
                 "GPU cost $",
+                "slots busy",
             ],
             rows,
             "API tokens: teacher and judge requests (in-process ones included; token-probability ratings "
@@ -161,7 +164,9 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
             "the evaluated models wrote. API cost only where the recipe gives the endpoint's prices; GPU cost "
             "with report.gpu_hour_usd, and for the generate stages with the teacher's own gpu_hour_usd over the "
             "span it served each of them (the total counts the teacher once, over the union of those spans"
-            + (f": {fmt(teacher['gpu_hours'], 3)} GPU-hours" if teacher else "") + ").",
+            + (f": {fmt(teacher['gpu_hours'], 3)} GPU-hours" if teacher else "") + "). Slots busy: the share of "
+            "the teacher's (judge's) request slots the stage kept busy with answered requests over its span, as "
+            "its client saw them (idle slots are GPU time paid for nothing).",
         )
     if prod:
         t["producers"] = Table(

@@ -31,10 +31,11 @@ from ..data.io import load_rows, load_template, render
 from ..errors import BadInput
 from ..estimate import Ask, Typical, dolly_seed_tokens, template_tokens
 from ..llm.base import LLMClient, request
+from ..llm.flow import Flow
 from ..recipe import EvolConfig, Recipe
 from ..recipe_base import Decoding
 from ..runner import StageContext, StageOutput
-from ..stages.common import Phase, endpoint_info, normalise, open_client
+from ..stages.common import Phase, endpoint_info, normalise, open_client, run_flow
 from ..stages.generate import DOLLY_FIELDS, ContextGuard, TeacherClock, finish, req_seed, text_key, unit_rng
 from ..stages.records import in_shard
 from ..store import Store
@@ -250,101 +251,32 @@ def generate(ctx: StageContext) -> StageOutput:
     teacher = open_client(ctx, r.teacher, "teacher")
     judge = open_client(ctx, r.judge, "judge", cached=r.judge.backend != "local") if cfg.equality_check else None
     clock = TeacherClock()
-    rows: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    restored = 0
     try:
-        for rnd in range(1, cfg.rounds + 1):
-            live = [lin for lin in lineages if lin["stopped"] is None]
-            plan: dict[str, tuple[str, str]] = {lin["id"]: choose_operation(cfg, unit_rng(ctx, lin["id"], rnd))
-                                                for lin in live}
-            # ids carry a key of the asked text: a saved answer is reused only for that question
-            evo_id = {lin["id"]: f"{lin['id']}-r{rnd}-{text_key(plan[lin['id']][0] + lin['current'])}-evolve"
-                      for lin in live}
-            evolve_items = [
-                (request(evo_id[lin["id"]], render(ops[plan[lin["id"]][0]], instruction=lin["current"]),
-                         cfg.evolve_decoding, req_seed(ctx, lin["id"], rnd)), {"lineage": lin["id"]})
-                for lin in live
-            ]
-            # a task that carries an input keeps its paragraphs (the answer text is cleaned per lineage below)
-            p_evo = Phase(ctx, f"round{rnd}-evolve")
-            with clock:
-                evo = p_evo.run(teacher, evolve_items, lambda res, m: {**m, "raw": res.text})
-            ctx.check_stop()
-            evolved: dict[str, str] = {}
-            cleaned: dict[str, str] = {}
-            for lin in live:
-                e = evo.get(evo_id[lin["id"]])
-                if e is None:
-                    continue
-                op = plan[lin["id"]][0]
-                multi = "\n\n" in lin["current"] or op == "complicate_input"
-                cleaned[lin["id"]] = clean_evolved(e["raw"], labels, keep_paragraphs=multi)
-                if cleaned[lin["id"]]:
-                    text, put_back = keep_input(cleaned[lin["id"]], lin["passage"], plan[lin["id"]][1])
-                    restored += put_back
-                    evolved[lin["id"]] = text
-            resp_id = {lid: f"{lid}-r{rnd}-{text_key(text)}-response" for lid, text in evolved.items()}
-            resp_items = [
-                (request(resp_id[lid], render(t_resp, instruction=text), cfg.response_decoding,
-                         req_seed(ctx, lid, rnd, "r")), {"lineage": lid})
-                for lid, text in evolved.items()
-            ]
-            p_resp = Phase(ctx, f"round{rnd}-response")
-            with clock:
-                resp = p_resp.run(teacher, resp_items, lambda res, m: {**m, "response": res.text.strip()})
-            ctx.check_stop()
-            eq_failed: dict[str, str] = {}
-            eq = _equality(ctx, judge, live, evolved, rnd, t_eq, eq_failed) if judge is not None else {}
-            for lin in live:
-                lid = lin["id"]
-                row_id = f"{lid}-r{rnd}"
-                e = evo.get(evo_id[lid])
-                a = resp.get(resp_id[lid]) if lid in resp_id else None
-                if e is not None and not cleaned.get(lid):
-                    rejected.append({"id": row_id, "instruction": "", "epoch": rnd, "parent_id": lin["parent"],
-                                     "reason": "empty evolution"})
-                    continue
-                if e is None or a is None or (judge is not None and lid not in eq):
-                    lin["stopped"] = rnd
-                    if e is None or a is None:
-                        who, err = "teacher", p_evo.failed.get(evo_id[lid]) or p_resp.failed.get(resp_id.get(lid, ""))
-                    else:
-                        who, err = "judge", eq_failed.get(lid)
-                    rejected.append({"id": row_id, "instruction": evolved.get(lid), "epoch": rnd,
-                                     "parent_id": lin["parent"],
-                                     "reason": f"{who} error: {err} (request failed for good in round {rnd}: the "
-                                               "lineage stops here for this run; a rerun asks this round again)"})
-                    continue
-                op, strategy = plan[lid]
-                row = {
-                    "id": row_id,
-                    "instruction": evolved[lid],
-                    "response": a["response"],
-                    "category": lin["category"],
-                    "evolution_strategy": strategy,
-                    "in-depth-evolving_operation": op if strategy == "in-depth" else "",
-                    "epoch": rnd,
-                    "parent_id": lin["parent"],
-                }
-                verdict = eq.get(lid)
-                reason = eliminate(cfg, lin["current"], evolved[lid], a["response"],
-                                   verdict["equal"] if verdict else None, labels)
-                key = normalise(evolved[lid])
-                if reason is None and key in seen:
-                    reason = "duplicate: another lineage reached the same instruction"
-                if reason:
-                    rejected.append({**row, "reason": reason})
-                else:
-                    seen.add(key)
-                    rows.append(row)
-                    lin["current"], lin["parent"] = evolved[lid], row_id
+        chain = _Chains(ctx, teacher, judge, lineages, ops, labels, t_resp, t_eq)
+        with clock:
+            chain.run()
+        decided = chain.decided
+        restored = chain.restored
         t_usage, j_usage = teacher.usage, (judge.usage if judge else None)
     finally:
         teacher.close()
         if judge is not None:
             judge.close()
+    # what each lineage did, in (round, lineage) order whatever the order the answers came in; an
+    # instruction that another lineage reached first (in that order) is committed once
+    rows: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for _, kind, row in sorted(decided, key=lambda d: d[0]):
+        if kind == "row":
+            key = normalise(row["instruction"])
+            if key in seen:
+                rejected.append({**row, "reason": "duplicate: another lineage reached the same instruction"})
+                continue
+            seen.add(key)
+            rows.append(row)
+        else:
+            rejected.append(row)
     if ctx.shard is not None:
         return StageOutput(committed=False)
     if not rows:
@@ -369,29 +301,134 @@ def generate(ctx: StageContext) -> StageOutput:
     return finish(
         ctx, rows, rejected, counts, t_usage, "Evol-Instruct evolutions and responses", "seeds.dolly",
         {"evol": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher), "judge": endpoint_info(r.judge)},
-        judge_usage=j_usage, clock=clock,
+        judge_usage=j_usage, clock=clock, clients={"teacher": teacher, **({"judge": judge} if judge else {})},
     )
 
 
-def _equality(ctx: StageContext, judge: LLMClient, live: list[dict[str, Any]], evolved: dict[str, str], rnd: int,
-              t_eq: str, failed: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Rule 1's judge verdicts by lineage: is the evolution equal to the instruction it evolved? The
-    errors of requests that failed for good go into ``failed`` by lineage."""
-    r = ctx.recipe
-    items = [
-        (request(f"{lin['id']}-r{rnd}-{text_key(lin['current'] + evolved[lin['id']])}-equal",
-                 render(t_eq, first=lin["current"], second=evolved[lin["id"]]), equality_decoding(r),
-                 req_seed(ctx, lin["id"], rnd, "e")), {"lineage": lin["id"]})
-        for lin in live if lin["id"] in evolved
-    ]
-    if r.judge.backend == "local":
-        # in process: compare the judge's probabilities of the two answer words (one forward pass,
-        # deterministic) instead of parsing a small model's free text
-        dists = judge.rating_distribution([q for q, _ in items], "Answer: ", ("Equal", "Different")) if items else []
-        return {m["lineage"]: {**m, "verdict": f"p(Equal)={d['Equal']:.3f}", "equal": d["Equal"] > 0.5}
-                for (_, m), d in zip(items, dists, strict=True)}
-    phase = Phase(ctx, f"round{rnd}-equal")
-    got = phase.run(judge, items, lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)})
-    ctx.check_stop()
-    failed.update({m["lineage"]: phase.failed[q.id] for q, m in items if q.id in phase.failed})
-    return {rec["lineage"]: rec for rec in got.values()}
+class _Chains:
+    """Every lineage's chain in one flow: round k's evolution, then its response and (at the same
+    time) the judge's equality check, then the elimination rules, then round k+1, each lineage on its
+    own. A lineage's chain depends only on its own answers (ids and seeds are the lineage's), so it is
+    the same whatever the timing; duplicates across lineages are settled when the stage commits."""
+
+    def __init__(self, ctx: StageContext, teacher: LLMClient, judge: LLMClient | None,
+                 lineages: list[dict[str, Any]], ops: dict[str, str], labels: tuple[str, ...], t_resp: str,
+                 t_eq: str):
+        self.ctx, self.teacher, self.judge = ctx, teacher, judge
+        self.cfg = ctx.recipe.generation.evol
+        self.lineages, self.ops, self.labels, self.t_resp, self.t_eq = lineages, ops, labels, t_resp, t_eq
+        self.flow = Flow(ctx.name)
+        self.phases: dict[str, Phase] = {}
+        self.decided: list[tuple[tuple[int, int], str, dict[str, Any]]] = []  # ((round, lineage), kind, row)
+        self.restored = 0
+
+    def phase(self, name: str) -> Phase:
+        if name not in self.phases:
+            self.phases[name] = Phase(self.ctx, name)
+        return self.phases[name]
+
+    def run(self) -> None:
+        for i in range(len(self.lineages)):
+            self.evolve(i, 1)
+        run_flow(self.ctx, self.flow, self.phases.values())
+
+    def evolve(self, i: int, rnd: int) -> None:
+        if rnd > self.cfg.rounds:
+            return
+        ctx, lin = self.ctx, self.lineages[i]
+        lid = lin["id"]
+        op, strategy = choose_operation(self.cfg, unit_rng(ctx, lid, rnd))
+        # ids carry a key of the asked text: a saved answer is reused only for that question
+        eid = f"{lid}-r{rnd}-{text_key(op + lin['current'])}-evolve"
+        req = request(eid, render(self.ops[op], instruction=lin["current"]), self.cfg.evolve_decoding,
+                      req_seed(ctx, lid, rnd))
+        self.phase(f"round{rnd}-evolve").ask(
+            self.flow, self.teacher, req, {"lineage": lid}, lambda res, m: {**m, "raw": res.text},
+            then=lambda rec: self.evolved(i, rnd, op, strategy, eid, rec))
+
+    def evolved(self, i: int, rnd: int, op: str, strategy: str, eid: str, rec: dict[str, Any] | None) -> None:
+        lin = self.lineages[i]
+        lid = lin["id"]
+        if rec is None:
+            self.stop(i, rnd, None, "teacher", self.phases[f"round{rnd}-evolve"].failed.get(eid))
+            return
+        # a task that carries an input keeps its paragraphs
+        multi = "\n\n" in lin["current"] or op == "complicate_input"
+        cleaned = clean_evolved(rec["raw"], self.labels, keep_paragraphs=multi)
+        if not cleaned:
+            self.decided.append(((rnd, i), "rejected", {"id": f"{lid}-r{rnd}", "instruction": "", "epoch": rnd,
+                                                        "parent_id": lin["parent"], "reason": "empty evolution"}))
+            self.evolve(i, rnd + 1)
+            return
+        text, put_back = keep_input(cleaned, lin["passage"], strategy)
+        self.restored += put_back
+        got: dict[str, dict[str, Any] | None] = {}
+        rid = f"{lid}-r{rnd}-{text_key(text)}-response"
+        qid = f"{lid}-r{rnd}-{text_key(lin['current'] + text)}-equal"
+
+        def arrived(which: str, value: dict[str, Any] | None) -> None:
+            got[which] = value
+            if len(got) == 2:
+                self.decide(i, rnd, op, strategy, text, got["response"], got["equal"], rid, qid)
+
+        self.phase(f"round{rnd}-response").ask(
+            self.flow, self.teacher,
+            request(rid, render(self.t_resp, instruction=text), self.cfg.response_decoding,
+                    req_seed(self.ctx, lid, rnd, "r")),
+            {"lineage": lid}, lambda res, m: {**m, "response": res.text.strip()},
+            then=lambda rec: arrived("response", rec))
+        if self.judge is None:
+            arrived("equal", {"equal": None})
+            return
+        q = request(qid, render(self.t_eq, first=lin["current"], second=text), equality_decoding(self.ctx.recipe),
+                    req_seed(self.ctx, lid, rnd, "e"))
+        if self.ctx.recipe.judge.backend == "local":
+            # in process: compare the judge's probabilities of the two answer words (one forward pass,
+            # deterministic) instead of parsing a small model's free text
+            def rated(d: dict[str, float]) -> None:
+                arrived("equal", {"lineage": lid, "verdict": f"p(Equal)={d['Equal']:.3f}", "equal": d["Equal"] > 0.5})
+
+            self.flow.rate(self.judge, q, "Answer: ", ("Equal", "Different"), rated)
+            return
+        self.phase(f"round{rnd}-equal").ask(
+            self.flow, self.judge, q, {"lineage": lid},
+            lambda res, m: {**m, "verdict": res.text.strip(), "equal": parse_equal(res.text)},
+            then=lambda rec: arrived("equal", rec))
+
+    def decide(self, i: int, rnd: int, op: str, strategy: str, text: str, a: dict[str, Any] | None,
+               verdict: dict[str, Any] | None, rid: str, qid: str) -> None:
+        lin = self.lineages[i]
+        lid = lin["id"]
+        if a is None:
+            self.stop(i, rnd, text, "teacher", self.phases[f"round{rnd}-response"].failed.get(rid))
+            return
+        if verdict is None:
+            self.stop(i, rnd, text, "judge", self.phases[f"round{rnd}-equal"].failed.get(qid))
+            return
+        row_id = f"{lid}-r{rnd}"
+        row = {
+            "id": row_id,
+            "instruction": text,
+            "response": a["response"],
+            "category": lin["category"],
+            "evolution_strategy": strategy,
+            "in-depth-evolving_operation": op if strategy == "in-depth" else "",
+            "epoch": rnd,
+            "parent_id": lin["parent"],
+        }
+        reason = eliminate(self.cfg, lin["current"], text, a["response"], verdict["equal"], self.labels)
+        if reason:
+            self.decided.append(((rnd, i), "rejected", {**row, "reason": reason}))
+        else:
+            self.decided.append(((rnd, i), "row", row))
+            lin["current"], lin["parent"] = text, row_id
+        self.evolve(i, rnd + 1)
+
+    def stop(self, i: int, rnd: int, text: str | None, who: str, err: str | None) -> None:
+        """A request of round ``rnd`` failed for good: the lineage stops for this run."""
+        lin = self.lineages[i]
+        lin["stopped"] = rnd
+        self.decided.append(((rnd, i), "rejected", {
+            "id": f"{lin['id']}-r{rnd}", "instruction": text, "epoch": rnd, "parent_id": lin["parent"],
+            "reason": f"{who} error: {err} (request failed for good in round {rnd}: the lineage stops here for "
+                      "this run; a rerun asks this round again)"}))

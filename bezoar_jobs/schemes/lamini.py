@@ -20,10 +20,11 @@ from ..data.io import load_rows, load_template, render, write_jsonl
 from ..errors import BadInput
 from ..estimate import GENERATED_INSTRUCTION_TOKENS, Ask, Typical, mean_tokens, template_tokens
 from ..llm.base import LLMClient, request
+from ..llm.flow import Flow
 from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
-from ..stages.common import Phase, endpoint_info, normalise, open_client
-from ..stages.generate import DOLLY_FIELDS, TeacherClock, finish, req_seed, unit_rng
+from ..stages.common import Phase, endpoint_info, normalise, open_client, run_flow
+from ..stages.generate import DOLLY_FIELDS, TeacherClock, finish, req_seed, text_key, unit_rng
 from ..stages.records import in_shard, stable_hash
 from ..store import Store
 
@@ -217,16 +218,48 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
             )
         items.append((request(rid, prompt, cfg.instruction_decoding, req_seed(ctx, rid)), meta))
 
-    p1 = Phase(ctx, "instructions")
+    # One flow: as soon as a prompt's list is in, each of its instructions that is new against the seeds
+    # and everything answered so far has its response asked, while other lists are still being written.
+    # What is committed is then decided in unit order, exactly as a whole pass decides it (parse, drop
+    # duplicates of the seeds and of earlier units, keep the first max_instructions), so it does not
+    # depend on the order the lists came in: each row's response is asked under the row's id and seed
+    # with the row's own text; the rare row whose near-duplicate (same key, other wording) from a later
+    # unit was answered first is asked again with its own text at the end.
+    p1, p2 = Phase(ctx, "instructions"), Phase(ctx, "responses")
+    seed_keys = {normalise(s) for s in seed_instr}
+    answered: dict[str, str] = {}  # key -> the text asked under it
+
+    def row_id(ins: str) -> str:
+        return "lamini-resp-" + format(stable_hash(normalise(ins)), "016x")
+
+    def respond(flow: Flow, ins: str, source: str, rid: str | None = None) -> None:
+        req = request(rid or row_id(ins), render(t_resp, instruction=ins), cfg.response_decoding,
+                      req_seed(ctx, row_id(ins)))
+        p2.ask(flow, teacher, req, {"instruction": ins, "source": source},
+               lambda res, m: {**m, "response": res.text.strip()})
+
+    def early(rec: dict[str, Any] | None) -> None:
+        for ins in parse_instructions(rec["raw"], cfg.min_instruction_words) if rec else []:
+            key = normalise(ins)
+            if key in seed_keys or key in answered:
+                continue
+            if cfg.max_instructions and len(answered) >= cfg.max_instructions:
+                return
+            answered[key] = ins
+            respond(flow, ins, rec["source"] if rec else "")
+
+    flow = Flow(ctx.name)
+    for req, meta in items:
+        p1.ask(flow, teacher, req, meta, lambda res, m: {**m, "raw": res.text}, then=early)
     with clock:
-        gen = p1.run(teacher, items, lambda res, m: {**m, "raw": res.text})
+        run_flow(ctx, flow, (p1, p2))
     ctx.check_stop()
-    # parse, then deduplicate (against each other and against the seeds), in unit order
-    seen = {normalise(s) for s in seed_instr}
+    # the committed set, in unit order
+    seen = set(seed_keys)
     rejected: list[dict[str, Any]] = []
     candidates: list[tuple[str, str]] = []
     for req, _ in items:
-        rec = gen.get(req.id)
+        rec = p1.log.get(req.id)
         if rec is None:
             continue
         parsed = parse_instructions(rec["raw"], cfg.min_instruction_words)
@@ -241,45 +274,53 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
                 continue
             seen.add(key)
             candidates.append((ins, rec["source"]))
+    n_candidates = len(candidates)
+    duplicates = sum(1 for x in rejected if x["reason"] == "duplicate")
     if cfg.max_instructions:
         candidates = candidates[: cfg.max_instructions]
-    ritems = []
+    # each row's record: the response to exactly its text
+    record_id: dict[str, str] = {}
+    tail = Flow(ctx.name)
     for ins, source in candidates:
-        rid = "lamini-resp-" + format(stable_hash(normalise(ins)), "016x")
-        ritems.append(
-            (
-                request(rid, render(t_resp, instruction=ins), cfg.response_decoding, req_seed(ctx, rid)),
-                {"instruction": ins, "source": source},
-            )
-        )
-    p2 = Phase(ctx, "responses")
-    with clock:
-        resp = p2.run(teacher, ritems, lambda res, m: {**m, "response": res.text.strip()})
+        rid = row_id(ins)
+        rec = p2.log.get(rid)
+        if rec is None and rid in p2.failed:  # failed for good: counted, and a rerun asks again
+            record_id[rid] = rid
+            continue
+        if rec is not None and rec["instruction"] != ins:
+            record_id[rid] = f"{rid}-{text_key(ins)}"
+        else:
+            record_id[rid] = rid
+        if rec is None or record_id[rid] != rid:
+            respond(tail, ins, source, record_id[rid])
+    if tail.asked:
+        with clock:
+            run_flow(ctx, tail, (p2,))
+        ctx.check_stop()
+    ritems = [(row_id(ins), {"instruction": ins, "source": source}) for ins, source in candidates]
     usage = teacher.usage
     if ctx.shard is not None:
         return StageOutput(committed=False)
 
     rows = []
-    for req, m in ritems:
-        rec = resp.get(req.id)
+    for rid, m in ritems:
+        rec = p2.log.get(record_id[rid])
         if rec is None:
-            rejected.append(
-                {"id": req.id, "instruction": m["instruction"], "reason": f"teacher error: {p2.failed.get(req.id)}"}
-            )
+            why = p2.failed.get(record_id[rid])
+            rejected.append({"id": rid, "instruction": m["instruction"], "reason": f"teacher error: {why}"})
         elif not rec["response"].strip():
-            rejected.append({"id": req.id, "instruction": m["instruction"], "reason": "empty response"})
+            rejected.append({"id": rid, "instruction": m["instruction"], "reason": "empty response"})
         else:
-            rows.append(
-                {"id": req.id, "instruction": rec["instruction"], "source": rec["source"], "response": rec["response"]}
-            )
+            rows.append({"id": rid, "instruction": m["instruction"], "source": m["source"],
+                         "response": rec["response"]})
     if not rows:
         raise BadInput(
             "generate-lamini: the teacher's answers gave no usable instruction (see rejected/ and the teacher settings)"
         )
     counts = {
         "prompts": len(items),
-        "raw_instructions": len(candidates) + sum(1 for x in rejected if x["reason"] == "duplicate"),
-        "unique_instructions": len(candidates),
+        "raw_instructions": min(n_candidates, cfg.max_instructions or n_candidates) + duplicates,
+        "unique_instructions": len(ritems),
         "rows": len(rows),
         "rejected": len(rejected),
         "topics": len(topics),
@@ -288,6 +329,7 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
     if topic_rows:
         write_jsonl(ctx.out / "topics.jsonl", topic_rows)
     return finish(ctx, rows, rejected, counts, usage, "LaMini-style instructions and responses", "seeds.dolly",
-                  {"lamini": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher)}, clock=clock)
+                  {"lamini": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher)}, clock=clock,
+                  clients={"teacher": teacher})
 
 

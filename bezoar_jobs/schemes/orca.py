@@ -285,4 +285,4 @@ def generate(ctx: StageContext) -> StageOutput:
               "seeds_too_long": figures["too_long_for_teacher"]}
     return finish(ctx, rows, rejected, counts, usage, "Orca-style explanation answers to Flan tasks", "seeds.flan",
                   {"orca": cfg.model_dump(mode="json"), "teacher": endpoint_info(r.teacher), "sampling": figures},
-                  clock=clock)
+                  clock=clock, clients={"teacher": teacher})

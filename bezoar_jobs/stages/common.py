@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Interrupted, RetryableError
 from ..llm.base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
@@ -23,6 +23,9 @@ from ..recipe import Endpoint
 from ..redact import redact
 from ..runner import StageContext
 from .records import RecordLog, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..llm.flow import Flow
 
 log = logging.getLogger("bezoar")
 
@@ -56,7 +59,9 @@ def causes_text(causes: Counter[str] | dict[str, int]) -> str:
 
 
 class Phase:
-    """One round of requests whose answers are persisted as records (see records.py).
+    """One step of a stage's records (an instruction list, a response, a verdict) whose answers are
+    persisted as records (see records.py); its requests go out through a :class:`~bezoar_jobs.llm.flow.Flow`
+    shared with the stage's other steps.
 
     ``valid(record)``: whether a saved record is a usable answer; one that is not (an unparseable
     verdict) is asked again on a rerun instead of being taken as done.
@@ -71,43 +76,43 @@ class Phase:
         self.failed: dict[str, str] = {}  # request id -> what went wrong
         self.failed_cause: dict[str, str] = {}  # request id -> its cause
         self.causes: Counter[str] = Counter()
-        self.asked = 0
+        self.needed = self.resumed = self.asked = self.answered = self.cached = self.retries = 0
         self.stats: dict[str, Any] = ctx.accounting.setdefault(name, {})
 
-    def _done(self, rid: str) -> bool:
+    def done(self, rid: str) -> dict[str, Any] | None:
+        """The saved record of ``rid`` when it is a usable answer."""
         rec = self.log.get(rid)
-        return rec is not None and (self.valid is None or self.valid(rec))
+        return rec if rec is not None and (self.valid is None or self.valid(rec)) else None
 
-    def run(
+    def ask(
         self,
+        flow: Flow,
         client: LLMClient,
-        items: Sequence[tuple[GenRequest, dict[str, Any]]],
+        req: GenRequest,
+        meta: dict[str, Any],
         make_record: Callable[[GenResult, dict[str, Any]], dict[str, Any]],
-        check: bool = True,
-    ) -> dict[str, dict[str, Any]]:
-        """Ask for every item not done yet; the records of those answered. ``check``: apply the
-        failed-request limit to this phase (a caller that retries failures itself checks at its end)."""
-        todo = [(r, m) for r, m in items if not self._done(r.id)]
-        if len(todo) < len(items):
-            log.info(
-                "%s/%s: %d records already done, %d to ask", self.ctx.name, self.name, len(items) - len(todo), len(todo)
-            )
-        meta = {r.id: m for r, m in todo}
-        answered = cached = 0
+        then: Callable[[dict[str, Any] | None], None] | None = None,
+    ) -> None:
+        """Ask ``req`` unless its record is saved; ``then(record)`` once the record is saved (from the
+        flow's loop), ``then(None)`` when the request failed for good (its error is in ``failed``)."""
+        self.needed += 1
+        rec = self.done(req.id)
+        if rec is not None:
+            self.resumed += 1
+            if then is not None:
+                flow.call_soon(lambda: then(rec))
+            return
+        self.asked += 1
 
         def on_result(res: GenResult) -> None:
-            nonlocal answered, cached
+            self.retries += res.retries
+            record: dict[str, Any] | None = None
             if res.ok:
-                answered += 1
-                cached += 1 if res.cached else 0
+                self.answered += 1
+                self.cached += 1 if res.cached else 0
+                record = {"id": res.id, **make_record(res, meta), "_tokens": [res.prompt_tokens, res.completion_tokens]}
                 try:
-                    self.log.add(
-                        {
-                            "id": res.id,
-                            **make_record(res, meta[res.id]),
-                            "_tokens": [res.prompt_tokens, res.completion_tokens],
-                        }
-                    )
+                    self.log.add(record)
                 except StoreUnavailable as e:  # kept in the spool; ask nothing more, keep what is in flight
                     raise StopRequests(e) from None
             else:
@@ -117,33 +122,86 @@ class Phase:
             if self.ctx.stop_requested():
                 self.log.flush()
                 raise Interrupted(f"{self.ctx.name}: stopped by SIGTERM during {self.name}; records saved")
+            if then is not None:
+                then(record)
 
-        self.asked = len(todo)
-        retries_before = client.usage.retries
-        try:
-            if todo:
-                client.run([r for r, _ in todo], on_result, desc=f"{self.ctx.name}:{self.name}")
-        except StopRequests as e:  # a client without a pool (in process) lets it through
-            raise e.error from None
-        finally:
-            self.log.flush()
-            self.stats.update({
-                "needed": len(items),
-                "resumed": len(items) - len(todo),
-                "asked": len(todo),
-                "answered": answered,
-                "cached": cached,
-                "retries": client.usage.retries - retries_before,
-                "failed": sum(self.causes.values()),
-                "failed_by_cause": dict(self.causes),
-            })
+        flow.ask(client, req, on_result)
+
+    def end(self, check: bool = True) -> None:
+        """Write the pending records and this step's counts; ``check``: apply the failed-request limit
+        (a caller that retries failures itself checks at its end)."""
+        self.log.flush()
+        if self.resumed:
+            log.info("%s/%s: %d records already done, %d asked", self.ctx.name, self.name, self.resumed, self.asked)
+        self.stats.update({
+            "needed": self.needed,
+            "resumed": self.resumed,
+            "asked": self.asked,
+            "answered": self.answered,
+            "cached": self.cached,
+            "retries": self.retries,
+            "failed": sum(self.causes.values()),
+            "failed_by_cause": dict(self.causes),
+        })
         if check:
-            self.check(len(items))
+            self.check(self.needed)
+
+    def run(
+        self,
+        client: LLMClient,
+        items: Sequence[tuple[GenRequest, dict[str, Any]]],
+        make_record: Callable[[GenResult, dict[str, Any]], dict[str, Any]],
+        check: bool = True,
+    ) -> dict[str, dict[str, Any]]:
+        """Ask for every item not done yet, in a flow of its own; the records of those answered."""
+        from ..llm.flow import Flow
+
+        flow = Flow(f"{self.ctx.name}:{self.name}")
+        for req, meta in items:
+            self.ask(flow, client, req, meta, make_record)
+        try:
+            flow.run()
+        finally:
+            self.end(check=False)
+        if check:
+            self.check(self.needed)
         return {r.id: self.log.records[r.id] for r, _ in items if r.id in self.log.records}
 
     def check(self, needed: int) -> None:
         check_losses(self.ctx, f"{self.ctx.name}/{self.name}", needed, self.causes, self.failed,
                      int(self.stats.get("retries", 0)))
+
+
+def run_flow(ctx: StageContext, flow: Flow, phases: Iterable[Phase], check: bool = True) -> None:
+    """Run ``flow`` to its end; then every phase writes its records and counts (and, with ``check``,
+    applies the failed-request limit), also when the flow stopped early. ``phases`` is read after the
+    flow (a live view: steps made while it ran count too)."""
+    try:
+        flow.run()
+    finally:
+        for p in phases:
+            p.end(check=False)
+    if check:
+        for p in phases:
+            p.check(p.needed)
+
+
+def utilization(clients: dict[str, LLMClient], t0: float, t1: float) -> dict[str, Any]:
+    """Per role, the teacher or judge utilization the client saw over [t0, t1] (monotonic): busy
+    slot-seconds (answered attempts in flight, at most the client's slots at once) over
+    capacity-seconds (its slots: the server's capacity, or this pod's share of it)."""
+    from ..llm.base import slot_utilization
+
+    out: dict[str, Any] = {}
+    for role, c in clients.items():
+        cap = c.slot_capacity()
+        if not cap or t1 <= t0:
+            continue
+        iv = [(a, b) for a, b in c.busy_intervals() if b > t0 and a < t1]
+        busy = sum(min(b, t1) - max(a, t0) for a, b in iv)
+        out[role] = {"utilization": round(slot_utilization(iv, cap, t0, t1), 4), "slots": cap,
+                     "span_s": round(t1 - t0, 3), "busy_request_s": round(busy, 3)}
+    return out
 
 
 def check_losses(ctx: StageContext, where: str, needed: int, causes: Counter[str] | dict[str, int],

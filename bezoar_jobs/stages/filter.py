@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections import Counter
 from typing import Any
 
@@ -34,7 +35,7 @@ from ..registry import scheme as scheme_def
 from ..registry import spec
 from ..runner import StageContext, StageOutput
 from ..store import Store
-from .common import Phase, causes_text, check_losses, endpoint_info, open_client, usage_dict
+from .common import Phase, causes_text, check_losses, endpoint_info, open_client, run_flow, usage_dict, utilization
 from .records import stable_hash
 
 log = logging.getLogger("bezoar")
@@ -133,12 +134,14 @@ def run_filter(ctx: StageContext) -> StageOutput:
         prompts[row["id"]] = render(rubric, instruction=ins, response=resp)
     verdicts: dict[str, dict[str, Any]] = {}
     judge = open_client(ctx, r.judge, "judge", cached=cfg.method == "generate", accept=_parses)
+    t0 = time.monotonic()
     try:
         if cfg.method == "logprobs":
             verdicts = _rate_logprobs(ctx, judge, rows, prompts)
         else:
             verdicts = _rate_generate(ctx, judge, rows, prompts)
         usage = judge.usage
+        busy = utilization({"judge": judge}, t0, time.monotonic())
     finally:
         judge.close()
     kept: list[dict[str, Any]] = []
@@ -195,6 +198,7 @@ def run_filter(ctx: StageContext) -> StageOutput:
             "judge": {**endpoint_info(r.judge), "model_id": r.judge.model, "method": cfg.method},
             "usage": {"judge": u},
             "cost_usd": r.judge.cost_usd(u["prompt_tokens"], u["completion_tokens"]),
+            "utilization": busy,
         },
     )
 
@@ -206,55 +210,62 @@ def _parses(res: GenResult) -> bool:
 
 def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any]],
                    prompts: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every row's verdict. A verdict that does not parse (or a request that failed for good) is asked
+    again (attempt 2, 3 ...) as soon as it comes back, in the same flow as the first asks, so re-asks
+    never wait for the whole first pass."""
+    from ..llm.flow import Flow
+
     cfg = ctx.recipe.filter
     verdicts: dict[str, dict[str, Any]] = {}
     raw: dict[str, list[str]] = {row["id"]: [] for row in rows}
     errors: dict[str, tuple[str, str]] = {}  # row -> (cause, message) of its last failed request
-    pending = [row["id"] for row in rows]
-    for attempt in range(1, cfg.max_attempts + 1):
-        items = [
-            (
-                request(
-                    f"{rid}-a{attempt}",
-                    prompts[rid],
-                    cfg.decoding,
-                    stable_hash(ctx.recipe.seed, rid, attempt) % (2**31 - 1),
-                ),
-                {"row": rid},
-            )
-            for rid in pending
-        ]
+    phases: dict[int, Phase] = {}
+    unparseable: Counter[int] = Counter()
+    flow = Flow(f"{ctx.name}:verdicts")
+
+    def phase(attempt: int) -> Phase:
+        if attempt not in phases:
+            phases[attempt] = Phase(ctx, f"verdicts-a{attempt}", valid=_verdict_parses)
+        return phases[attempt]
+
+    def ask(rid: str, attempt: int) -> None:
+        req = request(f"{rid}-a{attempt}", prompts[rid], cfg.decoding,
+                      stable_hash(ctx.recipe.seed, rid, attempt) % (2**31 - 1))
         # a retried ask must not be answered from the first ask's cache: greedy decoding would repeat it
         if attempt > 1 and cfg.decoding.temperature == 0:
-            items = [(_with_temperature(req, cfg.retry_temperature), m) for req, m in items]
-        phase = Phase(ctx, f"verdicts-a{attempt}", valid=lambda rec: parse_verdict(rec["text"]) is not None)
-        # failures are asked again in the next attempt; the limit applies to the rows that fail in the end
-        got = phase.run(judge, items, lambda res, m: {**m, "text": res.text}, check=False)
-        ctx.check_stop()
-        still = []
-        unparseable = 0
-        for rid in pending:
-            rec = got.get(f"{rid}-a{attempt}")
-            if rec is None:
-                still.append(rid)
-                req_id = f"{rid}-a{attempt}"
-                errors[rid] = (phase.failed_cause.get(req_id, "error"), phase.failed.get(req_id, "no answer"))
-                continue
+            req = _with_temperature(req, cfg.retry_temperature)
+        phase(attempt).ask(flow, judge, req, {"row": rid}, lambda res, m: {**m, "text": res.text},
+                           then=lambda rec: answered(rid, attempt, rec))
+
+    def answered(rid: str, attempt: int, rec: dict[str, Any] | None) -> None:
+        if rec is None:
+            req_id = f"{rid}-a{attempt}"
+            p = phases[attempt]
+            errors[rid] = (p.failed_cause.get(req_id, "error"), p.failed.get(req_id, "no answer"))
+        else:
             raw[rid].append(rec["text"])
             v = parse_verdict(rec["text"])
-            if v is None:
-                still.append(rid)
-                unparseable += 1
-                errors.pop(rid, None)
-            else:
+            if v is not None:
                 verdicts[rid] = {**v, "keep": decide(v, cfg.threshold, cfg.require_pass), "cause": None}
                 if verdicts[rid]["status"] is None:
                     verdicts[rid]["status"] = "pass" if verdicts[rid]["keep"] else "fail"
-        phase.stats["unparseable"] = unparseable
-        pending = still
-        if not pending:
-            break
-    for rid in pending:
+                return
+            unparseable[attempt] += 1
+            errors.pop(rid, None)
+        if attempt < cfg.max_attempts:
+            ask(rid, attempt + 1)
+
+    for row in rows:
+        ask(row["id"], 1)
+    # failures are asked again; the limit applies to the rows that fail in the end
+    run_flow(ctx, flow, phases.values(), check=False)
+    for attempt, p in phases.items():
+        p.stats["unparseable"] = unparseable[attempt]
+    ctx.check_stop()
+    for row in rows:
+        rid = row["id"]
+        if rid in verdicts:
+            continue
         if rid in errors and not raw[rid]:
             cause, msg = errors[rid]
             reason = f"the judge request failed for good after {cfg.max_attempts} attempts: {msg}"
@@ -264,6 +275,10 @@ def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any
             reason = f"unparseable verdict after {cfg.max_attempts} attempts: {text[:1000]}"
         verdicts[rid] = {"status": "error", "rating": None, "reason": reason, "keep": False, "cause": cause}
     return verdicts
+
+
+def _verdict_parses(rec: dict[str, Any]) -> bool:
+    return parse_verdict(rec["text"]) is not None
 
 
 def _with_temperature(req: GenRequest, t: float) -> GenRequest:

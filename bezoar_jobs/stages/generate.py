@@ -1,6 +1,8 @@
 """What the generate stages share; each scheme's own logic is its module under ``bezoar_jobs/schemes/``.
 
-A scheme's ``generate(ctx)`` is a sequence of request phases (:class:`bezoar_jobs.stages.common.Phase`).
+A scheme's ``generate(ctx)`` asks its steps (:class:`bezoar_jobs.stages.common.Phase`, one per kind of
+request) through one :class:`bezoar_jobs.llm.flow.Flow`: a record's next step goes out as soon as its
+answer is in, and what is committed is decided from the records in a fixed order.
 Work is split into *units* with stable ids (a LaMini prompt, an Evol-Instruct lineage, an Orca seed
 row); ``--shard i/N`` takes the units whose id hashes to ``i`` mod ``N`` and writes only records. The
 run without ``--shard`` reads the records of every shard, asks for whatever is still missing,
@@ -18,12 +20,12 @@ import time
 from typing import Any
 
 from ..data.io import dataset_card, write_jsonl
-from ..llm.base import UsageTotals
+from ..llm.base import LLMClient, UsageTotals
 from ..recipe_base import Endpoint
 from ..recipe_view import get_path
 from ..runner import StageContext, StageOutput
 from ..training.types import Tokenizer
-from .common import endpoint_info, usage_dict
+from .common import endpoint_info, usage_dict, utilization
 from .records import stable_hash
 
 DOLLY_FIELDS = ("instruction", "context", "response", "category")
@@ -115,10 +117,13 @@ class TeacherClock:
         self.start: float | None = None
         self.end: float | None = None
         self.seconds = 0.0
+        self.mono: tuple[float, float] | None = None  # (first start, last end), monotonic: for utilization
         self._t0: float | None = None
+        self._m0 = 0.0
 
     def __enter__(self) -> TeacherClock:
         self._t0 = time.time()
+        self._m0 = time.monotonic()
         if self.start is None:
             self.start = self._t0
         return self
@@ -127,6 +132,7 @@ class TeacherClock:
         assert self._t0 is not None
         self.end = time.time()
         self.seconds += self.end - self._t0
+        self.mono = (self.mono[0] if self.mono else self._m0, time.monotonic())
         self._t0 = None
 
 
@@ -141,12 +147,14 @@ def finish(
     details: dict[str, Any],
     judge_usage: UsageTotals | None = None,
     clock: TeacherClock | None = None,
+    clients: dict[str, LLMClient] | None = None,
 ) -> StageOutput:
     """Write ``data/train.jsonl`` with its dataset card and ``rejected/``; the manifest's extras.
     ``seed_field`` is the recipe field of the scheme's seed data (``seeds.dolly``): its licence goes
     into the card, its source into the manifest. ``cost_usd`` is every API dollar the stage spent
     (the teacher's tokens when priced, and the judge's, e.g. Evol-Instruct's equality checks);
-    ``teacher_gpu`` the teacher's GPU time over ``clock``'s span."""
+    ``teacher_gpu`` the teacher's GPU time over ``clock``'s span; ``utilization`` what ``clients`` (by
+    role) kept busy of their slots over that span, as the client saw it (:func:`common.utilization`)."""
     source = get_path(ctx.recipe, seed_field)
     data = ctx.out / "data"
     write_jsonl(data / "train.jsonl", rows)
@@ -183,4 +191,6 @@ def finish(
         }
         if hours is not None:
             extra["gpu_hours"] = hours
+    if clock is not None and clock.mono is not None and clients:
+        extra["utilization"] = utilization(clients, *clock.mono)
     return StageOutput(counts=counts, extra=extra)

@@ -151,14 +151,24 @@ four fields the chart knows better filled when empty (documented in values.yaml)
 {{- if not $cs.teacher.deployment }}
 {{- $_ := set $cs.teacher "deployment" (include "openbezoar.teacherName" .) }}
 {{- end }}
+{{- $fleet := gt (int $t.replicas) 1 }}
 {{- if not $cs.teacher.url }}
-{{- $_ := set $cs.teacher "url" (printf "http://%s.%s.svc:%v%s" (include "openbezoar.teacherName" .) .Release.Namespace $t.service.port (ternary "/v1" "" (eq $t.server "vllm"))) }}
+{{- $svc := ternary (printf "%s-replicas" (include "openbezoar.teacherName" .)) (include "openbezoar.teacherName" .) $fleet }}
+{{- $_ := set $cs.teacher "url" (printf "http://%s.%s.svc:%v%s" $svc .Release.Namespace $t.service.port (ternary "/v1" "" (eq $t.server "vllm"))) }}
+{{- end }}
+{{- if $fleet }}
+{{- if not $cs.teacher.discovery }}
+{{- $_ := set $cs.teacher "discovery" "dns" }}
+{{- end }}
+{{- if eq (int $cs.teacher.replicas) 1 }}
+{{- $_ := set $cs.teacher "replicas" (int $t.replicas) }}
+{{- end }}
 {{- end }}
 {{- if not $cs.teacher.backend }}
 {{- $_ := set $cs.teacher "backend" (ternary "openai-completions" "tgi" (eq $t.server "vllm")) }}
 {{- end }}
 {{- if not (int $cs.teacher.maxConcurrentRequests) }}
-{{- $_ := set $cs.teacher "maxConcurrentRequests" (int $t.maxConcurrentRequests) }}
+{{- $_ := set $cs.teacher "maxConcurrentRequests" (mul (int $t.maxConcurrentRequests) (max 1 (int $t.replicas))) }}
 {{- end }}
 {{- $_ := set $cs.teacher "readyTimeoutSeconds" (add (int $t.startupTimeoutSeconds) 900) }}
 {{- end }}
@@ -255,6 +265,10 @@ checkov.io/skip{{ add1 (index . 1) }}: CKV_K8S_15=IfNotPresent with a release ta
 
 {{/* Every invalid combination fails here with a message naming the value. */}}
 {{- define "openbezoar.validate" -}}
+{{- $tc := .Values.teacher.cache }}
+{{- if and .Values.teacher.enabled (gt (int .Values.teacher.replicas) 1) (eq $tc.type "pvc") (not $tc.existingClaim) }}
+{{- fail "openbezoar: teacher.replicas > 1 with teacher.cache.type pvc: a created ReadWriteOnce cache cannot be shared by the replicas; use cache.type emptyDir, or cache.existingClaim on a ReadOnlyMany/ReadWriteMany volume" }}
+{{- end }}
 {{- $dns := "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" }}
 {{- $v := .Values }}
 {{- $id := include "openbezoar.runId" . }}

@@ -1,0 +1,180 @@
+"""A teacher served by several replicas: requests spread over them one by one, not pinned by connections.
+
+A ClusterIP Service balances *connections*; a client that keeps a few keep-alive connections open
+sends everything to the few pods they landed on. So a fleet client picks a replica for every request:
+the healthy one with the fewest of our requests in flight (ties in turn). Where the replicas come from:
+
+* ``BEZOAR_TEACHER_ENDPOINTS``: base URLs, comma-separated (``http://tgi-0:80,http://tgi-1:80``);
+* ``BEZOAR_TEACHER_DISCOVERY=dns``: every address the host of ``teacher.base_url`` resolves to (a
+  headless Service: one A record per ready pod), looked up again every ``DNS_EVERY_S`` seconds, so
+  replicas that come and go are followed.
+
+Health: a replica whose request fails the way a dead or sick server fails (connection refused or
+reset, a timeout, a 5xx, an abandoned attempt) is taken out for ``EJECT_S`` seconds (doubling with
+each failure in a row, up to ``EJECT_MAX_S``); then a ``GET /health`` (TGI's readiness route, 200
+when it serves) decides whether it takes requests again. Its requests are retried by the pool on the
+others (same seed: the same answer). A 429 says the replica is busy, not sick: it stays in. When
+every replica is out, the one that comes back first is used (the pool's retries and backoff apply).
+
+Where the fleet is set: the chart sets the variables for the stage pods (docs/kubernetes.md); they
+never change a stage's parameter hash (where the teacher is served is not what the data depends on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import socket
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger("bezoar.llm")
+
+ENDPOINTS_ENV = "BEZOAR_TEACHER_ENDPOINTS"
+DISCOVERY_ENV = "BEZOAR_TEACHER_DISCOVERY"
+DNS_EVERY_S = 30.0
+EJECT_S = 1.0
+EJECT_MAX_S = 30.0
+HEALTH_TIMEOUT_S = 2.0
+
+# the replica the current attempt goes to (set by the pool around ``_send``)
+REPLICA: contextvars.ContextVar[str | None] = contextvars.ContextVar("bezoar_replica", default=None)
+
+
+@dataclass
+class Replica:
+    url: str
+    in_flight: int = 0
+    failures: int = 0  # in a row
+    out_until: float = 0.0  # ejected until then (monotonic); 0: in
+    probing: bool = False
+    sent: int = 0
+    limit: int | None = None  # requests it may have in flight from this client (its share of its capacity)
+
+
+class Fleet:
+    def __init__(self, urls: list[str], dns_url: str | None = None):
+        self.replicas: dict[str, Replica] = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
+        self.dns_url = dns_url
+        self._dns_at = 0.0
+        self._turn = 0
+
+    @classmethod
+    def from_env(cls, base_url: str | None, environ: Mapping[str, str] | None = None) -> Fleet | None:
+        env = os.environ if environ is None else environ
+        urls = [u.strip() for u in env.get(ENDPOINTS_ENV, "").split(",") if u.strip()]
+        if urls:
+            return cls(urls)
+        if env.get(DISCOVERY_ENV, "").strip().lower() == "dns" and base_url:
+            fleet = cls([], dns_url=base_url)
+            fleet.resolve()
+            return fleet
+        return None
+
+    # ------------------------------------------------------------------ membership
+    def resolve(self) -> None:
+        """The headless Service's addresses, now (blocking: at start and every DNS_EVERY_S)."""
+        assert self.dns_url is not None
+        u = urllib.parse.urlsplit(self.dns_url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        try:
+            infos = socket.getaddrinfo(u.hostname or "", port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            log.warning("teacher fleet: %s does not resolve (%s); keeping %d replica(s)", u.hostname, e,
+                        len(self.replicas))
+            return
+        urls = set()
+        for family, _, _, _, addr in infos:
+            host = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
+            urls.add(urllib.parse.urlunsplit((u.scheme, f"{host}:{port}", u.path.rstrip("/"), "", "")))
+        for url in urls - set(self.replicas):
+            self.replicas[url] = Replica(url)
+        for url in set(self.replicas) - urls:
+            if self.replicas[url].in_flight == 0:
+                del self.replicas[url]
+        self._dns_at = time.monotonic()
+        if not self.replicas:  # nothing resolved: the Service name itself, as without a fleet
+            self.replicas[self.dns_url.rstrip("/")] = Replica(self.dns_url.rstrip("/"))
+
+    def urls(self) -> list[str]:
+        return sorted(self.replicas)
+
+    # ------------------------------------------------------------------ per request
+    def set_limits(self, capacity: Mapping[str, int | None], parties: int) -> None:
+        """Each replica's share: its own capacity (TGI ``/info``) over the pods sharing the fleet."""
+        for url, r in self.replicas.items():
+            n = capacity.get(url)
+            r.limit = max(1, n // parties) if n else None
+
+    async def acquire(self, loop: asyncio.AbstractEventLoop) -> str:
+        """A replica with room for one more request (waits while every live replica is at its limit:
+        with one replica out, the others are not asked for more than they admit)."""
+        while True:
+            url = self.pick(loop)
+            r = self.replicas[url]
+            if r.limit is None or r.in_flight <= r.limit:
+                return url
+            self.done(url, ok=True, count_only=True)
+            await asyncio.sleep(0.02)
+
+    def pick(self, probe: asyncio.AbstractEventLoop | None = None) -> str:
+        """The replica for the next attempt (its in-flight count taken)."""
+        now = time.monotonic()
+        if self.dns_url and now - self._dns_at > DNS_EVERY_S:
+            self.resolve()
+        live = [r for r in self.replicas.values() if r.out_until == 0.0]
+        if probe is not None:
+            for r in self.replicas.values():
+                if r.out_until and now >= r.out_until and not r.probing:
+                    r.probing = True
+                    probe.create_task(self._probe(r))
+        if not live:  # every replica is out: the one back first
+            live = [min(self.replicas.values(), key=lambda r: r.out_until)]
+        self._turn += 1
+        best = min(live, key=lambda r: (r.in_flight / (r.limit or 1), (hash(r.url) + self._turn) % 997))
+        best.in_flight += 1
+        best.sent += 1
+        return best.url
+
+    def done(self, url: str, ok: bool, sick: bool = False, count_only: bool = False) -> None:
+        r = self.replicas.get(url)
+        if r is None:
+            return
+        r.in_flight -= 1
+        if count_only:
+            r.sent -= 1
+            return
+        if ok:
+            r.failures = 0
+        elif sick:
+            r.failures += 1
+            delay = min(EJECT_MAX_S, EJECT_S * 2 ** (r.failures - 1))
+            if r.out_until == 0.0:
+                log.warning("teacher fleet: replica %s taken out for %.0f s after a failure", url, delay)
+            r.out_until = time.monotonic() + delay
+
+    async def _probe(self, r: Replica) -> None:
+        """GET /health of an ejected replica: back in on 200, out for longer otherwise."""
+        import urllib.request
+
+        def get() -> bool:
+            try:
+                with urllib.request.urlopen(r.url + "/health", timeout=HEALTH_TIMEOUT_S) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        try:
+            healthy = await asyncio.get_running_loop().run_in_executor(None, get)
+        finally:
+            r.probing = False
+        if healthy:
+            r.out_until = 0.0
+            log.info("teacher fleet: replica %s is healthy again", r.url)
+        else:
+            r.failures += 1
+            r.out_until = time.monotonic() + min(EJECT_MAX_S, EJECT_S * 2 ** (r.failures - 1))

@@ -1,0 +1,298 @@
+"""Records flow through their steps instead of waiting for whole phases; tails do not idle the pool;
+the scripted server honours the output limits the APIs define (issue 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import pytest
+
+from bezoar_jobs.llm import GenRequest, make_client
+from bezoar_jobs.manifest import read_manifest
+from bezoar_jobs.store import open_store
+from tests.llm_server import LLMTestServer, count_tokens, running
+from tests.scripted import scripted_answer, scripted_recipe
+from tests.test_llm_clients import endpoint, per_prompt, run_all
+from tests.test_schemes_e2e import bezoar, dolly_file, evolving_script
+
+
+# ----------------------------------------------------------------------------------------------
+# the scripted server: output limits as the APIs define them
+# ----------------------------------------------------------------------------------------------
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_scripted_server_honours_max_completion_tokens_and_the_tgi_default():
+    long = " ".join(f"w{i}" for i in range(300))
+    with LLMTestServer(script=lambda p: long) as srv:
+        chat = srv.url + "/v1/chat/completions"
+        msgs = [{"role": "user", "content": "hi"}]
+        status, body = _post(chat, {"model": "m", "messages": msgs, "max_completion_tokens": 8})
+        assert status == 200 and body["usage"]["completion_tokens"] == 8
+        assert count_tokens(body["choices"][0]["message"]["content"]) == 8
+        assert body["choices"][0]["finish_reason"] == "length"
+        # max_tokens is the deprecated alias; without a limit a chat answer is not cut
+        assert _post(chat, {"model": "m", "messages": msgs, "max_tokens": 5})[1]["usage"]["completion_tokens"] == 5
+        assert _post(chat, {"model": "m", "messages": msgs})[1]["usage"]["completion_tokens"] == 300
+        assert _post(chat, {"model": "m", "messages": msgs, "max_completion_tokens": 0})[0] == 400
+        # the legacy completions API knows only max_tokens (default 16)
+        comp = srv.url + "/v1/completions"
+        assert _post(comp, {"model": "m", "prompt": "x", "max_completion_tokens": 8})[0] == 400
+        assert _post(comp, {"model": "m", "prompt": "x"})[1]["usage"]["completion_tokens"] == 16
+        # TGI: max_new_tokens, default 100
+        status, out = _post(srv.url + "/generate", {"inputs": "x", "parameters": {"details": True}})
+        assert status == 200 and out["details"]["generated_tokens"] == 100
+        status, out = _post(srv.url + "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 8}})
+        assert out["details"]["generated_tokens"] == 8
+        with urllib.request.urlopen(srv.url + "/health", timeout=5) as r:
+            assert r.status == 200
+
+
+def test_equality_checks_decode_only_the_tokens_they_ask_for():
+    """The judge's equality check asks for 8 tokens: a chat judge that would write more is cut there."""
+    with LLMTestServer(script=lambda p: "Different, because " + "word " * 200) as srv:
+        client = make_client(endpoint("openai-chat", srv))
+        out = run_all(client, [GenRequest(id="e", user="Task A: x\nTask B: y", max_new_tokens=8)])
+        assert out["e"].completion_tokens == 8 and srv.calls[0].output_tokens == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# tails: deadlines from the latency distribution, Retry-After without idling the pool
+# ----------------------------------------------------------------------------------------------
+def test_a_hung_request_is_hedged_or_abandoned_past_the_p99_and_sent_again_with_its_seed():
+    with running(rule=per_prompt({"sleepy": ["hang"]}), hang_s=30, latency=0.01) as srv:
+        client = make_client(endpoint("tgi", srv, timeout_s=25.0, max_retries=0))
+        reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(70)]
+        reqs.insert(60, GenRequest(id="s", user="sleepy", seed=1234))
+        t0 = time.monotonic()
+        out = run_all(client, reqs)
+        took = time.monotonic() - t0
+    assert all(r.ok for r in out.values())
+    # abandoned once far past the running p99 (the 1 s floor here), not after timeout_s=25
+    assert took < 8, took
+    sleepy = [c for c in srv.calls if "sleepy" in c.prompt]
+    assert len(sleepy) == 2 and sleepy[0].seed == sleepy[1].seed == 1234
+    assert sleepy[1].arrived - sleepy[0].arrived < 5
+    # answered by a duplicate (hedged past the p99) or sent again at the deadline: no attempt used up
+    assert out["s"].retries == 0 and client.usage.retries <= 1
+
+
+def test_one_retry_after_does_not_pause_the_whole_pool():
+    """A Retry-After paused every new attempt of the pool: one 429 among many answers idled the server."""
+    with running(rule=per_prompt({"unlucky": ["429"]}), retry_after="1.5", latency=0.02) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=4))
+        reqs = [GenRequest(id="u", user="unlucky")] + [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(120)]
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    unlucky = [c for c in srv.calls if "unlucky" in c.prompt]
+    assert len(unlucky) == 2 and unlucky[1].arrived - unlucky[0].finished >= 1.4  # honoured for that request
+    refused_at = unlucky[0].finished
+    meanwhile = [c for c in srv.calls if refused_at < c.arrived < refused_at + 1.0]
+    assert len(meanwhile) >= 20, len(meanwhile)
+
+
+# ----------------------------------------------------------------------------------------------
+# records flow; the committed data does not depend on the timing
+# ----------------------------------------------------------------------------------------------
+def _slow_some(prompt: str) -> float:
+    """A quarter of the prompts take 0.4 s, the rest 10 ms: fixed per prompt."""
+    return 0.4 if zlib.crc32(prompt.encode()) % 4 == 0 else 0.01
+
+
+def _stage(tmp_path, name: str, stage: str, latency, script=scripted_answer, pre: tuple[str, ...] = (),
+           **overrides) -> tuple[LLMTestServer, str, str]:
+    d = tmp_path / name
+    d.mkdir()
+    with LLMTestServer(script=script, api_key="test-key", latency=latency) as srv:
+        recipe = scripted_recipe(d, srv.url, **overrides)
+        res = bezoar(*pre, "stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
+        assert res.returncode == 0, res.stderr[-3000:]
+    return srv, str(d / "run"), res.stderr
+
+
+def _files(run: str, stage: str) -> tuple[str, str]:
+    base = f"{run}/{stage}"
+    rej = f"{base}/rejected/rejected.jsonl"
+    return open(f"{base}/data/train.jsonl").read(), open(rej).read() if os.path.exists(rej) else ""
+
+
+def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_the_same_rows(tmp_path):
+    kw = {"generation.lamini.example_prompts": 8, "generation.lamini.topic_prompts": 4,
+          "generation.lamini.max_instructions": 40}
+    _, fast, _ = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
+    srv, slow, err = _stage(tmp_path, "slow", "generate-lamini", _slow_some, pre=("--log-format", "json"), **kw)
+    assert _files(fast, "generate-lamini") == _files(slow, "generate-lamini")
+    lists = [c for c in srv.calls if "<example>" in c.prompt and "Write" in c.prompt]
+    answers = [c for c in srv.calls if c not in lists]
+    assert min(c.arrived for c in answers) < max(c.finished for c in lists)  # no barrier between the steps
+    # the cap: responses asked as lists come in stop at max_instructions; the committed rows are the
+    # first 40 in unit order (those not asked yet are asked at the end)
+    assert read_manifest(open_store(slow), "generate-lamini")["counts"]["unique_instructions"] == 40
+    assert 40 <= len(answers) <= 80
+    u = read_manifest(open_store(slow), "generate-lamini")["utilization"]["teacher"]
+    assert 0 < u["utilization"] <= 1 and u["slots"] == 8
+    # visible: `bezoar status` shows it; --log-format json gives one JSON object per event, no progress bar
+    status = bezoar("status", "--run", slow)
+    assert f"teacher busy {u['utilization']:.2f}" in status.stdout
+    events = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
+    done = [e for e in events if e.get("event") == "flow_done"]
+    assert done and {e["stage"] for e in done} == {"generate-lamini"} and sum(e["done"] for e in done) == len(srv.calls)
+    assert {"req_per_s", "tok_per_s", "in_flight", "retries", "failed"} <= set(done[0])
+
+
+def test_evol_lineages_move_on_their_own_and_commit_the_same_rows_whatever_the_timing(tmp_path):
+    kw = {"seeds.dolly": {"path": str(dolly_file(tmp_path))}, "generation.evol.seeds": 12,
+          "generation.evol.rounds": 2}
+    _, fast, _ = _stage(tmp_path, "fast", "generate-evol", 0.0, script=evolving_script(), **kw)
+    srv, slow, _ = _stage(tmp_path, "slow", "generate-evol", _slow_some, script=evolving_script(), **kw)
+    assert _files(fast, "generate-evol") == _files(slow, "generate-evol")
+    evolves = [c for c in srv.calls if c.prompt.rstrip().endswith("task:<|endoftext|><|answer|>")]
+    second = [c for c in evolves if "explain step" in c.prompt]  # evolving a round-1 evolution
+    checks = [c for c in srv.calls if "Task A:" in c.prompt and "explain step" not in c.prompt.split("Task B:")[0]]
+    assert second and checks
+    # a lineage started round 2 while other lineages' round-1 equality checks were still being answered
+    assert min(c.arrived for c in second) < max(c.finished for c in checks)
+    m = read_manifest(open_store(slow), "generate-evol")
+    assert set(m["utilization"]) == {"teacher", "judge"}
+
+
+def test_filter_asks_again_as_soon_as_a_verdict_fails_to_parse(tmp_path):
+    """A re-ask waited for the whole first pass of verdicts."""
+    d = tmp_path / "f"
+    d.mkdir()
+
+    def judge(prompt: str, params: dict) -> str:
+        # the greedy first verdict of a third of the rows does not parse; the re-ask (sampled) does
+        if "Reply with JSON only" in prompt and zlib.crc32(prompt.encode()) % 3 == 0 and params.get("temperature") == 0:
+            return "I cannot decide."
+        return scripted_answer(prompt)
+
+    with LLMTestServer(script=judge, api_key="test-key", latency=_slow_some) as srv:
+        recipe = scripted_recipe(d, srv.url, **{"generation.lamini.example_prompts": 6,
+                                                "generation.lamini.topic_prompts": 0,
+                                                "filter.decoding": {"max_new_tokens": 64, "temperature": 0}})
+        for stage in ("generate-lamini", "filter-lamini"):
+            res = bezoar("stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
+            assert res.returncode == 0, res.stderr[-3000:]
+    verdicts = [c for c in srv.calls if "Reply with JSON only" in c.prompt]
+    first = [c for c in verdicts if c.params.get("temperature") == 0]
+    again = [c for c in verdicts if c.params.get("temperature") != 0]
+    assert again and min(c.arrived for c in again) < max(c.finished for c in first)
+    m = read_manifest(open_store(str(d / "run")), "filter-lamini")
+    assert m["counts"]["failed"] == 0 and m["requests"]["phases"]["verdicts-a2"]["needed"] == len(again)
+
+
+# ----------------------------------------------------------------------------------------------
+# the generate stages share one teacher: run together by default
+# ----------------------------------------------------------------------------------------------
+class _Backend:
+    """Stages 'run' until the scheduler waits; each wait ends the oldest one."""
+
+    wait_on_failure = True
+
+    def __init__(self) -> None:
+        self.parallel = 1
+        self.live: list[str] = []
+        self.together: list[set[str]] = []
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def cancel(self) -> None: ...
+    def stage_done(self, stage: str, skipped: bool) -> None: ...
+    def logs(self, stage: str) -> list[str]:
+        return []
+
+    def running(self) -> list[str]:
+        return list(self.live)
+
+    def submit(self, stage: str) -> None:
+        self.live.append(stage)
+        self.together.append(set(self.live))
+
+    def wait(self, timeout: float):
+        from bezoar_jobs.executors.scheduler import StageEvent
+
+        return [StageEvent(self.live.pop(0), 0)] if self.live else []
+
+
+@pytest.mark.parametrize("backend", ["tgi", "local"])
+def test_the_generate_stages_run_together_by_default_when_they_share_a_teacher_server(tmp_path, monkeypatch, backend):
+    from bezoar_jobs.executors import scheduler
+    from bezoar_jobs.recipe import load_recipe
+
+    rec = scripted_recipe(tmp_path, "http://127.0.0.1:9", **({"teacher": {"backend": "local", "model": "x"}}
+                                                                if backend == "local" else {}))
+    recipe, _ = load_recipe(rec)
+    monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in done, "stub"))
+    done: set[str] = set()
+    b = _Backend()
+    orig = b.wait
+
+    def wait(timeout: float):
+        evs = orig(timeout)
+        done.update(e.stage for e in evs)
+        return evs
+
+    b.wait = wait  # type: ignore[method-assign]
+    stages = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini"]
+    out = scheduler.Scheduler(b, open_store(str(tmp_path / "run")), recipe, lambda m: None).run(stages)
+    assert out.exit_code == 0 and set(out.committed) == set(stages)
+    biggest = max(b.together, key=len)
+    if backend == "tgi":  # one slot of --parallel 1 for the three teacher stages; the filter waits its turn
+        assert biggest == {"generate-lamini", "generate-evol", "generate-orca"}
+    else:  # an in-process teacher is a model per process: one at a time
+        assert len(biggest) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# a fleet of replicas
+# ----------------------------------------------------------------------------------------------
+def test_a_fleet_spreads_requests_per_request_and_survives_a_replica_that_dies(monkeypatch):
+    with running(latency=0.02, max_concurrent_requests=4) as a, running(latency=0.02, max_concurrent_requests=4) as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        client = make_client(endpoint("tgi", a, max_concurrency=8), role="teacher")
+        assert client.slot_capacity() == 8  # the budget: both replicas' /info
+        n = [0]
+
+        def rule(prompt: str) -> str | None:
+            n[0] += 1
+            if n[0] == 20:  # the second replica goes away: refused connections from now on
+                b.healthy = False
+                asyncio.run_coroutine_threadsafe(b.stop_async(), b._loop).result(5)  # type: ignore[arg-type]
+            return None
+
+        a.rule = rule
+        out = run_all(client, [GenRequest(id=f"r{i}", user=f"prompt {i}", seed=i) for i in range(120)])
+        assert all(r.ok for r in out.values()) and len(out) == 120  # nothing lost
+        ok_a = sum(1 for c in a.calls if c.status == 200)
+        ok_b = sum(1 for c in b.calls if c.status == 200)
+        assert ok_a + ok_b >= 120 and ok_b >= 8  # both served before b went away (a hedge may be answered twice)
+        assert a.max_in_flight <= 4 and b.max_in_flight <= 4  # each replica within its own limit
+
+
+def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():
+    from bezoar_jobs.llm.fleet import Fleet
+
+    fleet = Fleet.from_env("http://localhost:8080", {"BEZOAR_TEACHER_DISCOVERY": "dns"})
+    assert fleet is not None and "http://127.0.0.1:8080" in fleet.urls()  # every address of the name
+    assert Fleet.from_env("http://localhost:8080", {}) is None  # no fleet unless asked
+    two = Fleet(["http://a:1", "http://b:1"])
+    picks = [two.pick() for _ in range(4)]
+    assert sorted(picks) == ["http://a:1", "http://a:1", "http://b:1", "http://b:1"]  # spread, not pinned
+    for u in picks:
+        two.done(u, ok=True)
+    two.done(two.pick(), ok=False, sick=True)  # the replica that failed is taken out ...
+    out = next(r for r in two.replicas.values() if r.out_until)
+    assert {two.pick() for _ in range(3)} == {u for u in two.urls() if u != out.url}  # ... and not picked
