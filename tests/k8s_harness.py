@@ -1842,7 +1842,8 @@ def write_plan(path: Path, plan: dict[str, dict[str, Any]]) -> dict[str, str]:
     ``exit`` (exit with this code instead of committing), ``fail_times`` (exit 3 on the first N
     attempts), ``no_manifest`` (exit 0 without committing), ``require_env`` (env names that must be
     set), ``require_files_env`` (env names that must point at readable files), ``shards`` (N: the
-    unsharded run requires all N shard markers).
+    unsharded run requires all N shard markers), ``until_file`` (after the sleep, wait up to 120 s
+    for this file to exist).
     """
     path.write_text(json.dumps(plan))
     return {"BEZOAR_FAKE_PLAN": str(path)}
@@ -1909,6 +1910,10 @@ def fake_stage_main(argv: list[str]) -> int:
     end = time.time() + float(st.get("sleep", 0))
     while time.time() < end:
         time.sleep(0.02)
+    if st.get("until_file"):  # hold until the test says so (bounded), for orderings load must not decide
+        end = time.time() + 120
+        while not Path(st["until_file"]).exists() and time.time() < end:
+            time.sleep(0.02)
     if attempt < int(st.get("fail_times", 0)):
         print(f"{a.name}: transient failure on attempt {attempt}", flush=True)
         return 3

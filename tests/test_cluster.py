@@ -31,7 +31,7 @@ from bezoar_jobs.executors.cluster import ClusterSettings
 from bezoar_jobs.manifest import read_manifest
 from bezoar_jobs.store import open_store
 from tests import infra_tools
-from tests.k8s_harness import FakeCluster, default_entrypoints, fake_entrypoints, write_plan
+from tests.k8s_harness import FakeCluster, default_entrypoints, fake_calls, fake_entrypoints, write_plan
 from tests.k8s_kueue import Kueue
 from tests.k8s_nodes import Node
 
@@ -323,14 +323,18 @@ def test_a_run_does_not_take_the_teacher_from_another_run(tmp_path):
     with Env(tmp_path) as e:
         e.fc.add_deployment(NS, "teacher", replicas=0, ready_delay=0.2)
         cluster = e.settings(teacher={"deployment": "teacher", "url": "http://teacher:80", "leaseSeconds": 60})
-        e.plan(**{s.replace("-", "_"): {"sleep": 0.5} for s in GEN})
+        go = e.fake / "run-b-holds-a-lease"  # (shared with the pods) run A's stages end only once run B holds its lease
+        e.plan(**{s.replace("-", "_"): {"sleep": 0.5, "until_file": str(go)} for s in GEN})
         ta, ra = in_thread(lambda: e.run(GEN, cluster, run="run-a"))
-        e.fc.wait_for(lambda: any(p["status"]["phase"] == "Running" for p in e.fc.pods(NS)), timeout=30,
-                      what="run A generating")
+        # every stage of run A has read its plan (a pod Running may not have started its process yet)
+        e.fc.wait_for(lambda: len(fake_calls(e.plan_path)) >= len(GEN), timeout=60, what="run A generating")
         long_plan = {s: {"sleep": 0.5} for s in GEN}
         long_plan["generate-evol"] = {"sleep": 6}
         write_plan(e.plan_path, long_plan)
         tb, rb = in_thread(lambda: e.run(GEN, cluster, run="run-b"))
+        e.fc.wait_for(lambda: "leases.bezoar.dev/run-b" in e.fc.deployment(NS, "teacher")["metadata"].get(
+            "annotations", {}), timeout=60, what="run B's lease on the teacher")
+        go.touch()
         ta.join(60)
         assert ra and ra[0][0] == 0, ra[0][1] if ra else "run A did not finish"
         assert "lease released, Deployment teacher stays up for run(s) run-b" in ra[0][1]
