@@ -152,6 +152,21 @@ def test_every_object_validates_strict(rendered: dict[str, list[dict[str, Any]]]
     }
 
 
+def test_objects_rendered_into_the_default_namespace_validate_strict(helm: tuple[str, dict[str, str]]) -> None:
+    """What a scan renders (`helm template` without -n, namespace "default") carries checkov skip
+    annotations; they belong under metadata: the teacher Service once put them under spec too, a field
+    a strict API server refuses."""
+    for scenario in SCENARIOS:
+        proc = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", "default", *values_files(scenario),
+                        "--set", "teacher.replicas=2", "--set", "teacher.cache.type=emptyDir")
+        assert proc.returncode == 0, proc.stderr
+        for d in (d for d in yaml.safe_load_all(proc.stdout) if d):
+            try:
+                kubernetes_validate.validate(d, K8S_VERSIONS[-1], strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{scenario} in default: {d['kind']}/{d['metadata']['name']}: {e.message}")
+
+
 def test_strict_validation_catches_unknown_fields(rendered: dict[str, list[dict[str, Any]]]) -> None:
     # A control for the test above: a misspelt field must fail.
     job = copy.deepcopy(one(rendered["base"], "Job"))
