@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import BadInput
+from ..ranks import world
 from ..runner import StageContext, StageOutput
 from ..training.types import Tokenizer, Trainer
 
@@ -45,6 +46,12 @@ def prepare(ctx: StageContext) -> StageConfigs:
         # stage's output it is committed with the stage
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.out / "tensorboard")
     log.info("%s: %s", ctx.name, configs.plan.description)
+    d = configs.distributed
+    if d.get("world_size", 1) > 1:
+        log.info("%s: %d processes (rank %d): global batch %d kept = %d per device x %d accumulation x %d ranks "
+                 "(the recipe: %d x %d on one device)", ctx.name, d["world_size"], world().rank, d["global_batch"],
+                 d["per_device_batch"], d["gradient_accumulation_steps"], d["world_size"],
+                 d["recipe_per_device_batch"], d["recipe_gradient_accumulation_steps"])
     return configs
 
 
@@ -82,9 +89,11 @@ def train(ctx: StageContext, trainer: Trainer, configs: StageConfigs, counter: C
     from ..training.checkpoint import StoreCheckpoints
 
     ckpts = StoreCheckpoints(ctx.work, fingerprint(ctx), keep=ctx.recipe.training.keep_checkpoints)
+    # in a group, rank 0 alone writes the stage's metrics (every rank sees the same, all-reduced, losses)
+    record = ctx.metrics if world().zero else (lambda rec: None)
     return run.train(
         ctx.name, trainer, counter, ckpts, Path(configs.trainer_args.output_dir), ctx.scratch / "adapter",
-        ctx.out / "metrics.jsonl", configs.plan.cuda, ctx.stop_requested, ctx.metrics,
+        ctx.out / "metrics.jsonl", configs.plan.cuda, ctx.stop_requested, record,
     )
 
 
@@ -118,10 +127,13 @@ def finish(
     extra: dict[str, Any] | None = None,
     data_dirs: list[Path] | None = None,
 ) -> StageOutput:
-    """Merge, write the model card, optionally push; the stage's output."""
+    """Merge, write the model card, optionally push; the stage's output. In a group, rank 0 alone merges
+    and commits; the other ranks are done once training is."""
     from ..training.card import write_model_card
     from ..training.lora import base_licence, merge_adapter
 
+    if not world().zero:
+        return StageOutput(committed=False)
     t = ctx.recipe.training
     model_dir = ctx.out / "model"
     t0 = time.time()
@@ -171,6 +183,11 @@ def finish(
                 "merge_seconds": round(merge_s, 2),
                 "merged": merged,
                 "base_licence": lic,
+                # the processes it trained on and how the recipe's global batch was split over them
+                "distributed": {**configs.distributed, "launcher": "torch.distributed.run"
+                                if configs.distributed.get("world_size", 1) > 1 else None,
+                                "backend": getattr(configs.trainer_args, "ddp_backend", None)
+                                if configs.distributed.get("world_size", 1) > 1 else None},
                 **(extra or {}),
             },
             "data": data,

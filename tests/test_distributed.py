@@ -1,0 +1,192 @@
+"""One training stage on several processes under torch.distributed.run (gloo on CPU), on the tiny model.
+
+- two ranks train like one at the same global batch: the same loss at every step and the same merged
+  weights (within 1e-5: only the order of float additions differs), through `bezoar run --nproc-per-node 2`;
+- a rank killed mid-training: the launcher stops the group and exits non-zero, nothing is committed; a
+  rerun with another world size is refused (exit 2) naming both sizes; a rerun with the same shape
+  resumes every rank from the same checkpoint and commits the same weights as the uninterrupted run;
+- the split of the global batch, and what cannot be split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bezoar_jobs.errors import EXIT_BAD_INPUT, BadInput
+from bezoar_jobs.manifest import read_manifest
+from bezoar_jobs.store import open_store
+
+try:  # tests/ is not a package today
+    from tests.test_training import _complete_steps, commit_filter, lamini_rows, make_recipe, training_section
+    from tests.tiny_model import build_tiny_model
+except ImportError:  # pragma: no cover
+    from test_training import _complete_steps, commit_filter, lamini_rows, make_recipe, training_section  # type: ignore
+    from tiny_model import build_tiny_model  # type: ignore[no-redef]
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 40, 10
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _bezoar(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bezoar_jobs.cli", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(run: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "sft-lamini" / "model" / "model.safetensors")
+
+
+def _losses(run: Path) -> list[float]:
+    lines = (run / "sft-lamini" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    per_step = {}
+    for rec in map(json.loads, lines):
+        if "loss" in rec and "event" not in rec:
+            per_step[rec["step"]] = rec["loss"]
+    return [per_step[s] for s in sorted(per_step)]
+
+
+def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("dist")
+    tiny = build_tiny_model(tmp / "model")
+    # the recipe's global batch: 2 examples x 2 accumulation steps on one device. Without dropout one and two
+    # ranks compute the same thing; with it (the kill test) the result depends on every rank's restored RNG
+    # state, and one and two ranks draw different masks (each rank has its own generator)
+    sft = {"max_steps": STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+           "learning_rate": 3e-3}
+    paths = {}
+    for dropout in (0.0, 0.1):
+        d = tmp / f"dropout-{dropout}"
+        d.mkdir()
+        training = training_section(checkpoint_every=EVERY, lora={"lora_dropout": dropout}, sft_args=sft)
+        paths[dropout] = make_recipe(d, tiny, training)[1]
+    runs = {}
+    for name in ("one", "two", "killed", "uninterrupted"):
+        runs[name] = tmp / name
+        commit_filter(open_store(runs[name]), "lamini", lamini_rows(16), tmp)
+    return {"tmp": tmp, "recipe_path": paths[0.0], "dropout_recipe": paths[0.1], "runs": runs}
+
+
+def test_global_batch_split_keeps_the_recipes_batch() -> None:
+    from bezoar_jobs.training.config import split_global_batch
+
+    def split(b: int, g: int, w: int) -> tuple[int, int]:
+        kw = {"per_device_train_batch_size": b, "gradient_accumulation_steps": g}
+        got = split_global_batch(kw, w, "training.sft_args")
+        assert got["global_batch"] == b * g == kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] * w
+        return kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]
+
+    assert split(4, 4, 1) == (4, 4)
+    assert split(4, 4, 2) == (4, 2)  # the paper's 16 on 2 GPUs: the same micro-batches, half the accumulation
+    assert split(4, 4, 4) == (4, 1)
+    assert split(4, 4, 8) == (2, 1)  # more ranks than accumulation steps: smaller micro-batches
+    assert split(3, 1, 3) == (1, 1)
+    with pytest.raises(BadInput, match=r"training.sft_args: the global batch of 6 .* cannot be split evenly over 4"):
+        split(3, 2, 4)
+
+
+def test_two_ranks_train_like_one_at_the_same_global_batch(setup: dict[str, Any]) -> None:
+    import torch
+
+    one, two, rp = setup["runs"]["one"], setup["runs"]["two"], str(setup["recipe_path"])
+    p1 = _bezoar("stage", "sft-lamini", "--recipe", rp, "--run", str(one))
+    _, err1 = p1.communicate(timeout=300)
+    assert p1.returncode == 0, err1[-3000:]
+    p2 = _bezoar("run", "--recipe", rp, "--run", str(two), "--only", "sft-lamini", "--nproc-per-node", "2")
+    _, err2 = p2.communicate(timeout=300)
+    assert p2.returncode == 0, err2[-3000:]
+    assert "global batch 4 kept = 2 per device x 1 accumulation x 2 ranks" in err2
+    m = read_manifest(open_store(two), "sft-lamini")
+    d = m["training"]["distributed"]
+    assert d["world_size"] == 2 and d["global_batch"] == 4 and d["per_device_batch"] == 2
+    assert d["gradient_accumulation_steps"] == 1 and d["launcher"] == "torch.distributed.run" and d["backend"] == "gloo"
+    ref = read_manifest(open_store(one), "sft-lamini")["training"]
+    assert ref["distributed"]["world_size"] == 1
+    # both ranks' batches are counted, not rank 0's alone
+    assert m["training"]["real_tokens"] == ref["real_tokens"]
+    assert m["counts"]["steps"] == STEPS
+    # the loss curve and the merged weights: equal up to the order of float additions
+    assert torch.allclose(torch.tensor(_losses(two)), torch.tensor(_losses(one)), atol=1e-5)
+    assert len(_losses(two)) == STEPS
+    assert _max_diff(_weights(one), _weights(two)) < 1e-5
+    # rank 0 alone wrote checkpoints: one per step, each with both ranks' RNG states
+    marker = json.loads((two / "sft-lamini/_work/checkpoints" / f"step-{STEPS}" / "COMPLETE").read_text())
+    assert marker["world_size"] == 2
+    assert {"trainer/rng_state_0.pth", "trainer/rng_state_1.pth"} <= set(marker["files"])
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the worker with RANK=rank among the launcher's children."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_reruns_to_the_same_weights(setup: dict[str, Any]) -> None:
+    run, rp = setup["runs"]["killed"], str(setup["dropout_recipe"])
+    store = open_store(run)
+    args = ("stage", "sft-lamini", "--recipe", rp, "--run", str(run))
+    p = _bezoar(*args, "--nproc-per-node", "2")
+    end = time.time() + 240
+    while not _complete_steps(store, "sft-lamini"):
+        assert p.poll() is None and time.time() < end, "no checkpoint before the launcher ended"
+        time.sleep(0.02)
+    pid = _rank_pid(p.pid, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGKILL, err[-3000:]  # the killed worker's own code, not torchrun's 1
+    assert "worker rank 1 failed" in err
+    assert read_manifest(store, "sft-lamini") is None
+    killed_at = max(_complete_steps(store, "sft-lamini"))
+    assert 0 < killed_at < STEPS
+
+    # another world size: refused, naming both, nothing trained or deleted
+    p = _bezoar(*args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == EXIT_BAD_INPUT, err[-3000:]
+    assert "written by 2 training process(es) and this attempt runs 1" in err
+    assert max(_complete_steps(store, "sft-lamini")) == killed_at
+
+    # the same shape: every rank resumes from the same checkpoint, and the result is the uninterrupted run's
+    p = _bezoar(*args, "--nproc-per-node", "2")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert err.count(f"resuming from the checkpoint at step {killed_at}") == 2  # both ranks
+    m = read_manifest(store, "sft-lamini")
+    assert m["training"]["resumed_from_step"] == killed_at and m["counts"]["steps"] == STEPS
+    ref = setup["runs"]["uninterrupted"]
+    p = _bezoar("stage", "sft-lamini", "--recipe", rp, "--run", str(ref), "--nproc-per-node", "2")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert _max_diff(_weights(ref), _weights(run)) < 1e-5
+    assert _losses(run) == pytest.approx(_losses(ref), abs=1e-5)
+    assert len(_losses(run)) == STEPS
