@@ -190,3 +190,65 @@ def test_a_killed_rank_reruns_to_the_same_weights(setup: dict[str, Any]) -> None
     assert _max_diff(_weights(ref), _weights(run)) < 1e-5
     assert _losses(run) == pytest.approx(_losses(ref), abs=1e-5)
     assert len(_losses(run)) == STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: a 2-pod training group as an Indexed Job + headless Service, in the loopback harness
+# ---------------------------------------------------------------------------------------------
+def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: Path) -> None:
+    """The controller creates the group's headless Service and Indexed Job; each pod (sandboxed: its own
+    user, read-only root, only its mounts) resolves node 0 as <job>-0.<service> through cluster DNS, the
+    two torch.distributed.run agents meet there over loopback, rank 0 commits."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    tiny = build_tiny_model(runs / "model")  # on the runs volume: the pods see nothing else of this machine
+    training = training_section(checkpoint_every=5, sft_args={"max_steps": 10, "per_device_train_batch_size": 2,
+                                                               "gradient_accumulation_steps": 2})
+    _, recipe_path = make_recipe(runs, tiny, training)
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(8), tmp_path)
+    (runs).chmod(0o777)
+    for p in runs.rglob("*"):
+        p.chmod(0o777 if p.is_dir() else 0o666)
+    cluster = ClusterSettings.model_validate({
+        "namespace": ns, "secrets": {"s3": {"name": ""}},
+        "storage": {"runVolume": {"claimName": "runs", "mountPath": str(runs)}},
+        "scheduling": {"train": {"gpus": 0, "nodes": 2, "processesPerNode": 1, "tolerations": [],
+                                 "ephemeralStorage": "4Gi", "shmSize": "256Mi",
+                                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
+                                               "limits": {"memory": "8Gi"}}}},
+        "distributed": {"port": 29617},
+    })
+    with FakeCluster(tmp_path / "k8s") as fc:
+        fc.add_pvc(ns, "runs", runs)
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe_path.read_text(), str(recipe_path), str(run), None, cluster, ["sft-lamini"],
+                              False, fc.api_client(), out=out)
+        text = out.getvalue()
+        assert rc == 0, text[-6000:] + "\n".join(fc.errors)
+        name = job_name("sft-lamini", "r1")
+        job = next(j for j in fc.jobs(ns) if j["metadata"]["name"] == name)
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+        assert job["spec"]["backoffLimitPerIndex"] == 6 and job["spec"]["maxFailedIndexes"] == 0
+        assert job["status"]["completedIndexes"] == "0,1" or job["status"]["completedIndexes"] == "0-1"
+        pods = fc.pods(ns, name)
+        assert sorted(p["spec"]["hostname"] for p in pods) == [f"{name}-0", f"{name}-1"]
+        assert {p["spec"]["subdomain"] for p in pods} == {name}
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--master-addr") + 1] == f"{name}-0.{name}"
+        svc = fc.objects[("Service", ns, name)]
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+        logs = "".join(fc.pod_log(p["metadata"]["name"], ns) for p in pods)
+        assert "2 processes (rank 1)" in logs and "2 processes (rank 0)" in logs
+    m = read_manifest(open_store(run), "sft-lamini")
+    assert m is not None and m["counts"]["steps"] == 10
+    assert m["training"]["distributed"]["world_size"] == 2
+    assert (run / "sft-lamini/model/model.safetensors").is_file()
