@@ -252,3 +252,19 @@ def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: 
     assert m is not None and m["counts"]["steps"] == 10
     assert m["training"]["distributed"]["world_size"] == 2
     assert (run / "sft-lamini/model/model.safetensors").is_file()
+
+
+def test_fsdp_with_4bit_is_refused_naming_the_field(tmp_path: Path) -> None:
+    import yaml
+
+    from bezoar_jobs.recipe import parse_recipe
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    text = yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "x"},
+                           "judge": {"backend": "local", "model": "x"}, "student": {"model": "x"},
+                           "training": training_section(quantization="4bit",
+                                                        sft_args={"fsdp": "full_shard auto_wrap"})})
+    recipe = parse_recipe(text, "r.yaml")
+    plan = device_plan(recipe.training, cuda=True, bf16_ok=True)
+    with pytest.raises(BadInput, match=r"training.sft_args.fsdp: FSDP with 4-bit QLoRA is not supported"):
+        build_stage_configs(recipe.training, recipe.seed, "sft-lamini", tmp_path, plan=plan, world_size=2)

@@ -338,6 +338,11 @@ def build_dpo_config(training: TrainingConfig, seed: int, settings: dict[str, Pa
 
 
 def _split(kwargs: dict[str, Any], world_size: int, path: str, plan: DevicePlan, out: dict[str, Any] | None) -> None:
+    if kwargs.get("fsdp") and plan.quantize_4bit:
+        # FSDP shards 4-bit weights only when they are stored in the compute dtype (bnb_4bit_quant_storage) and
+        # loaded without a device map; this loader places each rank's 4-bit copy on its own GPU (DDP)
+        raise BadInput(f"{path}.fsdp: FSDP with 4-bit QLoRA is not supported by this version (DDP is: leave fsdp "
+                       "unset); for FSDP set training.quantization: none (LoRA on 16-bit weights)")
     got = split_global_batch(kwargs, world_size, path)
     if world_size > 1:
         _distributed_kwargs(kwargs, plan)
