@@ -268,3 +268,27 @@ def test_fsdp_with_4bit_is_refused_naming_the_field(tmp_path: Path) -> None:
     plan = device_plan(recipe.training, cuda=True, bf16_ok=True)
     with pytest.raises(BadInput, match=r"training.sft_args.fsdp: FSDP with 4-bit QLoRA is not supported"):
         build_stage_configs(recipe.training, recipe.seed, "sft-lamini", tmp_path, plan=plan, world_size=2)
+
+
+def test_launcher_flags_exit_codes_and_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from bezoar_jobs.cli import main
+    from bezoar_jobs.launch import Shape, launcher_args, worker_exit_code
+
+    # only training stages run on several processes (exit 2, naming the stage)
+    assert main(["stage", "report", "--recipe", str(REPO / "recipes/demo.yaml"), "--run", str(tmp_path / "r"),
+                 "--nproc-per-node", "2"]) == EXIT_BAD_INPUT
+    with pytest.raises(BadInput, match="several nodes need --master-addr"):
+        launcher_args(Shape(1, 2), [])
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # an Indexed Job's pod: its index is the node rank
+    args = launcher_args(Shape(8, 2, master_addr="bz-r-sft-lamini-0.bz-r-sft-lamini"), ["stage", "sft-lamini"])
+    assert "--node-rank=1" in args and "--rdzv-backend=static" in args and "--max-restarts=0" in args
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    with pytest.raises(BadInput, match=r"node rank 2: must be in 0\.\.1"):
+        launcher_args(Shape(8, 2, master_addr="x"), [])
+    # the first failed worker's own code: 2 stays 2 (not torchrun's 1), a signal is 128 + signal
+    fail = SimpleNamespace(failures={1: SimpleNamespace(exitcode=2, timestamp=5),
+                                     0: SimpleNamespace(exitcode=1, timestamp=9)})
+    assert worker_exit_code(fail) == 2
+    assert worker_exit_code(SimpleNamespace(failures={0: SimpleNamespace(exitcode=-9, timestamp=1)})) == 137
