@@ -292,3 +292,84 @@ def test_launcher_flags_exit_codes_and_refusals(tmp_path: Path, monkeypatch: pyt
                                      0: SimpleNamespace(exitcode=1, timestamp=9)})
     assert worker_exit_code(fail) == 2
     assert worker_exit_code(SimpleNamespace(failures={0: SimpleNamespace(exitcode=-9, timestamp=1)})) == 137
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment trackers (training.report_to), offline, read back
+# ---------------------------------------------------------------------------------------------
+def _wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of an offline ``.wandb`` file: a 7-byte header, then 32 KiB blocks of chunks
+    (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) as wandb's transaction log writes them."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, out, part = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        if length == 0 and kind == 0:
+            break
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(part)
+            out.append(rec)
+            part = b""
+    return out
+
+
+def test_report_to_tensorboard_wandb_offline_and_mlflow_file_store(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = build_tiny_model(tmp_path / "model")
+    steps = 4
+    training = training_section(report_to=["tensorboard", "wandb", "mlflow"], sft_args={"max_steps": steps})
+    _, recipe_path = make_recipe(tmp_path, tiny, training)
+    run = tmp_path / "r7"
+    commit_filter(open_store(run), "lamini", lamini_rows(8), tmp_path)
+    env = {k: v for k, v in _env().items() if not k.startswith(("WANDB_", "MLFLOW_"))}
+    p = subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", "stage", "sft-lamini", "--recipe", str(recipe_path),
+                        "--run", str(run)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = run / "sft-lamini"
+    m = read_manifest(open_store(run), "sft-lamini")
+    losses = _losses(run)
+    assert len(losses) == steps
+    # TensorBoard: the event file, committed with the stage, holds every step's loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [f for f in m["files"] if f.startswith("tensorboard/") and "tfevents" in f]
+    assert events
+    acc = EventAccumulator(str((out / events[0]).parent))
+    acc.Reload()
+    tb = [e.value for e in acc.Scalars("train/loss")]
+    assert tb == pytest.approx(losses, rel=1e-5)
+    # MLflow: a local file store in the stage, one run named after the stage, tagged with run id and stage
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    (exp,) = [e for e in client.search_experiments() if e.name == "tiny-test"]
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.data.tags["bezoar.run_id"] == "r7" and mrun.data.tags["bezoar.stage"] == "sft-lamini"
+    assert mrun.info.run_name == "sft-lamini" and mrun.info.status == "FINISHED"
+    assert mrun.data.metrics["loss"] == pytest.approx(losses[-1], rel=1e-5)
+    (hist_file,) = [p for p in (out / "mlruns").rglob("metrics/loss") if mrun.info.run_id in p.parts]
+    per_step = sorted((int(line.split()[2]), float(line.split()[1])) for line in hist_file.read_text().splitlines())
+    assert [v for _, v in per_step] == pytest.approx(losses, rel=1e-5)
+    # Weights & Biases, offline (no network): the run's transaction log, finished before the commit
+    (wfile,) = [f for f in m["files"] if f.startswith("wandb/offline-run-") and f.endswith(".wandb")]
+    recs = _wandb_records(out / wfile)
+    (wrun,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    assert wrun.display_name == "sft-lamini" and wrun.run_group == "r7" and wrun.project == "bezoar"
+    assert {"run:r7", "stage:sft-lamini"} <= set(wrun.tags)
+    hist = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in recs if r.WhichOneof("record_type") == "history"]
+    assert [h["train/loss"] for h in hist if "train/loss" in h] == pytest.approx(losses, rel=1e-5)
+    assert any(r.WhichOneof("record_type") == "exit" for r in recs)
+    assert not [f for f in out.rglob("*") if f.is_symlink()]

@@ -41,10 +41,13 @@ def prepare(ctx: StageContext) -> StageConfigs:
     t = ctx.recipe.training
     configs = build_stage_configs(t, ctx.recipe.seed, ctx.name, ctx.scratch / "trainer", log=log)
     if t.report_to:
+        from ..training.tracking import configure
+
         check_report_to(t)
-        # transformers' TensorBoard callback reads its directory from the environment; inside the
-        # stage's output it is committed with the stage
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.out / "tensorboard")
+        # the Trainer's tracker callbacks read their settings from the environment: one run per stage, tagged
+        # with the run id and the stage; local files inside the stage's output are committed with it
+        run_id = ctx.run_uri.rstrip("/").rsplit("/", 1)[-1]
+        configure(t.report_to, ctx.out, run_id, ctx.name, ctx.recipe.name)
     log.info("%s: %s", ctx.name, configs.plan.description)
     d = configs.distributed
     if d.get("world_size", 1) > 1:
@@ -91,10 +94,15 @@ def train(ctx: StageContext, trainer: Trainer, configs: StageConfigs, counter: C
     ckpts = StoreCheckpoints(ctx.work, fingerprint(ctx), keep=ctx.recipe.training.keep_checkpoints)
     # in a group, rank 0 alone writes the stage's metrics (every rank sees the same, all-reduced, losses)
     record = ctx.metrics if world().zero else (lambda rec: None)
-    return run.train(
+    result = run.train(
         ctx.name, trainer, counter, ckpts, Path(configs.trainer_args.output_dir), ctx.scratch / "adapter",
         ctx.out / "metrics.jsonl", configs.plan.cuda, ctx.stop_requested, record,
     )
+    if ctx.recipe.training.report_to and world().zero:
+        from ..training.tracking import close
+
+        close(ctx.recipe.training.report_to, ctx.out)
+    return result
 
 
 def push(ctx: StageContext, model_dir: Path, data_dirs: list[Path]) -> dict[str, str]:

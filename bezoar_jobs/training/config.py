@@ -363,11 +363,13 @@ def build_lora_config(args: dict[str, PassValue], path: str) -> Any:
 
 def check_report_to(training: TrainingConfig) -> None:
     """The loggers the recipe asks for must be installed (a missing one is a setup error, exit 2)."""
-    from transformers.integrations import is_tensorboard_available, is_wandb_available
+    from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-    for name, ok in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
+    for name, ok in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available),
+                     ("mlflow", is_mlflow_available)):
         if name in training.report_to and not ok():
-            raise BadInput(f"training.report_to: {name!r} is asked for but the {name} package is not installed")
+            raise BadInput(f"training.report_to: {name!r} is asked for but the {name} package is not installed "
+                           "(pip install 'bezoar-jobs[tracking]')")
 
 
 @dataclass
