@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -373,3 +374,43 @@ def test_report_to_tensorboard_wandb_offline_and_mlflow_file_store(tmp_path: Pat
     assert [h["train/loss"] for h in hist if "train/loss" in h] == pytest.approx(losses, rel=1e-5)
     assert any(r.WhichOneof("record_type") == "exit" for r in recs)
     assert not [f for f in out.rglob("*") if f.is_symlink()]
+
+
+# ---------------------------------------------------------------------------------------------
+# eval-harness at scale: lm_eval's vLLM backend, data- and tensor-parallel, chosen in the recipe
+# ---------------------------------------------------------------------------------------------
+def test_harness_parallel_backend_is_validated_rendered_and_sized(tmp_path: Path) -> None:
+    import yaml
+
+    from bezoar_jobs.eval.harness import check_backend, cli_commands
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from bezoar_jobs.executors.jobs import build_job
+    from bezoar_jobs.recipe import load_recipe, parse_recipe
+
+    base = yaml.safe_load((REPO / "recipes/openbezoar.yaml").read_text())
+
+    def recipe(**harness: Any) -> Any:
+        data = copy.deepcopy(base)
+        data.setdefault("evaluation", {}).setdefault("harness", {}).update(harness)
+        return parse_recipe(yaml.safe_dump(data), "r.yaml")
+
+    # dp/tp without vllm: refused when the recipe loads, naming the fields
+    with pytest.raises(BadInput, match=r"evaluation.harness.*need backend: vllm"):
+        recipe(data_parallel_size=2)
+    r = recipe(backend="vllm", data_parallel_size=4, tensor_parallel_size=2)
+    cfg = r.evaluation.harness
+    assert cfg.gpus == 8
+    # the recorded command reproduces it with lm_eval's own vllm model
+    (cmd, *_) = cli_commands("/m", "bfloat16", "cuda", None, cfg)
+    assert "--model vllm" in cmd and "tensor_parallel_size=2,data_parallel_size=4" in cmd and "--device" not in cmd
+    # no vllm here: refused before any model loads (exit 2), naming the field
+    with pytest.raises(BadInput, match=r"evaluation.harness.backend: 'vllm' needs the vllm package"):
+        check_backend(cfg)
+    check_backend(load_recipe(REPO / "recipes/demo.yaml")[0].evaluation.harness)  # hf: nothing to check
+    # the eval pod must have the GPUs: refused when the Job is built
+    cluster = ClusterSettings.model_validate({"stageOverrides": {"eval-harness": {"gpus": 4}}})
+    with pytest.raises(BadInput, match=r"= 8 GPUs, but the eval-harness pod gets 4"):
+        build_job("eval-harness", "s3://b/r", "r", cluster, recipe=r)
+    cluster = ClusterSettings.model_validate({"stageOverrides": {"eval-harness": {"gpus": 8}}})
+    job = build_job("eval-harness", "s3://b/r", "r", cluster, recipe=r)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"

@@ -1,10 +1,12 @@
 """A training stage on several pods: the objects that run one group (pure builders, like jobs.py).
 
 ``scheduling.train.nodes`` (or ``stageOverrides.<stage>.nodes``) pods of ``processesPerNode`` processes
-each: every pod runs the stage's usual ``bezoar stage`` command with the launcher flags
-(:mod:`bezoar_jobs.launch`), which start torch.distributed.run with a static rendezvous on node 0.
+each (default: one per GPU of the pod). One pod of several processes stays a plain Job whose command has
+``--nproc-per-node``; several pods are a group, run by the launcher below. Every pod runs the stage's
+usual ``bezoar stage`` command with the launcher flags (:mod:`bezoar_jobs.launch`), which start
+torch.distributed.run (with a static rendezvous on node 0 for a group).
 
-``distributed.launcher`` picks the objects:
+``distributed.launcher`` picks the objects of a group:
 
 - ``job`` (built in, what the controller runs): an **Indexed Job** with ``completions = parallelism =
   nodes`` (pod *i* is node rank *i*, from ``JOB_COMPLETION_INDEX``) plus a **headless Service** of the
@@ -50,6 +52,13 @@ def shape(stage: str, cluster: ClusterSettings) -> tuple[int, int]:
 
 
 def is_group(stage: str, cluster: ClusterSettings) -> bool:
+    """Several pods (nodes): an Indexed Job + headless Service (or a JobSet / TrainJob)."""
+    return shape(stage, cluster)[0] > 1
+
+
+def is_multiprocess(stage: str, cluster: ClusterSettings) -> bool:
+    """Several processes, on one pod or more: the stage runs under torch.distributed.run. On one pod (one node,
+    e.g. ``gpus: 8``) it stays a plain Job: ``--nproc-per-node`` alone, a local rendezvous."""
     nodes, procs = shape(stage, cluster)
     return nodes * procs > 1
 

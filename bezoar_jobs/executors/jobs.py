@@ -64,7 +64,7 @@ import yaml
 from .. import __version__
 from ..errors import BadInput
 from .cluster import ALL_STAGES, IMAGE_OF_FAMILY, ClusterSettings, stage_family
-from .distributed import group_job_spec, group_objects, is_group, job_master, launch_flags
+from .distributed import group_job_spec, group_objects, is_group, is_multiprocess, job_master, launch_flags
 from .pod import (  # the pod's pieces, re-exported for the modules that name them here
     CACHE_DIR,
     COMPLETION_INDEX_ANNOTATION,
@@ -251,6 +251,10 @@ def build_job(
     sched = cluster.scheduling_for(stage)
     group = is_group(stage, cluster)
     name = job_name(stage, run_id, phase)
+    h = recipe.evaluation.harness if recipe is not None and stage == "eval-harness" else None
+    if h is not None and h.backend == "vllm" and h.gpus > sched.gpus:
+        raise BadInput(f"evaluation.harness: data_parallel_size x tensor_parallel_size = {h.gpus} GPUs, but the "
+                       f"eval-harness pod gets {sched.gpus} (scheduling.eval.gpus or stageOverrides.eval-harness.gpus)")
     labels = stage_labels(stage, run_id, cluster, phase)
     # Pods carry the same labels except the Kueue one (Kueue reads it from the Job).
     pod_labels = {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}
@@ -272,7 +276,8 @@ def build_job(
         "template": {
             "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
             "spec": pod_spec(stage, run_uri, cluster, image_ref(stage, cluster, image_digests), shards, recipe,
-                             launch=launch_flags(stage, cluster, job_master(name)) if group else None),
+                             launch=launch_flags(stage, cluster, job_master(name))
+                             if is_multiprocess(stage, cluster) else None),
         },
     }
     if group:  # a training stage on several processes: an Indexed Job, pod i = node rank i (distributed.py)
