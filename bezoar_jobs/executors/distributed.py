@@ -25,7 +25,8 @@ torch.distributed.run (with a static rendezvous on node 0 for a group).
 - ``trainjob`` (Kubeflow Trainer v2, ``trainer.kubeflow.org/v1alpha1``): the runtime
   (``distributed.trainingRuntime``, a ClusterTrainingRuntime of the torch framework) owns the JobSet and
   passes the group's shape as ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
-  ``PET_MASTER_PORT``; the container's args read them. Written by ``bezoar render``.
+  ``PET_MASTER_PORT``; the container's args read them, and a ``runtimePatches`` entry gives the runtime's
+  pods our hardening, volumes and placement. Written by ``bezoar render``.
 
 Kubernetes only: nothing here imports torch or the Kubernetes client.
 """
@@ -137,7 +138,8 @@ def jobset(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> dict[st
         "spec": {
             "network": {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True},
             "failurePolicy": {"maxRestarts": sched.backoffLimit,
-                              "rules": [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}]},
+                              "rules": [{"name": "bad-input", "action": "FailJobSet",
+                                         "onJobFailureReasons": ["PodFailurePolicy"]}]},
             "successPolicy": {"operator": "All"},
             "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": inner}}],
             "ttlSecondsAfterFinished": cluster.jobs.ttlSecondsAfterFinished,
@@ -153,6 +155,9 @@ def _replace_master(args: list[str], master: str) -> list[str]:
     return out
 
 
+# what a TrainJob's runtimePatches may set on the runtime's pods (trainer.kubeflow.org/v1alpha1)
+PATCHABLE_POD_FIELDS = ("securityContext", "volumes", "nodeSelector", "tolerations", "serviceAccountName",
+                        "imagePullSecrets", "terminationGracePeriodSeconds")
 PET = {"--nnodes": "$(PET_NNODES)", "--nproc-per-node": "$(PET_NPROC_PER_NODE)", "--node-rank": "$(PET_NODE_RANK)",
        "--master-addr": "$(PET_MASTER_ADDR)", "--master-port": "$(PET_MASTER_PORT)"}
 
@@ -163,7 +168,7 @@ def trainjob(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> dict[
     nodes, procs = shape(stage, cluster)
     pod = job["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    args = [a for a in c["args"]]
+    args = list(c["args"])
     base = args[: args.index("--nproc-per-node")] if "--nproc-per-node" in args else args
     flags: list[str] = []
     for flag, value in PET.items():
@@ -184,11 +189,17 @@ def trainjob(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> dict[
                 "numProcPerNode": procs,
                 "resourcesPerNode": c["resources"],
             },
-            "podTemplateOverrides": [{
-                "targetJobs": [{"name": "node"}],
-                "spec": {k: v for k, v in pod.items() if k in (
-                    "securityContext", "volumes", "nodeSelector", "tolerations", "serviceAccountName",
-                    "imagePullSecrets", "priorityClassName")},
+            # the runtime's pods get our hardening, volumes and placement (the fields a patch may set)
+            "runtimePatches": [{
+                "manager": "bezoar.dev/render",
+                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+                    "name": REPLICATED_JOB,
+                    "template": {"spec": {"template": {"spec": {
+                        **{k: v for k, v in pod.items() if k in PATCHABLE_POD_FIELDS},
+                        "containers": [{"name": "node", "securityContext": c["securityContext"],
+                                        "volumeMounts": c["volumeMounts"]}],
+                    }}}},
+                }]}}},
             }],
             **({"suspend": True} if job["spec"].get("suspend") else {}),
         },
