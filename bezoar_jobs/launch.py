@@ -128,6 +128,9 @@ def launch(shape: Shape, stage_argv: list[str]) -> int:
     parsed = parse_launcher_args(shape, stage_argv)
     os.environ[LAUNCHED] = "1"  # inherited by the workers
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said here so it is not a warning
+    # on SIGTERM the launcher passes it on and gives the workers this long to save a checkpoint before SIGKILL
+    # (torch's default, 30 s, is short for a checkpoint upload; a pod gets its grace period minus a margin)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "240")
     try:
         run(parsed)
     except ChildFailedError as e:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from bezoar_jobs.errors import EXIT_BAD_INPUT, BadInput
+from bezoar_jobs.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput
 from bezoar_jobs.manifest import read_manifest
 from bezoar_jobs.store import open_store
 
@@ -177,13 +177,28 @@ def test_a_killed_rank_reruns_to_the_same_weights(setup: dict[str, Any]) -> None
     assert "written by 2 training process(es) and this attempt runs 1" in err
     assert max(_complete_steps(store, "sft-lamini")) == killed_at
 
+    # SIGTERM to the launcher (what a pod gets): it passes it on, every rank stops at the same step with a
+    # final checkpoint, the exit code says interrupted
+    p = _bezoar(*args, "--nproc-per-node", "2")
+    end = time.time() + 240
+    while max(_complete_steps(store, "sft-lamini")) <= killed_at:
+        assert p.poll() is None and time.time() < end, "no new checkpoint before the launcher ended"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert err.count(f"resuming from the checkpoint at step {killed_at}") == 2  # both ranks
+    assert "SIGTERM" in err and read_manifest(store, "sft-lamini") is None
+    stopped = max(_complete_steps(store, "sft-lamini"))
+    assert killed_at < stopped < STEPS
+
     # the same shape: every rank resumes from the same checkpoint, and the result is the uninterrupted run's
     p = _bezoar(*args, "--nproc-per-node", "2")
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
-    assert err.count(f"resuming from the checkpoint at step {killed_at}") == 2  # both ranks
+    assert err.count(f"resuming from the checkpoint at step {stopped}") == 2  # both ranks
     m = read_manifest(store, "sft-lamini")
-    assert m["training"]["resumed_from_step"] == killed_at and m["counts"]["steps"] == STEPS
+    assert m["training"]["resumed_from_step"] == stopped and m["counts"]["steps"] == STEPS
     ref = setup["runs"]["uninterrupted"]
     p = _bezoar("stage", "sft-lamini", "--recipe", rp, "--run", str(ref), "--nproc-per-node", "2")
     _, err = p.communicate(timeout=300)

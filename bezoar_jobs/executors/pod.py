@@ -192,12 +192,16 @@ def pod_spec(stage: str, run_uri: str, cluster: ClusterSettings, image: str, sha
     disk = ephemeral_storage(stage, cluster, recipe)
     keys = keys_for(stage, cluster, recipe)
     volumes, mounts = _volumes(stage, cluster, disk, keys)
+    env = _env(stage, cluster, indexed=shards > 1 or bool(launch), keys=keys)
+    if launch:  # torchrun forwards SIGTERM to the workers: they have the grace period (less a margin) to save
+        grace = cluster.jobs.terminationGracePeriodSeconds
+        env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(10, grace - 30))})
     container = {
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": cluster.images.pullPolicy,
         "args": stage_args(stage, run_uri, shards) + list(launch or []),
-        "env": _env(stage, cluster, indexed=shards > 1 or bool(launch), keys=keys),
+        "env": env,
         "resources": _resources(stage, cluster, disk),
         "volumeMounts": mounts,
         "securityContext": {
