@@ -1160,3 +1160,16 @@ def test_retrain_workflow_kubeconfig_and_command(tmp_path: Path) -> None:
         "--cluster",
         "deploy/cluster.yaml",
     ]
+
+
+def test_a_multi_node_training_stage_lets_the_controller_create_its_service(helm: tuple[str, dict[str, str]]) -> None:
+    """Only where a training stage runs on several nodes (executors/distributed.py) may the controller create
+    (and hand to the Job) the group's headless Service; the settings reach the ConfigMap."""
+    for sets in (["--set", "clusterSettings.scheduling.train.nodes=2"],
+                 ["--set", "clusterSettings.stageOverrides.dpo.nodes=2"]):
+        docs = template(helm, *values_files("base"), *sets, "--set", "clusterSettings.distributed.port=29600")
+        assert ("", "services", ("create", "patch"), ()) in rbac_rules(docs)
+        cs = ClusterSettings.model_validate(cluster_yaml(docs))
+        assert cs.distributed.port == 29600
+    docs = template(helm, *values_files("base"))
+    assert not [r for r in rbac_rules(docs) if r[1] == "services"]
