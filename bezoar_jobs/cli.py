@@ -161,27 +161,12 @@ def _register_keys(recipe: Recipe) -> None:
                 pass  # the stage that needs it says what is wrong
 
 
-def check_pinned(recipe: Recipe, source: str, allow: bool) -> None:
-    """A run that costs money (the recipe prices API tokens or GPU-hours) must name the exact hub
-    revisions it loads, or the user says --allow-unpinned; the error lists every field to pin."""
-    missing = recipe.unpinned()
-    if not missing or not recipe.paid:
-        return
-    if allow:
-        log.warning("%s: unpinned hub revisions (--allow-unpinned): %s", source, "; ".join(missing))
-        return
-    raise BadInput(
-        f"{source}: this recipe prices its run but loads hub revisions that are not pinned, so the run could not be "
-        f"reproduced: {'; '.join(missing)}. Pin each to a commit sha, or pass --allow-unpinned"
-    )
-
-
 def cmd_run(a: argparse.Namespace) -> int:
     """Freeze the recipe, then the one scheduler over the chosen backend (local processes or Jobs)."""
     from .run_control import refuse_if_cancelled
 
     recipe, text = load_recipe(a.recipe)
-    check_pinned(recipe, a.recipe, a.allow_unpinned)
+    recipe.check_pinned(a.recipe, a.allow_unpinned)
     store = open_store(a.run)
     refuse_if_cancelled(store)  # `bezoar cancel` holds for every executor
     stages = _stages_for(a, store, recipe)

@@ -216,6 +216,11 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     out += problems("LoraConfig", dict(t.lora), "training.lora", _OWNED_LORA)
     if t.dpo.lora is not None:
         out += problems("LoraConfig", dict(t.dpo.lora), "training.dpo.lora", _OWNED_LORA)
+    if t.batching != "packed":
+        for where, args in [("training.sft_args", t.sft_args), *((f"training.stage_args.{s}", a)
+                                                                  for s, a in t.stage_args.items())]:
+            if "packing_strategy" in args:
+                out.append((f"{where}.packing_strategy", "only used with training.batching: packed"))
     for stage in [*t.sft_stage_names(), "sft-hh"]:
         if not t.stage_sft_args(stage).get("max_length"):
             where = f"training.stage_args.{stage}" if t.stage_args.get(stage) else "training.sft_args"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -300,6 +301,21 @@ class Recipe(Strict):
         endpoints = [self.teacher, self.judge, self.evaluation.mtbench.judge]
         return any(e is not None and (e.priced or e.gpu_hour_usd is not None) for e in endpoints) or (
             self.report.gpu_hour_usd is not None
+        )
+
+    def check_pinned(self, source: str, allow: bool) -> None:
+        """A run that costs money (the recipe prices API tokens or GPU-hours) must name the exact hub
+        revisions it loads, or the user says --allow-unpinned; the error lists every field to pin."""
+        missing = self.unpinned()
+        if not missing or not self.paid:
+            return
+        if allow:
+            logging.getLogger("bezoar").warning("%s: unpinned hub revisions (--allow-unpinned): %s", source,
+                                                "; ".join(missing))
+            return
+        raise BadInput(
+            f"{source}: this recipe prices its run but loads hub revisions that are not pinned, so the run could "
+            f"not be reproduced: {'; '.join(missing)}. Pin each to a commit sha, or pass --allow-unpinned"
         )
 
     def evaluated_checkpoints(self) -> tuple[str, ...]:

@@ -147,6 +147,7 @@ def test_a_lineage_whose_request_fails_for_good_stops_and_force_continues_the_ch
         recipe = scripted_recipe(tmp_path, srv.url, **{
             "seeds.dolly": {"path": str(dolly_file(tmp_path))},
             "generation.evol.seeds": 12, "generation.evol.rounds": 3, "teacher.max_retries": 0,
+            "generation.max_failed_fraction": 0.5,  # the loss is allowed here (issue 11 fails the stage over 1%)
         })
         run = tmp_path / "run"
         res = bezoar("stage", "generate-evol", "--recipe", str(recipe), "--run", str(run))
