@@ -14,8 +14,7 @@
   bezoar cancel --run URI [--cluster FILE] [--run-id ID] [--undo]
 
 Exit codes: 0 done, 2 bad input (do not retry), anything else a failure a retry may cure.
-This module never imports torch or the Kubernetes client at import time. It is over 500 lines: the
-whole command surface (every subcommand and its flags) is kept in one place.
+This module never imports torch or the Kubernetes client at import time.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import traceback
@@ -31,6 +29,7 @@ from typing import Any
 
 from . import __version__, redact
 from .errors import BadInput, BezoarError
+from .launch import add_flags, launch_needed, launch_stage
 from .manifest import manifest_state, read_manifest, verify
 from .pipeline import select, stage_inputs
 from .recipe import Recipe, load_recipe
@@ -110,9 +109,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
     recipe, _ = load_recipe(a.recipe)
     store = open_store(a.run)
-    if a.nproc_per_node * a.nnodes > 1 and not os.environ.get("BEZOAR_LAUNCHED"):
-        from .launch import launch_stage  # the same command under torch.distributed.run
-
+    if launch_needed(a):  # a training stage on several processes: the same command under torch.distributed.run
         return launch_stage(a, recipe, store)
     return run_stage(a.name, recipe, store, shard=_parse_shard(a.shard), force=a.force)
 
@@ -411,8 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", help="i/N: do slice i of N (records only; the run without --shard commits)")
     s.add_argument("--force", action="store_true", help="rerun even when committed and unchanged (generation and "
                    "filter stages reuse the teacher/judge answers already recorded; training and evaluation restart)")
-    from .launch import add_flags
-
     add_flags(s)
     s.set_defaults(fn=cmd_stage)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from .errors import EXIT_INTERRUPTED, EXIT_RETRYABLE, BadInput
 from .ranks import World, world
 
-__all__ = ["LAUNCHED", "Shape", "World", "launch", "launch_stage", "world"]
+__all__ = ["LAUNCHED", "Shape", "World", "add_flags", "launch", "launch_needed", "launch_stage", "world"]
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -155,6 +155,11 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--node-rank", type=int, metavar="I", help="this node's rank (default: JOB_COMPLETION_INDEX, or 0)")
     g.add_argument("--master-addr", metavar="HOST", help="node 0's address (several nodes)")
     g.add_argument("--master-port", type=int, default=DEFAULT_PORT, metavar="PORT")
+
+
+def launch_needed(a: argparse.Namespace) -> bool:
+    """``bezoar stage`` asked for several processes, and this is not already one of the launched workers."""
+    return a.nproc_per_node * a.nnodes > 1 and not os.environ.get(LAUNCHED)
 
 
 def launch_stage(a: argparse.Namespace, recipe: Recipe, store: Store) -> int:
