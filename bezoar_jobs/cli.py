@@ -1,8 +1,10 @@
 """The ``bezoar`` command.
 
   bezoar stage NAME --recipe FILE_OR_URI --run URI [--shard i/N] [--force]
+               [--nproc-per-node N] [--nnodes M --master-addr HOST [--master-port P] [--node-rank I]]
   bezoar run --recipe FILE --run URI [--from S] [--until S] [--only S ...] [--force]
              [--executor local|kubernetes] [--cluster FILE] [--run-id ID] [--parallel N] [--refreeze]
+             [--nproc-per-node N]
   bezoar plan --recipe FILE --run URI
   bezoar status --run URI [--json]
   bezoar verify --run URI [--fix]
@@ -28,6 +30,7 @@ from typing import Any
 
 from . import __version__, redact
 from .errors import BadInput, BezoarError
+from .launch import add_flags, launch_needed, launch_stage
 from .manifest import manifest_state, read_manifest, verify
 from .pipeline import select, stage_inputs
 from .recipe import Recipe, load_recipe
@@ -115,6 +118,8 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
     recipe, _ = load_recipe(a.recipe)
     store = open_store(a.run)
+    if launch_needed(a):  # a training stage on several processes: the same command under torch.distributed.run
+        return launch_stage(a, recipe, store)
     return run_stage(a.name, recipe, store, shard=_parse_shard(a.shard), force=a.force)
 
 
@@ -197,7 +202,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     with Lease(store, RUN_LEASE, "bezoar run" + (f" --only {' '.join(a.only)}" if a.only else "")):
         freeze_recipe(store, text, a.recipe)
         t0 = time.time()
-        rc = run_local(recipe, store, stages, force=a.force, parallel=a.parallel).exit_code
+        rc = run_local(recipe, store, stages, force=a.force, parallel=a.parallel,
+                       nproc_per_node=a.nproc_per_node).exit_code
     log.info("pipeline %s after %.1f s", "finished" if rc == 0 else f"FAILED (exit {rc})", time.time() - t0)
     if rc == 0:
         for name in stages:
@@ -367,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", help="i/N: do slice i of N (records only; the run without --shard commits)")
     s.add_argument("--force", action="store_true", help="rerun even when committed and unchanged (generation and "
                    "filter stages reuse the teacher/judge answers already recorded; training and evaluation restart)")
+    add_flags(s)
     s.set_defaults(fn=cmd_stage)
 
     def selection(x: argparse.ArgumentParser) -> None:
@@ -383,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "kubernetes"], default="local")
     r.add_argument("--cluster", help="cluster settings YAML (kubernetes executor)")
     r.add_argument("--parallel", type=int, default=1, help="local executor: independent stages side by side")
+    r.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="local executor: each training stage on N processes (torch.distributed.run)")
     r.add_argument("--refreeze", action="store_true",
                    help="kubernetes executor: replace a frozen recipe that differs (it is otherwise written once)")
     r.add_argument("--allow-unpinned", action="store_true",

@@ -101,6 +101,27 @@ class HarnessConfig(Strict):
         "LLM Leaderboard's numbers were made (the few-shot seed decides which examples each prompt shows)",
     )
 
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers in the stage's process (one device); vllm: lm_eval's vLLM backend "
+        "(CUDA and the vllm package in the eval image), which evaluates data- and tensor-parallel")
+    data_parallel_size: PosInt = Field(
+        1, description="vllm: model replicas over the pod's GPUs, the requests split between them (needs ray)")
+    tensor_parallel_size: PosInt = Field(1, description="vllm: GPUs each replica is split over")
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.9, description="vllm: the fraction of each GPU's memory vLLM may take")
+
+    @model_validator(mode="after")
+    def _parallel(self) -> HarnessConfig:
+        if self.backend == "hf" and self.data_parallel_size * self.tensor_parallel_size > 1:
+            raise ValueError("data_parallel_size / tensor_parallel_size need backend: vllm (the hf backend "
+                             "evaluates each model on one device)")
+        return self
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the evaluation uses at once (the eval pod must have them)."""
+        return self.data_parallel_size * self.tensor_parallel_size if self.backend == "vllm" else 1
+
     @field_validator("seed", mode="before")
     @classmethod
     def _seed(cls, v: object) -> object:

@@ -184,8 +184,8 @@ class TrainingConfig(Strict):
     hh: HHConfig = HHConfig()
     dpo: DPOStageConfig = DPOStageConfig()
     base_licence: str | None = Field(None, description="licence for model cards; null: read from the base model's card")
-    report_to: tuple[Literal["tensorboard", "wandb"], ...] = Field(
-        (), description="extra loggers; losses always go to the stage's metrics.jsonl"
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
+        (), description="experiment trackers (the `tracking` extra); losses always go to the stage's metrics.jsonl"
     )
     push: PushConfig | None = None
 

@@ -37,6 +37,7 @@ from .errors import BadInput, Interrupted
 from .layout import work_prefix
 from .lease import Lease
 from .manifest import CommitInfo, DamagedInput, check_against, commit, read_manifest
+from .ranks import world
 from .recipe_view import view
 from .registry import spec
 from .state import input_hashes, params_hash, prepare_force, up_to_date
@@ -213,6 +214,14 @@ def run_stage(
             log.info("%s: already committed (%s)", name, why)
             return 0
     check_devices()  # a pod that asked for GPUs and cannot use CUDA stops here (exit 2), never trains on CPU
+    me = world()
+    if me.distributed:
+        if stage.pod != "train" or shard is not None:
+            raise BadInput(f"{name}: only training stages run on several processes (WORLD_SIZE={me.size})")
+        if not me.zero:
+            # a worker of a group (bezoar_jobs.launch): rank 0 holds the lease and commits; this rank trains
+            # its share and writes nothing to the run but its own RNG state beside each checkpoint
+            return _run(name, stage.function(), recipe, store, None, {"flag": False}, None)
     lease_name = name if shard is None else f"{name}.shard-{shard[0]}-of-{shard[1]}"
     command = f"bezoar stage {name}" + (f" --shard {shard[0]}/{shard[1]}" if shard else "")
     stop: dict[str, bool] = {"flag": False}
@@ -237,7 +246,8 @@ def run_stage(
 
 
 def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, store: Store,
-         shard: tuple[int, int] | None, stop: dict[str, bool], lease: Lease) -> int:
+         shard: tuple[int, int] | None, stop: dict[str, bool], lease: Lease | None) -> int:
+    """``lease`` is None on the ranks of a group other than 0: they never commit."""
     inputs = input_hashes(store, name, recipe)
     ph = params_hash(recipe, name)  # from the frozen recipe: the cluster's teacher endpoint is not a parameter
     needs_teacher = "teacher" in spec(name).needs
@@ -255,8 +265,13 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
         result: StageOutput = fn(ctx)
         ctx.check_stop()
         if not result.committed:
-            log.info("%s: shard %s/%s done (records under _work/)", name, *(shard or (0, 1)))
+            if shard is not None:
+                log.info("%s: shard %s/%s done (records under _work/)", name, *shard)
+            else:
+                log.info("%s: rank %d done (rank 0 commits)", name, world().rank)
             return 0
+        if lease is None:
+            raise RuntimeError(f"{name}: rank {world().rank} has no lease and must not commit")
         if ctx.accounting and "requests" not in result.extra:
             result.extra["requests"] = requests_summary(ctx.accounting)
         lease.check()  # never commit after another process took the stage over

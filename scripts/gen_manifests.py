@@ -7,6 +7,8 @@ Two halves, both from fixed example inputs so the output only changes when the c
   ``examples/cluster.yaml``, the paper's recipe (recipes/openbezoar.yaml: it decides which API keys
   each stage's pods get) and the run ``s3://bezoar-runs/runs/example`` (id ``example``). With
   ``generationShards`` > 1 a generate stage's file holds its Indexed shards Job and its commit Job.
+- ``manifests/distributed/<launcher>/sft-lamini.yaml``: a training stage on 2 nodes x 8 GPUs as each
+  launcher renders it (``job``: headless Service + Indexed Job; ``jobset``; ``trainjob``).
 - ``manifests/chart/<template>.yaml``: the chart's standing objects (teacher Deployment and
   Service, ServiceAccounts, Role/RoleBinding, cluster-settings ConfigMap, NetworkPolicies) from
   ``helm template`` of helm/openbezoar with values-paper.yaml, the same cluster settings as
@@ -36,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bezoar_jobs.executors.cluster import load_cluster_settings  # noqa: E402
+from bezoar_jobs.executors.cluster import ClusterSettings, load_cluster_settings  # noqa: E402
 from bezoar_jobs.executors.jobs import render_jobs  # noqa: E402
 from bezoar_jobs.recipe import load_recipe  # noqa: E402
 
@@ -91,7 +93,7 @@ def split_by_source(rendered: str) -> dict[str, str]:
 def generate(out: Path) -> list[Path]:
     """Write ``out/jobs/`` and ``out/chart/`` (each replaced whole, so a removed object disappears)."""
     cluster = load_cluster_settings(EXAMPLE_CLUSTER)
-    for sub in ("jobs", "chart"):
+    for sub in ("jobs", "chart", "distributed"):
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True)
     written = []
@@ -99,6 +101,19 @@ def generate(out: Path) -> list[Path]:
     recipe, _ = load_recipe(PAPER_RECIPE)
     for name, text in render_jobs(RUN_URI, RUN_ID, cluster, recipe=recipe).items():
         p = out / "jobs" / name
+        p.write_text(HEADER.format(what=what) + text)
+        written.append(p)
+    # a training stage on 2 nodes x 8 GPUs, by each launcher (executors/distributed.py)
+    base = cluster.model_dump(mode="json", exclude_defaults=True)
+    for launcher in ("job", "jobset", "trainjob"):
+        group = ClusterSettings.model_validate({
+            **base, "scheduling": {**base.get("scheduling", {}), "train": {
+                **base.get("scheduling", {}).get("train", {}), "gpus": 8, "nodes": 2, "processesPerNode": 8}},
+            "distributed": {"launcher": launcher}})
+        what = f"Job builder, examples/cluster.yaml with train nodes 2 x 8 GPUs, distributed.launcher {launcher}"
+        text = render_jobs(RUN_URI, RUN_ID, group, stages=("sft-lamini",), recipe=recipe)["sft-lamini.yaml"]
+        p = out / "distributed" / launcher / "sft-lamini.yaml"
+        p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(HEADER.format(what=what) + text)
         written.append(p)
     what = "helm template of helm/openbezoar with examples/cluster.yaml"

@@ -99,6 +99,7 @@ if str(HERE) not in sys.path:  # the harness's own modules, whether imported as 
 
 import k8s_kueue  # noqa: E402
 import k8s_sandbox  # noqa: E402
+import k8s_services  # noqa: E402
 import pod_security  # noqa: E402
 from k8s_nodes import Node, default_pool, pod_requests, schedule  # noqa: E402
 
@@ -455,12 +456,66 @@ class FakeCluster:
             self.services[dns] = (ip, port)
         return ip
 
-    def hosts_file(self) -> str:
+    def hosts_file(self, pod: dict[str, Any] | None = None) -> str:
         base = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else "127.0.0.1 localhost\n"
         by_ip: dict[str, list[str]] = {}
         for dns, (ip, _port) in sorted(self.services.items()):
             by_ip.setdefault(ip, []).append(dns)
+        if pod is not None:  # cluster DNS: the pods of the Indexed Jobs behind the namespace's headless Services
+            ns = pod["metadata"]["namespace"]
+            with self.lock:
+                svcs = {n: o for (k, sns, n), o in self.objects.items() if k == "Service" and sns == ns}
+                jobs = [o for (k, jns, _), o in self.objects.items() if k == "Job" and jns == ns]
+            for job in jobs:
+                labels = {**(job["spec"]["template"].get("metadata") or {}).get("labels", {}),
+                          JOB_NAME: job["metadata"]["name"]}
+                for ip, names in k8s_services.group_hosts(ns, job, labels, svcs).items():
+                    by_ip.setdefault(ip, []).extend(names)
         return base.rstrip("\n") + "\n" + "".join(f"{ip} {' '.join(names)}\n" for ip, names in by_ip.items())
+
+    def _pod_ip(self, pod: dict[str, Any]) -> str:
+        """A pod of an Indexed Job under a subdomain has an address of its own (its DNS name's); others 127.0.0.1."""
+        idx = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX)
+        owner = next(iter(pod["metadata"].get("ownerReferences") or []), None)
+        if idx is None or owner is None or not pod["spec"].get("subdomain"):
+            return "127.0.0.1"
+        return k8s_services.pod_ip(owner["uid"], int(idx))
+
+    # -- Services (headless only: k8s_services.py) ------------------------------------------------
+    def create_service(self, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            k8s_services.check_service(body)
+        except k8s_services.Refused as e:
+            raise ApiError(422, "Invalid", str(e)) from None
+        name = body["metadata"]["name"]
+        with self.cond:
+            if ("Service", ns, name) in self.objects:
+                raise ApiError(409, "AlreadyExists", f'services "{name}" already exists',
+                               {"name": name, "kind": "services"})
+            svc = copy.deepcopy(body)
+            svc["metadata"].update({"namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": now_iso()})
+            self._put("Service", ns, svc, "ADDED")
+            return copy.deepcopy(svc)
+
+    def patch_service(self, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        with self.cond:
+            cur = self._get("Service", ns, name)
+            new = copy.deepcopy(cur)
+            _merge_patch(new, patch)
+            try:
+                k8s_services.check_service_patch(cur, new)
+            except k8s_services.Refused as e:
+                raise ApiError(422, "Invalid", str(e)) from None
+            self._put("Service", ns, new, "MODIFIED")
+            return copy.deepcopy(new)
+
+    def _collect_owned(self, ns: str, owner_uid: str) -> None:
+        """The garbage collector: objects whose ownerReferences name a deleted owner go with it."""
+        with self.cond:
+            for (kind, sns, _n), o in list(self.objects.items()):
+                if kind == "Service" and sns == ns and any(
+                        r.get("uid") == owner_uid for r in o["metadata"].get("ownerReferences") or []):
+                    self._put("Service", ns, o, "DELETED")
 
     def events_for(self, namespace: str, kind: str | None = None, name: str | None = None,
                    reason: str | None = None) -> list[dict[str, Any]]:
@@ -631,7 +686,8 @@ class FakeCluster:
             spec = job["spec"]
             spec.setdefault("completions", 1)
             spec.setdefault("parallelism", 1)
-            spec.setdefault("backoffLimit", 6)
+            # with per-index backoff the Job-wide limit defaults to MaxInt32 (kubernetes.io, "Jobs")
+            spec.setdefault("backoffLimit", 2147483647 if spec.get("backoffLimitPerIndex") is not None else 6)
             spec.setdefault("completionMode", "NonIndexed")
             spec.setdefault("suspend", False)
             spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
@@ -646,7 +702,7 @@ class FakeCluster:
                 job["status"]["conditions"] = [self._cond("Suspended", "JobSuspended", "Job suspended")]
             self.job_state[uid] = {"counted_failures": 0, "succeeded": set(), "accounted": set(),
                                    "next_start": 0.0, "finishing": False, "admit_at": None, "started_pods": 0,
-                                   "refused": 0}
+                                   "refused": 0, "index_failures": {}, "failed_indexes": set()}
             self._put("Job", ns, job, "ADDED")
             self.timeline.append((arrived, "created", name))
             self._reconcile(job)
@@ -685,6 +741,20 @@ class FakeCluster:
                                                    ".onExitCodes.values: 0 is not allowed for the In operator")
         if spec.get("completionMode") == "Indexed" and not spec.get("completions"):
             raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.completions: required for Indexed')
+        if spec.get("backoffLimitPerIndex") is not None and spec.get("completionMode") != "Indexed":
+            raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.backoffLimitPerIndex: requires '
+                                           "indexed completion mode")
+        if spec.get("maxFailedIndexes") is not None:
+            if spec.get("backoffLimitPerIndex") is None:
+                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.maxFailedIndexes: cannot be set '
+                                               "when backoffLimitPerIndex is not set")
+            if spec["maxFailedIndexes"] > spec.get("completions", 1):
+                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.maxFailedIndexes: must be less '
+                                               "than or equal to completions")
+        sub = pod.get("subdomain")
+        if sub is not None and (not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", sub) or len(sub) > 63):
+            raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template.spec.subdomain: must be a '
+                                           "DNS-1123 label")
 
     def delete_job(self, ns: str, name: str, propagation: str = "Background") -> dict[str, Any]:
         with self.cond:
@@ -694,6 +764,7 @@ class FakeCluster:
             self.timeline.append((time.time(), "deleted", name))
             uid = job["metadata"]["uid"]
             self.job_state.pop(uid, None)
+            self._collect_owned(ns, uid)
             pods = [p for (k, pns, _), p in list(self.objects.items())
                     if k == "Pod" and pns == ns and p["metadata"]["labels"].get(JOB_UID) == uid]
         if propagation != "Orphan":
@@ -804,6 +875,18 @@ class FakeCluster:
                 st["next_start"] = now  # not counted; replace at once
                 continue
             st["counted_failures"] += 1
+            per_index = spec.get("backoffLimitPerIndex")
+            if indexed and per_index is not None:
+                # each index has its own retries; an index out of them is failed and never retried
+                st["index_failures"][idx] = st["index_failures"].get(idx, 0) + 1
+                if st["index_failures"][idx] > per_index:
+                    st["failed_indexes"].add(idx)
+                    status["failedIndexes"] = _ranges(sorted(st["failed_indexes"]))
+                    cap = spec.get("maxFailedIndexes")
+                    if cap is not None and len(st["failed_indexes"]) > cap:
+                        status["failed"] = st["counted_failures"]
+                        self._fail(job, "MaxFailedIndexesExceeded", "Job has exceeded maxFailedIndexes")
+                        return
             if st["counted_failures"] > spec.get("backoffLimit", 6):
                 status["failed"] = st["counted_failures"]
                 self._fail(job, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
@@ -815,7 +898,10 @@ class FakeCluster:
         if ads is not None and now - st.get("start", now) > ads:
             self._fail(job, "DeadlineExceeded", "Job was active longer than specified deadline")
             return
-        # 3. success
+        # 3. success (or, with per-index backoff, every index finished and some failed)
+        if st["failed_indexes"] and len(st["succeeded"]) + len(st["failed_indexes"]) >= completions:
+            self._fail(job, "FailedIndexes", "Job has failed indexes")
+            return
         if len(st["succeeded"]) >= completions:
             self._complete(job)
             return
@@ -825,7 +911,8 @@ class FakeCluster:
         if now >= st["next_start"]:
             if indexed:
                 busy = {int(p["metadata"]["annotations"][COMPLETION_INDEX]) for p in active}
-                todo = [i for i in range(completions) if i not in st["succeeded"] and i not in busy]
+                todo = [i for i in range(completions)
+                        if i not in st["succeeded"] and i not in busy and i not in st["failed_indexes"]]
             else:
                 todo = [None] * max(0, completions - len(st["succeeded"]) - len(active))
             room = max(0, spec.get("parallelism", 1) - len(active))
@@ -1032,6 +1119,8 @@ class FakeCluster:
         if index is not None:
             annotations[COMPLETION_INDEX] = str(index)
             labels[COMPLETION_INDEX] = str(index)
+            # the Job controller names an Indexed Job's pod host <job>-<index> (its DNS name under a subdomain)
+            tmpl["spec"].setdefault("hostname", f"{jname}-{index}")
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -1115,7 +1204,7 @@ class FakeCluster:
         c = pod["spec"]["containers"][0]
         started = now_iso()
         pod["status"].update({
-            "phase": "Running", "startTime": started, "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
+            "phase": "Running", "startTime": started, "hostIP": "127.0.0.1", "podIP": self._pod_ip(pod),
             "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": f"harness://{c['image']}",
                                    "containerID": f"harness://{popen.pid}", "ready": True, "started": True,
                                    "restartCount": 0, "state": {"running": {"startedAt": started}}}],
@@ -1324,7 +1413,7 @@ class FakeCluster:
             spec_path, argv=argv, env=full_env, cwd=c.get("workingDir", "/"), rootfs=root / "rootfs",
             mounts=sandbox_mounts, uid=uid, gid=gid, groups=groups,
             read_only_root=bool(csc.get("readOnlyRootFilesystem")),
-            no_new_privs=csc.get("allowPrivilegeEscalation") is False, hosts=self.hosts_file())
+            no_new_privs=csc.get("allowPrivilegeEscalation") is False, hosts=self.hosts_file(pod))
         return [sys.executable, str(HERE / "k8s_sandbox.py"), str(spec_path)], {"PATH": host_env.get("PATH", "")}, "/"
 
     def _signal(self, proc: _PodProc, sig: int) -> None:
@@ -1477,9 +1566,12 @@ _ROUTES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)$"), "deployment"),
     (re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)/scale$"), "scale"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/events$"), "events"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/services$"), "services"),
+    (re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)$"), "service"),
     (re.compile(r"^/apis/kueue\.x-k8s\.io/([^/]+)/namespaces/([^/]+)/workloads$"), "workloads"),
 ]
 _LIST_KIND = {"Job": ("JobList", "batch/v1"), "Pod": ("PodList", "v1"), "Event": ("EventList", "v1"),
+              "Service": ("ServiceList", "v1"),
               "Workload": ("WorkloadList", f"{k8s_kueue.GROUP}/{k8s_kueue.VERSION}")}
 
 
@@ -1643,6 +1735,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, c.delete_job(ns, name, prop))
         else:
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a job here")
+
+    def _r_services(self, method: str, q: dict[str, str], body: Any, ns: str) -> None:
+        if method == "POST":
+            self._send_json(201, self.cluster.create_service(ns, body or {}))
+        elif method == "GET":
+            self._list_or_watch("Service", ns, q)
+        else:
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on services here")
+
+    def _r_service(self, method: str, q: dict[str, str], body: Any, ns: str, name: str) -> None:
+        c = self.cluster
+        if method == "GET":
+            with c.lock:
+                self._send_json(200, copy.deepcopy(c._get("Service", ns, name)))
+        elif method == "PATCH":
+            self._send_json(200, c.patch_service(ns, name, body or {}))
+        elif method == "DELETE":
+            with c.cond:
+                svc = c._get("Service", ns, name)
+                c._put("Service", ns, svc, "DELETED")
+            self._send_json(200, svc)
+        else:
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a service here")
 
     def _r_pods(self, method: str, q: dict[str, str], body: Any, ns: str) -> None:
         if method != "GET":

@@ -1194,3 +1194,16 @@ def test_a_teacher_with_replicas_gets_a_headless_service_and_the_stage_pods_a_fl
     assert t.maxConcurrentRequests == 3 * 128  # every replica's slots, divided among the stage pods
     one_replica = ClusterSettings.model_validate(cluster_yaml(template(helm, *values_files("base")))).teacher
     assert one_replica.discovery == "" and one_replica.url == f"http://{RELEASE}-teacher.{NAMESPACE}.svc:80"
+
+
+def test_a_multi_node_training_stage_lets_the_controller_create_its_service(helm: tuple[str, dict[str, str]]) -> None:
+    """Only where a training stage runs on several nodes (executors/distributed.py) may the controller create
+    (and hand to the Job) the group's headless Service; the settings reach the ConfigMap."""
+    for sets in (["--set", "clusterSettings.scheduling.train.nodes=2"],
+                 ["--set", "clusterSettings.stageOverrides.dpo.nodes=2"]):
+        docs = template(helm, *values_files("base"), *sets, "--set", "clusterSettings.distributed.port=29600")
+        assert ("", "services", ("create", "patch"), ()) in rbac_rules(docs)
+        cs = ClusterSettings.model_validate(cluster_yaml(docs))
+        assert cs.distributed.port == 29600
+    docs = template(helm, *values_files("base"))
+    assert not [r for r in rbac_rules(docs) if r[1] == "services"]

@@ -147,6 +147,9 @@ def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | No
     import shlex
 
     margs = [f"pretrained={model_dir}", *([f"revision={revision}"] if revision else []), f"dtype={dtype}"]
+    if cfg.backend == "vllm":
+        margs += [f"tensor_parallel_size={cfg.tensor_parallel_size}", f"data_parallel_size={cfg.data_parallel_size}",
+                  f"gpu_memory_utilization={cfg.gpu_memory_utilization}"]
     if cfg.max_length is not None:
         margs.append(f"max_length={cfg.max_length}")
     if cfg.add_bos_token is not None:
@@ -157,8 +160,10 @@ def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | No
         by_shots.setdefault(t.num_fewshot, []).append(t.name)
     out = []
     for shots, names in by_shots.items():
-        argv = ["lm_eval", "--model", "hf", "--model_args", ",".join(margs), "--tasks", ",".join(names),
-                "--num_fewshot", str(shots), "--batch_size", str(cfg.batch_size), "--device", device]
+        argv = ["lm_eval", "--model", cfg.backend, "--model_args", ",".join(margs), "--tasks", ",".join(names),
+                "--num_fewshot", str(shots), "--batch_size", str(cfg.batch_size)]
+        if cfg.backend == "hf":  # vLLM places the model itself
+            argv += ["--device", device]
         if include_path:
             argv += ["--include_path", include_path]
         if cfg.limit is not None:
@@ -185,6 +190,55 @@ def include_path_for_cli(uri: str | None) -> str | None:
 
         return str(resolve_pkg(uri))
     return uri.removeprefix("file://")
+
+
+def check_backend(cfg: HarnessConfig) -> None:
+    """The vllm backend needs CUDA, the vllm package and, for data parallelism, ray: refused up front (exit 2)
+    naming the field, before any model is loaded."""
+    if cfg.backend != "vllm":
+        return
+    from importlib.util import find_spec
+
+    if find_spec("vllm") is None:
+        raise BadInput("evaluation.harness.backend: 'vllm' needs the vllm package (a CUDA eval image); it is not "
+                       "installed here (use backend: hf)")
+    if cfg.data_parallel_size > 1 and find_spec("ray") is None:
+        raise BadInput("evaluation.harness.data_parallel_size: lm_eval runs vLLM replicas with ray, which is not "
+                       "installed")
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < cfg.gpus:
+        raise BadInput(f"evaluation.harness: data_parallel_size x tensor_parallel_size = {cfg.gpus} GPUs, this pod has "
+                       f"{have}")
+
+
+def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: HarnessConfig) -> dict[str, Any]:
+    """The same evaluation with lm_eval's vLLM backend, data- and tensor-parallel as the recipe says."""
+    import os
+
+    import lm_eval
+    from lm_eval.models.vllm_causallms import VLLM
+
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    random_seed, numpy_seed, torch_seed, fewshot_seed = seeds(cfg)
+    kw: dict[str, Any] = {"pretrained": model_dir, "batch_size": cfg.batch_size, "dtype": "auto",
+                          "tensor_parallel_size": cfg.tensor_parallel_size,
+                          "data_parallel_size": cfg.data_parallel_size,
+                          "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                          "seed": torch_seed if torch_seed is not None else 1234}
+    if cfg.max_length is not None:
+        kw["max_length"] = cfg.max_length
+    if cfg.add_bos_token is not None:
+        kw["add_bos_token"] = cfg.add_bos_token
+    out = lm_eval.simple_evaluate(
+        model=VLLM(**kw), tasks=task_objects, task_manager=tm, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters,
+        log_samples=False, random_seed=random_seed, numpy_random_seed=numpy_seed, torch_random_seed=torch_seed,
+        fewshot_random_seed=fewshot_seed,
+    )
+    if out is None:  # pragma: no cover
+        raise RuntimeError("lm_eval returned no results")
+    return out
 
 
 def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig) -> dict[str, Any]:

@@ -274,6 +274,24 @@ class Scheduling(_Model):
         description="sharded (Indexed) generate Jobs only: shard pods running at once; "
         "unset = all generationShards at once. Unsharded Jobs always run one pod.",
     )
+    nodes: PositiveInt = Field(1, description="training stages: pods (nodes) the stage runs on, one per node")
+    processesPerNode: PositiveInt | None = Field(
+        None, description="training stages: torch.distributed.run processes per pod (unset = gpus, at least 1)")
+
+    def processes_per_node(self) -> int:
+        return self.processesPerNode or max(1, self.gpus)
+
+
+class Distributed(_Model):
+    """How a training stage on several pods is run (docs/kubernetes.md, "Distributed training")."""
+
+    launcher: Literal["job", "jobset", "trainjob"] = Field(
+        "job", description="job: an Indexed Job plus a headless Service (built in; what the controller runs); "
+        "jobset / trainjob: a JobSet or a Kubeflow Trainer v2 TrainJob, written by `bezoar render` for clusters "
+        "that have them installed")
+    port: Annotated[int, Field(ge=1024, le=65535)] = Field(29500, description="rendezvous port on node 0")
+    trainingRuntime: DnsSubdomain = Field(
+        "torch-distributed", description="trainjob: the ClusterTrainingRuntime the TrainJob refers to")
 
 
 class SchedulingOverride(_Model):
@@ -288,6 +306,8 @@ class SchedulingOverride(_Model):
     ephemeralStorage: AutoQuantity | None = None
     shmSize: Quantity | None = None
     parallelism: PositiveInt | None = None
+    nodes: PositiveInt | None = None
+    processesPerNode: PositiveInt | None = None
 
 
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -402,6 +422,18 @@ class ClusterSettings(_Model):
     jobs: JobsSettings = JobsSettings()
     sizing: Sizing = Sizing()
     controller: ControllerSettings = ControllerSettings()
+    distributed: Distributed = Distributed()
+
+    @model_validator(mode="after")
+    def _shapes_on_training_only(self) -> ClusterSettings:
+        for fam in FAMILIES:
+            sched: Scheduling = getattr(self.scheduling, fam)
+            if fam != "train" and (sched.nodes > 1 or (sched.processesPerNode or 1) > 1):
+                raise ValueError(f"scheduling.{fam}: nodes and processesPerNode apply to training stages only")
+        for stage, over in self.stageOverrides.items():
+            if stage_family(stage) != "train" and ((over.nodes or 1) > 1 or (over.processesPerNode or 1) > 1):
+                raise ValueError(f"stageOverrides.{stage}: nodes and processesPerNode apply to training stages only")
+        return self
 
     @field_validator("generationShards")
     @classmethod

@@ -24,6 +24,8 @@ What a stage Job looks like (and why):
   use up ``backoffLimit``). Everything else counts against ``backoffLimit``.
   ``podReplacementPolicy: Failed`` waits for a failed pod to be fully gone before its replacement
   starts, so two pods of one stage never write the same ``_work/`` at once.
+- **Distributed training** (``nodes`` x ``processesPerNode`` > 1 for a training stage): an Indexed Job
+  of one pod per node plus a headless Service, or a JobSet / TrainJob (:mod:`bezoar_jobs.executors.distributed`).
 - **Sharded generation** (``generationShards`` > 1): a generate stage runs as an Indexed Job with
   ``completions = generationShards`` whose pods run ``... --shard $(JOB_COMPLETION_INDEX)/N`` and only
   write ``<run>/<stage>/_work/``; then the controller runs the *commit* Job
@@ -62,6 +64,7 @@ import yaml
 from .. import __version__
 from ..errors import BadInput
 from .cluster import ALL_STAGES, IMAGE_OF_FAMILY, ClusterSettings, stage_family
+from .distributed import group_job_spec, group_objects, is_group, is_multiprocess, job_master, launch_flags
 from .pod import (  # the pod's pieces, re-exported for the modules that name them here
     CACHE_DIR,
     COMPLETION_INDEX_ANNOTATION,
@@ -246,6 +249,12 @@ def build_job(
         raise BadInput("the run URI is empty")
     shards = cluster.generationShards if sharded and phase == "main" else 1
     sched = cluster.scheduling_for(stage)
+    group = is_group(stage, cluster)
+    name = job_name(stage, run_id, phase)
+    h = recipe.evaluation.harness if recipe is not None and stage == "eval-harness" else None
+    if h is not None and h.backend == "vllm" and h.gpus > sched.gpus:
+        raise BadInput(f"evaluation.harness: data_parallel_size x tensor_parallel_size = {h.gpus} GPUs, but the "
+                       f"eval-harness pod gets {sched.gpus} (scheduling.eval.gpus or stageOverrides.eval-harness.gpus)")
     labels = stage_labels(stage, run_id, cluster, phase)
     # Pods carry the same labels except the Kueue one (Kueue reads it from the Job).
     pod_labels = {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}
@@ -266,10 +275,14 @@ def build_job(
         },
         "template": {
             "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
-            "spec": pod_spec(stage, run_uri, cluster, image_ref(stage, cluster, image_digests), shards, recipe),
+            "spec": pod_spec(stage, run_uri, cluster, image_ref(stage, cluster, image_digests), shards, recipe,
+                             launch=launch_flags(stage, cluster, job_master(name))
+                             if is_multiprocess(stage, cluster) else None),
         },
     }
-    if shards > 1:
+    if group:  # a training stage on several processes: an Indexed Job, pod i = node rank i (distributed.py)
+        group_job_spec(spec, stage, cluster, name)
+    elif shards > 1:
         spec["completionMode"] = "Indexed"
         spec["completions"] = shards
         spec["parallelism"] = min(shards, sched.parallelism or shards)
@@ -283,7 +296,7 @@ def build_job(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(stage, run_id, phase),
+            "name": name,
             "namespace": cluster.namespace,
             "labels": labels,
             "annotations": job_annotations,
@@ -334,7 +347,13 @@ def render_jobs(
 ) -> dict[str, str]:
     """``{file name: YAML}`` for the given stages (default: all 14 canonical stages)."""
     rid = run_id or run_id_from_uri(run_uri)
-    return {f"{s}.yaml": to_yaml(build_stage_jobs(s, run_uri, rid, cluster, image_digests, recipe)) for s in stages}
+    out = {}
+    for s in stages:
+        objs = build_stage_jobs(s, run_uri, rid, cluster, image_digests, recipe)
+        if is_group(s, cluster):  # a training group: Service + Indexed Job, or a JobSet / TrainJob
+            objs = group_objects(objs[0], s, cluster)
+        out[f"{s}.yaml"] = to_yaml(objs)
+    return out
 
 
 def render(

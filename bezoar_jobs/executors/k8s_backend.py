@@ -19,6 +19,7 @@ from ..registry import spec
 from ..run_control import EXIT_CANCELLED, cancelled, write_controller_status
 from ..store import Store
 from .cluster import ClusterSettings
+from .distributed import headless_service, is_group, service_name
 from .jobs import COMPLETION_INDEX_ANNOTATION, Phase, build_job, is_sharded, job_name, run_selector, short_run_id
 from .k8s_api import condition
 from .k8s_diagnose import Diagnosis
@@ -274,8 +275,13 @@ class KubernetesBackend:
         body = build_job(stage, self.run_uri, self.run_id, self.cluster, self.image_digests, phase=phase,
                          recipe=self.recipe, controller_uid=self.controller_uid)
         name = body["metadata"]["name"]
+        group = is_group(stage, self.cluster)
+        if group:  # a training group: its pods find node 0 through a headless Service (distributed.py)
+            self.jobs.ensure_group_service(headless_service(body, self.cluster))
         job, how = self.jobs.create_or_adopt(
             body, stage, on_replace=lambda n: self.say(f"{stage}: deleting finished Job {n} from an earlier attempt"))
+        if group and how == "created":
+            self.jobs.own_service(service_name(name), job)
         if how == "failed":
             self.say(f"{stage}: Job {name} already failed under this controller Job; not running it again")
             cond = condition(job) or {}

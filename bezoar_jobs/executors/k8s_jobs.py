@@ -112,6 +112,26 @@ class JobApi:
                 raise
         raise RuntimeError(f"could not create or adopt Job {name}")
 
+    def ensure_group_service(self, service: dict[str, Any]) -> None:
+        """Create the headless Service of a training group before its Job (its pods resolve node 0 through
+        it); one left by an earlier attempt of the same run and stage is kept."""
+        ApiException = api_exception()
+        name = service["metadata"]["name"]
+        try:
+            self.retry.call(f"create Service {name}", self.core.create_namespaced_service, self.ns, service,
+                            _preload_content=False)
+        except ApiException as e:
+            if getattr(e, "status", None) != 409:
+                raise
+
+    def own_service(self, name: str, job: dict[str, Any]) -> None:
+        """Hand the group's Service to its Job (ownerReferences): the garbage collector deletes it with the
+        Job (ttlSecondsAfterFinished, a rerun, `bezoar cancel`)."""
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                 "uid": job["metadata"]["uid"], "controller": False, "blockOwnerDeletion": False}
+        self.retry.call(f"patch Service {name}", self.core.patch_namespaced_service, name, self.ns,
+                        {"metadata": {"ownerReferences": [owner]}}, _preload_content=False)
+
     def pods_of(self, uid: str, known: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """The Job's pods, fresh from the API (the watch may lag the Job's condition)."""
         try:

@@ -83,6 +83,7 @@ from ..run_control import (
 )
 from ..store import open_store
 from .cluster import ClusterSettings
+from .distributed import check_controller_launcher
 from .jobs import (
     job_name,
     run_id_from_uri,
@@ -152,6 +153,7 @@ def run_pipeline(
         for s in stages:
             spec(s)
             job_name(s, rid)  # refuses a stage the Job builder does not know
+        check_controller_launcher(cluster, stages)
         store = open_store(run_uri)
         refuse_if_cancelled(store)
         api = api_client if api_client is not None else make_api_client()

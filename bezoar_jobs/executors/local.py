@@ -33,7 +33,8 @@ log = logging.getLogger("bezoar")
 TAIL_LINES = 20
 
 
-def stage_command(name: str, store: Store, force: bool = False, shard: str | None = None) -> list[str]:
+def stage_command(name: str, store: Store, force: bool = False, shard: str | None = None,
+                  nproc_per_node: int = 1) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -47,6 +48,9 @@ def stage_command(name: str, store: Store, force: bool = False, shard: str | Non
     ]
     if shard:
         cmd += ["--shard", shard]
+    if nproc_per_node > 1 and spec(name).pod == "train":
+        # the stage runs itself under torch.distributed.run (bezoar_jobs.launch); other stages stay one process
+        cmd += ["--nproc-per-node", str(nproc_per_node)]
     if force:
         cmd.append("--force")
     return cmd
@@ -57,8 +61,9 @@ class LocalBackend:
 
     wait_on_failure = True  # a subprocess left behind would be orphaned: wait for it
 
-    def __init__(self, store: Store, parallel: int = 1):
+    def __init__(self, store: Store, parallel: int = 1, nproc_per_node: int = 1):
         self.store = store
+        self.nproc_per_node = nproc_per_node
         self.parallel: int | None = max(1, parallel)
         self.teacher_parties = len(TEACHER_STAGES)  # run_local narrows it to the run's selection
         self._events: queue.Queue[StageEvent] = queue.Queue()
@@ -78,8 +83,8 @@ class LocalBackend:
             # the teacher stages run side by side (the scheduler counts them as one slot) within one
             # budget (llm/budget.py): each gets an even share of the teacher's capacity
             env["BEZOAR_TEACHER_PARTIES"] = str(self.teacher_parties)
-        proc = subprocess.Popen(stage_command(stage, self.store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, env=env)
+        cmd = stage_command(stage, self.store, nproc_per_node=self.nproc_per_node)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         with self._lock:
             self._procs[stage] = proc
             self._tails[stage] = deque(maxlen=TAIL_LINES)
@@ -137,8 +142,9 @@ class LocalBackend:
 
 
 def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = False, parallel: int = 1,
-              say: Callable[[str], None] | None = None) -> RunOutcome:
-    """``bezoar run`` (the default executor): run ``stages`` (canonical order) to commit."""
-    backend = LocalBackend(store, parallel)
+              say: Callable[[str], None] | None = None, nproc_per_node: int = 1) -> RunOutcome:
+    """``bezoar run`` (the default executor): run ``stages`` (canonical order) to commit; each training
+    stage on ``nproc_per_node`` processes (torch.distributed.run) when more than one."""
+    backend = LocalBackend(store, parallel, nproc_per_node)
     backend.teacher_parties = max(1, sum(1 for s in stages if s in TEACHER_STAGES))
     return Scheduler(backend, store, recipe, say or (lambda msg: log.info("%s", msg))).run(stages, force)

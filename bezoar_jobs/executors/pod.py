@@ -180,24 +180,30 @@ def _resources(stage: str, cluster: ClusterSettings, disk: str) -> dict[str, dic
     requests["ephemeral-storage"] = disk
     limits["ephemeral-storage"] = disk
     if sched.gpus:
-        # Extended resources must have request == limit.
+        # Extended resources must have request == limit. (A training pod of a group asks for its node's GPUs.)
         requests[cluster.jobs.gpuResourceName] = str(sched.gpus)
         limits[cluster.jobs.gpuResourceName] = str(sched.gpus)
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
 
 
 def pod_spec(stage: str, run_uri: str, cluster: ClusterSettings, image: str, shards: int,
-              recipe: Recipe | None) -> dict[str, Any]:
+             recipe: Recipe | None, launch: list[str] | None = None) -> dict[str, Any]:
+    """``launch``: the ``bezoar stage`` flags of a training stage on several processes (distributed.py);
+    its pods are the indices of an Indexed Job too (JOB_COMPLETION_INDEX is their node rank)."""
     sched = cluster.scheduling_for(stage)
     disk = ephemeral_storage(stage, cluster, recipe)
     keys = keys_for(stage, cluster, recipe)
     volumes, mounts = _volumes(stage, cluster, disk, keys)
+    env = _env(stage, cluster, indexed=shards > 1 or bool(launch), keys=keys)
+    if launch:  # torchrun forwards SIGTERM to the workers: they have the grace period (less a margin) to save
+        grace = cluster.jobs.terminationGracePeriodSeconds
+        env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(10, grace - 30))})
     container = {
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": cluster.images.pullPolicy,
-        "args": stage_args(stage, run_uri, shards),
-        "env": _env(stage, cluster, indexed=shards > 1, keys=keys),
+        "args": stage_args(stage, run_uri, shards) + list(launch or []),
+        "env": env,
         "resources": _resources(stage, cluster, disk),
         "volumeMounts": mounts,
         "securityContext": {

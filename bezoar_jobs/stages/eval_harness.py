@@ -34,6 +34,7 @@ def run(ctx: StageContext) -> StageOutput:
     if not cfg.enabled:
         return skipped(ctx, "harness")
     models = targets(ctx)
+    harness.check_backend(cfg)  # vllm: the package, ray for replicas, the GPUs (exit 2 before any model loads)
     # tasks are checked (names, pinned versions) before any model is loaded
     include = harness.prepare_include_dir(cfg.include_path, ctx.scratch)
     tm = harness.task_manager(include, [t.name for t in cfg.tasks])
@@ -52,14 +53,23 @@ def run(ctx: StageContext) -> StageOutput:
             continue
         log.info("%s: evaluating %s (%s)", ctx.name, t.label, t.model)
         path = model_dir(ctx, t)
-        model, tok = load(ctx, t, path)
         # fresh task objects per model: a task keeps the requests it built for the previous one
         task_objects, _ = harness.load_tasks(tm, cfg.tasks)
-        t0 = time.time()
-        raw = harness.evaluate(model, tok, tm, task_objects, cfg)
-        secs = time.time() - t0
-        dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
-        device = str(getattr(model, "device", "cpu"))
+        if cfg.backend == "vllm":  # vLLM loads the checkpoint itself, over data_parallel x tensor_parallel GPUs
+            model = tok = None
+            t0 = time.time()
+            raw = harness.evaluate_vllm(str(path), tm, task_objects, cfg)
+            secs = time.time() - t0
+            dtype, device = "auto", "cuda"
+            figures = {"device": "cuda", "gpus": cfg.gpus, "gpu_hours": round(cfg.gpus * secs / 3600.0, 6)}
+        else:
+            model, tok = load(ctx, t, path)
+            t0 = time.time()
+            raw = harness.evaluate(model, tok, tm, task_objects, cfg)
+            secs = time.time() - t0
+            dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
+            device = str(getattr(model, "device", "cpu"))
+            figures = device_figures(model, secs)
         ref, rev = _cli_model(ctx, t, str(path))
         commands = harness.cli_commands(ref, dtype, device, harness.include_path_for_cli(cfg.include_path), cfg, rev)
         rec = {
@@ -67,7 +77,7 @@ def run(ctx: StageContext) -> StageOutput:
             **t.info(),
             "tasks": harness.summarize(raw, cfg.tasks, versions),
             "seconds": round(secs, 2),
-            **device_figures(model, secs),
+            **figures,
             "lm_eval_version": lm_eval_version,
             "limit": cfg.limit,
             "seed": list(harness.seeds(cfg)),

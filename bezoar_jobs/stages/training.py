@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import BadInput
+from ..ranks import world
 from ..runner import StageContext, StageOutput
 from ..training.types import Tokenizer, Trainer
 
@@ -40,11 +41,20 @@ def prepare(ctx: StageContext) -> StageConfigs:
     t = ctx.recipe.training
     configs = build_stage_configs(t, ctx.recipe.seed, ctx.name, ctx.scratch / "trainer", log=log)
     if t.report_to:
+        from ..training.tracking import configure
+
         check_report_to(t)
-        # transformers' TensorBoard callback reads its directory from the environment; inside the
-        # stage's output it is committed with the stage
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.out / "tensorboard")
+        # the Trainer's tracker callbacks read their settings from the environment: one run per stage, tagged
+        # with the run id and the stage; local files inside the stage's output are committed with it
+        run_id = ctx.run_uri.rstrip("/").rsplit("/", 1)[-1]
+        configure(t.report_to, ctx.out, run_id, ctx.name, ctx.recipe.name)
     log.info("%s: %s", ctx.name, configs.plan.description)
+    d = configs.distributed
+    if d.get("world_size", 1) > 1:
+        log.info("%s: %d processes (rank %d): global batch %d kept = %d per device x %d accumulation x %d ranks "
+                 "(the recipe: %d x %d on one device)", ctx.name, d["world_size"], world().rank, d["global_batch"],
+                 d["per_device_batch"], d["gradient_accumulation_steps"], d["world_size"],
+                 d["recipe_per_device_batch"], d["recipe_gradient_accumulation_steps"])
     return configs
 
 
@@ -82,10 +92,17 @@ def train(ctx: StageContext, trainer: Trainer, configs: StageConfigs, counter: C
     from ..training.checkpoint import StoreCheckpoints
 
     ckpts = StoreCheckpoints(ctx.work, fingerprint(ctx), keep=ctx.recipe.training.keep_checkpoints)
-    return run.train(
+    # in a group, rank 0 alone writes the stage's metrics (every rank sees the same, all-reduced, losses)
+    record = ctx.metrics if world().zero else (lambda rec: None)
+    result = run.train(
         ctx.name, trainer, counter, ckpts, Path(configs.trainer_args.output_dir), ctx.scratch / "adapter",
-        ctx.out / "metrics.jsonl", configs.plan.cuda, ctx.stop_requested, ctx.metrics,
+        ctx.out / "metrics.jsonl", configs.plan.cuda, ctx.stop_requested, record,
     )
+    if ctx.recipe.training.report_to and world().zero:
+        from ..training.tracking import close
+
+        close(ctx.recipe.training.report_to, ctx.out)
+    return result
 
 
 def push(ctx: StageContext, model_dir: Path, data_dirs: list[Path]) -> dict[str, str]:
@@ -118,10 +135,13 @@ def finish(
     extra: dict[str, Any] | None = None,
     data_dirs: list[Path] | None = None,
 ) -> StageOutput:
-    """Merge, write the model card, optionally push; the stage's output."""
+    """Merge, write the model card, optionally push; the stage's output. In a group, rank 0 alone merges
+    and commits; the other ranks are done once training is."""
     from ..training.card import write_model_card
     from ..training.lora import base_licence, merge_adapter
 
+    if not world().zero:
+        return StageOutput(committed=False)
     t = ctx.recipe.training
     model_dir = ctx.out / "model"
     t0 = time.time()
@@ -171,6 +191,11 @@ def finish(
                 "merge_seconds": round(merge_s, 2),
                 "merged": merged,
                 "base_licence": lic,
+                # the processes it trained on and how the recipe's global batch was split over them
+                "distributed": {**configs.distributed, "launcher": "torch.distributed.run"
+                                if configs.distributed.get("world_size", 1) > 1 else None,
+                                "backend": getattr(configs.trainer_args, "ddp_backend", None)
+                                if configs.distributed.get("world_size", 1) > 1 else None},
                 **(extra or {}),
             },
             "data": data,

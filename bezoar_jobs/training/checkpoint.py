@@ -28,6 +28,10 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
+from ..errors import BadInput
+from ..ranks import world
+from . import dist
+
 log = logging.getLogger("bezoar")
 
 CKPT = "checkpoints"
@@ -118,10 +122,22 @@ class StoreCheckpoints:
             self._delete_step(step, steps.get(step, []))
 
     # -- upload / download --------------------------------------------------------------------
-    def upload(self, local: Path, step: int, metrics: Path | None = None) -> None:
+    def upload_rank_state(self, local: Path, step: int, rank: int) -> dict[str, int]:
+        """A rank other than 0 of a group: its own RNG state (``rng_state_<rank>.pth``, the only file the
+        Trainer writes on that rank) beside rank 0's checkpoint, before rank 0 writes the marker."""
+        files: dict[str, int] = {}
+        for path in sorted(Path(local).glob(f"rng_state_{rank}.pth")):
+            self.work.upload_file(path, f"{CKPT}/step-{step}/trainer/{path.name}")
+            files[f"trainer/{path.name}"] = path.stat().st_size
+        return files
+
+    def upload(self, local: Path, step: int, metrics: Path | None = None, world_size: int = 1,
+               other_ranks: dict[str, int] | None = None) -> None:
+        """Upload rank 0's checkpoint and write the marker last; ``other_ranks``: files the other ranks of
+        the group uploaded for this step (their RNG states), listed in the marker with rank 0's."""
         t0 = time.time()
         prefix = f"{CKPT}/step-{step}"
-        files: dict[str, int] = {}
+        files: dict[str, int] = dict(other_ranks or {})
         for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
             rel = path.relative_to(local).as_posix()
             self.work.upload_file(path, f"{prefix}/trainer/{rel}")
@@ -129,19 +145,31 @@ class StoreCheckpoints:
         if metrics is not None and metrics.is_file():
             self.work.upload_file(metrics, f"{prefix}/metrics.jsonl")
             files["metrics.jsonl"] = metrics.stat().st_size
-        marker = {"step": step, "fingerprint": self.fingerprint, "files": files, "time": time.time()}
+        marker = {"step": step, "fingerprint": self.fingerprint, "files": files, "time": time.time(),
+                  "world_size": world_size}
         self.work.put_bytes(f"{prefix}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
         log.info("checkpoint step %d saved to %s (%.1f s)", step, self.work.url(prefix), time.time() - t0)
         self.prune()
 
-    def restore(self, output_dir: Path, metrics_out: Path | None = None) -> tuple[int, Path] | None:
-        """Download the newest complete checkpoint into ``output_dir/checkpoint-N``; (N, path)."""
-        self.clean()
+    def restore(self, output_dir: Path, metrics_out: Path | None = None, world_size: int = 1,
+                cleaner: bool = True) -> tuple[int, Path] | None:
+        """Download the newest complete checkpoint into ``output_dir/checkpoint-N``; (N, path). In a group
+        every rank downloads the same checkpoint; only the ``cleaner`` (rank 0, before the others list)
+        deletes partial ones. A checkpoint written by a group of another size is refused: its data
+        position and RNG states belong to that split of the global batch."""
+        if cleaner:
+            self.clean()
         good = self.complete_steps()
         if not good:
             return None
         step = good[-1]
         marker = self._marker(step) or {}
+        written_by = int(marker.get("world_size", 1))
+        if written_by != world_size:
+            raise BadInput(
+                f"{self.url(step)}: this checkpoint was written by {written_by} training process(es) and this "
+                f"attempt runs {world_size}: resume it with the same shape (--nproc-per-node x --nnodes = "
+                f"{written_by}), or delete {self.work.url(CKPT)} to start the stage over on {world_size}")
         dest = Path(output_dir) / f"checkpoint-{step}"
         shutil.rmtree(dest, ignore_errors=True)
         tmp = Path(output_dir) / f".download-{step}"
@@ -193,7 +221,8 @@ class CheckpointCallback(TrainerCallback):
         self.last_logs: dict[str, float] = {}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.stop_requested() and self.stopped_at is None:
+        # every rank of a group stops at the same step when any of them was asked to (one collective)
+        if dist.any_rank(self.stop_requested()) and self.stopped_at is None:
             # save inside the grace period, then leave the training loop; the stage exits non-zero
             log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state.global_step)
             self.stopped_at = state.global_step
@@ -203,6 +232,19 @@ class CheckpointCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        me = world()
+        if me.distributed:
+            # every rank: the counters summed over the group, the other ranks' RNG states uploaded, then
+            # rank 0 uploads the checkpoint and writes the marker listing them all
+            totals = self.progress() if self.progress is not None else None
+            mine = {} if me.zero else self.ckpts.upload_rank_state(local, state.global_step, me.rank)
+            others = {k: v for files in dist.gather(mine) for k, v in files.items()}
+            if me.zero:
+                if totals is not None:
+                    self.record({"stage": self.stage, "event": PROGRESS, "step": state.global_step, **totals})
+                self.ckpts.upload(local, state.global_step, self.metrics_path, me.size, others)
+            dist.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
+            return control
         if local.is_dir():
             if self.progress is not None:
                 self.record({"stage": self.stage, "event": PROGRESS, "step": state.global_step, **self.progress()})

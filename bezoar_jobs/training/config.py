@@ -253,8 +253,41 @@ def _cpu_optim(kwargs: dict[str, Any], plan: DevicePlan, log: logging.Logger | N
         kwargs["optim"] = "adamw_torch"
 
 
+def split_global_batch(kwargs: dict[str, Any], world_size: int, path: str) -> dict[str, Any]:
+    """Keep the recipe's global batch on ``world_size`` ranks: the recipe's per_device_train_batch_size x
+    gradient_accumulation_steps is what one optimizer step trains on, on one device. Each rank keeps the
+    per-device batch and accumulates over fewer micro-batches when the world size divides the accumulation
+    (so every rank's micro-batch is a micro-batch the one-device run also sees); otherwise the per-device
+    batch is the largest divisor of the recipe's that makes the split exact. ``kwargs`` is changed in
+    place; the split is returned (for the log and the manifest)."""
+    b = int(kwargs.get("per_device_train_batch_size", 8))  # TrainingArguments' own default
+    g = int(kwargs.get("gradient_accumulation_steps", 1))
+    total = b * g
+    split = {"world_size": world_size, "global_batch": total, "recipe_per_device_batch": b,
+             "recipe_gradient_accumulation_steps": g}
+    if world_size <= 1:
+        return {**split, "per_device_batch": b, "gradient_accumulation_steps": g}
+    per = next((d for d in range(b, 0, -1) if b % d == 0 and total % (d * world_size) == 0), None)
+    if per is None:
+        raise BadInput(
+            f"{path}: the global batch of {total} (per_device_train_batch_size {b} x gradient_accumulation_steps "
+            f"{g}) cannot be split evenly over {world_size} processes; choose a world size that divides {total}")
+    accum = total // (per * world_size)
+    kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"] = per, accum
+    return {**split, "per_device_batch": per, "gradient_accumulation_steps": accum}
+
+
+def _distributed_kwargs(kwargs: dict[str, Any], plan: DevicePlan) -> None:
+    """DDP settings a LoRA run wants unless the recipe says otherwise: every trained parameter (the
+    adapter) is used in every step, so DDP need not search the graph for unused ones (and with
+    gradient checkpointing it must not); gloo on CPU, NCCL on CUDA."""
+    kwargs.setdefault("ddp_find_unused_parameters", False)
+    kwargs.setdefault("ddp_backend", "nccl" if plan.cuda else "gloo")
+
+
 def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: dict[str, PassValue], output_dir: Path,
-                     plan: DevicePlan, log: logging.Logger | None = None) -> Any:
+                     plan: DevicePlan, log: logging.Logger | None = None, world_size: int = 1,
+                     split: dict[str, Any] | None = None) -> Any:
     """The SFTConfig of one SFT stage from its effective settings (``training.sft_args`` with
     ``training.stage_args[stage]`` laid over them) and ours."""
     from trl import SFTConfig
@@ -264,6 +297,7 @@ def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: 
     )
     kwargs = check_pass_through(SFTConfig, settings, path, {**_OWNED_COMMON, **_OWNED_SFT})
     _cpu_optim(kwargs, plan, log)
+    _split(kwargs, world_size, path, plan, split)
     if not kwargs.get("max_length"):
         raise BadInput(f"{path}.max_length: must be set (the stage tokenizes and cuts examples to it)")
     kwargs.update(_common_kwargs(training, seed, stage, output_dir, plan))
@@ -289,16 +323,31 @@ def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: 
 
 
 def build_dpo_config(training: TrainingConfig, seed: int, settings: dict[str, PassValue], output_dir: Path,
-                     plan: DevicePlan, log: logging.Logger | None = None) -> Any:
+                     plan: DevicePlan, log: logging.Logger | None = None, world_size: int = 1,
+                     split: dict[str, Any] | None = None) -> Any:
     from trl import DPOConfig
 
     path = "training.dpo.dpo_args"
     kwargs = check_pass_through(DPOConfig, settings, path, {**_OWNED_COMMON, **_OWNED_DPO})
     _cpu_optim(kwargs, plan, log)
+    _split(kwargs, world_size, path, plan, split)
     if not kwargs.get("max_length"):
         raise BadInput(f"{path}.max_length: must be set (prompts longer than it are refused or dropped)")
     kwargs.update(_common_kwargs(training, seed, "dpo", output_dir, plan))
     return _construct(DPOConfig, kwargs, path, plan)
+
+
+def _split(kwargs: dict[str, Any], world_size: int, path: str, plan: DevicePlan, out: dict[str, Any] | None) -> None:
+    if kwargs.get("fsdp") and plan.quantize_4bit:
+        # FSDP shards 4-bit weights only when they are stored in the compute dtype (bnb_4bit_quant_storage) and
+        # loaded without a device map; this loader places each rank's 4-bit copy on its own GPU (DDP)
+        raise BadInput(f"{path}.fsdp: FSDP with 4-bit QLoRA is not supported by this version (DDP is: leave fsdp "
+                       "unset); for FSDP set training.quantization: none (LoRA on 16-bit weights)")
+    got = split_global_batch(kwargs, world_size, path)
+    if world_size > 1:
+        _distributed_kwargs(kwargs, plan)
+    if out is not None:
+        out.update(got)
 
 
 def build_lora_config(args: dict[str, PassValue], path: str) -> Any:
@@ -314,11 +363,13 @@ def build_lora_config(args: dict[str, PassValue], path: str) -> Any:
 
 def check_report_to(training: TrainingConfig) -> None:
     """The loggers the recipe asks for must be installed (a missing one is a setup error, exit 2)."""
-    from transformers.integrations import is_tensorboard_available, is_wandb_available
+    from transformers.integrations import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-    for name, ok in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
+    for name, ok in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available),
+                     ("mlflow", is_mlflow_available)):
         if name in training.report_to and not ok():
-            raise BadInput(f"training.report_to: {name!r} is asked for but the {name} package is not installed")
+            raise BadInput(f"training.report_to: {name!r} is asked for but the {name} package is not installed "
+                           "(pip install 'bezoar-jobs[tracking]')")
 
 
 @dataclass
@@ -333,6 +384,8 @@ class StageConfigs:
     base_stage: str | None  # the stage whose model/ this one starts from; None: recipe.student
     settings: dict[str, PassValue]  # the effective SFTConfig/DPOConfig overrides (recipe defaults included)
     lora_settings: dict[str, PassValue]  # the effective LoraConfig overrides
+    # the global batch and how it is split over the ranks (world_size 1: one process)
+    distributed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def max_length(self) -> int:
@@ -340,22 +393,28 @@ class StageConfigs:
 
 
 def build_stage_configs(training: TrainingConfig, seed: int, stage: str, output_dir: Path,
-                        plan: DevicePlan | None = None, log: logging.Logger | None = None) -> StageConfigs:
+                        plan: DevicePlan | None = None, log: logging.Logger | None = None,
+                        world_size: int | None = None) -> StageConfigs:
     """Validate and build one training stage's configuration (sft-*, dpo). Works on CPU for a GPU
-    recipe: pass ``plan`` to build for another device than this one."""
+    recipe: pass ``plan`` to build for another device than this one. ``world_size``: the processes
+    the stage runs on (default: this process's group, WORLD_SIZE), over which the global batch is split."""
+    from ..ranks import world
+
     if plan is None:
         plan = device_plan(training, *detect_device())
+    ws = world().size if world_size is None else world_size
+    split: dict[str, Any] = {}
     if stage == "dpo":
         settings = dict(training.dpo.dpo_args)
-        args = build_dpo_config(training, seed, settings, output_dir, plan, log)
+        args = build_dpo_config(training, seed, settings, output_dir, plan, log, ws, split)
         lora_settings = training.dpo_lora()
         lora_path = "training.dpo.lora" if training.dpo.lora is not None else "training.lora"
     elif stage in SFT_STAGES:
         settings = training.stage_sft_args(stage)
-        args = build_sft_config(training, seed, stage, settings, output_dir, plan, log)
+        args = build_sft_config(training, seed, stage, settings, output_dir, plan, log, ws, split)
         lora_settings, lora_path = dict(training.lora), "training.lora"
     else:
         raise BadInput(f"{stage}: not a training stage")
     lora = build_lora_config(lora_settings, lora_path)
     base = training.previous_stage(stage)  # the same chain pipeline.stage_inputs() schedules
-    return StageConfigs(stage, plan, args, lora, base, settings, lora_settings)
+    return StageConfigs(stage, plan, args, lora, base, settings, lora_settings, split)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput
+from ..ranks import world
 from .config import DevicePlan
 
 log = logging.getLogger("bezoar")
@@ -95,7 +96,8 @@ def load_for_training(
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["dtype"] = compute
-        kwargs["device_map"] = {"": 0} if plan.cuda else {"": "cpu"}
+        # DDP: each rank loads its own 4-bit copy on its own GPU (LOCAL_RANK)
+        kwargs["device_map"] = {"": world().local_rank} if plan.cuda else {"": "cpu"}
     else:
         kwargs["dtype"] = _torch_dtype(plan.load_dtype)
     try:

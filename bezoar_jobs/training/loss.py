@@ -111,6 +111,10 @@ def uses_response_head(trainer: Any, model: Any, return_outputs: bool) -> bool:
         return False
     if getattr(args, "loss_type", "nll") != "nll" or getattr(trainer, "aux_loss_enabled", False):
         return False
+    if model is not _unwrap(model) and type(model).__name__ == "DistributedDataParallel":
+        # the response head calls the backbone directly; under DDP the forward must go through the wrapper
+        # (it prepares the gradient all-reduce), so a group takes TRL's loss: the same value (a test shows it)
+        return False
     device = next(model.parameters()).device
     return device.type == "cpu"
 

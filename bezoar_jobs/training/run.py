@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput, Interrupted
+from ..ranks import world
+from . import dist
 from .checkpoint import PROGRESS, CheckpointCallback, StoreCheckpoints
 from .packing import CountingCollator, PackedRowsCollator, SharedPrefixCollator
 
@@ -145,14 +147,23 @@ def train(
     prior: dict[str, float] = {}
     session = {"t0": time.time()}
 
+    me = world()
+
     def progress() -> dict[str, float]:
-        now = {"real_tokens": counter.real_tokens, "total_tokens": counter.total_tokens,
-               "shared_tokens": counter.shared_tokens, "train_seconds": time.time() - session["t0"]}
+        # in a group each rank counts its own batches: the tokens are summed over the ranks (a collective:
+        # every rank calls this at the same checkpoint), the seconds are this rank's
+        tokens = dist.sum_ranks({"real_tokens": counter.real_tokens, "total_tokens": counter.total_tokens,
+                                 "shared_tokens": counter.shared_tokens})
+        now = {**tokens, "train_seconds": time.time() - session["t0"]}
         return {k: prior.get(k, 0.0) + now[k] for k in PROGRESS_KEYS}
 
     callback = CheckpointCallback(stage, ckpts, metrics_path, stop_requested, record, progress)
     trainer.add_callback(callback)
-    restored = ckpts.restore(output_dir, metrics_out=metrics_path)
+    if me.distributed and not me.zero:
+        dist.barrier()  # rank 0 deletes partial checkpoints first; then every rank takes the same one
+    restored = ckpts.restore(output_dir, metrics_out=metrics_path, world_size=me.size, cleaner=me.zero)
+    if me.distributed and me.zero:
+        dist.barrier()
     prior.update(whole_run(metrics_path)[2])  # what the sessions before this one did
     resume_path = None
     if restored:
@@ -183,14 +194,15 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     session["t0"] = time.time()
     trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
-    if stop_requested():
+    if stop_requested() or callback.stopped_at is not None:
         at = callback.stopped_at if callback.stopped_at is not None else trainer.state.global_step
         raise Interrupted(f"{stage}: stopped by SIGTERM; checkpoint at step {at} is in _work/checkpoints/")
-    trainer.model.save_pretrained(str(adapter_dir))
+    total = progress()  # every rank (a collective in a group)
+    if me.zero:  # the adapter is the same on every rank (DDP): rank 0 saves it
+        trainer.model.save_pretrained(str(adapter_dir))
     # over the whole run, every session's steps and tokens (HF's own training_loss and counters only
     # see the steps of this process)
     mean, last, _ = whole_run(metrics_path)
-    total = progress()
     result = TrainResult(
         steps=int(trainer.state.global_step),
         final_loss=last,

@@ -1,0 +1,431 @@
+"""One training stage on several processes under torch.distributed.run (gloo on CPU), on the tiny model.
+
+- two ranks train like one at the same global batch: the same loss at every step and the same merged
+  weights (within 1e-5: only the order of float additions differs), through `bezoar run --nproc-per-node 2`;
+- a rank killed mid-training: the launcher stops the group and exits non-zero, nothing is committed; a
+  rerun with another world size is refused (exit 2) naming both sizes; a rerun with the same shape
+  resumes every rank from the same checkpoint and commits the same weights as the uninterrupted run;
+- the split of the global batch, and what cannot be split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bezoar_jobs.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput
+from bezoar_jobs.manifest import read_manifest
+from bezoar_jobs.store import open_store
+
+try:  # tests/ is not a package today
+    from tests.test_training import _complete_steps, commit_filter, lamini_rows, make_recipe, training_section
+    from tests.tiny_model import build_tiny_model
+except ImportError:  # pragma: no cover
+    from test_training import _complete_steps, commit_filter, lamini_rows, make_recipe, training_section  # type: ignore
+    from tiny_model import build_tiny_model  # type: ignore[no-redef]
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 40, 10
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _bezoar(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bezoar_jobs.cli", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(run: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "sft-lamini" / "model" / "model.safetensors")
+
+
+def _losses(run: Path) -> list[float]:
+    lines = (run / "sft-lamini" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    per_step = {}
+    for rec in map(json.loads, lines):
+        if "loss" in rec and "event" not in rec:
+            per_step[rec["step"]] = rec["loss"]
+    return [per_step[s] for s in sorted(per_step)]
+
+
+def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("dist")
+    tiny = build_tiny_model(tmp / "model")
+    # the recipe's global batch: 2 examples x 2 accumulation steps on one device. Without dropout one and two
+    # ranks compute the same thing; with it (the kill test) the result depends on every rank's restored RNG
+    # state, and one and two ranks draw different masks (each rank has its own generator)
+    sft = {"max_steps": STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+           "learning_rate": 3e-3}
+    paths = {}
+    for dropout in (0.0, 0.1):
+        d = tmp / f"dropout-{dropout}"
+        d.mkdir()
+        training = training_section(checkpoint_every=EVERY, lora={"lora_dropout": dropout}, sft_args=sft)
+        paths[dropout] = make_recipe(d, tiny, training)[1]
+    runs = {}
+    for name in ("one", "two", "killed", "uninterrupted"):
+        runs[name] = tmp / name
+        commit_filter(open_store(runs[name]), "lamini", lamini_rows(16), tmp)
+    return {"tmp": tmp, "recipe_path": paths[0.0], "dropout_recipe": paths[0.1], "runs": runs}
+
+
+def test_global_batch_split_keeps_the_recipes_batch() -> None:
+    from bezoar_jobs.training.config import split_global_batch
+
+    def split(b: int, g: int, w: int) -> tuple[int, int]:
+        kw = {"per_device_train_batch_size": b, "gradient_accumulation_steps": g}
+        got = split_global_batch(kw, w, "training.sft_args")
+        assert got["global_batch"] == b * g == kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] * w
+        return kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]
+
+    assert split(4, 4, 1) == (4, 4)
+    assert split(4, 4, 2) == (4, 2)  # the paper's 16 on 2 GPUs: the same micro-batches, half the accumulation
+    assert split(4, 4, 4) == (4, 1)
+    assert split(4, 4, 8) == (2, 1)  # more ranks than accumulation steps: smaller micro-batches
+    assert split(3, 1, 3) == (1, 1)
+    with pytest.raises(BadInput, match=r"training.sft_args: the global batch of 6 .* cannot be split evenly over 4"):
+        split(3, 2, 4)
+
+
+def test_two_ranks_train_like_one_at_the_same_global_batch(setup: dict[str, Any]) -> None:
+    import torch
+
+    one, two, rp = setup["runs"]["one"], setup["runs"]["two"], str(setup["recipe_path"])
+    p1 = _bezoar("stage", "sft-lamini", "--recipe", rp, "--run", str(one))
+    _, err1 = p1.communicate(timeout=300)
+    assert p1.returncode == 0, err1[-3000:]
+    p2 = _bezoar("run", "--recipe", rp, "--run", str(two), "--only", "sft-lamini", "--nproc-per-node", "2")
+    _, err2 = p2.communicate(timeout=300)
+    assert p2.returncode == 0, err2[-3000:]
+    assert "global batch 4 kept = 2 per device x 1 accumulation x 2 ranks" in err2
+    m = read_manifest(open_store(two), "sft-lamini")
+    d = m["training"]["distributed"]
+    assert d["world_size"] == 2 and d["global_batch"] == 4 and d["per_device_batch"] == 2
+    assert d["gradient_accumulation_steps"] == 1 and d["launcher"] == "torch.distributed.run" and d["backend"] == "gloo"
+    ref = read_manifest(open_store(one), "sft-lamini")["training"]
+    assert ref["distributed"]["world_size"] == 1
+    # both ranks' batches are counted, not rank 0's alone
+    assert m["training"]["real_tokens"] == ref["real_tokens"]
+    assert m["counts"]["steps"] == STEPS
+    # the loss curve and the merged weights: equal up to the order of float additions
+    assert torch.allclose(torch.tensor(_losses(two)), torch.tensor(_losses(one)), atol=1e-5)
+    assert len(_losses(two)) == STEPS
+    assert _max_diff(_weights(one), _weights(two)) < 1e-5
+    # rank 0 alone wrote checkpoints: one per step, each with both ranks' RNG states
+    marker = json.loads((two / "sft-lamini/_work/checkpoints" / f"step-{STEPS}" / "COMPLETE").read_text())
+    assert marker["world_size"] == 2
+    assert {"trainer/rng_state_0.pth", "trainer/rng_state_1.pth"} <= set(marker["files"])
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the worker with RANK=rank among the launcher's children."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_reruns_to_the_same_weights(setup: dict[str, Any]) -> None:
+    run, rp = setup["runs"]["killed"], str(setup["dropout_recipe"])
+    store = open_store(run)
+    args = ("stage", "sft-lamini", "--recipe", rp, "--run", str(run))
+    p = _bezoar(*args, "--nproc-per-node", "2")
+    end = time.time() + 240
+    while not _complete_steps(store, "sft-lamini"):
+        assert p.poll() is None and time.time() < end, "no checkpoint before the launcher ended"
+        time.sleep(0.02)
+    pid = _rank_pid(p.pid, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGKILL, err[-3000:]  # the killed worker's own code, not torchrun's 1
+    assert "worker rank 1 failed" in err
+    assert read_manifest(store, "sft-lamini") is None
+    killed_at = max(_complete_steps(store, "sft-lamini"))
+    assert 0 < killed_at < STEPS
+
+    # another world size: refused, naming both, nothing trained or deleted
+    p = _bezoar(*args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == EXIT_BAD_INPUT, err[-3000:]
+    assert "written by 2 training process(es) and this attempt runs 1" in err
+    assert max(_complete_steps(store, "sft-lamini")) == killed_at
+
+    # SIGTERM to the launcher (what a pod gets): it passes it on, every rank stops at the same step with a
+    # final checkpoint, the exit code says interrupted
+    p = _bezoar(*args, "--nproc-per-node", "2")
+    end = time.time() + 240
+    while max(_complete_steps(store, "sft-lamini")) <= killed_at:
+        assert p.poll() is None and time.time() < end, "no new checkpoint before the launcher ended"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert err.count(f"resuming from the checkpoint at step {killed_at}") == 2  # both ranks
+    assert "SIGTERM" in err and read_manifest(store, "sft-lamini") is None
+    stopped = max(_complete_steps(store, "sft-lamini"))
+    assert killed_at < stopped < STEPS
+
+    # the same shape: every rank resumes from the same checkpoint, and the result is the uninterrupted run's
+    p = _bezoar(*args, "--nproc-per-node", "2")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert err.count(f"resuming from the checkpoint at step {stopped}") == 2  # both ranks
+    m = read_manifest(store, "sft-lamini")
+    assert m["training"]["resumed_from_step"] == stopped and m["counts"]["steps"] == STEPS
+    ref = setup["runs"]["uninterrupted"]
+    p = _bezoar("stage", "sft-lamini", "--recipe", rp, "--run", str(ref), "--nproc-per-node", "2")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert _max_diff(_weights(ref), _weights(run)) < 1e-5
+    assert _losses(run) == pytest.approx(_losses(ref), abs=1e-5)
+    assert len(_losses(run)) == STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: a 2-pod training group as an Indexed Job + headless Service, in the loopback harness
+# ---------------------------------------------------------------------------------------------
+def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: Path) -> None:
+    """The controller creates the group's headless Service and Indexed Job; each pod (sandboxed: its own
+    user, read-only root, only its mounts) resolves node 0 as <job>-0.<service> through cluster DNS, the
+    two torch.distributed.run agents meet there over loopback, rank 0 commits."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    tiny = build_tiny_model(runs / "model")  # on the runs volume: the pods see nothing else of this machine
+    training = training_section(checkpoint_every=5, sft_args={"max_steps": 10, "per_device_train_batch_size": 2,
+                                                               "gradient_accumulation_steps": 2})
+    _, recipe_path = make_recipe(runs, tiny, training)
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(8), tmp_path)
+    (runs).chmod(0o777)
+    for p in runs.rglob("*"):
+        p.chmod(0o777 if p.is_dir() else 0o666)
+    cluster = ClusterSettings.model_validate({
+        "namespace": ns, "secrets": {"s3": {"name": ""}},
+        "storage": {"runVolume": {"claimName": "runs", "mountPath": str(runs)}},
+        "scheduling": {"train": {"gpus": 0, "nodes": 2, "processesPerNode": 1, "tolerations": [],
+                                 "ephemeralStorage": "4Gi", "shmSize": "256Mi",
+                                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
+                                               "limits": {"memory": "8Gi"}}}},
+        "distributed": {"port": 29617},
+    })
+    with FakeCluster(tmp_path / "k8s") as fc:
+        fc.add_pvc(ns, "runs", runs)
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe_path.read_text(), str(recipe_path), str(run), None, cluster, ["sft-lamini"],
+                              False, fc.api_client(), out=out)
+        text = out.getvalue()
+        assert rc == 0, text[-6000:] + "\n".join(fc.errors)
+        name = job_name("sft-lamini", "r1")
+        job = next(j for j in fc.jobs(ns) if j["metadata"]["name"] == name)
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+        assert job["spec"]["backoffLimitPerIndex"] == 6 and job["spec"]["maxFailedIndexes"] == 0
+        assert job["status"]["completedIndexes"] == "0,1" or job["status"]["completedIndexes"] == "0-1"
+        pods = fc.pods(ns, name)
+        assert sorted(p["spec"]["hostname"] for p in pods) == [f"{name}-0", f"{name}-1"]
+        assert {p["spec"]["subdomain"] for p in pods} == {name}
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--master-addr") + 1] == f"{name}-0.{name}"
+        svc = fc.objects[("Service", ns, name)]
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+        logs = "".join(fc.pod_log(p["metadata"]["name"], ns) for p in pods)
+        assert "2 processes (rank 1)" in logs and "2 processes (rank 0)" in logs
+    m = read_manifest(open_store(run), "sft-lamini")
+    assert m is not None and m["counts"]["steps"] == 10
+    assert m["training"]["distributed"]["world_size"] == 2
+    assert (run / "sft-lamini/model/model.safetensors").is_file()
+
+
+def test_fsdp_with_4bit_is_refused_naming_the_field(tmp_path: Path) -> None:
+    import yaml
+
+    from bezoar_jobs.recipe import parse_recipe
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    text = yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "x"},
+                           "judge": {"backend": "local", "model": "x"}, "student": {"model": "x"},
+                           "training": training_section(quantization="4bit",
+                                                        sft_args={"fsdp": "full_shard auto_wrap"})})
+    recipe = parse_recipe(text, "r.yaml")
+    plan = device_plan(recipe.training, cuda=True, bf16_ok=True)
+    with pytest.raises(BadInput, match=r"training.sft_args.fsdp: FSDP with 4-bit QLoRA is not supported"):
+        build_stage_configs(recipe.training, recipe.seed, "sft-lamini", tmp_path, plan=plan, world_size=2)
+
+
+def test_launcher_flags_exit_codes_and_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from bezoar_jobs.cli import main
+    from bezoar_jobs.launch import Shape, launcher_args, worker_exit_code
+
+    # only training stages run on several processes (exit 2, naming the stage)
+    assert main(["stage", "report", "--recipe", str(REPO / "recipes/demo.yaml"), "--run", str(tmp_path / "r"),
+                 "--nproc-per-node", "2"]) == EXIT_BAD_INPUT
+    with pytest.raises(BadInput, match="several nodes need --master-addr"):
+        launcher_args(Shape(1, 2), [])
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # an Indexed Job's pod: its index is the node rank
+    args = launcher_args(Shape(8, 2, master_addr="bz-r-sft-lamini-0.bz-r-sft-lamini"), ["stage", "sft-lamini"])
+    assert "--node-rank=1" in args and "--rdzv-backend=static" in args and "--max-restarts=0" in args
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    with pytest.raises(BadInput, match=r"node rank 2: must be in 0\.\.1"):
+        launcher_args(Shape(8, 2, master_addr="x"), [])
+    # the first failed worker's own code: 2 stays 2 (not torchrun's 1), a signal is 128 + signal
+    fail = SimpleNamespace(failures={1: SimpleNamespace(exitcode=2, timestamp=5),
+                                     0: SimpleNamespace(exitcode=1, timestamp=9)})
+    assert worker_exit_code(fail) == 2
+    assert worker_exit_code(SimpleNamespace(failures={0: SimpleNamespace(exitcode=-9, timestamp=1)})) == 137
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment trackers (training.report_to), offline, read back
+# ---------------------------------------------------------------------------------------------
+def _wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of an offline ``.wandb`` file: a 7-byte header, then 32 KiB blocks of chunks
+    (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) as wandb's transaction log writes them."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, out, part = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        if length == 0 and kind == 0:
+            break
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(part)
+            out.append(rec)
+            part = b""
+    return out
+
+
+def test_report_to_tensorboard_wandb_offline_and_mlflow_file_store(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = build_tiny_model(tmp_path / "model")
+    steps = 4
+    training = training_section(report_to=["tensorboard", "wandb", "mlflow"], sft_args={"max_steps": steps})
+    _, recipe_path = make_recipe(tmp_path, tiny, training)
+    run = tmp_path / "r7"
+    commit_filter(open_store(run), "lamini", lamini_rows(8), tmp_path)
+    env = {k: v for k, v in _env().items() if not k.startswith(("WANDB_", "MLFLOW_"))}
+    p = subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", "stage", "sft-lamini", "--recipe", str(recipe_path),
+                        "--run", str(run)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = run / "sft-lamini"
+    m = read_manifest(open_store(run), "sft-lamini")
+    losses = _losses(run)
+    assert len(losses) == steps
+    # TensorBoard: the event file, committed with the stage, holds every step's loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [f for f in m["files"] if f.startswith("tensorboard/") and "tfevents" in f]
+    assert events
+    acc = EventAccumulator(str((out / events[0]).parent))
+    acc.Reload()
+    tb = [e.value for e in acc.Scalars("train/loss")]
+    assert tb == pytest.approx(losses, rel=1e-5)
+    # MLflow: a local file store in the stage, one run named after the stage, tagged with run id and stage
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    (exp,) = [e for e in client.search_experiments() if e.name == "tiny-test"]
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.data.tags["bezoar.run_id"] == "r7" and mrun.data.tags["bezoar.stage"] == "sft-lamini"
+    assert mrun.info.run_name == "sft-lamini" and mrun.info.status == "FINISHED"
+    assert mrun.data.metrics["loss"] == pytest.approx(losses[-1], rel=1e-5)
+    (hist_file,) = [p for p in (out / "mlruns").rglob("metrics/loss") if mrun.info.run_id in p.parts]
+    per_step = sorted((int(line.split()[2]), float(line.split()[1])) for line in hist_file.read_text().splitlines())
+    assert [v for _, v in per_step] == pytest.approx(losses, rel=1e-5)
+    # Weights & Biases, offline (no network): the run's transaction log, finished before the commit
+    (wfile,) = [f for f in m["files"] if f.startswith("wandb/offline-run-") and f.endswith(".wandb")]
+    recs = _wandb_records(out / wfile)
+    (wrun,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    assert wrun.display_name == "sft-lamini" and wrun.run_group == "r7" and wrun.project == "bezoar"
+    assert {"run:r7", "stage:sft-lamini"} <= set(wrun.tags)
+    hist = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in recs if r.WhichOneof("record_type") == "history"]
+    assert [h["train/loss"] for h in hist if "train/loss" in h] == pytest.approx(losses, rel=1e-5)
+    assert any(r.WhichOneof("record_type") == "exit" for r in recs)
+    assert not [f for f in out.rglob("*") if f.is_symlink()]
+
+
+# ---------------------------------------------------------------------------------------------
+# eval-harness at scale: lm_eval's vLLM backend, data- and tensor-parallel, chosen in the recipe
+# ---------------------------------------------------------------------------------------------
+def test_harness_parallel_backend_is_validated_rendered_and_sized(tmp_path: Path) -> None:
+    import yaml
+
+    from bezoar_jobs.eval.harness import check_backend, cli_commands
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from bezoar_jobs.executors.jobs import build_job
+    from bezoar_jobs.recipe import load_recipe, parse_recipe
+
+    base = yaml.safe_load((REPO / "recipes/openbezoar.yaml").read_text())
+
+    def recipe(**harness: Any) -> Any:
+        data = copy.deepcopy(base)
+        data.setdefault("evaluation", {}).setdefault("harness", {}).update(harness)
+        return parse_recipe(yaml.safe_dump(data), "r.yaml")
+
+    # dp/tp without vllm: refused when the recipe loads, naming the fields
+    with pytest.raises(BadInput, match=r"evaluation.harness.*need backend: vllm"):
+        recipe(data_parallel_size=2)
+    r = recipe(backend="vllm", data_parallel_size=4, tensor_parallel_size=2)
+    cfg = r.evaluation.harness
+    assert cfg.gpus == 8
+    # the recorded command reproduces it with lm_eval's own vllm model
+    (cmd, *_) = cli_commands("/m", "bfloat16", "cuda", None, cfg)
+    assert "--model vllm" in cmd and "tensor_parallel_size=2,data_parallel_size=4" in cmd and "--device" not in cmd
+    # no vllm here: refused before any model loads (exit 2), naming the field
+    with pytest.raises(BadInput, match=r"evaluation.harness.backend: 'vllm' needs the vllm package"):
+        check_backend(cfg)
+    check_backend(load_recipe(REPO / "recipes/demo.yaml")[0].evaluation.harness)  # hf: nothing to check
+    # the eval pod must have the GPUs: refused when the Job is built
+    cluster = ClusterSettings.model_validate({"stageOverrides": {"eval-harness": {"gpus": 4}}})
+    with pytest.raises(BadInput, match=r"= 8 GPUs, but the eval-harness pod gets 4"):
+        build_job("eval-harness", "s3://b/r", "r", cluster, recipe=r)
+    cluster = ClusterSettings.model_validate({"stageOverrides": {"eval-harness": {"gpus": 8}}})
+    job = build_job("eval-harness", "s3://b/r", "r", cluster, recipe=r)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
