@@ -53,6 +53,22 @@ def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
     return {k: out.get(k, 0) for k in weights}
 
 
+def _eligible(rows: Iterable[Row], quotas: dict[str, int], group: Callable[[Row], str],
+              keep: Callable[[Row], bool], st: SampleStats) -> Iterator[tuple[int, str, Row]]:
+    """(position, group, row) of the rows of a wanted group that pass ``keep``, counted in ``st``."""
+    for n, row in enumerate(rows):
+        st.scanned += 1
+        g = group(row)
+        if g not in quotas:
+            st.other_groups[g] = st.other_groups.get(g, 0) + 1
+            continue
+        if not keep(row):
+            st.filtered += 1
+            continue
+        st.by_group[g] = st.by_group.get(g, 0) + 1
+        yield n, g, row
+
+
 def bottom_k(
     rows: Iterable[Row],
     quotas: dict[str, int],
@@ -68,16 +84,7 @@ def bottom_k(
     st = stats or SampleStats()
     heaps: dict[str, list[tuple[int, int, Row]]] = {g: [] for g in quotas}
     members: dict[str, set[int]] = {g: set() for g in quotas}
-    for n, row in enumerate(rows):
-        st.scanned += 1
-        g = group(row)
-        if g not in quotas:
-            st.other_groups[g] = st.other_groups.get(g, 0) + 1
-            continue
-        if not keep(row):
-            st.filtered += 1
-            continue
-        st.by_group[g] = st.by_group.get(g, 0) + 1
+    for n, g, row in _eligible(rows, quotas, group, keep, st):
         k = quotas[g]
         if k <= 0:
             continue
@@ -129,18 +136,9 @@ def first_k(
     out: dict[str, list[tuple[int, Row]]] = {g: [] for g in quotas}
     seen: dict[str, set[int]] = {g: set() for g in quotas}
     need = sum(max(0, q) for q in quotas.values())
-    for row in rows:
-        if need <= 0:
-            break
-        st.scanned += 1
-        g = group(row)
-        if g not in quotas:
-            st.other_groups[g] = st.other_groups.get(g, 0) + 1
-            continue
-        if not keep(row):
-            st.filtered += 1
-            continue
-        st.by_group[g] = st.by_group.get(g, 0) + 1
+    if need <= 0:
+        return out
+    for _, g, row in _eligible(rows, quotas, group, keep, st):
         if len(out[g]) >= quotas[g]:
             continue
         kk = key(row, g)
@@ -154,4 +152,6 @@ def first_k(
         out[g].append((kk, row))
         seen[g].add(kk)
         need -= 1
+        if need <= 0:
+            break
     return out
