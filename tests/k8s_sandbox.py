@@ -146,11 +146,6 @@ def enter(spec: dict[str, Any]) -> None:
     root = Path(spec["rootfs"])
     root.mkdir(parents=True, exist_ok=True)
     _mount("tmpfs", str(root), "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64m")
-    for p in spec["binds"]:
-        if os.path.islink(p) and os.path.dirname(p) == "/":  # merged /usr: /bin -> usr/bin
-            os.symlink(os.readlink(p), root / p.lstrip("/"))
-            continue
-        _bind(p, str(_mkpoint(root, p, is_file=False)), readonly=True)
     # /etc: read-only overlay, so mount points can be made in it and /etc/hosts can name Services
     upper = root / ".etc-upper"
     work = root / ".etc-work"
@@ -164,9 +159,16 @@ def enter(spec: dict[str, Any]) -> None:
     hosts.write_text(spec["hosts"])
     for p, ro in (("/proc", False), ("/sys", True), ("/dev", False)):
         _bind(p, str(_mkpoint(root, p, is_file=False)), readonly=ro)
-    for m in spec["mounts"]:
-        target = _mkpoint(root, m["target"], is_file=m.get("file", False))
-        _bind(m["source"], str(target), readonly=m.get("readOnly", False), recursive=False)
+    # the image's content and the pod's volumes, shallowest target first: a checkout that lives under
+    # /tmp (a CI clone) stays visible inside a pod that mounts an emptyDir at /tmp
+    image = [{"source": p, "target": p, "readOnly": True, "image": True} for p in spec["binds"]]
+    for m in sorted([*image, *spec["mounts"]], key=lambda m: len(Path(m["target"]).parts)):
+        p = m["target"]
+        if m.get("image") and os.path.islink(p) and os.path.dirname(p) == "/":  # merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(p), root / p.lstrip("/"))
+            continue
+        target = _mkpoint(root, p, is_file=m.get("file", False))
+        _bind(m["source"], str(target), readonly=m.get("readOnly", False), recursive=bool(m.get("image")))
     _mkpoint(root, "/tmp", is_file=False)  # exists in every image; writable only if a volume is mounted
     _mount(None, str(etc), None, MS_REMOUNT | MS_RDONLY)
     if spec["readOnlyRoot"]:
