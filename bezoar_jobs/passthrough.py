@@ -209,18 +209,16 @@ def _bad_value(value: object, field: dict[str, Any]) -> str | None:
 def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     t = recipe.training
     sft_owned = {**_OWNED_COMMON, **_OWNED_SFT}
-    out = problems("SFTConfig", dict(t.sft_args), "training.sft_args", sft_owned)
-    for stage, args in t.stage_args.items():
-        out += problems("SFTConfig", dict(args), f"training.stage_args.{stage}", sft_owned)
+    out: list[tuple[str, str]] = []
+    stage_sections = ((f"training.stage_args.{s}", a) for s, a in t.stage_args.items())
+    for where, args in [("training.sft_args", t.sft_args), *stage_sections]:
+        out += problems("SFTConfig", dict(args), where, sft_owned)
+        if t.batching != "packed" and "packing_strategy" in args:
+            out.append((f"{where}.packing_strategy", "only used with training.batching: packed"))
     out += problems("DPOConfig", dict(t.dpo.dpo_args), "training.dpo.dpo_args", {**_OWNED_COMMON, **_OWNED_DPO})
     out += problems("LoraConfig", dict(t.lora), "training.lora", _OWNED_LORA)
     if t.dpo.lora is not None:
         out += problems("LoraConfig", dict(t.dpo.lora), "training.dpo.lora", _OWNED_LORA)
-    if t.batching != "packed":
-        for where, args in [("training.sft_args", t.sft_args), *((f"training.stage_args.{s}", a)
-                                                                  for s, a in t.stage_args.items())]:
-            if "packing_strategy" in args:
-                out.append((f"{where}.packing_strategy", "only used with training.batching: packed"))
     for stage in [*t.sft_stage_names(), "sft-hh"]:
         if not t.stage_sft_args(stage).get("max_length"):
             where = f"training.stage_args.{stage}" if t.stage_args.get(stage) else "training.sft_args"
