@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -115,7 +116,11 @@ def _wait_for(pred, timeout: float = 60) -> None:
 def test_a_killed_run_parent_leaves_no_second_writer(tmp_path):
     """The finding's scenario: `bezoar run` killed, its stage running on; a second `bezoar run` must
     not run that stage beside it, and must say who holds it."""
-    with LLMTestServer(script=scripted_answer, api_key="test-key", latency=0.25) as srv:
+    # the orphaned stage must still be running while the second run and the lone stage are refused:
+    # answers are slow until those checks are done (a fixed latency let a loaded machine finish it first)
+    checked = threading.Event()
+    with LLMTestServer(script=scripted_answer, api_key="test-key",
+                       latency=lambda _prompt: 0.25 if checked.is_set() else 5.0) as srv:
         recipe = scripted_recipe(tmp_path, srv.url, **{"teacher.max_concurrency": 2})
         run = tmp_path / "run"
         env = {**os.environ, "SCRIPTED_JUDGE_KEY": "test-key"}
@@ -134,6 +139,7 @@ def test_a_killed_run_parent_leaves_no_second_writer(tmp_path):
                 in second.stderr
             alone = bezoar("stage", "generate-orca", "--recipe", str(recipe), "--run", str(run))
             assert alone.returncode == 3 and f"(pid {holder['pid']}" in alone.stderr
+            checked.set()
             _wait_for(lambda: read_manifest(open_store(run), "generate-orca") is not None)
             assert len(srv.calls) == 24  # nobody asked twice
         finally:
