@@ -409,9 +409,9 @@ def test_harness_parallel_backend_is_validated_rendered_and_sized(tmp_path: Path
         data.setdefault("evaluation", {}).setdefault("harness", {}).update(harness)
         return parse_recipe(yaml.safe_dump(data), "r.yaml")
 
-    # dp/tp without vllm: refused when the recipe loads, naming the fields
-    with pytest.raises(BadInput, match=r"evaluation.harness.*need backend: vllm"):
-        recipe(data_parallel_size=2)
+    # tp without vllm: refused when the recipe loads, naming the field (hf runs data-parallel: test_eval_parallel.py)
+    with pytest.raises(BadInput, match=r"evaluation.harness.*tensor_parallel_size needs backend: vllm"):
+        recipe(tensor_parallel_size=2)
     r = recipe(backend="vllm", data_parallel_size=4, tensor_parallel_size=2)
     cfg = r.evaluation.harness
     assert cfg.gpus == 8
