@@ -269,7 +269,8 @@ def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: 
         tasks=task_objects,
         task_manager=tm,
         limit=cfg.limit,
-        bootstrap_iters=cfg.bootstrap_iters,
+        # the other ranks' results are dropped: they need not bootstrap stderrs (CPU the GPU pods are short of)
+        bootstrap_iters=cfg.bootstrap_iters if world().zero else 0,
         log_samples=False,
         random_seed=random_seed,
         numpy_random_seed=numpy_seed,
