@@ -86,7 +86,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name in ("one", "two", "killed", "uninterrupted"):
         runs[name] = tmp / name
         commit_filter(open_store(runs[name]), "lamini", lamini_rows(16), tmp)
-    return {"tmp": tmp, "recipe_path": paths[0.0], "dropout_recipe": paths[0.1], "runs": runs}
+    return {"tmp": tmp, "tiny": tiny, "sft": sft, "recipe_path": paths[0.0], "dropout_recipe": paths[0.1],
+            "runs": runs}
 
 
 def test_global_batch_split_keeps_the_recipes_batch() -> None:
@@ -539,3 +540,59 @@ def test_fsdp_qlora_loader_and_adapter_saving(tmp_path: Path, monkeypatch: pytes
     for rank in (0, 1):
         save_adapter(trainer(False, rank), tmp_path / "a", rank == 0)
     assert calls == [("save_pretrained", 0)]
+
+
+def test_fsdp2_on_two_cpu_ranks_trains_like_one_and_resumes(setup: dict[str, Any]) -> None:
+    """The FSDP path end to end (the stage's settings, accelerate's FSDP2 preparation, the Trainer's FSDP
+    checkpoints, every rank gathering the adapter, resume) on 2 gloo ranks, with the CUDA-only gates lifted by
+    the test-only tests/fsdp_on_cpu/sitecustomize.py (production refuses fsdp on CPU: the test above). A
+    SIGTERM after the first checkpoint, a rerun that resumes on both ranks, and the result is the one-process
+    run's: the loss at every step and the merged weights within 1e-5."""
+    tmp, rp = setup["tmp"], str(setup["recipe_path"])
+    one = setup["runs"]["one"]
+    if read_manifest(open_store(one), "sft-lamini") is None:  # run alone (-k): the one-process reference
+        p = _bezoar("stage", "sft-lamini", "--recipe", rp, "--run", str(one))
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    d = tmp / "fsdp"
+    d.mkdir()
+    training = training_section(checkpoint_every=EVERY, lora={"lora_dropout": 0.0},
+                                sft_args={**setup["sft"], "fsdp": "full_shard auto_wrap"})
+    recipe = str(make_recipe(d, setup["tiny"], training)[1])
+    run = tmp / "fsdp-run"
+    store = open_store(run)
+    commit_filter(store, "lamini", lamini_rows(16), tmp)
+    env = {**_env(), "BEZOAR_TEST_FSDP_ON_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests/fsdp_on_cpu"), os.environ.get("PYTHONPATH", "")])}
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "bezoar_jobs.cli", "stage", "sft-lamini", "--recipe", recipe,
+                                 "--run", str(run), "--nproc-per-node", "2"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    p = start()
+    end = time.time() + 240
+    while not _complete_steps(store, "sft-lamini"):
+        assert p.poll() is None and time.time() < end, p.communicate()[1][-3000:]
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == EXIT_INTERRUPTED, err[-3000:]
+    stopped = max(_complete_steps(store, "sft-lamini"))
+    assert 0 < stopped < STEPS and read_manifest(store, "sft-lamini") is None
+    p = start()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert err.count(f"resuming from the checkpoint at step {stopped}") == 2  # both ranks
+    m = read_manifest(store, "sft-lamini")
+    d = m["training"]["distributed"]
+    assert d["sharding"] == "fsdp2" and d["world_size"] == 2 and d["global_batch"] == 4
+    assert m["training"]["resumed_from_step"] == stopped and m["counts"]["steps"] == STEPS
+    assert torch_allclose(_losses(run), _losses(one))
+    assert _max_diff(_weights(one), _weights(run)) < 1e-5
+
+
+def torch_allclose(a: list[float], b: list[float]) -> bool:
+    import torch
+
+    return len(a) == len(b) == STEPS and torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
