@@ -9,7 +9,8 @@ the stage runs on a CPU (gloo) group:
   checks and defaults run as on CUDA.
 
 Nothing else is changed: what runs is torch's fully_shard on a CPU mesh, accelerate's FSDP2 preparation and
-state-dict gathering, the Trainer's FSDP checkpointing and resume.
+state-dict gathering, the Trainer's FSDP checkpointing and resume. (In that test's processes this module
+shadows any other sitecustomize, such as a distribution's.)
 """
 
 import os
