@@ -118,7 +118,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
     recipe, _ = load_recipe(a.recipe)
     store = open_store(a.run)
-    if launch_needed(a):  # a training stage on several processes: the same command under torch.distributed.run
+    if launch_needed(a, recipe):  # several processes (training; eval-harness data-parallel): under torchrun
         return launch_stage(a, recipe, store)
     return run_stage(a.name, recipe, store, shard=_parse_shard(a.shard), force=a.force)
 

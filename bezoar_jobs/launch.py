@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 from .errors import EXIT_INTERRUPTED, EXIT_RETRYABLE, BadInput
 from .ranks import World, world
 
-__all__ = ["LAUNCHED", "Shape", "World", "add_flags", "launch", "launch_needed", "launch_stage", "world"]
+__all__ = ["LAUNCHED", "Shape", "World", "add_flags", "launch", "launch_needed", "launch_stage", "processes_per_node",
+           "world"]
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -147,30 +148,54 @@ def launch(shape: Shape, stage_argv: list[str]) -> int:
 
 
 def add_flags(s: argparse.ArgumentParser) -> None:
-    """``bezoar stage``'s flags for N processes per node x M nodes (training stages)."""
-    g = s.add_argument_group("distributed training (sft-*, dpo)")
-    g.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="processes on this node (one per GPU; gloo on CPU)")
+    """``bezoar stage``'s flags for N processes per node x M nodes (training stages, eval-harness)."""
+    g = s.add_argument_group("distributed training (sft-*, dpo) and data-parallel evaluation (eval-harness)")
+    g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="processes on this node (one per GPU; gloo on CPU). Default 1; eval-harness: the recipe's "
+                   "evaluation.harness.data_parallel_size (backend hf)")
     g.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes (an Indexed Job's pods)")
     g.add_argument("--node-rank", type=int, metavar="I", help="this node's rank (default: JOB_COMPLETION_INDEX, or 0)")
     g.add_argument("--master-addr", metavar="HOST", help="node 0's address (several nodes)")
     g.add_argument("--master-port", type=int, default=DEFAULT_PORT, metavar="PORT")
 
 
-def launch_needed(a: argparse.Namespace) -> bool:
+def processes_per_node(a: argparse.Namespace, recipe: Recipe | None = None) -> int:
+    """``--nproc-per-node`` when given; for eval-harness with the hf backend otherwise the recipe's
+    ``evaluation.harness.data_parallel_size`` (a pod runs the plain ``bezoar stage eval-harness`` command); 1."""
+    if a.nproc_per_node is not None:
+        return int(a.nproc_per_node)
+    if recipe is not None and getattr(a, "name", None) == "eval-harness":
+        h = recipe.evaluation.harness
+        if h.enabled and h.backend == "hf":
+            return h.data_parallel_size
+    return 1
+
+
+def launch_needed(a: argparse.Namespace, recipe: Recipe | None = None) -> bool:
     """``bezoar stage`` asked for several processes, and this is not already one of the launched workers."""
-    return a.nproc_per_node * a.nnodes > 1 and not os.environ.get(LAUNCHED)
+    return processes_per_node(a, recipe) * a.nnodes > 1 and not os.environ.get(LAUNCHED)
 
 
 def launch_stage(a: argparse.Namespace, recipe: Recipe, store: Store) -> int:
-    """``bezoar stage NAME --nproc-per-node N [--nnodes M ...]``: a training stage on several processes."""
+    """``bezoar stage NAME --nproc-per-node N [--nnodes M ...]``: a training stage (or eval-harness,
+    data-parallel) on several processes."""
+    from .ranks import runs_on_ranks
     from .registry import spec
     from .state import up_to_date
 
-    shape = Shape(a.nproc_per_node, a.nnodes, a.node_rank, a.master_addr, a.master_port)
-    if spec(a.name).pod != "train":
-        raise BadInput(f"--nproc-per-node/--nnodes: {a.name} is not a training stage (only sft-* and dpo run on "
-                       "several processes)")
+    procs = processes_per_node(a, recipe)
+    shape = Shape(procs, a.nnodes, a.node_rank, a.master_addr, a.master_port)
+    if not runs_on_ranks(a.name, spec(a.name).pod):
+        raise BadInput(f"--nproc-per-node/--nnodes: {a.name} is not a training stage (only sft-*, dpo and "
+                       "eval-harness run on several processes)")
+    if a.name == "eval-harness":
+        h = recipe.evaluation.harness
+        if h.backend != "hf":
+            raise BadInput(f"--nproc-per-node/--nnodes with evaluation.harness.backend {h.backend!r}: vLLM runs its "
+                           "replicas itself in one process (evaluation.harness.data_parallel_size)")
+        if a.nproc_per_node is not None and h.data_parallel_size not in (1, procs):
+            log.info("eval-harness: --nproc-per-node %d overrides evaluation.harness.data_parallel_size %d", procs,
+                     h.data_parallel_size)
     if a.shard:
         raise BadInput("--shard with --nproc-per-node/--nnodes: a sharded stage runs as separate shards")
     if not a.force:

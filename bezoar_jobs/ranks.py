@@ -36,3 +36,13 @@ def world() -> World:
     except ValueError:
         raise BadInput(f"RANK/WORLD_SIZE/LOCAL_RANK: not integers ({env.get('RANK')!r}, {env.get('WORLD_SIZE')!r}, "
                        f"{env.get('LOCAL_RANK')!r})") from None
+
+
+# Besides the training stages (registry pod class "train"), the stages that run on several processes:
+# eval-harness evaluates data-parallel (bezoar_jobs.eval.harness), each rank a share of every model's requests.
+DATA_PARALLEL_STAGES: tuple[str, ...] = ("eval-harness",)
+
+
+def runs_on_ranks(name: str, pod: str) -> bool:
+    """Whether stage ``name`` (of registry pod class ``pod``) may run as a group of processes."""
+    return pod == "train" or name in DATA_PARALLEL_STAGES

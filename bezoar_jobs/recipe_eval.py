@@ -102,25 +102,28 @@ class HarnessConfig(Strict):
     )
 
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="hf: transformers in the stage's process (one device); vllm: lm_eval's vLLM backend "
-        "(CUDA and the vllm package in the eval image), which evaluates data- and tensor-parallel")
+        "hf", description="hf: transformers in the stage's process(es), data-parallel over data_parallel_size "
+        "processes; vllm: lm_eval's vLLM backend (CUDA and the vllm package in the eval image), which evaluates "
+        "data- and tensor-parallel")
     data_parallel_size: PosInt = Field(
-        1, description="vllm: model replicas over the pod's GPUs, the requests split between them (needs ray)")
+        1, description="hf: processes the stage runs on (torch.distributed.run; one GPU each on CUDA, gloo "
+        "processes on CPU), the model's requests split between them; vllm: model replicas over the pod's GPUs "
+        "(needs ray)")
     tensor_parallel_size: PosInt = Field(1, description="vllm: GPUs each replica is split over")
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
         0.9, description="vllm: the fraction of each GPU's memory vLLM may take")
 
     @model_validator(mode="after")
     def _parallel(self) -> HarnessConfig:
-        if self.backend == "hf" and self.data_parallel_size * self.tensor_parallel_size > 1:
-            raise ValueError("data_parallel_size / tensor_parallel_size need backend: vllm (the hf backend "
-                             "evaluates each model on one device)")
+        if self.backend == "hf" and self.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size needs backend: vllm (the hf backend holds one whole copy of the "
+                             "model per process; use data_parallel_size)")
         return self
 
     @property
     def gpus(self) -> int:
-        """GPUs the evaluation uses at once (the eval pod must have them)."""
-        return self.data_parallel_size * self.tensor_parallel_size if self.backend == "vllm" else 1
+        """GPUs the evaluation uses at once on CUDA (the eval pod must have them): hf, one per process."""
+        return self.data_parallel_size * self.tensor_parallel_size
 
     @field_validator("seed", mode="before")
     @classmethod

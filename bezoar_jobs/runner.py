@@ -37,7 +37,7 @@ from .errors import BadInput, Interrupted
 from .layout import work_prefix
 from .lease import Lease
 from .manifest import CommitInfo, DamagedInput, check_against, commit, read_manifest
-from .ranks import world
+from .ranks import runs_on_ranks, world
 from .recipe_view import view
 from .registry import spec
 from .state import input_hashes, params_hash, prepare_force, up_to_date
@@ -216,11 +216,12 @@ def run_stage(
     check_devices()  # a pod that asked for GPUs and cannot use CUDA stops here (exit 2), never trains on CPU
     me = world()
     if me.distributed:
-        if stage.pod != "train" or shard is not None:
-            raise BadInput(f"{name}: only training stages run on several processes (WORLD_SIZE={me.size})")
+        if not runs_on_ranks(name, stage.pod) or shard is not None:
+            raise BadInput(f"{name}: only training stages and eval-harness run on several processes "
+                           f"(WORLD_SIZE={me.size})")
         if not me.zero:
             # a worker of a group (bezoar_jobs.launch): rank 0 holds the lease and commits; this rank trains
-            # its share and writes nothing to the run but its own RNG state beside each checkpoint
+            # (or evaluates) its share and writes nothing to the run but its own RNG state beside each checkpoint
             return _run(name, stage.function(), recipe, store, None, {"flag": False}, None)
     lease_name = name if shard is None else f"{name}.shard-{shard[0]}-of-{shard[1]}"
     command = f"bezoar stage {name}" + (f" --shard {shard[0]}/{shard[1]}" if shard else "")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -85,7 +86,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name in ("one", "two", "killed", "uninterrupted"):
         runs[name] = tmp / name
         commit_filter(open_store(runs[name]), "lamini", lamini_rows(16), tmp)
-    return {"tmp": tmp, "recipe_path": paths[0.0], "dropout_recipe": paths[0.1], "runs": runs}
+    return {"tmp": tmp, "tiny": tiny, "sft": sft, "recipe_path": paths[0.0], "dropout_recipe": paths[0.1],
+            "runs": runs}
 
 
 def test_global_batch_split_keeps_the_recipes_batch() -> None:
@@ -270,22 +272,6 @@ def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: 
     assert (run / "sft-lamini/model/model.safetensors").is_file()
 
 
-def test_fsdp_with_4bit_is_refused_naming_the_field(tmp_path: Path) -> None:
-    import yaml
-
-    from bezoar_jobs.recipe import parse_recipe
-    from bezoar_jobs.training.config import build_stage_configs, device_plan
-
-    text = yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "x"},
-                           "judge": {"backend": "local", "model": "x"}, "student": {"model": "x"},
-                           "training": training_section(quantization="4bit",
-                                                        sft_args={"fsdp": "full_shard auto_wrap"})})
-    recipe = parse_recipe(text, "r.yaml")
-    plan = device_plan(recipe.training, cuda=True, bf16_ok=True)
-    with pytest.raises(BadInput, match=r"training.sft_args.fsdp: FSDP with 4-bit QLoRA is not supported"):
-        build_stage_configs(recipe.training, recipe.seed, "sft-lamini", tmp_path, plan=plan, world_size=2)
-
-
 def test_launcher_flags_exit_codes_and_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
@@ -409,9 +395,9 @@ def test_harness_parallel_backend_is_validated_rendered_and_sized(tmp_path: Path
         data.setdefault("evaluation", {}).setdefault("harness", {}).update(harness)
         return parse_recipe(yaml.safe_dump(data), "r.yaml")
 
-    # dp/tp without vllm: refused when the recipe loads, naming the fields
-    with pytest.raises(BadInput, match=r"evaluation.harness.*need backend: vllm"):
-        recipe(data_parallel_size=2)
+    # tp without vllm: refused when the recipe loads, naming the field (hf runs data-parallel: test_eval_parallel.py)
+    with pytest.raises(BadInput, match=r"evaluation.harness.*tensor_parallel_size needs backend: vllm"):
+        recipe(tensor_parallel_size=2)
     r = recipe(backend="vllm", data_parallel_size=4, tensor_parallel_size=2)
     cfg = r.evaluation.harness
     assert cfg.gpus == 8
@@ -429,3 +415,184 @@ def test_harness_parallel_backend_is_validated_rendered_and_sized(tmp_path: Path
     cluster = ClusterSettings.model_validate({"stageOverrides": {"eval-harness": {"gpus": 8}}})
     job = build_job("eval-harness", "s3://b/r", "r", cluster, recipe=r)
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP: CUDA only; FSDP + QLoRA with the loader and trainer settings of PEFT's FSDP-QLoRA guide
+# ---------------------------------------------------------------------------------------------
+def _fsdp_configs(tmp_path: Path, quantization: str, sft_args: dict[str, Any], cuda: bool = True,
+                  bf16: bool = True) -> Any:
+    import yaml
+
+    from bezoar_jobs.recipe import parse_recipe
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    text = yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "x"},
+                           "judge": {"backend": "local", "model": "x"}, "student": {"model": "x"},
+                           "training": training_section(quantization=quantization, sft_args=sft_args)})
+    recipe = parse_recipe(text, "r.yaml")
+    plan = device_plan(recipe.training, cuda=cuda, bf16_ok=bf16)
+    # one process: TrainingArguments with a DDP backend cannot be built outside a process group (accelerate asks
+    # it for the world size); the FSDP settings do not depend on it
+    return build_stage_configs(recipe.training, recipe.seed, "sft-lamini", tmp_path, plan=plan, world_size=1)
+
+
+def test_fsdp_is_cuda_only_and_fsdp_qlora_gets_the_guides_settings(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from bezoar_jobs.training.lora import weights_placement
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it: restored after
+    shard = {"fsdp": "full_shard auto_wrap"}
+    # CPU (gloo): accelerate never turns FSDP on for a CPU group; the Trainer would silently run DDP
+    with pytest.raises(BadInput, match=r"training.sft_args.fsdp: FSDP needs CUDA GPUs"):
+        _fsdp_configs(tmp_path, "none", shard, cuda=False, bf16=False)
+    # DDP + QLoRA (unchanged): each rank's own 4-bit copy on its own GPU, bitsandbytes' uint8 storage
+    c = _fsdp_configs(tmp_path, "4bit", {})
+    w = weights_placement(c.plan)
+    assert not c.plan.fsdp and "sharding" not in c.distributed and w["device_map"] == {"": 0}
+    assert w["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    # FSDP (2, transformers' default) + QLoRA, bf16: 4-bit weights packed in bf16, loaded in bf16, no device
+    # map; rank 0 reads the checkpoint (cpu_ram_efficient_loading)
+    c = _fsdp_configs(tmp_path, "4bit", shard)
+    a, w = c.trainer_args, weights_placement(c.plan)
+    assert a.fsdp is True and a.fsdp_plugin_args["fsdp_version"] == 2
+    assert a.fsdp_config["cpu_ram_efficient_loading"] is True and a.fsdp_plugin_args["cpu_ram_efficient_loading"]
+    assert a.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"
+    assert c.plan.fsdp and "device_map" not in w and w["dtype"] == torch.bfloat16
+    q = w["quantization_config"]
+    assert q.bnb_4bit_quant_storage == torch.bfloat16 and q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert c.distributed["sharding"] == "fsdp2" and c.distributed["bnb_4bit_quant_storage"] == "bfloat16"
+    # FSDP1 + QLoRA with fp16 compute (a GPU without bf16): use_orig_params false, module states synced for
+    # the broadcast, storage float32 (the guide: for stable fp16 mixed precision)
+    c = _fsdp_configs(tmp_path, "4bit", {**shard, "fsdp_config": {"version": 1}}, bf16=False)
+    a, w = c.trainer_args, weights_placement(c.plan)
+    assert a.fsdp_plugin_args["use_orig_params"] is False and a.fsdp_plugin_args["sync_module_states"] is True
+    assert w["quantization_config"].bnb_4bit_quant_storage == torch.float32 and w["dtype"] == torch.float32
+    assert w["quantization_config"].bnb_4bit_compute_dtype == torch.float16 and a.fp16
+    # the recipe's own fsdp_config wins over the defaults (with or without the fsdp_ prefix)
+    c = _fsdp_configs(tmp_path, "4bit", {**shard, "fsdp_config": {"version": 1, "fsdp_use_orig_params": True}})
+    assert c.trainer_args.fsdp_plugin_args["use_orig_params"] is True
+    # FSDP + LoRA on 16-bit weights: the weights in the plan's dtype, placed by the trainer
+    c = _fsdp_configs(tmp_path, "none", shard)
+    assert c.plan.fsdp and c.plan.quant_storage is None and weights_placement(c.plan) == {"dtype": torch.bfloat16}
+    assert "cpu_ram_efficient_loading" not in c.trainer_args.fsdp_config
+    # a sharded state dict would leave the other ranks' shards in their own directories
+    with pytest.raises(BadInput, match=r"training.sft_args.fsdp_config.state_dict_type: SHARDED_STATE_DICT: only "):
+        _fsdp_configs(tmp_path, "4bit", {**shard, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}})
+
+
+def test_fsdp_qlora_loader_and_adapter_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the loader hands from_pretrained for FSDP-QLoRA, without the k-bit preparation (it would cast the
+    non-4-bit weights to float32 beside the bf16-packed 4-bit ones), and who saves the adapter: under FSDP every
+    rank calls save_model (it gathers the shards), under DDP rank 0 alone saves."""
+    import dataclasses
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bezoar_jobs.training import lora
+    from bezoar_jobs.training.run import save_adapter
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    tiny = build_tiny_model(tmp_path / "m")
+    plan = _fsdp_configs(tmp_path, "4bit", {"fsdp": "full_shard auto_wrap"}).plan
+    seen: dict[str, Any] = {}
+
+    class Loaded:
+        config = SimpleNamespace(use_cache=True)
+
+        def enable_input_require_grads(self) -> None:
+            seen["input_grads"] = True
+
+    def fake_load(path: str, **kw: Any) -> Loaded:
+        seen.update(kw, env=os.environ.get("ACCELERATE_USE_FSDP"))
+        return Loaded()
+
+    def no_prepare(*a: Any, **k: Any) -> None:
+        raise AssertionError("prepare_model_for_kbit_training under FSDP")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_load)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", no_prepare)
+    model = lora.load_for_training(tiny, plan, False, True)
+    assert model.config.use_cache is False and seen["input_grads"] and seen["env"] == "true"
+    assert "device_map" not in seen and seen["dtype"] == torch.bfloat16
+    assert seen["quantization_config"].bnb_4bit_quant_storage == torch.bfloat16
+    # DDP QLoRA keeps the k-bit preparation
+    with pytest.raises(AssertionError, match="prepare_model_for_kbit_training"):
+        lora.load_for_training(tiny, dataclasses.replace(plan, fsdp=False), False, True)
+
+    calls: list[tuple[str, int]] = []
+
+    def trainer(fsdp: bool, rank: int) -> Any:
+        model = SimpleNamespace(save_pretrained=lambda d: calls.append(("save_pretrained", rank)))
+        return SimpleNamespace(is_fsdp_enabled=fsdp, model=model,
+                               save_model=lambda d: calls.append(("save_model", rank)))
+
+    for rank in (0, 1):
+        save_adapter(trainer(True, rank), tmp_path / "a", rank == 0)
+    assert calls == [("save_model", 0), ("save_model", 1)]
+    calls.clear()
+    for rank in (0, 1):
+        save_adapter(trainer(False, rank), tmp_path / "a", rank == 0)
+    assert calls == [("save_pretrained", 0)]
+
+
+def test_fsdp2_on_two_cpu_ranks_trains_like_one_and_resumes(setup: dict[str, Any]) -> None:
+    """The FSDP path end to end (the stage's settings, accelerate's FSDP2 preparation, the Trainer's FSDP
+    checkpoints, every rank gathering the adapter, resume) on 2 gloo ranks, with the CUDA-only gates lifted by
+    the test-only tests/fsdp_on_cpu/sitecustomize.py (production refuses fsdp on CPU: the test above). A
+    SIGTERM after the first checkpoint, a rerun that resumes on both ranks, and the result is the one-process
+    run's: the loss at every step and the merged weights within 1e-5."""
+    tmp, rp = setup["tmp"], str(setup["recipe_path"])
+    one = setup["runs"]["one"]
+    if read_manifest(open_store(one), "sft-lamini") is None:  # run alone (-k): the one-process reference
+        p = _bezoar("stage", "sft-lamini", "--recipe", rp, "--run", str(one))
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    d = tmp / "fsdp"
+    d.mkdir()
+    training = training_section(checkpoint_every=EVERY, lora={"lora_dropout": 0.0},
+                                sft_args={**setup["sft"], "fsdp": "full_shard auto_wrap"})
+    recipe = str(make_recipe(d, setup["tiny"], training)[1])
+    run = tmp / "fsdp-run"
+    store = open_store(run)
+    commit_filter(store, "lamini", lamini_rows(16), tmp)
+    env = {**_env(), "BEZOAR_TEST_FSDP_ON_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests/fsdp_on_cpu"), os.environ.get("PYTHONPATH", "")])}
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "bezoar_jobs.cli", "stage", "sft-lamini", "--recipe", recipe,
+                                 "--run", str(run), "--nproc-per-node", "2"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    p = start()
+    end = time.time() + 240
+    while not _complete_steps(store, "sft-lamini"):
+        assert p.poll() is None and time.time() < end, p.communicate()[1][-3000:]
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == EXIT_INTERRUPTED, err[-3000:]
+    stopped = max(_complete_steps(store, "sft-lamini"))
+    assert 0 < stopped < STEPS and read_manifest(store, "sft-lamini") is None
+    p = start()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert err.count(f"resuming from the checkpoint at step {stopped}") == 2  # both ranks
+    m = read_manifest(store, "sft-lamini")
+    d = m["training"]["distributed"]
+    assert d["sharding"] == "fsdp2" and d["world_size"] == 2 and d["global_batch"] == 4
+    assert m["training"]["resumed_from_step"] == stopped and m["counts"]["steps"] == STEPS
+    assert torch_allclose(_losses(run), _losses(one))
+    assert _max_diff(_weights(one), _weights(run)) < 1e-5
+
+
+def torch_allclose(a: list[float], b: list[float]) -> bool:
+    import torch
+
+    return len(a) == len(b) == STEPS and torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)

@@ -241,13 +241,17 @@ def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: Harness
     return out
 
 
-def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig) -> dict[str, Any]:
+def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig) -> dict[str, Any] | None:
     """Run simple_evaluate on an in-memory model with the recipe's seeds (lm_eval's defaults unless
-    the recipe says otherwise); return lm_eval's result dict."""
+    the recipe says otherwise); return lm_eval's result dict. In a group of processes (the stage under
+    torch.distributed.run, :mod:`bezoar_jobs.eval.parallel`) each rank runs a share of the model's
+    requests; rank 0 gets the result, the other ranks None."""
     import os
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+
+    from ..ranks import world
+    from .parallel import hflm_class
 
     # lm_eval bootstraps stderrs (perplexity and the like) in a fork()ed multiprocessing pool; a
     # fork of this process (torch, tokenizers and pyarrow threads running) can deadlock in the
@@ -258,22 +262,25 @@ def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: 
         kw["max_length"] = cfg.max_length
     if cfg.add_bos_token is not None:
         kw["add_bos_token"] = cfg.add_bos_token
-    lm = HFLM(**kw)
+    lm = hflm_class(world().size)(**kw)
     random_seed, numpy_seed, torch_seed, fewshot_seed = seeds(cfg)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=task_objects,
         task_manager=tm,
         limit=cfg.limit,
-        bootstrap_iters=cfg.bootstrap_iters,
+        # the other ranks' results are dropped: they need not bootstrap stderrs (CPU the GPU pods are short of)
+        bootstrap_iters=cfg.bootstrap_iters if world().zero else 0,
         log_samples=False,
         random_seed=random_seed,
         numpy_random_seed=numpy_seed,
         torch_random_seed=torch_seed,
         fewshot_random_seed=fewshot_seed,
     )
-    if out is None:  # pragma: no cover - only on non-zero ranks of a distributed launch
-        raise RuntimeError("lm_eval returned no results (not rank 0?)")
+    if not world().zero:  # simple_evaluate returns results where LOCAL_RANK is 0 only (rank 0 keeps them)
+        return None
+    if out is None:  # pragma: no cover
+        raise RuntimeError("lm_eval returned no results")
     return out
 
 

@@ -79,20 +79,24 @@ def model_dir(ctx: StageContext, t: Target) -> Path:
         raise BadInput(f"{field}: {e}") from None
 
 
-def load(ctx: StageContext, t: Target, path: Path | None = None) -> tuple[Model, Tokenizer]:
+def load(ctx: StageContext, t: Target, path: Path | None = None, device: str | None = None) -> tuple[Model, Tokenizer]:
     """(model, tokenizer) of a target (from ``path`` when the caller resolved its directory), in
-    eval mode on the recipe's evaluation device."""
+    eval mode on ``device`` (default: the recipe's evaluation device)."""
     from ..models import load_causal_lm, load_tokenizer
 
     ev = ctx.recipe.evaluation
     path = path or model_dir(ctx, t)
     tok = load_tokenizer(path, trust_remote_code=t.trust_remote_code)
-    model = load_causal_lm(path, ev.dtype, ev.device, trust_remote_code=t.trust_remote_code)
+    model = load_causal_lm(path, ev.dtype, device or ev.device, trust_remote_code=t.trust_remote_code)
     return model, tok
 
 
-def device_figures(model: Model, seconds: float) -> dict[str, Any]:
-    """Where a model ran, and GPU-hours when that was a GPU (one device per evaluated model)."""
+def device_figures(model: Model, seconds: float, processes: int = 1) -> dict[str, Any]:
+    """Where a model ran, and GPU-hours when that was a GPU (one device per process; ``processes`` > 1:
+    the evaluation was data-parallel, ``device`` is rank 0's)."""
     dev = str(getattr(model, "device", "cpu"))
     gpu = dev.startswith("cuda")
-    return {"device": dev, "gpu_hours": round(seconds / 3600.0, 6) if gpu else 0.0}
+    out: dict[str, Any] = {"device": dev, "gpu_hours": round(processes * seconds / 3600.0, 6) if gpu else 0.0}
+    if processes > 1:
+        out["data_parallel"] = processes
+    return out

@@ -252,7 +252,8 @@ def build_job(
     group = is_group(stage, cluster)
     name = job_name(stage, run_id, phase)
     h = recipe.evaluation.harness if recipe is not None and stage == "eval-harness" else None
-    if h is not None and h.backend == "vllm" and h.gpus > sched.gpus:
+    # hf on a CPU pod (no GPUs): data_parallel_size gloo processes; on GPUs one per process, as vllm needs them
+    if h is not None and h.gpus > sched.gpus and (h.backend == "vllm" or sched.gpus > 0):
         raise BadInput(f"evaluation.harness: data_parallel_size x tensor_parallel_size = {h.gpus} GPUs, but the "
                        f"eval-harness pod gets {sched.gpus} (scheduling.eval.gpus or stageOverrides.eval-harness.gpus)")
     labels = stage_labels(stage, run_id, cluster, phase)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..errors import BadInput, Interrupted
 from ..report.charts import Chart, grouped_bars, new_figure, png
 from ..report.render import Section, Table, score
 from ..runner import StageContext, StageOutput
@@ -26,15 +27,22 @@ log = logging.getLogger("bezoar")
 
 
 def run(ctx: StageContext) -> StageOutput:
-    from ..eval import harness
+    from ..eval import harness, parallel
     from ..eval.targets import device_figures, load, model_dir, targets
+    from ..ranks import world
 
     r = ctx.recipe
     cfg = r.evaluation.harness
+    me = world()  # several processes (hf, data_parallel_size): each evaluates a share, rank 0 writes and commits
     if not cfg.enabled:
-        return skipped(ctx, "harness")
+        return skipped(ctx, "harness") if me.zero else StageOutput(committed=False)
     models = targets(ctx)
     harness.check_backend(cfg)  # vllm: the package, ray for replicas, the GPUs (exit 2 before any model loads)
+    if me.distributed and cfg.backend != "hf":
+        raise BadInput(f"evaluation.harness.backend {cfg.backend!r}: runs in one process (vLLM starts its replicas "
+                       f"itself); this stage was started on {me.size}")
+    parallel.join_group()
+    device = parallel.device_for(r.evaluation.device)
     # tasks are checked (names, pinned versions) before any model is loaded
     include = harness.prepare_include_dir(cfg.include_path, ctx.scratch)
     tm = harness.task_manager(include, [t.name for t in cfg.tasks])
@@ -45,10 +53,15 @@ def run(ctx: StageContext) -> StageOutput:
     ph = ctx.params_hash
     per_model: dict[str, dict[str, Any]] = {}
     for t in models:
-        ctx.check_stop()
         name = f"harness/{t.work_key(ph)}.json"
-        if ctx.work.exists(name):
-            per_model[t.label] = json.loads(ctx.work.get_bytes(name))
+        # rank 0 decides what is done (it alone writes _work/), any rank's SIGTERM stops all: every rank
+        # evaluates the same models
+        done, stop = parallel.agree(me.zero and ctx.work.exists(name), ctx.stop_requested())
+        if stop:
+            raise Interrupted(f"{ctx.name}: stopped by SIGTERM; progress is saved under _work/")
+        if done:
+            if me.zero:
+                per_model[t.label] = json.loads(ctx.work.get_bytes(name))
             log.info("%s: %s already evaluated (resumed from _work/)", ctx.name, t.label)
             continue
         log.info("%s: evaluating %s (%s)", ctx.name, t.label, t.model)
@@ -58,20 +71,26 @@ def run(ctx: StageContext) -> StageOutput:
         if cfg.backend == "vllm":  # vLLM loads the checkpoint itself, over data_parallel x tensor_parallel GPUs
             model = tok = None
             t0 = time.time()
-            raw = harness.evaluate_vllm(str(path), tm, task_objects, cfg)
+            raw: dict[str, Any] | None = harness.evaluate_vllm(str(path), tm, task_objects, cfg)
             secs = time.time() - t0
-            dtype, device = "auto", "cuda"
+            dtype = "auto"
             figures = {"device": "cuda", "gpus": cfg.gpus, "gpu_hours": round(cfg.gpus * secs / 3600.0, 6)}
         else:
-            model, tok = load(ctx, t, path)
+            model, tok = load(ctx, t, path, device=device)
             t0 = time.time()
             raw = harness.evaluate(model, tok, tm, task_objects, cfg)
             secs = time.time() - t0
             dtype = str(getattr(model, "dtype", "float32")).removeprefix("torch.")
-            device = str(getattr(model, "device", "cpu"))
-            figures = device_figures(model, secs)
+            figures = device_figures(model, secs, me.size)
+        if raw is None:  # another rank than 0: its share is in rank 0's result
+            del model, tok, task_objects
+            free()
+            continue
         ref, rev = _cli_model(ctx, t, str(path))
-        commands = harness.cli_commands(ref, dtype, device, harness.include_path_for_cli(cfg.include_path), cfg, rev)
+        # one process reproduces a data-parallel run's numbers (bezoar_jobs.eval.parallel): the commands are for one
+        # (rank 0's device)
+        include_cli = harness.include_path_for_cli(cfg.include_path)
+        commands = harness.cli_commands(ref, dtype, str(figures["device"]), include_cli, cfg, rev)
         rec = {
             "model": t.label,
             **t.info(),
@@ -92,6 +111,8 @@ def run(ctx: StageContext) -> StageOutput:
         per_model[t.label] = rec
         log.info("%s: %s: %s", ctx.name, t.label,
                  ", ".join(f"{k}={v['value']:.4f}" for k, v in rec["tasks"].items() if v["value"] is not None))
+    if not me.zero:
+        return StageOutput(committed=False)
     out = ctx.out / "results"
     for label, rec in per_model.items():
         write_json(out / f"{label}.json", rec)

@@ -104,10 +104,21 @@ class DevicePlan:
     bf16: bool
     fp16: bool
     description: str
+    # the trainer shards the model over the ranks (FSDP: the recipe's fsdp, CUDA only); set by build_stage_configs
+    fsdp: bool = False
 
     @property
     def mode(self) -> str:
         return "qlora-4bit" if self.quantize_4bit else "lora"
+
+    @property
+    def quant_storage(self) -> str | None:
+        """FSDP-QLoRA: the dtype the 4-bit weights are packed into, so that FSDP, which shards floating-point
+        tensors only, can shard them: the compute dtype, float32 for float16 compute (PEFT's FSDP-QLoRA guide:
+        for stable fp16 mixed precision). None: bitsandbytes' default (uint8), for one rank or DDP."""
+        if not (self.fsdp and self.quantize_4bit):
+            return None
+        return "float32" if self.compute_dtype == "float16" else self.compute_dtype
 
 
 def detect_device() -> tuple[bool, bool]:
@@ -297,7 +308,7 @@ def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: 
     )
     kwargs = check_pass_through(SFTConfig, settings, path, {**_OWNED_COMMON, **_OWNED_SFT})
     _cpu_optim(kwargs, plan, log)
-    _split(kwargs, world_size, path, plan, split)
+    _split(kwargs, world_size, path, plan, split, log)
     if not kwargs.get("max_length"):
         raise BadInput(f"{path}.max_length: must be set (the stage tokenizes and cuts examples to it)")
     kwargs.update(_common_kwargs(training, seed, stage, output_dir, plan))
@@ -330,19 +341,54 @@ def build_dpo_config(training: TrainingConfig, seed: int, settings: dict[str, Pa
     path = "training.dpo.dpo_args"
     kwargs = check_pass_through(DPOConfig, settings, path, {**_OWNED_COMMON, **_OWNED_DPO})
     _cpu_optim(kwargs, plan, log)
-    _split(kwargs, world_size, path, plan, split)
+    _split(kwargs, world_size, path, plan, split, log)
     if not kwargs.get("max_length"):
         raise BadInput(f"{path}.max_length: must be set (prompts longer than it are refused or dropped)")
     kwargs.update(_common_kwargs(training, seed, "dpo", output_dir, plan))
     return _construct(DPOConfig, kwargs, path, plan)
 
 
-def _split(kwargs: dict[str, Any], world_size: int, path: str, plan: DevicePlan, out: dict[str, Any] | None) -> None:
-    if kwargs.get("fsdp") and plan.quantize_4bit:
-        # FSDP shards 4-bit weights only when they are stored in the compute dtype (bnb_4bit_quant_storage) and
-        # loaded without a device map; this loader places each rank's 4-bit copy on its own GPU (DDP)
-        raise BadInput(f"{path}.fsdp: FSDP with 4-bit QLoRA is not supported by this version (DDP is: leave fsdp "
-                       "unset); for FSDP set training.quantization: none (LoRA on 16-bit weights)")
+def _fsdp(kwargs: dict[str, Any], path: str, plan: DevicePlan, world_size: int, log: logging.Logger | None) -> None:
+    """Check and complete the recipe's FSDP settings (``fsdp``, ``fsdp_config``: TrainingArguments fields).
+
+    - CUDA only: accelerate 1.15 turns its FSDP plugin on only for GPU (and other accelerator) process
+      groups (``AcceleratorState.__init__``, ``accelerate/state.py``: the ``DistributedType.FSDP`` switch sits
+      under ``distributed_type in [MULTI_GPU, MULTI_NPU, ...]``, MULTI_CPU is not among them); on CPU the
+      Trainer would silently train plain DDP with every parameter on every rank.
+    - FULL_STATE_DICT only: rank 0 uploads a checkpoint from its own directory, where a sharded state dict
+      would hold rank 0's shard alone.
+    - FSDP + QLoRA, as PEFT's FSDP-QLoRA guide sets it up: rank 0 reads the checkpoint and the others get
+      the weights by broadcast (``cpu_ram_efficient_loading``); FSDP1 (``version: 1``) keeps
+      ``use_orig_params: false`` (its memory saving with frozen and trainable parameters in one unit) and
+      ``sync_module_states`` (which the broadcast needs). The loader packs the 4-bit weights into
+      :attr:`DevicePlan.quant_storage` and loads without a device map (bezoar_jobs.training.lora).
+    The recipe's own ``fsdp_config`` values win over these defaults."""
+    if not plan.cuda:
+        raise BadInput(f"{path}.fsdp: FSDP needs CUDA GPUs: accelerate turns FSDP on for GPU process groups only, "
+                       "and on CPU (gloo) the Trainer would silently run DDP; leave fsdp unset on CPU")
+    raw = kwargs.get("fsdp_config") or {}
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}.fsdp_config: give it inline as a mapping (the stage completes it), not {raw!r}")
+    cfg = {str(k).removeprefix("fsdp_"): v for k, v in raw.items()}  # TrainingArguments' own normalisation
+    state = str(cfg.get("state_dict_type", "FULL_STATE_DICT"))
+    if state != "FULL_STATE_DICT":
+        raise BadInput(f"{path}.fsdp_config.state_dict_type: {state}: only FULL_STATE_DICT (rank 0 uploads each "
+                       "checkpoint from its own directory; a sharded state dict leaves the other ranks' shards in "
+                       "theirs)")
+    if plan.quantize_4bit:
+        cfg.setdefault("cpu_ram_efficient_loading", True)
+        if int(cfg.get("version", 2)) == 1:
+            cfg.setdefault("use_orig_params", False)
+            cfg.setdefault("sync_module_states", True)
+    kwargs["fsdp_config"] = cfg
+    if world_size == 1 and log is not None:
+        log.warning("%s.fsdp on one process shards nothing (start the stage with --nproc-per-node N)", path)
+
+
+def _split(kwargs: dict[str, Any], world_size: int, path: str, plan: DevicePlan, out: dict[str, Any] | None,
+           log: logging.Logger | None = None) -> None:
+    if kwargs.get("fsdp"):
+        _fsdp(kwargs, path, plan, world_size, log)
     got = split_global_batch(kwargs, world_size, path)
     if world_size > 1:
         _distributed_kwargs(kwargs, plan)
@@ -416,5 +462,12 @@ def build_stage_configs(training: TrainingConfig, seed: int, stage: str, output_
     else:
         raise BadInput(f"{stage}: not a training stage")
     lora = build_lora_config(lora_settings, lora_path)
+    if args.fsdp:  # TrainingArguments turned the recipe's fsdp (True or the legacy strings) into True
+        plan = dataclasses.replace(plan, fsdp=True)
+        split["sharding"] = f"fsdp{args.fsdp_config.get('version', 2)}"
+        if plan.quant_storage is not None:
+            split["bnb_4bit_quant_storage"] = plan.quant_storage
+    elif ws > 1:
+        split["sharding"] = "ddp"
     base = training.previous_stage(stage)  # the same chain pipeline.stage_inputs() schedules
     return StageConfigs(stage, plan, args, lora, base, settings, lora_settings, split)

@@ -85,21 +85,13 @@ def load_for_training(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **weights_kwargs(model_dir)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if plan.quantize_4bit:
-        from transformers import BitsAndBytesConfig
+    kwargs.update(weights_placement(plan))
+    if plan.fsdp and plan.quantize_4bit:
+        import os
 
-        compute = _torch_dtype(plan.compute_dtype)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-        )
-        kwargs["dtype"] = compute
-        # DDP: each rank loads its own 4-bit copy on its own GPU (LOCAL_RANK)
-        kwargs["device_map"] = {"": world().local_rank} if plan.cuda else {"": "cpu"}
-    else:
-        kwargs["dtype"] = _torch_dtype(plan.load_dtype)
+        # rank 0 alone reads the checkpoint, the others get the weights from FSDP's broadcast: transformers
+        # reads this where `accelerate launch` would have set it (PEFT's FSDP-QLoRA guide, without the launcher)
+        os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except (ValueError, ImportError) as e:
@@ -108,12 +100,42 @@ def load_for_training(
         raise
     except pickle.UnpicklingError as e:  # weights-only loading refused a pickle that is not just tensors
         raise BadInput(f"base model: {model_dir}: its pytorch_model*.bin cannot be loaded safely: {e}") from None
-    if plan.quantize_4bit:
+    if plan.quantize_4bit and not plan.fsdp:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif plan.quantize_4bit:
+        # FSDP-QLoRA: no k-bit preparation, which would cast the non-4-bit weights to float32 beside 4-bit ones
+        # packed in quant_storage (FSDP1 flattens one dtype per unit); the base is frozen by PEFT, and with
+        # gradient checkpointing the embeddings' output must carry gradients to the checkpointed layers
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
     return model
+
+
+def weights_placement(plan: DevicePlan) -> dict[str, Any]:
+    """``from_pretrained``'s quantization, dtype and placement for the plan.
+
+    - QLoRA, one rank or DDP: NF4 with double quantization in the compute dtype, each rank's own 4-bit
+      copy on its own GPU (``device_map={"": LOCAL_RANK}``), on CPU on the CPU.
+    - QLoRA under FSDP (PEFT's and bitsandbytes' FSDP-QLoRA guides): the 4-bit weights packed into
+      :attr:`DevicePlan.quant_storage` (a float dtype FSDP can shard), the model loaded in that dtype, and
+      no device map: FSDP places the shards.
+    - LoRA: the weights in the plan's dtype (FSDP or not: the trainer places them)."""
+    if not plan.quantize_4bit:
+        return {"dtype": _torch_dtype(plan.load_dtype)}
+    from transformers import BitsAndBytesConfig
+
+    compute = _torch_dtype(plan.compute_dtype)
+    quant: dict[str, Any] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                             "bnb_4bit_compute_dtype": compute}
+    if plan.quant_storage is not None:
+        storage = _torch_dtype(plan.quant_storage)
+        return {"quantization_config": BitsAndBytesConfig(**quant, bnb_4bit_quant_storage=storage), "dtype": storage}
+    return {"quantization_config": BitsAndBytesConfig(**quant), "dtype": compute,
+            # DDP: each rank loads its own 4-bit copy on its own GPU (LOCAL_RANK)
+            "device_map": {"": world().local_rank} if plan.cuda else {"": "cpu"}}
 
 
 def merge_adapter(

@@ -115,6 +115,10 @@ def uses_response_head(trainer: Any, model: Any, return_outputs: bool) -> bool:
         # the response head calls the backbone directly; under DDP the forward must go through the wrapper
         # (it prepares the gradient all-reduce), so a group takes TRL's loss: the same value (a test shows it)
         return False
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # likewise under FSDP: the root module's forward gathers the parameters it holds (embeddings, final
+        # norm, LM head), which a direct call of the backbone would find still sharded
+        return False
     device = next(model.parameters()).device
     return device.type == "cpu"
 

@@ -198,8 +198,7 @@ def train(
         at = callback.stopped_at if callback.stopped_at is not None else trainer.state.global_step
         raise Interrupted(f"{stage}: stopped by SIGTERM; checkpoint at step {at} is in _work/checkpoints/")
     total = progress()  # every rank (a collective in a group)
-    if me.zero:  # the adapter is the same on every rank (DDP): rank 0 saves it
-        trainer.model.save_pretrained(str(adapter_dir))
+    save_adapter(trainer, adapter_dir, me.zero)
     # over the whole run, every session's steps and tokens (HF's own training_loss and counters only
     # see the steps of this process)
     mean, last, _ = whole_run(metrics_path)
@@ -219,6 +218,16 @@ def train(
     if result.steps < 1:
         raise BadInput(f"{stage}: training ran 0 optimizer steps (too few examples for the batch size?)")
     return result
+
+
+def save_adapter(trainer: Any, adapter_dir: Path, zero: bool) -> None:
+    """Save the trained adapter. DDP: the same on every rank, rank 0 writes it. FSDP: each rank holds a shard,
+    so every rank calls the Trainer's save_model, which gathers the full state dict (a collective) and writes
+    it on rank 0."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.save_model(str(adapter_dir))
+    elif zero:
+        trainer.model.save_pretrained(str(adapter_dir))
 
 
 def release() -> None:
