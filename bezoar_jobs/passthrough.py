@@ -123,6 +123,8 @@ def build_schema() -> dict[str, Any]:
             if not f.init:
                 continue
             kinds, choices, _ = _kinds(hints.get(f.name, f.type))
+            if "const" in f.metadata:  # a flag taking an optional value (TrainingArguments.fsdp=True)
+                kinds.add(_kind_of(f.metadata["const"]))
             entry: dict[str, Any] = {"kinds": sorted(kinds)}
             # an enum beside a plain str (lr_scheduler_type: SchedulerType | str) is still converted
             # to the enum by the class: its values are the choices

@@ -84,6 +84,19 @@ def test_the_field_schema_catches(tmp_path, section, message):
     assert message in str(e.value) and re.search(r"r\.yaml:\d+: ", str(e.value))
 
 
+def test_a_flag_with_an_optional_value_takes_true_as_the_trainer_does():
+    """TrainingArguments.fsdp is typed `str | None` but documented and parsed as `fsdp=True` (argparse's
+    const): the recipe takes `fsdp: true` too, and still refuses a number there."""
+    def recipe(value: object) -> str:
+        return yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "m"},
+                               "judge": {"backend": "local", "model": "m"}, "student": {"model": "m"},
+                               "training": {"sft_args": {"fsdp": value}}})
+    parse_recipe(recipe(True), "r.yaml")
+    parse_recipe(recipe("full_shard auto_wrap"), "r.yaml")
+    with pytest.raises(BadInput, match=r"training\.sft_args\.fsdp"):
+        parse_recipe(recipe(3), "r.yaml")
+
+
 def test_a_combination_only_the_class_refuses_stops_plan_where_trl_is_installed(tmp_path):
     refused = {"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}  # TRL: one weight per loss type
     recipe = scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"training.dpo": {"dpo_args": refused}})
