@@ -429,3 +429,112 @@ def test_harness_parallel_backend_is_validated_rendered_and_sized(tmp_path: Path
     cluster = ClusterSettings.model_validate({"stageOverrides": {"eval-harness": {"gpus": 8}}})
     job = build_job("eval-harness", "s3://b/r", "r", cluster, recipe=r)
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: the group as a JobSet or a Kubeflow Trainer v2 TrainJob (executors/k8s_groups.py), in the
+# loopback harness's models of their controllers and webhooks (tests/k8s_jobset.py)
+# ---------------------------------------------------------------------------------------------
+FAKE_RECIPE = """schema_version: 1
+name: k8s-group
+teacher: {backend: local, model: pkg://none/teacher.gguf}
+judge: {backend: local, model: pkg://none/judge.gguf}
+student: {model: pkg://none/student.gguf}
+"""
+
+
+def _open_to_pods(runs: Path) -> None:
+    """The pods run as another user (the sandbox): what this process wrote must be theirs to use."""
+    runs.chmod(0o777)
+    for p in runs.rglob("*"):
+        p.chmod(0o777 if p.is_dir() else 0o666)
+
+
+def _group_settings(ns: str, runs: Path, launcher: str, **train: Any) -> Any:
+    from bezoar_jobs.executors.cluster import ClusterSettings
+
+    return ClusterSettings.model_validate({
+        "namespace": ns, "secrets": {"s3": {"name": ""}},
+        "storage": {"runVolume": {"claimName": "runs", "mountPath": str(runs)}},
+        "scheduling": {"train": {"gpus": 0, "nodes": 2, "processesPerNode": 1, "tolerations": [],
+                                 "ephemeralStorage": "4Gi", "shmSize": "256Mi",
+                                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
+                                               "limits": {"memory": "8Gi"}}, **train}},
+        "distributed": {"launcher": launcher, "port": 29618},
+    })
+
+
+def test_a_jobset_group_restarts_as_a_whole_fails_clearly_then_commits(tmp_path: Path) -> None:
+    """launcher jobset, the scripted stage: node rank 1 fails; JobSet deletes and recreates both Jobs (one restart:
+    backoffLimit 1 = failurePolicy.maxRestarts), then fails with ReachedMaxRestarts: the stage fails (exit 5) with
+    one line naming the JobSet, the reason, the restarts and the exit codes. A rerun deletes the failed JobSet and
+    commits; exit 2 on a rank fails the group at once (the FailJobSet rule), exit code 2."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster, fake_calls, fake_entrypoints, write_plan
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    _open_to_pods(runs)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    plan_path = fake / "plan.json"
+    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3, "times": 2}}, "sleep": 1.0,
+                                                "resolve_master": True}})
+    cluster = _group_settings(ns, runs, "jobset", backoffLimit=1)
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env, host_shares=[fake],
+                     crds=("jobset",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+
+        def go(force: bool = False) -> tuple[int, str]:
+            out = io.StringIO()
+            rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, cluster, ["sft-lamini"], force,
+                                  fc.api_client(), out=out, tick_s=0.2)
+            return rc, out.getvalue()
+
+        rc, text = go()
+        assert rc == k8s.EXIT_RUN_FAILED, text
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["metadata"]["name"] == name and js["status"]["restarts"] == 1
+        assert js["status"]["conditions"][-1]["type"] in ("Failed", "RestartingJobSet")
+        failed = next(c for c in js["status"]["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "ReachedMaxRestarts"
+        line = next(ln for ln in text.splitlines() if "ReachedMaxRestarts" in ln)
+        assert f"JobSet {name}" in line and "restarted 1 time" in line and "exit code" in line and " 3" in line
+        assert "the whole group restarts (restart 1 of at most 1)" in text
+        # both attempts ran both nodes (rank 1 twice), the Jobs as JobSet names and labels them
+        calls = fake_calls(plan_path)
+        assert [c["rank"] for c in calls].count("1") == 2 and [c["rank"] for c in calls].count("0") == 2
+        assert {c["master"] for c in calls} == {f"{name}-node-0-0.{name}"}
+        assert [n for n in fc.created_jobs() if n.startswith(name + "-")] == [f"{name}-node-0"] * 2
+        pods = [p for p in fc.pods(ns) if p["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name]
+        assert pods and all(p["spec"]["subdomain"] == name for p in pods)
+        assert {p["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"] for p in pods} <= {"0", "1"}
+        assert all(p["metadata"]["labels"]["bezoar.dev/run"] == "r1" for p in pods)
+        svc = fc.objects[("Service", ns, name)]
+        assert svc["spec"]["selector"] == {"jobset.sigs.k8s.io/jobset-name": name}
+        assert svc["metadata"]["ownerReferences"][0]["kind"] == "JobSet"
+        assert read_manifest(open_store(run), "sft-lamini") is None
+
+        # the rerun: rank 1 has used up its scripted failures; the failed JobSet is replaced, node 0 commits
+        rc, text = go()
+        assert rc == 0, text
+        assert f"deleting finished JobSet {name}" in text and f"created JobSet {name}" in text
+        assert read_manifest(open_store(run), "sft-lamini") is not None
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert any(c["type"] == "Completed" and c["status"] == "True" for c in js["status"]["conditions"])
+
+        # bad input on one rank: the child Job fails by its podFailurePolicy, the JobSet's FailJobSet rule ends it
+        write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 2}}, "sleep": 1.0}})
+        rc, text = go(force=True)
+        assert rc == EXIT_BAD_INPUT, text
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["status"]["restarts"] == 0
+        assert "FailJobSetFailurePolicyAction" in text and "restarted 0 times" in text
