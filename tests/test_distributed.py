@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,18 +212,8 @@ def test_a_killed_rank_reruns_to_the_same_weights(setup: dict[str, Any]) -> None
 # ---------------------------------------------------------------------------------------------
 # Kubernetes: a 2-pod training group as an Indexed Job + headless Service, in the loopback harness
 # ---------------------------------------------------------------------------------------------
-def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: Path) -> None:
-    """The controller creates the group's headless Service and Indexed Job; each pod (sandboxed: its own
-    user, read-only root, only its mounts) resolves node 0 as <job>-0.<service> through cluster DNS, the
-    two torch.distributed.run agents meet there over loopback, rank 0 commits."""
-    import io
-
-    from bezoar_jobs.executors import kubernetes as k8s
-    from bezoar_jobs.executors.cluster import ClusterSettings
-    from bezoar_jobs.executors.jobs import job_name
-    from tests.k8s_harness import FakeCluster
-
-    ns = "bz-test"
+def _real_group(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(runs volume, run, recipe) for a 2-node training run in the harness: the smallest shape that trains."""
     runs = tmp_path / "runs"
     tiny = build_tiny_model(runs / "model")  # on the runs volume: the pods see nothing else of this machine
     training = training_section(checkpoint_every=5, sft_args={"max_steps": 10, "per_device_train_batch_size": 2,
@@ -230,18 +221,30 @@ def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: 
     _, recipe_path = make_recipe(runs, tiny, training)
     run = runs / "r1"
     commit_filter(open_store(run), "lamini", lamini_rows(8), tmp_path)
-    (runs).chmod(0o777)
-    for p in runs.rglob("*"):
-        p.chmod(0o777 if p.is_dir() else 0o666)
-    cluster = ClusterSettings.model_validate({
-        "namespace": ns, "secrets": {"s3": {"name": ""}},
-        "storage": {"runVolume": {"claimName": "runs", "mountPath": str(runs)}},
-        "scheduling": {"train": {"gpus": 0, "nodes": 2, "processesPerNode": 1, "tolerations": [],
-                                 "ephemeralStorage": "4Gi", "shmSize": "256Mi",
-                                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
-                                               "limits": {"memory": "8Gi"}}}},
-        "distributed": {"port": 29617},
-    })
+    _open_to_pods(runs)
+    return runs, run, recipe_path
+
+
+def _committed_by_two_ranks(run: Path) -> None:
+    m = read_manifest(open_store(run), "sft-lamini")
+    assert m is not None and m["counts"]["steps"] == 10
+    assert m["training"]["distributed"]["world_size"] == 2
+    assert (run / "sft-lamini/model/model.safetensors").is_file()
+
+
+def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: Path) -> None:
+    """The controller creates the group's headless Service and Indexed Job; each pod (sandboxed: its own
+    user, read-only root, only its mounts) resolves node 0 as <job>-0.<service> through cluster DNS, the
+    two torch.distributed.run agents meet there over loopback, rank 0 commits."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs, run, recipe_path = _real_group(tmp_path)
+    cluster = _group_settings(ns, runs, "job", port=29617)
     with FakeCluster(tmp_path / "k8s") as fc:
         fc.add_pvc(ns, "runs", runs)
         out = io.StringIO()
@@ -264,10 +267,46 @@ def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: 
         assert svc["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
         logs = "".join(fc.pod_log(p["metadata"]["name"], ns) for p in pods)
         assert "2 processes (rank 1)" in logs and "2 processes (rank 0)" in logs
-    m = read_manifest(open_store(run), "sft-lamini")
-    assert m is not None and m["counts"]["steps"] == 10
-    assert m["training"]["distributed"]["world_size"] == 2
-    assert (run / "sft-lamini/model/model.safetensors").is_file()
+    _committed_by_two_ranks(run)
+
+
+def test_a_two_node_training_stage_runs_as_a_trainjob_and_commits(tmp_path: Path) -> None:
+    """launcher trainjob: the controller creates a TrainJob on the torch ClusterTrainingRuntime; the harness's
+    Trainer builds the JobSet (PET_* from the torch plugin, our labels and hardening from the runtime patch),
+    JobSet makes the Indexed Job and its headless Service; the two pods meet at <trainjob>-node-0-0.<trainjob>
+    (PET_MASTER_ADDR) and rank 0 commits. The TrainJob is the stage: its Complete condition ends it."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs, run, recipe_path = _real_group(tmp_path)
+    cluster = _group_settings(ns, runs, "trainjob")
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", crds=("trainjob",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        fc.add_training_runtime("torch-distributed")
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe_path.read_text(), str(recipe_path), str(run), None, cluster, ["sft-lamini"],
+                              False, fc.api_client(), out=out)
+        text = out.getvalue()
+        assert rc == 0, text[-6000:] + "\n".join(fc.errors)
+        assert f"created TrainJob {name}" in text
+        (tj,) = fc.custom_objects("TrainJob", ns)
+        assert next(c for c in tj["status"]["conditions"] if c["type"] == "Complete")["reason"] == "AllJobsCompleted"
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["metadata"]["ownerReferences"][0]["kind"] == "TrainJob" and js["metadata"]["name"] == name
+        env = {e["name"]: e for e in js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+            "containers"][0]["env"]}
+        assert env["PET_NNODES"]["value"] == "2" and env["PET_MASTER_ADDR"]["value"] == f"{name}-node-0-0.{name}"
+        pods = [p for p in fc.pods(ns) if p["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name]
+        assert sorted(p["spec"]["hostname"] for p in pods) == [f"{name}-node-0-0", f"{name}-node-0-1"]
+        assert all(p["metadata"]["labels"]["bezoar.dev/stage"] == "sft-lamini" for p in pods)
+        logs = "".join(fc.pod_log(p["metadata"]["name"], ns) for p in pods)
+        assert "2 processes (rank 1)" in logs and "2 processes (rank 0)" in logs
+    _committed_by_two_ranks(run)
 
 
 def test_fsdp_with_4bit_is_refused_naming_the_field(tmp_path: Path) -> None:
@@ -450,7 +489,7 @@ def _open_to_pods(runs: Path) -> None:
         p.chmod(0o777 if p.is_dir() else 0o666)
 
 
-def _group_settings(ns: str, runs: Path, launcher: str, **train: Any) -> Any:
+def _group_settings(ns: str, runs: Path, launcher: str, port: int = 29618, **train: Any) -> Any:
     from bezoar_jobs.executors.cluster import ClusterSettings
 
     return ClusterSettings.model_validate({
@@ -460,7 +499,7 @@ def _group_settings(ns: str, runs: Path, launcher: str, **train: Any) -> Any:
                                  "ephemeralStorage": "4Gi", "shmSize": "256Mi",
                                  "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
                                                "limits": {"memory": "8Gi"}}, **train}},
-        "distributed": {"launcher": launcher, "port": 29618},
+        "distributed": {"launcher": launcher, "port": port},
     })
 
 
@@ -538,3 +577,152 @@ def test_a_jobset_group_restarts_as_a_whole_fails_clearly_then_commits(tmp_path:
         (js,) = fc.custom_objects("JobSet", ns)
         assert js["status"]["restarts"] == 0
         assert "FailJobSetFailurePolicyAction" in text and "restarted 0 times" in text
+
+
+def test_a_running_group_is_adopted_after_a_controller_restart_and_cancelled_with_its_jobs(tmp_path: Path) -> None:
+    """A JobSet made by an earlier controller (same name, run and stage) is adopted, not made twice; `bezoar cancel`
+    deletes the JobSet first (its Jobs and pods go with it: nothing makes them again) and the run stops (exit 4)."""
+    import io
+    import threading
+
+    from kubernetes import client
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.distributed import group_objects
+    from bezoar_jobs.executors.jobs import build_job, job_name
+    from tests.k8s_harness import FakeCluster, fake_calls, fake_entrypoints, write_plan
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    _open_to_pods(runs)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    plan_path = fake / "plan.json"
+    env = write_plan(plan_path, {"sft-lamini": {"sleep": 60}})
+    cluster = _group_settings(ns, runs, "jobset")
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env, host_shares=[fake],
+                     crds=("jobset",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        api = fc.api_client()
+        (body,) = group_objects(build_job("sft-lamini", str(run), "r1", cluster), "sft-lamini", cluster)
+        client.CustomObjectsApi(api).create_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets",
+                                                                     body, field_validation="Strict")
+        fc.wait_for(lambda: len(fake_calls(plan_path)) == 2, timeout=30, what="both nodes of the group to start")
+        out = io.StringIO()
+        rcs: list[int] = []
+        th = threading.Thread(target=lambda: rcs.append(k8s.run_pipeline(
+            recipe.read_text(), str(recipe), str(run), None, cluster, ["sft-lamini"], False, api, out=out,
+            tick_s=0.2)), daemon=True)
+        th.start()
+        fc.wait_for(lambda: f"adopting running JobSet {name}" in out.getvalue(), timeout=20, what="the adoption")
+        cancel_out = io.StringIO()
+        assert k8s.cancel(str(run), None, cluster, api, out=cancel_out) == 0
+        # the JobSet first (its Job goes with it; the Job sweep after it may still find it terminating)
+        assert re.search(rf"cancel: deleted [12] JobSet\(s\) and Job\(s\) of run r1 in namespace {ns}: {name}(, |\n)",
+                         cancel_out.getvalue()), cancel_out.getvalue()
+        th.join(timeout=30)
+        assert rcs == [4], out.getvalue()
+        assert fc.custom_objects("JobSet", ns) == []
+        fc.wait_for(lambda: not [j for j in fc.jobs(ns) if j["metadata"]["name"].startswith(name)], timeout=20,
+                    what="the JobSet's Jobs to go")
+        fc.wait_for(lambda: not fc.pods(ns), timeout=20, what="the group's pods to go")
+        assert fc.created_jobs().count(name) == 1  # the JobSet itself, made once; its Job once
+        assert len(fake_calls(plan_path)) == 2
+
+
+def test_group_launchers_are_refused_where_the_cluster_cannot_run_them(tmp_path: Path) -> None:
+    """No JobSet CRD (the group's API answers 404, as a real API server's discovery does), or a TrainJob's
+    ClusterTrainingRuntime missing: exit 2 before anything is created, naming the setting. And the harness's
+    webhooks refuse what upstream's refuse (a rule name with '-', unknown fields under fieldValidation=Strict,
+    immutable fields, PET_* in the trainer's env, a patch of a container the runtime lacks)."""
+    import io
+
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.distributed import group_objects
+    from bezoar_jobs.executors.jobs import build_job
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+
+    def go(fc: FakeCluster, launcher: str) -> tuple[int, str]:
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, _group_settings(ns, runs, launcher),
+                              ["sft-lamini"], False, fc.api_client(), out=out)
+        return rc, out.getvalue()
+
+    with FakeCluster(tmp_path / "k8s") as fc:  # neither installed
+        rc, text = go(fc, "jobset")
+        assert rc == EXIT_BAD_INPUT and "distributed.launcher: 'jobset'" in text
+        assert "jobsets.jobset.x-k8s.io/v1alpha2" in text and "JobSet is not installed" in text
+        rc, text = go(fc, "trainjob")
+        assert rc == EXIT_BAD_INPUT and "Kubeflow Trainer v2 is not installed" in text
+        with pytest.raises(ApiException) as e:
+            client.CustomObjectsApi(fc.api_client()).get_api_resources("jobset.x-k8s.io", "v1alpha2")
+        assert e.value.status == 404
+        assert fc.jobs() == [] and fc.custom_objects("JobSet") == []
+    with FakeCluster(tmp_path / "k8s2", crds=("trainjob",)) as fc:
+        rc, text = go(fc, "trainjob")
+        assert rc == EXIT_BAD_INPUT
+        assert "distributed.trainingRuntime: ClusterTrainingRuntime 'torch-distributed' does not exist" in text
+        custom = client.CustomObjectsApi(fc.api_client())
+        cluster = _group_settings(ns, runs, "jobset")
+        job = build_job("sft-lamini", str(run), "r1", cluster)
+        (js,) = group_objects(job, "sft-lamini", cluster)
+
+        def refused(status: int, body: dict[str, Any], *, plural: str = "jobsets", strict: bool = True) -> str:
+            group, version = body["apiVersion"].split("/")
+            with pytest.raises(ApiException) as e:
+                custom.create_namespaced_custom_object(group, version, ns, plural, body,
+                                                       field_validation="Strict" if strict else None)
+            assert e.value.status == status, e.value.body
+            return str(e.value.body)
+
+        bad = copy.deepcopy(js)
+        bad["spec"]["failurePolicy"]["rules"][0]["name"] = "bad-input"  # what we rendered before: JobSet refuses it
+        assert "invalid failure policy rule name 'bad-input'" in refused(422, bad)
+        bad = copy.deepcopy(js)
+        bad["spec"]["network"]["dnsHostnames"] = True
+        assert 'unknown field \\\\"spec.network.dnsHostnames\\\\"' in refused(400, bad).replace('\\"', '\\\\"') or \
+            "spec.network.dnsHostnames" in refused(400, bad)
+        bad = copy.deepcopy(js)
+        bad["metadata"]["name"] = "bz-" + "x" * 56
+        assert "job names generated for this JobSet will exceed 63 characters" in refused(422, bad)
+        made = custom.create_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets", js,
+                                                      field_validation="Strict")
+        assert made["spec"]["startupPolicy"] == {"startupPolicyOrder": "AnyOrder"}  # the webhook's defaults
+        with pytest.raises(ApiException) as e:
+            custom.patch_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets", js["metadata"]["name"],
+                                                  {"spec": {"failurePolicy": {"maxRestarts": 9}}})
+        assert e.value.status == 422 and "Value is immutable" in str(e.value.body)
+        custom.delete_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets", js["metadata"]["name"])
+        # TrainJob: the runtime must exist (webhook), reserved env and unknown containers are refused
+        tcluster = _group_settings(ns, runs, "trainjob")
+        (tj,) = group_objects(build_job("sft-lamini", str(run), "r1", tcluster), "sft-lamini", tcluster)
+        assert "specified clusterTrainingRuntime must be created before the TrainJob" in refused(
+            422, tj, plural="trainjobs")
+        fc.add_training_runtime("torch-distributed")
+        bad = copy.deepcopy(tj)
+        bad["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
+        assert "must not have reserved envs" in refused(422, bad, plural="trainjobs")
+        bad = copy.deepcopy(tj)
+        rjob = bad["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        rjob["template"]["spec"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+        assert "must not have container that doesn't exist" in refused(422, bad, plural="trainjobs")
+        made = custom.create_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", ns, "trainjobs", tj,
+                                                      field_validation="Strict")
+        with pytest.raises(ApiException) as e:
+            custom.patch_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", ns, "trainjobs",
+                                                  tj["metadata"]["name"], {"spec": {"trainer": {"numNodes": 3}}})
+        assert e.value.status == 422 and "field is immutable" in str(e.value.body)

@@ -99,9 +99,9 @@ class GroupApi:
         if k.launcher != "trainjob":
             return
         try:
-            self.retry.call(f"get ClusterTrainingRuntime {training_runtime}", self.custom.get_cluster_custom_object,
-                            TRAINER_GROUP, k.version, "clustertrainingruntimes", training_runtime,
-                            _preload_content=False).release_conn()
+            raw(self.retry.call(f"get ClusterTrainingRuntime {training_runtime}", self.custom.get_cluster_custom_object,
+                                TRAINER_GROUP, k.version, "clustertrainingruntimes", training_runtime,
+                                _preload_content=False))  # read to the end: the connection goes back to the pool
         except ApiException as e:
             if getattr(e, "status", None) != 404:
                 raise
@@ -162,9 +162,9 @@ class GroupApi:
         ApiException = api_exception()
         k = self.kind
         try:
-            self.retry.call(f"delete {k.kind} {name}", self.custom.delete_namespaced_custom_object, k.group,
-                            k.version, self.ns, k.plural, name, body={"propagationPolicy": "Foreground"},
-                            _preload_content=False).release_conn()
+            raw(self.retry.call(f"delete {k.kind} {name}", self.custom.delete_namespaced_custom_object, k.group,
+                                k.version, self.ns, k.plural, name, body={"propagationPolicy": "Foreground"},
+                                _preload_content=False))
         except ApiException as e:
             if getattr(e, "status", None) != 404:
                 raise

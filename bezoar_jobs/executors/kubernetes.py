@@ -234,7 +234,8 @@ def cancel(
             names += _group_api(api, cluster, rid).delete_run(run_selector(rid))
         names += jobs.delete_run_jobs(run_selector(rid))
         if names:
-            what = "Job(s)" if cluster.distributed.launcher == "job" else f"{cluster.distributed.launcher}s and Job(s)"
+            what = {"jobset": "JobSet(s) and Job(s)", "trainjob": "TrainJob(s) and Job(s)"}.get(
+                cluster.distributed.launcher, "Job(s)")
             out.write(f"[bezoar] cancel: deleted {len(names)} {what} of run {rid} in namespace {cluster.namespace}: "
                       f"{', '.join(names)}\n")
         else:
