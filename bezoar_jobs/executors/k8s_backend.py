@@ -1,6 +1,9 @@
 """The Kubernetes backend of the scheduler: one :class:`KubernetesBackend` per ``bezoar run
 --executor kubernetes`` creates, adopts and watches the run's Jobs (what it does for each stage is
-described in :mod:`bezoar_jobs.executors.kubernetes`, which holds the entry points)."""
+described in :mod:`bezoar_jobs.executors.kubernetes`, which holds the entry points).
+
+Over 500 lines because a training group run as a JobSet or TrainJob is tracked here beside the Jobs (the
+same active set, events, cancel and failure report); the API calls of those kinds live in k8s_groups.py."""
 
 from __future__ import annotations
 

@@ -33,7 +33,9 @@ What the backend does for a stage the scheduler submits:
    under this same controller Job (``bezoar.dev/controller-uid``, from the chart's downward API) is
    reported as the failure it was, not run again; any other finished one is deleted and created
    anew; ``409 Conflict`` on create means adopt as well. A sharded stage whose commit Job is running
-   is adopted at that Job.
+   is adopted at that Job. A training stage on several nodes is one group: an Indexed Job with its
+   headless Service, or a JobSet / TrainJob (``distributed.launcher``, k8s_groups.py: the kind's API
+   must be served, else exit 2), created, adopted, watched and deleted the same way.
 2. Watches the run's Jobs and pods (k8s_jobs.py); follows each pod's log, reconnecting after breaks
    (k8s_logs.py); says why a Job's pod is not running (k8s_diagnose.py: Unschedulable with the
    scheduler's reason, image pulls, Pod Security refusals, Kueue admission) and keeps that view in
