@@ -2,7 +2,7 @@
 --executor kubernetes`` creates, adopts and watches the run's Jobs (what it does for each stage is
 described in :mod:`bezoar_jobs.executors.kubernetes`, which holds the entry points).
 
-Over 500 lines because a training group run as a JobSet or TrainJob is tracked here beside the Jobs (the
+It is over 500 lines because a training group run as a JobSet or TrainJob is tracked here beside the Jobs (the
 same active set, events, cancel and failure report); the API calls of those kinds live in k8s_groups.py."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .distributed import group_objects, headless_service, is_group, service_name
 from .jobs import COMPLETION_INDEX_ANNOTATION, Phase, build_job, is_sharded, job_name, run_selector, short_run_id
 from .k8s_api import condition
 from .k8s_diagnose import Diagnosis
-from .k8s_groups import POD_GROUP_LABEL, GroupApi, group_condition
+from .k8s_groups import POD_GROUP_LABEL, RESTART_ATTEMPT_LABEL, GroupApi, group_condition
 from .k8s_jobs import Event, JobApi, RunWatch, pod_job
 from .k8s_logs import LogFollower
 from .k8s_retry import ApiRetry
@@ -448,18 +448,19 @@ class KubernetesBackend:
         for j in items:
             self._on_job(j)
         for name, t in list(self.active.items()):
-            if name not in seen:
+            if name not in seen and t.kind == "job":
                 self._on_job({"metadata": {"name": name, "uid": t.uid}}, deleted=True)
 
     def _on_job(self, job: dict[str, Any], deleted: bool = False) -> None:
         name = job["metadata"]["name"]
         group = (job["metadata"].get("labels") or {}).get(POD_GROUP_LABEL)
         g = self.active.get(group) if group else None
-        if g is not None and g.kind != "job":  # a child Job of a group changed: did the group restart?
-            self._look_at_restarts(group, g)  # type: ignore[arg-type]
+        if g is not None and g.kind != "job":  # a child Job of a group: the Jobs of a restart carry its number
+            attempt = (job["metadata"].get("labels") or {}).get(RESTART_ATTEMPT_LABEL, "0")
+            self._look_at_restarts(group, g, int(attempt) if attempt.isdigit() else None)  # type: ignore[arg-type]
             return
         t = self.active.get(name)
-        if t is None or job["metadata"].get("uid") != t.uid:
+        if t is None or t.kind != "job" or job["metadata"].get("uid") != t.uid:
             return  # not ours (an older Job of the same name, another stage's history)
         if deleted:
             del self.active[name]

@@ -36,6 +36,7 @@ from .k8s_api import api_exception, raw
 from .k8s_retry import ApiRetry
 
 POD_GROUP_LABEL = "jobset.sigs.k8s.io/jobset-name"
+RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"  # on a group's Jobs and pods: the JobSet's restarts then
 TRAINER_GROUP = "trainer.kubeflow.org"
 
 
