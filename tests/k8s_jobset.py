@@ -419,6 +419,16 @@ class JobSetController:
                 "name": subdomain(js), "namespace": ns, "ownerReferences": [_owner(js)]},
                 "spec": {"clusterIP": "None", "selector": {JOBSET_NAME: name},
                          "publishNotReadyAddresses": js["spec"]["network"].get("publishNotReadyAddresses", True)}})
+        # suspend / resume: the Jobs follow the JobSet (resumeJobsIfNecessary, suspendJobs)
+        suspended = bool(js["spec"].get("suspend"))
+        for job in active:
+            if bool(job["spec"].get("suspend")) != suspended:
+                job["spec"]["suspend"] = suspended
+                fc._put("Job", ns, job, "MODIFIED")
+        if suspended:
+            set_condition(status, cond("Suspended", "SuspendedJobs", "jobset is suspended"))
+        elif true(js, "Suspended"):
+            set_condition(status, cond("Suspended", "ResumeJobs", "jobset is resumed", "False"))
         existing = {j["metadata"]["name"] for j in previous + active + succeeded + failed}
         pending_gc = self.deleted.get(uid, set())
         still_there = {p["metadata"]["labels"].get("batch.kubernetes.io/controller-uid") for (k, pns, _), p
@@ -679,6 +689,7 @@ def build_jobset(tj: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
 class TrainJobController:
     def __init__(self, fc: Any):
         self.fc = fc
+        self.said: set[tuple[str, str]] = set()  # (TrainJob uid, message): each creation failure is an event once
 
     def reconcile(self, tj: dict[str, Any]) -> None:
         fc = self.fc
@@ -689,16 +700,22 @@ class TrainJobController:
         finished = true(tj, "Complete") or true(tj, "Failed")
         if js is None and not finished:
             runtime = fc.objects.get(("ClusterTrainingRuntime", "", tj["spec"]["runtimeRef"]["name"]))
+            why = None
             if runtime is None:  # deleted after admission: the Trainer reports it and retries
-                fc._event(ns, tj, "TrainJobResourcesCreationFailed", "TrainJob resources reconciliation failed: not "
-                          "found ClusterTrainingRuntime specified in TrainJob", "Warning", "trainjob-controller")
+                why = "not found ClusterTrainingRuntime specified in TrainJob"
             else:
                 try:
                     js = fc.create_jobset(ns, build_jobset(tj, runtime))
                 except Refused as e:
-                    fc._event(ns, tj, "TrainJobResourcesCreationFailed",
-                              f"TrainJob resources reconciliation failed: {e.message}"[:1000], "Warning",
-                              "trainjob-controller")
+                    why = e.message
+            if why is not None and (tj["metadata"]["uid"], why) not in self.said:
+                self.said.add((tj["metadata"]["uid"], why))
+                fc._event(ns, tj, "TrainJobResourcesCreationFailed",
+                          f"TrainJob resources reconciliation failed: {why}"[:1000], "Warning", "trainjob-controller")
+        elif js is not None and (tj["spec"].get("suspend") or js["spec"].get("suspend")) and \
+                bool(js["spec"].get("suspend")) != bool(tj["spec"].get("suspend")):
+            js["spec"]["suspend"] = bool(tj["spec"].get("suspend"))  # the JobSet is rebuilt only while suspended
+            fc._put("JobSet", ns, js, "MODIFIED")
         if tj["spec"].get("suspend"):
             set_condition(status, cond("Suspended", "Suspended", "TrainJob is suspended"))
         elif true(tj, "Suspended"):
