@@ -726,3 +726,71 @@ def test_group_launchers_are_refused_where_the_cluster_cannot_run_them(tmp_path:
             custom.patch_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", ns, "trainjobs",
                                                   tj["metadata"]["name"], {"spec": {"trainer": {"numNodes": 3}}})
         assert e.value.status == 422 and "field is immutable" in str(e.value.body)
+
+
+# docs/distributed.md, "A runtime for bezoar's TrainJobs": the stage contract kept by the runtime itself
+BEZOAR_RUNTIME = {
+    "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+    "metadata": {"name": "bezoar-torch", "labels": {"trainer.kubeflow.org/framework": "torch"}},
+    "spec": {"mlPolicy": {"numNodes": 1, "torch": {}}, "template": {"spec": {
+        "failurePolicy": {"maxRestarts": 1, "rules": [{"name": "bad_input", "action": "FailJobSet",
+                                                       "onJobFailureReasons": ["PodFailurePolicy"]}]},
+        "replicatedJobs": [{"name": "node", "template": {
+            "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+            "spec": {"backoffLimit": 0,
+                     "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                         "containerName": "node", "operator": "In", "values": [2]}}]},
+                     "template": {"spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "node", "image": "bezoar-train:x"}]}}}}}]}}},
+}
+
+
+def test_a_trainjob_group_fails_through_its_jobset_with_one_clear_line(tmp_path: Path) -> None:
+    """launcher trainjob on the runtime docs/distributed.md recommends, the scripted stage: node rank 1 fails, the
+    TrainJob's JobSet restarts the group once (the runtime's maxRestarts), then fails; the TrainJob copies the
+    JobSet's Failed condition and the stage fails (exit 5) with one line naming the TrainJob, the reason and the
+    restarts read from its JobSet."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster, fake_calls, fake_entrypoints, write_plan
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    _open_to_pods(runs)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    plan_path = fake / "plan.json"
+    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3}}, "sleep": 1.0,
+                                                "resolve_master": True}})
+    settings = _group_settings(ns, runs, "trainjob").model_dump(mode="json", exclude_none=True)
+    settings["distributed"]["trainingRuntime"] = "bezoar-torch"
+    cluster = ClusterSettings.model_validate(settings)
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env, host_shares=[fake],
+                     crds=("trainjob",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        fc.add_training_runtime("bezoar-torch", body=BEZOAR_RUNTIME)
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, cluster, ["sft-lamini"], False,
+                              fc.api_client(), out=out, tick_s=0.2)
+        text = out.getvalue()
+        assert rc == k8s.EXIT_RUN_FAILED, text
+        line = next(ln for ln in text.splitlines() if "ReachedMaxRestarts" in ln)
+        assert f"stage sft-lamini failed: ReachedMaxRestarts: TrainJob {name}: jobset failed due to reaching max " \
+            "number of restarts" in line
+        assert "restarted 1 time" in line
+        (tj,) = fc.custom_objects("TrainJob", ns)
+        assert next(c for c in tj["status"]["conditions"] if c["type"] == "Failed")["reason"] == "ReachedMaxRestarts"
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["status"]["restarts"] == 1
+        calls = fake_calls(plan_path)
+        assert [c["rank"] for c in calls].count("1") == 2 and {c["nnodes"] for c in calls} == {"2"}
+        assert {c["master"] for c in calls} == {f"{name}-node-0-0.{name}"}  # PET_MASTER_ADDR, resolved by node 0
+        assert read_manifest(open_store(run), "sft-lamini") is None
