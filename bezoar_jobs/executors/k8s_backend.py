@@ -218,6 +218,10 @@ class KubernetesBackend:
             if t.kind != "job":
                 if look:
                     self._look_at_restarts(name, t)
+                    if "group" not in self.watch.extra and self.groups is not None:  # not watched: ask
+                        obj = self.groups.get(name)
+                        self._on_group(obj if obj is not None else {"metadata": {"name": name, "uid": t.uid}},
+                                       deleted=obj is None)
                 continue
             has_pods = any(pod_job(p)[1] == t.uid for p in self.pods.values())
             verdict = self.diag.check_job(t.stage, t.job, has_pods)
