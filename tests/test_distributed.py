@@ -794,3 +794,37 @@ def test_a_trainjob_group_fails_through_its_jobset_with_one_clear_line(tmp_path:
         assert [c["rank"] for c in calls].count("1") == 2 and {c["nnodes"] for c in calls} == {"2"}
         assert {c["master"] for c in calls} == {f"{name}-node-0-0.{name}"}  # PET_MASTER_ADDR, resolved by node 0
         assert read_manifest(open_store(run), "sft-lamini") is None
+
+
+def test_a_group_whose_pods_pod_security_refuses_fails_as_bad_input(tmp_path: Path) -> None:
+    """A TrainJob on a runtime whose pods break the namespace's restricted Pod Security level (hostNetwork): the
+    JobSet's Job gets FailedCreate events and no pod; the controller reads them off the group's Job, as for its own
+    Jobs, and fails the stage with exit 2 instead of waiting forever."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    settings = _group_settings(ns, runs, "trainjob").model_dump(mode="json", exclude_none=True)
+    settings["distributed"]["trainingRuntime"] = "bezoar-torch"
+    runtime = copy.deepcopy(BEZOAR_RUNTIME)
+    runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "hostNetwork"] = True
+    with FakeCluster(tmp_path / "k8s", crds=("trainjob",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        fc.add_training_runtime("bezoar-torch", body=runtime)
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, ClusterSettings.model_validate(settings),
+                              ["sft-lamini"], False, fc.api_client(), out=out, tick_s=0.2, report_pending_s=0)
+        text = out.getvalue()
+        assert rc == EXIT_BAD_INPUT, text
+        assert "PodSecurity" in text and "bz-r1-sft-lamini-node-0 may not create its pods" in text
+        assert "hostNetwork" in text
+        assert fc.pods(ns) == []

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..errors import RetryableError
@@ -24,7 +24,7 @@ from ..store import Store
 from .cluster import ClusterSettings
 from .distributed import group_objects, headless_service, is_group, service_name
 from .jobs import COMPLETION_INDEX_ANNOTATION, Phase, build_job, is_sharded, job_name, run_selector, short_run_id
-from .k8s_api import condition
+from .k8s_api import condition, raw
 from .k8s_diagnose import Diagnosis
 from .k8s_groups import POD_GROUP_LABEL, RESTART_ATTEMPT_LABEL, GroupApi, group_condition
 from .k8s_jobs import Event, JobApi, RunWatch, pod_job
@@ -44,6 +44,7 @@ class _Tracked:
     job: dict[str, Any]
     kind: str = "job"  # or the group kind of distributed.launcher: jobset, trainjob
     restarts: int = 0
+    children: dict[str, dict[str, Any]] = field(default_factory=dict)  # a group's Jobs, by name
 
 
 class KubernetesBackend:
@@ -216,6 +217,11 @@ class KubernetesBackend:
             return
         for name, t in list(self.active.items()):
             if t.kind != "job":
+                verdict = self._check_children(t)
+                if verdict is not None:  # its pods may not be created (Pod Security): it would wait forever
+                    del self.active[name]
+                    self._ended.append(StageEvent(t.stage, EXIT_BAD_INPUT, verdict.reason, verdict.message))
+                    continue
                 if look:
                     self._look_at_restarts(name, t)
                     if "group" not in self.watch.extra and self.groups is not None:  # not watched: ask
@@ -354,6 +360,10 @@ class KubernetesBackend:
             self._on_job(job)
         else:
             self.active[name].restarts = self._restarts(name)
+            with contextlib.suppress(Exception):  # an adopted group's Jobs (new ones arrive as watch events)
+                found = raw(self.retry.call("list the group's Jobs", self.jobs.batch.list_namespaced_job, self.ns,
+                                            label_selector=f"{POD_GROUP_LABEL}={name}", _preload_content=False))
+                self.active[name].children = {j["metadata"]["name"]: j for j in found.get("items", [])}
             self._on_group(job)
 
     # -- training groups as JobSets / TrainJobs (k8s_groups.py) ---------------------------------
@@ -381,6 +391,17 @@ class KubernetesBackend:
                 self._ended.append(self._cancelled_event(stage))
                 return
         self._track(name, stage, "main", obj, kind=self.launcher)
+
+    def _check_children(self, t: _Tracked) -> Any:
+        """The pending-pod diagnosis of a running (not suspended) Job of the group: refused pods end the stage."""
+        for child in list(t.children.values()):
+            if (child.get("spec") or {}).get("suspend") or condition(child) is not None:
+                continue  # suspended: the group object is what Kueue admits; finished: nothing to create
+            uid = child["metadata"].get("uid")
+            verdict = self.diag.check_job(t.stage, child, any(pod_job(p)[1] == uid for p in self.pods.values()))
+            if verdict is not None:
+                return verdict
+        return None
 
     def _restarts(self, name: str) -> int:
         try:
@@ -460,6 +481,10 @@ class KubernetesBackend:
         group = (job["metadata"].get("labels") or {}).get(POD_GROUP_LABEL)
         g = self.active.get(group) if group else None
         if g is not None and g.kind != "job":  # a child Job of a group: the Jobs of a restart carry its number
+            if deleted:
+                g.children.pop(name, None)
+            else:
+                g.children[name] = job
             attempt = (job["metadata"].get("labels") or {}).get(RESTART_ATTEMPT_LABEL, "0")
             self._look_at_restarts(group, g, int(attempt) if attempt.isdigit() else None)  # type: ignore[arg-type]
             return
