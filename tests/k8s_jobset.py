@@ -42,6 +42,9 @@ copies the JobSet's ``Completed`` (as ``Complete``) and ``Failed`` conditions an
 
 Not modelled: TTL after finished, startup order, dependsOn, coordinator, in-place restarts, volume claim
 policies, Kueue admission of JobSets/TrainJobs, initializers, other ML policies than torch.
+
+The module is over 500 lines because it holds two controllers and their admission webhooks, which share
+their helpers (conditions, the JobSet a TrainJob becomes); splitting them would only move imports around.
 """
 
 from __future__ import annotations

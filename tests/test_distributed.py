@@ -524,7 +524,8 @@ def test_a_jobset_group_restarts_as_a_whole_fails_clearly_then_commits(tmp_path:
     fake = tmp_path / "fake"
     fake.mkdir()
     plan_path = fake / "plan.json"
-    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3, "times": 2}}, "sleep": 1.0,
+    # node 0 holds long enough for node 1 to fail first, even on a loaded machine (it is stopped when the Job fails)
+    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3, "times": 2}}, "sleep": 4.0,
                                                 "resolve_master": True}})
     cluster = _group_settings(ns, runs, "jobset", backoffLimit=1)
     name = job_name("sft-lamini", "r1")
@@ -544,13 +545,14 @@ def test_a_jobset_group_restarts_as_a_whole_fails_clearly_then_commits(tmp_path:
         assert js["metadata"]["name"] == name and js["status"]["restarts"] == 1
         assert js["status"]["conditions"][-1]["type"] in ("Failed", "RestartingJobSet")
         failed = next(c for c in js["status"]["conditions"] if c["type"] == "Failed")
-        assert failed["reason"] == "ReachedMaxRestarts"
+        assert failed["reason"] == "ReachedMaxRestarts", (failed, text)
         line = next(ln for ln in text.splitlines() if "ReachedMaxRestarts" in ln)
         assert f"JobSet {name}" in line and "restarted 1 time" in line and "exit code" in line and " 3" in line
         assert "the whole group restarts (restart 1 of at most 1)" in text
         # both attempts ran both nodes (rank 1 twice), the Jobs as JobSet names and labels them
         calls = fake_calls(plan_path)
-        assert [c["rank"] for c in calls].count("1") == 2 and [c["rank"] for c in calls].count("0") == 2
+        # (node 0 of an attempt may be stopped before its process starts: rank 1 fails at once)
+        assert [c["rank"] for c in calls].count("1") == 2 and [c["rank"] for c in calls].count("0") >= 1
         assert {c["master"] for c in calls} == {f"{name}-node-0-0.{name}"}
         assert [n for n in fc.created_jobs() if n.startswith(name + "-")] == [f"{name}-node-0"] * 2
         pods = [p for p in fc.pods(ns) if p["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name]
@@ -563,6 +565,7 @@ def test_a_jobset_group_restarts_as_a_whole_fails_clearly_then_commits(tmp_path:
         assert read_manifest(open_store(run), "sft-lamini") is None
 
         # the rerun: rank 1 has used up its scripted failures; the failed JobSet is replaced, node 0 commits
+        write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3, "times": 2}}, "sleep": 0.5}})
         rc, text = go()
         assert rc == 0, text
         assert f"deleting finished JobSet {name}" in text and f"created JobSet {name}" in text
@@ -571,7 +574,7 @@ def test_a_jobset_group_restarts_as_a_whole_fails_clearly_then_commits(tmp_path:
         assert any(c["type"] == "Completed" and c["status"] == "True" for c in js["status"]["conditions"])
 
         # bad input on one rank: the child Job fails by its podFailurePolicy, the JobSet's FailJobSet rule ends it
-        write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 2}}, "sleep": 1.0}})
+        write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 2}}, "sleep": 4.0}})
         rc, text = go(force=True)
         assert rc == EXIT_BAD_INPUT, text
         (js,) = fc.custom_objects("JobSet", ns)
@@ -767,7 +770,7 @@ def test_a_trainjob_group_fails_through_its_jobset_with_one_clear_line(tmp_path:
     fake = tmp_path / "fake"
     fake.mkdir()
     plan_path = fake / "plan.json"
-    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3}}, "sleep": 1.0,
+    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3}}, "sleep": 4.0,
                                                 "resolve_master": True}})
     settings = _group_settings(ns, runs, "trainjob").model_dump(mode="json", exclude_none=True)
     settings["distributed"]["trainingRuntime"] = "bezoar-torch"
