@@ -97,6 +97,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the harness's own modules, whether imported as tests.k8s_harness or run as a script
     sys.path.insert(0, str(HERE))
 
+import k8s_jobset  # noqa: E402
 import k8s_kueue  # noqa: E402
 import k8s_sandbox  # noqa: E402
 import k8s_services  # noqa: E402
@@ -267,6 +268,7 @@ class FakeCluster:
         pod_security_level: str = "restricted",
         host_shares: list[Path] | None = None,
         legacy_job_labels: bool = True,
+        crds: tuple[str, ...] = (),
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +285,11 @@ class FakeCluster:
             share.mkdir(parents=True, exist_ok=True)
             share.chmod(0o777)  # the pods' user writes there (the fake stage's call log)
         self.legacy_job_labels = legacy_job_labels
+        # custom resources served (k8s_jobset.py): "jobset", "trainjob" (Kubeflow Trainer needs JobSet too)
+        self.crds = set(crds) | ({"jobset"} if "trainjob" in crds else set())
+        assert self.crds <= {"jobset", "trainjob"}, crds
+        self.jobset_ctl = k8s_jobset.JobSetController(self)
+        self.trainjob_ctl = k8s_jobset.TrainJobController(self)
         why_not = k8s_sandbox.available()
         self.sandboxed = why_not is None
         if not self.sandboxed and os.environ.get("BEZOAR_HARNESS_SANDBOX", "").lower() not in ("0", "off", "no"):
@@ -510,12 +517,18 @@ class FakeCluster:
             return copy.deepcopy(new)
 
     def _collect_owned(self, ns: str, owner_uid: str) -> None:
-        """The garbage collector: objects whose ownerReferences name a deleted owner go with it."""
+        """The garbage collector: objects whose ownerReferences name a deleted owner go with it (a JobSet's
+        Jobs and Service, a TrainJob's JobSet, a Job's Service)."""
         with self.cond:
-            for (kind, sns, _n), o in list(self.objects.items()):
-                if kind == "Service" and sns == ns and any(
-                        r.get("uid") == owner_uid for r in o["metadata"].get("ownerReferences") or []):
+            for (kind, sns, n), o in list(self.objects.items()):
+                if sns != ns or not any(r.get("uid") == owner_uid for r in o["metadata"].get("ownerReferences") or []):
+                    continue
+                if kind == "Service":
                     self._put("Service", ns, o, "DELETED")
+                elif kind == "Job":
+                    self.delete_job(ns, n, "Foreground")
+                elif kind in ("JobSet", "TrainJob"):
+                    self.delete_custom(kind, ns, n)
 
     def events_for(self, namespace: str, kind: str | None = None, name: str | None = None,
                    reason: str | None = None) -> list[dict[str, Any]]:
@@ -652,7 +665,9 @@ class FakeCluster:
     def _get(self, kind: str, ns: str, name: str) -> dict[str, Any]:
         obj = self.objects.get((kind, ns, name))
         if obj is None:
-            group = {"Job": "batch", "Deployment": "apps"}.get(kind, "")
+            group = {"Job": "batch", "Deployment": "apps", "JobSet": k8s_jobset.JOBSET_GROUP,
+                     "TrainJob": k8s_jobset.TRAINER_GROUP,
+                     "ClusterTrainingRuntime": k8s_jobset.TRAINER_GROUP}.get(kind, "")
             raise _not_found(kind.lower() + "s", name, group)
         return obj
 
@@ -667,6 +682,88 @@ class FakeCluster:
             self.objects[key] = obj
         self.events.append((self.rv, kind, ns, etype, copy.deepcopy(obj)))
         self.cond.notify_all()
+
+    # -- JobSet / TrainJob / ClusterTrainingRuntime (k8s_jobset.py) -----------------------------
+    def add_training_runtime(self, name: str, image: str = "bezoar-train:harness",
+                             body: dict[str, Any] | None = None) -> None:
+        """A ClusterTrainingRuntime (default: a torch runtime like upstream's torch-distributed, our wording:
+        one replicated Job ``node`` with the trainer ancestor label and a container ``node``)."""
+        obj = body or {
+            "apiVersion": f"{k8s_jobset.TRAINER_GROUP}/{k8s_jobset.TRAINER_VERSION}", "kind": "ClusterTrainingRuntime",
+            "metadata": {"name": name, "labels": {"trainer.kubeflow.org/framework": "torch"}},
+            "spec": {"mlPolicy": {"numNodes": 1, "torch": {}}, "template": {"spec": {"replicatedJobs": [{
+                "name": "node", "template": {"metadata": {"labels": {k8s_jobset.ANCESTOR: "trainer"}},
+                                             "spec": {"template": {"spec": {"containers": [
+                                                 {"name": "node", "image": image}]}}}}}]}}}}
+        with self.cond:
+            obj = copy.deepcopy(obj)
+            obj["metadata"].update({"uid": str(uuid.uuid4()), "creationTimestamp": now_iso()})
+            self._put("ClusterTrainingRuntime", "", obj, "ADDED")
+
+    def served(self, group: str, version: str) -> bool:
+        crd = k8s_jobset.CRD_OF_GROUP.get(group)
+        return crd in self.crds and (group, version) in k8s_jobset.RESOURCES
+
+    def _validate_child_job(self, name: str, body: dict[str, Any]) -> None:
+        try:
+            self._validate_job(name, body)
+        except ApiError as e:
+            raise k8s_jobset.Refused(e.code, e.reason, e.message) from None
+
+    def create_jobset(self, ns: str, body: dict[str, Any], strict: bool = False) -> dict[str, Any]:
+        """Admission (defaulting and validating webhooks), then store; the JobSet controller runs at once."""
+        js = copy.deepcopy(body)
+        k8s_jobset.check_fields(js, strict)
+        js.setdefault("metadata", {})["namespace"] = ns
+        k8s_jobset.default_jobset(js)
+        k8s_jobset.validate_jobset(js, self._validate_child_job)
+        return self._store_custom("JobSet", ns, js, {"restarts": 0})
+
+    def create_trainjob(self, ns: str, body: dict[str, Any], strict: bool = False) -> dict[str, Any]:
+        tj = copy.deepcopy(body)
+        k8s_jobset.check_fields(tj, strict)
+        tj.setdefault("metadata", {})["namespace"] = ns
+        k8s_jobset.default_trainjob(tj)
+        with self.lock:
+            runtime = self.objects.get(("ClusterTrainingRuntime", "", tj["spec"]["runtimeRef"].get("name", "")))
+        k8s_jobset.validate_trainjob(tj, runtime)
+        return self._store_custom("TrainJob", ns, tj, {})
+
+    def _store_custom(self, kind: str, ns: str, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        name = obj["metadata"].get("name", "")
+        with self.cond:
+            if (kind, ns, name) in self.objects:
+                raise k8s_jobset.Refused(409, "AlreadyExists", f'{kind.lower()}s "{name}" already exists')
+            obj["metadata"].update({"uid": str(uuid.uuid4()), "creationTimestamp": now_iso(), "generation": 1})
+            obj["status"] = status
+            self._put(kind, ns, obj, "ADDED")
+            self.timeline.append((time.time(), "created", name))
+            (self.jobset_ctl if kind == "JobSet" else self.trainjob_ctl).reconcile(obj)
+            return copy.deepcopy(self.objects[(kind, ns, name)])
+
+    def patch_custom(self, kind: str, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        with self.cond:
+            cur = self._get(kind, ns, name)
+            new = copy.deepcopy(cur)
+            _merge_patch(new, {k: v for k, v in patch.items() if k != "status"})
+            k8s_jobset.check_update(cur, new)
+            new["metadata"]["generation"] = cur["metadata"].get("generation", 1) + (new["spec"] != cur["spec"])
+            self._put(kind, ns, new, "MODIFIED")
+            return copy.deepcopy(new)
+
+    def delete_custom(self, kind: str, ns: str, name: str) -> dict[str, Any]:
+        with self.cond:
+            obj = self._get(kind, ns, name)
+            obj["metadata"]["deletionTimestamp"] = now_iso()
+            self._put(kind, ns, obj, "DELETED")
+            self.timeline.append((time.time(), "deleted", name))
+            self._collect_owned(ns, obj["metadata"]["uid"])
+            return copy.deepcopy(obj)
+
+    def custom_objects(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items()
+                    if k == kind and (namespace is None or ns == namespace)]
 
     # -- the Job API ----------------------------------------------------------------------------
     def create_job(self, ns: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -811,6 +908,10 @@ class FakeCluster:
                     try:
                         if kind == "Job":
                             self._reconcile(obj)
+                        elif kind == "JobSet":
+                            self.jobset_ctl.reconcile(obj)
+                        elif kind == "TrainJob":
+                            self.trainjob_ctl.reconcile(obj)
                         elif kind == "Deployment":
                             self._deployment_tick(obj, now)
                         elif kind == "Pod" and obj["status"].get("phase") == "Pending" and not obj["spec"].get(
@@ -1569,9 +1670,16 @@ _ROUTES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^/api/v1/namespaces/([^/]+)/services$"), "services"),
     (re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)$"), "service"),
     (re.compile(r"^/apis/kueue\.x-k8s\.io/([^/]+)/namespaces/([^/]+)/workloads$"), "workloads"),
+    # JobSet and Kubeflow Trainer (k8s_jobset.py), served only where FakeCluster(crds=...) installs them
+    (re.compile(r"^/apis/([^/]+)/([^/]+)$"), "discovery"),
+    (re.compile(r"^/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)$"), "customs"),
+    (re.compile(r"^/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)/([^/]+)$"), "custom"),
+    (re.compile(r"^/apis/([^/]+)/([^/]+)/([^/]+)/([^/]+)$"), "cluster_custom"),
 ]
 _LIST_KIND = {"Job": ("JobList", "batch/v1"), "Pod": ("PodList", "v1"), "Event": ("EventList", "v1"),
               "Service": ("ServiceList", "v1"),
+              "JobSet": ("JobSetList", f"{k8s_jobset.JOBSET_GROUP}/{k8s_jobset.JOBSET_VERSION}"),
+              "TrainJob": ("TrainJobList", f"{k8s_jobset.TRAINER_GROUP}/{k8s_jobset.TRAINER_VERSION}"),
               "Workload": ("WorkloadList", f"{k8s_kueue.GROUP}/{k8s_kueue.VERSION}")}
 
 
@@ -1882,6 +1990,65 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on workloads here")
         self._list_or_watch("Workload", ns, q)
 
+    # -- JobSet / TrainJob (k8s_jobset.py) -------------------------------------------------------
+    def _custom_kind(self, group: str, version: str, plural: str, namespaced: bool) -> str:
+        c = self.cluster
+        res = k8s_jobset.RESOURCES.get((group, version), {}).get(plural)
+        if not c.served(group, version) or res is None or res[1] != namespaced:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({self.path})")
+        return res[0]
+
+    def _r_discovery(self, method: str, q: dict[str, str], body: Any, group: str, version: str) -> None:
+        if not self.cluster.served(group, version) or method != "GET":
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({self.path})")
+        self._send_json(200, k8s_jobset.discovery(group, version))
+
+    def _r_customs(self, method: str, q: dict[str, str], body: Any, group: str, version: str, ns: str,
+                   plural: str) -> None:
+        c = self.cluster
+        kind = self._custom_kind(group, version, plural, True)
+        if method == "GET":
+            self._list_or_watch(kind, ns, q)
+            return
+        if method != "POST":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {plural} here")
+        body = body or {}
+        if body.get("apiVersion") != f"{group}/{version}" or body.get("kind") != kind:
+            raise ApiError(400, "BadRequest", f"the API version in the data ({body.get('apiVersion')}) does not match "
+                                              f"the expected API version ({group}/{version}) or kind ({kind})")
+        strict = q.get("fieldValidation") == "Strict"
+        try:
+            made = c.create_jobset(ns, body, strict) if kind == "JobSet" else c.create_trainjob(ns, body, strict)
+        except k8s_jobset.Refused as e:
+            raise ApiError(e.code, e.reason, e.message) from None
+        self._send_json(201, made)
+
+    def _r_custom(self, method: str, q: dict[str, str], body: Any, group: str, version: str, ns: str, plural: str,
+                  name: str) -> None:
+        c = self.cluster
+        kind = self._custom_kind(group, version, plural, True)
+        try:
+            if method == "GET":
+                with c.lock:
+                    self._send_json(200, copy.deepcopy(c._get(kind, ns, name)))
+            elif method == "DELETE":
+                self._send_json(200, c.delete_custom(kind, ns, name))
+            elif method == "PATCH":
+                self._send_json(200, c.patch_custom(kind, ns, name, body or {}))
+            else:
+                raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {plural} here")
+        except k8s_jobset.Refused as e:
+            raise ApiError(e.code, e.reason, e.message) from None
+
+    def _r_cluster_custom(self, method: str, q: dict[str, str], body: Any, group: str, version: str, plural: str,
+                          name: str) -> None:
+        c = self.cluster
+        kind = self._custom_kind(group, version, plural, False)
+        if method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {plural} here")
+        with c.lock:
+            self._send_json(200, copy.deepcopy(c._get(kind, "", name)))
+
     # -- list and watch -------------------------------------------------------------------------
     def _list_or_watch(self, kind: str, ns: str, q: dict[str, str]) -> None:
         c = self.cluster
@@ -1958,7 +2125,9 @@ def write_plan(path: Path, plan: dict[str, dict[str, Any]]) -> dict[str, str]:
     attempts), ``no_manifest`` (exit 0 without committing), ``require_env`` (env names that must be
     set), ``require_files_env`` (env names that must point at readable files), ``shards`` (N: the
     unsharded run requires all N shard markers), ``until_file`` (after the sleep, wait up to 120 s
-    for this file to exist).
+    for this file to exist), ``rank_exit`` (``{"<node rank>": {"exit": code, "times": N}}``: that node
+    rank of a training group exits with ``code`` on its first N attempts; ranks other than 0 never commit),
+    ``resolve_master`` (the group's ``--master-addr`` must resolve, as torch.distributed.run needs).
     """
     path.write_text(json.dumps(plan))
     return {"BEZOAR_FAKE_PLAN": str(path)}
@@ -1986,16 +2155,23 @@ def fake_stage_main(argv: list[str]) -> int:
     p.add_argument("--recipe", required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--shard")
+    # a training group's launcher flags (executors/distributed.py): only the node rank matters here
+    for flag in ("--nproc-per-node", "--nnodes", "--master-addr", "--master-port"):
+        p.add_argument(flag)
+    p.add_argument("--node-rank")
     a = p.parse_args(argv)
+    rank = a.node_rank
     plan_path = Path(os.environ["BEZOAR_FAKE_PLAN"]) if os.environ.get("BEZOAR_FAKE_PLAN") else None
     plan = json.loads(plan_path.read_text()) if plan_path else {}
     st = plan.get(a.name, {})
     attempt = 0
     if plan_path:
-        attempt = sum(1 for c in fake_calls(plan_path) if c["stage"] == a.name and c["shard"] == a.shard)
+        attempt = sum(1 for c in fake_calls(plan_path)
+                      if c["stage"] == a.name and c["shard"] == a.shard and c.get("rank") == rank)
         with open(plan_path.with_suffix(".calls.jsonl"), "a") as f:
             f.write(json.dumps({"stage": a.name, "shard": a.shard, "pid": os.getpid(), "time": time.time(),
-                                "attempt": attempt}) + "\n")
+                                "attempt": attempt, "rank": rank, "nnodes": a.nnodes,
+                                "master": a.master_addr}) + "\n")
     for line in st.get("log", [f"{a.name}: starting (attempt {attempt})"]):
         print(line, flush=True)
         if st.get("log_every"):
@@ -2022,6 +2198,18 @@ def fake_stage_main(argv: list[str]) -> int:
         if not os.access(fp, os.R_OK) or not fp.read_text().strip():
             print(f"error: API key {name} is not a readable file in $BEZOAR_KEYS_DIR ({fp})", flush=True)
             return 2
+    if st.get("resolve_master") and a.master_addr:  # the group's node 0 through cluster DNS (the pod's /etc/hosts)
+        import socket
+
+        try:
+            print(f"{a.name}: node 0 {a.master_addr} is {socket.gethostbyname(a.master_addr)}", flush=True)
+        except OSError as e:
+            print(f"{a.name}: cannot resolve node 0 {a.master_addr}: {e}", flush=True)
+            return 3
+    failing = (st.get("rank_exit") or {}).get(str(rank))  # {"exit": code, "times": N}: this node rank fails
+    if failing and attempt < int(failing.get("times", 1 << 30)):
+        print(f"{a.name}: node rank {rank} exits {failing['exit']} (attempt {attempt})", flush=True)
+        return int(failing["exit"])
     end = time.time() + float(st.get("sleep", 0))
     while time.time() < end:
         time.sleep(0.02)
@@ -2037,6 +2225,9 @@ def fake_stage_main(argv: list[str]) -> int:
         return int(st["exit"])
     if st.get("no_manifest"):
         print(f"{a.name}: exiting 0 without committing", flush=True)
+        return 0
+    if rank not in (None, "0"):  # only node rank 0 commits a group's stage (as the real one: rank 0 writes)
+        print(f"{a.name}: node rank {rank} done", flush=True)
         return 0
     from bezoar_jobs.errors import BezoarError
     from bezoar_jobs.manifest import CommitInfo, commit

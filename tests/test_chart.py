@@ -1207,3 +1207,35 @@ def test_a_multi_node_training_stage_lets_the_controller_create_its_service(helm
         assert cs.distributed.port == 29600
     docs = template(helm, *values_files("base"))
     assert not [r for r in rbac_rules(docs) if r[1] == "services"]
+
+
+def test_group_launchers_get_exactly_the_rbac_they_need(helm: tuple[str, dict[str, str]]) -> None:
+    """distributed.launcher jobset: jobsets (no Services: JobSet makes its own); trainjob: trainjobs, a look at the
+    TrainJob's JobSet, and the named ClusterTrainingRuntime (get, by name) through a ClusterRole; nothing of this
+    without a training stage on several nodes. Every object validates strictly (kubernetes-validate)."""
+    nodes = ["--set", "clusterSettings.scheduling.train.nodes=2"]
+    base = {("batch", "jobs", ("create", "delete", "get", "list", "watch"), ()),
+            ("", "pods", ("get", "list", "watch"), ()), ("", "pods/log", ("get",), ()),
+            ("", "events", ("get", "list"), ()), ("apps", "deployments", ("get", "patch"), (f"{RELEASE}-teacher",))}
+    group_verbs = ("create", "delete", "get", "list", "watch")
+    docs = template(helm, *values_files("base"), *nodes, "--set", "clusterSettings.distributed.launcher=jobset")
+    assert rbac_rules(docs) == base | {("jobset.x-k8s.io", "jobsets", group_verbs, ())}
+    assert not objs(docs, "ClusterRole")
+    docs = template(helm, *values_files("base"), *nodes, "--set", "clusterSettings.distributed.launcher=trainjob",
+                    "--set", "clusterSettings.distributed.trainingRuntime=torch-h100")
+    assert rbac_rules(docs) == base | {("trainer.kubeflow.org", "trainjobs", group_verbs, ()),
+                                       ("jobset.x-k8s.io", "jobsets", ("get",), ())}
+    (cr,), (crb,) = objs(docs, "ClusterRole"), objs(docs, "ClusterRoleBinding")
+    assert cr["rules"] == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"],
+                            "resourceNames": ["torch-h100"], "verbs": ["get"]}]
+    assert crb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                              "name": cr["metadata"]["name"]}
+    sa = one(docs, "ServiceAccount", "controller")
+    assert crb["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
+    assert ClusterSettings.model_validate(cluster_yaml(docs)).distributed.trainingRuntime == "torch-h100"
+    for d in docs:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(d, version, strict=True)
+    # one node per training stage: no group, none of it, whatever the launcher
+    docs = template(helm, *values_files("base"), "--set", "clusterSettings.distributed.launcher=trainjob")
+    assert rbac_rules(docs) == base and not objs(docs, "ClusterRole") and not objs(docs, "ClusterRoleBinding")

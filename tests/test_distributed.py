@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,18 +214,8 @@ def test_a_killed_rank_reruns_to_the_same_weights(setup: dict[str, Any]) -> None
 # ---------------------------------------------------------------------------------------------
 # Kubernetes: a 2-pod training group as an Indexed Job + headless Service, in the loopback harness
 # ---------------------------------------------------------------------------------------------
-def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: Path) -> None:
-    """The controller creates the group's headless Service and Indexed Job; each pod (sandboxed: its own
-    user, read-only root, only its mounts) resolves node 0 as <job>-0.<service> through cluster DNS, the
-    two torch.distributed.run agents meet there over loopback, rank 0 commits."""
-    import io
-
-    from bezoar_jobs.executors import kubernetes as k8s
-    from bezoar_jobs.executors.cluster import ClusterSettings
-    from bezoar_jobs.executors.jobs import job_name
-    from tests.k8s_harness import FakeCluster
-
-    ns = "bz-test"
+def _real_group(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(runs volume, run, recipe) for a 2-node training run in the harness: the smallest shape that trains."""
     runs = tmp_path / "runs"
     tiny = build_tiny_model(runs / "model")  # on the runs volume: the pods see nothing else of this machine
     training = training_section(checkpoint_every=5, sft_args={"max_steps": 10, "per_device_train_batch_size": 2,
@@ -232,18 +223,30 @@ def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: 
     _, recipe_path = make_recipe(runs, tiny, training)
     run = runs / "r1"
     commit_filter(open_store(run), "lamini", lamini_rows(8), tmp_path)
-    (runs).chmod(0o777)
-    for p in runs.rglob("*"):
-        p.chmod(0o777 if p.is_dir() else 0o666)
-    cluster = ClusterSettings.model_validate({
-        "namespace": ns, "secrets": {"s3": {"name": ""}},
-        "storage": {"runVolume": {"claimName": "runs", "mountPath": str(runs)}},
-        "scheduling": {"train": {"gpus": 0, "nodes": 2, "processesPerNode": 1, "tolerations": [],
-                                 "ephemeralStorage": "4Gi", "shmSize": "256Mi",
-                                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
-                                               "limits": {"memory": "8Gi"}}}},
-        "distributed": {"port": 29617},
-    })
+    _open_to_pods(runs)
+    return runs, run, recipe_path
+
+
+def _committed_by_two_ranks(run: Path) -> None:
+    m = read_manifest(open_store(run), "sft-lamini")
+    assert m is not None and m["counts"]["steps"] == 10
+    assert m["training"]["distributed"]["world_size"] == 2
+    assert (run / "sft-lamini/model/model.safetensors").is_file()
+
+
+def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: Path) -> None:
+    """The controller creates the group's headless Service and Indexed Job; each pod (sandboxed: its own
+    user, read-only root, only its mounts) resolves node 0 as <job>-0.<service> through cluster DNS, the
+    two torch.distributed.run agents meet there over loopback, rank 0 commits."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs, run, recipe_path = _real_group(tmp_path)
+    cluster = _group_settings(ns, runs, "job", port=29617)
     with FakeCluster(tmp_path / "k8s") as fc:
         fc.add_pvc(ns, "runs", runs)
         out = io.StringIO()
@@ -266,10 +269,46 @@ def test_a_two_node_training_stage_runs_as_an_indexed_job_and_commits(tmp_path: 
         assert svc["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
         logs = "".join(fc.pod_log(p["metadata"]["name"], ns) for p in pods)
         assert "2 processes (rank 1)" in logs and "2 processes (rank 0)" in logs
-    m = read_manifest(open_store(run), "sft-lamini")
-    assert m is not None and m["counts"]["steps"] == 10
-    assert m["training"]["distributed"]["world_size"] == 2
-    assert (run / "sft-lamini/model/model.safetensors").is_file()
+    _committed_by_two_ranks(run)
+
+
+def test_a_two_node_training_stage_runs_as_a_trainjob_and_commits(tmp_path: Path) -> None:
+    """launcher trainjob: the controller creates a TrainJob on the torch ClusterTrainingRuntime; the harness's
+    Trainer builds the JobSet (PET_* from the torch plugin, our labels and hardening from the runtime patch),
+    JobSet makes the Indexed Job and its headless Service; the two pods meet at <trainjob>-node-0-0.<trainjob>
+    (PET_MASTER_ADDR) and rank 0 commits. The TrainJob is the stage: its Complete condition ends it."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs, run, recipe_path = _real_group(tmp_path)
+    cluster = _group_settings(ns, runs, "trainjob")
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", crds=("trainjob",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        fc.add_training_runtime("torch-distributed")
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe_path.read_text(), str(recipe_path), str(run), None, cluster, ["sft-lamini"],
+                              False, fc.api_client(), out=out)
+        text = out.getvalue()
+        assert rc == 0, text[-6000:] + "\n".join(fc.errors)
+        assert f"created TrainJob {name}" in text
+        (tj,) = fc.custom_objects("TrainJob", ns)
+        assert next(c for c in tj["status"]["conditions"] if c["type"] == "Complete")["reason"] == "AllJobsCompleted"
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["metadata"]["ownerReferences"][0]["kind"] == "TrainJob" and js["metadata"]["name"] == name
+        env = {e["name"]: e for e in js["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+            "containers"][0]["env"]}
+        assert env["PET_NNODES"]["value"] == "2" and env["PET_MASTER_ADDR"]["value"] == f"{name}-node-0-0.{name}"
+        pods = [p for p in fc.pods(ns) if p["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name]
+        assert sorted(p["spec"]["hostname"] for p in pods) == [f"{name}-node-0-0", f"{name}-node-0-1"]
+        assert all(p["metadata"]["labels"]["bezoar.dev/stage"] == "sft-lamini" for p in pods)
+        logs = "".join(fc.pod_log(p["metadata"]["name"], ns) for p in pods)
+        assert "2 processes (rank 1)" in logs and "2 processes (rank 0)" in logs
+    _committed_by_two_ranks(run)
 
 
 def test_launcher_flags_exit_codes_and_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -596,3 +635,366 @@ def torch_allclose(a: list[float], b: list[float]) -> bool:
     import torch
 
     return len(a) == len(b) == STEPS and torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes: the group as a JobSet or a Kubeflow Trainer v2 TrainJob (executors/k8s_groups.py), in the
+# loopback harness's models of their controllers and webhooks (tests/k8s_jobset.py)
+# ---------------------------------------------------------------------------------------------
+FAKE_RECIPE = """schema_version: 1
+name: k8s-group
+teacher: {backend: local, model: pkg://none/teacher.gguf}
+judge: {backend: local, model: pkg://none/judge.gguf}
+student: {model: pkg://none/student.gguf}
+"""
+
+
+def _open_to_pods(runs: Path) -> None:
+    """The pods run as another user (the sandbox): what this process wrote must be theirs to use."""
+    runs.chmod(0o777)
+    for p in runs.rglob("*"):
+        p.chmod(0o777 if p.is_dir() else 0o666)
+
+
+def _group_settings(ns: str, runs: Path, launcher: str, port: int = 29618, **train: Any) -> Any:
+    from bezoar_jobs.executors.cluster import ClusterSettings
+
+    return ClusterSettings.model_validate({
+        "namespace": ns, "secrets": {"s3": {"name": ""}},
+        "storage": {"runVolume": {"claimName": "runs", "mountPath": str(runs)}},
+        "scheduling": {"train": {"gpus": 0, "nodes": 2, "processesPerNode": 1, "tolerations": [],
+                                 "ephemeralStorage": "4Gi", "shmSize": "256Mi",
+                                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
+                                               "limits": {"memory": "8Gi"}}, **train}},
+        "distributed": {"launcher": launcher, "port": port},
+    })
+
+
+def test_a_jobset_group_restarts_as_a_whole_fails_clearly_then_commits(tmp_path: Path) -> None:
+    """launcher jobset, the scripted stage: node rank 1 fails; JobSet deletes and recreates both Jobs (one restart:
+    backoffLimit 1 = failurePolicy.maxRestarts), then fails with ReachedMaxRestarts: the stage fails (exit 5) with
+    one line naming the JobSet, the reason, the restarts and the exit codes. A rerun deletes the failed JobSet and
+    commits; exit 2 on a rank fails the group at once (the FailJobSet rule), exit code 2."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster, fake_calls, fake_entrypoints, write_plan
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    _open_to_pods(runs)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    plan_path = fake / "plan.json"
+    # node 0 holds long enough for node 1 to fail first, even on a loaded machine (it is stopped when the Job fails)
+    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3, "times": 2}}, "sleep": 4.0,
+                                                "resolve_master": True}})
+    cluster = _group_settings(ns, runs, "jobset", backoffLimit=1)
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env, host_shares=[fake],
+                     crds=("jobset",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+
+        def go(force: bool = False) -> tuple[int, str]:
+            out = io.StringIO()
+            rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, cluster, ["sft-lamini"], force,
+                                  fc.api_client(), out=out, tick_s=0.2)
+            return rc, out.getvalue()
+
+        rc, text = go()
+        assert rc == k8s.EXIT_RUN_FAILED, text
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["metadata"]["name"] == name and js["status"]["restarts"] == 1
+        assert js["status"]["conditions"][-1]["type"] in ("Failed", "RestartingJobSet")
+        failed = next(c for c in js["status"]["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "ReachedMaxRestarts", (failed, text)
+        line = next(ln for ln in text.splitlines() if "ReachedMaxRestarts" in ln)
+        assert f"JobSet {name}" in line and "restarted 1 time" in line and "exit code" in line and " 3" in line
+        assert "the whole group restarts (restart 1 of at most 1)" in text
+        # both attempts ran both nodes (rank 1 twice), the Jobs as JobSet names and labels them
+        calls = fake_calls(plan_path)
+        # (node 0 of an attempt may be stopped before its process starts: rank 1 fails at once)
+        assert [c["rank"] for c in calls].count("1") == 2 and [c["rank"] for c in calls].count("0") >= 1
+        assert {c["master"] for c in calls} == {f"{name}-node-0-0.{name}"}
+        assert [n for n in fc.created_jobs() if n.startswith(name + "-")] == [f"{name}-node-0"] * 2
+        pods = [p for p in fc.pods(ns) if p["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name]
+        assert pods and all(p["spec"]["subdomain"] == name for p in pods)
+        assert {p["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"] for p in pods} <= {"0", "1"}
+        assert all(p["metadata"]["labels"]["bezoar.dev/run"] == "r1" for p in pods)
+        svc = fc.objects[("Service", ns, name)]
+        assert svc["spec"]["selector"] == {"jobset.sigs.k8s.io/jobset-name": name}
+        assert svc["metadata"]["ownerReferences"][0]["kind"] == "JobSet"
+        assert read_manifest(open_store(run), "sft-lamini") is None
+
+        # the rerun: rank 1 has used up its scripted failures; the failed JobSet is replaced, node 0 commits
+        write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3, "times": 2}}, "sleep": 0.5}})
+        rc, text = go()
+        assert rc == 0, text
+        assert f"deleting finished JobSet {name}" in text and f"created JobSet {name}" in text
+        assert read_manifest(open_store(run), "sft-lamini") is not None
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert any(c["type"] == "Completed" and c["status"] == "True" for c in js["status"]["conditions"])
+
+        # bad input on one rank: the child Job fails by its podFailurePolicy, the JobSet's FailJobSet rule ends it
+        write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 2}}, "sleep": 4.0}})
+        rc, text = go(force=True)
+        assert rc == EXIT_BAD_INPUT, text
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["status"]["restarts"] == 0
+        assert "FailJobSetFailurePolicyAction" in text and "restarted 0 times" in text
+
+
+def test_a_running_group_is_adopted_after_a_controller_restart_and_cancelled_with_its_jobs(tmp_path: Path) -> None:
+    """A JobSet made by an earlier controller (same name, run and stage) is adopted, not made twice; `bezoar cancel`
+    deletes the JobSet first (its Jobs and pods go with it: nothing makes them again) and the run stops (exit 4)."""
+    import io
+    import threading
+
+    from kubernetes import client
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.distributed import group_objects
+    from bezoar_jobs.executors.jobs import build_job, job_name
+    from tests.k8s_harness import FakeCluster, fake_calls, fake_entrypoints, write_plan
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    _open_to_pods(runs)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    plan_path = fake / "plan.json"
+    env = write_plan(plan_path, {"sft-lamini": {"sleep": 60}})
+    cluster = _group_settings(ns, runs, "jobset")
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env, host_shares=[fake],
+                     crds=("jobset",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        api = fc.api_client()
+        (body,) = group_objects(build_job("sft-lamini", str(run), "r1", cluster), "sft-lamini", cluster)
+        client.CustomObjectsApi(api).create_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets",
+                                                                     body, field_validation="Strict")
+        fc.wait_for(lambda: len(fake_calls(plan_path)) == 2, timeout=30, what="both nodes of the group to start")
+        out = io.StringIO()
+        rcs: list[int] = []
+        th = threading.Thread(target=lambda: rcs.append(k8s.run_pipeline(
+            recipe.read_text(), str(recipe), str(run), None, cluster, ["sft-lamini"], False, api, out=out,
+            tick_s=0.2)), daemon=True)
+        th.start()
+        fc.wait_for(lambda: f"adopting running JobSet {name}" in out.getvalue(), timeout=20, what="the adoption")
+        cancel_out = io.StringIO()
+        assert k8s.cancel(str(run), None, cluster, api, out=cancel_out) == 0
+        # the JobSet first (its Job goes with it; the Job sweep after it may still find it terminating)
+        assert re.search(rf"cancel: deleted [12] JobSet\(s\) and Job\(s\) of run r1 in namespace {ns}: {name}(, |\n)",
+                         cancel_out.getvalue()), cancel_out.getvalue()
+        th.join(timeout=30)
+        assert rcs == [4], out.getvalue()
+        assert fc.custom_objects("JobSet", ns) == []
+        fc.wait_for(lambda: not [j for j in fc.jobs(ns) if j["metadata"]["name"].startswith(name)], timeout=20,
+                    what="the JobSet's Jobs to go")
+        fc.wait_for(lambda: not fc.pods(ns), timeout=20, what="the group's pods to go")
+        assert fc.created_jobs().count(name) == 1  # the JobSet itself, made once; its Job once
+        assert len(fake_calls(plan_path)) == 2
+
+
+def test_group_launchers_are_refused_where_the_cluster_cannot_run_them(tmp_path: Path) -> None:
+    """No JobSet CRD (the group's API answers 404, as a real API server's discovery does), or a TrainJob's
+    ClusterTrainingRuntime missing: exit 2 before anything is created, naming the setting. And the harness's
+    webhooks refuse what upstream's refuse (a rule name with '-', unknown fields under fieldValidation=Strict,
+    immutable fields, PET_* in the trainer's env, a patch of a container the runtime lacks)."""
+    import io
+
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.distributed import group_objects
+    from bezoar_jobs.executors.jobs import build_job
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+
+    def go(fc: FakeCluster, launcher: str) -> tuple[int, str]:
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, _group_settings(ns, runs, launcher),
+                              ["sft-lamini"], False, fc.api_client(), out=out)
+        return rc, out.getvalue()
+
+    with FakeCluster(tmp_path / "k8s") as fc:  # neither installed
+        rc, text = go(fc, "jobset")
+        assert rc == EXIT_BAD_INPUT and "distributed.launcher: 'jobset'" in text
+        assert "jobsets.jobset.x-k8s.io/v1alpha2" in text and "JobSet is not installed" in text
+        rc, text = go(fc, "trainjob")
+        assert rc == EXIT_BAD_INPUT and "Kubeflow Trainer v2 is not installed" in text
+        with pytest.raises(ApiException) as e:
+            client.CustomObjectsApi(fc.api_client()).get_api_resources("jobset.x-k8s.io", "v1alpha2")
+        assert e.value.status == 404
+        assert fc.jobs() == [] and fc.custom_objects("JobSet") == []
+    with FakeCluster(tmp_path / "k8s2", crds=("trainjob",)) as fc:
+        rc, text = go(fc, "trainjob")
+        assert rc == EXIT_BAD_INPUT
+        assert "distributed.trainingRuntime: ClusterTrainingRuntime 'torch-distributed' does not exist" in text
+        custom = client.CustomObjectsApi(fc.api_client())
+        cluster = _group_settings(ns, runs, "jobset")
+        job = build_job("sft-lamini", str(run), "r1", cluster)
+        (js,) = group_objects(job, "sft-lamini", cluster)
+
+        def refused(status: int, body: dict[str, Any], *, plural: str = "jobsets", strict: bool = True) -> str:
+            group, version = body["apiVersion"].split("/")
+            with pytest.raises(ApiException) as e:
+                custom.create_namespaced_custom_object(group, version, ns, plural, body,
+                                                       field_validation="Strict" if strict else None)
+            assert e.value.status == status, e.value.body
+            return str(e.value.body)
+
+        bad = copy.deepcopy(js)
+        bad["spec"]["failurePolicy"]["rules"][0]["name"] = "bad-input"  # what we rendered before: JobSet refuses it
+        assert "invalid failure policy rule name 'bad-input'" in refused(422, bad)
+        bad = copy.deepcopy(js)
+        bad["spec"]["network"]["dnsHostnames"] = True
+        assert 'unknown field \\\\"spec.network.dnsHostnames\\\\"' in refused(400, bad).replace('\\"', '\\\\"') or \
+            "spec.network.dnsHostnames" in refused(400, bad)
+        bad = copy.deepcopy(js)
+        bad["metadata"]["name"] = "bz-" + "x" * 56
+        assert "job names generated for this JobSet will exceed 63 characters" in refused(422, bad)
+        made = custom.create_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets", js,
+                                                      field_validation="Strict")
+        assert made["spec"]["startupPolicy"] == {"startupPolicyOrder": "AnyOrder"}  # the webhook's defaults
+        with pytest.raises(ApiException) as e:
+            custom.patch_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets", js["metadata"]["name"],
+                                                  {"spec": {"failurePolicy": {"maxRestarts": 9}}})
+        assert e.value.status == 422 and "Value is immutable" in str(e.value.body)
+        custom.delete_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", ns, "jobsets", js["metadata"]["name"])
+        # TrainJob: the runtime must exist (webhook), reserved env and unknown containers are refused
+        tcluster = _group_settings(ns, runs, "trainjob")
+        (tj,) = group_objects(build_job("sft-lamini", str(run), "r1", tcluster), "sft-lamini", tcluster)
+        assert "specified clusterTrainingRuntime must be created before the TrainJob" in refused(
+            422, tj, plural="trainjobs")
+        fc.add_training_runtime("torch-distributed")
+        bad = copy.deepcopy(tj)
+        bad["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "3"})
+        assert "must not have reserved envs" in refused(422, bad, plural="trainjobs")
+        bad = copy.deepcopy(tj)
+        rjob = bad["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        rjob["template"]["spec"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+        assert "must not have container that doesn't exist" in refused(422, bad, plural="trainjobs")
+        made = custom.create_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", ns, "trainjobs", tj,
+                                                      field_validation="Strict")
+        with pytest.raises(ApiException) as e:
+            custom.patch_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", ns, "trainjobs",
+                                                  tj["metadata"]["name"], {"spec": {"trainer": {"numNodes": 3}}})
+        assert e.value.status == 422 and "field is immutable" in str(e.value.body)
+
+
+# docs/distributed.md, "A runtime for bezoar's TrainJobs": the stage contract kept by the runtime itself
+BEZOAR_RUNTIME = {
+    "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+    "metadata": {"name": "bezoar-torch", "labels": {"trainer.kubeflow.org/framework": "torch"}},
+    "spec": {"mlPolicy": {"numNodes": 1, "torch": {}}, "template": {"spec": {
+        "failurePolicy": {"maxRestarts": 1, "rules": [{"name": "bad_input", "action": "FailJobSet",
+                                                       "onJobFailureReasons": ["PodFailurePolicy"]}]},
+        "replicatedJobs": [{"name": "node", "template": {
+            "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+            "spec": {"backoffLimit": 0,
+                     "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                         "containerName": "node", "operator": "In", "values": [2]}}]},
+                     "template": {"spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "node", "image": "bezoar-train:x"}]}}}}}]}}},
+}
+
+
+def test_a_trainjob_group_fails_through_its_jobset_with_one_clear_line(tmp_path: Path) -> None:
+    """launcher trainjob on the runtime docs/distributed.md recommends, the scripted stage: node rank 1 fails, the
+    TrainJob's JobSet restarts the group once (the runtime's maxRestarts), then fails; the TrainJob copies the
+    JobSet's Failed condition and the stage fails (exit 5) with one line naming the TrainJob, the reason and the
+    restarts read from its JobSet."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from bezoar_jobs.executors.jobs import job_name
+    from tests.k8s_harness import FakeCluster, fake_calls, fake_entrypoints, write_plan
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    _open_to_pods(runs)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    plan_path = fake / "plan.json"
+    env = write_plan(plan_path, {"sft-lamini": {"rank_exit": {"1": {"exit": 3}}, "sleep": 4.0,
+                                                "resolve_master": True}})
+    settings = _group_settings(ns, runs, "trainjob").model_dump(mode="json", exclude_none=True)
+    settings["distributed"]["trainingRuntime"] = "bezoar-torch"
+    cluster = ClusterSettings.model_validate(settings)
+    name = job_name("sft-lamini", "r1")
+    with FakeCluster(tmp_path / "k8s", entrypoints=fake_entrypoints(), extra_env=env, host_shares=[fake],
+                     crds=("trainjob",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        fc.add_training_runtime("bezoar-torch", body=BEZOAR_RUNTIME)
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, cluster, ["sft-lamini"], False,
+                              fc.api_client(), out=out, tick_s=0.2)
+        text = out.getvalue()
+        assert rc == k8s.EXIT_RUN_FAILED, text
+        line = next(ln for ln in text.splitlines() if "ReachedMaxRestarts" in ln)
+        assert f"stage sft-lamini failed: ReachedMaxRestarts: TrainJob {name}: jobset failed due to reaching max " \
+            "number of restarts" in line
+        assert "restarted 1 time" in line
+        (tj,) = fc.custom_objects("TrainJob", ns)
+        assert next(c for c in tj["status"]["conditions"] if c["type"] == "Failed")["reason"] == "ReachedMaxRestarts"
+        (js,) = fc.custom_objects("JobSet", ns)
+        assert js["status"]["restarts"] == 1
+        calls = fake_calls(plan_path)
+        assert [c["rank"] for c in calls].count("1") == 2 and {c["nnodes"] for c in calls} == {"2"}
+        assert {c["master"] for c in calls} == {f"{name}-node-0-0.{name}"}  # PET_MASTER_ADDR, resolved by node 0
+        assert read_manifest(open_store(run), "sft-lamini") is None
+
+
+def test_a_group_whose_pods_pod_security_refuses_fails_as_bad_input(tmp_path: Path) -> None:
+    """A TrainJob on a runtime whose pods break the namespace's restricted Pod Security level (hostNetwork): the
+    JobSet's Job gets FailedCreate events and no pod; the controller reads them off the group's Job, as for its own
+    Jobs, and fails the stage with exit 2 instead of waiting forever."""
+    import io
+
+    from bezoar_jobs.executors import kubernetes as k8s
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from tests.k8s_harness import FakeCluster
+
+    ns = "bz-test"
+    runs = tmp_path / "runs"
+    run = runs / "r1"
+    commit_filter(open_store(run), "lamini", lamini_rows(4), tmp_path)
+    recipe = runs / "recipe.yaml"
+    recipe.write_text(FAKE_RECIPE)
+    settings = _group_settings(ns, runs, "trainjob").model_dump(mode="json", exclude_none=True)
+    settings["distributed"]["trainingRuntime"] = "bezoar-torch"
+    runtime = copy.deepcopy(BEZOAR_RUNTIME)
+    runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "hostNetwork"] = True
+    with FakeCluster(tmp_path / "k8s", crds=("trainjob",)) as fc:
+        fc.add_pvc(ns, "runs", runs)
+        fc.add_training_runtime("bezoar-torch", body=runtime)
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(run), None, ClusterSettings.model_validate(settings),
+                              ["sft-lamini"], False, fc.api_client(), out=out, tick_s=0.2, report_pending_s=0)
+        text = out.getvalue()
+        assert rc == EXIT_BAD_INPUT, text
+        assert "PodSecurity" in text and "bz-r1-sft-lamini-node-0 may not create its pods" in text
+        assert "hostNetwork" in text
+        assert fc.pods(ns) == []

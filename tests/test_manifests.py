@@ -121,3 +121,45 @@ def test_distributed_manifests_show_every_launcher():
     (tj,) = _docs(d / "trainjob" / "sft-lamini.yaml")
     assert tj["kind"] == "TrainJob" and tj["spec"]["trainer"]["numNodes"] == 2
     assert tj["spec"]["trainer"]["numProcPerNode"] == 8 and "$(PET_MASTER_ADDR)" in tj["spec"]["trainer"]["args"]
+
+
+def test_the_jobset_and_trainjob_manifests_pass_their_webhooks(tmp_path: Path) -> None:
+    """The rendered JobSet and TrainJob go through the harness's models of JobSet's and Kubeflow Trainer's
+    admission (tests/k8s_jobset.py: unknown fields refused, as with fieldValidation=Strict; the webhooks' rules;
+    each replicated Job a valid batch/v1 Job), and so does the JobSet the Trainer builds from the TrainJob on a
+    torch runtime, which carries our labels onto its pods."""
+    import copy
+
+    from tests.k8s_harness import FakeCluster, k8s_jobset  # the harness's own copy of its module
+
+    fc = FakeCluster(tmp_path / "k8s")  # not started: only its Job validation is used
+
+    def admit_jobset(body: dict) -> dict:
+        js = copy.deepcopy(body)
+        k8s_jobset.check_fields(js, strict=True)
+        k8s_jobset.default_jobset(js)
+        k8s_jobset.validate_jobset(js, fc._validate_child_job)
+        return js
+
+    d = MANIFESTS / "distributed"
+    (js,) = _docs(d / "jobset" / "sft-lamini.yaml")
+    admitted = admit_jobset(js)
+    assert admitted["spec"]["failurePolicy"]["rules"][0]["name"] == "bad_input"
+    (tj,) = _docs(d / "trainjob" / "sft-lamini.yaml")
+    tj = copy.deepcopy(tj)
+    k8s_jobset.check_fields(tj, strict=True)
+    k8s_jobset.default_trainjob(tj)
+    runtime = {"spec": {"mlPolicy": {"numNodes": 1, "torch": {}}, "template": {"spec": {"replicatedJobs": [{
+        "name": "node", "template": {"metadata": {"labels": {k8s_jobset.ANCESTOR: "trainer"}},
+                                     "spec": {"template": {"spec": {"containers": [{"name": "node",
+                                                                                    "image": "x"}]}}}}}]}}}}
+    with pytest.raises(k8s_jobset.Refused, match="must be created before the TrainJob"):
+        k8s_jobset.validate_trainjob(tj, None)
+    k8s_jobset.validate_trainjob(tj, runtime)
+    tj["metadata"]["uid"] = "u"
+    built = admit_jobset(k8s_jobset.build_jobset(tj, runtime))
+    pod = built["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert pod["metadata"]["labels"]["bezoar.dev/stage"] == "sft-lamini"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+    assert {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"} <= env

@@ -286,9 +286,8 @@ class Distributed(_Model):
     """How a training stage on several pods is run (docs/kubernetes.md, "Distributed training")."""
 
     launcher: Literal["job", "jobset", "trainjob"] = Field(
-        "job", description="job: an Indexed Job plus a headless Service (built in; what the controller runs); "
-        "jobset / trainjob: a JobSet or a Kubeflow Trainer v2 TrainJob, written by `bezoar render` for clusters "
-        "that have them installed")
+        "job", description="job: an Indexed Job plus a headless Service (built in); jobset / trainjob: a JobSet "
+        "or a Kubeflow Trainer v2 TrainJob, for clusters that have them installed (the controller checks)")
     port: Annotated[int, Field(ge=1024, le=65535)] = Field(29500, description="rendezvous port on node 0")
     trainingRuntime: DnsSubdomain = Field(
         "torch-distributed", description="trainjob: the ClusterTrainingRuntime the TrainJob refers to")

@@ -21,12 +21,15 @@ torch.distributed.run (with a static rendezvous on node 0 for a group).
   every index succeeded.
 - ``jobset`` (``jobset.x-k8s.io/v1alpha2``): one replicated Job of the same Indexed shape; JobSet makes
   the headless Service itself (``network.enableDNSHostnames``) and restarts the whole group on a
-  failure (``failurePolicy.maxRestarts``). Written by ``bezoar render`` for clusters with JobSet.
+  failure (``failurePolicy.maxRestarts``, the stage's ``backoffLimit``); exit 2 (bad input) fails it at
+  once (a FailJobSet rule on the child Job's ``PodFailurePolicy`` reason).
 - ``trainjob`` (Kubeflow Trainer v2, ``trainer.kubeflow.org/v1alpha1``): the runtime
   (``distributed.trainingRuntime``, a ClusterTrainingRuntime of the torch framework) owns the JobSet and
   passes the group's shape as ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
   ``PET_MASTER_PORT``; the container's args read them, and a ``runtimePatches`` entry gives the runtime's
-  pods our hardening, volumes and placement. Written by ``bezoar render``.
+  Jobs and pods our labels, hardening, volumes and placement.
+
+The controller runs all three (k8s_groups.py for the two custom resources); ``bezoar render`` writes them.
 
 Kubernetes only: nothing here imports torch or the Kubernetes client.
 """
@@ -36,12 +39,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..errors import BadInput
 from .cluster import ClusterSettings, stage_family
 
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
 REPLICATED_JOB = "node"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 def shape(stage: str, cluster: ClusterSettings) -> tuple[int, int]:
@@ -131,21 +134,30 @@ def jobset(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> dict[st
     inner.pop("backoffLimitPerIndex", None)
     inner.pop("maxFailedIndexes", None)
     inner["backoffLimit"] = 0  # a failed pod fails its Job; JobSet restarts the whole group
+    # the child Jobs carry the run's labels (the controller watches them; Kueue reads its label on the JobSet)
+    child_meta = {"labels": child_labels(job), "annotations": dict(job["metadata"].get("annotations") or {})}
     return {
         "apiVersion": JOBSET_API,
         "kind": "JobSet",
         "metadata": copy.deepcopy(job["metadata"]),
         "spec": {
             "network": {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True},
+            # JobSet's webhook: rule names start with a letter, then letters, digits, '_', ',' or ':'
             "failurePolicy": {"maxRestarts": sched.backoffLimit,
-                              "rules": [{"name": "bad-input", "action": "FailJobSet",
+                              "rules": [{"name": "bad_input", "action": "FailJobSet",
                                          "onJobFailureReasons": ["PodFailurePolicy"]}]},
             "successPolicy": {"operator": "All"},
-            "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": inner}}],
+            "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1,
+                                "template": {"metadata": child_meta, "spec": inner}}],
             "ttlSecondsAfterFinished": cluster.jobs.ttlSecondsAfterFinished,
             **({"suspend": True} if job["spec"].get("suspend") else {}),
         },
     }
+
+
+def child_labels(job: dict[str, Any]) -> dict[str, str]:
+    """The labels of a group's child Jobs: the stage Job's, less Kueue's queue (Kueue admits the group object)."""
+    return {k: v for k, v in (job["metadata"].get("labels") or {}).items() if k != KUEUE_QUEUE_LABEL}
 
 
 def _replace_master(args: list[str], master: str) -> list[str]:
@@ -155,6 +167,7 @@ def _replace_master(args: list[str], master: str) -> list[str]:
     return out
 
 
+PATCH_MANAGER = "bezoar.dev/controller"
 # what a TrainJob's runtimePatches may set on the runtime's pods (trainer.kubeflow.org/v1alpha1)
 PATCHABLE_POD_FIELDS = ("securityContext", "volumes", "nodeSelector", "tolerations", "serviceAccountName",
                         "imagePullSecrets", "terminationGracePeriodSeconds")
@@ -166,8 +179,7 @@ def trainjob(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> dict[
     """The group as a Kubeflow Trainer v2 TrainJob on ``distributed.trainingRuntime``: the runtime owns the
     pods' shape and rendezvous (PET_* variables); the stage's image, args, env and resources are ours."""
     nodes, procs = shape(stage, cluster)
-    pod = job["spec"]["template"]["spec"]
-    c = pod["containers"][0]
+    c = job["spec"]["template"]["spec"]["containers"][0]
     args = list(c["args"])
     base = args[: args.index("--nproc-per-node")] if "--nproc-per-node" in args else args
     flags: list[str] = []
@@ -189,21 +201,28 @@ def trainjob(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> dict[
                 "numProcPerNode": procs,
                 "resourcesPerNode": c["resources"],
             },
-            # the runtime's pods get our hardening, volumes and placement (the fields a patch may set)
-            "runtimePatches": [{
-                "manager": "bezoar.dev/render",
-                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
-                    "name": REPLICATED_JOB,
-                    "template": {"spec": {"template": {"spec": {
-                        **{k: v for k, v in pod.items() if k in PATCHABLE_POD_FIELDS},
-                        "containers": [{"name": "node", "securityContext": c["securityContext"],
-                                        "volumeMounts": c["volumeMounts"]}],
-                    }}}},
-                }]}}},
-            }],
+            # the runtime's pods get our hardening, volumes and placement (the fields a patch may set), and
+            # our labels: on the JobSet (the TrainJob's own are not passed on), its Jobs and its pods
+            "runtimePatches": [_runtime_patch(job)],
             **({"suspend": True} if job["spec"].get("suspend") else {}),
         },
     }
+
+
+def _runtime_patch(job: dict[str, Any]) -> dict[str, Any]:
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    pod_patch = {**{k: v for k, v in pod.items() if k in PATCHABLE_POD_FIELDS},
+                 "containers": [{"name": REPLICATED_JOB, "securityContext": c["securityContext"],
+                                 "volumeMounts": c["volumeMounts"]}]}
+    pod_meta = job["spec"]["template"].get("metadata") or {}
+    job_template = {"metadata": {"labels": child_labels(job)},
+                    "spec": {"template": {"metadata": {"labels": dict(pod_meta.get("labels") or {}),
+                                                       "annotations": dict(pod_meta.get("annotations") or {})},
+                                          "spec": pod_patch}}}
+    return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {
+        "metadata": {"labels": child_labels(job)},
+        "spec": {"replicatedJobs": [{"name": REPLICATED_JOB, "template": job_template}]}}}}
 
 
 def group_objects(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> list[dict[str, Any]]:
@@ -214,14 +233,3 @@ def group_objects(job: dict[str, Any], stage: str, cluster: ClusterSettings) -> 
     if launcher == "trainjob":
         return [trainjob(job, stage, cluster)]
     return [headless_service(job, cluster), job]
-
-
-def check_controller_launcher(cluster: ClusterSettings, stages: list[str]) -> None:
-    """The controller runs groups as Indexed Jobs; JobSet and TrainJob are for `bezoar render` (the cluster's
-    own controllers run them)."""
-    groups = [s for s in stages if is_group(s, cluster)]
-    if groups and cluster.distributed.launcher != "job":
-        raise BadInput(
-            f"distributed.launcher: {cluster.distributed.launcher!r}: the bezoar controller runs training groups "
-            f"({', '.join(groups)}) as Indexed Jobs (launcher: job); apply the {cluster.distributed.launcher} "
-            "objects that `bezoar render` writes with kubectl instead")

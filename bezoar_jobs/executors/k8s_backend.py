@@ -1,6 +1,9 @@
 """The Kubernetes backend of the scheduler: one :class:`KubernetesBackend` per ``bezoar run
 --executor kubernetes`` creates, adopts and watches the run's Jobs (what it does for each stage is
-described in :mod:`bezoar_jobs.executors.kubernetes`, which holds the entry points)."""
+described in :mod:`bezoar_jobs.executors.kubernetes`, which holds the entry points).
+
+It is over 500 lines because a training group run as a JobSet or TrainJob is tracked here beside the Jobs (the
+same active set, events, cancel and failure report); the API calls of those kinds live in k8s_groups.py."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..errors import RetryableError
@@ -19,10 +22,11 @@ from ..registry import spec
 from ..run_control import EXIT_CANCELLED, cancelled, write_controller_status
 from ..store import Store
 from .cluster import ClusterSettings
-from .distributed import headless_service, is_group, service_name
+from .distributed import group_objects, headless_service, is_group, service_name
 from .jobs import COMPLETION_INDEX_ANNOTATION, Phase, build_job, is_sharded, job_name, run_selector, short_run_id
-from .k8s_api import condition
+from .k8s_api import condition, raw
 from .k8s_diagnose import Diagnosis
+from .k8s_groups import POD_GROUP_LABEL, RESTART_ATTEMPT_LABEL, GroupApi, group_condition
 from .k8s_jobs import Event, JobApi, RunWatch, pod_job
 from .k8s_logs import LogFollower
 from .k8s_retry import ApiRetry
@@ -38,6 +42,9 @@ class _Tracked:
     phase: Phase
     uid: str
     job: dict[str, Any]
+    kind: str = "job"  # or the group kind of distributed.launcher: jobset, trainjob
+    restarts: int = 0
+    children: dict[str, dict[str, Any]] = field(default_factory=dict)  # a group's Jobs, by name
 
 
 class KubernetesBackend:
@@ -67,6 +74,7 @@ class KubernetesBackend:
         report_pending_s: float | None = None,
         tick_s: float = 2.0,
         log_reconnect_s: float = 1.0,
+        watch_groups: bool = False,
     ):
         from kubernetes import client
 
@@ -87,8 +95,13 @@ class KubernetesBackend:
         self.retry = ApiRetry(tolerance, self.say, self.stop, cap_s=api_backoff_cap_s)
         batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
         self.jobs = JobApi(batch, core, self.ns, short_run_id(run_id), self.retry, controller_uid)
+        # training groups as JobSets or TrainJobs (k8s_groups.py): watched beside the Jobs when the run has any
+        self.launcher = cluster.distributed.launcher
+        self.groups = GroupApi(client.CustomObjectsApi(api_client), core, self.ns, short_run_id(run_id), self.launcher,
+                               self.retry, controller_uid) if self.launcher != "job" else None
+        extra = {"group": self.groups.list_fn()} if self.groups is not None and watch_groups else {}
         self.watch = RunWatch(batch, core, self.ns, run_selector(run_id), self.events, self.stop, watch_timeout_s,
-                              self.retry)
+                              self.retry, extra)
         self.logs_ = LogFollower(core, self.ns, self.emit, self.say, self.stop, self.retry, log_reconnect_s)
         self.teacher = TeacherLifecycle(client.AppsV1Api(api_client), core, self.ns, cluster.teacher, store,
                                         short_run_id(run_id), self.say, self.events, self.stop, self.retry,
@@ -159,6 +172,12 @@ class KubernetesBackend:
                       | {ev.stage for ev in self._ended})
 
     def cancel(self) -> None:
+        self._delete_run()
+
+    def _delete_run(self) -> None:
+        """The run's groups first (else their controller would make their Jobs again), then its Jobs."""
+        if self.groups is not None:
+            self.groups.delete_run(run_selector(self.run_id))
         self.jobs.delete_run_jobs(run_selector(self.run_id))
 
     def logs(self, stage: str) -> list[str]:
@@ -194,9 +213,22 @@ class KubernetesBackend:
                 self._ended.append(self._cancelled_event(s))
             self._waiting_teacher = []
             with contextlib.suppress(Exception):  # the canceller deletes them too
-                self.jobs.delete_run_jobs(run_selector(self.run_id))
+                self._delete_run()
             return
         for name, t in list(self.active.items()):
+            if t.kind != "job":
+                verdict = self._check_children(t)
+                if verdict is not None:  # its pods may not be created (Pod Security): it would wait forever
+                    del self.active[name]
+                    self._ended.append(StageEvent(t.stage, EXIT_BAD_INPUT, verdict.reason, verdict.message))
+                    continue
+                if look:
+                    self._look_at_restarts(name, t)
+                    if "group" not in self.watch.extra and self.groups is not None:  # not watched: ask
+                        obj = self.groups.get(name)
+                        self._on_group(obj if obj is not None else {"metadata": {"name": name, "uid": t.uid}},
+                                       deleted=obj is None)
+                continue
             has_pods = any(pod_job(p)[1] == t.uid for p in self.pods.values())
             verdict = self.diag.check_job(t.stage, t.job, has_pods)
             if verdict is not None:
@@ -254,6 +286,16 @@ class KubernetesBackend:
                 code = EXIT_BAD_INPUT if etype == "bad" else EXIT_STAGE_FAILED
                 for s in waiting:
                     self._ended.append(StageEvent(s, code, "TeacherNotReady", str(obj)))
+        elif kind == "group":
+            if etype == "RELIST":
+                seen = {o["metadata"]["name"] for o in obj}
+                for o in obj:
+                    self._on_group(o)
+                for name, t in list(self.active.items()):
+                    if t.kind != "job" and name not in seen:
+                        self._on_group({"metadata": {"name": name, "uid": t.uid}}, deleted=True)
+            else:
+                self._on_group(obj, deleted=etype == "DELETED")
         elif kind == "watch-error":
             raise RetryableError(f"watching the run's {etype}s failed: {obj}")
 
@@ -276,6 +318,9 @@ class KubernetesBackend:
                          recipe=self.recipe, controller_uid=self.controller_uid)
         name = body["metadata"]["name"]
         group = is_group(stage, self.cluster)
+        if group and self.groups is not None:
+            self._submit_group(stage, body)
+            return
         if group:  # a training group: its pods find node 0 through a headless Service (distributed.py)
             self.jobs.ensure_group_service(headless_service(body, self.cluster))
         job, how = self.jobs.create_or_adopt(
@@ -305,26 +350,146 @@ class KubernetesBackend:
                 return
         self._track(name, stage, phase, job)
 
-    def _track(self, name: str, stage: str, phase: Phase, job: dict[str, Any]) -> None:
-        self.active[name] = _Tracked(stage, phase, job["metadata"]["uid"], job)
+    def _track(self, name: str, stage: str, phase: Phase, job: dict[str, Any], kind: str = "job") -> None:
+        self.active[name] = _Tracked(stage, phase, job["metadata"]["uid"], job, kind)
         self.diag.track(stage, name)
         self.logs_.tail(stage)
         for pod in list(self.pods.values()):  # pods we saw before we knew the Job (adoption)
             self._on_pod(pod)
-        self._on_job(job)
+        if kind == "job":
+            self._on_job(job)
+        else:
+            self.active[name].restarts = self._restarts(name)
+            with contextlib.suppress(Exception):  # an adopted group's Jobs (new ones arrive as watch events)
+                found = raw(self.retry.call("list the group's Jobs", self.jobs.batch.list_namespaced_job, self.ns,
+                                            label_selector=f"{POD_GROUP_LABEL}={name}", _preload_content=False))
+                self.active[name].children = {j["metadata"]["name"]: j for j in found.get("items", [])}
+            self._on_group(job)
+
+    # -- training groups as JobSets / TrainJobs (k8s_groups.py) ---------------------------------
+    def _submit_group(self, stage: str, job: dict[str, Any]) -> None:
+        """Create (or adopt) the JobSet or TrainJob of a training group and track it as the stage."""
+        assert self.groups is not None
+        (body,) = group_objects(job, stage, self.cluster)
+        name, what = body["metadata"]["name"], body["kind"]
+        obj, how = self.groups.create_or_adopt(body, stage, on_replace=lambda n: self.say(
+            f"{stage}: deleting finished {what} {n} from an earlier attempt"))
+        if how == "failed":
+            self.say(f"{stage}: {what} {name} already failed under this controller Job; not running it again")
+            self._ended.append(self._failed_group(stage, name, group_condition(obj, self.groups.kind) or {}))
+            return
+        if how == "adopted":
+            self.say(f"{stage}: adopting running {what} {name}")
+            self.outcome.adopted.append(name)
+        else:
+            self.say(f"{stage}: created {what} {name}")
+            self.outcome.created.append(name)
+            self._cancelled = False
+            if self._check_cancelled():
+                with contextlib.suppress(Exception):
+                    self.groups.delete_and_wait(name, obj["metadata"]["uid"], timeout=30)
+                self._ended.append(self._cancelled_event(stage))
+                return
+        self._track(name, stage, "main", obj, kind=self.launcher)
+
+    def _check_children(self, t: _Tracked) -> Any:
+        """The pending-pod diagnosis of a running (not suspended) Job of the group: refused pods end the stage."""
+        for child in list(t.children.values()):
+            if (child.get("spec") or {}).get("suspend") or condition(child) is not None:
+                continue  # suspended: the group object is what Kueue admits; finished: nothing to create
+            uid = child["metadata"].get("uid")
+            verdict = self.diag.check_job(t.stage, child, any(pod_job(p)[1] == uid for p in self.pods.values()))
+            if verdict is not None:
+                return verdict
+        return None
+
+    def _restarts(self, name: str) -> int:
+        try:
+            return self.groups.restarts(name) if self.groups is not None else 0
+        except Exception:  # for the report only
+            return 0
+
+    def _look_at_restarts(self, name: str, t: _Tracked, known: int | None = None) -> None:
+        n = self._restarts(name) if known is None else known
+        if n > t.restarts:
+            t.restarts = n
+            self.say(f"{t.stage}: {t.job.get('kind', 'group')} {name}: a Job of the group failed; the whole group "
+                     f"restarts (restart {n} of at most {self.cluster.scheduling_for(t.stage).backoffLimit})")
+
+    def _on_group(self, obj: dict[str, Any], deleted: bool = False) -> None:
+        name = obj["metadata"]["name"]
+        t = self.active.get(name)
+        if t is None or t.kind == "job" or obj["metadata"].get("uid") != t.uid:
+            return
+        if deleted:
+            del self.active[name]
+            self._cancelled = False
+            if self._check_cancelled():
+                self._ended.append(self._cancelled_event(t.stage))
+                return
+            self._ended.append(StageEvent(t.stage, EXIT_STAGE_FAILED, "Deleted",
+                                          f"{t.job.get('kind', 'group')} {name} was deleted while it ran (by hand?)",
+                                          self.logs_.last_lines(t.stage, self._group_pods(name))))
+            return
+        t.job = obj
+        assert self.groups is not None
+        if obj.get("kind") == "JobSet":
+            self._look_at_restarts(name, t, int((obj.get("status") or {}).get("restarts") or 0))
+        cond = group_condition(obj, self.groups.kind)
+        if cond is None:
+            return
+        del self.active[name]
+        if cond["type"] == "Failed":
+            self.diag.failed(t.stage, cond.get("reason") or "Failed", cond.get("message") or "")
+            self._ended.append(self._failed_group(t.stage, name, cond))
+        else:
+            self._ended.append(StageEvent(t.stage, 0, "Complete", f"{obj.get('kind', 'group')} {name} completed"))
+
+    def _group_pods(self, name: str) -> list[dict[str, Any]]:
+        fresh = self.groups.pods(name) if self.groups is not None else []
+        return fresh or [p for p in self.pods.values()
+                         if ((p["metadata"].get("labels") or {}).get(POD_GROUP_LABEL) == name)]
+
+    def _failed_group(self, stage: str, name: str, cond: dict[str, Any]) -> StageEvent:
+        """One line: the kind and name, the condition's reason and message, restarts, the pods' exit codes."""
+        assert self.groups is not None
+        what = self.groups.kind.kind
+        reason = cond.get("reason") or "Failed"
+        message = cond.get("message") or ""
+        pods = self._group_pods(name)
+        codes = [int(term["exitCode"]) for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []
+                 if (term := (cs.get("state") or {}).get("terminated")) and term.get("exitCode") is not None]
+        restarts = self._restarts(name)
+        # our JobSet's only FailJobSet rule is "a child Job failed by its podFailurePolicy" (the stage exited 2)
+        bad_input = reason == "FailJobSetFailurePolicyAction" or bool(codes and codes[-1] == 2)
+        message += f"; the group was restarted {restarts} time{'s' if restarts != 1 else ''}"
+        if codes:
+            message += f" (exit code{'s' if len(codes) > 1 else ''} of its last pods: {', '.join(map(str, codes))})"
+        return StageEvent(stage, EXIT_BAD_INPUT if bad_input else EXIT_STAGE_FAILED, reason,
+                          f"{what} {name}: {message}", self.logs_.last_lines(stage, pods))
 
     def _relist_jobs(self, items: list[dict[str, Any]]) -> None:
         seen = {j["metadata"]["name"] for j in items}
         for j in items:
             self._on_job(j)
         for name, t in list(self.active.items()):
-            if name not in seen:
+            if name not in seen and t.kind == "job":
                 self._on_job({"metadata": {"name": name, "uid": t.uid}}, deleted=True)
 
     def _on_job(self, job: dict[str, Any], deleted: bool = False) -> None:
         name = job["metadata"]["name"]
+        group = (job["metadata"].get("labels") or {}).get(POD_GROUP_LABEL)
+        g = self.active.get(group) if group else None
+        if g is not None and g.kind != "job":  # a child Job of a group: the Jobs of a restart carry its number
+            if deleted:
+                g.children.pop(name, None)
+            else:
+                g.children[name] = job
+            attempt = (job["metadata"].get("labels") or {}).get(RESTART_ATTEMPT_LABEL, "0")
+            self._look_at_restarts(group, g, int(attempt) if attempt.isdigit() else None)  # type: ignore[arg-type]
+            return
         t = self.active.get(name)
-        if t is None or job["metadata"].get("uid") != t.uid:
+        if t is None or t.kind != "job" or job["metadata"].get("uid") != t.uid:
             return  # not ours (an older Job of the same name, another stage's history)
         if deleted:
             del self.active[name]
@@ -368,6 +533,12 @@ class KubernetesBackend:
     def _on_pod(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         self.pods[meta["name"]] = pod
+        group = (meta.get("labels") or {}).get(POD_GROUP_LABEL)
+        g = self.active.get(group) if group else None
+        if g is not None and g.kind != "job":  # a pod of a JobSet / TrainJob group
+            self.diag.on_pod(g.stage, pod)
+            self.logs_.follow(pod, g.stage, f"[{g.stage}]")
+            return
         job, uid = pod_job(pod)
         t = self.active.get(job)
         if t is None or uid != t.uid:

@@ -171,8 +171,11 @@ class RunWatch:
     """Watches the run's Jobs and pods (one thread per kind) into ``events``."""
 
     def __init__(self, batch: Any, core: Any, namespace: str, selector: str, events: queue.Queue[Event],
-                 stop: threading.Event, timeout_s: int = 240, retry: ApiRetry | None = None):
+                 stop: threading.Event, timeout_s: int = 240, retry: ApiRetry | None = None,
+                 extra: dict[str, Any] | None = None):
         self.batch = batch
+        # more kinds to watch (a training group's JobSets or TrainJobs): kind -> list function (namespace, **kw)
+        self.extra = dict(extra or {})
         self.core = core
         self.ns = namespace
         self.selector = selector
@@ -182,8 +185,13 @@ class RunWatch:
         self.retry = retry or ApiRetry(900, lambda _m: None, stop)
         self._watches: list[Any] = []
 
+    def _list_fn(self, kind: str) -> Any:
+        if kind in self.extra:
+            return self.extra[kind]
+        return self.batch.list_namespaced_job if kind == "job" else self.core.list_namespaced_pod
+
     def list(self, kind: str) -> tuple[list[dict[str, Any]], str]:
-        fn = self.batch.list_namespaced_job if kind == "job" else self.core.list_namespaced_pod
+        fn = self._list_fn(kind)
         data = raw(self.retry.call(f"list {kind}s", fn, self.ns, label_selector=self.selector,
                                    _preload_content=False))
         return data.get("items", []), data["metadata"]["resourceVersion"]
@@ -191,7 +199,7 @@ class RunWatch:
     def start(self) -> dict[str, builtins.list[dict[str, Any]]]:
         """List both kinds, start watching from there; return what the lists held."""
         found: dict[str, builtins.list[dict[str, Any]]] = {}
-        for kind in ("job", "pod"):
+        for kind in ("job", "pod", *self.extra):
             items, rv = self.list(kind)
             found[kind] = items
             th = threading.Thread(target=self._watch, args=(kind, rv), name=f"bezoar-watch-{kind}", daemon=True)
@@ -219,7 +227,7 @@ class RunWatch:
         from kubernetes import watch
 
         ApiException = api_exception()
-        api_fn = self.batch.list_namespaced_job if kind == "job" else self.core.list_namespaced_pod
+        api_fn = self._list_fn(kind)
 
         def fn(*args, **kwargs):  # type: ignore[no-untyped-def]
             # Unannotated on purpose: Watch then hands events over as plain dicts instead of

@@ -18,7 +18,8 @@ Entry points (the ``bezoar`` CLI calls these; each returns the process exit code
     - 1: anything unexpected (a bug): retryable by contract.
 ``bezoar cancel --run URI [--run-id ID] [--cluster FILE] [--undo]``
     -> :func:`cancel`: marks the run cancelled in its store, then deletes every Job of the run
-    (label ``bezoar.dev/run``, propagationPolicy Background: their pods go too). Every controller of
+    (label ``bezoar.dev/run``, propagationPolicy Background: their pods go too), and first every JobSet
+    or TrainJob of the run when ``distributed.launcher`` names one (propagation Foreground). Every controller of
     the run honours the mark: a running one stops (exit 4), a restarted or retried one refuses to
     start, so a cancel is not undone by a controller that happened to restart. ``--undo`` lifts it.
 ``bezoar render --recipe FILE --cluster FILE --run URI [--run-id ID] --out DIR``
@@ -32,7 +33,9 @@ What the backend does for a stage the scheduler submits:
    under this same controller Job (``bezoar.dev/controller-uid``, from the chart's downward API) is
    reported as the failure it was, not run again; any other finished one is deleted and created
    anew; ``409 Conflict`` on create means adopt as well. A sharded stage whose commit Job is running
-   is adopted at that Job.
+   is adopted at that Job. A training stage on several nodes is one group: an Indexed Job with its
+   headless Service, or a JobSet / TrainJob (``distributed.launcher``, k8s_groups.py: the kind's API
+   must be served, else exit 2), created, adopted, watched and deleted the same way.
 2. Watches the run's Jobs and pods (k8s_jobs.py); follows each pod's log, reconnecting after breaks
    (k8s_logs.py); says why a Job's pod is not running (k8s_diagnose.py: Unschedulable with the
    scheduler's reason, image pulls, Pod Security refusals, Kueue admission) and keeps that view in
@@ -60,7 +63,10 @@ nothing, since the Jobs keep running and the next controller adopts them.
 Minimum Kubernetes: 1.31 (podFailurePolicy, podReplacementPolicy, SuccessCriteriaMet, the
 ``batch.kubernetes.io/*`` pod labels). RBAC it needs in ``cluster.namespace``: jobs (batch)
 create/get/list/watch/delete; pods get/list/watch; pods/log get; events get/list; the teacher
-Deployment (apps, by name) get/patch; workloads (kueue.x-k8s.io) get/list when a queue is set.
+Deployment (apps, by name) get/patch; workloads (kueue.x-k8s.io) get/list when a queue is set; for a
+training stage on several nodes: services create/patch (``distributed.launcher: job``), jobsets
+(jobset.x-k8s.io) create/get/list/watch/delete (``jobset``), or trainjobs (trainer.kubeflow.org)
+create/get/list/watch/delete, jobsets get and, cluster-wide, clustertrainingruntimes get (``trainjob``).
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ from ..run_control import (
 )
 from ..store import open_store
 from .cluster import ClusterSettings
-from .distributed import check_controller_launcher
+from .distributed import is_group
 from .jobs import (
     job_name,
     run_id_from_uri,
@@ -92,6 +98,7 @@ from .jobs import (
 )
 from .k8s_api import api_exception, make_api_client
 from .k8s_backend import KubernetesBackend
+from .k8s_groups import GroupApi
 from .k8s_jobs import JobApi
 from .k8s_retry import ApiRetry
 from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, Scheduler
@@ -153,10 +160,13 @@ def run_pipeline(
         for s in stages:
             spec(s)
             job_name(s, rid)  # refuses a stage the Job builder does not know
-        check_controller_launcher(cluster, stages)
         store = open_store(run_uri)
         refuse_if_cancelled(store)
         api = api_client if api_client is not None else make_api_client()
+        groups = [s for s in stages if is_group(s, cluster)]
+        if groups and cluster.distributed.launcher != "job":  # a JobSet / TrainJob: is it served here?
+            _group_api(api, cluster, rid).check_served(cluster.distributed.trainingRuntime, groups)
+            backend_options.setdefault("watch_groups", True)
         how = freeze_once(store, recipe_text, recipe_source, replace=refreeze)
         out.write(f"[bezoar] run {rid}: recipe {'frozen at' if how != 'unchanged' else 'as frozen in'} "
                   f"{store.url(RECIPE_FILE)}; stages: {', '.join(stages)}\n")
@@ -177,6 +187,14 @@ def run_pipeline(
     if on_outcome is not None:
         on_outcome(outcome)
     return controller_exit_code(outcome)
+
+
+def _group_api(api: Any, cluster: ClusterSettings, rid: str) -> GroupApi:
+    from kubernetes import client
+
+    return GroupApi(client.CustomObjectsApi(api), client.CoreV1Api(api), cluster.namespace, short_run_id(rid),
+                    cluster.distributed.launcher,
+                    ApiRetry(cluster.controller.apiOutageToleranceSeconds, lambda _m: None))
 
 
 def cancel(
@@ -213,9 +231,14 @@ def cancel(
         jobs = JobApi(client.BatchV1Api(api), client.CoreV1Api(api), cluster.namespace, short_run_id(rid),
                       ApiRetry(cluster.controller.apiOutageToleranceSeconds,
                                lambda m: print(f"[bezoar] {m}", file=out)))
-        names = jobs.delete_run_jobs(run_selector(rid))
+        names: list[str] = []
+        if cluster.distributed.launcher != "job":  # groups first: their controller would make their Jobs again
+            names += _group_api(api, cluster, rid).delete_run(run_selector(rid))
+        names += jobs.delete_run_jobs(run_selector(rid))
         if names:
-            out.write(f"[bezoar] cancel: deleted {len(names)} Job(s) of run {rid} in namespace {cluster.namespace}: "
+            what = {"jobset": "JobSet(s) and Job(s)", "trainjob": "TrainJob(s) and Job(s)"}.get(
+                cluster.distributed.launcher, "Job(s)")
+            out.write(f"[bezoar] cancel: deleted {len(names)} {what} of run {rid} in namespace {cluster.namespace}: "
                       f"{', '.join(names)}\n")
         else:
             out.write(f"[bezoar] cancel: no Jobs of run {rid} in namespace {cluster.namespace}\n")
