@@ -122,7 +122,7 @@ def data(run: Path, stage: str) -> str:
     return (run / stage / "data" / "train.jsonl").read_text()
 
 
-def run_stage(url: str, rec: Path, run: Path, stage: str) -> dict[str, Any]:
+def run_stage(url: str, rec: Path, run: Path, stage: str, a: argparse.Namespace) -> dict[str, Any]:
     control(url, "/_reset", "POST")
     t0 = time.monotonic()
     res = bezoar("stage", stage, "--recipe", str(rec), "--run", str(run))
@@ -132,12 +132,54 @@ def run_stage(url: str, rec: Path, run: Path, stage: str) -> dict[str, Any]:
     st = control(url, "/_stats")
     m = manifest(run, stage)
     util = m.get("utilization", {})
+    rows = control(url, "/_timeline") if a.timeline else None
+    tl = timeline(rows, a.capacity) if rows else None
+    if rows and a.timeline_dir:
+        a.timeline_dir.mkdir(parents=True, exist_ok=True)
+        (a.timeline_dir / f"{run.name}-{stage}.json").write_text(json.dumps(rows))
     role = "judge" if stage.startswith("filter") else "teacher"
     return {"stage": stage, "wall_s": round(wall, 1), "span_s": round(st["last_finish"] - st["first_arrival"], 2),
             "requests": st["requests"], "by_status": st["by_status"], "busy": round(st["busy_fraction"], 3),
             "client_seen": util.get(role, {}).get("utilization"),
             "rows": m["counts"].get("rows", m["counts"].get("kept")),
-            "retries": sum(p.get("retries", 0) for p in m.get("requests", {}).get("phases", {}).values())}
+            "retries": sum(p.get("retries", 0) for p in m.get("requests", {}).get("phases", {}).values()),
+            **({"timeline": tl} if tl else {})}
+
+
+def timeline(rows: list[list[Any]], capacity: int, bin_s: float = 1.0) -> dict[str, Any]:
+    """Where the idle time of one stage went, from the server's calls (``GET /_timeline``): per ``bin_s``
+    the decoding capacity used and the attempts that arrived (first attempts and repeats of a request
+    already seen); the tail: from the last first attempt's arrival to the last answer."""
+    if not rows:
+        return {}
+    t0 = min(r[0] for r in rows)
+    t1 = max(r[2] for r in rows if r[2] is not None)
+    n = max(1, int((t1 - t0) / bin_s) + 1)
+    busy = [0.0] * n
+    fresh = [0] * n
+    again = [0] * n
+    seen: set[str] = set()
+    last_fresh = t0
+    for arrived, start, end, status, _fault, _mx, key in sorted(rows, key=lambda r: r[0]):
+        b = min(n - 1, int((arrived - t0) / bin_s))
+        if key in seen:
+            again[b] += 1
+        else:
+            seen.add(key)
+            fresh[b] += 1
+            last_fresh = arrived
+        if start is not None and end is not None and status == 200:
+            for i in range(int((start - t0) / bin_s), min(n, int((end - t0) / bin_s) + 1)):
+                lo, hi = t0 + i * bin_s, t0 + (i + 1) * bin_s
+                busy[i] += max(0.0, min(end, hi) - max(start, lo))
+    used = [round(x / (capacity * bin_s), 2) for x in busy]
+    tail_busy = sum(u for i, u in enumerate(used) if t0 + i * bin_s >= last_fresh) * bin_s
+    tail = t1 - last_fresh
+    return {"span_s": round(t1 - t0, 2), "last_first_attempt_s": round(last_fresh - t0, 2), "tail_s": round(tail, 2),
+            "tail_busy": round(tail_busy / tail, 2) if tail > 0 else None,
+            "busy_before_tail": round(sum(used[: int((last_fresh - t0) / bin_s)]) * bin_s
+                                      / max(1e-9, (last_fresh - t0)), 3),
+            "used": used, "fresh": fresh, "again": again}
 
 
 def series(a: argparse.Namespace, d: Path, rates: str, name: str, dolly: Path, flan: Path) -> tuple[list, Path]:
@@ -146,7 +188,7 @@ def series(a: argparse.Namespace, d: Path, rates: str, name: str, dolly: Path, f
         run = d / f"run-{name}"
         (d / name).mkdir()
         rec = recipe(d / name, url, a, dolly, flan)
-        out = [run_stage(url, rec, run, s) for s in STAGES]
+        out = [run_stage(url, rec, run, s, a) for s in a.stages]
     finally:
         proc.terminate()
         proc.wait(10)
@@ -227,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--orca-seeds", type=int, default=3000)
     ap.add_argument("--kill-after", type=float, default=6.0)
     ap.add_argument("--parts", default="clean,faults,together,fleet")
+    ap.add_argument("--stages", default=",".join(STAGES), help="the data stages to measure (in this order; the "
+                    "filter needs generate-lamini before it)")
+    ap.add_argument("--timeline", action="store_true", help="add each stage's server timeline (where the idle "
+                    "time went) to the figures printed")
+    ap.add_argument("--timeline-dir", type=Path, default=None, help="with --timeline: also write each stage's "
+                    "calls there (for a closer look)")
     ap.add_argument("--quick", action="store_true", help="a tenth of the sizes (a smoke run)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     ap.add_argument("--no-write", action="store_true")
@@ -234,16 +282,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.lamini_prompts, a.evol_seeds, a.orca_seeds = a.lamini_prompts // 10, a.evol_seeds // 10, a.orca_seeds // 10
     parts = set(a.parts.split(","))
+    a.stages = tuple(x for x in a.stages.split(",") if x)
     load = os.getloadavg()
     fig: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bezoar-stages-") as tmp:
         d = Path(tmp)
         dolly, flan = seed_files(d, a.evol_seeds + 10, a.orca_seeds + 10)
-        if "clean" in parts or "faults" in parts:
+        if "clean" in parts:
             fig["clean"], clean_run = series(a, d, "", "clean", dolly, flan)
         if "faults" in parts:
             fig["faults"], fault_run = series(a, d, FAULTS, "faults", dolly, flan)
-            fig["identical"] = {s: data(clean_run, s) == data(fault_run, s) for s in STAGES}
+            if "clean" in parts:
+                fig["identical"] = {s: data(clean_run, s) == data(fault_run, s) for s in a.stages}
         if "together" in parts:
             fig["together"] = together(a, d, dolly, flan)
         if "fleet" in parts:

@@ -103,6 +103,40 @@ def test_one_retry_after_does_not_pause_the_whole_pool():
     assert len(meanwhile) >= 20, len(meanwhile)
 
 
+def test_a_retry_and_a_step_that_unlocks_work_go_before_fresh_requests_waiting_for_a_slot():
+    """Waiters for a slot were served first come first served: a retry (the record a stage's end waits on)
+    queued behind every fresh request, and a LaMini list behind the responses asked before it."""
+    with running(rule=per_prompt({"unlucky": ["500"]}), latency=0.03) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=2, backoff_base_s=0.01, backoff_max_s=0.01))
+        reqs = ([GenRequest(id="u", user="unlucky")] + [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(60)]
+                + [GenRequest(id="list", user="a list that unlocks more", priority=1)])
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    order = [c.prompt for c in srv.calls]
+    again = [i for i, p in enumerate(order) if "unlucky" in p]
+    assert len(again) == 2 and again[1] <= 5, again  # the retry took the next free slot
+    assert next(i for i, p in enumerate(order) if "unlocks" in p) <= 12  # not behind the 60 asked before it
+    assert client.tail_counts() == {"attempts": 63, "retries": 1, "hedged": 0, "abandoned": 0}
+
+
+def test_a_hung_short_request_is_hedged_by_its_own_classes_p99_not_the_longest_answers():
+    """One p99 over every request: an 8-token check that hung waited for 1.5 x the p99 of the long answers."""
+    def latency(prompt: str) -> float:
+        return 1.2 if "long" in prompt else 0.01
+
+    with running(rule=per_prompt({"check 150": ["hang"]}), hang_s=30, latency=latency) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=8, timeout_s=25.0))
+        reqs = [GenRequest(id=f"l{i}", user=f"long {i}", max_new_tokens=512, seed=i) for i in range(6)]
+        reqs += [GenRequest(id=f"c{i}", user=f"check {i}", max_new_tokens=8, seed=i) for i in range(200)]
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    hung = [c for c in srv.calls if "check 150<" in c.prompt]
+    assert len(hung) == 2 and hung[0].seed == hung[1].seed
+    # the checks' own p99 is milliseconds: the floor (0.5 s) decides, not 1.5 x 1.2 s
+    assert hung[1].arrived - hung[0].arrived < 1.2, hung[1].arrived - hung[0].arrived
+    assert client.tail_counts()["hedged"] + client.tail_counts()["abandoned"] >= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # records flow; the committed data does not depend on the timing
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +288,72 @@ def test_the_generate_stages_run_together_by_default_when_they_share_a_teacher_s
         assert biggest == {"generate-lamini", "generate-evol", "generate-orca"}
     else:  # an in-process teacher is a model per process: one at a time
         assert len(biggest) == 1
+
+
+def test_a_teacher_share_grows_as_the_other_pods_finish(tmp_path):
+    from bezoar_jobs.llm.budget import Board
+
+    store = open_store(str(tmp_path / "run"))
+    lamini, evol, orca = (Board(store, s, capacity=12, parties=3, ceiling=12)
+                          for s in ("generate-lamini", "generate-evol", "generate-orca"))
+    assert lamini.share() == 4  # all three run: the even share
+    evol.done()
+    assert lamini.share() == orca.share() == 6  # what evol no longer uses, divided
+    orca.done()
+    assert lamini.share() == 12
+    assert Board(store, "generate-lamini", capacity=12, parties=3, ceiling=8).share() == 8  # the recipe's limit
+    Board(store, "generate-evol", capacity=12, parties=3, ceiling=12)  # a retried evol pod is back
+    assert lamini.share() == 6
+
+
+def test_a_stage_takes_up_the_capacity_another_stage_sharing_the_teacher_freed(tmp_path, monkeypatch):
+    """Each stage sharing a teacher kept a fixed even share: once one finished, its share idled."""
+    import threading
+
+    from bezoar_jobs.llm import budget
+    from bezoar_jobs.stages.common import open_client
+
+    monkeypatch.setenv("BEZOAR_TEACHER_PARTIES", "2")
+    monkeypatch.setattr(budget, "POLL_S", 0.1)
+    store = open_store(str(tmp_path / "run"))
+    with running(capacity=8, per_token_s=0.002, max_concurrent_requests=8, script=lambda p: "tok " * 50) as srv:
+        # TGI's timing headers on every answer, as its router sets them
+        req = urllib.request.Request(srv.url + "/generate", data=json.dumps({"inputs": "x"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert int(r.headers["x-queue-time"]) >= 0 and int(r.headers["x-inference-time"]) >= 90
+        srv.reset()
+
+        class Ctx:  # what open_client reads of a stage's context
+            shard = None
+
+            def __init__(self, name: str) -> None:
+                self.name, self.store = name, store
+
+        a, b = (open_client(Ctx(n), endpoint("tgi", srv, max_concurrency=8), "teacher")  # type: ignore[arg-type]
+                for n in ("generate-a", "generate-b"))
+        assert a.slot_capacity() == b.slot_capacity() == 4  # capacity 8 from /info, two parties
+        outs: dict[str, dict] = {}
+
+        def run(name: str, client, n: int) -> None:
+            outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name}-{i}") for i in range(n)])
+            client.close()
+
+        ts = [threading.Thread(target=run, args=("a", a, 24)), threading.Thread(target=run, args=("b", b, 200))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert len(outs["a"]) == 24 and len(outs["b"]) == 200 and all(r.ok for o in outs.values() for r in o.values())
+    assert not [c for c in srv.calls if c.status != 200] and srv.max_in_flight <= 8  # never over the capacity
+    a_end = max(c.finished for c in srv.calls if "<|prompt|>a-" in c.prompt)
+    later = [c for c in srv.calls if "<|prompt|>b-" in c.prompt and c.decode_start >= a_end]
+    events = sorted([(c.decode_start, 1) for c in later] + [(c.finished, -1) for c in later])
+    most, n = 0, 0
+    for _, d in events:
+        n += d
+        most = max(most, n)
+    assert most >= 7, most  # b took up a's share once a was done (a fixed share stays at 4)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -55,7 +57,7 @@ import random
 import threading
 import time
 from abc import abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadInput, RetryableError
 from ..recipe import Endpoint
 from ..redact import redact, redact_known
-from .base import GenRequest, GenResult, LLMClient, UsageTotals
+from .base import TAIL_COUNTS, GenRequest, GenResult, LLMClient, UsageTotals
 from .faults import Rejected, Transient
 from .faults import classify_status as classify_status  # re-exported: the backends' one import
 from .faults import parse_retry_after as parse_retry_after
@@ -72,6 +74,7 @@ from .ratelimit import TokenBucket
 from .render import estimate_tokens
 
 if TYPE_CHECKING:
+    from .budget import Board, Budget
     from .flow import Flow
 
 log = logging.getLogger("bezoar.llm")
@@ -122,6 +125,13 @@ class RemoteClient(LLMClient):
         self.spent_usd = 0.0  # paid by this client (all runs)
         self.prior_spent_usd = 0.0  # paid before this process (CachedClient sets it from its cache)
         self.intervals: list[tuple[float, float]] = []  # answered attempts (monotonic start, end)
+        # what the pools did for this client's requests, over its life: attempts sent, retries after a
+        # failure, hedges (a duplicate raced a late attempt), abandons (an attempt cut at its deadline)
+        self.tails: Counter[str] = Counter()
+        # a teacher shared by several pods: this pod's share grows as the others finish (llm/budget.py;
+        # stages/common.open_client sets it); endpoint.max_concurrency is the even share it starts from
+        self.board: Board | None = None
+        self.budget: Budget | None = None  # the even share's inputs (make_client)
         # a teacher served by several replicas: each request goes to one of them (llm/fleet.py)
         self.fleet = Fleet.from_env(endpoint.base_url) if role == "teacher" and self.fleet_capable else None
         if self.fleet is not None:
@@ -197,7 +207,66 @@ class RemoteClient(LLMClient):
         return self.intervals
 
     def slot_capacity(self) -> int | None:
+        """The slots utilization is counted against: the endpoint's limit (with a share that grows as other
+        pods finish, the even share it starts from: a pod that took more counts as fully busy)."""
         return self.endpoint.max_concurrency
+
+    def max_slots(self) -> int:
+        """The most requests this client may ever keep in flight (its share once every other pod is done)."""
+        return self.board.ceiling if self.board is not None else self.endpoint.max_concurrency
+
+    def close(self) -> None:
+        if self.board is not None:  # nothing more goes to the teacher from here: the others may take the share
+            self.board.done()
+
+    def tail_counts(self) -> dict[str, int]:
+        return {k: int(self.tails.get(k, 0)) for k in TAIL_COUNTS}
+
+
+class Gate:
+    """A lane's slots: at most ``limit`` attempts hold one at a time. Waiters are served by rank, not first
+    come first served: an attempt that retries a failure before a first attempt (a record deep in a retry
+    chain is what the end of a stage waits for), then the request's ``priority`` (a step that unlocks
+    more work first), then arrival order. ``limit`` may move while the lane runs (a dynamic share of the
+    teacher's capacity, llm/budget.py)."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.held = 0
+        self.waiters: list[tuple[tuple[int, int], int, asyncio.Future]] = []
+        self._seq = itertools.count()
+
+    async def acquire(self, rank: tuple[int, int]) -> None:
+        if self.held < self.limit and not self.waiters:
+            self.held += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiters, (rank, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted, then cancelled before it ran: hand the slot on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        self.held -= 1
+        self._grant()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._grant()
+
+    def waiting(self) -> int:
+        return sum(1 for w in self.waiters if not w[2].done())
+
+    def _grant(self) -> None:
+        while self.waiters and self.held < self.limit:
+            _, _, fut = heapq.heappop(self.waiters)
+            if fut.done():  # its task was cancelled while it waited
+                continue
+            self.held += 1
+            fut.set_result(None)
 
 
 def _sick(e: Transient) -> bool:
@@ -235,7 +304,9 @@ class PoolLane:
         self.capped = False
         self.draining = False  # no new attempt, deliver what is in flight
         self.closed = False  # no more requests will come
-        self.feed: deque[tuple[GenRequest, Callable[[GenResult], None]]] = deque()
+        # requests not started yet, highest priority first, then in the order asked
+        self.feed: list[tuple[int, int, GenRequest, Callable[[GenResult], None]]] = []
+        self._fed = itertools.count()
         self.unsent = 0
         self.successes = 0
         self.refused_streak = 0
@@ -246,9 +317,12 @@ class PoolLane:
         self.abandoned = 0
         self.overdue = 0  # attempts past the p99 that gave their slot away
         self.hedged = 0  # duplicates sent
+        # answered attempts' latencies per class of request (its max_new_tokens: an 8-token check is not
+        # late when a 512-token answer would be) and over all of them (until a class has its own)
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._p99: float | None = None
-        self._p99_at = 0
+        self.class_latencies: dict[int, deque[float]] = {}
+        self._answered: Counter[int | None] = Counter()  # answers seen per class (None: all)
+        self._p99: dict[int | None, tuple[float, int]] = {}  # class -> (p99, answers seen when computed)
         self.recent_refusals: deque[bool] = deque(maxlen=SATURATION_WINDOW)
         self.tasks: set[asyncio.Task] = set()
         self.ended = False
@@ -290,7 +364,7 @@ class PoolLane:
             self._ready.set()
 
     def _push(self, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
-        self.feed.append((req, on_result))
+        heapq.heappush(self.feed, (-req.priority, next(self._fed), req, on_result))
         self.wake.set()
 
     def _close(self) -> None:
@@ -302,8 +376,8 @@ class PoolLane:
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
-        n = self.ep.max_concurrency
-        self.inflight = asyncio.Semaphore(n)
+        n = self.client.max_slots()
+        self.inflight = Gate(self.ep.max_concurrency)
         # live tasks (in flight, waiting for a slot, or sleeping before a retry): bounded so a
         # million requests do not become a million coroutines, loose enough that requests in
         # backoff never starve the in-flight slots
@@ -316,6 +390,7 @@ class PoolLane:
                     if self.ep.tokens_per_minute else None)
         self._ready.set()
         await self.client._open()
+        board = asyncio.create_task(self._follow_board()) if self.client.board is not None else None
         try:
             while True:
                 if not self.feed:
@@ -328,7 +403,7 @@ class PoolLane:
                 if self._stopped():
                     live.release()
                     break
-                req, cb = self.feed.popleft()
+                _, _, req, cb = heapq.heappop(self.feed)
                 task = asyncio.create_task(self._one(req, cb))
                 self.tasks.add(task)
 
@@ -344,6 +419,9 @@ class PoolLane:
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
         finally:
+            if board is not None:
+                board.cancel()
+                await asyncio.gather(board, return_exceptions=True)
             for t in list(self.tasks):
                 t.cancel()
             if self.tasks:
@@ -356,6 +434,19 @@ class PoolLane:
                 f"(${self.client.prior_spent_usd + self.client.spent_usd:.4f} "
                 f"spent of spend_cap_usd ${e.spend_cap_usd}); {self.unsent} requests were not sent"
             )
+
+    async def _follow_board(self) -> None:
+        """The share of a teacher several pods call: more slots as the others finish (llm/budget.py)."""
+        from .budget import POLL_S
+
+        board = self.client.board
+        assert board is not None
+        while True:
+            limit = await asyncio.to_thread(board.share)
+            if limit != self.inflight.limit:
+                log.info("%s: teacher share now %d request(s) in flight", self.desc, limit)
+                self.inflight.set_limit(limit)
+            await asyncio.sleep(POLL_S)
 
     def _halt(self, error: BaseException | None) -> None:
         """Stop the run: remember the first error, cancel every live request but the caller."""
@@ -406,18 +497,35 @@ class PoolLane:
             self.reserved -= reserved
             self.budget_changed.set()
 
-    def p99(self) -> float | None:
-        """The running p99 of answered attempts' latencies (None until ``DEADLINE_MIN_SAMPLES``)."""
-        n = len(self.latencies)
+    def observe(self, req: GenRequest, latency: float) -> None:
+        self.latencies.append(latency)
+        cls = self.class_latencies.get(req.max_new_tokens)
+        if cls is None:
+            cls = self.class_latencies[req.max_new_tokens] = deque(maxlen=LATENCY_WINDOW)
+        cls.append(latency)
+        self._answered[None] += 1
+        self._answered[req.max_new_tokens] += 1
+
+    def p99(self, req: GenRequest | None = None) -> float | None:
+        """The running p99 of answered attempts' latencies: of ``req``'s class (its ``max_new_tokens``) once
+        that class has ``DEADLINE_MIN_SAMPLES`` answers, else of every answer (None until that many)."""
+        key: int | None = None
+        window = self.latencies
+        if req is not None:
+            cls = self.class_latencies.get(req.max_new_tokens)
+            if cls is not None and len(cls) >= DEADLINE_MIN_SAMPLES:
+                key, window = req.max_new_tokens, cls
+        n = len(window)
         if n < DEADLINE_MIN_SAMPLES:
             return None
-        if self._p99 is None or n - self._p99_at >= 20 or n == LATENCY_WINDOW:
-            ordered = sorted(self.latencies)
-            self._p99 = ordered[min(n - 1, int(0.99 * n))]
-            self._p99_at = n
-        return self._p99
+        seen = self._answered[key]
+        cached = self._p99.get(key)
+        if cached is None or seen - cached[1] >= 20:
+            ordered = sorted(window)
+            cached = self._p99[key] = (ordered[min(n - 1, int(0.99 * n))], seen)
+        return cached[0]
 
-    async def _attempt(self, req: GenRequest, abandoned: int) -> tuple[GenResult, float, float]:
+    async def _attempt(self, req: GenRequest, abandoned: int, again: bool) -> tuple[GenResult, float, float]:
         """One attempt in a slot: the answer and when it was sent and answered. Past the running p99
         (``OVERDUE_P99_FACTOR``) an attempt is *overdue*: it gives its slot to the next request (at most
         ``max_concurrency`` overdue at once) and keeps waiting; past ``HEDGE_P99_FACTOR`` x p99 a
@@ -425,13 +533,14 @@ class PoolLane:
         budget lasts, the first answer wins; past the deadline both are abandoned
         (``Transient(kind="deadline")``) while the abandon budget lasts, else they wait out ``timeout_s``."""
         ep = self.ep
-        await self.inflight.acquire()
+        await self.inflight.acquire((0 if again else 1, -req.priority))
         if self.halted or self.draining:
             self.inflight.release()
             raise _Stopped
         held = True
         self.active += 1
         self.attempts += 1
+        self.client.tails["attempts"] += 1
         t0 = time.monotonic()
         fleet = self.client.fleet
         assert self.loop is not None
@@ -456,7 +565,7 @@ class PoolLane:
                 age = time.monotonic() - t0
                 if age >= ep.timeout_s:
                     raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
-                p99 = self.p99()
+                p99 = self.p99(req)
                 if p99 is not None:
                     overdue = age >= max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99)
                     if held and overdue and self.overdue < ep.max_concurrency:
@@ -466,12 +575,14 @@ class PoolLane:
                     if not hedged and age >= max(OVERDUE_MIN_S, HEDGE_P99_FACTOR * p99) and self._may_hedge():
                         hedged = True
                         self.hedged += 1
+                        self.client.tails["hedged"] += 1
                         await send()
                     # each abandon of the same request doubles its deadline: a request that is slow by
                     # nature still ends (at timeout_s at the latest), a hung one is cut every time
                     deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
                     if deadline <= age < ep.timeout_s and self._may_abandon():
                         self.abandoned += 1
+                        self.client.tails["abandoned"] += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
                                         "p99 latency): abandoned and sent again", kind="deadline")
                 done, _ = await asyncio.wait(set(racers), timeout=min(WATCH_S, ep.timeout_s - age),
@@ -530,7 +641,7 @@ class PoolLane:
                 return
             failure: Transient
             try:
-                res, t0, t1 = await self._attempt(req, abandoned)
+                res, t0, t1 = await self._attempt(req, abandoned, attempt > 0 or abandoned > 0)
             except _Stopped:
                 self._settle(worst_cost, 0.0)
                 self.unsent += 1
@@ -564,7 +675,7 @@ class PoolLane:
                 self.successes += 1
                 self.refused_streak = 0
                 self.recent_refusals.append(False)
-                self.latencies.append(t1 - t0)
+                self.observe(req, t1 - t0)
                 client.intervals.append((t0, t1))
                 res.retries = attempt
                 self._deliver(res, cb)
@@ -593,5 +704,6 @@ class PoolLane:
                     self.pause_until = max(self.pause_until, time.monotonic() + failure.retry_after)
             log.debug("%s: request %s attempt %d failed (%s); retrying in %.2f s", self.desc, req.id, attempt,
                       failure.reason, delay)
+            self.client.tails["retries"] += 1
             self.out.put(Msg("retry", self))
             await asyncio.sleep(delay)

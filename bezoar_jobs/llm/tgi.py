@@ -52,7 +52,7 @@ class TGIClient(RemoteClient):
         import httpx2
         from huggingface_hub import AsyncInferenceClient
 
-        n = self.endpoint.max_concurrency
+        n = self.max_slots()
         self._hf = AsyncInferenceClient(
             base_url=self.endpoint.base_url, api_key=self._api_key, timeout=self.endpoint.timeout_s
         )
@@ -63,8 +63,11 @@ class TGIClient(RemoteClient):
         # our own connection pool (sized to the concurrency), without huggingface_hub's
         # offline-mode request hook: see the module docstring
         hooks = {} if self._api_key else {"request": [_drop_ambient_token]}
+        # connections for every attempt the pool may have out: its slots, as many overdue attempts that gave
+        # their slot away (llm/pool.py) and their hedges. Sized to the slots alone, an attempt that hung kept
+        # its connection, and the request that took its slot waited inside httpx for one: the server idled
         self._http = httpx2.AsyncClient(follow_redirects=True, timeout=None, event_hooks=hooks,
-                                        limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
+                                        limits=httpx2.Limits(max_connections=3 * n, max_keepalive_connections=n))
         self._hf._async_client = self._http
 
     def _inference(self) -> Any:
@@ -146,6 +149,7 @@ class TGIClient(RemoteClient):
             finish_reason=finish,
             extra={"prompt_tokens_estimated": not prefill, "seed": getattr(details, "seed", None)},
         )
+
 
 
 async def _drop_ambient_token(request: Any) -> None:

@@ -14,6 +14,7 @@ order. Phase 2 asks for each one's response.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from ..data.io import load_rows, load_template, render, write_jsonl
@@ -250,6 +251,7 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
 
     flow = Flow(ctx.name)
     for req, meta in items:
+        req = replace(req, priority=1)  # a list unlocks its responses: sent before them (scheduling only)
         p1.ask(flow, teacher, req, meta, lambda res, m: {**m, "raw": res.text}, then=early)
     with clock:
         run_flow(ctx, flow, (p1, p2))
