@@ -101,7 +101,8 @@ def main() -> None:
 
     print(json.dumps({"requests": a.requests, "clean_span_s": summary([c["span_s"] for c in clean]),
                       "clean_busy": summary([c["busy"] for c in clean]),
-                      "faults_span_s": summary([b["span_s"] for b in bad]), "faults_busy": summary([b["busy"] for b in bad]),
+                      "faults_span_s": summary([b["span_s"] for b in bad]),
+                      "faults_busy": summary([b["busy"] for b in bad]),
                       "faults_over_clean": summary(ratio)}))
 
 

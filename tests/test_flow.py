@@ -146,10 +146,10 @@ def _slow_some(prompt: str) -> float:
 
 
 def _stage(tmp_path, name: str, stage: str, latency, script=scripted_answer, pre: tuple[str, ...] = (),
-           **overrides) -> tuple[LLMTestServer, str, str]:
+           server: dict | None = None, **overrides) -> tuple[LLMTestServer, str, str]:
     d = tmp_path / name
     d.mkdir()
-    with LLMTestServer(script=script, api_key="test-key", latency=latency) as srv:
+    with LLMTestServer(script=script, api_key="test-key", latency=latency, **(server or {})) as srv:
         recipe = scripted_recipe(d, srv.url, **overrides)
         res = bezoar(*pre, "stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
         assert res.returncode == 0, res.stderr[-3000:]
@@ -166,7 +166,9 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     kw = {"generation.lamini.example_prompts": 8, "generation.lamini.topic_prompts": 4,
           "generation.lamini.max_instructions": 40}
     _, fast, _ = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
-    srv, slow, err = _stage(tmp_path, "slow", "generate-lamini", _slow_some, pre=("--log-format", "json"), **kw)
+    # the slow run's server also fails one list once (500): a retry, counted in the manifest
+    srv, slow, err = _stage(tmp_path, "slow", "generate-lamini", _slow_some, pre=("--log-format", "json"),
+                            server={"rule": per_prompt({"<example>": ["500"]})}, **kw)
     assert _files(fast, "generate-lamini") == _files(slow, "generate-lamini")
     lists = [c for c in srv.calls if "<example>" in c.prompt and "Write" in c.prompt]
     answers = [c for c in srv.calls if c not in lists]
@@ -177,12 +179,22 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     assert 40 <= len(answers) <= 80
     u = read_manifest(open_store(slow), "generate-lamini")["utilization"]["teacher"]
     assert 0 < u["utilization"] <= 1 and u["slots"] == 8
+    # what the pool did, per role beside the utilization: every attempt the server saw, the one retry
+    assert (u["attempts"], u["retries"], u["hedged"], u["abandoned"]) == (len(srv.calls), 1, 0, 0)
     # visible: `bezoar status` shows it; --log-format json gives one JSON object per event, no progress bar
     status = bezoar("status", "--run", slow)
-    assert f"teacher busy {u['utilization']:.2f}" in status.stdout
+    assert f"teacher busy {u['utilization']:.2f} (1 retries, 0 hedged, 0 abandoned)" in status.stdout
+    from bezoar_jobs.report.collect import RunData, usage_rows  # and the report's usage table
+    from bezoar_jobs.report.render import build_tables
+
+    data = RunData("file:///r", {"generate-lamini": read_manifest(open_store(slow), "generate-lamini")}, {}, None,
+                   None, None)
+    row = build_tables(data, [], [], usage_rows(data, None), [], None)["usage"].rows[0]
+    assert row[-1] == f"teacher {u['utilization']:.2f} (1 retries, 0 hedged, 0 abandoned)"
     events = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
     done = [e for e in events if e.get("event") == "flow_done"]
-    assert done and {e["stage"] for e in done} == {"generate-lamini"} and sum(e["done"] for e in done) == len(srv.calls)
+    assert done and {e["stage"] for e in done} == {"generate-lamini"} and sum(e["done"]
+                                                                           for e in done) == len(srv.calls) - 1
     assert {"req_per_s", "tok_per_s", "in_flight", "retries", "failed"} <= set(done[0])
 
 
