@@ -394,6 +394,29 @@ def test_a_fleet_spreads_requests_per_request_and_survives_a_replica_that_dies(m
         assert a.max_in_flight <= 4 and b.max_in_flight <= 4  # each replica within its own limit
 
 
+def test_a_fleet_sends_a_request_that_one_replica_told_to_wait_to_another_at_once(monkeypatch):
+    """A Retry-After from one replica held the request back from every replica."""
+    with running(latency=0.01, retry_after="5") as a, running(latency=0.01, retry_after="5") as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        refused: list[str] = []
+
+        def rule(prompt: str) -> str | None:  # whichever replica gets the request first says: not before 5 s
+            if refused:
+                return None
+            refused.append(prompt)
+            return "429"
+
+        a.rule = b.rule = rule
+        client = make_client(endpoint("tgi", a, max_concurrency=2), role="teacher")
+        t0 = time.monotonic()
+        out = run_all(client, [GenRequest(id="u", user="unlucky", seed=7)])
+        took = time.monotonic() - t0
+    assert out["u"].ok and out["u"].retries == 1 and took < 2.5, took  # not 5 s
+    calls = sorted(a.calls + b.calls, key=lambda c: c.arrived)
+    assert [c.status for c in calls] == [429, 200] and calls[0].seed == calls[1].seed == 7
+    assert (calls[0] in a.calls) != (calls[1] in a.calls)  # the other replica answered: the Retry-After was its own
+
+
 def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():
     from bezoar_jobs.llm.fleet import Fleet
 

@@ -10,7 +10,8 @@ answer never holds up the others and the server's decoding slots stay busy. Arou
   charged ``len(prompt)/4 + max_new_tokens`` up front, corrected by the server's usage afterwards);
 * retries: 429, 5xx, timeouts, connection errors and malformed bodies are retried up to
   ``max_retries`` times after ``uniform(0, min(backoff_max_s, backoff_base_s * 2**k))`` seconds
-  ("full jitter"); a ``Retry-After`` from the server is honoured for that request. It pauses every
+  ("full jitter"); a ``Retry-After`` from the server is honoured for that request (that long, plus up to a
+  tenth as jitter). It pauses every
   other new attempt too only when the server is saturated: three quarters of the last 32 attempts were
   refused with 429/503 (one refusal among many answers is that request's bad luck, and pausing the whole
   pool for it would idle the server). A request waiting to retry holds no slot;
@@ -89,7 +90,8 @@ OVERDUE_P99_FACTOR = 1.0
 OVERDUE_MIN_S = 0.5
 WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
-HEDGE_P99_FACTOR = 1.5
+HEDGE_P99_FACTOR = 1.2
+IDLE_HEDGE_P99_FACTOR = 1.0  # when no request waits for a slot (a duplicate then displaces nothing)
 HEDGE_FRACTION = 0.05
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
@@ -234,6 +236,7 @@ class Gate:
         self.limit = max(1, limit)
         self.held = 0
         self.waiters: list[tuple[tuple[int, int], int, asyncio.Future]] = []
+        self._waiting = 0  # waiters not cancelled
         self._seq = itertools.count()
 
     async def acquire(self, rank: tuple[int, int]) -> None:
@@ -242,11 +245,14 @@ class Gate:
             return
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self.waiters, (rank, next(self._seq), fut))
+        self._waiting += 1
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # granted, then cancelled before it ran: hand the slot on
                 self.release()
+            else:
+                self._waiting -= 1
             raise
 
     def release(self) -> None:
@@ -258,7 +264,7 @@ class Gate:
         self._grant()
 
     def waiting(self) -> int:
-        return sum(1 for w in self.waiters if not w[2].done())
+        return self._waiting
 
     def _grant(self) -> None:
         while self.waiters and self.held < self.limit:
@@ -266,6 +272,7 @@ class Gate:
             if fut.done():  # its task was cancelled while it waited
                 continue
             self.held += 1
+            self._waiting -= 1
             fut.set_result(None)
 
 
@@ -525,7 +532,8 @@ class PoolLane:
             cached = self._p99[key] = (ordered[min(n - 1, int(0.99 * n))], seen)
         return cached[0]
 
-    async def _attempt(self, req: GenRequest, abandoned: int, again: bool) -> tuple[GenResult, float, float]:
+    async def _attempt(self, req: GenRequest, abandoned: int, again: bool,
+                       avoid: dict[str, float] | None = None) -> tuple[GenResult, float, float]:
         """One attempt in a slot: the answer and when it was sent and answered. Past the running p99
         (``OVERDUE_P99_FACTOR``) an attempt is *overdue*: it gives its slot to the next request (at most
         ``max_concurrency`` overdue at once) and keeps waiting; past ``HEDGE_P99_FACTOR`` x p99 a
@@ -547,7 +555,7 @@ class PoolLane:
         racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedge: -> replica, sent
 
         async def send() -> None:
-            replica = await fleet.acquire(self.loop) if fleet is not None and self.loop else None
+            replica = await fleet.acquire(self.loop, avoid) if fleet is not None and self.loop else None
             token = REPLICA.set(replica)
             f = asyncio.ensure_future(self.client._send(req))
             REPLICA.reset(token)
@@ -555,6 +563,7 @@ class PoolLane:
             racers[f] = (replica, time.monotonic())
 
         await send()
+        first = next(iter(racers))
         hedged = False
         sick = False
         try:
@@ -572,7 +581,9 @@ class PoolLane:
                         held = False
                         self.overdue += 1
                         self.inflight.release()
-                    if not hedged and age >= max(OVERDUE_MIN_S, HEDGE_P99_FACTOR * p99) and self._may_hedge():
+                    idle = not self.feed and not self.inflight.waiting()
+                    factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
+                    if not hedged and age >= max(OVERDUE_MIN_S, factor * p99) and self._may_hedge():
                         hedged = True
                         self.hedged += 1
                         self.client.tails["hedged"] += 1
@@ -595,9 +606,14 @@ class PoolLane:
                         fleet.done(replica, error is None, failed and _sick(error))  # type: ignore[arg-type]
                     if error is None:  # its own latency (a hedge's from when the hedge was sent)
                         return f.result(), sent, time.monotonic()
-                    if not racers or not failed:  # nothing else racing (or not a server failure): it is the answer
+                    if isinstance(error, Transient):
+                        error.replica = replica
+                    if not racers or not failed or f is not first:
+                        # nothing else racing, not a server failure, or the hedge failed: the attempt it stood
+                        # in for is presumed hung (it is far past the p99), so this failure is the answer and
+                        # the request is retried as it says (a Retry-After honoured) instead of waiting on
                         raise error
-                    # a hedge race: the other one may still answer
+                    # the original failed: its hedge, sent later, may still answer
         except Transient as e:  # a dead or sick replica fails like this; a busy one says 429
             sick = _sick(e)
             raise
@@ -626,6 +642,7 @@ class PoolLane:
         worst_cost = client.cost(est_in, req.max_new_tokens)
         attempt = 0
         abandoned = 0  # attempts of this request cut at their deadline
+        avoid: dict[str, float] = {}  # fleet replicas that said Retry-After to this request -> until when
         while True:
             while (wait := self.pause_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
@@ -641,7 +658,7 @@ class PoolLane:
                 return
             failure: Transient
             try:
-                res, t0, t1 = await self._attempt(req, abandoned, attempt > 0 or abandoned > 0)
+                res, t0, t1 = await self._attempt(req, abandoned, attempt > 0 or abandoned > 0, avoid)
             except _Stopped:
                 self._settle(worst_cost, 0.0)
                 self.unsent += 1
@@ -698,7 +715,17 @@ class PoolLane:
                 return
             delay = random.uniform(0.0, min(ep.backoff_max_s, ep.backoff_base_s * 2 ** (attempt - 1)))
             if failure.retry_after is not None:
-                delay = max(delay, failure.retry_after)
+                # the server said when: then, with a little jitter (a tenth) so refused requests do not return
+                # in one burst; the exponential backoff is for failures that say nothing
+                delay = failure.retry_after * random.uniform(1.0, 1.1)
+                fleet = client.fleet
+                if fleet is not None and failure.replica is not None:
+                    # a fleet: the wait is that replica's; another live one that did not ask for it takes the
+                    # request now
+                    now = time.monotonic()
+                    avoid[failure.replica] = now + delay
+                    if any(r.out_until == 0.0 and avoid.get(u, 0.0) <= now for u, r in fleet.replicas.items()):
+                        delay = 0.0
                 refused = sum(self.recent_refusals)
                 if refused >= SATURATION_SHARE * SATURATION_WINDOW:  # the server is saturated: everyone waits
                     self.pause_until = max(self.pause_until, time.monotonic() + failure.retry_after)
