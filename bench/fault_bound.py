@@ -29,9 +29,14 @@ import statistics
 
 
 def simulate(n: int, capacity: int, concurrency: int, per_token_s: float, mu: float, sigma: float, cap_tokens: int,
-             faults: bool, seed: int, retry_after_s: float = 1.0) -> dict[str, float]:
+             faults: bool, seed: int, retry_after_s: float = 1.0, short: int = 0,
+             short_tokens: int = 8) -> dict[str, float]:
+    """One run: ``n`` requests (``short`` of them ``short_tokens`` long, spread evenly: Evol's equality
+    checks), the span and the busy fraction."""
     rng = random.Random(seed)
     lengths = [min(cap_tokens, max(1, round(math.exp(rng.gauss(mu, sigma))))) for _ in range(n)]
+    for i in range(short):
+        lengths[i * n // short] = short_tokens
     fresh = list(range(n))[::-1]  # a stack: pop() gives the next first attempt
     retry_ready: list[tuple[float, int]] = []  # (when it may be sent, request)
     slot_free = [0.0] * capacity  # when each decoding slot is next free (the server's FIFO schedule)
@@ -89,21 +94,25 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--retry-after", type=float, default=1.0, help="seconds a 429/503 holds its request back")
+    ap.add_argument("--short", type=int, default=0, help="of the requests, this many 8 tokens long")
     a = ap.parse_args()
-    kw = dict(n=a.requests, capacity=a.capacity, concurrency=a.concurrency, per_token_s=a.per_token_ms / 1000,
-              mu=a.mu, sigma=a.sigma, cap_tokens=a.max_new_tokens, retry_after_s=a.retry_after)
-    clean = [simulate(**kw, faults=False, seed=s) for s in range(a.runs)]
-    bad = [simulate(**kw, faults=True, seed=s) for s in range(a.runs)]
+    print(json.dumps(bound(a.requests, a.runs, capacity=a.capacity, concurrency=a.concurrency,
+                           per_token_s=a.per_token_ms / 1000, mu=a.mu, sigma=a.sigma, cap_tokens=a.max_new_tokens,
+                           retry_after_s=a.retry_after, short=a.short)))
+
+
+def bound(n: int, runs: int, **kw: float) -> dict[str, object]:
+    """Clean and faulted runs of the ideal client over ``runs`` seeds: [mean, min, max] of each figure."""
+    clean = [simulate(n, **kw, faults=False, seed=s) for s in range(runs)]  # type: ignore[arg-type]
+    bad = [simulate(n, **kw, faults=True, seed=s) for s in range(runs)]  # type: ignore[arg-type]
     ratio = [b["span_s"] / c["span_s"] for b, c in zip(bad, clean, strict=True)]
 
     def summary(xs: list[float]) -> list[float]:
         return [round(statistics.mean(xs), 3), round(min(xs), 3), round(max(xs), 3)]
 
-    print(json.dumps({"requests": a.requests, "clean_span_s": summary([c["span_s"] for c in clean]),
-                      "clean_busy": summary([c["busy"] for c in clean]),
-                      "faults_span_s": summary([b["span_s"] for b in bad]),
-                      "faults_busy": summary([b["busy"] for b in bad]),
-                      "faults_over_clean": summary(ratio)}))
+    return {"requests": n, "clean_span_s": summary([c["span_s"] for c in clean]),
+            "clean_busy": summary([c["busy"] for c in clean]), "faults_span_s": summary([b["span_s"] for b in bad]),
+            "faults_busy": summary([b["busy"] for b in bad]), "faults_over_clean": summary(ratio)}
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 It speaks the HTTP routes our remote clients use, with the bodies those clients read:
 
-* TGI: ``POST /`` (what ``huggingface_hub.AsyncInferenceClient(base_url=...).text_generation``
-  posts to: the base URL itself, answered with a one-element list) and ``POST /generate`` (a
+* TGI: ``POST /`` (TGI's compatible route, what our TGI client and
+  ``huggingface_hub.AsyncInferenceClient(base_url=...).text_generation`` post to: the base URL
+  itself, answered with a one-element list) and ``POST /generate`` (a
   single object). Request ``{"inputs", "parameters": {...}}``; answer ``generated_text`` plus
   ``details`` (finish_reason, generated_tokens, seed, prefill, tokens).
 * OpenAI-compatible: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (with ``usage``).

@@ -147,14 +147,18 @@ class Board:
         except Exception as e:  # the share stays the floor; the stage goes on
             log.info("teacher: could not clear %s (%s)", self.marker, e)
 
-    def share(self) -> int:
-        """The requests this pod may keep in flight now."""
+    def left(self) -> int:
+        """The pods still sharing the teacher (this one included)."""
         try:
             done = [p for p in self.store.list(BOARD_PREFIX) if p.endswith(".done") and p != self.marker]
-        except Exception as e:  # a store hiccup: keep to the floor, which is always safe
+        except Exception as e:  # a store hiccup: as if all were running, which is always safe
             log.info("teacher: could not read the shares in %s (%s)", BOARD_PREFIX, e)
-            return self.floor
-        left = max(1, self.parties - len(done))
+            return self.parties
+        return max(1, self.parties - len(done))
+
+    def share(self, left: int | None = None) -> int:
+        """The requests this pod may keep in flight now (``left``: the pods still running, if known)."""
+        left = self.left() if left is None else left
         return max(self.floor, min(self.ceiling, self.capacity // left))
 
     def done(self) -> None:

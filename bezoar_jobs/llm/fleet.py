@@ -62,6 +62,7 @@ class Fleet:
     def __init__(self, urls: list[str], dns_url: str | None = None):
         self.replicas: dict[str, Replica] = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
         self.dns_url = dns_url
+        self.capacities: dict[str, int | None] = {}  # each replica's /info capacity (set_limits)
         self._dns_at = 0.0
         self._turn = 0
 
@@ -107,7 +108,9 @@ class Fleet:
 
     # ------------------------------------------------------------------ per request
     def set_limits(self, capacity: Mapping[str, int | None], parties: int) -> None:
-        """Each replica's share: its own capacity (TGI ``/info``) over the pods sharing the fleet."""
+        """Each replica's share: its own capacity (TGI ``/info``) over the pods sharing the fleet (again with
+        fewer ``parties`` as other pods finish: llm/budget.py)."""
+        self.capacities = dict(capacity)
         for url, r in self.replicas.items():
             n = capacity.get(url)
             r.limit = max(1, n // parties) if n else None

@@ -448,11 +448,17 @@ class PoolLane:
 
         board = self.client.board
         assert board is not None
+        fleet = self.client.fleet
+        seen = board.parties
         while True:
-            limit = await asyncio.to_thread(board.share)
+            left = await asyncio.to_thread(board.left)
+            limit = board.share(left)
             if limit != self.inflight.limit:
                 log.info("%s: teacher share now %d request(s) in flight", self.desc, limit)
                 self.inflight.set_limit(limit)
+            if fleet is not None and fleet.capacities and left != seen:  # each replica's share too
+                fleet.set_limits(fleet.capacities, left)
+            seen = left
             await asyncio.sleep(POLL_S)
 
     def _halt(self, error: BaseException | None) -> None:
