@@ -198,6 +198,28 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     assert {"req_per_s", "tok_per_s", "in_flight", "retries", "failed"} <= set(done[0])
 
 
+def test_lamini_asks_the_example_lists_while_the_teacher_still_proposes_topics(tmp_path):
+    """Topic proposals (no topic file) were a phase of their own: every list waited for the slowest proposal."""
+    def slow_topics(prompt: str) -> float:
+        return 0.6 if "<topic>" in prompt else 0.01
+
+    kw = {"generation.lamini.topics": None, "generation.lamini.example_prompts": 6,
+          "generation.lamini.topic_prompts": 4, "generation.lamini.max_instructions": 30,
+          "teacher.max_concurrency": 12}  # room beside the 8 proposals (one per category, asked first)
+    _, fast, _ = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
+    srv, slow, _ = _stage(tmp_path, "slow", "generate-lamini", slow_topics, **kw)
+    assert _files(fast, "generate-lamini") == _files(slow, "generate-lamini")
+    assert open(f"{fast}/generate-lamini/topics.jsonl").read() == open(f"{slow}/generate-lamini/topics.jsonl").read()
+    proposals = [c for c in srv.calls if "<topic>" in c.prompt]
+    example_lists = [c for c in srv.calls if "<example>" in c.prompt and "each one about one of these subjects"
+                     not in c.prompt and "<topic>" not in c.prompt]
+    topic_lists = [c for c in srv.calls if "each one about one of these subjects" in c.prompt]
+    assert proposals and example_lists and topic_lists
+    last_proposal = max(c.finished for c in proposals)
+    assert min(c.arrived for c in example_lists) < last_proposal  # no barrier before the example lists
+    assert min(c.arrived for c in topic_lists) >= last_proposal  # the topic lists need every proposal
+
+
 def test_evol_lineages_move_on_their_own_and_commit_the_same_rows_whatever_the_timing(tmp_path):
     kw = {"seeds.dolly": {"path": str(dolly_file(tmp_path))}, "generation.evol.seeds": 12,
           "generation.evol.rounds": 2}

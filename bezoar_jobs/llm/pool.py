@@ -3,27 +3,34 @@
 A :class:`PoolLane` runs an event loop in a worker thread for one client within a
 :class:`~bezoar_jobs.llm.flow.Flow`. Requests arrive while it runs (a record's next step is asked as
 soon as its answer is in); at most ``max_concurrency`` are in flight at any moment and a new one
-starts as soon as one finishes (a semaphore around each attempt, not batch-and-wait), so one long
-answer never holds up the others and the server's decoding slots stay busy. Around every attempt:
+starts as soon as one finishes (a :class:`Gate` around each attempt, not batch-and-wait), so one long
+answer never holds up the others and the server's decoding slots stay busy. Waiting requests get a
+slot by rank, not in arrival order: a retry first (the record a stage's end waits on), then the
+request's ``priority`` (a step that unlocks more work), then arrival. With a teacher shared by several
+pods the limit grows as the others finish (llm/budget.py). Around every attempt:
 
 * rate limits: token buckets for ``requests_per_minute`` and ``tokens_per_minute`` (a request is
   charged ``len(prompt)/4 + max_new_tokens`` up front, corrected by the server's usage afterwards);
 * retries: 429, 5xx, timeouts, connection errors and malformed bodies are retried up to
   ``max_retries`` times after ``uniform(0, min(backoff_max_s, backoff_base_s * 2**k))`` seconds
-  ("full jitter"); a ``Retry-After`` from the server is honoured for that request (that long, plus up to a
-  tenth as jitter). It pauses every
-  other new attempt too only when the server is saturated: three quarters of the last 32 attempts were
-  refused with 429/503 (one refusal among many answers is that request's bad luck, and pausing the whole
-  pool for it would idle the server). A request waiting to retry holds no slot;
-* deadlines from the latency distribution: once ``DEADLINE_MIN_SAMPLES`` answers are in, an attempt
+  ("full jitter"); a ``Retry-After`` from the server is honoured for that request (that long, plus up
+  to a tenth as jitter; in a fleet, for that replica: another takes the request at once). It pauses
+  every other new attempt too only when the server is saturated: three quarters of the last 32
+  attempts were refused with 429/503 (one refusal among many answers is that request's bad luck, and
+  pausing the whole pool for it would idle the server). A request waiting to retry holds no slot;
+* deadlines from the latency distribution of the request's class (its ``max_new_tokens``; all answers
+  until the class has its own ``DEADLINE_MIN_SAMPLES``): an attempt
   still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it started (and before
   ``timeout_s``) is abandoned and sent again at once, with the same seed, so the answer is the one the
   first attempt would have given; each abandon of a request doubles its next deadline (a request slow
   by nature still ends), and at most ``ABANDON_FRACTION`` of the attempts (plus a few) are abandoned,
   so a server that is merely slow is not asked twice for everything. Before
   that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
-  most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget). A
-  hung request idles no slot for long, instead of holding it for the whole ``timeout_s``;
+  most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget); past
+  ``HEDGE_P99_FACTOR`` x p99 (``IDLE_HEDGE_P99_FACTOR`` when no request waits for a slot) a duplicate
+  with the same seed races it (at most ``HEDGE_FRACTION`` of the attempts); if the duplicate fails,
+  the original is presumed hung and that failure is the answer (retried as it says). A hung request
+  idles no slot for long, instead of holding it for the whole ``timeout_s``;
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
