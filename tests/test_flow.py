@@ -338,6 +338,13 @@ def test_a_teacher_share_grows_as_the_other_pods_finish(tmp_path):
     assert Board(store, "generate-lamini", capacity=12, parties=3, ceiling=8).share() == 8  # the recipe's limit
     Board(store, "generate-evol", capacity=12, parties=3, ceiling=12)  # a retried evol pod is back
     assert lamini.share() == 6
+    # a later `bezoar run` of two stages: evol's marker from the earlier run is not one of its parties
+    store.delete("_control/teacher-shares/generate-evol.live")
+    store.write_text("_control/teacher-shares/generate-evol.done", "1\n")
+    again = [Board(store, s, capacity=12, parties=2, ceiling=12) for s in ("generate-lamini", "generate-orca")]
+    assert again[0].share() == 6  # both run: the even share, whatever evol left behind
+    again[1].done()
+    assert again[0].share() == 12
 
 
 def test_a_stage_takes_up_the_capacity_another_stage_sharing_the_teacher_freed(tmp_path, monkeypatch):

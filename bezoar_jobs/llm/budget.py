@@ -20,8 +20,11 @@ neither a capacity nor parties known, the recipe's ``max_concurrency`` stands al
 
 Shares move to the stages still running (:class:`Board`): the even share is each pod's floor. When a pod
 is done with the teacher (its client closes) it leaves a marker in the run store
-(``_control/teacher-shares/<stage>[.<shard>].done``); every pod still running reads the markers every
-``POLL_S`` and takes ``capacity // (parties - done)``, up to the recipe's ``max_concurrency``. The pods
+(``_control/teacher-shares/<stage>[.<shard>].done``, replacing the ``.live`` one it wrote when it
+started); every pod still running reads the markers every ``POLL_S`` and takes ``capacity // left``,
+up to the recipe's ``max_concurrency``, where ``left`` is ``parties - done`` but never fewer than the
+pods marked running (a ``.done`` left by a stage of an earlier ``bezoar run`` that is not in this one
+must not count; a pod that crashed leaves a ``.live`` behind, which only keeps shares smaller). The pods
 still running only ever divide what the finished ones no longer use, so the total in flight stays within
 the capacity: TGI never answers "Model is overloaded" for it. The run store is what every stage pod
 shares already (a local directory or S3), so this works the same for local processes and Kubernetes
@@ -142,19 +145,25 @@ class Board:
         self.floor = max(1, min(ceiling, capacity // parties))
         self.ceiling = max(self.floor, ceiling)
         self.marker = f"{BOARD_PREFIX}{party}.done"
+        self.live = f"{BOARD_PREFIX}{party}.live"
         try:
             store.delete(self.marker)  # started again (a retried pod): not done any more
+            store.write_text(self.live, f"{time.time():.3f}\n")
         except Exception as e:  # the share stays the floor; the stage goes on
-            log.info("teacher: could not clear %s (%s)", self.marker, e)
+            log.info("teacher: could not mark %s running (%s)", party, e)
 
     def left(self) -> int:
-        """The pods still sharing the teacher (this one included)."""
+        """The pods still sharing the teacher (this one included): the parties less those done, but never
+        fewer than those running (a marker left by a stage of an earlier ``bezoar run`` that is not part of
+        this one says nothing about this one's parties)."""
         try:
-            done = [p for p in self.store.list(BOARD_PREFIX) if p.endswith(".done") and p != self.marker]
+            names = self.store.list(BOARD_PREFIX)
         except Exception as e:  # a store hiccup: as if all were running, which is always safe
             log.info("teacher: could not read the shares in %s (%s)", BOARD_PREFIX, e)
             return self.parties
-        return max(1, self.parties - len(done))
+        done = sum(1 for p in names if p.endswith(".done") and p != self.marker)
+        live = sum(1 for p in names if p.endswith(".live"))
+        return max(1, live, self.parties - done)
 
     def share(self, left: int | None = None) -> int:
         """The requests this pod may keep in flight now (``left``: the pods still running, if known)."""
@@ -165,6 +174,7 @@ class Board:
         """This pod sends the teacher nothing more: its share goes to the others."""
         try:
             self.store.write_text(self.marker, f"{time.time():.3f}\n")
+            self.store.delete(self.live)
         except Exception as e:  # the others keep their shares: slower, not wrong
             log.info("teacher: could not write %s (%s)", self.marker, e)
 
