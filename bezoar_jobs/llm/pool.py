@@ -247,12 +247,13 @@ class Gate:
         self._seq = itertools.count()
 
     async def acquire(self, rank: tuple[int, int]) -> None:
-        if self.held < self.limit and not self.waiters:
+        if self.held < self.limit and not self._waiting:
             self.held += 1
             return
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self.waiters, (rank, next(self._seq), fut))
         self._waiting += 1
+        self._grant()  # a slot may be free (the limit grew): the best waiter takes it, maybe this one
         try:
             await fut
         except asyncio.CancelledError:
