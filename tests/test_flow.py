@@ -122,7 +122,7 @@ def test_a_retry_and_a_step_that_unlocks_work_go_before_fresh_requests_waiting_f
 def test_a_hung_short_request_is_hedged_by_its_own_classes_p99_not_the_longest_answers():
     """One p99 over every request: an 8-token check that hung waited for 1.5 x the p99 of the long answers."""
     def latency(prompt: str) -> float:
-        return 1.2 if "long" in prompt else 0.01
+        return 0.8 if "long" in prompt else 0.01  # the long ones answer before the 1 s deadline floor
 
     with running(rule=per_prompt({"check 150": ["hang"]}), hang_s=30, latency=latency) as srv:
         client = make_client(endpoint("tgi", srv, max_concurrency=8, timeout_s=25.0))
@@ -132,8 +132,8 @@ def test_a_hung_short_request_is_hedged_by_its_own_classes_p99_not_the_longest_a
     assert all(r.ok for r in out.values())
     hung = [c for c in srv.calls if "check 150<" in c.prompt]
     assert len(hung) == 2 and hung[0].seed == hung[1].seed
-    # the checks' own p99 is milliseconds: the floor (0.5 s) decides, not 1.5 x 1.2 s
-    assert hung[1].arrived - hung[0].arrived < 1.2, hung[1].arrived - hung[0].arrived
+    # the checks' own p99 is milliseconds: the floor (0.5 s) decides, not a factor of the long answers' 0.8 s
+    assert hung[1].arrived - hung[0].arrived < 0.95, hung[1].arrived - hung[0].arrived
     assert client.tail_counts()["hedged"] + client.tail_counts()["abandoned"] >= 1
 
 
