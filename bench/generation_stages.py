@@ -48,8 +48,8 @@ SECTION = "## Generation stages"
 # each stage's shape for the ideal client of bench/fault_bound.py: requests, log-normal length (mu, sigma),
 # how many of them are 8-token checks. One step per request: LaMini's lists and Evol's rounds depend on
 # each other, so for those two the bound is looser than the stage can reach
-SHAPES = {"generate-lamini": (2358, 4.0, 1.0, 0), "generate-evol": (7200, 4.0, 1.0, 2400),
-          "generate-orca": (3000, 4.0, 1.0, 0), "filter-lamini": (1956, 4.1, 0.4, 0)}
+SHAPES = {"generate-lamini": (2358, 4.1, 1.0, 0), "generate-evol": (7200, 4.1, 1.0, 2400),
+          "generate-orca": (3000, 4.1, 1.0, 0), "filter-lamini": (1956, 3.9, 0.4, 0)}
 FAULTS = "429=0.10,503=0.10,hang=0.05,malformed=0.01"
 STAGES = ("generate-lamini", "generate-evol", "generate-orca", "filter-lamini")
 CATS = ["closed_qa", "open_qa", "summarization", "brainstorming", "classification", "creative_writing",

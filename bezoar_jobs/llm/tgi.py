@@ -4,7 +4,7 @@ The request is ``{"inputs": prompt, "parameters": {...}}``; the answer a one-ele
 object (``/generate``) with ``generated_text`` and ``details`` (finish reason, generated tokens, seed,
 prefill). The client speaks it itself with aiohttp, one connection pool per lane, instead of going through
 ``huggingface_hub.AsyncInferenceClient`` on httpx: the same requests, at about a tenth of the client's
-CPU per request (bench: 0.2 ms against 1.9 ms), which is what decides how busy one stage process keeps a
+CPU per request (0.4 ms against 1.9 ms, docs/benchmarks.md), which is what decides how busy one stage process keeps a
 fast server on shared cores (docs/benchmarks.md "Generation stages"). What the earlier client had to be
 told, this one does by construction:
 
