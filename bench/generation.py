@@ -4,7 +4,7 @@ The teacher is tests/llm_server.py run as its own process (so the server's event
 share a GIL with the client) with a capacity model: at most ``--capacity`` sequences decode at
 once, each output token takes ``--per-token-ms``, extra requests queue in the server, and answer
 lengths are log-normal (median e**mu tokens, a long tail cut at ``--max-new-tokens``), fixed per
-prompt. The client is the real TGI client (huggingface_hub) behind our pool.
+prompt. The client is the real TGI client behind our pool.
 
 Measured on the server side:
 * busy fraction = decoding slot-seconds used / (capacity x wall time), over the whole run (first
@@ -192,7 +192,7 @@ Setup: the scripted TGI-compatible server (tests/llm_server.py) with a capacity 
 sequences decoding at once, {a.per_token_ms:g} ms per output token, extra requests queued; answer
 lengths log-normal (median e^{a.mu:g} tokens, sigma {a.sigma:g}, cut at {a.max_new_tokens}): median
 {fig["median_tokens"]}, p99 {fig["p99_tokens"]}, max {fig["max_tokens"]} tokens. Client: `backend: tgi`
-(huggingface_hub AsyncInferenceClient) through the continuous pool with `max_concurrency: {a.concurrency}`
+(llm/tgi.py) through the continuous pool with `max_concurrency: {a.concurrency}`
 (above the server's capacity, so its queue does not run dry between one answer and the next request).
 
 | figure | value |

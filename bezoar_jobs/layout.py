@@ -9,6 +9,7 @@
 <run>/_damaged/<stage>/<time>/    what `bezoar repair` moved aside (a damaged manifest, its files)
 <run>/_control/cancelled.json     `bezoar cancel` was here: every controller of the run stops
 <run>/_control/status.json        what the Kubernetes controller sees (Pending, Unschedulable, Kueue)
+<run>/_control/teacher-shares/    which pods sharing the teacher are done with it (llm/budget.py)
 ```
 Every path is relative to the run (see :mod:`bezoar_jobs.store`).
 """

@@ -42,7 +42,7 @@ class Endpoint(Strict):
     """A teacher or judge: where it runs and how to talk to it.
 
     backend:
-      tgi                 Text Generation Inference (huggingface_hub.AsyncInferenceClient), raw prompts
+      tgi                 Text Generation Inference (its generate route over HTTP), raw prompts
       openai-completions  an OpenAI-compatible /v1/completions server (vLLM, SGLang), raw prompts
       openai-chat         an OpenAI-compatible /v1/chat/completions API (GPT-4-class judges)
       anthropic           Anthropic Messages API (Claude)

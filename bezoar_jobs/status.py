@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .llm.base import TAIL_COUNTS, tails_text
 from .manifest import manifest_state
 from .registry import CANONICAL
 from .store import Store, open_store
@@ -28,6 +29,9 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
                 "committed_at": (m or {}).get("committed_at"),
                 # teacher/judge slots kept busy over the stage's span, as its client saw it
                 "utilization": {role: u.get("utilization") for role, u in ((m or {}).get("utilization") or {}).items()},
+                # what the pool did for them: retries after failures, hedged and abandoned attempts
+                "tails": {role: {k: u[k] for k in TAIL_COUNTS if isinstance(u.get(k), int)}
+                          for role, u in ((m or {}).get("utilization") or {}).items() if isinstance(u, dict)},
             }
         )
     return rows
@@ -49,7 +53,8 @@ def show_status(run: str, as_json: bool = False) -> int:
     for r in rows:
         counts = ", ".join(f"{k}={v}" for k, v in r["counts"].items() if not isinstance(v, dict))
         if r["utilization"]:
-            counts += "; " + ", ".join(f"{role} busy {u:.2f}" for role, u in r["utilization"].items() if u is not None)
+            counts += "; " + ", ".join(f"{role} busy {u:.2f}" + tails_text(r["tails"].get(role))
+                                       for role, u in r["utilization"].items() if u is not None)
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         print(f"{r['stage']:<16} {r['state']:<10} {secs:>8}  {counts}")
     damaged = [r for r in rows if r["state"] == "damaged"]

@@ -2,8 +2,9 @@
 
 It speaks the HTTP routes our remote clients use, with the bodies those clients read:
 
-* TGI: ``POST /`` (what ``huggingface_hub.AsyncInferenceClient(base_url=...).text_generation``
-  posts to: the base URL itself, answered with a one-element list) and ``POST /generate`` (a
+* TGI: ``POST /`` (TGI's compatible route, what our TGI client and
+  ``huggingface_hub.AsyncInferenceClient(base_url=...).text_generation`` post to: the base URL
+  itself, answered with a one-element list) and ``POST /generate`` (a
   single object). Request ``{"inputs", "parameters": {...}}``; answer ``generated_text`` plus
   ``details`` (finish_reason, generated_tokens, seed, prefill, tokens).
 * OpenAI-compatible: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (with ``usage``).
@@ -29,6 +30,10 @@ wait in the server's queue, as TGI/vLLM queue them, first come first served), ea
 free slot when it arrives and is answered when its decode ends), and every decode interval is
 recorded, so ``busy_fraction()`` says how much of the decoding capacity the client kept busy. A
 request the client abandons (timeout) keeps its slot until its decode would have ended.
+
+TGI's timing headers: a TGI answer carries ``x-queue-time`` (ms waited for a decoding slot),
+``x-inference-time``, ``x-total-time`` and the rest of the headers TGI's router sets, from the
+capacity model's schedule (the client's dynamic share, llm/budget.py, reads the queue time).
 
 TGI's own admission limit: with ``max_concurrent_requests=N`` the server answers ``GET /info`` with
 ``max_concurrent_requests`` (as TGI does) and refuses a request that would make more than N in flight
@@ -195,6 +200,7 @@ class LLMTestServer:
         app.router.add_get("/info", self._info_route)
         app.router.add_get("/health", self._health_route)
         app.router.add_get("/_stats", self._stats_route)
+        app.router.add_get("/_timeline", self._timeline_route)
         app.router.add_post("/_reset", self._reset_route)
         return app
 
@@ -406,7 +412,8 @@ class LLMTestServer:
                 return web.json_response({"unexpected": "shape"})
             call.status = 200
             out = render(call, text, finish)
-            return web.json_response([out] if as_list else out)
+            headers = tgi_timing_headers(call, arrived) if route == "tgi" else None
+            return web.json_response([out] if as_list else out, headers=headers)
         finally:
             if call.finished is None:  # error answers and cancelled hangs end here
                 call.finished = time.monotonic()
@@ -577,9 +584,34 @@ class LLMTestServer:
             s["busy_fraction_until_last_start"] = self.busy_fraction(t1=s["last_decode_start"])
         return web.json_response(s)
 
+    async def _timeline_route(self, request: web.Request) -> web.Response:
+        """Every call since the last reset, for the benchmark's timeline: ``[arrived, decode_start,
+        finished, status, fault, max_new_tokens, key]`` (key: the prompt and seed, so a retry of the
+        same request is known as one)."""
+        with self._lock:
+            calls = list(self.calls)
+        rows = [[c.arrived, c.decode_start, c.finished, c.status, c.fault, c.params.get("max_new_tokens"),
+                 f"{zlib.crc32(c.prompt.encode()):08x}-{c.params.get('seed')}"] for c in calls]
+        return web.json_response(rows)
+
     async def _reset_route(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"ok": True})
+
+
+def tgi_timing_headers(call: Call, arrived: float) -> dict[str, str]:
+    """The timing headers TGI's router puts on a generate answer (router/src/server.rs): milliseconds as
+    whole numbers, ``x-compute-time`` in seconds; ``x-queue-time`` is the time the request waited in the
+    server's queue for a decoding slot (the capacity model's), ``x-inference-time`` its decode."""
+    start = call.decode_start if call.decode_start is not None else arrived
+    end = call.finished if call.finished is not None else start
+    queue_s, infer_s, total_s = start - arrived, end - start, end - arrived
+    per_token = infer_s / call.output_tokens if call.output_tokens else 0.0
+    return {"x-compute-type": "gpu+optimized", "x-compute-time": repr(total_s),
+            "x-compute-characters": str(len(call.prompt)), "x-total-time": str(int(total_s * 1000)),
+            "x-validation-time": "0", "x-queue-time": str(int(queue_s * 1000)),
+            "x-inference-time": str(int(infer_s * 1000)), "x-time-per-token": str(int(per_token * 1000)),
+            "x-prompt-tokens": str(count_tokens(call.prompt)), "x-generated-tokens": str(call.output_tokens)}
 
 
 def busy_fraction(calls: Sequence[Call], capacity: int, t0: float | None = None, t1: float | None = None) -> float:

@@ -103,6 +103,40 @@ def test_one_retry_after_does_not_pause_the_whole_pool():
     assert len(meanwhile) >= 20, len(meanwhile)
 
 
+def test_a_retry_and_a_step_that_unlocks_work_go_before_fresh_requests_waiting_for_a_slot():
+    """Waiters for a slot were served first come first served: a retry (the record a stage's end waits on)
+    queued behind every fresh request, and a LaMini list behind the responses asked before it."""
+    with running(rule=per_prompt({"unlucky": ["500"]}), latency=0.03) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=2, backoff_base_s=0.01, backoff_max_s=0.01))
+        reqs = ([GenRequest(id="u", user="unlucky")] + [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(60)]
+                + [GenRequest(id="list", user="a list that unlocks more", priority=1)])
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    order = [c.prompt for c in srv.calls]
+    again = [i for i, p in enumerate(order) if "unlucky" in p]
+    assert len(again) == 2 and again[1] <= 5, again  # the retry took the next free slot
+    assert next(i for i, p in enumerate(order) if "unlocks" in p) <= 12  # not behind the 60 asked before it
+    assert client.tail_counts() == {"attempts": 63, "retries": 1, "hedged": 0, "abandoned": 0}
+
+
+def test_a_hung_short_request_is_hedged_by_its_own_classes_p99_not_the_longest_answers():
+    """One p99 over every request: an 8-token check that hung waited for 1.5 x the p99 of the long answers."""
+    def latency(prompt: str) -> float:
+        return 0.8 if "long" in prompt else 0.01  # the long ones answer before the 1 s deadline floor
+
+    with running(rule=per_prompt({"check 150": ["hang"]}), hang_s=30, latency=latency) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=8, timeout_s=25.0))
+        reqs = [GenRequest(id=f"l{i}", user=f"long {i}", max_new_tokens=512, seed=i) for i in range(6)]
+        reqs += [GenRequest(id=f"c{i}", user=f"check {i}", max_new_tokens=8, seed=i) for i in range(200)]
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    hung = [c for c in srv.calls if "check 150<" in c.prompt]
+    assert len(hung) == 2 and hung[0].seed == hung[1].seed
+    # the checks' own p99 is milliseconds: the floor (0.5 s) decides, not a factor of the long answers' 0.8 s
+    assert hung[1].arrived - hung[0].arrived < 0.95, hung[1].arrived - hung[0].arrived
+    assert client.tail_counts()["hedged"] + client.tail_counts()["abandoned"] >= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # records flow; the committed data does not depend on the timing
 # ----------------------------------------------------------------------------------------------
@@ -112,10 +146,10 @@ def _slow_some(prompt: str) -> float:
 
 
 def _stage(tmp_path, name: str, stage: str, latency, script=scripted_answer, pre: tuple[str, ...] = (),
-           **overrides) -> tuple[LLMTestServer, str, str]:
+           server: dict | None = None, **overrides) -> tuple[LLMTestServer, str, str]:
     d = tmp_path / name
     d.mkdir()
-    with LLMTestServer(script=script, api_key="test-key", latency=latency) as srv:
+    with LLMTestServer(script=script, api_key="test-key", latency=latency, **(server or {})) as srv:
         recipe = scripted_recipe(d, srv.url, **overrides)
         res = bezoar(*pre, "stage", stage, "--recipe", str(recipe), "--run", str(d / "run"))
         assert res.returncode == 0, res.stderr[-3000:]
@@ -132,7 +166,9 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     kw = {"generation.lamini.example_prompts": 8, "generation.lamini.topic_prompts": 4,
           "generation.lamini.max_instructions": 40}
     _, fast, _ = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
-    srv, slow, err = _stage(tmp_path, "slow", "generate-lamini", _slow_some, pre=("--log-format", "json"), **kw)
+    # the slow run's server also fails one list once (500): a retry, counted in the manifest
+    srv, slow, err = _stage(tmp_path, "slow", "generate-lamini", _slow_some, pre=("--log-format", "json"),
+                            server={"rule": per_prompt({"<example>": ["500"]})}, **kw)
     assert _files(fast, "generate-lamini") == _files(slow, "generate-lamini")
     lists = [c for c in srv.calls if "<example>" in c.prompt and "Write" in c.prompt]
     answers = [c for c in srv.calls if c not in lists]
@@ -143,13 +179,45 @@ def test_lamini_answers_an_instruction_before_the_last_list_is_in_and_commits_th
     assert 40 <= len(answers) <= 80
     u = read_manifest(open_store(slow), "generate-lamini")["utilization"]["teacher"]
     assert 0 < u["utilization"] <= 1 and u["slots"] == 8
+    # what the pool did, per role beside the utilization: every attempt the server saw, the one retry
+    assert (u["attempts"], u["retries"], u["hedged"], u["abandoned"]) == (len(srv.calls), 1, 0, 0)
     # visible: `bezoar status` shows it; --log-format json gives one JSON object per event, no progress bar
     status = bezoar("status", "--run", slow)
-    assert f"teacher busy {u['utilization']:.2f}" in status.stdout
+    assert f"teacher busy {u['utilization']:.2f} (1 retries, 0 hedged, 0 abandoned)" in status.stdout
+    from bezoar_jobs.report.collect import RunData, usage_rows  # and the report's usage table
+    from bezoar_jobs.report.render import build_tables
+
+    data = RunData("file:///r", {"generate-lamini": read_manifest(open_store(slow), "generate-lamini")}, {}, None,
+                   None, None)
+    row = build_tables(data, [], [], usage_rows(data, None), [], None)["usage"].rows[0]
+    assert row[-1] == f"teacher {u['utilization']:.2f} (1 retries, 0 hedged, 0 abandoned)"
     events = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
     done = [e for e in events if e.get("event") == "flow_done"]
-    assert done and {e["stage"] for e in done} == {"generate-lamini"} and sum(e["done"] for e in done) == len(srv.calls)
+    assert done and {e["stage"] for e in done} == {"generate-lamini"} and sum(e["done"]
+                                                                           for e in done) == len(srv.calls) - 1
     assert {"req_per_s", "tok_per_s", "in_flight", "retries", "failed"} <= set(done[0])
+
+
+def test_lamini_asks_the_example_lists_while_the_teacher_still_proposes_topics(tmp_path):
+    """Topic proposals (no topic file) were a phase of their own: every list waited for the slowest proposal."""
+    def slow_topics(prompt: str) -> float:
+        return 0.6 if "<topic>" in prompt else 0.01
+
+    kw = {"generation.lamini.topics": None, "generation.lamini.example_prompts": 6,
+          "generation.lamini.topic_prompts": 4, "generation.lamini.max_instructions": 30,
+          "teacher.max_concurrency": 12}  # room beside the 8 proposals (one per category, asked first)
+    _, fast, _ = _stage(tmp_path, "fast", "generate-lamini", 0.0, **kw)
+    srv, slow, _ = _stage(tmp_path, "slow", "generate-lamini", slow_topics, **kw)
+    assert _files(fast, "generate-lamini") == _files(slow, "generate-lamini")
+    assert open(f"{fast}/generate-lamini/topics.jsonl").read() == open(f"{slow}/generate-lamini/topics.jsonl").read()
+    proposals = [c for c in srv.calls if "<topic>" in c.prompt]
+    example_lists = [c for c in srv.calls if "<example>" in c.prompt and "each one about one of these subjects"
+                     not in c.prompt and "<topic>" not in c.prompt]
+    topic_lists = [c for c in srv.calls if "each one about one of these subjects" in c.prompt]
+    assert proposals and example_lists and topic_lists
+    last_proposal = max(c.finished for c in proposals)
+    assert min(c.arrived for c in example_lists) < last_proposal  # no barrier before the example lists
+    assert min(c.arrived for c in topic_lists) >= last_proposal  # the topic lists need every proposal
 
 
 def test_evol_lineages_move_on_their_own_and_commit_the_same_rows_whatever_the_timing(tmp_path):
@@ -256,6 +324,79 @@ def test_the_generate_stages_run_together_by_default_when_they_share_a_teacher_s
         assert len(biggest) == 1
 
 
+def test_a_teacher_share_grows_as_the_other_pods_finish(tmp_path):
+    from bezoar_jobs.llm.budget import Board
+
+    store = open_store(str(tmp_path / "run"))
+    lamini, evol, orca = (Board(store, s, capacity=12, parties=3, ceiling=12)
+                          for s in ("generate-lamini", "generate-evol", "generate-orca"))
+    assert lamini.share() == 4  # all three run: the even share
+    evol.done()
+    assert lamini.share() == orca.share() == 6  # what evol no longer uses, divided
+    orca.done()
+    assert lamini.share() == 12
+    assert Board(store, "generate-lamini", capacity=12, parties=3, ceiling=8).share() == 8  # the recipe's limit
+    Board(store, "generate-evol", capacity=12, parties=3, ceiling=12)  # a retried evol pod is back
+    assert lamini.share() == 6
+    # a later `bezoar run` of two stages: evol's marker from the earlier run is not one of its parties
+    store.delete("_control/teacher-shares/generate-evol.live")
+    store.write_text("_control/teacher-shares/generate-evol.done", "1\n")
+    again = [Board(store, s, capacity=12, parties=2, ceiling=12) for s in ("generate-lamini", "generate-orca")]
+    assert again[0].share() == 6  # both run: the even share, whatever evol left behind
+    again[1].done()
+    assert again[0].share() == 12
+
+
+def test_a_stage_takes_up_the_capacity_another_stage_sharing_the_teacher_freed(tmp_path, monkeypatch):
+    """Each stage sharing a teacher kept a fixed even share: once one finished, its share idled."""
+    import threading
+
+    from bezoar_jobs.llm import budget
+    from bezoar_jobs.stages.common import open_client
+
+    monkeypatch.setenv("BEZOAR_TEACHER_PARTIES", "2")
+    monkeypatch.setattr(budget, "POLL_S", 0.1)
+    store = open_store(str(tmp_path / "run"))
+    with running(capacity=8, per_token_s=0.002, max_concurrent_requests=8, script=lambda p: "tok " * 50) as srv:
+        # TGI's timing headers on every answer, as its router sets them
+        req = urllib.request.Request(srv.url + "/generate", data=json.dumps({"inputs": "x"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert int(r.headers["x-queue-time"]) >= 0 and int(r.headers["x-inference-time"]) >= 90
+        srv.reset()
+
+        class Ctx:  # what open_client reads of a stage's context
+            shard = None
+
+            def __init__(self, name: str) -> None:
+                self.name, self.store = name, store
+
+        a, b = (open_client(Ctx(n), endpoint("tgi", srv, max_concurrency=8), "teacher")  # type: ignore[arg-type]
+                for n in ("generate-a", "generate-b"))
+        assert a.slot_capacity() == b.slot_capacity() == 4  # capacity 8 from /info, two parties
+        outs: dict[str, dict] = {}
+
+        def run(name: str, client, n: int) -> None:
+            outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name}-{i}") for i in range(n)])
+            client.close()
+
+        ts = [threading.Thread(target=run, args=("a", a, 24)), threading.Thread(target=run, args=("b", b, 200))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert len(outs["a"]) == 24 and len(outs["b"]) == 200 and all(r.ok for o in outs.values() for r in o.values())
+    assert not [c for c in srv.calls if c.status != 200] and srv.max_in_flight <= 8  # never over the capacity
+    a_end = max(c.finished for c in srv.calls if "<|prompt|>a-" in c.prompt)
+    later = [c for c in srv.calls if "<|prompt|>b-" in c.prompt and c.decode_start >= a_end]
+    events = sorted([(c.decode_start, 1) for c in later] + [(c.finished, -1) for c in later])
+    most, n = 0, 0
+    for _, d in events:
+        n += d
+        most = max(most, n)
+    assert most >= 7, most  # b took up a's share once a was done (a fixed share stays at 4)
+
+
 # ----------------------------------------------------------------------------------------------
 # a fleet of replicas
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +421,29 @@ def test_a_fleet_spreads_requests_per_request_and_survives_a_replica_that_dies(m
         ok_b = sum(1 for c in b.calls if c.status == 200)
         assert ok_a + ok_b >= 120 and ok_b >= 8  # both served before b went away (a hedge may be answered twice)
         assert a.max_in_flight <= 4 and b.max_in_flight <= 4  # each replica within its own limit
+
+
+def test_a_fleet_sends_a_request_that_one_replica_told_to_wait_to_another_at_once(monkeypatch):
+    """A Retry-After from one replica held the request back from every replica."""
+    with running(latency=0.01, retry_after="5") as a, running(latency=0.01, retry_after="5") as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        refused: list[str] = []
+
+        def rule(prompt: str) -> str | None:  # whichever replica gets the request first says: not before 5 s
+            if refused:
+                return None
+            refused.append(prompt)
+            return "429"
+
+        a.rule = b.rule = rule
+        client = make_client(endpoint("tgi", a, max_concurrency=2), role="teacher")
+        t0 = time.monotonic()
+        out = run_all(client, [GenRequest(id="u", user="unlucky", seed=7)])
+        took = time.monotonic() - t0
+    assert out["u"].ok and out["u"].retries == 1 and took < 2.5, took  # not 5 s
+    calls = sorted(a.calls + b.calls, key=lambda c: c.arrived)
+    assert [c.status for c in calls] == [429, 200] and calls[0].seed == calls[1].seed == 7
+    assert (calls[0] in a.calls) != (calls[1] in a.calls)  # the other replica answered: the Retry-After was its own
 
 
 def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():

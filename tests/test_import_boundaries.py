@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "bezoar_jobs"
 HEAVY = ("torch", "transformers", "trl", "peft")
 # Not in the controller image either (it installs only the `k8s` extra): the `data` extra's packages.
-DATA_EXTRA = ("datasets", "huggingface_hub", "openai", "anthropic", "httpx", "pyarrow", "accelerate")
+DATA_EXTRA = ("datasets", "huggingface_hub", "openai", "anthropic", "httpx", "aiohttp", "pyarrow", "accelerate")
 EXECUTORS = sorted(p for p in (PKG / "executors").glob("*.py") if p.name != "__init__.py")
 
 PROBE = r"""

@@ -1,6 +1,7 @@
 """The remote teacher/judge clients against the scripted HTTP server (tests/llm_server.py).
 
-Every test talks real HTTP on loopback through the real SDKs (huggingface_hub, openai, anthropic).
+Every test talks real HTTP on loopback through the real clients (our TGI and OpenAI-compatible HTTP
+clients, the anthropic SDK).
 """
 
 from __future__ import annotations

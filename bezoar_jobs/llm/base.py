@@ -31,9 +31,14 @@ class GenRequest:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # which request a pool sends first when several wait for a slot (higher first): a step that unlocks
+    # more work (a LaMini list, an Evol-Instruct evolution) before one that ends a record. Scheduling
+    # only: not part of the request's answer or its cache key
+    priority: int = 0
 
 
-def request(rid: str, user: str, dec: Decoding, seed: int | None, system: str | None = None) -> GenRequest:
+def request(rid: str, user: str, dec: Decoding, seed: int | None, system: str | None = None,
+            priority: int = 0) -> GenRequest:
     """A request with the recipe's decoding settings (a ``Decoding`` section) and a seed."""
     return GenRequest(
         id=rid,
@@ -45,6 +50,7 @@ def request(rid: str, user: str, dec: Decoding, seed: int | None, system: str | 
         repetition_penalty=dec.repetition_penalty,
         seed=seed,
         stop=tuple(dec.stop),
+        priority=priority,
     )
 
 
@@ -129,6 +135,12 @@ class LLMClient(ABC):
         """How many requests this client may keep in flight against its server (None: not a pooled client)."""
         return None
 
+    def tail_counts(self) -> dict[str, int] | None:
+        """What the pool did for this client's requests (pooled clients; else None): ``attempts`` sent,
+        ``retries`` after a failure, ``hedged`` (a duplicate raced a late attempt), ``abandoned`` (an attempt
+        cut at its deadline and sent again)."""
+        return None
+
     def rating_distribution(
         self, requests: Sequence[GenRequest], prefix: str, options: Sequence[str]
     ) -> list[dict[str, float]]:
@@ -142,6 +154,19 @@ class LLMClient(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources (HTTP sessions, model memory)."""
+
+
+# what a pooled client counts of its requests (LLMClient.tail_counts), recorded per role in each stage's
+# manifest beside its utilization and shown by `bezoar status` and the report
+TAIL_COUNTS = ("attempts", "retries", "hedged", "abandoned")
+
+
+def tails_text(counts: dict[str, int] | None) -> str:
+    """`` (12 retries, 3 hedged, 1 abandoned)`` for a role's counts; empty without any."""
+    if not counts:
+        return ""
+    parts = [f"{counts[k]} {'retries' if k == 'retries' else k}" for k in TAIL_COUNTS[1:] if k in counts]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def slot_utilization(intervals: Sequence[tuple[float, float]], capacity: int, t0: float, t1: float) -> float:

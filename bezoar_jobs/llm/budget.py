@@ -18,9 +18,29 @@ sets it to (stages that call the teacher) x ``generationShards``; the local exec
 teacher stages in the run (they run side by side, executors/scheduler.py). With
 neither a capacity nor parties known, the recipe's ``max_concurrency`` stands alone (and is logged).
 
-The division is static and even: a stage that finishes early leaves its share unused. A budget that
-moves shares to the stages still running would build on :func:`share` (same inputs, more parties
-information); this module is the one place that decides how many requests a teacher client may send.
+Shares move to the stages still running (:class:`Board`): the even share is each pod's floor. When a pod
+is done with the teacher (its client closes) it leaves a marker in the run store
+(``_control/teacher-shares/<stage>[.<shard>].done``, replacing the ``.live`` one it wrote when it
+started); every pod still running reads the markers every ``POLL_S`` and takes ``capacity // left``,
+up to the recipe's ``max_concurrency``, where ``left`` is ``parties - done`` but never fewer than the
+pods marked running (a ``.done`` left by a stage of an earlier ``bezoar run`` that is not in this one
+must not count; a pod that crashed leaves a ``.live`` behind, which only keeps shares smaller). The pods
+still running only ever divide what the finished ones no longer use, so the total in flight stays within
+the capacity: TGI never answers "Model is overloaded" for it. The run store is what every stage pod
+shares already (a local directory or S3), so this works the same for local processes and Kubernetes
+pods, with no shared memory and no service to run. A pod that is started again (a retried Job) removes
+its own marker first and starts from its floor; the others give back what they took within ``POLL_S``
+(meanwhile the server may refuse a few requests as overloaded: the pool retries them).
+A stage of the run's selection that was committed before (and so never runs) leaves no marker: its
+share stays with it.
+
+Why not the server's own signal: TGI reports each answer's queue time (``x-queue-time``,
+router/src/server.rs; the scripted server sends it too), and a pod could grow while answers do not
+queue (AIMD). But when TGI decodes everything it admits, nothing queues until the admission limit,
+and the only sign of too many is 429 "Model is overloaded": growing on it is probing with refusals,
+which the budget exists to prevent.
+
+This module is the one place that decides how many requests a teacher client may send.
 """
 
 from __future__ import annotations
@@ -28,15 +48,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import BadInput
 from ..recipe_base import Endpoint
 
+if TYPE_CHECKING:
+    from ..store import Store
+
 log = logging.getLogger("bezoar")
+
+# the moving share (see the module docstring)
+BOARD_PREFIX = "_control/teacher-shares/"
+POLL_S = 2.0
 
 CAPACITY_ENV = "BEZOAR_TEACHER_CAPACITY"
 PARTIES_ENV = "BEZOAR_TEACHER_PARTIES"
@@ -107,17 +136,69 @@ def share(endpoint: Endpoint, api_key: str | None = None, environ: Mapping[str, 
     return Budget(capacity, source, parties, capacity // parties)
 
 
-def apply(endpoint: Endpoint, role: str, api_key: str | None = None,
-          environ: Mapping[str, str] | None = None) -> Endpoint:
-    """The endpoint with ``max_concurrency`` cut to this pod's share (teacher servers only)."""
+class Board:
+    """This pod's share as the others finish: a marker per party in the run store (module docstring)."""
+
+    def __init__(self, store: Store, party: str, capacity: int, parties: int, ceiling: int):
+        self.store, self.party = store, party
+        self.capacity, self.parties = capacity, parties
+        self.floor = max(1, min(ceiling, capacity // parties))
+        self.ceiling = max(self.floor, ceiling)
+        self.marker = f"{BOARD_PREFIX}{party}.done"
+        self.live = f"{BOARD_PREFIX}{party}.live"
+        try:
+            store.delete(self.marker)  # started again (a retried pod): not done any more
+            store.write_text(self.live, f"{time.time():.3f}\n")
+        except Exception as e:  # the share stays the floor; the stage goes on
+            log.info("teacher: could not mark %s running (%s)", party, e)
+
+    def left(self) -> int:
+        """The pods still sharing the teacher (this one included): the parties less those done, but never
+        fewer than those running (a marker left by a stage of an earlier ``bezoar run`` that is not part of
+        this one says nothing about this one's parties)."""
+        try:
+            names = self.store.list(BOARD_PREFIX)
+        except Exception as e:  # a store hiccup: as if all were running, which is always safe
+            log.info("teacher: could not read the shares in %s (%s)", BOARD_PREFIX, e)
+            return self.parties
+        done = sum(1 for p in names if p.endswith(".done") and p != self.marker)
+        live = sum(1 for p in names if p.endswith(".live"))
+        return max(1, live, self.parties - done)
+
+    def share(self, left: int | None = None) -> int:
+        """The requests this pod may keep in flight now (``left``: the pods still running, if known)."""
+        left = self.left() if left is None else left
+        return max(self.floor, min(self.ceiling, self.capacity // left))
+
+    def done(self) -> None:
+        """This pod sends the teacher nothing more: its share goes to the others."""
+        try:
+            self.store.write_text(self.marker, f"{time.time():.3f}\n")
+            self.store.delete(self.live)
+        except Exception as e:  # the others keep their shares: slower, not wrong
+            log.info("teacher: could not write %s (%s)", self.marker, e)
+
+
+def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
+         environ: Mapping[str, str] | None = None) -> tuple[Endpoint, Budget | None]:
+    """The endpoint with ``max_concurrency`` cut to this pod's even share (teacher servers only), and the
+    budget when the share may move (several pods share a known capacity: :class:`Board`)."""
     if role != "teacher" or endpoint.backend not in BUDGETED_BACKENDS:
-        return endpoint
+        return endpoint, None
     b = share(endpoint, api_key, environ)
-    if b.share is None:
+    if b.share is None or b.capacity is None:
         log.info("teacher: capacity unknown (no %s, no TGI /info): each of %d pod(s) keeps up to %d requests in "
                  "flight (teacher.max_concurrency)", CAPACITY_ENV, b.parties, endpoint.max_concurrency)
-        return endpoint
+        return endpoint, None
     n = min(endpoint.max_concurrency, b.share)
-    log.info("teacher: %d request(s) in flight at most: %d slots (%s) shared by %d pod(s), recipe "
-             "max_concurrency %d", n, b.capacity, b.source, b.parties, endpoint.max_concurrency)
-    return endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})
+    log.info("teacher: %d request(s) in flight at most: %d slots (%s) shared by %d pod(s)%s, recipe "
+             "max_concurrency %d", n, b.capacity, b.source, b.parties,
+             " while they all run (more as others finish)" if b.parties > 1 else "", endpoint.max_concurrency)
+    out = endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})
+    return out, (b if b.parties > 1 else None)
+
+
+def apply(endpoint: Endpoint, role: str, api_key: str | None = None,
+          environ: Mapping[str, str] | None = None) -> Endpoint:
+    """The endpoint with ``max_concurrency`` cut to this pod's even share (teacher servers only)."""
+    return plan(endpoint, role, api_key, environ)[0]

@@ -188,6 +188,9 @@ class CachedClient(LLMClient):
     def slot_capacity(self) -> int | None:
         return self.inner.slot_capacity()
 
+    def tail_counts(self) -> dict[str, int] | None:
+        return self.inner.tail_counts()
+
     def _flush(self, pending: list[dict[str, Any]], final: bool = False) -> None:
         """Write the pending answers as a part. The cache is an optimisation (the stage keeps its own
         records): when the store does not take a part, the answers wait in memory for the final

@@ -41,8 +41,11 @@ def make_client(endpoint: Endpoint, role: str = "endpoint") -> LLMClient:
     if endpoint.backend in IN_PROCESS:
         client: LLMClient = cls(endpoint, role=role)
     else:
-        from .budget import apply  # a teacher server's capacity is shared by every pod calling it
+        from .budget import plan  # a teacher server's capacity is shared by every pod calling it
 
         key = resolve_api_key(endpoint, role)
-        client = cls(apply(endpoint, role, key), key, role)
+        ep, budget = plan(endpoint, role, key)
+        remote = cls(ep, key, role)
+        remote.budget = budget  # several pods share the teacher: stages/common.open_client lets the share move
+        client = remote
     return client

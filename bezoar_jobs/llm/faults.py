@@ -24,6 +24,7 @@ class Transient(Exception):
         self.kind = kind  # server | rate | timeout | connection | malformed
         self.retry_after = retry_after
         self.status = status
+        self.replica: str | None = None  # the fleet replica that failed it (llm/fleet.py), when there is one
 
     @property
     def cause(self) -> str:

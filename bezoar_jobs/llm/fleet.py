@@ -13,7 +13,9 @@ Health: a replica whose request fails the way a dead or sick server fails (conne
 reset, a timeout, a 5xx, an abandoned attempt) is taken out for ``EJECT_S`` seconds (doubling with
 each failure in a row, up to ``EJECT_MAX_S``); then a ``GET /health`` (TGI's readiness route, 200
 when it serves) decides whether it takes requests again. Its requests are retried by the pool on the
-others (same seed: the same answer). A 429 says the replica is busy, not sick: it stays in. When
+others (same seed: the same answer). A 429 says the replica is busy, not sick: it stays in. A 429/503
+with ``Retry-After`` holds that request back from that replica only: the pool sends it again at once to
+another live replica (none of them asked it to wait), and waits the Retry-After only when no other is. When
 every replica is out, the one that comes back first is used (the pool's retries and backoff apply).
 
 Where the fleet is set: the chart sets the variables for the stage pods (docs/kubernetes.md); they
@@ -60,6 +62,7 @@ class Fleet:
     def __init__(self, urls: list[str], dns_url: str | None = None):
         self.replicas: dict[str, Replica] = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
         self.dns_url = dns_url
+        self.capacities: dict[str, int | None] = {}  # each replica's /info capacity (set_limits)
         self._dns_at = 0.0
         self._turn = 0
 
@@ -105,28 +108,33 @@ class Fleet:
 
     # ------------------------------------------------------------------ per request
     def set_limits(self, capacity: Mapping[str, int | None], parties: int) -> None:
-        """Each replica's share: its own capacity (TGI ``/info``) over the pods sharing the fleet."""
+        """Each replica's share: its own capacity (TGI ``/info``) over the pods sharing the fleet (again with
+        fewer ``parties`` as other pods finish: llm/budget.py)."""
+        self.capacities = dict(capacity)
         for url, r in self.replicas.items():
             n = capacity.get(url)
             r.limit = max(1, n // parties) if n else None
 
-    async def acquire(self, loop: asyncio.AbstractEventLoop) -> str:
+    async def acquire(self, loop: asyncio.AbstractEventLoop, avoid: Mapping[str, float] | None = None) -> str:
         """A replica with room for one more request (waits while every live replica is at its limit:
-        with one replica out, the others are not asked for more than they admit)."""
+        with one replica out, the others are not asked for more than they admit); not one in ``avoid``
+        before its time there (a replica that said Retry-After to this request), unless no other is live."""
         while True:
-            url = self.pick(loop)
+            url = self.pick(loop, avoid)
             r = self.replicas[url]
             if r.limit is None or r.in_flight <= r.limit:
                 return url
             self.done(url, ok=True, count_only=True)
             await asyncio.sleep(0.02)
 
-    def pick(self, probe: asyncio.AbstractEventLoop | None = None) -> str:
+    def pick(self, probe: asyncio.AbstractEventLoop | None = None, avoid: Mapping[str, float] | None = None) -> str:
         """The replica for the next attempt (its in-flight count taken)."""
         now = time.monotonic()
         if self.dns_url and now - self._dns_at > DNS_EVERY_S:
             self.resolve()
         live = [r for r in self.replicas.values() if r.out_until == 0.0]
+        if avoid:
+            live = [r for r in live if avoid.get(r.url, 0.0) <= now] or live
         if probe is not None:
             for r in self.replicas.values():
                 if r.out_until and now >= r.out_until and not r.probing:

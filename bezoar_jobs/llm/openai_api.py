@@ -1,18 +1,22 @@
-"""OpenAI-compatible servers through the ``openai`` package's ``AsyncOpenAI``.
+"""OpenAI-compatible servers over plain HTTP (aiohttp).
 
-* ``openai-completions``: ``/v1/completions`` with the raw prompt rendered from ``prompt_format``
-  (vLLM, SGLang serving a teacher).
-* ``openai-chat``: ``/v1/chat/completions`` with system + user messages (GPT-4-class judges; any
-  server that applies its own chat template).
+* ``openai-completions``: ``POST {base_url}/completions`` with the raw prompt rendered from
+  ``prompt_format`` (vLLM, SGLang serving a teacher).
+* ``openai-chat``: ``POST {base_url}/chat/completions`` with system + user messages (GPT-4-class
+  judges; any server that applies its own chat template).
 
-``base_url`` includes the ``/v1`` suffix (``http://vllm:8000/v1``); absent, the SDK's default
-(api.openai.com) is used. The SDK's own retries are off (``max_retries=0``): the pool retries, with
-one policy for every backend. The seed is sent with every request. ``repetition_penalty`` is not an
-OpenAI parameter: it goes in the body as vLLM/SGLang read it, only when the recipe sets it.
+``base_url`` includes the ``/v1`` suffix (``http://vllm:8000/v1``); absent, ``https://api.openai.com/v1``.
+The client builds the documented request bodies and reads ``choices`` and ``usage`` itself, without the
+``openai`` package's client: the same requests, at a fraction of its CPU per request (the pool has one
+retry policy for every backend, so the SDK's retries were off anyway, and its response models cost more
+than the answer). The key, when one is configured, goes as ``Authorization: Bearer``; nothing ambient
+(``OPENAI_API_KEY``) is ever picked up. The seed is sent with every request. ``repetition_penalty`` is
+not an OpenAI parameter: it goes in the body as vLLM/SGLang read it, only when the recipe sets it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -23,20 +27,32 @@ from .fleet import REPLICA
 from .pool import RemoteClient
 from .render import chat_messages, render_raw
 
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
 
 class _OpenAIBase(RemoteClient):
+    route = ""  # chat/completions | completions
+
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         super().__init__(endpoint, api_key, role)
-        self._client: Any = None
-        self._replicas: dict[str, Any] = {}
+        self._session: Any = None
 
     async def _open(self) -> None:
-        import openai
+        import aiohttp
 
-        # a placeholder key when none is configured (local vLLM without auth): the SDK refuses
-        # to start without one, and must not pick up an ambient OPENAI_API_KEY by itself
-        self._client = openai.AsyncOpenAI(api_key=self._api_key or "no-key", base_url=self.endpoint.base_url,
-                                          max_retries=0, timeout=self.endpoint.timeout_s)
+        headers = {"Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        # connections for the slots, the overdue attempts that gave theirs away, and their hedges (llm/pool.py)
+        self._session = aiohttp.ClientSession(
+            headers=headers, trust_env=False, connector=aiohttp.TCPConnector(limit=3 * self.max_slots()),
+            timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout_s))
+
+    async def _close(self) -> None:
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await self._session.close()
+        self._session = None
 
     def _common(self, req: GenRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model_id, "temperature": req.temperature, "top_p": req.top_p}
@@ -45,78 +61,89 @@ class _OpenAIBase(RemoteClient):
         if req.stop:
             kw["stop"] = list(req.stop)
         if req.repetition_penalty is not None:
-            kw["extra_body"] = {"repetition_penalty": req.repetition_penalty}
+            kw["repetition_penalty"] = req.repetition_penalty
         return kw
 
-    async def _call(self, fn: Any, **kw: Any) -> Any:
-        import openai
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One request to ``{base_url}/{route}`` (a fleet replica's, llm/fleet.py): the answer's JSON object."""
+        import aiohttp
 
+        base = (REPLICA.get() or self.endpoint.base_url or DEFAULT_BASE_URL).rstrip("/")
+        assert self._session is not None
         try:
-            return await fn(**kw)
-        except openai.APITimeoutError:
+            async with self._session.post(f"{base}/{self.route}", json=body) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise classify_status(resp.status, _error_text(resp.status, raw), resp.headers, self.where,
+                                          self.key_hint)
+        except TimeoutError:
             raise Transient("timed out", kind="timeout") from None
-        except openai.APIConnectionError as e:
-            raise Transient(f"connection failed: {e.__cause__ or e}", kind="connection") from None
-        except openai.APIStatusError as e:
-            raise classify_status(e.status_code, e.message, e.response.headers, self.where, self.key_hint) from None
-        except openai.APIResponseValidationError as e:
-            raise Transient(f"malformed answer: {e}", kind="malformed") from None
+        except aiohttp.ClientError as e:
+            raise Transient(f"connection failed: {type(e).__name__}: {e}", kind="connection") from None
+        try:
+            out = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise Transient(f"malformed answer (not JSON): {e}", kind="malformed") from None
+        if not isinstance(out, dict):
+            raise Transient("malformed answer: not a JSON object", kind="malformed")
+        return out
 
     @staticmethod
-    def _usage(resp: Any) -> tuple[int, int]:
-        usage = getattr(resp, "usage", None)
-        p = getattr(usage, "prompt_tokens", None)
-        c = getattr(usage, "completion_tokens", None)
+    def _usage(resp: dict[str, Any]) -> tuple[int, int]:
+        usage = resp.get("usage")
+        p = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        c = usage.get("completion_tokens") if isinstance(usage, dict) else None
         if not isinstance(p, int) or not isinstance(c, int):
             raise Transient("malformed answer: no usage token counts", kind="malformed")
         return p, c
+
+    @staticmethod
+    def _choice(resp: dict[str, Any]) -> dict[str, Any]:
+        choices = resp.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices else None
+        return first if isinstance(first, dict) else {}
 
     @staticmethod
     def _finish(reason: Any) -> str:
         return "length" if reason == "length" else "stop"
 
 
+def _error_text(status: int, raw: bytes) -> str:
+    """An OpenAI-style error body (``{"error": {"message": ...}}``) as one line, else the body's start."""
+    text = raw.decode("utf-8", "replace")
+    with contextlib.suppress(ValueError):
+        body = json.loads(text)
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return f"Error code: {status} - {err['message']}"
+        if isinstance(err, str):
+            return f"Error code: {status} - {err}"
+    return f"Error code: {status} - {text[:300]}"
+
+
 class OpenAICompletionsClient(_OpenAIBase):
     backend = "openai-completions"
     fleet_capable = True
-
-    async def _close(self) -> None:
-        for c in self._replicas.values():
-            await c.close()
-        self._replicas.clear()
-        await super()._close()
-
-    def _for_replica(self) -> Any:
-        """The SDK client of the replica this attempt goes to (llm/fleet.py), else the base URL's."""
-        url = REPLICA.get()
-        if url is None:
-            return self._client
-        if url not in self._replicas:
-            import openai
-
-            self._replicas[url] = openai.AsyncOpenAI(api_key=self._api_key or "no-key", base_url=url, max_retries=0,
-                                                     timeout=self.endpoint.timeout_s)
-        return self._replicas[url]
+    route = "completions"
 
     def prompt_text(self, req: GenRequest) -> str:
         assert self.endpoint.prompt_format is not None
         return render_raw(self.endpoint.prompt_format, req.system, req.user)
 
     async def _send(self, req: GenRequest) -> GenResult:
-        resp = await self._call(self._for_replica().completions.create, prompt=self.prompt_text(req),
-                                max_tokens=req.max_new_tokens, **self._common(req))
-        choices = getattr(resp, "choices", None)
-        if not choices or not isinstance(getattr(choices[0], "text", None), str):
+        resp = await self._post({"prompt": self.prompt_text(req), "max_tokens": req.max_new_tokens,
+                                 **self._common(req)})
+        choice = self._choice(resp)
+        if not isinstance(choice.get("text"), str):
             raise Transient("malformed answer: no choices[0].text", kind="malformed")
         p, c = self._usage(resp)
-        return GenResult(id=req.id, text=choices[0].text, prompt_tokens=p, completion_tokens=c,
-                         finish_reason=self._finish(choices[0].finish_reason))
+        return GenResult(id=req.id, text=choice["text"], prompt_tokens=p, completion_tokens=c,
+                         finish_reason=self._finish(choice.get("finish_reason")))
 
 
 class OpenAIChatClient(_OpenAIBase):
     backend = "openai-chat"
+    route = "chat/completions"
 
     def messages(self, req: GenRequest) -> list[dict[str, str]]:
         return chat_messages(req.system, req.user, self.endpoint.system_prompt_supported)
@@ -127,13 +154,13 @@ class OpenAIChatClient(_OpenAIBase):
     async def _send(self, req: GenRequest) -> GenResult:
         # max_completion_tokens: what current OpenAI models require (max_tokens is refused by
         # the newer ones); vLLM and SGLang accept it too
-        resp = await self._call(self._client.chat.completions.create, messages=self.messages(req),
-                                max_completion_tokens=req.max_new_tokens, **self._common(req))
-        choices: Any = getattr(resp, "choices", None)
-        message = getattr(choices[0], "message", None) if choices else None
-        text = getattr(message, "content", None)
+        resp = await self._post({"messages": self.messages(req), "max_completion_tokens": req.max_new_tokens,
+                                 **self._common(req)})
+        choice = self._choice(resp)
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
         if not isinstance(text, str):
             raise Transient("malformed answer: no choices[0].message.content", kind="malformed")
         p, c = self._usage(resp)
         return GenResult(id=req.id, text=text, prompt_tokens=p, completion_tokens=c,
-                         finish_reason=self._finish(choices[0].finish_reason))
+                         finish_reason=self._finish(choice.get("finish_reason")))

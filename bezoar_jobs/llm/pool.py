@@ -3,26 +3,34 @@
 A :class:`PoolLane` runs an event loop in a worker thread for one client within a
 :class:`~bezoar_jobs.llm.flow.Flow`. Requests arrive while it runs (a record's next step is asked as
 soon as its answer is in); at most ``max_concurrency`` are in flight at any moment and a new one
-starts as soon as one finishes (a semaphore around each attempt, not batch-and-wait), so one long
-answer never holds up the others and the server's decoding slots stay busy. Around every attempt:
+starts as soon as one finishes (a :class:`Gate` around each attempt, not batch-and-wait), so one long
+answer never holds up the others and the server's decoding slots stay busy. Waiting requests get a
+slot by rank, not in arrival order: a retry first (the record a stage's end waits on), then the
+request's ``priority`` (a step that unlocks more work), then arrival. With a teacher shared by several
+pods the limit grows as the others finish (llm/budget.py). Around every attempt:
 
 * rate limits: token buckets for ``requests_per_minute`` and ``tokens_per_minute`` (a request is
   charged ``len(prompt)/4 + max_new_tokens`` up front, corrected by the server's usage afterwards);
 * retries: 429, 5xx, timeouts, connection errors and malformed bodies are retried up to
   ``max_retries`` times after ``uniform(0, min(backoff_max_s, backoff_base_s * 2**k))`` seconds
-  ("full jitter"); a ``Retry-After`` from the server is honoured for that request. It pauses every
-  other new attempt too only when the server is saturated: three quarters of the last 32 attempts were
-  refused with 429/503 (one refusal among many answers is that request's bad luck, and pausing the whole
-  pool for it would idle the server). A request waiting to retry holds no slot;
-* deadlines from the latency distribution: once ``DEADLINE_MIN_SAMPLES`` answers are in, an attempt
+  ("full jitter"); a ``Retry-After`` from the server is honoured for that request (that long, plus up
+  to a tenth as jitter; in a fleet, for that replica: another takes the request at once). It pauses
+  every other new attempt too only when the server is saturated: three quarters of the last 32
+  attempts were refused with 429/503 (one refusal among many answers is that request's bad luck, and
+  pausing the whole pool for it would idle the server). A request waiting to retry holds no slot;
+* deadlines from the latency distribution of the request's class (its ``max_new_tokens``; all answers
+  until the class has its own ``DEADLINE_MIN_SAMPLES``): an attempt
   still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it started (and before
   ``timeout_s``) is abandoned and sent again at once, with the same seed, so the answer is the one the
   first attempt would have given; each abandon of a request doubles its next deadline (a request slow
   by nature still ends), and at most ``ABANDON_FRACTION`` of the attempts (plus a few) are abandoned,
   so a server that is merely slow is not asked twice for everything. Before
   that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
-  most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget). A
-  hung request idles no slot for long, instead of holding it for the whole ``timeout_s``;
+  most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget); past
+  ``HEDGE_P99_FACTOR`` x p99 (``IDLE_HEDGE_P99_FACTOR`` when no request waits for a slot) a duplicate
+  with the same seed races it (at most ``HEDGE_FRACTION`` of the attempts); if the duplicate fails,
+  the original is presumed hung and that failure is the answer (retried as it says). A hung request
+  idles no slot for long, instead of holding it for the whole ``timeout_s``;
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -48,6 +56,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import queue
@@ -55,7 +65,7 @@ import random
 import threading
 import time
 from abc import abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,15 +73,17 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadInput, RetryableError
 from ..recipe import Endpoint
 from ..redact import redact, redact_known
-from .base import GenRequest, GenResult, LLMClient, UsageTotals
+from .base import TAIL_COUNTS, GenRequest, GenResult, LLMClient, UsageTotals
 from .faults import Rejected, Transient
 from .faults import classify_status as classify_status  # re-exported: the backends' one import
 from .faults import parse_retry_after as parse_retry_after
 from .fleet import REPLICA, Fleet
+from .gate import Gate
 from .ratelimit import TokenBucket
 from .render import estimate_tokens
 
 if TYPE_CHECKING:
+    from .budget import Board, Budget
     from .flow import Flow
 
 log = logging.getLogger("bezoar.llm")
@@ -86,7 +98,8 @@ OVERDUE_P99_FACTOR = 1.0
 OVERDUE_MIN_S = 0.5
 WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
-HEDGE_P99_FACTOR = 1.5
+HEDGE_P99_FACTOR = 1.2
+IDLE_HEDGE_P99_FACTOR = 1.0  # when no request waits for a slot (a duplicate then displaces nothing)
 HEDGE_FRACTION = 0.05
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
@@ -122,6 +135,13 @@ class RemoteClient(LLMClient):
         self.spent_usd = 0.0  # paid by this client (all runs)
         self.prior_spent_usd = 0.0  # paid before this process (CachedClient sets it from its cache)
         self.intervals: list[tuple[float, float]] = []  # answered attempts (monotonic start, end)
+        # what the pools did for this client's requests, over its life: attempts sent, retries after a
+        # failure, hedges (a duplicate raced a late attempt), abandons (an attempt cut at its deadline)
+        self.tails: Counter[str] = Counter()
+        # a teacher shared by several pods: this pod's share grows as the others finish (llm/budget.py;
+        # stages/common.open_client sets it); endpoint.max_concurrency is the even share it starts from
+        self.board: Board | None = None
+        self.budget: Budget | None = None  # the even share's inputs (make_client)
         # a teacher served by several replicas: each request goes to one of them (llm/fleet.py)
         self.fleet = Fleet.from_env(endpoint.base_url) if role == "teacher" and self.fleet_capable else None
         if self.fleet is not None:
@@ -197,7 +217,20 @@ class RemoteClient(LLMClient):
         return self.intervals
 
     def slot_capacity(self) -> int | None:
+        """The slots utilization is counted against: the endpoint's limit (with a share that grows as other
+        pods finish, the even share it starts from: a pod that took more counts as fully busy)."""
         return self.endpoint.max_concurrency
+
+    def max_slots(self) -> int:
+        """The most requests this client may ever keep in flight (its share once every other pod is done)."""
+        return self.board.ceiling if self.board is not None else self.endpoint.max_concurrency
+
+    def close(self) -> None:
+        if self.board is not None:  # nothing more goes to the teacher from here: the others may take the share
+            self.board.done()
+
+    def tail_counts(self) -> dict[str, int]:
+        return {k: int(self.tails.get(k, 0)) for k in TAIL_COUNTS}
 
 
 def _sick(e: Transient) -> bool:
@@ -235,7 +268,9 @@ class PoolLane:
         self.capped = False
         self.draining = False  # no new attempt, deliver what is in flight
         self.closed = False  # no more requests will come
-        self.feed: deque[tuple[GenRequest, Callable[[GenResult], None]]] = deque()
+        # requests not started yet, highest priority first, then in the order asked
+        self.feed: list[tuple[int, int, GenRequest, Callable[[GenResult], None]]] = []
+        self._fed = itertools.count()
         self.unsent = 0
         self.successes = 0
         self.refused_streak = 0
@@ -246,9 +281,12 @@ class PoolLane:
         self.abandoned = 0
         self.overdue = 0  # attempts past the p99 that gave their slot away
         self.hedged = 0  # duplicates sent
+        # answered attempts' latencies per class of request (its max_new_tokens: an 8-token check is not
+        # late when a 512-token answer would be) and over all of them (until a class has its own)
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._p99: float | None = None
-        self._p99_at = 0
+        self.class_latencies: dict[int, deque[float]] = {}
+        self._answered: Counter[int | None] = Counter()  # answers seen per class (None: all)
+        self._p99: dict[int | None, tuple[float, int]] = {}  # class -> (p99, answers seen when computed)
         self.recent_refusals: deque[bool] = deque(maxlen=SATURATION_WINDOW)
         self.tasks: set[asyncio.Task] = set()
         self.ended = False
@@ -290,7 +328,7 @@ class PoolLane:
             self._ready.set()
 
     def _push(self, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
-        self.feed.append((req, on_result))
+        heapq.heappush(self.feed, (-req.priority, next(self._fed), req, on_result))
         self.wake.set()
 
     def _close(self) -> None:
@@ -302,8 +340,8 @@ class PoolLane:
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
-        n = self.ep.max_concurrency
-        self.inflight = asyncio.Semaphore(n)
+        n = self.client.max_slots()
+        self.inflight = Gate(self.ep.max_concurrency)
         # live tasks (in flight, waiting for a slot, or sleeping before a retry): bounded so a
         # million requests do not become a million coroutines, loose enough that requests in
         # backoff never starve the in-flight slots
@@ -316,6 +354,7 @@ class PoolLane:
                     if self.ep.tokens_per_minute else None)
         self._ready.set()
         await self.client._open()
+        board = asyncio.create_task(self._follow_board()) if self.client.board is not None else None
         try:
             while True:
                 if not self.feed:
@@ -328,7 +367,7 @@ class PoolLane:
                 if self._stopped():
                     live.release()
                     break
-                req, cb = self.feed.popleft()
+                _, _, req, cb = heapq.heappop(self.feed)
                 task = asyncio.create_task(self._one(req, cb))
                 self.tasks.add(task)
 
@@ -344,6 +383,9 @@ class PoolLane:
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
         finally:
+            if board is not None:
+                board.cancel()
+                await asyncio.gather(board, return_exceptions=True)
             for t in list(self.tasks):
                 t.cancel()
             if self.tasks:
@@ -356,6 +398,25 @@ class PoolLane:
                 f"(${self.client.prior_spent_usd + self.client.spent_usd:.4f} "
                 f"spent of spend_cap_usd ${e.spend_cap_usd}); {self.unsent} requests were not sent"
             )
+
+    async def _follow_board(self) -> None:
+        """The share of a teacher several pods call: more slots as the others finish (llm/budget.py)."""
+        from .budget import POLL_S
+
+        board = self.client.board
+        assert board is not None
+        fleet = self.client.fleet
+        seen = board.parties
+        while True:
+            left = await asyncio.to_thread(board.left)
+            limit = board.share(left)
+            if limit != self.inflight.limit:
+                log.info("%s: teacher share now %d request(s) in flight", self.desc, limit)
+                self.inflight.set_limit(limit)
+            if fleet is not None and fleet.capacities and left != seen:  # each replica's share too
+                fleet.set_limits(fleet.capacities, left)
+            seen = left
+            await asyncio.sleep(POLL_S)
 
     def _halt(self, error: BaseException | None) -> None:
         """Stop the run: remember the first error, cancel every live request but the caller."""
@@ -406,18 +467,36 @@ class PoolLane:
             self.reserved -= reserved
             self.budget_changed.set()
 
-    def p99(self) -> float | None:
-        """The running p99 of answered attempts' latencies (None until ``DEADLINE_MIN_SAMPLES``)."""
-        n = len(self.latencies)
+    def observe(self, req: GenRequest, latency: float) -> None:
+        self.latencies.append(latency)
+        cls = self.class_latencies.get(req.max_new_tokens)
+        if cls is None:
+            cls = self.class_latencies[req.max_new_tokens] = deque(maxlen=LATENCY_WINDOW)
+        cls.append(latency)
+        self._answered[None] += 1
+        self._answered[req.max_new_tokens] += 1
+
+    def p99(self, req: GenRequest | None = None) -> float | None:
+        """The running p99 of answered attempts' latencies: of ``req``'s class (its ``max_new_tokens``) once
+        that class has ``DEADLINE_MIN_SAMPLES`` answers, else of every answer (None until that many)."""
+        key: int | None = None
+        window = self.latencies
+        if req is not None:
+            cls = self.class_latencies.get(req.max_new_tokens)
+            if cls is not None and len(cls) >= DEADLINE_MIN_SAMPLES:
+                key, window = req.max_new_tokens, cls
+        n = len(window)
         if n < DEADLINE_MIN_SAMPLES:
             return None
-        if self._p99 is None or n - self._p99_at >= 20 or n == LATENCY_WINDOW:
-            ordered = sorted(self.latencies)
-            self._p99 = ordered[min(n - 1, int(0.99 * n))]
-            self._p99_at = n
-        return self._p99
+        seen = self._answered[key]
+        cached = self._p99.get(key)
+        if cached is None or seen - cached[1] >= 20:
+            ordered = sorted(window)
+            cached = self._p99[key] = (ordered[min(n - 1, int(0.99 * n))], seen)
+        return cached[0]
 
-    async def _attempt(self, req: GenRequest, abandoned: int) -> tuple[GenResult, float, float]:
+    async def _attempt(self, req: GenRequest, abandoned: int, again: bool,
+                       avoid: dict[str, float] | None = None) -> tuple[GenResult, float, float]:
         """One attempt in a slot: the answer and when it was sent and answered. Past the running p99
         (``OVERDUE_P99_FACTOR``) an attempt is *overdue*: it gives its slot to the next request (at most
         ``max_concurrency`` overdue at once) and keeps waiting; past ``HEDGE_P99_FACTOR`` x p99 a
@@ -425,20 +504,21 @@ class PoolLane:
         budget lasts, the first answer wins; past the deadline both are abandoned
         (``Transient(kind="deadline")``) while the abandon budget lasts, else they wait out ``timeout_s``."""
         ep = self.ep
-        await self.inflight.acquire()
+        await self.inflight.acquire((0 if again else 1, -req.priority))
         if self.halted or self.draining:
             self.inflight.release()
             raise _Stopped
         held = True
         self.active += 1
         self.attempts += 1
+        self.client.tails["attempts"] += 1
         t0 = time.monotonic()
         fleet = self.client.fleet
         assert self.loop is not None
         racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedge: -> replica, sent
 
         async def send() -> None:
-            replica = await fleet.acquire(self.loop) if fleet is not None and self.loop else None
+            replica = await fleet.acquire(self.loop, avoid) if fleet is not None and self.loop else None
             token = REPLICA.set(replica)
             f = asyncio.ensure_future(self.client._send(req))
             REPLICA.reset(token)
@@ -446,6 +526,7 @@ class PoolLane:
             racers[f] = (replica, time.monotonic())
 
         await send()
+        first = next(iter(racers))
         hedged = False
         sick = False
         try:
@@ -456,22 +537,26 @@ class PoolLane:
                 age = time.monotonic() - t0
                 if age >= ep.timeout_s:
                     raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
-                p99 = self.p99()
+                p99 = self.p99(req)
                 if p99 is not None:
                     overdue = age >= max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99)
                     if held and overdue and self.overdue < ep.max_concurrency:
                         held = False
                         self.overdue += 1
                         self.inflight.release()
-                    if not hedged and age >= max(OVERDUE_MIN_S, HEDGE_P99_FACTOR * p99) and self._may_hedge():
+                    idle = not self.feed and not self.inflight.waiting()
+                    factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
+                    if not hedged and age >= max(OVERDUE_MIN_S, factor * p99) and self._may_hedge():
                         hedged = True
                         self.hedged += 1
+                        self.client.tails["hedged"] += 1
                         await send()
                     # each abandon of the same request doubles its deadline: a request that is slow by
                     # nature still ends (at timeout_s at the latest), a hung one is cut every time
                     deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
                     if deadline <= age < ep.timeout_s and self._may_abandon():
                         self.abandoned += 1
+                        self.client.tails["abandoned"] += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
                                         "p99 latency): abandoned and sent again", kind="deadline")
                 done, _ = await asyncio.wait(set(racers), timeout=min(WATCH_S, ep.timeout_s - age),
@@ -484,9 +569,14 @@ class PoolLane:
                         fleet.done(replica, error is None, failed and _sick(error))  # type: ignore[arg-type]
                     if error is None:  # its own latency (a hedge's from when the hedge was sent)
                         return f.result(), sent, time.monotonic()
-                    if not racers or not failed:  # nothing else racing (or not a server failure): it is the answer
+                    if isinstance(error, Transient):
+                        error.replica = replica
+                    if not racers or not failed or f is not first:
+                        # nothing else racing, not a server failure, or the hedge failed: the attempt it stood
+                        # in for is presumed hung (it is far past the p99), so this failure is the answer and
+                        # the request is retried as it says (a Retry-After honoured) instead of waiting on
                         raise error
-                    # a hedge race: the other one may still answer
+                    # the original failed: its hedge, sent later, may still answer
         except Transient as e:  # a dead or sick replica fails like this; a busy one says 429
             sick = _sick(e)
             raise
@@ -515,6 +605,7 @@ class PoolLane:
         worst_cost = client.cost(est_in, req.max_new_tokens)
         attempt = 0
         abandoned = 0  # attempts of this request cut at their deadline
+        avoid: dict[str, float] = {}  # fleet replicas that said Retry-After to this request -> until when
         while True:
             while (wait := self.pause_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
@@ -530,7 +621,7 @@ class PoolLane:
                 return
             failure: Transient
             try:
-                res, t0, t1 = await self._attempt(req, abandoned)
+                res, t0, t1 = await self._attempt(req, abandoned, attempt > 0 or abandoned > 0, avoid)
             except _Stopped:
                 self._settle(worst_cost, 0.0)
                 self.unsent += 1
@@ -564,7 +655,7 @@ class PoolLane:
                 self.successes += 1
                 self.refused_streak = 0
                 self.recent_refusals.append(False)
-                self.latencies.append(t1 - t0)
+                self.observe(req, t1 - t0)
                 client.intervals.append((t0, t1))
                 res.retries = attempt
                 self._deliver(res, cb)
@@ -587,11 +678,22 @@ class PoolLane:
                 return
             delay = random.uniform(0.0, min(ep.backoff_max_s, ep.backoff_base_s * 2 ** (attempt - 1)))
             if failure.retry_after is not None:
-                delay = max(delay, failure.retry_after)
+                # the server said when: then, with a little jitter (a tenth) so refused requests do not return
+                # in one burst; the exponential backoff is for failures that say nothing
+                delay = failure.retry_after * random.uniform(1.0, 1.1)
+                fleet = client.fleet
+                if fleet is not None and failure.replica is not None:
+                    # a fleet: the wait is that replica's; another live one that did not ask for it takes the
+                    # request now
+                    now = time.monotonic()
+                    avoid[failure.replica] = now + delay
+                    if any(r.out_until == 0.0 and avoid.get(u, 0.0) <= now for u, r in fleet.replicas.items()):
+                        delay = 0.0
                 refused = sum(self.recent_refusals)
                 if refused >= SATURATION_SHARE * SATURATION_WINDOW:  # the server is saturated: everyone waits
                     self.pause_until = max(self.pause_until, time.monotonic() + failure.retry_after)
             log.debug("%s: request %s attempt %d failed (%s); retrying in %.2f s", self.desc, req.id, attempt,
                       failure.reason, delay)
+            self.client.tails["retries"] += 1
             self.out.put(Msg("retry", self))
             await asyncio.sleep(delay)

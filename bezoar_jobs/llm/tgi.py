@@ -1,20 +1,23 @@
-"""Text Generation Inference through ``huggingface_hub.AsyncInferenceClient(base_url=...)``.
+"""Text Generation Inference over plain HTTP: ``POST`` to the base URL (TGI's compatible route ``/``).
 
-The client posts ``{"inputs": prompt, "parameters": {...}}`` to the base URL itself (TGI's
-compatible route) and parses ``generated_text`` and ``details``. Three things needed care:
+The request is ``{"inputs": prompt, "parameters": {...}}``; the answer a one-element list (``/``) or an
+object (``/generate``) with ``generated_text`` and ``details`` (finish reason, generated tokens, seed,
+prefill). The client speaks it itself with aiohttp, one connection pool per lane, instead of going through
+``huggingface_hub.AsyncInferenceClient`` on httpx: the same requests, at about a tenth of the client's
+CPU per request (0.4 ms against 1.9 ms, docs/benchmarks.md), which is what decides how busy one stage process keeps a
+fast server on shared cores (docs/benchmarks.md "Generation stages"). What the earlier client had to be
+told, this one does by construction:
 
-* Offline mode: with ``HF_HUB_OFFLINE=1`` (our pods and CI set it so nothing reaches the Hub),
-  huggingface_hub's default HTTP client refuses every request, loopback included. We give the
-  inference client an HTTP client of our own without that hook, so the TGI server named by
-  ``base_url`` is reachable while the Hub stays off limits for everything else in the process.
-* No ambient token: without a key of its own, huggingface_hub would send the process's Hugging Face
-  token (``HF_TOKEN`` or a login) to whatever server ``base_url`` names. The request hook removes it:
-  a TGI server gets a key only when the recipe names one.
-* Greedy decoding: TGI refuses ``temperature <= 0``; temperature 0 in a recipe means greedy, which
-  TGI spells ``do_sample=False`` with no temperature (and no top_p: TGI wants ``0 < top_p < 1``).
+* Offline mode: nothing here asks the Hugging Face Hub, so ``HF_HUB_OFFLINE=1`` (set in our pods and CI)
+  does not stand between the stage and the TGI server named by ``base_url``.
+* No ambient token: the only credential sent is the recipe's key (``Authorization: Bearer``); a Hugging
+  Face token in the environment or a login never reaches whatever server ``base_url`` names.
+* Greedy decoding: TGI refuses ``temperature <= 0``; temperature 0 in a recipe means greedy, which TGI
+  spells ``do_sample=False`` with no temperature (and no top_p: TGI wants ``0 < top_p < 1``).
 
-TGI's ``details`` give the number of generated tokens but not the prompt's, so ``prompt_tokens``
-is estimated (``len(prompt)/4``) and flagged in ``GenResult.extra``.
+TGI's ``details`` give the number of generated tokens but not the prompt's (``prefill`` is empty unless
+``decoder_input_details``), so ``prompt_tokens`` is estimated (``len(prompt)/4``) and flagged in
+``GenResult.extra``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from .fleet import REPLICA
 from .pool import RemoteClient
 from .render import estimate_tokens, render_raw
 
+FINISH = {"length": "length"}  # TGI's eos_token / stop_sequence are both a natural stop here
+
 
 class TGIClient(RemoteClient):
     backend = "tgi"
@@ -40,58 +45,36 @@ class TGIClient(RemoteClient):
         super().__init__(endpoint, api_key, role)
         if not endpoint.base_url or not endpoint.prompt_format:
             raise BadInput(f"{role}: backend 'tgi' needs base_url and prompt_format")
-        self._hf: Any = None
-        self._http: Any = None
-        self._replicas: dict[str, Any] = {}  # a fleet's replicas: base URL -> inference client
+        self._session: Any = None
 
     def prompt_text(self, req: GenRequest) -> str:
         assert self.endpoint.prompt_format is not None
         return render_raw(self.endpoint.prompt_format, req.system, req.user)
 
     async def _open(self) -> None:
-        import httpx2
-        from huggingface_hub import AsyncInferenceClient
+        import aiohttp
 
-        n = self.endpoint.max_concurrency
-        self._hf = AsyncInferenceClient(
-            base_url=self.endpoint.base_url, api_key=self._api_key, timeout=self.endpoint.timeout_s
-        )
-        if not hasattr(self._hf, "_async_client"):  # a huggingface_hub that manages its client differently
-            raise RuntimeError(
-                "huggingface_hub.AsyncInferenceClient has no _async_client: this version is not supported"
-            )
-        # our own connection pool (sized to the concurrency), without huggingface_hub's
-        # offline-mode request hook: see the module docstring
-        hooks = {} if self._api_key else {"request": [_drop_ambient_token]}
-        self._http = httpx2.AsyncClient(follow_redirects=True, timeout=None, event_hooks=hooks,
-                                        limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n))
-        self._hf._async_client = self._http
-
-    def _inference(self) -> Any:
-        """The inference client of the replica this attempt goes to (llm/fleet.py), else the base URL's."""
-        url = REPLICA.get()
-        if url is None:
-            return self._hf
-        hf = self._replicas.get(url)
-        if hf is None:
-            from huggingface_hub import AsyncInferenceClient
-
-            hf = self._replicas[url] = AsyncInferenceClient(base_url=url, api_key=self._api_key,
-                                                             timeout=self.endpoint.timeout_s)
-            hf._async_client = self._http  # one connection pool for every replica
-        return hf
+        n = self.max_slots()
+        headers = {"Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        # connections for every attempt the pool may have out: its slots, as many overdue attempts that gave
+        # their slot away (llm/pool.py) and their hedges. Sized to the slots alone, an attempt that hung kept
+        # its connection and the request that took its slot waited for one: the server idled
+        self._session = aiohttp.ClientSession(
+            headers=headers, trust_env=False, connector=aiohttp.TCPConnector(limit=3 * n),
+            timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout_s))
 
     async def _close(self) -> None:
-        self._replicas.clear()
-        if self._hf is not None:
+        if self._session is not None:
             with contextlib.suppress(Exception):
-                await self._hf.close()
-        if self._http is not None:
-            await self._http.aclose()
-        self._hf = self._http = None
+                await self._session.close()
+        self._session = None
 
     def parameters(self, req: GenRequest) -> dict[str, Any]:
-        p: dict[str, Any] = {"max_new_tokens": req.max_new_tokens, "details": True, "seed": req.seed}
+        p: dict[str, Any] = {"max_new_tokens": req.max_new_tokens, "details": True}
+        if req.seed is not None:
+            p["seed"] = req.seed
         if req.temperature > 0:
             p["do_sample"] = True
             p["temperature"] = req.temperature
@@ -106,47 +89,57 @@ class TGIClient(RemoteClient):
         return p
 
     async def _send(self, req: GenRequest) -> GenResult:
-        import httpx2
-        from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError
+        import aiohttp
 
         prompt = self.prompt_text(req)
+        url = REPLICA.get() or self.endpoint.base_url
+        assert url is not None and self._session is not None
+        body = {"inputs": prompt, "parameters": self.parameters(req), "stream": False}
         try:
-            out = await self._inference().text_generation(prompt, **self.parameters(req))
-        except InferenceTimeoutError as e:
-            raise Transient(f"timed out: {e}", kind="timeout") from None
-        except (HfHubHTTPError, TextGenerationError) as e:
-            http = e if isinstance(e, HfHubHTTPError) else e.__cause__
-            response = getattr(http, "response", None)
-            if response is None:
-                raise Transient(f"{type(e).__name__}: {e}", kind="server") from None
-            raise classify_status(response.status_code, str(e), response.headers, self.where, self.key_hint) from None
-        except httpx2.TimeoutException as e:
-            raise Transient(f"timed out: {type(e).__name__}", kind="timeout") from None
-        except httpx2.TransportError as e:
+            async with self._session.post(url, json=body) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise classify_status(resp.status, _error_text(raw), resp.headers, self.where, self.key_hint)
+        except TimeoutError:
+            raise Transient(f"timed out after timeout_s={self.endpoint.timeout_s:g}", kind="timeout") from None
+        except aiohttp.ClientError as e:
             raise Transient(f"connection failed: {type(e).__name__}: {e}", kind="connection") from None
+        try:
+            out = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise Transient(f"malformed answer (not JSON): {e}", kind="malformed") from None
-        text = getattr(out, "generated_text", None)
-        details = getattr(out, "details", None)
-        if not isinstance(text, str) or details is None or getattr(details, "generated_tokens", None) is None:
+        if isinstance(out, list) and len(out) == 1:
+            out = out[0]
+        text = out.get("generated_text") if isinstance(out, dict) else None
+        details = out.get("details") if isinstance(out, dict) else None
+        tokens = details.get("generated_tokens") if isinstance(details, dict) else None
+        if not isinstance(text, str) or not isinstance(tokens, int) or isinstance(tokens, bool):
             raise Transient("malformed answer: no generated_text/details in the body", kind="malformed")
-        finish = "length" if details.finish_reason == "length" else "stop"
-        if details.finish_reason == "stop_sequence":
+        assert isinstance(details, dict)
+        reason = details.get("finish_reason")
+        if reason == "stop_sequence":
             # TGI keeps the matched stop sequence at the end of the text; OpenAI-style APIs do not
             for s in req.stop:
                 if s and text.endswith(s):
                     text = text[: -len(s)]
                     break
-        prefill = getattr(details, "prefill", None) or []
+        prefill = details.get("prefill") or []
         return GenResult(
             id=req.id,
             text=text,
             prompt_tokens=len(prefill) or estimate_tokens(prompt),
-            completion_tokens=int(details.generated_tokens),
-            finish_reason=finish,
-            extra={"prompt_tokens_estimated": not prefill, "seed": getattr(details, "seed", None)},
+            completion_tokens=tokens,
+            finish_reason=FINISH.get(str(reason), "stop"),
+            extra={"prompt_tokens_estimated": not prefill, "seed": details.get("seed")},
         )
 
 
-async def _drop_ambient_token(request: Any) -> None:
-    request.headers.pop("authorization", None)
+def _error_text(raw: bytes) -> str:
+    """TGI's error body (``{"error": ..., "error_type": ...}``) as one line, else the body's start."""
+    text = raw.decode("utf-8", "replace")
+    with contextlib.suppress(ValueError):
+        body = json.loads(text)
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            kind = body.get("error_type")
+            return body["error"] + (f" ({kind})" if isinstance(kind, str) else "")
+    return text[:300]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..layout import RECIPE_FILE
+from ..llm.base import TAIL_COUNTS
 from ..manifest import DamagedInput, manifest_state
 from ..registry import CANONICAL, SCHEME_NAMES, STAGES
 from ..state import stage_state
@@ -236,6 +237,9 @@ def usage_rows(data: RunData, gpu_hour_usd: float | None) -> list[dict[str, Any]
             # teacher / judge slots kept busy over the stage's span, as the stage's client saw it
             "busy": {role: u["utilization"] for role, u in (m.get("utilization") or {}).items()
                      if isinstance(u, dict) and isinstance(u.get("utilization"), int | float)},
+            # what the pool did for those requests: retries after failures, hedged and abandoned attempts
+            "tails": {role: {k: u[k] for k in TAIL_COUNTS if isinstance(u.get(k), int)}
+                      for role, u in (m.get("utilization") or {}).items() if isinstance(u, dict)},
         })
     return rows
 

@@ -8,6 +8,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..llm.base import tails_text
 from .charts import Chart
 from .collect import RunData, expected, scrub
 
@@ -128,7 +129,8 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                 fmt(r["gpu_hours"], 3),
                 fmt(r["api_cost_usd"], 4),
                 fmt(r["gpu_cost_usd"], 4),
-                ", ".join(f"{role} {u:.2f}" for role, u in (r.get("busy") or {}).items()) or "-",
+                ", ".join(f"{role} {u:.2f}{tails_text((r.get('tails') or {}).get(role))}"
+                          for role, u in (r.get("busy") or {}).items()) or "-",
             ]
             for r in usage
         ]
@@ -166,7 +168,9 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
             "span it served each of them (the total counts the teacher once, over the union of those spans"
             + (f": {fmt(teacher['gpu_hours'], 3)} GPU-hours" if teacher else "") + "). Slots busy: the share of "
             "the teacher's (judge's) request slots the stage kept busy with answered requests over its span, as "
-            "its client saw them (idle slots are GPU time paid for nothing).",
+            "its client saw them (idle slots are GPU time paid for nothing); in brackets the requests its pool "
+            "sent again after a failure, raced with a duplicate past the running p99 (hedged) or cut at their "
+            "deadline and sent again (abandoned).",
         )
     if prod:
         t["producers"] = Table(

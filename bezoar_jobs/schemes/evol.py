@@ -332,6 +332,11 @@ class _Chains:
             self.evolve(i, 1)
         run_flow(self.ctx, self.flow, self.phases.values())
 
+    def steps_left(self, rnd: int, step: str) -> int:
+        """The steps a lineage has left from this one (its priority in the pool: the longest chain first,
+        so the stage does not end waiting on lineages that started late; scheduling only)."""
+        return 2 * (self.cfg.rounds - rnd) + (2 if step == "evolve" else 1)
+
     def evolve(self, i: int, rnd: int) -> None:
         if rnd > self.cfg.rounds:
             return
@@ -341,7 +346,7 @@ class _Chains:
         # ids carry a key of the asked text: a saved answer is reused only for that question
         eid = f"{lid}-r{rnd}-{text_key(op + lin['current'])}-evolve"
         req = request(eid, render(self.ops[op], instruction=lin["current"]), self.cfg.evolve_decoding,
-                      req_seed(ctx, lid, rnd))
+                      req_seed(ctx, lid, rnd), priority=self.steps_left(rnd, "evolve"))
         self.phase(f"round{rnd}-evolve").ask(
             self.flow, self.teacher, req, {"lineage": lid}, lambda res, m: {**m, "raw": res.text},
             then=lambda rec: self.evolved(i, rnd, op, strategy, eid, rec))
@@ -374,14 +379,14 @@ class _Chains:
         self.phase(f"round{rnd}-response").ask(
             self.flow, self.teacher,
             request(rid, render(self.t_resp, instruction=text), self.cfg.response_decoding,
-                    req_seed(self.ctx, lid, rnd, "r")),
+                    req_seed(self.ctx, lid, rnd, "r"), priority=self.steps_left(rnd, "answer")),
             {"lineage": lid}, lambda res, m: {**m, "response": res.text.strip()},
             then=lambda rec: arrived("response", rec))
         if self.judge is None:
             arrived("equal", {"equal": None})
             return
         q = request(qid, render(self.t_eq, first=lin["current"], second=text), equality_decoding(self.ctx.recipe),
-                    req_seed(self.ctx, lid, rnd, "e"))
+                    req_seed(self.ctx, lid, rnd, "e"), priority=self.steps_left(rnd, "answer"))
         if self.ctx.recipe.judge.backend == "local":
             # in process: compare the judge's probabilities of the two answer words (one forward pass,
             # deterministic) instead of parsing a small model's free text

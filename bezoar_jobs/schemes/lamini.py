@@ -3,7 +3,9 @@ a response to each (../shared/RECIPE.md "LaMini scheme"; docs/recipe.md for each
 
 Phase 0 (topic-guided prompts without a topic file): the teacher proposes ``topics_per_category``
 subjects per dolly category, each checked (one to ``topic_max_words`` words, letters, no
-sentence) and deduplicated; the list is committed with the stage (``topics.jsonl``). LaMini drew
+sentence) and deduplicated; the list is committed with the stage (``topics.jsonl``). It runs in the
+stage's one flow: the example-guided lists and their responses go out meanwhile, the topic-guided
+lists once every category's proposal is in (each samples from the whole list). LaMini drew
 its topics from Wikipedia categories, which cannot be shipped or fetched here; a user can still
 give a file (``generation.lamini.topics``). Phase 1 asks for ``instructions_per_prompt`` new
 instructions per prompt (three sampled seed instructions as examples, plus three topics in
@@ -14,12 +16,13 @@ order. Phase 2 asks for each one's response.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from ..data.io import load_rows, load_template, render, write_jsonl
 from ..errors import BadInput
 from ..estimate import GENERATED_INSTRUCTION_TOKENS, Ask, Typical, mean_tokens, template_tokens
-from ..llm.base import LLMClient, request
+from ..llm.base import GenRequest, LLMClient, request
 from ..llm.flow import Flow
 from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
@@ -93,10 +96,12 @@ def parse_topics(text: str, max_words: int) -> list[str]:
     return out
 
 
-def propose_topics(ctx: StageContext, teacher: LLMClient, seeds: list[dict[str, Any]],
-                   clock: TeacherClock) -> list[dict[str, Any]]:
-    """Phase 0: topics the teacher proposes per dolly category, checked and deduplicated (against
-    each other and the category names), in category order; each as {topic, category}."""
+TopicAsks = tuple[list[tuple[GenRequest, dict[str, Any]]], dict[str, list[str]]]
+
+
+def topic_requests(ctx: StageContext, seeds: list[dict[str, Any]]) -> TopicAsks:
+    """Phase 0's requests: one per dolly category, asking the teacher to propose topics; and the seed
+    instructions by category."""
     cfg = ctx.recipe.generation.lamini
     t_topics = load_template(cfg.topic_list_template.path, "generation.lamini.topic_list_template",
                              ("category", "examples", "n"))
@@ -111,8 +116,14 @@ def propose_topics(ctx: StageContext, teacher: LLMClient, seeds: list[dict[str, 
         prompt = render(t_topics, category=DOLLY_CATEGORIES.get(cat, cat.replace("_", " ")),
                         examples=_examples_block(ex), n=str(cfg.topics_per_category))
         items.append((request(rid, prompt, cfg.topic_decoding, req_seed(ctx, rid)), {"category": cat}))
-    with clock:
-        got = Phase(ctx, "topics").run(teacher, items, lambda res, m: {**m, "raw": res.text})
+    return items, by_cat
+
+
+def collect_topics(ctx: StageContext, asks: TopicAsks, got: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The topics the teacher proposed (``got``: request id -> its record), checked and deduplicated (against
+    each other and the category names), in category order; each as {topic, category}."""
+    cfg = ctx.recipe.generation.lamini
+    items, by_cat = asks
     seen = {normalise(c) for c in by_cat} | {normalise(v) for v in DOLLY_CATEGORIES.values()}
     topics = []
     for req, m in items:
@@ -181,30 +192,31 @@ def generate(ctx: StageContext) -> StageOutput:
     clock = TeacherClock()
     try:
         topic_rows: list[dict[str, Any]] = []
+        proposals = None
         if cfg.topic_prompts:
             if cfg.topics is not None:
                 topic_rows = [{"topic": str(t["topic"]), "category": None}
                               for t in load_rows(cfg.topics, ("topic",), "generation.lamini.topics")]
-            else:
-                topic_rows = propose_topics(ctx, teacher, seeds, clock)
-        ctx.check_stop()
-        return _generate(ctx, teacher, clock, seed_instr, [str(t["topic"]) for t in topic_rows], topic_rows,
-                         (t_example, t_topic, t_resp))
+            else:  # asked in the stage's flow: the example-guided lists do not wait for them
+                proposals = topic_requests(ctx, seeds)
+        return _generate(ctx, teacher, clock, seed_instr, topic_rows, proposals, (t_example, t_topic, t_resp))
     finally:
         teacher.close()
 
 
-def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_instr: list[str], topics: list[str],
-              topic_rows: list[dict[str, Any]], templates: tuple[str, str, str]) -> StageOutput:
+def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_instr: list[str],
+              topic_rows: list[dict[str, Any]], proposals: TopicAsks | None,
+              templates: tuple[str, str, str]) -> StageOutput:
     r = ctx.recipe
     cfg = r.generation.lamini
     t_example, t_topic, t_resp = templates
-    units = [("example", k) for k in range(cfg.example_prompts)] + [("topic", k) for k in range(cfg.topic_prompts)]
-    items = []
-    for kind, k in units:
+    topics = [str(t["topic"]) for t in topic_rows]
+    items: list[tuple[GenRequest, dict[str, Any]]] = []
+
+    def unit(kind: str, k: int) -> tuple[GenRequest, dict[str, Any]] | None:
         rid = f"lamini-{kind}-{k:05d}"
         if not in_shard(rid, ctx.shard):
-            continue
+            return None
         rng = unit_rng(ctx, rid)
         ex = rng.sample(seed_instr, cfg.examples_per_prompt)
         meta: dict[str, Any] = {"source": kind, "examples": ex}
@@ -216,7 +228,7 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
             prompt = render(
                 t_topic, examples=_examples_block(ex), topics=", ".join(tp), n=str(cfg.instructions_per_prompt)
             )
-        items.append((request(rid, prompt, cfg.instruction_decoding, req_seed(ctx, rid)), meta))
+        return request(rid, prompt, cfg.instruction_decoding, req_seed(ctx, rid)), meta
 
     # One flow: as soon as a prompt's list is in, each of its instructions that is new against the seeds
     # and everything answered so far has its response asked, while other lists are still being written.
@@ -249,10 +261,41 @@ def _generate(ctx: StageContext, teacher: LLMClient, clock: TeacherClock, seed_i
             respond(flow, ins, rec["source"] if rec else "")
 
     flow = Flow(ctx.name)
-    for req, meta in items:
-        p1.ask(flow, teacher, req, meta, lambda res, m: {**m, "raw": res.text}, then=early)
+
+    def ask_units(kind: str, n: int) -> None:
+        """Each unit's list, in unit order (the committed set is decided in the order of ``items``)."""
+        for k in range(n):
+            item = unit(kind, k)
+            if item is not None:
+                items.append(item)
+                # a list unlocks its responses: sent before them (scheduling only)
+                p1.ask(flow, teacher, replace(item[0], priority=1), item[1], lambda res, m: {**m, "raw": res.text},
+                       then=early)
+
+    phases = [p1, p2]
+    ask_units("example", cfg.example_prompts)
+    if proposals is None:
+        ask_units("topic", cfg.topic_prompts)
+    else:
+        # phase 0 in the same flow: the topic-guided lists need every category's topics (each samples from
+        # the whole deduplicated list), the example-guided ones and their responses need none
+        p0 = Phase(ctx, "topics")
+        phases.append(p0)
+        got: dict[str, dict[str, Any] | None] = {}
+
+        def proposed(rid: str, rec: dict[str, Any] | None) -> None:
+            got[rid] = rec
+            if len(got) == len(proposals[0]):
+                p0.check(p0.needed)  # proposals lost beyond generation.max_failed_fraction: retryable, said so
+                topic_rows.extend(collect_topics(ctx, proposals, got))
+                topics.extend(str(t["topic"]) for t in topic_rows)
+                ask_units("topic", cfg.topic_prompts)
+
+        for req, meta in proposals[0]:
+            p0.ask(flow, teacher, replace(req, priority=2), meta, lambda res, m: {**m, "raw": res.text},
+                   then=lambda rec, rid=req.id: proposed(rid, rec))  # type: ignore[misc]
     with clock:
-        run_flow(ctx, flow, (p1, p2))
+        run_flow(ctx, flow, phases)
     ctx.check_stop()
     # the committed set, in unit order
     seen = set(seed_keys)

@@ -47,6 +47,13 @@ def open_client(
     from ..llm import make_client
 
     client = make_client(endpoint, role=role)
+    budget = getattr(client, "budget", None)
+    if budget is not None and budget.capacity:  # a teacher several pods share: the share grows as they finish
+        from ..llm.budget import Board
+
+        party = ctx.name + (f".{ctx.shard[0]}-of-{ctx.shard[1]}" if ctx.shard is not None else "")
+        client.board = Board(ctx.store, party, budget.capacity, budget.parties,  # type: ignore[attr-defined]
+                             min(endpoint.max_concurrency, budget.capacity))
     if cached:
         from ..llm.cache import CachedClient
 
@@ -189,7 +196,9 @@ def run_flow(ctx: StageContext, flow: Flow, phases: Iterable[Phase], check: bool
 def utilization(clients: dict[str, LLMClient], t0: float, t1: float) -> dict[str, Any]:
     """Per role, the teacher or judge utilization the client saw over [t0, t1] (monotonic): busy
     slot-seconds (answered attempts in flight, at most the client's slots at once) over
-    capacity-seconds (its slots: the server's capacity, or this pod's share of it)."""
+    capacity-seconds (its slots: the server's capacity, or this pod's share of it); beside it what the
+    pool did for the role's requests: attempts sent, retries after a failure, hedges and abandons
+    (llm/pool.py)."""
     from ..llm.base import slot_utilization
 
     out: dict[str, Any] = {}
@@ -200,7 +209,7 @@ def utilization(clients: dict[str, LLMClient], t0: float, t1: float) -> dict[str
         iv = [(a, b) for a, b in c.busy_intervals() if b > t0 and a < t1]
         busy = sum(min(b, t1) - max(a, t0) for a, b in iv)
         out[role] = {"utilization": round(slot_utilization(iv, cap, t0, t1), 4), "slots": cap,
-                     "span_s": round(t1 - t0, 3), "busy_request_s": round(busy, 3)}
+                     "span_s": round(t1 - t0, 3), "busy_request_s": round(busy, 3), **(c.tail_counts() or {})}
     return out
 
 

@@ -229,8 +229,9 @@ def _rate_generate(ctx: StageContext, judge: LLMClient, rows: list[dict[str, Any
         return phases[attempt]
 
     def ask(rid: str, attempt: int) -> None:
+        # a re-ask goes before first asks: its row has waited longest (scheduling only, llm/pool.py)
         req = request(f"{rid}-a{attempt}", prompts[rid], cfg.decoding,
-                      stable_hash(ctx.recipe.seed, rid, attempt) % (2**31 - 1))
+                      stable_hash(ctx.recipe.seed, rid, attempt) % (2**31 - 1), priority=attempt - 1)
         # a retried ask must not be answered from the first ask's cache: greedy decoding would repeat it
         if attempt > 1 and cfg.decoding.temperature == 0:
             req = _with_temperature(req, cfg.retry_temperature)
