@@ -460,3 +460,30 @@ def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():
     two.done(two.pick(), ok=False, sick=True)  # the replica that failed is taken out ...
     out = next(r for r in two.replicas.values() if r.out_until)
     assert {two.pick() for _ in range(3)} == {u for u in two.urls() if u != out.url}  # ... and not picked
+
+
+def test_a_stage_skipped_as_committed_gives_its_teacher_share_to_those_that_run(tmp_path):
+    """`bezoar run` counts every teacher stage of its selection as a party; one committed before is skipped
+    and used to keep its share idle for the whole run (it never ran, so it never marked itself done)."""
+    from kubernetes import client as k8s_client
+
+    from bezoar_jobs.executors.cluster import ClusterSettings
+    from bezoar_jobs.executors.k8s_backend import KubernetesBackend
+    from bezoar_jobs.executors.local import LocalBackend
+    from bezoar_jobs.executors.scheduler import RunOutcome
+    from bezoar_jobs.llm.budget import Board
+
+    store = open_store(str(tmp_path / "local"))
+    lamini = Board(store, "generate-lamini", capacity=12, parties=3, ceiling=12)
+    assert lamini.share() == 4
+    LocalBackend(store).stage_done("generate-evol", skipped=True)
+    LocalBackend(store).stage_done("filter-evol", skipped=True)  # not a teacher party: no marker
+    assert lamini.share() == 6 and not any("filter" in n for n in store.list("_control/teacher-shares/"))
+    # on Kubernetes, with sharded generation, each shard is a party
+    store = open_store(str(tmp_path / "k8s"))
+    cluster = ClusterSettings.model_validate({"generationShards": 2, "teacher": {"maxConcurrentRequests": 12}})
+    shard = Board(store, "generate-orca.0-of-2", capacity=12, parties=6, ceiling=12)
+    assert shard.share() == 2
+    backend = KubernetesBackend(k8s_client.ApiClient(), cluster, str(tmp_path / "k8s"), "r", store, RunOutcome())
+    backend.stage_done("generate-lamini", skipped=True)
+    assert shard.share() == 3  # 12 // (6 - 2)

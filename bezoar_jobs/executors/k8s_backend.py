@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..errors import RetryableError
+from ..llm.budget import mark_done, party_names
 from ..recipe import Recipe
 from ..registry import spec
 from ..run_control import EXIT_CANCELLED, cancelled, write_controller_status
 from ..store import Store
-from .cluster import ClusterSettings
+from .cluster import TEACHER_STAGES, ClusterSettings
 from .distributed import group_objects, headless_service, is_group, service_name
 from .jobs import COMPLETION_INDEX_ANNOTATION, Phase, build_job, is_sharded, job_name, run_selector, short_run_id
 from .k8s_api import condition, raw
@@ -164,6 +165,9 @@ class KubernetesBackend:
 
     def stage_done(self, stage: str, skipped: bool) -> None:
         self.diag.forget(stage, "Succeeded")
+        if skipped and stage in TEACHER_STAGES:  # its pods are counted among the teacher's parties
+            for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
+                mark_done(self.store, party)
         if spec(stage).family == "generate":
             self.teacher.after_generation([t.stage for t in self.active.values()])
 

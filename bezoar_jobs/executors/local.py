@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..layout import RECIPE_FILE
+from ..llm.budget import mark_done
 from ..recipe import Recipe
 from ..redact import redact
 from ..registry import spec
@@ -121,7 +122,8 @@ class LocalBackend:
         return out
 
     def stage_done(self, stage: str, skipped: bool) -> None:
-        pass
+        if skipped and stage in TEACHER_STAGES:  # counted among the teacher's parties, but asks nothing
+            mark_done(self.store, stage)
 
     def running(self) -> list[str]:
         return sorted(self._running)

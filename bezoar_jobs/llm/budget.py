@@ -31,8 +31,8 @@ shares already (a local directory or S3), so this works the same for local proce
 pods, with no shared memory and no service to run. A pod that is started again (a retried Job) removes
 its own marker first and starts from its floor; the others give back what they took within ``POLL_S``
 (meanwhile the server may refuse a few requests as overloaded: the pool retries them).
-A stage of the run's selection that was committed before (and so never runs) leaves no marker: its
-share stays with it.
+A stage of the run's selection that was committed before (and so is skipped) is marked done by the
+scheduler's backend when it skips it (:func:`mark_done`): its share goes to the stages that run.
 
 Why not the server's own signal: TGI reports each answer's queue time (``x-queue-time``,
 router/src/server.rs; the scripted server sends it too), and a pod could grow while answers do not
@@ -172,11 +172,22 @@ class Board:
 
     def done(self) -> None:
         """This pod sends the teacher nothing more: its share goes to the others."""
-        try:
-            self.store.write_text(self.marker, f"{time.time():.3f}\n")
-            self.store.delete(self.live)
-        except Exception as e:  # the others keep their shares: slower, not wrong
-            log.info("teacher: could not write %s (%s)", self.marker, e)
+        mark_done(self.store, self.party)
+
+
+def party_names(stage: str, shards: int = 1) -> list[str]:
+    """The parties of ``stage`` on the board: the stage itself, or each of its shards (stages/common.py)."""
+    return [stage] if shards <= 1 else [f"{stage}.{i}-of-{shards}" for i in range(shards)]
+
+
+def mark_done(store: Store, party: str) -> None:
+    """``party`` sends the teacher nothing more in this run (it finished, or its stage was committed
+    before and is skipped): its share goes to the pods still running."""
+    try:
+        store.write_text(f"{BOARD_PREFIX}{party}.done", f"{time.time():.3f}\n")
+        store.delete(f"{BOARD_PREFIX}{party}.live")
+    except Exception as e:  # the others keep their shares: slower, not wrong
+        log.info("teacher: could not write %s%s.done (%s)", BOARD_PREFIX, party, e)
 
 
 def plan(endpoint: Endpoint, role: str, api_key: str | None = None,

@@ -49,9 +49,9 @@ def open_client(
     client = make_client(endpoint, role=role)
     budget = getattr(client, "budget", None)
     if budget is not None and budget.capacity:  # a teacher several pods share: the share grows as they finish
-        from ..llm.budget import Board
+        from ..llm.budget import Board, party_names
 
-        party = ctx.name + (f".{ctx.shard[0]}-of-{ctx.shard[1]}" if ctx.shard is not None else "")
+        party = party_names(ctx.name, ctx.shard[1])[ctx.shard[0]] if ctx.shard is not None else ctx.name
         client.board = Board(ctx.store, party, budget.capacity, budget.parties,  # type: ignore[attr-defined]
                              min(endpoint.max_concurrency, budget.capacity))
     if cached:
