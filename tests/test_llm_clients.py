@@ -464,3 +464,20 @@ def test_tgi_never_sends_the_ambient_hugging_face_token(llm_server, monkeypatch)
     srv = llm_server()
     out = run_all(make_client(endpoint("tgi", srv)), [GenRequest(id="1", user="hi")])
     assert out["1"].ok and srv.calls[0].auth is None
+
+
+@pytest.mark.parametrize("backend", ["tgi", "openai-chat", "anthropic"])
+def test_the_clients_go_through_the_proxy_the_environment_names(backend, llm_server, monkeypatch):
+    """A teacher or judge behind a corporate proxy: HTTP_PROXY / NO_PROXY are honoured as the HTTP SDKs
+    (httpx) honour them; the aiohttp clients ignored them (trust_env=False) and tried the host directly."""
+    proxy = llm_server(script=echo)  # plays the proxy: it answers what it is asked to forward
+    for var in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("TEST_LLM_KEY", "k")
+    base = "http://teacher.invalid:8080" + ("/v1" if backend.startswith("openai") else "")
+    ep = Endpoint(backend=backend, model="test/model", base_url=base, prompt_format=TGI_FORMAT if backend == "tgi"
+                  else None, max_concurrency=2, timeout_s=10.0, max_retries=0, api_key_env="TEST_LLM_KEY")
+    out = run_all(make_client(ep, role="teacher"), [GenRequest(id="a", user="through the proxy", max_new_tokens=8)])
+    assert out["a"].ok, out["a"].error
+    assert out["a"].text.startswith("proxy the through") and any("through the proxy" in c.prompt for c in proxy.calls)

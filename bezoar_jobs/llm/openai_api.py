@@ -44,8 +44,9 @@ class _OpenAIBase(RemoteClient):
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         # connections for the slots, the overdue attempts that gave theirs away, and their hedges (llm/pool.py)
+        # trust_env: HTTP(S)_PROXY / NO_PROXY as the SDKs before (httpx) and urllib honour them
         self._session = aiohttp.ClientSession(
-            headers=headers, trust_env=False, connector=aiohttp.TCPConnector(limit=3 * self.max_slots()),
+            headers=headers, trust_env=True, connector=aiohttp.TCPConnector(limit=3 * self.max_slots()),
             timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout_s))
 
     async def _close(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import urllib.parse
 from typing import Any
 
 from ..errors import BadInput
@@ -61,8 +62,9 @@ class TGIClient(RemoteClient):
         # connections for every attempt the pool may have out: its slots, as many overdue attempts that gave
         # their slot away (llm/pool.py) and their hedges. Sized to the slots alone, an attempt that hung kept
         # its connection and the request that took its slot waited for one: the server idled
+        # trust_env: HTTP(S)_PROXY / NO_PROXY as the SDKs before (httpx) and urllib honour them
         self._session = aiohttp.ClientSession(
-            headers=headers, trust_env=False, connector=aiohttp.TCPConnector(limit=3 * n),
+            headers=headers, trust_env=True, connector=aiohttp.TCPConnector(limit=3 * n),
             timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout_s))
 
     async def _close(self) -> None:
@@ -94,6 +96,8 @@ class TGIClient(RemoteClient):
         prompt = self.prompt_text(req)
         url = REPLICA.get() or self.endpoint.base_url
         assert url is not None and self._session is not None
+        if not urllib.parse.urlsplit(url).path:  # TGI's "/" route, said explicitly (a proxy needs a path)
+            url += "/"
         body = {"inputs": prompt, "parameters": self.parameters(req), "stream": False}
         try:
             async with self._session.post(url, json=body) as resp:
