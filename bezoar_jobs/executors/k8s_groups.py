@@ -31,8 +31,9 @@ from typing import Any
 
 from ..errors import BadInput
 from .distributed import JOBSET_API, TRAINJOB_API
-from .jobs import ANNOTATION_CONTROLLER, LABEL_RUN, LABEL_STAGE
+from .jobs import LABEL_RUN, LABEL_STAGE
 from .k8s_api import api_exception, raw
+from .k8s_jobs import create_or_adopt
 from .k8s_retry import ApiRetry
 
 POD_GROUP_LABEL = "jobset.sigs.k8s.io/jobset-name"
@@ -129,35 +130,19 @@ class GroupApi:
 
     def create_or_adopt(self, body: dict[str, Any], stage: str, on_replace: Any = None) -> tuple[dict[str, Any], str]:
         """(the object, how), with the same meanings as :meth:`k8s_jobs.JobApi.create_or_adopt`."""
-        ApiException = api_exception()
         k = self.kind
-        name = body["metadata"]["name"]
-        for _attempt in range(3):
-            existing = self.get(name)
-            if existing is not None:
-                if not self.belongs(existing, stage):
-                    raise BadInput(f"a {k.kind} named {name} already exists in namespace {self.ns} but does not "
-                                   f"belong to run {self.run_label} stage {stage}; delete it or use another --run-id")
-                cond = group_condition(existing, k)
-                if cond is None:
-                    return existing, "adopted"
-                ours = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_CONTROLLER)
-                if cond["type"] == "Failed" and self.controller_uid and ours == self.controller_uid:
-                    return existing, "failed"
-                if on_replace is not None:
-                    on_replace(name)
-                self.delete_and_wait(name, existing["metadata"]["uid"])
-            try:
-                return raw(self.retry.call(f"create {k.kind} {name}", self.custom.create_namespaced_custom_object,
-                                           k.group, k.version, self.ns, k.plural, body, field_validation="Strict",
-                                           _preload_content=False)), "created"
-            except ApiException as e:
-                if getattr(e, "status", None) == 409:
-                    continue
-                if getattr(e, "status", None) in (400, 422):  # the API server or the kind's webhook refused it
-                    raise BadInput(f"{stage}: the cluster refused {k.kind} {name}: {_status_message(e)}") from None
-                raise
-        raise RuntimeError(f"could not create or adopt {k.kind} {name}")
+
+        def create(name: str) -> Any:
+            return self.retry.call(f"create {k.kind} {name}", self.custom.create_namespaced_custom_object, k.group,
+                                   k.version, self.ns, k.plural, body, field_validation="Strict",
+                                   _preload_content=False)
+
+        def refused(e: Exception, name: str) -> None:
+            if getattr(e, "status", None) in (400, 422):  # the API server or the kind's webhook refused it
+                raise BadInput(f"{stage}: the cluster refused {k.kind} {name}: {_status_message(e)}") from None
+
+        return create_or_adopt(self, k.kind, body, stage, lambda obj: group_condition(obj, k), create, on_replace,
+                               refused)
 
     def delete(self, name: str) -> None:
         ApiException = api_exception()

@@ -20,7 +20,8 @@ import contextlib
 import queue
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import BadInput
 from .jobs import ANNOTATION_CONTROLLER, CONTAINER, LABEL_RUN, LABEL_STAGE
@@ -36,6 +37,50 @@ def pod_job(pod: dict[str, Any]) -> tuple[str, str]:
     """(Job name, Job uid) of a Job's pod, from the labels the Job controller sets."""
     labels = pod["metadata"].get("labels") or {}
     return labels.get(POD_JOB_NAME, ""), labels.get(POD_JOB_UID, "")
+
+
+class _Owned(Protocol):
+    ns: str
+    run_label: str
+    controller_uid: str | None
+
+    def get(self, name: str) -> dict[str, Any] | None: ...
+    def belongs(self, obj: dict[str, Any], stage: str) -> bool: ...
+    def delete_and_wait(self, name: str, uid: str, timeout: float = 120.0) -> None: ...
+
+
+def create_or_adopt(api: _Owned, kind: str, body: dict[str, Any], stage: str,
+                    condition_of: Callable[[dict[str, Any]], dict[str, Any] | None], create: Callable[[str], Any],
+                    on_replace: Any = None, refused: Callable[[Exception, str], None] | None = None,
+                    ) -> tuple[dict[str, Any], str]:
+    """A Job's or a group object's create-or-adopt (:meth:`JobApi.create_or_adopt` says what each answer
+    means); ``create(name)`` sends it, ``refused(error, name)`` may turn an API refusal into bad input."""
+    ApiException = api_exception()
+    name = body["metadata"]["name"]
+    for _attempt in range(3):
+        existing = api.get(name)
+        if existing is not None:
+            if not api.belongs(existing, stage):
+                raise BadInput(f"a {kind} named {name} already exists in namespace {api.ns} but does not belong to "
+                               f"run {api.run_label} stage {stage}; delete it or use another --run-id")
+            cond = condition_of(existing)
+            if cond is None:
+                return existing, "adopted"
+            ours = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_CONTROLLER)
+            if cond["type"] == "Failed" and api.controller_uid and ours == api.controller_uid:
+                return existing, "failed"
+            if on_replace is not None:
+                on_replace(name)
+            api.delete_and_wait(name, existing["metadata"]["uid"])
+        try:
+            return raw(create(name)), "created"
+        except ApiException as e:
+            if getattr(e, "status", None) == 409:  # someone created it between our get and create
+                continue
+            if refused is not None:
+                refused(e, name)
+            raise
+    raise RuntimeError(f"could not create or adopt {kind} {name}")
 
 
 class JobApi:
@@ -86,31 +131,9 @@ class JobApi:
         ``created``: anything else, a finished Job of an earlier ``bezoar run`` being deleted first
         (``on_replace(name)`` is told). ``409 Conflict`` on create means another controller won the
         race: look again."""
-        ApiException = api_exception()
-        name = body["metadata"]["name"]
-        for _attempt in range(3):
-            existing = self.get(name)
-            if existing is not None:
-                if not self.belongs(existing, stage):
-                    raise BadInput(f"a Job named {name} already exists in namespace {self.ns} but does not belong to "
-                                   f"run {self.run_label} stage {stage}; delete it or use another --run-id")
-                cond = condition(existing)
-                if cond is None:
-                    return existing, "adopted"
-                ours = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_CONTROLLER)
-                if cond["type"] == "Failed" and self.controller_uid and ours == self.controller_uid:
-                    return existing, "failed"
-                if on_replace is not None:
-                    on_replace(name)
-                self.delete_and_wait(name, existing["metadata"]["uid"])
-            try:
-                return raw(self.retry.call(f"create Job {name}", self.batch.create_namespaced_job, self.ns, body,
-                                           _preload_content=False)), "created"
-            except ApiException as e:
-                if getattr(e, "status", None) == 409:  # someone created it between our get and create
-                    continue
-                raise
-        raise RuntimeError(f"could not create or adopt Job {name}")
+        return create_or_adopt(self, "Job", body, stage, condition, lambda name: self.retry.call(
+            f"create Job {name}", self.batch.create_namespaced_job, self.ns, body, _preload_content=False),
+            on_replace)
 
     def ensure_group_service(self, service: dict[str, Any]) -> None:
         """Create the headless Service of a training group before its Job (its pods resolve node 0 through
