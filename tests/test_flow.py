@@ -89,6 +89,37 @@ def test_a_hung_request_is_hedged_or_abandoned_past_the_p99_and_sent_again_with_
     assert out["s"].retries == 0 and client.usage.retries <= 1
 
 
+def test_a_duplicate_that_hangs_too_is_followed_by_another_not_cut_at_the_deadline():
+    """One duplicate per attempt: when the hedge of a hung request hung as well (a 5% hang rate makes that
+    one request in 400), both waited for the deadline, 3 x the p99 after the first was sent."""
+    with running(rule=per_prompt({"sleepy": ["hang", "hang"]}), hang_s=30, latency=0.01) as srv:
+        client = make_client(endpoint("tgi", srv, timeout_s=25.0, max_retries=0))
+        reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(70)]
+        reqs.insert(60, GenRequest(id="s", user="sleepy", seed=99))
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    sleepy = [c for c in srv.calls if "sleepy" in c.prompt]
+    assert [c.seed for c in sleepy] == [99, 99, 99]
+    # the third attempt is the second duplicate, sent a hedge interval after the first one
+    assert client.tail_counts()["hedged"] == 2 and client.tail_counts()["abandoned"] == 0, client.tail_counts()
+
+
+def test_every_hung_request_is_hedged_when_hangs_are_more_than_the_hedge_budget():
+    """The hedge budget counted every duplicate (4 + 5% of the attempts): with more hangs than that, the rest
+    waited for the deadline. A hung request's duplicate is the one that answers, so it adds no load; the
+    budget now bounds the duplicates that proved unneeded."""
+    hung = {f"quick {i}<": ["hang"] for i in range(5, 160, 10)}  # 16 of 160 hang once
+    with running(rule=per_prompt(hung), hang_s=30, latency=0.01) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=8, timeout_s=25.0, max_retries=0))
+        out = run_all(client, [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(160)])
+    assert all(r.ok for r in out.values())
+    for key in hung:
+        calls = [c for c in srv.calls if key in c.prompt]
+        assert len(calls) == 2 and calls[0].seed == calls[1].seed, key
+    counts = client.tail_counts()
+    assert counts["abandoned"] == 0 and counts["hedged"] == len(hung), counts
+
+
 def test_one_retry_after_does_not_pause_the_whole_pool():
     """A Retry-After paused every new attempt of the pool: one 429 among many answers idled the server."""
     with running(rule=per_prompt({"unlucky": ["429"]}), retry_after="1.5", latency=0.02) as srv:

@@ -20,17 +20,21 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   pausing the whole pool for it would idle the server). A request waiting to retry holds no slot;
 * deadlines from the latency distribution of the request's class (its ``max_new_tokens``; all answers
   until the class has its own ``DEADLINE_MIN_SAMPLES``): an attempt
-  still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it started (and before
-  ``timeout_s``) is abandoned and sent again at once, with the same seed, so the answer is the one the
-  first attempt would have given; each abandon of a request doubles its next deadline (a request slow
-  by nature still ends), and at most ``ABANDON_FRACTION`` of the attempts (plus a few) are abandoned,
-  so a server that is merely slow is not asked twice for everything. Before
+  still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it (or its newest duplicate,
+  below) was sent, and before ``timeout_s``, is abandoned and sent again at once, with the same seed,
+  so the answer is the one the first attempt would have given; each abandon of a request doubles its
+  next deadline (a request slow by nature still ends), and at most ``ABANDON_FRACTION`` of the attempts
+  (plus a few) are abandoned, so a server that is merely slow is not asked twice for everything. Before
   that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
   most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget); past
   ``HEDGE_P99_FACTOR`` x p99 (``IDLE_HEDGE_P99_FACTOR`` when no request waits for a slot) a duplicate
-  with the same seed races it (at most ``HEDGE_FRACTION`` of the attempts); if the duplicate fails,
-  the original is presumed hung and that failure is the answer (retried as it says). A hung request
-  idles no slot for long, instead of holding it for the whole ``timeout_s``;
+  with the same seed races it, and another one hedge interval later if neither has answered
+  (``MAX_RACERS`` in all: a duplicate can hang too). The budget is the load duplicates add: those that
+  proved unneeded (an attempt sent before them answered first) plus those still racing stay within
+  ``HEDGE_FRACTION`` of the attempts, all of them within ``HEDGE_CAP_FRACTION``; the duplicate of a hung
+  request, the one that answers, costs nothing extra, so a server where 5% of requests hang gets every one
+  hedged. If a duplicate fails, the original is presumed hung and that failure is the answer (retried as
+  it says). A hung request idles no slot for long, instead of holding it for the whole ``timeout_s``;
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -100,7 +104,9 @@ WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
 HEDGE_P99_FACTOR = 1.2
 IDLE_HEDGE_P99_FACTOR = 1.0  # when no request waits for a slot (a duplicate then displaces nothing)
-HEDGE_FRACTION = 0.05
+HEDGE_FRACTION = 0.05  # of the attempts, at most this many duplicates unneeded or still racing
+HEDGE_CAP_FRACTION = 0.25  # and at most this many duplicates in all
+MAX_RACERS = 3  # an attempt and up to two duplicates, each sent a hedge interval after the one before
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
 # the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
@@ -281,6 +287,10 @@ class PoolLane:
         self.abandoned = 0
         self.overdue = 0  # attempts past the p99 that gave their slot away
         self.hedged = 0  # duplicates sent
+        # duplicates that turned out not to be needed (an attempt sent before them answered first), and those
+        # still racing (not known yet): together they are the extra load the hedge budget bounds
+        self.hedge_wasted = 0
+        self.hedges_open = 0
         # answered attempts' latencies per class of request (its max_new_tokens: an 8-token check is not
         # late when a 512-token answer would be) and over all of them (until a class has its own)
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -515,19 +525,23 @@ class PoolLane:
         t0 = time.monotonic()
         fleet = self.client.fleet
         assert self.loop is not None
-        racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedge: -> replica, sent
+        racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedges: -> replica, sent
+        last_sent = t0
+        n_sent = 0
 
         async def send() -> None:
+            nonlocal last_sent, n_sent
             replica = await fleet.acquire(self.loop, avoid) if fleet is not None and self.loop else None
             token = REPLICA.set(replica)
             f = asyncio.ensure_future(self.client._send(req))
             REPLICA.reset(token)
             f.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news
-            racers[f] = (replica, time.monotonic())
+            last_sent = time.monotonic()
+            n_sent += 1
+            racers[f] = (replica, last_sent)
 
         await send()
         first = next(iter(racers))
-        hedged = False
         sick = False
         try:
             # the p99 moves (and is unknown for the first answers): the deadlines are looked at again
@@ -546,15 +560,21 @@ class PoolLane:
                         self.inflight.release()
                     idle = not self.feed and not self.inflight.waiting()
                     factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
-                    if not hedged and age >= max(OVERDUE_MIN_S, factor * p99) and self._may_hedge():
-                        hedged = True
+                    # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
+                    # that hangs too is followed by another, instead of both waiting for the deadline
+                    waited = time.monotonic() - last_sent
+                    if (n_sent < MAX_RACERS and waited >= max(OVERDUE_MIN_S, factor * p99)
+                            and self._may_hedge()):
                         self.hedged += 1
+                        self.hedges_open += 1
                         self.client.tails["hedged"] += 1
                         await send()
                     # each abandon of the same request doubles its deadline: a request that is slow by
                     # nature still ends (at timeout_s at the latest), a hung one is cut every time
+                    # counted from the newest racer: a duplicate sent a moment ago is not cut with the hung
+                    # attempt it stands in for
                     deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
-                    if deadline <= age < ep.timeout_s and self._may_abandon():
+                    if deadline <= time.monotonic() - last_sent and age < ep.timeout_s and self._may_abandon():
                         self.abandoned += 1
                         self.client.tails["abandoned"] += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
@@ -563,11 +583,15 @@ class PoolLane:
                                              return_when=asyncio.FIRST_COMPLETED)
                 for f in done:
                     replica, sent = racers.pop(f)
+                    if f is not first:
+                        self.hedges_open -= 1
                     error = f.exception()
                     failed = isinstance(error, Transient)
                     if fleet is not None and replica is not None:
                         fleet.done(replica, error is None, failed and _sick(error))  # type: ignore[arg-type]
                     if error is None:  # its own latency (a hedge's from when the hedge was sent)
+                        # the duplicates sent after the winner were not needed (those before it hung)
+                        self.hedge_wasted += sum(1 for _, s in racers.values() if s > sent)
                         return f.result(), sent, time.monotonic()
                     if isinstance(error, Transient):
                         error.replica = replica
@@ -582,6 +606,8 @@ class PoolLane:
             raise
         finally:
             for f, (replica, _) in racers.items():
+                if f is not first:
+                    self.hedges_open -= 1
                 if fleet is not None and replica is not None:
                     fleet.done(replica, False, sick)
                 if not f.done():
@@ -593,7 +619,11 @@ class PoolLane:
                 self.overdue -= 1
 
     def _may_hedge(self) -> bool:
-        return self.hedged < ABANDON_SLACK + HEDGE_FRACTION * self.attempts
+        """Duplicates are bounded by the load they may add: those that proved unneeded plus those still
+        racing stay within ``HEDGE_FRACTION`` of the attempts (a hung request's duplicate, the one that
+        answered, costs nothing extra), and all of them within ``HEDGE_CAP_FRACTION``."""
+        return (self.hedge_wasted + self.hedges_open < ABANDON_SLACK + HEDGE_FRACTION * self.attempts
+                and self.hedged < ABANDON_SLACK + HEDGE_CAP_FRACTION * self.attempts)
 
     def _may_abandon(self) -> bool:
         return self.abandoned < ABANDON_SLACK + ABANDON_FRACTION * self.attempts
