@@ -57,10 +57,12 @@ CATS = ["closed_qa", "open_qa", "summarization", "brainstorming", "classificatio
 SOURCES = [("cot", "zs_noopt"), ("niv2", "zs_noopt"), ("t0", "zs_noopt"), ("flan", "zs_noopt")]
 
 
-def start_server(a: argparse.Namespace, rates: str = "", seed: int = 0) -> tuple[subprocess.Popen, str]:
+def start_server(a: argparse.Namespace, rates: str = "", seed: int = 0,
+                 retry_after: str = "1") -> tuple[subprocess.Popen, str]:
+    """``retry_after``: what a 429/503 says in ``Retry-After`` ("" for no header, as TGI's own 429 answers)."""
     cmd = [sys.executable, str(REPO / "tests" / "llm_server.py"), "--scripted", "--capacity", str(a.capacity),
            "--per-token-ms", str(a.per_token_ms), "--mu", str(a.mu), "--sigma", str(a.sigma),
-           "--hang-s", "600", "--seed", str(seed)]
+           "--hang-s", "600", "--seed", str(seed), "--retry-after", retry_after]
     if rates:
         cmd += ["--rates", rates]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO / "tests")
@@ -145,6 +147,7 @@ def run_stage(url: str, rec: Path, run: Path, stage: str, a: argparse.Namespace)
     role = "judge" if stage.startswith("filter") else "teacher"
     return {"stage": stage, "wall_s": round(wall, 1), "span_s": round(st["last_finish"] - st["first_arrival"], 2),
             "requests": st["requests"], "by_status": st["by_status"], "busy": round(st["busy_fraction"], 3),
+            "busy_answered": round(st["busy_fraction_answered"], 3),
             "client_seen": util.get(role, {}).get("utilization"),
             "rows": m["counts"].get("rows", m["counts"].get("kept")),
             "retries": sum(p.get("retries", 0) for p in m.get("requests", {}).get("phases", {}).values()),
@@ -188,8 +191,9 @@ def timeline(rows: list[list[Any]], capacity: int, bin_s: float = 1.0) -> dict[s
             "used": used, "fresh": fresh, "again": again}
 
 
-def series(a: argparse.Namespace, d: Path, rates: str, name: str, dolly: Path, flan: Path) -> tuple[list, Path]:
-    proc, url = start_server(a, rates)
+def series(a: argparse.Namespace, d: Path, rates: str, name: str, dolly: Path, flan: Path,
+           retry_after: str = "1") -> tuple[list, Path]:
+    proc, url = start_server(a, rates, retry_after=retry_after)
     try:
         run = d / f"run-{name}"
         (d / name).mkdir()
@@ -219,13 +223,15 @@ def together(a: argparse.Namespace, d: Path, dolly: Path, flan: Path) -> dict[st
         proc.terminate()
         proc.wait(10)
     return {"wall_s": round(wall, 1), "span_s": round(st["last_finish"] - st["first_arrival"], 2),
-            "requests": st["requests"], "busy": round(st["busy_fraction"], 3), "max_in_flight": st["max_in_flight"]}
+            "requests": st["requests"], "busy": round(st["busy_fraction"], 3),
+            "busy_answered": round(st["busy_fraction_answered"], 3), "max_in_flight": st["max_in_flight"]}
 
 
-def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool) -> dict[str, Any]:
-    """generate-orca against two replicas behind one endpoint list; ``kill``: one dies mid-stage."""
+def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool, seeds: int) -> dict[str, Any]:
+    """generate-orca on ``seeds`` seeds against two replicas behind one endpoint list; ``kill``: one dies
+    mid-stage."""
     servers = [start_server(a, seed=i) for i in range(2)]
-    name = "fleet-kill" if kill else "fleet"
+    name = f"fleet-{seeds}" + ("-kill" if kill else "")
     try:
         (d / name).mkdir()
         rec = recipe(d / name, servers[0][1], a, dolly, flan)
@@ -233,6 +239,7 @@ def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool) -
 
         doc = yaml.safe_load(rec.read_text())
         doc["teacher"]["max_concurrency"] = 2 * a.concurrency
+        doc["generation"]["orca"]["seeds"] = seeds
         rec.write_text(yaml.safe_dump(doc, sort_keys=False))
         for _, u in servers:
             control(u, "/_reset", "POST")
@@ -257,7 +264,10 @@ def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool) -
             if pr.poll() is None:
                 pr.terminate()
                 pr.wait(10)
-    return {"busy": [round(s["busy_fraction"], 3) for s in stats], "rows": m["counts"]["rows"],
+    return {"busy": [round(s["busy_fraction"], 3) for s in stats],
+            "busy_answered": [round(s["busy_fraction_answered"], 3) for s in stats],
+            "busy_until_last_start": [round(s["busy_fraction_until_last_start"], 3) for s in stats],
+            "rows": m["counts"]["rows"],
             "seeds": m["counts"]["seeds"], "killed_after_s": killed_at, "requests": [s["requests"] for s in stats]}
 
 
@@ -274,7 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--evol-seeds", type=int, default=1200)
     ap.add_argument("--orca-seeds", type=int, default=3000)
     ap.add_argument("--kill-after", type=float, default=6.0)
-    ap.add_argument("--parts", default="clean,faults,together,fleet")
+    ap.add_argument("--parts", default="clean,faults,faults-tgi,together,fleet",
+                    help="faults: 429/503 say Retry-After: 1; faults-tgi: the same mix without Retry-After, as "
+                    "TGI's router answers its 429 (and as an ingress answers a 503)")
     ap.add_argument("--stages", default=",".join(STAGES), help="the data stages to measure (in this order; the "
                     "filter needs generate-lamini before it)")
     ap.add_argument("--timeline", action="store_true", help="add each stage's server timeline (where the idle "
@@ -293,29 +305,49 @@ def main(argv: list[str] | None = None) -> None:
     fig: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bezoar-stages-") as tmp:
         d = Path(tmp)
-        dolly, flan = seed_files(d, a.evol_seeds + 10, a.orca_seeds + 10)
+        dolly, flan = seed_files(d, a.evol_seeds + 10, 2 * a.orca_seeds + 10)
         if "clean" in parts:
             fig["clean"], clean_run = series(a, d, "", "clean", dolly, flan)
         if "faults" in parts:
             fig["faults"], fault_run = series(a, d, FAULTS, "faults", dolly, flan)
             if "clean" in parts:
                 fig["identical"] = {s: data(clean_run, s) == data(fault_run, s) for s in a.stages}
-            from fault_bound import bound  # bench/fault_bound.py
-
-            fig["bound"] = {s: bound(SHAPES[s][0], 10, capacity=a.capacity, concurrency=a.concurrency,
-                                     per_token_s=a.per_token_ms / 1000, mu=SHAPES[s][1], sigma=SHAPES[s][2],
-                                     cap_tokens=a.max_new_tokens, short=SHAPES[s][3]) for s in a.stages}
+            fig["bound"] = {s: shape_bound(a, s, 1.0) for s in a.stages}
+        if "faults-tgi" in parts:
+            fig["faults_tgi"], tgi_run = series(a, d, FAULTS, "faults-tgi", dolly, flan, retry_after="")
+            if "clean" in parts:
+                fig["identical_tgi"] = {s: data(clean_run, s) == data(tgi_run, s) for s in a.stages}
+            fig["bound_tgi"] = {s: shape_bound(a, s, 0.0) for s in a.stages}
         if "together" in parts:
             fig["together"] = together(a, d, dolly, flan)
         if "fleet" in parts:
-            fig["fleet"] = fleet(a, d, dolly, flan, kill=False)
-            fig["fleet_kill"] = fleet(a, d, dolly, flan, kill=True)
+            # the stage's own size (half of it per replica), then twice it (each replica as much work as the
+            # one server has in the table above); the ideal client's clean figure at each replica's share
+            fig["fleet"] = fleet(a, d, dolly, flan, kill=False, seeds=a.orca_seeds)
+            fig["fleet_equal"] = fleet(a, d, dolly, flan, kill=False, seeds=2 * a.orca_seeds)
+            fig["fleet_kill"] = fleet(a, d, dolly, flan, kill=True, seeds=a.orca_seeds)
+            from fault_bound import bound  # bench/fault_bound.py
+
+            mu, sigma = SHAPES["generate-orca"][1:3]
+            fig["fleet_bound"] = {str(n): bound(n, 10, capacity=a.capacity, concurrency=a.concurrency,
+                                                per_token_s=a.per_token_ms / 1000, mu=mu, sigma=sigma,
+                                                cap_tokens=a.max_new_tokens)["clean_busy"]
+                                  for n in (a.orca_seeds // 2, a.orca_seeds)}
     fig["load_before"] = [round(x, 1) for x in load]
     fig["load_after"] = [round(x, 1) for x in os.getloadavg()]
     print(json.dumps(fig, indent=1))
     if not a.no_write:
         write_section(a.out, render(a, fig, argv if argv is not None else sys.argv[1:]), SECTION)
         print(f"written to {a.out}")
+
+
+def shape_bound(a: argparse.Namespace, stage: str, retry_after_s: float) -> dict[str, Any]:
+    """The ideal client of bench/fault_bound.py on ``stage``'s shape (SHAPES) under the fault mix."""
+    from fault_bound import bound  # bench/fault_bound.py
+
+    n, mu, sigma, short = SHAPES[stage]
+    return bound(n, 10, capacity=a.capacity, concurrency=a.concurrency, per_token_s=a.per_token_ms / 1000, mu=mu,
+                 sigma=sigma, cap_tokens=a.max_new_tokens, short=short, retry_after_s=retry_after_s)
 
 
 def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
@@ -330,22 +362,43 @@ def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
              f"generate-lamini {a.lamini_prompts} prompts x 8 instructions, generate-evol {a.evol_seeds} seeds x 2 "
              f"rounds (evolve, response, 8-token equality check), generate-orca {a.orca_seeds} seeds, filter-lamini "
              "one verdict per generated row. \"busy\" is the server's decoding capacity kept busy over the stage's "
-             "span (first request in to last answer out, the final drain included); \"client\" is what the stage's "
-             "manifest records (`utilization`: answered attempts in flight over the client's slots).", ""]
+             "span (first request in to last answer out, the final drain included); \"answered only\" leaves out "
+             "the decodes of attempts the client cancelled (a duplicate that lost its race, an abandoned attempt); "
+             "\"client\" is what the stage's manifest records (`utilization`: answered attempts in flight over the "
+             "client's slots).", ""]
     if "clean" in fig:
-        lines += ["| stage | clean: busy (client) | span | requests | under faults: busy | span (x clean) | "
+        lines += ["| stage | clean: busy (client) | span | requests | under faults: busy (answered only) | "
+                  "span (x clean) | "
                   "retries, hedged, abandoned | data identical | ideal client under faults: busy (x clean) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for i, c in enumerate(fig["clean"]):
             f = fig.get("faults", [None] * len(fig["clean"]))[i]
             b = fig.get("bound", {}).get(c["stage"])
-            fx = (f"{f['busy']:.3f} | {f['span_s']:.1f} s ({f['span_s'] / c['span_s']:.2f}x) | "
+            fx = (f"{f['busy']:.3f} ({f['busy_answered']:.3f}) | {f['span_s']:.1f} s "
+                  f"({f['span_s'] / c['span_s']:.2f}x) | "
                   f"{f['retries']}, {f.get('hedged', '-')}, {f.get('abandoned', '-')} | "
                   f"{'yes' if fig['identical'][c['stage']] else '**no**'}") if f else "- | - | - | -"
             bx = (f"{b['faults_busy'][0]:.3f} ({b['faults_busy'][1]:.2f}-{b['faults_busy'][2]:.2f}), "
                   f"{b['faults_over_clean'][0]:.2f}x") if b else "-"
             lines.append(f"| {c['stage']} | {c['busy']:.3f} ({c['client_seen']}) | {c['span_s']:.1f} s | "
                          f"{c['requests']:,} | {fx} | {bx} |")
+        lines.append("")
+    if "faults_tgi" in fig and "clean" in fig:
+        lines += ["The same fault mix as TGI and an ingress answer it: no `Retry-After` on the 429s and 503s (TGI's "
+                  "router puts none on its 429, router/src/server.rs `From<InferError>`; TGI itself answers 503 only "
+                  "on /health, so a 503 comes from what stands in front of it), so the client waits its own backoff "
+                  "(full jitter, `backoff_base_s: 0.2`, `backoff_max_s: 2`). Ideal client: a refused request may be "
+                  "sent again at once.", "",
+                  "| stage | busy (answered only) | span (x clean) | retries, hedged, abandoned | data identical | "
+                  "ideal client: busy "
+                  "(x clean) |", "|---|---|---|---|---|---|"]
+        for c, f in zip(fig["clean"], fig["faults_tgi"], strict=True):
+            b = fig["bound_tgi"][c["stage"]]
+            lines.append(f"| {c['stage']} | {f['busy']:.3f} ({f['busy_answered']:.3f}) | {f['span_s']:.1f} s "
+                         f"({f['span_s'] / c['span_s']:.2f}x) | "
+                         f"{f['retries']}, {f.get('hedged', '-')}, {f.get('abandoned', '-')} | "
+                         f"{'yes' if fig['identical_tgi'][c['stage']] else '**no**'} | {b['faults_busy'][0]:.3f} "
+                         f"({b['faults_busy'][1]:.2f}-{b['faults_busy'][2]:.2f}), {b['faults_over_clean'][0]:.2f}x |")
         lines.append("")
     if "together" in fig:
         t = fig["together"]
@@ -354,12 +407,25 @@ def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
                   f"over {t['span_s']:.1f} s, {t['requests']:,} requests, at most {t['max_in_flight']} in flight at "
                   "the server.", ""]
     if "fleet" in fig:
-        f, k = fig["fleet"], fig["fleet_kill"]
+        f, e, k, fb = fig["fleet"], fig["fleet_equal"], fig["fleet_kill"], fig["fleet_bound"]
+
+        def busy(x: dict[str, Any]) -> str:
+            return ", ".join(f"{b:.3f} ({u:.3f})" for b, u in zip(x["busy"], x["busy_answered"], strict=True))
+
         lines += [f"Fleet (generate-orca, two replicas of the server listed in `BEZOAR_TEACHER_ENDPOINTS`, client "
-                  f"`max_concurrency: {2 * a.concurrency}`): busy {', '.join(f'{b:.3f}' for b in f['busy'])} "
-                  f"({', '.join(str(r) for r in f['requests'])} requests); with the second replica killed "
-                  f"{k['killed_after_s']:g} s into the stage: the stage committed {k['rows']} of {k['seeds']} rows, "
-                  f"the surviving replica {k['busy'][0]:.3f} busy.", ""]
+                  f"`max_concurrency: {2 * a.concurrency}`; busy, and in brackets answered only): {a.orca_seeds} "
+                  f"seeds: busy {busy(f)} "
+                  f"({', '.join(str(r) for r in f['requests'])} requests; until each replica's last decode started: "
+                  f"{', '.join(f'{b:.3f}' for b in f['busy_until_last_start'])}); {2 * a.orca_seeds} seeds (each "
+                  f"replica as much work as the one server above): busy {busy(e)} "
+                  f"({', '.join(str(r) for r in e['requests'])} requests). An ideal client, clean, at "
+                  f"{a.orca_seeds // 2} requests on one server: {fb[str(a.orca_seeds // 2)][0]:.3f} "
+                  f"({fb[str(a.orca_seeds // 2)][1]:.2f}-{fb[str(a.orca_seeds // 2)][2]:.2f}); at {a.orca_seeds}: "
+                  f"{fb[str(a.orca_seeds)][0]:.3f} ({fb[str(a.orca_seeds)][1]:.2f}-{fb[str(a.orca_seeds)][2]:.2f}): "
+                  "what a replica loses is its final drain (the longest answers started last, up to "
+                  f"{a.max_new_tokens} tokens), which weighs twice as much on half the work. With the second "
+                  f"replica killed {k['killed_after_s']:g} s into the {a.orca_seeds}-seed stage: the stage committed "
+                  f"{k['rows']} of {k['seeds']} rows, the surviving replica {k['busy'][0]:.3f} busy.", ""]
     lines += ["Reading the figures. The client runs on the same 2 shared cores as the server and the other work "
               "here: where a stage needs more requests per second than the client process can make, the server is "
               "under-fed by the client's CPU, not by waiting; the server's figures are computed from its schedule, "

@@ -581,6 +581,7 @@ class LLMTestServer:
         s = asdict(self.stats())
         if self.capacity and self.calls:
             s["busy_fraction"] = self.busy_fraction()
+            s["busy_fraction_answered"] = busy_fraction(self.calls, self.capacity, answered_only=True)
             s["busy_fraction_until_last_start"] = self.busy_fraction(t1=s["last_decode_start"])
         return web.json_response(s)
 
@@ -614,12 +615,17 @@ def tgi_timing_headers(call: Call, arrived: float) -> dict[str, str]:
             "x-prompt-tokens": str(count_tokens(call.prompt)), "x-generated-tokens": str(call.output_tokens)}
 
 
-def busy_fraction(calls: Sequence[Call], capacity: int, t0: float | None = None, t1: float | None = None) -> float:
-    done = [c for c in calls if c.decode_start is not None and c.finished is not None]
-    if not done:
+def busy_fraction(calls: Sequence[Call], capacity: int, t0: float | None = None, t1: float | None = None,
+                  answered_only: bool = False) -> float:
+    """Decoding slot-seconds over ``capacity * (t1 - t0)``. ``answered_only``: only the decodes whose answer
+    went out (status 200), not those of attempts the client cancelled (a duplicate that lost its race, an
+    abandoned attempt), which held a slot for nothing."""
+    window = [c for c in calls if c.decode_start is not None and c.finished is not None]
+    if not window:
         return 0.0
+    done = [c for c in window if c.status == 200] if answered_only else window
     t0 = min(c.arrived for c in calls) if t0 is None else t0
-    t1 = max(c.finished for c in done if c.finished is not None) if t1 is None else t1
+    t1 = max(c.finished for c in window if c.finished is not None) if t1 is None else t1
     if t1 <= t0:
         return 0.0
     busy = 0.0
