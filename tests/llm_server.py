@@ -256,7 +256,12 @@ class LLMTestServer:
         for c in calls:
             by_status[str(c.status)] = by_status.get(str(c.status), 0) + 1
         starts = [c.decode_start for c in calls if c.decode_start is not None]
-        ends = [c.finished for c in calls if c.finished is not None]
+        # the span ends with the last answer out: an attempt the client cancelled (a duplicate that lost its
+        # race) keeps its slot in this model until its decode would have ended, which TGI does not do (it
+        # stops a request whose client went away at its next step: backends/v3/src/backend.rs
+        # send_responses, queue.rs next_batch), so its computed end does not stretch the span
+        ends = [c.finished for c in calls if c.finished is not None and c.status == 200] or [
+            c.finished for c in calls if c.finished is not None]
         busy = sum(c.finished - c.decode_start for c in calls if c.decode_start is not None and c.finished is not None)
         return ServerStats(
             requests=len(calls),
@@ -625,7 +630,9 @@ def busy_fraction(calls: Sequence[Call], capacity: int, t0: float | None = None,
         return 0.0
     done = [c for c in window if c.status == 200] if answered_only else window
     t0 = min(c.arrived for c in calls) if t0 is None else t0
-    t1 = max(c.finished for c in window if c.finished is not None) if t1 is None else t1
+    if t1 is None:  # the last answer out (see LLMTestServer.stats)
+        t1 = max((c.finished for c in window if c.finished is not None and c.status == 200),
+                 default=max(c.finished for c in window if c.finished is not None))
     if t1 <= t0:
         return 0.0
     busy = 0.0
