@@ -4,6 +4,7 @@ the scripted server honours the output limits the APIs define (issue 13)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import time
@@ -104,6 +105,23 @@ def test_a_duplicate_that_hangs_too_is_followed_by_another_not_cut_at_the_deadli
     assert client.tail_counts()["hedged"] == 2 and client.tail_counts()["abandoned"] == 0, client.tail_counts()
 
 
+def test_a_refused_duplicate_does_not_give_up_an_original_still_decoding_a_long_answer():
+    """A duplicate answered 503 gave up the original too (presumed hung): a long answer that was still
+    decoding was cancelled and asked again from the start, and the stage's end waited for it twice."""
+    def latency(prompt: str) -> float:
+        return 0.9 if "long one" in prompt else 0.01
+
+    with running(rule=per_prompt({"long one": [None, "503"]}), retry_after=None, latency=latency) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=4, timeout_s=25.0))
+        reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(80)]
+        reqs.insert(60, GenRequest(id="long", user="long one", seed=7))
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values())
+    long = [c for c in srv.calls if "long one" in c.prompt]
+    assert long[1].status == 503  # the duplicate, sent past the 0.5 s floor, was refused
+    assert long[0].status == 200 and out["long"].retries == 0, [(c.status, c.fault) for c in long]
+
+
 def test_every_hung_request_is_hedged_when_hangs_are_more_than_the_hedge_budget():
     """The hedge budget counted every duplicate (4 + 5% of the attempts): with more hangs than that, the rest
     waited for the deadline. A hung request's duplicate is the one that answers, so it adds no load; the
@@ -132,6 +150,40 @@ def test_one_retry_after_does_not_pause_the_whole_pool():
     refused_at = unlucky[0].finished
     meanwhile = [c for c in srv.calls if refused_at < c.arrived < refused_at + 1.0]
     assert len(meanwhile) >= 20, len(meanwhile)
+
+
+def _longest_jitter(monkeypatch) -> None:
+    """Every full-jitter draw at its top, so a backoff's length is known."""
+    import bezoar_jobs.llm.pool as pool
+
+    monkeypatch.setattr(pool.random, "uniform", lambda lo, hi: hi)
+
+
+def test_a_request_refused_again_and_again_while_the_rest_are_answered_does_not_back_off_longer(monkeypatch):
+    """A 429/503 without Retry-After doubled the request's wait each time (0.2, 0.4, ... 3.2 s) though the
+    server answered nearly everything else: one unlucky record's chain held up the stage's end."""
+    _longest_jitter(monkeypatch)
+    refusals = ["503", "429", "503", "429", "503"]
+    with running(rule=per_prompt({"unlucky": refusals}), retry_after=None, latency=0.02) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=4, backoff_base_s=0.2, backoff_max_s=10.0))
+        reqs = [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(60)]
+        reqs.insert(20, GenRequest(id="u", user="unlucky"))
+        out = run_all(client, reqs)
+    assert all(r.ok for r in out.values()) and out["u"].retries == len(refusals)
+    tries = [c for c in srv.calls if "unlucky" in c.prompt]
+    gaps = [b.arrived - a.finished for a, b in itertools.pairwise(tries)]
+    assert all(0.19 <= g < 0.5 for g in gaps), gaps
+
+
+def test_refusals_from_a_server_that_refuses_most_requests_still_back_off_exponentially(monkeypatch):
+    _longest_jitter(monkeypatch)
+    with running(rule=lambda prompt: "503", retry_after=None, latency=0.01) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=1, backoff_base_s=0.1, backoff_max_s=10.0,
+                                      max_retries=3))
+        out = run_all(client, [GenRequest(id="a", user="anything")])
+    assert not out["a"].ok
+    gaps = [b.arrived - a.finished for a, b in itertools.pairwise(srv.calls)]
+    assert len(gaps) == 3 and gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.39, gaps
 
 
 def test_a_retry_and_a_step_that_unlocks_work_go_before_fresh_requests_waiting_for_a_slot():

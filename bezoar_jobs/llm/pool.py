@@ -13,7 +13,9 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   charged ``len(prompt)/4 + max_new_tokens`` up front, corrected by the server's usage afterwards);
 * retries: 429, 5xx, timeouts, connection errors and malformed bodies are retried up to
   ``max_retries`` times after ``uniform(0, min(backoff_max_s, backoff_base_s * 2**k))`` seconds
-  ("full jitter"); a ``Retry-After`` from the server is honoured for that request (that long, plus up
+  ("full jitter"; k counts the request's failures, but stays 0 for a 429/503 while fewer than half of the
+  recent attempts were refused: one request's bad luck on a server that answers most, not a load to back
+  off from); a ``Retry-After`` from the server is honoured for that request (that long, plus up
   to a tenth as jitter; in a fleet, for that replica: another takes the request at once). It pauses
   every other new attempt too only when the server is saturated: three quarters of the last 32
   attempts were refused with 429/503 (one refusal among many answers is that request's bad luck, and
@@ -33,8 +35,10 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   proved unneeded (an attempt sent before them answered first) plus those still racing stay within
   ``HEDGE_FRACTION`` of the attempts, all of them within ``HEDGE_CAP_FRACTION``; the duplicate of a hung
   request, the one that answers, costs nothing extra, so a server where 5% of requests hang gets every one
-  hedged. If a duplicate fails, the original is presumed hung and that failure is the answer (retried as
-  it says). A hung request idles no slot for long, instead of holding it for the whole ``timeout_s``;
+  hedged. A racer that fails while others race is dropped and the next duplicate goes once its wait is
+  over (its Retry-After, else a short jitter): a refused duplicate does not give up an original that may
+  still be decoding a long answer. A hung request idles no slot for long, instead of holding it for the
+  whole ``timeout_s``;
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -103,16 +107,20 @@ OVERDUE_MIN_S = 0.5
 WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
 HEDGE_P99_FACTOR = 1.2
-IDLE_HEDGE_P99_FACTOR = 1.0  # when no request waits for a slot (a duplicate then displaces nothing)
+IDLE_HEDGE_P99_FACTOR = 0.5  # when no request waits for a slot (a duplicate then displaces nothing)
 HEDGE_FRACTION = 0.05  # of the attempts, at most this many duplicates unneeded or still racing
 HEDGE_CAP_FRACTION = 0.25  # and at most this many duplicates in all
-MAX_RACERS = 3  # an attempt and up to two duplicates, each sent a hedge interval after the one before
+MAX_RACERS = 3  # an attempt and up to two duplicates racing, each sent a hedge interval after the one before
+MAX_SENDS = 5  # sends per attempt, failed duplicates included
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
 # the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
 # attempts were refused (429/503)
 SATURATION_WINDOW = 32
 SATURATION_SHARE = 0.75
+# a refused request's backoff doubles only while at least this share of the last SATURATION_WINDOW attempts
+# were refused
+LOADED_SHARE = 0.5
 
 
 class RemoteClient(LLMClient):
@@ -528,6 +536,7 @@ class PoolLane:
         racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedges: -> replica, sent
         last_sent = t0
         n_sent = 0
+        hedge_due: float | None = None  # set when a racer failed while others race: the next duplicate's time
 
         async def send() -> None:
             nonlocal last_sent, n_sent
@@ -562,9 +571,11 @@ class PoolLane:
                     factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
                     # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
                     # that hangs too is followed by another, instead of both waiting for the deadline
-                    waited = time.monotonic() - last_sent
-                    if (n_sent < MAX_RACERS and waited >= max(OVERDUE_MIN_S, factor * p99)
-                            and self._may_hedge()):
+                    now = time.monotonic()
+                    due = (now >= hedge_due if hedge_due is not None
+                           else now - last_sent >= max(OVERDUE_MIN_S, factor * p99))
+                    if due and len(racers) < MAX_RACERS and n_sent < MAX_SENDS and self._may_hedge():
+                        hedge_due = None
                         self.hedged += 1
                         self.hedges_open += 1
                         self.client.tails["hedged"] += 1
@@ -595,12 +606,15 @@ class PoolLane:
                         return f.result(), sent, time.monotonic()
                     if isinstance(error, Transient):
                         error.replica = replica
-                    if not racers or not failed or f is not first:
-                        # nothing else racing, not a server failure, or the hedge failed: the attempt it stood
-                        # in for is presumed hung (it is far past the p99), so this failure is the answer and
-                        # the request is retried as it says (a Retry-After honoured) instead of waiting on
+                    if not racers or not failed:
+                        # nothing else racing, or not a server failure: this is the answer, retried as it says
                         raise error
-                    # the original failed: its hedge, sent later, may still answer
+                    # one racer failed (a refused duplicate, or the original while its duplicate races): the others
+                    # may still answer, a long one still decoding among them, so they are not given up; the next
+                    # duplicate goes once the failure's wait is over (its Retry-After, else a short jitter)
+                    assert isinstance(error, Transient)
+                    wait = error.retry_after if error.retry_after is not None else random.uniform(0, ep.backoff_base_s)
+                    hedge_due = time.monotonic() + wait
         except Transient as e:  # a dead or sick replica fails like this; a busy one says 429
             sick = _sick(e)
             raise
@@ -706,7 +720,13 @@ class PoolLane:
                 self._deliver(GenResult(id=req.id, text="", error=f"failed after {attempt} attempts: {failure.reason}",
                                         cause=failure.cause, retries=attempt - 1), cb)
                 return
-            delay = random.uniform(0.0, min(ep.backoff_max_s, ep.backoff_base_s * 2 ** (attempt - 1)))
+            # the backoff doubles with the request's failures, except for a refusal (429/503) while most
+            # attempts are answered: that is this request's bad luck, not a loaded server, and doubling its wait
+            # only stretches the stage's end (TGI's 429 says no Retry-After)
+            refusal = failure.status in (429, 503)
+            loaded = sum(self.recent_refusals) >= LOADED_SHARE * len(self.recent_refusals)
+            k = attempt - 1 if loaded or not refusal else 0
+            delay = random.uniform(0.0, min(ep.backoff_max_s, ep.backoff_base_s * 2 ** k))
             if failure.retry_after is not None:
                 # the server said when: then, with a little jitter (a tenth) so refused requests do not return
                 # in one burst; the exponential backoff is for failures that say nothing
