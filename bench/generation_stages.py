@@ -384,11 +384,11 @@ def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
                          f"{c['requests']:,} | {fx} | {bx} |")
         lines.append("")
     if "faults_tgi" in fig and "clean" in fig:
-        lines += ["The same fault mix as TGI and an ingress answer it: no `Retry-After` on the 429s and 503s (TGI's "
-                  "router puts none on its 429, router/src/server.rs `From<InferError>`; TGI itself answers 503 only "
-                  "on /health, so a 503 comes from what stands in front of it), so the client waits its own backoff "
-                  "(full jitter, `backoff_base_s: 0.2`, `backoff_max_s: 2`). Ideal client: a refused request may be "
-                  "sent again at once.", "",
+        lines += ["The same fault mix as TGI answers it: no `Retry-After` on the 429s and 503s (TGI's router puts "
+                  "none on its 429, router/src/server.rs `From<InferError>`; TGI itself answers 503 only on /health: "
+                  "a 503 comes from a proxy in front of it, which need not say one either), so the client waits its "
+                  "own backoff (full jitter, `backoff_base_s: 0.2`, `backoff_max_s: 2`). Ideal client: a refused "
+                  "request may be sent again at once.", "",
                   "| stage | busy (answered only) | span (x clean) | retries, hedged, abandoned | data identical | "
                   "ideal client: busy "
                   "(x clean) |", "|---|---|---|---|---|---|"]
