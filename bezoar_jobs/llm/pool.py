@@ -30,15 +30,15 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
   most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget); past
   ``HEDGE_P99_FACTOR`` x p99 (``IDLE_HEDGE_P99_FACTOR`` when no request waits for a slot) a duplicate
-  with the same seed races it, and another one hedge interval later if neither has answered
-  (``MAX_RACERS`` in all: a duplicate can hang too). The budget is the load duplicates add: those that
-  proved unneeded (an attempt sent before them answered first) plus those still racing stay within
-  ``HEDGE_FRACTION`` of the attempts, all of them within ``HEDGE_CAP_FRACTION``; the duplicate of a hung
-  request, the one that answers, costs nothing extra, so a server where 5% of requests hang gets every one
-  hedged. A racer that fails while others race is dropped and the next duplicate goes once its wait is
-  over (its Retry-After, else a short jitter): a refused duplicate does not give up an original that may
-  still be decoding a long answer. A hung request idles no slot for long, instead of holding it for the
-  whole ``timeout_s``;
+  with the same seed races it, and another one hedge interval later if neither has answered (a duplicate
+  can hang too; ``MAX_RACERS`` race at once, the oldest making room, ``MAX_SENDS`` in all). The budget is
+  the load duplicates add: those that proved unneeded (an attempt sent before them answered first) plus
+  those still racing stay within ``HEDGE_FRACTION`` of the attempts, all of them within
+  ``HEDGE_CAP_FRACTION``; the duplicate of a hung request, the one that answers, costs nothing extra, so
+  a server where 5% of requests hang gets every one hedged. A racer that fails while others race is
+  dropped and the next duplicate goes once its wait is over (its Retry-After, else a short jitter): a
+  refused duplicate does not give up an original that may still be decoding a long answer. A hung request
+  idles no slot for long, instead of holding it for the whole ``timeout_s``;
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -110,8 +110,8 @@ HEDGE_P99_FACTOR = 1.2
 IDLE_HEDGE_P99_FACTOR = 0.5  # when no request waits for a slot (a duplicate then displaces nothing)
 HEDGE_FRACTION = 0.05  # of the attempts, at most this many duplicates unneeded or still racing
 HEDGE_CAP_FRACTION = 0.25  # and at most this many duplicates in all
-MAX_RACERS = 3  # an attempt and up to two duplicates racing, each sent a hedge interval after the one before
-MAX_SENDS = 5  # sends per attempt, failed duplicates included
+MAX_RACERS = 3  # racing at once (a new duplicate past that drops the oldest, presumed hung)
+MAX_SENDS = 5  # sends per attempt: the first and up to four duplicates, each a hedge interval after the last
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
 # the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
@@ -561,6 +561,7 @@ class PoolLane:
                 if age >= ep.timeout_s:
                     raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
                 p99 = self.p99(req)
+                wake = WATCH_S
                 if p99 is not None:
                     overdue = age >= max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99)
                     if held and overdue and self.overdue < ep.max_concurrency:
@@ -572,14 +573,27 @@ class PoolLane:
                     # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
                     # that hangs too is followed by another, instead of both waiting for the deadline
                     now = time.monotonic()
-                    due = (now >= hedge_due if hedge_due is not None
-                           else now - last_sent >= max(OVERDUE_MIN_S, factor * p99))
-                    if due and len(racers) < MAX_RACERS and n_sent < MAX_SENDS and self._may_hedge():
+                    due_at = hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
+                    due = now >= due_at
+                    if due and n_sent < MAX_SENDS and self._may_hedge():
+                        if len(racers) >= MAX_RACERS:  # the oldest, presumed hung, makes room
+                            oldest = min(racers, key=lambda r: racers[r][1])
+                            gone, _ = racers.pop(oldest)
+                            if oldest is not first:
+                                self.hedges_open -= 1
+                            if fleet is not None and gone is not None:
+                                fleet.done(gone, False, False)
+                            oldest.cancel()
                         hedge_due = None
                         self.hedged += 1
                         self.hedges_open += 1
                         self.client.tails["hedged"] += 1
                         await send()
+                    # woken when the next duplicate is due, not on the next tick (up to WATCH_S late); one that is
+                    # due but held back (budget, sends) is looked at again on the tick
+                    due_at = hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
+                    if due_at > time.monotonic():
+                        wake = min(wake, due_at - time.monotonic() + 0.001)
                     # each abandon of the same request doubles its deadline: a request that is slow by
                     # nature still ends (at timeout_s at the latest), a hung one is cut every time
                     # counted from the newest racer: a duplicate sent a moment ago is not cut with the hung
@@ -590,7 +604,7 @@ class PoolLane:
                         self.client.tails["abandoned"] += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
                                         "p99 latency): abandoned and sent again", kind="deadline")
-                done, _ = await asyncio.wait(set(racers), timeout=min(WATCH_S, ep.timeout_s - age),
+                done, _ = await asyncio.wait(set(racers), timeout=min(wake, ep.timeout_s - age),
                                              return_when=asyncio.FIRST_COMPLETED)
                 for f in done:
                     replica, sent = racers.pop(f)
