@@ -59,10 +59,11 @@ SOURCES = [("cot", "zs_noopt"), ("niv2", "zs_noopt"), ("t0", "zs_noopt"), ("flan
 
 def start_server(a: argparse.Namespace, rates: str = "", seed: int = 0,
                  retry_after: str = "1") -> tuple[subprocess.Popen, str]:
-    """``retry_after``: what a 429/503 says in ``Retry-After`` ("" for no header, as TGI's own 429 answers)."""
+    """``seed``: the fault draws' (the answers are the same whatever it is, as every replica of one model
+    gives them); ``retry_after``: what a 429/503 says in ``Retry-After`` ("" for none, as TGI's own 429)."""
     cmd = [sys.executable, str(REPO / "tests" / "llm_server.py"), "--scripted", "--capacity", str(a.capacity),
            "--per-token-ms", str(a.per_token_ms), "--mu", str(a.mu), "--sigma", str(a.sigma),
-           "--hang-s", "600", "--seed", str(seed), "--retry-after", retry_after]
+           "--hang-s", "600", "--fault-seed", str(seed), "--retry-after", retry_after]
     if rates:
         cmd += ["--rates", rates]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO / "tests")
@@ -192,8 +193,8 @@ def timeline(rows: list[list[Any]], capacity: int, bin_s: float = 1.0) -> dict[s
 
 
 def series(a: argparse.Namespace, d: Path, rates: str, name: str, dolly: Path, flan: Path,
-           retry_after: str = "1") -> tuple[list, Path]:
-    proc, url = start_server(a, rates, retry_after=retry_after)
+           retry_after: str = "1", seed: int = 0) -> tuple[list, Path]:
+    proc, url = start_server(a, rates, seed=seed, retry_after=retry_after)
     try:
         run = d / f"run-{name}"
         (d / name).mkdir()
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--evol-seeds", type=int, default=1200)
     ap.add_argument("--orca-seeds", type=int, default=3000)
     ap.add_argument("--kill-after", type=float, default=6.0)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each fault mix (fault draws seeded 0, 1, ...)")
     ap.add_argument("--parts", default="clean,faults,faults-tgi,together,fleet",
                     help="faults: 429/503 say Retry-After: 1; faults-tgi: the same mix without Retry-After, as "
                     "TGI's router answers its 429 (and as an ingress answers a 503)")
@@ -308,16 +310,24 @@ def main(argv: list[str] | None = None) -> None:
         dolly, flan = seed_files(d, a.evol_seeds + 10, 2 * a.orca_seeds + 10)
         if "clean" in parts:
             fig["clean"], clean_run = series(a, d, "", "clean", dolly, flan)
-        if "faults" in parts:
-            fig["faults"], fault_run = series(a, d, FAULTS, "faults", dolly, flan)
-            if "clean" in parts:
-                fig["identical"] = {s: data(clean_run, s) == data(fault_run, s) for s in a.stages}
-            fig["bound"] = {s: shape_bound(a, s, 1.0) for s in a.stages}
-        if "faults-tgi" in parts:
-            fig["faults_tgi"], tgi_run = series(a, d, FAULTS, "faults-tgi", dolly, flan, retry_after="")
-            if "clean" in parts:
-                fig["identical_tgi"] = {s: data(clean_run, s) == data(tgi_run, s) for s in a.stages}
-            fig["bound_tgi"] = {s: shape_bound(a, s, 0.0) for s in a.stages}
+        # each fault mix --repeat times, the server's fault draws seeded 0, 1, ...: a faulted stage's figure
+        # moves with where its last hangs and refusal chains fall, so one run says little
+        for part, key, retry_after, ra_s in (("faults", "faults", "1", 1.0), ("faults-tgi", "faults_tgi", "", 0.0)):
+            if part not in parts:
+                continue
+            runs = []
+            for r in range(a.repeat):
+                out, frun = series(a, d, FAULTS, f"{part}-{r}", dolly, flan, retry_after=retry_after, seed=r)
+                for x in out:
+                    x["identical"] = data(clean_run, x["stage"]) == data(frun, x["stage"]) if "clean" in parts else None
+                runs.append(out)
+            fig[key + "_runs"] = runs
+            # per stage: the run with the median busy figure
+            fig[key] = [sorted((run[i] for run in runs), key=lambda x: x["busy"])[len(runs) // 2]
+                        for i in range(len(a.stages))]
+            fig["identical" if key == "faults" else "identical_tgi"] = {
+                s: all(run[i]["identical"] for run in runs) for i, s in enumerate(a.stages)}
+            fig["bound" if key == "faults" else "bound_tgi"] = {s: shape_bound(a, s, ra_s) for s in a.stages}
         if "together" in parts:
             fig["together"] = together(a, d, dolly, flan)
         if "fleet" in parts:
@@ -367,38 +377,36 @@ def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
              "\"client\" is what the stage's manifest records (`utilization`: answered attempts in flight over the "
              "client's slots).", ""]
     if "clean" in fig:
-        lines += ["| stage | clean: busy (client) | span | requests | under faults: busy (answered only) | "
-                  "span (x clean) | "
-                  "retries, hedged, abandoned | data identical | ideal client under faults: busy (x clean) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for i, c in enumerate(fig["clean"]):
-            f = fig.get("faults", [None] * len(fig["clean"]))[i]
-            b = fig.get("bound", {}).get(c["stage"])
-            fx = (f"{f['busy']:.3f} ({f['busy_answered']:.3f}) | {f['span_s']:.1f} s "
-                  f"({f['span_s'] / c['span_s']:.2f}x) | "
-                  f"{f['retries']}, {f.get('hedged', '-')}, {f.get('abandoned', '-')} | "
-                  f"{'yes' if fig['identical'][c['stage']] else '**no**'}") if f else "- | - | - | -"
-            bx = (f"{b['faults_busy'][0]:.3f} ({b['faults_busy'][1]:.2f}-{b['faults_busy'][2]:.2f}), "
-                  f"{b['faults_over_clean'][0]:.2f}x") if b else "-"
+        lines += ["| stage | clean: busy (client) | span | requests |", "|---|---|---|---|"]
+        for c in fig["clean"]:
             lines.append(f"| {c['stage']} | {c['busy']:.3f} ({c['client_seen']}) | {c['span_s']:.1f} s | "
-                         f"{c['requests']:,} | {fx} | {bx} |")
+                         f"{c['requests']:,} |")
         lines.append("")
-    if "faults_tgi" in fig and "clean" in fig:
-        lines += ["The same fault mix as TGI answers it: no `Retry-After` on the 429s and 503s (TGI's router puts "
-                  "none on its 429, router/src/server.rs `From<InferError>`; TGI itself answers 503 only on /health: "
-                  "a 503 comes from a proxy in front of it, which need not say one either), so the client waits its "
-                  "own backoff (full jitter, `backoff_base_s: 0.2`, `backoff_max_s: 2`). Ideal client: a refused "
-                  "request may be sent again at once.", "",
+    mixes = (("faults", "bound", "identical", "Under the fault mix, a 429/503 saying `Retry-After: 1`. Ideal "
+              "client: a refused request may be sent again after that second."),
+             ("faults_tgi", "bound_tgi", "identical_tgi", "The same fault mix as TGI answers it: no `Retry-After` on "
+              "the 429s and 503s (TGI's router puts none on its 429, router/src/server.rs `From<InferError>`; TGI "
+              "itself answers 503 only on /health: a 503 comes from a proxy in front of it, which need not say one "
+              "either), so the client waits its own backoff (full jitter, `backoff_base_s: 0.2`, `backoff_max_s: "
+              "2`). Ideal client: a refused request may be sent again at once."))
+    for key, bkey, ikey, text in mixes:
+        if key not in fig or "clean" not in fig:
+            continue
+        runs = fig[key + "_runs"]
+        lines += [f"{text} {len(runs)} runs (the server's fault draws seeded 0 to {len(runs) - 1}): the median run "
+                  "and, in brackets, the lowest and highest.", "",
                   "| stage | busy (answered only) | span (x clean) | retries, hedged, abandoned | data identical | "
-                  "ideal client: busy "
-                  "(x clean) |", "|---|---|---|---|---|---|"]
-        for c, f in zip(fig["clean"], fig["faults_tgi"], strict=True):
-            b = fig["bound_tgi"][c["stage"]]
-            lines.append(f"| {c['stage']} | {f['busy']:.3f} ({f['busy_answered']:.3f}) | {f['span_s']:.1f} s "
-                         f"({f['span_s'] / c['span_s']:.2f}x) | "
-                         f"{f['retries']}, {f.get('hedged', '-')}, {f.get('abandoned', '-')} | "
-                         f"{'yes' if fig['identical_tgi'][c['stage']] else '**no**'} | {b['faults_busy'][0]:.3f} "
-                         f"({b['faults_busy'][1]:.2f}-{b['faults_busy'][2]:.2f}), {b['faults_over_clean'][0]:.2f}x |")
+                  "ideal client: busy (x clean) |", "|---|---|---|---|---|---|"]
+        for i, c in enumerate(fig["clean"]):
+            f, b = fig[key][i], fig[bkey][c["stage"]]
+            busy = sorted(run[i]["busy"] for run in runs)
+            over = sorted(run[i]["span_s"] / c["span_s"] for run in runs)
+            lines.append(f"| {c['stage']} | {f['busy']:.3f} ({busy[0]:.3f}-{busy[-1]:.3f}; answered only "
+                         f"{f['busy_answered']:.3f}) | {f['span_s']:.1f} s, {f['span_s'] / c['span_s']:.2f}x "
+                         f"({over[0]:.2f}-{over[-1]:.2f}x) | {f['retries']}, {f.get('hedged', '-')}, "
+                         f"{f.get('abandoned', '-')} | {'yes' if fig[ikey][c['stage']] else '**no**'} | "
+                         f"{b['faults_busy'][0]:.3f} ({b['faults_busy'][1]:.2f}-{b['faults_busy'][2]:.2f}), "
+                         f"{b['faults_over_clean'][0]:.2f}x |")
         lines.append("")
     if "together" in fig:
         t = fig["together"]

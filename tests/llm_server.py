@@ -677,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--longtail", action="store_true", help="log-normal answer lengths instead of echo answers")
     ap.add_argument("--mu", type=float, default=4.0)
     ap.add_argument("--sigma", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the answers' lengths (every replica of one model: the same)")
+    ap.add_argument("--fault-seed", type=int, default=None, help="the fault draws (default: --seed)")
     ap.add_argument("--scripted", action="store_true",
                     help="the pipeline's scripted teacher and judge (tests/scripted.py), responses long-tailed")
     ap.add_argument("--rates", default="", help="fault rates, e.g. 429=0.1,503=0.1,hang=0.05,malformed=0.01")
@@ -702,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         hang_s=a.hang_s,
         retry_after=a.retry_after or None,
         max_concurrent_requests=a.max_concurrent_requests,
-        seed=a.seed,
+        seed=a.seed if a.fault_seed is None else a.fault_seed,
     )
 
     async def serve() -> None:
