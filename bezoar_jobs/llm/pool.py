@@ -100,6 +100,7 @@ log = logging.getLogger("bezoar.llm")
 REFUSED_BEFORE_ANY_SUCCESS = 8
 # deadlines from the observed latencies (see the module docstring)
 DEADLINE_MIN_SAMPLES = 50
+SETTLED_P99_FACTOR = 3.0  # duplicates and abandons wait until a class has been asked for this x its p99
 DEADLINE_P99_FACTOR = 3.0
 DEADLINE_MIN_S = 1.0
 OVERDUE_P99_FACTOR = 1.0
@@ -305,6 +306,7 @@ class PoolLane:
         self.class_latencies: dict[int, deque[float]] = {}
         self._answered: Counter[int | None] = Counter()  # answers seen per class (None: all)
         self._p99: dict[int | None, tuple[float, int]] = {}  # class -> (p99, answers seen when computed)
+        self._class_since: dict[int | None, float] = {}  # class -> when its first attempt was sent
         self.recent_refusals: deque[bool] = deque(maxlen=SATURATION_WINDOW)
         self.tasks: set[asyncio.Task] = set()
         self.ended = False
@@ -494,9 +496,13 @@ class PoolLane:
         self._answered[None] += 1
         self._answered[req.max_new_tokens] += 1
 
-    def p99(self, req: GenRequest | None = None) -> float | None:
+    def p99(self, req: GenRequest | None = None, settled: bool = False) -> float | None:
         """The running p99 of answered attempts' latencies: of ``req``'s class (its ``max_new_tokens``) once
-        that class has ``DEADLINE_MIN_SAMPLES`` answers, else of every answer (None until that many)."""
+        that class has ``DEADLINE_MIN_SAMPLES`` answers, else of every answer (None until that many).
+
+        ``settled``: None also until the class has been asked for ``SETTLED_P99_FACTOR`` x that p99. The first
+        answers of a stage are its short ones (a long answer sent at the start is still decoding), so early on
+        the p99 is too low, and duplicates sent on it would race long answers that are merely long."""
         key: int | None = None
         window = self.latencies
         if req is not None:
@@ -511,6 +517,8 @@ class PoolLane:
         if cached is None or seen - cached[1] >= 20:
             ordered = sorted(window)
             cached = self._p99[key] = (ordered[min(n - 1, int(0.99 * n))], seen)
+        if settled and time.monotonic() - self._class_since.get(key, 0.0) < SETTLED_P99_FACTOR * cached[0]:
+            return None
         return cached[0]
 
     async def _attempt(self, req: GenRequest, abandoned: int, again: bool,
@@ -531,6 +539,8 @@ class PoolLane:
         self.attempts += 1
         self.client.tails["attempts"] += 1
         t0 = time.monotonic()
+        self._class_since.setdefault(req.max_new_tokens, t0)
+        self._class_since.setdefault(None, t0)
         fleet = self.client.fleet
         assert self.loop is not None
         racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedges: -> replica, sent
@@ -560,14 +570,17 @@ class PoolLane:
                 age = time.monotonic() - t0
                 if age >= ep.timeout_s:
                     raise Transient(f"no answer within timeout_s={ep.timeout_s:g}", kind="timeout")
+                # an overdue attempt gives its slot away on the running p99 (that costs the server nothing); a
+                # duplicate or an abandon waits for a settled one
                 p99 = self.p99(req)
+                if p99 is not None and held and self.overdue < ep.max_concurrency and \
+                        age >= max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99):
+                    held = False
+                    self.overdue += 1
+                    self.inflight.release()
+                p99 = self.p99(req, settled=True)
                 wake = WATCH_S
                 if p99 is not None:
-                    overdue = age >= max(OVERDUE_MIN_S, OVERDUE_P99_FACTOR * p99)
-                    if held and overdue and self.overdue < ep.max_concurrency:
-                        held = False
-                        self.overdue += 1
-                        self.inflight.release()
                     idle = not self.feed and not self.inflight.waiting()
                     factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
                     # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
