@@ -255,7 +255,8 @@ class LLMTestServer:
         by_status: dict[str, int] = {}
         for c in calls:
             by_status[str(c.status)] = by_status.get(str(c.status), 0) + 1
-        starts = [c.decode_start for c in calls if c.decode_start is not None]
+        starts = [c.decode_start for c in calls if c.decode_start is not None and c.status == 200] or [
+            c.decode_start for c in calls if c.decode_start is not None]
         # the span ends with the last answer out: an attempt the client cancelled (a duplicate that lost its
         # race) keeps its slot in this model until its decode would have ended, which TGI does not do (it
         # stops a request whose client went away at its next step: backends/v3/src/backend.rs
