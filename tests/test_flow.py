@@ -116,6 +116,19 @@ def test_a_duplicate_that_hangs_too_is_followed_by_another_not_cut_at_the_deadli
     assert client.tail_counts()["hedged"] == hangs and client.tail_counts()["abandoned"] == 0, client.tail_counts()
 
 
+def test_refused_duplicates_of_a_hung_request_do_not_use_up_its_duplicates():
+    """Five sends per attempt counted the refused duplicates too: a hung request whose next four duplicates
+    were refused (429/503) waited for the deadline, though none of them had cost the server anything."""
+    faults = ["hang", "429", "503", "429", "503"]
+    with running(rule=per_prompt({"sleepy": faults}), retry_after=None, hang_s=30, latency=0.01) as srv:
+        client = make_client(endpoint("tgi", srv, timeout_s=25.0, max_retries=8))
+        out = run_all(client, _among_quick(GenRequest(id="s", user="sleepy", seed=5), 70))
+    assert all(r.ok for r in out.values())
+    sleepy = [c for c in srv.calls if "sleepy" in c.prompt]
+    assert [c.fault for c in sleepy] == [*faults, None] and sleepy[-1].status == 200
+    assert client.tail_counts()["abandoned"] == 0, client.tail_counts()
+
+
 def test_a_refused_duplicate_does_not_give_up_an_original_still_decoding_a_long_answer():
     """A duplicate answered 503 gave up the original too (presumed hung): a long answer that was still
     decoding was cancelled and asked again from the start, and the stage's end waited for it twice."""

@@ -112,7 +112,7 @@ IDLE_HEDGE_P99_FACTOR = 0.5  # when no request waits for a slot (a duplicate the
 HEDGE_FRACTION = 0.05  # of the attempts, at most this many duplicates unneeded or still racing
 HEDGE_CAP_FRACTION = 0.25  # and at most this many duplicates in all
 MAX_RACERS = 3  # racing at once (a new duplicate past that drops the oldest, presumed hung)
-MAX_SENDS = 5  # sends per attempt: the first and up to four duplicates, each a hedge interval after the last
+MAX_SENDS = 5  # sends per attempt not refused: the first and up to four duplicates
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
 # the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
@@ -545,7 +545,8 @@ class PoolLane:
         assert self.loop is not None
         racers: dict[asyncio.Future, tuple[str | None, float]] = {}  # the request, its hedges: -> replica, sent
         last_sent = t0
-        n_sent = 0
+        n_sent = 0  # racers sent and not refused
+        n_failed = 0  # racers that failed while others raced
         hedge_due: float | None = None  # set when a racer failed while others race: the next duplicate's time
 
         async def send() -> None:
@@ -612,7 +613,8 @@ class PoolLane:
                     # counted from the newest racer: a duplicate sent a moment ago is not cut with the hung
                     # attempt it stands in for
                     deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
-                    if deadline <= time.monotonic() - last_sent and age < ep.timeout_s and self._may_abandon():
+                    newest = max((sent for _, sent in racers.values()), default=t0)
+                    if deadline <= time.monotonic() - newest and age < ep.timeout_s and self._may_abandon():
                         self.abandoned += 1
                         self.client.tails["abandoned"] += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
@@ -633,9 +635,12 @@ class PoolLane:
                         return f.result(), sent, time.monotonic()
                     if isinstance(error, Transient):
                         error.replica = replica
-                    if not racers or not failed:
-                        # nothing else racing, or not a server failure: this is the answer, retried as it says
+                    n_failed += 1
+                    if not racers or not failed or n_failed > ep.max_retries:
+                        # nothing else racing, not a server failure, or as many failed as a request may: this is
+                        # the answer, retried as it says
                         raise error
+                    n_sent -= 1  # a refused duplicate cost the server nothing: it does not use up the sends
                     # one racer failed (a refused duplicate, or the original while its duplicate races): the others
                     # may still answer, a long one still decoding among them, so they are not given up; the next
                     # duplicate goes once the failure's wait is over (its Retry-After, else a short jitter)
