@@ -255,14 +255,8 @@ class LLMTestServer:
         by_status: dict[str, int] = {}
         for c in calls:
             by_status[str(c.status)] = by_status.get(str(c.status), 0) + 1
-        starts = [c.decode_start for c in calls if c.decode_start is not None and c.status == 200] or [
-            c.decode_start for c in calls if c.decode_start is not None]
-        # the span ends with the last answer out: an attempt the client cancelled (a duplicate that lost its
-        # race) keeps its slot in this model until its decode would have ended, which TGI does not do (it
-        # stops a request whose client went away at its next step: backends/v3/src/backend.rs
-        # send_responses, queue.rs next_batch), so its computed end does not stretch the span
-        ends = [c.finished for c in calls if c.finished is not None and c.status == 200] or [
-            c.finished for c in calls if c.finished is not None]
+        starts = answered_or_all(calls, "decode_start")
+        ends = answered_or_all(calls, "finished")
         busy = sum(c.finished - c.decode_start for c in calls if c.decode_start is not None and c.finished is not None)
         return ServerStats(
             requests=len(calls),
@@ -621,6 +615,16 @@ def tgi_timing_headers(call: Call, arrived: float) -> dict[str, str]:
             "x-prompt-tokens": str(count_tokens(call.prompt)), "x-generated-tokens": str(call.output_tokens)}
 
 
+def answered_or_all(calls: Sequence[Call], attr: str) -> list[float]:
+    """``attr`` (``decode_start`` or ``finished``) of the calls answered (status 200), else of all that have it.
+    A stage's span ends with its last answer out: an attempt the client cancelled (a duplicate that lost its
+    race) keeps its slot in this model until its decode would have ended, which TGI does not do (it stops a
+    request whose client went away at its next step: backends/v3/src/backend.rs send_responses, queue.rs
+    next_batch), so its computed end does not stretch the span."""
+    have = [c for c in calls if getattr(c, attr) is not None]
+    return [getattr(c, attr) for c in have if c.status == 200] or [getattr(c, attr) for c in have]
+
+
 def busy_fraction(calls: Sequence[Call], capacity: int, t0: float | None = None, t1: float | None = None,
                   answered_only: bool = False) -> float:
     """Decoding slot-seconds over ``capacity * (t1 - t0)``. ``answered_only``: only the decodes whose answer
@@ -631,9 +635,8 @@ def busy_fraction(calls: Sequence[Call], capacity: int, t0: float | None = None,
         return 0.0
     done = [c for c in window if c.status == 200] if answered_only else window
     t0 = min(c.arrived for c in calls) if t0 is None else t0
-    if t1 is None:  # the last answer out (see LLMTestServer.stats)
-        t1 = max((c.finished for c in window if c.finished is not None and c.status == 200),
-                 default=max(c.finished for c in window if c.finished is not None))
+    if t1 is None:
+        t1 = max(answered_or_all(window, "finished"))
     if t1 <= t0:
         return 0.0
     busy = 0.0

@@ -560,6 +560,18 @@ class PoolLane:
             n_sent += 1
             racers[f] = (replica, last_sent)
 
+        def drop(f: asyncio.Future, ok: bool, sick: bool) -> tuple[str | None, float]:
+            """Take ``f`` out of the race: its hedge count and its replica's books."""
+            replica, sent = racers.pop(f)
+            if f is not first:
+                self.hedges_open -= 1
+            if fleet is not None and replica is not None:
+                fleet.done(replica, ok, sick)
+            return replica, sent
+
+        def next_due(factor: float, p99: float) -> float:
+            return hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
+
         await send()
         first = next(iter(racers))
         sick = False
@@ -586,17 +598,10 @@ class PoolLane:
                     factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
                     # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
                     # that hangs too is followed by another, instead of both waiting for the deadline
-                    now = time.monotonic()
-                    due_at = hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
-                    due = now >= due_at
-                    if due and n_sent < MAX_SENDS and self._may_hedge():
+                    if time.monotonic() >= next_due(factor, p99) and n_sent < MAX_SENDS and self._may_hedge():
                         if len(racers) >= MAX_RACERS:  # the oldest, presumed hung, makes room
                             oldest = min(racers, key=lambda r: racers[r][1])
-                            gone, _ = racers.pop(oldest)
-                            if oldest is not first:
-                                self.hedges_open -= 1
-                            if fleet is not None and gone is not None:
-                                fleet.done(gone, False, False)
+                            drop(oldest, False, False)
                             oldest.cancel()
                         hedge_due = None
                         self.hedged += 1
@@ -605,7 +610,7 @@ class PoolLane:
                         await send()
                     # woken when the next duplicate is due, not on the next tick (up to WATCH_S late); one that is
                     # due but held back (budget, sends) is looked at again on the tick
-                    due_at = hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
+                    due_at = next_due(factor, p99)
                     if due_at > time.monotonic():
                         wake = min(wake, due_at - time.monotonic() + 0.001)
                     # each abandon of the same request doubles its deadline: a request that is slow by
@@ -622,13 +627,9 @@ class PoolLane:
                 done, _ = await asyncio.wait(set(racers), timeout=min(wake, ep.timeout_s - age),
                                              return_when=asyncio.FIRST_COMPLETED)
                 for f in done:
-                    replica, sent = racers.pop(f)
-                    if f is not first:
-                        self.hedges_open -= 1
                     error = f.exception()
                     failed = isinstance(error, Transient)
-                    if fleet is not None and replica is not None:
-                        fleet.done(replica, error is None, failed and _sick(error))  # type: ignore[arg-type]
+                    replica, sent = drop(f, error is None, failed and _sick(error))  # type: ignore[arg-type]
                     if error is None:  # its own latency (a hedge's from when the hedge was sent)
                         # the duplicates sent after the winner were not needed (those before it hung)
                         self.hedge_wasted += sum(1 for _, s in racers.values() if s > sent)
@@ -651,11 +652,8 @@ class PoolLane:
             sick = _sick(e)
             raise
         finally:
-            for f, (replica, _) in racers.items():
-                if f is not first:
-                    self.hedges_open -= 1
-                if fleet is not None and replica is not None:
-                    fleet.done(replica, False, sick)
+            for f in list(racers):
+                drop(f, False, sick)
                 if not f.done():
                     f.cancel()
             self.active -= 1
