@@ -118,7 +118,7 @@ def run_setup(name: str, model_dir: Path, rows: list[dict[str, list[int]]], a: a
     dataset = datasets.Dataset.from_list(rows)
     if name == "ours":
         kwargs.update(packing=False, padding_free=True, max_length=None)
-        trainer, counter = make_trainer(model_dir, plan, SFTConfig(**kwargs), lora, tok, dataset)
+        trainer, counter = make_trainer(model_dir, plan, SFTConfig(**kwargs), lora, tok, dataset, attention=a.attention)
     else:
         kwargs.update(packing=False)
         model = load_for_training(model_dir, plan, False, bool(kwargs["activation_checkpointing"]))
@@ -137,7 +137,9 @@ def run_setup(name: str, model_dir: Path, rows: list[dict[str, list[int]]], a: a
     tokens = dist.sum_ranks({"real": counter.real_tokens, "all": counter.total_tokens})
     peak = int(torch.cuda.max_memory_allocated()) if cuda else 0
     del trainer
-    return {"setup": name, "world_size": world().size, "steps": a.steps, "seconds": round(secs, 2),
+    attention = a.attention if name == "ours" else "sdpa, padded"
+    return {"setup": name, "attention": attention, "world_size": world().size, "steps": a.steps,
+            "seconds": round(secs, 2),
             "real_tokens": int(tokens["real"]), "real_fraction": round(tokens["real"] / tokens["all"], 4),
             "real_tokens_per_s": round(tokens["real"] / secs, 1), "peak_memory_gib_rank0": round(peak / 2**30, 2)}
 
@@ -160,6 +162,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4, help="examples per device per step")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--setups", default="ours,trl-default")
+    ap.add_argument("--attention", default="auto",
+                    help="ours: the stage's training.attention (auto: per-example SDPA; sdpa, flex_attention, ...)")
     ap.add_argument("--nproc-per-node", type=int, default=1)
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU with plain LoRA: the code path only")
