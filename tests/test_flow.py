@@ -178,6 +178,50 @@ def test_every_hung_request_is_hedged_when_hangs_are_more_than_the_hedge_budget(
     assert counts["abandoned"] == 0 and counts["hedged"] == len(hung), counts
 
 
+def test_hung_requests_and_their_duplicates_stay_within_the_servers_admission_limit():
+    """Past its p99 an attempt gave its slot to the next request and a duplicate raced it, both on top of the
+    budget: against TGI's admission limit (``/info`` max_concurrent_requests, the budget's capacity) the server
+    saw more than it admits and refused the excess at once ("Model is overloaded"). With three stages sharing
+    the limit that was thousands of refusals and rows lost after their retries ran out."""
+    hung = {f"quick {i}<": ["hang"] for i in range(5, 160, 10)}  # 16 of 160 hang once
+    with running(rule=per_prompt(hung), hang_s=30, latency=0.01, max_concurrent_requests=8) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=8, timeout_s=25.0, max_retries=0), role="teacher")
+        out = run_all(client, [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(160)])
+    refused = [c for c in srv.calls if c.status == 429]
+    assert not refused and srv.max_in_flight <= 8, (len(refused), srv.max_in_flight)
+    assert all(r.ok for r in out.values())
+    for key in hung:  # each hung request was still raced by a duplicate, not left to its deadline
+        calls = [c for c in srv.calls if key in c.prompt]
+        assert len(calls) == 2 and calls[0].seed == calls[1].seed, key
+    assert client.tail_counts()["abandoned"] == 0
+
+
+def test_clients_the_budget_does_not_know_of_share_the_servers_admission_limit_instead_of_losing_rows():
+    """A judge on the teacher's own server (Evol-Instruct's equality checks, a filter with an open judge) is not
+    in the teacher's budget: together they sent more than TGI admits, it refused the excess as overloaded, and
+    refused requests went back at once (most attempts were answered), were refused again, and their retries
+    ran out: rows lost. Told "overloaded", a client now sends fewer at once and grows back slowly."""
+    import threading
+
+    with running(capacity=8, per_token_s=0.002, max_concurrent_requests=8, script=lambda p: "tok " * 20) as srv:
+        clients = {role: make_client(endpoint("tgi", srv, max_concurrency=8, max_retries=3), role=role)
+                   for role in ("teacher", "judge")}
+        outs: dict[str, dict] = {}
+
+        def run(role: str) -> None:
+            outs[role] = run_all(clients[role], [GenRequest(id=f"{role}{i}", user=f"{role} {i}") for i in range(300)])
+
+        threads = [threading.Thread(target=run, args=(role,)) for role in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    failed = [r.id for o in outs.values() for r in o.values() if not r.ok]
+    refused = [c for c in srv.calls if c.status == 429]
+    assert not failed and len(outs["teacher"]) == len(outs["judge"]) == 300, failed[:5]
+    assert len(refused) < 0.2 * len(srv.calls), (len(refused), len(srv.calls))  # the old code: ~65%
+
+
 def test_one_retry_after_does_not_pause_the_whole_pool():
     """A Retry-After paused every new attempt of the pool: one 429 among many answers idled the server."""
     with running(rule=per_prompt({"unlucky": ["429"]}), retry_after="1.5", latency=0.02) as srv:

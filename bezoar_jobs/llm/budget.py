@@ -193,7 +193,9 @@ def mark_done(store: Store, party: str) -> None:
 def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
          environ: Mapping[str, str] | None = None) -> tuple[Endpoint, Budget | None]:
     """The endpoint with ``max_concurrency`` cut to this pod's even share (teacher servers only), and the
-    budget when the share may move (several pods share a known capacity: :class:`Board`)."""
+    budget whenever the capacity is known: the pool keeps everything it sends, duplicates included, within the
+    share of a TGI server's admission limit (llm/pool.py), and with several pods the share moves
+    (:class:`Board`, set up by stages/common.open_client)."""
     if role != "teacher" or endpoint.backend not in BUDGETED_BACKENDS:
         return endpoint, None
     b = share(endpoint, api_key, environ)
@@ -206,7 +208,7 @@ def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
              "max_concurrency %d", n, b.capacity, b.source, b.parties,
              " while they all run (more as others finish)" if b.parties > 1 else "", endpoint.max_concurrency)
     out = endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})
-    return out, (b if b.parties > 1 else None)
+    return out, b
 
 
 def apply(endpoint: Endpoint, role: str, api_key: str | None = None,

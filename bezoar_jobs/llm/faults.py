@@ -21,7 +21,7 @@ class Transient(Exception):
         reason = redact(reason)
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind  # server | rate | timeout | connection | malformed
+        self.kind = kind  # server | rate | overloaded | timeout | connection | malformed
         self.retry_after = retry_after
         self.status = status
         self.replica: str | None = None  # the fleet replica that failed it (llm/fleet.py), when there is one
@@ -77,7 +77,10 @@ def classify_status(
     retry_after = parse_retry_after(headers)
     short = redact(" ".join(redact(message).split()))[:300]
     if status == 429:
-        return Transient(f"HTTP 429 rate limited: {short}", kind="rate", retry_after=retry_after, status=429)
+        # TGI's own refusal past --max-concurrent-requests ({"error_type": "overloaded"}): too many at once from
+        # everyone calling it, which the pool answers by sending fewer (llm/pool.py), not only by waiting
+        kind = "overloaded" if "overloaded" in message.lower() else "rate"
+        return Transient(f"HTTP 429 rate limited: {short}", kind=kind, retry_after=retry_after, status=429)
     if status in (408, 409) or status >= 500:
         return Transient(f"HTTP {status}: {short}", kind="server", retry_after=retry_after, status=status)
     if status in (401, 403):

@@ -39,6 +39,12 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   dropped and the next duplicate goes once its wait is over (its Retry-After, else a short jitter): a
   refused duplicate does not give up an original that may still be decoding a long answer. A hung request
   idles no slot for long, instead of holding it for the whole ``timeout_s``;
+* places at the server (``_wire_gate``): overdue attempts and duplicates included, at most the client's
+  share of a TGI server's admission limit where the budget knows it (TGI refuses past it at once, "Model
+  is overloaded"), else twice the slots; a duplicate takes the next free place before any fresh request,
+  and when hung attempts hold them all the late racer gives up its own. Told "overloaded" anyway (clients
+  the budget does not know of), the places halve and grow back slowly (``_overloaded``, ``_grow``), and such
+  refusals do not use up the request's ``max_retries`` (``OVERLOADED_FREE`` first);
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -113,6 +119,16 @@ HEDGE_FRACTION = 0.05  # of the attempts, at most this many duplicates unneeded 
 HEDGE_CAP_FRACTION = 0.25  # and at most this many duplicates in all
 MAX_RACERS = 3  # racing at once (a new duplicate past that drops the oldest, presumed hung)
 MAX_SENDS = 5  # sends per attempt not refused: the first and up to four duplicates
+# a racer the client gives up (cancels) is counted against the server's admission limit this long after:
+# the server frees its slot once it has seen the disconnect, not the moment the client closes
+CANCEL_GRACE_S = 0.1
+# a TGI "Model is overloaded" (more at once than it admits, from everyone calling it): the places at the server
+# drop to this share, at most once per OVERLOAD_EVERY_S (one burst of refusals is one signal), and grow back by
+# one per places' worth of answers and at most once per GROW_EVERY_S, up to the pool's ceiling
+OVERLOAD_DECREASE = 0.5
+OVERLOAD_EVERY_S = 0.1
+GROW_EVERY_S = 1.0
+OVERLOADED_FREE = 16  # refusals as overloaded a request may meet before they count against its max_retries
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
 # the pool pauses for a Retry-After only when at least this share of the last SATURATION_WINDOW
@@ -122,6 +138,7 @@ SATURATION_SHARE = 0.75
 # a refused request's backoff doubles only while at least this share of the last SATURATION_WINDOW attempts
 # were refused
 LOADED_SHARE = 0.5
+HEDGE_RANK = (0, 0)  # a duplicate's place at the server comes before a retry's and a fresh request's
 
 
 class RemoteClient(LLMClient):
@@ -278,6 +295,10 @@ class PoolLane:
         self.out = out
         self.desc = desc
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.wire: Gate | None = None  # places at the server, duplicates included (_wire_gate)
+        self.wire_ceiling = 0  # what the places may grow back to (the admission share, or twice the slots)
+        self._shrunk_at = self._grown_at = -OVERLOAD_EVERY_S
+        self._grow_credit = 0
         self.error: BaseException | None = None  # the first run-stopping error
         self.halted = False
         self.capped = False
@@ -362,6 +383,7 @@ class PoolLane:
         self.loop = asyncio.get_running_loop()
         n = self.client.max_slots()
         self.inflight = Gate(self.ep.max_concurrency)
+        self.wire = self._wire_gate()
         # live tasks (in flight, waiting for a slot, or sleeping before a retry): bounded so a
         # million requests do not become a million coroutines, loose enough that requests in
         # backoff never starve the in-flight slots
@@ -419,6 +441,55 @@ class PoolLane:
                 f"spent of spend_cap_usd ${e.spend_cap_usd}); {self.unsent} requests were not sent"
             )
 
+    def _wire_gate(self) -> Gate | None:
+        """The places this client may take at the server at once, duplicates and overdue attempts included.
+        At a TGI server whose admission limit the budget knows (``/info`` max_concurrent_requests, or the
+        configured capacity) its share of that limit: TGI refuses a request past it at once ("Model is
+        overloaded"), and an overdue attempt that gave its slot away, or a duplicate racing it, still counts
+        there. Elsewhere twice the slots (the most overdue attempts may add). Fewer while the server says it
+        is overloaded (:meth:`_overloaded`). None for a fleet: llm/fleet.py keeps each replica within its own
+        limit."""
+        if self.client.fleet is not None:
+            return None
+        b = self.client.budget
+        if b is not None and b.capacity and self.ep.backend == "tgi":
+            self.wire_ceiling = b.capacity // max(1, b.parties)
+        else:
+            self.wire_ceiling = 2 * self.client.max_slots()
+        return Gate(self.wire_ceiling)
+
+    def _set_ceiling(self, ceiling: int) -> None:
+        """A new share of the server (others finished): places cut for overload stay cut, up to it."""
+        wire = self.wire
+        if wire is None or ceiling == self.wire_ceiling:
+            return
+        wire.set_limit(ceiling if wire.limit >= self.wire_ceiling else min(wire.limit, ceiling))
+        self.wire_ceiling = ceiling
+
+    def _overloaded(self) -> None:
+        """The server refused an attempt as overloaded: more clients than the budget knows call it (a judge
+        on the teacher's server, another run, a user). Fewer places, once per OVERLOAD_EVERY_S."""
+        wire, now = self.wire, time.monotonic()
+        if wire is None or now - self._shrunk_at < OVERLOAD_EVERY_S:
+            return
+        self._shrunk_at, self._grown_at, self._grow_credit = now, now, 0
+        limit = max(1, int(min(wire.limit, wire.held + 1) * OVERLOAD_DECREASE))
+        if limit < wire.limit:
+            log.info("%s: the server says it is overloaded: at most %d request(s) at it at once for now",
+                     self.desc, limit)
+            wire.set_limit(limit)
+
+    def _grow(self) -> None:
+        """One more answer: the places grow back by one per places' worth of answers, up to the ceiling."""
+        wire = self.wire
+        if wire is None or wire.limit >= self.wire_ceiling:
+            return
+        self._grow_credit += 1
+        now = time.monotonic()
+        if self._grow_credit >= wire.limit and now - self._grown_at >= GROW_EVERY_S:
+            self._grow_credit, self._grown_at = 0, now
+            wire.set_limit(wire.limit + 1)
+
     async def _follow_board(self) -> None:
         """The share of a teacher several pods call: more slots as the others finish (llm/budget.py)."""
         from .budget import POLL_S
@@ -433,6 +504,8 @@ class PoolLane:
             if limit != self.inflight.limit:
                 log.info("%s: teacher share now %d request(s) in flight", self.desc, limit)
                 self.inflight.set_limit(limit)
+            if self.wire is not None and self.client.budget is not None and self.ep.backend == "tgi":
+                self._set_ceiling(board.capacity // left)
             if fleet is not None and fleet.capacities and left != seen:  # each replica's share too
                 fleet.set_limits(fleet.capacities, left)
             seen = left
@@ -549,8 +622,11 @@ class PoolLane:
         n_failed = 0  # racers that failed while others raced
         hedge_due: float | None = None  # set when a racer failed while others race: the next duplicate's time
 
-        async def send() -> None:
+        async def send(rank: tuple[int, int], wired: bool = False) -> None:
+            """One racer out: a place at the server first (``wired``: taken already), then its replica."""
             nonlocal last_sent, n_sent
+            if self.wire is not None and not wired:
+                await self.wire.acquire(rank)
             replica = await fleet.acquire(self.loop, avoid) if fleet is not None and self.loop else None
             token = REPLICA.set(replica)
             f = asyncio.ensure_future(self.client._send(req))
@@ -565,14 +641,37 @@ class PoolLane:
             replica, sent = racers.pop(f)
             if f is not first:
                 self.hedges_open -= 1
-            if fleet is not None and replica is not None:
-                fleet.done(replica, ok, sick)
+            if f.done():  # answered or refused: the server is done with it
+                if self.wire is not None:
+                    self.wire.release()
+                if fleet is not None and replica is not None:
+                    fleet.done(replica, ok, sick)
+            else:  # given up: counted there until the server can have seen the disconnect
+                assert self.loop is not None
+                if self.wire is not None:
+                    self.loop.call_later(CANCEL_GRACE_S, self.wire.release)
+                if fleet is not None and replica is not None:
+                    self.loop.call_later(CANCEL_GRACE_S, fleet.done, replica, ok, sick)
             return replica, sent
+
+        async def hedge(wired: bool) -> None:
+            """A duplicate races the request (the oldest racer, presumed hung, making room past MAX_RACERS)."""
+            nonlocal hedge_due
+            if len(racers) >= MAX_RACERS:
+                oldest = min(racers, key=lambda r: racers[r][1])
+                drop(oldest, False, False)
+                oldest.cancel()
+            hedge_due = None
+            self.hedged += 1
+            self.hedges_open += 1
+            self.client.tails["hedged"] += 1
+            await send(HEDGE_RANK, wired)
 
         def next_due(factor: float, p99: float) -> float:
             return hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
 
-        await send()
+        room: asyncio.Future | None = None  # a duplicate waiting for a place at the server (wire)
+        await send((1 if again else 2, -req.priority))
         first = next(iter(racers))
         sick = False
         try:
@@ -598,16 +697,18 @@ class PoolLane:
                     factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
                     # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
                     # that hangs too is followed by another, instead of both waiting for the deadline
-                    if time.monotonic() >= next_due(factor, p99) and n_sent < MAX_SENDS and self._may_hedge():
-                        if len(racers) >= MAX_RACERS:  # the oldest, presumed hung, makes room
-                            oldest = min(racers, key=lambda r: racers[r][1])
-                            drop(oldest, False, False)
-                            oldest.cancel()
-                        hedge_due = None
-                        self.hedged += 1
-                        self.hedges_open += 1
-                        self.client.tails["hedged"] += 1
-                        await send()
+                    if time.monotonic() >= next_due(factor, p99) and n_sent < MAX_SENDS and room is None \
+                            and self._may_hedge():
+                        if self.wire is None:
+                            await hedge(False)
+                        else:  # it waits for a place at the server ahead of every fresh request, watched below
+                            if self.wire.held >= self.wire.limit and racers:
+                                # no place for it (hung attempts can fill them all): the late racer gives up its
+                                # own, which the server counts until it sees the disconnect (CANCEL_GRACE_S)
+                                oldest = min(racers, key=lambda r: racers[r][1])
+                                drop(oldest, False, False)
+                                oldest.cancel()
+                            room = asyncio.ensure_future(self.wire.acquire(HEDGE_RANK))
                     # woken when the next duplicate is due, not on the next tick (up to WATCH_S late); one that is
                     # due but held back (budget, sends) is looked at again on the tick
                     due_at = next_due(factor, p99)
@@ -624,9 +725,10 @@ class PoolLane:
                         self.client.tails["abandoned"] += 1
                         raise Transient(f"no answer {age:.1f} s after it was sent ({DEADLINE_P99_FACTOR:g} x the "
                                         "p99 latency): abandoned and sent again", kind="deadline")
-                done, _ = await asyncio.wait(set(racers), timeout=min(wake, ep.timeout_s - age),
+                waits = set(racers) | ({room} if room is not None else set())
+                done, _ = await asyncio.wait(waits, timeout=min(wake, ep.timeout_s - age),
                                              return_when=asyncio.FIRST_COMPLETED)
-                for f in done:
+                for f in [f for f in done if f is not room]:
                     error = f.exception()
                     failed = isinstance(error, Transient)
                     replica, sent = drop(f, error is None, failed and _sick(error))  # type: ignore[arg-type]
@@ -648,10 +750,19 @@ class PoolLane:
                     assert isinstance(error, Transient)
                     wait = error.retry_after if error.retry_after is not None else random.uniform(0, ep.backoff_base_s)
                     hedge_due = time.monotonic() + wait
+                if room is not None and room in done:  # the duplicate has its place at the server
+                    room = None
+                    await hedge(True)
         except Transient as e:  # a dead or sick replica fails like this; a busy one says 429
             sick = _sick(e)
             raise
         finally:
+            if room is not None:  # a duplicate that was still waiting for its place, or got it too late
+                if room.done() and not room.cancelled() and room.exception() is None:
+                    assert self.wire is not None
+                    self.wire.release()
+                else:
+                    room.cancel()
             for f in list(racers):
                 drop(f, False, sick)
                 if not f.done():
@@ -678,6 +789,7 @@ class PoolLane:
         est_total = est_in + req.max_new_tokens
         worst_cost = client.cost(est_in, req.max_new_tokens)
         attempt = 0
+        overloads = 0  # refusals as overloaded not counted in ``attempt`` (OVERLOADED_FREE)
         abandoned = 0  # attempts of this request cut at their deadline
         avoid: dict[str, float] = {}  # fleet replicas that said Retry-After to this request -> until when
         while True:
@@ -704,6 +816,8 @@ class PoolLane:
                 failure = e
                 self._settle(worst_cost, 0.0)
                 self.recent_refusals.append(e.status in (429, 503))
+                if e.kind == "overloaded":
+                    self._overloaded()
             except Rejected as e:
                 self._settle(worst_cost, 0.0)
                 self.refused_streak += 1
@@ -712,7 +826,7 @@ class PoolLane:
                                         f"(last: {e}); check the endpoint settings and decoding parameters"))
                     return
                 self._deliver(GenResult(id=req.id, text="", error=f"refused by the server: {e}", cause=e.cause,
-                                        retries=attempt), cb)
+                                        retries=attempt + overloads), cb)
                 return
             except BadInput as e:
                 self._settle(worst_cost, 0.0)
@@ -729,9 +843,10 @@ class PoolLane:
                 self.successes += 1
                 self.refused_streak = 0
                 self.recent_refusals.append(False)
+                self._grow()
                 self.observe(req, t1 - t0)
                 client.intervals.append((t0, t1))
-                res.retries = attempt
+                res.retries = attempt + overloads
                 self._deliver(res, cb)
                 return
             if failure.kind == "deadline":
@@ -740,7 +855,12 @@ class PoolLane:
                 self.out.put(Msg("retry", self))
                 log.debug("%s: request %s: %s", self.desc, req.id, failure.reason)
                 continue
-            attempt += 1
+            if failure.kind == "overloaded" and overloads < OVERLOADED_FREE:
+                # the server did nothing with it and says why: everyone's load, which the pool answers by sending
+                # fewer (_overloaded); not this request's failure, so its max_retries are kept for those
+                overloads += 1
+            else:
+                attempt += 1
             if attempt > ep.max_retries:
                 if failure.kind == "connection":
                     self._halt(
@@ -748,14 +868,14 @@ class PoolLane:
                     )
                     return
                 self._deliver(GenResult(id=req.id, text="", error=f"failed after {attempt} attempts: {failure.reason}",
-                                        cause=failure.cause, retries=attempt - 1), cb)
+                                        cause=failure.cause, retries=attempt - 1 + overloads), cb)
                 return
             # the backoff doubles with the request's failures, except for a refusal (429/503) while most
             # attempts are answered: that is this request's bad luck, not a loaded server, and doubling its wait
             # only stretches the stage's end (TGI's 429 says no Retry-After)
             refusal = failure.status in (429, 503)
             loaded = sum(self.recent_refusals) >= LOADED_SHARE * len(self.recent_refusals)
-            k = attempt - 1 if loaded or not refusal else 0
+            k = max(0, attempt + overloads - 1) if loaded or not refusal else 0
             delay = random.uniform(0.0, min(ep.backoff_max_s, ep.backoff_base_s * 2 ** k))
             if failure.retry_after is not None:
                 # the server said when: then, with a little jitter (a tenth) so refused requests do not return

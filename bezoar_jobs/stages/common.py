@@ -48,7 +48,7 @@ def open_client(
 
     client = make_client(endpoint, role=role)
     budget = getattr(client, "budget", None)
-    if budget is not None and budget.capacity:  # a teacher several pods share: the share grows as they finish
+    if budget is not None and budget.capacity and budget.parties > 1:  # shared: the share grows as others finish
         from ..llm.budget import Board, party_names
 
         party = party_names(ctx.name, ctx.shard[1])[ctx.shard[0]] if ctx.shard is not None else ctx.name
