@@ -222,6 +222,26 @@ def test_clients_the_budget_does_not_know_of_share_the_servers_admission_limit_i
     assert len(refused) < 0.2 * len(srv.calls), (len(refused), len(srv.calls))  # the old code: ~65%
 
 
+def test_refusals_as_overloaded_now_and_then_do_not_make_the_pool_send_fewer():
+    """The other side of the test above: TGI marks every 429 "overloaded", and a fault mix refuses one attempt
+    in five at random. Halving on each of those left one or two places and a stage of hung requests stalled
+    behind them; the pool sends fewer only while most recent attempts are refused."""
+    with running(capacity=8, per_token_s=0.002, rates={"429": 0.2}, retry_after=None, seed=3,
+                 script=lambda p: "tok " * 20) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=8, max_retries=8), role="teacher")
+        out = run_all(client, [GenRequest(id=f"q{i}", user=f"quick {i}") for i in range(300)])
+    assert all(r.ok for r in out.values())
+    assert [c for c in srv.calls if c.status == 429]
+    served = sorted((c for c in srv.calls if c.status == 200), key=lambda c: c.decode_start)
+    late = served[len(served) // 3: -len(served) // 3]  # the middle of the run, past any start
+    events = sorted([(c.decode_start, 1) for c in late] + [(c.finished, -1) for c in late])
+    most, n = 0, 0
+    for _, d in events:
+        n += d
+        most = max(most, n)
+    assert most >= 6, most
+
+
 def test_one_retry_after_does_not_pause_the_whole_pool():
     """A Retry-After paused every new attempt of the pool: one 429 among many answers idled the server."""
     with running(rule=per_prompt({"unlucky": ["429"]}), retry_after="1.5", latency=0.02) as srv:

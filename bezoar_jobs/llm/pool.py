@@ -329,6 +329,7 @@ class PoolLane:
         self._p99: dict[int | None, tuple[float, int]] = {}  # class -> (p99, answers seen when computed)
         self._class_since: dict[int | None, float] = {}  # class -> when its first attempt was sent
         self.recent_refusals: deque[bool] = deque(maxlen=SATURATION_WINDOW)
+        self.recent_overloads: deque[bool] = deque(maxlen=SATURATION_WINDOW)  # refused as overloaded
         self.tasks: set[asyncio.Task] = set()
         self.ended = False
         self._ready = threading.Event()
@@ -468,9 +469,13 @@ class PoolLane:
 
     def _overloaded(self) -> None:
         """The server refused an attempt as overloaded: more clients than the budget knows call it (a judge
-        on the teacher's server, another run, a user). Fewer places, once per OVERLOAD_EVERY_S."""
+        on the teacher's server, another run, a user). Fewer places, once per OVERLOAD_EVERY_S, while at
+        least LOADED_SHARE of the recent attempts were refused so: a refusal now and then (a proxy's, a
+        server that is merely unlucky) is retried, not a reason to send fewer."""
         wire, now = self.wire, time.monotonic()
         if wire is None or now - self._shrunk_at < OVERLOAD_EVERY_S:
+            return
+        if sum(self.recent_overloads) < LOADED_SHARE * SATURATION_WINDOW:
             return
         self._shrunk_at, self._grown_at, self._grow_credit = now, now, 0
         limit = max(1, int(min(wire.limit, wire.held + 1) * OVERLOAD_DECREASE))
@@ -816,6 +821,7 @@ class PoolLane:
                 failure = e
                 self._settle(worst_cost, 0.0)
                 self.recent_refusals.append(e.status in (429, 503))
+                self.recent_overloads.append(e.kind == "overloaded")
                 if e.kind == "overloaded":
                     self._overloaded()
             except Rejected as e:
@@ -843,6 +849,7 @@ class PoolLane:
                 self.successes += 1
                 self.refused_streak = 0
                 self.recent_refusals.append(False)
+                self.recent_overloads.append(False)
                 self._grow()
                 self.observe(req, t1 - t0)
                 client.intervals.append((t0, t1))
