@@ -42,9 +42,10 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
 * places at the server (``_wire_gate``): overdue attempts and duplicates included, at most the client's
   share of a TGI server's admission limit where the budget knows it (TGI refuses past it at once, "Model
   is overloaded"), else twice the slots; a duplicate takes the next free place before any fresh request,
-  and when hung attempts hold them all the late racer gives up its own. Told "overloaded" anyway (clients
-  the budget does not know of), the places halve and grow back slowly (``_overloaded``, ``_grow``), and such
-  refusals do not use up the request's ``max_retries`` (``OVERLOADED_FREE`` first);
+  and when hung attempts hold them all the late racer gives up its own. Refused as "overloaded" anyway for
+  most recent attempts (clients the budget does not know of), the places halve and grow back slowly
+  (``_overloaded``, ``_grow``), and such refusals do not use up the request's ``max_retries``
+  (``OVERLOADED_FREE`` first);
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
