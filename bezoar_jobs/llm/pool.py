@@ -476,7 +476,9 @@ class PoolLane:
         wire, now = self.wire, time.monotonic()
         if wire is None or now - self._shrunk_at < OVERLOAD_EVERY_S:
             return
-        if sum(self.recent_overloads) < LOADED_SHARE * SATURATION_WINDOW:
+        if sum(self.recent_overloads) < LOADED_SHARE * SATURATION_WINDOW or 2 * (wire.held + 1) < wire.limit:
+            # refusals now and then; or this client holds few of its places (a stage's last retries, refused in
+            # a row): it is not what fills the server
             return
         self._shrunk_at, self._grown_at, self._grow_credit = now, now, 0
         limit = max(1, int(min(wire.limit, wire.held + 1) * OVERLOAD_DECREASE))
