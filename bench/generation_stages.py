@@ -64,6 +64,8 @@ def start_server(a: argparse.Namespace, rates: str = "", seed: int = 0,
     cmd = [sys.executable, str(REPO / "tests" / "llm_server.py"), "--scripted", "--capacity", str(a.capacity),
            "--per-token-ms", str(a.per_token_ms), "--mu", str(a.mu), "--sigma", str(a.sigma),
            "--hang-s", "600", "--fault-seed", str(seed), "--retry-after", retry_after]
+    if a.max_concurrent_requests:  # TGI's admission limit, reported at /info: the stages' budget divides it
+        cmd += ["--max-concurrent-requests", str(a.max_concurrent_requests)]
     if rates:
         cmd += ["--rates", rates]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO / "tests")
@@ -116,8 +118,8 @@ def recipe(d: Path, url: str, a: argparse.Namespace, dolly: Path, flan: Path) ->
     return r
 
 
-def bezoar(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SCRIPTED_JUDGE_KEY": "bench-key", "PYTHONPATH": str(REPO)}
+def bezoar(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SCRIPTED_JUDGE_KEY": "bench-key", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", *args], capture_output=True, text=True, env=env,
                           timeout=3600)
 
@@ -206,26 +208,44 @@ def series(a: argparse.Namespace, d: Path, rates: str, name: str, dolly: Path, f
     return out, run
 
 
-def together(a: argparse.Namespace, d: Path, dolly: Path, flan: Path) -> dict[str, Any]:
-    proc, url = start_server(a)
+def together(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, replicas: int = 1) -> dict[str, Any]:
+    """The three generate stages by ``bezoar run`` (side by side, one budget) against ``replicas`` servers
+    (more than one: listed in ``BEZOAR_TEACHER_ENDPOINTS``, the client's budget that many times one's)."""
+    servers = [start_server(a, seed=i) for i in range(replicas)]
+    name = "together" if replicas == 1 else f"together-{replicas}"
     try:
-        (d / "together").mkdir()
-        rec = recipe(d / "together", url, a, dolly, flan)
-        control(url, "/_reset", "POST")
-        run = d / "run-together"
+        (d / name).mkdir()
+        rec = recipe(d / name, servers[0][1], a, dolly, flan)
+        env = {}
+        if replicas > 1:
+            import yaml
+
+            doc = yaml.safe_load(rec.read_text())
+            doc["teacher"]["max_concurrency"] = replicas * a.concurrency
+            rec.write_text(yaml.safe_dump(doc, sort_keys=False))
+            env["BEZOAR_TEACHER_ENDPOINTS"] = ",".join(u for _, u in servers)
+        for _, u in servers:
+            control(u, "/_reset", "POST")
+        run = d / f"run-{name}"
         t0 = time.monotonic()
         res = bezoar("run", "--recipe", str(rec), "--run", str(run), "--only", "generate-lamini", "generate-evol",
-                     "generate-orca")
+                     "generate-orca", env=env)
         wall = time.monotonic() - t0
         if res.returncode != 0:
             raise RuntimeError(f"bezoar run failed:\n{res.stderr[-3000:]}")
-        st = control(url, "/_stats")
+        stats = [control(u, "/_stats") for _, u in servers]
     finally:
-        proc.terminate()
-        proc.wait(10)
-    return {"wall_s": round(wall, 1), "span_s": round(st["last_finish"] - st["first_arrival"], 2),
-            "requests": st["requests"], "busy": round(st["busy_fraction"], 3),
-            "busy_answered": round(st["busy_fraction_answered"], 3), "max_in_flight": st["max_in_flight"]}
+        for pr, _ in servers:
+            pr.terminate()
+            pr.wait(10)
+    out: dict[str, Any] = {
+        "wall_s": round(wall, 1), "span_s": [round(st["last_finish"] - st["first_arrival"], 2) for st in stats],
+        "requests": [st["requests"] for st in stats], "busy": [round(st["busy_fraction"], 3) for st in stats],
+        "busy_answered": [round(st["busy_fraction_answered"], 3) for st in stats],
+        "max_in_flight": [st["max_in_flight"] for st in stats]}
+    if replicas == 1:  # one server: plain figures, as the table has always printed them
+        out = {k: v[0] if isinstance(v, list) else v for k, v in out.items()}
+    return out
 
 
 def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool, seeds: int) -> dict[str, Any]:
@@ -280,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sigma", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--concurrency", type=int, default=48)
+    ap.add_argument("--max-concurrent-requests", type=int, default=128,
+                    help="the server's admission limit, as TGI's flag (its default 128) and its /info report it: "
+                         "stages run together divide it (llm/budget.py); 0: the server says nothing")
     ap.add_argument("--timeout", type=float, default=60.0, help="the client's timeout_s (hangs last longer)")
     ap.add_argument("--lamini-prompts", type=int, default=400)
     ap.add_argument("--evol-seeds", type=int, default=1200)
@@ -336,6 +359,8 @@ def main(argv: list[str] | None = None) -> None:
             fig["fleet"] = fleet(a, d, dolly, flan, kill=False, seeds=a.orca_seeds)
             fig["fleet_equal"] = fleet(a, d, dolly, flan, kill=False, seeds=2 * a.orca_seeds)
             fig["fleet_kill"] = fleet(a, d, dolly, flan, kill=True, seeds=a.orca_seeds)
+            # what `bezoar run` does by default (the three generate stages side by side) against the fleet
+            fig["fleet_together"] = together(a, d, dolly, flan, replicas=2)
             from fault_bound import bound  # bench/fault_bound.py
 
             mu, sigma = SHAPES["generate-orca"][1:3]
@@ -362,11 +387,14 @@ def shape_bound(a: argparse.Namespace, stage: str, retry_after_s: float) -> dict
 
 def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
     cmd = " ".join([".venv/bin/python", "bench/generation.py", "stages"] + [shlex.quote(x) for x in argv])
+    adm = (f" up to an admission limit of {a.max_concurrent_requests} at once (TGI's `--max-concurrent-requests`, "
+           "its default, reported at `/info` as TGI does; past it a request is refused at once with 429 \"Model is "
+           "overloaded\"; the stages sharing the server divide it)") if a.max_concurrent_requests else ""
     lines = [f"Measured {time.strftime('%Y-%m-%d')}; command: `{cmd}` ({os.cpu_count()} CPU cores shared with other "
              f"work, Python {platform.python_version()}; load average {fig['load_before'][0]} at the start, "
              f"{fig['load_after'][0]} at the end).", "",
              f"Server: tests/llm_server.py, {a.capacity} sequences decoding at once, {a.per_token_ms:g} ms per output "
-             f"token, extra requests queued; the pipeline's scripted answers, responses and evolutions log-normal "
+             f"token, extra requests queued{adm}; the pipeline's scripted answers, responses and evolutions log-normal "
              f"(median e^{a.mu:g} words, sigma {a.sigma:g}, cut at {a.max_new_tokens}). Client: `max_concurrency: "
              f"{a.concurrency}` for teacher and judge (one server plays both), `timeout_s: {a.timeout:g}`. Sizes: "
              f"generate-lamini {a.lamini_prompts} prompts x 8 instructions, generate-evol {a.evol_seeds} seeds x 2 "
@@ -434,6 +462,12 @@ def render(a: argparse.Namespace, fig: dict[str, Any], argv: list[str]) -> str:
                   f"{a.max_new_tokens} tokens), which weighs twice as much on half the work. With the second "
                   f"replica killed {k['killed_after_s']:g} s into the {a.orca_seeds}-seed stage: the stage committed "
                   f"{k['rows']} of {k['seeds']} rows, the surviving replica {k['busy'][0]:.3f} busy.", ""]
+        if "fleet_together" in fig:
+            t = fig["fleet_together"]
+            lines += [f"The fleet as `bezoar run` uses it by default (the three generate stages side by side, one "
+                      f"budget of {2 * a.concurrency} over both replicas): busy {busy(t)} over "
+                      f"{', '.join(f'{x:.1f}' for x in t['span_s'])} s "
+                      f"({', '.join(f'{r:,}' for r in t['requests'])} requests).", ""]
     lines += ["Reading the figures. The client runs on the same 2 shared cores as the server and the other work "
               "here: where a stage needs more requests per second than the client process can make, the server is "
               "under-fed by the client's CPU, not by waiting; the server's figures are computed from its schedule, "
