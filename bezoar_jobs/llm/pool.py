@@ -454,15 +454,20 @@ class PoolLane:
         if self.client.fleet is not None:
             return None
         b = self.client.budget
-        if b is not None and b.capacity and self.ep.backend == "tgi":
-            self.wire_ceiling = b.capacity // max(1, b.parties)
-        else:
-            self.wire_ceiling = 2 * self.client.max_slots()
+        self.wire_ceiling = self._wire_ceiling(b.parties if b is not None else 1)
         return Gate(self.wire_ceiling)
 
-    def _set_ceiling(self, ceiling: int) -> None:
+    def _wire_ceiling(self, parties: int) -> int:
+        """The most places: the share of a known TGI admission limit among ``parties`` pods, else twice the
+        slots."""
+        b = self.client.budget
+        if b is not None and b.capacity and self.ep.backend == "tgi":
+            return b.capacity // max(1, parties)
+        return 2 * self.client.max_slots()
+
+    def _set_ceiling(self, parties: int) -> None:
         """A new share of the server (others finished): places cut for overload stay cut, up to it."""
-        wire = self.wire
+        wire, ceiling = self.wire, self._wire_ceiling(parties)
         if wire is None or ceiling == self.wire_ceiling:
             return
         wire.set_limit(ceiling if wire.limit >= self.wire_ceiling else min(wire.limit, ceiling))
@@ -512,8 +517,7 @@ class PoolLane:
             if limit != self.inflight.limit:
                 log.info("%s: teacher share now %d request(s) in flight", self.desc, limit)
                 self.inflight.set_limit(limit)
-            if self.wire is not None and self.client.budget is not None and self.ep.backend == "tgi":
-                self._set_ceiling(board.capacity // left)
+            self._set_ceiling(left)
             if fleet is not None and fleet.capacities and left != seen:  # each replica's share too
                 fleet.set_limits(fleet.capacities, left)
             seen = left
@@ -649,26 +653,31 @@ class PoolLane:
             replica, sent = racers.pop(f)
             if f is not first:
                 self.hedges_open -= 1
-            if f.done():  # answered or refused: the server is done with it
+
+            def leave() -> None:  # its place at the server and its replica's count
                 if self.wire is not None:
                     self.wire.release()
                 if fleet is not None and replica is not None:
                     fleet.done(replica, ok, sick)
+
+            if f.done():  # answered or refused: the server is done with it
+                leave()
             else:  # given up: counted there until the server can have seen the disconnect
                 assert self.loop is not None
-                if self.wire is not None:
-                    self.loop.call_later(CANCEL_GRACE_S, self.wire.release)
-                if fleet is not None and replica is not None:
-                    self.loop.call_later(CANCEL_GRACE_S, fleet.done, replica, ok, sick)
+                self.loop.call_later(CANCEL_GRACE_S, leave)
             return replica, sent
+
+        def give_up_oldest() -> None:
+            """The oldest racer, presumed hung, makes room (a duplicate past MAX_RACERS, or one with no place)."""
+            oldest = min(racers, key=lambda r: racers[r][1])
+            drop(oldest, False, False)
+            oldest.cancel()
 
         async def hedge(wired: bool) -> None:
             """A duplicate races the request (the oldest racer, presumed hung, making room past MAX_RACERS)."""
             nonlocal hedge_due
             if len(racers) >= MAX_RACERS:
-                oldest = min(racers, key=lambda r: racers[r][1])
-                drop(oldest, False, False)
-                oldest.cancel()
+                give_up_oldest()
             hedge_due = None
             self.hedged += 1
             self.hedges_open += 1
@@ -713,9 +722,7 @@ class PoolLane:
                             if self.wire.held >= self.wire.limit and racers:
                                 # no place for it (hung attempts can fill them all): the late racer gives up its
                                 # own, which the server counts until it sees the disconnect (CANCEL_GRACE_S)
-                                oldest = min(racers, key=lambda r: racers[r][1])
-                                drop(oldest, False, False)
-                                oldest.cancel()
+                                give_up_oldest()
                             room = asyncio.ensure_future(self.wire.acquire(HEDGE_RANK))
                     # woken when the next duplicate is due, not on the next tick (up to WATCH_S late); one that is
                     # due but held back (budget, sends) is looked at again on the tick
