@@ -208,6 +208,27 @@ def series(a: argparse.Namespace, d: Path, rates: str, name: str, dolly: Path, f
     return out, run
 
 
+def as_fleet(rec: Path, servers: list[tuple[subprocess.Popen, str]], a: argparse.Namespace,
+             orca_seeds: int | None = None) -> dict[str, str]:
+    """Point ``rec`` at a fleet of ``servers`` (the client's budget that many times one server's; ``orca_seeds``
+    when given); the environment that lists them (``BEZOAR_TEACHER_ENDPOINTS``)."""
+    import yaml
+
+    doc = yaml.safe_load(rec.read_text())
+    doc["teacher"]["max_concurrency"] = len(servers) * a.concurrency
+    if orca_seeds is not None:
+        doc["generation"]["orca"]["seeds"] = orca_seeds
+    rec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return {"BEZOAR_TEACHER_ENDPOINTS": ",".join(u for _, u in servers)}
+
+
+def stop(servers: list[tuple[subprocess.Popen, str]]) -> None:
+    for pr, _ in servers:
+        if pr.poll() is None:
+            pr.terminate()
+            pr.wait(10)
+
+
 def together(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, replicas: int = 1) -> dict[str, Any]:
     """The three generate stages by ``bezoar run`` (side by side, one budget) against ``replicas`` servers
     (more than one: listed in ``BEZOAR_TEACHER_ENDPOINTS``, the client's budget that many times one's)."""
@@ -216,14 +237,7 @@ def together(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, replicas: 
     try:
         (d / name).mkdir()
         rec = recipe(d / name, servers[0][1], a, dolly, flan)
-        env = {}
-        if replicas > 1:
-            import yaml
-
-            doc = yaml.safe_load(rec.read_text())
-            doc["teacher"]["max_concurrency"] = replicas * a.concurrency
-            rec.write_text(yaml.safe_dump(doc, sort_keys=False))
-            env["BEZOAR_TEACHER_ENDPOINTS"] = ",".join(u for _, u in servers)
+        env = as_fleet(rec, servers, a) if replicas > 1 else {}
         for _, u in servers:
             control(u, "/_reset", "POST")
         run = d / f"run-{name}"
@@ -235,9 +249,7 @@ def together(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, replicas: 
             raise RuntimeError(f"bezoar run failed:\n{res.stderr[-3000:]}")
         stats = [control(u, "/_stats") for _, u in servers]
     finally:
-        for pr, _ in servers:
-            pr.terminate()
-            pr.wait(10)
+        stop(servers)
     out: dict[str, Any] = {
         "wall_s": round(wall, 1), "span_s": [round(st["last_finish"] - st["first_arrival"], 2) for st in stats],
         "requests": [st["requests"] for st in stats], "busy": [round(st["busy_fraction"], 3) for st in stats],
@@ -256,17 +268,11 @@ def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool, s
     try:
         (d / name).mkdir()
         rec = recipe(d / name, servers[0][1], a, dolly, flan)
-        import yaml
-
-        doc = yaml.safe_load(rec.read_text())
-        doc["teacher"]["max_concurrency"] = 2 * a.concurrency
-        doc["generation"]["orca"]["seeds"] = seeds
-        rec.write_text(yaml.safe_dump(doc, sort_keys=False))
+        fleet_env = as_fleet(rec, servers, a, orca_seeds=seeds)
         for _, u in servers:
             control(u, "/_reset", "POST")
         run = d / f"run-{name}"
-        env = {**os.environ, "SCRIPTED_JUDGE_KEY": "k", "PYTHONPATH": str(REPO),
-               "BEZOAR_TEACHER_ENDPOINTS": ",".join(u for _, u in servers)}
+        env = {**os.environ, "SCRIPTED_JUDGE_KEY": "k", "PYTHONPATH": str(REPO), **fleet_env}
         p = subprocess.Popen([sys.executable, "-m", "bezoar_jobs.cli", "stage", "generate-orca", "--recipe", str(rec),
                               "--run", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         killed_at = None
@@ -281,10 +287,7 @@ def fleet(a: argparse.Namespace, d: Path, dolly: Path, flan: Path, kill: bool, s
         stats = [control(u, "/_stats") for i, (_, u) in enumerate(servers) if not (kill and i == 1)]
         m = manifest(run, "generate-orca")
     finally:
-        for pr, _ in servers:
-            if pr.poll() is None:
-                pr.terminate()
-                pr.wait(10)
+        stop(servers)
     return {"busy": [round(s["busy_fraction"], 3) for s in stats],
             "busy_answered": [round(s["busy_fraction_answered"], 3) for s in stats],
             "busy_until_last_start": [round(s["busy_fraction_until_last_start"], 3) for s in stats],
