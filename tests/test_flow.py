@@ -633,6 +633,41 @@ def test_a_fleet_sends_a_request_that_one_replica_told_to_wait_to_another_at_onc
     assert (calls[0] in a.calls) != (calls[1] in a.calls)  # the other replica answered: the Retry-After was its own
 
 
+def test_a_fleet_sends_less_to_a_replica_that_others_crowd_and_more_to_the_rest(monkeypatch):
+    """A judge pointed at one replica of the teacher's fleet is outside the fleet's budget: that replica refused
+    the excess as overloaded while the fleet kept its full share there (the bench's three stages on two
+    replicas: ~5,900 refusals on one replica and ~6% of decoding on duplicates, the other replica idle part of
+    its share). Each replica's limit now halves while it refuses most attempts so, and the work goes to the
+    other."""
+    import threading
+
+    def srv() -> object:
+        return running(capacity=8, per_token_s=0.002, max_concurrent_requests=8, script=lambda p: "tok " * 20)
+
+    with srv() as a, srv() as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        teacher = make_client(endpoint("tgi", a, max_concurrency=16, max_retries=3), role="teacher")
+        monkeypatch.delenv("BEZOAR_TEACHER_ENDPOINTS")
+        judge = make_client(endpoint("tgi", a, max_concurrency=8, max_retries=3), role="judge")  # replica a only
+        outs: dict[str, dict] = {}
+
+        def run(name: str, client: object, n: int) -> None:
+            outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name} {i}", seed=i) for i in range(n)])
+
+        threads = [threading.Thread(target=run, args=args) for args in (("teacher", teacher, 600), ("judge", judge, 300))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    failed = [r.id for o in outs.values() for r in o.values() if not r.ok]
+    assert not failed and len(outs["teacher"]) == 600 and len(outs["judge"]) == 300, failed[:5]
+    refused = [c for c in a.calls if c.status == 429]
+    assert len(refused) < 0.2 * len(a.calls), (len(refused), len(a.calls))
+    teacher_at = {name: sum(1 for c in s.calls if c.status == 200 and "teacher" in c.prompt)
+                  for name, s in (("a", a), ("b", b))}
+    assert teacher_at["b"] > teacher_at["a"], teacher_at  # the uncrowded replica took more of the fleet's work
+
+
 def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():
     from bezoar_jobs.llm.fleet import Fleet
 

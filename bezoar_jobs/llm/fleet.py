@@ -18,6 +18,13 @@ with ``Retry-After`` holds that request back from that replica only: the pool se
 another live replica (none of them asked it to wait), and waits the Retry-After only when no other is. When
 every replica is out, the one that comes back first is used (the pool's retries and backoff apply).
 
+Each replica's limit (``Replica.limit``: its ``/info`` admission limit over the pods sharing the fleet,
+llm/budget.py) moves with what the replica answers (llm/gate.py :class:`Admission`, as a single server's
+pool does): a replica refusing "Model is overloaded" for most of its recent outcomes has callers the budget
+does not know of (a judge pointed at it, another run), and the client sends it half as many and the rest
+to the others, growing back as it answers. Before, such a replica refused thousands of requests a stage
+while the other idled part of its share.
+
 Where the fleet is set: the chart sets the variables for the stage pods (docs/kubernetes.md); they
 never change a stage's parameter hash (where the teacher is served is not what the data depends on).
 """
@@ -32,7 +39,9 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .gate import Admission
 
 log = logging.getLogger("bezoar.llm")
 
@@ -56,6 +65,12 @@ class Replica:
     probing: bool = False
     sent: int = 0
     limit: int | None = None  # requests it may have in flight from this client (its share of its capacity)
+    places: Admission = field(default_factory=lambda: Admission(None))  # the limit as its refusals move it
+
+    @property
+    def room(self) -> int | None:
+        """The requests it may have in flight from this client now (None: no limit known)."""
+        return self.places.limit
 
 
 class Fleet:
@@ -114,6 +129,7 @@ class Fleet:
         for url, r in self.replicas.items():
             n = capacity.get(url)
             r.limit = max(1, n // parties) if n else None
+            r.places.set_ceiling(r.limit)
 
     async def acquire(self, loop: asyncio.AbstractEventLoop, avoid: Mapping[str, float] | None = None) -> str:
         """A replica with room for one more request (waits while every live replica is at its limit:
@@ -122,7 +138,7 @@ class Fleet:
         while True:
             url = self.pick(loop, avoid)
             r = self.replicas[url]
-            if r.limit is None or r.in_flight <= r.limit:
+            if r.room is None or r.in_flight <= r.room:
                 return url
             self.done(url, ok=True, count_only=True)
             await asyncio.sleep(0.02)
@@ -143,12 +159,14 @@ class Fleet:
         if not live:  # every replica is out: the one back first
             live = [min(self.replicas.values(), key=lambda r: r.out_until)]
         self._turn += 1
-        best = min(live, key=lambda r: (r.in_flight / (r.limit or 1), (hash(r.url) + self._turn) % 997))
+        best = min(live, key=lambda r: (r.in_flight / (r.room or 1), (hash(r.url) + self._turn) % 997))
         best.in_flight += 1
         best.sent += 1
         return best.url
 
-    def done(self, url: str, ok: bool, sick: bool = False, count_only: bool = False) -> None:
+    def done(self, url: str, ok: bool, sick: bool = False, count_only: bool = False, overloaded: bool = False) -> None:
+        """An attempt at ``url`` is over: answered (``ok``), failed as a sick server fails (``sick``: taken out),
+        refused as overloaded (its limit may drop), or neither (given up by the client)."""
         r = self.replicas.get(url)
         if r is None:
             return
@@ -156,6 +174,15 @@ class Fleet:
         if count_only:
             r.sent -= 1
             return
+        if overloaded:
+            cut = r.places.overloaded(r.in_flight)
+            if cut is not None:
+                log.info("teacher fleet: replica %s says it is overloaded: at most %d request(s) at it for now",
+                         url, cut)
+        elif ok:
+            r.places.answered()
+        elif sick:
+            r.places.failed()
         if ok:
             r.failures = 0
         elif sick:

@@ -1,4 +1,5 @@
-"""A lane's slots (llm/pool.py): at most ``limit`` attempts hold one, waiters served by rank.
+"""A lane's slots (llm/pool.py): at most ``limit`` attempts hold one, waiters served by rank; and how many
+requests a client may have at one server while that server says it is overloaded.
 
 First come first served let a retry (the record a stage's end waits on) queue behind every fresh request
 asked before it, and a step that unlocks more work (a LaMini list, an Evol-Instruct evolution) behind
@@ -10,6 +11,18 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
+from collections import deque
+
+# a TGI "Model is overloaded" (more at once than it admits, from everyone calling it): the requests a client
+# may have at that server drop to this share, at most once per OVERLOAD_EVERY_S (one burst of refusals is one
+# signal), and grow back by one per limit's worth of answers and at most once per GROW_EVERY_S, up to the
+# ceiling; only while OVERLOADED_SHARE of the last OVERLOAD_WINDOW outcomes there were such refusals
+OVERLOAD_DECREASE = 0.5
+OVERLOAD_EVERY_S = 0.1
+GROW_EVERY_S = 1.0
+OVERLOAD_WINDOW = 32
+OVERLOADED_SHARE = 0.5
 
 
 class Gate:
@@ -62,3 +75,68 @@ class Gate:
             self.held += 1
             self._waiting -= 1
             fut.set_result(None)
+
+
+class Admission:
+    """How many requests one client may have at one server at once, as that server's refusals say.
+
+    ``ceiling`` is what the client may have there when nobody else crowds it (its share of TGI's admission
+    limit, llm/budget.py; ``None``: unknown). A server refusing "Model is overloaded" for most of the recent
+    outcomes has more callers than the budget knows (a judge pointed at the teacher's server, another run, a
+    user): the limit halves, once per ``OVERLOAD_EVERY_S``, and grows back by one per limit's worth of
+    answers, once per ``GROW_EVERY_S`` at most (additive increase, multiplicative decrease). A refusal now
+    and then (TGI marks every 429 "overloaded"; a server that is merely unlucky) changes nothing, and neither
+    does a refusal while the client holds fewer than half its limit there (a stage's last retries, refused in a
+    row, are not what fills the server). The pool keeps one for its server (llm/pool.py ``_wire_gate``), a
+    fleet one per replica (llm/fleet.py)."""
+
+    def __init__(self, ceiling: int | None):
+        self.ceiling = ceiling
+        self.limit = ceiling  # None: unknown and never cut
+        self.recent: deque[bool] = deque(maxlen=OVERLOAD_WINDOW)  # each outcome: refused as overloaded?
+        self._shrunk_at = self._grown_at = -OVERLOAD_EVERY_S
+        self._credit = 0
+
+    def set_ceiling(self, ceiling: int | None) -> None:
+        """A new share (others finished or started): a limit cut for overload stays cut, up to it."""
+        if ceiling == self.ceiling:
+            return
+        uncut = self.limit is None or (self.ceiling is not None and self.limit >= self.ceiling)
+        self.limit = ceiling if uncut or ceiling is None else min(self.limit or ceiling, ceiling)
+        self.ceiling = ceiling
+
+    def overloaded(self, held: int) -> int | None:
+        """An attempt refused as overloaded while ``held`` others are at the server: the new, lower limit, or
+        None when it stays."""
+        self.recent.append(True)
+        now = time.monotonic()
+        if now - self._shrunk_at < OVERLOAD_EVERY_S or sum(self.recent) < OVERLOADED_SHARE * OVERLOAD_WINDOW:
+            return None
+        current = self.limit if self.limit is not None else held + 1
+        if 2 * (held + 1) < current:
+            return None
+        self._shrunk_at, self._grown_at, self._credit = now, now, 0
+        if self.ceiling is None:  # unknown: what the client had there is what it grows back to
+            self.ceiling = current
+        limit = max(1, int(min(current, held + 1) * OVERLOAD_DECREASE))
+        if self.limit is not None and limit >= self.limit:
+            return None
+        self.limit = limit
+        return limit
+
+    def answered(self) -> int | None:
+        """An answer: the new, higher limit, or None when it stays."""
+        self.recent.append(False)
+        if self.limit is None or self.ceiling is None or self.limit >= self.ceiling:
+            return None
+        self._credit += 1
+        now = time.monotonic()
+        if self._credit >= self.limit and now - self._grown_at >= GROW_EVERY_S:
+            self._credit, self._grown_at = 0, now
+            self.limit += 1
+            return self.limit
+        return None
+
+    def failed(self) -> None:
+        """A failure other than overload (a 503, a timeout): it counts among the recent outcomes."""
+        self.recent.append(False)

@@ -44,8 +44,8 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   is overloaded"), else twice the slots; a duplicate takes the next free place before any fresh request,
   and when hung attempts hold them all the late racer gives up its own. Refused as "overloaded" anyway for
   most recent attempts (clients the budget does not know of), the places halve and grow back slowly
-  (``_overloaded``, ``_grow``), and such refusals do not use up the request's ``max_retries``
-  (``OVERLOADED_FREE`` first);
+  (``_outcome``, llm/gate.py ``Admission``; in a fleet each replica's, llm/fleet.py), and such refusals do
+  not use up the request's ``max_retries`` (``OVERLOADED_FREE`` first);
 * errors that a retry cannot cure: 401/403/404 mean every request would fail, so the whole run
   stops with ``BadInput``; 400/413/422 fail that one request (``GenResult.error``), unless the
   first several requests are all refused, which again means a configuration problem (``BadInput``);
@@ -93,7 +93,7 @@ from .faults import Rejected, Transient
 from .faults import classify_status as classify_status  # re-exported: the backends' one import
 from .faults import parse_retry_after as parse_retry_after
 from .fleet import REPLICA, Fleet
-from .gate import Gate
+from .gate import Admission, Gate
 from .ratelimit import TokenBucket
 from .render import estimate_tokens
 
@@ -123,12 +123,6 @@ MAX_SENDS = 5  # sends per attempt not refused: the first and up to four duplica
 # a racer the client gives up (cancels) is counted against the server's admission limit this long after:
 # the server frees its slot once it has seen the disconnect, not the moment the client closes
 CANCEL_GRACE_S = 0.1
-# a TGI "Model is overloaded" (more at once than it admits, from everyone calling it): the places at the server
-# drop to this share, at most once per OVERLOAD_EVERY_S (one burst of refusals is one signal), and grow back by
-# one per places' worth of answers and at most once per GROW_EVERY_S, up to the pool's ceiling
-OVERLOAD_DECREASE = 0.5
-OVERLOAD_EVERY_S = 0.1
-GROW_EVERY_S = 1.0
 OVERLOADED_FREE = 16  # refusals as overloaded a request may meet before they count against its max_retries
 ABANDON_SLACK = 4
 LATENCY_WINDOW = 2000
@@ -297,9 +291,7 @@ class PoolLane:
         self.desc = desc
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wire: Gate | None = None  # places at the server, duplicates included (_wire_gate)
-        self.wire_ceiling = 0  # what the places may grow back to (the admission share, or twice the slots)
-        self._shrunk_at = self._grown_at = -OVERLOAD_EVERY_S
-        self._grow_credit = 0
+        self.places = Admission(None)  # how many places, as the server's "overloaded" refusals say (_wire_gate)
         self.error: BaseException | None = None  # the first run-stopping error
         self.halted = False
         self.capped = False
@@ -330,7 +322,6 @@ class PoolLane:
         self._p99: dict[int | None, tuple[float, int]] = {}  # class -> (p99, answers seen when computed)
         self._class_since: dict[int | None, float] = {}  # class -> when its first attempt was sent
         self.recent_refusals: deque[bool] = deque(maxlen=SATURATION_WINDOW)
-        self.recent_overloads: deque[bool] = deque(maxlen=SATURATION_WINDOW)  # refused as overloaded
         self.tasks: set[asyncio.Task] = set()
         self.ended = False
         self._ready = threading.Event()
@@ -449,13 +440,14 @@ class PoolLane:
         configured capacity) its share of that limit: TGI refuses a request past it at once ("Model is
         overloaded"), and an overdue attempt that gave its slot away, or a duplicate racing it, still counts
         there. Elsewhere twice the slots (the most overdue attempts may add). Fewer while the server says it
-        is overloaded (:meth:`_overloaded`). None for a fleet: llm/fleet.py keeps each replica within its own
+        is overloaded (:meth:`_outcome`). None for a fleet: llm/fleet.py keeps each replica within its own
         limit."""
         if self.client.fleet is not None:
             return None
         b = self.client.budget
-        self.wire_ceiling = self._wire_ceiling(b.parties if b is not None else 1)
-        return Gate(self.wire_ceiling)
+        self.places = Admission(self._wire_ceiling(b.parties if b is not None else 1))
+        assert self.places.limit is not None
+        return Gate(self.places.limit)
 
     def _wire_ceiling(self, parties: int) -> int:
         """The most places: the share of a known TGI admission limit among ``parties`` pods, else twice the
@@ -467,41 +459,29 @@ class PoolLane:
 
     def _set_ceiling(self, parties: int) -> None:
         """A new share of the server (others finished): places cut for overload stay cut, up to it."""
-        wire, ceiling = self.wire, self._wire_ceiling(parties)
-        if wire is None or ceiling == self.wire_ceiling:
-            return
-        wire.set_limit(ceiling if wire.limit >= self.wire_ceiling else min(wire.limit, ceiling))
-        self.wire_ceiling = ceiling
+        if self.wire is not None:
+            self.places.set_ceiling(self._wire_ceiling(parties))
+            assert self.places.limit is not None
+            self.wire.set_limit(self.places.limit)
 
-    def _overloaded(self) -> None:
-        """The server refused an attempt as overloaded: more clients than the budget knows call it (a judge
-        on the teacher's server, another run, a user). Fewer places, once per OVERLOAD_EVERY_S, while at
-        least LOADED_SHARE of the recent attempts were refused so: a refusal now and then (a proxy's, a
-        server that is merely unlucky) is retried, not a reason to send fewer."""
-        wire, now = self.wire, time.monotonic()
-        if wire is None or now - self._shrunk_at < OVERLOAD_EVERY_S:
-            return
-        if sum(self.recent_overloads) < LOADED_SHARE * SATURATION_WINDOW or 2 * (wire.held + 1) < wire.limit:
-            # refusals now and then; or this client holds few of its places (a stage's last retries, refused in
-            # a row): it is not what fills the server
-            return
-        self._shrunk_at, self._grown_at, self._grow_credit = now, now, 0
-        limit = max(1, int(min(wire.limit, wire.held + 1) * OVERLOAD_DECREASE))
-        if limit < wire.limit:
-            log.info("%s: the server says it is overloaded: at most %d request(s) at it at once for now",
-                     self.desc, limit)
-            wire.set_limit(limit)
-
-    def _grow(self) -> None:
-        """One more answer: the places grow back by one per places' worth of answers, up to the ceiling."""
+    def _outcome(self, error: Transient | None) -> None:
+        """An attempt's outcome at the server, for its places (llm/gate.py :class:`Admission`): refused as
+        overloaded, more clients than the budget knows call it (a judge on the teacher's server, another run, a
+        user), and fewer places while most recent attempts are refused so; an answer, and they grow back. None
+        for a fleet: each replica has its own (llm/fleet.py)."""
         wire = self.wire
-        if wire is None or wire.limit >= self.wire_ceiling:
+        if wire is None:
             return
-        self._grow_credit += 1
-        now = time.monotonic()
-        if self._grow_credit >= wire.limit and now - self._grown_at >= GROW_EVERY_S:
-            self._grow_credit, self._grown_at = 0, now
-            wire.set_limit(wire.limit + 1)
+        if error is None:
+            grown = self.places.answered()
+            if grown is not None:
+                wire.set_limit(grown)
+        elif error.kind != "overloaded":
+            self.places.failed()
+        elif (cut := self.places.overloaded(wire.held)) is not None:
+            log.info("%s: the server says it is overloaded: at most %d request(s) at it at once for now",
+                     self.desc, cut)
+            wire.set_limit(cut)
 
     async def _follow_board(self) -> None:
         """The share of a teacher several pods call: more slots as the others finish (llm/budget.py)."""
@@ -648,8 +628,9 @@ class PoolLane:
             n_sent += 1
             racers[f] = (replica, last_sent)
 
-        def drop(f: asyncio.Future, ok: bool, sick: bool) -> tuple[str | None, float]:
-            """Take ``f`` out of the race: its hedge count and its replica's books."""
+        def drop(f: asyncio.Future, ok: bool, sick: bool, overloaded: bool = False) -> tuple[str | None, float]:
+            """Take ``f`` out of the race: its hedge count and its replica's books (``overloaded``: it was refused
+            so, which may lower that replica's limit)."""
             replica, sent = racers.pop(f)
             if f is not first:
                 self.hedges_open -= 1
@@ -658,7 +639,7 @@ class PoolLane:
                 if self.wire is not None:
                     self.wire.release()
                 if fleet is not None and replica is not None:
-                    fleet.done(replica, ok, sick)
+                    fleet.done(replica, ok, sick, overloaded=overloaded)
 
             if f.done():  # answered or refused: the server is done with it
                 leave()
@@ -746,7 +727,8 @@ class PoolLane:
                 for f in [f for f in done if f is not room]:
                     error = f.exception()
                     failed = isinstance(error, Transient)
-                    replica, sent = drop(f, error is None, failed and _sick(error))  # type: ignore[arg-type]
+                    replica, sent = drop(f, error is None, failed and _sick(error),  # type: ignore[arg-type]
+                                         overloaded=failed and error.kind == "overloaded")  # type: ignore[union-attr]
                     if error is None:  # its own latency (a hedge's from when the hedge was sent)
                         # the duplicates sent after the winner were not needed (those before it hung)
                         self.hedge_wasted += sum(1 for _, s in racers.values() if s > sent)
@@ -831,9 +813,7 @@ class PoolLane:
                 failure = e
                 self._settle(worst_cost, 0.0)
                 self.recent_refusals.append(e.status in (429, 503))
-                self.recent_overloads.append(e.kind == "overloaded")
-                if e.kind == "overloaded":
-                    self._overloaded()
+                self._outcome(e)
             except Rejected as e:
                 self._settle(worst_cost, 0.0)
                 self.refused_streak += 1
@@ -859,8 +839,7 @@ class PoolLane:
                 self.successes += 1
                 self.refused_streak = 0
                 self.recent_refusals.append(False)
-                self.recent_overloads.append(False)
-                self._grow()
+                self._outcome(None)
                 self.observe(req, t1 - t0)
                 client.intervals.append((t0, t1))
                 res.retries = attempt + overloads
@@ -874,7 +853,7 @@ class PoolLane:
                 continue
             if failure.kind == "overloaded" and overloads < OVERLOADED_FREE:
                 # the server did nothing with it and says why: everyone's load, which the pool answers by sending
-                # fewer (_overloaded); not this request's failure, so its max_retries are kept for those
+                # fewer (_outcome); not this request's failure, so its max_retries are kept for those
                 overloads += 1
             else:
                 attempt += 1
