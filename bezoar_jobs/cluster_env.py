@@ -71,3 +71,11 @@ def cluster_teacher(recipe: Recipe, stage: str,
         log.info("%s: teacher endpoint from the cluster: %s %s (the recipe says %s %s)", stage, new.backend,
                  new.base_url, teacher.backend, teacher.base_url)
     return recipe.model_copy(update={"teacher": new}), record
+
+
+def teacher_url(recipe: Recipe, applied: bool, environ: dict[str, str] | None = None) -> str | None:
+    """Where the teacher is served, for routing only (a judge pointed at the teacher's server uses its fleet
+    of replicas, llm/fleet.py): the recipe's, with the cluster's override ``applied`` already for a stage that
+    calls the teacher; for another stage the cluster's ``BEZOAR_TEACHER_URL`` when the pod has it."""
+    env = os.environ if environ is None else environ
+    return (None if applied else env.get(URL_ENV, "").strip()) or recipe.teacher.base_url

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .cluster_env import cluster_teacher
+from .cluster_env import cluster_teacher, teacher_url
 from .device_check import check as check_devices
 from .errors import BadInput, Interrupted
 from .layout import work_prefix
@@ -114,6 +114,9 @@ class StageContext:
     log: logging.Logger = log
     # request phase -> its counts (stages/common.Phase): the manifest's ``requests``
     accounting: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # where the recipe's teacher is served, for routing only (a judge on the same server uses its fleet of
+    # replicas, llm/fleet.py): not a field the stage declares, and not in its parameter hash
+    teacher_url: str | None = None
     _stop: dict[str, bool] = field(default_factory=lambda: {"flag": False})
 
     @property
@@ -259,7 +262,7 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
     scratch.mkdir()
     ctx = StageContext(name=name, recipe=view(run_recipe, name, spec(name).readable), store=store, out=out,
                        scratch=scratch, work=WorkArea(store, name), params_hash=ph, inputs=inputs, shard=shard,
-                       _stop=stop)
+                       teacher_url=teacher_url(run_recipe, needs_teacher), _stop=stop)
     prev = _install_sigterm(ctx._stop)
     t0 = time.time()
     try:

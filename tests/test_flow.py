@@ -654,7 +654,8 @@ def test_a_fleet_sends_less_to_a_replica_that_others_crowd_and_more_to_the_rest(
         def run(name: str, client: object, n: int) -> None:
             outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name} {i}", seed=i) for i in range(n)])
 
-        threads = [threading.Thread(target=run, args=args) for args in (("teacher", teacher, 600), ("judge", judge, 300))]
+        work = (("teacher", teacher, 600), ("judge", judge, 300))
+        threads = [threading.Thread(target=run, args=args) for args in work]
         for t in threads:
             t.start()
         for t in threads:
@@ -666,6 +667,26 @@ def test_a_fleet_sends_less_to_a_replica_that_others_crowd_and_more_to_the_rest(
     teacher_at = {name: sum(1 for c in s.calls if c.status == 200 and "teacher" in c.prompt)
                   for name, s in (("a", a), ("b", b))}
     assert teacher_at["b"] > teacher_at["a"], teacher_at  # the uncrowded replica took more of the fleet's work
+
+
+def test_a_judge_on_the_teachers_server_spreads_over_the_teachers_replicas(monkeypatch):
+    """A judge whose base URL is the teacher's (an open judge served by the teacher, as the bench runs it) went
+    to that one URL: with a fleet, one replica took every judge request on top of its share of the teacher's."""
+    from bezoar_jobs.llm.fleet import Fleet
+
+    with running(latency=0.01) as a, running(latency=0.01) as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        judge = make_client(endpoint("openai-chat", a, max_concurrency=8), role="judge", teacher_url=a.url)
+        out = run_all(judge, [GenRequest(id=f"j{i}", user=f"judge {i}", seed=i) for i in range(40)])
+        elsewhere = make_client(endpoint("openai-chat", a, max_concurrency=8), role="judge")  # no teacher given
+        assert elsewhere.fleet is None
+    assert all(r.ok for r in out.values())
+    served = [sum(1 for c in s.calls if c.status == 200) for s in (a, b)]
+    assert min(served) >= 10, served  # both replicas, at the judge's own route
+    dns = {"BEZOAR_TEACHER_DISCOVERY": "dns"}
+    fleet = Fleet.beside("http://localhost:8080/v1", "http://localhost:8080", dns)
+    assert fleet is not None and "http://127.0.0.1:8080/v1" in fleet.urls()
+    assert Fleet.beside("http://judge.example:443/v1", "http://localhost:8080", dns) is None  # another server
 
 
 def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():

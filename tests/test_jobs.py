@@ -527,10 +527,14 @@ def test_each_stage_pod_gets_only_the_keys_it_uses_as_mounted_files():
 def test_the_cluster_teacher_and_its_budget_go_only_to_teacher_stages():
     """Findings 2 and 9: the URL was injected into every pod and read by none; no pod knew how many
     others shared the teacher. Now the stages that call the teacher get its URL, protocol, capacity
-    and the number of pods sharing it; the others get none of it."""
+    and the number of pods sharing it; the stages that call a judge get where the teacher is (a judge
+    pointed at it uses its replicas: llm/fleet.py ``Fleet.beside``, read by the runner's ``teacher_url``)
+    and nothing of its budget; the others get none of it."""
+    from bezoar_jobs.cluster_env import teacher_url
+
     cluster = ClusterSettings.model_validate({"generationShards": 4, "teacher": {
         "url": "http://bz-openbezoar-teacher.ml.svc:80/v1", "backend": "openai-completions",
-        "maxConcurrentRequests": 96}})
+        "maxConcurrentRequests": 96, "discovery": "dns"}})
     for stage in ALL_STAGES:
         for job in build_stage_jobs(stage, RUN, "r1", cluster):
             env = _env(job)
@@ -539,6 +543,12 @@ def test_the_cluster_teacher_and_its_budget_go_only_to_teacher_stages():
                 assert env["BEZOAR_TEACHER_BACKEND"]["value"] == "openai-completions"
                 assert env["BEZOAR_TEACHER_CAPACITY"]["value"] == "96"
                 assert env["BEZOAR_TEACHER_PARTIES"]["value"] == "12"  # 3 generate stages x 4 shards
+                assert env["BEZOAR_TEACHER_DISCOVERY"]["value"] == "dns"
+            elif stage.startswith("filter-") or stage == "eval-mtbench":
+                assert sorted(k for k in env if k.startswith("BEZOAR_TEACHER")) == [
+                    "BEZOAR_TEACHER_DISCOVERY", "BEZOAR_TEACHER_URL"], stage
+                pod_env = {k: v["value"] for k, v in env.items() if "value" in v}
+                assert teacher_url(PAPER, applied=False, environ=pod_env) == "http://bz-openbezoar-teacher.ml.svc:80/v1"
             else:
                 assert not [k for k in env if k.startswith("BEZOAR_TEACHER")], stage
     # fewer slots than pods cannot be divided: refused with the file and line

@@ -102,6 +102,11 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str]) -
         if t.maxConcurrentRequests:
             env.append({"name": "BEZOAR_TEACHER_CAPACITY", "value": str(t.maxConcurrentRequests)})
         env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(cluster.teacher_parties())})
+    elif "judge" in spec(stage).needs:  # where the teacher is, for a judge pointed at it (its replicas: llm/fleet.py)
+        if t.url:
+            env.append({"name": "BEZOAR_TEACHER_URL", "value": t.url})
+        if t.discovery:
+            env.append({"name": "BEZOAR_TEACHER_DISCOVERY", "value": t.discovery})
     gpus = cluster.scheduling_for(stage).gpus
     if gpus:
         # the pod asked for GPUs: a stage that cannot use CUDA exits 2 instead of training on CPU

@@ -28,8 +28,10 @@ BACKENDS: dict[str, str] = {
 IN_PROCESS = frozenset({"local"})
 
 
-def make_client(endpoint: Endpoint, role: str = "endpoint") -> LLMClient:
-    """Build the client for ``endpoint``; ``role`` ("teacher", "judge") names it in error messages.
+def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | None = None) -> LLMClient:
+    """Build the client for ``endpoint``; ``role`` ("teacher", "judge") names it in error messages;
+    ``teacher_url``: the recipe's teacher's base URL, whose fleet of replicas a judge on the teacher's own
+    server uses too (llm/fleet.py ``Fleet.beside``).
 
     The local backend loads its model here (it may take a while); remote clients connect lazily on
     their first ``run``.
@@ -47,5 +49,9 @@ def make_client(endpoint: Endpoint, role: str = "endpoint") -> LLMClient:
         ep, budget = plan(endpoint, role, key)
         remote = cls(ep, key, role)
         remote.budget = budget  # several pods share the teacher: stages/common.open_client lets the share move
+        if teacher_url and role != "teacher":
+            from .fleet import Fleet
+
+            remote.use_fleet(Fleet.beside(endpoint.base_url, teacher_url))
         client = remote
     return client

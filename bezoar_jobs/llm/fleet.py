@@ -25,6 +25,11 @@ does not know of (a judge pointed at it, another run), and the client sends it h
 to the others, growing back as it answers. Before, such a replica refused thousands of requests a stage
 while the other idled part of its share.
 
+A judge whose base URL is the teacher's server (an open judge served by the teacher itself: same scheme,
+host and port as ``teacher.base_url`` or one of the listed replicas) uses the same fleet
+(:meth:`Fleet.beside`), each replica at the judge's own path (``/v1`` for the OpenAI routes): pinned to the
+one URL it names, it crowded that replica while the fleet kept its full share there.
+
 Where the fleet is set: the chart sets the variables for the stage pods (docs/kubernetes.md); they
 never change a stage's parameter hash (where the teacher is served is not what the data depends on).
 """
@@ -94,6 +99,25 @@ class Fleet:
         return None
 
     # ------------------------------------------------------------------ membership
+    @classmethod
+    def beside(cls, base_url: str | None, teacher_url: str | None,
+               environ: Mapping[str, str] | None = None) -> Fleet | None:
+        """The teacher's fleet for another client (a judge) whose ``base_url`` is the teacher's server, each
+        replica at that client's own path; None when it is another server or the teacher has no fleet."""
+        if not base_url or not teacher_url:
+            return None
+        teacher = cls.from_env(teacher_url, environ)
+        if teacher is None:
+            return None
+        if _server(base_url) not in {_server(teacher_url)} | {_server(u) for u in teacher.urls()}:
+            return None
+        if teacher.dns_url is not None:  # the headless Service's addresses, at the client's path
+            fleet = cls([], dns_url=base_url)
+            fleet.resolve()
+            return fleet
+        path = urllib.parse.urlsplit(base_url).path.rstrip("/")
+        return cls([urllib.parse.urlunsplit((*urllib.parse.urlsplit(u)[:2], path, "", "")) for u in teacher.urls()])
+
     def resolve(self) -> None:
         """The headless Service's addresses, now (blocking: at start and every DNS_EVERY_S)."""
         assert self.dns_url is not None
@@ -213,3 +237,9 @@ class Fleet:
         else:
             r.failures += 1
             r.out_until = time.monotonic() + min(EJECT_MAX_S, EJECT_S * 2 ** (r.failures - 1))
+
+
+def _server(url: str) -> tuple[str, str, int]:
+    """A base URL's server: scheme, host, port (the default port said or not)."""
+    u = urllib.parse.urlsplit(url)
+    return u.scheme, (u.hostname or "").lower(), u.port or (443 if u.scheme == "https" else 80)

@@ -32,6 +32,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 class _OpenAIBase(RemoteClient):
     route = ""  # chat/completions | completions
+    fleet_capable = True  # each request to {replica}/{route} (_post): TGI, vLLM and SGLang serve both routes
 
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         super().__init__(endpoint, api_key, role)
@@ -124,7 +125,6 @@ def _error_text(status: int, raw: bytes) -> str:
 
 class OpenAICompletionsClient(_OpenAIBase):
     backend = "openai-completions"
-    fleet_capable = True
     route = "completions"
 
     def prompt_text(self, req: GenRequest) -> str:

@@ -170,19 +170,27 @@ class RemoteClient(LLMClient):
         self.board: Board | None = None
         self.budget: Budget | None = None  # the even share's inputs (make_client)
         # a teacher served by several replicas: each request goes to one of them (llm/fleet.py)
-        self.fleet = Fleet.from_env(endpoint.base_url) if role == "teacher" and self.fleet_capable else None
-        if self.fleet is not None:
-            if endpoint.backend == "tgi":  # each replica's own admission limit, shared by the pods calling it
-                from .budget import PARTIES_ENV, tgi_info_capacity
-
-                parties = int(os.environ.get(PARTIES_ENV) or 1)
-                self.fleet.set_limits({u: tgi_info_capacity(u, api_key) for u in self.fleet.urls()}, parties)
-            log.info("teacher: a fleet of %d replica(s): %s", len(self.fleet.replicas), ", ".join(self.fleet.urls()))
+        self.fleet: Fleet | None = None
+        if role == "teacher":
+            self.use_fleet(Fleet.from_env(endpoint.base_url))
         self.key_hint = (
             f"the key in ${endpoint.api_key_env}" if endpoint.api_key_env
             else f"the key in {endpoint.api_key_file}" if endpoint.api_key_file
             else f"{role}.api_key_env / {role}.api_key_file (no key is configured)"
         )
+
+    def use_fleet(self, fleet: Fleet | None) -> None:
+        """Send each request to one of ``fleet``'s replicas (a backend that can: ``fleet_capable``), each within
+        its share of its own admission limit (TGI ``/info``, divided among the pods calling the teacher)."""
+        if fleet is None or not self.fleet_capable:
+            return
+        self.fleet = fleet
+        if self.endpoint.backend == "tgi":
+            from .budget import PARTIES_ENV, tgi_info_capacity
+
+            parties = int(os.environ.get(PARTIES_ENV) or 1)
+            fleet.set_limits({u: tgi_info_capacity(u, self._api_key) for u in fleet.urls()}, parties)
+        log.info("%s: a fleet of %d replica(s): %s", self.role, len(fleet.replicas), ", ".join(fleet.urls()))
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(model={self.model_id!r}, base_url={redact(self.endpoint.base_url)!r})"

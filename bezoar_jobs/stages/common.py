@@ -46,7 +46,8 @@ def open_client(
     which answers may be cached as final (an unparseable verdict may not)."""
     from ..llm import make_client
 
-    client = make_client(endpoint, role=role)
+    # a judge on the teacher's own server spreads over the teacher's replicas as the teacher does (llm/fleet.py)
+    client = make_client(endpoint, role=role, teacher_url=ctx.teacher_url if role == "judge" else None)
     budget = getattr(client, "budget", None)
     if budget is not None and budget.capacity and budget.parties > 1:  # shared: the share grows as others finish
         from ..llm.budget import Board, party_names
