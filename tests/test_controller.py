@@ -491,6 +491,24 @@ def test_cancel_deletes_the_runs_jobs_only_and_holds(fc, tmp_path):
     assert Run(fc, tmp_path / "runs" / "run", DATA[:1])().rc == 0
 
 
+def test_a_job_deleted_by_hand_while_it_runs_ends_the_run_naming_it(fc, tmp_path):
+    """Not `bezoar cancel` (no mark in the run store): someone deletes a running stage's Job (`kubectl delete
+    job`). The watch says DELETED; the run ends as a failed stage naming the Job, instead of waiting for a
+    Job that will never finish, and nothing after it starts."""
+    plan(fc, generate_lamini={"sleep": 30, "log": ["asking the teacher"]})
+    r = Run(fc, tmp_path / "runs" / "run", ["generate-lamini", "filter-lamini"]).start()
+    fc.wait_for(lambda: [p for p in fc.pods(NS, "bz-run-generate-lamini") if p["status"]["phase"] == "Running"],
+                what="the stage's pod to run")
+    client.BatchV1Api(fc.api_client()).delete_namespaced_job("bz-run-generate-lamini", NS,
+                                                             propagation_policy="Background")
+    r.join()
+    assert r.rc == 5, r.text
+    assert r.outcome.failed_stage == "generate-lamini" and r.outcome.reason == "JobDeleted", r.outcome
+    assert "Job bz-run-generate-lamini was deleted while it ran" in r.outcome.message
+    assert "bz-run-filter-lamini" not in fc.created_jobs()
+    assert not (tmp_path / "runs" / "run" / "_control" / "cancelled.json").exists()
+
+
 def test_sharded_generation_runs_shards_then_commits(fc, tmp_path):
     plan(fc, generate_lamini={"shards": 3})
     cluster = settings(generationShards=3)
