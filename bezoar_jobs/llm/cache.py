@@ -127,14 +127,9 @@ class CachedClient(LLMClient):
     def run(
         self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate"
     ) -> None:
-        if not requests:
-            return
-        from .flow import Flow
+        from .flow import run_requests
 
-        flow = Flow(desc)
-        for req in requests:
-            flow.ask(self, req, on_result)
-        flow.run()
+        run_requests(self, requests, on_result, desc)
 
     def enqueue(self, flow: Flow, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
         """A cached answer is handed over at once; a question already in flight (the same key from

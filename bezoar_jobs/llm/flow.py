@@ -34,7 +34,7 @@ import queue
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..logfmt import LOG_FORMAT_ENV
@@ -45,6 +45,17 @@ log = logging.getLogger("bezoar.llm")
 PROGRESS_EVERY_S = 15.0
 
 Callback = Callable[[GenResult], None]
+
+
+def run_requests(client: LLMClient, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None],
+                 desc: str) -> None:
+    """``client.run`` for a client whose requests go through a flow (``enqueue``): one flow, one step."""
+    if not requests:
+        return
+    flow = Flow(desc)
+    for req in requests:
+        flow.ask(client, req, on_result)
+    flow.run()
 
 
 def json_logs() -> bool:

@@ -236,14 +236,9 @@ class RemoteClient(LLMClient):
     def run(
         self, requests: Sequence[GenRequest], on_result: Callable[[GenResult], None], desc: str = "generate"
     ) -> None:
-        if not requests:
-            return
-        from .flow import Flow
+        from .flow import run_requests
 
-        flow = Flow(desc)
-        for r in requests:
-            flow.ask(self, r, on_result)
-        flow.run()
+        run_requests(self, requests, on_result, desc)
 
     def enqueue(self, flow: Flow, req: GenRequest, on_result: Callable[[GenResult], None]) -> None:
         flow.lane(self, lambda out, desc: PoolLane(self, out, desc)).submit(req, on_result)
