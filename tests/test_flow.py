@@ -686,7 +686,12 @@ def test_a_judge_on_the_teachers_server_spreads_over_the_teachers_replicas(monke
     dns = {"BEZOAR_TEACHER_DISCOVERY": "dns"}
     fleet = Fleet.beside("http://localhost:8080/v1", "http://localhost:8080", dns)
     assert fleet is not None and "http://127.0.0.1:8080/v1" in fleet.urls()
-    assert Fleet.beside("http://judge.example:443/v1", "http://localhost:8080", dns) is None  # another server
+    import bezoar_jobs.llm.fleet as fleet_mod
+
+    looked_up: list[str] = []
+    monkeypatch.setattr(fleet_mod.socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or [])
+    assert Fleet.beside("http://judge.example:443/v1", "http://localhost:8080", dns) is None  # another server ...
+    assert looked_up == []  # ... and the teacher's name is not looked up for it (no warning when it has no pods)
 
 
 def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():

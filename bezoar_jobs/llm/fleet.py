@@ -106,10 +106,12 @@ class Fleet:
         replica at that client's own path; None when it is another server or the teacher has no fleet."""
         if not base_url or not teacher_url:
             return None
-        teacher = cls.from_env(teacher_url, environ)
+        env = os.environ if environ is None else environ
+        listed = [u.strip() for u in env.get(ENDPOINTS_ENV, "").split(",") if u.strip()]
+        if _server(base_url) not in {_server(teacher_url)} | {_server(u) for u in listed}:
+            return None  # another server (an API judge): the teacher's name is not even looked up
+        teacher = cls.from_env(teacher_url, env)
         if teacher is None:
-            return None
-        if _server(base_url) not in {_server(teacher_url)} | {_server(u) for u in teacher.urls()}:
             return None
         if teacher.dns_url is not None:  # the headless Service's addresses, at the client's path
             fleet = cls([], dns_url=base_url)
