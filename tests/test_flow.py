@@ -140,7 +140,7 @@ def test_a_refused_duplicate_does_not_give_up_an_original_still_decoding_a_long_
         out = run_all(client, _among_quick(GenRequest(id="long", user="long one", seed=7), 80))
     assert all(r.ok for r in out.values())
     long = [c for c in srv.calls if "long one" in c.prompt]
-    assert long[1].status == 503  # the duplicate, sent past the floor (OVERDUE_MIN_S), was refused
+    assert long[1].status == 503  # the duplicate, sent past the 0.5 s floor, was refused
     assert long[0].status == 200 and out["long"].retries == 0, [(c.status, c.fault) for c in long]
 
 
@@ -160,20 +160,6 @@ def test_no_duplicate_races_a_long_answer_at_the_start_of_a_stage():
     # may be raced on purpose: the duplicate displaces nothing)
     asked = Counter(int(re.search(r"request (\d+)<", c.prompt).group(1)) for c in srv.calls)
     assert [i for i, n in asked.items() if n > 1 and i < 200] == [], client.tail_counts()
-
-
-def test_a_hung_short_request_is_raced_soon_after_its_classes_p99_not_half_a_second_later():
-    """A hung request's duplicate waited at least 0.5 s whatever its class's p99: on a fast server (the bench's
-    filter verdicts decode in ~0.1 s) each hang among a stage's last requests idled the server for that half
-    second; the filter's busy figure under the fault mix ranged 0.82-0.95 where an ideal client reaches 0.985."""
-    hung = {"quick 150<": ["hang"]}
-    with running(rule=per_prompt(hung), hang_s=30, latency=0.02) as srv:
-        client = make_client(endpoint("tgi", srv, max_concurrency=8, timeout_s=25.0, max_retries=0))
-        out = run_all(client, [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(160)])
-    assert all(r.ok for r in out.values())
-    calls = [c for c in srv.calls if "quick 150<" in c.prompt]
-    assert len(calls) == 2 and calls[0].seed == calls[1].seed
-    assert calls[1].arrived - calls[0].arrived < 0.4, calls[1].arrived - calls[0].arrived
 
 
 def test_every_hung_request_is_hedged_when_hangs_are_more_than_the_hedge_budget():

@@ -30,9 +30,8 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
   most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget); past
   ``HEDGE_P99_FACTOR`` x p99 (``IDLE_HEDGE_P99_FACTOR`` when no request waits for a slot) a duplicate
-  with the same seed races it, and another two hedge intervals later if neither has answered, then four (a
-  duplicate can hang too; ``MAX_RACERS`` race at once, the oldest making room, ``MAX_SENDS`` in all; the
-  interval at least ``OVERDUE_MIN_S``). The budget is
+  with the same seed races it, and another one hedge interval later if neither has answered (a duplicate
+  can hang too; ``MAX_RACERS`` race at once, the oldest making room, ``MAX_SENDS`` in all). The budget is
   the load duplicates add: those that proved unneeded (an attempt sent before them answered first) plus
   those still racing stay within ``HEDGE_FRACTION`` of the attempts, all of them within
   ``HEDGE_CAP_FRACTION``; the duplicate of a hung request, the one that answers, costs nothing extra, so
@@ -112,7 +111,7 @@ SETTLED_P99_FACTOR = 3.0  # duplicates and abandons wait until a class has been 
 DEADLINE_P99_FACTOR = 3.0
 DEADLINE_MIN_S = 1.0
 OVERDUE_P99_FACTOR = 1.0
-OVERDUE_MIN_S = 0.2  # a fast server's short answers: a hung one is raced this soon (in-cluster RTTs are ms)
+OVERDUE_MIN_S = 0.5
 WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
 HEDGE_P99_FACTOR = 1.2
@@ -670,12 +669,7 @@ class PoolLane:
             await send(HEDGE_RANK, wired)
 
         def next_due(factor: float, p99: float) -> float:
-            """When the next duplicate goes: one hedge interval after the newest racer, doubling with each racer
-            already out (a duplicate hanging too is rare; a long answer raced again and again would be given
-            up as the oldest), or once a failed racer's wait is over."""
-            if hedge_due is not None:
-                return hedge_due
-            return last_sent + max(OVERDUE_MIN_S, factor * p99) * 2 ** max(0, n_sent - 1)
+            return hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
 
         room: asyncio.Future | None = None  # a duplicate waiting for a place at the server (wire)
         await send((1 if again else 2, -req.priority))
