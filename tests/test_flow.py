@@ -636,9 +636,8 @@ def test_a_fleet_sends_a_request_that_one_replica_told_to_wait_to_another_at_onc
 def test_a_fleet_sends_less_to_a_replica_that_others_crowd_and_more_to_the_rest(monkeypatch):
     """A judge pointed at one replica of the teacher's fleet is outside the fleet's budget: that replica refused
     the excess as overloaded while the fleet kept its full share there (the bench's three stages on two
-    replicas: ~5,900 refusals on one replica and ~6% of decoding on duplicates, the other replica idle part of
-    its share). Each replica's limit now halves while it refuses most attempts so, and the work goes to the
-    other."""
+    replicas: ~5,900 refusals on one replica and ~6% of decoding on duplicates). Each replica's limit now halves
+    while it refuses most attempts so, and the work goes to the other."""
     import threading
 
     def srv() -> object:
