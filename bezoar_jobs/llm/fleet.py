@@ -18,7 +18,7 @@ with ``Retry-After`` holds that request back from that replica only: the pool se
 another live replica (none of them asked it to wait), and waits the Retry-After only when no other is. When
 every replica is out, the one that comes back first is used (the pool's retries and backoff apply).
 
-Each replica's limit (``Replica.limit``: its ``/info`` admission limit over the pods sharing the fleet,
+Each replica's limit (``Replica.room``: its ``/info`` admission limit over the pods sharing the fleet,
 llm/budget.py) moves with what the replica answers (llm/gate.py :class:`Admission`, as a single server's
 pool does): a replica refusing "Model is overloaded" for most of its recent outcomes has callers the budget
 does not know of (a judge pointed at it, another run), and the client sends it half as many and the rest
@@ -70,8 +70,8 @@ class Replica:
     out_until: float = 0.0  # ejected until then (monotonic); 0: in
     probing: bool = False
     sent: int = 0
-    limit: int | None = None  # requests it may have in flight from this client (its share of its capacity)
-    places: Admission = field(default_factory=lambda: Admission(None))  # the limit as its refusals move it
+    # requests it may have in flight from this client: its share of its capacity (ceiling), as its refusals move it
+    places: Admission = field(default_factory=lambda: Admission(None))
 
     @property
     def room(self) -> int | None:
@@ -90,7 +90,7 @@ class Fleet:
     @classmethod
     def from_env(cls, base_url: str | None, environ: Mapping[str, str] | None = None) -> Fleet | None:
         env = os.environ if environ is None else environ
-        urls = [u.strip() for u in env.get(ENDPOINTS_ENV, "").split(",") if u.strip()]
+        urls = _listed(env)
         if urls:
             return cls(urls)
         if env.get(DISCOVERY_ENV, "").strip().lower() == "dns" and base_url:
@@ -108,18 +108,15 @@ class Fleet:
         if not base_url or not teacher_url:
             return None
         env = os.environ if environ is None else environ
-        listed = [u.strip() for u in env.get(ENDPOINTS_ENV, "").split(",") if u.strip()]
-        if _server(base_url) not in {_server(teacher_url)} | {_server(u) for u in listed}:
+        if _server(base_url) not in {_server(teacher_url)} | {_server(u) for u in _listed(env)}:
             return None  # another server (an API judge): the teacher's name is not even looked up
-        teacher = cls.from_env(teacher_url, env)
-        if teacher is None:
-            return None
-        if teacher.dns_url is not None:  # the headless Service's addresses, at the client's path
-            fleet = cls([], dns_url=base_url)
-            fleet.resolve()
+        # the client's own URL names the teacher's server: with DNS discovery its host is the headless Service,
+        # resolved once, at the client's path; a listed fleet is given that path below
+        fleet = cls.from_env(base_url, env)
+        if fleet is None or fleet.dns_url is not None:
             return fleet
         path = urllib.parse.urlsplit(base_url).path.rstrip("/")
-        return cls([urllib.parse.urlunsplit((*urllib.parse.urlsplit(u)[:2], path, "", "")) for u in teacher.urls()])
+        return cls([urllib.parse.urlunsplit((*urllib.parse.urlsplit(u)[:2], path, "", "")) for u in fleet.urls()])
 
     def resolve(self) -> None:
         """The headless Service's addresses, now (blocking: at start and every DNS_EVERY_S)."""
@@ -155,8 +152,7 @@ class Fleet:
         self.capacities = dict(capacity)
         for url, r in self.replicas.items():
             n = capacity.get(url)
-            r.limit = max(1, n // parties) if n else None
-            r.places.set_ceiling(r.limit)
+            r.places.set_ceiling(max(1, n // parties) if n else None)
 
     async def acquire(self, loop: asyncio.AbstractEventLoop, avoid: Mapping[str, float] | None = None) -> str:
         """A replica with room for one more request (waits while every live replica is at its limit:
@@ -246,3 +242,8 @@ def _server(url: str) -> tuple[str, str, int]:
     """A base URL's server: scheme, host, port (the default port said or not)."""
     u = urllib.parse.urlsplit(url)
     return u.scheme, (u.hostname or "").lower(), u.port or (443 if u.scheme == "https" else 80)
+
+
+def _listed(env: Mapping[str, str]) -> list[str]:
+    """The replicas ``BEZOAR_TEACHER_ENDPOINTS`` lists (comma-separated base URLs)."""
+    return [u.strip() for u in env.get(ENDPOINTS_ENV, "").split(",") if u.strip()]

@@ -101,8 +101,10 @@ class Admission:
         """A new share (others finished or started): a limit cut for overload stays cut, up to it."""
         if ceiling == self.ceiling:
             return
-        uncut = self.limit is None or (self.ceiling is not None and self.limit >= self.ceiling)
-        self.limit = ceiling if uncut or ceiling is None else min(self.limit or ceiling, ceiling)
+        if self.limit is None or ceiling is None or (self.ceiling is not None and self.limit >= self.ceiling):
+            self.limit = ceiling  # not cut: the new share
+        else:
+            self.limit = min(self.limit, ceiling)
         self.ceiling = ceiling
 
     def overloaded(self, held: int) -> int | None:
