@@ -693,6 +693,81 @@ def test_a_judge_on_the_teachers_server_spreads_over_the_teachers_replicas(monke
     assert looked_up == []  # ... and the teacher's name is not looked up for it (no warning when it has no pods)
 
 
+def test_a_judge_beside_the_teacher_in_one_pod_stays_within_the_pods_share_of_each_replica(monkeypatch):
+    """An Evol-Instruct stage's judge on the teacher's server kept its own count of requests at each replica, on
+    top of the pod's share there: the replicas refused the excess as overloaded, and the teacher's limit at the
+    crowded replica was cut (the bench's three stages on two replicas: one replica 0.80-0.89 busy in 1 run of 4-6).
+    It now counts against the teacher's books, so the pod never has more at a replica than the replica admits."""
+    import threading
+
+    def srv() -> object:
+        return running(capacity=4, per_token_s=0.002, max_concurrent_requests=4, script=lambda p: "tok " * 20)
+
+    with srv() as a, srv() as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        teacher = make_client(endpoint("tgi", a, max_concurrency=8, max_retries=3), role="teacher")
+        judge = make_client(endpoint("openai-chat", a, max_concurrency=8, max_retries=3), role="judge",
+                            teacher_url=a.url, teacher=teacher)
+        assert judge.fleet is not None and judge.fleet.replicas is teacher.fleet.replicas
+        outs: dict[str, dict] = {}
+
+        def run(name: str, client: object, n: int) -> None:
+            outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name} {i}", seed=i) for i in range(n)])
+
+        threads = [threading.Thread(target=run, args=args) for args in (("teacher", teacher, 300),
+                                                                          ("judge", judge, 300))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(outs["teacher"]) == len(outs["judge"]) == 300 and all(r.ok for o in outs.values() for r in o.values())
+    refused = [(s.url, c.route) for s in (a, b) for c in s.calls if c.status == 429]
+    assert not refused, (len(refused), refused[:3])  # never more at a replica than it admits
+    judged = [sum(1 for c in s.calls if c.status == 200 and c.route != "tgi") for s in (a, b)]
+    assert min(judged) >= 50, judged  # the judge on both replicas, at its own route
+
+
+def test_a_fleet_ranks_a_replica_whose_limit_is_unknown_as_roomy_not_as_room_for_one():
+    """A judge's own fleet knows no replica's limit until one is cut for overload: the uncut replica, counted as
+    room for one, then took a tenth of what the crowded one took."""
+    from bezoar_jobs.llm.fleet import Fleet
+
+    fleet = Fleet(["http://a:1", "http://b:1"])
+    crowded = fleet.replicas["http://a:1"].places
+    while crowded.limit is None:  # "Model is overloaded" for most attempts with 20 there: cut to 10
+        crowded.overloaded(20)
+    assert crowded.limit == 10 and fleet.replicas["http://b:1"].room is None
+    picks = Counter(fleet.pick() for _ in range(30))
+    assert picks["http://b:1"] > picks["http://a:1"], picks
+
+
+def test_a_judge_fleet_without_the_teacher_in_its_pod_asks_a_replica_back_at_its_root_health_route(monkeypatch):
+    """A filter stage's judge on the teacher's server uses the teacher's replicas at its own path (/v1); a replica
+    taken out after a failure was asked GET /v1/health, which TGI does not serve, and never came back."""
+    with running(latency=0.01) as a, running(latency=0.01) as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        failed: list[str] = []
+
+        def once(prompt: str) -> str | None:  # the first request, at whichever replica, fails as a sick server's
+            if failed:
+                return None
+            failed.append(prompt)
+            return "500"
+
+        a.rule = b.rule = once
+        judge = make_client(endpoint("openai-chat", a, max_concurrency=4), role="judge", teacher_url=a.url)
+        assert run_all(judge, [GenRequest(id="first", user="judge first", seed=1)])["first"].ok
+        out = next(s for s in (a, b) if any(c.status == 500 for c in s.calls))
+        assert [r for r in judge.fleet.replicas.values() if r.out_until]  # taken out
+        time.sleep(1.2)  # past EJECT_S: the next pick asks its /health
+        served_before = sum(1 for c in out.calls if c.status == 200)
+        for batch in range(3):
+            assert all(r.ok for r in run_all(judge, [GenRequest(id=f"b{batch}-{i}", user=f"judge {batch} {i}", seed=i)
+                                                     for i in range(20)]).values())
+            time.sleep(0.2)
+    assert sum(1 for c in out.calls if c.status == 200) > served_before  # back in
+
+
 def test_fleet_replicas_from_a_headless_services_dns_and_health_gated():
     from bezoar_jobs.llm.fleet import Fleet
 

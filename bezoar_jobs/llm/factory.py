@@ -28,10 +28,12 @@ BACKENDS: dict[str, str] = {
 IN_PROCESS = frozenset({"local"})
 
 
-def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | None = None) -> LLMClient:
+def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | None = None,
+                teacher: LLMClient | None = None) -> LLMClient:
     """Build the client for ``endpoint``; ``role`` ("teacher", "judge") names it in error messages;
     ``teacher_url``: the recipe's teacher's base URL, whose fleet of replicas a judge on the teacher's own
-    server uses too (llm/fleet.py ``Fleet.beside``).
+    server uses too (llm/fleet.py ``Fleet.beside``); ``teacher``: the teacher's client in this process, whose
+    count of requests at each replica that judge shares (its requests are part of the pod's share).
 
     The local backend loads its model here (it may take a while); remote clients connect lazily on
     their first ``run``.
@@ -52,6 +54,6 @@ def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | N
         if teacher_url and role != "teacher":
             from .fleet import Fleet
 
-            remote.use_fleet(Fleet.beside(endpoint.base_url, teacher_url))
+            remote.use_fleet(Fleet.beside(endpoint.base_url, teacher_url, teacher=getattr(teacher, "fleet", None)))
         client = remote
     return client

@@ -29,7 +29,14 @@ decoding spent on duplicates).
 A judge whose base URL is the teacher's server (an open judge served by the teacher itself: same scheme,
 host and port as ``teacher.base_url`` or one of the listed replicas) uses the same fleet
 (:meth:`Fleet.beside`), each replica at the judge's own path (``/v1`` for the OpenAI routes): pinned to the
-one URL it names, it crowded that replica while the fleet kept its full share there.
+one URL it names, it crowded that replica while the fleet kept its full share there. When the teacher's
+client is in the same process (an Evol-Instruct stage's equality checks) the judge shares its books
+(:meth:`Fleet.view`: one count of requests in flight, one limit and one health state per replica, behind a
+lock, since each client's pool runs its own event loop thread), so the pod's requests at a replica, the
+judge's included, stay within the pod's share there. With books of its own the judge came on top of that
+share: the bench's three stages on two replicas saw one replica refuse the excess as overloaded, the
+teacher's limit there was cut, and it stayed 0.80-0.89 busy for the rest of the run in 1 of 4-6 runs. A
+replica taken out is asked ``/health`` at its root, whoever's path the client sends to.
 
 Where the fleet is set: the chart sets the variables for the stage pods (docs/kubernetes.md); they
 never change a stage's parameter hash (where the teacher is served is not what the data depends on).
@@ -42,6 +49,7 @@ import contextvars
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -84,8 +92,29 @@ class Fleet:
         self.replicas: dict[str, Replica] = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
         self.dns_url = dns_url
         self.capacities: dict[str, int | None] = {}  # each replica's /info capacity (set_limits)
+        self.path: str | None = None  # another client's path at each replica (a judge's); None: the replica's URL
+        self.borrowed = False  # the books are another client's (:meth:`view`): it sets the limits
+        # the books (replicas, their counts and limits) may be shared by clients on other threads (:meth:`view`)
+        self.lock = threading.Lock()
         self._dns_at = 0.0
         self._turn = 0
+
+    def view(self, path: str) -> Fleet:
+        """This fleet for another client of the same servers in this process (a judge on the teacher's server,
+        at its own ``path``): the same replicas, so what both have in flight at a replica counts against one
+        limit (the pod's share of it), and a replica one finds sick or overloaded is so for the other."""
+        other = Fleet([], self.dns_url)
+        other.replicas, other.capacities, other.lock = self.replicas, self.capacities, self.lock
+        other.path = path.rstrip("/")
+        other.borrowed = True
+        other._dns_at = self._dns_at
+        return other
+
+    def address(self, key: str) -> str:
+        """The base URL to send to at replica ``key``: its own, or its server at this view's path."""
+        if self.path is None:
+            return key
+        return urllib.parse.urlunsplit((*urllib.parse.urlsplit(key)[:2], self.path, "", ""))
 
     @classmethod
     def from_env(cls, base_url: str | None, environ: Mapping[str, str] | None = None) -> Fleet | None:
@@ -102,21 +131,26 @@ class Fleet:
     # ------------------------------------------------------------------ membership
     @classmethod
     def beside(cls, base_url: str | None, teacher_url: str | None,
-               environ: Mapping[str, str] | None = None) -> Fleet | None:
+               environ: Mapping[str, str] | None = None, teacher: Fleet | None = None) -> Fleet | None:
         """The teacher's fleet for another client (a judge) whose ``base_url`` is the teacher's server, each
-        replica at that client's own path; None when it is another server or the teacher has no fleet."""
+        replica at that client's own path; None when it is another server or the teacher has no fleet.
+        ``teacher``: the teacher client's own fleet in this process (an Evol-Instruct stage's judge), whose books
+        the judge then shares (:meth:`view`): with books of its own, the judge's requests were on top of the
+        pod's share at each replica, which refused them as overloaded and was then cut for the teacher too."""
         if not base_url or not teacher_url:
             return None
         env = os.environ if environ is None else environ
         if _server(base_url) not in {_server(teacher_url)} | {_server(u) for u in _listed(env)}:
             return None  # another server (an API judge): the teacher's name is not even looked up
-        # the client's own URL names the teacher's server: with DNS discovery its host is the headless Service,
-        # resolved once, at the client's path; a listed fleet is given that path below
-        fleet = cls.from_env(base_url, env)
-        if fleet is None or fleet.dns_url is not None:
-            return fleet
-        path = urllib.parse.urlsplit(base_url).path.rstrip("/")
-        return cls([urllib.parse.urlunsplit((*urllib.parse.urlsplit(u)[:2], path, "", "")) for u in fleet.urls()])
+        path = urllib.parse.urlsplit(base_url).path
+        if teacher is not None:
+            return teacher.view(path)
+        # no teacher client in this process (a filter stage's pod): the teacher's replicas (its Service looked up
+        # once), each at the client's own path; each replica's /health is still asked at its root
+        fleet = cls.from_env(teacher_url, env)
+        if fleet is not None:
+            fleet.path = path.rstrip("/")
+        return fleet
 
     def resolve(self) -> None:
         """The headless Service's addresses, now (blocking: at start and every DNS_EVERY_S)."""
@@ -133,26 +167,30 @@ class Fleet:
         for family, _, _, _, addr in infos:
             host = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
             urls.add(urllib.parse.urlunsplit((u.scheme, f"{host}:{port}", u.path.rstrip("/"), "", "")))
-        for url in urls - set(self.replicas):
-            self.replicas[url] = Replica(url)
-        for url in set(self.replicas) - urls:
-            if self.replicas[url].in_flight == 0:
-                del self.replicas[url]
-        self._dns_at = time.monotonic()
-        if not self.replicas:  # nothing resolved: the Service name itself, as without a fleet
-            self.replicas[self.dns_url.rstrip("/")] = Replica(self.dns_url.rstrip("/"))
+        with self.lock:
+            for url in urls - set(self.replicas):
+                self.replicas[url] = Replica(url)
+            for url in set(self.replicas) - urls:
+                if self.replicas[url].in_flight == 0:
+                    del self.replicas[url]
+            self._dns_at = time.monotonic()
+            if not self.replicas:  # nothing resolved: the Service name itself, as without a fleet
+                self.replicas[self.dns_url.rstrip("/")] = Replica(self.dns_url.rstrip("/"))
 
     def urls(self) -> list[str]:
-        return sorted(self.replicas)
+        """Where this client sends (each replica's address)."""
+        return sorted(self.address(k) for k in self.replicas)
 
     # ------------------------------------------------------------------ per request
     def set_limits(self, capacity: Mapping[str, int | None], parties: int) -> None:
         """Each replica's share: its own capacity (TGI ``/info``) over the pods sharing the fleet (again with
         fewer ``parties`` as other pods finish: llm/budget.py)."""
-        self.capacities = dict(capacity)
-        for url, r in self.replicas.items():
-            n = capacity.get(url)
-            r.places.set_ceiling(max(1, n // parties) if n else None)
+        with self.lock:
+            self.capacities.clear()  # in place: a view (:meth:`view`) shares it
+            self.capacities.update(capacity)
+            for url, r in self.replicas.items():
+                n = capacity.get(url)
+                r.places.set_ceiling(max(1, n // parties) if n else None)
 
     async def acquire(self, loop: asyncio.AbstractEventLoop, avoid: Mapping[str, float] | None = None) -> str:
         """A replica with room for one more request (waits while every live replica is at its limit:
@@ -171,25 +209,34 @@ class Fleet:
         now = time.monotonic()
         if self.dns_url and now - self._dns_at > DNS_EVERY_S:
             self.resolve()
-        live = [r for r in self.replicas.values() if r.out_until == 0.0]
-        if avoid:
-            live = [r for r in live if avoid.get(r.url, 0.0) <= now] or live
-        if probe is not None:
-            for r in self.replicas.values():
-                if r.out_until and now >= r.out_until and not r.probing:
-                    r.probing = True
-                    probe.create_task(self._probe(r))
-        if not live:  # every replica is out: the one back first
-            live = [min(self.replicas.values(), key=lambda r: r.out_until)]
-        self._turn += 1
-        best = min(live, key=lambda r: (r.in_flight / (r.room or 1), (hash(r.url) + self._turn) % 997))
-        best.in_flight += 1
-        best.sent += 1
-        return best.url
+        with self.lock:
+            live = [r for r in self.replicas.values() if r.out_until == 0.0]
+            if avoid:
+                live = [r for r in live if avoid.get(r.url, 0.0) <= now] or live
+            if probe is not None:
+                for r in self.replicas.values():
+                    if r.out_until and now >= r.out_until and not r.probing:
+                        r.probing = True
+                        probe.create_task(self._probe(r))
+            if not live:  # every replica is out: the one back first
+                live = [min(self.replicas.values(), key=lambda r: r.out_until)]
+            self._turn += 1
+            # the fullest for its limit last; a replica whose limit is unknown (a judge's own fleet, until one replica
+            # is cut) as roomy as the most any had before a cut: counted as room for one, it took a tenth of what a
+            # replica cut to 10 took, and the crowded replica got the most
+            roomiest = max((r.places.ceiling or 0 for r in live), default=0) or 1
+            best = min(live, key=lambda r: (r.in_flight / (r.room or roomiest), (hash(r.url) + self._turn) % 997))
+            best.in_flight += 1
+            best.sent += 1
+            return best.url
 
     def done(self, url: str, ok: bool, sick: bool = False, count_only: bool = False, overloaded: bool = False) -> None:
         """An attempt at ``url`` is over: answered (``ok``), failed as a sick server fails (``sick``: taken out),
         refused as overloaded (its limit may drop), or neither (given up by the client)."""
+        with self.lock:
+            self._done(url, ok, sick, count_only, overloaded)
+
+    def _done(self, url: str, ok: bool, sick: bool, count_only: bool, overloaded: bool) -> None:
         r = self.replicas.get(url)
         if r is None:
             return
@@ -230,12 +277,14 @@ class Fleet:
             healthy = await asyncio.get_running_loop().run_in_executor(None, get)
         finally:
             r.probing = False
+        with self.lock:
+            if healthy:
+                r.out_until = 0.0
+            else:
+                r.failures += 1
+                r.out_until = time.monotonic() + min(EJECT_MAX_S, EJECT_S * 2 ** (r.failures - 1))
         if healthy:
-            r.out_until = 0.0
             log.info("teacher fleet: replica %s is healthy again", r.url)
-        else:
-            r.failures += 1
-            r.out_until = time.monotonic() + min(EJECT_MAX_S, EJECT_S * 2 ** (r.failures - 1))
 
 
 def _server(url: str) -> tuple[str, str, int]:

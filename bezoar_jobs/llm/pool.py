@@ -185,11 +185,11 @@ class RemoteClient(LLMClient):
         if fleet is None or not self.fleet_capable:
             return
         self.fleet = fleet
-        if self.endpoint.backend == "tgi":
+        if self.endpoint.backend == "tgi" and not fleet.borrowed:  # a view's limits are its owner's (Fleet.view)
             from .budget import PARTIES_ENV, tgi_info_capacity
 
             parties = int(os.environ.get(PARTIES_ENV) or 1)
-            fleet.set_limits({u: tgi_info_capacity(u, self._api_key) for u in fleet.urls()}, parties)
+            fleet.set_limits({u: tgi_info_capacity(fleet.address(u), self._api_key) for u in fleet.replicas}, parties)
         log.info("%s: a fleet of %d replica(s): %s", self.role, len(fleet.replicas), ", ".join(fleet.urls()))
 
     def __repr__(self) -> str:  # never shows the key
@@ -623,7 +623,7 @@ class PoolLane:
             if self.wire is not None and not wired:
                 await self.wire.acquire(rank)
             replica = await fleet.acquire(self.loop, avoid) if fleet is not None and self.loop else None
-            token = REPLICA.set(replica)
+            token = REPLICA.set(fleet.address(replica) if fleet is not None and replica is not None else None)
             f = asyncio.ensure_future(self.client._send(req))
             REPLICA.reset(token)
             f.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned attempt's end is not news

@@ -249,7 +249,8 @@ def generate(ctx: StageContext) -> StageOutput:
                              "category": seeds[idx]["category"], "stopped": None})
 
     teacher = open_client(ctx, r.teacher, "teacher")
-    judge = open_client(ctx, r.judge, "judge", cached=r.judge.backend != "local") if cfg.equality_check else None
+    judge = (open_client(ctx, r.judge, "judge", cached=r.judge.backend != "local", teacher=teacher)
+             if cfg.equality_check else None)
     clock = TeacherClock()
     try:
         chain = _Chains(ctx, teacher, judge, lineages, ops, labels, t_resp, t_eq)

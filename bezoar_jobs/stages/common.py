@@ -39,15 +39,18 @@ def work_key(ctx: StageContext) -> str:
 
 def open_client(
     ctx: StageContext, endpoint: Endpoint, role: str, cached: bool = False, namespace: str | None = None,
-    accept: Callable[[GenResult], bool] | None = None,
+    accept: Callable[[GenResult], bool] | None = None, teacher: LLMClient | None = None,
 ) -> LLMClient:
     """The client for ``endpoint``; ``cached``: answers are kept in ``<run>/_cache/<namespace>/``
     (default: the role), so a rerun, a resume or a retried Job never pays twice for one; ``accept``:
-    which answers may be cached as final (an unparseable verdict may not)."""
+    which answers may be cached as final (an unparseable verdict may not); ``teacher``: the stage's teacher
+    client, when a judge runs beside it."""
     from ..llm import make_client
 
-    # a judge on the teacher's own server spreads over the teacher's replicas as the teacher does (llm/fleet.py)
-    client = make_client(endpoint, role=role, teacher_url=ctx.teacher_url if role == "judge" else None)
+    # a judge on the teacher's own server spreads over the teacher's replicas as the teacher does, within the same
+    # counts when the teacher's client is in this process (llm/fleet.py)
+    client = make_client(endpoint, role=role, teacher_url=ctx.teacher_url if role == "judge" else None,
+                         teacher=teacher)
     budget = getattr(client, "budget", None)
     if budget is not None and budget.capacity and budget.parties > 1:  # shared: the share grows as others finish
         from ..llm.budget import Board, party_names
