@@ -116,6 +116,20 @@ def test_a_duplicate_that_hangs_too_is_followed_by_another_not_cut_at_the_deadli
     assert client.tail_counts()["hedged"] == hangs and client.tail_counts()["abandoned"] == 0, client.tail_counts()
 
 
+def test_a_hung_request_at_the_end_is_duplicated_before_the_half_second_floor():
+    """At a flow's end nothing waits for a slot, so a duplicate displaces nothing; a hung short answer still
+    waited for the 0.5 s floor, and on the bench's fast server that wait was most of a filter stage's idle end
+    under the fault mix (busy 0.862-0.955 over 6 runs; 0.942-0.981 with the 0.1 s floor when idle)."""
+    with running(rule=per_prompt({"last one": ["hang"]}), hang_s=30, latency=0.01) as srv:
+        client = make_client(endpoint("tgi", srv, max_concurrency=8, timeout_s=25.0))
+        reqs = [GenRequest(id=f"q{i}", user=f"quick {i}", seed=i) for i in range(100)]
+        out = run_all(client, [*reqs, GenRequest(id="last", user="last one", seed=3)])
+    assert all(r.ok for r in out.values())
+    hung = [c for c in srv.calls if "last one" in c.prompt]
+    assert len(hung) == 2 and hung[0].seed == hung[1].seed == 3
+    assert hung[1].arrived - hung[0].arrived < 0.35, hung[1].arrived - hung[0].arrived
+
+
 def test_refused_duplicates_of_a_hung_request_do_not_use_up_its_duplicates():
     """Five sends per attempt counted the refused duplicates too: a hung request whose next four duplicates
     were refused (429/503) waited for the deadline, though none of them had cost the server anything."""
@@ -573,7 +587,9 @@ def test_a_stage_takes_up_the_capacity_another_stage_sharing_the_teacher_freed(t
         for t in ts:
             t.join()
     assert len(outs["a"]) == 24 and len(outs["b"]) == 200 and all(r.ok for o in outs.values() for r in o.values())
-    assert not [c for c in srv.calls if c.status != 200] and srv.max_in_flight <= 8  # never over the capacity
+    # never refused, never over the capacity (0: a duplicate that lost its race at b's end, when nothing waits for a
+    # slot and a hung answer is raced early: llm/pool.py IDLE_HEDGE_MIN_S)
+    assert not [c for c in srv.calls if c.status not in (200, 0)] and srv.max_in_flight <= 8
     a_end = max(c.finished for c in srv.calls if "<|prompt|>a-" in c.prompt)
     later = [c for c in srv.calls if "<|prompt|>b-" in c.prompt and c.decode_start >= a_end]
     events = sorted([(c.decode_start, 1) for c in later] + [(c.finished, -1) for c in later])

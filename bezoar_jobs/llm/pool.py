@@ -20,25 +20,26 @@ pods the limit grows as the others finish (llm/budget.py). Around every attempt:
   every other new attempt too only when the server is saturated: three quarters of the last 32
   attempts were refused with 429/503 (one refusal among many answers is that request's bad luck, and
   pausing the whole pool for it would idle the server). A request waiting to retry holds no slot;
-* deadlines from the latency distribution of the request's class (its ``max_new_tokens``; all answers
-  until the class has its own ``DEADLINE_MIN_SAMPLES``): an attempt
-  still unanswered ``DEADLINE_P99_FACTOR`` x the running p99 latency after it (or its newest duplicate,
-  below) was sent, and before ``timeout_s``, is abandoned and sent again at once, with the same seed,
-  so the answer is the one the first attempt would have given; each abandon of a request doubles its
-  next deadline (a request slow by nature still ends), and at most ``ABANDON_FRACTION`` of the attempts
-  (plus a few) are abandoned, so a server that is merely slow is not asked twice for everything. Before
-  that, an attempt past the p99 is *overdue*: it gives its slot to the next request while it waits (at
-  most ``max_concurrency`` overdue at once, so the server never sees more than twice the budget); past
-  ``HEDGE_P99_FACTOR`` x p99 (``IDLE_HEDGE_P99_FACTOR`` when no request waits for a slot) a duplicate
-  with the same seed races it, and another one hedge interval later if neither has answered (a duplicate
-  can hang too; ``MAX_RACERS`` race at once, the oldest making room, ``MAX_SENDS`` in all). The budget is
-  the load duplicates add: those that proved unneeded (an attempt sent before them answered first) plus
-  those still racing stay within ``HEDGE_FRACTION`` of the attempts, all of them within
-  ``HEDGE_CAP_FRACTION``; the duplicate of a hung request, the one that answers, costs nothing extra, so
-  a server where 5% of requests hang gets every one hedged. A racer that fails while others race is
-  dropped and the next duplicate goes once its wait is over (its Retry-After, else a short jitter): a
-  refused duplicate does not give up an original that may still be decoding a long answer. A hung request
-  idles no slot for long, instead of holding it for the whole ``timeout_s``;
+* deadlines from the latency distribution of the request's class (its ``max_new_tokens``; all answers until
+  the class has its own ``DEADLINE_MIN_SAMPLES``): an attempt still unanswered ``DEADLINE_P99_FACTOR`` x the
+  running p99 latency after it (or its newest duplicate, below) was sent, and before ``timeout_s``, is
+  abandoned and sent again at once, with the same seed, so the answer is the one the first attempt would have
+  given; each abandon of a request doubles its next deadline (a request slow by nature still ends), and at
+  most ``ABANDON_FRACTION`` of the attempts (plus a few) are abandoned, so a server that is merely slow is not
+  asked twice for everything. Before that, an attempt past the p99 is *overdue*: it gives its slot to the next
+  request while it waits (at most ``max_concurrency`` overdue at once, so the server never sees more than
+  twice the budget); past ``HEDGE_P99_FACTOR`` x p99, and at least ``OVERDUE_MIN_S``
+  (``IDLE_HEDGE_P99_FACTOR`` and ``IDLE_HEDGE_MIN_S`` when no request waits for a slot: at a flow's end a
+  duplicate displaces nothing, and on a fast server the 0.5 s floor was most of a stage's idle end) a
+  duplicate with the same seed races it, and another one hedge interval later if neither has answered (a
+  duplicate can hang too; ``MAX_RACERS`` race at once, the oldest making room once past the deadline's base,
+  ``MAX_SENDS`` in all). The budget is the load duplicates add: those that proved unneeded (an attempt sent
+  before them answered first) plus those still racing stay within ``HEDGE_FRACTION`` of the attempts, all of
+  them within ``HEDGE_CAP_FRACTION``; the duplicate of a hung request, the one that answers, costs nothing
+  extra, so a server where 5% of requests hang gets every one hedged. A racer that fails while others race is
+  dropped and the next duplicate goes once its wait is over (its Retry-After, else a short jitter): a refused
+  duplicate does not give up an original that may still be decoding a long answer. A hung request idles no
+  slot for long, instead of holding it for the whole ``timeout_s``;
 * places at the server (``_wire_gate``): overdue attempts and duplicates included, at most the client's
   share of a TGI server's admission limit where the budget knows it (TGI refuses past it at once, "Model
   is overloaded"), else twice the slots; a duplicate takes the next free place before any fresh request,
@@ -116,6 +117,7 @@ WATCH_S = 0.25
 ABANDON_FRACTION = 0.1
 HEDGE_P99_FACTOR = 1.2
 IDLE_HEDGE_P99_FACTOR = 0.5  # when no request waits for a slot (a duplicate then displaces nothing)
+IDLE_HEDGE_MIN_S = 0.1  # the floor then (a short answer's p99 is milliseconds on a fast server)
 HEDGE_FRACTION = 0.05  # of the attempts, at most this many duplicates unneeded or still racing
 HEDGE_CAP_FRACTION = 0.25  # and at most this many duplicates in all
 MAX_RACERS = 3  # racing at once (a new duplicate past that drops the oldest, presumed hung)
@@ -668,8 +670,8 @@ class PoolLane:
             self.client.tails["hedged"] += 1
             await send(HEDGE_RANK, wired)
 
-        def next_due(factor: float, p99: float) -> float:
-            return hedge_due if hedge_due is not None else last_sent + max(OVERDUE_MIN_S, factor * p99)
+        def next_due(factor: float, p99: float, floor: float) -> float:
+            return hedge_due if hedge_due is not None else last_sent + max(floor, factor * p99)
 
         room: asyncio.Future | None = None  # a duplicate waiting for a place at the server (wire)
         await send((1 if again else 2, -req.priority))
@@ -696,21 +698,31 @@ class PoolLane:
                 if p99 is not None:
                     idle = not self.feed and not self.inflight.waiting()
                     factor = IDLE_HEDGE_P99_FACTOR if idle else HEDGE_P99_FACTOR
+                    floor = IDLE_HEDGE_MIN_S if idle else OVERDUE_MIN_S
+                    now = time.monotonic()
+                    # a racer given up to make room for another duplicate is presumed hung: only once past the
+                    # deadline's base when duplicates come fast (past MAX_RACERS; with no place at the server, when
+                    # idle). Sent IDLE_HEDGE_MIN_S apart, the third gave up a long answer that was merely long and
+                    # it was decoded again; a hedge interval apart (OVERDUE_MIN_S) they come later than that anyway
+                    hung_at = min((sent for _, sent in racers.values()), default=now) + \
+                        max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99)
+                    no_place = self.wire is not None and self.wire.held >= self.wire.limit and bool(racers)
+                    makes_room = len(racers) >= MAX_RACERS or (idle and no_place)
                     # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
                     # that hangs too is followed by another, instead of both waiting for the deadline
-                    if time.monotonic() >= next_due(factor, p99) and n_sent < MAX_SENDS and room is None \
-                            and self._may_hedge():
+                    if now >= next_due(factor, p99, floor) and n_sent < MAX_SENDS and room is None \
+                            and (now >= hung_at or not makes_room) and self._may_hedge():
                         if self.wire is None:
                             await hedge(False)
                         else:  # it waits for a place at the server ahead of every fresh request, watched below
-                            if self.wire.held >= self.wire.limit and racers:
+                            if no_place:
                                 # no place for it (hung attempts can fill them all): the late racer gives up its
                                 # own, which the server counts until it sees the disconnect (CANCEL_GRACE_S)
                                 give_up_oldest()
                             room = asyncio.ensure_future(self.wire.acquire(HEDGE_RANK))
                     # woken when the next duplicate is due, not on the next tick (up to WATCH_S late); one that is
                     # due but held back (budget, sends) is looked at again on the tick
-                    due_at = next_due(factor, p99)
+                    due_at = next_due(factor, p99, floor)
                     if due_at > time.monotonic():
                         wake = min(wake, due_at - time.monotonic() + 0.001)
                     # each abandon of the same request doubles its deadline: a request that is slow by
