@@ -757,6 +757,21 @@ def test_a_fleet_ranks_a_replica_whose_limit_is_unknown_as_roomy_not_as_room_for
     assert picks["http://b:1"] > picks["http://a:1"], picks
 
 
+def test_a_fleets_limits_follow_the_share_as_the_other_pods_finish():
+    """The pool hands the fleet its own capacities again with fewer parties (llm/pool.py ``_follow_board``); kept
+    in place for a judge's view, they were cleared before being read, and every replica's limit was lost."""
+    from bezoar_jobs.llm.fleet import Fleet
+
+    fleet = Fleet(["http://a:1", "http://b:1"])
+    judge = fleet.view("/v1")
+    fleet.set_limits({"http://a:1": 128, "http://b:1": 64}, 3)
+    assert [fleet.replicas[u].room for u in ("http://a:1", "http://b:1")] == [42, 21]
+    fleet.set_limits(fleet.capacities, 1)  # the two other pods are done
+    assert [fleet.replicas[u].room for u in ("http://a:1", "http://b:1")] == [128, 64]
+    assert judge.capacities == {"http://a:1": 128, "http://b:1": 64} and judge.urls() == ["http://a:1/v1",
+                                                                                          "http://b:1/v1"]
+
+
 def test_a_judge_fleet_without_the_teacher_in_its_pod_asks_a_replica_back_at_its_root_health_route(monkeypatch):
     """A filter stage's judge on the teacher's server uses the teacher's replicas at its own path (/v1); a replica
     taken out after a failure was asked GET /v1/health, which TGI does not serve, and never came back."""

@@ -185,11 +185,12 @@ class Fleet:
     def set_limits(self, capacity: Mapping[str, int | None], parties: int) -> None:
         """Each replica's share: its own capacity (TGI ``/info``) over the pods sharing the fleet (again with
         fewer ``parties`` as other pods finish: llm/budget.py)."""
+        given = dict(capacity)  # before the clear: the pool passes this fleet's own ``capacities`` back
         with self.lock:
             self.capacities.clear()  # in place: a view (:meth:`view`) shares it
-            self.capacities.update(capacity)
+            self.capacities.update(given)
             for url, r in self.replicas.items():
-                n = capacity.get(url)
+                n = given.get(url)
                 r.places.set_ceiling(max(1, n // parties) if n else None)
 
     async def acquire(self, loop: asyncio.AbstractEventLoop, avoid: Mapping[str, float] | None = None) -> str:
