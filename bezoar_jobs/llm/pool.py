@@ -721,7 +721,7 @@ class PoolLane:
                                 give_up_oldest()
                             room = asyncio.ensure_future(self.wire.acquire(HEDGE_RANK))
                     # woken when the next duplicate is due, not on the next tick (up to WATCH_S late); one that is
-                    # due but held back (budget, sends) is looked at again on the tick
+                    # due but held back (budget, sends, no racer presumed hung yet) is looked at again on the tick
                     due_at = next_due(factor, p99, floor)
                     if due_at > time.monotonic():
                         wake = min(wake, due_at - time.monotonic() + 0.001)
