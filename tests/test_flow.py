@@ -649,13 +649,28 @@ def test_a_fleet_sends_a_request_that_one_replica_told_to_wait_to_another_at_onc
     assert (calls[0] in a.calls) != (calls[1] in a.calls)  # the other replica answered: the Retry-After was its own
 
 
+def _side_by_side(*work: tuple[str, object, int]) -> dict[str, dict]:
+    """Each (name, client, n): n requests ``"<name> <i>"`` (seed i), every client in a thread of its own at once."""
+    import threading
+
+    outs: dict[str, dict] = {}
+
+    def run(name: str, client: object, n: int) -> None:
+        outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name} {i}", seed=i) for i in range(n)])
+
+    threads = [threading.Thread(target=run, args=w) for w in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outs
+
+
 def test_a_fleet_sends_less_to_a_replica_that_others_crowd_and_more_to_the_rest(monkeypatch):
     """A judge pointed at one replica of the teacher's fleet is outside the fleet's budget: that replica refused
     the excess as overloaded while the fleet kept its full share there (the bench's three stages on two
     replicas: ~5,900 refusals on one replica and ~6% of decoding on duplicates). Each replica's limit now halves
     while it refuses most attempts so, and the work goes to the other."""
-    import threading
-
     def srv() -> object:
         return running(capacity=8, per_token_s=0.002, max_concurrent_requests=8, script=lambda p: "tok " * 20)
 
@@ -664,17 +679,7 @@ def test_a_fleet_sends_less_to_a_replica_that_others_crowd_and_more_to_the_rest(
         teacher = make_client(endpoint("tgi", a, max_concurrency=16, max_retries=3), role="teacher")
         monkeypatch.delenv("BEZOAR_TEACHER_ENDPOINTS")
         judge = make_client(endpoint("tgi", a, max_concurrency=8, max_retries=3), role="judge")  # replica a only
-        outs: dict[str, dict] = {}
-
-        def run(name: str, client: object, n: int) -> None:
-            outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name} {i}", seed=i) for i in range(n)])
-
-        work = (("teacher", teacher, 600), ("judge", judge, 300))
-        threads = [threading.Thread(target=run, args=args) for args in work]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outs = _side_by_side(("teacher", teacher, 600), ("judge", judge, 300))
     failed = [r.id for o in outs.values() for r in o.values() if not r.ok]
     assert not failed and len(outs["teacher"]) == 600 and len(outs["judge"]) == 300, failed[:5]
     refused = [c for c in a.calls if c.status == 429]
@@ -714,8 +719,6 @@ def test_a_judge_beside_the_teacher_in_one_pod_stays_within_the_pods_share_of_ea
     top of the pod's share there: the replicas refused the excess as overloaded, and the teacher's limit at the
     crowded replica was cut (the bench's three stages on two replicas: one replica 0.80-0.89 busy in 1 run of 4-6).
     It now counts against the teacher's books, so the pod never has more at a replica than the replica admits."""
-    import threading
-
     def srv() -> object:
         return running(capacity=4, per_token_s=0.002, max_concurrent_requests=4, script=lambda p: "tok " * 20)
 
@@ -725,17 +728,7 @@ def test_a_judge_beside_the_teacher_in_one_pod_stays_within_the_pods_share_of_ea
         judge = make_client(endpoint("openai-chat", a, max_concurrency=8, max_retries=3), role="judge",
                             teacher_url=a.url, teacher=teacher)
         assert judge.fleet is not None and judge.fleet.replicas is teacher.fleet.replicas
-        outs: dict[str, dict] = {}
-
-        def run(name: str, client: object, n: int) -> None:
-            outs[name] = run_all(client, [GenRequest(id=f"{name}{i}", user=f"{name} {i}", seed=i) for i in range(n)])
-
-        threads = [threading.Thread(target=run, args=args) for args in (("teacher", teacher, 300),
-                                                                          ("judge", judge, 300))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outs = _side_by_side(("teacher", teacher, 300), ("judge", judge, 300))
     assert len(outs["teacher"]) == len(outs["judge"]) == 300 and all(r.ok for o in outs.values() for r in o.values())
     refused = [(s.url, c.route) for s in (a, b) for c in s.calls if c.status == 429]
     assert not refused, (len(refused), refused[:3])  # never more at a replica than it admits

@@ -81,6 +81,13 @@ class Replica:
     # requests it may have in flight from this client: its share of its capacity (ceiling), as its refusals move it
     places: Admission = field(default_factory=lambda: Admission(None))
 
+    def take_out(self) -> float:
+        """One more failure in a row: out for ``EJECT_S``, doubling with each, up to ``EJECT_MAX_S`` (the delay)."""
+        self.failures += 1
+        delay = min(EJECT_MAX_S, EJECT_S * 2 ** (self.failures - 1))
+        self.out_until = time.monotonic() + delay
+        return delay
+
     @property
     def room(self) -> int | None:
         """The requests it may have in flight from this client now (None: no limit known)."""
@@ -257,11 +264,10 @@ class Fleet:
         if ok:
             r.failures = 0
         elif sick:
-            r.failures += 1
-            delay = min(EJECT_MAX_S, EJECT_S * 2 ** (r.failures - 1))
-            if r.out_until == 0.0:
+            was_in = r.out_until == 0.0
+            delay = r.take_out()
+            if was_in:
                 log.warning("teacher fleet: replica %s taken out for %.0f s after a failure", url, delay)
-            r.out_until = time.monotonic() + delay
 
     async def _probe(self, r: Replica) -> None:
         """GET /health of an ejected replica: back in on 200, out for longer otherwise."""
@@ -282,8 +288,7 @@ class Fleet:
             if healthy:
                 r.out_until = 0.0
             else:
-                r.failures += 1
-                r.out_until = time.monotonic() + min(EJECT_MAX_S, EJECT_S * 2 ** (r.failures - 1))
+                r.take_out()
         if healthy:
             log.info("teacher fleet: replica %s is healthy again", r.url)
 

@@ -704,8 +704,8 @@ class PoolLane:
                     # deadline's base when duplicates come fast (past MAX_RACERS; with no place at the server, when
                     # idle). Sent IDLE_HEDGE_MIN_S apart, the third gave up a long answer that was merely long and
                     # it was decoded again; a hedge interval apart (OVERDUE_MIN_S) they come later than that anyway
-                    hung_at = min((sent for _, sent in racers.values()), default=now) + \
-                        max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99)
+                    deadline_base = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99)
+                    hung_at = min((sent for _, sent in racers.values()), default=now) + deadline_base
                     no_place = self.wire is not None and self.wire.held >= self.wire.limit and bool(racers)
                     makes_room = len(racers) >= MAX_RACERS or (idle and no_place)
                     # a duplicate once the newest racer is past the hedge point: a hung original's duplicate
@@ -729,7 +729,7 @@ class PoolLane:
                     # nature still ends (at timeout_s at the latest), a hung one is cut every time
                     # counted from the newest racer: a duplicate sent a moment ago is not cut with the hung
                     # attempt it stands in for
-                    deadline = max(DEADLINE_MIN_S, DEADLINE_P99_FACTOR * p99) * 2 ** abandoned
+                    deadline = deadline_base * 2 ** abandoned
                     newest = max((sent for _, sent in racers.values()), default=t0)
                     if deadline <= time.monotonic() - newest and age < ep.timeout_s and self._may_abandon():
                         self.abandoned += 1
