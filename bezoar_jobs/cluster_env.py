@@ -79,3 +79,11 @@ def teacher_url(recipe: Recipe, applied: bool, environ: dict[str, str] | None = 
     calls the teacher; for another stage the cluster's ``BEZOAR_TEACHER_URL`` when the pod has it."""
     env = os.environ if environ is None else environ
     return (None if applied else env.get(URL_ENV, "").strip()) or recipe.teacher.base_url
+
+
+def teacher_backend(recipe: Recipe, applied: bool, environ: dict[str, str] | None = None) -> str:
+    """The teacher's backend, as :func:`teacher_url` its URL: the cluster's ``BEZOAR_TEACHER_BACKEND`` for a stage
+    that does not call the teacher itself (a judge on the teacher's server gets a share of its capacity,
+    llm/budget.py ``plan``, and only a TGI server says that capacity at ``/info``)."""
+    env = os.environ if environ is None else environ
+    return (None if applied else env.get(BACKEND_ENV, "").strip()) or recipe.teacher.backend

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .cluster_env import cluster_teacher, teacher_url
+from .cluster_env import cluster_teacher, teacher_backend, teacher_url
 from .device_check import check as check_devices
 from .errors import BadInput, Interrupted
 from .layout import work_prefix
@@ -117,6 +117,7 @@ class StageContext:
     # where the recipe's teacher is served, for routing only (a judge on the same server uses its fleet of
     # replicas, llm/fleet.py): not a field the stage declares, and not in its parameter hash
     teacher_url: str | None = None
+    teacher_backend: str | None = None  # and the server it runs (a judge on it shares its capacity: llm/budget.py)
     _stop: dict[str, bool] = field(default_factory=lambda: {"flag": False})
 
     @property
@@ -262,7 +263,8 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
     scratch.mkdir()
     ctx = StageContext(name=name, recipe=view(run_recipe, name, spec(name).readable), store=store, out=out,
                        scratch=scratch, work=WorkArea(store, name), params_hash=ph, inputs=inputs, shard=shard,
-                       teacher_url=teacher_url(run_recipe, needs_teacher), _stop=stop)
+                       teacher_url=teacher_url(run_recipe, needs_teacher),
+                       teacher_backend=teacher_backend(run_recipe, needs_teacher), _stop=stop)
     prev = _install_sigterm(ctx._stop)
     t0 = time.time()
     try:

@@ -352,6 +352,34 @@ def test_a_run_does_not_take_the_teacher_from_another_run(tmp_path):
         assert not [k for k in e.fc.deployment(NS, "teacher")["metadata"]["annotations"] if k.startswith("leases.")]
 
 
+def test_the_teacher_stays_up_for_a_filter_whose_judge_it_serves(tmp_path):
+    """With the judge served by the teacher's own server (an open judge at its /v1), the run released the teacher
+    and scaled it to 0 once the generate stages were committed, with the filter still judging on it. The filters
+    are now among the stages that call it (executors/scheduler.py ``party_stages``): the teacher goes down after
+    them, and their pods get the teacher's budget (its capacity, the pods sharing it) as the generate pods do."""
+    on_teacher = RECIPE.replace("teacher: {backend: local, model: pkg://none/teacher.gguf}",
+                                "teacher: {backend: tgi, model: m/teacher, base_url: 'http://teacher:80', "
+                                "prompt_format: '{user}'}").replace(
+        "judge: {backend: local, model: pkg://none/judge.gguf}",
+        "judge: {backend: openai-chat, model: m/judge, base_url: 'http://teacher:80/v1'}")
+    with Env(tmp_path) as e:
+        e.fc.add_deployment(NS, "teacher", replicas=0, ready_delay=0.2)
+        cluster = e.settings(teacher={"deployment": "teacher", "url": "http://teacher:80", "leaseSeconds": 60,
+                                      "maxConcurrentRequests": 12})
+        budget_env = ["BEZOAR_TEACHER_CAPACITY", "BEZOAR_TEACHER_PARTIES", "BEZOAR_TEACHER_URL"]
+        filters = [s.replace("generate", "filter") for s in GEN]
+        e.plan(**{s.replace("-", "_"): {"sleep": 0.3} for s in GEN},
+               **{s.replace("-", "_"): {"sleep": 3 if s == "filter-lamini" else 1, "require_env": budget_env}
+                  for s in filters})
+        rc, text, _ = e.run([*GEN, *filters, "sft-lamini"], cluster, recipe=on_teacher)
+        assert rc == 0, text
+        filtered = max(t for t, w, n in e.fc.timeline if w == "complete" and "filter-" in n)
+        assert e.fc.scale_history[-1] == ("teacher", 0) and when_scaled_down(e.fc) >= filtered, e.fc.timeline
+        # and before the run's end: training does not keep it up
+        assert "every stage that calls it is committed; no other run holds it: scaled Deployment teacher to 0" in text
+        assert when_scaled_down(e.fc) <= max(t for t, w, n in e.fc.timeline if w == "complete" and "sft-" in n)
+
+
 def when_scaled_down(fc: FakeCluster) -> float:
     return next(t for t, w, n in fc.timeline if w == "scaled-0" and n == "teacher")
 

@@ -525,6 +525,130 @@ def test_the_generate_stages_run_together_by_default_when_they_share_a_teacher_s
         assert len(biggest) == 1
 
 
+def test_a_filter_whose_judge_is_the_teacher_runs_beside_the_generate_stages_as_one_of_their_party(
+        tmp_path, monkeypatch):
+    """A filter whose judge is the teacher's own server (an open judge at its /v1) calls the same admission limit
+    as the generate stages: it is one of the teacher's parties, so it joins their slot of ``--parallel 1`` once
+    its generate stage is done (before, it waited for all three) and the run counts it among the pods sharing
+    the teacher. An API judge's filter still waits its turn."""
+    from bezoar_jobs.executors import scheduler
+    from bezoar_jobs.recipe import load_recipe
+    from bezoar_jobs.registry import CANONICAL
+
+    stages = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini"]
+    seen = {}
+    for judge in ("http://127.0.0.1:9/v1", "https://api.judge.example/v1"):
+        recipe, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"judge.base_url": judge}))
+        done: set[str] = set()
+        monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s, done=done: (s in done, "stub"))
+        b = _Backend()
+        orig = b.wait
+
+        def wait(timeout: float, orig=orig, done=done):
+            evs = orig(timeout)
+            done.update(e.stage for e in evs)
+            return evs
+
+        b.wait = wait  # type: ignore[method-assign]
+        run = scheduler.Scheduler(b, open_store(str(tmp_path / f"run{len(seen)}")), recipe, lambda m: None)
+        out = run.run(stages)
+        assert out.exit_code == 0 and set(out.committed) == set(stages)
+        seen[judge] = (run, next(t for t in b.together if "filter-lamini" in t))
+    run, beside = seen["http://127.0.0.1:9/v1"]
+    assert beside == {"generate-evol", "generate-orca", "filter-lamini"}  # lamini's data is there: it starts
+    assert {"filter-lamini", "filter-evol", "filter-orca"} <= run.parties
+    run, beside = seen["https://api.judge.example/v1"]
+    assert beside == {"filter-lamini"} and "filter-lamini" not in run.parties  # after all three, a slot of its own
+    parties = run.parties
+    # how many pods share the teacher at once: a filter starts after its generate stage, not beside it
+    on_teacher = parties | {"filter-lamini", "filter-evol", "filter-orca"}
+    assert scheduler.parties_at_once(on_teacher, CANONICAL) == 3
+    assert scheduler.parties_at_once(on_teacher, CANONICAL, pods=lambda s: 4 if s.startswith("generate") else 1) == 12
+    assert scheduler.parties_at_once(on_teacher, ["filter-lamini", "filter-orca", "generate-evol"]) == 3
+    assert scheduler.parties_at_once(on_teacher, ["generate-lamini", "filter-lamini"]) == 1
+
+
+def test_a_local_run_counts_a_filter_on_the_teachers_server_among_its_parties(tmp_path, monkeypatch):
+    """`bezoar run` (local) gave a filter whose judge is the teacher's server nothing of the teacher's budget. It
+    now gets the number of pods sharing the teacher (the most that run at once: a filter starts after its generate
+    stage), is marked running on the board when it is started (the others give up its share before its first
+    request) and done when it is committed."""
+    from bezoar_jobs.executors import local, scheduler
+    from bezoar_jobs.recipe import load_recipe
+
+    monkeypatch.delenv("BEZOAR_TEACHER_PARTIES", raising=False)
+    stages = ["generate-lamini", "generate-orca", "filter-lamini"]
+
+    def run(judge: str, where: str) -> tuple[dict[str, tuple[str | None, bool]], set[str]]:
+        """Each stage's BEZOAR_TEACHER_PARTIES and whether it was marked running when started; the marks after."""
+        recipe, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"judge.base_url": judge}))
+        store = open_store(str(tmp_path / where))
+        seen: dict[str, tuple[str | None, bool]] = {}
+
+        class Proc:  # the stage process: says nothing, exits 0 (its commit is stubbed below)
+            def __init__(self, cmd: list[str], env: dict[str, str], **kw: object) -> None:
+                stage = cmd[cmd.index("stage") + 1]
+                live = store.exists(f"_control/teacher-shares/{stage}.live")
+                seen[stage] = (env.get("BEZOAR_TEACHER_PARTIES"), live)
+                self.stdout: list[str] = []
+
+            def wait(self) -> int:
+                return 0
+
+            def poll(self) -> int:
+                return 0
+
+        monkeypatch.setattr(local.subprocess, "Popen", Proc)
+        monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in seen, "stub"))
+        out = local.run_local(recipe, store, stages)
+        assert out.exit_code == 0 and set(out.committed) == set(stages)
+        return seen, set(store.list("_control/teacher-shares/"))
+
+    seen, marks = run("http://127.0.0.1:9/v1", "teacher")
+    assert seen == {s: ("2", True) for s in stages}, seen  # two at once: lamini and orca, then the filter beside orca
+    assert "_control/teacher-shares/filter-lamini.done" in marks
+    seen, marks = run("https://api.judge.example/v1", "api")
+    assert seen["filter-lamini"] == (None, False) and seen["generate-orca"] == ("2", True), seen
+    assert not [m for m in marks if "filter" in m]
+
+
+def test_a_filter_pod_whose_judge_is_the_teacher_keeps_within_its_share_of_the_teachers_capacity(tmp_path, monkeypatch):
+    """A filter's judge on the teacher's server had no budget: beside two generate stages holding their shares it
+    sent its whole judge.max_concurrency (8) to a server that admits 6, which refused the excess as overloaded.
+    It is now one of the pods sharing the teacher: its share of /info's limit, on the board as the others."""
+    from bezoar_jobs.llm import budget
+    from bezoar_jobs.stages.common import open_client
+
+    monkeypatch.setenv("BEZOAR_TEACHER_PARTIES", "3")
+    monkeypatch.setattr(budget, "POLL_S", 0.1)
+    store = open_store(str(tmp_path / "run"))
+    with running(capacity=6, per_token_s=0.002, max_concurrent_requests=6, script=lambda p: "tok " * 30) as srv:
+
+        class Ctx:  # what open_client reads of a stage's context
+            shard = None
+
+            def __init__(self, name: str, backend: str | None) -> None:
+                self.name, self.store, self.teacher_url, self.teacher_backend = name, store, srv.url, backend
+
+        teachers = [open_client(Ctx(n, None), endpoint("tgi", srv, max_concurrency=8), "teacher")  # type: ignore[arg-type]
+                    for n in ("generate-evol", "generate-orca")]
+        judge = open_client(Ctx("filter-lamini", "tgi"), endpoint("openai-chat", srv, max_concurrency=8),  # type: ignore[arg-type]
+                            "judge")
+        assert judge.slot_capacity() == 2 and judge.board is not None  # 6 slots among 3 pods
+        elsewhere = endpoint("openai-chat", srv, max_concurrency=8).model_copy(
+            update={"base_url": "https://api.judge.example/v1"})
+        api = open_client(Ctx("filter-orca", "tgi"), elsewhere, "judge")  # type: ignore[arg-type]
+        assert api.budget is None and api.slot_capacity() == 8  # another server's judge: not the teacher's party
+        outs = _side_by_side(("evol", teachers[0], 60), ("orca", teachers[1], 60), ("judge", judge, 120))
+        for c in (*teachers, judge):
+            c.close()
+    assert all(len(outs[k]) == n and all(r.ok for r in outs[k].values()) for k, n in
+               (("evol", 60), ("orca", 60), ("judge", 120)))
+    assert not [c for c in srv.calls if c.status not in (200, 0)] and srv.max_in_flight <= 6
+    assert sum(1 for c in srv.calls if c.route != "tgi" and c.status == 200) >= 120  # the judge at its own route
+    assert store.exists("_control/teacher-shares/filter-lamini.done")  # done: its share goes to the others
+
+
 def test_a_teacher_share_grows_as_the_other_pods_finish(tmp_path):
     from bezoar_jobs.llm.budget import Board
 

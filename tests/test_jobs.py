@@ -556,6 +556,26 @@ def test_the_cluster_teacher_and_its_budget_go_only_to_teacher_stages():
         parse_cluster_settings("teacher: {maxConcurrentRequests: 8}\ngenerationShards: 4\n", "c.yaml")
 
 
+def test_a_filter_whose_judge_is_the_teacher_gets_the_teachers_budget_in_its_pod():
+    """A judge served by the teacher's own server (an open judge at its /v1) reaches the same admission limit as
+    the generate pods; its filter pod got the teacher's URL and nothing of its budget, and sent its whole
+    judge.max_concurrency on top of their shares. It now gets the capacity and the number of pods sharing it: the
+    most that run at once, a filter starting only after its generate stage (3 stages x 4 shards here, not 15)."""
+    url = "http://bz-openbezoar-teacher.ml.svc:80"
+    cluster = ClusterSettings.model_validate({"generationShards": 4, "teacher": {
+        "url": url, "backend": "tgi", "maxConcurrentRequests": 96}})
+    open_judge = PAPER.model_copy(update={"judge": PAPER.judge.model_copy(update={"base_url": url + "/v1"})})
+    for recipe, filters_share in ((open_judge, True), (PAPER, False)):
+        assert cluster.teacher_parties(recipe) == 12
+        for stage in ("generate-orca", "filter-lamini", "eval-mtbench"):
+            env = _env(build_stage_jobs(stage, RUN, "r1", cluster, recipe=recipe)[0])
+            budget = {k: env[k]["value"] for k in ("BEZOAR_TEACHER_CAPACITY", "BEZOAR_TEACHER_PARTIES",
+                                                   "BEZOAR_TEACHER_BACKEND") if k in env}
+            shared = stage.startswith("generate") or (stage.startswith("filter") and filters_share)
+            assert budget == ({"BEZOAR_TEACHER_CAPACITY": "96", "BEZOAR_TEACHER_PARTIES": "12",
+                               "BEZOAR_TEACHER_BACKEND": "tgi"} if shared else {}), (stage, filters_share)
+
+
 def test_gpu_pods_say_so_and_cpu_pods_do_not():
     """Finding 3: a pod that asked for a GPU and cannot use CUDA trained on CPU. The builder marks every
     GPU pod with BEZOAR_GPUS, which the stage checks before it starts (bezoar_jobs/device_check.py)."""

@@ -12,14 +12,13 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..errors import RetryableError
-from ..llm.budget import mark_done, party_names
+from ..llm.budget import mark_done, mark_live, party_names
 from ..recipe import Recipe
-from ..registry import spec
 from ..run_control import EXIT_CANCELLED, cancelled, write_controller_status
 from ..store import Store
 from .cluster import TEACHER_STAGES, ClusterSettings
@@ -32,7 +31,7 @@ from .k8s_jobs import Event, JobApi, RunWatch, pod_job
 from .k8s_logs import LogFollower
 from .k8s_retry import ApiRetry
 from .k8s_teacher import TeacherLifecycle
-from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, StageEvent
+from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, StageEvent, party_stages
 
 CANCEL_LOOK_S = 5.0  # how often a running controller reads the run's cancel mark
 
@@ -88,6 +87,8 @@ class KubernetesBackend:
         self.out = out or sys.stdout
         self.image_digests = image_digests
         self.recipe = recipe
+        # the stages whose pods call the teacher's server: the teacher stages, and the filters when the judge is it
+        self.parties = party_stages(recipe, cluster.teacher.url or None, {}) if recipe is not None else TEACHER_STAGES
         self.controller_uid = controller_uid
         self.events: queue.Queue[Event] = queue.Queue()
         self.stop = threading.Event()
@@ -139,7 +140,7 @@ class KubernetesBackend:
         if self._check_cancelled():
             self._ended.append(self._cancelled_event(stage))
             return
-        if self.teacher.managed and "teacher" in spec(stage).needs and self.teacher.state != "ready":
+        if self.teacher.managed and stage in self.parties and self.teacher.state != "ready":
             if self.teacher.state == "failed":
                 self._ended.append(StageEvent(stage, EXIT_STAGE_FAILED, "TeacherNotReady",
                                               "the teacher Deployment is not ready"))
@@ -149,7 +150,14 @@ class KubernetesBackend:
             return
         if is_sharded(stage, self.cluster) and self._adopt_running_commit(stage):
             return
+        self._mark_parties(stage, mark_live)  # the pods running give up its share before its pods start
         self._submit(stage, "main")
+
+    def _mark_parties(self, stage: str, mark: Callable[[Store, str], None]) -> None:
+        """Mark each of ``stage``'s pods on the teacher's board (llm/budget.py), when it is one of its parties."""
+        if stage in self.parties and self.cluster.teacher_parties(self.recipe) > 1:
+            for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
+                mark(self.store, party)
 
     def wait(self, timeout: float) -> list[StageEvent]:
         if not self._ended:
@@ -165,11 +173,15 @@ class KubernetesBackend:
 
     def stage_done(self, stage: str, skipped: bool) -> None:
         self.diag.forget(stage, "Succeeded")
-        if skipped and stage in TEACHER_STAGES:  # its pods are counted among the teacher's parties
+        # its pods are counted among the teacher's parties: skipped, they ask nothing; a pod that finished without
+        # opening its client (everything resumed) never marked itself done
+        if stage in self.parties and skipped:
             for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
                 mark_done(self.store, party)
-        if spec(stage).family == "generate":
-            self.teacher.after_generation([t.stage for t in self.active.values()])
+        elif not skipped:
+            self._mark_parties(stage, mark_done)
+        if stage in self.parties:
+            self.teacher.after_generation([t.stage for t in self.active.values()], self.parties)
 
     def running(self) -> list[str]:
         return sorted({t.stage for t in self.active.values()} | set(self._waiting_teacher)

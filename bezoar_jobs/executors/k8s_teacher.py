@@ -30,7 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -201,17 +201,21 @@ class TeacherLifecycle:
                 self.say(f"teacher: could not renew the lease: {type(e).__name__}: {e}")
 
     # -- down ---------------------------------------------------------------------------------
-    def after_generation(self, running: list[str]) -> None:
+    def after_generation(self, running: list[str], parties: Iterable[str] = ()) -> None:
         """Release the lease once every generate stage is committed and none of ``running`` (this
-        run's stages still going) is one; scale to 0 when no other run holds a lease."""
+        run's stages still going) is one; scale to 0 when no other run holds a lease. ``parties``: the
+        stages that call the teacher's server (executors/scheduler.py ``party_stages``): with the judge
+        served by the teacher, the filters need it too, and it stays up until they are committed."""
         if self._released or not self.t.deployment:
             return
-        generate = stages_of("generate")
+        generate = set(stages_of("generate")) | set(parties)
         if any(s in generate for s in running):
-            return  # a generate Job of this run is still going (it may have committed, not ended)
-        if any(read_manifest(self.store, s) is None for s in generate):
+            return  # a Job of this run that calls the teacher is still going (it may have committed, not ended)
+        if any(read_manifest(self.store, s) is None for s in sorted(generate)):
             return
-        self.release(scale_down=self.t.scaleDownAfterGeneration, why="every generate stage is committed")
+        self.release(scale_down=self.t.scaleDownAfterGeneration,
+                     why="every stage that calls it is committed" if set(parties) - set(stages_of("generate"))
+                     else "every generate stage is committed")
 
     def release(self, scale_down: bool, why: str) -> None:
         """Drop this run's lease (and expired ones); scale to 0 in the same guarded patch when asked

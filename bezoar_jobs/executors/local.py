@@ -21,13 +21,13 @@ from collections import deque
 from collections.abc import Callable
 
 from ..layout import RECIPE_FILE
-from ..llm.budget import mark_done
+from ..llm.budget import mark_done, mark_live
 from ..recipe import Recipe
 from ..redact import redact
 from ..registry import spec
 from ..store import Store
 from .cluster import TEACHER_STAGES
-from .scheduler import RunOutcome, Scheduler, StageEvent
+from .scheduler import RunOutcome, Scheduler, StageEvent, parties_at_once
 
 log = logging.getLogger("bezoar")
 
@@ -67,6 +67,8 @@ class LocalBackend:
         self.nproc_per_node = nproc_per_node
         self.parallel: int | None = max(1, parallel)
         self.teacher_parties = len(TEACHER_STAGES)  # run_local narrows it to the run's selection
+        # the stages that share the teacher's server: run_local adds the filters when the judge is that server
+        self.party_stages: frozenset[str] = frozenset(TEACHER_STAGES)
         self._events: queue.Queue[StageEvent] = queue.Queue()
         self._procs: dict[str, subprocess.Popen[str]] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -80,10 +82,13 @@ class LocalBackend:
     def submit(self, stage: str) -> None:
         log.info("[%s] starting", stage)
         env = os.environ.copy()
-        if "teacher" in spec(stage).needs and "BEZOAR_TEACHER_PARTIES" not in env:
-            # the teacher stages run side by side (the scheduler counts them as one slot) within one
-            # budget (llm/budget.py): each gets an even share of the teacher's capacity
-            env["BEZOAR_TEACHER_PARTIES"] = str(self.teacher_parties)
+        if stage in self.party_stages:
+            if "BEZOAR_TEACHER_PARTIES" not in env:
+                # the teacher stages run side by side (the scheduler counts them as one slot) within one
+                # budget (llm/budget.py): each gets an even share of the teacher's capacity
+                env["BEZOAR_TEACHER_PARTIES"] = str(self.teacher_parties)
+            if self.teacher_parties > 1:
+                mark_live(self.store, stage)  # the pods running give up its share before it starts
         cmd = stage_command(stage, self.store, nproc_per_node=self.nproc_per_node)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         with self._lock:
@@ -122,7 +127,9 @@ class LocalBackend:
         return out
 
     def stage_done(self, stage: str, skipped: bool) -> None:
-        if skipped and stage in TEACHER_STAGES:  # counted among the teacher's parties, but asks nothing
+        # counted among the teacher's parties: one skipped asks nothing; one that finished without opening its
+        # client (everything resumed) never marked itself done
+        if stage in self.party_stages and (skipped or self.teacher_parties > 1):
             mark_done(self.store, stage)
 
     def running(self) -> list[str]:
@@ -148,5 +155,8 @@ def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = Fal
     """``bezoar run`` (the default executor): run ``stages`` (canonical order) to commit; each training
     stage on ``nproc_per_node`` processes (torch.distributed.run) when more than one."""
     backend = LocalBackend(store, parallel, nproc_per_node)
-    backend.teacher_parties = max(1, sum(1 for s in stages if s in TEACHER_STAGES))
-    return Scheduler(backend, store, recipe, say or (lambda msg: log.info("%s", msg))).run(stages, force)
+    scheduler = Scheduler(backend, store, recipe, say or (lambda msg: log.info("%s", msg)))
+    backend.party_stages = scheduler.parties
+    # the most of them that run at once: a filter on the teacher's server starts after its generate stage
+    backend.teacher_parties = max(1, parties_at_once(scheduler.parties, stages, recipe))
+    return scheduler.run(stages, force)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..layout import RECIPE_FILE
 from ..registry import spec
 from .cluster import ClusterSettings
+from .scheduler import party_stages
 from .sizing import ephemeral_storage
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ def uses_hub(stage: str) -> bool:
     return not spec(stage).reads_whole_run
 
 
-def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str]) -> list[dict[str, Any]]:
+def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str],
+         recipe: Recipe | None = None) -> list[dict[str, Any]]:
     st, sec = cluster.storage, cluster.secrets
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # log lines reach `kubectl logs` (and the controller) at once
@@ -92,7 +94,10 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str]) -
     if keys:
         env.append({"name": "BEZOAR_KEYS_DIR", "value": KEYS_DIR})
     t = cluster.teacher
-    if "teacher" in spec(stage).needs:
+    # a filter whose judge is the teacher's server (the recipe says) is one of its parties (executors/scheduler.py)
+    judge_party = (recipe is not None and "teacher" not in spec(stage).needs
+                   and stage in party_stages(recipe, t.url or None, {}))
+    if "teacher" in spec(stage).needs or judge_party:
         if t.url:
             env.append({"name": "BEZOAR_TEACHER_URL", "value": t.url})
         if t.backend:
@@ -101,7 +106,7 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str]) -
             env.append({"name": "BEZOAR_TEACHER_DISCOVERY", "value": t.discovery})
         if t.maxConcurrentRequests:
             env.append({"name": "BEZOAR_TEACHER_CAPACITY", "value": str(t.maxConcurrentRequests)})
-        env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(cluster.teacher_parties())})
+        env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(cluster.teacher_parties(recipe))})
     elif "judge" in spec(stage).needs:  # where the teacher is, for a judge pointed at it (its replicas: llm/fleet.py)
         if t.url:
             env.append({"name": "BEZOAR_TEACHER_URL", "value": t.url})
@@ -199,7 +204,7 @@ def pod_spec(stage: str, run_uri: str, cluster: ClusterSettings, image: str, sha
     disk = ephemeral_storage(stage, cluster, recipe)
     keys = keys_for(stage, cluster, recipe)
     volumes, mounts = _volumes(stage, cluster, disk, keys)
-    env = _env(stage, cluster, indexed=shards > 1 or bool(launch), keys=keys)
+    env = _env(stage, cluster, indexed=shards > 1 or bool(launch), keys=keys, recipe=recipe)
     if launch:  # torchrun forwards SIGTERM to the workers: they have the grace period (less a margin) to save
         grace = cluster.jobs.terminationGracePeriodSeconds
         env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(10, grace - 30))})

@@ -7,7 +7,8 @@ Job); everything else is decided here, the same way for every backend:
   (:func:`bezoar_jobs.pipeline.waits_for`: its inputs; for the report, which reads the whole run,
   every other selected stage). Inputs outside the selection count as committed (the stage itself
   refuses, exit 2, when they are not). Stages start in canonical order, at most ``parallel`` at once;
-  the stages that call the teacher count as one together, so they run side by side by default.
+  the stages that call the teacher count as one together, so they run side by side by default (with the
+  filters when the judge is the teacher's own server: :func:`party_stages`).
 - **skip committed**: a stage whose manifest is current (:func:`bezoar_jobs.state.up_to_date`) is
   skipped unless ``force``; with ``force`` its manifest (and, for training and evaluation, its
   ``_work/``) is removed first (:func:`bezoar_jobs.state.prepare_force`), so it really reruns.
@@ -25,10 +26,11 @@ A backend is the kubeflow/sdk RuntimeBackend idea cut to what this needs: ``subm
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..cluster_env import teacher_url
 from ..layout import manifest_path
 from ..pipeline import waits_for
 from ..recipe import Recipe
@@ -40,6 +42,62 @@ log = logging.getLogger("bezoar")
 
 # the stages that call the teacher: they share its capacity, and run together as one slot of `parallel`
 TEACHER_STAGES = frozenset(n for n, st in STAGES.items() if "teacher" in st.needs)
+# the data stages that call only the judge (the filters): parties too when the judge is the teacher's server
+JUDGE_DATA_STAGES = frozenset(n for n, st in STAGES.items()
+                              if st.pod == "data" and "judge" in st.needs and "teacher" not in st.needs)
+
+
+def party_stages(recipe: Recipe, teacher_url: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The stages whose pods share the teacher's server (llm/budget.py), and run together as one slot of
+    ``parallel``: the stages that call the teacher and, when the recipe's judge is served by the teacher's own
+    server (an open judge at its ``/v1``: llm/fleet.py ``on_teacher``), the data stages that call the judge
+    (the filters). Their requests reach the same admission limit: counted apart, a filter pod sent its whole
+    ``judge.max_concurrency`` on top of the generate stages' shares, which the server refused as overloaded.
+    ``teacher_url``: where the pods reach the teacher (the cluster's), else the recipe's.
+    An evaluation's judge on the teacher (MT-Bench) is not counted: evaluations run after training, on pods of
+    their own, and their answers come from the model under test."""
+    from ..llm.budget import BUDGETED_BACKENDS
+    from ..llm.fleet import on_teacher
+
+    if recipe.teacher.backend not in BUDGETED_BACKENDS:
+        return TEACHER_STAGES
+    url = teacher_url or recipe.teacher.base_url
+    if recipe.judge.backend == "local" or not on_teacher(recipe.judge.base_url, url, environ):
+        return TEACHER_STAGES
+    return TEACHER_STAGES | JUDGE_DATA_STAGES
+
+
+def parties_at_once(parties: Iterable[str], stages: Iterable[str], recipe: Recipe | None = None,
+                    pods: Callable[[str], int] = lambda s: 1) -> int:
+    """How many pods of ``parties`` may call the teacher at once in a run of ``stages``: the widest set of them
+    none of which waits for another (a filter starts after its generate stage, so the three generate stages
+    and their three filters are three at once, not six), each stage counted as its ``pods`` (its shards).
+    Dilworth: the width of the order is the number of pods less a largest matching of "a before b"."""
+    chosen = list(stages)
+    before: dict[str, set[str]] = {}
+
+    def ancestors(s: str) -> set[str]:
+        if s not in before:
+            before[s] = set()
+            for d in waits_for(s, chosen, recipe):
+                before[s] |= {d} | ancestors(d)
+        return before[s]
+
+    nodes = [(s, i) for s in chosen if s in set(parties) for i in range(max(1, pods(s)))]
+    later = {n: [m for m in nodes if n[0] in ancestors(m[0])] for n in nodes}
+    match: dict[tuple[str, int], tuple[str, int]] = {}  # later pod -> the earlier one it is matched with
+
+    def augment(n: tuple[str, int], seen: set[tuple[str, int]]) -> bool:
+        for m in later[n]:
+            if m not in seen:
+                seen.add(m)
+                if m not in match or augment(match[m], seen):
+                    match[m] = n
+                    return True
+        return False
+
+    return len(nodes) - sum(1 for n in nodes if augment(n, set()))
 
 EXIT_STAGE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -125,6 +183,7 @@ class Scheduler:
         self.recipe = recipe
         self.say = say
         self.outcome = outcome or RunOutcome()
+        self.parties = party_stages(recipe, teacher_url(recipe, applied=False))  # they share the teacher's server
 
     def run(self, stages: list[str], force: bool = False) -> RunOutcome:
         for s in stages:
@@ -164,7 +223,7 @@ class Scheduler:
             progressed = False
             for s in list(pending):
                 if not self._room_for(s):
-                    if s in TEACHER_STAGES and self.recipe.teacher.backend != "local":
+                    if s in self.parties and self.recipe.teacher.backend != "local":
                         continue  # a stage after it may still join the teacher's group
                     return
                 if not all(d in done for d in waits_for(s, stages, self.recipe)):
@@ -185,19 +244,20 @@ class Scheduler:
                 self.backend.submit(s)
 
     def _room_for(self, stage: str) -> bool:
-        """Whether ``stage`` may start now under ``parallel``. The stages that call a teacher server count
-        as one slot together: they run side by side by default, within one budget of the teacher's
-        capacity (llm/budget.py), instead of one after another with the teacher idle in between. (An
-        in-process teacher is a model per stage process: those stages keep to ``parallel``.)"""
+        """Whether ``stage`` may start now under ``parallel``. The stages that call a teacher server (and the
+        filters, when their judge is that server: :func:`party_stages`) count as one slot together: they run
+        side by side by default, within one budget of the teacher's capacity (llm/budget.py), instead of one
+        after another with the teacher idle in between. (An in-process teacher is a model per stage process:
+        those stages keep to ``parallel``.)"""
         limit = self.backend.parallel
         if limit is None:
             return True
         if self.recipe.teacher.backend == "local":  # an in-process teacher: each stage loads its own copy
             return len(self.backend.running()) < limit
         running = self.backend.running()
-        teacher = [r for r in running if r in TEACHER_STAGES]
+        teacher = [r for r in running if r in self.parties]
         used = len(running) - len(teacher) + (1 if teacher else 0)
-        need = 0 if stage in TEACHER_STAGES and teacher else 1
+        need = 0 if stage in self.parties and teacher else 1
         return used + need <= limit
 
     def _ended(self, ev: StageEvent, done: set[str]) -> None:

@@ -13,10 +13,14 @@ so the total in flight never exceeds the capacity. ``capacity`` is what TGI repo
 (``max_concurrent_requests``; for a fleet of replicas, llm/fleet.py, the sum of theirs), else the
 configured ``BEZOAR_TEACHER_CAPACITY`` (the chart sets it from the server flag it passes: TGI
 ``--max-concurrent-requests``, vLLM ``--max-num-seqs``). The server's own answer wins when the two
-differ (a hand-edited flag). ``parties`` is ``BEZOAR_TEACHER_PARTIES``: the Kubernetes Job builder
-sets it to (stages that call the teacher) x ``generationShards``; the local executor to the number of
-teacher stages in the run (they run side by side, executors/scheduler.py). With
-neither a capacity nor parties known, the recipe's ``max_concurrency`` stands alone (and is logged).
+differ (a hand-edited flag). ``parties`` is ``BEZOAR_TEACHER_PARTIES``: how many pods call the teacher's
+server at once. The Kubernetes Job builder sets it to (stages that call the teacher) x ``generationShards``;
+the local executor to the number of teacher stages in the run (they run side by side,
+executors/scheduler.py). A judge served by the teacher's own server (an open judge at its ``/v1``) is a party
+too: its filter pods get the same budget (:func:`plan`'s ``teacher``), and the count is the most that run at
+once (a filter starts after its generate stage, so three generate stages and their filters are still three:
+executors/scheduler.py ``parties_at_once``). With neither a capacity nor parties known, the recipe's
+``max_concurrency`` stands alone (and is logged).
 
 Shares move to the stages still running (:class:`Board`): the even share is each pod's floor. When a pod
 is done with the teacher (its client closes) it leaves a marker in the run store
@@ -146,11 +150,7 @@ class Board:
         self.ceiling = max(self.floor, ceiling)
         self.marker = f"{BOARD_PREFIX}{party}.done"
         self.live = f"{BOARD_PREFIX}{party}.live"
-        try:
-            store.delete(self.marker)  # started again (a retried pod): not done any more
-            store.write_text(self.live, f"{time.time():.3f}\n")
-        except Exception as e:  # the share stays the floor; the stage goes on
-            log.info("teacher: could not mark %s running (%s)", party, e)
+        mark_live(store, party)  # started again (a retried pod): not done any more
 
     def left(self) -> int:
         """The pods still sharing the teacher (this one included): the parties less those done, but never
@@ -180,6 +180,18 @@ def party_names(stage: str, shards: int = 1) -> list[str]:
     return [stage] if shards <= 1 else [f"{stage}.{i}-of-{shards}" for i in range(shards)]
 
 
+def mark_live(store: Store, party: str) -> None:
+    """``party`` calls the teacher now, or is about to: the scheduler's backend marks a stage when it starts it,
+    so the pods already running give up their part of its share before its first request, not ``POLL_S`` after
+    (a filter that starts once its generate stage is done, into shares the others had just grown into); the
+    pod marks itself again when its client opens (:class:`Board`)."""
+    try:
+        store.delete(f"{BOARD_PREFIX}{party}.done")
+        store.write_text(f"{BOARD_PREFIX}{party}.live", f"{time.time():.3f}\n")
+    except Exception as e:  # the share stays the floor; the stage goes on
+        log.info("teacher: could not mark %s running (%s)", party, e)
+
+
 def mark_done(store: Store, party: str) -> None:
     """``party`` sends the teacher nothing more in this run (it finished, or its stage was committed
     before and is skipped): its share goes to the pods still running."""
@@ -191,21 +203,38 @@ def mark_done(store: Store, party: str) -> None:
 
 
 def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
-         environ: Mapping[str, str] | None = None) -> tuple[Endpoint, Budget | None]:
+         environ: Mapping[str, str] | None = None,
+         teacher: tuple[str, str] | None = None) -> tuple[Endpoint, Budget | None]:
     """The endpoint with ``max_concurrency`` cut to this pod's even share (teacher servers only), and the
     budget whenever the capacity is known: the pool keeps everything it sends, duplicates included, within the
     share of a TGI server's admission limit (llm/pool.py), and with several pods the share moves
-    (:class:`Board`, set up by stages/common.open_client)."""
-    if role != "teacher" or endpoint.backend not in BUDGETED_BACKENDS:
-        return endpoint, None
-    b = share(endpoint, api_key, environ)
+    (:class:`Board`, set up by stages/common.open_client).
+
+    ``teacher``: ``(base URL, backend)`` of the teacher's server, for a judge in a pod without the teacher's
+    client (a filter stage): a judge served by the teacher's own server (an open judge, llm/fleet.py
+    ``on_teacher``) is one of the teacher's parties too (the run counts it: executors/scheduler.py
+    ``party_stages``), and gets a share of the teacher's capacity as a teacher stage's pod does. Any other judge
+    (an API) has no budget."""
+    if role == "teacher":
+        if endpoint.backend not in BUDGETED_BACKENDS:
+            return endpoint, None
+        server = endpoint
+    else:
+        from .fleet import on_teacher
+
+        env = os.environ if environ is None else environ
+        if (teacher is None or teacher[1] not in BUDGETED_BACKENDS
+                or not on_teacher(endpoint.base_url, teacher[0], env)):
+            return endpoint, None
+        server = endpoint.model_copy(update={"base_url": teacher[0], "backend": teacher[1]})
+    b = share(server, api_key, environ)
     if b.share is None or b.capacity is None:
-        log.info("teacher: capacity unknown (no %s, no TGI /info): each of %d pod(s) keeps up to %d requests in "
-                 "flight (teacher.max_concurrency)", CAPACITY_ENV, b.parties, endpoint.max_concurrency)
+        log.info("%s: capacity unknown (no %s, no TGI /info): each of %d pod(s) keeps up to %d requests in "
+                 "flight (%s.max_concurrency)", role, CAPACITY_ENV, b.parties, endpoint.max_concurrency, role)
         return endpoint, None
     n = min(endpoint.max_concurrency, b.share)
-    log.info("teacher: %d request(s) in flight at most: %d slots (%s) shared by %d pod(s)%s, recipe "
-             "max_concurrency %d", n, b.capacity, b.source, b.parties,
+    log.info("%s: %d request(s) in flight at most: %d slots (%s%s) shared by %d pod(s)%s, recipe max_concurrency %d",
+             role, n, b.capacity, b.source, "" if role == "teacher" else ", the teacher's server", b.parties,
              " while they all run (more as others finish)" if b.parties > 1 else "", endpoint.max_concurrency)
     out = endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})
     return out, b

@@ -29,11 +29,13 @@ IN_PROCESS = frozenset({"local"})
 
 
 def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | None = None,
-                teacher: LLMClient | None = None) -> LLMClient:
+                teacher: LLMClient | None = None, teacher_backend: str | None = None) -> LLMClient:
     """Build the client for ``endpoint``; ``role`` ("teacher", "judge") names it in error messages;
     ``teacher_url``: the recipe's teacher's base URL, whose fleet of replicas a judge on the teacher's own
     server uses too (llm/fleet.py ``Fleet.beside``); ``teacher``: the teacher's client in this process, whose
-    count of requests at each replica that judge shares (its requests are part of the pod's share).
+    count of requests at each replica that judge shares (its requests are part of the pod's share);
+    ``teacher_backend``: the teacher's backend, for a judge on the teacher's server with no teacher client in
+    its process, which then gets its pod's share of the teacher's capacity (llm/budget.py ``plan``).
 
     The local backend loads its model here (it may take a while); remote clients connect lazily on
     their first ``run``.
@@ -48,7 +50,8 @@ def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | N
         from .budget import plan  # a teacher server's capacity is shared by every pod calling it
 
         key = resolve_api_key(endpoint, role)
-        ep, budget = plan(endpoint, role, key)
+        server = (teacher_url, teacher_backend) if teacher_url and teacher_backend and teacher is None else None
+        ep, budget = plan(endpoint, role, key, teacher=server)
         remote = cls(ep, key, role)
         remote.budget = budget  # several pods share the teacher: stages/common.open_client lets the share move
         if teacher_url and role != "teacher":

@@ -144,10 +144,8 @@ class Fleet:
         ``teacher``: the teacher client's own fleet in this process (an Evol-Instruct stage's judge), whose books
         the judge then shares (:meth:`view`): with books of its own, the judge's requests were on top of the
         pod's share at each replica, which refused them as overloaded and was then cut for the teacher too."""
-        if not base_url or not teacher_url:
-            return None
         env = os.environ if environ is None else environ
-        if _server(base_url) not in {_server(teacher_url)} | {_server(u) for u in _listed(env)}:
+        if not base_url or not teacher_url or not on_teacher(base_url, teacher_url, env):
             return None  # another server (an API judge): the teacher's name is not even looked up
         path = urllib.parse.urlsplit(base_url).path
         if teacher is not None:
@@ -297,6 +295,16 @@ def _server(url: str) -> tuple[str, str, int]:
     """A base URL's server: scheme, host, port (the default port said or not)."""
     u = urllib.parse.urlsplit(url)
     return u.scheme, (u.hostname or "").lower(), u.port or (443 if u.scheme == "https" else 80)
+
+
+def on_teacher(base_url: str | None, teacher_url: str | None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``base_url`` (a judge's) is served by the teacher's server: the same scheme, host and port as the
+    teacher's URL or one of the replicas ``BEZOAR_TEACHER_ENDPOINTS`` lists, whatever the path (TGI serves its
+    OpenAI routes under ``/v1`` of the same router)."""
+    if not base_url or not teacher_url:
+        return False
+    env = os.environ if environ is None else environ
+    return _server(base_url) in {_server(teacher_url)} | {_server(u) for u in _listed(env)}
 
 
 def _listed(env: Mapping[str, str]) -> list[str]:

@@ -49,8 +49,10 @@ def open_client(
 
     # a judge on the teacher's own server spreads over the teacher's replicas as the teacher does, within the same
     # counts when the teacher's client is in this process (llm/fleet.py)
-    client = make_client(endpoint, role=role, teacher_url=ctx.teacher_url if role == "judge" else None,
-                         teacher=teacher)
+    # and, with no teacher client in this process (a filter stage), within the pod's share of the teacher's capacity
+    judge = role == "judge"
+    client = make_client(endpoint, role=role, teacher_url=ctx.teacher_url if judge else None, teacher=teacher,
+                         teacher_backend=ctx.teacher_backend if judge else None)
     budget = getattr(client, "budget", None)
     if budget is not None and budget.capacity and budget.parties > 1:  # shared: the share grows as others finish
         from ..llm.budget import Board, party_names
