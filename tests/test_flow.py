@@ -649,6 +649,26 @@ def test_a_filter_pod_whose_judge_is_the_teacher_keeps_within_its_share_of_the_t
     assert store.exists("_control/teacher-shares/filter-lamini.done")  # done: its share goes to the others
 
 
+def test_a_filter_judge_on_the_teachers_fleet_keeps_within_its_share_of_each_replica(monkeypatch):
+    """The filter pod's judge on the teacher's replicas knew no replica's limit (its fleet learnt them only for a
+    TGI client, and would have asked /info under the judge's /v1): its share could all go to one replica. It now
+    reads each replica's /info at the replica's root and keeps its share of it there."""
+    def srv() -> object:
+        return running(capacity=4, per_token_s=0.002, max_concurrent_requests=4, script=lambda p: "tok " * 20)
+
+    with srv() as a, srv() as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        monkeypatch.setenv("BEZOAR_TEACHER_PARTIES", "2")
+        judge = make_client(endpoint("openai-chat", a, max_concurrency=8), role="judge", teacher_url=a.url,
+                            teacher_backend="tgi")
+        assert judge.slot_capacity() == 4  # 8 slots over two replicas, two pods
+        assert {u: r.room for u, r in judge.fleet.replicas.items()} == {a.url: 2, b.url: 2}
+        out = run_all(judge, [GenRequest(id=f"j{i}", user=f"judge {i}", seed=i) for i in range(60)])
+    assert all(r.ok for r in out.values()) and len(out) == 60
+    assert a.max_in_flight <= 2 and b.max_in_flight <= 2  # the other pod has the rest of each
+    assert not [c for s in (a, b) for c in s.calls if c.route == "tgi"]  # at the judge's own route only
+
+
 def test_a_teacher_share_grows_as_the_other_pods_finish(tmp_path):
     from bezoar_jobs.llm.budget import Board
 

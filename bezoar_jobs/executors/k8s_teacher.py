@@ -13,10 +13,12 @@ teacher Deployment. Each run holds a **lease** on it while it needs it: the anno
 - renews the lease every third of ``teacher.leaseSeconds`` while it holds it, so a run that crashed
   (no renewals) stops holding the teacher once its lease expires;
 - releases it once every generate stage of the recipe is committed and none of its own is still
-  going, and scales the Deployment to 0 (``scaleDownAfterGeneration``) only when no other run holds
-  an unexpired lease. The release and the scale-down are ONE patch carrying the Deployment's
-  ``resourceVersion`` as a precondition: if another run took a lease in between, the API answers
-  409, and the release looks again (and then leaves the teacher up).
+  going (with the recipe's judge served by the teacher's own server, every filter too: they call
+  it, executors/scheduler.py ``party_stages``), and scales the Deployment to 0
+  (``scaleDownAfterGeneration``) only when no other run holds an unexpired lease. The release and
+  the scale-down are ONE patch carrying the Deployment's ``resourceVersion`` as a precondition: if
+  another run took a lease in between, the API answers 409, and the release looks again (and then
+  leaves the teacher up).
 
 The chart never renders ``replicas`` for the teacher, so ``helm upgrade`` does not fight the
 controllers over it (see the chart's teacher-deployment.yaml).

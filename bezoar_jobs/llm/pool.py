@@ -187,11 +187,14 @@ class RemoteClient(LLMClient):
         if fleet is None or not self.fleet_capable:
             return
         self.fleet = fleet
-        if self.endpoint.backend == "tgi" and not fleet.borrowed:  # a view's limits are its owner's (Fleet.view)
+        # each replica's own limit (a view's are its owner's: Fleet.view): a TGI teacher's, or those of the teacher's
+        # replicas for a judge on its server that has a share of it (llm/budget.py plan); a replica is keyed by its
+        # root URL, where TGI answers /info whatever path the client sends at
+        if not fleet.borrowed and (self.endpoint.backend == "tgi" or self.budget is not None):
             from .budget import PARTIES_ENV, tgi_info_capacity
 
             parties = int(os.environ.get(PARTIES_ENV) or 1)
-            fleet.set_limits({u: tgi_info_capacity(fleet.address(u), self._api_key) for u in fleet.replicas}, parties)
+            fleet.set_limits({u: tgi_info_capacity(u, self._api_key) for u in fleet.replicas}, parties)
         log.info("%s: a fleet of %d replica(s): %s", self.role, len(fleet.replicas), ", ".join(fleet.urls()))
 
     def __repr__(self) -> str:  # never shows the key
