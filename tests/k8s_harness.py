@@ -1901,8 +1901,9 @@ class _Handler(BaseHTTPRequestHandler):
         def render(lines: list[tuple[int, bytes]]) -> bytes:
             return b"".join((rfc3339nano(t).encode() + b" " + ln) if stamps else ln for t, ln in lines)
 
-        with proc.more:
-            lines = [x for x in proc.lines if x[0] >= since_ns]
+        with proc.more:  # what is sent first and where the follow goes on from: one snapshot, or a line written
+            lines = [x for x in proc.lines if x[0] >= since_ns]  # between two looks is in neither (lost on a resume)
+            sent = len(proc.lines)
         if tail is not None:
             lines = lines[-tail:] if tail else []
         if not follow:
@@ -1917,8 +1918,6 @@ class _Handler(BaseHTTPRequestHandler):
         c._log_conns.add(self.connection)
         try:
             self._chunk(render(lines))
-            with proc.more:
-                sent = len(proc.lines)
             while not c._stopping.is_set():
                 with proc.more:
                     if len(proc.lines) == sent and not proc.eof.is_set():

@@ -561,12 +561,14 @@ def test_a_filter_whose_judge_is_the_teacher_gets_the_teachers_budget_in_its_pod
     the generate pods; its filter pod got the teacher's URL and nothing of its budget, and sent its whole
     judge.max_concurrency on top of their shares. It now gets the capacity and the number of pods sharing it: the
     most that run at once, a filter starting only after its generate stage (3 stages x 4 shards here, not 15)."""
+    from bezoar_jobs.executors.scheduler import cluster_parties
+
     url = "http://bz-openbezoar-teacher.ml.svc:80"
     cluster = ClusterSettings.model_validate({"generationShards": 4, "teacher": {
         "url": url, "backend": "tgi", "maxConcurrentRequests": 96}})
     open_judge = PAPER.model_copy(update={"judge": PAPER.judge.model_copy(update={"base_url": url + "/v1"})})
     for recipe, filters_share in ((open_judge, True), (PAPER, False)):
-        assert cluster.teacher_parties(recipe) == 12
+        assert cluster_parties(cluster, recipe) == 12
         for stage in ("generate-orca", "filter-lamini", "eval-mtbench"):
             env = _env(build_stage_jobs(stage, RUN, "r1", cluster, recipe=recipe)[0])
             budget = {k: env[k]["value"] for k in ("BEZOAR_TEACHER_CAPACITY", "BEZOAR_TEACHER_PARTIES",

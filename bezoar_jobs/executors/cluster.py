@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -56,9 +56,6 @@ from .k8s_types import (
     ResourceName,
     SecretKey,
 )
-
-if TYPE_CHECKING:
-    from ..recipe import Recipe
 
 # Every stage of the registry, in canonical order, with the pod class that sizes its pods.
 STAGE_FAMILIES: dict[str, str] = {name: STAGES[name].pod for name in CANONICAL}
@@ -450,16 +447,9 @@ class ClusterSettings(_Model):
             )
         return shards
 
-    def teacher_parties(self, recipe: Recipe | None = None) -> int:
-        """How many pods may call the teacher at once: every teacher stage, each in all its shards; with the
-        ``recipe``, also the filters when its judge is the teacher's server, as many of them as can run beside
-        the rest (a filter starts once its generate stage is done: executors/scheduler.py ``parties_at_once``)."""
-        if recipe is None:
-            return len(TEACHER_STAGES) * self.generationShards
-        from .scheduler import parties_at_once, party_stages
-
-        return max(1, parties_at_once(party_stages(recipe, self.teacher.url or None, {}), CANONICAL, recipe,
-                                      pods=lambda s: self.generationShards if STAGES[s].shardable else 1))
+    def teacher_parties(self) -> int:
+        """How many pods may call the teacher at once: every teacher stage, each in all its shards."""
+        return len(TEACHER_STAGES) * self.generationShards
 
     def scheduling_for(self, stage: str) -> Scheduling:
         """The family's scheduling entry with the stage's override merged on top."""

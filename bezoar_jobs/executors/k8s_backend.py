@@ -31,7 +31,7 @@ from .k8s_jobs import Event, JobApi, RunWatch, pod_job
 from .k8s_logs import LogFollower
 from .k8s_retry import ApiRetry
 from .k8s_teacher import TeacherLifecycle
-from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, StageEvent, party_stages
+from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, StageEvent, cluster_parties, party_stages
 
 CANCEL_LOOK_S = 5.0  # how often a running controller reads the run's cancel mark
 
@@ -155,7 +155,7 @@ class KubernetesBackend:
 
     def _mark_parties(self, stage: str, mark: Callable[[Store, str], None]) -> None:
         """Mark each of ``stage``'s pods on the teacher's board (llm/budget.py), when it is one of its parties."""
-        if stage in self.parties and self.cluster.teacher_parties(self.recipe) > 1:
+        if stage in self.parties and cluster_parties(self.cluster, self.recipe) > 1:
             for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
                 mark(self.store, party)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..layout import RECIPE_FILE
 from ..registry import spec
 from .cluster import ClusterSettings
-from .scheduler import party_stages
+from .scheduler import cluster_parties, party_stages
 from .sizing import ephemeral_storage
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str],
             env.append({"name": "BEZOAR_TEACHER_DISCOVERY", "value": t.discovery})
         if t.maxConcurrentRequests:
             env.append({"name": "BEZOAR_TEACHER_CAPACITY", "value": str(t.maxConcurrentRequests)})
-        env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(cluster.teacher_parties(recipe))})
+        env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(cluster_parties(cluster, recipe))})
     elif "judge" in spec(stage).needs:  # where the teacher is, for a judge pointed at it (its replicas: llm/fleet.py)
         if t.url:
             env.append({"name": "BEZOAR_TEACHER_URL", "value": t.url})

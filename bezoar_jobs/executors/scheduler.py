@@ -28,15 +28,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..cluster_env import teacher_url
 from ..layout import manifest_path
 from ..pipeline import waits_for
 from ..recipe import Recipe
-from ..registry import STAGES, spec
+from ..registry import CANONICAL, STAGES, spec
 from ..state import prepare_force, up_to_date
 from ..store import Store
+
+if TYPE_CHECKING:
+    from .cluster import ClusterSettings
 
 log = logging.getLogger("bezoar")
 
@@ -113,6 +116,16 @@ class StageEvent:
     reason: str = ""
     message: str = ""
     log_tail: list[str] = field(default_factory=list)
+
+
+def cluster_parties(cluster: ClusterSettings, recipe: Recipe | None) -> int:
+    """``BEZOAR_TEACHER_PARTIES`` on Kubernetes: every teacher stage in all its shards; with the ``recipe``, also
+    the filters when its judge is the teacher's server, as many as can run beside the rest (none: a filter
+    starts once its generate stage is done)."""
+    if recipe is None:
+        return cluster.teacher_parties()
+    return max(1, parties_at_once(party_stages(recipe, cluster.teacher.url or None, {}), CANONICAL, recipe,
+                                  pods=lambda s: cluster.generationShards if STAGES[s].shardable else 1))
 
 
 class Backend(Protocol):
