@@ -2248,7 +2248,7 @@ def fake_stage_main(argv: list[str]) -> int:
         if missing:
             print(f"{a.name}: shards not done: {missing}", flush=True)
             return 3
-        inputs = input_hashes(store, a.name)
+        inputs = input_hashes(store, a.name, recipe)  # as the runner: the recipe decides dynamic inputs
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:

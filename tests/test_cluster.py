@@ -380,6 +380,32 @@ def test_the_teacher_stays_up_for_a_filter_whose_judge_it_serves(tmp_path):
         assert when_scaled_down(e.fc) <= max(t for t, w, n in e.fc.timeline if w == "complete" and "sft-" in n)
 
 
+def test_the_teacher_comes_back_for_an_mtbench_judge_it_serves(tmp_path):
+    """MT-Bench's judge served by the teacher (the recipe's judge, an open one at the teacher's /v1): the run
+    scaled the teacher to 0 after the data stages and never brought it back, so MT-Bench, hours of training
+    later, found no judge. The teacher now goes down for training and comes back (a lease again) for it."""
+    on_teacher = RECIPE.replace("teacher: {backend: local, model: pkg://none/teacher.gguf}",
+                                "teacher: {backend: tgi, model: m/teacher, base_url: 'http://teacher:80', "
+                                "prompt_format: '{user}'}").replace(
+        "judge: {backend: local, model: pkg://none/judge.gguf}",
+        "judge: {backend: openai-chat, model: m/judge, base_url: 'http://teacher:80/v1'}") + \
+        "evaluation: {checkpoints: [sft-lamini]}\n"
+    with Env(tmp_path) as e:
+        e.fc.add_deployment(NS, "teacher", replicas=0, ready_delay=0.2)
+        cluster = e.settings(teacher={"deployment": "teacher", "url": "http://teacher:80", "leaseSeconds": 60})
+        filters = [s.replace("generate", "filter") for s in GEN]
+        e.plan(**{s.replace("-", "_"): {"sleep": 0.3} for s in [*GEN, *filters]}, sft_lamini={"sleep": 1},
+               eval_mtbench={"sleep": 0.5, "require_env": ["BEZOAR_TEACHER_URL"]})
+        rc, text, _ = e.run([*GEN, *filters, "sft-lamini", "eval-mtbench"], cluster, recipe=on_teacher)
+        assert rc == 0, text
+        assert e.fc.scale_history == [("teacher", 1), ("teacher", 0), ("teacher", 1), ("teacher", 0)], text
+        ups = [t for t, w, n in e.fc.timeline if w == "ready-1" and n == "teacher"]
+        downs = [t for t, w, n in e.fc.timeline if w == "scaled-0" and n == "teacher"]
+        trained = max(t for t, w, n in e.fc.timeline if w == "complete" and "sft-lamini" in n)
+        judged = [t for t, w, n in e.fc.timeline if w == "created" and "eval-mtbench" in n]
+        assert downs[0] < trained < ups[1] <= judged[0] < downs[1], e.fc.timeline  # down for training, up for it
+
+
 def when_scaled_down(fc: FakeCluster) -> float:
     return next(t for t, w, n in fc.timeline if w == "scaled-0" and n == "teacher")
 

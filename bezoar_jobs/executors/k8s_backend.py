@@ -31,7 +31,15 @@ from .k8s_jobs import Event, JobApi, RunWatch, pod_job
 from .k8s_logs import LogFollower
 from .k8s_retry import ApiRetry
 from .k8s_teacher import TeacherLifecycle
-from .scheduler import EXIT_BAD_INPUT, EXIT_STAGE_FAILED, RunOutcome, StageEvent, cluster_parties, party_stages
+from .scheduler import (
+    EXIT_BAD_INPUT,
+    EXIT_STAGE_FAILED,
+    RunOutcome,
+    StageEvent,
+    cluster_parties,
+    on_teacher_server,
+    party_stages,
+)
 
 CANCEL_LOOK_S = 5.0  # how often a running controller reads the run's cancel mark
 
@@ -89,6 +97,8 @@ class KubernetesBackend:
         self.recipe = recipe
         # the stages whose pods call the teacher's server: the teacher stages, and the filters when the judge is it
         self.parties = party_stages(recipe, cluster.teacher.url or None, {}) if recipe is not None else TEACHER_STAGES
+        # and every stage that needs it up: an MT-Bench judge on it too (brought up again after training)
+        self.calls = on_teacher_server(recipe, cluster.teacher.url or None, {}) if recipe is not None else self.parties
         self.controller_uid = controller_uid
         self.events: queue.Queue[Event] = queue.Queue()
         self.stop = threading.Event()
@@ -140,7 +150,7 @@ class KubernetesBackend:
         if self._check_cancelled():
             self._ended.append(self._cancelled_event(stage))
             return
-        if self.teacher.managed and stage in self.parties and self.teacher.state != "ready":
+        if self.teacher.managed and stage in self.calls and self.teacher.state != "ready":
             if self.teacher.state == "failed":
                 self._ended.append(StageEvent(stage, EXIT_STAGE_FAILED, "TeacherNotReady",
                                               "the teacher Deployment is not ready"))
@@ -180,8 +190,8 @@ class KubernetesBackend:
                 mark_done(self.store, party)
         elif not skipped:
             self._mark_parties(stage, mark_done)
-        if stage in self.parties:
-            self.teacher.after_generation([t.stage for t in self.active.values()], self.parties)
+        if stage in self.calls:
+            self.teacher.after_generation([t.stage for t in self.active.values()], self.parties, self.calls)
 
     def running(self) -> list[str]:
         return sorted({t.stage for t in self.active.values()} | set(self._waiting_teacher)

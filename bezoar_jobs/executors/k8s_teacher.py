@@ -127,7 +127,8 @@ class TeacherLifecycle:
     # -- up -----------------------------------------------------------------------------------
     def request(self) -> None:
         """Make sure the teacher is coming up (once)."""
-        if self.state == "unknown":
+        if self.state == "unknown":  # at first, or after a release (an MT-Bench judge served by the teacher)
+            self._released = False
             self.state = "starting"
             threading.Thread(target=self._up, name="bezoar-teacher", daemon=True).start()
 
@@ -203,15 +204,17 @@ class TeacherLifecycle:
                 self.say(f"teacher: could not renew the lease: {type(e).__name__}: {e}")
 
     # -- down ---------------------------------------------------------------------------------
-    def after_generation(self, running: list[str], parties: Iterable[str] = ()) -> None:
+    def after_generation(self, running: list[str], parties: Iterable[str] = (), calls: Iterable[str] = ()) -> None:
         """Release the lease once every generate stage is committed and none of ``running`` (this
-        run's stages still going) is one; scale to 0 when no other run holds a lease. ``parties``: the
-        stages that call the teacher's server (executors/scheduler.py ``party_stages``): with the judge
-        served by the teacher, the filters need it too, and it stays up until they are committed."""
+        run's stages still going) calls the teacher; scale to 0 when no other run holds a lease.
+        ``parties``: the data stages that call the teacher's server (executors/scheduler.py ``party_stages``):
+        with the judge served by the teacher, the filters need it too, and it stays up until they are
+        committed; ``calls``: every stage that calls it (an MT-Bench judge on it too: a later one brings it
+        up again, :meth:`request`)."""
         if self._released or not self.t.deployment:
             return
         generate = set(stages_of("generate")) | set(parties)
-        if any(s in generate for s in running):
+        if any(s in generate or s in set(calls) for s in running):
             return  # a Job of this run that calls the teacher is still going (it may have committed, not ended)
         if any(read_manifest(self.store, s) is None for s in sorted(generate)):
             return
@@ -226,6 +229,7 @@ class TeacherLifecycle:
             return
         self._released = True
         self.held = False
+        self.state = "unknown"  # a later stage that calls it asks for it again
         ApiException = api_exception()
         try:
             for _attempt in range(10):

@@ -50,25 +50,39 @@ JUDGE_DATA_STAGES = frozenset(n for n, st in STAGES.items()
                               if st.pod == "data" and "judge" in st.needs and "teacher" not in st.needs)
 
 
-def party_stages(recipe: Recipe, teacher_url: str | None = None,
-                 environ: Mapping[str, str] | None = None) -> frozenset[str]:
-    """The stages whose pods share the teacher's server (llm/budget.py), and run together as one slot of
-    ``parallel``: the stages that call the teacher and, when the recipe's judge is served by the teacher's own
-    server (an open judge at its ``/v1``: llm/fleet.py ``on_teacher``), the data stages that call the judge
-    (the filters). Their requests reach the same admission limit: counted apart, a filter pod sent its whole
-    ``judge.max_concurrency`` on top of the generate stages' shares, which the server refused as overloaded.
-    ``teacher_url``: where the pods reach the teacher (the cluster's), else the recipe's.
-    An evaluation's judge on the teacher (MT-Bench) is not counted: evaluations run after training, on pods of
-    their own, and their answers come from the model under test."""
+def on_teacher_server(recipe: Recipe, teacher_url: str | None = None,
+                      environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Every stage that calls the teacher's server: the stages that call the teacher and those whose judge it
+    serves (an open judge at its ``/v1``: llm/fleet.py ``on_teacher``): the filters with the recipe's judge,
+    MT-Bench with its own judge or the recipe's. ``teacher_url``: where the pods reach the teacher (the
+    cluster's), else the recipe's."""
     from ..llm.budget import BUDGETED_BACKENDS
     from ..llm.fleet import on_teacher
 
     if recipe.teacher.backend not in BUDGETED_BACKENDS:
         return TEACHER_STAGES
     url = teacher_url or recipe.teacher.base_url
-    if recipe.judge.backend == "local" or not on_teacher(recipe.judge.base_url, url, environ):
-        return TEACHER_STAGES
-    return TEACHER_STAGES | JUDGE_DATA_STAGES
+    out = set(TEACHER_STAGES)
+    for name, st in STAGES.items():
+        if "judge" in st.needs and name not in out:
+            section = getattr(recipe.evaluation, st.evaluation, None) if st.evaluation else None
+            judge = getattr(section, "judge", None) or recipe.judge
+            if judge.backend != "local" and on_teacher(judge.base_url, url, environ):
+                out.add(name)
+    return frozenset(out)
+
+
+def party_stages(recipe: Recipe, teacher_url: str | None = None,
+                 environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The stages whose pods share the teacher's server (llm/budget.py), and run together as one slot of
+    ``parallel``: the stages that call the teacher and, when the recipe's judge is served by the teacher's own
+    server, the data stages that call the judge (the filters). Their requests reach the same admission limit:
+    counted apart, a filter pod sent its whole ``judge.max_concurrency`` on top of the generate stages' shares,
+    which the server refused as overloaded.
+    An evaluation's judge on the teacher (MT-Bench) is not counted: evaluations run after training, on pods of
+    their own, and their answers come from the model under test; the teacher is brought up again for it on
+    Kubernetes (:func:`on_teacher_server`)."""
+    return on_teacher_server(recipe, teacher_url, environ) & (TEACHER_STAGES | JUDGE_DATA_STAGES)
 
 
 def parties_at_once(parties: Iterable[str], stages: Iterable[str], recipe: Recipe | None = None,
