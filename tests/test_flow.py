@@ -210,6 +210,25 @@ def test_hung_requests_and_their_duplicates_stay_within_the_servers_admission_li
     assert client.tail_counts()["abandoned"] == 0
 
 
+def test_a_limit_cut_for_overload_takes_what_the_finished_pods_freed_at_once():
+    """A pod whose limit was cut for overload (42 -> 21: a client outside the budget crowds the server) got none
+    of the share the other pods freed when they finished: the cut limit grew back one place a second, so its
+    stage, alone on 128 slots, used 21 of them for a minute and more. The cut now stays cut by as much."""
+    from bezoar_jobs.llm.gate import Admission
+
+    places = Admission(42)
+    while places.limit == 42:
+        places.overloaded(41)  # most recent attempts refused as overloaded, with 41 others there
+    assert places.limit == 21
+    places.set_ceiling(128)  # the two other stages finished: their 86 places are free, whoever crowds
+    assert places.limit == 21 + 86
+    places.set_ceiling(64)  # one came back (a retried pod): the smaller share caps it
+    assert places.limit == 64
+    fresh = Admission(42)
+    fresh.set_ceiling(128)
+    assert fresh.limit == 128  # never cut: the new share
+
+
 def test_clients_the_budget_does_not_know_of_share_the_servers_admission_limit_instead_of_losing_rows():
     """A judge on the teacher's own server (Evol-Instruct's equality checks, a filter with an open judge) is not
     in the teacher's budget: together they sent more than TGI admits, it refused the excess as overloaded, and
