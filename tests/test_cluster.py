@@ -406,6 +406,24 @@ def test_the_teacher_comes_back_for_an_mtbench_judge_it_serves(tmp_path):
         assert downs[0] < trained < ups[1] <= judged[0] < downs[1], e.fc.timeline  # down for training, up for it
 
 
+def test_a_run_of_one_schemes_stages_lets_the_teacher_go_before_its_training(tmp_path):
+    """A run of one scheme's stages (generate-lamini, filter-lamini, sft-lamini; the other schemes never
+    generated) kept the teacher up through its training: the release waited for every generate stage of the
+    recipe to be committed, and the two outside the run never would be, so the teacher went down only at the
+    run's end. It now goes once none of the run's own stages that generate with it is left."""
+    with Env(tmp_path) as e:
+        e.fc.add_deployment(NS, "teacher", replicas=0, ready_delay=0.2)
+        cluster = e.settings(teacher={"deployment": "teacher", "url": "http://teacher:80", "leaseSeconds": 60})
+        e.plan(generate_lamini={"sleep": 0.3}, filter_lamini={"sleep": 0.3}, sft_lamini={"sleep": 2})
+        rc, text, _ = e.run(["generate-lamini", "filter-lamini", "sft-lamini"], cluster)
+        assert rc == 0, text
+        assert "every generate stage is committed; no other run holds it: scaled Deployment teacher to 0" in text
+        generated = max(t for t, w, n in e.fc.timeline if w == "complete" and "generate-lamini" in n)
+        training = min(t for t, w, n in e.fc.timeline if w == "created" and "sft-lamini" in n)
+        assert e.fc.scale_history == [("teacher", 1), ("teacher", 0)], text
+        assert generated <= when_scaled_down(e.fc) <= training, e.fc.timeline
+
+
 def when_scaled_down(fc: FakeCluster) -> float:
     return next(t for t, w, n in fc.timeline if w == "scaled-0" and n == "teacher")
 
@@ -421,7 +439,7 @@ def test_releasing_the_teacher_is_guarded_by_the_resource_version(tmp_path):
         apps, core = client.AppsV1Api(e.fc.api_client()), client.CoreV1Api(e.fc.api_client())
         settings = e.settings(teacher={"deployment": "teacher", "leaseSeconds": 60}).teacher
         said: list[str] = []
-        life = TeacherLifecycle(apps, core, NS, settings, open_store(e.runs / "a"), "run-a", said.append, None,
+        life = TeacherLifecycle(apps, core, NS, settings, "run-a", said.append, None,
                                 threading.Event(), ApiRetry(30, said.append))
         apps.patch_namespaced_deployment("teacher", NS, life._lease_body())
         real_get = life._get

@@ -12,7 +12,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -115,7 +115,7 @@ class KubernetesBackend:
         self.watch = RunWatch(batch, core, self.ns, run_selector(run_id), self.events, self.stop, watch_timeout_s,
                               self.retry, extra)
         self.logs_ = LogFollower(core, self.ns, self.emit, self.say, self.stop, self.retry, log_reconnect_s)
-        self.teacher = TeacherLifecycle(client.AppsV1Api(api_client), core, self.ns, cluster.teacher, store,
+        self.teacher = TeacherLifecycle(client.AppsV1Api(api_client), core, self.ns, cluster.teacher,
                                         short_run_id(run_id), self.say, self.events, self.stop, self.retry,
                                         teacher_timeout_s, teacher_poll_s)
         self.diag = Diagnosis(core, client.CustomObjectsApi(api_client), self.ns, self.say, self.retry,
@@ -181,7 +181,7 @@ class KubernetesBackend:
         out, self._ended = self._ended, []
         return out
 
-    def stage_done(self, stage: str, skipped: bool) -> None:
+    def stage_done(self, stage: str, skipped: bool, pending: Sequence[str] = ()) -> None:
         self.diag.forget(stage, "Succeeded")
         # its pods are counted among the teacher's parties: skipped, they ask nothing; a pod that finished without
         # opening its client (everything resumed) never marked itself done
@@ -191,7 +191,7 @@ class KubernetesBackend:
         elif not skipped:
             self._mark_parties(stage, mark_done)
         if stage in self.calls:
-            self.teacher.after_generation([t.stage for t in self.active.values()], self.parties, self.calls)
+            self.teacher.after_generation(self.running(), pending, self.parties, self.calls)
 
     def running(self) -> list[str]:
         return sorted({t.stage for t in self.active.values()} | set(self._waiting_teacher)

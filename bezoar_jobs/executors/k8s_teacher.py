@@ -12,9 +12,9 @@ teacher Deployment. Each run holds a **lease** on it while it needs it: the anno
   pull errors, crash loops);
 - renews the lease every third of ``teacher.leaseSeconds`` while it holds it, so a run that crashed
   (no renewals) stops holding the teacher once its lease expires;
-- releases it once every generate stage of the recipe is committed and none of its own is still
-  going (with the recipe's judge served by the teacher's own server, every filter too: they call
-  it, executors/scheduler.py ``party_stages``), and scales the Deployment to 0
+- releases it once none of the run's own generate stages is left to start or still going (with the
+  recipe's judge served by the teacher's own server, none of its filters either: they call it,
+  executors/scheduler.py ``party_stages``), and scales the Deployment to 0
   (``scaleDownAfterGeneration``) only when no other run holds an unexpired lease. The release and
   the scale-down are ONE patch carrying the Deployment's ``resourceVersion`` as a precondition: if
   another run took a lease in between, the API answers 409, and the release looks again (and then
@@ -36,9 +36,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..manifest import read_manifest
 from ..registry import stages_of
-from ..store import Store
 from .cluster import Teacher
 from .k8s_api import api_exception, raw
 from .k8s_retry import ApiRetry
@@ -83,14 +81,13 @@ def pod_problem(pod: dict[str, Any]) -> str | None:
 
 
 class TeacherLifecycle:
-    def __init__(self, apps: Any, core: Any, namespace: str, settings: Teacher, store: Store, run_label: str,
+    def __init__(self, apps: Any, core: Any, namespace: str, settings: Teacher, run_label: str,
                  say: Callable[[str], None], events: queue.Queue[tuple[str, str, Any]], stop: threading.Event,
                  retry: ApiRetry, timeout_s: float | None = None, poll_s: float = 2.0):
         self.apps = apps
         self.core = core
         self.ns = namespace
         self.t = settings
-        self.store = store
         self.run = run_label
         self.say = say
         self.events = events
@@ -204,19 +201,22 @@ class TeacherLifecycle:
                 self.say(f"teacher: could not renew the lease: {type(e).__name__}: {e}")
 
     # -- down ---------------------------------------------------------------------------------
-    def after_generation(self, running: list[str], parties: Iterable[str] = (), calls: Iterable[str] = ()) -> None:
-        """Release the lease once every generate stage is committed and none of ``running`` (this
-        run's stages still going) calls the teacher; scale to 0 when no other run holds a lease.
-        ``parties``: the data stages that call the teacher's server (executors/scheduler.py ``party_stages``):
-        with the judge served by the teacher, the filters need it too, and it stays up until they are
-        committed; ``calls``: every stage that calls it (an MT-Bench judge on it too: a later one brings it
-        up again, :meth:`request`)."""
+    def after_generation(self, running: Iterable[str], pending: Iterable[str] = (), parties: Iterable[str] = (),
+                         calls: Iterable[str] = ()) -> None:
+        """Release the lease once no stage of this run that generates with the teacher is left to start
+        (``pending``: its selected stages not started yet) and none of ``running`` (its stages still going)
+        calls it; scale to 0 when no other run holds a lease. ``parties``: the data stages that call the
+        teacher's server (executors/scheduler.py ``party_stages``): with the judge served by the teacher, the
+        filters need it too, and it stays up until they are done; ``calls``: every stage that calls it (an
+        MT-Bench judge on it too: one left to start does not keep it up through training, it brings it up
+        again, :meth:`request`). A generate stage outside the run's selection is not waited for (it used to be,
+        until committed: a run of one scheme's stages kept the teacher through its training to the run's end)."""
         if self._released or not self.t.deployment:
             return
         generate = set(stages_of("generate")) | set(parties)
         if any(s in generate or s in set(calls) for s in running):
             return  # a Job of this run that calls the teacher is still going (it may have committed, not ended)
-        if any(read_manifest(self.store, s) is None for s in sorted(generate)):
+        if any(s in generate for s in pending):
             return
         self.release(scale_down=self.t.scaleDownAfterGeneration,
                      why="every stage that calls it is committed" if set(parties) - set(stages_of("generate"))

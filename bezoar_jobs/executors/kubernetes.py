@@ -47,9 +47,9 @@ What the backend does for a stage the scheduler submits:
    pods' exit codes and the last log lines. Jobs still running after a failure elsewhere are left
    alone: they commit what they can, and the next ``bezoar run`` adopts or skips them.
 4. Before the first stage that needs the teacher, takes a lease on the teacher Deployment, brings it
-   up and waits for it (k8s_teacher.py); once every generate stage is committed (and every filter,
-   when the recipe's judge is the teacher's own server), releases the lease and scales the teacher
-   down unless another run holds one.
+   up and waits for it (k8s_teacher.py); once none of the run's generate stages is left to start or
+   still going (nor its filters, when the recipe's judge is the teacher's own server), releases the
+   lease and scales the teacher down unless another run holds one.
 
 Every API call rides out outages of the API server with backoff (k8s_retry.py).
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..layout import RECIPE_FILE
 from ..llm.budget import mark_done, mark_live
@@ -126,7 +126,7 @@ class LocalBackend:
             self._running.discard(ev.stage)
         return out
 
-    def stage_done(self, stage: str, skipped: bool) -> None:
+    def stage_done(self, stage: str, skipped: bool, pending: Sequence[str] = ()) -> None:
         # counted among the teacher's parties: one skipped asks nothing; one that finished without opening its
         # client (everything resumed) never marked itself done
         if stage in self.party_stages and (skipped or self.teacher_parties > 1):

@@ -26,7 +26,7 @@ A backend is the kubeflow/sdk RuntimeBackend idea cut to what this needs: ``subm
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -159,8 +159,9 @@ class Backend(Protocol):
     def wait(self, timeout: float) -> list[StageEvent]:
         """The stages that ended since the last call (none after ``timeout`` seconds)."""
 
-    def stage_done(self, stage: str, skipped: bool) -> None:
-        """Told after each stage that is done (committed or skipped): e.g. to release the teacher."""
+    def stage_done(self, stage: str, skipped: bool, pending: Sequence[str] = ()) -> None:
+        """Told after each stage that is done (committed or skipped): e.g. to release the teacher once no stage
+        that needs it is left. ``pending``: the run's selected stages not started yet."""
 
     def running(self) -> list[str]:
         """The stages submitted and not ended."""
@@ -211,12 +212,13 @@ class Scheduler:
         self.say = say
         self.outcome = outcome or RunOutcome()
         self.parties = party_stages(recipe, teacher_url(recipe, applied=False))  # they share the teacher's server
+        self._pending: list[str] = []  # the selected stages not started yet
 
     def run(self, stages: list[str], force: bool = False) -> RunOutcome:
         for s in stages:
             spec(s)
         o = self.outcome
-        pending = list(stages)
+        pending = self._pending = list(stages)
         done: set[str] = set()
         self.backend.start()
         try:
@@ -263,7 +265,7 @@ class Scheduler:
                         self.say(f"{s}: skipped ({why})")
                         self.outcome.skipped.append(s)
                         done.add(s)
-                        self.backend.stage_done(s, skipped=True)
+                        self.backend.stage_done(s, skipped=True, pending=pending)
                         continue
                 else:
                     self.say(f"{s}: --force: removing its manifest so the stage reruns")
@@ -301,7 +303,7 @@ class Scheduler:
         self.say(f"{ev.stage}: committed ({self.store.url(ev.stage)})")
         self.outcome.committed.append(ev.stage)
         done.add(ev.stage)
-        self.backend.stage_done(ev.stage, skipped=False)
+        self.backend.stage_done(ev.stage, skipped=False, pending=self._pending)
 
     def _fail(self, ev: StageEvent) -> None:
         o = self.outcome
