@@ -690,6 +690,31 @@ def test_the_teacher_stages_keep_within_the_servers_capacity(tmp_path):
                                     "shared by 3 pod(s)") == 3
 
 
+def test_a_run_of_one_generate_stage_has_the_whole_teacher(tmp_path):
+    """The pods' BEZOAR_TEACHER_PARTIES counted every teacher stage of the recipe, whatever the run selected: a
+    run of generate-orca alone (a retraining that regenerates one scheme) kept 2 of the teacher's 6 slots busy
+    for its whole span, its share held for two parties that were never coming. The controller now counts the
+    stages of its own run."""
+    from tests.llm_server import LLMTestServer
+    from tests.scripted import scripted_answer, scripted_recipe
+
+    with LLMTestServer(script=scripted_answer, api_key="test-key", max_concurrent_requests=6,
+                       latency=0.05) as llm, Env(tmp_path, entrypoints=default_entrypoints()) as e:
+        e.fc.add_secret(NS, "keys", {"api-key": "test-key"})
+        recipe = scripted_recipe(tmp_path, llm.url)
+        cluster = e.settings(secrets={"s3": {"name": ""}, "apiKeys": [{"env": "SCRIPTED_JUDGE_KEY", "name": "keys"}]},
+                             teacher={"url": llm.url})
+        out = io.StringIO()
+        rc = k8s.run_pipeline(recipe.read_text(), str(recipe), str(e.runs / "run"), None, cluster,
+                              ["generate-orca"], False, e.fc.api_client(), out=out, tick_s=0.2)
+        assert rc == 0, out.getvalue()[-4000:]
+        assert "6 request(s) in flight at most: 6 slots (TGI /info max_concurrent_requests) shared by 1 pod(s)" \
+            in out.getvalue(), out.getvalue()[-4000:]
+        teacher_calls = [c for c in llm.calls if c.route == "tgi"]
+        assert teacher_calls and not [c for c in teacher_calls if c.status == 429]
+        assert llm.max_in_flight > 2, llm.max_in_flight  # more than a third of the server
+
+
 def test_the_budget_divides_among_stages_and_shards():
     from bezoar_jobs.errors import BadInput
     from bezoar_jobs.llm.budget import apply, share

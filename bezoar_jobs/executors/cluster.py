@@ -447,10 +447,6 @@ class ClusterSettings(_Model):
             )
         return shards
 
-    def teacher_parties(self) -> int:
-        """How many pods may call the teacher at once: every teacher stage, each in all its shards."""
-        return len(TEACHER_STAGES) * self.generationShards
-
     def scheduling_for(self, stage: str) -> Scheduling:
         """The family's scheduling entry with the stage's override merged on top."""
         base: Scheduling = getattr(self.scheduling, stage_family(stage))

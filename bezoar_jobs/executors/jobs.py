@@ -231,6 +231,7 @@ def build_job(
     phase: Phase = "main",
     recipe: Recipe | None = None,
     controller_uid: str | None = None,
+    parties: int | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job (a plain dict) that runs ``stage`` of the run at ``run_uri``.
 
@@ -239,7 +240,9 @@ def build_job(
     commit Job of a sharded generate stage; for an unsharded stage the main Job already commits and
     ``commit`` is refused. ``recipe`` (the run's) decides which API keys the pods get and sizes
     ``ephemeralStorage: auto``; ``controller_uid`` (the in-cluster controller Job's uid) is recorded
-    so a retried controller recognises a failure of its own run attempt.
+    so a retried controller recognises a failure of its own run attempt. ``parties``: how many pods of the
+    run call the teacher's server at once (``BEZOAR_TEACHER_PARTIES``; the controller counts its run's
+    selection); None: as many as any run of the recipe could have (a manifest applied by hand).
     """
     stage_family(stage)  # refuses an unknown stage
     sharded = is_sharded(stage, cluster)
@@ -278,7 +281,7 @@ def build_job(
             "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
             "spec": pod_spec(stage, run_uri, cluster, image_ref(stage, cluster, image_digests), shards, recipe,
                              launch=launch_flags(stage, cluster, job_master(name))
-                             if is_multiprocess(stage, cluster) else None),
+                             if is_multiprocess(stage, cluster) else None, parties=parties),
         },
     }
     if group:  # a training stage on several processes: an Indexed Job, pod i = node rank i (distributed.py)

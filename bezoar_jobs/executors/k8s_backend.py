@@ -73,6 +73,7 @@ class KubernetesBackend:
         out: TextIO | None = None,
         image_digests: Mapping[str, str] | None = None,
         recipe: Recipe | None = None,
+        stages: Sequence[str] | None = None,
         controller_uid: str | None = None,
         teacher_timeout_s: float | None = None,
         teacher_poll_s: float = 2.0,
@@ -99,6 +100,11 @@ class KubernetesBackend:
         self.parties = party_stages(recipe, cluster.teacher.url or None, {}) if recipe is not None else TEACHER_STAGES
         # and every stage that needs it up: an MT-Bench judge on it too (brought up again after training)
         self.calls = on_teacher_server(recipe, cluster.teacher.url or None, {}) if recipe is not None else self.parties
+        # how many of their pods run at once in this run (its pods' BEZOAR_TEACHER_PARTIES): the run's selection,
+        # not every stage of the recipe (a run of one generate stage waited for two parties that never came, on a
+        # third of the teacher)
+        self.teacher_parties = cluster_parties(cluster, recipe, stages) if stages is not None \
+            else cluster_parties(cluster, recipe)
         self.controller_uid = controller_uid
         self.events: queue.Queue[Event] = queue.Queue()
         self.stop = threading.Event()
@@ -165,7 +171,7 @@ class KubernetesBackend:
 
     def _mark_parties(self, stage: str, mark: Callable[[Store, str], None]) -> None:
         """Mark each of ``stage``'s pods on the teacher's board (llm/budget.py), when it is one of its parties."""
-        if stage in self.parties and cluster_parties(self.cluster, self.recipe) > 1:
+        if stage in self.parties and self.teacher_parties > 1:
             for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
                 mark(self.store, party)
 
@@ -341,7 +347,7 @@ class KubernetesBackend:
     def _submit(self, stage: str, phase: Phase) -> None:
         """Create (or adopt) the Job running ``stage``/``phase`` and track it."""
         body = build_job(stage, self.run_uri, self.run_id, self.cluster, self.image_digests, phase=phase,
-                         recipe=self.recipe, controller_uid=self.controller_uid)
+                         recipe=self.recipe, controller_uid=self.controller_uid, parties=self.teacher_parties)
         name = body["metadata"]["name"]
         group = is_group(stage, self.cluster)
         if group and self.groups is not None:

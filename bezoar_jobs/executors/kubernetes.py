@@ -173,7 +173,7 @@ def run_pipeline(
                   f"{store.url(RECIPE_FILE)}; stages: {', '.join(stages)}\n")
         outcome = RunOutcome()
         backend = KubernetesBackend(api, cluster, run_uri, rid, store, outcome, out=out, image_digests=image_digests,
-                                    recipe=recipe, controller_uid=uid, **backend_options)
+                                    recipe=recipe, stages=stages, controller_uid=uid, **backend_options)
         Scheduler(backend, store, recipe, backend.say, outcome).run(stages, force)
         backend.finish(outcome)
     except BezoarError as e:

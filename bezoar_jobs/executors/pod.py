@@ -77,7 +77,7 @@ def uses_hub(stage: str) -> bool:
 
 
 def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str],
-         recipe: Recipe | None = None) -> list[dict[str, Any]]:
+         recipe: Recipe | None = None, parties: int | None = None) -> list[dict[str, Any]]:
     st, sec = cluster.storage, cluster.secrets
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # log lines reach `kubectl logs` (and the controller) at once
@@ -106,7 +106,7 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str],
             env.append({"name": "BEZOAR_TEACHER_DISCOVERY", "value": t.discovery})
         if t.maxConcurrentRequests:
             env.append({"name": "BEZOAR_TEACHER_CAPACITY", "value": str(t.maxConcurrentRequests)})
-        env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(cluster_parties(cluster, recipe))})
+        env.append({"name": "BEZOAR_TEACHER_PARTIES", "value": str(parties or cluster_parties(cluster, recipe))})
     elif "judge" in spec(stage).needs:  # where the teacher is, for a judge pointed at it (its replicas: llm/fleet.py)
         if t.url:
             env.append({"name": "BEZOAR_TEACHER_URL", "value": t.url})
@@ -197,14 +197,16 @@ def _resources(stage: str, cluster: ClusterSettings, disk: str) -> dict[str, dic
 
 
 def pod_spec(stage: str, run_uri: str, cluster: ClusterSettings, image: str, shards: int,
-             recipe: Recipe | None, launch: list[str] | None = None) -> dict[str, Any]:
+             recipe: Recipe | None, launch: list[str] | None = None, parties: int | None = None) -> dict[str, Any]:
     """``launch``: the ``bezoar stage`` flags of a training stage on several processes (distributed.py);
-    its pods are the indices of an Indexed Job too (JOB_COMPLETION_INDEX is their node rank)."""
+    its pods are the indices of an Indexed Job too (JOB_COMPLETION_INDEX is their node rank). ``parties``:
+    how many pods of the run call the teacher's server at once (executors/scheduler.py ``cluster_parties``;
+    None: as many as any run could have)."""
     sched = cluster.scheduling_for(stage)
     disk = ephemeral_storage(stage, cluster, recipe)
     keys = keys_for(stage, cluster, recipe)
     volumes, mounts = _volumes(stage, cluster, disk, keys)
-    env = _env(stage, cluster, indexed=shards > 1 or bool(launch), keys=keys, recipe=recipe)
+    env = _env(stage, cluster, indexed=shards > 1 or bool(launch), keys=keys, recipe=recipe, parties=parties)
     if launch:  # torchrun forwards SIGTERM to the workers: they have the grace period (less a margin) to save
         grace = cluster.jobs.terminationGracePeriodSeconds
         env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(10, grace - 30))})

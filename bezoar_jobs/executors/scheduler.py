@@ -132,13 +132,15 @@ class StageEvent:
     log_tail: list[str] = field(default_factory=list)
 
 
-def cluster_parties(cluster: ClusterSettings, recipe: Recipe | None) -> int:
-    """``BEZOAR_TEACHER_PARTIES`` on Kubernetes: every teacher stage in all its shards; with the ``recipe``, also
-    the filters when its judge is the teacher's server, as many as can run beside the rest (none: a filter
-    starts once its generate stage is done)."""
+def cluster_parties(cluster: ClusterSettings, recipe: Recipe | None, stages: Iterable[str] = CANONICAL) -> int:
+    """``BEZOAR_TEACHER_PARTIES`` on Kubernetes: the teacher stages among ``stages`` (a run's selection; a
+    manifest applied by hand does not know what runs beside it: every stage), each in all its shards; with the
+    ``recipe``, also the filters when its judge is the teacher's server, as many as can run beside the rest
+    (none: a filter starts once its generate stage is done)."""
     if recipe is None:
-        return cluster.teacher_parties()
-    return max(1, parties_at_once(party_stages(recipe, cluster.teacher.url or None, {}), CANONICAL, recipe,
+        chosen = set(stages)
+        return max(1, sum(1 for s in TEACHER_STAGES if s in chosen) * cluster.generationShards)
+    return max(1, parties_at_once(party_stages(recipe, cluster.teacher.url or None, {}), stages, recipe,
                                   pods=lambda s: cluster.generationShards if STAGES[s].shardable else 1))
 
 

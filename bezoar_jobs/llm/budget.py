@@ -14,13 +14,14 @@ so the total in flight never exceeds the capacity. ``capacity`` is what TGI repo
 configured ``BEZOAR_TEACHER_CAPACITY`` (the chart sets it from the server flag it passes: TGI
 ``--max-concurrent-requests``, vLLM ``--max-num-seqs``). The server's own answer wins when the two
 differ (a hand-edited flag). ``parties`` is ``BEZOAR_TEACHER_PARTIES``: how many pods call the teacher's
-server at once. The Kubernetes Job builder sets it to (stages that call the teacher) x ``generationShards``;
-the local executor to the number of teacher stages in the run (they run side by side,
-executors/scheduler.py). A judge served by the teacher's own server (an open judge at its ``/v1``) is a party
-too: its filter pods get the same budget (:func:`plan`'s ``teacher``), and the count is the most that run at
-once (a filter starts after its generate stage, so three generate stages and their filters are still three:
-executors/scheduler.py ``parties_at_once``). With neither a capacity nor parties known, the recipe's
-``max_concurrency`` stands alone (and is logged).
+server at once. The Kubernetes controller sets it to (the run's stages that call the teacher) x
+``generationShards`` (a manifest rendered for ``kubectl apply``: every such stage of the recipe); the local
+executor to the number of teacher stages in the run (they run side by side, executors/scheduler.py). A judge
+served by the teacher's own server (an open judge at its ``/v1``) is a party too: its filter pods get the
+same budget (:func:`plan`'s ``teacher``), and the count is the most that run at once (a filter starts after
+its generate stage, so three generate stages and their filters are still three: executors/scheduler.py
+``parties_at_once``). With neither a capacity nor parties known, the recipe's ``max_concurrency`` stands
+alone (and is logged).
 
 Shares move to the stages still running (:class:`Board`): the even share is each pod's floor. When a pod
 is done with the teacher (its client closes) it leaves a marker in the run store
