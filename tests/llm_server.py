@@ -176,6 +176,7 @@ class LLMTestServer:
         self._lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.info_asked = 0  # GET /info answered
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -568,6 +569,7 @@ class LLMTestServer:
 
     # -- control routes (for the benchmark's server process) ----------------------------------
     async def _info_route(self, request: web.Request) -> web.Response:
+        self.info_asked += 1
         info: dict[str, Any] = {"model_id": "scripted/teacher", "version": "scripted"}
         if self.max_concurrent_requests is not None:
             info["max_concurrent_requests"] = self.max_concurrent_requests

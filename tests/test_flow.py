@@ -688,6 +688,28 @@ def test_a_filter_judge_on_the_teachers_fleet_keeps_within_its_share_of_each_rep
     assert not [c for s in (a, b) for c in s.calls if c.route == "tgi"]  # at the judge's own route only
 
 
+def test_a_fleet_asks_each_replicas_info_once_when_its_client_opens(monkeypatch):
+    """A teacher on a fleet asked every replica's /info twice as its client opened: once for the budget (the
+    fleet's capacity, the sum of theirs) and once more for each replica's own limit; a judge on the teacher's
+    replicas did the same. Twice the start-up wait for a replica that does not answer. The budget's answers are
+    now the fleet's."""
+    def srv() -> object:
+        return running(capacity=4, per_token_s=0.002, max_concurrent_requests=6, script=lambda p: "tok " * 5)
+
+    with srv() as a, srv() as b:
+        monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{a.url},{b.url}")
+        monkeypatch.setenv("BEZOAR_TEACHER_PARTIES", "2")
+        teacher = make_client(endpoint("tgi", a, max_concurrency=8), role="teacher")
+        assert (a.info_asked, b.info_asked) == (1, 1)
+        assert {u: r.room for u, r in teacher.fleet.replicas.items()} == {a.url: 3, b.url: 3}  # 6 each, 2 pods
+        judge = make_client(endpoint("openai-chat", a, max_concurrency=8), role="judge", teacher_url=a.url,
+                            teacher_backend="tgi")
+        assert (a.info_asked, b.info_asked) == (2, 2)
+        assert {u: r.room for u, r in judge.fleet.replicas.items()} == {a.url: 3, b.url: 3}
+        out = run_all(teacher, [GenRequest(id=f"t{i}", user=f"say {i}", seed=i) for i in range(12)])
+    assert all(r.ok for r in out.values()) and len(out) == 12
+
+
 def test_a_teacher_share_grows_as_the_other_pods_finish(tmp_path):
     from bezoar_jobs.llm.budget import Board
 

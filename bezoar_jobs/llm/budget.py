@@ -57,7 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import BadInput
@@ -84,6 +84,9 @@ class Budget:
     source: str  # where the capacity came from
     parties: int  # pods sharing it
     share: int | None  # requests this pod may keep in flight (None: no limit from the budget)
+    # a fleet's: each replica's own limit as its /info said (None: it did not), by its root URL; the client's
+    # fleet takes these instead of asking every replica again (llm/pool.py ``use_fleet``)
+    replicas: Mapping[str, int | None] = field(default_factory=dict)
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int | None:
@@ -121,24 +124,27 @@ def share(endpoint: Endpoint, api_key: str | None = None, environ: Mapping[str, 
     parties = _int_env(env, PARTIES_ENV) or 1
     configured = _int_env(env, CAPACITY_ENV)
     capacity, source = configured, CAPACITY_ENV if configured else "unknown"
+    replicas: dict[str, int | None] = {}
     if endpoint.backend == "tgi" and endpoint.base_url:
         # a fleet (llm/fleet.py): its capacity is every replica's
         from .fleet import Fleet
 
         fleet = Fleet.from_env(endpoint.base_url, env)
-        each = [probe(url, api_key) for url in (fleet.urls() if fleet is not None else [endpoint.base_url])]
-        reported = sum(n for n in each if n) if all(each) else None
+        asked = {url: probe(url, api_key) for url in (sorted(fleet.replicas) if fleet is not None
+                                                      else [endpoint.base_url])}
+        replicas = asked if fleet is not None else {}
+        reported = sum(n for n in asked.values() if n) if all(asked.values()) else None
         if reported:
             if configured and reported != configured:
                 log.warning("teacher: TGI reports max_concurrent_requests=%d, the cluster settings say %d: "
                             "using the server's", reported, configured)
             capacity, source = reported, "TGI /info max_concurrent_requests"
     if capacity is None:
-        return Budget(None, source, parties, None)
+        return Budget(None, source, parties, None, replicas)
     if capacity < parties:
         raise BadInput(f"teacher: its capacity ({capacity} concurrent requests, from {source}) cannot be shared "
                        f"by {parties} pods ({PARTIES_ENV}): raise the server's limit or lower generationShards")
-    return Budget(capacity, source, parties, capacity // parties)
+    return Budget(capacity, source, parties, capacity // parties, replicas)
 
 
 class Board:

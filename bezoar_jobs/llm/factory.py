@@ -54,9 +54,13 @@ def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | N
         ep, budget = plan(endpoint, role, key, teacher=server)
         remote = cls(ep, key, role)
         remote.budget = budget  # several pods share the teacher: stages/common.open_client lets the share move
-        if teacher_url and role != "teacher":
-            from .fleet import Fleet
+        from .fleet import Fleet
 
+        # the teacher's replicas (each request to one of them), each within its share of the limit its /info said
+        # when the budget asked (asked once: the budget's answers are the fleet's)
+        if role == "teacher":
+            remote.use_fleet(Fleet.from_env(endpoint.base_url))
+        elif teacher_url:
             remote.use_fleet(Fleet.beside(endpoint.base_url, teacher_url, teacher=getattr(teacher, "fleet", None)))
         client = remote
     return client

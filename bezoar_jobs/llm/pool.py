@@ -171,10 +171,9 @@ class RemoteClient(LLMClient):
         # stages/common.open_client sets it); endpoint.max_concurrency is the even share it starts from
         self.board: Board | None = None
         self.budget: Budget | None = None  # the even share's inputs (make_client)
-        # a teacher served by several replicas: each request goes to one of them (llm/fleet.py)
+        # a teacher served by several replicas: each request goes to one of them (llm/fleet.py; make_client
+        # gives it, once the budget is known)
         self.fleet: Fleet | None = None
-        if role == "teacher":
-            self.use_fleet(Fleet.from_env(endpoint.base_url))
         self.key_hint = (
             f"the key in ${endpoint.api_key_env}" if endpoint.api_key_env
             else f"the key in {endpoint.api_key_file}" if endpoint.api_key_file
@@ -194,7 +193,9 @@ class RemoteClient(LLMClient):
             from .budget import PARTIES_ENV, tgi_info_capacity
 
             parties = int(os.environ.get(PARTIES_ENV) or 1)
-            fleet.set_limits({u: tgi_info_capacity(u, self._api_key) for u in fleet.replicas}, parties)
+            known = self.budget.replicas if self.budget is not None else {}  # what the budget asked already
+            fleet.set_limits({u: known[u] if u in known else tgi_info_capacity(u, self._api_key)
+                              for u in fleet.replicas}, parties)
         log.info("%s: a fleet of %d replica(s): %s", self.role, len(fleet.replicas), ", ".join(fleet.urls()))
 
     def __repr__(self) -> str:  # never shows the key
