@@ -166,12 +166,13 @@ class KubernetesBackend:
             return
         if is_sharded(stage, self.cluster) and self._adopt_running_commit(stage):
             return
-        self._mark_parties(stage, mark_live)  # the pods running give up its share before its pods start
+        if self.teacher_parties > 1:
+            self._mark_parties(stage, mark_live)  # the pods running give up its share before its pods start
         self._submit(stage, "main")
 
     def _mark_parties(self, stage: str, mark: Callable[[Store, str], None]) -> None:
         """Mark each of ``stage``'s pods on the teacher's board (llm/budget.py), when it is one of its parties."""
-        if stage in self.parties and self.teacher_parties > 1:
+        if stage in self.parties:
             for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
                 mark(self.store, party)
 
@@ -191,10 +192,7 @@ class KubernetesBackend:
         self.diag.forget(stage, "Succeeded")
         # its pods are counted among the teacher's parties: skipped, they ask nothing; a pod that finished without
         # opening its client (everything resumed) never marked itself done
-        if stage in self.parties and skipped:
-            for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
-                mark_done(self.store, party)
-        elif not skipped:
+        if skipped or self.teacher_parties > 1:
             self._mark_parties(stage, mark_done)
         if stage in self.calls:
             self.teacher.after_generation(self.running(), pending, self.parties, self.calls)

@@ -213,8 +213,8 @@ class TeacherLifecycle:
         until committed: a run of one scheme's stages kept the teacher through its training to the run's end)."""
         if self._released or not self.t.deployment:
             return
-        generate = set(stages_of("generate")) | set(parties)
-        if any(s in generate or s in set(calls) for s in running):
+        generate, calling = set(stages_of("generate")) | set(parties), set(calls)
+        if any(s in generate or s in calling for s in running):
             return  # a Job of this run that calls the teacher is still going (it may have committed, not ended)
         if any(s in generate for s in pending):
             return

@@ -137,10 +137,8 @@ def cluster_parties(cluster: ClusterSettings, recipe: Recipe | None, stages: Ite
     manifest applied by hand does not know what runs beside it: every stage), each in all its shards; with the
     ``recipe``, also the filters when its judge is the teacher's server, as many as can run beside the rest
     (none: a filter starts once its generate stage is done)."""
-    if recipe is None:
-        chosen = set(stages)
-        return max(1, sum(1 for s in TEACHER_STAGES if s in chosen) * cluster.generationShards)
-    return max(1, parties_at_once(party_stages(recipe, cluster.teacher.url or None, {}), stages, recipe,
+    parties = party_stages(recipe, cluster.teacher.url or None, {}) if recipe is not None else TEACHER_STAGES
+    return max(1, parties_at_once(parties, stages, recipe,
                                   pods=lambda s: cluster.generationShards if STAGES[s].shardable else 1))
 
 

@@ -229,9 +229,8 @@ def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
     else:
         from .fleet import on_teacher
 
-        env = os.environ if environ is None else environ
         if (teacher is None or teacher[1] not in BUDGETED_BACKENDS
-                or not on_teacher(endpoint.base_url, teacher[0], env)):
+                or not on_teacher(endpoint.base_url, teacher[0], environ)):
             return endpoint, None
         server = endpoint.model_copy(update={"base_url": teacher[0], "backend": teacher[1]})
     b = share(server, api_key, environ)
