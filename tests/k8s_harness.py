@@ -2125,7 +2125,8 @@ def write_plan(path: Path, plan: dict[str, dict[str, Any]]) -> dict[str, str]:
     set), ``require_files_env`` (env names that must point at readable files), ``shards`` (N: the
     unsharded run requires all N shard markers), ``until_file`` (after the sleep, wait up to 120 s
     for this file to exist), ``rank_exit`` (``{"<node rank>": {"exit": code, "times": N}}``: that node
-    rank of a training group exits with ``code`` on its first N attempts; ranks other than 0 never commit),
+    rank of a training group exits with ``code`` on its first N attempts, once node 0 of that attempt has started
+    (the group's rendezvous); ranks other than 0 never commit),
     ``resolve_master`` (the group's ``--master-addr`` must resolve, as torch.distributed.run needs).
     """
     path.write_text(json.dumps(plan))
@@ -2138,6 +2139,18 @@ def fake_calls(plan_path: Path) -> list[dict[str, Any]]:
     if not calls.exists():
         return []
     return [json.loads(line) for line in calls.read_text().splitlines() if line.strip()]
+
+
+def _rendezvous(plan_path: Path, stage: str, attempt: int, timeout_s: float = 60.0) -> bool:
+    """Hold a node of a group until node 0 of the same attempt has started, as torch.distributed.run's c10d
+    rendezvous holds every node's workers until all ``--nnodes`` have joined: a worker cannot fail before its
+    group has met. Attempt k of a node is its k-th start, so node 0's k-th start is the one it meets."""
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if sum(1 for c in fake_calls(plan_path) if c["stage"] == stage and c.get("rank") == "0") > attempt:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def fake_stage_main(argv: list[str]) -> int:
@@ -2207,6 +2220,10 @@ def fake_stage_main(argv: list[str]) -> int:
             return 3
     failing = (st.get("rank_exit") or {}).get(str(rank))  # {"exit": code, "times": N}: this node rank fails
     if failing and attempt < int(failing.get("times", 1 << 30)):
+        if rank not in (None, "0") and plan_path and not _rendezvous(plan_path, a.name, attempt):
+            print(f"{a.name}: node rank {rank}: rendezvous timed out waiting for node 0 (attempt {attempt})",
+                  flush=True)
+            return 3
         print(f"{a.name}: node rank {rank} exits {failing['exit']} (attempt {attempt})", flush=True)
         return int(failing["exit"])
     end = time.time() + float(st.get("sleep", 0))
