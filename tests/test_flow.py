@@ -229,6 +229,93 @@ def test_a_limit_cut_for_overload_takes_what_the_finished_pods_freed_at_once():
     assert fresh.limit == 128  # never cut: the new share
 
 
+def _clock(monkeypatch) -> list[float]:
+    """llm/gate.py's clock, moved by the test (``now[0]``)."""
+    from types import SimpleNamespace
+
+    import bezoar_jobs.llm.gate as gate
+
+    now = [1000.0]
+    monkeypatch.setattr(gate, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_a_burst_refused_by_a_server_others_fill_is_held_and_cut_though_it_holds_few_there(monkeypatch):
+    """A stage's first burst at a server another client had filled: each refused request's place went at once to
+    a fresh request, refused in turn, and with few held there between refusals the limit was never cut (the
+    fleet's crowded replica: ~55 refusals in 40 ms). Most recent outcomes refused, the client now has there only
+    what it still has, one more each FULL_HOLD_S, and the limit is cut by what it wanted there."""
+    from bezoar_jobs.llm.gate import FULL_HOLD_S, Admission
+
+    now = _clock(monkeypatch)
+    places = Admission(8)
+    cuts = [places.overloaded(held=i % 2, who=f"r{i % 10}") for i in range(16)]  # 10 requests, 0-1 held each time
+    assert cuts[:15] == [None] * 15 and cuts[15] == 4  # it wanted 10 there: cut to half its limit
+    assert places.room() == 1  # full now: what it still had there ...
+    now[0] += 2.5 * FULL_HOLD_S
+    assert places.room() == 3  # ... and one more each FULL_HOLD_S
+    now[0] += 10 * FULL_HOLD_S
+    assert places.room() == 4 and not places.holding()  # back at its (cut) limit
+    # a stage's last retries, refused in a row: few requests, however many refusals, are not a cut
+    tail = Admission(8)
+    assert all(tail.overloaded(held=1, who=f"t{i % 2}") is None for i in range(40)) and tail.limit == 8
+
+
+def test_a_refused_probe_gives_its_place_back_at_once(monkeypatch):
+    """A limit cut for overload grows back one place at a time to find room; a refusal of the place it grew by
+    waited for most recent outcomes to be refusals before the limit dropped (~15 refusals a probe, each client,
+    each second). The place it grew by now goes at the first refusal while the client used it."""
+    from bezoar_jobs.llm.gate import GROW_EVERY_S, Admission
+
+    now = _clock(monkeypatch)
+    places = Admission(8)
+    while places.limit == 8:
+        places.overloaded(held=7, who=object())
+    assert places.limit == 4
+    for _ in range(32):  # the server answers: the window is answers only
+        places.answered()
+    now[0] += GROW_EVERY_S
+    assert places.answered() == 5  # grown by one
+    assert places.overloaded(held=4, who="probe") is None and places.room() == places.limit == 4  # had 5 there
+    now[0] += GROW_EVERY_S
+    for _ in range(4):
+        places.answered()
+    assert places.limit == 5
+    assert places.overloaded(held=2, who="elsewhere") is None and places.limit == 5  # not the probe's place
+
+
+def test_a_stage_that_starts_on_a_server_another_client_filled_waits_for_room_instead_of_bouncing_off_it():
+    """The pool end to end: a TGI server another client has filled (8 long requests at its admission limit of 8)
+    when a stage starts. Before, its 40 requests bounced off the full server ~ every 10 ms each for as long as the
+    others held it, hundreds of refusals; now it is held while the server refuses most attempts."""
+    import threading
+
+    def occupy(srv: LLMTestServer, i: int) -> None:
+        body = json.dumps({"inputs": f"occupant {i}", "parameters": {"max_new_tokens": 300}}).encode()
+        req = urllib.request.Request(srv.url + "/generate", data=body, headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).read()
+
+    with running(capacity=8, per_token_s=0.002, max_concurrent_requests=8,
+                 script=lambda p: "tok " * (300 if "occupant" in p else 20)) as srv:
+        others = [threading.Thread(target=occupy, args=(srv, i)) for i in range(8)]
+        for t in others:
+            t.start()
+        deadline = time.monotonic() + 10
+        while srv.in_flight < 8 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        client = make_client(endpoint("tgi", srv, max_concurrency=8, max_retries=3), role="teacher")
+        out = run_all(client, [GenRequest(id=f"s{i}", user=f"stage {i}", seed=i) for i in range(40)])
+        for t in others:
+            t.join()
+    assert all(r.ok for r in out.values()) and len(out) == 40
+    occupied = [c for c in srv.calls if "occupant" in c.prompt]
+    assert len(occupied) == 8 and all(c.status == 200 for c in occupied)
+    held_until = min(c.finished for c in occupied)
+    refused = [c for c in srv.calls if c.status == 429]
+    assert refused and all(c.arrived < held_until + 1.0 for c in refused)
+    assert len(refused) <= 40, len(refused)  # the old code: hundreds
+
+
 def test_clients_the_budget_does_not_know_of_share_the_servers_admission_limit_instead_of_losing_rows():
     """A judge on the teacher's own server (Evol-Instruct's equality checks, a filter with an open judge) is not
     in the teacher's budget: together they sent more than TGI admits, it refused the excess as overloaded, and

@@ -22,7 +22,9 @@ Each replica's limit (``Replica.room``: its ``/info`` admission limit over the p
 llm/budget.py) moves with what the replica answers (llm/gate.py :class:`Admission`, as a single server's
 pool does): a replica refusing "Model is overloaded" for most of its recent outcomes has callers the budget
 does not know of (a judge pointed at it, another run), and the client sends it half as many and the rest
-to the others, growing back as it answers. Before, such a replica refused thousands of requests a stage
+to the others, growing back as it answers; and while it refuses most attempts, no more than the client still
+has there for a moment (gate.py ``FULL_HOLD_S``: a stage's first burst bounced off a replica another client had
+filled ~55 times in 40 ms). Before, such a replica refused thousands of requests a stage
 (the bench's three generate stages on two replicas, the judge on one of them: ~5,900, and ~6% of the
 decoding spent on duplicates).
 
@@ -52,7 +54,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 from .gate import Admission
@@ -90,8 +92,9 @@ class Replica:
 
     @property
     def room(self) -> int | None:
-        """The requests it may have in flight from this client now (None: no limit known)."""
-        return self.places.limit
+        """The requests it may have in flight from this client now (None: no limit known; less than its limit
+        for a moment after it refused one as overloaded: llm/gate.py FULL_HOLD_S)."""
+        return self.places.room()
 
 
 class Fleet:
@@ -231,18 +234,24 @@ class Fleet:
             # is cut) as roomy as the most any had before a cut: counted as room for one, it took a tenth of what a
             # replica cut to 10 took, and the crowded replica got the most
             roomiest = max((r.places.ceiling or 0 for r in live), default=0) or 1
-            best = min(live, key=lambda r: (r.in_flight / (r.room or roomiest), (hash(r.url) + self._turn) % 997))
+
+            def fullness(r: Replica) -> float:
+                room = r.room
+                return r.in_flight / (roomiest if room is None else room) if room != 0 else float("inf")
+
+            best = min(live, key=lambda r: (fullness(r), (hash(r.url) + self._turn) % 997))
             best.in_flight += 1
             best.sent += 1
             return best.url
 
-    def done(self, url: str, ok: bool, sick: bool = False, count_only: bool = False, overloaded: bool = False) -> None:
-        """An attempt at ``url`` is over: answered (``ok``), failed as a sick server fails (``sick``: taken out),
-        refused as overloaded (its limit may drop), or neither (given up by the client)."""
+    def done(self, url: str, ok: bool, sick: bool = False, count_only: bool = False, overloaded: bool = False,
+             who: Hashable | None = None) -> None:
+        """An attempt (of request ``who``) at ``url`` is over: answered (``ok``), failed as a sick server fails
+        (``sick``: taken out), refused as overloaded (its limit may drop), or neither (given up by the client)."""
         with self.lock:
-            self._done(url, ok, sick, count_only, overloaded)
+            self._done(url, ok, sick, count_only, overloaded, who)
 
-    def _done(self, url: str, ok: bool, sick: bool, count_only: bool, overloaded: bool) -> None:
+    def _done(self, url: str, ok: bool, sick: bool, count_only: bool, overloaded: bool, who: Hashable | None) -> None:
         r = self.replicas.get(url)
         if r is None:
             return
@@ -251,7 +260,7 @@ class Fleet:
             r.sent -= 1
             return
         if overloaded:
-            cut = r.places.overloaded(r.in_flight)
+            cut = r.places.overloaded(r.in_flight, who)
             if cut is not None:
                 log.info("teacher fleet: replica %s says it is overloaded: at most %d request(s) at it for now",
                          url, cut)

@@ -456,7 +456,7 @@ class PoolLane:
         b = self.client.budget
         self.places = Admission(self._wire_ceiling(b.parties if b is not None else 1))
         assert self.places.limit is not None
-        return Gate(self.places.limit)
+        return Gate(self.places.limit, self.places)
 
     def _wire_ceiling(self, parties: int) -> int:
         """The most places: the share of a known TGI admission limit among ``parties`` pods, else twice the
@@ -485,9 +485,17 @@ class PoolLane:
             grown = self.places.answered()
             if grown is not None:
                 wire.set_limit(grown)
-        elif error.kind != "overloaded":
+        elif error.kind != "overloaded":  # refused as overloaded: taken as the attempt left (_overloaded)
             self.places.failed()
-        elif (cut := self.places.overloaded(wire.held)) is not None:
+
+    def _overloaded(self, held: int, who: str) -> None:
+        """An attempt of request ``who`` refused as overloaded while ``held`` others of this client are at the
+        server."""
+        wire = self.wire
+        assert wire is not None
+        cut = self.places.overloaded(held, who)
+        wire.refused()
+        if cut is not None:
             log.info("%s: the server says it is overloaded: at most %d request(s) at it at once for now",
                      self.desc, cut)
             wire.set_limit(cut)
@@ -646,9 +654,11 @@ class PoolLane:
 
             def leave() -> None:  # its place at the server and its replica's count
                 if self.wire is not None:
+                    if overloaded:  # before its place is free: the server is full, not for the next at once
+                        self._overloaded(self.wire.held - 1, req.id)
                     self.wire.release()
                 if fleet is not None and replica is not None:
-                    fleet.done(replica, ok, sick, overloaded=overloaded)
+                    fleet.done(replica, ok, sick, overloaded=overloaded, who=req.id)
 
             if f.done():  # answered or refused: the server is done with it
                 leave()
