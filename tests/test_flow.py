@@ -316,6 +316,20 @@ def test_a_stage_that_starts_on_a_server_another_client_filled_waits_for_room_in
     assert len(refused) <= 40, len(refused)  # the old code: hundreds
 
 
+def test_a_judge_on_a_tgi_server_of_its_own_keeps_within_what_that_server_admits():
+    """A TGI judge that is not the teacher's server had no budget: its places there were twice its slots, and a
+    judge with 8 slots on a server admitting 4 sent 8 at once, the excess refused as overloaded until its limit
+    was cut. It now reads that server's /info as the teacher does (no other pod of the run shares it)."""
+    with running(capacity=4, per_token_s=0.002, max_concurrent_requests=4, script=lambda p: "tok " * 20) as srv:
+        judge = make_client(endpoint("tgi", srv, max_concurrency=8, max_retries=3), role="judge",
+                            teacher_url="http://teacher.example:80")
+        assert srv.info_asked == 1 and judge.budget is not None and judge.budget.capacity == 4
+        out = run_all(judge, [GenRequest(id=f"j{i}", user=f"judge {i}", seed=i) for i in range(80)])
+    assert all(r.ok for r in out.values()) and len(out) == 80
+    refused = [c for c in srv.calls if c.status == 429]
+    assert not refused and srv.max_in_flight <= 4, (len(refused), srv.max_in_flight)
+
+
 def test_clients_the_budget_does_not_know_of_share_the_servers_admission_limit_instead_of_losing_rows():
     """A judge on the teacher's own server (Evol-Instruct's equality checks, a filter with an open judge) is not
     in the teacher's budget: together they sent more than TGI admits, it refused the excess as overloaded, and

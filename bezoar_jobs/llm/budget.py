@@ -111,7 +111,8 @@ def tgi_info_capacity(base_url: str, api_key: str | None = None, timeout: float 
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             info = json.loads(resp.read().decode("utf-8", "replace"))
     except (urllib.error.URLError, OSError, ValueError) as e:
-        log.info("teacher: GET %s/info failed (%s); using the configured capacity", base_url.rstrip("/"), e)
+        log.info("GET %s/info failed (%s): the server's admission limit is what the settings say, if anything",
+                 base_url.rstrip("/"), e)
         return None
     v = info.get("max_concurrent_requests") if isinstance(info, dict) else None
     return v if isinstance(v, int) and v > 0 else None
@@ -244,6 +245,22 @@ def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
              " while they all run (more as others finish)" if b.parties > 1 else "", endpoint.max_concurrency)
     out = endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})
     return out, b
+
+
+def alone(endpoint: Endpoint, role: str, api_key: str | None = None) -> tuple[Endpoint, Budget | None]:
+    """A TGI server of the client's own (a judge not on the teacher's server): no other pod of the run shares
+    it, but it admits no more at once than its ``/info`` says, and refuses the rest as overloaded. Without this
+    the client's places there were twice its slots: a judge with 8 slots on a server admitting 8 took two
+    halvings of its limit, each after most of 32 outcomes were refusals, to stop crowding the others there."""
+    if endpoint.backend not in BUDGETED_BACKENDS:
+        return endpoint, None
+    b = share(endpoint, api_key, environ={})  # not the teacher's variables: this is another server
+    if b.capacity is None:
+        return endpoint, None
+    n = min(endpoint.max_concurrency, b.capacity)
+    log.info("%s: %d request(s) in flight at most: its server admits %d at once (%s), recipe max_concurrency %d",
+             role, n, b.capacity, b.source, endpoint.max_concurrency)
+    return (endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})), b
 
 
 def apply(endpoint: Endpoint, role: str, api_key: str | None = None,

@@ -47,14 +47,16 @@ def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | N
     if endpoint.backend in IN_PROCESS:
         client: LLMClient = cls(endpoint, role=role)
     else:
-        from .budget import plan  # a teacher server's capacity is shared by every pod calling it
+        from .budget import alone, plan  # a teacher server's capacity is shared by every pod calling it
+        from .fleet import Fleet, on_teacher
 
         key = resolve_api_key(endpoint, role)
         server = (teacher_url, teacher_backend) if teacher_url and teacher_backend and teacher is None else None
         ep, budget = plan(endpoint, role, key, teacher=server)
+        if budget is None and role != "teacher" and not on_teacher(endpoint.base_url, teacher_url):
+            ep, budget = alone(endpoint, role, key)  # a server of its own: within what it admits
         remote = cls(ep, key, role)
         remote.budget = budget  # several pods share the teacher: stages/common.open_client lets the share move
-        from .fleet import Fleet
 
         # the teacher's replicas (each request to one of them), each within its share of the limit its /info said
         # when the budget asked (asked once: the budget's answers are the fleet's)
