@@ -243,8 +243,12 @@ def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
     log.info("%s: %d request(s) in flight at most: %d slots (%s%s) shared by %d pod(s)%s, recipe max_concurrency %d",
              role, n, b.capacity, b.source, "" if role == "teacher" else ", the teacher's server", b.parties,
              " while they all run (more as others finish)" if b.parties > 1 else "", endpoint.max_concurrency)
-    out = endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})
-    return out, b
+    return _capped(endpoint, n), b
+
+
+def _capped(endpoint: Endpoint, n: int) -> Endpoint:
+    """``endpoint`` with ``max_concurrency`` ``n`` (itself when it already is)."""
+    return endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})
 
 
 def alone(endpoint: Endpoint, role: str, api_key: str | None = None) -> tuple[Endpoint, Budget | None]:
@@ -260,7 +264,7 @@ def alone(endpoint: Endpoint, role: str, api_key: str | None = None) -> tuple[En
     n = min(endpoint.max_concurrency, b.capacity)
     log.info("%s: %d request(s) in flight at most: its server admits %d at once (%s), recipe max_concurrency %d",
              role, n, b.capacity, b.source, endpoint.max_concurrency)
-    return (endpoint if n == endpoint.max_concurrency else endpoint.model_copy(update={"max_concurrency": n})), b
+    return _capped(endpoint, n), b
 
 
 def apply(endpoint: Endpoint, role: str, api_key: str | None = None,

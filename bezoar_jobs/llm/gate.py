@@ -76,16 +76,16 @@ class Gate:
         self._grant()
 
     def refused(self) -> None:
-        """The server refused as full (``places`` took it): waiters are let in as its room grows back."""
-        if not self._ticking:
+        """The server refused as full (``places`` took it): while that holds the client back, waiters are let in
+        as its room grows back."""
+        if not self._ticking and self.places is not None and self.places.holding():
             self._ticking = True
             asyncio.get_running_loop().call_later(FULL_HOLD_S, self._tick)
 
     def _tick(self) -> None:
         self._ticking = False
         self._grant()
-        if self.places is not None and self.places.holding():
-            self.refused()
+        self.refused()
 
     def _room(self) -> int:
         room = self.places.room() if self.places is not None else None
