@@ -284,6 +284,48 @@ def test_a_refused_probe_gives_its_place_back_at_once(monkeypatch):
     assert places.overloaded(held=2, who="elsewhere") is None and places.limit == 5  # not the probe's place
 
 
+def test_a_gate_over_places_follows_their_limit_without_a_copy_of_it(monkeypatch):
+    """The pool's places at the server (llm/pool.py ``_wire_gate``) are a Gate over an Admission. The gate kept a copy
+    of the limit that the pool mirrored on each cut and growth, but not on a refused probe, so after one the gate
+    still counted the place given back (a duplicate saw a place at the server that was not there). It now reads the
+    Admission's limit: a cut, a refused probe and a growth show at once, and a growth lets a waiter in on wake()."""
+    from bezoar_jobs.llm.gate import GROW_EVERY_S, Admission, Gate
+
+    now = _clock(monkeypatch)
+    places = Admission(8)
+    gate = Gate(places=places)
+    assert gate.limit == 8
+    while places.limit == 8:
+        places.overloaded(held=7, who=object())
+    assert gate.limit == places.limit == 4
+    for _ in range(32):
+        places.answered()
+    now[0] += GROW_EVERY_S
+    assert places.answered() == 5 and gate.limit == 5
+    places.overloaded(held=4, who="probe")  # the grown place refused: given back, no new limit reported
+    assert gate.limit == 4
+    with pytest.raises(ValueError, match="takes their limit"):
+        gate.set_limit(6)
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        for _ in range(4):
+            await gate.acquire((1, 0))
+        waiter = asyncio.ensure_future(gate.acquire((1, 0)))
+        await asyncio.sleep(0)
+        assert not waiter.done()  # at its limit of 4
+        for _ in range(4):
+            places.answered()
+        now[0] += GROW_EVERY_S
+        assert places.answered() == 5
+        gate.wake()
+        await asyncio.sleep(0)
+        order.append("in" if waiter.done() else "waiting")
+        return order
+
+    assert asyncio.run(scenario()) == ["in"]
+
+
 def test_a_stage_that_starts_on_a_server_another_client_filled_waits_for_room_instead_of_bouncing_off_it():
     """The pool end to end: a TGI server another client has filled (8 long requests at its admission limit of 8)
     when a stage starts. Before, its 40 requests bounced off the full server ~ every 10 ms each for as long as the
@@ -328,6 +370,32 @@ def test_a_judge_on_a_tgi_server_of_its_own_keeps_within_what_that_server_admits
     assert all(r.ok for r in out.values()) and len(out) == 80
     refused = [c for c in srv.calls if c.status == 429]
     assert not refused and srv.max_in_flight <= 4, (len(refused), srv.max_in_flight)
+
+
+def test_the_budget_decides_every_kind_of_judge_in_one_place():
+    """llm/budget.py ``plan`` decides what each judge may keep in flight (the factory had half the choice, a judge on
+    a server of its own, beside ``plan``): a judge on the teacher's server without the teacher's client (a filter
+    pod) gets a pod's share of the teacher's capacity; beside the teacher's client in its pod it goes through the
+    teacher's books and has no budget; on a TGI server of its own it keeps within that server's /info; an API judge
+    has none."""
+    from bezoar_jobs.llm.budget import PARTIES_ENV, plan
+
+    with running(capacity=4, max_concurrent_requests=12) as teacher_srv, \
+            running(capacity=4, max_concurrent_requests=5) as own_srv:
+        env = {PARTIES_ENV: "3"}
+        judge = endpoint("openai-chat", teacher_srv, max_concurrency=8)
+        ep, b = plan(judge, "judge", environ=env, teacher=(teacher_srv.url, "tgi"))
+        assert b is not None and (b.capacity, b.parties, ep.max_concurrency) == (12, 3, 4)  # a filter pod's share
+        ep, b = plan(judge, "judge", environ=env, teacher=(teacher_srv.url, "tgi"), teacher_here=True)
+        assert b is None and ep.max_concurrency == 8  # the teacher's client in its pod keeps the books
+        asked = teacher_srv.info_asked
+        own = endpoint("tgi", own_srv, max_concurrency=8)
+        ep, b = plan(own, "judge", environ=env, teacher=(teacher_srv.url, "tgi"))
+        assert b is not None and (b.capacity, b.parties, ep.max_concurrency) == (5, 1, 5)  # its server, alone
+        assert teacher_srv.info_asked == asked and own_srv.info_asked == 1  # the teacher's server not asked
+        api = endpoint("openai-chat", own_srv, max_concurrency=8)
+        ep, b = plan(api, "judge", environ=env, teacher=(teacher_srv.url, "tgi"))
+        assert b is None and ep.max_concurrency == 8 and own_srv.info_asked == 1
 
 
 def test_clients_the_budget_does_not_know_of_share_the_servers_admission_limit_instead_of_losing_rows():
@@ -998,6 +1066,41 @@ def test_a_judge_on_the_teachers_server_spreads_over_the_teachers_replicas(monke
     monkeypatch.setattr(fleet_mod.socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or [])
     assert Fleet.beside("http://judge.example:443/v1", "http://localhost:8080", dns) is None  # another server ...
     assert looked_up == []  # ... and the teacher's name is not looked up for it (no warning when it has no pods)
+
+
+def test_a_teacher_found_by_dns_is_looked_up_once_at_start(monkeypatch):
+    """With ``BEZOAR_TEACHER_DISCOVERY=dns`` the budget (each replica's /info) and the client's fleet each resolved
+    the headless Service's name at start-up: two lookups, and two views of the replicas that could differ. The
+    factory now finds the fleet once and the budget asks the replicas it found; so does a filter pod's judge."""
+    import socket
+
+    import bezoar_jobs.llm.fleet as fleet_mod
+
+    with running(capacity=4, max_concurrent_requests=12) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        looked_up: list[str] = []
+        real = socket.getaddrinfo
+
+        def resolve(host, *a, **k):  # the Service's name to the server; anything else (127.0.0.1) as it is
+            if host != "teacher-headless.example":
+                return real(host, *a, **k)
+            looked_up.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+        monkeypatch.setattr(fleet_mod.socket, "getaddrinfo", resolve)
+        monkeypatch.setenv("BEZOAR_TEACHER_DISCOVERY", "dns")
+        svc = f"http://teacher-headless.example:{port}"
+        ep = endpoint("tgi", srv, max_concurrency=8).model_copy(update={"base_url": svc})
+        teacher = make_client(ep, role="teacher")
+        assert looked_up == ["teacher-headless.example"], looked_up
+        assert teacher.budget is not None and teacher.budget.capacity == 12 and srv.info_asked == 1
+        assert teacher.fleet is not None and teacher.fleet.urls() == [f"http://127.0.0.1:{port}"]
+        looked_up.clear()
+        judge_ep = endpoint("openai-chat", srv, max_concurrency=8).model_copy(update={"base_url": svc + "/v1"})
+        judge = make_client(judge_ep, role="judge", teacher_url=svc, teacher_backend="tgi")
+        assert looked_up == ["teacher-headless.example"], looked_up
+        assert judge.budget is not None and judge.budget.capacity == 12 and srv.info_asked == 2
+        assert judge.fleet is not None and judge.fleet.urls() == [f"http://127.0.0.1:{port}/v1"]
 
 
 def test_a_judge_beside_the_teacher_in_one_pod_stays_within_the_pods_share_of_each_replica(monkeypatch):

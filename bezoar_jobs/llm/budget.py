@@ -65,6 +65,7 @@ from ..recipe_base import Endpoint
 
 if TYPE_CHECKING:
     from ..store import Store
+    from .fleet import Fleet
 
 log = logging.getLogger("bezoar")
 
@@ -119,8 +120,9 @@ def tgi_info_capacity(base_url: str, api_key: str | None = None, timeout: float 
 
 
 def share(endpoint: Endpoint, api_key: str | None = None, environ: Mapping[str, str] | None = None,
-          probe: Callable[[str, str | None], int | None] = tgi_info_capacity) -> Budget:
-    """This pod's share of the teacher's capacity (see the module docstring)."""
+          probe: Callable[[str, str | None], int | None] = tgi_info_capacity, fleet: Fleet | None = None) -> Budget:
+    """This pod's share of the teacher's capacity (see the module docstring); ``fleet``: the teacher's replicas as
+    the caller found them (llm/factory.py), not looked up again (a headless Service's name was resolved twice)."""
     env = os.environ if environ is None else environ
     parties = _int_env(env, PARTIES_ENV) or 1
     configured = _int_env(env, CAPACITY_ENV)
@@ -130,7 +132,7 @@ def share(endpoint: Endpoint, api_key: str | None = None, environ: Mapping[str, 
         # a fleet (llm/fleet.py): its capacity is every replica's
         from .fleet import Fleet
 
-        fleet = Fleet.from_env(endpoint.base_url, env)
+        fleet = fleet if fleet is not None else Fleet.from_env(endpoint.base_url, env)
         asked = {url: probe(url, api_key) for url in (sorted(fleet.replicas) if fleet is not None
                                                       else [endpoint.base_url])}
         replicas = asked if fleet is not None else {}
@@ -211,18 +213,23 @@ def mark_done(store: Store, party: str) -> None:
 
 
 def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
-         environ: Mapping[str, str] | None = None,
-         teacher: tuple[str, str] | None = None) -> tuple[Endpoint, Budget | None]:
-    """The endpoint with ``max_concurrency`` cut to this pod's even share (teacher servers only), and the
-    budget whenever the capacity is known: the pool keeps everything it sends, duplicates included, within the
-    share of a TGI server's admission limit (llm/pool.py), and with several pods the share moves
-    (:class:`Board`, set up by stages/common.open_client).
+         environ: Mapping[str, str] | None = None, teacher: tuple[str, str] | None = None,
+         teacher_here: bool = False, fleet: Fleet | None = None) -> tuple[Endpoint, Budget | None]:
+    """The endpoint with ``max_concurrency`` cut to what it may keep in flight, and the budget whenever the
+    capacity is known: the pool keeps everything it sends, duplicates included, within the share of a TGI
+    server's admission limit (llm/pool.py), and with several pods the share moves (:class:`Board`, set up by
+    stages/common.open_client). The one place that decides it for every role:
 
-    ``teacher``: ``(base URL, backend)`` of the teacher's server, for a judge in a pod without the teacher's
-    client (a filter stage): a judge served by the teacher's own server (an open judge, llm/fleet.py
-    ``on_teacher``) is one of the teacher's parties too (the run counts it: executors/scheduler.py
-    ``party_stages``), and gets a share of the teacher's capacity as a teacher stage's pod does. Any other judge
-    (an API) has no budget."""
+    * the teacher: its pod's even share of the teacher's capacity (teacher servers only);
+    * a judge served by the teacher's own server (an open judge, llm/fleet.py ``on_teacher``; ``teacher``: that
+      server's ``(base URL, backend)``): in a pod without the teacher's client (a filter stage) it is one of the
+      teacher's parties (the run counts it: executors/scheduler.py ``party_stages``) and gets a share as a teacher
+      stage's pod does; beside the teacher's client (``teacher_here``: an Evol-Instruct stage's equality checks)
+      it goes through the teacher's books instead (llm/fleet.py ``Fleet.view``), so it has no budget of its own;
+    * a judge on a TGI server of its own (:func:`alone`): within what that server admits;
+    * any other (an API): no budget.
+
+    ``fleet``: the teacher's replicas the caller found (llm/fleet.py), whose /info limits make the capacity."""
     if role == "teacher":
         if endpoint.backend not in BUDGETED_BACKENDS:
             return endpoint, None
@@ -230,11 +237,12 @@ def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
     else:
         from .fleet import on_teacher
 
-        if (teacher is None or teacher[1] not in BUDGETED_BACKENDS
-                or not on_teacher(endpoint.base_url, teacher[0], environ)):
+        if not on_teacher(endpoint.base_url, teacher[0] if teacher else None, environ):
+            return alone(endpoint, role, api_key)
+        if teacher_here or teacher is None or teacher[1] not in BUDGETED_BACKENDS:
             return endpoint, None
         server = endpoint.model_copy(update={"base_url": teacher[0], "backend": teacher[1]})
-    b = share(server, api_key, environ)
+    b = share(server, api_key, environ, fleet=fleet)
     if b.share is None or b.capacity is None:
         log.info("%s: capacity unknown (no %s, no TGI /info): each of %d pod(s) keeps up to %d requests in "
                  "flight (%s.max_concurrency)", role, CAPACITY_ENV, b.parties, endpoint.max_concurrency, role)

@@ -47,22 +47,18 @@ def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | N
     if endpoint.backend in IN_PROCESS:
         client: LLMClient = cls(endpoint, role=role)
     else:
-        from .budget import alone, plan  # a teacher server's capacity is shared by every pod calling it
-        from .fleet import Fleet, on_teacher
+        from .budget import plan  # a teacher server's capacity is shared by every pod calling it
+        from .fleet import Fleet
 
         key = resolve_api_key(endpoint, role)
-        server = (teacher_url, teacher_backend) if teacher_url and teacher_backend and teacher is None else None
-        ep, budget = plan(endpoint, role, key, teacher=server)
-        if budget is None and role != "teacher" and not on_teacher(endpoint.base_url, teacher_url):
-            ep, budget = alone(endpoint, role, key)  # a server of its own: within what it admits
+        # the teacher's replicas (each request to one of them), found once: the budget asks each one's /info and
+        # the fleet keeps each within its share of what it said
+        fleet = (Fleet.from_env(endpoint.base_url) if role == "teacher"
+                 else Fleet.beside(endpoint.base_url, teacher_url, teacher=getattr(teacher, "fleet", None)))
+        server = (teacher_url, teacher_backend or "") if teacher_url else None
+        ep, budget = plan(endpoint, role, key, teacher=server, teacher_here=teacher is not None, fleet=fleet)
         remote = cls(ep, key, role)
         remote.budget = budget  # several pods share the teacher: stages/common.open_client lets the share move
-
-        # the teacher's replicas (each request to one of them), each within its share of the limit its /info said
-        # when the budget asked (asked once: the budget's answers are the fleet's)
-        if role == "teacher":
-            remote.use_fleet(Fleet.from_env(endpoint.base_url))
-        elif teacher_url:
-            remote.use_fleet(Fleet.beside(endpoint.base_url, teacher_url, teacher=getattr(teacher, "fleet", None)))
+        remote.use_fleet(fleet)
         client = remote
     return client

@@ -38,12 +38,17 @@ class Gate:
     come first served: an attempt that retries a failure before a first attempt (a record deep in a retry
     chain is what the end of a stage waits for), then the request's ``priority`` (a step that unlocks
     more work first), then arrival order. ``limit`` may move while the lane runs (a dynamic share of the
-    teacher's capacity, llm/budget.py); with ``places`` (the server's :class:`Admission`) fewer are let in while
-    the server's refusals hold the client back (:meth:`Admission.room`)."""
+    teacher's capacity, llm/budget.py). A gate over ``places`` (the server's :class:`Admission`) has no limit of its
+    own: it is theirs, which the server's refusals and answers move (:meth:`wake` after a growth), and fewer are let
+    in while those refusals hold the client back (:meth:`Admission.room`)."""
 
-    def __init__(self, limit: int, places: Admission | None = None):
-        self.limit = max(1, limit)
-        self.places = places  # the server's refusals as overloaded hold it below ``limit`` for a moment
+    def __init__(self, limit: int | None = None, places: Admission | None = None):
+        if places is None and limit is None:
+            raise ValueError("a gate needs a limit or the places it keeps within")
+        if places is not None and places.limit is None:
+            raise ValueError("a gate over places needs their limit known")
+        self._limit = max(1, limit or 1)
+        self.places = places  # its limit is theirs; their refusals as overloaded hold it below that for a moment
         self.held = 0
         self.waiters: list[tuple[tuple[int, int], int, asyncio.Future]] = []
         self._waiting = 0  # waiters not cancelled
@@ -71,8 +76,23 @@ class Gate:
         self.held -= 1
         self._grant()
 
+    @property
+    def limit(self) -> int:
+        """The most holders: its own, or (over ``places``) the places' limit, which their refusals and answers move
+        (call :meth:`wake` after)."""
+        if self.places is not None:
+            assert self.places.limit is not None
+            return max(1, self.places.limit)
+        return self._limit
+
     def set_limit(self, limit: int) -> None:
-        self.limit = max(1, limit)
+        if self.places is not None:
+            raise ValueError("a gate over places takes their limit")
+        self._limit = max(1, limit)
+        self._grant()
+
+    def wake(self) -> None:
+        """The places' limit moved: waiters take what room there is now."""
         self._grant()
 
     def refused(self) -> None:
@@ -88,8 +108,11 @@ class Gate:
         self.refused()
 
     def _room(self) -> int:
-        room = self.places.room() if self.places is not None else None
-        return self.limit if room is None else min(self.limit, room)
+        if self.places is None:
+            return self._limit
+        room = self.places.room()
+        assert room is not None  # a known limit (checked when made) is never unknown again
+        return min(self.limit, room)
 
     def waiting(self) -> int:
         return self._waiting

@@ -455,8 +455,7 @@ class PoolLane:
             return None
         b = self.client.budget
         self.places = Admission(self._wire_ceiling(b.parties if b is not None else 1))
-        assert self.places.limit is not None
-        return Gate(self.places.limit, self.places)
+        return Gate(places=self.places)
 
     def _wire_ceiling(self, parties: int) -> int:
         """The most places: the share of a known TGI admission limit among ``parties`` pods, else twice the
@@ -470,8 +469,7 @@ class PoolLane:
         """A new share of the server (others finished): places cut for overload stay cut, up to it."""
         if self.wire is not None:
             self.places.set_ceiling(self._wire_ceiling(parties))
-            assert self.places.limit is not None
-            self.wire.set_limit(self.places.limit)
+            self.wire.wake()
 
     def _outcome(self, error: Transient | None) -> None:
         """An attempt's outcome at the server, for its places (llm/gate.py :class:`Admission`): refused as
@@ -482,9 +480,8 @@ class PoolLane:
         if wire is None:
             return
         if error is None:
-            grown = self.places.answered()
-            if grown is not None:
-                wire.set_limit(grown)
+            if self.places.answered() is not None:
+                wire.wake()
         elif error.kind != "overloaded":  # refused as overloaded: taken as the attempt left (_overloaded)
             self.places.failed()
 
@@ -497,8 +494,7 @@ class PoolLane:
         wire.refused()
         if cut is not None:
             log.info("%s: the server says it is overloaded: at most %d request(s) at it at once for now",
-                     self.desc, cut)
-            wire.set_limit(cut)
+                     self.desc, cut)  # a cut admits no one: the gate reads it from the places
 
     async def _follow_board(self) -> None:
         """The share of a teacher several pods call: more slots as the others finish (llm/budget.py)."""
