@@ -3,7 +3,7 @@
 # interpreter that creates the venv); these targets need neither the venv nor a Docker engine
 # (except `images`).
 #
-#   make images     REGISTRY=ghcr.io/you/bezoar-jobs [VERSION=...]   build + push the four images
+#   make images     REGISTRY=ghcr.io/you/bezoar-jobs [VERSION=...]   build + push the six images
 #   make chart                                                      helm package into dist/
 #   make chart-push CHART_REGISTRY=ghcr.io/you/charts               helm push to an OCI registry
 #   make lint-infra                                                 hadolint, helm lint, checkov, actionlint

@@ -37,10 +37,12 @@ controller creates one Job per stage at run time.
 
 **The demo, on any conformant cluster** (kind, minikube, k3d; Kubernetes 1.31 or newer, CPU only):
 the whole recipe on the embedded SmolLM2-135M, with the runs on a PersistentVolumeClaim, the run id
-taken from the release name.
+taken from the release name. The only value it needs is where your images are (built and pushed with
+`make images REGISTRY=...`; the default registry is a placeholder):
 
 ```bash
-helm install openbezoar helm/openbezoar -n bezoar --create-namespace
+helm install openbezoar helm/openbezoar -n bezoar --create-namespace \\
+  --set clusterSettings.images.registry=ghcr.io/you/bezoar-jobs
 kubectl -n bezoar logs -f job/openbezoar-controller-openbezoar
 ```
 
@@ -49,6 +51,7 @@ in `values-paper.yaml`, your bucket and your copy of the recipe:
 
 ```bash
 helm install openbezoar helm/openbezoar -n bezoar --create-namespace -f helm/openbezoar/values-paper.yaml \\
+  --set clusterSettings.images.registry=ghcr.io/you/bezoar-jobs \\
   --set run.baseUri=s3://my-bucket/runs --set-file run.recipeInline=recipes/openbezoar.yaml
 ```
 
