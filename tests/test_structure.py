@@ -1,4 +1,5 @@
-"""The package's shape: no import circles, no module over 500 lines unless its docstring says why.
+"""The package's shape: no import circles, no module over 500 lines unless its docstring says why; and no doc
+left with a placeholder where a figure belongs.
 
 An import is any ``import`` statement in a module, at module level or inside a function (a lazy
 import is still a dependency), except those under ``if TYPE_CHECKING:`` (never run). Module
@@ -178,3 +179,14 @@ def test_an_untyped_context_is_caught(tmp_path):
     pkg.mkdir()
     (pkg / "m.py").write_text("from typing import Any\ndef f(ctx: Any) -> None: ...\ndef g(ctx): ...\n")
     assert [a for _, _, a in _ctx_params(pkg)] == ["Any", ""]
+
+
+def test_the_docs_have_no_placeholder_left_for_a_figure():
+    """docs/benchmarks.md was left with a literal TABLE2_PLACEHOLDER where a measured table belonged (its text
+    pointed the reader to that table): a doc must hold the figure, not a marker for it."""
+    import re
+
+    marker = re.compile(r"\b[A-Z0-9_]*PLACEHOLDER[A-Z0-9_]*\b|\bTBD\b|<fill in>")
+    found = [f"{p.relative_to(REPO)}:{i}" for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+             for i, line in enumerate(p.read_text().splitlines(), start=1) if marker.search(line)]
+    assert not found, found
