@@ -31,9 +31,17 @@ SCHEMA_VERSION = 1
 
 class StudentModel(Strict):
     model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
-    revision: str | None = None
-    trust_remote_code: bool = False
-    add_bos: bool = True
+    revision: str | None = Field(None, description="pinned hub revision (commit sha) of the model")
+    trust_remote_code: bool = Field(
+        False,
+        description="run code shipped with the model repo (transformers trust_remote_code) when loading the student, "
+        "the checkpoints trained from it and their tokenizers",
+    )
+    add_bos: bool = Field(
+        True,
+        description="put the tokenizer's BOS token in front of every training example, DPO prompt and MT-Bench "
+        "answer prompt when the tokenizer does not add one itself",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,19 +50,21 @@ class StudentModel(Strict):
 class TemplateRef(Strict):
     """A prompt template file: pkg://bezoar_jobs/templates/<name> (ours) or a user file."""
 
-    path: str
+    path: str = Field(description="a file: pkg://bezoar_jobs/templates/<name>, a local path, file:// or s3://")
 
 
 # ---------------------------------------------------------------------------------------------
 # Generation schemes
 # ---------------------------------------------------------------------------------------------
 class LaminiConfig(Strict):
-    seed_data: Literal["dolly"] = "dolly"
+    seed_data: Literal["dolly"] = Field("dolly", description="the seed data, seeds.dolly (the only choice)")
     example_prompts: NonNegInt = Field(50, description="example-guided generation prompts")
     topic_prompts: NonNegInt = Field(25, description="topic-guided generation prompts")
-    examples_per_prompt: PosInt = 3
-    topics_per_prompt: PosInt = 3
-    instructions_per_prompt: PosInt = 20
+    examples_per_prompt: PosInt = Field(
+        3, description="seed instructions sampled as examples into each prompt (the topic proposals' too)"
+    )
+    topics_per_prompt: PosInt = Field(3, description="topics sampled into each topic-guided prompt")
+    instructions_per_prompt: PosInt = Field(20, description="new instructions each prompt asks for ({n})")
     topics: DatasetSource | None = Field(
         None,
         description="a file of topics (column 'topic'); null: the teacher proposes topics per dolly category "
@@ -66,13 +76,29 @@ class LaminiConfig(Strict):
         TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topics.txt"),
         description="the topic-proposal prompt: {category} {examples} {n}",
     )
-    topic_decoding: Decoding = Decoding(max_new_tokens=256, temperature=0.7, top_p=0.9)
-    example_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_example.txt")
-    topic_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topic.txt")
-    response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
-    instruction_decoding: Decoding = Decoding(max_new_tokens=1024, temperature=0.7, top_p=0.9)
-    response_decoding: Decoding = Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2)
-    min_instruction_words: PosInt = 3
+    topic_decoding: Decoding = Field(
+        Decoding(max_new_tokens=256, temperature=0.7, top_p=0.9), description="the teacher's topic proposals"
+    )
+    example_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/lamini_example.txt"),
+        description="the example-guided prompt: {examples} {n}",
+    )
+    topic_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/lamini_topic.txt"),
+        description="the topic-guided prompt: {examples} {topics} {n}",
+    )
+    response_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/response.txt"),
+        description="the prompt asking for an instruction's response: {instruction}",
+    )
+    instruction_decoding: Decoding = Field(
+        Decoding(max_new_tokens=1024, temperature=0.7, top_p=0.9),
+        description="the teacher's instruction lists (example- and topic-guided prompts)",
+    )
+    response_decoding: Decoding = Field(
+        Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2), description="the teacher's responses"
+    )
+    min_instruction_words: PosInt = Field(3, description="a parsed instruction with fewer words is dropped")
     max_instructions: PosInt | None = Field(None, description="cap on instructions sent for responses")
 
     @model_validator(mode="after")
@@ -86,7 +112,7 @@ EvolOperation = Literal["constraints", "deepen", "concretize", "reasoning", "com
 
 
 class EvolConfig(Strict):
-    seed_data: Literal["dolly"] = "dolly"
+    seed_data: Literal["dolly"] = Field("dolly", description="the seed data, seeds.dolly (the only choice)")
     seeds: PosInt = Field(1000, description="dolly instructions that start the pool")
     rounds: PosInt = Field(4, description="evolution rounds (WizardLM default; unknown for OpenBezoar)")
     in_depth_weight: Prob | None = Field(
@@ -99,10 +125,21 @@ class EvolConfig(Strict):
         description="in-depth operations (WizardLM's released code); add complicate_input for the paper's fifth",
     )
     templates_dir: str = Field("pkg://bezoar_jobs/templates/evol", description="one file per operation")
-    response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/response.txt")
-    equality_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/evol_equal.txt")
-    evolve_decoding: Decoding = Decoding(max_new_tokens=512, temperature=0.7, top_p=0.9)
-    response_decoding: Decoding = Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2)
+    response_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/response.txt"),
+        description="the prompt asking for an evolved instruction's response: {instruction}",
+    )
+    equality_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/evol_equal.txt"),
+        description="rule 1: the judge's prompt comparing an instruction with its evolution: {first} {second} "
+        "(decoding: filter.decoding, cut to 8 new tokens)",
+    )
+    evolve_decoding: Decoding = Field(
+        Decoding(max_new_tokens=512, temperature=0.7, top_p=0.9), description="the teacher's evolutions"
+    )
+    response_decoding: Decoding = Field(
+        Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2), description="the teacher's responses"
+    )
     equality_check: bool = Field(True, description="rule 1: the judge says the evolution adds nothing")
     sorry_max_words: PosInt = Field(80, description="rule 2: 'sorry' in a response shorter than this")
     leak_phrases: tuple[str, ...] = Field(
@@ -141,8 +178,8 @@ ORCA_SUBMIX_WEIGHTS: dict[str, float] = {"cot": 150_000, "niv2": 440_000, "t0": 
 
 
 class OrcaConfig(Strict):
-    seed_data: Literal["flan"] = "flan"
-    seeds: PosInt = 1000
+    seed_data: Literal["flan"] = Field("flan", description="the seed data, seeds.flan (the only choice)")
+    seeds: PosInt = Field(1000, description="Flan rows sampled as seeds, split between the sub-mixes by submix_weights")
     system_messages: DatasetSource = Field(
         DatasetSource(path="pkg://bezoar_jobs/templates/orca_system_messages.jsonl", licence="Apache-2.0"),
         description="one message per row: id, text, submixes (where it is drawn: cot, niv2, t0, flan2021, and "
@@ -165,7 +202,10 @@ class OrcaConfig(Strict):
     show_gold_target: bool = Field(
         False, description="the teacher sees the Flan target (gold_response_template); unknown in the paper"
     )
-    response_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/orca_response.txt")
+    response_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/orca_response.txt"),
+        description="the teacher's prompt (after the sampled system message): {inputs}",
+    )
     gold_response_template: TemplateRef = Field(
         TemplateRef(path="pkg://bezoar_jobs/templates/orca_response_gold.txt"),
         description="the teacher's prompt when show_gold_target: {inputs} and {targets}",
@@ -173,7 +213,9 @@ class OrcaConfig(Strict):
     judge_sees_target: bool = Field(
         True, description="the filter's judge is shown the Flan target as a reference answer"
     )
-    response_decoding: Decoding = Decoding(max_new_tokens=768, temperature=0.3, repetition_penalty=1.2)
+    response_decoding: Decoding = Field(
+        Decoding(max_new_tokens=768, temperature=0.3, repetition_penalty=1.2), description="the teacher's explanations"
+    )
 
     @field_validator("submix_weights")
     @classmethod
@@ -184,9 +226,9 @@ class OrcaConfig(Strict):
 
 
 class GenerationConfig(Strict):
-    lamini: LaminiConfig = LaminiConfig()
-    evol: EvolConfig = EvolConfig()
-    orca: OrcaConfig = OrcaConfig()
+    lamini: LaminiConfig = Field(LaminiConfig(), description="generate-lamini: LaMini-LM instructions and responses")
+    evol: EvolConfig = Field(EvolConfig(), description="generate-evol: WizardLM Evol-Instruct over dolly")
+    orca: OrcaConfig = Field(OrcaConfig(), description="generate-orca: Orca explanations over the Flan Collection")
     flush_every: PosInt = Field(16, description="records per _work part file while generating")
     max_failed_fraction: Prob = Field(
         0.01,
@@ -197,8 +239,15 @@ class GenerationConfig(Strict):
 
 
 class SeedsConfig(Strict):
-    dolly: DatasetSource = DatasetSource(path="databricks/databricks-dolly-15k", licence="CC-BY-SA-3.0")
-    flan: DatasetSource = DatasetSource(path="SirNeural/flan_v2", licence="Apache-2.0 (mixed sources)")
+    dolly: DatasetSource = Field(
+        DatasetSource(path="databricks/databricks-dolly-15k", licence="CC-BY-SA-3.0"),
+        description="seeds of generate-lamini and generate-evol: columns instruction, context, response, category",
+    )
+    flan: DatasetSource = Field(
+        DatasetSource(path="SirNeural/flan_v2", licence="Apache-2.0 (mixed sources)"),
+        description="seeds of generate-orca (the Flan Collection): columns inputs, targets, task_source, task_name, "
+        "template_type",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +261,11 @@ class FilterConfig(Strict):
         "generate",
         description="generate: parse a JSON verdict; logprobs: rate from rating-token probabilities (local judge)",
     )
-    rubric_template: TemplateRef = TemplateRef(path="pkg://bezoar_jobs/templates/judge_rubric.txt")
+    rubric_template: TemplateRef = Field(
+        TemplateRef(path="pkg://bezoar_jobs/templates/judge_rubric.txt"),
+        description="generate method: the prompt that asks for a JSON verdict (status, rating, reason): "
+        "{instruction} {response}",
+    )
     rating_template: TemplateRef = Field(
         TemplateRef(path="pkg://bezoar_jobs/templates/judge_rating.txt"),
         description="logprobs method: the prompt that asks for a bare 1-10 rating",
@@ -226,7 +279,11 @@ class FilterConfig(Strict):
         0.7, description="temperature of a re-ask when decoding.temperature is 0 (greedy would repeat the same "
         "unparseable verdict)"
     )
-    decoding: Decoding = Decoding(max_new_tokens=256, temperature=0.0)
+    decoding: Decoding = Field(
+        Decoding(max_new_tokens=256, temperature=0.0),
+        description="the judge's verdicts (generate method; logprobs generates nothing); also generate-evol's "
+        "rule 1 check, cut to 8 new tokens",
+    )
     allow_empty: bool = Field(
         False, description="commit a filtered dataset with no row kept (by default that is an error: exit 2)"
     )
@@ -236,19 +293,32 @@ class FilterConfig(Strict):
 # The recipe
 # ---------------------------------------------------------------------------------------------
 class Recipe(Strict):
-    schema_version: Literal[1]
-    name: str
-    description: str = ""
-    seed: int = 42
-    teacher: Endpoint
-    judge: Endpoint
-    student: StudentModel
-    seeds: SeedsConfig = SeedsConfig()
-    generation: GenerationConfig = GenerationConfig()
-    filter: FilterConfig = FilterConfig()
-    training: TrainingConfig = TrainingConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    report: ReportConfig = ReportConfig()
+    schema_version: Literal[1] = Field(description="the recipe format's version; this version of bezoar-jobs reads 1")
+    name: str = Field(
+        description="labels the run's outputs (dataset and model cards, manifests, hub uploads, the report's title); "
+        "not hashed"
+    )
+    description: str = Field("", description="free text about the recipe; no stage reads it and it is not hashed")
+    seed: int = Field(
+        42,
+        description="seed of every random choice: seed sampling, request seeds, filter re-asks, training, MT-Bench",
+    )
+    teacher: Endpoint = Field(description="the model that writes the instructions and responses (generate stages)")
+    judge: Endpoint = Field(
+        description="the model that rates responses (filter stages), checks generate-evol's evolutions (rule 1) "
+        "and grades MT-Bench unless evaluation.mtbench.judge is given"
+    )
+    student: StudentModel = Field(
+        description="the base model: the first SFT stage trains it; evaluated as the 'base' checkpoint"
+    )
+    seeds: SeedsConfig = Field(SeedsConfig(), description="the seed datasets of the generation schemes")
+    generation: GenerationConfig = Field(GenerationConfig(), description="the generate stages, one section per scheme")
+    filter: FilterConfig = Field(FilterConfig(), description="the filter stages: the judge's verdict on each row")
+    training: TrainingConfig = Field(TrainingConfig(), description="the SFT stages, sft-hh and dpo")
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(), description="eval-harness and eval-mtbench: which models, which benchmarks"
+    )
+    report: ReportConfig = Field(ReportConfig(), description="the run report (the report stage)")
 
     @model_validator(mode="after")
     def _cross(self) -> Recipe:

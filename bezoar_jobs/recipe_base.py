@@ -27,11 +27,17 @@ Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 # Models and endpoints
 # ---------------------------------------------------------------------------------------------
 class Decoding(Strict):
-    max_new_tokens: PosInt = 256
-    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    stop: tuple[str, ...] = ()
+    max_new_tokens: PosInt = Field(256, description="most tokens generated per answer")
+    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = Field(0.7, description="sampling temperature; 0: greedy")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        1.0, description="nucleus sampling: sample among the most likely tokens holding this much probability; 1: off"
+    )
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(
+        None,
+        description="sent to TGI, OpenAI-compatible servers (as vLLM and SGLang read it) and the local backend, "
+        "never to Anthropic; null: not sent",
+    )
+    stop: tuple[str, ...] = Field((), description="stop strings: the answer ends before the first one it contains")
 
 
 # backends that send a raw prompt (filled from prompt_format) to a server at base_url
@@ -49,10 +55,18 @@ class Endpoint(Strict):
       local               in-process transformers batched generation (the embedded default)
     """
 
-    backend: Literal["tgi", "openai-completions", "openai-chat", "anthropic", "local"]
+    backend: Literal["tgi", "openai-completions", "openai-chat", "anthropic", "local"] = Field(
+        description="how requests are sent: tgi and openai-completions send raw prompts (prompt_format) to a "
+        "server; openai-chat and anthropic send system and user messages to an API; local runs the model in "
+        "process (transformers)"
+    )
     model: str = Field(description="hub id, local/s3 directory, or pkg://package/file.gguf (local backend)")
     revision: str | None = Field(None, description="pinned hub revision (commit sha) of the model")
-    base_url: str | None = None
+    base_url: str | None = Field(
+        None,
+        description="server URL (OpenAI-compatible: with /v1), required for tgi and openai-completions; null: the "
+        "API's default; on a cluster the chart's teacher Service replaces a tgi or openai-completions teacher's",
+    )
     api_key_env: str | None = Field(None, description="name of the env var holding the API key")
     api_key_file: str | None = Field(None, description="path of a mounted file holding the API key")
     prompt_format: str | None = Field(
@@ -60,14 +74,30 @@ class Endpoint(Strict):
         description="raw-prompt backends: template with {system} and {user}; "
         "local backend: null uses the tokenizer's chat template",
     )
-    system_prompt_supported: bool = True
-    max_concurrency: PosInt = 16
-    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
-    tokens_per_minute: Annotated[float, Field(gt=0)] | None = None
-    max_retries: NonNegInt = 6
-    timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    backoff_base_s: Annotated[float, Field(gt=0)] = 1.0
-    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    system_prompt_supported: bool = Field(
+        True,
+        description="chat backends (openai-chat, anthropic, local with the chat template): false puts the system "
+        "text in front of the user text instead of in the system slot",
+    )
+    max_concurrency: PosInt = Field(
+        16, description="remote backends: requests in flight at once per client; a shared teacher's budget may lower it"
+    )
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="rate limit in requests per minute; null: none"
+    )
+    tokens_per_minute: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="rate limit in tokens per minute (a request counts its estimated prompt plus max_new_tokens, "
+        "corrected by the server's usage); null: none",
+    )
+    max_retries: NonNegInt = Field(
+        6, description="retries of a request after a 429, 5xx, timeout, connection error or malformed answer"
+    )
+    timeout_s: Annotated[float, Field(gt=0)] = Field(120.0, description="seconds one attempt may wait for its answer")
+    backoff_base_s: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="retry wait: uniform up to min(backoff_max_s, backoff_base_s * 2^failures) seconds"
+    )
+    backoff_max_s: Annotated[float, Field(gt=0)] = Field(60.0, description="the longest retry wait, in seconds")
     price_input_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
     price_output_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
     spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(
@@ -85,10 +115,16 @@ class Endpoint(Strict):
         None, description="tokenizer that measures prompts for context_tokens (hub id or directory); null: the model's"
     )
     # in-process (local) backend
-    batch_size: PosInt = 8
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+    batch_size: PosInt = Field(8, description="local backend: prompts generated together in one batch")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="local backend: weight dtype; auto: bfloat16 on a GPU that supports it, else float32"
+    )
+    device: str = Field("auto", description="local backend: torch device (cpu, cuda, cuda:1); auto: cuda if available")
+    trust_remote_code: bool = Field(
+        False,
+        description="run code shipped with the model repo (transformers trust_remote_code): loading the local "
+        "backend's model and the tokenizer that measures context_tokens",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Endpoint:
@@ -146,13 +182,18 @@ class DatasetSource(Strict):
     """A dataset: a hub id (pinned revision) or a local / s3:// file (jsonl, json, parquet, csv),
     or pkg://bezoar_jobs/<path> for the demo files shipped inside the package."""
 
-    path: str
-    revision: str | None = None
+    path: str = Field(
+        description="hub dataset id; a file (local path, file://, s3:// or pkg://) in .jsonl or .ndjson "
+        "(optionally .gz), .json, .parquet or .csv; or a datasets builder (json, csv, parquet, text) with data_files"
+    )
+    revision: str | None = Field(None, description="hub datasets: pinned revision (commit sha)")
     name: str | None = Field(None, description="hub config / subset name")
-    split: str = "train"
-    data_files: tuple[str, ...] = ()
-    limit: PosInt | None = None
-    licence: str = "unknown"
+    split: str = Field("train", description="hub datasets and builders: the split read")
+    data_files: tuple[str, ...] = Field(
+        (), description="hub datasets and builders: only these files (datasets.load_dataset data_files)"
+    )
+    limit: PosInt | None = Field(None, description="read only the first this many rows; null: all")
+    licence: str = Field("unknown", description="the data's licence, for the dataset and model cards built from it")
 
     @property
     def on_hub(self) -> bool:

@@ -45,7 +45,9 @@ class Baseline(Strict):
     name: Name = Field(description="row label in results and the report")
     model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
     revision: str | None = Field(None, description="pinned hub revision (commit sha)")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run code shipped with the model repo (transformers trust_remote_code) when loading it"
+    )
     counterpart: Literal["sft", "sft-hh", "dpo"] | None = Field(
         None, description="the checkpoint this model is the released counterpart of (the report sets them side by "
         "side); null: known from its hub id for the SurgeGlobal OpenBezoar models",
@@ -56,7 +58,7 @@ class HarnessTask(Strict):
     """One LM Evaluation Harness task (or group, e.g. ``mmlu``) with its shots and pinned version."""
 
     name: str = Field(description="task or group name as lm_eval knows it (or from include_path)")
-    num_fewshot: NonNegInt = 0
+    num_fewshot: NonNegInt = Field(0, description="few-shot examples in each prompt")
     metric: str = Field("acc", description="primary metric for the summary: 'acc_norm', or 'metric,filter'")
     version: str | float | None = Field(
         None, description="pinned task version (metadata.version); a different installed version is an error"
@@ -80,14 +82,16 @@ LEADERBOARD_V1: tuple[HarnessTask, ...] = (
 
 
 class HarnessConfig(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: eval-harness evaluates nothing and commits a skipped summary")
     tasks: tuple[HarnessTask, ...] = Field(LEADERBOARD_V1, description="tasks, shots and pinned versions")
     include_path: str | None = Field(
         None,
         description="directory of extra task YAMLs (a path, pkg://bezoar_jobs/... or s3://); "
         "'${task_dir}' in a YAML stands for that YAML's directory",
     )
-    batch_size: PosInt | Literal["auto"] = 8
+    batch_size: PosInt | Literal["auto"] = Field(
+        8, description="lm_eval's batch size; auto: lm_eval finds the largest that fits"
+    )
     max_length: PosInt | None = Field(None, description="context length; null: the model's own")
     limit: PosInt | None = Field(None, description="items per task (smoke runs only: scores are not comparable)")
     bootstrap_iters: NonNegInt = Field(
@@ -141,7 +145,7 @@ class HarnessConfig(Strict):
 
 
 class MTBenchConfig(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: eval-mtbench evaluates nothing and commits a skipped summary")
     questions: DatasetSource = Field(
         MTBENCH_QUESTIONS,
         description="a dataset source (as the recipe's seeds) in MT-Bench's question.jsonl format "
@@ -161,15 +165,20 @@ class MTBenchConfig(Strict):
     reference_id_map: dict[str, str] = Field(
         default_factory=dict, description="reference answer question_id -> this recipe's question id"
     )
-    reference_categories: tuple[str, ...] = ("math", "reasoning", "coding")
+    reference_categories: tuple[str, ...] = Field(
+        ("math", "reasoning", "coding"),
+        description="categories whose questions need a reference answer for each turn; the judge is shown it",
+    )
     categories: tuple[str, ...] | None = Field(None, description="evaluate only these categories")
     # answering
     temperatures: dict[str, Annotated[float, Field(ge=0.0, le=2.0)]] = Field(
         default_factory=lambda: dict(MTBENCH_TEMPERATURES), description="answer temperature per category"
     )
-    default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = Field(
+        0.7, description="answer temperature of a category not in temperatures"
+    )
     answer_max_new_tokens: PosInt = Field(1024, description="FastChat's default")
-    answer_batch_size: PosInt = 8
+    answer_batch_size: PosInt = Field(8, description="questions answered together in one generate batch")
     answer_system: str | None = Field(None, description="system text of the prompt format; null: its default")
     # judging
     judge: Endpoint | None = Field(None, description="an endpoint (as the recipe's judge); null: the recipe's judge")
@@ -202,10 +211,20 @@ class EvaluationConfig(Strict):
         f"'{SFT_ALIAS}' is OpenBezoar-SFT: the last scheme SFT stage of training.sft_order",
     )
     baselines: tuple[Baseline, ...] = Field((), description="outside models evaluated beside the checkpoints")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    harness: HarnessConfig = HarnessConfig()
-    mtbench: MTBenchConfig = Field(default_factory=lambda: MTBenchConfig())
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weight dtype of the evaluated models (MT-Bench, the harness's hf backend; vllm picks its "
+        "own); auto: bfloat16 on a GPU that supports it, else float32",
+    )
+    device: str = Field(
+        "auto",
+        description="torch device of the evaluated models (cpu, cuda, cuda:1); auto: cuda if available; the hf "
+        "harness on several processes takes one GPU each",
+    )
+    harness: HarnessConfig = Field(HarnessConfig(), description="eval-harness: LM Evaluation Harness tasks")
+    mtbench: MTBenchConfig = Field(
+        default_factory=lambda: MTBenchConfig(), description="eval-mtbench: MT-Bench answers and judgments"
+    )
 
     @field_validator("checkpoints")
     @classmethod
@@ -237,4 +256,6 @@ class ReportConfig(Strict):
     title: str | None = Field(None, description="page title; null: the recipe's name")
     gpu_hour_usd: Annotated[float, Field(ge=0)] | None = Field(None, description="price of one GPU-hour, for costs")
     judgments_shown: NonNegInt = Field(3, description="MT-Bench judgments quoted per model in the report")
-    include_recipe: bool = True
+    include_recipe: bool = Field(
+        True, description="end the report with the run's recipe text (credentials in URLs masked)"
+    )

@@ -90,14 +90,18 @@ def merge_overrides(defaults: dict[str, PassValue], given: Any) -> dict[str, Pas
 class HHConfig(Strict):
     """``sft-hh``: SFT on the chosen dialogues of Anthropic/hh-rlhf (first ``data.limit`` rows)."""
 
-    data: DatasetSource = DatasetSource(path="Anthropic/hh-rlhf", limit=100_000, licence="MIT")
+    data: DatasetSource = Field(
+        DatasetSource(path="Anthropic/hh-rlhf", limit=100_000, licence="MIT"),
+        description="HH-RLHF rows (chosen and rejected dialogues): sft-hh trains on each chosen dialogue's final "
+        "assistant turn; dpo's pairs unless training.dpo.data",
+    )
 
 
 class DPOStageConfig(Strict):
     """``dpo``: DPO with a LoRA adapter; the reference model is the adapter-disabled policy."""
 
     data: DatasetSource | None = Field(None, description="preference pairs; null: the same rows as training.hh.data")
-    dpo_args: PassArgs = Field(default_factory=lambda: dict(DPO_DEFAULTS))
+    dpo_args: PassArgs = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="DPOConfig overrides")
     lora: PassArgs | None = Field(None, description="LoraConfig overrides for DPO; null: training.lora")
 
     @field_validator("dpo_args", mode="before")
@@ -118,8 +122,10 @@ class PushConfig(Strict):
     repo_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")] = Field(
         description="owner/name-prefix: stage S goes to owner/name-prefix-S"
     )
-    private: bool = True
-    token_env: str = "HF_TOKEN"
+    private: bool = Field(True, description="create the hub repos as private")
+    token_env: str = Field(
+        "HF_TOKEN", description="environment variable holding the hub token; the stage fails when it is unset"
+    )
     datasets: bool = Field(True, description="also push the stage's training rows as a dataset repo")
 
 
@@ -181,13 +187,15 @@ class TrainingConfig(Strict):
         default_factory=dict,
         description="per-stage SFTConfig overrides laid over sft_args (null drops the key for that stage)",
     )
-    hh: HHConfig = HHConfig()
-    dpo: DPOStageConfig = DPOStageConfig()
+    hh: HHConfig = Field(HHConfig(), description="sft-hh: SFT on HH-RLHF, from the last scheme SFT stage's model")
+    dpo: DPOStageConfig = Field(DPOStageConfig(), description="dpo: DPO with a LoRA adapter, from sft-hh's model")
     base_licence: str | None = Field(None, description="licence for model cards; null: read from the base model's card")
     report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
         (), description="experiment trackers (the `tracking` extra); losses always go to the stage's metrics.jsonl"
     )
-    push: PushConfig | None = None
+    push: PushConfig | None = Field(
+        None, description="upload each training stage's merged checkpoint to the model hub; null: no upload"
+    )
 
     @field_validator("sft_order")
     @classmethod
