@@ -288,8 +288,9 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_repair(a: argparse.Namespace) -> int:
-    """Move every damaged stage aside (a manifest that does not parse, a file that differs from its
-    manifest) so that the next `bezoar run` reruns it; remove what interrupted writes left."""
+    """Move every damaged stage aside (a manifest that does not parse or has a field of the wrong type,
+    a file that differs from its manifest) so that the next `bezoar run` reruns it; remove what
+    interrupted writes left."""
     store = open_store(a.run)
     damaged: dict[str, list[str]] = {}
     for name in CANONICAL:
@@ -358,6 +359,17 @@ def cmd_cancel(a: argparse.Namespace) -> int:
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (a bad one is a usage error, exit 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not allowed: it must be at least 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bezoar", description="OpenBezoar instruction tuning as stage jobs")
     p.add_argument("--version", action="version", version=f"bezoar-jobs {__version__}")
@@ -389,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     r.add_argument("--executor", choices=["local", "kubernetes"], default="local")
     r.add_argument("--cluster", help="cluster settings YAML (kubernetes executor)")
-    r.add_argument("--parallel", type=int, default=1, help="local executor: independent stages side by side")
-    r.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+    r.add_argument("--parallel", type=_at_least_one, default=1, metavar="N",
+                   help="local executor: up to N independent stages side by side (N >= 1)")
+    r.add_argument("--nproc-per-node", type=_at_least_one, default=1, metavar="N",
                    help="local executor: each training stage on N processes (torch.distributed.run)")
     r.add_argument("--refreeze", action="store_true",
                    help="kubernetes executor: replace a frozen recipe that differs (it is otherwise written once)")
@@ -449,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = _SurvivingStream(sys.stderr)
     _setup_logging(args.verbose, args.log_format)
     try:
+        if args.command != "render":  # render only writes the run URI into the Jobs it renders
+            from .run_control import check_run_location
+
+            check_run_location(getattr(args, "run", None))
         return int(args.fn(args) or 0)
     except BezoarError as e:
         log.error("%s", e)

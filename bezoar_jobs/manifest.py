@@ -9,9 +9,9 @@ what a manifest lists, and check it:
   (:func:`check_against`, through ``StageContext.fetch_input``), refusing a damaged one;
 - ``bezoar run`` and ``plan`` treat a stage whose files differ from its manifest as not committed
   (:func:`quick_check`: one listing per stage; a changed token is confirmed by hashing that file);
-- a manifest that does not parse is *damaged* (:class:`DamagedManifest`): the stage counts as not
-  committed (it reruns, ``--force`` works), its readers refuse it by name, ``bezoar repair`` moves it
-  aside.
+- a manifest that does not parse, or one with a field of the wrong type (:data:`FIELD_TYPES`, the
+  fields its readers use), is *damaged* (:class:`DamagedManifest`): the stage counts as not committed
+  (it reruns, ``--force`` works), its readers refuse it by name, ``bezoar repair`` moves it aside.
 """
 
 from __future__ import annotations
@@ -66,8 +66,75 @@ def read_manifest(store: Store, stage: str) -> dict[str, Any] | None:
         for v in files.values()
     ):
         raise DamagedManifest(f"{where}: the manifest is damaged (no valid 'files' table); {hint}")
+    problem = field_problem(m, FIELD_TYPES)
+    if problem:
+        raise DamagedManifest(f"{where}: the manifest is damaged ({problem}); {hint}")
     result: dict[str, Any] = m
     return result
+
+
+# The fields the readers of a manifest (status, the report, plan, `bezoar run`, the stages) use, with
+# the JSON types commit() and the stages write them with. A field may be absent (older manifests); a
+# field present with another type makes the manifest damaged, so no reader has to check it again.
+# A dict is a table (JSON object) whose listed keys, where present, have those types ("*": every
+# value); "text" a string, "number" an int or float, "number?" a number or null, "any" anything.
+_NUMBERS = ("start", "end", "span_s", "gpus", "gpu_hours", "gpu_hour_usd", "gpu_cost_usd")
+FIELD_TYPES: dict[str, Any] = {
+    "stage": "text",
+    "params_hash": "text",
+    "code_version": "text",
+    "committed_at": "text",
+    "base_model": "text",
+    "inputs": {"*": "text"},
+    "counts": {"rows": "number", "rejected": "number", "input_rows": "number", "kept": "number",
+               "failed": "number?", "unparseable": "number?"},
+    "timings": {"seconds": "number?"},
+    "usage": {"*": {"prompt_tokens": "number?", "completion_tokens": "number?"}},
+    "requests": {"failed": "number?", "retries": "number?", "failed_by_cause": {"*": "number"}},
+    "utilization": {"*": {"utilization": "number?"}},
+    "teacher_gpu": {k: "number?" for k in _NUMBERS},
+    "cost_usd": "number?",
+    "gpu_hours": "number?",
+    "training": {},
+    "answers": {},
+    "teacher": {},
+    "judge": {},
+    "evaluator": {},
+}
+
+
+def json_kind(value: Any) -> str:  # noqa: ANN401 - any JSON value
+    """What a JSON value is, for an error message: ``a string ("abc")``, ``a list``, ``null`` ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, dict | list):
+        return "a table" if isinstance(value, dict) else "a list"
+    text = json.dumps(value)
+    return f"{'a string' if isinstance(value, str) else 'a number'} ({text[:40]}{'...' if len(text) > 40 else ''})"
+
+
+def field_problem(value: Any, spec: Any, path: str = "") -> str | None:  # noqa: ANN401 - any JSON value
+    """The first field of ``value`` whose type differs from ``spec`` (see :data:`FIELD_TYPES`), as
+    ``field 'a.b': expected ..., got ...``; None when every field has its type."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return f"field {path!r}: expected a table (JSON object), got {json_kind(value)}"
+        for key, sub in spec.items():
+            for k in (value if key == "*" else [key] if key in value else []):
+                problem = field_problem(value[k], sub, f"{path}.{k}" if path else str(k))
+                if problem:
+                    return problem
+        return None
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if spec == "text" and not isinstance(value, str):
+        return f"field {path!r}: expected a string, got {json_kind(value)}"
+    if spec == "number" and not is_number:
+        return f"field {path!r}: expected a number, got {json_kind(value)}"
+    if spec == "number?" and not (is_number or value is None):
+        return f"field {path!r}: expected a number or null, got {json_kind(value)}"
+    return None
 
 
 def manifest_state(store: Store, stage: str) -> tuple[str, dict[str, Any] | None, str]:

@@ -1,6 +1,7 @@
 """``bezoar repair``: the way out of a damaged run.
 
-A stage whose manifest does not parse, or whose committed files differ from it, is moved aside to
+A stage whose manifest does not parse or has a field of the wrong type (manifest.FIELD_TYPES), or
+whose committed files differ from it, is moved aside to
 ``<run>/_damaged/<stage>/<UTC time>/`` (manifest first, so the stage stops counting as committed at
 once, then its committed files, then a ``PROBLEMS.txt`` saying what was wrong): the next ``bezoar
 run`` reruns it. Its ``_work/`` (paid-for records, checkpoints) stays where it is, so the rerun

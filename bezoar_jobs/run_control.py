@@ -11,7 +11,8 @@
   recipe behind the stages already committed from it.
 - **Controller status** (``<run>/_control/status.json``): what the Kubernetes controller last saw of
   each stage it runs (Pending and why the scheduler says so, suspended by Kueue and why, running),
-  for ``bezoar status``.
+  for ``bezoar status``, which shows what of it has the right shape and names the field that has not.
+- **Where a run is**: a local run is a directory; ``--run`` naming a regular file is bad input.
 
 Store operations only: no Kubernetes client, no stage code.
 """
@@ -34,6 +35,21 @@ class RunCancelled(BadInput):
     """The run was cancelled: no controller may start or go on. Exit 4 (the controller Job stops)."""
 
     exit_code = EXIT_CANCELLED
+
+
+def check_run_location(run: str | None) -> None:
+    """A local run is a directory: a ``--run`` path that is a regular file is bad input (exit 2),
+    never an empty run. An ``s3://`` prefix is not looked at (nothing is opened for it here)."""
+    from urllib.parse import urlparse
+
+    from .store import LocalStore, open_store
+
+    if not run or urlparse(str(run)).scheme == "s3":
+        return
+    store = open_store(run)
+    if isinstance(store, LocalStore) and store.root.exists() and not store.root.is_dir():
+        raise BadInput(f"--run {run}: {store.root} is a file, not a run directory (a run is a directory, "
+                       "given as a path or file://, or s3://bucket/prefix)")
 
 
 def cancel_run(store: Store, reason: str = "bezoar cancel") -> dict[str, Any]:
@@ -101,11 +117,38 @@ def write_controller_status(store: Store, status: dict[str, Any]) -> None:
     store.write_text(CONTROLLER_STATUS_FILE, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
 
-def read_controller_status(store: Store) -> dict[str, Any] | None:
+# what `bezoar status` reads of the controller status file (k8s_backend writes it; manifest.field_problem types)
+_CONTROLLER_FIELDS = {"run_id": "text", "namespace": "text", "updated_at": "text"}
+_CONTROLLER_STAGE_FIELDS = {"job": "text", "state": "text", "reason": "text", "message": "text", "since": "text"}
+
+
+def checked_controller_status(store: Store) -> tuple[dict[str, Any] | None, list[str]]:
+    """What the controller last wrote (None: nothing readable), each part of the wrong shape left out,
+    and a problem naming the file and field for each: the controller writes this file, so a bad one
+    is damage to report, never a reason to stop showing the rest."""
+    from .manifest import field_problem, json_kind
+
     if not store.exists(CONTROLLER_STATUS_FILE):
-        return None
+        return None, []
+    where = f"{store.url(CONTROLLER_STATUS_FILE)}: the controller's status file is damaged"
     try:
         data = json.loads(store.read_text(CONTROLLER_STATUS_FILE))
-    except (ValueError, BadInput):
-        return None
-    return data if isinstance(data, dict) else None
+    except ValueError as e:  # JSON or UTF-8
+        return None, [f"{where} (not valid JSON: {e})"]
+    except BadInput as e:
+        return None, [f"{where} (it cannot be read: {e})"]
+    if not isinstance(data, dict):
+        return None, [f"{where} (expected a table (JSON object) at the top level, got {json_kind(data)})"]
+    out: dict[str, Any] = {}
+    found: list[str | None] = []
+    for key, value in data.items():
+        if key == "stages" and isinstance(value, dict):
+            checked = {s: field_problem(v, _CONTROLLER_STAGE_FIELDS, f"stages.{s}") for s, v in value.items()}
+            found += checked.values()
+            out[key] = {s: v for s, v in value.items() if checked[s] is None}
+            continue
+        problem = field_problem(value, {} if key == "stages" else _CONTROLLER_FIELDS.get(key, "any"), key)
+        found.append(problem)
+        if problem is None:
+            out[key] = value
+    return out, [f"{where} ({p})" for p in found if p]

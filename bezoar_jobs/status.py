@@ -1,5 +1,10 @@
 """``bezoar status``: each stage's state, counts, duration and teacher/judge utilization; damaged
-stages; for a Kubernetes run, what its controller saw of the stages not committed."""
+stages; for a Kubernetes run, what its controller saw of the stages not committed.
+
+A manifest is only read through :func:`~bezoar_jobs.manifest.manifest_state`, which has checked the
+types of the fields used here (a wrong one makes the stage *damaged*, shown with why); the
+controller's status file is read through ``checked_controller_status``, which leaves out and names
+what has the wrong shape."""
 
 from __future__ import annotations
 
@@ -39,14 +44,15 @@ def status_rows(store: Store) -> list[dict[str, Any]]:
 
 def show_status(run: str, as_json: bool = False) -> int:
     """``bezoar status``: print the run's stages (``as_json``: as one JSON object)."""
-    from .run_control import cancelled, read_controller_status
+    from .run_control import cancelled, checked_controller_status
 
     store = open_store(run)
     rows = status_rows(store)
-    cluster = read_controller_status(store)
+    cluster, cluster_problems = checked_controller_status(store)  # what of it has the right shape
     marker = cancelled(store)
     if as_json:
-        print(json.dumps({"run": store.uri, "stages": rows, "cancelled": marker, "controller": cluster}, indent=2))
+        print(json.dumps({"run": store.uri, "stages": rows, "cancelled": marker, "controller": cluster,
+                          "controller_problems": cluster_problems}, indent=2))
         return 0
     print(f"run: {store.uri}" + (f"  (CANCELLED at {marker.get('cancelled_at', '?')})" if marker is not None else ""))
     print(f"{'stage':<16} {'state':<10} {'seconds':>8}  counts")
@@ -60,6 +66,8 @@ def show_status(run: str, as_json: bool = False) -> int:
     damaged = [r for r in rows if r["state"] == "damaged"]
     for r in damaged:
         print(f"damaged: {r['problem']}")
+    for problem in cluster_problems:
+        print(f"damaged: {problem}")
     seen = cluster or {}
     committed = {r["stage"] for r in rows if r["state"] == "committed"}
     waiting = {s: v for s, v in (seen.get("stages") or {}).items()

@@ -410,6 +410,21 @@ def test_load_edge_cases(tmp_path):
     assert load_cluster_settings(None) == ClusterSettings()
 
 
+def test_cluster_settings_that_are_not_utf8_name_file_line_and_column(tmp_path):
+    """Audit of bad input, finding 3: a Latin-1 comment was a UnicodeDecodeError (exit 1)."""
+    f = tmp_path / "cluster.yaml"
+    text = (REPO / "examples" / "cluster.yaml").read_text(encoding="utf-8")
+    f.write_bytes(text.encode("utf-8") + "# café\n".encode("latin-1"))
+    line = text.count("\n") + 1
+    with pytest.raises(BadInput) as e:
+        load_cluster_settings(f)
+    assert f"{f}:{line}: not UTF-8 text (byte 0xe9 at column 6)" in str(e.value)
+    res = subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", "cancel", "--run", str(tmp_path / "run"),
+                          "--cluster", str(f)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"ERROR {f}:{line}: not UTF-8 text" in res.stderr
+
+
 def test_example_cluster_settings_load():
     c = load_cluster_settings(REPO / "examples" / "cluster.yaml")
     assert c.generationShards > 1 and c.kueue.queueName  # the example shows the optional features

@@ -489,4 +489,10 @@ def load_cluster_settings(path: str | Path | None) -> ClusterSettings:
         raise BadInput(f"{p}: cluster settings file not found") from None
     except IsADirectoryError:
         raise BadInput(f"{p}: is a directory, not a cluster settings file") from None
+    except UnicodeDecodeError:
+        from ..data.io import not_utf8  # "file:line: not UTF-8 text (byte 0x.. at column N) ..."
+
+        raise BadInput(not_utf8(p, str(p))) from None
+    except OSError as e:
+        raise BadInput(f"{p}: the cluster settings cannot be read: {e.strerror}") from None
     return parse_cluster_settings(text, str(p))

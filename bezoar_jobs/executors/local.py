@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from ..errors import BadInput
 from ..layout import RECIPE_FILE
 from ..llm.budget import mark_done, mark_live
 from ..recipe import Recipe
@@ -65,7 +66,9 @@ class LocalBackend:
     def __init__(self, store: Store, parallel: int = 1, nproc_per_node: int = 1):
         self.store = store
         self.nproc_per_node = nproc_per_node
-        self.parallel: int | None = max(1, parallel)
+        if parallel < 1:  # `bezoar run --parallel` refuses it at parsing; a caller in code gets told too
+            raise BadInput(f"parallel={parallel}: the number of stages side by side must be at least 1")
+        self.parallel: int | None = parallel
         self.teacher_parties = len(TEACHER_STAGES)  # run_local narrows it to the run's selection
         # the stages that share the teacher's server: run_local adds the filters when the judge is that server
         self.party_stages: frozenset[str] = frozenset(TEACHER_STAGES)
