@@ -149,6 +149,16 @@ def _check_training_configs(recipe: Recipe, stages: list[str]) -> None:
     build_all(recipe, stages)
 
 
+def _check_inputs(recipe: Recipe, store: Store, stages: list[str], force: bool = False) -> None:
+    """Before anything is spent: the templates and seed files of the stages that will run are there and hold
+    what those stages need (bezoar_jobs/preflight.py); a committed stage that is skipped reads nothing."""
+    from .preflight import check_inputs
+    from .state import planned_actions
+
+    actions = planned_actions(store, recipe, stages, force)
+    check_inputs(recipe, [s for s in stages if actions.get(s, ("run",))[0] == "run"])
+
+
 def _register_keys(recipe: Recipe) -> None:
     """Mask the recipe's API keys in what this process relays (the stage processes mask them too)."""
     import os
@@ -192,6 +202,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             refreeze=a.refreeze,
         )
     _check_training_configs(recipe, stages)
+    _check_inputs(recipe, store, stages, a.force)
     from .executors.local import run_local
     from .layout import RUN_LEASE
     from .lease import Lease
@@ -225,6 +236,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     store = open_store(a.run)
     stages = select(a.from_, a.until, a.only)
     _check_training_configs(recipe, stages)
+    _check_inputs(recipe, store, stages)
     rows = plan(recipe, store, stages)
     if a.json:
         print(json.dumps(rows, indent=2))

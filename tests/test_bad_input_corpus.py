@@ -169,6 +169,66 @@ _seed_case("flan-json-broken", lambda t: _lines(t, "f.json", ['[{"inputs": 1},']
            lambda p: f"{p}:2: not valid JSON", stage_name="generate-orca", field="seeds.flan")
 
 
+def _bytes(tmp: Path, name: str, data: bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(data)
+    return p
+
+
+def _gzip(tmp: Path, name: str, lines: list[str | bytes], cut: bool = False) -> Path:
+    """A gzip-compressed JSONL file; ``cut``: only the first half of the compressed bytes."""
+    import gzip
+
+    data = gzip.compress(_lines(tmp, name, lines).read_bytes())
+    return _bytes(tmp, name, data[: len(data) // 2] if cut else data)
+
+
+def _parquet(tmp: Path, name: str, rows: list[dict[str, Any]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp / name)
+    return tmp / name
+
+
+GOOD_FLAN = {"inputs": "Q: 1 + 1?", "targets": "2", "task_source": "Flan2021", "task_name": "add",
+             "template_type": "zs_opt"}
+# damaged files: bad input naming the file (and the last line or row read), not a traceback and exit 1
+_seed_case("flan-parquet-garbage", lambda t: _bytes(t, "f.parquet", b"PAR1garbagegarbagePAR1"),
+           lambda p: f"seeds.flan: {p}: not a readable parquet file: damaged at the start",
+           stage_name="generate-orca", field="seeds.flan")
+_seed_case("seed-gz-not-gzip", lambda t: _lines(t, "d.jsonl.gz", [json.dumps(GOOD_DOLLY)]),
+           lambda p: f"seeds.dolly: {p}: not valid gzip data at the start")
+_seed_case("seed-gz-cut-off",
+           lambda t: _gzip(t, "d.jsonl.gz", [json.dumps({**GOOD_DOLLY, "instruction": f"Colour {i}?"})
+                                             for i in range(2000)], cut=True),
+           lambda p: f"seeds.dolly: {p}: the gzip data is cut off after line ")
+_seed_case("seed-gz-not-utf8",
+           lambda t: _gzip(t, "d.jsonl.gz", [json.dumps(GOOD_DOLLY), b'{"instruction": "caf\xe9"}']),
+           lambda p: f"seeds.dolly: {p}:2: not UTF-8 text (byte 0xe9")
+_seed_case("flan-csv-short-row",
+           lambda t: _lines(t, "f.csv", [",".join(GOOD_FLAN), ",".join(GOOD_FLAN.values()), "a,b"]),
+           lambda p: f"{p}:3: row 2 has fewer columns than the header", stage_name="generate-orca", field="seeds.flan")
+# a field of the wrong type: never turned into the text "None" and sent to the teacher
+_seed_case("flan-inputs-null", lambda t: _lines(t, "f.jsonl", [json.dumps(GOOD_FLAN)] * 2
+                                                + [json.dumps({**GOOD_FLAN, "inputs": None})]),
+           lambda p: f"seeds.flan: {p}:3: field 'inputs' must be text, got null",
+           stage_name="generate-orca", field="seeds.flan")
+_seed_case("flan-parquet-targets-null", lambda t: _parquet(t, "f.parquet", [GOOD_FLAN, {**GOOD_FLAN, "targets": None}]),
+           lambda p: f"seeds.flan: {p}: row 2: field 'targets' must be text, got null",
+           stage_name="generate-orca", field="seeds.flan")
+_seed_case("seed-instruction-a-list",
+           lambda t: _lines(t, "d.jsonl", [json.dumps(GOOD_DOLLY), json.dumps({**GOOD_DOLLY, "instruction": ["x"]})]),
+           lambda p: f"seeds.dolly: {p}:2: field 'instruction' must be text, got a list")
+_seed_case("seed-context-an-object",
+           lambda t: _lines(t, "d.jsonl", [json.dumps({**GOOD_DOLLY, "context": {"a": 1}})]),
+           lambda p: f"seeds.dolly: {p}:1: field 'context' must be text, got an object", stage_name="generate-evol")
+_seed_case("seed-instruction-nan",
+           lambda t: _lines(t, "d.jsonl", [json.dumps(GOOD_DOLLY), json.dumps({**GOOD_DOLLY, "instruction": "x"})
+                                           .replace('"x"', "NaN")]),
+           lambda p: f"seeds.dolly: {p}:2: field 'instruction' must be text, got number NaN")
+
+
 @case("template-missing-placeholder")
 def _(tmp, env):
     t = tmp / "example.txt"
@@ -196,6 +256,20 @@ def _(tmp, env):
     p = _lines(tmp, "sys.jsonl", ['{"id": 1, "text": "be brief"}'])
     r = recipe(tmp, **{"generation.orca.system_messages": {"path": str(p)}})
     return stage("generate-orca", r, tmp), [f"{p}:1: missing field(s) 'submixes'"]
+
+
+@case("topics-null")
+def _(tmp, env):
+    p = _lines(tmp, "topics.jsonl", ['{"topic": "rivers"}', '{"topic": null}'])
+    r = recipe(tmp, **{"generation.lamini.topics": {"path": str(p)}})
+    return stage("generate-lamini", r, tmp), [f"generation.lamini.topics: {p}:2: field 'topic' must be text, got null"]
+
+
+@case("system-messages-text-null")
+def _(tmp, env):
+    p = _lines(tmp, "sys.jsonl", ['{"id": 1, "text": null, "submixes": ["niv2", "t0", "flan2021", "cot"]}'])
+    r = recipe(tmp, **{"generation.orca.system_messages": {"path": str(p)}})
+    return stage("generate-orca", r, tmp), [f"{p}:1: field 'text' must be text, got null"]
 
 
 @case("api-key-env-unset")
@@ -357,7 +431,7 @@ def servers():
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 70
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

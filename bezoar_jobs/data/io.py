@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,10 @@ def read_text_uri(uri: str) -> str:
         raise BadInput(not_utf8(path, uri)) from None
 
 
-def not_utf8(path: Path, label: str) -> str:
-    """The message for a file that is not UTF-8: its first bad line and byte."""
-    with open(path, "rb") as f:
+def not_utf8(path: Path, label: str, opener: Callable[[Path], Any] | None = None) -> str:
+    """The message for a file that is not UTF-8: its first bad line and byte (``opener`` opens the
+    file for reading bytes: ``gzip.open`` for a compressed one, so the line is the text's)."""
+    with (opener or _open_bytes)(path) as f:
         for n, line in enumerate(f, start=1):
             try:
                 line.decode("utf-8")
@@ -81,6 +83,10 @@ def not_utf8(path: Path, label: str) -> str:
                 byte = f"byte 0x{line[e.start]:02x} at column {e.start + 1}"
                 return f"{label}:{n}: not UTF-8 text ({byte}); save it as UTF-8"
     return f"{label}: not UTF-8 text; save it as UTF-8"
+
+
+def _open_bytes(path: Path) -> Any:
+    return open(path, "rb")
 
 
 def iter_jsonl(path: Path, label: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -123,30 +129,89 @@ def is_file_source(path: str) -> bool:
     return is_file_path(path)
 
 
-def _check(row: Any, required: Sequence[str], where: str) -> dict[str, Any]:
+def describe(value: Any) -> str:
+    """A value's kind in JSON words, for an error message: ``null``, ``number 3``, ``a list``..."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "null" if value is None else "number NaN"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"number {value!r}"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _check(row: Any, required: Sequence[str], where: str, text: Sequence[str] = ()) -> dict[str, Any]:
+    """A row as read: an object with every ``required`` field, each ``text`` field a string (which
+    may be empty). Anything else is an error for the whole source (naming the row), never a row
+    skipped or a value turned into the text "None" on the way to the teacher."""
     if not isinstance(row, dict):
         raise BadInput(f"{where}: each row must be an object, got {type(row).__name__}")
     missing = [k for k in required if k not in row]
     if missing:
         raise BadInput(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
+    for k in text:
+        if k in row and not isinstance(row[k], str):
+            raise BadInput(f"{where}: field {k!r} must be text, got {describe(row[k])}")
     return row
 
 
-def _file_rows(path: Path, required: Sequence[str], label: str) -> Iterator[dict[str, Any]]:
+def _gzip_rows(path: Path, required: Sequence[str], text: Sequence[str], label: str) -> Iterator[dict[str, Any]]:
+    """Rows of a gzip-compressed JSONL file; damaged compressed data is bad input naming the last
+    line read before it (an OSError with an errno, a failing disk, is left to propagate)."""
+    import gzip
+    import zlib
+
+    n = 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for n, row in iter_jsonl_lines(f, label):
+                yield _check(row, required, f"{label}:{n}", text)
+    except UnicodeDecodeError:
+        raise BadInput(not_utf8(path, label, gzip.open)) from None
+    except EOFError:
+        raise BadInput(f"{label}: the gzip data is cut off after line {n} (an incomplete copy or download?)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        where = f"after line {n}" if n else "at the start"
+        hint = "" if n else "; a plain JSONL file must not be named .gz"
+        raise BadInput(f"{label}: not valid gzip data {where} ({e}){hint}") from None
+
+
+def _parquet_rows(path: Path, required: Sequence[str], text: Sequence[str], label: str) -> Iterator[dict[str, Any]]:
+    """Rows of a parquet file, one record batch at a time; a damaged file is bad input naming the
+    rows read before the damage. Arrow reports damaged data as ArrowInvalid or as an OSError without
+    an errno; an OSError with one (the disk failed) is left to propagate, retryable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                i += 1
+                yield _check(row, required, f"{label}: row {i}", text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        where = f"after row {i}" if i else "at the start"
+        msg = " ".join(str(e).split())[:200]
+        raise BadInput(f"{label}: not a readable parquet file: damaged {where} ({msg})") from None
+
+
+def _file_rows(path: Path, required: Sequence[str], label: str, text: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Rows of a local file, read incrementally: JSONL line by line (errors name the line), parquet
     one record batch at a time, CSV row by row. A ``.json`` file (one JSON document) is the one
     format that has to be parsed whole."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")):
         if name.endswith(".gz"):
-            import gzip
-
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                for n, row in iter_jsonl_lines(f, label):
-                    yield _check(row, required, f"{label}:{n}")
+            yield from _gzip_rows(path, required, text, label)
         else:
             for n, row in iter_jsonl(path, label):
-                yield _check(row, required, f"{label}:{n}")
+                yield _check(row, required, f"{label}:{n}", text)
         return
     if name.endswith(".json"):
         try:
@@ -158,28 +223,32 @@ def _file_rows(path: Path, required: Sequence[str], label: str) -> Iterator[dict
         if not isinstance(data, list):
             raise BadInput(f"{label}: a .json dataset must be a list of objects")
         for i, row in enumerate(data, start=1):
-            yield _check(row, required, f"{label}: row {i}")
+            yield _check(row, required, f"{label}: row {i}", text)
         return
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                i += 1
-                yield _check(row, required, f"{label}: row {i}")
+        yield from _parquet_rows(path, required, text, label)
         return
     if name.endswith(".csv"):
         import csv
 
         with open(path, newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.DictReader(f), start=1):
-                yield _check(row, required, f"{label}: row {i}")
+            reader = csv.DictReader(f)
+            try:
+                for i, row in enumerate(reader, start=1):
+                    where = f"{label}:{reader.line_num}"
+                    if None in row:
+                        raise BadInput(f"{where}: row {i} has more columns than the header")
+                    if None in row.values():
+                        raise BadInput(f"{where}: row {i} has fewer columns than the header")
+                    yield _check(row, required, where, text)
+            except csv.Error as e:
+                raise BadInput(f"{label}:{reader.line_num}: not valid CSV ({e})") from None
         return
     raise BadInput(f"{label}: unsupported dataset file type {path.suffix!r} (jsonl, jsonl.gz, json, parquet, csv)")
 
 
-def _hub_rows(src: DatasetSource, required: Sequence[str], field: str) -> Iterator[dict[str, Any]]:
+def _hub_rows(src: DatasetSource, required: Sequence[str], field: str,
+              text: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Rows of a hub dataset (or a packaged builder such as ``json`` with ``data_files``) through
     ``datasets.load_dataset(..., streaming=True)``: an IterableDataset read as it downloads, so
     memory does not grow with the dataset (the Flan Collection is hundreds of millions of rows)."""
@@ -195,29 +264,37 @@ def _hub_rows(src: DatasetSource, required: Sequence[str], field: str) -> Iterat
     except ValueError as e:  # an unknown split or config
         raise BadInput(f"{field}: dataset {label!r}: {str(e).splitlines()[0]}") from None
     for i, row in enumerate(ds, start=1):
-        yield _check(row, required, f"{field}: {label}: row {i}")
+        yield _check(row, required, f"{field}: {label}: row {i}", text)
 
 
-def _utf8_checked(path: Path, required: Sequence[str], label: str) -> Iterator[dict[str, Any]]:
+def _utf8_checked(path: Path, required: Sequence[str], label: str,
+                  text: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """:func:`_file_rows`, with a file that is not UTF-8 named by its first bad line and byte."""
     try:
-        yield from _file_rows(path, required, label)
+        yield from _file_rows(path, required, label, text)
     except UnicodeDecodeError:
         raise BadInput(not_utf8(path, label)) from None
 
 
-def stream_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "dataset") -> Iterator[dict[str, Any]]:
+def stream_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "dataset",
+                text: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Rows of a dataset source one at a time, in file order, at most ``src.limit``.
 
     A path that is a file (local, file://, s3://, pkg://) is read incrementally (an s3:// object
     is first downloaded to a temporary file, not into memory); anything else is a hub dataset id
     (or a ``datasets`` builder such as ``json`` with ``data_files``) streamed with
     ``datasets.load_dataset(..., streaming=True)`` at the pinned revision. Dolly, HH-RLHF and the
-    Flan Collection all come through here. A row without a required field is an error naming the
-    file and line (or row).
+    Flan Collection all come through here. A row without a required field, or with a ``text``
+    field that is not a string (null, a number, a list), is an error naming the recipe field, the
+    file and line (or row) and the data field; so is a damaged file (a cut-off gzip, a parquet file
+    that is not one). A file's errors are raised after it is copied here (an s3:// download that
+    fails stays retryable).
     """
     p = src.path
-    rows = _utf8_checked(local_copy(p), required, p) if is_file_source(p) else _hub_rows(src, required, field)
+    if is_file_source(p):
+        rows = _utf8_checked(local_copy(p), required, f"{field}: {p}", text)
+    else:
+        rows = _hub_rows(src, required, field, text)
     if src.limit is not None and src.limit <= 0:
         return
     n = 0
@@ -228,10 +305,11 @@ def stream_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "
             return
 
 
-def load_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "dataset") -> list[dict[str, Any]]:
+def load_rows(src: DatasetSource, required: Sequence[str] = (), field: str = "dataset",
+              text: Sequence[str] = ()) -> list[dict[str, Any]]:
     """:func:`stream_rows` as a list (for sources that fit in memory: dolly, HH's first 100K rows,
     topic lists); an empty source is an error."""
-    rows = list(stream_rows(src, required, field))
+    rows = list(stream_rows(src, required, field, text))
     if not rows:
         raise BadInput(f"{field}.path: {src.path}: the dataset is empty")
     return rows
@@ -255,7 +333,13 @@ def render(template: str, **values: str) -> str:
     return out
 
 
-def load_template(uri: str, field: str, placeholders: Sequence[str]) -> str:
+def load_template(uri: str, field: str, placeholders: Sequence[str] | None = None) -> str:
+    """The template file ``uri`` that recipe field ``field`` names, which must contain its placeholders (by
+    default the field's, from the one table the preflight checks with too: data/inputs.py)."""
+    if placeholders is None:
+        from .inputs import placeholders as table
+
+        placeholders = table(field)
     try:
         text = read_text_uri(uri)
     except BadInput as e:

@@ -27,6 +27,7 @@ import re
 import string
 from typing import Any
 
+from ..data.inputs import row_checks
 from ..data.io import load_rows, load_template, render
 from ..errors import BadInput
 from ..estimate import Ask, Typical, dolly_seed_tokens, template_tokens
@@ -36,7 +37,7 @@ from ..recipe import EvolConfig, Recipe
 from ..recipe_base import Decoding
 from ..runner import StageContext, StageOutput
 from ..stages.common import Phase, endpoint_info, normalise, open_client, run_flow
-from ..stages.generate import DOLLY_FIELDS, ContextGuard, TeacherClock, finish, req_seed, text_key, unit_rng
+from ..stages.generate import ContextGuard, TeacherClock, finish, req_seed, text_key, unit_rng
 from ..stages.records import in_shard
 from ..store import Store
 
@@ -213,18 +214,16 @@ def generate(ctx: StageContext) -> StageOutput:
     r = ctx.recipe
     cfg = r.generation.evol
     ops = {
-        op: load_template(
-            f"{cfg.templates_dir}/{op}.txt", f"generation.evol.templates_dir ({op}.txt)", ("instruction",)
-        )
+        op: load_template(f"{cfg.templates_dir}/{op}.txt", f"generation.evol.templates_dir ({op}.txt)")
         for op in (*cfg.depth_operations, "breadth")
     }
     labels = template_labels(list(ops.values()))
-    t_resp = load_template(cfg.response_template.path, "generation.evol.response_template", ("instruction",))
-    t_eq = load_template(cfg.equality_template.path, "generation.evol.equality_template", ("first", "second"))
+    t_resp = load_template(cfg.response_template.path, "generation.evol.response_template")
+    t_eq = load_template(cfg.equality_template.path, "generation.evol.equality_template")
     guard = ContextGuard(r.teacher)
     longest_op = max(ops.values(), key=len)
     seeds = []
-    for row in load_rows(r.seeds.dolly, DOLLY_FIELDS, "seeds.dolly"):
+    for row in load_rows(r.seeds.dolly, field="seeds.dolly", **row_checks("seeds.dolly")):
         if not str(row["instruction"]).strip():
             continue
         # a seed whose evolution prompt cannot fit the teacher's context would be refused on every retry

@@ -19,6 +19,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from ..data.inputs import row_checks
 from ..data.io import load_rows, load_template, render, write_jsonl
 from ..errors import BadInput
 from ..estimate import GENERATED_INSTRUCTION_TOKENS, Ask, Typical, mean_tokens, template_tokens
@@ -27,7 +28,7 @@ from ..llm.flow import Flow
 from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
 from ..stages.common import Phase, endpoint_info, normalise, open_client, run_flow
-from ..stages.generate import DOLLY_FIELDS, TeacherClock, finish, req_seed, text_key, unit_rng
+from ..stages.generate import TeacherClock, finish, req_seed, text_key, unit_rng
 from ..stages.records import in_shard, stable_hash
 from ..store import Store
 
@@ -103,8 +104,7 @@ def topic_requests(ctx: StageContext, seeds: list[dict[str, Any]]) -> TopicAsks:
     """Phase 0's requests: one per dolly category, asking the teacher to propose topics; and the seed
     instructions by category."""
     cfg = ctx.recipe.generation.lamini
-    t_topics = load_template(cfg.topic_list_template.path, "generation.lamini.topic_list_template",
-                             ("category", "examples", "n"))
+    t_topics = load_template(cfg.topic_list_template.path, "generation.lamini.topic_list_template")
     by_cat: dict[str, list[str]] = {}
     for row in seeds:
         by_cat.setdefault(str(row["category"]), []).append(str(row["instruction"]).strip())
@@ -180,13 +180,14 @@ def _examples_block(items: list[str]) -> str:
 def generate(ctx: StageContext) -> StageOutput:
     r = ctx.recipe
     cfg = r.generation.lamini
-    seeds = [row for row in load_rows(r.seeds.dolly, DOLLY_FIELDS, "seeds.dolly") if str(row["instruction"]).strip()]
+    seeds = [row for row in load_rows(r.seeds.dolly, field="seeds.dolly", **row_checks("seeds.dolly"))
+             if row["instruction"].strip()]
     seed_instr = [str(row["instruction"]).strip() for row in seeds]
     if len(seed_instr) < cfg.examples_per_prompt:
         raise BadInput(f"seeds.dolly: {len(seed_instr)} instructions, fewer than generation.lamini.examples_per_prompt")
-    t_example = load_template(cfg.example_template.path, "generation.lamini.example_template", ("examples", "n"))
-    t_topic = load_template(cfg.topic_template.path, "generation.lamini.topic_template", ("examples", "topics", "n"))
-    t_resp = load_template(cfg.response_template.path, "generation.lamini.response_template", ("instruction",))
+    t_example = load_template(cfg.example_template.path, "generation.lamini.example_template")
+    t_topic = load_template(cfg.topic_template.path, "generation.lamini.topic_template")
+    t_resp = load_template(cfg.response_template.path, "generation.lamini.response_template")
 
     teacher = open_client(ctx, r.teacher, "teacher")
     clock = TeacherClock()
@@ -195,8 +196,9 @@ def generate(ctx: StageContext) -> StageOutput:
         proposals = None
         if cfg.topic_prompts:
             if cfg.topics is not None:
-                topic_rows = [{"topic": str(t["topic"]), "category": None}
-                              for t in load_rows(cfg.topics, ("topic",), "generation.lamini.topics")]
+                where = "generation.lamini.topics"
+                topics = load_rows(cfg.topics, field=where, **row_checks(where))
+                topic_rows = [{"topic": t["topic"], "category": None} for t in topics]
             else:  # asked in the stage's flow: the example-guided lists do not wait for them
                 proposals = topic_requests(ctx, seeds)
         return _generate(ctx, teacher, clock, seed_instr, topic_rows, proposals, (t_example, t_topic, t_resp))

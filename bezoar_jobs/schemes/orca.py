@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from ..data.inputs import row_checks
 from ..data.io import load_rows, load_template, render, stream_rows
 from ..data.sampling import SampleStats, allocate, bottom_k, first_k, shuffled
 from ..errors import BadInput
@@ -33,7 +34,7 @@ from ..llm.base import request
 from ..recipe import Recipe
 from ..runner import StageContext, StageOutput
 from ..stages.common import Phase, endpoint_info, open_client, work_key
-from ..stages.generate import FLAN_FIELDS, ContextGuard, TeacherClock, finish, req_seed, unit_rng
+from ..stages.generate import ContextGuard, TeacherClock, finish, req_seed, unit_rng
 from ..stages.records import in_shard, stable_hash
 from ..store import Store
 
@@ -88,7 +89,7 @@ def expected_rows(recipe: Recipe) -> int:
     types = {t.lower() for t in c.template_types}
     have: dict[str, int] = {}
     try:
-        for n, row in enumerate(stream_rows(src, FLAN_FIELDS, "seeds.flan")):
+        for n, row in enumerate(stream_rows(src, field="seeds.flan", **row_checks("seeds.flan"))):
             if n >= _SCAN_FOR_PLAN:
                 return int(c.seeds)
             if not types or str(row.get("template_type") or "").lower() in types:
@@ -139,7 +140,8 @@ def choose_system_message(messages: list[dict[str, Any]], row: dict[str, Any], r
 
 def load_messages(ctx: StageContext) -> list[dict[str, Any]]:
     cfg = ctx.recipe.generation.orca
-    messages = load_rows(cfg.system_messages, ("id", "text", "submixes"), "generation.orca.system_messages")
+    messages = load_rows(cfg.system_messages, field="generation.orca.system_messages",
+                         **row_checks("generation.orca.system_messages"))
     for m in messages:
         if not isinstance(m["submixes"], list) or not all(isinstance(x, str) for x in m["submixes"]):
             raise BadInput(f"generation.orca.system_messages: message {m['id']}: 'submixes' must be a list of names")
@@ -165,7 +167,7 @@ def sample_seeds(ctx: StageContext, guard: ContextGuard, t_user: str,
     max_new = cfg.response_decoding.max_new_tokens
 
     def indexed() -> Iterator[dict[str, Any]]:
-        for i, row in enumerate(stream_rows(r.seeds.flan, FLAN_FIELDS, "seeds.flan")):
+        for i, row in enumerate(stream_rows(r.seeds.flan, field="seeds.flan", **row_checks("seeds.flan"))):
             yield {**row, "_index": i}
 
     def keep(row: dict[str, Any]) -> bool:
@@ -226,10 +228,9 @@ def generate(ctx: StageContext) -> StageOutput:
             if len(str(m["text"])) > len(longest.get(key, "")):
                 longest[key] = str(m["text"])
     if cfg.show_gold_target:
-        t_user = load_template(cfg.gold_response_template.path, "generation.orca.gold_response_template",
-                               ("inputs", "targets"))
+        t_user = load_template(cfg.gold_response_template.path, "generation.orca.gold_response_template")
     else:
-        t_user = load_template(cfg.response_template.path, "generation.orca.response_template", ("inputs",))
+        t_user = load_template(cfg.response_template.path, "generation.orca.response_template")
     guard = ContextGuard(r.teacher)
     seeds, figures = sample_seeds(ctx, guard, t_user, longest)
     items = []

@@ -124,9 +124,9 @@ def run_filter(ctx: StageContext) -> StageOutput:
     if not rows:
         raise BadInput(f"{ctx.name}: {src} committed an empty dataset")
     if cfg.method == "logprobs":
-        rubric = load_template(cfg.rating_template.path, "filter.rating_template", ("instruction", "response"))
+        rubric = load_template(cfg.rating_template.path, "filter.rating_template")
     else:
-        rubric = load_template(cfg.rubric_template.path, "filter.rubric_template", ("instruction", "response"))
+        rubric = load_template(cfg.rubric_template.path, "filter.rubric_template")
     judge_col = cfg.judge_name
     prompts = {}
     for row in rows:

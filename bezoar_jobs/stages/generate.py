@@ -28,9 +28,6 @@ from ..training.types import Tokenizer
 from .common import endpoint_info, usage_dict, utilization
 from .records import stable_hash
 
-DOLLY_FIELDS = ("instruction", "context", "response", "category")
-FLAN_FIELDS = ("inputs", "targets", "task_source", "task_name", "template_type")
-
 # a chat API adds a few tokens per message around the texts (role markers)
 CHAT_OVERHEAD_TOKENS = 16
 
