@@ -719,6 +719,334 @@ def test_schema_refuses_unknown_and_mistyped_values(helm: tuple[str, dict[str, s
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
+# ---------------------------------------------------------------------------------------------
+# The chart refuses at install time what the controller refuses in the cluster
+# ---------------------------------------------------------------------------------------------
+# The audit: `helm lint`/`helm template` accepted values that ClusterSettings (or the run store, or the
+# recipe loader) refuses only once the controller pod reads them. values.schema.json now mirrors the
+# model field by field; the checks across keys are `fail`s in openbezoar.validate (_helpers.tpl).
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+# values outside clusterSettings that the chart fills into it: where they land
+FILLED_INTO = {
+    "runnerServiceAccount.name": "runnerServiceAccount",
+    "runStore.existingClaim": "storage.runVolume.claimName",
+    "teacher.maxConcurrentRequests": "teacher.maxConcurrentRequests",
+}
+
+
+def set_path(node: Any, path: tuple[Any, ...], value: Any) -> None:
+    """node[path] = value, making the mappings and list items on the way."""
+    for key, nxt in zip(path, (*path[1:], None), strict=True):
+        if isinstance(node, list):
+            node.extend({} for _ in range(key + 1 - len(node)))
+        elif key not in node:
+            node[key] = {}
+        if nxt is None:
+            node[key] = value
+        else:
+            node = node[key]
+
+
+def refused_by_the_model(cs: dict[str, Any]) -> bool:
+    try:
+        ClusterSettings.model_validate(cs)
+    except ValueError:  # pydantic's ValidationError
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message", "extra"),
+    [
+        # the audit's findings
+        ("clusterSettings.scheduling.data.resources.limits.cpu", "two", None, []),
+        ("clusterSettings.stageOverrides.dpoo.priorityClassName", "x",
+         "at '/clusterSettings/stageOverrides': additional properties 'dpoo' not allowed", []),
+        ("clusterSettings.stageOverrides.dpo.priorityClassName", "x",
+         "at '/clusterSettings/stageOverrides/dpo': additional properties 'priorityClassName' not allowed", []),
+        ("clusterSettings.teacher.maxConcurrentRequests", 2,
+         "openbezoar: clusterSettings.teacher.maxConcurrentRequests (2) cannot be divided among the 3 pods", []),
+        ("clusterSettings.images.tag", "bad tag!", None, []),
+        # the other gaps between the schema and the model
+        ("clusterSettings.scheduling.data.resources.requests.cpu", 1000000, None, []),  # %g: "1e+06"
+        ("clusterSettings.scheduling.train.resources.limits.memory", -1, None, []),
+        ("clusterSettings.scheduling.eval.resources.requests", {"GPU count": "1"},
+         "at '/clusterSettings/scheduling/eval/resources/requests': additional properties 'GPU count'", []),
+        ("clusterSettings.scheduling.data.shmSize", "1 Gi", None, []),
+        ("clusterSettings.scheduling.report.ephemeralStorage", "lots", None, []),
+        ("clusterSettings.scheduling.train.tolerations",
+         [{"key": "nvidia.com/gpu", "operator": "Exists", "value": "x"}],
+         "at '/clusterSettings/scheduling/train/tolerations/0/value'", []),
+        ("clusterSettings.scheduling.train.tolerations",
+         [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 60}],
+         "at '/clusterSettings/scheduling/train/tolerations/0/effect'", []),
+        ("clusterSettings.scheduling.data.tolerations", [{"operator": "Equals"}],
+         "at '/clusterSettings/scheduling/data/tolerations/0/operator'", []),
+        ("clusterSettings.scheduling.eval.tolerations", [{"keys": "k"}],
+         "at '/clusterSettings/scheduling/eval/tolerations/0': additional properties 'keys'", []),
+        ("clusterSettings.stageOverrides.dpo.gpus", -1, None, []),
+        ("clusterSettings.stageOverrides.sft-hh.resources.limits.memory", "96 GB", None, []),
+        ("clusterSettings.stageOverrides.generate-lamini.nodes", 2, None, []),
+        ("clusterSettings.stageOverrides.eval-harness.processesPerNode", 2, None, []),
+        ("clusterSettings.images.tag", "-rc1", None, []),
+        ("clusterSettings.runnerServiceAccount", "Runner_SA", None, []),
+        ("clusterSettings.imagePullSecrets", ["Reg_Cred"], "at '/clusterSettings/imagePullSecrets/0'", []),
+        ("clusterSettings.storage.runVolume.claimName", "Runs!", None, []),
+        ("clusterSettings.storage.cacheVolume.claimName", "cache pvc", None, []),
+        ("clusterSettings.secrets.s3.name", "S3-Creds", None, []),
+        ("clusterSettings.secrets.s3.credentialsFileKey", "aws/credentials", None, []),
+        ("clusterSettings.secrets.hfToken.name", "hf_token", None, []),
+        ("clusterSettings.secrets.hfToken.key", "hf token", None, []),
+        ("clusterSettings.secrets.apiKeys", [{"env": "OPENAI_API_KEY", "name": "Judges", "key": "api-key"}],
+         "at '/clusterSettings/secrets/apiKeys/0/name'", []),
+        ("clusterSettings.secrets.apiKeys", [{"env": "OPENAI_API_KEY", "name": "", "key": "a:b"}],
+         "at '/clusterSettings/secrets/apiKeys/0/key'", []),
+        ("clusterSettings.secrets.apiKeys",
+         [{"env": "K", "name": "", "key": "x"}, {"env": "K", "name": "", "key": "y"}],
+         'openbezoar: clusterSettings.secrets.apiKeys lists env "K" more than once', []),
+        ("clusterSettings.teacher.deployment", "Teacher", None, []),
+        ("clusterSettings.generationShards", 50,
+         "cannot be divided among the 150 pods that call the teacher at once (3 stages x "
+         "clusterSettings.generationShards 50)", []),
+        ("clusterSettings.generationShards", 1001, None, ["teacher.enabled=false"]),
+        ("clusterSettings.priorityClassName", "High_Priority", None, []),
+        ("clusterSettings.kueue.queueName", "gpu queue", None, []),
+        ("clusterSettings.jobs.gpuResourceName", "nvidia gpu", None, []),
+        ("clusterSettings.sizing.modelParamsB", 20000, None, []),
+        ("clusterSettings.distributed.trainingRuntime", "Torch_H100", None, []),
+        # values the chart fills into the cluster settings
+        ("teacher.maxConcurrentRequests", 2, "openbezoar: clusterSettings.teacher.maxConcurrentRequests (2, filled "
+         "from teacher.maxConcurrentRequests 2 x teacher.replicas 1)", []),
+        ("runnerServiceAccount.name", "Runner_SA", None, ["runnerServiceAccount.create=true"]),
+        ("runStore.existingClaim", "Runs_PVC", None, ["runStore.enabled=true", "run.baseUri="]),
+    ],
+)
+def test_cluster_settings_the_controller_refuses_fail_at_template_time(
+        helm: tuple[str, dict[str, str]], rendered: dict[str, list[dict[str, Any]]],
+        key: str, value: Any, message: str | None, extra: list[str]) -> None:
+    extra_args = [a for s in extra for a in ("--set", s)]
+    # The controller refuses it: the ConfigMap the chart renders without it, with this one value.
+    cs = cluster_yaml(template(helm, *values_files("base"), *extra_args) if extra else rendered["base"])
+    assert not refused_by_the_model(cs)
+    set_path(cs, tuple(FILLED_INTO.get(key, key.removeprefix("clusterSettings.")).split(".")), copy.deepcopy(value))
+    assert refused_by_the_model(cs), f"ClusterSettings accepts {key}={value!r}: not a case for this test"
+    # The chart refuses it, and the message names the key.
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *values_files("base"), *extra_args,
+                    "--set-json", f"{key}={json.dumps(value)}")
+    assert proc.returncode != 0, f"helm template accepts {key}={value!r}"
+    assert (message or f"at '/{key.replace('.', '/')}'") in proc.stderr, proc.stderr
+
+
+def test_run_locations_and_recipes_the_controller_refuses_fail_at_template_time(
+        helm: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """run.uri / run.baseUri: what bezoar_jobs.store.open_store opens (a path, file://, s3://bucket/...);
+    run.recipe: what recipe.load_recipe reads (a path, file://, s3://bucket/key); run.recipeInline: a
+    YAML mapping with the schema_version recipe.parse_recipe reads. Each refused value is refused by
+    that code first; each accepted one renders."""
+    from bezoar_jobs.errors import BadInput
+    from bezoar_jobs.recipe import SCHEMA_VERSION, load_recipe, parse_recipe
+    from bezoar_jobs.store import open_store
+
+    def helm_template(sets: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        args = [a for k, v in sets.items() for a in ("--set-json", f"{k}={json.dumps(v)}")]
+        return run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *values_files("base"), *args)
+
+    inline = {"run.recipe": ""}
+    refused = [
+        ({"run.uri": "http://x/y"}, "at '/run/uri'", lambda: open_store("http://x/y")),
+        ({"run.uri": "s3:///runs/x"}, "at '/run/uri'", lambda: open_store("s3:///runs/x")),
+        ({"run.uri": "gs://bucket/runs/x"}, "at '/run/uri'", lambda: open_store("gs://bucket/runs/x")),
+        ({"run.baseUri": "https://bucket/runs"}, "at '/run/baseUri'", lambda: open_store("https://bucket/runs/ci-run-1")),
+        ({"run.recipe": "s3://bucket"}, "at '/run/recipe'", lambda: load_recipe("s3://bucket")),
+        ({"run.recipe": "https://example.com/recipe.yaml"}, "at '/run/recipe'",
+         lambda: load_recipe("https://example.com/recipe.yaml")),
+        ({**inline, "run.recipeInline": "a: ["}, "openbezoar: run.recipeInline is not a YAML mapping",
+         lambda: parse_recipe("a: [")),
+        ({**inline, "run.recipeInline": "- a\n- b\n"}, "openbezoar: run.recipeInline is not a YAML mapping",
+         lambda: parse_recipe("- a\n- b\n")),
+        ({**inline, "run.recipeInline": "name: x\n"}, "openbezoar: run.recipeInline: schema_version is missing",
+         lambda: parse_recipe("name: x\n")),
+        ({**inline, "run.recipeInline": f"schema_version: {SCHEMA_VERSION + 1}\n"},
+         f"openbezoar: run.recipeInline: schema_version must be {SCHEMA_VERSION} ",
+         lambda: parse_recipe(f"schema_version: {SCHEMA_VERSION + 1}\n")),
+    ]
+    for sets, message, controller in refused:
+        with pytest.raises(BadInput):
+            controller()
+        proc = helm_template(sets)
+        assert proc.returncode != 0 and message in proc.stderr, (sets, proc.stderr)
+    demo = (REPO / "recipes" / "demo.yaml").read_text()
+    parse_recipe(demo)
+    for sets in ({"run.uri": "s3://bucket/runs/x"}, {"run.uri": "S3://bucket/runs/x"}, {"run.uri": "/runs/x"},
+                 {"run.uri": "file:///runs/x"}, {"run.baseUri": "s3://bucket"}, {"run.baseUri": "/runs"},
+                 {"run.recipe": "/etc/recipes/r.yaml"}, {"run.recipe": "file:///etc/recipes/r.yaml"},
+                 {"run.recipe": "s3://bucket/recipes/r.yaml"}, {**inline, "run.recipeInline": demo}):
+        proc = helm_template(sets)
+        assert proc.returncode == 0, (sets, proc.stderr)
+    s3 = open_store("S3://bucket/runs/x")  # urlparse lower-cases the scheme
+    assert s3.uri == "s3://bucket/runs/x"
+
+
+def test_teacher_capacity_check_is_the_models(helm: tuple[str, dict[str, str]],
+                                             rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """ClusterSettings refuses a teacher capacity the pods of the teacher-calling stages cannot divide;
+    the template's check has the same bound (its stage count is cluster.TEACHER_STAGES')."""
+    from bezoar_jobs.executors.cluster import TEACHER_STAGES
+
+    for shards in (1, 2):
+        bound = len(TEACHER_STAGES) * shards
+        for cap in (bound - 1, bound):
+            cs = cluster_yaml(rendered["base"])
+            cs["teacher"]["maxConcurrentRequests"], cs["generationShards"] = cap, shards
+            proc = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *values_files("base"),
+                            "--set", f"clusterSettings.teacher.maxConcurrentRequests={cap}",
+                            "--set", f"clusterSettings.generationShards={shards}")
+            assert (proc.returncode != 0) == refused_by_the_model(cs) == (cap < bound), (cap, shards, proc.stderr)
+
+
+# Probe values: each is put at every key of the cluster settings in turn.
+PROBES: tuple[Any, ...] = (
+    "", "a", "x", "two", "1", "0.5", "500m", "8Gi", "1 Gi", "1e3", "-1", "auto", "Bad_Name", "bad name", "a.b",
+    "a/b", "nvidia.com/gpu", "-a", "a-", ".a", "é", "x" * 64, "x" * 129, "x" * 254, "sha256:" + "0" * 64,
+    "sha256:abc", "Always", "job", "dns", "tgi", "path", "Exists", "NoExecute", "/runs", "runs", "OPENAI_API_KEY",
+    -1, 0, 1, 2, 29, 30, 1023, 1024, 65535, 65536, 1000, 1001, 10000, 10001, 0.5, 1.5, 0.00001, 999999, 1000000,
+    1e12, 10**20, True, None, [], {},
+)
+# ClusterSettings' checks across keys: template fails, tested with helm above
+TEMPLATE_CHECKED = {("teacher", "maxConcurrentRequests")}
+
+
+def probe_targets(cs: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Every key of the cluster settings, list items and mapping keys included."""
+    from bezoar_jobs.executors.cluster import ALL_STAGES, SchedulingOverride, Toleration
+
+    out = [p for p in leaf_paths(cs) if not isinstance(dig(cs, p), list | dict)]
+    out += [("imagePullSecrets", 0), *(("secrets", "apiKeys", 0, k) for k in ("env", "name", "key"))]
+    for fam in cs["scheduling"]:
+        out += [("scheduling", fam, "tolerations", 0, k) for k in Toleration.model_fields]
+        out += [("scheduling", fam, "resources", part, "<key>") for part in ("requests", "limits")]
+    for stage in (*ALL_STAGES, "dpoo", "DPO"):
+        out += [("stageOverrides", stage), ("stageOverrides", stage, "priorityClassName")]
+        out += [("stageOverrides", stage, k) for k in SchedulingOverride.model_fields]
+    return out
+
+
+def dig(node: Any, path: tuple[Any, ...]) -> Any:
+    for k in path:
+        node = node[k]
+    return node
+
+
+def test_the_schema_refuses_every_cluster_setting_the_model_refuses(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Property check over every key x PROBES (and combinations the model checks across fields): where
+    ClusterSettings refuses the settings the chart renders with that value, values.schema.json refuses
+    them too (jsonschema here; helm validates with the same draft-07 schema)."""
+    import jsonschema
+
+    # one validator per key of clusterSettings (the schema has no rule across them): fast
+    cs_schema = SCHEMA["properties"]["clusterSettings"]
+    validators = {k: jsonschema.Draft7Validator({**node, "definitions": SCHEMA.get("definitions", {})})
+                  for k, node in cs_schema["properties"].items()}
+    base = cluster_yaml(rendered["default"])
+    assert set(base) == set(validators) and cs_schema["additionalProperties"] is False
+    cases: list[tuple[tuple[Any, ...], Any]] = [(p, v) for p in probe_targets(base) for v in PROBES]
+    cases += [(("scheduling", "train", "tolerations"), [t]) for t in (
+        {"operator": "Exists", "value": "x"}, {"operator": "Exists", "value": ""}, {"operator": "Equal", "value": "x"},
+        {"tolerationSeconds": 60}, {"tolerationSeconds": 60, "effect": "NoExecute"},
+        {"tolerationSeconds": 60, "effect": "NoSchedule"}, {"tolerationSeconds": None, "effect": "NoSchedule"})]
+    missed = []
+    for path, value in cases:
+        cs = {**base, path[0]: copy.deepcopy(base[path[0]])}
+        if path[-1] == "<key>":  # a probe as a resource name
+            if not isinstance(value, str):
+                continue
+            path, value = path[:-1], {value: "1"}
+        if path == ("namespace",) and not value:
+            continue  # the chart fills the release namespace
+        set_path(cs, path, copy.deepcopy(value))
+        if path in TEMPLATE_CHECKED and isinstance(value, int) and value > 0:
+            continue
+        if refused_by_the_model(cs) and validators[path[0]].is_valid(cs[path[0]]):
+            missed.append(f"clusterSettings.{'.'.join(map(str, path))} = {value!r}")
+    assert not missed, "the schema accepts what ClusterSettings refuses:\n" + "\n".join(missed)
+
+
+def test_schema_enums_and_bounds_follow_the_model() -> None:
+    """Enums (Literal), numeric bounds and the stage names of values.schema.json's clusterSettings are
+    the ClusterSettings model's, both ways: a launcher, a stage or a bound added to the model must be
+    added to the schema, and the schema names no key the model lacks."""
+    import types
+    import typing
+
+    import annotated_types
+    from pydantic import BaseModel
+
+    from bezoar_jobs.executors.cluster import ALL_STAGES, STAGE_FAMILIES, SchedulingOverride
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        ref = node.get("$ref")
+        return dig(SCHEMA, tuple(ref.removeprefix("#/").split("/"))) if ref else node
+
+    def parts(annotation: Any) -> tuple[Any, list[Any]]:
+        """The annotation without None and Annotated, and the constraints Annotated carried."""
+        meta: list[Any] = []
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) == 1:
+                annotation = args[0]
+        if typing.get_origin(annotation) is typing.Annotated:
+            for m in annotation.__metadata__:
+                meta += getattr(m, "metadata", [m])
+            annotation = typing.get_args(annotation)[0]
+        return annotation, meta
+
+    checked: list[str] = []
+
+    def compare(model: type[BaseModel], node: dict[str, Any], where: str) -> None:
+        node = resolve(node)
+        props = node["properties"]
+        unknown = set(props) - set(model.model_fields)
+        assert not unknown, f"{where}: the schema names {unknown}, not fields of {model.__name__}"
+        for name, field in model.model_fields.items():
+            if name not in props:
+                continue  # the schema may be stricter (e.g. nodes on the train family only)
+            sub, at = resolve(props[name]), f"{where}.{name}"
+            ann, meta = parts(field.annotation)
+            meta += field.metadata
+            if typing.get_origin(ann) is typing.Literal:
+                assert set(sub["enum"]) - {None} == set(typing.get_args(ann)) - {None}, at
+                checked.append(at)
+            for m in meta:
+                if isinstance(m, annotated_types.Ge):
+                    assert sub.get("minimum") == m.ge, at
+                elif isinstance(m, annotated_types.Gt):
+                    assert sub.get("exclusiveMinimum") == m.gt or (ann is int and sub.get("minimum") == m.gt + 1), at
+                elif isinstance(m, annotated_types.Le):
+                    assert sub.get("maximum") == m.le, at
+                else:
+                    continue
+                checked.append(at)
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                compare(ann, sub, at)
+            elif typing.get_origin(ann) is tuple:
+                item, _ = parts(typing.get_args(ann)[0])
+                if isinstance(item, type) and issubclass(item, BaseModel):
+                    compare(item, sub["items"], f"{at}[]")
+
+    compare(ClusterSettings, SCHEMA["properties"]["clusterSettings"], "clusterSettings")
+    # stageOverrides: the registry's stages, each a SchedulingOverride; nodes > 1 on training stages only
+    over = SCHEMA["properties"]["clusterSettings"]["properties"]["stageOverrides"]
+    assert over["additionalProperties"] is False
+    (every, not_train) = over["patternProperties"].items()
+    assert every[0] == "^(" + "|".join(ALL_STAGES) + ")$"
+    assert not_train[0] == "^(" + "|".join(s for s in ALL_STAGES if STAGE_FAMILIES[s] != "train") + ")$"
+    compare(SchedulingOverride, every[1], "clusterSettings.stageOverrides.<stage>")
+    assert {"clusterSettings.distributed.launcher", "clusterSettings.generationShards",
+            "clusterSettings.sizing.modelParamsB", "clusterSettings.teacher.leaseSeconds",
+            "clusterSettings.scheduling.train.tolerations[].effect"} <= set(checked)
+
+
 def test_digest_pins_replace_tags_and_lift_the_skips(helm: tuple[str, dict[str, str]]) -> None:
     digest = "sha256:" + "ab" * 32
     docs = template(
@@ -779,8 +1107,11 @@ def schema_at(schema: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] |
     node = schema
     for key in path:
         props = node.get("properties", {})
+        patterns = [s for p, s in node.get("patternProperties", {}).items() if re.search(p, key)]
         if key in props:
             node = props[key]
+        elif patterns:
+            node = patterns[0]
         elif isinstance(node.get("additionalProperties"), dict):
             node = node["additionalProperties"]
         elif "properties" not in node and node.get("additionalProperties", True) is not False:

@@ -284,6 +284,20 @@ checkov.io/skip{{ add1 (index . 1) }}: CKV_K8S_15=IfNotPresent with a release ta
 {{- if and $v.run.recipe $v.run.recipeInline }}
 {{- fail "openbezoar: set only one of run.recipe and run.recipeInline" }}
 {{- end }}
+{{- with $v.run.recipeInline }}
+{{- $r := fromYaml . }}
+{{- if hasKey $r "Error" }}
+{{- fail (printf "openbezoar: run.recipeInline is not a YAML mapping (%s)" (get $r "Error")) }}
+{{- end }}
+{{- /* recipe.SCHEMA_VERSION: the recipe format the controller reads */}}
+{{- if not (hasKey $r "schema_version") }}
+{{- fail "openbezoar: run.recipeInline: schema_version is missing (the controller reads recipe schema_version 1)" }}
+{{- end }}
+{{- $sv := get $r "schema_version" }}
+{{- if not (and (kindIs "float64" $sv) (eq (float64 $sv) 1.0)) }}
+{{- fail (printf "openbezoar: run.recipeInline: schema_version must be 1 (the recipe format the controller reads), not %#v" $sv) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and $v.retrain.schedule (not $v.run.baseUri) (not $v.runStore.enabled) }}
 {{- fail "openbezoar: retrain.schedule needs run.baseUri or runStore (each scheduled run is <base>/retrain-<time>)" }}
@@ -313,6 +327,26 @@ checkov.io/skip{{ add1 (index . 1) }}: CKV_K8S_15=IfNotPresent with a release ta
 {{- end }}
 {{- if and (not $v.serviceAccount.create) (not $v.serviceAccount.name) $v.controller.enabled }}
 {{- fail "openbezoar: serviceAccount.name is required when serviceAccount.create is false (the controller needs an identity with the Role bound)" }}
+{{- end }}
+{{- /* What ClusterSettings checks across keys (bezoar_jobs/executors/cluster.py), on the settings as rendered. */}}
+{{- $cs := include "openbezoar.clusterSettings" . | fromYaml }}
+{{- $envs := list }}
+{{- range (dig "secrets" "apiKeys" list $cs) }}
+{{- if has .env $envs }}
+{{- fail (printf "openbezoar: clusterSettings.secrets.apiKeys lists env %q more than once" .env) }}
+{{- end }}
+{{- $envs = append $envs .env }}
+{{- end }}
+{{- /* the stages that call the teacher (cluster.TEACHER_STAGES: generate-*) share its capacity */}}
+{{- $callers := 3 }}
+{{- $shards := int (dig "generationShards" 1 $cs) }}
+{{- $cap := int (dig "teacher" "maxConcurrentRequests" 0 $cs) }}
+{{- if and $cap (lt $cap (mul $callers $shards)) }}
+{{- $filled := "" }}
+{{- if and $v.teacher.enabled (not (int $v.clusterSettings.teacher.maxConcurrentRequests)) }}
+{{- $filled = printf ", filled from teacher.maxConcurrentRequests %v x teacher.replicas %v" $v.teacher.maxConcurrentRequests $v.teacher.replicas }}
+{{- end }}
+{{- fail (printf "openbezoar: clusterSettings.teacher.maxConcurrentRequests (%d%s) cannot be divided among the %d pods that call the teacher at once (%d stages x clusterSettings.generationShards %d): raise it or lower clusterSettings.generationShards" $cap $filled (mul $callers $shards) $callers $shards) }}
 {{- end }}
 {{- end }}
 
