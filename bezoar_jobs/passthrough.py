@@ -8,8 +8,9 @@ every stage as soon as the recipe is read: :func:`check_recipe` runs inside ``pa
 
 It checks each key against a *schema* of the classes' fields: the field names, the kinds of value
 each accepts (bool, int, float, str, list, dict, null) and, where the field is an enum or a
-``Literal``, its choices (``optim``, ``lr_scheduler_type``, ``bias``), plus the keys the stage owns.
-The schema is
+``Literal``, its choices (``optim``, ``lr_scheduler_type``, ``bias``), plus the keys the stage owns;
+and the commonly set numbers against the ranges of :data:`BOUNDS` (a batch size of -3 or a negative
+learning rate, which the classes themselves take). The schema is
 
 - the one shipped with the package (``passthrough_schema.json``, built from the pinned TRL, PEFT
   and transformers) when those are the installed versions, or when they are not installed at all
@@ -34,6 +35,7 @@ import enum
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -42,10 +44,11 @@ import typing
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import BadInput
 from .training.config import _OWNED_COMMON, _OWNED_DPO, _OWNED_LORA, _OWNED_PREFIXES, _OWNED_SFT
+from .yamlmodel import finite_problem
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -176,10 +179,82 @@ def problems(cls: str, args: dict[str, Any], path: str, owned: dict[str, str]) -
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             out.append((where, f"unknown key: not a field of {cls}{hint}"))
             continue
-        bad = _bad_value(value, fields[key])
+        bad = _bad_value(value, fields[key]) or _out_of_range(key, value)
         if bad:
             out.append((where, bad))
     return out
+
+
+class Range(NamedTuple):
+    """The numbers a field takes: ``lo``/``hi`` (None: no limit), ``open_lo``/``open_hi``: the limit
+    itself refused; ``also``: one value outside them that is allowed too (max_steps -1)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    also: float | None = None
+
+    def refuses(self, x: float) -> bool:
+        if self.also is not None and x == self.also:
+            return False
+        low = self.lo is not None and (x <= self.lo if self.open_lo else x < self.lo)
+        return low or (self.hi is not None and (x >= self.hi if self.open_hi else x > self.hi))
+
+    def __str__(self) -> str:
+        lo = f"{'above' if self.open_lo else 'at least'} {self.lo:g}" if self.lo is not None else ""
+        hi = f"{'below' if self.open_hi else 'at most'} {self.hi:g}" if self.hi is not None else ""
+        text = " and ".join(p for p in (lo, hi) if p)
+        return f"{self.also:g} or {text}" if self.also is not None else text
+
+
+_POSITIVE = Range(0, open_lo=True)
+_COUNT = Range(1)
+_FRACTION = Range(0, 1, open_hi=True)
+# The commonly set numbers of SFTConfig, DPOConfig (TrainingArguments) and LoraConfig, which the
+# classes take unchecked (a batch size of -3, a negative learning rate): checked wherever the key
+# appears (sft_args, stage_args.*, dpo_args, lora, dpo.lora). Names as in TRL 1.16, transformers 5
+# and PEFT 0.21 (no warmup_ratio: a warmup_steps below 1 is the ratio). Seeds, logging, save and
+# eval steps are the stage's (training.config._OWNED_COMMON), refused before their values count.
+BOUNDS: dict[str, Range] = {
+    "per_device_train_batch_size": _COUNT,
+    "gradient_accumulation_steps": _COUNT,
+    "learning_rate": _POSITIVE,
+    "num_train_epochs": _POSITIVE,
+    "max_steps": Range(1, also=-1),  # -1: num_train_epochs decides
+    "warmup_steps": Range(0),  # below 1: a ratio of the total steps
+    "weight_decay": Range(0),
+    "max_grad_norm": Range(0),
+    "adam_beta1": _FRACTION,
+    "adam_beta2": _FRACTION,
+    "adam_epsilon": _POSITIVE,
+    "label_smoothing_factor": _FRACTION,
+    "max_length": _COUNT,
+    "dataloader_num_workers": Range(0),
+    "dataset_num_proc": _COUNT,
+    "torch_empty_cache_steps": _COUNT,
+    # DPOConfig
+    "beta": _POSITIVE,
+    "label_smoothing": Range(0, 0.5, open_hi=True),  # a probability that a label is flipped (TRL's docs)
+    "ref_model_mixup_alpha": Range(0, 1),
+    "ref_model_sync_steps": _COUNT,
+    # LoraConfig
+    "r": _COUNT,
+    "lora_alpha": _POSITIVE,
+    "lora_dropout": _FRACTION,
+}
+
+
+def _out_of_range(key: str, value: object) -> str | None:
+    """The problem of a number outside BOUNDS[key] (a kind of value the field takes, already checked)."""
+    bounds = BOUNDS.get(key)
+    if bounds is None or value is None or isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)  # YAML 1.1 reads 2e-4 as text
+    except ValueError:
+        return None
+    return f"{value} is out of range: must be {bounds}" if bounds.refuses(number) else None
 
 
 def _bad_value(value: object, field: dict[str, Any]) -> str | None:
@@ -198,10 +273,10 @@ def _bad_value(value: object, field: dict[str, Any]) -> str | None:
         return None
     if kind == "str" and kinds & {"int", "float"}:
         try:  # YAML 1.1 leaves 2e-4 a string; the stage converts it
-            float(str(value))
-            return None
+            number = float(str(value))
         except ValueError:
             return f"{value!r} is not a number"
+        return None if math.isfinite(number) else f"{value!r}: {finite_problem(number)}"
     if kind == "float" and "int" in kinds:
         return f"expected an integer, got {value!r}"
     want = " or ".join(sorted(k if k != "null" else "null" for k in kinds))

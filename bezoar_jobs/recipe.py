@@ -20,7 +20,19 @@ from pydantic_core import to_jsonable_python
 
 from .errors import BadInput
 from .passthrough import check_recipe
-from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Prob, Strict, is_hub_model
+from .recipe_base import (
+    Bool,
+    DatasetSource,
+    Decoding,
+    Endpoint,
+    Float,
+    NonNegInt,
+    PosInt,
+    Prob,
+    Seed,
+    Strict,
+    is_hub_model,
+)
 from .recipe_eval import EvaluationConfig, ReportConfig
 from .recipe_training import TrainingConfig
 from .registry import SFT_ALIAS, resolve_checkpoint
@@ -32,12 +44,12 @@ SCHEMA_VERSION = 1
 class StudentModel(Strict):
     model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
     revision: str | None = Field(None, description="pinned hub revision (commit sha) of the model")
-    trust_remote_code: bool = Field(
+    trust_remote_code: Bool = Field(
         False,
         description="run code shipped with the model repo (transformers trust_remote_code) when loading the student, "
         "the checkpoints trained from it and their tokenizers",
     )
-    add_bos: bool = Field(
+    add_bos: Bool = Field(
         True,
         description="put the tokenizer's BOS token in front of every training example, DPO prompt and MT-Bench "
         "answer prompt when the tokenizer does not add one itself",
@@ -140,7 +152,7 @@ class EvolConfig(Strict):
     response_decoding: Decoding = Field(
         Decoding(max_new_tokens=512, temperature=0.3, repetition_penalty=1.2), description="the teacher's responses"
     )
-    equality_check: bool = Field(True, description="rule 1: the judge says the evolution adds nothing")
+    equality_check: Bool = Field(True, description="rule 1: the judge says the evolution adds nothing")
     sorry_max_words: PosInt = Field(80, description="rule 2: 'sorry' in a response shorter than this")
     leak_phrases: tuple[str, ...] = Field(
         (
@@ -185,7 +197,7 @@ class OrcaConfig(Strict):
         description="one message per row: id, text, submixes (where it is drawn: cot, niv2, t0, flan2021, and "
         "flan2021_mc for Flan 2021 multiple-choice rows); ours follow Orca's 16 and its mapping",
     )
-    submix_weights: dict[Submix, Annotated[float, Field(ge=0)]] = Field(
+    submix_weights: dict[Submix, Annotated[Float, Field(ge=0)]] = Field(
         default_factory=lambda: dict(ORCA_SUBMIX_WEIGHTS),  # type: ignore[arg-type]
         description="share of the seeds per sub-mix (relative numbers); default Orca's sample sizes",
     )
@@ -199,7 +211,7 @@ class OrcaConfig(Strict):
         "as random as the buffer allows (bezoar_jobs/data/sampling.py)",
     )
     shuffle_buffer_size: PosInt = Field(10_000, description="rows in the shuffle buffer (sampling: shuffle_buffer)")
-    show_gold_target: bool = Field(
+    show_gold_target: Bool = Field(
         False, description="the teacher sees the Flan target (gold_response_template); unknown in the paper"
     )
     response_template: TemplateRef = Field(
@@ -210,7 +222,7 @@ class OrcaConfig(Strict):
         TemplateRef(path="pkg://bezoar_jobs/templates/orca_response_gold.txt"),
         description="the teacher's prompt when show_gold_target: {inputs} and {targets}",
     )
-    judge_sees_target: bool = Field(
+    judge_sees_target: Bool = Field(
         True, description="the filter's judge is shown the Flan target as a reference answer"
     )
     response_decoding: Decoding = Field(
@@ -270,12 +282,12 @@ class FilterConfig(Strict):
         TemplateRef(path="pkg://bezoar_jobs/templates/judge_rating.txt"),
         description="logprobs method: the prompt that asks for a bare 1-10 rating",
     )
-    threshold: Annotated[float, Field(ge=1, le=10)] = Field(
+    threshold: Annotated[Float, Field(ge=1, le=10)] = Field(
         7.0, description="keep status pass with rating >= threshold"
     )
-    require_pass: bool = Field(True, description="also require the judge's status to be 'pass' (generate method)")
+    require_pass: Bool = Field(True, description="also require the judge's status to be 'pass' (generate method)")
     max_attempts: PosInt = Field(3, description="asks per row when the verdict cannot be parsed")
-    retry_temperature: Annotated[float, Field(gt=0.0, le=2.0)] = Field(
+    retry_temperature: Annotated[Float, Field(gt=0.0, le=2.0)] = Field(
         0.7, description="temperature of a re-ask when decoding.temperature is 0 (greedy would repeat the same "
         "unparseable verdict)"
     )
@@ -284,7 +296,7 @@ class FilterConfig(Strict):
         description="the judge's verdicts (generate method; logprobs generates nothing); also generate-evol's "
         "rule 1 check, cut to 8 new tokens",
     )
-    allow_empty: bool = Field(
+    allow_empty: Bool = Field(
         False, description="commit a filtered dataset with no row kept (by default that is an error: exit 2)"
     )
 
@@ -299,7 +311,7 @@ class Recipe(Strict):
         "not hashed"
     )
     description: str = Field("", description="free text about the recipe; no stage reads it and it is not hashed")
-    seed: int = Field(
+    seed: Seed = Field(
         42,
         description="seed of every random choice: seed sampling, request seeds, filter re-asks, training, MT-Bench",
     )
@@ -421,10 +433,12 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         raise BadInput(f"{source}: a recipe must be a YAML mapping at the top level")
     if "schema_version" not in data:
         raise BadInput(f"{source}: schema_version: missing (this version of bezoar-jobs reads {SCHEMA_VERSION})")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    version = data["schema_version"]
+    if type(version) is not int or version != SCHEMA_VERSION:  # true and 1.0 equal 1 in Python: not here
+        shown = json.dumps(version) if isinstance(version, bool | float) else repr(version)
         raise BadInput(
             f"{source}:{key_lines(text).get(('schema_version',), '?')}: schema_version: "
-            f"{data.get('schema_version')!r} is not supported (this version reads {SCHEMA_VERSION})"
+            f"{shown} is not supported (this version reads {SCHEMA_VERSION})"
         )
     recipe = validate(Recipe, data, text, source, "recipe")
     # the pass-through sections too, now: not when the training stage finally builds them

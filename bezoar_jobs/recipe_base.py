@@ -11,16 +11,36 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import Strict as StrictType
+from pydantic_core import PydanticCustomError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """The recipe's base model: unknown keys refused, frozen, and every float finite (NaN and
+    infinity refused, with the value named: yamlmodel.format_errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+def _number_not_bool(v: object) -> object:
+    """Pydantic's float takes true as 1.0: the recipe's numbers refuse true/false."""
+    if isinstance(v, bool):
+        raise PydanticCustomError("float_type", "Input should be a number, got {got}", {"got": str(v).lower()})
+    return v
+
+
+# The recipe's scalar types. Pydantic's lax mode turns true into 1, 2.0 into 2 and 1 into true: an
+# int or a bool of the recipe takes exactly that (Strict), a float takes an int or a float (and,
+# as YAML 1.1 reads 1e-3 as text, a number written as text) but not true/false. Every int, float
+# and bool field of the recipe uses these (or Seed) (tests/test_recipe.py checks the models' schemas).
+Float = Annotated[float, BeforeValidator(_number_not_bool)]
+Bool = Annotated[bool, StrictType()]
+PosInt = Annotated[int, StrictType(), Field(gt=0)]
+NonNegInt = Annotated[int, StrictType(), Field(ge=0)]
+Prob = Annotated[float, BeforeValidator(_number_not_bool), Field(ge=0.0, le=1.0)]
+# a random seed: what numpy, torch and transformers.set_seed take
+Seed = Annotated[int, StrictType(), Field(ge=0, le=2**32 - 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,11 +48,11 @@ Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 # ---------------------------------------------------------------------------------------------
 class Decoding(Strict):
     max_new_tokens: PosInt = Field(256, description="most tokens generated per answer")
-    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = Field(0.7, description="sampling temperature; 0: greedy")
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+    temperature: Annotated[Float, Field(ge=0.0, le=5.0)] = Field(0.7, description="sampling temperature; 0: greedy")
+    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] = Field(
         1.0, description="nucleus sampling: sample among the most likely tokens holding this much probability; 1: off"
     )
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(
+    repetition_penalty: Annotated[Float, Field(gt=0.0)] | None = Field(
         None,
         description="sent to TGI, OpenAI-compatible servers (as vLLM and SGLang read it) and the local backend, "
         "never to Anthropic; null: not sent",
@@ -74,7 +94,7 @@ class Endpoint(Strict):
         description="raw-prompt backends: template with {system} and {user}; "
         "local backend: null uses the tokenizer's chat template",
     )
-    system_prompt_supported: bool = Field(
+    system_prompt_supported: Bool = Field(
         True,
         description="chat backends (openai-chat, anthropic, local with the chat template): false puts the system "
         "text in front of the user text instead of in the system slot",
@@ -82,10 +102,10 @@ class Endpoint(Strict):
     max_concurrency: PosInt = Field(
         16, description="remote backends: requests in flight at once per client; a shared teacher's budget may lower it"
     )
-    requests_per_minute: Annotated[float, Field(gt=0)] | None = Field(
+    requests_per_minute: Annotated[Float, Field(gt=0)] | None = Field(
         None, description="rate limit in requests per minute; null: none"
     )
-    tokens_per_minute: Annotated[float, Field(gt=0)] | None = Field(
+    tokens_per_minute: Annotated[Float, Field(gt=0)] | None = Field(
         None,
         description="rate limit in tokens per minute (a request counts its estimated prompt plus max_new_tokens, "
         "corrected by the server's usage); null: none",
@@ -93,19 +113,19 @@ class Endpoint(Strict):
     max_retries: NonNegInt = Field(
         6, description="retries of a request after a 429, 5xx, timeout, connection error or malformed answer"
     )
-    timeout_s: Annotated[float, Field(gt=0)] = Field(120.0, description="seconds one attempt may wait for its answer")
-    backoff_base_s: Annotated[float, Field(gt=0)] = Field(
+    timeout_s: Annotated[Float, Field(gt=0)] = Field(120.0, description="seconds one attempt may wait for its answer")
+    backoff_base_s: Annotated[Float, Field(gt=0)] = Field(
         1.0, description="retry wait: uniform up to min(backoff_max_s, backoff_base_s * 2^failures) seconds"
     )
-    backoff_max_s: Annotated[float, Field(gt=0)] = Field(60.0, description="the longest retry wait, in seconds")
-    price_input_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
-    price_output_per_mtok: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
-    spend_cap_usd: Annotated[float, Field(gt=0)] | None = Field(
+    backoff_max_s: Annotated[Float, Field(gt=0)] = Field(60.0, description="the longest retry wait, in seconds")
+    price_input_per_mtok: Annotated[Float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
+    price_output_per_mtok: Annotated[Float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
+    spend_cap_usd: Annotated[Float, Field(gt=0)] | None = Field(
         None, description="stop paying beyond this: spend of this role across the run, cached answers included"
     )
     # self-hosted servers (the TGI teacher): their cost is GPU time, not tokens
     gpus: PosInt | None = Field(None, description="GPUs serving this model, for GPU-hours (e.g. 2 for Falcon-40B)")
-    gpu_hour_usd: Annotated[float, Field(ge=0)] | None = Field(None, description="USD per GPU-hour of those GPUs")
+    gpu_hour_usd: Annotated[Float, Field(ge=0)] | None = Field(None, description="USD per GPU-hour of those GPUs")
     # the context window: a request whose prompt plus max_new_tokens exceeds it is refused by the
     # server (TGI answers HTTP 422 on every retry), so the stages measure and skip such rows
     context_tokens: PosInt | None = Field(
@@ -120,7 +140,7 @@ class Endpoint(Strict):
         "auto", description="local backend: weight dtype; auto: bfloat16 on a GPU that supports it, else float32"
     )
     device: str = Field("auto", description="local backend: torch device (cpu, cuda, cuda:1); auto: cuda if available")
-    trust_remote_code: bool = Field(
+    trust_remote_code: Bool = Field(
         False,
         description="run code shipped with the model repo (transformers trust_remote_code): loading the local "
         "backend's model and the tokenizer that measures context_tokens",

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .recipe_base import DatasetSource, Decoding, Endpoint, NonNegInt, PosInt, Strict
+from .recipe_base import Bool, DatasetSource, Decoding, Endpoint, Float, NonNegInt, PosInt, Seed, Strict
 from .registry import DEFAULT_CHECKPOINTS, SFT_ALIAS, TRAINED_STAGES
 
 # checkpoint names a recipe may list: the base (student) model and every training stage's output
@@ -45,7 +45,7 @@ class Baseline(Strict):
     name: Name = Field(description="row label in results and the report")
     model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
     revision: str | None = Field(None, description="pinned hub revision (commit sha)")
-    trust_remote_code: bool = Field(
+    trust_remote_code: Bool = Field(
         False, description="run code shipped with the model repo (transformers trust_remote_code) when loading it"
     )
     counterpart: Literal["sft", "sft-hh", "dpo"] | None = Field(
@@ -60,7 +60,7 @@ class HarnessTask(Strict):
     name: str = Field(description="task or group name as lm_eval knows it (or from include_path)")
     num_fewshot: NonNegInt = Field(0, description="few-shot examples in each prompt")
     metric: str = Field("acc", description="primary metric for the summary: 'acc_norm', or 'metric,filter'")
-    version: str | float | None = Field(
+    version: str | Float | None = Field(
         None, description="pinned task version (metadata.version); a different installed version is an error"
     )
 
@@ -82,7 +82,7 @@ LEADERBOARD_V1: tuple[HarnessTask, ...] = (
 
 
 class HarnessConfig(Strict):
-    enabled: bool = Field(True, description="false: eval-harness evaluates nothing and commits a skipped summary")
+    enabled: Bool = Field(True, description="false: eval-harness evaluates nothing and commits a skipped summary")
     tasks: tuple[HarnessTask, ...] = Field(LEADERBOARD_V1, description="tasks, shots and pinned versions")
     include_path: str | None = Field(
         None,
@@ -97,8 +97,8 @@ class HarnessConfig(Strict):
     bootstrap_iters: NonNegInt = Field(
         100_000, description="bootstrap resamples for stderrs of non-mean metrics (lm_eval's default)"
     )
-    add_bos_token: bool | None = Field(None, description="null: the harness's default for the tokenizer")
-    seed: tuple[int | None, int | None, int | None, int | None] | None = Field(
+    add_bos_token: Bool | None = Field(None, description="null: the harness's default for the tokenizer")
+    seed: tuple[Seed | None, Seed | None, Seed | None, Seed | None] | None = Field(
         None,
         description="lm_eval's four seeds (python random, numpy, torch, few-shot sampler), as its --seed takes "
         "them (one integer sets all four); null: lm_eval's own defaults 0,1234,1234,1234, with which the Open "
@@ -114,7 +114,7 @@ class HarnessConfig(Strict):
         "processes on CPU), the model's requests split between them; vllm: model replicas over the pod's GPUs "
         "(needs ray)")
     tensor_parallel_size: PosInt = Field(1, description="vllm: GPUs each replica is split over")
-    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
+    gpu_memory_utilization: Annotated[Float, Field(gt=0, le=1)] = Field(
         0.9, description="vllm: the fraction of each GPU's memory vLLM may take")
 
     @model_validator(mode="after")
@@ -145,7 +145,7 @@ class HarnessConfig(Strict):
 
 
 class MTBenchConfig(Strict):
-    enabled: bool = Field(True, description="false: eval-mtbench evaluates nothing and commits a skipped summary")
+    enabled: Bool = Field(True, description="false: eval-mtbench evaluates nothing and commits a skipped summary")
     questions: DatasetSource = Field(
         MTBENCH_QUESTIONS,
         description="a dataset source (as the recipe's seeds) in MT-Bench's question.jsonl format "
@@ -171,10 +171,10 @@ class MTBenchConfig(Strict):
     )
     categories: tuple[str, ...] | None = Field(None, description="evaluate only these categories")
     # answering
-    temperatures: dict[str, Annotated[float, Field(ge=0.0, le=2.0)]] = Field(
+    temperatures: dict[str, Annotated[Float, Field(ge=0.0, le=2.0)]] = Field(
         default_factory=lambda: dict(MTBENCH_TEMPERATURES), description="answer temperature per category"
     )
-    default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = Field(
+    default_temperature: Annotated[Float, Field(ge=0.0, le=2.0)] = Field(
         0.7, description="answer temperature of a category not in temperatures"
     )
     answer_max_new_tokens: PosInt = Field(1024, description="FastChat's default")
@@ -254,8 +254,8 @@ class EvaluationConfig(Strict):
 
 class ReportConfig(Strict):
     title: str | None = Field(None, description="page title; null: the recipe's name")
-    gpu_hour_usd: Annotated[float, Field(ge=0)] | None = Field(None, description="price of one GPU-hour, for costs")
+    gpu_hour_usd: Annotated[Float, Field(ge=0)] | None = Field(None, description="price of one GPU-hour, for costs")
     judgments_shown: NonNegInt = Field(3, description="MT-Bench judgments quoted per model in the report")
-    include_recipe: bool = Field(
+    include_recipe: Bool = Field(
         True, description="end the report with the run's recipe text (credentials in URLs masked)"
     )

@@ -14,18 +14,59 @@ class default applies. The merged dict is what the stage's parameter hash covers
 
 from __future__ import annotations
 
+import datetime
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidatorFunctionWrapHandler, WrapValidator, field_validator
+from pydantic_core import PydanticCustomError
 
-from .recipe_base import DatasetSource, PosInt, Strict
+from .recipe_base import Bool, DatasetSource, Float, PosInt, Strict
 from .registry import DEFAULT_SFT_ORDER, SCHEME_NAMES, SFT_STAGES
+from .yamlmodel import finite_problem
 
 SCHEMES: tuple[str, ...] = SCHEME_NAMES
 
 Scalar = str | int | float | bool | None
-PassValue = Scalar | list[Scalar] | dict[str, Scalar]
+_SCALAR_WORDS = "a number, text, true/false or null"  # what a pass-through value (or its items) may be
+
+
+def _pass_problem(v: Any, at: tuple[Any, ...] = (), nested: bool = True) -> tuple[tuple[Any, ...], str] | None:
+    """(where under the key, what is wrong) of a pass-through value, or None: a scalar, or (``nested``)
+    a list of scalars or a mapping of text keys to scalars; a float is finite."""
+    if v is None or isinstance(v, str | int | bool):
+        return None
+    if isinstance(v, float):
+        return None if math.isfinite(v) else (at, finite_problem(v))
+    if nested and isinstance(v, list):
+        return next((p for i, x in enumerate(v) if (p := _pass_problem(x, (*at, i), False))), None)
+    if nested and isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                return (*at, k), f"key {k!r} should be text"
+            if p := _pass_problem(x, (*at, k), False):
+                return p
+        return None
+    if isinstance(v, dict | list):
+        got = "a mapping" if isinstance(v, dict) else "a list"
+    elif isinstance(v, datetime.date):
+        got = "a date (quote it to pass it as text)"
+    else:
+        got = f"a value of type {type(v).__name__}"
+    want = "a number, text, true/false, null, a list or a mapping" if nested else _SCALAR_WORDS
+    return at, f"expected {want}, got {got}"
+
+
+def _check_pass_value(v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One clear error per bad value (pydantic's union would list each member's), at the key inside."""
+    if found := _pass_problem(v):
+        at, problem = found
+        raise PydanticCustomError("pass_value", "{problem}", {"problem": problem, "at": at})
+    return handler(v)
+
+
+PassValue = Annotated[Scalar | list[Scalar] | dict[str, Scalar], WrapValidator(_check_pass_value)]
 PassArgs = dict[str, PassValue]
 
 # SFTConfig overrides shared by every SFT stage (QLoRA reference script where RECIPE.md names it;
@@ -122,11 +163,11 @@ class PushConfig(Strict):
     repo_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")] = Field(
         description="owner/name-prefix: stage S goes to owner/name-prefix-S"
     )
-    private: bool = Field(True, description="create the hub repos as private")
+    private: Bool = Field(True, description="create the hub repos as private")
     token_env: str = Field(
         "HF_TOKEN", description="environment variable holding the hub token; the stage fails when it is unset"
     )
-    datasets: bool = Field(True, description="also push the stage's training rows as a dataset repo")
+    datasets: Bool = Field(True, description="also push the stage's training rows as a dataset repo")
 
 
 class TrainingConfig(Strict):
@@ -154,7 +195,7 @@ class TrainingConfig(Strict):
         description="a row whose prompt alone fills max_length: error (exit 2, naming the row) or drop it "
         "(counted in the manifest); a response that does not fit is cut at max_length either way",
     )
-    max_dropped_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+    max_dropped_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = Field(
         0.2, description="fail (exit 2) when more than this fraction of rows is dropped"
     )
     batching: Literal["examples", "packed"] = Field(
@@ -171,12 +212,12 @@ class TrainingConfig(Strict):
         "padding-free batches, the model's default otherwise; or a transformers name (sdpa, eager, "
         "flash_attention_2, ...)",
     )
-    shared_prefix: bool = Field(
+    shared_prefix: Bool = Field(
         True,
         description="with per-example attention (bezoar_segments): compute a prompt prefix that several "
         "examples of a batch share (the system text) once per batch; same losses and gradients",
     )
-    response_head: bool = Field(
+    response_head: Bool = Field(
         True,
         description="on CPU, project only the scored (response) positions through the LM head: our SFT loss, "
         "and TRL's compact fused head for DPO (TRL scores every position without Triton); false: TRL as is",

@@ -20,7 +20,7 @@ import yaml
 
 from bezoar_jobs import passthrough
 from bezoar_jobs.errors import BadInput
-from bezoar_jobs.recipe import parse_recipe
+from bezoar_jobs.recipe import load_recipe, parse_recipe
 from tests.llm_server import LLMTestServer
 from tests.scripted import scripted_answer, scripted_recipe
 
@@ -122,7 +122,7 @@ class Block:
             raise ImportError(f"{name} is not installed here")
 sys.meta_path.insert(0, Block())
 from bezoar_jobs.errors import BadInput
-from bezoar_jobs.recipe import parse_recipe
+from bezoar_jobs.recipe import load_recipe, parse_recipe
 try:
     parse_recipe(sys.argv[1], "r.yaml")
 except BadInput as e:
@@ -156,3 +156,83 @@ def test_the_shipped_schema_is_that_of_the_pinned_libraries():
     if passthrough.installed_versions() == shipped["versions"]:
         # regenerate with: python -m bezoar_jobs.passthrough --write bezoar_jobs/passthrough_schema.json
         assert passthrough.build_schema() == shipped
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers the classes take unchecked: a batch size of -3, a negative learning rate
+# ---------------------------------------------------------------------------------------------
+DEMO_TEXT = (REPO / "recipes" / "demo.yaml").read_text()
+SFT = "    learning_rate: 2.0e-4\n"  # the last line of demo.yaml's training.sft_args
+DPO = "      learning_rate: 5.0e-5\n"  # the last line of its training.dpo.dpo_args
+LORA = "  lora: {r: 8, lora_alpha: 16, lora_dropout: 0.05, target_modules: [q_proj, k_proj, v_proj]}\n"
+
+
+def _demo_with(tmp_path: Path, old: str, new: str, at: str) -> tuple[Path, int]:
+    assert old in DEMO_TEXT, old
+    text = DEMO_TEXT.replace(old, new, 1)
+    p = tmp_path / "bounds.yaml"
+    p.write_text(text)
+    return p, next(n for n, ln in enumerate(text.splitlines(), 1) if at in ln)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "at", "message"),
+    [
+        ("    per_device_train_batch_size: 3", "    per_device_train_batch_size: -3", "size: -3",
+         "training.sft_args.per_device_train_batch_size: -3 is out of range: must be at least 1"),
+        (SFT, "    learning_rate: -2.0e-4\n", "learning_rate: -2",
+         "training.sft_args.learning_rate: -0.0002 is out of range: must be above 0"),
+        (SFT, "    learning_rate: -2e-4\n", "learning_rate: -2",  # YAML 1.1 text: the stage converts it
+         "training.sft_args.learning_rate: -2e-4 is out of range: must be above 0"),
+        ("    gradient_accumulation_steps: 1", "    gradient_accumulation_steps: 0", "steps: 0",
+         "training.sft_args.gradient_accumulation_steps: 0 is out of range: must be at least 1"),
+        (SFT, SFT + "    warmup_steps: -0.1\n", "warmup_steps",
+         "training.sft_args.warmup_steps: -0.1 is out of range: must be at least 0"),
+        ("    max_steps: 10", "    max_steps: 0", "max_steps: 0",
+         "training.sft_args.max_steps: 0 is out of range: must be -1 or at least 1"),
+        (SFT, SFT + "    weight_decay: -0.01\n", "weight_decay",
+         "training.sft_args.weight_decay: -0.01 is out of range: must be at least 0"),
+        (SFT, SFT + "    max_grad_norm: -1.0\n", "max_grad_norm",
+         "training.sft_args.max_grad_norm: -1.0 is out of range: must be at least 0"),
+        ("  hh:\n", "  stage_args:\n    sft-orca: {num_train_epochs: 0}\n  hh:\n", "sft-orca:",
+         "training.stage_args.sft-orca.num_train_epochs: 0 is out of range: must be above 0"),
+        ("      max_length: 160\n", "      max_length: 0\n", "max_length: 0",
+         "training.dpo.dpo_args.max_length: 0 is out of range: must be at least 1"),
+        (DPO, DPO + "      beta: 0.0\n", "beta:", "training.dpo.dpo_args.beta: 0.0 is out of range: must be above 0"),
+        (LORA, LORA.replace("r: 8", "r: 0"), "lora: {r: 0", "training.lora.r: 0 is out of range: must be at least 1"),
+        (LORA, LORA.replace("lora_dropout: 0.05", "lora_dropout: 1.0"), "lora: {",
+         "training.lora.lora_dropout: 1.0 is out of range: must be at least 0 and below 1"),
+        (LORA, LORA.replace("lora_alpha: 16", "lora_alpha: -16"), "lora: {",
+         "training.lora.lora_alpha: -16 is out of range: must be above 0"),
+        ("  dpo:\n", "  dpo:\n    lora: {r: -8}\n", "lora: {r: -8}",
+         "training.dpo.lora.r: -8 is out of range: must be at least 1"),
+    ],
+)
+def test_numbers_out_of_their_range_are_refused_naming_field_file_and_line(tmp_path, old, new, at, message):
+    p, line = _demo_with(tmp_path, old, new, at)
+    with pytest.raises(BadInput) as e:
+        load_recipe(p)
+    assert f"{p}:{line}: {message}" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(("old", "new"), [("    max_steps: 10\n", "    max_steps: -1\n"),
+                                          (SFT, "    learning_rate: 1e-4\n    warmup_steps: 0.03\n"),
+                                          (SFT, SFT + "    max_grad_norm: 0\n    weight_decay: 0.1\n"),
+                                          (SFT, SFT + "    num_train_epochs: 0.5\n")])
+def test_numbers_in_range_load(tmp_path, old, new):
+    p, _ = _demo_with(tmp_path, old, new, new.split(":")[0])
+    load_recipe(p)
+
+
+def test_every_bound_is_a_field_the_recipe_may_set():
+    """BOUNDS names fields of SFTConfig, DPOConfig or LoraConfig (as installed, or as shipped) that the
+    stage does not own: a renamed field in a new TRL shows up here, not as a silently dead check."""
+    from bezoar_jobs.training.config import _OWNED_COMMON, _OWNED_DPO, _OWNED_LORA, _OWNED_SFT
+
+    classes = passthrough.schema()["classes"]
+    owned = {**_OWNED_COMMON, **_OWNED_SFT, **_OWNED_DPO, **_OWNED_LORA}
+    for key in passthrough.BOUNDS:
+        assert any(key in fields for fields in classes.values()), key
+        assert key not in owned, key
+        numeric = {k for fields in classes.values() if key in fields for k in fields[key]["kinds"]}
+        assert numeric & {"int", "float"}, key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,168 @@ def test_a_field_without_a_description_is_found():
         plain: str = "x"
 
     assert mod.undocumented(Root) == ["plain", "<block>.bare"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad values that used to load (and crash a stage later), duplicate keys, lax scalars, messages
+# ---------------------------------------------------------------------------------------------
+DEMO_TEXT = (REPO / "recipes" / "demo.yaml").read_text()
+
+
+def _write(tmp_path: Path, old: str, new: str, at: str) -> tuple[Path, int]:
+    """demo.yaml with ``old`` replaced by ``new`` (once), written to a file; the line holding ``at``."""
+    assert old in DEMO_TEXT, old
+    text = DEMO_TEXT.replace(old, new, 1)
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p, next(n for n, ln in enumerate(text.splitlines(), 1) if at in ln)
+
+
+def _refused(p: Path) -> str:
+    with pytest.raises(BadInput) as e:
+        load_recipe(p)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "at", "message"),
+    [  # submix .inf crashed plan (NaN to int); timeout .inf crashed aiohttp; a price .inf wrote Infinity to JSON
+        ("{cot: 1,", "{cot: .inf,", "cot: .inf", "generation.orca.submix_weights.cot: the value is infinite"),
+        ("  batch_size: 32 ", "  timeout_s: .inf\n  batch_size: 32 ", "timeout_s:",
+         "teacher.timeout_s: the value is infinite"),
+        ("  batch_size: 16\n", "  batch_size: 16\n  price_input_per_mtok: .inf\n", "price_input_per_mtok",
+         "judge.price_input_per_mtok: the value is infinite"),
+        ("  threshold: 3.5", "  threshold: .nan", "threshold:", "filter.threshold: the value is NaN (not a number)"),
+        ("temperature: 0.7, top_p: 0.9}\n    response", "temperature: -.inf, top_p: 0.9}\n    response",
+         "-.inf", "generation.lamini.instruction_decoding.temperature: the value is minus infinite"),
+        ("    learning_rate: 2.0e-4", "    learning_rate: .nan", "learning_rate: .nan",
+         "training.sft_args.learning_rate: the value is NaN"),
+        ("    learning_rate: 2.0e-4", "    learning_rate: nan", "learning_rate: nan",
+         "training.sft_args.learning_rate: 'nan': the value is NaN"),
+    ],
+)
+def test_nan_and_infinity_are_refused_naming_field_file_and_line(tmp_path, old, new, at, message):
+    p, line = _write(tmp_path, old, new, at)
+    msg = _refused(p)
+    assert f"{p}:{line}: {message}" in msg and "\n" not in msg, msg
+    assert "less than or equal" not in msg  # NaN used to fail the range check, saying nothing of NaN
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("-1", "seed: Input should be greater than or equal to 0"),
+     ("123456789012345678901234567890", "seed: Input should be less than or equal to 4294967295"),
+     ("7.0", "seed: Input should be a valid integer, got 7.0")],
+)
+def test_the_seed_is_what_set_seed_takes(tmp_path, value, message):
+    p, line = _write(tmp_path, "seed: 42", f"seed: {value}", "seed:")
+    assert f"{p}:{line}: {message}" in _refused(p)
+
+
+def test_the_harness_seeds_are_what_set_seed_takes(tmp_path):
+    p, line = _write(tmp_path, "  harness:\n", "  harness:\n    seed: [0, 1234, -1, 1234]\n", "seed: [0")
+    assert f"{p}:{line}: evaluation.harness.seed.2: Input should be greater than or equal to 0" in _refused(p)
+    for ok in ("0", "4294967295"):
+        p, _ = _write(tmp_path, "seed: 42", f"seed: {ok}", "seed:")
+        assert load_recipe(p)[0].seed == int(ok)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "at", "first"),
+    [("  batch_size: 32 ", "  batch_size: 32\n  batch_size: 1 ", "batch_size: 1", 14),  # two under teacher:
+     ("evaluation:\n", "seed: 7\nevaluation:\n", "seed: 7", 8)],  # one more at the top level
+)
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path, old, new, at, first):
+    p, line = _write(tmp_path, old, new, at)
+    key = at.split(":")[0]
+    assert f"{p}:{line}: key '{key}' appears twice (first at line {first})" in _refused(p)
+
+
+def test_the_cluster_settings_refuse_a_key_given_twice(tmp_path):
+    from bezoar_jobs.executors.cluster import load_cluster_settings
+
+    p = tmp_path / "cluster.yaml"
+    p.write_text("namespace: bezoar\ngenerationShards: 2\nnamespace: other\n")
+    with pytest.raises(BadInput, match=rf"^{re.escape(str(p))}:3: key 'namespace' appears twice \(first at line 1\)"):
+        load_cluster_settings(p)
+
+
+def test_merge_keys_still_load_as_yaml_safe_load_reads_them():
+    from bezoar_jobs.yamlmodel import parse_yaml
+
+    text = "base: &b {x: 1, y: 2}\nover: {<<: *b, x: 3}\nagain: {<<: [*b], z: 4}\n"
+    assert parse_yaml(text, "m.yaml", "recipe") == yaml.safe_load(text) == {
+        "base": {"x": 1, "y": 2}, "over": {"x": 3, "y": 2}, "again": {"x": 1, "y": 2, "z": 4}}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "at", "message"),
+    [("schema_version: 1", "schema_version: true", "schema_version", "schema_version: true is not supported"),
+     ("schema_version: 1", "schema_version: 1.0", "schema_version", "schema_version: 1.0 is not supported"),
+     ("  flush_every: 8", "  flush_every: true", "flush_every", "generation.flush_every: Input should be a valid "
+                                                               "integer, got true"),
+     ("  flush_every: 8", "  flush_every: 8.0", "flush_every", "generation.flush_every: Input should be a valid "
+                                                              "integer, got 8.0"),
+     ("    rounds: 1", "    rounds: '1'", "rounds:", "generation.evol.rounds: Input should be a valid integer, got "
+                                                     "the text '1'"),
+     ("  response_head: true ", "  response_head: 1 ", "response_head", "training.response_head: Input should be "
+                                                                        "true or false, got 1"),
+     ("  threshold: 3.5", "  threshold: true", "threshold: true",
+      "filter.threshold: Input should be a number, got true"),
+     ("{cot: 1,", "{cot: false,", "cot: false", "generation.orca.submix_weights.cot: Input should be a number")],
+)
+def test_a_bool_is_no_number_and_a_float_no_integer(tmp_path, old, new, at, message):
+    p, line = _write(tmp_path, old, new, at)
+    assert f"{p}:{line}: {message}" in _refused(p)
+
+
+def test_a_float_field_still_takes_an_integer(tmp_path):
+    p, _ = _write(tmp_path, "  threshold: 3.5", "  threshold: 4", "threshold")
+    r, _ = load_recipe(p)
+    assert r.filter.threshold == 4.0 and isinstance(r.filter.threshold, float)
+
+
+def test_every_number_and_flag_of_the_recipe_is_strict():
+    """Each int and bool of the recipe's schema is strict, and each float refuses true/false, so a
+    field added later with a bare ``int``, ``float`` or ``bool`` fails here (use Int... from recipe_base:
+    PosInt, NonNegInt, Seed, Float, Prob, Bool). Pass-through values are checked by passthrough.py."""
+    from bezoar_jobs.recipe import Recipe
+    from bezoar_jobs.recipe_base import _number_not_bool
+
+    def lax(schema: object, path: str = "", guarded: bool = False) -> list[str]:
+        out: list[str] = []
+        if isinstance(schema, dict):
+            kind = schema.get("type")
+            fn = schema["function"].get("function") if isinstance(schema.get("function"), dict) else None
+            if (kind in ("int", "bool") and not schema.get("strict")) or (kind == "float" and not guarded):
+                out.append(path)
+            if kind == "function-wrap" and getattr(fn, "__name__", "") == "_check_pass_value":
+                return out
+            for k, v in schema.items():
+                out += lax(v, f"{path}.{k}", kind == "function-before" and fn is _number_not_bool and k == "schema")
+        elif isinstance(schema, list | tuple):
+            for i, v in enumerate(schema):
+                out += lax(v, f"{path}[{i}]")
+        return out
+
+    assert lax(Recipe.__pydantic_core_schema__) == []
+
+
+@pytest.mark.parametrize("char", ["\x07", "\x00"])
+def test_a_control_character_names_its_line_and_column(tmp_path, char):
+    p, line = _write(tmp_path, "name: openbezoar-demo", f"name: openbezoar{char}demo", "name: openbezoar")
+    assert (f"{p}:{line}: recipe is not valid YAML: unacceptable character #x{ord(char):04x} at line {line}, "
+            f"column {len('name: openbezoar') + 1}") in _refused(p)
+
+
+def test_a_key_that_is_not_text_names_its_line(tmp_path):
+    p, line = _write(tmp_path, "evaluation:\n", "1: x\nevaluation:\n", "1: x")
+    assert f"{p}:{line}: 1: key 1 should be text" in _refused(p)
+
+
+def test_a_nested_pass_through_value_is_one_clear_line(tmp_path):
+    p, line = _write(tmp_path, "    learning_rate: 2.0e-4", "    learning_rate: 2.0e-4\n    lr_scheduler_kwargs:\n"
+                     "      a: {b: 1}", "      a: {b: 1}")
+    msg = _refused(p)
+    assert msg == (f"invalid recipe: {p}:{line}: training.sft_args.lr_scheduler_kwargs.a: expected a number, text, "
+                   "true/false or null, got a mapping")
