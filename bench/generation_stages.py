@@ -351,8 +351,10 @@ def main(argv: list[str] | None = None) -> None:
             # per stage: the run with the median busy figure
             fig[key] = [sorted((run[i] for run in runs), key=lambda x: x["busy"])[len(runs) // 2]
                         for i in range(len(a.stages))]
+            # None: not compared (no clean run in --parts), never False for a comparison not made
             fig["identical" if key == "faults" else "identical_tgi"] = {
-                s: all(run[i]["identical"] for run in runs) for i, s in enumerate(a.stages)}
+                s: all(run[i]["identical"] for run in runs) if "clean" in parts else None
+                for i, s in enumerate(a.stages)}
             fig["bound" if key == "faults" else "bound_tgi"] = {s: shape_bound(a, s, ra_s) for s in a.stages}
         if "together" in parts:
             fig["together"] = together(a, d, dolly, flan)
