@@ -113,3 +113,14 @@ def longtail_pipeline_script(mu: float = 4.0, sigma: float = 1.0, seed: int = 0)
         return text
 
     return script
+
+
+def edited_demo(tmp_path: Path, old: str, new: str, at: str, name: str = "bad.yaml") -> tuple[Path, int]:
+    """recipes/demo.yaml with ``old`` replaced by ``new`` (once), written to ``tmp_path/name``; and the line
+    holding ``at`` (where an error about the edit must point)."""
+    demo = (REPO / "recipes" / "demo.yaml").read_text()
+    assert old in demo, old
+    text = demo.replace(old, new, 1)
+    p = tmp_path / name
+    p.write_text(text)
+    return p, next(n for n, ln in enumerate(text.splitlines(), 1) if at in ln)

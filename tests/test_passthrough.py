@@ -22,7 +22,7 @@ from bezoar_jobs import passthrough
 from bezoar_jobs.errors import BadInput
 from bezoar_jobs.recipe import load_recipe, parse_recipe
 from tests.llm_server import LLMTestServer
-from tests.scripted import scripted_answer, scripted_recipe
+from tests.scripted import edited_demo, scripted_answer, scripted_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TYPOS = {"training": {"lora": {"rr": 8}, "sft_args": {"learning_rat": 1e-4}}}
@@ -161,18 +161,13 @@ def test_the_shipped_schema_is_that_of_the_pinned_libraries():
 # ---------------------------------------------------------------------------------------------
 # numbers the classes take unchecked: a batch size of -3, a negative learning rate
 # ---------------------------------------------------------------------------------------------
-DEMO_TEXT = (REPO / "recipes" / "demo.yaml").read_text()
 SFT = "    learning_rate: 2.0e-4\n"  # the last line of demo.yaml's training.sft_args
 DPO = "      learning_rate: 5.0e-5\n"  # the last line of its training.dpo.dpo_args
 LORA = "  lora: {r: 8, lora_alpha: 16, lora_dropout: 0.05, target_modules: [q_proj, k_proj, v_proj]}\n"
 
 
 def _demo_with(tmp_path: Path, old: str, new: str, at: str) -> tuple[Path, int]:
-    assert old in DEMO_TEXT, old
-    text = DEMO_TEXT.replace(old, new, 1)
-    p = tmp_path / "bounds.yaml"
-    p.write_text(text)
-    return p, next(n for n, ln in enumerate(text.splitlines(), 1) if at in ln)
+    return edited_demo(tmp_path, old, new, at, name="bounds.yaml")
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from bezoar_jobs.recipe import load_recipe, parse_recipe
 from bezoar_jobs.recipe_base import Strict
 from bezoar_jobs.registry import CANONICAL
 from bezoar_jobs.state import params_hash
+from tests.scripted import edited_demo
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -154,16 +155,11 @@ def test_a_field_without_a_description_is_found():
 # ---------------------------------------------------------------------------------------------
 # bad values that used to load (and crash a stage later), duplicate keys, lax scalars, messages
 # ---------------------------------------------------------------------------------------------
-DEMO_TEXT = (REPO / "recipes" / "demo.yaml").read_text()
 
 
 def _write(tmp_path: Path, old: str, new: str, at: str) -> tuple[Path, int]:
     """demo.yaml with ``old`` replaced by ``new`` (once), written to a file; the line holding ``at``."""
-    assert old in DEMO_TEXT, old
-    text = DEMO_TEXT.replace(old, new, 1)
-    p = tmp_path / "bad.yaml"
-    p.write_text(text)
-    return p, next(n for n, ln in enumerate(text.splitlines(), 1) if at in ln)
+    return edited_demo(tmp_path, old, new, at)
 
 
 def _refused(p: Path) -> str:
