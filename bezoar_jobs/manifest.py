@@ -167,6 +167,11 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
     directory holds exactly what the manifest lists (``_work/`` is left alone).
     """
     stage = info.stage
+    # what its readers would take as damaged is never written (a stage's bug, found before anything is touched)
+    problem = field_problem({"stage": stage, "params_hash": info.params_hash, "inputs": info.inputs,
+                             "counts": info.counts, "timings": info.timings, **info.extra}, FIELD_TYPES)
+    if problem:
+        raise ValueError(f"{stage}: not committed: the manifest would be damaged ({problem})")
     old_manifest = store.exists(manifest_path(stage))
     if old_manifest:
         store.delete(manifest_path(stage))

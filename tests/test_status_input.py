@@ -87,6 +87,21 @@ def test_a_manifest_as_commit_writes_it_is_not_damaged(tmp_path, capsys):
     assert cli(capsys, "verify", "--run", str(run)) == (0, f"ok   {STAGE}\n")
 
 
+def test_commit_refuses_a_manifest_its_readers_would_take_as_damaged(tmp_path):
+    """The readers' type checks and commit() must agree: commit wrote whatever the stage gave it, so a stage
+    passing a field of the wrong type (a test did: ``"teacher": "m"``) committed a manifest that read back as
+    damaged. Now commit refuses it before anything is touched: the stage's earlier commit stays as it was."""
+    run = committed_run(tmp_path)
+    before = (run / STAGE / "_MANIFEST.json").read_text()
+    out = tmp_path / "out2"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train.jsonl").write_text('{"instruction": "c", "response": "d"}\n')
+    with pytest.raises(ValueError, match=r"not committed: the manifest would be damaged \(field 'teacher'"):
+        commit(open_store(run), out, CommitInfo(STAGE, "q" * 64, {}, {"rows": 1}, {"seconds": 1.0}, {"teacher": "m"}))
+    assert (run / STAGE / "_MANIFEST.json").read_text() == before
+    assert read_manifest(open_store(run), STAGE) is not None
+
+
 @pytest.mark.parametrize(
     ("status", "named"),
     [

@@ -269,7 +269,8 @@ def test_manifest_commit_and_verify(store: Store, tmp_path: Path) -> None:
     store.write_bytes("filter-x/stale.txt", b"from an older run")  # anything else does not
 
     order = _record_writes(store)
-    info = CommitInfo("filter-x", "p" * 64, {"generate-x": "h" * 64}, {"rows": 50}, {"seconds": 1.5}, {"teacher": "m"})
+    info = CommitInfo("filter-x", "p" * 64, {"generate-x": "h" * 64}, {"rows": 50}, {"seconds": 1.5},
+                      {"teacher": {"model": "m"}})
     manifest = commit(store, out, info)
 
     assert order[-1] == f"filter-x/{MANIFEST}"  # written last
@@ -283,7 +284,7 @@ def test_manifest_commit_and_verify(store: Store, tmp_path: Path) -> None:
     assert {k: b_meta[k] for k in ("size", "sha256")} == {"size": 2000, "sha256": sha(out / "data/sub/b.bin")}
     # the change token a listing shows right after the upload (S3 ETag / local mtime)
     assert b_meta["token"] == store.list_info("filter-x/")["filter-x/data/sub/b.bin"].token
-    assert stored["counts"] == {"rows": 50} and stored["teacher"] == "m"
+    assert stored["counts"] == {"rows": 50} and stored["teacher"] == {"model": "m"}
     assert verify(store, "filter-x") == []
     assert verify(store, "never-run") == ["never-run: not committed"]
 
