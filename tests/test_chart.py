@@ -402,7 +402,9 @@ def test_cluster_settings_validate_against_the_model(rendered: dict[str, list[di
     # The exact path the controller takes: parse the ConfigMap's cluster.yaml.
     for scenario, docs in rendered.items():
         cm = one(docs, "ConfigMap", "cluster-settings")
-        parse_cluster_settings(cm["data"]["cluster.yaml"], f"{scenario}:cluster.yaml")
+        cs = parse_cluster_settings(cm["data"]["cluster.yaml"], f"{scenario}:cluster.yaml")
+        # what the controller reads is what the chart rendered, not the model's defaults in its place
+        assert cs.model_dump(mode="json", exclude_unset=True) == cluster_yaml(docs), scenario
 
 
 def test_default_cluster_settings_are_the_models_defaults(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -91,8 +91,8 @@ def test_a_flag_with_an_optional_value_takes_true_as_the_trainer_does():
         return yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "m"},
                                "judge": {"backend": "local", "model": "m"}, "student": {"model": "m"},
                                "training": {"sft_args": {"fsdp": value}}})
-    parse_recipe(recipe(True), "r.yaml")
-    parse_recipe(recipe("full_shard auto_wrap"), "r.yaml")
+    assert parse_recipe(recipe(True), "r.yaml").training.sft_args["fsdp"] is True  # kept as true, not "True"
+    assert parse_recipe(recipe("full_shard auto_wrap"), "r.yaml").training.sft_args["fsdp"] == "full_shard auto_wrap"
     with pytest.raises(BadInput, match=r"training\.sft_args\.fsdp"):
         parse_recipe(recipe(3), "r.yaml")
 
@@ -144,7 +144,14 @@ def test_other_installed_versions_get_their_own_schema_once(tmp_path, monkeypatc
     try:
         fields = passthrough.schema()["classes"]["LoraConfig"]
         assert "r" in fields and "rr" not in fields
-        assert len(list((tmp_path / "cache").glob("passthrough-*.json"))) == 1  # built once, cached
+        cached = list((tmp_path / "cache").glob("passthrough-*.json"))
+        assert len(cached) == 1  # built for these versions and cached
+        built = cached[0].stat().st_mtime_ns
+        passthrough.schema.cache_clear()  # a new process: it reads the cache instead of building again
+        monkeypatch.setattr(passthrough.subprocess, "run",  # the build runs in a subprocess: none this time
+                            lambda *a, **k: pytest.fail("built again: the cache was not used"))
+        assert passthrough.schema()["classes"]["LoraConfig"] == fields
+        assert cached[0].stat().st_mtime_ns == built
     finally:
         passthrough.schema.cache_clear()
 
@@ -153,9 +160,10 @@ def test_the_shipped_schema_is_that_of_the_pinned_libraries():
     shipped = json.loads(passthrough.PACKAGED.read_text())
     lock = dict(ln.split("==") for ln in (REPO / "requirements" / "lock.txt").read_text().split() if "==" in ln)
     assert shipped["versions"] == {lib: lock[lib] for lib in passthrough.LIBRARIES}
-    if passthrough.installed_versions() == shipped["versions"]:
-        # regenerate with: python -m bezoar_jobs.passthrough --write bezoar_jobs/passthrough_schema.json
-        assert passthrough.build_schema() == shipped
+    # the test venv is the lock's (make test installs it): a venv of other versions is a broken setup, not a pass
+    assert passthrough.installed_versions() == shipped["versions"], "the venv differs from requirements/lock.txt"
+    # regenerate with: python -m bezoar_jobs.passthrough --write bezoar_jobs/passthrough_schema.json
+    assert passthrough.build_schema() == shipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +224,10 @@ def test_numbers_out_of_their_range_are_refused_naming_field_file_and_line(tmp_p
                                           (SFT, SFT + "    num_train_epochs: 0.5\n")])
 def test_numbers_in_range_load(tmp_path, old, new):
     p, _ = _demo_with(tmp_path, old, new, new.split(":")[0])
-    load_recipe(p)
+    args = load_recipe(p)[0].training.sft_args
+    for line in new.strip().splitlines():  # each value as written, not dropped or defaulted on the way
+        key, value = (x.strip() for x in line.split(":", 1))
+        assert float(args[key]) == float(value), (key, args.get(key))
 
 
 def test_every_bound_is_a_field_the_recipe_may_set():

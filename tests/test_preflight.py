@@ -98,6 +98,8 @@ def test_every_template_and_seed_field_of_the_recipe_is_in_the_table():
     assert templates == set(TEMPLATE_PLACEHOLDERS) - {"generation.evol.templates_dir"}, templates
     sources = {k.removeprefix("recipe.") for k, v in found.items() if isinstance(v, DatasetSource)}
     assert set(SOURCE_FIELDS) <= sources, sources
+    # the rest check their rows themselves: HH-RLHF skips and counts a bad pair, MT-Bench names a bad question
+    assert sources - set(SOURCE_FIELDS) == {"training.hh.data", "evaluation.mtbench.questions"}, sources
 
 
 def test_a_stage_loads_a_template_with_the_placeholders_the_preflight_checked(tmp_path: Path):

@@ -145,13 +145,16 @@ def test_a_run_path_that_is_a_file_is_bad_input(tmp_path, capsys, caplog, comman
     assert path.read_text() == "not a run\n"
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "two"])
-def test_run_parallel_below_one_is_refused_at_parsing(tmp_path, capsys, value):
+@pytest.mark.parametrize("flag", ["--parallel", "--nproc-per-node"])
+@pytest.mark.parametrize(("value", "said"), [("0", "0 is not allowed: it must be at least 1"),
+                                             ("-2", "-2 is not allowed: it must be at least 1"),
+                                             ("two", "'two' is not a whole number")])
+def test_run_parallel_below_one_is_refused_at_parsing(tmp_path, capsys, flag, value, said):
     with pytest.raises(SystemExit) as e:
-        main(["run", "--recipe", str(tmp_path / "r.yaml"), "--run", str(tmp_path / "run"), "--parallel", value])
+        main(["run", "--recipe", str(tmp_path / "r.yaml"), "--run", str(tmp_path / "run"), flag, value])
     assert e.value.code == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "argument --parallel:" in err and ("at least 1" in err or "not a whole number" in err)
+    assert f"argument {flag}: {said}" in err, err
     assert not (tmp_path / "run").exists()
 
 
