@@ -149,14 +149,13 @@ def _check_training_configs(recipe: Recipe, stages: list[str]) -> None:
     build_all(recipe, stages)
 
 
-def _check_inputs(recipe: Recipe, store: Store, stages: list[str], force: bool = False) -> None:
-    """Before anything is spent: the templates and seed files of the stages that will run are there and hold
-    what those stages need (bezoar_jobs/preflight.py); a committed stage that is skipped reads nothing."""
+def _check_inputs(recipe: Recipe, actions: dict[str, str]) -> None:
+    """Before anything is spent: the templates and seed files of the stages that will run (``actions``: each
+    selected stage's "run" or "skip") are there and hold what those stages need (bezoar_jobs/preflight.py); a
+    committed stage that is skipped reads nothing."""
     from .preflight import check_inputs
-    from .state import planned_actions
 
-    actions = planned_actions(store, recipe, stages, force)
-    check_inputs(recipe, [s for s in stages if actions.get(s, ("run",))[0] == "run"])
+    check_inputs(recipe, [s for s, action in actions.items() if action == "run"])
 
 
 def _register_keys(recipe: Recipe) -> None:
@@ -202,7 +201,9 @@ def cmd_run(a: argparse.Namespace) -> int:
             refreeze=a.refreeze,
         )
     _check_training_configs(recipe, stages)
-    _check_inputs(recipe, store, stages, a.force)
+    from .state import planned_actions
+
+    _check_inputs(recipe, {s: act for s, (act, _) in planned_actions(store, recipe, stages, a.force).items()})
     from .executors.local import run_local
     from .layout import RUN_LEASE
     from .lease import Lease
@@ -236,8 +237,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     store = open_store(a.run)
     stages = select(a.from_, a.until, a.only)
     _check_training_configs(recipe, stages)
-    _check_inputs(recipe, store, stages)
     rows = plan(recipe, store, stages)
+    _check_inputs(recipe, {r["stage"]: r["action"] for r in rows})  # the plan's own actions, not decided again
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0

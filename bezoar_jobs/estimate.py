@@ -109,9 +109,9 @@ def template_tokens(uri: str) -> int:
 
 
 def _is_local_file(src: DatasetSource) -> bool:
-    from .data.io import is_file_source
+    from .data.io import is_local_source
 
-    return is_file_source(src.path) and not src.path.startswith("s3://")
+    return is_local_source(src.path)
 
 
 @lru_cache(maxsize=32)

@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from .errors import BadInput
 from .recipe import TemplateRef
 from .recipe_base import DatasetSource
+from .recipe_view import get_path
 from .registry import spec
 
 if TYPE_CHECKING:
@@ -61,20 +62,13 @@ def _walk(obj: Any, path: str) -> Iterator[tuple[str, Any]]:  # noqa: ANN401 - a
             yield from _walk(item, f"{path}[{i}]")
 
 
-def _at(recipe: Recipe, dotted: str) -> Any:  # noqa: ANN401 - any part of the recipe
-    obj: Any = recipe
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def files_read(recipe: Recipe, stages: list[str]) -> dict[str, TemplateRef | DatasetSource | str]:
     """``{field: what it names}`` for every template and dataset the ``stages`` read (an evolution operation's
     file as ``generation.evol.templates_dir (<operation>.txt)``: its URI)."""
     out: dict[str, TemplateRef | DatasetSource | str] = {}
     for name in stages:
         for read in spec(name).reads:
-            for field, ref in _walk(_at(recipe, read), read):
+            for field, ref in _walk(get_path(recipe, read), read):
                 when = ALTERNATIVES.get(field)
                 if when is None or when(recipe):
                     out[field] = ref
@@ -85,37 +79,31 @@ def files_read(recipe: Recipe, stages: list[str]) -> dict[str, TemplateRef | Dat
     return out
 
 
-def _here(path: str) -> bool:
-    """A file this process can read without downloading: a local path, file:// or pkg://."""
-    from .data.io import is_file_source
-
-    return is_file_source(path) and not path.startswith("s3://")
-
-
 def check_inputs(recipe: Recipe, stages: list[str]) -> None:
     """Raise BadInput naming every field whose file the ``stages`` cannot use (see the module docstring)."""
     from .data.inputs import SOURCE_FIELDS, placeholders
-    from .data.io import load_template, stream_rows
+    from .data.io import is_local_source, load_template
 
     problems: list[str] = []
     for field, ref in sorted(files_read(recipe, stages).items()):
         try:
             if isinstance(ref, DatasetSource):
-                if _here(ref.path):
+                if is_local_source(ref.path):
                     required, text = SOURCE_FIELDS.get(field, ((), ()))
-                    _first_rows(ref, required, text, field, stream_rows)
+                    _first_rows(ref, required, text, field)
             else:
                 uri = ref.path if isinstance(ref, TemplateRef) else ref
-                if _here(uri):
+                if is_local_source(uri):
                     load_template(uri, field if isinstance(ref, str) else f"{field}.path", placeholders(field))
-        except BadInput as e:  # named by its field (a row's error names the file and line only)
+        except BadInput as e:  # named by its field (a missing file's error names the file only)
             problems.append(str(e) if str(e).startswith(field.split(" (", 1)[0]) else f"{field}: {e}")
     if problems:
         raise BadInput("; ".join(problems))
 
 
-def _first_rows(src: DatasetSource, required: tuple[str, ...], text: tuple[str, ...], field: str,
-                stream_rows: Callable[..., Iterator[dict[str, Any]]]) -> None:
+def _first_rows(src: DatasetSource, required: tuple[str, ...], text: tuple[str, ...], field: str) -> None:
+    from .data.io import stream_rows
+
     n = 0
     for _ in stream_rows(src, required, field, text):
         n += 1

@@ -129,6 +129,11 @@ def is_file_source(path: str) -> bool:
     return is_file_path(path)
 
 
+def is_local_source(path: str) -> bool:
+    """Whether a path names a file this process reads without downloading: local, file:// or pkg://."""
+    return is_file_path(path) and not path.startswith("s3://")
+
+
 def describe(value: Any) -> str:
     """A value's kind in JSON words, for an error message: ``null``, ``number 3``, ``a list``..."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

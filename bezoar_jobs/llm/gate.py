@@ -110,9 +110,9 @@ class Gate:
     def _room(self) -> int:
         if self.places is None:
             return self._limit
-        room = self.places.room()
+        room = self.places.room()  # their limit, or less while a refusal holds the client back
         assert room is not None  # a known limit (checked when made) is never unknown again
-        return min(self.limit, room)
+        return room
 
     def waiting(self) -> int:
         return self._waiting
