@@ -6,6 +6,9 @@ will not help. Any other non-zero code: a failure a retry may cure (network, 5xx
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_RETRYABLE = 3
@@ -34,3 +37,22 @@ class Interrupted(BezoarError):
     """The stage was asked to stop (SIGTERM); what could be saved was saved."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def json_kind(value: Any) -> str:  # noqa: ANN401 - any value read from a data file or the run store
+    """What a value is, in JSON's words, for an error message: ``null``, ``a boolean (true)``, ``a number (NaN)``,
+    ``a string ("abc")``, ``a list``, ``an object`` (else its Python type: a parquet date, bytes)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, str | int | float):
+        text = json.dumps(value)
+        what = "a string" if isinstance(value, str) else "a number"
+        return f"{what} ({text[:40]}{'...' if len(text) > 40 else ''})"
+    return type(value).__name__
+

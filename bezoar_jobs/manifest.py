@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import BadInput
+from .errors import BadInput, json_kind
 from .layout import MANIFEST, WORK_DIR, is_work_path, manifest_path
 from .store import NotFoundInStore, ObjectInfo, Store
 
@@ -101,18 +101,6 @@ FIELD_TYPES: dict[str, Any] = {
     "judge": {},
     "evaluator": {},
 }
-
-
-def json_kind(value: Any) -> str:  # noqa: ANN401 - any JSON value
-    """What a JSON value is, for an error message: ``a string ("abc")``, ``a list``, ``null`` ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({json.dumps(value)})"
-    if isinstance(value, dict | list):
-        return "a table" if isinstance(value, dict) else "a list"
-    text = json.dumps(value)
-    return f"{'a string' if isinstance(value, str) else 'a number'} ({text[:40]}{'...' if len(text) > 40 else ''})"
 
 
 def field_problem(value: Any, spec: Any, path: str = "") -> str | None:  # noqa: ANN401 - any JSON value

@@ -126,7 +126,8 @@ def checked_controller_status(store: Store) -> tuple[dict[str, Any] | None, list
     """What the controller last wrote (None: nothing readable), each part of the wrong shape left out,
     and a problem naming the file and field for each: the controller writes this file, so a bad one
     is damage to report, never a reason to stop showing the rest."""
-    from .manifest import field_problem, json_kind
+    from .errors import json_kind
+    from .manifest import field_problem
 
     if not store.exists(CONTROLLER_STATUS_FILE):
         return None, []

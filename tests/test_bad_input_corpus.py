@@ -226,7 +226,7 @@ _seed_case("seed-context-an-object",
 _seed_case("seed-instruction-nan",
            lambda t: _lines(t, "d.jsonl", [json.dumps(GOOD_DOLLY), json.dumps({**GOOD_DOLLY, "instruction": "x"})
                                            .replace('"x"', "NaN")]),
-           lambda p: f"seeds.dolly: {p}:2: field 'instruction' must be text, got number NaN")
+           lambda p: f"seeds.dolly: {p}:2: field 'instruction' must be text, got a number (NaN)")
 
 
 @case("template-missing-placeholder")

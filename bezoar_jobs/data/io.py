@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput
+from ..errors import BadInput, json_kind
 from ..recipe import DatasetSource
 from ..recipe_base import is_file_path
 
@@ -134,21 +133,6 @@ def is_local_source(path: str) -> bool:
     return is_file_path(path) and not path.startswith("s3://")
 
 
-def describe(value: Any) -> str:
-    """A value's kind in JSON words, for an error message: ``null``, ``number 3``, ``a list``..."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "null" if value is None else "number NaN"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int | float):
-        return f"number {value!r}"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
 def _check(row: Any, required: Sequence[str], where: str, text: Sequence[str] = ()) -> dict[str, Any]:
     """A row as read: an object with every ``required`` field, each ``text`` field a string (which
     may be empty). Anything else is an error for the whole source (naming the row), never a row
@@ -160,7 +144,7 @@ def _check(row: Any, required: Sequence[str], where: str, text: Sequence[str] = 
         raise BadInput(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
     for k in text:
         if k in row and not isinstance(row[k], str):
-            raise BadInput(f"{where}: field {k!r} must be text, got {describe(row[k])}")
+            raise BadInput(f"{where}: field {k!r} must be text, got {json_kind(row[k])}")
     return row
 
 
