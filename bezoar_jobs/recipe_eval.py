@@ -19,7 +19,8 @@ from .registry import DEFAULT_CHECKPOINTS, SFT_ALIAS, TRAINED_STAGES
 # checkpoint names a recipe may list: the base (student) model and every training stage's output
 BASE = "base"
 
-# MT-Bench's eight categories and the answer temperatures FastChat uses for them (RECIPE.md)
+# MT-Bench's eight categories and the answer temperatures FastChat uses for them (``temperature_config`` in
+# fastchat/llm_judge/common.py; docs/recipe.md, "MT-Bench answers")
 MTBENCH_TEMPERATURES: dict[str, float] = {
     "writing": 0.7,
     "roleplay": 0.7,
@@ -70,7 +71,8 @@ class HarnessTask(Strict):
         return self.metric if "," in self.metric else f"{self.metric},none"
 
 
-# Open LLM Leaderboard v1: tasks, shots and metrics (RECIPE.md), versions as in lm_eval 0.4.13
+# Open LLM Leaderboard v1: tasks, shots and metrics (OpenBezoar's own task list is unknown: docs/recipe.md,
+# "harness tasks"), versions as in lm_eval 0.4.13
 LEADERBOARD_V1: tuple[HarnessTask, ...] = (
     HarnessTask(name="arc_challenge", num_fewshot=25, metric="acc_norm", version="1.0"),
     HarnessTask(name="hellaswag", num_fewshot=10, metric="acc_norm", version="1.0"),
@@ -213,8 +215,9 @@ class EvaluationConfig(Strict):
     baselines: tuple[Baseline, ...] = Field((), description="outside models evaluated beside the checkpoints")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="weight dtype of the evaluated models (MT-Bench, the harness's hf backend; vllm picks its "
-        "own); auto: bfloat16 on a GPU that supports it, else float32",
+        description="weight dtype of the evaluated models (MT-Bench and the harness, either backend; float16 on "
+        "GPUs without bfloat16 such as V100 and T4); auto: bfloat16 on a GPU that supports it, else float32 (the "
+        "harness's vllm backend: vLLM's own choice from the checkpoint's config)",
     )
     device: str = Field(
         "auto",

@@ -187,3 +187,67 @@ def test_default_seeds_are_lm_evals_and_the_recorded_command_line_reproduces_the
     assert cli_main(["stage", "eval-harness", "--recipe", str(seeded), "--run", str(run2)]) == 0
     per2 = json.loads(open_store(run2).read_text("eval-harness/results/base.json"))
     assert per2["seed"] == [42, 42, 42, 42] and "--seed 42,42,42,42" in per2["lm_eval_command"][0]
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _vllm_init() -> tuple[set[str], set[str]]:
+    """The keywords lm_eval's ``VLLM`` model takes and the dtype names its annotation allows, read from the
+    installed source (importing it needs the vllm package, which this image lacks)."""
+    import ast
+    from importlib.util import find_spec
+
+    spec = find_spec("lm_eval.models.vllm_causallms")
+    assert spec is not None and spec.origin
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "VLLM"]
+    (init,) = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+    (dtype,) = [a for a in init.args.args if a.arg == "dtype"]
+    names = {c.value for c in ast.walk(dtype.annotation) if isinstance(c, ast.Constant)} if dtype.annotation else set()
+    return {a.arg for a in init.args.args + init.args.kwonlyargs}, names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vllm_model_args_take_the_recipes_dtype(tmp_path, tiny, dtype):
+    """evaluation.dtype reaches lm_eval's vLLM model as is (auto stays auto: vLLM's own choice), under names
+    lm_eval's wrapper accepts, with every other keyword (but one) a parameter of the wrapper."""
+    from typing import get_args
+
+    from bezoar_jobs.eval.harness import vllm_model_args
+    from bezoar_jobs.recipe_eval import EvaluationConfig
+
+    data = yaml.safe_load(_recipe(tmp_path, tiny, backend="vllm").read_text())
+    data["evaluation"]["dtype"] = dtype
+    r = parse_recipe(yaml.safe_dump(data))
+    kw = vllm_model_args("/m", r.evaluation.harness, r.evaluation.dtype)
+    assert kw["dtype"] == dtype and kw["pretrained"] == "/m"
+    params, names = _vllm_init()
+    # gpu_memory_utilization goes through the wrapper's **kwargs to vLLM's engine; dtype is handed on unchanged
+    assert set(kw) - {"gpu_memory_utilization"} <= params, set(kw) - params
+    assert set(get_args(EvaluationConfig.model_fields["dtype"].annotation)) <= names
+
+
+def test_vllm_stage_evaluates_and_records_in_the_recipes_dtype(tmp_path, tiny, monkeypatch):
+    """With backend vllm the stage hands evaluation.dtype to the vLLM evaluation and writes it in the
+    reproducing lm_eval command (lm_eval itself faked: no vllm or GPU here)."""
+    from bezoar_jobs.eval import harness
+
+    seen: list[tuple[str, str]] = []
+
+    def fake_vllm(model_dir, tm, task_objects, cfg, *rest):
+        seen.append((model_dir, *rest))
+        return {"results": {"bezoar_demo_facts": {"acc_norm,none": 0.5, "acc_norm_stderr,none": 0.1},
+                            "bezoar_demo_cloze": {"acc,none": 0.25, "acc_stderr,none": 0.1}}}
+
+    monkeypatch.setattr(harness, "check_backend", lambda cfg: None)
+    monkeypatch.setattr(harness, "evaluate_vllm", fake_vllm)
+    data = yaml.safe_load(_recipe(tmp_path, tiny, backend="vllm").read_text())
+    data["evaluation"].update(dtype="float16", checkpoints=["base"])
+    run = tmp_path / "run"
+    assert run_stage("eval-harness", parse_recipe(yaml.safe_dump(data)), open_store(run)) == 0
+    assert [rest for _, *rest in seen] == [["float16"]]
+    per = json.loads(open_store(run).read_text("eval-harness/results/base.json"))
+    assert per["tasks"]["bezoar_demo_cloze"]["value"] == 0.25
+    for cmd in per["lm_eval_command"]:
+        assert "--model vllm" in cmd and ",dtype=float16," in cmd and "dtype=auto" not in cmd

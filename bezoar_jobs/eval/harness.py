@@ -213,16 +213,12 @@ def check_backend(cfg: HarnessConfig) -> None:
                        f"{have}")
 
 
-def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: HarnessConfig) -> dict[str, Any]:
-    """The same evaluation with lm_eval's vLLM backend, data- and tensor-parallel as the recipe says."""
-    import os
-
-    import lm_eval
-    from lm_eval.models.vllm_causallms import VLLM
-
-    os.environ["DISABLE_MULTIPROC"] = "1"
-    random_seed, numpy_seed, torch_seed, fewshot_seed = seeds(cfg)
-    kw: dict[str, Any] = {"pretrained": model_dir, "batch_size": cfg.batch_size, "dtype": "auto",
+def vllm_model_args(model_dir: str, cfg: HarnessConfig, dtype: str) -> dict[str, Any]:
+    """The keywords of lm_eval's ``VLLM`` model for one checkpoint. ``dtype`` is the recipe's
+    ``evaluation.dtype`` as is: lm_eval's wrapper and vLLM's engine both take auto, float32, bfloat16
+    and float16 (auto: vLLM's own choice from the checkpoint's config)."""
+    torch_seed = seeds(cfg)[2]
+    kw: dict[str, Any] = {"pretrained": model_dir, "batch_size": cfg.batch_size, "dtype": dtype,
                           "tensor_parallel_size": cfg.tensor_parallel_size,
                           "data_parallel_size": cfg.data_parallel_size,
                           "gpu_memory_utilization": cfg.gpu_memory_utilization,
@@ -231,6 +227,21 @@ def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: Harness
         kw["max_length"] = cfg.max_length
     if cfg.add_bos_token is not None:
         kw["add_bos_token"] = cfg.add_bos_token
+    return kw
+
+
+def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: HarnessConfig,
+                  dtype: str) -> dict[str, Any]:
+    """The same evaluation with lm_eval's vLLM backend, data- and tensor-parallel as the recipe says,
+    the weights in ``dtype`` (the recipe's ``evaluation.dtype``)."""
+    import os
+
+    import lm_eval
+    from lm_eval.models.vllm_causallms import VLLM
+
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    random_seed, numpy_seed, torch_seed, fewshot_seed = seeds(cfg)
+    kw = vllm_model_args(model_dir, cfg, dtype)
     out = lm_eval.simple_evaluate(
         model=VLLM(**kw), tasks=task_objects, task_manager=tm, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters,
         log_samples=False, random_seed=random_seed, numpy_random_seed=numpy_seed, torch_random_seed=torch_seed,

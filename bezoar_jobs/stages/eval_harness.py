@@ -70,10 +70,10 @@ def run(ctx: StageContext) -> StageOutput:
         task_objects, _ = harness.load_tasks(tm, cfg.tasks)
         if cfg.backend == "vllm":  # vLLM loads the checkpoint itself, over data_parallel x tensor_parallel GPUs
             model = tok = None
+            dtype: str = r.evaluation.dtype  # as the recipe says (auto: vLLM's own choice), on the command line too
             t0 = time.time()
-            raw: dict[str, Any] | None = harness.evaluate_vllm(str(path), tm, task_objects, cfg)
+            raw: dict[str, Any] | None = harness.evaluate_vllm(str(path), tm, task_objects, cfg, dtype)
             secs = time.time() - t0
-            dtype = "auto"
             figures = {"device": "cuda", "gpus": cfg.gpus, "gpu_hours": round(cfg.gpus * secs / 3600.0, 6)}
         else:
             model, tok = load(ctx, t, path, device=device)
