@@ -1,4 +1,4 @@
-"""The run layout's names, in one place (DESIGN.md "The run layout").
+"""The run layout's names, in one place (README.md, "What a run looks like").
 
 ```
 <run>/recipe.yaml                 the run's recipe, frozen when the run starts

@@ -8,8 +8,9 @@ its configuration (:func:`bezoar_jobs.training.config.build_sft_config` and frie
 fails with the dotted recipe path before any model is loaded.
 
 Pass-through dicts are *overrides*: the keys a recipe gives are laid over the defaults below (the
-QLoRA reference settings of RECIPE.md), and a key set to ``null`` removes our default so the TRL/PEFT
-class default applies. The merged dict is what the stage's parameter hash covers.
+QLoRA reference script's settings wherever the paper is silent: docs/recipe.md, "SFT settings"), and
+a key set to ``null`` removes our default so the TRL/PEFT class default applies. The merged dict is
+what the stage's parameter hash covers.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _check_pass_value(v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 PassValue = Annotated[Scalar | list[Scalar] | dict[str, Scalar], WrapValidator(_check_pass_value)]
 PassArgs = dict[str, PassValue]
 
-# SFTConfig overrides shared by every SFT stage (QLoRA reference script where RECIPE.md names it;
+# SFTConfig overrides shared by every SFT stage (the QLoRA reference script's values, docs/recipe.md
+# "SFT settings"; the optimizer is adamw_torch here, the script's paged_adamw_32bit in recipes/openbezoar.yaml;
 # epochs are unknown for OpenBezoar: 1 here, recipes say what they use).
 SFT_DEFAULTS: dict[str, PassValue] = {
     "learning_rate": 2e-4,
@@ -86,8 +88,9 @@ SFT_DEFAULTS: dict[str, PassValue] = {
     "activation_checkpointing": False,  # transformers 5 name of gradient checkpointing
 }
 
-# DPOConfig overrides (beta and max_length from RECIPE.md; lr from the alignment-handbook QLoRA DPO
-# recipe: unknown for OpenBezoar).
+# DPOConfig overrides (OpenBezoar gives none of these but the epoch: beta 0.1 is TRL's and the DPO paper's
+# default, max_length 1024 our choice, lr from the alignment-handbook QLoRA DPO recipe; docs/recipe.md
+# "DPO settings").
 DPO_DEFAULTS: dict[str, PassValue] = {
     "beta": 0.1,
     "max_length": 1024,

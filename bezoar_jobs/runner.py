@@ -1,10 +1,11 @@
 """Runs one stage in this process: the body of ``bezoar stage NAME``.
 
-The contract (DESIGN.md): a committed stage returns at once; otherwise the stage function writes
-its outputs into a local directory, this module uploads them and writes the manifest last. A stage
-function receives a :class:`StageContext` and returns a :class:`StageOutput`. The context's recipe
-is a view that lets the stage read only the fields its registry entry declares
-(:mod:`bezoar_jobs.recipe_view`), so its parameter hash always covers what it read.
+The contract (docs/reliability.md, CONTRIBUTING.md "Rules"): a committed stage returns at once;
+otherwise the stage function writes its outputs into a local directory, this module uploads them and
+writes the manifest last. A stage function receives a :class:`StageContext` and returns a
+:class:`StageOutput`. The context's recipe is a view that lets the stage read only the fields its
+registry entry declares (:mod:`bezoar_jobs.recipe_view`), so its parameter hash always covers what it
+read.
 
 Before anything else the runner takes the stage's lease (:mod:`bezoar_jobs.lease`: one writer per
 stage; a second ``bezoar stage`` or ``bezoar run`` of the same stage stops at once, naming the

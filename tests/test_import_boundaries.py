@@ -1,4 +1,4 @@
-"""Machine-learning code and Kubernetes code stay apart (DESIGN.md, CONTRIBUTING.md).
+"""Machine-learning code and Kubernetes code stay apart (CONTRIBUTING.md, "Rules").
 
 - The controller side (``bezoar_jobs.executors.{cluster,jobs,kubernetes}`` and ``bezoar_jobs.cli``)
   must not pull in torch, transformers, trl or peft (nor the ``data`` extra's packages, which the

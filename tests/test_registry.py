@@ -19,7 +19,7 @@ from bezoar_jobs.registry import CANONICAL, EVALUATIONS, SCHEMES, STAGES, STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
-# DESIGN.md's canonical order
+# the canonical order as README.md ("What a run looks like") lists it
 DESIGN_ORDER = ["generate-lamini", "generate-evol", "generate-orca", "filter-lamini", "filter-evol", "filter-orca",
                 "sft-lamini", "sft-evol", "sft-orca", "sft-hh", "dpo", "eval-harness", "eval-mtbench", "report"]
 

@@ -16,8 +16,8 @@ Rules this module fixes (the parts the paper leaves open are marked as our choic
 - ``system`` defaults to :data:`DEFAULT_SYSTEM`; Orca rows put their own system message there. An
   empty system message (Orca's first one is empty) falls back to the default (our choice: an empty
   ``### System:`` block is not a layout the released models saw).
-- An optional ``input`` (context) is appended to the instruction after one blank line (our choice;
-  RECIPE.md: unknown).
+- An optional ``input`` (context) is appended to the instruction after one blank line (our choice:
+  neither the paper nor the model cards say how an input is rendered).
 - Earlier turns of a multi-turn dialogue (HH-RLHF context, MT-Bench turn 2) are rendered as
   completed ``### Instruction:`` / ``### Response:`` pairs between the system block and the final
   instruction (our choice), with no end-of-sequence token after them: only the final response ends

@@ -1,4 +1,5 @@
-"""The released OpenBezoar artefacts this run is compared with (RECIPE.md "Released artefacts").
+"""The released OpenBezoar artefacts this run is compared with (docs/recipe.md: each scheme's
+"released size" and the "released models" row).
 
 - Datasets: SurgeGlobal/LaMini (1,504 rows), SurgeGlobal/Evol-Instruct (2,304), SurgeGlobal/Orca
   (3,517): the data funnel shows each scheme's kept rows beside them.

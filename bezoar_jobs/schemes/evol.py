@@ -1,5 +1,5 @@
-"""The WizardLM Evol-Instruct scheme (generate-evol) over dolly-15k seeds (../shared/RECIPE.md
-"Evol-Instruct scheme", docs/recipe.md for each departure).
+"""The WizardLM Evol-Instruct scheme (generate-evol) over dolly-15k seeds (docs/recipe.md, "Evol-Instruct":
+what WizardLM and OpenBezoar do beside what we do, and each departure).
 
 Each lineage starts from a seed: a dolly instruction with its context passage after a blank line
 (the passage is part of the task being evolved). Each round evolves the lineage's current

@@ -1,5 +1,5 @@
 """The LaMini-LM scheme (generate-lamini): instructions from example- and topic-guided prompts, then
-a response to each (../shared/RECIPE.md "LaMini scheme"; docs/recipe.md for each departure).
+a response to each (docs/recipe.md, "LaMini": what LaMini-LM and OpenBezoar do, what we do, each departure).
 
 Phase 0 (topic-guided prompts without a topic file): the teacher proposes ``topics_per_category``
 subjects per dolly category, each checked (one to ``topic_max_words`` words, letters, no

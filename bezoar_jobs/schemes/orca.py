@@ -1,6 +1,6 @@
 """The Orca scheme (generate-orca): explanation answers to Flan Collection tasks, each under a
-system message drawn for its sub-mix (../shared/RECIPE.md "Orca scheme"; docs/recipe.md for each
-departure from the Orca paper).
+system message drawn for its sub-mix (docs/recipe.md, "Orca": the paper's system messages, their
+mapping to sub-mixes and each departure from it).
 
 Seeds are streamed (:func:`bezoar_jobs.data.io.stream_rows`: a hub dataset through ``datasets``
 streaming, or a file read incrementally) and sampled per sub-mix in bounded memory
