@@ -383,7 +383,8 @@ def test_the_teacher_stays_up_for_a_filter_whose_judge_it_serves(tmp_path):
 def test_the_teacher_comes_back_for_an_mtbench_judge_it_serves(tmp_path):
     """MT-Bench's judge served by the teacher (the recipe's judge, an open one at the teacher's /v1): the run
     scaled the teacher to 0 after the data stages and never brought it back, so MT-Bench, hours of training
-    later, found no judge. The teacher now goes down for training and comes back (a lease again) for it."""
+    later, found no judge. The teacher now goes down for training and comes back (a lease again) for it. Its pod
+    had no share of the teacher's capacity either: it now has one, as the data stages' pods."""
     on_teacher = RECIPE.replace("teacher: {backend: local, model: pkg://none/teacher.gguf}",
                                 "teacher: {backend: tgi, model: m/teacher, base_url: 'http://teacher:80', "
                                 "prompt_format: '{user}'}").replace(
@@ -395,9 +396,13 @@ def test_the_teacher_comes_back_for_an_mtbench_judge_it_serves(tmp_path):
         cluster = e.settings(teacher={"deployment": "teacher", "url": "http://teacher:80", "leaseSeconds": 60})
         filters = [s.replace("generate", "filter") for s in GEN]
         e.plan(**{s.replace("-", "_"): {"sleep": 0.3} for s in [*GEN, *filters]}, sft_lamini={"sleep": 1},
-               eval_mtbench={"sleep": 0.5, "require_env": ["BEZOAR_TEACHER_URL"]})
+               eval_mtbench={"sleep": 0.5, "require_env": ["BEZOAR_TEACHER_URL", "BEZOAR_TEACHER_PARTIES"]})
         rc, text, _ = e.run([*GEN, *filters, "sft-lamini", "eval-mtbench"], cluster, recipe=on_teacher)
         assert rc == 0, text
+        # evaluating sft-lamini, it may run beside the other schemes' stages: it takes a share of the teacher's
+        # capacity as they do (its pod counts the pods sharing it, and it is marked on their board)
+        shares = e.runs / "run" / "_control" / "teacher-shares"
+        assert (shares / "eval-mtbench.done").is_file() and not (shares / "eval-mtbench.live").exists()
         assert e.fc.scale_history == [("teacher", 1), ("teacher", 0), ("teacher", 1), ("teacher", 0)], text
         ups = [t for t, w, n in e.fc.timeline if w == "ready-1" and n == "teacher"]
         downs = [t for t, w, n in e.fc.timeline if w == "scaled-0" and n == "teacher"]

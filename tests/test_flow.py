@@ -800,6 +800,56 @@ def test_a_local_run_counts_a_filter_on_the_teachers_server_among_its_parties(tm
     assert not [m for m in marks if "filter" in m]
 
 
+def test_a_local_run_counts_an_mtbench_judge_on_the_teachers_server_when_it_runs_beside_the_data_stages(
+        tmp_path, monkeypatch):
+    """MT-Bench whose judge is the teacher's own server got nothing of the teacher's budget in a local run: with
+    only the base model to evaluate it starts at once, and with a second slot (--parallel 2) ran beside the
+    generate stages with its whole judge.max_concurrency on top of their shares. It is now counted among the pods
+    sharing the teacher when it can run beside them, gets the count and is marked on the board (running when
+    started, done when committed). With one slot it cannot: the count stays the generate stages' (counted, it
+    kept them to a third of the teacher where they could have half), and it still takes part in the board."""
+    from bezoar_jobs.executors import local, scheduler
+    from bezoar_jobs.recipe import load_recipe
+
+    monkeypatch.delenv("BEZOAR_TEACHER_PARTIES", raising=False)
+    stages = ["generate-lamini", "generate-orca", "eval-mtbench"]
+
+    def run(judge: str, where: str, parallel: int) -> tuple[dict[str, tuple[str | None, bool]], set[str]]:
+        recipe, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9", **{
+            "judge.base_url": judge, "evaluation.checkpoints": ["base"]}))
+        store = open_store(str(tmp_path / where))
+        seen: dict[str, tuple[str | None, bool]] = {}
+
+        class Proc:  # the stage process: says nothing, exits 0 (its commit is stubbed below)
+            def __init__(self, cmd: list[str], env: dict[str, str], **kw: object) -> None:
+                stage = cmd[cmd.index("stage") + 1]
+                seen[stage] = (env.get("BEZOAR_TEACHER_PARTIES"),
+                               store.exists(f"_control/teacher-shares/{stage}.live"))
+                self.stdout: list[str] = []
+
+            def wait(self) -> int:
+                return 0
+
+            def poll(self) -> int:
+                return 0
+
+        monkeypatch.setattr(local.subprocess, "Popen", Proc)
+        monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in seen, "stub"))
+        out = local.run_local(recipe, store, stages, parallel=parallel)
+        assert out.exit_code == 0 and set(out.committed) == set(stages)
+        return seen, set(store.list("_control/teacher-shares/"))
+
+    seen, marks = run("http://127.0.0.1:9/v1", "beside", parallel=2)
+    assert seen == {s: ("3", True) for s in stages}, seen
+    assert "_control/teacher-shares/eval-mtbench.done" in marks
+    seen, marks = run("http://127.0.0.1:9/v1", "one-slot", parallel=1)
+    assert seen == {s: ("2", True) for s in stages}, seen
+    assert "_control/teacher-shares/eval-mtbench.done" in marks
+    seen, marks = run("https://api.judge.example/v1", "api", parallel=2)
+    assert seen["eval-mtbench"] == (None, False) and seen["generate-orca"] == ("2", True), seen
+    assert not [m for m in marks if "mtbench" in m]
+
+
 def test_a_filter_pod_whose_judge_is_the_teacher_keeps_within_its_share_of_the_teachers_capacity(tmp_path, monkeypatch):
     """A filter's judge on the teacher's server had no budget: beside two generate stages holding their shares it
     sent its whole judge.max_concurrency (8) to a server that admits 6, which refused the excess as overloaded.

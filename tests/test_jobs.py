@@ -593,6 +593,38 @@ def test_a_filter_whose_judge_is_the_teacher_gets_the_teachers_budget_in_its_pod
                                "BEZOAR_TEACHER_BACKEND": "tgi"} if shared else {}), (stage, filters_share)
 
 
+def test_an_mtbench_judge_on_the_teachers_server_takes_a_share_of_its_capacity():
+    """MT-Bench's judge on the teacher's own server (an open judge at its /v1) had no share of the teacher's
+    capacity: its pod sent its whole judge.max_concurrency whatever ran beside it. Evaluating the base model alone
+    (or an early checkpoint), MT-Bench starts beside the generate pods and came on top of their shares, which the
+    server refused as overloaded. Its pod now gets the capacity and the count of pods sharing it, and the count
+    includes it when it can run beside them (the base model only: 12 generate pods and it); after training (the
+    default checkpoints) it runs alone and the count is unchanged. An API judge stays outside the budget."""
+    from bezoar_jobs.executors.scheduler import cluster_parties
+
+    url = "http://bz-openbezoar-teacher.ml.svc:80"
+    cluster = ClusterSettings.model_validate({"generationShards": 4, "teacher": {
+        "url": url, "backend": "tgi", "maxConcurrentRequests": 96}})
+    mt = PAPER.evaluation.mtbench
+    open_judge = mt.model_copy(update={"judge": PAPER.judge.model_copy(update={"base_url": url + "/v1"})})
+    base_only = PAPER.evaluation.model_copy(update={"checkpoints": ("base",), "mtbench": open_judge})
+    after_training = PAPER.evaluation.model_copy(update={"mtbench": open_judge})
+    for evaluation, parties in ((base_only, "13"), (after_training, "12")):
+        recipe = PAPER.model_copy(update={"evaluation": evaluation})
+        assert cluster_parties(cluster, recipe) == int(parties)
+        for stage in ("generate-orca", "eval-mtbench"):
+            env = _env(build_stage_jobs(stage, RUN, "r1", cluster, recipe=recipe)[0])
+            budget = {k: env[k]["value"] for k in ("BEZOAR_TEACHER_CAPACITY", "BEZOAR_TEACHER_PARTIES",
+                                                   "BEZOAR_TEACHER_BACKEND", "BEZOAR_TEACHER_URL") if k in env}
+            assert budget == {"BEZOAR_TEACHER_CAPACITY": "96", "BEZOAR_TEACHER_PARTIES": parties,
+                              "BEZOAR_TEACHER_BACKEND": "tgi", "BEZOAR_TEACHER_URL": url}, (stage, parties)
+    # the paper's MT-Bench judge (an API): no share, as before
+    env = _env(build_stage_jobs("eval-mtbench", RUN, "r1", cluster, recipe=PAPER)[0])
+    assert "BEZOAR_TEACHER_PARTIES" not in env and "BEZOAR_TEACHER_CAPACITY" not in env
+    assert cluster_parties(cluster, PAPER.model_copy(update={"evaluation": PAPER.evaluation.model_copy(
+        update={"checkpoints": ("base",)})})) == 12
+
+
 def test_gpu_pods_say_so_and_cpu_pods_do_not():
     """Finding 3: a pod that asked for a GPU and cannot use CUDA trained on CPU. The builder marks every
     GPU pod with BEZOAR_GPUS, which the stage checks before it starts (bezoar_jobs/device_check.py)."""

@@ -171,8 +171,9 @@ class KubernetesBackend:
         self._submit(stage, "main")
 
     def _mark_parties(self, stage: str, mark: Callable[[Store, str], None]) -> None:
-        """Mark each of ``stage``'s pods on the teacher's board (llm/budget.py), when it is one of its parties."""
-        if stage in self.parties:
+        """Mark each of ``stage``'s pods on the teacher's board (llm/budget.py), when it calls the teacher's server
+        (an MT-Bench judge on it too: it takes a share of the capacity)."""
+        if stage in self.calls:
             for party in party_names(stage, self.cluster.generationShards if is_sharded(stage, self.cluster) else 1):
                 mark(self.store, party)
 

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from ..cluster_env import teacher_url
 from ..errors import BadInput
 from ..layout import RECIPE_FILE
 from ..llm.budget import mark_done, mark_live
@@ -28,7 +29,7 @@ from ..redact import redact
 from ..registry import spec
 from ..store import Store
 from .cluster import TEACHER_STAGES
-from .scheduler import RunOutcome, Scheduler, StageEvent, parties_at_once
+from .scheduler import RunOutcome, Scheduler, StageEvent, on_teacher_server, parties_at_once
 
 log = logging.getLogger("bezoar")
 
@@ -70,8 +71,9 @@ class LocalBackend:
             raise BadInput(f"parallel={parallel}: the number of stages side by side must be at least 1")
         self.parallel: int | None = parallel
         self.teacher_parties = len(TEACHER_STAGES)  # run_local narrows it to the run's selection
-        # the stages that share the teacher's server: run_local adds the filters when the judge is that server
-        self.party_stages: frozenset[str] = frozenset(TEACHER_STAGES)
+        # the stages whose processes divide the teacher's capacity: run_local adds the filters and MT-Bench when
+        # their judge is the teacher's server (executors/scheduler.py on_teacher_server)
+        self.board_stages: frozenset[str] = frozenset(TEACHER_STAGES)
         self._events: queue.Queue[StageEvent] = queue.Queue()
         self._procs: dict[str, subprocess.Popen[str]] = {}
         self._threads: dict[str, threading.Thread] = {}
@@ -85,7 +87,7 @@ class LocalBackend:
     def submit(self, stage: str) -> None:
         log.info("[%s] starting", stage)
         env = os.environ.copy()
-        if stage in self.party_stages:
+        if stage in self.board_stages:
             if "BEZOAR_TEACHER_PARTIES" not in env:
                 # the teacher stages run side by side (the scheduler counts them as one slot) within one
                 # budget (llm/budget.py): each gets an even share of the teacher's capacity
@@ -132,7 +134,7 @@ class LocalBackend:
     def stage_done(self, stage: str, skipped: bool, pending: Sequence[str] = ()) -> None:
         # counted among the teacher's parties: one skipped asks nothing; one that finished without opening its
         # client (everything resumed) never marked itself done
-        if stage in self.party_stages and (skipped or self.teacher_parties > 1):
+        if stage in self.board_stages and (skipped or self.teacher_parties > 1):
             mark_done(self.store, stage)
 
     def running(self) -> list[str]:
@@ -159,7 +161,12 @@ def run_local(recipe: Recipe, store: Store, stages: list[str], force: bool = Fal
     stage on ``nproc_per_node`` processes (torch.distributed.run) when more than one."""
     backend = LocalBackend(store, parallel, nproc_per_node)
     scheduler = Scheduler(backend, store, recipe, say or (lambda msg: log.info("%s", msg)))
-    backend.party_stages = scheduler.parties
-    # the most of them that run at once: a filter on the teacher's server starts after its generate stage
-    backend.teacher_parties = max(1, parties_at_once(scheduler.parties, stages, recipe))
+    # every stage that calls the teacher's server divides its capacity: the scheduler's parties (one slot of
+    # --parallel together) and an MT-Bench judge on it, in a slot of its own
+    backend.board_stages = on_teacher_server(recipe, teacher_url(recipe, applied=False))
+    # the most of them that run at once: a filter on the teacher's server starts after its generate stage, MT-Bench
+    # after what it evaluates, and beside the parties' slot only with a second slot (--parallel 2: it evaluates
+    # the base model alone, or an early checkpoint); counted when it cannot, it kept the others to a smaller share
+    together = backend.board_stages if parallel > 1 else scheduler.parties
+    backend.teacher_parties = max(1, parties_at_once(together, stages, recipe))
     return scheduler.run(stages, force)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..layout import RECIPE_FILE
 from ..registry import spec
 from .cluster import ClusterSettings
-from .scheduler import cluster_parties, party_stages
+from .scheduler import cluster_parties, on_teacher_server
 from .sizing import ephemeral_storage
 
 if TYPE_CHECKING:
@@ -94,9 +94,10 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str],
     if keys:
         env.append({"name": "BEZOAR_KEYS_DIR", "value": KEYS_DIR})
     t = cluster.teacher
-    # a filter whose judge is the teacher's server (the recipe says) is one of its parties (executors/scheduler.py)
+    # a filter or MT-Bench whose judge is the teacher's server (the recipe says) takes a share of its capacity as
+    # the generate stages do (executors/scheduler.py on_teacher_server)
     judge_party = (recipe is not None and "teacher" not in spec(stage).needs
-                   and stage in party_stages(recipe, t.url or None, {}))
+                   and stage in on_teacher_server(recipe, t.url or None, {}))
     if "teacher" in spec(stage).needs or judge_party:
         if t.url:
             env.append({"name": "BEZOAR_TEACHER_URL", "value": t.url})

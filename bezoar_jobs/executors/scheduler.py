@@ -79,9 +79,11 @@ def party_stages(recipe: Recipe, teacher_url: str | None = None,
     server, the data stages that call the judge (the filters). Their requests reach the same admission limit:
     counted apart, a filter pod sent its whole ``judge.max_concurrency`` on top of the generate stages' shares,
     which the server refused as overloaded.
-    An evaluation's judge on the teacher (MT-Bench) is not counted: evaluations run after training, on pods of
-    their own, and their answers come from the model under test; the teacher is brought up again for it on
-    Kubernetes (:func:`on_teacher_server`)."""
+    An evaluation's judge on the teacher (MT-Bench) is not one of these: it waits for training and keeps a slot of
+    its own, and one left to start does not keep the teacher up through training (on Kubernetes the teacher is
+    brought up again for it, executors/k8s_teacher.py). It does take a share of the teacher's capacity: the
+    budget divides it among every stage of :func:`on_teacher_server` (:func:`cluster_parties`, executors/local.py);
+    an MT-Bench evaluating only the base model or an early checkpoint runs beside the data stages."""
     return on_teacher_server(recipe, teacher_url, environ) & (TEACHER_STAGES | JUDGE_DATA_STAGES)
 
 
@@ -135,9 +137,10 @@ class StageEvent:
 def cluster_parties(cluster: ClusterSettings, recipe: Recipe | None, stages: Iterable[str] = CANONICAL) -> int:
     """``BEZOAR_TEACHER_PARTIES`` on Kubernetes: the teacher stages among ``stages`` (a run's selection; a
     manifest applied by hand does not know what runs beside it: every stage), each in all its shards; with the
-    ``recipe``, also the filters when its judge is the teacher's server, as many as can run beside the rest
-    (none: a filter starts once its generate stage is done)."""
-    parties = party_stages(recipe, cluster.teacher.url or None, {}) if recipe is not None else TEACHER_STAGES
+    ``recipe``, also the other stages that call the teacher's server (:func:`on_teacher_server`: the filters and
+    MT-Bench when their judge is that server), as many as can run beside the rest (a filter starts once its
+    generate stage is done; MT-Bench once the checkpoints it evaluates are trained)."""
+    parties = on_teacher_server(recipe, cluster.teacher.url or None, {}) if recipe is not None else TEACHER_STAGES
     return max(1, parties_at_once(parties, stages, recipe,
                                   pods=lambda s: cluster.generationShards if STAGES[s].shardable else 1))
 

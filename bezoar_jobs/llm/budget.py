@@ -17,11 +17,12 @@ differ (a hand-edited flag). ``parties`` is ``BEZOAR_TEACHER_PARTIES``: how many
 server at once. The Kubernetes controller sets it to (the run's stages that call the teacher) x
 ``generationShards`` (a manifest rendered for ``kubectl apply``: every such stage of the recipe); the local
 executor to the number of teacher stages in the run (they run side by side, executors/scheduler.py). A judge
-served by the teacher's own server (an open judge at its ``/v1``) is a party too: its filter pods get the
-same budget (:func:`plan`'s ``teacher``), and the count is the most that run at once (a filter starts after
-its generate stage, so three generate stages and their filters are still three: executors/scheduler.py
-``parties_at_once``). With neither a capacity nor parties known, the recipe's ``max_concurrency`` stands
-alone (and is logged).
+served by the teacher's own server (an open judge at its ``/v1``) is a party too: its filter pods, and an
+MT-Bench pod, get the same budget (:func:`plan`'s ``teacher``), and the count is the most that run at once (a
+filter starts after its generate stage, so three generate stages and their filters are still three; MT-Bench
+after the checkpoints it evaluates, beside the data stages only when those are early ones or the base model
+alone: executors/scheduler.py ``on_teacher_server``, ``parties_at_once``). With neither a capacity nor parties
+known, the recipe's ``max_concurrency`` stands alone (and is logged).
 
 Shares move to the stages still running (:class:`Board`): the even share is each pod's floor. When a pod
 is done with the teacher (its client closes) it leaves a marker in the run store
@@ -222,8 +223,8 @@ def plan(endpoint: Endpoint, role: str, api_key: str | None = None,
 
     * the teacher: its pod's even share of the teacher's capacity (teacher servers only);
     * a judge served by the teacher's own server (an open judge, llm/fleet.py ``on_teacher``; ``teacher``: that
-      server's ``(base URL, backend)``): in a pod without the teacher's client (a filter stage) it is one of the
-      teacher's parties (the run counts it: executors/scheduler.py ``party_stages``) and gets a share as a teacher
+      server's ``(base URL, backend)``): in a pod without the teacher's client (a filter, MT-Bench) it is one of the
+      teacher's parties (the run counts it: executors/scheduler.py ``on_teacher_server``) and gets a share as a teacher
       stage's pod does; beside the teacher's client (``teacher_here``: an Evol-Instruct stage's equality checks)
       it goes through the teacher's books instead (llm/fleet.py ``Fleet.view``), so it has no budget of its own;
     * a judge on a TGI server of its own (:func:`alone`): within what that server admits;
