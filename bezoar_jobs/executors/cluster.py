@@ -34,6 +34,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -41,6 +42,7 @@ from pydantic import (
 
 from .. import __version__
 from ..errors import BadInput
+from ..recipe_base import Bool, Float, NonNegInt, PosInt
 from ..registry import CANONICAL, POD_CLASSES, STAGES
 from ..yamlmodel import parse_yaml, validate
 from .k8s_types import (
@@ -49,9 +51,7 @@ from .k8s_types import (
     DnsSubdomain,
     EnvName,
     LabelValue,
-    NonNegInt,
     OptionalName,
-    PositiveInt,
     Quantity,
     ResourceName,
     SecretKey,
@@ -82,7 +82,7 @@ StageName = Annotated[str, AfterValidator(_known_stage)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # as recipe_base.Strict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,20 +201,20 @@ class Teacher(_Model):
         0, description="the server's capacity: TGI --max-concurrent-requests, vLLM --max-num-seqs (0 = ask TGI's "
         "/info); the stages calling the teacher divide it (-> env BEZOAR_TEACHER_CAPACITY)"
     )
-    waitReady: bool = Field(True, description="wait for the Deployment to be ready before generate stages")
-    readyTimeoutSeconds: PositiveInt = Field(
+    waitReady: Bool = Field(True, description="wait for the Deployment to be ready before generate stages")
+    readyTimeoutSeconds: PosInt = Field(
         3600, description="how long the controller waits for a ready teacher (the chart: its startup timeout "
         "plus time to schedule and pull)"
     )
-    scaleDownAfterGeneration: bool = Field(
+    scaleDownAfterGeneration: Bool = Field(
         True, description="scale to 0 once every generate-* stage is committed and no other run holds a lease"
     )
-    replicas: PositiveInt = Field(1, description="replicas to scale up to when it is at 0")
+    replicas: PosInt = Field(1, description="replicas to scale up to when it is at 0")
     discovery: Literal["", "dns"] = Field(
         "", description='"dns": stage pods spread requests over every address of url\'s host, a headless Service '
         "with one per ready teacher pod (-> env BEZOAR_TEACHER_DISCOVERY; bezoar_jobs/llm/fleet.py)"
     )
-    leaseSeconds: Annotated[int, Field(ge=30)] = Field(
+    leaseSeconds: Annotated[StrictInt, Field(ge=30)] = Field(
         600, description="a run's lease on the teacher lasts this long unless renewed (a crashed run's lease expires)"
     )
 
@@ -235,7 +235,7 @@ class Toleration(_Model):
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    tolerationSeconds: int | None = None
+    tolerationSeconds: StrictInt | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Toleration:
@@ -263,19 +263,19 @@ class Scheduling(_Model):
     gpus: NonNegInt = Field(0, description="GPUs requested and limited (jobs.gpuResourceName)")
     nodeSelector: dict[str, str] = {}
     tolerations: tuple[Toleration, ...] = ()
-    activeDeadlineSeconds: PositiveInt = 86400
+    activeDeadlineSeconds: PosInt = 86400
     backoffLimit: NonNegInt = Field(3, description="retries of retryable failures (preemptions are not counted)")
     ephemeralStorage: AutoQuantity = Field(
         "auto", description='ephemeral-storage request/limit and /scratch size ("auto" = sized from the model)'
     )
     shmSize: Quantity = Field("1Gi", description="size of the memory-backed /dev/shm")
-    parallelism: PositiveInt | None = Field(
+    parallelism: PosInt | None = Field(
         None,
         description="sharded (Indexed) generate Jobs only: shard pods running at once; "
         "unset = all generationShards at once. Unsharded Jobs always run one pod.",
     )
-    nodes: PositiveInt = Field(1, description="training stages: pods (nodes) the stage runs on, one per node")
-    processesPerNode: PositiveInt | None = Field(
+    nodes: PosInt = Field(1, description="training stages: pods (nodes) the stage runs on, one per node")
+    processesPerNode: PosInt | None = Field(
         None, description="training stages: torch.distributed.run processes per pod (unset = gpus, at least 1)")
 
     def processes_per_node(self) -> int:
@@ -288,7 +288,7 @@ class Distributed(_Model):
     launcher: Literal["job", "jobset", "trainjob"] = Field(
         "job", description="job: an Indexed Job plus a headless Service (built in); jobset / trainjob: a JobSet "
         "or a Kubeflow Trainer v2 TrainJob, for clusters that have them installed (the controller checks)")
-    port: Annotated[int, Field(ge=1024, le=65535)] = Field(29500, description="rendezvous port on node 0")
+    port: Annotated[StrictInt, Field(ge=1024, le=65535)] = Field(29500, description="rendezvous port on node 0")
     trainingRuntime: DnsSubdomain = Field(
         "torch-distributed", description="trainjob: the ClusterTrainingRuntime the TrainJob refers to")
 
@@ -300,13 +300,13 @@ class SchedulingOverride(_Model):
     gpus: NonNegInt | None = None
     nodeSelector: dict[str, str] | None = None
     tolerations: tuple[Toleration, ...] | None = None
-    activeDeadlineSeconds: PositiveInt | None = None
+    activeDeadlineSeconds: PosInt | None = None
     backoffLimit: NonNegInt | None = None
     ephemeralStorage: AutoQuantity | None = None
     shmSize: Quantity | None = None
-    parallelism: PositiveInt | None = None
-    nodes: PositiveInt | None = None
-    processesPerNode: PositiveInt | None = None
+    parallelism: PosInt | None = None
+    nodes: PosInt | None = None
+    processesPerNode: PosInt | None = None
 
 
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -378,16 +378,16 @@ class SchedulingSet(_Model):
 class Sizing(_Model):
     """What ``ephemeralStorage: auto`` is computed from (formula in :mod:`bezoar_jobs.executors.sizing`)."""
 
-    modelParamsB: Annotated[float, Field(gt=0, le=10000)] = Field(
+    modelParamsB: Annotated[Float, Field(gt=0, le=10000)] = Field(
         3.4, description="parameters of the student (and of an in-process teacher/judge), in billions"
     )
 
 
 class ControllerSettings(_Model):
-    apiOutageToleranceSeconds: Annotated[int, Field(ge=10)] = Field(
+    apiOutageToleranceSeconds: Annotated[StrictInt, Field(ge=10)] = Field(
         900, description="how long the controller retries while the API server cannot be reached"
     )
-    pendingReportSeconds: Annotated[int, Field(ge=1)] = Field(
+    pendingReportSeconds: Annotated[StrictInt, Field(ge=1)] = Field(
         60, description="a pod Pending (or a Job suspended) this long is reported with the scheduler's / Kueue's reason"
     )
 
@@ -415,7 +415,7 @@ class ClusterSettings(_Model):
     kueue: Kueue = Kueue()
     scheduling: SchedulingSet = SchedulingSet()
     stageOverrides: dict[StageName, SchedulingOverride] = {}
-    generationShards: Annotated[int, Field(ge=1, le=1000)] = Field(
+    generationShards: Annotated[StrictInt, Field(ge=1, le=1000)] = Field(
         1, description=">1: generate-* stages run as Indexed Jobs with this many shards"
     )
     jobs: JobsSettings = JobsSettings()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -58,7 +58,5 @@ EnvName = Annotated[str, _matching(_ENV_NAME, "a valid environment variable name
 SecretKey = Annotated[str, _matching(_SECRET_KEY, "a valid Secret key (letters, digits, '-', '_', '.')", 253)]
 ResourceName = Annotated[str, _matching(_RESOURCE_NAME, "a resource name (e.g. cpu, memory, nvidia.com/gpu)", 253)]
 LabelValue = Annotated[str, _matching(_LABEL_VALUE, "a valid label value", 63)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
 
 
