@@ -749,6 +749,19 @@ def set_path(node: Any, path: tuple[Any, ...], value: Any) -> None:
             node = node[key]
 
 
+def as_helm_renders(value: Any) -> Any:
+    """A value as the chart's toYaml writes it: Helm holds numbers as float64 and writes a whole one
+    (below 1e21) as an integer, so 1e12 or 2.0 in the values reach the controller as ints
+    (test_whole_floats_in_the_values_render_as_ints_the_strict_model_takes)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: as_helm_renders(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_helm_renders(v) for v in value]
+    return value
+
+
 def refused_by_the_model(cs: dict[str, Any]) -> bool:
     try:
         ClusterSettings.model_validate(cs)
@@ -906,6 +919,75 @@ def test_teacher_capacity_check_is_the_models(helm: tuple[str, dict[str, str]],
             assert (proc.returncode != 0) == refused_by_the_model(cs) == (cap < bound), (cap, shards, proc.stderr)
 
 
+def test_whole_floats_in_the_values_render_as_ints_the_strict_model_takes(
+        helm: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """ClusterSettings' ints are strict (2.0, true and "2" are refused). Helm reads the values as float64
+    and its toYaml writes a whole number as an integer, so a value file with 2.0 or 1e12 still renders
+    settings the controller loads; the chart's own fills (teacher.replicas, maxConcurrentRequests,
+    readyTimeoutSeconds) are computed with int/mul/add and render as integers too."""
+    values = tmp_path / "floats.yaml"
+    values.write_text(
+        "clusterSettings:\n  generationShards: 2.0\n  jobs: {ttlSecondsAfterFinished: 1e12}\n"
+        "  teacher: {leaseSeconds: 600.0}\n  sizing: {modelParamsB: 7.0}\n"
+        "  distributed: {port: 29500.0}\n  scheduling: {train: {gpus: 8.0, nodes: 2.0}}\n"
+        "teacher: {replicas: 2.0, maxConcurrentRequests: 64.0, startupTimeoutSeconds: 600.0}\n"
+    )
+    docs = template(helm, *values_files("base"), "-f", str(values))
+    text = one(docs, "ConfigMap", "cluster-settings")["data"]["cluster.yaml"]
+    cs = parse_cluster_settings(text, "cluster.yaml")
+    assert (cs.generationShards, cs.jobs.ttlSecondsAfterFinished, cs.teacher.leaseSeconds) == (2, 10**12, 600)
+    assert (cs.distributed.port, cs.scheduling.train.gpus, cs.scheduling.train.nodes) == (29500, 8, 2)
+    assert (cs.teacher.replicas, cs.teacher.maxConcurrentRequests, cs.teacher.readyTimeoutSeconds) == (2, 128, 1500)
+    assert cs.sizing.modelParamsB == 7.0
+    assert re.search(r"^generationShards: 2$", text, re.M)  # written as an int
+    assert not re.search(r": -?[0-9]+\.0$", text, re.M), text  # no whole number written as a float
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("schema_version: 1.0", 'run.recipeInline: schema_version must be the integer 1, not "1.0"'),
+     ("schema_version: 1.", 'run.recipeInline: schema_version must be the integer 1, not "1."'),
+     ("schema_version: 1e0", 'run.recipeInline: schema_version must be the integer 1, not "1e0"'),
+     ('schema_version: "1"', 'run.recipeInline: schema_version must be 1 (the recipe format the controller reads), '
+                             'not "1"'),
+     ("schema_version: '1'", 'run.recipeInline: schema_version must be 1 (the recipe format the controller reads), '
+                             'not "1"'),
+     ("schema_version: 1", None),
+     ("schema_version: 1   # the recipe format", None)],
+)
+def test_an_inline_recipe_schema_version_must_be_the_int_1(
+        helm: tuple[str, dict[str, str]], line: str, message: str | None) -> None:
+    """Helm's fromYaml makes every number a float64, so the chart's check took schema_version: 1.0,
+    which the controller's recipe loader refuses (it reads the int 1). The chart now checks how the
+    value is written too: refused at template time exactly when parse_recipe refuses it."""
+    from bezoar_jobs.errors import BadInput
+    from bezoar_jobs.recipe import parse_recipe
+
+    demo = (REPO / "recipes" / "demo.yaml").read_text()
+    assert "\nschema_version: 1\n" in demo
+    recipe = demo.replace("\nschema_version: 1\n", f"\n{line}\n")
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *values_files("base"),
+                    "--set-json", 'run.recipe=""', "--set-json", f"run.recipeInline={json.dumps(recipe)}")
+    if message is None:
+        parse_recipe(recipe)
+        assert proc.returncode == 0, proc.stderr
+        docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        assert one(docs, "ConfigMap", "recipe")["data"]["recipe.yaml"] == recipe
+    else:
+        with pytest.raises(BadInput, match="schema_version"):
+            parse_recipe(recipe)
+        assert proc.returncode != 0
+        assert f"openbezoar: {message}" in proc.stderr, proc.stderr
+
+
+def test_an_inline_recipe_in_flow_style_is_checked_too(helm: tuple[str, dict[str, str]]) -> None:
+    for recipe, ok in (("{schema_version: 1.0, name: x}", False), ("{name: x, schema_version: 1}", True)):
+        proc = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *values_files("base"),
+                        "--set-json", 'run.recipe=""', "--set-json", f"run.recipeInline={json.dumps(recipe)}")
+        assert (proc.returncode == 0) == ok, proc.stderr
+        assert ok or 'schema_version must be the integer 1, not "1.0"' in proc.stderr
+
+
 # Probe values: each is put at every key of the cluster settings in turn.
 PROBES: tuple[Any, ...] = (
     "", "a", "x", "two", "1", "0.5", "500m", "8Gi", "1 Gi", "1e3", "-1", "auto", "Bad_Name", "bad name", "a.b",
@@ -966,7 +1048,7 @@ def test_the_schema_refuses_every_cluster_setting_the_model_refuses(
             path, value = path[:-1], {value: "1"}
         if path == ("namespace",) and not value:
             continue  # the chart fills the release namespace
-        set_path(cs, path, copy.deepcopy(value))
+        set_path(cs, path, as_helm_renders(copy.deepcopy(value)))
         if path in TEMPLATE_CHECKED and isinstance(value, int) and value > 0:
             continue
         if refused_by_the_model(cs) and validators[path[0]].is_valid(cs[path[0]]):

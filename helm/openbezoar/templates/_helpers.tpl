@@ -297,6 +297,18 @@ checkov.io/skip{{ add1 (index . 1) }}: CKV_K8S_15=IfNotPresent with a release ta
 {{- if not (and (kindIs "float64" $sv) (eq (float64 $sv) 1.0)) }}
 {{- fail (printf "openbezoar: run.recipeInline: schema_version must be 1 (the recipe format the controller reads), not %#v" $sv) }}
 {{- end }}
+{{- /* fromYaml makes every number a float64, so 1.0 passed above: the controller reads the int 1 only.
+The text of the top-level key (block or flow style) must spell an integer. */}}
+{{- $written := regexFindAll `(?m)(^|[{,][ \t]*)["']?schema_version["']?[ \t]*:[ \t]*[^ \t#\r\n,}]*` . -1 }}
+{{- if not $written }}
+{{- fail "openbezoar: run.recipeInline: schema_version must be written as a top-level key, as in: schema_version: 1" }}
+{{- end }}
+{{- range $written }}
+{{- $text := regexReplaceAll `^[^:]*:[ \t]*` . "" }}
+{{- if not (regexMatch `^[-+]?(0|[1-9][0-9_]*|0[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$` $text) }}
+{{- fail (printf "openbezoar: run.recipeInline: schema_version must be the integer 1, not %q: the controller's recipe loader refuses a float or text (write schema_version: 1)" $text) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if and $v.retrain.schedule (not $v.run.baseUri) (not $v.runStore.enabled) }}
