@@ -1175,6 +1175,32 @@ def test_a_judge_beside_the_teacher_in_one_pod_stays_within_the_pods_share_of_ea
     assert min(judged) >= 50, judged  # the judge on both replicas, at its own route
 
 
+def test_a_judge_beside_the_teacher_on_its_single_server_stays_within_the_pods_share_there(monkeypatch):
+    """With one teacher server (no fleet), an Evol-Instruct stage's judge on that server kept places of its own on
+    top of the teacher's share: here 80 of 680 attempts were refused as overloaded (a server admitting 4, each
+    client allowed 8), and in the bench 129 requests once reached a server admitting 128. The teacher's single
+    server is now a fleet of one whose books the judge shares: together they never have more there than it admits."""
+    monkeypatch.delenv("BEZOAR_TEACHER_ENDPOINTS", raising=False)
+    monkeypatch.delenv("BEZOAR_TEACHER_DISCOVERY", raising=False)
+    with running(capacity=4, per_token_s=0.002, max_concurrent_requests=4, script=lambda p: "tok " * 20) as a:
+        teacher = make_client(endpoint("tgi", a, max_concurrency=8, max_retries=3), role="teacher")
+        judge = make_client(endpoint("openai-chat", a, max_concurrency=8, max_retries=3), role="judge",
+                            teacher_url=a.url, teacher=teacher)
+        assert teacher.fleet is not None and judge.fleet is not None
+        assert judge.fleet.replicas is teacher.fleet.replicas and judge.fleet.urls() == [a.url + "/v1"]
+        outs = _side_by_side(("teacher", teacher, 300), ("judge", judge, 300))
+    assert len(outs["teacher"]) == len(outs["judge"]) == 300 and all(r.ok for o in outs.values() for r in o.values())
+    refused = [c.route for c in a.calls if c.status == 429]
+    assert not refused, (len(refused), len(a.calls))
+    assert {c.route for c in a.calls if c.status == 200} == {"tgi", "chat/completions"}  # each at its own route
+    # a judge on another server, or a teacher whose server's limit is unknown: nothing shared, as before
+    with running(latency=0.01) as b:
+        lone = make_client(endpoint("tgi", b, max_concurrency=8), role="teacher")
+        other = make_client(endpoint("openai-chat", b, max_concurrency=8).model_copy(
+            update={"base_url": "https://api.judge.example/v1"}), role="judge", teacher_url=b.url, teacher=lone)
+        assert lone.fleet is None and other.fleet is None
+
+
 def test_a_fleet_ranks_a_replica_whose_limit_is_unknown_as_roomy_not_as_room_for_one():
     """A judge's own fleet knows no replica's limit until one is cut for overload: the uncut replica, counted as
     room for one, then took a tenth of what the crowded one took."""

@@ -48,13 +48,17 @@ def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | N
         client: LLMClient = cls(endpoint, role=role)
     else:
         from .budget import plan  # a teacher server's capacity is shared by every pod calling it
-        from .fleet import Fleet
+        from .fleet import Fleet, on_teacher
+        from .pool import RemoteClient
 
         key = resolve_api_key(endpoint, role)
         # the teacher's replicas (each request to one of them), found once: the budget asks each one's /info and
         # the fleet keeps each within its share of what it said
+        # a judge beside the teacher's client shares its books at the teacher's server, one server or several
+        mate = teacher.fleet_of_one() if isinstance(teacher, RemoteClient) and role != "teacher" \
+            and on_teacher(endpoint.base_url, teacher_url) else getattr(teacher, "fleet", None)
         fleet = (Fleet.from_env(endpoint.base_url) if role == "teacher"
-                 else Fleet.beside(endpoint.base_url, teacher_url, teacher=getattr(teacher, "fleet", None)))
+                 else Fleet.beside(endpoint.base_url, teacher_url, teacher=mate))
         server = (teacher_url, teacher_backend or "") if teacher_url else None
         ep, budget = plan(endpoint, role, key, teacher=server, teacher_here=teacher is not None, fleet=fleet)
         remote = cls(ep, key, role)

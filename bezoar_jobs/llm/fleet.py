@@ -35,8 +35,9 @@ one URL it names, it crowded that replica while the fleet kept its full share th
 client is in the same process (an Evol-Instruct stage's equality checks) the judge shares its books
 (:meth:`Fleet.view`: one count of requests in flight, one limit and one health state per replica, behind a
 lock, since each client's pool runs its own event loop thread), so the pod's requests at a replica, the
-judge's included, stay within the pod's share there. With books of its own the judge came on top of that
-share: the bench's three stages on two replicas saw one replica refuse the excess as overloaded, the
+judge's included, stay within the pod's share there; with one teacher server and no fleet, that server is made
+a fleet of one for the two (llm/pool.py ``RemoteClient.fleet_of_one``). With books of its own the judge came on
+top of that share: the bench's three stages on two replicas saw one replica refuse the excess as overloaded, the
 teacher's limit there was cut, and it stayed 0.80-0.89 busy for the rest of the run in 1 of 4-6 runs. A
 replica taken out is asked ``/health`` at its root, whoever's path the client sends to.
 

@@ -198,6 +198,23 @@ class RemoteClient(LLMClient):
                               for u in fleet.replicas}, parties)
         log.info("%s: a fleet of %d replica(s): %s", self.role, len(fleet.replicas), ", ".join(fleet.urls()))
 
+    def fleet_of_one(self) -> Fleet | None:
+        """The books of this client's server for another client of it in this process (a judge on the teacher's
+        server beside the teacher: an Evol-Instruct stage's equality checks): its fleet, or, a single TGI server
+        whose limit the budget knows, a fleet of one replica made now, so both count against one limit there (the
+        pod's share; llm/fleet.py ``Fleet.view``). Each with places of its own, the judge's requests came on top of
+        the teacher's share, and the server refused the excess as overloaded. Called before the client's pool
+        starts (its pool decides at start where its places are kept). None: no books to share."""
+        b, url = self.budget, (self.endpoint.base_url or "").rstrip("/")
+        if self.fleet is not None or not self.fleet_capable or self.endpoint.backend != "tgi" or not url \
+                or b is None or not b.capacity:
+            return self.fleet
+        fleet = Fleet([url])
+        fleet.set_limits({url: b.capacity}, b.parties)
+        self.fleet = fleet
+        log.info("%s: shares its places at %s with a judge on the same server", self.role, url)
+        return fleet
+
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}(model={self.model_id!r}, base_url={redact(self.endpoint.base_url)!r})"
 
