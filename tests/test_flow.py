@@ -20,7 +20,8 @@ import pytest
 
 from bezoar_jobs.llm import GenRequest, make_client
 from bezoar_jobs.manifest import read_manifest
-from bezoar_jobs.store import open_store
+from bezoar_jobs.recipe import Recipe
+from bezoar_jobs.store import Store, open_store
 from tests.llm_server import LLMTestServer, count_tokens, running
 from tests.scripted import scripted_answer, scripted_recipe
 from tests.test_llm_clients import endpoint, per_prompt, run_all
@@ -756,41 +757,48 @@ def test_a_filter_whose_judge_is_the_teacher_runs_beside_the_generate_stages_as_
     assert scheduler.parties_at_once(on_teacher, ["generate-lamini", "filter-lamini"]) == 1
 
 
+def _local_run_shares(monkeypatch: pytest.MonkeyPatch, recipe: Recipe, store: Store, stages: list[str],
+                      parallel: int = 1) -> tuple[dict[str, tuple[str | None, bool]], set[str]]:
+    """`bezoar run` (local) of ``stages`` with stage processes that say nothing and exit 0 (their commits stubbed):
+    each stage's BEZOAR_TEACHER_PARTIES and whether it was marked running on the teacher's board when started;
+    the board's marks after."""
+    from bezoar_jobs.executors import local, scheduler
+
+    seen: dict[str, tuple[str | None, bool]] = {}
+
+    class Proc:
+        def __init__(self, cmd: list[str], env: dict[str, str], **kw: object) -> None:
+            stage = cmd[cmd.index("stage") + 1]
+            seen[stage] = (env.get("BEZOAR_TEACHER_PARTIES"),
+                           store.exists(f"_control/teacher-shares/{stage}.live"))
+            self.stdout: list[str] = []
+
+        def wait(self) -> int:
+            return 0
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(local.subprocess, "Popen", Proc)
+    monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in seen, "stub"))
+    out = local.run_local(recipe, store, stages, parallel=parallel)
+    assert out.exit_code == 0 and set(out.committed) == set(stages)
+    return seen, set(store.list("_control/teacher-shares/"))
+
+
 def test_a_local_run_counts_a_filter_on_the_teachers_server_among_its_parties(tmp_path, monkeypatch):
     """`bezoar run` (local) gave a filter whose judge is the teacher's server nothing of the teacher's budget. It
     now gets the number of pods sharing the teacher (the most that run at once: a filter starts after its generate
     stage), is marked running on the board when it is started (the others give up its share before its first
     request) and done when it is committed."""
-    from bezoar_jobs.executors import local, scheduler
     from bezoar_jobs.recipe import load_recipe
 
     monkeypatch.delenv("BEZOAR_TEACHER_PARTIES", raising=False)
     stages = ["generate-lamini", "generate-orca", "filter-lamini"]
 
     def run(judge: str, where: str) -> tuple[dict[str, tuple[str | None, bool]], set[str]]:
-        """Each stage's BEZOAR_TEACHER_PARTIES and whether it was marked running when started; the marks after."""
         recipe, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"judge.base_url": judge}))
-        store = open_store(str(tmp_path / where))
-        seen: dict[str, tuple[str | None, bool]] = {}
-
-        class Proc:  # the stage process: says nothing, exits 0 (its commit is stubbed below)
-            def __init__(self, cmd: list[str], env: dict[str, str], **kw: object) -> None:
-                stage = cmd[cmd.index("stage") + 1]
-                live = store.exists(f"_control/teacher-shares/{stage}.live")
-                seen[stage] = (env.get("BEZOAR_TEACHER_PARTIES"), live)
-                self.stdout: list[str] = []
-
-            def wait(self) -> int:
-                return 0
-
-            def poll(self) -> int:
-                return 0
-
-        monkeypatch.setattr(local.subprocess, "Popen", Proc)
-        monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in seen, "stub"))
-        out = local.run_local(recipe, store, stages)
-        assert out.exit_code == 0 and set(out.committed) == set(stages)
-        return seen, set(store.list("_control/teacher-shares/"))
+        return _local_run_shares(monkeypatch, recipe, open_store(str(tmp_path / where)), stages)
 
     seen, marks = run("http://127.0.0.1:9/v1", "teacher")
     assert seen == {s: ("2", True) for s in stages}, seen  # two at once: lamini and orca, then the filter beside orca
@@ -808,7 +816,6 @@ def test_a_local_run_counts_an_mtbench_judge_on_the_teachers_server_when_it_runs
     sharing the teacher when it can run beside them, gets the count and is marked on the board (running when
     started, done when committed). With one slot it cannot: the count stays the generate stages' (counted, it
     kept them to a third of the teacher where they could have half), and it still takes part in the board."""
-    from bezoar_jobs.executors import local, scheduler
     from bezoar_jobs.recipe import load_recipe
 
     monkeypatch.delenv("BEZOAR_TEACHER_PARTIES", raising=False)
@@ -817,27 +824,7 @@ def test_a_local_run_counts_an_mtbench_judge_on_the_teachers_server_when_it_runs
     def run(judge: str, where: str, parallel: int) -> tuple[dict[str, tuple[str | None, bool]], set[str]]:
         recipe, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9", **{
             "judge.base_url": judge, "evaluation.checkpoints": ["base"]}))
-        store = open_store(str(tmp_path / where))
-        seen: dict[str, tuple[str | None, bool]] = {}
-
-        class Proc:  # the stage process: says nothing, exits 0 (its commit is stubbed below)
-            def __init__(self, cmd: list[str], env: dict[str, str], **kw: object) -> None:
-                stage = cmd[cmd.index("stage") + 1]
-                seen[stage] = (env.get("BEZOAR_TEACHER_PARTIES"),
-                               store.exists(f"_control/teacher-shares/{stage}.live"))
-                self.stdout: list[str] = []
-
-            def wait(self) -> int:
-                return 0
-
-            def poll(self) -> int:
-                return 0
-
-        monkeypatch.setattr(local.subprocess, "Popen", Proc)
-        monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in seen, "stub"))
-        out = local.run_local(recipe, store, stages, parallel=parallel)
-        assert out.exit_code == 0 and set(out.committed) == set(stages)
-        return seen, set(store.list("_control/teacher-shares/"))
+        return _local_run_shares(monkeypatch, recipe, open_store(str(tmp_path / where)), stages, parallel)
 
     seen, marks = run("http://127.0.0.1:9/v1", "beside", parallel=2)
     assert seen == {s: ("3", True) for s in stages}, seen
