@@ -5,7 +5,9 @@ this threaded HTTP server instead. It serves the part of the REST API the contro
 
 - ``/apis/batch/v1/namespaces/{ns}/jobs``: create, get, list (``labelSelector``), watch
   (``watch=true`` + ``resourceVersion``: newline-delimited JSON events over a chunked response,
-  bookmarks, ``410 Gone`` for a compacted resourceVersion), delete (one, or a collection by label);
+  bookmarks, ``410 Gone`` for a compacted resourceVersion), delete (one, or a collection by label;
+  ``propagationPolicy`` Background/Foreground/Orphan, and without one the batch/v1 default, Orphan:
+  the Job goes, its pods run on without their ownerReference, see :data:`JOB_DEFAULT_PROPAGATION`);
 - ``/api/v1/namespaces/{ns}/pods``: list, get, watch; ``pods/{name}/log`` (``follow``, ``tailLines``);
 - ``/apis/apps/v1/namespaces/{ns}/deployments/{name}`` (get) and ``.../scale`` (get, patch, replace).
 
@@ -24,6 +26,14 @@ host, so a pod sees what its Job spec gives it and no more (that is how the test
 carries its credentials).
 
 **What a real cluster refuses, the harness refuses** (each part in its own module):
+
+- the API server's validation of a created Job, here: the strict OpenAPI schema (field names and types),
+  then the Go rules the schema cannot say (kubernetes/kubernetes pkg/apis/batch/validation/validation.go
+  and pkg/apis/core/validation/validation.go; see :func:`validate_job_spec`, :func:`validate_pod_spec`,
+  :func:`validate_meta`): label and annotation syntax and sizes, names, mounts of undefined volumes,
+  requests above limits, GPUs (extended resources) overcommitted or fractional, tolerations, the
+  podFailurePolicy's rules, the Indexed limits. Every cause comes back at once in a 422 ``Status`` with
+  ``details.causes`` (field paths), as from the API server; a malformed quantity is a 400 decoding error;
 
 - the pod's security context, in :mod:`k8s_sandbox`: the process runs as ``runAsUser``/``runAsGroup``
   with ``fsGroup`` as a supplementary group, on a read-only root filesystem (``readOnlyRootFilesystem``)
@@ -86,6 +96,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -214,6 +225,505 @@ class ApiError(Exception):
 
 def _not_found(kind: str, name: str, group: str = "") -> ApiError:
     return ApiError(404, "NotFound", f'{kind} "{name}" not found', {"name": name, "group": group, "kind": kind})
+
+
+# ---------------------------------------------------------------------------------------------
+# What the API server refuses beyond the OpenAPI schema (its validation.go), worded as it words it
+# ---------------------------------------------------------------------------------------------
+# The strict OpenAPI schema (kubernetes-validate, :func:`_job_validator`) only checks types and field
+# names: no enum, no bound, no name syntax. The API server validates the defaulted object with Go code;
+# the rules below are the part of it that the Jobs of this project could break, read from upstream:
+#
+# - kubernetes/kubernetes pkg/apis/batch/validation/validation.go: ``ValidateJob`` (the longest Indexed
+#   pod hostname ``<name>-<completions-1>`` must be a DNS-1123 label), ``validateJobSpec`` (non-negative
+#   counts and durations, completionMode, the Indexed limits, backoffLimitPerIndex/maxFailedIndexes only
+#   with Indexed, restartPolicy OnFailure or Never), ``validatePodFailurePolicy`` and its rules (at most
+#   20 rules; the actions Count/FailIndex/FailJob/Ignore, FailIndex only with backoffLimitPerIndex;
+#   exactly one of onExitCodes/onPodConditions; operator In/NotIn, 1-255 values, unique, ordered, no 0
+#   for In, containerName one of the pod's; condition type a qualified name, status True/False/Unknown),
+#   ``validatePodReplacementPolicy`` (Failed only, with a podFailurePolicy);
+# - kubernetes/kubernetes pkg/apis/core/validation/validation.go (ValidatePodTemplateSpec): labels and
+#   annotations (staging/src/k8s.io/apimachinery/pkg/api/validation/objectmeta.go: qualified-name keys,
+#   63-character label values, 256 KiB of annotations), volume names (DNS-1123 labels, unique),
+#   container names (DNS-1123 labels, unique), volumeMounts of defined volumes at unique paths, env names,
+#   ``ValidateResourceRequirements`` (standard or extended resource names; requests <= limits; an extended
+#   resource such as nvidia.com/gpu cannot be overcommitted: a whole number, the request equal to the
+#   limit, never a request without a limit), ``ValidateTolerations``, the nodeSelector's labels,
+#   secret/projected ``defaultMode`` (0-0777) and item paths, imagePullPolicy and terminationMessagePolicy;
+# - staging/src/k8s.io/apimachinery/pkg/api/resource/quantity.go: a malformed quantity is not a 422 but a
+#   decoding error (400 BadRequest), before any validation.
+#
+# The environment variable names are checked with the rule of the oldest Kubernetes the project supports
+# (1.31, where RelaxedEnvironmentVariableValidation is off): a C-like name of letters, digits, '_', '-', '.'.
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")  # quantity.go's splitRE
+_SUFFIX: dict[str, int | Fraction] = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": Fraction(1, 10**9),
+    "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "P": 10**15, "E": 10**18}
+_STANDARD_CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # TotalAnnotationSizeLimitB
+FIELD_REFS = ("metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName", "spec.serviceAccountName",
+              "status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs")
+
+
+def _go(v: Any) -> str:
+    """A value as field.Error prints it (%q for strings, %d for integers, JSON-ish otherwise)."""
+    return json.dumps(v) if isinstance(v, str | int | float | bool) or v is None else json.dumps(v, sort_keys=True)
+
+
+class Invalid:
+    """A ``field.ErrorList`` (k8s.io/apimachinery/pkg/util/validation/field): each cause as the API server
+    words it, and :meth:`error` the 422 ``Status`` the API server answers with (``details.causes``)."""
+
+    def __init__(self) -> None:
+        self.causes: list[dict[str, str]] = []
+
+    def _add(self, reason: str, path: str, message: str) -> None:
+        self.causes.append({"reason": reason, "message": message, "field": path})
+
+    def invalid(self, path: str, value: Any, detail: str) -> None:
+        self._add("FieldValueInvalid", path, f"Invalid value: {_go(value)}: {detail}")
+
+    def required(self, path: str, detail: str = "") -> None:
+        self._add("FieldValueRequired", path, "Required value" + (f": {detail}" if detail else ""))
+
+    def not_supported(self, path: str, value: Any, supported: tuple[str, ...]) -> None:
+        self._add("FieldValueNotSupported", path, f"Unsupported value: {_go(value)}: supported values: "
+                                                  + ", ".join(f'"{s}"' for s in supported))
+
+    def duplicate(self, path: str, value: Any) -> None:
+        self._add("FieldValueDuplicate", path, f"Duplicate value: {_go(value)}")
+
+    def not_found(self, path: str, value: Any) -> None:
+        self._add("FieldValueNotFound", path, f"Not found: {_go(value)}")
+
+    def too_many(self, path: str, n: int, limit: int) -> None:
+        self._add("FieldValueTooMany", path, f"Too many: {n}: must have at most {limit} items")
+
+    def too_long(self, path: str, limit: int) -> None:
+        self._add("FieldValueTooLong", path, f"Too long: may not be more than {limit} bytes")
+
+    def error(self, kind: str, group: str, name: str) -> ApiError:
+        """``<Kind>.<group> "<name>" is invalid: <cause>`` (several: ``[<cause>, <cause>]``), code 422."""
+        texts = [f"{c['field']}: {c['message']}" for c in self.causes]
+        what = texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]"
+        return ApiError(422, "Invalid", f'{kind}.{group} "{name}" is invalid: {what}',
+                        {"name": name, "group": group, "kind": kind, "causes": list(self.causes)})
+
+
+def parse_quantity(v: Any) -> Fraction | None:
+    """A resource.Quantity's value, or None when the API server could not decode it (quantity.go)."""
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        return None
+    m = _QUANTITY.match(str(v))
+    if not m:
+        return None
+    try:
+        num = Fraction(m.group(1))
+    except ValueError:
+        return None
+    suffix = m.group(2)
+    if suffix in _SUFFIX:
+        return num * _SUFFIX[suffix]
+    em = re.match(r"^[eE]([-+]?[0-9]+)$", suffix)
+    return num * Fraction(10) ** int(em.group(1)) if em else None
+
+
+def _name_errors(value: str, rx: re.Pattern, max_len: int, what: str) -> list[str]:
+    errs = []
+    if len(value) > max_len:
+        errs.append(f"must be no more than {max_len} characters")
+    if not rx.match(value):
+        errs.append(f"a lowercase RFC 1123 {what} must consist of lower case alphanumeric characters"
+                    + (", '-' or '.'," if what == "subdomain" else " or '-',")
+                    + " and must start and end with an alphanumeric character")
+    return errs
+
+
+def qualified_name_errors(value: str) -> list[str]:
+    """validation.IsQualifiedName: ``[prefix/]name``, a DNS-1123 subdomain prefix, a name of at most 63."""
+    parts = value.split("/")
+    if len(parts) > 2:
+        return ["a qualified name must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+                "with an alphanumeric character, with an optional DNS subdomain prefix and '/'"]
+    errs = []
+    name = parts[-1]
+    if len(parts) == 2:
+        if not parts[0]:
+            errs.append("prefix part must be non-empty")
+        else:
+            errs += ["prefix part " + e for e in _name_errors(parts[0], _DNS1123_SUBDOMAIN, 253, "subdomain")]
+    if not name:
+        errs.append("name part must be non-empty")
+    elif len(name) > 63:
+        errs.append("name part must be no more than 63 characters")
+    if not _QUALIFIED_NAME.match(name):
+        errs.append("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+                    "with an alphanumeric character")
+    return errs
+
+
+def label_value_errors(value: Any) -> list[str]:
+    if not isinstance(value, str):
+        return ["must be a string"]
+    errs = ["must be no more than 63 characters"] if len(value) > 63 else []
+    if not _LABEL_VALUE.match(value):
+        errs.append("a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', "
+                    "and must start and end with an alphanumeric character")
+    return errs
+
+
+def validate_labels(errs: Invalid, labels: Any, path: str) -> None:
+    """unversionedvalidation.ValidateLabels (the errors name the map, as upstream's do)."""
+    for k, v in (labels or {}).items():
+        for msg in qualified_name_errors(k):
+            errs.invalid(path, k, msg)
+        for msg in label_value_errors(v):
+            errs.invalid(path, v, msg)
+
+
+def validate_meta(errs: Invalid, meta: dict[str, Any], path: str) -> None:
+    """The labels and annotations of ValidateObjectMeta (objectmeta.go: ValidateAnnotations)."""
+    validate_labels(errs, meta.get("labels"), f"{path}.labels")
+    total = 0
+    for k, v in (meta.get("annotations") or {}).items():
+        for msg in qualified_name_errors(k.lower()):
+            errs.invalid(f"{path}.annotations", k, msg)
+        total += len(k) + len(v if isinstance(v, str) else "")
+    if total > MAX_ANNOTATIONS_BYTES:
+        errs.too_long(f"{path}.annotations", MAX_ANNOTATIONS_BYTES)
+
+
+def _is_extended_resource(name: str) -> bool:
+    """helper.IsExtendedResourceName: domain-prefixed, outside kubernetes.io, not ``requests.``."""
+    return ("/" in name and "kubernetes.io/" not in name and not name.startswith("requests.")
+            and not qualified_name_errors("requests." + name))
+
+
+def _overcommit_allowed(name: str) -> bool:
+    """helper.IsOvercommitAllowed: native resources (no domain, or kubernetes.io), not hugepages."""
+    native = "/" not in name or "kubernetes.io/" in name
+    return native and not name.startswith("hugepages-")
+
+
+def validate_resources(errs: Invalid, res: dict[str, Any], path: str) -> None:
+    """ValidateResourceRequirements (core validation.go) for one container."""
+    quantities: dict[str, dict[str, Fraction]] = {}
+    for part in ("limits", "requests"):
+        quantities[part] = {}
+        for rname, q in (res.get(part) or {}).items():
+            p = f"{path}.{part}[{rname}]"
+            if "/" not in rname:
+                if rname not in _STANDARD_CONTAINER_RESOURCES and not rname.startswith("hugepages-"):
+                    errs.invalid(p, rname, "must be a standard resource for containers")
+            elif qualified_name_errors(rname):
+                for msg in qualified_name_errors(rname):
+                    errs.invalid(p, rname, msg)
+            elif not _overcommit_allowed(rname) and not _is_extended_resource(rname):
+                errs.invalid(p, rname, "doesn't follow extended resource name standard")
+            value = parse_quantity(q)
+            if value is None:
+                continue  # refused earlier, as the decoder does (_decode_quantities)
+            if value < 0:
+                errs.invalid(p, str(q), "must be greater than or equal to 0")
+            if _is_extended_resource(rname) and value.denominator != 1:
+                errs.invalid(p, str(q), "must be an integer")
+            quantities[part][rname] = value
+    lims = quantities["limits"]
+    for rname, value in quantities["requests"].items():
+        req = (res.get("requests") or {})[rname]
+        if rname in lims:
+            lim = (res.get("limits") or {})[rname]
+            if value != lims[rname] and not _overcommit_allowed(rname):
+                errs.invalid(f"{path}.requests", str(req), f"must be equal to {rname} limit of {lim}")
+            elif value > lims[rname]:
+                errs.invalid(f"{path}.requests", str(req), f"must be less than or equal to {rname} limit of {lim}")
+        elif not _overcommit_allowed(rname):
+            errs.required(f"{path}.limits", "Limit must be set for non overcommitable resources")
+
+
+def validate_tolerations(errs: Invalid, tolerations: list[dict[str, Any]], path: str) -> None:
+    """ValidateTolerations (core validation.go)."""
+    for i, t in enumerate(tolerations or []):
+        p = f"{path}[{i}]"
+        key, op, value = t.get("key") or "", t.get("operator") or "", t.get("value") or ""
+        effect = t.get("effect") or ""
+        for msg in qualified_name_errors(key) if key else []:
+            errs.invalid(f"{p}.key", key, msg)
+        if not key and op != "Exists":
+            errs.invalid(f"{p}.operator", op, 'operator must be Exists when `key` is empty, which means "match all '
+                                              'values and all keys"')
+        if t.get("tolerationSeconds") is not None and effect != "NoExecute":
+            errs.invalid(f"{p}.effect", effect, "effect must be 'NoExecute' when `tolerationSeconds` is set")
+        if op in ("Equal", ""):
+            for msg in label_value_errors(value):
+                errs.invalid(f"{p}.operator", value, msg)
+        elif op == "Exists":
+            if value:
+                errs.invalid(f"{p}.operator", t, "value must be empty when `operator` is 'Exists'")
+        else:
+            errs.not_supported(f"{p}.operator", op, ("Equal", "Exists"))
+        if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            errs.not_supported(f"{p}.effect", effect, ("NoExecute", "NoSchedule", "PreferNoSchedule"))
+
+
+def _validate_mode_and_items(errs: Invalid, src: dict[str, Any], p: str, mode_key: str = "defaultMode") -> None:
+    mode = src.get(mode_key)
+    if mode is not None and not 0 <= mode <= 0o777:
+        errs.invalid(f"{p}.{mode_key}", mode, "must be a number between 0 and 0777 (octal), both inclusive")
+    for j, item in enumerate(src.get("items") or []):
+        ip = f"{p}.items[{j}]"
+        if not item.get("key"):
+            errs.required(f"{ip}.key")
+        ipath = item.get("path") or ""
+        if not ipath:
+            errs.required(f"{ip}.path")
+        elif ipath.startswith("/"):
+            errs.invalid(f"{ip}.path", ipath, "must be a relative path")
+        elif ".." in ipath.split("/"):
+            errs.invalid(f"{ip}.path", ipath, "must not contain '..'")
+        if item.get("mode") is not None and not 0 <= item["mode"] <= 0o777:
+            errs.invalid(f"{ip}.mode", item["mode"], "must be a number between 0 and 0777 (octal), both inclusive")
+
+
+def validate_pod_spec(errs: Invalid, spec: dict[str, Any], path: str) -> None:
+    """The part of ValidatePodSpec (core validation.go) that a stage pod's spec exercises."""
+    vols: set[str] = set()
+    for i, vol in enumerate(spec.get("volumes") or []):
+        p = f"{path}.volumes[{i}]"
+        name = vol.get("name") or ""
+        if not name:
+            errs.required(f"{p}.name")
+        else:
+            for msg in _name_errors(name, _DNS1123_LABEL, 63, "label"):
+                errs.invalid(f"{p}.name", name, msg)
+            if name in vols:
+                errs.duplicate(f"{p}.name", name)
+            vols.add(name)
+        if "secret" in vol:
+            if not (vol["secret"] or {}).get("secretName"):
+                errs.required(f"{p}.secret.secretName")
+            _validate_mode_and_items(errs, vol["secret"] or {}, f"{p}.secret")
+        if "configMap" in vol:
+            _validate_mode_and_items(errs, vol["configMap"] or {}, f"{p}.configMap")
+        if "projected" in vol:
+            proj = vol["projected"] or {}
+            _validate_mode_and_items(errs, proj, f"{p}.projected")
+            for j, src in enumerate(proj.get("sources") or []):
+                for kind in ("secret", "configMap"):
+                    if kind in src:
+                        _validate_mode_and_items(errs, src[kind] or {}, f"{p}.projected.sources[{j}].{kind}")
+    containers = spec.get("containers") or []
+    if not containers:
+        errs.required(f"{path}.containers")
+    names: set[str] = set()
+    for group in ("initContainers", "containers"):
+        for i, c in enumerate(spec.get(group) or []):
+            p = f"{path}.{group}[{i}]"
+            name = c.get("name") or ""
+            if not name:
+                errs.required(f"{p}.name")
+            else:
+                for msg in _name_errors(name, _DNS1123_LABEL, 63, "label"):
+                    errs.invalid(f"{p}.name", name, msg)
+                if name in names:
+                    errs.duplicate(f"{p}.name", name)
+                names.add(name)
+            if c.get("imagePullPolicy") not in (None, "Always", "Never", "IfNotPresent"):
+                errs.not_supported(f"{p}.imagePullPolicy", c["imagePullPolicy"], ("Always", "IfNotPresent", "Never"))
+            if c.get("terminationMessagePolicy") not in (None, "File", "FallbackToLogsOnError"):
+                errs.not_supported(f"{p}.terminationMessagePolicy", c["terminationMessagePolicy"],
+                                   ("FallbackToLogsOnError", "File"))
+            for j, e in enumerate(c.get("env") or []):
+                ep = f"{p}.env[{j}]"
+                ename = e.get("name") or ""
+                if not ename:
+                    errs.required(f"{ep}.name")
+                elif not _ENV_NAME.match(ename):
+                    errs.invalid(f"{ep}.name", ename, "a valid environment variable name must consist of alphabetic "
+                                                      "characters, digits, '_', '-', or '.', and must not start with "
+                                                      "a digit")
+                vf = e.get("valueFrom")
+                if vf is not None:
+                    if e.get("value"):
+                        errs.invalid(f"{ep}.valueFrom", "", "may not be specified when `value` is not empty")
+                    sources = [k for k in ("fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef",
+                                           "fileKeyRef") if vf.get(k) is not None]
+                    if len(sources) != 1:
+                        errs.invalid(f"{ep}.valueFrom", "", "may not have more than one field specified at a time"
+                                     if sources else "must specify one of: `fieldRef`, `resourceFieldRef`, "
+                                     "`configMapKeyRef` or `secretKeyRef`")
+                    fp = (vf.get("fieldRef") or {}).get("fieldPath")
+                    if fp is not None:
+                        m = re.match(r"^metadata\.(labels|annotations)\['(.+)'\]$", fp)
+                        if m:
+                            for msg in qualified_name_errors(m.group(2).lower()):
+                                errs.invalid(f"{ep}.valueFrom.fieldRef.fieldPath", fp, msg)
+                        elif fp not in FIELD_REFS:
+                            errs.not_supported(f"{ep}.valueFrom.fieldRef.fieldPath", fp, FIELD_REFS)
+            mount_paths: set[str] = set()
+            for j, m in enumerate(c.get("volumeMounts") or []):
+                mp = f"{p}.volumeMounts[{j}]"
+                if not m.get("name"):
+                    errs.required(f"{mp}.name")
+                elif m["name"] not in vols:
+                    errs.not_found(f"{mp}.name", m["name"])
+                if not m.get("mountPath"):
+                    errs.required(f"{mp}.mountPath")
+                elif m["mountPath"] in mount_paths:
+                    errs.invalid(f"{mp}.mountPath", m["mountPath"], "must be unique")
+                else:
+                    mount_paths.add(m["mountPath"])
+                sub = m.get("subPath") or ""
+                if sub.startswith("/"):
+                    errs.invalid(f"{mp}.subPath", sub, "must be a relative path")
+                elif ".." in sub.split("/"):
+                    errs.invalid(f"{mp}.subPath", sub, "must not contain '..'")
+            validate_resources(errs, c.get("resources") or {}, f"{p}.resources")
+    rp = spec.get("restartPolicy")
+    if rp is not None and rp not in ("Always", "OnFailure", "Never"):
+        errs.not_supported(f"{path}.restartPolicy", rp, ("Always", "OnFailure", "Never"))
+    validate_labels(errs, spec.get("nodeSelector"), f"{path}.nodeSelector")
+    validate_tolerations(errs, spec.get("tolerations") or [], f"{path}.tolerations")
+    for key in ("hostname", "subdomain"):
+        v = spec.get(key)
+        if v:
+            for msg in _name_errors(v, _DNS1123_LABEL, 63, "label"):
+                errs.invalid(f"{path}.{key}", v, msg)
+    for key in ("serviceAccountName", "priorityClassName"):
+        v = spec.get(key)
+        if v:
+            for msg in _name_errors(v, _DNS1123_SUBDOMAIN, 253, "subdomain"):
+                errs.invalid(f"{path}.{key}", v, msg)
+
+
+def _decode_quantities(kind: str, spec: dict[str, Any]) -> None:
+    """A quantity that does not parse fails the decoding of the whole body: 400, not 422 (quantity.go)."""
+    qs: list[Any] = []
+    for group in ("initContainers", "containers"):
+        for c in spec.get(group) or []:
+            for part in ("requests", "limits"):
+                qs += list(((c.get("resources") or {}).get(part) or {}).values())
+    qs += [(v.get("emptyDir") or {}).get("sizeLimit") for v in spec.get("volumes") or [] if v.get("emptyDir")]
+    for q in qs:
+        if q is not None and parse_quantity(q) is None:
+            raise ApiError(400, "BadRequest", f'{kind} in version "v1" cannot be handled as a {kind}: quantities must '
+                                              "match the regular expression "
+                                              "'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'")
+
+
+PFP_ACTIONS = ("Count", "FailIndex", "FailJob", "Ignore")
+
+
+def validate_job_spec(errs: Invalid, name: str, spec: dict[str, Any]) -> None:
+    """batch validation.go's ValidateJob/validateJobSpec/validatePodFailurePolicy on the spec as the API server
+    has defaulted it (onPodConditions status True, podReplacementPolicy Failed with a podFailurePolicy)."""
+    for key in ("parallelism", "completions", "activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished",
+                "backoffLimitPerIndex", "maxFailedIndexes"):
+        v = spec.get(key)
+        if v is not None and v < 0:
+            errs.invalid(f"spec.{key}", v, "must be greater than or equal to 0")
+    mode = spec.get("completionMode")
+    indexed = mode == "Indexed"
+    completions, parallelism = spec.get("completions"), spec.get("parallelism")
+    if spec.get("maxFailedIndexes") is not None and spec.get("backoffLimitPerIndex") is None:
+        errs.required("spec.backoffLimitPerIndex", "when maxFailedIndexes is specified")
+    if mode is not None and mode not in ("NonIndexed", "Indexed"):
+        errs.not_supported("spec.completionMode", mode, ("NonIndexed", "Indexed"))
+    if indexed:
+        if completions is None:
+            errs.required("spec.completions", "when completion mode is Indexed")
+        if parallelism is not None and parallelism > 100_000:
+            errs.invalid("spec.parallelism", parallelism, "must be less than or equal to 100000 when completion "
+                                                          "mode is Indexed")
+        mfi = spec.get("maxFailedIndexes")
+        if completions is not None and mfi is not None and mfi > completions:
+            errs.invalid("spec.maxFailedIndexes", mfi, "must be less than or equal to completions")
+        if mfi is not None and mfi > 100_000:
+            errs.invalid("spec.maxFailedIndexes", mfi, "must be less than or equal to 100000")
+        if completions and completions > 0:
+            host = f"{name}-{completions - 1}"
+            if _name_errors(host, _DNS1123_LABEL, 63, "label"):
+                errs.invalid("metadata.name", name, f"will not able to create pod with invalid DNS label: {host}")
+    elif mode in (None, "NonIndexed"):
+        for key in ("backoffLimitPerIndex", "maxFailedIndexes"):
+            if spec.get(key) is not None:
+                errs.invalid(f"spec.{key}", spec[key], "requires indexed completion mode")
+    pfp = spec.get("podFailurePolicy")
+    pod = (spec.get("template") or {}).get("spec") or {}
+    if pfp is not None:
+        rules = pfp.get("rules") or []
+        if len(rules) > 20:
+            errs.too_many("spec.podFailurePolicy.rules", len(rules), 20)
+        cnames = {c.get("name") for c in (pod.get("containers") or []) + (pod.get("initContainers") or [])}
+        for i, rule in enumerate(rules):
+            rp = f"spec.podFailurePolicy.rules[{i}]"
+            action = rule.get("action") or ""
+            if not action:
+                errs.required(f"{rp}.action", "valid values: " + json.dumps(list(PFP_ACTIONS)))
+            elif action == "FailIndex":
+                if spec.get("backoffLimitPerIndex") is None:
+                    errs.invalid(f"{rp}.action", action, "requires the backoffLimitPerIndex to be set")
+            elif action not in PFP_ACTIONS:
+                errs.not_supported(f"{rp}.action", action, PFP_ACTIONS)
+            oe, opc = rule.get("onExitCodes"), rule.get("onPodConditions") or []
+            if oe is not None:
+                op = oe.get("operator") or ""
+                if not op:
+                    errs.required(f"{rp}.onExitCodes.operator", 'valid values: ["In","NotIn"]')
+                elif op not in ("In", "NotIn"):
+                    errs.not_supported(f"{rp}.onExitCodes.operator", op, ("In", "NotIn"))
+                if oe.get("containerName") is not None and oe["containerName"] not in cnames:
+                    errs.invalid(f"{rp}.onExitCodes.containerName", oe["containerName"],
+                                 "must be one of the container or initContainer names in the pod template")
+                values = oe.get("values") or []
+                if not values:
+                    errs.invalid(f"{rp}.onExitCodes.values", values, "at least one value is required")
+                elif len(values) > 255:
+                    errs.too_many(f"{rp}.onExitCodes.values", len(values), 255)
+                seen: set[int] = set()
+                for j, v in enumerate(values):
+                    if op == "In" and v == 0:
+                        errs.invalid(f"{rp}.onExitCodes.values[{j}]", v, "must not be 0 for the In operator")
+                    if v in seen:
+                        errs.duplicate(f"{rp}.onExitCodes.values[{j}]", v)
+                    seen.add(v)
+                if any(a > b for a, b in itertools.pairwise(values)):
+                    errs.invalid(f"{rp}.onExitCodes.values", values, "must be ordered")
+            if len(opc) > 20:
+                errs.too_many(f"{rp}.onPodConditions", len(opc), 20)
+            for j, pat in enumerate(opc):
+                pp = f"{rp}.onPodConditions[{j}]"
+                for msg in qualified_name_errors(pat.get("type") or ""):
+                    errs.invalid(f"{pp}.type", pat.get("type") or "", msg)
+                status = pat.get("status") or "True"  # defaulted (pkg/apis/batch/v1/defaults.go)
+                if status not in ("True", "False", "Unknown"):
+                    errs.not_supported(f"{pp}.status", status, ("False", "True", "Unknown"))
+            if oe is not None and opc:
+                errs._add("FieldValueInvalid", rp, "Invalid value: \"null\": specifying both OnExitCodes and "
+                                                   "OnPodConditions is not supported")
+            if oe is None and not opc:
+                errs._add("FieldValueInvalid", rp, "Invalid value: \"null\": specifying one of OnExitCodes and "
+                                                   "OnPodConditions is required")
+    prp = spec.get("podReplacementPolicy")
+    if prp is not None:
+        if pfp is not None and prp != "Failed":
+            errs.not_supported("spec.podReplacementPolicy", prp, ("Failed",))
+        elif prp not in ("Failed", "TerminatingOrFailed"):
+            errs.not_supported("spec.podReplacementPolicy", prp, ("Failed", "TerminatingOrFailed"))
+    restart = pod.get("restartPolicy")
+    if restart in (None, "", "Always"):  # PodSpec defaulting makes an unset one Always
+        errs.required("spec.template.spec.restartPolicy", 'valid values: "OnFailure", "Never"')
+    elif restart not in ("OnFailure", "Never"):
+        errs.not_supported("spec.template.spec.restartPolicy", restart, ("OnFailure", "Never"))
+    elif pfp is not None and restart != "Never":
+        errs.invalid("spec.template.spec.restartPolicy", restart,
+                     'only "Never" is supported when podFailurePolicy is specified')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,10 +1316,14 @@ class FakeCluster:
             return copy.deepcopy(self.objects[("Job", ns, name)])
 
     def _validate_job(self, name: str, body: dict[str, Any]) -> None:
-        """What the API server would refuse: schema (strict), name, and the Job API's own rules."""
-        if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name) or len(name) > 63:
-            raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: metadata.name: must be a DNS-1123 label '
-                                           "of at most 63 characters")
+        """What the API server would refuse, in its order: the body's decoding (the strict schema: unknown
+        fields and types; a malformed quantity: 400), then the Job's validation on the defaulted object
+        (:func:`validate_meta`, :func:`validate_job_spec`, :func:`validate_pod_spec`: every cause at once, one
+        422 ``Status`` whose ``details.causes`` name the fields, as upstream's ``field.ErrorList``).
+
+        The name is a DNS-1123 subdomain (ValidateReplicationControllerName); what keeps it to 63 characters
+        is the ``batch.kubernetes.io/job-name`` label the API server adds to the pod template (generateSelector
+        in pkg/registry/batch/job/strategy.go), validated as a label value with the template's labels."""
         if self.validate_jobs:
             import jsonschema
 
@@ -817,41 +1331,27 @@ class FakeCluster:
             if err is not None:
                 path = ".".join(str(p) for p in err.path)
                 raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: {path}: {err.message}')
-        spec = body["spec"]
-        pod = spec["template"]["spec"]
-        pfp = spec.get("podFailurePolicy")
-        if pfp:
-            if pod.get("restartPolicy") != "Never":
-                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template.spec.restartPolicy: '
-                                               'only "Never" is supported when podFailurePolicy is specified')
-            if spec.get("podReplacementPolicy", "Failed") != "Failed":
-                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.podReplacementPolicy: '
-                                               'must be "Failed" when podFailurePolicy is used')
-            names = {c["name"] for c in pod["containers"]}
-            for i, rule in enumerate(pfp["rules"]):
-                oe = rule.get("onExitCodes")
-                if oe and oe.get("containerName") and oe["containerName"] not in names:
-                    raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.podFailurePolicy.rules[{i}]'
-                                                   ".onExitCodes.containerName: must be one of the container names")
-                if oe and oe.get("operator") == "In" and 0 in oe.get("values", []):
-                    raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.podFailurePolicy.rules[{i}]'
-                                                   ".onExitCodes.values: 0 is not allowed for the In operator")
-        if spec.get("completionMode") == "Indexed" and not spec.get("completions"):
-            raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.completions: required for Indexed')
-        if spec.get("backoffLimitPerIndex") is not None and spec.get("completionMode") != "Indexed":
-            raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.backoffLimitPerIndex: requires '
-                                           "indexed completion mode")
-        if spec.get("maxFailedIndexes") is not None:
-            if spec.get("backoffLimitPerIndex") is None:
-                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.maxFailedIndexes: cannot be set '
-                                               "when backoffLimitPerIndex is not set")
-            if spec["maxFailedIndexes"] > spec.get("completions", 1):
-                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.maxFailedIndexes: must be less '
-                                               "than or equal to completions")
-        sub = pod.get("subdomain")
-        if sub is not None and (not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", sub) or len(sub) > 63):
-            raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template.spec.subdomain: must be a '
-                                           "DNS-1123 label")
+        spec = body.get("spec") or {}
+        tmpl = spec.get("template") or {}
+        pod = tmpl.get("spec") or {}
+        _decode_quantities("Job", pod)
+        errs = Invalid()
+        if not name:
+            errs.required("metadata.name", "name or generateName is required")
+        else:
+            for msg in _name_errors(name, _DNS1123_SUBDOMAIN, 253, "subdomain"):
+                errs.invalid("metadata.name", name, msg)
+        validate_meta(errs, body.get("metadata") or {}, "metadata")
+        tmeta = copy.deepcopy(tmpl.get("metadata") or {})
+        tlabels = tmeta.setdefault("labels", {}) or {}
+        for key in (JOB_NAME, "job-name"):  # generateSelector: the labels every pod of the Job gets
+            tlabels.setdefault(key, name)
+        tmeta["labels"] = tlabels
+        validate_meta(errs, tmeta, "spec.template.metadata")
+        validate_job_spec(errs, name, spec)
+        validate_pod_spec(errs, pod, "spec.template.spec")
+        if errs.causes:
+            raise errs.error("Job", "batch", name)
 
     def delete_job(self, ns: str, name: str, propagation: str = "Background") -> dict[str, Any]:
         with self.cond:
@@ -861,7 +1361,16 @@ class FakeCluster:
             self.timeline.append((time.time(), "deleted", name))
             uid = job["metadata"]["uid"]
             self.job_state.pop(uid, None)
-            self._collect_owned(ns, uid)
+            if propagation == "Orphan":
+                # the orphan finalizer: the dependents (pods, a group's Service) lose their ownerReference to
+                # the Job and stay; the pods run on, unmanaged
+                for (kind, ons, _n), o in list(self.objects.items()):
+                    refs = o["metadata"].get("ownerReferences") or []
+                    if ons == ns and any(r.get("uid") == uid for r in refs):
+                        o["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != uid]
+                        self._put(kind, ns, o, "MODIFIED")
+            else:
+                self._collect_owned(ns, uid)
             pods = [p for (k, pns, _), p in list(self.objects.items())
                     if k == "Pod" and pns == ns and p["metadata"]["labels"].get(JOB_UID) == uid]
         if propagation != "Orphan":
@@ -1162,8 +1671,8 @@ class FakeCluster:
                     continue
                 conds = {c["type"]: c["status"] for c in other["status"].get("conditions", [])}
                 if conds.get("Admitted") == "True" and conds.get("Finished") != "True":
-                    owner = other["metadata"]["ownerReferences"][0]["name"]
-                    oj = self.objects.get(("Job", wns, owner))
+                    owners = other["metadata"].get("ownerReferences") or []  # none: its Job orphaned it
+                    oj = self.objects.get(("Job", wns, owners[0]["name"])) if owners else None
                     if oj is not None:
                         for r, v in k8s_kueue.pod_set_need(oj).items():
                             used[r] = used.get(r, 0.0) + v
@@ -1365,8 +1874,8 @@ class FakeCluster:
                         cond["reason"] = "PodCompleted" if code == 0 else "PodFailed"
                 self.timeline.append((time.time(), "pod-exit", name))
                 self._put("Pod", ns, pod, "MODIFIED")
-                owner = pod["metadata"]["ownerReferences"][0]["name"]
-                job = self.objects.get(("Job", ns, owner))
+                owners = pod["metadata"].get("ownerReferences") or []  # none: orphaned (its Job deleted)
+                job = self.objects.get(("Job", ns, owners[0]["name"])) if owners else None
                 if job is not None:
                     self._reconcile(job)
             proc.done.set()
@@ -1683,6 +2192,41 @@ _LIST_KIND = {"Job": ("JobList", "batch/v1"), "Pod": ("PodList", "v1"), "Event":
               "Workload": ("WorkloadList", f"{k8s_kueue.GROUP}/{k8s_kueue.VERSION}")}
 
 
+# A batch/v1 Job deleted without a propagationPolicy ORPHANS its pods: they go on running, the garbage
+# collector only strips their ownerReferences ("for backwards compatibility": DefaultGarbageCollectionPolicy
+# in kubernetes/kubernetes pkg/registry/batch/job/strategy.go returns OrphanDependents for batch/v1, where
+# every other kind, custom resources included, gets Background). kubectl sends Background explicitly.
+JOB_DEFAULT_PROPAGATION = "Orphan"
+
+
+def _propagation(body: Any, q: dict[str, str], default: str) -> str:
+    """The DeleteOptions' propagation: ``propagationPolicy`` (body or query), else the deprecated
+    ``orphanDependents``, else the kind's default; both, or an unknown policy, are refused as upstream
+    (staging/src/k8s.io/apimachinery/pkg/apis/meta/v1/validation/validation.go ValidateDeleteOptions)."""
+    opts = body if isinstance(body, dict) else {}
+    policy = opts.get("propagationPolicy") or q.get("propagationPolicy")
+    orphan = opts.get("orphanDependents")
+    if orphan is None and "orphanDependents" in q:
+        orphan = q["orphanDependents"] in ("true", "1")
+    if policy is not None and orphan is not None:
+        raise ApiError(422, "Invalid", "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Invalid value: "
+                                       '"null": orphanDependents and deletionPropagation cannot be both set',
+                       {"kind": "DeleteOptions", "group": "meta.k8s.io", "causes": [
+                           {"reason": "FieldValueInvalid", "field": "propagationPolicy",
+                            "message": "orphanDependents and deletionPropagation cannot be both set"}]})
+    if policy is not None and policy not in ("Orphan", "Background", "Foreground"):
+        raise ApiError(422, "Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Unsupported '
+                                       f'value: "{policy}": supported values: "Foreground", "Background", "Orphan"',
+                       {"kind": "DeleteOptions", "group": "meta.k8s.io", "causes": [
+                           {"reason": "FieldValueNotSupported", "field": "propagationPolicy",
+                            "message": f'Unsupported value: "{policy}"'}]})
+    if policy is not None:
+        return policy
+    if orphan is not None:
+        return "Orphan" if orphan else "Background"
+    return default
+
+
 def field_selector_matches(selector: str | None, obj: dict[str, Any]) -> bool:
     """``involvedObject.name=x,reason=y``-style field selectors (``=``, ``==``, ``!=``)."""
     if not selector:
@@ -1825,7 +2369,7 @@ class _Handler(BaseHTTPRequestHandler):
                     and jns == ns
                     and selector_matches(q.get("labelSelector"), o["metadata"].get("labels"))
                 ]
-            prop = (body or {}).get("propagationPolicy") or q.get("propagationPolicy", "Background")
+            prop = _propagation(body, q, JOB_DEFAULT_PROPAGATION)
             for n in names:
                 with contextlib.suppress(ApiError):
                     c.delete_job(ns, n, prop)
@@ -1839,7 +2383,7 @@ class _Handler(BaseHTTPRequestHandler):
             with c.lock:
                 self._send_json(200, copy.deepcopy(c._get("Job", ns, name)))
         elif method == "DELETE":
-            prop = (body or {}).get("propagationPolicy") or q.get("propagationPolicy", "Background")
+            prop = _propagation(body, q, JOB_DEFAULT_PROPAGATION)
             self._send_json(200, c.delete_job(ns, name, prop))
         else:
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a job here")
