@@ -166,3 +166,59 @@ def test_the_cli_exits_2_naming_field_and_file(tmp_path):
     assert f"{f}:2: generationShards: Input should be a valid integer, got 2.0" in res.stderr
     assert f"{f}:4: teacher.waitReady: Input should be true or false, got 1" in res.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a request above its limit, the family's default requests merged in (data requests cpu 2)
+        ("scheduling: {data: {resources: {limits: {cpu: 1}}}}\n",
+         "scheduling.data.resources: Value error, requests.cpu 2 is more than limits.cpu 1"),
+        ("scheduling: {train: {resources: {requests: {memory: 96Gi}}}}\n",
+         "scheduling.train.resources: Value error, requests.memory 96Gi is more than limits.memory 64Gi"),
+        ("stageOverrides: {sft-hh: {resources: {limits: {cpu: 4}}}}\n",
+         "stageOverrides.sft-hh.resources, merged onto scheduling.train: requests.cpu 8 is more than limits.cpu 4"),
+        # an extended resource is never overcommitted, and counted in whole units
+        ("scheduling: {data: {resources: {requests: {nvidia.com/gpu: 1}}}}\n",
+         "requests.nvidia.com/gpu 1 needs limits.nvidia.com/gpu equal to it"),
+        ("scheduling: {data: {resources: {requests: {example.com/fpga: 1}, limits: {example.com/fpga: 2}}}}\n",
+         "requests.example.com/fpga 1 must equal limits.example.com/fpga 2"),
+        ("scheduling: {data: {resources: {limits: {example.com/fpga: 500m}}}}\n",
+         "example.com/fpga: an extended resource must be a whole number (got 500m)"),
+        # a resource without a domain is a standard one
+        ("scheduling: {data: {resources: {requests: {gpu: 1}}}}\n",
+         "'gpu': a resource without a domain must be one of cpu, memory, ephemeral-storage"),
+        ("jobs: {gpuResourceName: gpu}\n", "jobs.gpuResourceName: Value error, 'gpu': a resource without a domain"),
+        # tolerations and node selectors as the API server reads them
+        ("scheduling: {data: {tolerations: [{key: 'bad key!', operator: Exists}]}}\n",
+         "scheduling.data.tolerations.0: Value error, key: 'bad key!' is not a label key"),
+        ("scheduling: {data: {tolerations: [{effect: NoSchedule}]}}\n",
+         "an empty key matches every taint: operator must be Exists"),
+        ("scheduling: {data: {tolerations: [{key: k, value: 'a b'}]}}\n", "value 'a b' is not a valid label value"),
+        ("scheduling: {data: {nodeSelector: {pool: 'gpu nodes'}}}\n",
+         "scheduling.data.nodeSelector.pool: Value error, 'gpu nodes' is not a valid label value"),
+        ("scheduling: {data: {nodeSelector: {-bad: x}}}\n", "'-bad' is not a label key"),
+    ],
+)
+def test_what_the_api_server_refuses_in_a_pod_is_refused_when_the_settings_load(tmp_path, text, message):
+    """The builder passed these straight into the Jobs: the settings loaded, and the API server refused the Job
+    (422) when the controller created it, partway through a run (core validation.go ValidateResourceRequirements,
+    validateContainerResourceName, ValidateTolerations, the nodeSelector's labels; tests/k8s_harness.py checks
+    the same of every Job). They are refused when the settings load, naming the field."""
+    p, msg = _refused(tmp_path, text)
+    assert message in msg and str(p) in msg, msg
+
+
+def test_what_the_api_server_takes_still_loads(tmp_path):
+    p = tmp_path / "cluster.yaml"
+    p.write_text("scheduling:\n"
+                 "  data: {resources: {limits: {cpu: 4}}, nodeSelector: {cloud.google.com/gke-nodepool: gpu-a}}\n"
+                 "  train:\n"
+                 "    resources: {requests: {hugepages-2Mi: 1Gi, example.com/fpga: 1}, limits: {hugepages-2Mi: 1Gi, "
+                 "example.com/fpga: 1}}\n"
+                 "    tolerations: [{operator: Exists}, {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule},\n"
+                 "                  {key: pool, value: gpu-a, effect: NoSchedule}]\n"
+                 "stageOverrides: {sft-hh: {resources: {limits: {memory: 96Gi}}}}\n")
+    cs = load_cluster_settings(p)
+    assert cs.scheduling_for("sft-hh").resources.limits["memory"] == "96Gi"
+    assert cs.scheduling.data.resources.limits["cpu"] == "4" and len(cs.scheduling.train.tolerations) == 3

@@ -21,6 +21,10 @@ everything else.
 The defaults are the paper's GPU setup (``helm/openbezoar/values-paper.yaml`` renders exactly these);
 the chart's own defaults are the CPU-sized demo. Local disk (``ephemeralStorage: auto``) is sized from
 the model (:mod:`bezoar_jobs.executors.sizing`), not a blanket figure.
+
+(This module runs over 500 lines: it is the one schema of the settings file, each section a model whose
+fields and checks are the chart's values schema and the docs' reference; split, the cross-section checks
+would reach across modules.)
 """
 
 from __future__ import annotations
@@ -50,11 +54,14 @@ from .k8s_types import (
     DnsLabel,
     DnsSubdomain,
     EnvName,
+    LabelKey,
     LabelValue,
     OptionalName,
     Quantity,
     ResourceName,
     SecretKey,
+    resources_problem,
+    toleration_problem,
 )
 
 # Every stage of the registry, in canonical order, with the pod class that sizes its pods.
@@ -225,9 +232,20 @@ class Kueue(_Model):
     )
 
 
-class Resources(_Model):
+class ResourceMaps(_Model):
+    """A container's requests and limits as given (a stage override's part: checked once merged)."""
+
     requests: dict[ResourceName, Quantity] = {}
     limits: dict[ResourceName, Quantity] = {}
+
+
+class Resources(ResourceMaps):
+    @model_validator(mode="after")
+    def _check(self) -> Resources:
+        problem = resources_problem(self.requests, self.limits)  # what the API server would refuse of the Job
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class Toleration(_Model):
@@ -243,6 +261,9 @@ class Toleration(_Model):
             raise ValueError("operator Exists takes no value")
         if self.tolerationSeconds is not None and self.effect != "NoExecute":
             raise ValueError("tolerationSeconds only applies to effect NoExecute")
+        problem = toleration_problem(self.key, self.operator, self.value)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -261,7 +282,7 @@ class Scheduling(_Model):
 
     resources: Resources = Resources()
     gpus: NonNegInt = Field(0, description="GPUs requested and limited (jobs.gpuResourceName)")
-    nodeSelector: dict[str, str] = {}
+    nodeSelector: dict[LabelKey, LabelValue] = {}
     tolerations: tuple[Toleration, ...] = ()
     activeDeadlineSeconds: PosInt = 86400
     backoffLimit: NonNegInt = Field(3, description="retries of retryable failures (preemptions are not counted)")
@@ -296,9 +317,9 @@ class Distributed(_Model):
 class SchedulingOverride(_Model):
     """A partial :class:`Scheduling`: only the keys given replace (mappings merge deeply)."""
 
-    resources: Resources | None = None
+    resources: ResourceMaps | None = None
     gpus: NonNegInt | None = None
-    nodeSelector: dict[str, str] | None = None
+    nodeSelector: dict[LabelKey, LabelValue] | None = None
     tolerations: tuple[Toleration, ...] | None = None
     activeDeadlineSeconds: PosInt | None = None
     backoffLimit: NonNegInt | None = None
@@ -432,6 +453,12 @@ class ClusterSettings(_Model):
         for stage, over in self.stageOverrides.items():
             if stage_family(stage) != "train" and ((over.nodes or 1) > 1 or (over.processesPerNode or 1) > 1):
                 raise ValueError(f"stageOverrides.{stage}: nodes and processesPerNode apply to training stages only")
+            base: Resources = getattr(self.scheduling, stage_family(stage)).resources
+            problem = over.resources and resources_problem({**base.requests, **over.resources.requests},
+                                                           {**base.limits, **over.resources.limits})
+            if problem:  # as the Job gets them: the family's merged in (scheduling_for)
+                raise ValueError(f"stageOverrides.{stage}.resources, merged onto scheduling.{stage_family(stage)}: "
+                                 f"{problem}")
         return self
 
     @field_validator("generationShards")

@@ -263,6 +263,51 @@ checkov.io/skip{{ add1 (index . 1) }}: CKV_K8S_15=IfNotPresent with a release ta
 {{- end }}
 {{- end }}
 
+{{/* A Kubernetes quantity's value (what the schema lets through: digits, a fraction, a suffix), as a float. */}}
+{{- define "openbezoar.quantity" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9]+([.][0-9]+)?" $q }}
+{{- $mult := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- mulf (float64 $num) (get $mult (trimPrefix $num $q)) }}
+{{- end }}
+
+{{/* (list WHERE RESOURCES): fail on what the API server refuses in a container's requests and limits: a request
+above its limit; an extended resource (nvidia.com/gpu) or hugepages requested without a limit or other than it;
+an extended resource that is not a whole number. */}}
+{{- define "openbezoar.checkResources" -}}
+{{- $where := index . 0 }}
+{{- $req := (index . 1).requests | default dict }}
+{{- $lim := (index . 1).limits | default dict }}
+{{- range $name := concat (keys $req) (keys $lim) | uniq | sortAlpha }}
+{{- $native := and (or (not (contains "/" $name)) (hasSuffix "kubernetes.io" (first (splitList "/" $name)))) (not (hasPrefix "hugepages-" $name)) }}
+{{- if and (contains "/" $name) (not $native) }}
+{{- range $part := list $req $lim }}
+{{- if hasKey $part $name }}
+{{- $f := float64 (include "openbezoar.quantity" (get $part $name)) }}
+{{- if ne (floor $f) $f }}
+{{- fail (printf "openbezoar: %s: %s: an extended resource must be a whole number (got %v)" $where $name (get $part $name)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if hasKey $req $name }}
+{{- if and (not (hasKey $lim $name)) (not $native) }}
+{{- fail (printf "openbezoar: %s: requests.%s %v needs limits.%s equal to it (it is never overcommitted)" $where $name (get $req $name) $name) }}
+{{- end }}
+{{- if hasKey $lim $name }}
+{{- $r := float64 (include "openbezoar.quantity" (get $req $name)) }}
+{{- $l := float64 (include "openbezoar.quantity" (get $lim $name)) }}
+{{- if and (not $native) (ne $r $l) }}
+{{- fail (printf "openbezoar: %s: requests.%s %v must equal limits.%s %v (it is never overcommitted)" $where $name (get $req $name) $name (get $lim $name)) }}
+{{- end }}
+{{- if gt $r $l }}
+{{- fail (printf "openbezoar: %s: requests.%s %v is more than limits.%s %v: the API server refuses a request above its limit" $where $name (get $req $name) $name (get $lim $name)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Every invalid combination fails here with a message naming the value. */}}
 {{- define "openbezoar.validate" -}}
 {{- $tc := .Values.teacher.cache }}
@@ -309,6 +354,23 @@ The text of the top-level key (block or flow style) must spell an integer. */}}
 {{- fail (printf "openbezoar: run.recipeInline: schema_version must be the integer 1, not %q: the controller's recipe loader refuses a float or text (write schema_version: 1)" $text) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- /* Container resources as the API server checks them (ClusterSettings refuses the same: executors/k8s_types.py
+resources_problem); each family's, and each stage override's merged onto its family's. */}}
+{{- $sched := $v.clusterSettings.scheduling | default dict }}
+{{- range $fam := list "data" "train" "eval" "report" }}
+{{- with (get $sched $fam) }}
+{{- include "openbezoar.checkResources" (list (printf "clusterSettings.scheduling.%s.resources" $fam) (.resources | default dict)) }}
+{{- end }}
+{{- end }}
+{{- range $stage, $over := ($v.clusterSettings.stageOverrides | default dict) }}
+{{- if and $over $over.resources }}
+{{- $fam := "data" }}
+{{- if or (hasPrefix "sft-" $stage) (eq $stage "dpo") }}{{ $fam = "train" }}{{ else if hasPrefix "eval-" $stage }}{{ $fam = "eval" }}{{ else if eq $stage "report" }}{{ $fam = "report" }}{{ end }}
+{{- $base := deepCopy ((get $sched $fam | default dict).resources | default dict) }}
+{{- $merged := mergeOverwrite $base (deepCopy $over.resources) }}
+{{- include "openbezoar.checkResources" (list (printf "clusterSettings.stageOverrides.%s.resources (merged onto scheduling.%s)" $stage $fam) $merged) }}
 {{- end }}
 {{- end }}
 {{- if and $v.retrain.schedule (not $v.run.baseUri) (not $v.runStore.enabled) }}
