@@ -491,20 +491,24 @@ def _validate_mode_and_items(errs: Invalid, src: dict[str, Any], p: str, mode_ke
             errs.invalid(f"{ip}.mode", item["mode"], "must be a number between 0 and 0777 (octal), both inclusive")
 
 
+def _unique_label_name(errs: Invalid, name: str, path: str, seen: set[str]) -> None:
+    """A volume's or container's name: required, a DNS-1123 label, unique in the pod."""
+    if not name:
+        errs.required(path)
+        return
+    for msg in _name_errors(name, _DNS1123_LABEL, 63, "label"):
+        errs.invalid(path, name, msg)
+    if name in seen:
+        errs.duplicate(path, name)
+    seen.add(name)
+
+
 def validate_pod_spec(errs: Invalid, spec: dict[str, Any], path: str) -> None:
     """The part of ValidatePodSpec (core validation.go) that a stage pod's spec exercises."""
     vols: set[str] = set()
     for i, vol in enumerate(spec.get("volumes") or []):
         p = f"{path}.volumes[{i}]"
-        name = vol.get("name") or ""
-        if not name:
-            errs.required(f"{p}.name")
-        else:
-            for msg in _name_errors(name, _DNS1123_LABEL, 63, "label"):
-                errs.invalid(f"{p}.name", name, msg)
-            if name in vols:
-                errs.duplicate(f"{p}.name", name)
-            vols.add(name)
+        _unique_label_name(errs, vol.get("name") or "", f"{p}.name", vols)
         if "secret" in vol:
             if not (vol["secret"] or {}).get("secretName"):
                 errs.required(f"{p}.secret.secretName")
@@ -525,15 +529,7 @@ def validate_pod_spec(errs: Invalid, spec: dict[str, Any], path: str) -> None:
     for group in ("initContainers", "containers"):
         for i, c in enumerate(spec.get(group) or []):
             p = f"{path}.{group}[{i}]"
-            name = c.get("name") or ""
-            if not name:
-                errs.required(f"{p}.name")
-            else:
-                for msg in _name_errors(name, _DNS1123_LABEL, 63, "label"):
-                    errs.invalid(f"{p}.name", name, msg)
-                if name in names:
-                    errs.duplicate(f"{p}.name", name)
-                names.add(name)
+            _unique_label_name(errs, c.get("name") or "", f"{p}.name", names)
             if c.get("imagePullPolicy") not in (None, "Always", "Never", "IfNotPresent"):
                 errs.not_supported(f"{p}.imagePullPolicy", c["imagePullPolicy"], ("Always", "IfNotPresent", "Never"))
             if c.get("terminationMessagePolicy") not in (None, "File", "FallbackToLogsOnError"):
