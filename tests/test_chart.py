@@ -1714,3 +1714,30 @@ def test_group_launchers_get_exactly_the_rbac_they_need(helm: tuple[str, dict[st
     # one node per training stage: no group, none of it, whatever the launcher
     docs = template(helm, *values_files("base"), "--set", "clusterSettings.distributed.launcher=trainjob")
     assert rbac_rules(docs) == base and not objs(docs, "ClusterRole") and not objs(docs, "ClusterRoleBinding")
+
+
+def test_every_pod_the_chart_renders_passes_the_api_servers_own_checks(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Beyond the OpenAPI schema (kubeconform-style checks above), the API server refuses pods by Go rules:
+    label and annotation syntax, names, mounts of undefined volumes, requests above limits, GPUs requested other
+    than their limit, tolerations (tests/k8s_harness.py reads them from upstream and applies them to every Job the
+    controller creates). The chart's own pods (the teacher Deployment, the controller Job, the retraining CronJob)
+    go through them here, in every scenario."""
+    from tests.k8s_harness import Invalid, validate_job_spec, validate_meta, validate_pod_spec
+
+    checked: set[str] = set()
+    for scenario, docs in rendered.items():
+        for obj in docs:
+            if obj["kind"] not in ("Deployment", "Job", "CronJob", "StatefulSet"):
+                continue
+            errs = Invalid()
+            validate_meta(errs, obj["metadata"], "metadata")
+            job = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+            template = job["template"]
+            validate_meta(errs, template.get("metadata") or {}, "spec.template.metadata")
+            validate_pod_spec(errs, pod_spec(obj), "spec.template.spec")
+            if obj["kind"] in ("Job", "CronJob"):
+                validate_job_spec(errs, obj["metadata"]["name"], job)
+            assert not errs.causes, (scenario, obj["kind"], obj["metadata"]["name"], errs.causes)
+            checked.add(obj["kind"])
+    assert checked == {"Deployment", "Job", "CronJob"}, checked  # the teacher, the controller, the retraining
