@@ -18,7 +18,8 @@ word, so tests can predict counts.
 Failure injection (checked in this order for every request): ``rule(prompt) -> fault``, then the
 ``plan`` (a sequence of faults consumed in arrival order, None meaning "answer normally"), then
 ``rates`` (a random fraction per fault). Faults: ``"429"`` and ``"503"`` (with ``Retry-After``),
-``"500"``, ``"400"``, ``"401"``, ``"404"``, ``"hang"`` (sleeps ``hang_s``, longer than a client's
+``"500"``, ``"424"`` (TGI's "Request failed during generation", error_type "generation": a shard failed
+the batch), ``"400"``, ``"401"``, ``"404"``, ``"hang"`` (sleeps ``hang_s``, longer than a client's
 timeout), ``"malformed"`` (200 with a body that is not JSON), ``"malformed-json"`` (200 with JSON
 missing the expected fields), ``"drop"`` (closes the connection without an answer).
 ``echo_headers=True`` makes every error answer quote the request's headers (Authorization
@@ -39,6 +40,26 @@ TGI's own admission limit: with ``max_concurrent_requests=N`` the server answers
 ``max_concurrent_requests`` (as TGI does) and refuses a request that would make more than N in flight
 with 429 "Model is overloaded" (TGI's ``--max-concurrent-requests`` behaviour), so a client that does
 not keep to the budget gets the storm of 429s a real server gives it.
+
+Refusals as the real servers refuse (what tests would otherwise only learn from production):
+
+* TGI's routes (``/``, ``/generate``) validate ``parameters`` as TGI's router does
+  (``router/src/validation.rs`` ``Validation::validate``, TGI at db931fc): ``temperature`` > 0,
+  ``repetition_penalty`` > 0, ``-2 <= frequency_penalty <= 2``, ``0 < top_p < 1``, ``0 < typical_p < 1``,
+  ``top_k`` > 0, ``max_new_tokens`` > 0, at most ``max_stop_sequences`` (TGI's default 4) stop
+  sequences, non-empty ``inputs``, and with ``context_tokens`` prompt tokens + ``max_new_tokens`` at most
+  that. A refusal is HTTP 422 ``{"error": "Input validation error: ...", "error_type": "validation"}``
+  (``router/src/infer/mod.rs`` InferError, ``router/src/server.rs`` its status). A field of the wrong type
+  (a negative or fractional ``seed``: TGI's is a u64) fails deserialization: 422 with axum's plain-text
+  "Failed to deserialize the JSON body ...".
+* The OpenAI-compatible routes answer as ``v1_server`` says. ``"vllm"`` (default): refusals are HTTP 400
+  ``{"error": {"message", "type": "BadRequestError", "param", "code": 400}}`` (vLLM's ErrorResponse);
+  ``temperature`` >= 0, ``0 < top_p <= 1``, ``repetition_penalty`` > 0; a prompt too long for
+  ``context_tokens`` gets vLLM's "This model's maximum context length is N tokens ...". ``"tgi"``: TGI's
+  ``/v1/completions`` and ``/v1/chat/completions`` (``router/src/server.rs`` completions,
+  ``router/src/lib.rs`` ChatRequest::try_into_generate): temperature 0 becomes greedy decoding, every
+  other parameter goes to the validation above as sent (``top_p: 1.0`` is refused), refusals are TGI's
+  422 body.
 
 Every request is recorded in ``server.calls`` (tests assert retries, seeds, and that cached requests
 were not asked again). Use it as a context manager, through the ``llm_server`` pytest fixture, or as
@@ -70,7 +91,72 @@ from aiohttp import web
 # TGI's documented default for ``parameters.max_new_tokens``
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
 
-FAULTS = ("429", "503", "500", "400", "401", "404", "hang", "malformed", "malformed-json", "drop")
+FAULTS = ("429", "503", "500", "424", "400", "401", "404", "hang", "malformed", "malformed-json", "drop")
+# TGI's launcher default for --max-stop-sequences (the router refuses more stop sequences than this)
+TGI_MAX_STOP_SEQUENCES = 4
+_U64_MAX = 2**64 - 1
+
+
+class Refusal(Exception):
+    """A request refused before anything is generated: ``status``, and ``body`` as the server writes it
+    (a dict: JSON; a str: plain text, as axum answers a body it cannot deserialize)."""
+
+    def __init__(self, status: int, body: dict | str):
+        super().__init__(str(body))
+        self.status = status
+        self.body = body
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def tgi_validate(p: Mapping[str, Any], inputs: str, max_stop_sequences: int = TGI_MAX_STOP_SEQUENCES) -> None:
+    """Refuse what TGI's router refuses of a generate request's ``parameters`` (router/src/validation.rs
+    ``validate``, in its order): :class:`Refusal` with TGI's 422 body."""
+
+    def refuse(msg: str) -> None:
+        raise Refusal(422, {"error": f"Input validation error: {msg}", "error_type": "validation"})
+
+    def undeserializable(field: str, v: Any, expected: str) -> None:
+        raise Refusal(422, "Failed to deserialize the JSON body into the target type: "
+                           f"parameters.{field}: invalid value: {json.dumps(v)}, expected {expected}")
+
+    for f in ("temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"):
+        if p.get(f) is not None and not _number(p[f]):
+            undeserializable(f, p[f], "f32")
+    for f, hi in (("top_k", 2**31 - 1), ("max_new_tokens", 2**32 - 1), ("seed", _U64_MAX)):
+        v = p.get(f)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v > hi or (f != "top_k" and v < 0)):
+            undeserializable(f, v, {"top_k": "i32", "max_new_tokens": "u32", "seed": "u64"}[f])
+    if "do_sample" in p and not isinstance(p["do_sample"], bool):
+        undeserializable("do_sample", p["do_sample"], "a boolean")
+    stop = p.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+        undeserializable("stop", stop, "a sequence of strings")
+    if p.get("temperature") is not None and p["temperature"] <= 0:
+        refuse("`temperature` must be strictly positive")
+    if p.get("repetition_penalty") is not None and p["repetition_penalty"] <= 0:
+        refuse("`repetition_penalty` must be strictly positive")
+    if p.get("frequency_penalty") is not None and not -2.0 <= p["frequency_penalty"] <= 2.0:
+        refuse("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if p.get("top_p") is not None and not 0 < p["top_p"] < 1:
+        refuse("`top_p` must be > 0.0 and < 1.0")
+    if p.get("typical_p") is not None and not 0 < p["typical_p"] < 1:
+        refuse("`typical_p` must be > 0.0 and < 1.0")
+    if p.get("top_k") is not None and p["top_k"] <= 0:
+        refuse("`top_k` must be strictly positive")
+    if p.get("max_new_tokens") == 0:
+        refuse("`max_new_tokens` must be strictly positive")
+    if len(stop) > max_stop_sequences:
+        refuse(f"`stop` supports up to {max_stop_sequences} stop sequences. Given: {len(stop)}")
+    if not inputs:
+        refuse("`inputs` cannot be empty")
+
+
+def vllm_refusal(msg: str) -> Refusal:
+    """vLLM's 400 (its ErrorResponse: vllm/entrypoints/openai/engine/protocol.py)."""
+    return Refusal(400, {"error": {"message": msg, "type": "BadRequestError", "param": None, "code": 400}})
 
 Script = Callable[[str], str] | Callable[[str, dict], str]
 
@@ -161,6 +247,9 @@ class LLMTestServer:
     # the model's context window: a request whose prompt tokens plus max_new_tokens exceed it is
     # refused with HTTP 422, as TGI refuses it ("inputs tokens + max_new_tokens must be <= N")
     context_tokens: int | None = None
+    # what answers on the OpenAI-compatible routes, for their refusals: "vllm" or "tgi" (TGI's /v1 routes)
+    v1_server: str = "vllm"
+    max_stop_sequences: int = TGI_MAX_STOP_SEQUENCES
     seed: int = 0
     healthy: bool = True
     host: str = "127.0.0.1"
@@ -171,6 +260,8 @@ class LLMTestServer:
         for f in list(self.plan) + list((self.rates or {}).keys()):
             if f is not None and f not in FAULTS:
                 raise ValueError(f"unknown fault {f!r}; known: {FAULTS}")
+        if self.v1_server not in ("vllm", "tgi"):
+            raise ValueError(f"v1_server must be 'vllm' or 'tgi', not {self.v1_server!r}")
         self._plan = list(self.plan)
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
@@ -317,9 +408,12 @@ class LLMTestServer:
     ) -> web.StreamResponse:
         arrived = time.monotonic()
         raw = await request.read()
-        invalid = None
+        invalid: str | None = None
+        refusal: Refusal | None = None
         try:
             prompt, system, user, params = parse(json.loads(raw))
+        except Refusal as e:
+            prompt, system, user, params, refusal = "", None, None, {}, e
         except (ValueError, KeyError, TypeError, IndexError) as e:
             prompt, system, user, params, invalid = "", None, None, {}, f"bad request body: {e}"
         ok, given = self._auth_ok(request, route)
@@ -342,19 +436,32 @@ class LLMTestServer:
             if overloaded:  # TGI's --max-concurrent-requests: refused at once, never queued
                 call.status, call.fault = 429, "overloaded"
                 return web.json_response(error(429, "Model is overloaded"), status=429)
+            if not ok:  # the auth layer answers before the body is read
+                call.status = 401
+                return web.json_response(error(401, "invalid API key"), status=401)
+            if refusal is not None:
+                call.status, call.fault = refusal.status, "invalid"
+                if isinstance(refusal.body, str):
+                    return web.Response(status=refusal.status, text=refusal.body, content_type="text/plain")
+                return web.json_response(refusal.body, status=refusal.status)
             if invalid is not None:
                 call.status, call.fault = 400, "invalid"
                 return web.json_response(error(400, invalid), status=400)
-            if not ok:
-                call.status = 401
-                return web.json_response(error(401, "invalid API key"), status=401)
             if self.context_tokens is not None and route in ("tgi", "completions"):
                 n_in, n_new = count_tokens(prompt), int(params.get("max_new_tokens") or 0)
                 if n_in + n_new > self.context_tokens:
-                    call.status, call.fault = 422, "too-long"
-                    msg = (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
-                           f"{self.context_tokens}. Given: {n_in} `inputs` tokens and {n_new} `max_new_tokens`")
-                    return web.json_response(error(422, msg), status=422)
+                    call.fault = "too-long"
+                    if route == "tgi" or self.v1_server == "tgi":  # router/src/validation.rs MaxTotalTokens
+                        call.status = 422
+                        msg = (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
+                               f"{self.context_tokens}. Given: {n_in} `inputs` tokens and {n_new} `max_new_tokens`")
+                        return web.json_response({"error": msg, "error_type": "validation"}, status=422)
+                    call.status = 400
+                    too_long = vllm_refusal(
+                        f"This model's maximum context length is {self.context_tokens} tokens. However, you requested "
+                        f"{n_in + n_new} tokens ({n_in} in the messages, {n_new} in the completion). Please reduce "
+                        "the length of the messages or completion.")
+                    return web.json_response(too_long.body, status=400)
             fault = call.fault = self._pick_fault(prompt)
             if fault in ("429", "503"):
                 call.status = int(fault)
@@ -364,6 +471,11 @@ class LLMTestServer:
             if fault in ("500", "400", "404"):
                 call.status = int(fault)
                 return web.json_response(error(call.status, f"scripted HTTP {fault}"), status=call.status)
+            if fault == "424":  # TGI's InferError::GenerationError: the shard failed the batch
+                call.status = 424
+                msg = "Request failed during generation: Server error: CUDA out of memory (scripted)"
+                body = {"error": msg, "error_type": "generation"} if route == "tgi" else error(424, msg)
+                return web.json_response(body, status=424)
             if fault == "401":
                 call.status = 401
                 return web.json_response(error(401, "invalid API key"), status=401)
@@ -424,18 +536,13 @@ class LLMTestServer:
     # -- TGI ---------------------------------------------------------------------------------
     async def _tgi(self, request: web.Request) -> web.StreamResponse:
         def parse(body: dict) -> tuple[str, str | None, str | None, dict]:
-            prompt = body["inputs"]
+            prompt = body.get("inputs")
             if not isinstance(prompt, str):
-                raise TypeError("inputs must be a string")
+                raise Refusal(422, "Failed to deserialize the JSON body into the target type: "
+                                   "missing field `inputs` or not a string")
             p = dict(body.get("parameters") or {})
-            if p.get("temperature") is not None and p["temperature"] <= 0:
-                # what TGI itself answers: temperature must be strictly positive
-                raise ValueError("`temperature` must be strictly positive")
-            if p.get("top_p") is not None and not 0 < p["top_p"] < 1:
-                raise ValueError("`top_p` must be > 0.0 and < 1.0")
+            tgi_validate(p, prompt, self.max_stop_sequences)  # what TGI itself refuses, as it answers
             n = p.get("max_new_tokens")
-            if n is not None and (not isinstance(n, int) or n < 1):
-                raise ValueError("`max_new_tokens` must be strictly positive")
             p["max_new_tokens"] = TGI_DEFAULT_MAX_NEW_TOKENS if n is None else n
             return prompt, None, None, p
 
@@ -456,15 +563,15 @@ class LLMTestServer:
             return out
 
         def error(status: int, msg: str) -> dict:
-            kind = {429: "overloaded", 503: "overloaded", 400: "validation", 422: "validation"}.get(status)
+            kind = {429: "overloaded", 503: "overloaded", 400: "validation", 422: "validation",
+                    424: "generation"}.get(status)
             return {"error": msg, "error_type": kind} if kind else {"error": msg}
 
         # the compat route "/" answers with a one-element list, /generate with the object
         return await self._serve(request, "tgi", parse, render, error, as_list=request.path == "/")
 
     # -- OpenAI ------------------------------------------------------------------------------
-    @staticmethod
-    def _openai_params(body: dict, chat: bool) -> dict:
+    def _openai_params(self, body: dict, chat: bool) -> dict:
         """The decoding parameters as the OpenAI API reads them. The output limit: chat takes
         ``max_completion_tokens`` (``max_tokens`` is its deprecated alias; without either the answer
         is not cut); the legacy completions route knows only ``max_tokens`` (default 16) and refuses
@@ -482,10 +589,30 @@ class LLMTestServer:
         limit = body.get("max_completion_tokens") if chat else None
         p["max_new_tokens"] = limit if limit is not None else body.get("max_tokens", None if chat else 16)
         p["stop"] = stop or []
+        if self.v1_server == "tgi":
+            # router/src/server.rs completions and lib.rs ChatRequest::try_into_generate: temperature 0 is greedy,
+            # the rest goes to the generate validation as sent (chat has no repetition_penalty: ignored there)
+            presence = body.get("presence_penalty")
+            if chat:  # ChatRequest has no repetition_penalty (ignored); presence_penalty + 2 stands for it
+                p["repetition_penalty"] = presence + 2.0 if _number(presence) else None
+            g = {"temperature": None if p["temperature"] == 0 else p["temperature"], "top_p": p["top_p"],
+                 "seed": p["seed"], "stop": p["stop"], "max_new_tokens": p["max_new_tokens"],
+                 "frequency_penalty": body.get("frequency_penalty"), "repetition_penalty": p["repetition_penalty"]}
+            tgi_validate({k: v for k, v in g.items() if v is not None}, "-", self.max_stop_sequences)
+        else:  # vLLM's SamplingParams checks (vllm/sampling_params.py _verify_args)
+            t, top_p, rp = p["temperature"], p["top_p"], p["repetition_penalty"]
+            if t is not None and (not _number(t) or t < 0):
+                raise vllm_refusal(f"temperature must be non-negative, got {t}.")
+            if top_p is not None and (not _number(top_p) or not 0 < top_p <= 1):
+                raise vllm_refusal(f"top_p must be in (0, 1], got {top_p}.")
+            if rp is not None and (not _number(rp) or rp <= 0):
+                raise vllm_refusal(f"repetition_penalty must be greater than zero, got {rp}.")
         return p
 
-    @staticmethod
-    def _openai_error(status: int, msg: str) -> dict:
+    def _openai_error(self, status: int, msg: str) -> dict:
+        if self.v1_server == "tgi":  # TGI answers its /v1 routes' errors in its own shape
+            kind = {429: "overloaded", 422: "validation", 400: "validation", 424: "generation"}.get(status)
+            return {"error": msg, "error_type": kind} if kind else {"error": msg}
         kind = {429: "rate_limit_exceeded", 401: "invalid_api_key", 404: "model_not_found"}.get(status, "server_error")
         return {"error": {"message": msg, "type": kind, "code": kind}}
 

@@ -33,7 +33,8 @@ class Transient(Exception):
 
 
 class Rejected(Exception):
-    """The server refused this one request (400/413/422): a retry will not help, others may work."""
+    """The server refused this one request (400/413/422, TGI's validation errors and vLLM's too-long prompt
+    among them): a retry will not help, others may work."""
 
     def __init__(self, reason: str, status: int | None = None):
         reason = redact(reason)
@@ -83,6 +84,11 @@ def classify_status(
         return Transient(f"HTTP 429 rate limited: {short}", kind=kind, retry_after=retry_after, status=429)
     if status in (408, 409) or status >= 500:
         return Transient(f"HTTP {status}: {short}", kind="server", retry_after=retry_after, status=status)
+    if status == 424:
+        # TGI's InferError::GenerationError ("Request failed during generation: ...", error_type "generation"):
+        # the shard failed the whole batch this request was decoding in (backends/v3/src/backend.rs send_errors,
+        # e.g. CUDA out of memory), not a refusal of this request; TGI goes on serving, so a retry may answer it
+        return Transient(f"HTTP 424 generation failed: {short}", kind="server", retry_after=retry_after, status=424)
     if status in (401, 403):
         return BadInput(f"{where}: HTTP {status} (authentication refused: {short}); check {key_hint}")
     if status == 404:

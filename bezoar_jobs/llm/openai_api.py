@@ -12,6 +12,14 @@ retry policy for every backend, so the SDK's retries were off anyway, and its re
 than the answer). The key, when one is configured, goes as ``Authorization: Bearer``; nothing ambient
 (``OPENAI_API_KEY``) is ever picked up. The seed is sent with every request. ``repetition_penalty`` is
 not an OpenAI parameter: it goes in the body as vLLM/SGLang read it, only when the recipe sets it.
+
+``temperature`` and ``top_p`` are always sent, 1.0 included: vLLM fills a parameter the request leaves out
+from the model's ``generation_config.json`` before the OpenAI default (``to_sampling_params``, "user -> server
+default -> OpenAI default"), so leaving ``top_p: 1.0`` out could change a sampled answer. TGI's ``/v1`` routes
+pass ``top_p`` to the router's validation, which wants ``0 < top_p < 1`` and refuses 1.0 with HTTP 422
+(``router/src/validation.rs``); TGI reads an absent ``top_p`` as 1.0, so on exactly that refusal the request is
+sent again without it (the same sampling) and the client leaves it out from then on (:meth:`_OpenAIBase._post`).
+Temperature 0 needs nothing of the kind: TGI's ``/v1`` routes turn it into greedy decoding themselves.
 """
 
 from __future__ import annotations
@@ -22,12 +30,14 @@ from typing import Any
 
 from ..recipe import Endpoint
 from .base import GenRequest, GenResult
-from .faults import Transient, classify_status
+from .faults import Rejected, Transient, classify_status
 from .fleet import REPLICA
 from .pool import RemoteClient
 from .render import chat_messages, render_raw
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# TGI's refusal of top_p 1.0 (router/src/validation.rs ValidationError::TopP), relayed as a 422
+TGI_TOP_P_REFUSAL = "`top_p` must be > 0.0 and < 1.0"
 
 
 class _OpenAIBase(RemoteClient):
@@ -37,6 +47,7 @@ class _OpenAIBase(RemoteClient):
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         super().__init__(endpoint, api_key, role)
         self._session: Any = None
+        self._omit_top_p_1 = False  # the server refused top_p 1.0 as TGI does: leave it out (its default)
 
     async def _open(self) -> None:
         import aiohttp
@@ -57,7 +68,9 @@ class _OpenAIBase(RemoteClient):
         self._session = None
 
     def _common(self, req: GenRequest) -> dict[str, Any]:
-        kw: dict[str, Any] = {"model": self.model_id, "temperature": req.temperature, "top_p": req.top_p}
+        kw: dict[str, Any] = {"model": self.model_id, "temperature": req.temperature}
+        if req.top_p < 1.0 or not self._omit_top_p_1:
+            kw["top_p"] = req.top_p
         if req.seed is not None:
             kw["seed"] = req.seed
         if req.stop:
@@ -67,7 +80,17 @@ class _OpenAIBase(RemoteClient):
         return kw
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """One request to ``{base_url}/{route}`` (a fleet replica's, llm/fleet.py): the answer's JSON object."""
+        """One request to ``{base_url}/{route}`` (a fleet replica's, llm/fleet.py): the answer's JSON object.
+        Refused as TGI refuses ``top_p: 1.0`` (module docstring), sent again at once without it."""
+        try:
+            return await self._post_once(body)
+        except Rejected as e:
+            if not (e.status == 422 and body.get("top_p", 0.0) >= 1.0 and TGI_TOP_P_REFUSAL in str(e)):
+                raise
+            self._omit_top_p_1 = True
+            return await self._post_once({k: v for k, v in body.items() if k != "top_p"})
+
+    async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
         import aiohttp
 
         base = (REPLICA.get() or self.endpoint.base_url or DEFAULT_BASE_URL).rstrip("/")
@@ -111,15 +134,20 @@ class _OpenAIBase(RemoteClient):
 
 
 def _error_text(status: int, raw: bytes) -> str:
-    """An OpenAI-style error body (``{"error": {"message": ...}}``) as one line, else the body's start."""
+    """An error body as one line: OpenAI's and vLLM's (``{"error": {"message": ...}}``), TGI's (``{"error": ...,
+    "error_type": ...}``), older vLLM's (``{"object": "error", "message": ...}``); else the body's start."""
     text = raw.decode("utf-8", "replace")
     with contextlib.suppress(ValueError):
         body = json.loads(text)
         err = body.get("error") if isinstance(body, dict) else None
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             return f"Error code: {status} - {err['message']}"
-        if isinstance(err, str):
-            return f"Error code: {status} - {err}"
+        if isinstance(err, str):  # TGI: {"error": "...", "error_type": "..."}
+            kind = body.get("error_type")
+            return f"Error code: {status} - {err}" + (f" ({kind})" if isinstance(kind, str) else "")
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            # vLLM before its OpenAI-shaped errors: {"object": "error", "message": ..., "type": ..., "code": ...}
+            return f"Error code: {status} - {body['message']}"
     return f"Error code: {status} - {text[:300]}"
 
 
