@@ -174,7 +174,7 @@ class StageOutput:
 def requests_summary(accounting: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The manifest's ``requests``: totals over the stage's request phases, and each phase's counts."""
     total: dict[str, Any] = {"needed": 0, "resumed": 0, "asked": 0, "answered": 0, "cached": 0, "retries": 0,
-                             "failed": 0, "unparseable": 0}
+                             "failed": 0, "unparseable": 0, "cut_short": 0}
     by_cause: dict[str, int] = {}
     for st in accounting.values():
         for k in total:

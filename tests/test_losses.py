@@ -193,3 +193,22 @@ def test_evol_rejected_rows_carry_the_teachers_error(tmp_path):
     assert errors and all("failed after 4 attempts: HTTP 503" in r["reason"] for r in errors)
     m = read_manifest(open_store(run), "generate-evol")
     assert m["requests"]["failed_by_cause"] == {"HTTP 503": len(errors)}
+
+
+def test_answers_cut_at_max_new_tokens_are_counted_and_said(tmp_path):
+    """An answer that stopped at max_new_tokens (finish_reason "length") was taken as whole with nothing said:
+    a too-small response_decoding.max_new_tokens cut every response of the stage quietly. They are still kept
+    (the data is what the server answered) but counted in the manifest, per step and in total, and a WARNING
+    says how many."""
+    def long_responses(prompt: str) -> str:
+        answer = scripted_answer(prompt)
+        return answer if "Reply with JSON only" in prompt else answer + " and more" * 200
+
+    with LLMTestServer(script=long_responses, api_key="test-key") as srv:
+        run = tmp_path / "run"
+        res = bezoar("stage", "generate-orca", "--recipe", str(scripted_recipe(tmp_path, srv.url)), "--run", str(run))
+        assert res.returncode == 0, res.stderr[-2000:]
+    req = read_manifest(open_store(run), "generate-orca")["requests"]
+    assert req["cut_short"] == req["answered"] == 24 and req["phases"]["responses"]["cut_short"] == 24
+    assert "generate-orca/responses: 24 of 24 answers received stopped at max_new_tokens (cut short, kept)" \
+        in res.stderr

@@ -90,6 +90,7 @@ class Phase:
         self.failed_cause: dict[str, str] = {}  # request id -> its cause
         self.causes: Counter[str] = Counter()
         self.needed = self.resumed = self.asked = self.answered = self.cached = self.retries = 0
+        self.cut = 0  # answers that stopped at max_new_tokens (finish_reason "length"), among those received
         self.stats: dict[str, Any] = ctx.accounting.setdefault(name, {})
 
     def done(self, rid: str) -> dict[str, Any] | None:
@@ -123,6 +124,7 @@ class Phase:
             if res.ok:
                 self.answered += 1
                 self.cached += 1 if res.cached else 0
+                self.cut += 1 if res.finish_reason == "length" else 0
                 record = {"id": res.id, **make_record(res, meta), "_tokens": [res.prompt_tokens, res.completion_tokens]}
                 try:
                     self.log.add(record)
@@ -155,7 +157,12 @@ class Phase:
             "retries": self.retries,
             "failed": sum(self.causes.values()),
             "failed_by_cause": dict(self.causes),
+            "cut_short": self.cut,
         })
+        if self.cut:  # kept as answered (the data is what the server said), but not quietly
+            log.warning("%s/%s: %d of %d answers received stopped at max_new_tokens (cut short, kept): raise that "
+                        "step's max_new_tokens if they should be whole", self.ctx.name, self.name, self.cut,
+                        self.answered - self.cached)
         if check:
             self.check(self.needed)
 
