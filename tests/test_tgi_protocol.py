@@ -241,3 +241,29 @@ def test_error_bodies_of_every_server_are_read_to_their_message():
     assert openai_api._error_text(400, b'{"object": "error", "message": "too long", "type": "BadRequestError", '
                                        b'"param": null, "code": 400}') == "Error code: 400 - too long"
     assert openai_api._error_text(502, b"<html>bad gateway</html>") == "Error code: 502 - <html>bad gateway</html>"
+
+
+def test_a_used_up_openai_quota_stops_the_stage_instead_of_being_retried_as_a_rate_limit():
+    """OpenAI answers a used-up quota with 429 (code insufficient_quota): it was retried as a rate limit, every
+    request slowly failing after max_retries; it is bad input now (exit 2), naming the account's quota. A plain
+    429 and TGI's overload stay retryable."""
+    from bezoar_jobs.errors import BadInput
+
+    quota = classify_status(429, "Error code: 429 - You exceeded your current quota, please check your plan and "
+                                 "billing details.", None, "judge (openai-chat)", "the key in $OPENAI_API_KEY")
+    assert isinstance(quota, BadInput) and "the account's quota is used up" in str(quota)
+    rate = classify_status(429, "Error code: 429 - Rate limit reached for requests", None, "judge", "k")
+    over = classify_status(429, "Error code: 429 - Model is overloaded (overloaded)", None, "teacher", "k")
+    assert isinstance(rate, Transient) and rate.kind == "rate"
+    assert isinstance(over, Transient) and over.kind == "overloaded"
+
+
+def test_an_info_that_says_true_is_no_capacity(llm_server):
+    """TGI's /info max_concurrent_requests is a number; a JSON true (a proxy's or a stub's) was read as a
+    capacity of 1, and the budget then let one request in flight."""
+    from bezoar_jobs.llm import budget
+
+    srv = llm_server()
+    for said, capacity in ((True, None), (128, 128), (0, None), ("128", None)):
+        srv.max_concurrent_requests = said  # what its GET /info says (nothing is generated here)
+        assert budget.tgi_info_capacity(srv.url) == capacity, said

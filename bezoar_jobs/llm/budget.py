@@ -117,7 +117,7 @@ def tgi_info_capacity(base_url: str, api_key: str | None = None, timeout: float 
                  base_url.rstrip("/"), e)
         return None
     v = info.get("max_concurrent_requests") if isinstance(info, dict) else None
-    return v if isinstance(v, int) and v > 0 else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None  # JSON true is no capacity
 
 
 def share(endpoint: Endpoint, api_key: str | None = None, environ: Mapping[str, str] | None = None,

@@ -77,6 +77,11 @@ def classify_status(
     relayed only after redaction (a server may echo the request's headers, the key included)."""
     retry_after = parse_retry_after(headers)
     short = redact(" ".join(redact(message).split()))[:300]
+    if status == 429 and ("insufficient_quota" in message or "exceeded your current quota" in message.lower()):
+        # OpenAI's used-up quota (error code insufficient_quota, "You exceeded your current quota, please check your
+        # plan and billing details"): not a rate limit, no wait brings it back; retried, every request failed slowly
+        return BadInput(f"{where}: HTTP 429 (the account's quota is used up: {short}); retrying will not help: "
+                        "check the plan and billing of the key's account")
     if status == 429:
         # TGI's own refusal past --max-concurrent-requests ({"error_type": "overloaded"}): too many at once from
         # everyone calling it, which the pool answers by sending fewer (llm/pool.py), not only by waiting
