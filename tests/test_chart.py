@@ -1025,15 +1025,14 @@ def across_resources(cs: dict[str, Any], path: tuple[Any, ...]) -> bool:
     """Whether the settings break a rule across a family's resources (a request above its limit, a GPU requested
     without a limit equal to it): JSON Schema cannot say it, the chart's template checks it
     (test_the_template_refuses_the_resources_the_api_server_refuses)."""
-    from bezoar_jobs.executors.k8s_types import resources_problem
+    from bezoar_jobs.executors.k8s_types import _quantity, resources_problem
 
     if path[:1] != ("scheduling",) or "resources" not in path:
         return False
     res = cs["scheduling"][path[1]].get("resources") or {}
 
-    def quantities(part: str) -> dict[str, str]:  # as the model takes a number (k8s_types._quantity): %g
-        return {k: format(v, "g") if isinstance(v, int | float) and not isinstance(v, bool) else v
-                for k, v in (res.get(part) or {}).items()}
+    def quantities(part: str) -> dict[str, str]:  # as the model takes each value (a number as %g)
+        return {k: _quantity(v) for k, v in (res.get(part) or {}).items()}
 
     try:
         return resources_problem(quantities("requests"), quantities("limits")) is not None

@@ -4,7 +4,7 @@ what the API server would refuse, with a message saying what was expected."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Annotated, Any
 
@@ -38,7 +38,7 @@ def _quantity(v: Any) -> Any:
     return v
 
 
-def _matching(pattern: str, what: str, max_len: int, allow_empty: bool = False) -> AfterValidator:
+def _checker(pattern: str, what: str, max_len: int, allow_empty: bool = False) -> Callable[[str], str]:
     rx = re.compile(pattern)
 
     def check(v: str) -> str:
@@ -48,7 +48,14 @@ def _matching(pattern: str, what: str, max_len: int, allow_empty: bool = False) 
             raise ValueError(f"{v!r} is not {what} (at most {max_len} characters)")
         return v
 
-    return AfterValidator(check)
+    return check
+
+
+def _matching(pattern: str, what: str, max_len: int, allow_empty: bool = False) -> AfterValidator:
+    return AfterValidator(_checker(pattern, what, max_len, allow_empty))
+
+
+_label_value = _checker(_LABEL_VALUE, "a valid label value", 63)
 
 
 Quantity = Annotated[str, BeforeValidator(_quantity)]
@@ -116,8 +123,11 @@ def toleration_problem(key: str | None, operator: str | None, value: str | None)
             return f"key: {e}"
     elif operator != "Exists":
         return "an empty key matches every taint: operator must be Exists"
-    if operator != "Exists" and value and (len(value) > 63 or not re.match(_LABEL_VALUE, value)):
-        return f"value {value!r} is not a valid label value (at most 63 characters)"
+    if operator != "Exists" and value:
+        try:
+            _label_value(value)
+        except ValueError as e:
+            return f"value {e}"
     return None
 
 
@@ -134,7 +144,7 @@ OptionalName = Annotated[
 EnvName = Annotated[str, _matching(_ENV_NAME, "a valid environment variable name", 253)]
 SecretKey = Annotated[str, _matching(_SECRET_KEY, "a valid Secret key (letters, digits, '-', '_', '.')", 253)]
 ResourceName = Annotated[str, AfterValidator(_resource_name)]
-LabelValue = Annotated[str, _matching(_LABEL_VALUE, "a valid label value", 63)]
+LabelValue = Annotated[str, AfterValidator(_label_value)]
 LabelKey = Annotated[str, AfterValidator(_qualified_name)]
 
 

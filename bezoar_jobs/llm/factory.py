@@ -54,11 +54,12 @@ def make_client(endpoint: Endpoint, role: str = "endpoint", teacher_url: str | N
         key = resolve_api_key(endpoint, role)
         # the teacher's replicas (each request to one of them), found once: the budget asks each one's /info and
         # the fleet keeps each within its share of what it said
-        # a judge beside the teacher's client shares its books at the teacher's server, one server or several
-        mate = teacher.fleet_of_one() if isinstance(teacher, RemoteClient) and role != "teacher" \
-            and on_teacher(endpoint.base_url, teacher_url) else getattr(teacher, "fleet", None)
-        fleet = (Fleet.from_env(endpoint.base_url) if role == "teacher"
-                 else Fleet.beside(endpoint.base_url, teacher_url, teacher=mate))
+        if role == "teacher":
+            fleet = Fleet.from_env(endpoint.base_url)
+        else:  # a judge beside the teacher's client shares its books at the teacher's server, one server or several
+            mate = (teacher.fleet_of_one() if isinstance(teacher, RemoteClient)
+                    and on_teacher(endpoint.base_url, teacher_url) else None)
+            fleet = Fleet.beside(endpoint.base_url, teacher_url, teacher=mate)
         server = (teacher_url, teacher_backend or "") if teacher_url else None
         ep, budget = plan(endpoint, role, key, teacher=server, teacher_here=teacher is not None, fleet=fleet)
         remote = cls(ep, key, role)
