@@ -173,6 +173,24 @@ def test_openai_clients_keep_sending_top_p_1_to_vllm(backend, llm_server):
     assert [c.status for c in srv.calls] == [200] * 3 and all(c.params["top_p"] == 1.0 for c in srv.calls)
 
 
+@pytest.mark.parametrize("backend", ["openai-completions", "openai-chat"])
+def test_a_fleet_mixing_tgi_and_vllm_leaves_top_p_1_out_only_at_the_tgi_replicas(backend, llm_server, monkeypatch):
+    # one TGI replica and one vLLM replica behind the fleet client: TGI's refusal says nothing of vLLM, which fills
+    # an absent top_p from the model's generation_config.json (it must keep getting 1.0)
+    tgi_srv, vllm_srv = llm_server(v1_server="tgi"), llm_server()
+    monkeypatch.setenv("BEZOAR_TEACHER_ENDPOINTS", f"{tgi_srv.url}/v1,{vllm_srv.url}/v1")
+    client = make_client(endpoint(backend, tgi_srv, max_concurrency=2), role="teacher")
+    out = run_all(client, [GenRequest(id=str(i), user=f"question {i}", temperature=0.7, top_p=1.0, seed=i,
+                                      max_new_tokens=8) for i in range(40)])
+    assert all(r.ok for r in out.values()) and len(out) == 40, {k: r.error for k, r in out.items() if not r.ok}
+    tgi_ok = [c for c in tgi_srv.calls if c.status == 200]
+    vllm_ok = [c for c in vllm_srv.calls if c.status == 200]
+    assert tgi_ok and vllm_ok  # both served
+    assert 1 <= [c.status for c in tgi_srv.calls].count(422) <= 2  # refused once per slot in flight, then left out
+    assert all(c.params["top_p"] is None for c in tgi_ok)
+    assert all(c.status == 200 and c.params["top_p"] == 1.0 for c in vllm_srv.calls)
+
+
 def test_other_422s_are_not_sent_again_without_top_p(llm_server):
     srv = llm_server(v1_server="tgi")
     client = make_client(endpoint("openai-completions", srv))

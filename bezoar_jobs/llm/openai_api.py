@@ -18,7 +18,8 @@ from the model's ``generation_config.json`` before the OpenAI default (``to_samp
 default -> OpenAI default"), so leaving ``top_p: 1.0`` out could change a sampled answer. TGI's ``/v1`` routes
 pass ``top_p`` to the router's validation, which wants ``0 < top_p < 1`` and refuses 1.0 with HTTP 422
 (``router/src/validation.rs``); TGI reads an absent ``top_p`` as 1.0, so on exactly that refusal the request is
-sent again without it (the same sampling) and the client leaves it out from then on (:meth:`_OpenAIBase._post`).
+sent again without it (the same sampling) and the client leaves it out at that server from then on
+(:meth:`_OpenAIBase._post`; per replica in a fleet).
 Temperature 0 needs nothing of the kind: TGI's ``/v1`` routes turn it into greedy decoding themselves.
 """
 
@@ -47,7 +48,9 @@ class _OpenAIBase(RemoteClient):
     def __init__(self, endpoint: Endpoint, api_key: str | None = None, role: str = "endpoint"):
         super().__init__(endpoint, api_key, role)
         self._session: Any = None
-        self._omit_top_p_1 = False  # the server refused top_p 1.0 as TGI does: leave it out (its default)
+        # the servers (base URLs) that refused top_p 1.0 as TGI does: left out there (their default). Per server: in a
+        # fleet mixing TGI and vLLM replicas, the vLLM ones still get it (they fill an absent one from the model)
+        self._omit_top_p_1: set[str] = set()
 
     async def _open(self) -> None:
         import aiohttp
@@ -69,7 +72,7 @@ class _OpenAIBase(RemoteClient):
 
     def _common(self, req: GenRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model_id, "temperature": req.temperature}
-        if req.top_p < 1.0 or not self._omit_top_p_1:
+        if req.top_p < 1.0 or self._base() not in self._omit_top_p_1:
             kw["top_p"] = req.top_p
         if req.seed is not None:
             kw["seed"] = req.seed
@@ -87,13 +90,17 @@ class _OpenAIBase(RemoteClient):
         except Rejected as e:
             if not (e.status == 422 and body.get("top_p", 0.0) >= 1.0 and TGI_TOP_P_REFUSAL in str(e)):
                 raise
-            self._omit_top_p_1 = True
+            self._omit_top_p_1.add(self._base())
             return await self._post_once({k: v for k, v in body.items() if k != "top_p"})
+
+    def _base(self) -> str:
+        """Where the current attempt goes: its fleet replica's URL, else the endpoint's."""
+        return (REPLICA.get() or self.endpoint.base_url or DEFAULT_BASE_URL).rstrip("/")
 
     async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
         import aiohttp
 
-        base = (REPLICA.get() or self.endpoint.base_url or DEFAULT_BASE_URL).rstrip("/")
+        base = self._base()
         assert self._session is not None
         try:
             async with self._session.post(f"{base}/{self.route}", json=body) as resp:
