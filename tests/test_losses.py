@@ -14,6 +14,8 @@ import sys
 import zlib
 from pathlib import Path
 
+import pytest
+
 from bezoar_jobs.manifest import read_manifest
 from bezoar_jobs.store import open_store
 from tests.llm_server import LLMTestServer
@@ -166,6 +168,48 @@ def test_teacher_losses_are_loud_counted_and_limited(tmp_path):
     row = next(r for r in funnel(collect(open_store(run))) if r["scheme"] == "orca")
     assert row["requests_lost"] == lost and row["retries"] == req["retries"]
     assert row["lost_by_cause"] == {"HTTP 503": lost}
+
+
+def test_requests_the_server_refuses_as_sent_stop_the_stage_as_bad_input_not_retryable(tmp_path):
+    """More stop sequences than TGI takes (its --max-stop-sequences, 4 by default) are refused with a 422 on every
+    request that carries them. Evol-Instruct's evolutions were answered first, so the pool did not stop at the
+    responses' refusals (only a run whose first requests are all refused does), and the stage failed retryable
+    (exit 3): the Job's retries and every rerun sent the same requests and were refused again. Refusals alone over
+    the limit are bad input (exit 2), naming what was refused."""
+    stops = ["\n\n###", "\nUser:", "\nQuestion:", "</s>", "\nHuman:"]
+    with LLMTestServer(script=scripted_answer, api_key="test-key") as srv:
+        run = tmp_path / "run"
+        recipe = scripted_recipe(tmp_path, srv.url, **{"generation.evol.response_decoding.stop": stops})
+        res = bezoar("stage", "generate-evol", "--recipe", str(recipe), "--run", str(run))
+        assert res.returncode == 2, res.stderr[-3000:]
+        refused = [c for c in srv.calls if c.status == 422]
+        assert refused
+        assert any(c.status == 200 for c in srv.calls)  # the evolutions were answered
+        line = next(ln for ln in res.stderr.splitlines() if "The server refused" in ln)
+        assert f"refused {len(refused)} of them as sent (HTTP 422 refused: {len(refused)})" in line
+        assert "supports up to 4 stop sequences" in line  # the server's own words, as the example
+        assert read_manifest(open_store(run), "generate-evol") is None  # nothing committed
+        # four are taken: the same run commits, asking only for what was refused
+        asked = len(srv.calls)
+        ok = scripted_recipe(tmp_path, srv.url, **{"generation.evol.response_decoding.stop": stops[:4]})
+        res = bezoar("stage", "generate-evol", "--recipe", str(ok), "--run", str(run))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert all(c.status == 200 for c in srv.calls[asked:])
+    assert read_manifest(open_store(run), "generate-evol")["counts"]["rows"] > 0
+
+
+def test_refusals_within_the_limit_beside_transient_losses_over_it_stay_retryable():
+    from types import SimpleNamespace
+
+    from bezoar_jobs.errors import BadInput, RetryableError
+    from bezoar_jobs.stages.common import check_losses
+
+    ctx = SimpleNamespace(recipe=SimpleNamespace(generation=SimpleNamespace(max_failed_fraction=0.1)))
+    with pytest.raises(RetryableError):  # 5 refused of 100 are within 0.1; the 503s are what a rerun may fix
+        check_losses(ctx, "s", 100, {"HTTP 422 refused": 5, "HTTP 503": 20}, {"r1": "HTTP 503: busy"})
+    with pytest.raises(BadInput, match=r"refused 11 of them as sent \(HTTP 400 refused: 11\)"):
+        check_losses(ctx, "s", 100, {"HTTP 400 refused": 11, "HTTP 503": 20}, {"r1": "HTTP 400: bad"})
+    check_losses(ctx, "s", 100, {"HTTP 422 refused": 10}, {"r1": "HTTP 422: no"})  # at the limit: commits
 
 
 def test_causes_read_from_an_error_text():

@@ -453,6 +453,26 @@ def test_unreachable_judge_is_retryable_and_answers_are_kept(tmp_path, tiny, cap
     assert read_manifest(store, "eval-mtbench")["counts"]["judgments"] == 2 * 2 * 2
 
 
+def test_judge_requests_refused_as_sent_are_bad_input_not_retryable(tmp_path, tiny, monkeypatch):
+    """A judge that refuses the second-turn judgments as sent (HTTP 400: e.g. a prompt over its context) refuses
+    them again on every rerun; with the first turns answered the pool did not stop, and the stage failed retryable
+    (exit 3), so the Job was retried to the same refusals. Refusals over the limit are bad input (exit 2)."""
+    def refuse_turn2(prompt: str) -> str | None:
+        return "400" if "<turn_2_assistant>" in prompt else None
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-not-a-real-key-1234")
+    with LLMTestServer(script=lambda p: "Fine.\n\nRating: [[6]]", rule=refuse_turn2,
+                       api_key="sk-test-not-a-real-key-1234") as srv:
+        judge = {"backend": "openai-chat", "model": "gpt-test", "base_url": srv.url + "/v1",
+                 "api_key_env": "TEST_JUDGE_KEY", "max_retries": 2, "backoff_base_s": 0.05, "backoff_max_s": 0.1}
+        recipe = _recipe(tmp_path, tiny, judge=judge, judge_method="generate", categories=["math", "writing", "coding"])
+        run = tmp_path / "run"
+        _commit_checkpoints(run, tiny)
+        assert cli_main(["stage", "eval-mtbench", "--recipe", str(recipe), "--run", str(run)]) == EXIT_BAD_INPUT
+        assert [c.status for c in srv.calls].count(400) == 4 and [c.status for c in srv.calls].count(200) == 4
+    assert read_manifest(open_store(run), "eval-mtbench") is None
+
+
 def test_each_row_decodes_at_its_categorys_temperature():
     import torch
 

@@ -5,8 +5,9 @@ Losses are loud and counted: each :class:`Phase` records in the stage's manifest
 :attr:`StageContext.accounting`) how many requests it needed, found done, asked, got answered,
 retried, and lost, by cause (``HTTP 503``, ``timeout``, ``unparseable`` ...); a phase that lost any
 says so in a WARNING, and one that lost more than ``generation.max_failed_fraction`` of its requests
-fails the stage (retryable) naming the causes and an example. Its answered records are saved, so the
-rerun asks only for the rest.
+fails the stage (retryable) naming the causes and an example; as bad input (exit 2) when the server's
+refusals of requests as sent (4xx) alone are that many, since they would be refused again. Its answered
+records are saved, so the rerun asks only for the rest.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Interrupted, RetryableError
+from ..errors import BadInput, Interrupted, RetryableError
 from ..llm.base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
 from ..recipe import Endpoint
 from ..redact import redact
@@ -229,7 +230,8 @@ def utilization(clients: dict[str, LLMClient], t0: float, t1: float) -> dict[str
 def check_losses(ctx: StageContext, where: str, needed: int, causes: Counter[str] | dict[str, int],
                  examples: dict[str, str], retries: int = 0, unit: str = "requests") -> None:
     """Warn about every loss; fail (retryable) when more than ``generation.max_failed_fraction`` of
-    ``needed`` were lost. ``causes``: cause -> count; ``examples``: id -> what went wrong."""
+    ``needed`` were lost, as bad input when the server's refusals of requests as sent (4xx) alone are more.
+    ``causes``: cause -> count; ``examples``: id -> what went wrong."""
     lost = sum(causes.values())
     if not lost or not needed:
         return
@@ -237,6 +239,17 @@ def check_losses(ctx: StageContext, where: str, needed: int, causes: Counter[str
     rid, why = next(iter(examples.items())) if examples else ("?", "no detail")
     what = (f"{where}: {lost} of {needed} {unit} failed for good ({causes_text(causes)}; {retries} retries); "
             f"e.g. {rid}: {redact(why)[:300].rstrip('. ')}")
+    refused = {c: n for c, n in causes.items() if c.endswith("refused")}
+    if sum(refused.values()) > limit * needed:
+        # refusals of the requests as sent (a 4xx: TGI's validation, a prompt over the server's token limit): the
+        # same requests sent again are refused again, so a retried pod or a plain rerun could only fail the same way
+        raise BadInput(
+            f"{what}. The server refused {sum(refused.values())} of them as sent ({causes_text(refused)}), more than "
+            f"generation.max_failed_fraction={limit:g} allows: sent again they would be refused again, so the recipe "
+            "or the server must change first (the refusal names what it refused: e.g. a decoding parameter, more "
+            "stop sequences than it takes, a prompt plus max_new_tokens over its token limit). Nothing is "
+            "committed; the usable answers are saved, and a rerun asks again only for what failed"
+        )
     if lost > limit * needed:
         raise RetryableError(
             f"{what}. That is more than generation.max_failed_fraction={limit:g} allows: nothing is committed; "

@@ -121,6 +121,14 @@ def run(ctx: StageContext) -> StageOutput:
             js = mtbench.judge(client, cfg.judge_method, prompts, questions, texts, t.label, cfg.judge_decoding,
                                cfg.reference_categories, r.seed, cfg.logprobs_prefix)
             failed = [j for j in js if (j.get("excluded") or "").startswith("judge request failed")]
+            refused = [j for j in failed if cause_of(j["excluded"]).endswith("refused")]
+            if len(refused) > MAX_FAILED_FRACTION * len(js):  # refused as sent: refused again (stages/common.py)
+                raise BadInput(
+                    f"{ctx.name}: the judge refused {len(refused)} of {len(js)} judge requests for {t.label} as "
+                    f"sent (e.g. {refused[0]['excluded']}): sent again they would be refused again; change "
+                    "evaluation.mtbench.judge (or the recipe's judge) or evaluation.mtbench.judge_decoding first "
+                    "(the answers are saved)"
+                )
             if len(failed) > MAX_FAILED_FRACTION * len(js):
                 raise RetryableError(
                     f"{ctx.name}: {len(failed)} of {len(js)} judge requests for {t.label} failed for good "
