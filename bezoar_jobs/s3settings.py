@@ -1,6 +1,6 @@
 """The S3 store's client and transfer settings, read from the environment (the table is in
 :mod:`bezoar_jobs.s3store`): endpoint, region, addressing style, attempts, timeouts, multipart sizes,
-conditional writes. Apart from the store itself so each module stays small."""
+conditional writes, checksums. Apart from the store itself so each module stays small."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 20.0
 DEFAULT_REGION = "us-east-1"
+CHECKSUM_MODES = ("when_supported", "when_required")
+# botocore's own switches for the same (environment, then the profile's keys of the same names in lower case)
+BOTOCORE_CHECKSUM_ENV = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -77,6 +80,8 @@ class S3Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     conditional_writes: bool = True
+    # request_checksum_calculation / response_checksum_validation for botocore; None: botocore's own choice
+    checksums: str | None = None
 
     @property
     def worst_case_s(self) -> float:
@@ -115,6 +120,7 @@ class S3Settings:
         if chunk < MIN_PART:
             raise BadInput(f"BEZOAR_S3_MULTIPART_CHUNKSIZE={chunk_raw!r}: S3 parts must be at least 5MiB")
         return cls(
+            checksums=_checksums(env, custom_endpoint),
             endpoint_url=endpoint,
             region=region,
             addressing_style=style,
@@ -126,3 +132,32 @@ class S3Settings:
             read_timeout=_float_env(env, "BEZOAR_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
             conditional_writes=_truthy(env.get("BEZOAR_S3_CONDITIONAL_WRITES") or "true"),
         )
+
+
+def _checksums(env: Mapping[str, str], custom_endpoint: bool) -> str | None:
+    """``BEZOAR_S3_CHECKSUMS``; else botocore's own settings where the user made any (its environment variables
+    or the profile's keys); else ``when_required`` for an S3-compatible endpoint, and botocore's default for AWS.
+
+    boto3 1.36 began to add CRC checksums to every upload (``x-amz-sdk-checksum-algorithm`` and
+    ``x-amz-checksum-*`` headers, or an ``aws-chunked`` body with a trailer over HTTPS) and to ask for them on
+    downloads. Many S3-compatible stores refuse those requests (Backblaze B2, Cloudflare R2, Storj, Swift's s3api,
+    Huawei OBS, older MinIO and Ceph: boto/boto3#4392, #4409, s3transfer#327), so a store that worked with
+    boto3 1.35 failed every write. ``when_required`` sends a checksum only where the operation requires one; a
+    committed file is still checked end to end against the sha256 its manifest records."""
+    raw = (env.get("BEZOAR_S3_CHECKSUMS") or "").strip().lower()
+    if raw:
+        if raw not in CHECKSUM_MODES:
+            raise BadInput(f"BEZOAR_S3_CHECKSUMS={raw!r}: expected when_supported (AWS's default) or when_required "
+                           "(for a store that refuses the checksum headers)")
+        return raw
+    if any((env.get(v) or "").strip() for v in BOTOCORE_CHECKSUM_ENV):
+        return None  # botocore reads them itself
+    if not custom_endpoint:
+        return None
+    try:
+        profile = boto3.session.Session()._session.get_scoped_config()
+    except Exception:  # a broken or missing profile: botocore says so when the client is made
+        profile = {}
+    if any(k.lower().removeprefix("aws_") in profile for k in BOTOCORE_CHECKSUM_ENV):
+        return None
+    return "when_required"

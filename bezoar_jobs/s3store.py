@@ -21,6 +21,11 @@ variables:
 ``BEZOAR_S3_MULTIPART_THRESHOLD``  size from which transfers go multipart (default ``64MiB``)
 ``BEZOAR_S3_MULTIPART_CHUNKSIZE``  part size of multipart transfers (default ``64MiB``, min ``5MiB``)
 ``BEZOAR_S3_MAX_CONCURRENCY``      threads per multipart transfer (default 4)
+``BEZOAR_S3_CHECKSUMS``            ``when_supported`` or ``when_required``: the CRC checksums boto3 adds
+                                   to uploads and asks of downloads since 1.36; default
+                                   ``when_required`` with a custom endpoint (many S3-compatible
+                                   stores refuse them), botocore's own (``when_supported``) for AWS,
+                                   or what ``AWS_REQUEST_CHECKSUM_CALCULATION`` / the profile say
 =================================  ==============================================================
 
 Every operation is bounded: a store that stops answering (a frozen server, a dead connection) costs
@@ -39,7 +44,9 @@ connection failures and 5xx answers that outlived botocore's retries are :class:
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 import secrets
 import time
@@ -51,6 +58,7 @@ import boto3
 import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
 from .errors import BadInput, RetryableError
@@ -105,6 +113,9 @@ class S3Store(Store):
             read_timeout=s.read_timeout,
             # one connection per transfer thread, plus one for the caller
             max_pool_connections=max(10, s.max_concurrency + 1),
+            # None: botocore's own choice (s3settings._checksums)
+            request_checksum_calculation=s.checksums,
+            response_checksum_validation=s.checksums,
         )
         try:
             self.client = self._session.client("s3", endpoint_url=s.endpoint_url, config=config)
@@ -112,6 +123,10 @@ class S3Store(Store):
             raise BadInput(
                 f"S3 endpoint {s.endpoint_url!r} (BEZOAR_S3_ENDPOINT_URL / AWS_ENDPOINT_URL*): {e}"
             ) from None
+        # DeleteObjects requires an integrity header: botocore >= 1.36 sends a CRC32 one where it sent Content-MD5,
+        # which stores from before that change refuse (MissingContentMD5: older MinIO, Ceph). Content-MD5 too, as
+        # botocore did before; AWS takes both.
+        self.client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
         self.transfer = TransferConfig(
             multipart_threshold=s.multipart_threshold,
             multipart_chunksize=s.multipart_chunksize,
@@ -432,3 +447,15 @@ def _code(e: botocore.exceptions.ClientError) -> str:
 def _status(e: botocore.exceptions.ClientError) -> int | None:
     status = (e.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
     return int(status) if status is not None else None
+
+
+def _add_content_md5(request: AWSRequest, **_: object) -> None:
+    """botocore event hook: a DeleteObjects request's body gets its Content-MD5 (see S3Store.__init__)."""
+    if "Content-MD5" in request.headers:
+        return
+    body = request.body
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if isinstance(body, bytes | bytearray):
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        request.headers["Content-MD5"] = base64.b64encode(digest).decode("ascii")

@@ -523,6 +523,9 @@ def test_init_from_s3_pvc_mirror_and_token(rendered: dict[str, list[dict[str, An
     assert env["AWS_ENDPOINT_URL_S3"] == env["BEZOAR_S3_ENDPOINT_URL"] == "http://seaweedfs.storage.svc:8333"
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/var/run/secrets/bezoar/s3/credentials"
     assert "addressing_style" in init["args"][0] and env["BEZOAR_S3_ADDRESSING_STYLE"] == "path"
+    # an S3-compatible store: the aws CLI sends no checksums that are not required (bezoar_jobs/s3settings.py)
+    assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == env["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_required"
+    assert "BEZOAR_S3_CHECKSUMS" not in env  # the stage pods pick the same for themselves
     assert {"name": "model-cache", "mountPath": "/data"} in init["volumeMounts"]
     (server,) = spec["containers"]
     args = server["args"]
@@ -538,6 +541,31 @@ def test_init_from_s3_pvc_mirror_and_token(rendered: dict[str, list[dict[str, An
     assert pvc["spec"]["resources"]["requests"]["storage"] == "250Gi"
     assert pvc["spec"]["storageClassName"] == "fast-ssd"
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_the_s3_checksums_setting_reaches_the_stage_pods_the_controller_and_the_aws_cli(
+        helm: tuple[str, dict[str, str]]) -> None:
+    from bezoar_jobs.executors.cluster import parse_cluster_settings
+    from bezoar_jobs.executors.pod import pod_spec as stage_pod
+
+    docs = template(helm, *values_files("init-s3"), "--set", "clusterSettings.storage.s3Checksums=when_supported")
+    init = pod_spec(one(docs, "Deployment"))["initContainers"][0]
+    env = env_of(init)
+    assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == env["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_supported"
+    assert env["BEZOAR_S3_CHECKSUMS"] == "when_supported"
+    assert env_of(pod_spec(one(docs, "Job", "controller"))["containers"][0])["BEZOAR_S3_CHECKSUMS"] == "when_supported"
+    cs = parse_cluster_settings(one(docs, "ConfigMap", "cluster-settings")["data"]["cluster.yaml"])
+    assert cs.storage.s3Checksums == "when_supported"
+    (stage,) = stage_pod("generate-orca", "s3://b/runs/r", cs, "bezoar-data", 1, None)["containers"]
+    assert env_of(stage)["BEZOAR_S3_CHECKSUMS"] == "when_supported"
+    # AWS itself (no endpoint): boto3's and the aws CLI's own defaults, nothing set
+    docs = template(helm, *values_files("base"), "--set", "teacher.initFromS3.enabled=true",
+                    "--set", "teacher.initFromS3.uri=s3://b/m/")
+    env = env_of(pod_spec(one(docs, "Deployment"))["initContainers"][0])
+    assert not {"AWS_REQUEST_CHECKSUM_CALCULATION", "BEZOAR_S3_CHECKSUMS"} & set(env)
+    proc = run_helm(helm, "template", RELEASE, str(CHART), *values_files("base"),
+                    "--set", "clusterSettings.storage.s3Checksums=sometimes")
+    assert proc.returncode != 0 and "s3Checksums" in proc.stderr
 
 
 def test_teacher_start_script_reads_the_token_file(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:

@@ -151,6 +151,9 @@ class Storage(_Model):
     s3EndpointUrl: str = Field("", description="-> env BEZOAR_S3_ENDPOINT_URL when set (S3-compatible stores)")
     s3Region: str = Field("us-east-1", description="-> env AWS_REGION")
     s3AddressingStyle: Literal["", "path", "virtual"] = Field("", description="-> env BEZOAR_S3_ADDRESSING_STYLE")
+    s3Checksums: Literal["", "when_supported", "when_required"] = Field(
+        "", description='-> env BEZOAR_S3_CHECKSUMS ("": when_required with s3EndpointUrl, else boto3\'s)'
+    )
     runVolume: RunVolume = RunVolume()
     cacheVolume: CacheVolume = CacheVolume()
 

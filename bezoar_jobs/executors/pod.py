@@ -87,6 +87,8 @@ def _env(stage: str, cluster: ClusterSettings, indexed: bool, keys: list[str],
         env.append({"name": "BEZOAR_S3_ENDPOINT_URL", "value": st.s3EndpointUrl})
     if st.s3AddressingStyle:
         env.append({"name": "BEZOAR_S3_ADDRESSING_STYLE", "value": st.s3AddressingStyle})
+    if st.s3Checksums:
+        env.append({"name": "BEZOAR_S3_CHECKSUMS", "value": st.s3Checksums})
     if sec.s3.name:
         env.append({"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{S3_SECRET_DIR}/{sec.s3.credentialsFileKey}"})
     if sec.hfToken.name and uses_hub(stage):

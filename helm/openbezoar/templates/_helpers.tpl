@@ -235,6 +235,10 @@ checkov.io/skip{{ add1 (index . 1) }}: CKV_K8S_15=IfNotPresent with a release ta
 - name: BEZOAR_S3_ADDRESSING_STYLE
   value: {{ $st.s3AddressingStyle | quote }}
 {{- end }}
+{{- if $st.s3Checksums }}
+- name: BEZOAR_S3_CHECKSUMS
+  value: {{ $st.s3Checksums | quote }}
+{{- end }}
 {{- if .Values.clusterSettings.secrets.s3.name }}
 - name: AWS_SHARED_CREDENTIALS_FILE
   value: /var/run/secrets/bezoar/s3/{{ .Values.clusterSettings.secrets.s3.credentialsFileKey }}
