@@ -114,12 +114,39 @@ LORA_DEFAULTS: dict[str, PassValue] = {
 }
 
 
-def merge_overrides(defaults: dict[str, PassValue], given: Any) -> dict[str, PassValue]:
-    """``defaults`` with ``given`` laid over it; a ``None`` value drops the key (TRL/PEFT default)."""
+# TrainingArguments fields transformers 5 renamed: the old name is an alias that TrainingArguments.__post_init__
+# reads only while the new one is unset, so under our default of the new name (activation_checkpointing: false)
+# a recipe's `gradient_checkpointing: true` would be dropped without a word. The old name is read as the new one.
+RENAMED_TRAINER_ARGS: dict[str, str] = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def rename_trainer_args(given: Any) -> Any:
+    """``given`` with the old names of :data:`RENAMED_TRAINER_ARGS` written as the new ones (anything but a
+    mapping is returned as it is, for the caller's own error)."""
+    if not isinstance(given, dict):
+        return given
+    out: dict[Any, Any] = {}
+    for k, v in given.items():
+        new = RENAMED_TRAINER_ARGS.get(k, k) if isinstance(k, str) else k
+        if new != k and new in given and given[new] != v:
+            raise ValueError(f"{k} and {new} are one setting ({k} is its old name) and are given different values: "
+                             f"give {new} only")
+        out[new] = v
+    return out
+
+
+def merge_overrides(defaults: dict[str, PassValue], given: Any, trainer_args: bool = False) -> dict[str, PassValue]:
+    """``defaults`` with ``given`` laid over it; a ``None`` value drops the key (TRL/PEFT default).
+    ``trainer_args``: SFTConfig/DPOConfig settings, whose renamed fields are read under their new names."""
     if given is None:
         given = {}
     if not isinstance(given, dict):
         raise ValueError("must be a mapping of config-class field names to values")
+    if trainer_args:
+        given = rename_trainer_args(given)
     out = dict(defaults)
     for k, v in given.items():
         if not isinstance(k, str):
@@ -151,7 +178,7 @@ class DPOStageConfig(Strict):
     @field_validator("dpo_args", mode="before")
     @classmethod
     def _dpo_args(cls, v: Any) -> dict[str, PassValue]:
-        return merge_overrides(DPO_DEFAULTS, v)
+        return merge_overrides(DPO_DEFAULTS, v, trainer_args=True)
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -254,7 +281,7 @@ class TrainingConfig(Strict):
         bad = sorted(k for k in v if k not in SFT_STAGES)
         if bad:
             raise ValueError(f"unknown SFT stage(s) {', '.join(bad)}; choose from {', '.join(SFT_STAGES)}")
-        return v
+        return {stage: rename_trainer_args(args) for stage, args in v.items()}
 
     @field_validator("attention")
     @classmethod
@@ -270,7 +297,7 @@ class TrainingConfig(Strict):
     @field_validator("sft_args", mode="before")
     @classmethod
     def _sft_args(cls, v: Any) -> dict[str, PassValue]:
-        return merge_overrides(SFT_DEFAULTS, v)
+        return merge_overrides(SFT_DEFAULTS, v, trainer_args=True)
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -293,7 +320,7 @@ class TrainingConfig(Strict):
 
     def stage_sft_args(self, stage: str) -> dict[str, PassValue]:
         """The effective SFTConfig overrides of one SFT stage: sft_args, then stage_args[stage]."""
-        return merge_overrides(dict(self.sft_args), self.stage_args.get(stage))
+        return merge_overrides(dict(self.sft_args), self.stage_args.get(stage), trainer_args=True)
 
     def dpo_data(self) -> DatasetSource:
         return self.dpo.data or self.hh.data

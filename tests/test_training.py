@@ -302,6 +302,28 @@ def test_recipe_section_is_typed_and_merges_overrides(tmp_path: Path, tiny: Path
         make_recipe(tmp_path, tiny, {"quantization": "8bit"})
 
 
+def test_gradient_checkpointing_under_its_old_name_reaches_the_trainer(tmp_path: Path, tiny: Path) -> None:
+    """transformers 5 reads ``gradient_checkpointing`` only while ``activation_checkpointing`` is unset, and
+    our defaults set the new name to false: the old name, which SFTConfig and DPOConfig still accept, is
+    read as the new one (in sft_args, stage_args and dpo_args) instead of being dropped without a word."""
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    on = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    section = training_section(sft_args=on, stage_args={"sft-hh": {"gradient_checkpointing": False}},
+                               dpo={"dpo_args": {**on, "max_length": 320}})
+    recipe, _ = make_recipe(tmp_path, tiny, section)
+    t = recipe.training
+    plan = device_plan(t, cuda=False, bf16_ok=False)
+    want = {"sft-lamini": True, "sft-orca": True, "sft-evol": True, "sft-hh": False, "dpo": True}
+    for stage, on_ in want.items():
+        a = build_stage_configs(t, recipe.seed, stage, tmp_path / stage, plan=plan).trainer_args
+        assert a.activation_checkpointing is on_ and a.gradient_checkpointing is on_, stage
+        if on_:
+            assert a.activation_checkpointing_kwargs == {"use_reentrant": False}, stage
+    with pytest.raises(BadInput, match=r"gradient_checkpointing and activation_checkpointing are one setting"):
+        make_recipe(tmp_path, tiny, {"sft_args": {"gradient_checkpointing": True, "activation_checkpointing": False}})
+
+
 def test_a_custom_sft_order_rewires_the_stage_graph(tmp_path: Path, tiny: Path) -> None:
     from bezoar_jobs.pipeline import stage_inputs, waits_for
     from bezoar_jobs.training.config import build_stage_configs, device_plan
@@ -938,6 +960,24 @@ def test_the_five_training_stages_chain_through_the_s3_store(
         run_stage("dpo", recipe, store) == 0
         and read_manifest(store, "dpo")["committed_at"] == ms["dpo"]["committed_at"]
     )
+
+
+def test_dpo_loads_the_model_with_the_recipes_attention(tmp_path: Path, tiny: Path) -> None:
+    """training.attention reaches the DPO stage's model as it reaches the SFT stages' (auto: the model's
+    default, since DPO's batches are padded)."""
+    import shutil
+
+    store = open_store(tmp_path / "run")
+    out = tmp_path / "sft-hh-out"
+    shutil.copytree(tiny, out / "model")
+    commit(store, out, CommitInfo("sft-hh", "test", {}, {}, {}, {}))
+    dpo = {"dpo_args": {"max_length": 320, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                        "max_steps": 1}}
+    hh = {"data": {"path": "pkg://bezoar_jobs/demo_data/hh/train.jsonl", "limit": 4, "licence": "Apache-2.0"}}
+    recipe, _ = make_recipe(tmp_path, tiny, training_section(attention="eager", dpo=dpo, hh=hh))
+    assert run_stage("dpo", recipe, store) == 0
+    m = read_manifest(store, "dpo")
+    assert m is not None and m["training"]["attention"] == "eager"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ def run_dpo(ctx: StageContext) -> StageOutput:
     from trl import DPOTrainer
 
     from ..data.hh import load_hh_rows
+    from ..training.attention import choose
     from ..training.dpo import dpo_pairs
     from ..training.lora import load_for_training
     from ..training.loss import compact_fused_head
@@ -43,7 +44,11 @@ def run_dpo(ctx: StageContext) -> StageOutput:
     ctx.check_stop()
     log.info("dpo: %d preference pairs from %s", len(rows), info["name"])
     dataset = datasets.Dataset.from_list(rows)
-    model = load_for_training(base_dir, configs.plan, student.trust_remote_code, bool(args.activation_checkpointing))
+    # training.attention: a name is loaded as given; auto is the model's default here (DPO's batches are padded)
+    attn = choose(t.attention, padding_free=False)
+    model = load_for_training(
+        base_dir, configs.plan, student.trust_remote_code, bool(args.activation_checkpointing), attn
+    )
     trainer = DPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok, peft_config=configs.lora
     )
@@ -52,9 +57,11 @@ def run_dpo(ctx: StageContext) -> StageOutput:
         result = training.train(ctx, trainer, configs, counter)
     logged = [h for h in trainer.state.log_history if "rewards/margins" in h]
     rewards = {k: v for k, v in logged[-1].items() if k.startswith("rewards/")} if logged else {}
+    attention = str(getattr(trainer.model.config, "_attn_implementation", None) or "default")
     del trainer, model
     release()
     return training.finish(
         ctx, configs, base_dir, base_info, tok, result, [info], counts,
-        extra={"beta": args.beta, "last_rewards": rewards, "response_only_lm_head": compact},
+        extra={"beta": args.beta, "last_rewards": rewards, "response_only_lm_head": compact,
+               "attention": attention},
     )
