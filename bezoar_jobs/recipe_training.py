@@ -173,7 +173,10 @@ class DPOStageConfig(Strict):
 
     data: DatasetSource | None = Field(None, description="preference pairs; null: the same rows as training.hh.data")
     dpo_args: PassArgs = Field(default_factory=lambda: dict(DPO_DEFAULTS), description="DPOConfig overrides")
-    lora: PassArgs | None = Field(None, description="LoraConfig overrides for DPO; null: training.lora")
+    lora: PassArgs | None = Field(
+        None, description="LoraConfig overrides for DPO, laid over the built-in defaults as training.lora is (not "
+        "over training.lora: give every setting DPO should share with it); null: training.lora as it is"
+    )
 
     @field_validator("dpo_args", mode="before")
     @classmethod
