@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -190,10 +191,18 @@ def _parquet_rows(path: Path, required: Sequence[str], text: Sequence[str], labe
         raise BadInput(f"{label}: not a readable parquet file: damaged {where} ({msg})") from None
 
 
+def _one_object_line(doc: str) -> bool:
+    """Whether a document's first line is a whole JSON object (the document is JSON Lines)."""
+    try:
+        return isinstance(json.loads(doc.lstrip().split("\n", 1)[0]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _file_rows(path: Path, required: Sequence[str], label: str, text: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Rows of a local file, read incrementally: JSONL line by line (errors name the line), parquet
     one record batch at a time, CSV row by row. A ``.json`` file (one JSON document) is the one
-    format that has to be parsed whole."""
+    format that has to be parsed whole; one that holds JSON Lines is read as those (as datasets does)."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")):
         if name.endswith(".gz"):
@@ -206,7 +215,13 @@ def _file_rows(path: Path, required: Sequence[str], label: str, text: Sequence[s
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise BadInput(f"{label}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if e.msg != "Extra data" or not _one_object_line(e.doc):
+                raise BadInput(f"{label}:{e.lineno}: not valid JSON ({e.msg})") from None
+            # one object a line under a .json name: what datasets' Dataset.to_json writes by default, and
+            # what its json builder reads as JSON Lines
+            for n, row in iter_jsonl(path, label):
+                yield _check(row, required, f"{label}:{n}", text)
+            return
         if isinstance(data, dict) and "data" in data:
             data = data["data"]
         if not isinstance(data, list):
@@ -315,11 +330,13 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def render(template: str, **values: str) -> str:
-    """Replace only the named ``{placeholders}``; other braces (JSON examples) stay as they are."""
-    out = template
-    for k, v in values.items():
-        out = out.replace("{" + k + "}", v)
-    return out
+    """Replace only the named ``{placeholders}``; other braces (JSON examples) stay as they are. One pass over
+    the template: a value is never searched for placeholders itself (an instruction that quotes ``{response}``
+    keeps that text, it does not get the response put inside it)."""
+    if not values:
+        return template
+    slot = re.compile("{(" + "|".join(re.escape(k) for k in values) + ")}")
+    return slot.sub(lambda m: values[m.group(1)], template)
 
 
 def load_template(uri: str, field: str, placeholders: Sequence[str] | None = None) -> str:
