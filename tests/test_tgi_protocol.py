@@ -276,6 +276,13 @@ def test_a_used_up_openai_quota_stops_the_stage_instead_of_being_retried_as_a_ra
     assert isinstance(over, Transient) and over.kind == "overloaded"
 
 
+def test_the_prompt_tokens_header_is_read_only_as_a_whole_count():
+    # TGI's x-prompt-tokens (router/src/server.rs: the validated input length); anything else is no count, and
+    # the prompt's tokens are then estimated
+    assert [tgi._header_count(v) for v in ("12", " 7 ", "0", "", "-3", "1.5", "many", None)] == [
+        12, 7, None, None, None, None, None, None]
+
+
 def test_an_info_that_says_true_is_no_capacity(llm_server):
     """TGI's /info max_concurrent_requests is a number; a JSON true (a proxy's or a stub's) was read as a
     capacity of 1, and the budget then let one request in flight."""

@@ -16,8 +16,9 @@ told, this one does by construction:
   spells ``do_sample=False`` with no temperature (and no top_p: TGI wants ``0 < top_p < 1``).
 
 TGI's ``details`` give the number of generated tokens but not the prompt's (``prefill`` is empty unless
-``decoder_input_details``), so ``prompt_tokens`` is estimated (``len(prompt)/4``) and flagged in
-``GenResult.extra``.
+``decoder_input_details``); the router says it in the ``x-prompt-tokens`` header (router/src/server.rs), which
+``prompt_tokens`` takes. Without it (a proxy that drops headers) it is estimated (``len(prompt)/4``) and
+flagged in ``GenResult.extra``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class TGIClient(RemoteClient):
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise classify_status(resp.status, _error_text(raw), resp.headers, self.where, self.key_hint)
+                counted = _header_count(resp.headers.get("x-prompt-tokens"))
         except TimeoutError:
             raise Transient(f"timed out after timeout_s={self.endpoint.timeout_s:g}", kind="timeout") from None
         except aiohttp.ClientError as e:
@@ -127,14 +129,17 @@ class TGIClient(RemoteClient):
                 if s and text.endswith(s):
                     text = text[: -len(s)]
                     break
+        # the prompt's tokens: the prefill's (with decoder_input_details), else the router's x-prompt-tokens
+        # header (its validated input length, router/src/server.rs), else estimated (a proxy that drops headers)
         prefill = details.get("prefill") or []
+        known = len(prefill) or counted
         return GenResult(
             id=req.id,
             text=text,
-            prompt_tokens=len(prefill) or estimate_tokens(prompt),
+            prompt_tokens=known or estimate_tokens(prompt),
             completion_tokens=tokens,
             finish_reason=FINISH.get(str(reason), "stop"),
-            extra={"prompt_tokens_estimated": not prefill, "seed": details.get("seed")},
+            extra={"prompt_tokens_estimated": not known, "seed": details.get("seed")},
         )
 
 
@@ -147,3 +152,10 @@ def _error_text(raw: bytes) -> str:
             kind = body.get("error_type")
             return body["error"] + (f" ({kind})" if isinstance(kind, str) else "")
     return text[:300]
+
+
+def _header_count(value: str | None) -> int | None:
+    """A token count from a response header (a whole number above 0), else None."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value) or None
