@@ -54,8 +54,9 @@ class Decoding(Strict):
     )
     repetition_penalty: Annotated[Float, Field(gt=0.0)] | None = Field(
         None,
-        description="sent to TGI, OpenAI-compatible servers (as vLLM and SGLang read it) and the local backend, "
-        "never to Anthropic; null: not sent",
+        description="sent to TGI, OpenAI-compatible servers (as vLLM and SGLang read it; to TGI's chat route as "
+        "presence_penalty = penalty - 2, which it reads instead) and the local backend, never to Anthropic; "
+        "null: not sent",
     )
     stop: tuple[str, ...] = Field((), description="stop strings: the answer ends before the first one it contains")
 

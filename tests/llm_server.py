@@ -698,6 +698,8 @@ class LLMTestServer:
     async def _info_route(self, request: web.Request) -> web.Response:
         self.info_asked += 1
         info: dict[str, Any] = {"model_id": "scripted/teacher", "version": "scripted"}
+        if self.v1_server == "tgi":  # TGI's Info names its router (router/src/lib.rs Info.router, the crate's name)
+            info["router"] = "text-generation-router"
         if self.max_concurrent_requests is not None:
             info["max_concurrent_requests"] = self.max_concurrent_requests
         return web.json_response(info)

@@ -191,6 +191,31 @@ def test_a_fleet_mixing_tgi_and_vllm_leaves_top_p_1_out_only_at_the_tgi_replicas
     assert all(c.status == 200 and c.params["top_p"] == 1.0 for c in vllm_srv.calls)
 
 
+@pytest.mark.parametrize("v1_server", ["tgi", "vllm"])
+def test_a_chat_requests_repetition_penalty_reaches_tgi_as_presence_penalty_plus_2(v1_server, llm_server):
+    # TGI's chat route ignores repetition_penalty and decodes with presence_penalty + 2 (router/src/lib.rs
+    # ChatRequest::try_into_generate); vLLM reads repetition_penalty itself (and presence_penalty is another
+    # penalty there). The scripted server records the penalty each decodes with.
+    srv = llm_server(v1_server=v1_server)
+    client = make_client(endpoint("openai-chat", srv))
+    reqs = [GenRequest(id=str(i), user=f"q {i}", temperature=0.7, top_p=0.9, seed=i, repetition_penalty=1.2)
+            for i in range(4)]
+    reqs.append(GenRequest(id="plain", user="q p", temperature=0.7, top_p=0.9, seed=9))
+    out = run_all(client, reqs)
+    assert all(r.ok for r in out.values()), {k: r.error for k, r in out.items() if not r.ok}
+    by_seed = {c.params["seed"]: c.params for c in srv.calls if c.status == 200}
+    assert all(by_seed[i]["repetition_penalty"] == pytest.approx(1.2) for i in range(4))
+    assert by_seed[9]["repetition_penalty"] is None
+    assert srv.info_asked == 1  # asked once per server, whatever it says
+
+
+def test_a_chat_request_without_a_penalty_never_asks_what_the_server_is(llm_server):
+    srv = llm_server(v1_server="tgi")
+    out = run_all(make_client(endpoint("openai-chat", srv)),
+                  [GenRequest(id=str(i), user=f"q {i}", temperature=0.7, top_p=0.9, seed=i) for i in range(3)])
+    assert all(r.ok for r in out.values()) and srv.info_asked == 0
+
+
 def test_other_422s_are_not_sent_again_without_top_p(llm_server):
     srv = llm_server(v1_server="tgi")
     client = make_client(endpoint("openai-completions", srv))

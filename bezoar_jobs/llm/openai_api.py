@@ -11,7 +11,10 @@ The client builds the documented request bodies and reads ``choices`` and ``usag
 retry policy for every backend, so the SDK's retries were off anyway, and its response models cost more
 than the answer). The key, when one is configured, goes as ``Authorization: Bearer``; nothing ambient
 (``OPENAI_API_KEY``) is ever picked up. The seed is sent with every request. ``repetition_penalty`` is
-not an OpenAI parameter: it goes in the body as vLLM/SGLang read it, only when the recipe sets it.
+not an OpenAI parameter: it goes in the body as vLLM/SGLang read it, only when the recipe sets it. TGI's
+completions route reads it too, but its chat route ignores it and takes ``presence_penalty + 2`` as the
+repetition penalty (``router/src/lib.rs`` ChatRequest::try_into_generate): to a server whose ``/info`` names
+TGI's router (asked once, only when a chat request carries a penalty) it goes as that.
 
 ``temperature`` and ``top_p`` are always sent, 1.0 included: vLLM fills a parameter the request leaves out
 from the model's ``generation_config.json`` before the OpenAI default (``to_sampling_params``, "user -> server
@@ -25,16 +28,22 @@ Temperature 0 needs nothing of the kind: TGI's ``/v1`` routes turn it into greed
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
+import urllib.parse
 from typing import Any
 
 from ..recipe import Endpoint
 from .base import GenRequest, GenResult
+from .budget import INFO_TIMEOUT_S
 from .faults import Rejected, Transient, classify_status
 from .fleet import REPLICA
 from .pool import RemoteClient
 from .render import chat_messages, render_raw
+
+log = logging.getLogger("bezoar.llm")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # TGI's refusal of top_p 1.0 (router/src/validation.rs ValidationError::TopP), relayed as a 422
@@ -51,6 +60,8 @@ class _OpenAIBase(RemoteClient):
         # the servers (base URLs) that refused top_p 1.0 as TGI does: left out there (their default). Per server: in a
         # fleet mixing TGI and vLLM replicas, the vLLM ones still get it (they fill an absent one from the model)
         self._omit_top_p_1: set[str] = set()
+        self._tgi: dict[str, bool] = {}  # server (base URL) -> whether its /info names TGI's router
+        self._tgi_asking: dict[str, asyncio.Future[bool]] = {}  # the question on its way, per server
 
     async def _open(self) -> None:
         import aiohttp
@@ -85,6 +96,11 @@ class _OpenAIBase(RemoteClient):
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         """One request to ``{base_url}/{route}`` (a fleet replica's, llm/fleet.py): the answer's JSON object.
         Refused as TGI refuses ``top_p: 1.0`` (module docstring), sent again at once without it."""
+        if self.route == "chat/completions" and "repetition_penalty" in body and await self._is_tgi():
+            # TGI's chat route has no repetition_penalty (the field is ignored): it takes presence_penalty + 2 as
+            # the repetition penalty (router/src/lib.rs ChatRequest::try_into_generate)
+            rp = body["repetition_penalty"]
+            body = {**{k: v for k, v in body.items() if k != "repetition_penalty"}, "presence_penalty": rp - 2.0}
         try:
             return await self._post_once(body)
         except Rejected as e:
@@ -92,6 +108,37 @@ class _OpenAIBase(RemoteClient):
                 raise
             self._omit_top_p_1.add(self._base())
             return await self._post_once({k: v for k, v in body.items() if k != "top_p"})
+
+    async def _is_tgi(self) -> bool:
+        """Whether the current attempt's server is TGI: its ``GET /info`` (at the server's root, whatever the
+        route's path) names TGI's router. Asked once per server (the attempts that need it meanwhile wait for
+        that one answer), and only for a request that needs to know."""
+        base = self._base()
+        if base in self._tgi:
+            return self._tgi[base]
+        asking = self._tgi_asking.get(base)
+        if asking is None or asking.get_loop() is not asyncio.get_running_loop():
+            asking = self._tgi_asking[base] = asyncio.ensure_future(self._ask_tgi(base))
+        return await asyncio.shield(asking)  # a cancelled attempt (a lost hedge) leaves the question asked
+
+    async def _ask_tgi(self, base: str) -> bool:
+        import aiohttp
+
+        u = urllib.parse.urlsplit(base)
+        try:
+            assert self._session is not None
+            async with self._session.get(f"{u.scheme}://{u.netloc}/info",
+                                         timeout=aiohttp.ClientTimeout(total=INFO_TIMEOUT_S)) as resp:
+                info = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            info = None
+        router = info.get("router") if isinstance(info, dict) else None
+        self._tgi[base] = is_tgi = isinstance(router, str) and router.startswith("text-generation-router")
+        self._tgi_asking.pop(base, None)
+        if is_tgi:
+            log.info("%s: %s is TGI: its chat route gets the repetition penalty as presence_penalty + 2",
+                     self.role, base)
+        return is_tgi
 
     def _base(self) -> str:
         """Where the current attempt goes: its fleet replica's URL, else the endpoint's."""
