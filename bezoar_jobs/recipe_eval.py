@@ -35,7 +35,9 @@ MTBENCH_TEMPERATURES: dict[str, float] = {
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)]
 
 
-# FastChat's judge settings: greedy, room for a long explanation before the verdict
+# FastChat's judge settings for an OpenAI judge (GPT-4): greedy, room for a long explanation before the
+# verdict; FastChat gives an Anthropic judge (the paper's Claude 2.1) 1,024 tokens (fastchat/llm_judge/common.py,
+# run_judge_single): a verdict only a longer budget reaches counts here where FastChat would have dropped it
 JUDGE_DECODING = Decoding(max_new_tokens=2048, temperature=0.0)
 MTBENCH_QUESTIONS = DatasetSource(path="HuggingFaceH4/mt_bench_prompts", split="train", licence="Apache-2.0")
 

@@ -10,6 +10,11 @@
   conversation and asks about the second reply only; math, reasoning and coding prompts carry the
   reference answers. The verdict is read as FastChat reads it (below). With an in-process judge the
   score may instead be the expected rating under the judge's next-token probabilities of "1".."10".
+* References: without ``reference_answers`` they are the questions' own ``reference``. FastChat's judge
+  never reads those: it takes its reference_answer/gpt-4.jsonl (long GPT-4 answers), while MT-Bench's
+  question.jsonl (and so the hub copy) holds short human-written ones, and none for one coding question
+  (123), which is then an error here. For FastChat's figures give its gpt-4.jsonl as
+  ``reference_answers`` with its question.jsonl as ``reference_questions``.
 * Scores: per model, the mean over judged answers overall, per turn and per category; unparseable
   verdicts are excluded from every mean and counted.
 
@@ -388,7 +393,8 @@ def generate_answers(
     """Both turns for every question: ``{question key: {"turns": [a1, a2], "tokens": [n1, n2], ...}}``.
 
     Each row of a batch decodes at its own category's temperature (greedy where it is 0), so the
-    categories share batches instead of splitting them per temperature.
+    categories share batches instead of splitting them per temperature. Sampled rows keep the model's
+    top_k / top_p (transformers' default top_k 50), as FastChat's answers do.
     """
     out: dict[str, dict[str, Any]] = {q.key: {"turns": [], "tokens": [], "finish": []} for q in questions}
     for turn in (1, 2):
@@ -459,8 +465,11 @@ def _generate(model: Any, tok: Any, prompts: list[str], temperatures: list[float
                           "stop_strings": list(STOP_STRINGS), "tokenizer": tok}
     if any(t > 0 for t in temperatures):
         torch.manual_seed(seed)
-        # sampling with the per-row temperatures applied by the processor (greedy rows keep one token)
-        kw.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+        # sampling with the per-row temperatures applied by the processor (greedy rows keep one token).
+        # top_k / top_p are left to the model's generation config (transformers' defaults: top_k 50, top_p 1),
+        # as FastChat's gen_model_answer.py leaves them (it passes do_sample and temperature only);
+        # transformers applies them after a passed processor, so after the temperature, as FastChat's are
+        kw.update(do_sample=True, temperature=1.0,
                   logits_processor=LogitsProcessorList([_row_temperature(temperatures)]))
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
