@@ -301,6 +301,40 @@ def test_fastchat_references_are_matched_by_question_text_or_id_map_and_a_mismat
                                reference_questions={"path": str(fq)}))
 
 
+def test_the_paper_recipe_judges_with_fastchats_reference_answers_at_a_pinned_commit(tmp_path):
+    """The paper recipe read the hub copy with its own references: question.jsonl's short human ones, not the
+    GPT-4 answers FastChat's judge reads (reference_answer/gpt-4.jsonl), and none for coding question 123,
+    which made every real eval-mtbench stop as bad input. It now reads FastChat's two files at one pinned
+    commit; here local copies in their layout (raw GitHub URLs cannot be fetched offline)."""
+    import re
+
+    from bezoar_jobs.recipe import load_recipe
+
+    cfg = load_recipe(str(REPO / "recipes" / "openbezoar.yaml"))[0].evaluation.mtbench
+    assert cfg.questions.path == cfg.reference_answers.path == "json" and cfg.reference_questions is None
+    (qurl,), (aurl,) = cfg.questions.data_files, cfg.reference_answers.data_files
+    raw = r"https://raw\.githubusercontent\.com/lm-sys/FastChat/([0-9a-f]{40})/fastchat/llm_judge/data/mt_bench/"
+    mq, ma = re.fullmatch(raw + "question.jsonl", qurl), re.fullmatch(raw + "reference_answer/gpt-4.jsonl", aurl)
+    assert mq and ma and mq.group(1) == ma.group(1)  # one pinned commit
+    # FastChat's layout: 123 (coding) has no reference of its own; the answers file has it
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in (
+        {"question_id": 81, "category": "writing", "turns": ["Write a postcard.", "Shorter."]},
+        {"question_id": 111, "category": "math", "turns": ["7 x 6?", "And 7 x 7?"], "reference": ["42", "49"]},
+        {"question_id": 123, "category": "coding", "turns": ["Write a joke site.", "Add CSS."]})))
+    answers = tmp_path / "gpt-4.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i, "model_id": "gpt-4", "choices": [
+        {"index": 0, "turns": [f"GPT4-{i}-1", f"GPT4-{i}-2"]}]}) + "\n" for i in (111, 123)))
+    local = cfg.model_copy(update={
+        "questions": cfg.questions.model_copy(update={"data_files": (str(questions),)}),
+        "reference_answers": cfg.reference_answers.model_copy(update={"data_files": (str(answers),)})})
+    refs = {q.qid: q.reference for q in load_questions(local)}
+    assert refs == {81: (), 111: ("GPT4-111-1", "GPT4-111-2"), 123: ("GPT4-123-1", "GPT4-123-2")}
+    # the questions' own references alone (the old setting) stop at 123
+    with pytest.raises(BadInput, match=r"question 123 \(coding\) needs a reference answer"):
+        load_questions(local.model_copy(update={"reference_answers": None}))
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage end to end (tiny model)
 # ---------------------------------------------------------------------------------------------
