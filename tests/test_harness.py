@@ -235,7 +235,7 @@ def test_vllm_stage_evaluates_and_records_in_the_recipes_dtype(tmp_path, tiny, m
 
     seen: list[tuple[str, str]] = []
 
-    def fake_vllm(model_dir, tm, task_objects, cfg, *rest):
+    def fake_vllm(model_dir, tm, task_objects, cfg, *rest, **kw):
         seen.append((model_dir, *rest))
         return {"results": {"bezoar_demo_facts": {"acc_norm,none": 0.5, "acc_norm_stderr,none": 0.1},
                             "bezoar_demo_cloze": {"acc,none": 0.25, "acc_stderr,none": 0.1}}}

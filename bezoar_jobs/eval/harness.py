@@ -3,8 +3,9 @@
 Tasks come from the recipe with their shot counts and pinned versions. Each task (or group, such
 as ``mmlu``) is loaded through a ``TaskManager`` first, so an unknown name or a version that differs
 from the pin fails (exit 2) before any model is loaded; its leaf tasks then get the recipe's
-``num_fewshot`` and the loaded objects go to ``simple_evaluate``, so one call evaluates tasks with
-different shot counts.
+``num_fewshot`` (but those whose own config says ``num_fewshot: 0``, which lm_eval's ``--num_fewshot``
+leaves zero-shot too) and the loaded objects go to ``simple_evaluate``, so one call evaluates tasks
+with different shot counts.
 
 Local tasks (the demo's, or a user's) are YAML files in ``evaluation.harness.include_path``. The
 demo's take their data from a ``custom_dataset`` function beside them, so they run as shipped with
@@ -104,7 +105,7 @@ def load_tasks(tm: Any, tasks: tuple[HarnessTask, ...]) -> tuple[list[Any], dict
         top: Any
         if t.name in loaded.get("groups", {}):
             top = loaded["groups"][t.name]
-            meta = getattr(top.config, "metadata", None) or {}
+            meta = getattr(top, "metadata", None) or {}  # lm_eval 0.4.13's Group: metadata, no config
             version = meta.get("version") if isinstance(meta, dict) else None
         elif t.name in loaded["tasks"]:
             top = loaded["tasks"][t.name]
@@ -120,7 +121,20 @@ def load_tasks(tm: Any, tasks: tuple[HarnessTask, ...]) -> tuple[list[Any], dict
                 f"lm_eval has version {version} (update the pin or install the matching lm_eval)"
             )
         versions[t.name] = version
-        for leaf in loaded["tasks"].values():
+        # lm_eval's --num_fewshot never overrides a task whose own config says num_fewshot: 0 (simple_evaluate,
+        # lm_eval/evaluator.py): those leaves stay zero-shot here too, so the recorded command reproduces the run
+        leaves = loaded["tasks"]
+        zero_only = [n for n, leaf in leaves.items() if leaf.get_config("num_fewshot") == 0]
+        if t.num_fewshot > 0 and len(zero_only) == len(leaves):
+            raise BadInput(
+                f"{_FIELD}.tasks.{i}.num_fewshot: {t.name!r} is zero-shot in lm_eval (its config sets "
+                f"num_fewshot: 0, which lm_eval's --num_fewshot does not override); use num_fewshot: 0"
+            )
+        for name, leaf in leaves.items():
+            if t.num_fewshot > 0 and name in zero_only:
+                log.warning("harness: %s (in %s) stays zero-shot, as lm_eval keeps it (num_fewshot: 0 in its config)",
+                            name, t.name)
+                continue
             leaf.set_config(key="num_fewshot", value=t.num_fewshot)
         objects.append(top)
         if isinstance(top, Group):
@@ -138,7 +152,7 @@ def seeds(cfg: HarnessConfig) -> tuple[int | None, int | None, int | None, int |
 
 
 def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | None, cfg: HarnessConfig,
-                 revision: str | None = None) -> list[str]:
+                 revision: str | None = None, trust_remote_code: bool = False) -> list[str]:
     """The ``lm_eval`` command lines that reproduce an evaluation: one per shot count (the CLI sets
     one ``--num_fewshot`` for all the tasks it is given). ``DISABLE_MULTIPROC=1`` as the stage runs
     it (see :func:`evaluate`). The CLI always bootstraps 100,000 times: with another
@@ -146,14 +160,18 @@ def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | No
     (:func:`cli_note`)."""
     import shlex
 
-    margs = [f"pretrained={model_dir}", *([f"revision={revision}"] if revision else []), f"dtype={dtype}"]
-    if cfg.backend == "vllm":
-        margs += [f"tensor_parallel_size={cfg.tensor_parallel_size}", f"data_parallel_size={cfg.data_parallel_size}",
-                  f"gpu_memory_utilization={cfg.gpu_memory_utilization}"]
-    if cfg.max_length is not None:
-        margs.append(f"max_length={cfg.max_length}")
-    if cfg.add_bos_token is not None:
-        margs.append(f"add_bos_token={cfg.add_bos_token}")
+    margs = [f"pretrained={model_dir}", *([f"revision={revision}"] if revision else [])]
+    if cfg.backend == "vllm":  # exactly the keywords the stage gives lm_eval's VLLM (its engine seed included)
+        kw = vllm_model_args(model_dir, cfg, dtype, trust_remote_code)
+        margs += [f"{k}={v}" for k, v in kw.items() if k not in ("pretrained", "batch_size")]
+    else:
+        margs.append(f"dtype={dtype}")
+        if cfg.max_length is not None:
+            margs.append(f"max_length={cfg.max_length}")
+        if cfg.add_bos_token is not None:
+            margs.append(f"add_bos_token={cfg.add_bos_token}")
+        if trust_remote_code:
+            margs.append("trust_remote_code=True")
     seed = ",".join("None" if x is None else str(x) for x in seeds(cfg))
     by_shots: dict[int, list[str]] = {}
     for t in cfg.tasks:
@@ -175,6 +193,9 @@ def cli_commands(model_dir: str, dtype: str, device: str, include_path: str | No
 
 def cli_note(cfg: HarnessConfig) -> str | None:
     """What the recorded command lines cannot reproduce, if anything."""
+    if cfg.bootstrap_iters == 0:  # lm_eval then records every stderr as N/A (lm_eval/evaluator_utils.py)
+        return ("bootstrap_iters 0: no stderr was computed (all null here), the lm_eval CLI (always 100000) "
+                "computes them; every metric value is reproduced")
     if cfg.bootstrap_iters != 100_000:
         return (f"bootstrap_iters {cfg.bootstrap_iters}: the lm_eval CLI always uses 100000, so the stderrs of "
                 "bootstrapped metrics (perplexity, ...) differ; every metric value is reproduced")
@@ -213,10 +234,12 @@ def check_backend(cfg: HarnessConfig) -> None:
                        f"{have}")
 
 
-def vllm_model_args(model_dir: str, cfg: HarnessConfig, dtype: str) -> dict[str, Any]:
+def vllm_model_args(model_dir: str, cfg: HarnessConfig, dtype: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """The keywords of lm_eval's ``VLLM`` model for one checkpoint. ``dtype`` is the recipe's
     ``evaluation.dtype`` as is: lm_eval's wrapper and vLLM's engine both take auto, float32, bfloat16
-    and float16 (auto: vLLM's own choice from the checkpoint's config)."""
+    and float16 (auto: vLLM's own choice from the checkpoint's config). ``trust_remote_code``: the
+    model's (a baseline's ``trust_remote_code``); lm_eval's VLLM defaults to False for the engine,
+    the config and the tokenizer."""
     torch_seed = seeds(cfg)[2]
     kw: dict[str, Any] = {"pretrained": model_dir, "batch_size": cfg.batch_size, "dtype": dtype,
                           "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -227,11 +250,13 @@ def vllm_model_args(model_dir: str, cfg: HarnessConfig, dtype: str) -> dict[str,
         kw["max_length"] = cfg.max_length
     if cfg.add_bos_token is not None:
         kw["add_bos_token"] = cfg.add_bos_token
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
     return kw
 
 
 def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: HarnessConfig,
-                  dtype: str) -> dict[str, Any]:
+                  dtype: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """The same evaluation with lm_eval's vLLM backend, data- and tensor-parallel as the recipe says,
     the weights in ``dtype`` (the recipe's ``evaluation.dtype``)."""
     import os
@@ -241,7 +266,7 @@ def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: Harness
 
     os.environ["DISABLE_MULTIPROC"] = "1"
     random_seed, numpy_seed, torch_seed, fewshot_seed = seeds(cfg)
-    kw = vllm_model_args(model_dir, cfg, dtype)
+    kw = vllm_model_args(model_dir, cfg, dtype, trust_remote_code)
     out = lm_eval.simple_evaluate(
         model=VLLM(**kw), tasks=task_objects, task_manager=tm, limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters,
         log_samples=False, random_seed=random_seed, numpy_random_seed=numpy_seed, torch_random_seed=torch_seed,
@@ -250,6 +275,14 @@ def evaluate_vllm(model_dir: str, tm: Any, task_objects: list[Any], cfg: Harness
     if out is None:  # pragma: no cover
         raise RuntimeError("lm_eval returned no results")
     return out
+
+
+def tokenizer_with_bos(tokenizer: Any, add_bos_token: bool) -> Any:
+    """The tokenizer as lm_eval's CLI loads it for ``add_bos_token=``: HFLM hands ``add_bos_token`` to
+    ``AutoTokenizer.from_pretrained`` only for a tokenizer it loads itself (``HFLM._create_tokenizer``,
+    lm_eval/models/huggingface.py); one passed in is used as is, and its ``tok_encode`` then asks for
+    ``add_special_tokens=True``, which adds no BOS to a tokenizer that does not add one by itself."""
+    return type(tokenizer).from_pretrained(tokenizer.name_or_path, add_bos_token=add_bos_token)
 
 
 def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: HarnessConfig) -> dict[str, Any] | None:
@@ -273,6 +306,7 @@ def evaluate(model: Any, tokenizer: Any, tm: Any, task_objects: list[Any], cfg: 
         kw["max_length"] = cfg.max_length
     if cfg.add_bos_token is not None:
         kw["add_bos_token"] = cfg.add_bos_token
+        kw["tokenizer"] = tokenizer_with_bos(tokenizer, cfg.add_bos_token)
     lm = hflm_class(world().size)(**kw)
     random_seed, numpy_seed, torch_seed, fewshot_seed = seeds(cfg)
     out = lm_eval.simple_evaluate(
@@ -326,7 +360,8 @@ def summarize(raw: dict[str, Any], tasks: tuple[HarnessTask, ...], versions: dic
         out[t.name] = {
             "version": versions.get(t.name, raw.get("versions", {}).get(t.name)),
             "num_fewshot": t.num_fewshot,
-            "n_samples": raw.get("n-samples", {}).get(t.name, {}).get("effective"),
+            # a group has no n-samples entry: its sample_len is the sum of its tasks' documents
+            "n_samples": raw.get("n-samples", {}).get(t.name, {}).get("effective", entry.get("sample_len")),
             "metric": t.metric_key,
             "value": primary["value"],
             "stderr": primary["stderr"],

@@ -72,7 +72,8 @@ def run(ctx: StageContext) -> StageOutput:
             model = tok = None
             dtype: str = r.evaluation.dtype  # as the recipe says (auto: vLLM's own choice), on the command line too
             t0 = time.time()
-            raw: dict[str, Any] | None = harness.evaluate_vllm(str(path), tm, task_objects, cfg, dtype)
+            raw: dict[str, Any] | None = harness.evaluate_vllm(str(path), tm, task_objects, cfg, dtype,
+                                                                    trust_remote_code=t.trust_remote_code)
             secs = time.time() - t0
             figures = {"device": "cuda", "gpus": cfg.gpus, "gpu_hours": round(cfg.gpus * secs / 3600.0, 6)}
         else:
@@ -90,7 +91,8 @@ def run(ctx: StageContext) -> StageOutput:
         # one process reproduces a data-parallel run's numbers (bezoar_jobs.eval.parallel): the commands are for one
         # (rank 0's device)
         include_cli = harness.include_path_for_cli(cfg.include_path)
-        commands = harness.cli_commands(ref, dtype, str(figures["device"]), include_cli, cfg, rev)
+        commands = harness.cli_commands(ref, dtype, str(figures["device"]), include_cli, cfg, rev,
+                                        trust_remote_code=t.trust_remote_code)
         rec = {
             "model": t.label,
             **t.info(),
