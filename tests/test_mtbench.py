@@ -507,6 +507,18 @@ def test_judge_requests_refused_as_sent_are_bad_input_not_retryable(tmp_path, ti
     assert read_manifest(open_store(run), "eval-mtbench") is None
 
 
+def test_a_recipes_temperatures_are_laid_over_fastchats():
+    """Naming one category's temperature replaced the whole table: math, coding, reasoning and extraction went
+    from greedy to default_temperature (0.7) without a word."""
+    from bezoar_jobs.recipe_eval import MTBENCH_TEMPERATURES
+
+    t = _mt_cfg(temperatures={"writing": 0.5}).temperatures
+    assert t == {**MTBENCH_TEMPERATURES, "writing": 0.5} and t["math"] == t["coding"] == 0.0
+    assert _mt_cfg(temperatures={"poetry": 1.0}).temperatures["poetry"] == 1.0  # a category of another file
+    with pytest.raises(ValueError, match=r"temperatures\.writing"):
+        _mt_cfg(temperatures={"writing": 3.0})
+
+
 def test_each_row_decodes_at_its_categorys_temperature():
     import torch
 
