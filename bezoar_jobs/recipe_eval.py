@@ -99,7 +99,8 @@ class HarnessConfig(Strict):
     max_length: PosInt | None = Field(None, description="context length; null: the model's own")
     limit: PosInt | None = Field(None, description="items per task (smoke runs only: scores are not comparable)")
     bootstrap_iters: NonNegInt = Field(
-        100_000, description="bootstrap resamples for stderrs of non-mean metrics (lm_eval's default)"
+        100_000, description="bootstrap resamples for stderrs of non-mean metrics (lm_eval's default); 0: no "
+        "stderr at all (lm_eval then records every stderr as N/A)"
     )
     add_bos_token: Bool | None = Field(None, description="null: the harness's default for the tokenizer")
     seed: tuple[Seed | None, Seed | None, Seed | None, Seed | None] | None = Field(
