@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -356,6 +357,11 @@ class Recipe(Strict):
         def data(field: str, src: DatasetSource | None) -> None:
             if src is not None and src.revision is None and src.on_hub:
                 out.append(f"{field}.revision ({src.path})")
+            for i, f in enumerate(src.data_files if src is not None else ()):
+                # a file fetched by URL is pinned only by a commit in it (a raw GitHub URL at a sha, a hub
+                # file at @sha or resolve/<sha>); a branch name moves
+                if re.match(r"^(https?|hf)://", f) and not re.search(r"[/@][0-9a-f]{40}(/|$)", f):
+                    out.append(f"{field}.data_files.{i} ({f}: no commit in the URL)")
 
         for role in ("teacher", "judge"):
             e: Endpoint = getattr(self, role)
@@ -373,6 +379,7 @@ class Recipe(Strict):
         data("training.dpo.data", self.training.dpo.data)
         data("evaluation.mtbench.questions", self.evaluation.mtbench.questions)
         data("evaluation.mtbench.reference_answers", self.evaluation.mtbench.reference_answers)
+        data("evaluation.mtbench.reference_questions", self.evaluation.mtbench.reference_questions)
         for i, b in enumerate(self.evaluation.baselines):
             model(f"evaluation.baselines.{i}", b.model, b.revision)
         return out

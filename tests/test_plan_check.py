@@ -143,6 +143,29 @@ def test_a_priced_run_refuses_unpinned_hub_revisions_unless_allowed(tmp_path):
     assert "is not committed" in res.stderr
 
 
+def test_files_fetched_by_url_are_pinned_only_by_a_commit_in_the_url():
+    """A datasets builder reading a URL (the paper recipe's MT-Bench files) on a branch moves with it; and
+    reference_questions, a hub dataset like the others, was not checked at all."""
+    from bezoar_jobs.recipe import load_recipe
+
+    recipe = load_recipe(str(REPO / "recipes" / "openbezoar.yaml"))[0]
+    assert not [f for f in recipe.unpinned() if f.startswith("evaluation.mtbench")]  # at a commit sha
+    m = recipe.evaluation.mtbench
+    moving = m.model_copy(update={
+        "reference_answers": m.reference_answers.model_copy(update={"data_files": (
+            "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/x.jsonl",)}),
+        "reference_questions": m.questions.model_copy(update={"path": "HuggingFaceH4/mt_bench_prompts",
+                                                              "data_files": ()}),
+        "questions": m.questions.model_copy(update={"data_files": (
+            "hf://datasets/org/qs@0123456789abcdef0123456789abcdef01234567/question.jsonl",)})})
+    ev = recipe.evaluation.model_copy(update={"mtbench": moving})
+    found = [f for f in recipe.model_copy(update={"evaluation": ev}).unpinned() if f.startswith("evaluation.mtbench")]
+    assert found == [
+        "evaluation.mtbench.reference_answers.data_files.0 (https://raw.githubusercontent.com/lm-sys/FastChat/main/"
+        "fastchat/llm_judge/data/mt_bench/x.jsonl: no commit in the URL)",
+        "evaluation.mtbench.reference_questions.revision (HuggingFaceH4/mt_bench_prompts)"]
+
+
 def test_plan_counts_the_orca_seeds_a_local_file_can_give(tmp_path):
     """Finding 12: the demo's seed file holds fewer rows than 48 seeds ask for; the plan (and the
     stage, see test_schemes_e2e) say how many will really be sent."""
