@@ -145,22 +145,28 @@ def only_stopwords(text: str) -> bool:
 
 def parse_equal(text: str) -> bool | None:
     t = text.strip().lower()
-    if re.search(r"\b(different|not equal|not the same|unequal)\b", t):
+    # a negated "equal" word ("not identical", "not equivalent") is a "different", not an "equal"
+    if re.search(r"\b(different|unequal|not\s+(?:equal|the\s+same|identical|equivalent))\b", t):
         return False
-    if re.search(r"\b(equal|same|identical)\b", t):
+    if re.search(r"\b(equal|same|identical|equivalent)\b", t):
         return True
     return None
 
 
-def leaked(cfg: EvolConfig, evolved: str, labels: tuple[str, ...] = ()) -> str | None:
+def leaked(cfg: EvolConfig, evolved: str, labels: tuple[str, ...] = (), original: str = "") -> str | None:
     """The rewriting prompt's own words in an evolved instruction (rule 4): a leak phrase anywhere,
-    or one of the templates' labels starting a line or a sentence ("... New task: do X")."""
-    low = evolved.lower()
+    or one of the templates' labels starting a line or a sentence ("... New task: do X"). Words the
+    instruction being evolved (``original``) already had are not copied from the prompt: a phrase
+    counts only where the evolution has it more often than the original (a dolly passage saying
+    "the original task" would otherwise eliminate every evolution of its lineage)."""
+    low, before = evolved.lower(), original.lower()
     for phrase in cfg.leak_phrases:
-        if phrase.lower() in low:
+        p = phrase.lower()
+        if low.count(p) > before.count(p):
             return phrase
     for label in labels:
-        if re.search(r"(?:^|[\n.!?]\s*)" + re.escape(label.lower()), low):
+        at = r"(?:^|[\n.!?]\s*)" + re.escape(label.lower())
+        if len(re.findall(at, low)) > len(re.findall(at, before)):
             return label
     return None
 
@@ -176,7 +182,7 @@ def eliminate(cfg: EvolConfig, original: str, evolved: str, response: str, equal
         return f"rule 2: the response says sorry and is under {cfg.sorry_max_words} words"
     if not response.strip() or only_stopwords(response):
         return "rule 3: the response is only punctuation and stop words"
-    leak = leaked(cfg, evolved, labels)
+    leak = leaked(cfg, evolved, labels, original)
     if leak:
         return f"rule 4: the instruction copies the rewriting prompt's words ({leak!r})"
     if normalise(evolved) == normalise(original):
@@ -195,10 +201,14 @@ def choose_operation(cfg: EvolConfig, rng: random.Random) -> tuple[str, str]:
     return "breadth", "in-breadth"
 
 
-def keep_input(evolved: str, passage: str, strategy: str) -> tuple[str, bool]:
+def keep_input(evolved: str, passage: str, strategy: str, current: str | None = None) -> tuple[str, bool]:
     """An in-depth rewrite must keep the task's input; when the teacher dropped the seed's passage,
-    it is put back after a blank line (counted). In-breadth tasks are new tasks: left alone."""
+    it is put back after a blank line (counted). In-breadth tasks are new tasks: left alone. With
+    ``current`` (the instruction that was evolved), the passage is put back only when that
+    instruction still carried it: a task a kept in-breadth step made without it has no such input."""
     if not passage or strategy != "in-depth" or normalise(passage) in normalise(evolved):
+        return evolved, False
+    if current is not None and normalise(passage) not in normalise(current):
         return evolved, False
     return f"{evolved}\n\n{passage}", True
 
@@ -365,7 +375,7 @@ class _Chains:
                                                         "parent_id": lin["parent"], "reason": "empty evolution"}))
             self.evolve(i, rnd + 1)
             return
-        text, put_back = keep_input(cleaned, lin["passage"], strategy)
+        text, put_back = keep_input(cleaned, lin["passage"], strategy, lin["current"])
         self.restored += put_back
         got: dict[str, dict[str, Any] | None] = {}
         rid = f"{lid}-r{rnd}-{text_key(text)}-response"
