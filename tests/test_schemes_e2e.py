@@ -221,11 +221,14 @@ def flan_file(tmp: Path, n: int, long_every: int = 0, broken_tail: bool = False)
     with open(path, "w") as f:
         for i in range(n):
             words = 200 if long_every and i % long_every == 0 else 6
+            template = ["zs_opt", "zs_noopt", "fs_opt", "fs_noopt"][(i // 4) % 4]
+            # some option templates list their options, as Flan's do for the tasks that have them
+            options = f"\nOPTIONS:\n- gold answer {i}\n- another answer" if template.endswith("_opt") and i % 3 else ""
             f.write(json.dumps({
-                "inputs": f"Question {i} of {SUBS[i % 4]}: " + " ".join(f"w{j}" for j in range(words)),
+                "inputs": f"Question {i} of {SUBS[i % 4]}: " + " ".join(f"w{j}" for j in range(words)) + options,
                 "targets": f"gold answer {i}",
                 "task_source": SUBS[i % 4], "task_name": f"task{i % 7}",
-                "template_type": ["zs_opt", "zs_noopt", "fs_opt", "fs_noopt"][(i // 4) % 4],
+                "template_type": template,
             }) + "\n")
         if broken_tail:
             f.write("{this line is not json\n")
@@ -250,14 +253,18 @@ def test_orca_samples_submixes_zero_shot_and_shows_the_gold_target_as_the_recipe
             "cot": 2, "niv2": 2, "t0": 6, "flan2021": 10}
         assert all(r["template_type"] in ("zs_opt", "zs_noopt") for r in out)
         teacher = [c.prompt for c in srv.calls if c.route == "tgi"]
+        n_mc = 0
         for r in out:
             asked = next(p for p in teacher if r["inputs"] in p)
             assert r["targets"] in asked  # the teacher saw the gold target
             if r["system_message"]:
                 # the system text comes first, then a blank line, then the task: never glued together
                 assert asked.startswith(f"<|prompt|>{r['system_message']}\n\n{r['inputs']}")
-            mc = r["dataset_source"] == "flan2021" and r["template_type"] == "zs_opt"
+            # multiple choice: a Flan 2021 zs_opt row whose prompt lists options (orca.is_multiple_choice)
+            mc = r["dataset_source"] == "flan2021" and r["template_type"] == "zs_opt" and "OPTIONS:" in r["inputs"]
             assert (r["system_message_id"] in (8, 10)) == mc
+            n_mc += mc
+        assert 0 < n_mc < sum(r["dataset_source"] == "flan2021" for r in out)  # both kinds of Flan 2021 row
         judged = [c.prompt for c in srv.calls if c.route == "chat/completions"]
         for r in out:
             assert any(r["inputs"] in p and f"Reference answer from the dataset: {r['targets']}" in p for p in judged)

@@ -114,7 +114,8 @@ def topic_requests(ctx: StageContext, seeds: list[dict[str, Any]]) -> TopicAsks:
         rng = unit_rng(ctx, rid)
         ex = rng.sample(by_cat[cat], min(cfg.examples_per_prompt, len(by_cat[cat])))
         prompt = render(t_topics, category=DOLLY_CATEGORIES.get(cat, cat.replace("_", " ")),
-                        examples=_examples_block(ex), n=str(cfg.topics_per_category))
+                        examples=_examples_block(ex), n=str(cfg.topics_per_category),
+                        max_words=str(cfg.topic_max_words))  # the limit parse_topics applies
         items.append((request(rid, prompt, cfg.topic_decoding, req_seed(ctx, rid)), {"category": cat}))
     return items, by_cat
 

@@ -12,7 +12,7 @@ collection again.
 
 System messages follow Orca's 16 (our wording, numbered like Orca's) and its mapping: CoT {6, 11,
 16}; NIv2 {1, 2, 5, 7, 9, 12, 13, 14, 15}; T0 {1, 2, 3, 5, 7}; Flan 2021 {3, 4, 7}, and {8, 10}
-for its multiple-choice rows (options shown: template types ``*_opt``). The mapping lives in the
+for its multiple-choice rows (an ``*_opt`` template whose prompt lists options). The mapping lives in the
 messages file (``submixes``), so a user's own file carries its own.
 """
 
@@ -108,18 +108,45 @@ def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     return [Ask(recipe.teacher, expected_rows(recipe), prompt, c.response_decoding, Typical.RESPONSE, "explanations")]
 
 
-_MC = re.compile(r"(^|\n)\s*(options|choices)\s*:", re.I)
+# How a Flan row shows its answer options (google-research/FLAN, flan/v2: preprocessors.format_options writes
+# "OPTIONS:" then the items; format_options_non_deterministic draws a header from
+# templates.OPT_START_STRING_CANDIDATES, the empty one included, and an item marker such as "- ", "(ii) ", "B). ")
+_OPT_HEADER = re.compile(
+    r"(?:^|\s)(?:options(?: are)?|opt|possible answers|available (?:choices|options)|choose (?:your answer )?from"
+    r"|choices|pick (?:your answer )?from|select from)\s*:|(?:^|\s)(?:select|pick) from the following\.",
+    re.I,
+)
+_LABEL = r"(?:[A-Za-z]|[0-9]{1,2}|[ivxIVX]{1,5})"  # an item's name: a letter, a number, a roman numeral
+_ITEM_LABEL = rf"(?:\({_LABEL}\)\.?|\[{_LABEL}\]\.?|{_LABEL}\)\.?|{_LABEL}\.)"  # (b) (b). [b]. b). b.
+_ITEM_MARK = rf"(?:-{{1,2}}|\+|\*|\[[-+]\]|{_ITEM_LABEL})"  # or a bullet
+
+
+def shows_options(inputs: str, target: str = "") -> bool:
+    """Whether a Flan prompt lists answer options: one of Flan's option headers; or, under Flan's empty
+    header, the target written as one of the listed items, or the target being an item's label (Flan
+    answers "(B)." when it names the items so)."""
+    if _OPT_HEADER.search(inputs):
+        return True
+    t = target.strip()
+    if not t or len(t) > 300:
+        return False
+    if re.search(rf"(?:^|\s){_ITEM_MARK}[ \t]*{re.escape(t)}[ \t]*[;.]?(?=\s|$)", inputs):
+        return True
+    return bool(re.fullmatch(_ITEM_LABEL, t)) and bool(re.search(rf"(?:^|\s){re.escape(t)}[ \t]", inputs))
 
 
 def is_multiple_choice(row: dict[str, Any]) -> bool:
-    """A Flan 2021 row that shows its answer options (Orca's multiple-choice messages are for these
-    only): template type ``zs_opt`` / ``fs_opt``, or, without a template type, an OPTIONS: block."""
+    """A Flan 2021 row that shows its answer options (Orca's multiple-choice messages are for these only).
+    Flan's ``zs_opt`` / ``fs_opt`` template types do not say so by themselves: Flan registers every task,
+    translation and summarisation included, under ``zs_opt`` (flan/v2/tasks.py), and only the tasks with
+    options show any; ``*_noopt`` rows never do. So an ``_opt`` row (or one without a template type)
+    counts when its prompt lists options (:func:`shows_options`)."""
     if submix(row) != "flan2021":
         return False
     tt = str(row.get("template_type") or "").lower()
-    if tt:
-        return tt.endswith("_opt") and not tt.endswith("noopt")
-    return bool(_MC.search(str(row.get("inputs", ""))))
+    if tt and (not tt.endswith("_opt") or tt.endswith("noopt")):
+        return False
+    return shows_options(str(row.get("inputs", "")), str(row.get("targets") or ""))
 
 
 def pool_key(row: dict[str, Any]) -> str:
