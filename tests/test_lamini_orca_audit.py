@@ -5,6 +5,7 @@ row; the LaMini topic proposals ask for the word limit the recipe checks."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -96,3 +97,25 @@ def test_topic_proposals_ask_for_the_word_limit_the_recipe_checks(max_words):
     # what the prompt asks is what the check keeps
     assert parse_topics("<topic>Deep sea fishing</topic><topic>Chess</topic>", max_words) == (
         ["Deep sea fishing", "Chess"] if max_words >= 3 else ["Chess"])
+
+
+def test_a_messages_file_without_a_multiple_choice_pool_is_refused_before_any_request(tmp_path):
+    """A user's messages file with nothing mapped to flan2021_mc failed only when the first multiple-choice row
+    drew its message, after the whole sampling pass over the Flan stream."""
+    import json as _json
+
+    from tests.llm_server import LLMTestServer
+    from tests.scripted import scripted_answer, scripted_recipe
+    from tests.test_losses import bezoar
+
+    src = Path(__file__).resolve().parents[1] / "bezoar_jobs" / "templates" / "orca_system_messages.jsonl"
+    mine = tmp_path / "messages.jsonl"
+    rows = [_json.loads(x) for x in src.read_text().splitlines() if x.strip()]
+    mine.write_text("".join(_json.dumps({**m, "submixes": [s for s in m["submixes"] if s != "flan2021_mc"]}) + "\n"
+                            for m in rows))
+    with LLMTestServer(script=scripted_answer, api_key="test-key") as srv:
+        recipe = scripted_recipe(tmp_path, srv.url, **{"generation.orca.system_messages": {"path": str(mine)}})
+        res = bezoar("stage", "generate-orca", "--recipe", str(recipe), "--run", str(tmp_path / "run"))
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "no message is mapped to sub-mix 'flan2021_mc'" in res.stderr
+        assert not srv.calls

@@ -173,8 +173,10 @@ def load_messages(ctx: StageContext) -> list[dict[str, Any]]:
         if not isinstance(m["submixes"], list) or not all(isinstance(x, str) for x in m["submixes"]):
             raise BadInput(f"generation.orca.system_messages: message {m['id']}: 'submixes' must be a list of names")
     for sub, w in cfg.submix_weights.items():
-        if w > 0 and not any(sub in m["submixes"] for m in messages):
-            raise BadInput(f"generation.orca.system_messages: no message is mapped to sub-mix {sub!r}")
+        # Flan 2021's multiple-choice rows draw from their own pool: checked now, not after the whole sampling pass
+        for key in (sub, sub + MC_SUFFIX) if sub == "flan2021" else (sub,):
+            if w > 0 and not any(key in m["submixes"] for m in messages):
+                raise BadInput(f"generation.orca.system_messages: no message is mapped to sub-mix {key!r}")
     return messages
 
 
