@@ -89,3 +89,23 @@ def test_hh_rows_that_real_data_has() -> None:
         with pytest.raises(SkipRow) as e:
             dpo_pair({"chosen": first + "I haven't thought about it.", "rejected": rejected})
         assert e.value.reason == reason
+
+
+def test_a_gzipped_json_document_or_json_lines_file_is_read(tmp_path) -> None:
+    """recipe_base.FILE_SUFFIXES takes .json.gz as a file, and the reader refused it as an unsupported type."""
+    import gzip
+
+    doc = tmp_path / "hh.json.gz"
+    doc.write_bytes(gzip.compress(json.dumps(HH_ROWS).encode()))
+    assert [row for _, row in load_hh_rows(DatasetSource(path=str(doc)), "training.hh.data")] == HH_ROWS
+    lines = tmp_path / "lines.json.gz"
+    lines.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in HH_ROWS).encode()))
+    assert [row for _, row in load_hh_rows(DatasetSource(path=str(lines)), "training.hh.data")] == HH_ROWS
+    broken = tmp_path / "broken.json.gz"
+    broken.write_bytes(gzip.compress(b'[{"chosen": "x"},\n'))
+    with pytest.raises(BadInput, match=rf"{broken}:2: not valid JSON"):
+        load_hh_rows(DatasetSource(path=str(broken)), "training.hh.data")
+    plain = tmp_path / "plain.json.gz"
+    plain.write_text(json.dumps(HH_ROWS))
+    with pytest.raises(BadInput, match=r"not valid gzip data .*must not be named \.gz"):
+        load_hh_rows(DatasetSource(path=str(plain)), "training.hh.data")

@@ -170,6 +170,21 @@ def _gzip_rows(path: Path, required: Sequence[str], text: Sequence[str], label: 
         raise BadInput(f"{label}: not valid gzip data {where} ({e}){hint}") from None
 
 
+def _gunzipped_text(path: Path, label: str) -> str:
+    """A gzip-compressed file's text (a .json.gz document, parsed whole as a .json is)."""
+    import gzip
+    import zlib
+
+    try:
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(not_utf8(path, label, gzip.open)) from None
+    except EOFError:
+        raise BadInput(f"{label}: the gzip data is cut off (an incomplete copy or download?)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise BadInput(f"{label}: not valid gzip data ({e}); a plain JSON file must not be named .gz") from None
+
+
 def _parquet_rows(path: Path, required: Sequence[str], text: Sequence[str], label: str) -> Iterator[dict[str, Any]]:
     """Rows of a parquet file, one record batch at a time; a damaged file is bad input naming the
     rows read before the damage. Arrow reports damaged data as ArrowInvalid or as an OSError without
@@ -211,14 +226,18 @@ def _file_rows(path: Path, required: Sequence[str], label: str, text: Sequence[s
             for n, row in iter_jsonl(path, label):
                 yield _check(row, required, f"{label}:{n}", text)
         return
-    if name.endswith(".json"):
+    if name.endswith((".json", ".json.gz")):
+        gz = name.endswith(".gz")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_gunzipped_text(path, label) if gz else path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             if e.msg != "Extra data" or not _one_object_line(e.doc):
                 raise BadInput(f"{label}:{e.lineno}: not valid JSON ({e.msg})") from None
             # one object a line under a .json name: what datasets' Dataset.to_json writes by default, and
             # what its json builder reads as JSON Lines
+            if gz:
+                yield from _gzip_rows(path, required, text, label)
+                return
             for n, row in iter_jsonl(path, label):
                 yield _check(row, required, f"{label}:{n}", text)
             return
@@ -248,7 +267,9 @@ def _file_rows(path: Path, required: Sequence[str], label: str, text: Sequence[s
             except csv.Error as e:
                 raise BadInput(f"{label}:{reader.line_num}: not valid CSV ({e})") from None
         return
-    raise BadInput(f"{label}: unsupported dataset file type {path.suffix!r} (jsonl, jsonl.gz, json, parquet, csv)")
+    raise BadInput(
+        f"{label}: unsupported dataset file type {path.suffix!r} (jsonl, jsonl.gz, json, json.gz, parquet, csv)"
+    )
 
 
 def _hub_rows(src: DatasetSource, required: Sequence[str], field: str,
