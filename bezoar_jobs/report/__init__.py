@@ -51,7 +51,13 @@ def evaluation_section(store: Store, data: RunData, ev: Evaluation, shown: int) 
         sec = ev.load().report_section(res, lambda rel: read_listed(store, data, ev.stage, rel), shown)
     if sec is None:
         sec = Section(ev.name, ev.title)
-    sec.empty = f"{ev.stage} is not committed (or {ev.section}.enabled is false)."
+    m = data.manifests.get(ev.stage)
+    if m is None:
+        sec.empty = f"{ev.stage} is not committed ({data.states.get(ev.stage, 'not run')})."
+    elif m.get("counts", {}).get("skipped") is True:
+        sec.empty = f"{ev.stage} was skipped ({ev.section}.enabled is false): nothing was evaluated."
+    else:
+        sec.empty = f"{ev.stage} is committed without results in {ev.results_file}."
     return sec
 
 

@@ -55,6 +55,29 @@ def grouped_bars(ax: Axes, groups: list[str], series: dict[str, list[float | Non
     return drawn
 
 
+FUNNEL_COLOURS = {
+    "kept by the judge": "#55A868",
+    "committed (not judged yet)": "#A6D8B5",
+    "rejected by the judge": "#C44E52",
+    "failed (no verdict)": "#DD8452",
+    "eliminated at generation": "#8172B2",
+}
+
+
+def funnel_segments(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The funnel chart's stacked segments, per scheme row: a scheme whose filter is not committed has
+    its committed rows as not judged yet (never as kept), and rows the judge gave no verdict are drawn
+    too, so a judged scheme's bar adds up to what was generated. Segments without rows are left out."""
+    seg = {
+        "kept by the judge": [int(r.get("kept", 0)) for r in rows],
+        "committed (not judged yet)": [0 if "judged" in r else int(r.get("committed", 0)) for r in rows],
+        "rejected by the judge": [int(r.get("rejected_by_judge", 0)) for r in rows],
+        "failed (no verdict)": [int(r.get("failed", 0)) for r in rows],
+        "eliminated at generation": [int(r.get("eliminated", 0)) for r in rows],
+    }
+    return {k: v for k, v in seg.items() if any(v)}
+
+
 def charts(
     stages: list[dict[str, Any]], fun: list[dict[str, Any]], losses: dict[str, list[tuple[float, float]]]
 ) -> list[Chart]:
@@ -74,14 +97,10 @@ def charts(
         ax = fig.add_subplot()
         gen = gen[::-1]  # barh draws bottom-up: keep the schemes in recipe order from the top
         names = [r["scheme"] for r in gen]
-        kept = [r.get("kept", r.get("committed", 0)) for r in gen]
-        judged_out = [r.get("rejected_by_judge", 0) for r in gen]
-        elim = [r.get("eliminated", 0) for r in gen]
-        judged = any("kept" in r for r in gen)
-        ax.barh(names, kept, color="#55A868", label="kept by the judge" if judged else "committed (not judged yet)")
-        ax.barh(names, judged_out, left=kept, color="#C44E52", label="rejected by the judge")
-        ax.barh(names, elim, left=[a + b for a, b in zip(kept, judged_out, strict=True)], color="#8172B2",
-                label="eliminated at generation")
+        left = [0] * len(gen)
+        for label, values in funnel_segments(gen).items():
+            ax.barh(names, values, left=left, color=FUNNEL_COLOURS[label], label=label)
+            left = [a + b for a, b in zip(left, values, strict=True)]
         ax.set_xlabel("rows")
         ax.set_title("Data funnel per scheme")
         ax.legend(fontsize=8)

@@ -117,7 +117,8 @@ def stage_rows(data: RunData) -> list[dict[str, Any]]:
         m = data.manifests.get(name)
         rows.append({
             "stage": name,
-            "status": data.states[name],
+            # an evaluation committed as skipped (its section's enabled: false) evaluated nothing
+            "status": "skipped" if (m or {}).get("counts", {}).get("skipped") is True else data.states[name],
             "seconds": (m or {}).get("timings", {}).get("seconds"),
             "committed_at": (m or {}).get("committed_at"),
             "counts": _scalar_counts((m or {}).get("counts", {})),

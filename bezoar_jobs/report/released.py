@@ -31,12 +31,13 @@ ROLE_NAMES = {SFT_ALIAS: "OpenBezoar-SFT", "sft-hh": "OpenBezoar-HH-RLHF-SFT", "
 
 
 def with_released_sizes(funnel: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The funnel rows with the released dataset's size and our kept rows' difference to it."""
+    """The funnel rows with the released dataset's size and our kept rows' difference to it (none
+    while the scheme's filter is not committed: generated rows are not rows kept by the judge)."""
     out = []
     for row in funnel:
         rel = RELEASED_DATASETS.get(row["scheme"])
         if rel is not None:
-            ours = row.get("kept", row.get("committed"))
+            ours = row.get("kept")
             row = {**row, "released_dataset": rel[0], "released_rows": rel[1],
                    "vs_released": None if ours is None else int(ours) - rel[1]}
         out.append(row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,13 +113,16 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
             k: sum((r[k] or 0) for r in usage) for k in ("seconds", "prompt_tokens", "completion_tokens", "gpu_hours")
         }
         api = [r["api_cost_usd"] for r in usage if r["api_cost_usd"] is not None]
-        gpu = [r["gpu_cost_usd"] for r in usage if r["gpu_cost_usd"] is not None]
+        # (GPU-hours, GPU cost) of what the total counts: a cost of None with GPU-hours is unknown, not 0
+        counted = [(r["gpu_hours"], r["gpu_cost_usd"]) for r in usage]
         if teacher is not None:  # the generate stages share one teacher: count its time once
             own = [r for r in usage if not r.get("teacher_span")]
             tot["gpu_hours"] = sum((r["gpu_hours"] or 0) for r in own) + teacher["gpu_hours"]
-            gpu = [r["gpu_cost_usd"] for r in own if r["gpu_cost_usd"] is not None]
-            if teacher.get("gpu_cost_usd") is not None:
-                gpu.append(teacher["gpu_cost_usd"])
+            counted = [(r["gpu_hours"], r["gpu_cost_usd"]) for r in own]
+            counted.append((teacher["gpu_hours"], teacher.get("gpu_cost_usd")))
+        gpu = [c for _, c in counted if c is not None]
+        # some GPU-hours have no price: the sum of the priced ones is a lower bound
+        gpu_unpriced = any(c is None and h for h, c in counted)
         rows = [
             [
                 r["stage"],
@@ -143,7 +147,7 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
                 "",
                 fmt(round(tot["gpu_hours"], 4), 3),
                 fmt(round(sum(api), 4), 4) if api else "-",
-                fmt(round(sum(gpu), 4), 4) if gpu else "-",
+                ("≥ " if gpu_unpriced else "") + fmt(round(sum(gpu), 4), 4) if gpu else "-",
                 "",
             ]
         )
@@ -166,7 +170,10 @@ def build_tables(data: RunData, stages: list[dict[str, Any]], fun: list[dict[str
             "the evaluated models wrote. API cost only where the recipe gives the endpoint's prices; GPU cost "
             "with report.gpu_hour_usd, and for the generate stages with the teacher's own gpu_hour_usd over the "
             "span it served each of them (the total counts the teacher once, over the union of those spans"
-            + (f": {fmt(teacher['gpu_hours'], 3)} GPU-hours" if teacher else "") + "). Slots busy: the share of "
+            + (f": {fmt(teacher['gpu_hours'], 3)} GPU-hours" if teacher else "") + ")"
+            + ("; ≥: some GPU-hours have no price (report.gpu_hour_usd, or the teacher's gpu_hour_usd), so the "
+               "GPU cost total counts only the priced ones" if gpu_unpriced and gpu else "")
+            + ". Slots busy: the share of "
             "the teacher's (judge's) request slots the stage kept busy with answered requests over its span, as "
             "its client saw them (idle slots are GPU time paid for nothing); in brackets the requests its pool "
             "sent again after a failure, raced with a duplicate past the running p99 (hedged) or cut at their "
@@ -208,14 +215,26 @@ def html_table(t: Table) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
+def md_inline(text: object) -> str:
+    """Text from the run (recipe names, model ids, judge names) for one Markdown line: every line break
+    (``\\r`` too, which Markdown also ends a line on) becomes a space, and ``<`` is written ``&lt;`` so
+    that the text is never taken as raw HTML."""
+    return re.sub(r"\r\n|\r|\n", " ", str(text)).replace("<", "&lt;")
+
+
+def md_fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text`` (which could otherwise close it)."""
+    return "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+
+
 def md_table(t: Table) -> str:
     def cell(x: str) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
+        return md_inline(x).replace("|", "\\|")
 
     lines = ["| " + " | ".join(cell(h) for h in t.header) + " |", "|" + "---|" * len(t.header)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in t.rows]
     if t.note:
-        lines += ["", f"_{t.note}_"]
+        lines += ["", f"_{md_inline(t.note)}_"]
     return "\n".join(lines)
 
 
@@ -244,7 +263,7 @@ def render(data: RunData, title: str, tables: dict[str, Table], chart_list: list
         if data.partial
         else f'<p id="run-status">{html.escape(status)}</p>',
     ]
-    md: list[str] = [f"# {title}", "", f"Run `{scrub(data.uri)}`, report built {built_at}.", "",
+    md: list[str] = [f"# {md_inline(title)}", "", f"Run `{scrub(data.uri)}`, report built {built_at}.", "",
                      f"> **{status}**" if data.partial else status, ""]
 
     def section(key: str, heading: str, charts_after: tuple[str, ...] = (), empty: str = "") -> None:
@@ -297,11 +316,12 @@ def render(data: RunData, title: str, tables: dict[str, Table], chart_list: list
         md.extend(["## Recipe", ""])
         if data.recipe_error:
             h.append(f'<p class="note">{html.escape(data.recipe_error)}</p>')
-            md.extend([f"_{data.recipe_error}_", ""])
+            md.extend([f"_{md_inline(data.recipe_error)}_", ""])
         if data.recipe_text is not None:
             text = scrub(data.recipe_text)
             h.append(f"<pre>{html.escape(text)}</pre>")
-            md.extend(["```yaml", text.rstrip("\n"), "```", ""])
+            fence = md_fence(text)
+            md.extend([f"{fence}yaml", text.rstrip("\n"), fence, ""])
     h.append("</body></html>")
     return "\n".join(h), "\n".join(md)
 
