@@ -962,6 +962,16 @@ def test_the_five_training_stages_chain_through_the_s3_store(
     )
 
 
+def test_a_distributed_training_stage_counts_every_gpu_it_held() -> None:
+    """The manifest's gpu_hours was the stage's wall time: torchrun on 4 GPUs was counted, and priced in the
+    report, as one GPU."""
+    from bezoar_jobs.stages.training import gpu_hours
+
+    assert gpu_hours(1800.0, cuda=True, world_size=4) == 2.0
+    assert gpu_hours(1800.0, cuda=True, world_size=1) == 0.5
+    assert gpu_hours(1800.0, cuda=False, world_size=4) == 0.0  # CPU: no GPU time
+
+
 def test_dpo_loads_the_model_with_the_recipes_attention(tmp_path: Path, tiny: Path) -> None:
     """training.attention reaches the DPO stage's model as it reaches the SFT stages' (auto: the model's
     default, since DPO's batches are padded)."""

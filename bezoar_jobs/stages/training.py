@@ -34,6 +34,13 @@ if TYPE_CHECKING:  # the library imports torch and transformers: at run time onl
     from ..training.run import TrainResult
 
 
+def gpu_hours(seconds: float, cuda: bool, world_size: int) -> float:
+    """A training stage's GPU-hours: its wall time on every GPU it held (one per process of a distributed
+    run, which holds them all through rank 0's merge too); 0 on CPU. Wall time alone counted a run on N
+    GPUs as one."""
+    return round(seconds * max(1, world_size) / 3600.0, 6) if cuda else 0.0
+
+
 def prepare(ctx: StageContext) -> StageConfigs:
     """The stage's configs, validated; the trainer's output dir is in local scratch."""
     from ..training.config import build_stage_configs, check_report_to
@@ -182,7 +189,8 @@ def finish(
         extra={
             **base_info,
             # GPU time of this stage (training + merge), for the report's cost table; 0 on CPU
-            "gpu_hours": round((result.runtime_s + merge_s) / 3600.0, 6) if configs.plan.cuda else 0.0,
+            "gpu_hours": gpu_hours(result.runtime_s + merge_s, configs.plan.cuda,
+                                   int(configs.distributed.get("world_size", 1))),
             "training": {
                 "mode": configs.plan.mode,
                 "mode_description": configs.plan.description,
