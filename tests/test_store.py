@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from bezoar_jobs.errors import EXIT_BAD_INPUT, EXIT_RETRYABLE, BadInput, Retryab
 from bezoar_jobs.manifest import MANIFEST, CommitInfo, commit, read_manifest, verify
 from bezoar_jobs.s3store import S3Settings, S3Store, parse_size
 from bezoar_jobs.store import LocalStore, NotFoundInStore, Store, open_store
+from tests.s3_compat import serving
 
 try:  # tests/ is not a package today (see conftest.py)
     from tests import seaweed
@@ -471,14 +471,8 @@ def failing_s3() -> Iterator[tuple[str, list[str]]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", seen
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(Handler) as url:
+        yield url, seen
 
 
 def test_s3_server_errors_are_retried_then_retryable(
