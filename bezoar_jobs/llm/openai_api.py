@@ -42,6 +42,7 @@ from .faults import Rejected, Transient, classify_status
 from .fleet import REPLICA
 from .pool import RemoteClient
 from .render import chat_messages, render_raw
+from .tgi import tgi_error
 
 log = logging.getLogger("bezoar.llm")
 
@@ -196,9 +197,9 @@ def _error_text(status: int, raw: bytes) -> str:
         err = body.get("error") if isinstance(body, dict) else None
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             return f"Error code: {status} - {err['message']}"
-        if isinstance(err, str):  # TGI: {"error": "...", "error_type": "..."}
-            kind = body.get("error_type")
-            return f"Error code: {status} - {err}" + (f" ({kind})" if isinstance(kind, str) else "")
+        said = tgi_error(body)  # TGI's /v1 routes: {"error": "...", "error_type": "..."}
+        if said is not None:
+            return f"Error code: {status} - {said}"
         if isinstance(body, dict) and isinstance(body.get("message"), str):
             # vLLM before its OpenAI-shaped errors: {"object": "error", "message": ..., "type": ..., "code": ...}
             return f"Error code: {status} - {body['message']}"

@@ -147,11 +147,19 @@ def _error_text(raw: bytes) -> str:
     """TGI's error body (``{"error": ..., "error_type": ...}``) as one line, else the body's start."""
     text = raw.decode("utf-8", "replace")
     with contextlib.suppress(ValueError):
-        body = json.loads(text)
-        if isinstance(body, dict) and isinstance(body.get("error"), str):
-            kind = body.get("error_type")
-            return body["error"] + (f" ({kind})" if isinstance(kind, str) else "")
+        said = tgi_error(json.loads(text))
+        if said is not None:
+            return said
     return text[:300]
+
+
+def tgi_error(body: Any) -> str | None:
+    """A parsed TGI error body (``{"error": ..., "error_type": ...}``, on its own and its ``/v1`` routes) as one
+    line; None when the body is not one."""
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+        return None
+    kind = body.get("error_type")
+    return body["error"] + (f" ({kind})" if isinstance(kind, str) else "")
 
 
 def _header_count(value: str | None) -> int | None:
