@@ -46,6 +46,12 @@ class Rejected(Exception):
         return f"HTTP {self.status} refused" if self.status is not None else "refused"
 
 
+def is_refusal(cause: str) -> bool:
+    """Whether a failure's cause (:attr:`Rejected.cause`, or stages/common.py ``cause_of`` of its text) is the
+    server's refusal of the request as sent: sent again, it would be refused again."""
+    return cause.endswith("refused")
+
+
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     if not headers:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput, Interrupted, RetryableError
 from ..llm.base import GenRequest, GenResult, LLMClient, StopRequests, UsageTotals
+from ..llm.faults import is_refusal
 from ..recipe import Endpoint
 from ..redact import redact
 from ..runner import StageContext
@@ -239,7 +240,7 @@ def check_losses(ctx: StageContext, where: str, needed: int, causes: Counter[str
     rid, why = next(iter(examples.items())) if examples else ("?", "no detail")
     what = (f"{where}: {lost} of {needed} {unit} failed for good ({causes_text(causes)}; {retries} retries); "
             f"e.g. {rid}: {redact(why)[:300].rstrip('. ')}")
-    refused = {c: n for c, n in causes.items() if c.endswith("refused")}
+    refused = {c: n for c, n in causes.items() if is_refusal(c)}
     if sum(refused.values()) > limit * needed:
         # refusals of the requests as sent (a 4xx: TGI's validation, a prompt over the server's token limit): the
         # same requests sent again are refused again, so a retried pod or a plain rerun could only fail the same way

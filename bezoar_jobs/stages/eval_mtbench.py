@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import BadInput, RetryableError
 from ..estimate import MTBENCH_QUESTION_TOKENS, MTBENCH_REFERENCE_TOKENS, Ask, Typical, template_tokens
 from ..llm.base import LLMClient, UsageTotals
+from ..llm.faults import is_refusal
 from ..recipe import Recipe
 from ..recipe_base import DatasetSource, Endpoint
 from ..recipe_eval import MTBENCH_TEMPERATURES
@@ -121,7 +122,7 @@ def run(ctx: StageContext) -> StageOutput:
             js = mtbench.judge(client, cfg.judge_method, prompts, questions, texts, t.label, cfg.judge_decoding,
                                cfg.reference_categories, r.seed, cfg.logprobs_prefix)
             failed = [j for j in js if (j.get("excluded") or "").startswith("judge request failed")]
-            refused = [j for j in failed if cause_of(j["excluded"]).endswith("refused")]
+            refused = [j for j in failed if is_refusal(cause_of(j["excluded"]))]
             if len(refused) > MAX_FAILED_FRACTION * len(js):  # refused as sent: refused again (stages/common.py)
                 raise BadInput(
                     f"{ctx.name}: the judge refused {len(refused)} of {len(js)} judge requests for {t.label} as "
