@@ -323,7 +323,7 @@ class TrainingConfig(Strict):
 
     def stage_sft_args(self, stage: str) -> dict[str, PassValue]:
         """The effective SFTConfig overrides of one SFT stage: sft_args, then stage_args[stage]."""
-        return merge_overrides(dict(self.sft_args), self.stage_args.get(stage), trainer_args=True)
+        return merge_overrides(dict(self.sft_args), self.stage_args.get(stage))  # both renamed when they loaded
 
     def dpo_data(self) -> DatasetSource:
         return self.dpo.data or self.hh.data

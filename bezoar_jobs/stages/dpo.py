@@ -20,7 +20,7 @@ def run_dpo(ctx: StageContext) -> StageOutput:
     from trl import DPOTrainer
 
     from ..data.hh import load_hh_rows
-    from ..training.attention import choose
+    from ..training.attention import choose, in_use
     from ..training.dpo import dpo_pairs
     from ..training.lora import load_for_training
     from ..training.loss import compact_fused_head
@@ -57,7 +57,7 @@ def run_dpo(ctx: StageContext) -> StageOutput:
         result = training.train(ctx, trainer, configs, counter)
     logged = [h for h in trainer.state.log_history if "rewards/margins" in h]
     rewards = {k: v for k, v in logged[-1].items() if k.startswith("rewards/")} if logged else {}
-    attention = str(getattr(trainer.model.config, "_attn_implementation", None) or "default")
+    attention = in_use(trainer.model)
     del trainer, model
     release()
     return training.finish(

@@ -83,6 +83,7 @@ def hh_examples(ctx: StageContext) -> tuple[list[Any], Counter[str], dict[str, A
 def run_sft(ctx: StageContext) -> StageOutput:
     import datasets
 
+    from ..training.attention import in_use
     from ..training.examples import tokenize_examples
     from ..training.run import release
     from ..training.sft import make_trainer
@@ -119,7 +120,7 @@ def run_sft(ctx: StageContext) -> StageOutput:
     )
     result = training.train(ctx, trainer, configs, counter)
     packed_rows = len(trainer.train_dataset)
-    attention = str(getattr(trainer.model.config, "_attn_implementation", None) or "default")
+    attention = in_use(trainer.model)
     layout = type(counter.inner).__name__
     response_head = bool(getattr(trainer, "used_response_head", False))
     del trainer

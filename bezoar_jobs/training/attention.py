@@ -151,6 +151,11 @@ def choose(setting: str, padding_free: bool) -> str | None:
     return setting
 
 
+def in_use(model: Any) -> str:
+    """The attention a loaded model runs with, as a stage's manifest records it ("default": the model's own)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "default")
+
+
 def keeps_examples_apart(attn_implementation: str | None) -> bool:
     """Whether attention stays inside each example of a flattened batch without a mask."""
     name = str(attn_implementation or "")
