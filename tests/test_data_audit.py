@@ -65,6 +65,13 @@ def test_a_json_document_is_still_read_whole_and_a_broken_one_named(tmp_path) ->
     path.write_text('[{"chosen": "x"},\n')
     with pytest.raises(BadInput, match=rf"{path}:2: not valid JSON"):
         load_hh_rows(DatasetSource(path=str(path)), "training.hh.data")
+    # one object, on one line or pretty-printed, is one row (datasets' json builder reads it so); before, refused
+    for text in (json.dumps(HH_ROWS[0]) + "\n", json.dumps(HH_ROWS[0], indent=2)):
+        path.write_text(text)
+        assert [row for _, row in load_hh_rows(DatasetSource(path=str(path)), "training.hh.data")] == HH_ROWS[:1]
+    path.write_text(json.dumps({"data": {"chosen": "x"}}))
+    with pytest.raises(BadInput, match="must be a list of objects"):
+        load_hh_rows(DatasetSource(path=str(path)), "training.hh.data")
     # two pretty-printed objects one after the other are neither a document nor JSON Lines
     path.write_text(json.dumps(HH_ROWS[0], indent=2) + "\n" + json.dumps(HH_ROWS[1], indent=2))
     with pytest.raises(BadInput, match=r"not valid JSON \(Extra data\)"):

@@ -241,8 +241,8 @@ def _file_rows(path: Path, required: Sequence[str], label: str, text: Sequence[s
             for n, row in iter_jsonl(path, label):
                 yield _check(row, required, f"{label}:{n}", text)
             return
-        if isinstance(data, dict) and "data" in data:
-            data = data["data"]
+        if isinstance(data, dict):  # a {"data": [...]} document; else one object is one row, as datasets reads it
+            data = data["data"] if "data" in data else [data]
         if not isinstance(data, list):
             raise BadInput(f"{label}: a .json dataset must be a list of objects")
         for i, row in enumerate(data, start=1):
