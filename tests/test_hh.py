@@ -177,3 +177,21 @@ def test_hh_rows_stream_and_stop_at_the_limit(tmp_path) -> None:
     hub_like = DatasetSource(path="json", data_files=(str(big),), limit=3)
     items = load_hh_rows(hub_like, "training.hh.data")
     assert len(items) == 3 and items[0][0] == "json row 1"
+
+
+def test_preference_rows_in_another_format_are_refused_saying_what_format_is_read() -> None:
+    """A dataset in the separate prompt/chosen/rejected format (TRL's, with message lists or bare replies) had every
+    row dropped as 'unparseable' and the stage said only "no preference pairs ({'unparseable': N})"."""
+    from bezoar_jobs.errors import BadInput
+    from bezoar_jobs.training.dpo import dpo_pairs
+
+    rows = [("prefs.jsonl:1", {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No."}),
+            ("prefs.jsonl:2", {"prompt": [{"role": "user", "content": "Hi"}],
+                               "chosen": [{"role": "assistant", "content": "Hello"}],
+                               "rejected": [{"role": "assistant", "content": "Go"}]})]
+    with pytest.raises(BadInput) as e:
+        dpo_pairs(rows, None, 64, False, "drop", 1.0, "training.dpo.data", "prefs.jsonl")
+    msg = str(e.value)
+    assert "training.dpo.data (prefs.jsonl): no preference pairs" in msg
+    assert "prefs.jsonl:1: unparseable: no 'Human:' or 'Assistant:' turn found" in msg
+    assert "whole HH-RLHF transcript" in msg and "'prompt' column is not read" in msg

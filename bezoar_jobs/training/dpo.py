@@ -75,7 +75,11 @@ def dpo_pairs(
         log.warning("%s (%s): %d of %d rows dropped (%s), e.g. %s", field, source, dropped, total,
                     ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())), "; ".join(named))
     if not rows:
-        raise BadInput(f"{field} ({source}): no preference pairs to train on ({dict(skipped) or 'empty'})")
+        why = f" ({dict(skipped)}; e.g. {named[0]})" if named else " (empty)"
+        if skipped and set(skipped) <= {"unparseable", "missing_chosen", "missing_rejected"}:
+            why += ("; each row's 'chosen' and 'rejected' must each be a whole HH-RLHF transcript, its turns "
+                    "opened by a blank line and 'Human:' or 'Assistant:' (a separate 'prompt' column is not read)")
+        raise BadInput(f"{field} ({source}): no preference pairs to train on{why}")
     if dropped / total > max_dropped_fraction:
         raise BadInput(f"{field} ({source}): {dropped} of {total} rows dropped ({dict(skipped)}), more than "
                        f"training.max_dropped_fraction={max_dropped_fraction}")
