@@ -26,7 +26,7 @@ Rules this module fixes (the parts the paper leaves open are marked as our choic
   ``### Response:`` directly.
 
 The tokenizer's end-of-sequence token is appended by the caller that tokenizes
-(:func:`bezoar_jobs.training.sft.tokenize_example`), because it is a token, not text.
+(:func:`bezoar_jobs.training.examples.tokenize_example`), because it is a token, not text.
 """
 
 from __future__ import annotations

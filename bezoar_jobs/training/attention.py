@@ -157,9 +157,13 @@ def in_use(model: Any) -> str:
 
 
 def keeps_examples_apart(attn_implementation: str | None) -> bool:
-    """Whether attention stays inside each example of a flattened batch without a mask."""
+    """Whether attention stays inside each example of a flattened batch without a mask: ours, or any
+    FlashAttention, which transformers recognises by "flash" anywhere in the name (a hub kernel such as
+    ``kernels-community/flash-attn3`` too: utils/generic.py ``is_flash_attention_requested``) and runs
+    varlen over the restarting position ids of one flattened row. Given padded rows instead, its path
+    takes no restarts from the position ids and the examples of a row would attend to each other."""
     name = str(attn_implementation or "")
-    return name == NAME or name.startswith("flash")
+    return name == NAME or "flash" in name
 
 
 def register() -> str:

@@ -84,8 +84,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def encode(tok: Any, text: str, add_bos: bool) -> list[int]:
     """Token ids of ``text`` with the tokenizer's own special tokens, plus BOS when the recipe asks
-    for it and the tokenizer did not add one."""
-    ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    for it and the tokenizer did not add one.
+
+    The text is data, never markup: a special token's spelling inside it (an HTML ``<s>``
+    strikethrough tag in a code answer, a ``</s>`` a teacher wrote out) is tokenized as the
+    characters it is (``split_special_tokens``). Parsed as markup, Llama's ``</s>`` in a response
+    became the EOS id in the middle of the response, trained as the point to stop, and ``<s>`` a
+    BOS; the only BOS and EOS ids of an example are the ones the tokenizer and this module add."""
+    ids = list(tok(text, add_special_tokens=True, split_special_tokens=True)["input_ids"])
     bos = tok.bos_token_id
     if add_bos and bos is not None and (not ids or ids[0] != bos):
         ids = [bos, *ids]

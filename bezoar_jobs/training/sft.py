@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import BadInput
 from .config import DevicePlan
 from .packing import CountingCollator
 from .run import install_collator
@@ -37,6 +38,15 @@ def make_trainer(
     from .loss import sft_trainer_class
 
     padding_free = is_padding_free(args)
+    if getattr(args, "packing", False) and not padding_free:
+        # TRL's "wrapped" packing cuts examples at row ends (the tail of a response trained without its
+        # prompt) and keeps no example boundaries: its padded collator lets every token attend to the
+        # examples before it in the row. Only the best-fit strategies keep whole examples apart.
+        strategy = getattr(args, "packing_strategy", None)
+        raise BadInput(
+            f"training.sft_args.packing_strategy {strategy!r}: the SFT stages pack whole examples that attend "
+            "only to themselves; use bfd (or bfd_split)"
+        )
     attn = choose(attention, padding_free)
     model = load_for_training(base_dir, plan, trust_remote_code, bool(args.activation_checkpointing), attn)
     cls = sft_trainer_class() if response_head else SFTTrainer
