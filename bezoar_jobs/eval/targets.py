@@ -5,12 +5,18 @@ baseline the recipe adds (e.g. the released SurgeGlobal checkpoints). Each has a
 what its weights are (the stage's manifest hash, or the model reference and revision). An
 evaluation stage keys its per-model progress in ``_work/`` by the stage's parameters and this
 identity, so a resumed stage reuses exactly the finished models whose weights did not change.
+
+A hub model whose recipe revision is not a commit (null: the default branch, or a branch or tag) is
+pinned here to the commit it points at when the stage starts: that commit is what is downloaded and
+loaded, what the results, the manifest and the recorded ``lm_eval`` command name, and part of the
+identity (a branch that moved between two attempts is evaluated again, not taken from ``_work/``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +29,8 @@ from ..training.types import Model, Tokenizer
 if TYPE_CHECKING:
     from ..runner import StageContext
 
+log = logging.getLogger("bezoar")
+
 
 @dataclass(frozen=True)
 class Target:
@@ -32,9 +40,14 @@ class Target:
     revision: str | None
     identity: str  # what the weights are (see the module docstring)
     trust_remote_code: bool = False
+    # the recipe's revision where ``revision`` is the commit it was pinned to here (module docstring)
+    recipe_revision: str | None = None
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model, "revision": self.revision, "identity": self.identity}
+        out = {"kind": self.kind, "model": self.model, "revision": self.revision, "identity": self.identity}
+        if self.recipe_revision != self.revision:
+            out["recipe_revision"] = self.recipe_revision
+        return out
 
     def work_key(self, params_hash: str) -> str:
         """Stable file stem for this model's progress under ``_work/``."""
@@ -50,8 +63,7 @@ def targets(ctx: StageContext) -> list[Target]:
     for name in r.evaluated_checkpoints():
         if name == BASE:
             s = r.student
-            out.append(Target(BASE, "base", s.model, s.revision,
-                              json.dumps({"model": s.model, "revision": s.revision}), s.trust_remote_code))
+            out.append(_outside(BASE, "base", s.model, s.revision, s.trust_remote_code))
         else:
             m = ctx.input_manifest(name)  # BadInput naming the stage when it is not committed
             if "model/config.json" not in m.get("files", {}):
@@ -60,9 +72,25 @@ def targets(ctx: StageContext) -> list[Target]:
                 )
             out.append(Target(name, "checkpoint", f"{name}/model", None, manifest_hash(m), r.student.trust_remote_code))
     for b in ev.baselines:
-        out.append(Target(b.name, "baseline", b.model, b.revision,
-                          json.dumps({"model": b.model, "revision": b.revision}), b.trust_remote_code))
+        out.append(_outside(b.name, "baseline", b.model, b.revision, b.trust_remote_code))
     return out
+
+
+def _outside(label: str, kind: str, model: str, revision: str | None, trust_remote_code: bool) -> Target:
+    """The base model or a baseline: a hub model at the commit its revision names now (module docstring)."""
+    from ..recipe_base import is_hub_model
+
+    loaded = revision
+    if is_hub_model(model) and not Path(model).exists():
+        from ..models import hub_commit
+
+        loaded = hub_commit(model, revision) or revision
+        if loaded != revision:
+            log.warning("%s: %s revision %s is not a commit: evaluating commit %s, which the results record "
+                        "(pin it in the recipe to make the run reproducible)", label, model, revision or "(default "
+                        "branch)", loaded)
+    return Target(label, kind, model, loaded, json.dumps({"model": model, "revision": loaded}), trust_remote_code,
+                  recipe_revision=revision)
 
 
 def model_dir(ctx: StageContext, t: Target) -> Path:

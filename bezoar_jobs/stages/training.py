@@ -72,15 +72,21 @@ def fingerprint(ctx: StageContext) -> dict[str, Any]:
 
 def resolve_base(ctx: StageContext, base_stage: str | None) -> tuple[Path, dict[str, Any]]:
     """(local model dir, manifest info) of the model this stage starts from."""
-    from ..models import check_model_dir, resolve_model
+    from ..models import check_model_dir, hub_commit, resolve_model
+    from ..recipe_base import is_hub_model
 
     if base_stage is None:
         s = ctx.recipe.student
+        revision = s.revision
+        if is_hub_model(s.model) and not Path(s.model).exists():
+            # a branch (null: the default one) is trained, and recorded, at the commit it points at now
+            revision = hub_commit(s.model, s.revision) or s.revision
         try:
-            path = resolve_model(s.model, s.revision, trust_remote_code=s.trust_remote_code)
+            path = resolve_model(s.model, revision, trust_remote_code=s.trust_remote_code)
         except BadInput as e:  # name the recipe field, not only the path
             raise BadInput(f"student.model: {e}") from None
-        return path, {"base_model": s.model, "base_revision": s.revision}
+        info = {"base_model": s.model, "base_revision": revision}
+        return path, info if revision == s.revision else {**info, "recipe_revision": s.revision}
     path = ctx.fetch_input(base_stage, "model")
     check_model_dir(path, f"{base_stage}/model")
     return path, {"base_model": f"{base_stage}/model", "base_stage": base_stage}
