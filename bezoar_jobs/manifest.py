@@ -20,6 +20,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,11 +149,17 @@ class CommitInfo:
     extra: dict[str, Any]
 
 
-def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
+def commit(store: Store, local_out: Path, info: CommitInfo, fence: Callable[[], None] | None = None) -> dict[str, Any]:
     """Upload everything under ``local_out`` to ``<run>/<stage>/`` then write the manifest last.
 
     Any previous output of the stage (from a forced rerun) is removed first, so the committed
     directory holds exactly what the manifest lists (``_work/`` is left alone).
+
+    ``fence`` (the stage lease's ``check``) raises when this process no longer holds the stage; it is
+    called before anything is removed, before each upload and right before the manifest is written:
+    the uploads can take minutes (a model), and a holder that lost its lease meanwhile (paused, cut off
+    from the store past the lease's expiry) must neither overwrite the files nor write its manifest
+    over those of the process that took the stage over.
     """
     stage = info.stage
     # what its readers would take as damaged is never written (a stage's bug, found before anything is touched)
@@ -160,6 +167,8 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
                              "counts": info.counts, "timings": info.timings, **info.extra}, FIELD_TYPES)
     if problem:
         raise ValueError(f"{stage}: not committed: the manifest would be damaged ({problem})")
+    if fence is not None:
+        fence()
     old_manifest = store.exists(manifest_path(stage))
     if old_manifest:
         store.delete(manifest_path(stage))
@@ -172,6 +181,8 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
         if rel == MANIFEST or rel.startswith(WORK_DIR + "/"):
             continue
         files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        if fence is not None:
+            fence()
         store.upload_file(path, f"{stage}/{rel}")
     # the change token of each object as stored: `bezoar run` compares a listing against it
     listed = _list_committed(store, stage, files)
@@ -191,6 +202,8 @@ def commit(store: Store, local_out: Path, info: CommitInfo) -> dict[str, Any]:
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info.extra,
     }
+    if fence is not None:
+        fence()
     store.write_text(manifest_path(stage), json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 

@@ -193,8 +193,10 @@ def _install_sigterm(flag: dict[str, bool]) -> signal._HANDLER:
 
 
 def commit_output(store: Store, name: str, out: Path, params: str, inputs: dict[str, str], result: StageOutput,
-                  started: float, recipe_name: str | None) -> dict[str, Any]:
-    """Commit what a stage wrote into ``out``: upload it, then write the manifest last."""
+                  started: float, recipe_name: str | None,
+                  fence: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Commit what a stage wrote into ``out``: upload it, then write the manifest last; ``fence``: the
+    stage lease's check, made again before each upload and the manifest (manifest.commit)."""
     info = CommitInfo(
         stage=name,
         params_hash=params,
@@ -203,7 +205,7 @@ def commit_output(store: Store, name: str, out: Path, params: str, inputs: dict[
         timings={"started": started, "seconds": round(time.time() - started, 3)},
         extra={"recipe_name": recipe_name, **result.extra},
     )
-    manifest = commit(store, out, info)
+    manifest = commit(store, out, info, fence=fence)
     log.info("%s: committed to %s", name, store.url(name))
     return manifest
 
@@ -284,7 +286,7 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
         lease.check()  # never commit after another process took the stage over
         if teacher_endpoint is not None:
             result.extra["teacher_endpoint"] = teacher_endpoint
-        commit_output(store, name, out, ph, inputs, result, t0, recipe.name)
+        commit_output(store, name, out, ph, inputs, result, t0, recipe.name, fence=lease.check)
         return 0
     finally:
         signal.signal(signal.SIGTERM, prev)

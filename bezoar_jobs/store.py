@@ -50,9 +50,14 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFoundInStore(f"{self.url(rel)}: no such file in the run") from None
 
+    # Durability: every object is written to a temporary name, flushed to disk (fsync), renamed, and
+    # the directory that now names it is flushed too (as is every directory created for it). So what
+    # was written before the manifest is on disk before the manifest is, and a machine that crashes
+    # (not only a killed process) never leaves a manifest, or a checkpoint's COMPLETE marker, naming
+    # files that came back empty or missing.
     def write_bytes(self, rel: str, data: bytes) -> None:
         p = self._path(rel)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(p.parent)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-" + p.name)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -64,6 +69,7 @@ class LocalStore(Store):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(p.parent)
 
     def exists(self, rel: str) -> bool:
         return self._path(rel).is_file()
@@ -166,15 +172,28 @@ class LocalStore(Store):
         s, d = self._path(src), self._path(dst)
         if not s.is_file():
             raise NotFoundInStore(f"{self.url(src)}: no such file in the run")
-        d.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(d.parent)
         os.replace(s, d)
+        _fsync_dir(d.parent)
+        _fsync_dir(s.parent)
 
     def upload_file(self, local: Path, rel: str) -> None:
+        # a temporary name of its own (mkstemp), flushed before the rename: see write_bytes
         p = self._path(rel)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(".tmp-" + p.name)
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, p)
+        _make_dirs(p.parent)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-" + p.name)
+        try:
+            try:
+                shutil.copyfile(local, tmp)  # zero-copy where the kernel can
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(p.parent)
 
     def download_file(self, rel: str, local: Path) -> None:
         p = self._path(rel)
@@ -191,6 +210,32 @@ class LocalStore(Store):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename or a new name in it) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """``mkdir -p``, each directory it creates flushed into its parent (a file's name is only as
+    durable as the directories above it)."""
+    missing = []
+    d = directory
+    while not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+        _fsync_dir(d.parent)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ records are saved, so the rerun asks only for the rest.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections import Counter
@@ -36,7 +38,16 @@ MAX_FAILED_FRACTION = 0.10
 
 
 def work_key(ctx: StageContext) -> str:
-    return "records-" + ctx.params_hash[:12]
+    """Where the stage's records live under ``_work/``: its parameters and, for a stage that reads
+    committed inputs (a filter), the inputs' manifest hashes. A record is found by its request id, and
+    a filter's ids name a row (``lamini-resp-<hash of the instruction>``), not the response it judged:
+    a regenerated input keeps the ids with other responses, and a key of the parameters alone handed
+    the filter the verdicts on the old ones. The judge's answer cache (keyed by the prompt) still
+    answers every unchanged row at no cost. A stage without inputs (generate) keeps its old key."""
+    if not ctx.inputs:
+        return "records-" + ctx.params_hash[:12]
+    blob = json.dumps({"params": ctx.params_hash, "inputs": ctx.inputs}, sort_keys=True, separators=(",", ":"))
+    return "records-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def open_client(

@@ -3,9 +3,12 @@
 Each finished request becomes a JSON record with a stable id. Records are buffered and written as
 new part objects under ``<stage>/_work/<key>/<phase>/part-<uuid>.jsonl`` (S3 has no append, and a
 part object is either whole or absent). On restart every part is read back; ids already present
-are not asked again. ``key`` is the stage's parameter hash, so work done under other parameters
-is never mixed in. With ``valid`` (a test of a record: "the verdict parses"), a record that fails it
-does not count as done: a later valid record of the same id replaces it.
+are not asked again. ``key`` is the stage's parameter hash and, for a stage that reads committed
+inputs, their manifest hashes (stages/common.work_key), so work done under other parameters or on
+other inputs is never mixed in. A line of a part that is not a record (torn, damaged) is dropped with
+a WARNING naming the part and the line, and its request is asked again. With ``valid`` (a test of
+a record: "the verdict parses"), a record that fails it does not count as done: a later valid record
+of the same id replaces it.
 
 When the run store stops answering (every store operation is bounded, see s3store.py), the answers
 already received are not lost: the part that could not be written, and every record after it, go
@@ -70,12 +73,31 @@ class RecordLog:
         self._pending: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         for name in work.list(self.sub + "/"):
-            for line in work.get_bytes(name).decode("utf-8").splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    if self._replaces(rec):  # first usable write wins: no duplicates
-                        self.records[rec["id"]] = rec
+            for rec in self._read_part(name):
+                if self._replaces(rec):  # first usable write wins: no duplicates
+                    self.records[rec["id"]] = rec
         self.resumed = len(self.records)
+
+    def _read_part(self, name: str) -> list[dict[str, Any]]:
+        """The records of one part. A line that is not a record (a part torn by a crash, bytes damaged
+        in the store) is dropped with a WARNING naming the part and the line: its request is simply not
+        done, and is asked again. Raising instead would fail every resume of the stage for good, since
+        ``_work/`` survives ``--force`` and ``bezoar repair``."""
+        out = []
+        for n, raw in enumerate(self.work.get_bytes(name).split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                why = f"not a JSON record ({e})"
+            else:
+                if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                    out.append(rec)
+                    continue
+                why = "not a record with a string 'id'"
+            log.warning("%s line %d: %s: dropped, its request is asked again", self.work.url(name), n, why)
+        return out
 
     def __contains__(self, rid: str) -> bool:
         return rid in self.records
@@ -126,10 +148,20 @@ class RecordLog:
             ) from None
 
     def _to_spool(self, name: str, body: bytes) -> None:
+        # flushed to disk before it is named a part, and the name flushed too: a machine that crashes
+        # leaves the part whole or absent, never a torn one that _unspool would upload to the store
         self.spool.mkdir(parents=True, exist_ok=True)
         tmp = self.spool / f".tmp-{name}"
-        tmp.write_bytes(body)
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.spool / name)
+        fd = os.open(self.spool, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _unspool(self) -> None:
         """Upload what an earlier run could not write (before the store's parts are read)."""
