@@ -22,6 +22,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from ..data.io import dataset_card, load_template, read_jsonl, render, write_jsonl
@@ -61,48 +62,103 @@ def pair(scheme: str, row: dict[str, Any], recipe: Recipe | None = None) -> tupl
 
 # ---- verdict parsing ----------------------------------------------------------------------------
 _JSON_OBJ = re.compile(r"\{.*?\}", re.S)
-_RATING = re.compile(r"rating\W{0,5}(\d+(?:\.\d+)?)", re.I)
-_OUT_OF = re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.I)
+_NUMBER = r"(\d+(?:\.\d+)?)(?![\d.]*\d)"  # a whole number: never the start of a longer one
+# "Rating: 7", "**Rating**: 7", "rating (1-10): 7" (a scale note in brackets is passed over, never read as the
+# rating; nor is an opening bracket of the rubric's own "<1-10>" in front of a number)
+_RATING = re.compile(r"\brating(?:[\s*]*[(\[][^)\]\n]{0,20}[)\]])?[^\w(<\[{]{0,5}" + _NUMBER, re.I)
+_OUT_OF = re.compile(r"(?<![\d.])" + _NUMBER + r"\s*(?:/|out of)\s*10\b(?![./]\d)", re.I)
 _BRACKETS = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
+# what may follow a number that is not a rating on our scale: a range ("1-10", "7 to 8") or another scale ("4/5")
+_RANGE_AFTER = re.compile(r"\s*(?:-|–|to\b)\s*\d", re.I)
+_SCALE_AFTER = re.compile(r"\s*(?:/|out of\b)\s*(\d+(?:\.\d+)?)", re.I)
+_VALUE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?\s*", re.I)
+# a labelled status ('"status": "pass"', "Verdict: FAIL"), else the bare words
+_STATUS_LABEL = re.compile(r"\b(?:status|verdict)\W{0,5}(pass|fail)\b", re.I)
+_STATUS_WORD = re.compile(r"\b(pass|fail)\b", re.I)
 
 
 def _clamp(x: float) -> float | None:
     return x if 1.0 <= x <= 10.0 else None
 
 
+def _on_scale(text: str, end: int) -> bool:
+    """Whether the number that ends at ``end`` in ``text`` is a rating on the 1-10 scale: not the
+    start of a range ("1-10") and not out of another scale ("4/5", "3 out of 5")."""
+    if _RANGE_AFTER.match(text, end):
+        return False
+    other = _SCALE_AFTER.match(text, end)
+    return other is None or float(other.group(1)) == 10.0
+
+
+def _rating_value(value: object) -> float | None:
+    """A JSON ``rating``: a number or a numeric string ("8", "8.5", "8/10"), on the 1-10 scale; a
+    boolean, a range or a rating out of another scale ("4/5") is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return _clamp(float(value))
+    if isinstance(value, str):
+        m = _VALUE.fullmatch(value)
+        if m and (m.group(2) is None or float(m.group(2)) == 10.0):
+            return _clamp(float(m.group(1)))
+    return None
+
+
+def _json_objects(text: str) -> Iterator[object]:
+    """Every JSON object in ``text``, outer ones first: read with the JSON decoder at each "{" (so a
+    brace inside a string, as in a reason that quotes code, does not cut the object short), else the
+    shortest "{...}" there with single quotes and a trailing comma tolerated."""
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            yield decoder.raw_decode(text, m.start())[0]
+            continue
+        except json.JSONDecodeError:
+            pass
+        blob = _JSON_OBJ.match(text, m.start())
+        if blob is None:
+            continue
+        try:
+            yield json.loads(re.sub(r",\s*}", "}", blob.group(0).replace("'", '"')))
+        except json.JSONDecodeError:
+            continue
+
+
+def _status_in(text: str) -> str | None:
+    """pass/fail from free text: a labelled status, else the one of the two words that occurs (neither
+    or both: None, the rating decides). "passage", "fails" and "failure" are not verdicts."""
+    said = _STATUS_LABEL.search(text)
+    if said:
+        return said.group(1).lower()
+    words = {w.lower() for w in _STATUS_WORD.findall(text)}
+    return words.pop() if len(words) == 1 else None
+
+
 def parse_verdict(text: str) -> dict[str, Any] | None:
     """``{"status", "rating", "reason"}`` from a judge's text, or None when it cannot be read.
 
-    JSON first (the first object that has a rating, tolerating single quotes and trailing commas),
-    then "rating: 7", "7/10", "[[7]]"; status from the JSON or the words pass/fail, else from the
-    rating alone (the caller applies the threshold).
+    JSON first (the first object that has a rating on the 1-10 scale, tolerating single quotes and
+    trailing commas), then "[[7]]", "rating: 7", "7/10"; status from the JSON, else a labelled
+    "status: pass" or the one word pass/fail, else None (the caller decides from the rating). A number
+    that is the start of a range ("rating (1-10)", the rubric's own "<1-10>") or out of another scale
+    ("4/5") is never read as the rating.
     """
-    for m in _JSON_OBJ.finditer(text):
-        blob = m.group(0)
-        for candidate in (blob, re.sub(r",\s*}", "}", blob.replace("'", '"'))):
-            try:
-                obj = json.loads(candidate)
-            except json.JSONDecodeError:
+    for obj in _json_objects(text):
+        if isinstance(obj, dict) and "rating" in obj:
+            rating = _rating_value(obj["rating"])
+            if rating is None:
                 continue
-            if isinstance(obj, dict) and "rating" in obj:
-                try:
-                    rating = _clamp(float(obj["rating"]))
-                except (TypeError, ValueError):
-                    rating = None
-                if rating is None:
-                    continue
-                said = str(obj.get("status", "")).strip().lower()
-                return {
-                    "status": said if said in ("pass", "fail") else None,
-                    "rating": rating,
-                    "reason": str(obj.get("reason", "")).strip(),
-                }
+            said = str(obj.get("status", "")).strip().lower()
+            return {
+                "status": said if said in ("pass", "fail") else None,
+                "rating": rating,
+                "reason": str(obj.get("reason", "")).strip(),
+            }
     for rx in (_BRACKETS, _RATING, _OUT_OF):
-        found = rx.search(text)
-        if found and _clamp(float(found.group(1))) is not None:
-            low = text.lower()
-            status = "fail" if re.search(r"\bfail", low) else "pass" if re.search(r"\bpass", low) else None
-            return {"status": status, "rating": float(found.group(1)), "reason": text.strip()[:500]}
+        for found in rx.finditer(text):
+            rating = _clamp(float(found.group(1)))
+            if rating is not None and (rx is _OUT_OF or _on_scale(text, found.end(1))):
+                return {"status": _status_in(text), "rating": rating, "reason": text.strip()[:500]}
     return None
 
 
