@@ -66,6 +66,9 @@ class GenResult:
     cached: bool = False
     retries: int = 0  # failed attempts before this result (a cached answer: 0)
     extra: dict = field(default_factory=dict)
+    # the question's identity when a cache stands in front of the client (llm/cache.py): the answer to one
+    # question is paid once, however many records asked it and however many attempts read it back
+    key: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -84,20 +87,40 @@ class StopRequests(Exception):
 
 @dataclass
 class UsageTotals:
+    """What a stage's answers cost: ``requests`` answers used (``cached``: of them, read from the answer
+    cache; ``resumed``: read back from the records an earlier attempt of the stage saved), and their
+    tokens, each question counted once (by its cache ``key`` where it has one). So the tokens are what
+    the stage's data cost across its attempts, not what the last attempt alone paid."""
+
     requests: int = 0
     failed: int = 0
     cached: int = 0
+    resumed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: int = 0
     seconds: float = 0.0
+    _counted: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def add(self, r: GenResult) -> None:
         self.requests += 1
         self.failed += 0 if r.ok else 1
         self.cached += 1 if r.cached else 0
-        self.prompt_tokens += r.prompt_tokens
-        self.completion_tokens += r.completion_tokens
+        self._count(r.key, r.prompt_tokens, r.completion_tokens)
+
+    def add_saved(self, prompt_tokens: int, completion_tokens: int, key: str | None = None) -> None:
+        """An answer an earlier attempt paid for and saved as a record, used again."""
+        self.requests += 1
+        self.resumed += 1
+        self._count(key, prompt_tokens, completion_tokens)
+
+    def _count(self, key: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        if key is not None:
+            if key in self._counted:  # the same question, already paid: by another record or attempt
+                return
+            self._counted.add(key)
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
 
 
 class LLMClient(ABC):

@@ -137,7 +137,7 @@ class CachedClient(LLMClient):
         entries = self.load()
         k = self.key(req)
         rec = entries.get(k)
-        hit = None if rec is None else GenResult(**{**rec["result"], "id": req.id, "cached": True})
+        hit = None if rec is None else GenResult(**{**rec["result"], "id": req.id, "cached": True, "key": k})
         if hit is not None and (self.accept is None or self.accept(hit)):
             self.usage.add(hit)
             flow.later(on_result, hit)
@@ -154,9 +154,13 @@ class CachedClient(LLMClient):
         flow.ask(self.inner, req, lambda res: self._answered(k, res))
 
     def _answered(self, k: str, res: GenResult) -> None:
-        if res.ok and (self.accept is None or self.accept(res)):
+        final = res.ok and (self.accept is None or self.accept(res))
+        # a final answer is this question's for good: counted once under its key, by every record and attempt
+        # that reads it; one that is not (a failure, an unparseable verdict) may be asked again and paid again
+        res = replace(res, key=k if final else None)
+        if final:
             rec = {"key": k, "kind": "generate", "model": self.model_id,
-                   "result": {f: v for f, v in asdict(res).items() if f not in ("id", "cached", "retries")}}
+                   "result": {f: v for f, v in asdict(res).items() if f not in ("id", "cached", "retries", "key")}}
             self.load()[k] = rec
             self._pending.append(rec)
             if len(self._pending) >= self.flush_every:
@@ -167,7 +171,10 @@ class CachedClient(LLMClient):
         first = True
         for rid, cb in waiters:
             # the same question from another record: answered once, not paid again
-            r = res if first else replace(res, id=rid, cached=res.ok, retries=0, extra=dict(res.extra))
+            # (a final answer's tokens count once by its key; one that is not final counts with the first)
+            r = res if first else replace(res, id=rid, cached=res.ok, retries=0, extra=dict(res.extra),
+                                          prompt_tokens=res.prompt_tokens if final else 0,
+                                          completion_tokens=res.completion_tokens if final else 0)
             first = False
             try:
                 self.usage.add(r)

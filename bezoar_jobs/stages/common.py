@@ -105,6 +105,22 @@ class Phase:
         self.needed = self.resumed = self.asked = self.answered = self.cached = self.retries = 0
         self.cut = 0  # answers that stopped at max_new_tokens (finish_reason "length"), among those received
         self.stats: dict[str, Any] = ctx.accounting.setdefault(name, {})
+        self._charged: list[LLMClient] = []
+
+    def _charge_saved(self, client: LLMClient) -> None:
+        """What this step's saved records cost, as spending before this attempt, for a client that
+        keeps no answer cache (whose cache would say it: llm/cache.py): a stage retried after reaching
+        its ``spend_cap_usd`` does not spend the cap again."""
+        self._charged.append(client)
+        cost = getattr(client, "cost", None)
+        if cost is None or not hasattr(client, "prior_spent_usd"):
+            return
+        spent = 0.0
+        for rec in self.log.records.values():
+            tokens = rec.get("_tokens")
+            if isinstance(tokens, list) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
+                spent += float(cost(*tokens))
+        client.prior_spent_usd += spent
 
     def done(self, rid: str) -> dict[str, Any] | None:
         """The saved record of ``rid`` when it is a usable answer."""
@@ -123,9 +139,14 @@ class Phase:
         """Ask ``req`` unless its record is saved; ``then(record)`` once the record is saved (from the
         flow's loop), ``then(None)`` when the request failed for good (its error is in ``failed``)."""
         self.needed += 1
+        if client not in self._charged:
+            self._charge_saved(client)
         rec = self.done(req.id)
         if rec is not None:
             self.resumed += 1
+            tokens = rec.get("_tokens")
+            if isinstance(tokens, list) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
+                client.usage.add_saved(tokens[0], tokens[1], rec.get("_key"))  # paid by an earlier attempt
             if then is not None:
                 flow.call_soon(lambda: then(rec))
             return
@@ -139,6 +160,8 @@ class Phase:
                 self.cached += 1 if res.cached else 0
                 self.cut += 1 if res.finish_reason == "length" else 0
                 record = {"id": res.id, **make_record(res, meta), "_tokens": [res.prompt_tokens, res.completion_tokens]}
+                if res.key is not None:  # the question's cache key: its answer is counted once (llm/base.py)
+                    record["_key"] = res.key
                 try:
                     self.log.add(record)
                 except StoreUnavailable as e:  # kept in the spool; ask nothing more, keep what is in flight
@@ -275,6 +298,7 @@ def usage_dict(u: UsageTotals) -> dict[str, Any]:
         "requests": u.requests,
         "failed": u.failed,
         "cached": u.cached,
+        "resumed": u.resumed,
         "retries": u.retries,
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,

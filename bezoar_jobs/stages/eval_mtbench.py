@@ -116,6 +116,9 @@ def run(ctx: StageContext) -> StageOutput:
                     (q.key, n) for q in questions for n in (1, 2)
                 }:
                     judgments[t.label] = saved_js
+                    for j in saved_js:  # judged by an earlier attempt: what they cost is this stage's too
+                        if j.get("tokens"):
+                            client.usage.add_saved(*j["tokens"])
                     log.info("%s: answers of %s already judged (resumed from _work/)", ctx.name, t.label)
                     continue
             texts = {k: v["turns"] for k, v in answers[t.label].items()}
@@ -215,8 +218,9 @@ def _account(ctx: StageContext, judgments: dict[str, list[dict[str, Any]]], u: U
             elif why:
                 unparseable += 1
     ctx.accounting["judge"] = {
-        "needed": sum(len(js) for js in judgments.values()), "asked": u.requests, "answered": u.requests - u.failed,
-        "cached": u.cached, "retries": u.retries, "failed": sum(causes.values()), "failed_by_cause": dict(causes),
+        "needed": sum(len(js) for js in judgments.values()), "asked": u.requests - u.resumed,
+        "answered": u.requests - u.resumed - u.failed, "cached": u.cached, "resumed": u.resumed,
+        "retries": u.retries, "failed": sum(causes.values()), "failed_by_cause": dict(causes),
         "unparseable": unparseable,
     }
 
