@@ -122,7 +122,8 @@ class Endpoint(Strict):
     price_input_per_mtok: Annotated[Float, Field(ge=0)] | None = Field(None, description="USD per 1M input tokens")
     price_output_per_mtok: Annotated[Float, Field(ge=0)] | None = Field(None, description="USD per 1M output tokens")
     spend_cap_usd: Annotated[Float, Field(gt=0)] | None = Field(
-        None, description="stop paying beyond this: spend of this role across the run, cached answers included"
+        None, description="stop paying beyond this: this role's spend in a stage across its attempts (answers an "
+        "earlier attempt paid for and saved, or cached, included)"
     )
     # self-hosted servers (the TGI teacher): their cost is GPU time, not tokens
     gpus: PosInt | None = Field(None, description="GPUs serving this model, for GPU-hours (e.g. 2 for Falcon-40B)")
