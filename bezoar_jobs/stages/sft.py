@@ -140,7 +140,9 @@ def run_sft(ctx: StageContext) -> StageOutput:
             "packing": bool(args.packing),
             # what an optimizer step holds: training.batching examples, or packed rows of max_length
             "batching": t.batching,
-            "batch_rows_per_step": int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps),
+            # over every rank (the recipe's global batch): one rank's share is this over world_size
+            "batch_rows_per_step": int(configs.distributed.get("global_batch") or (
+                int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps))),
             "attention": attention,
             "batch_layout": layout,
             "response_only_lm_head": response_head,

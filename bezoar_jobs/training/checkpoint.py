@@ -5,9 +5,11 @@ directory (adapter, optimizer, scheduler, RNG states, trainer state with the dat
 the stage's ``metrics.jsonl`` up to step N. Its ``COMPLETE`` object is written last: a checkpoint
 without it is an interrupted upload and is never resumed from (it is deleted on the next start).
 
-``COMPLETE`` holds the stage's *fingerprint* (parameter hash, input manifest hashes, code version):
-a checkpoint written for other inputs or settings is ignored and deleted, so a changed recipe
-never resumes a stale run.
+``COMPLETE`` holds the stage's *fingerprint* (parameter hash, input manifest hashes, code version,
+and the digest of the rows the trainer trains on: :meth:`StoreCheckpoints.bind_data`): a checkpoint
+written for other inputs, settings or training data is ignored and deleted, so a changed recipe, or
+a data source that changed under the same recipe (a local file, an unpinned hub dataset), never
+resumes a stale run (a checkpoint's data position counts rows of the data it was written for).
 
 The upload happens in :meth:`CheckpointCallback.on_save`, right after the Trainer wrote the
 checkpoint locally. A stop request (SIGTERM: the callback's ``stop_requested()``) makes the next
@@ -63,6 +65,12 @@ class StoreCheckpoints:
     def url(self, step: int) -> str:
         return self.work.url(f"{CKPT}/step-{step}")
 
+    def bind_data(self, digest: str | None) -> None:
+        """Make the digest of the training rows (:func:`bezoar_jobs.training.run.data_digest`) part of the
+        fingerprint: checkpoints written for other rows are not resumed. Call it before :meth:`restore`."""
+        if digest is not None:
+            self.fingerprint = {**self.fingerprint, "data": digest}
+
     # -- listing ------------------------------------------------------------------------------
     def _steps(self) -> dict[int, list[str]]:
         """step -> the object names (relative to checkpoints/) stored for it."""
@@ -105,14 +113,18 @@ class StoreCheckpoints:
         good = set(self.complete_steps())
         for step, names in self._steps().items():
             if step not in good:
-                log.info(
-                    "checkpoints: deleting step-%d (%s)",
-                    step,
-                    "incomplete upload"
-                    if f"step-{step}/{MARKER}" not in names
-                    else "written for other inputs or settings",
-                )
+                log.info("checkpoints: deleting step-%d (%s)", step, self._stale_why(step, names))
                 self._delete_step(step, names)
+
+    def _stale_why(self, step: int, names: list[str]) -> str:
+        if f"step-{step}/{MARKER}" not in names:
+            return "incomplete upload"
+        theirs = (self._marker(step) or {}).get("fingerprint") or {}
+        mine = self.fingerprint
+        if "data" in mine and {k: v for k, v in theirs.items() if k != "data"} == \
+                {k: v for k, v in mine.items() if k != "data"}:
+            return "written for other training data: the data source changed under the same recipe"
+        return "written for other inputs or settings"
 
     def prune(self) -> None:
         """Keep the newest ``keep`` complete checkpoints."""

@@ -11,12 +11,13 @@ import json
 import logging
 import resource
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInput, Interrupted
+from ..errors import BadInput, Interrupted, RetryableError
 from ..ranks import world
 from . import dist
 from .checkpoint import PROGRESS, CheckpointCallback, StoreCheckpoints
@@ -71,6 +72,7 @@ class TrainResult:
     adapter_dir: Path
     memory_kind: str = "process max RSS"
     shared_tokens: int = 0
+    data_sha256: str | None = None  # the rows trained on (data_digest)
 
     def figures(self) -> dict[str, Any]:
         tps = self.real_tokens / self.runtime_s if self.runtime_s > 0 else None
@@ -91,6 +93,7 @@ class TrainResult:
             "tokens_per_second": round(tps, 2) if tps else None,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory": self.memory_kind,
+            "train_data_sha256": self.data_sha256,
         }
 
 
@@ -116,6 +119,91 @@ def whole_run(metrics_path: Path) -> tuple[float | None, float | None, dict[str,
 
 
 PROGRESS_KEYS = ("real_tokens", "total_tokens", "shared_tokens", "train_seconds")
+
+
+def data_digest(dataset: Any) -> str | None:
+    """sha256 of the rows a trainer trains on, in their order: every column of integers (token ids, masks),
+    booleans or text; columns of floats are values computed from the rows (DPO's precomputed reference
+    log-probabilities), which need not repeat bit for bit. None for anything but an in-memory
+    ``datasets.Dataset`` (a stream is not hashed)."""
+    import hashlib
+
+    try:
+        from datasets import Dataset
+    except ImportError:  # pragma: no cover - the training extra installs it
+        return None
+    if not isinstance(dataset, Dataset):
+        return None
+    h = hashlib.sha256(f"rows {len(dataset)}\n".encode())
+    for table in dataset.with_format("arrow").iter(batch_size=8192):
+        for name in sorted(table.column_names):
+            col = table.column(name)
+            if _floating(col.type):
+                continue
+            h.update(f"{name}:{col.type}\n".encode())
+            for chunk in col.chunks:
+                _hash_array(h, chunk)
+    return h.hexdigest()
+
+
+def _floating(tp: Any) -> bool:
+    import pyarrow as pa
+
+    while pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp):
+        tp = tp.value_type
+    return bool(pa.types.is_floating(tp))
+
+
+def _hash_array(h: Any, arr: Any) -> None:
+    """Hash an Arrow array by its values (not its buffers, which a slice shares with rows outside it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    h.update(arr.is_null().to_numpy(zero_copy_only=False).tobytes())
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        h.update(pc.list_value_length(arr).fill_null(-1).to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        _hash_array(h, arr.flatten())
+    elif pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
+        filled = arr.fill_null(False if pa.types.is_boolean(arr.type) else 0)
+        h.update(filled.to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    else:
+        h.update(json.dumps(arr.to_pylist(), sort_keys=True, default=str).encode())
+
+
+class TrainedTokens:
+    """The token counters of the batches the trainer trained on. The training dataloader (accelerate's
+    DataLoaderShard) collates one batch ahead of the step that uses it, so the collator's own counts run a batch
+    ahead: at a checkpoint they include the first batch of the next step, which the resumed run collates and
+    counts again, and at the end of training one batch that was never trained (per rank). Here each batch's
+    counts wait until ``training_step`` takes a batch (batches reach it in the order they were collated)."""
+
+    KEYS = ("real_tokens", "total_tokens", "shared_tokens")
+
+    def __init__(self, trainer: Any, counter: CountingCollator):
+        self.counter = counter
+        self.trained = dict.fromkeys(self.KEYS, 0)
+        self._pending: deque[dict[str, int]] = deque()
+        self._collate = trainer.data_collator
+        trainer.data_collator = self
+        step = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            if self._pending:
+                for k, v in self._pending.popleft().items():
+                    self.trained[k] += v
+            return step(*args, **kwargs)
+
+        trainer.training_step = training_step
+
+    def _counts(self) -> dict[str, int]:
+        return {k: int(getattr(self.counter, k)) for k in self.KEYS}
+
+    def __call__(self, examples: list[dict[str, Any]]) -> Any:
+        before = self._counts()
+        batch = self._collate(examples)
+        after = self._counts()
+        self._pending.append({k: after[k] - before[k] for k in self.KEYS})
+        return batch
 
 
 def _finished_state(checkpoint: Path) -> dict[str, Any] | None:
@@ -148,17 +236,29 @@ def train(
     session = {"t0": time.time()}
 
     me = world()
+    trained = TrainedTokens(trainer, counter)
 
     def progress() -> dict[str, float]:
         # in a group each rank counts its own batches: the tokens are summed over the ranks (a collective:
         # every rank calls this at the same checkpoint), the seconds are this rank's
-        tokens = dist.sum_ranks({"real_tokens": counter.real_tokens, "total_tokens": counter.total_tokens,
-                                 "shared_tokens": counter.shared_tokens})
+        tokens = dist.sum_ranks({k: float(v) for k, v in trained.trained.items()})
         now = {**tokens, "train_seconds": time.time() - session["t0"]}
         return {k: prior.get(k, 0.0) + now[k] for k in PROGRESS_KEYS}
 
     callback = CheckpointCallback(stage, ckpts, metrics_path, stop_requested, record, progress)
     trainer.add_callback(callback)
+    # a checkpoint resumes only on the rows it was written for: its data position counts rows of that data (a
+    # data source can change under the same recipe: a local file, an unpinned hub dataset). In a group every
+    # rank must hold the same rows: the sampler shards one index space, so another rank's rows would be
+    # trained on silently
+    digest = data_digest(trainer.train_dataset)
+    if me.distributed:
+        digests = dist.gather(digest)
+        if len(set(digests)) > 1:
+            by_rank = ", ".join(str(d)[:12] for d in digests)
+            raise RetryableError(f"{stage}: the ranks built different training data (row digests by rank: {by_rank}); "
+                               "did the data source change while they read it?")
+    ckpts.bind_data(digest)
     if me.distributed and not me.zero:
         dist.barrier()  # rank 0 deletes partial checkpoints first; then every rank takes the same one
     restored = ckpts.restore(output_dir, metrics_out=metrics_path, world_size=me.size, cleaner=me.zero)
@@ -187,6 +287,7 @@ def train(
             resumed_from=int(done["global_step"]), real_tokens=int(prior.get("real_tokens", 0)),
             total_tokens=int(prior.get("total_tokens", 0)), shared_tokens=int(prior.get("shared_tokens", 0)),
             peak_memory_bytes=peak_memory_bytes(cuda), adapter_dir=resume_path, memory_kind=mem_kind,
+            data_sha256=digest,
         )
     if cuda:
         import torch
@@ -214,6 +315,7 @@ def train(
         peak_memory_bytes=peak_memory_bytes(cuda),
         adapter_dir=adapter_dir,
         memory_kind=mem_kind,
+        data_sha256=digest,
     )
     if result.steps < 1:
         raise BadInput(f"{stage}: training ran 0 optimizer steps (too few examples for the batch size?)")
