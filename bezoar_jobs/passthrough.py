@@ -283,6 +283,10 @@ def _bad_value(value: object, field: dict[str, Any]) -> str | None:
     return f"expected {want}, got {value!r}"
 
 
+WRAPPED_REFUSED = ("'wrapped' cuts examples at row ends and lets a row's examples attend to each other: the stages "
+                   "pack whole examples apart (bfd or bfd_split)")
+
+
 def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
     t = recipe.training
     sft_owned = {**_OWNED_COMMON, **_OWNED_SFT}
@@ -292,6 +296,8 @@ def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:
         out += problems("SFTConfig", dict(args), where, sft_owned)
         if t.batching != "packed" and "packing_strategy" in args:
             out.append((f"{where}.packing_strategy", "only used with training.batching: packed"))
+        elif args.get("packing_strategy") == "wrapped":  # training/sft.make_trainer refuses it too
+            out.append((f"{where}.packing_strategy", WRAPPED_REFUSED))
     out += problems("DPOConfig", dict(t.dpo.dpo_args), "training.dpo.dpo_args", {**_OWNED_COMMON, **_OWNED_DPO})
     out += problems("LoraConfig", dict(t.lora), "training.lora", _OWNED_LORA)
     if t.dpo.lora is not None:

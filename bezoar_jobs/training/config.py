@@ -81,7 +81,11 @@ _OWNED_SFT: dict[str, str] = {
     "max_length tokens)",
     "padding_free": "batches are always padding-free (training.batching says what a batch counts)",
 }
-_OWNED_DPO: dict[str, str] = {}
+_OWNED_DPO: dict[str, str] = {
+    # TRL refuses it with a PEFT model (dpo_trainer.py: NotImplementedError): the reference is the sft-hh
+    # model itself, the adapter switched off, so there is no second model to sync
+    "sync_ref_model": "the reference is sft-hh's model with the LoRA adapter off; TRL cannot sync it under LoRA",
+}
 _OWNED_LORA: dict[str, str] = {
     "task_type": "always CAUSAL_LM",
     "base_model_name_or_path": "the stage sets the base model",
@@ -316,6 +320,10 @@ def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: 
         # tokens per step: per_device_train_batch_size rows of max_length, each packed with whole examples
         kwargs["packing"] = True
         kwargs.setdefault("packing_strategy", "bfd")
+        if kwargs["packing_strategy"] == "wrapped":
+            from ..passthrough import WRAPPED_REFUSED
+
+            raise BadInput(f"{path}.packing_strategy: {WRAPPED_REFUSED}")
     else:
         # examples per step, as the QLoRA reference: a batch is per_device_train_batch_size examples,
         # flattened into one sequence without padding
