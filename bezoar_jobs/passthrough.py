@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import BadInput
-from .training.config import _OWNED_COMMON, _OWNED_DPO, _OWNED_LORA, _OWNED_PREFIXES, _OWNED_SFT
+from .training.config import _OWNED_COMMON, _OWNED_DPO, _OWNED_LORA, _OWNED_PREFIXES, _OWNED_SFT, WRAPPED_REFUSED
 from .yamlmodel import finite_problem
 
 if TYPE_CHECKING:
@@ -281,10 +281,6 @@ def _bad_value(value: object, field: dict[str, Any]) -> str | None:
         return f"expected an integer, got {value!r}"
     want = " or ".join(sorted(k if k != "null" else "null" for k in kinds))
     return f"expected {want}, got {value!r}"
-
-
-WRAPPED_REFUSED = ("'wrapped' cuts examples at row ends and lets a row's examples attend to each other: the stages "
-                   "pack whole examples apart (bfd or bfd_split)")
 
 
 def recipe_problems(recipe: Recipe) -> list[tuple[str, str]]:

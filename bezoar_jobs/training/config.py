@@ -81,6 +81,8 @@ _OWNED_SFT: dict[str, str] = {
     "max_length tokens)",
     "padding_free": "batches are always padding-free (training.batching says what a batch counts)",
 }
+WRAPPED_REFUSED = ("'wrapped' cuts examples at row ends and lets a row's examples attend to each other: the stages "
+                   "pack whole examples apart (bfd or bfd_split)")
 _OWNED_DPO: dict[str, str] = {
     # TRL refuses it with a PEFT model (dpo_trainer.py: NotImplementedError): the reference is the sft-hh
     # model itself, the adapter switched off, so there is no second model to sync
@@ -321,8 +323,6 @@ def build_sft_config(training: TrainingConfig, seed: int, stage: str, settings: 
         kwargs["packing"] = True
         kwargs.setdefault("packing_strategy", "bfd")
         if kwargs["packing_strategy"] == "wrapped":
-            from ..passthrough import WRAPPED_REFUSED
-
             raise BadInput(f"{path}.packing_strategy: {WRAPPED_REFUSED}")
     else:
         # examples per step, as the QLoRA reference: a batch is per_device_train_batch_size examples,
