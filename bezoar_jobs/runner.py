@@ -41,6 +41,7 @@ from .manifest import CommitInfo, DamagedInput, check_against, commit, read_mani
 from .ranks import runs_on_ranks, world
 from .recipe_view import view
 from .registry import spec
+from .source_files import digests, fingerprints
 from .state import input_hashes, params_hash, prepare_force, up_to_date
 from .store import Store
 
@@ -119,6 +120,8 @@ class StageContext:
     # replicas, llm/fleet.py): not a field the stage declares, and not in its parameter hash
     teacher_url: str | None = None
     teacher_backend: str | None = None  # and the server it runs (a judge on it shares its capacity: llm/budget.py)
+    # the sha256 of each local file the stage reads, by recipe field, as it started (source_files.py)
+    source_files: dict[str, str] = field(default_factory=dict)
     _stop: dict[str, bool] = field(default_factory=lambda: {"flag": False})
 
     @property
@@ -258,6 +261,7 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
     """``lease`` is None on the ranks of a group other than 0: they never commit."""
     inputs = input_hashes(store, name, recipe)
     ph = params_hash(recipe, name)  # from the frozen recipe: the cluster's teacher endpoint is not a parameter
+    sources = fingerprints(recipe, name)  # the local files it reads, as they are now (source_files.py)
     needs_teacher = "teacher" in spec(name).needs
     run_recipe, teacher_endpoint = cluster_teacher(recipe, name) if needs_teacher else (recipe, None)
     tmp = Path(tempfile.mkdtemp(prefix=f"bezoar-{name}-", dir=os.environ.get("BEZOAR_SCRATCH")))
@@ -267,7 +271,8 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
     ctx = StageContext(name=name, recipe=view(run_recipe, name, spec(name).readable), store=store, out=out,
                        scratch=scratch, work=WorkArea(store, name), params_hash=ph, inputs=inputs, shard=shard,
                        teacher_url=teacher_url(run_recipe, needs_teacher),
-                       teacher_backend=teacher_backend(run_recipe, needs_teacher), _stop=stop)
+                       teacher_backend=teacher_backend(run_recipe, needs_teacher), source_files=digests(sources),
+                       _stop=stop)
     prev = _install_sigterm(ctx._stop)
     t0 = time.time()
     try:
@@ -286,6 +291,8 @@ def _run(name: str, fn: Callable[[StageContext], StageOutput], recipe: Recipe, s
         lease.check()  # never commit after another process took the stage over
         if teacher_endpoint is not None:
             result.extra["teacher_endpoint"] = teacher_endpoint
+        if sources:
+            result.extra["input_files"] = sources
         commit_output(store, name, out, ph, inputs, result, t0, recipe.name, fence=lease.check)
         return 0
     finally:

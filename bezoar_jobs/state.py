@@ -21,6 +21,7 @@ from .layout import RECIPE_FILE, manifest_path, work_prefix
 from .manifest import manifest_hash, manifest_state, quick_check, read_manifest
 from .pipeline import in_dependency_order, stage_inputs, waits_for
 from .registry import CANONICAL, STAGES, spec
+from .source_files import changed
 from .store import Store
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ def up_to_date(store: Store, recipe: Recipe, name: str) -> tuple[bool, str]:
         return False, "not committed"
     if m.get("params_hash") != params_hash(recipe, name):
         return False, "recipe parameters changed"
+    edited = changed(m.get("input_files"))  # a seed file or template edited in place (source_files.py)
+    if edited:
+        return False, f"{edited}: it reruns"
     problems = quick_check(store, name, m)
     if problems:
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""

@@ -43,10 +43,15 @@ def work_key(ctx: StageContext) -> str:
     a filter's ids name a row (``lamini-resp-<hash of the instruction>``), not the response it judged:
     a regenerated input keeps the ids with other responses, and a key of the parameters alone handed
     the filter the verdicts on the old ones. The judge's answer cache (keyed by the prompt) still
-    answers every unchanged row at no cost. A stage without inputs (generate) keeps its old key."""
-    if not ctx.inputs:
+    answers every unchanged row at no cost. A stage without inputs (generate) keeps its old key, unless
+    it reads a local file (a seed file, a template), whose content joins the key."""
+    if not ctx.inputs and not ctx.source_files:
         return "records-" + ctx.params_hash[:12]
-    blob = json.dumps({"params": ctx.params_hash, "inputs": ctx.inputs}, sort_keys=True, separators=(",", ":"))
+    # and the content of the local files it reads (source_files.py): a seed file edited in place is other data
+    key: dict[str, Any] = {"params": ctx.params_hash, "inputs": ctx.inputs}
+    if ctx.source_files:
+        key["files"] = ctx.source_files
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return "records-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -49,6 +49,8 @@ def _answers_hash(ctx: StageContext) -> str:
     blob = json.dumps({k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in part.items()},
                       sort_keys=True, default=list)
     base = r.section_hash("seed", "student", "evaluation.dtype", "evaluation.device")
+    if ctx.source_files:  # a local question file's content (source_files.py): edited in place, answered again
+        base += json.dumps(ctx.source_files, sort_keys=True)
     return hashlib.sha256(f"{base}\0{blob}".encode()).hexdigest()
 
 
