@@ -237,3 +237,30 @@ def test_a_stage_that_loses_its_lease_while_it_uploads_commits_nothing(tmp_path:
             runner.run_stage("generate-lamini", recipe, store)
     assert len(uploads) == 1  # the one upload already under way when the lease was taken; no other
     assert read_manifest(store, "generate-lamini") is None
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path: Path) -> None:
+    """A checkpoint whose file was cut short or changed in the store raised RuntimeError at every start (a size
+    check only, no content check), so the stage could never resume, nor start over. Now each file is checked
+    against the sha256 its marker records, and a damaged checkpoint gives way to the one before it."""
+    from bezoar_jobs.training.checkpoint import CKPT, StoreCheckpoints
+
+    store = open_store(tmp_path / "run")
+    ckpts = StoreCheckpoints(WorkArea(store, "sft-lamini"), {"params": "p"}, keep=3)
+    for step in (2, 4):
+        local = tmp_path / f"local-{step}"
+        local.mkdir()
+        (local / "adapter_model.safetensors").write_bytes(bytes([step]) * 64)
+        (local / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        ckpts.upload(local, step)
+    stored = tmp_path / "run" / "sft-lamini" / "_work" / CKPT / "step-4" / "trainer" / "adapter_model.safetensors"
+    assert stored.is_file()
+    stored.write_bytes(bytes([9]) * 64)  # the same size, other bytes: the size check alone took it
+
+    restored = ckpts.restore(tmp_path / "out")
+    assert restored is not None and restored[0] == 2
+    assert (restored[1] / "adapter_model.safetensors").read_bytes() == bytes([2]) * 64
+    assert ckpts.complete_steps() == [2]  # the damaged one is gone: the next start does not meet it again
+    # every checkpoint damaged: the stage starts over instead of failing every start
+    (tmp_path / "run" / "sft-lamini" / "_work" / CKPT / "step-2" / "trainer" / "trainer_state.json").unlink()
+    assert ckpts.restore(tmp_path / "out2") is None and ckpts.complete_steps() == []

@@ -31,7 +31,9 @@ from typing import Any, Protocol
 from transformers import TrainerCallback
 
 from ..errors import BadInput
+from ..manifest import sha256_file
 from ..ranks import world
+from ..store_base import NotFoundInStore
 from . import dist
 
 log = logging.getLogger("bezoar")
@@ -150,14 +152,16 @@ class StoreCheckpoints:
         t0 = time.time()
         prefix = f"{CKPT}/step-{step}"
         files: dict[str, int] = dict(other_ranks or {})
+        sums: dict[str, str] = {}  # rank 0's files: checked end to end when restored
         for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
             rel = path.relative_to(local).as_posix()
             self.work.upload_file(path, f"{prefix}/trainer/{rel}")
             files[f"trainer/{rel}"] = path.stat().st_size
+            sums[f"trainer/{rel}"] = sha256_file(path)
         if metrics is not None and metrics.is_file():
             self.work.upload_file(metrics, f"{prefix}/metrics.jsonl")
             files["metrics.jsonl"] = metrics.stat().st_size
-        marker = {"step": step, "fingerprint": self.fingerprint, "files": files, "time": time.time(),
+        marker = {"step": step, "fingerprint": self.fingerprint, "files": files, "sha256": sums, "time": time.time(),
                   "world_size": world_size}
         self.work.put_bytes(f"{prefix}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
         log.info("checkpoint step %d saved to %s (%.1f s)", step, self.work.url(prefix), time.time() - t0)
@@ -174,29 +178,56 @@ class StoreCheckpoints:
         good = self.complete_steps()
         if not good:
             return None
-        step = good[-1]
-        marker = self._marker(step) or {}
-        written_by = int(marker.get("world_size", 1))
+        newest = self._marker(good[-1]) or {}
+        written_by = int(newest.get("world_size", 1))
         if written_by != world_size:
             raise BadInput(
-                f"{self.url(step)}: this checkpoint was written by {written_by} training process(es) and this "
+                f"{self.url(good[-1])}: this checkpoint was written by {written_by} training process(es) and this "
                 f"attempt runs {world_size}: resume it with the same shape (--nproc-per-node x --nnodes = "
                 f"{written_by}), or delete {self.work.url(CKPT)} to start the stage over on {world_size}")
-        dest = Path(output_dir) / f"checkpoint-{step}"
+        # the newest checkpoint whose files are whole; a damaged one (a file missing, cut short or changed in
+        # the store) is passed over for the one before it, and deleted by the cleaner: it failed every start
+        for step in reversed(good):
+            marker = self._marker(step) or {}
+            if int(marker.get("world_size", 1)) != world_size:
+                break
+            try:
+                dest = self._download(step, marker, Path(output_dir), metrics_out)
+            except (DamagedCheckpoint, NotFoundInStore) as e:
+                log.warning("checkpoint %s is damaged (%s): %s", self.url(step), e,
+                            "deleting it, trying the one before it" if cleaner else "trying the one before it")
+                if cleaner:
+                    self._delete_step(step, self._steps().get(step, []))
+                continue
+            return step, dest
+        log.warning("%s: no whole checkpoint to resume from: the stage trains from its start", self.work.url(CKPT))
+        return None
+
+    def _download(self, step: int, marker: dict[str, Any], output_dir: Path, metrics_out: Path | None) -> Path:
+        dest = output_dir / f"checkpoint-{step}"
         shutil.rmtree(dest, ignore_errors=True)
-        tmp = Path(output_dir) / f".download-{step}"
+        tmp = output_dir / f".download-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         prefix = f"{CKPT}/step-{step}"
-        for sub, size in marker.get("files", {}).items():
-            target = tmp / sub
-            self.work.download_file(f"{prefix}/{sub}", target)
-            if target.stat().st_size != size:
-                raise RuntimeError(f"checkpoint step-{step}: {sub} has {target.stat().st_size} bytes, expected {size}")
-        (tmp / "trainer").rename(dest)
-        if metrics_out is not None and (tmp / "metrics.jsonl").is_file():
-            _copy_metrics_upto(tmp / "metrics.jsonl", metrics_out, step)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return step, dest
+        sums = marker.get("sha256") or {}  # absent in checkpoints written before they were recorded
+        try:
+            for sub, size in marker.get("files", {}).items():
+                target = tmp / sub
+                self.work.download_file(f"{prefix}/{sub}", target)
+                if target.stat().st_size != size:
+                    raise DamagedCheckpoint(f"{sub} has {target.stat().st_size} bytes, expected {size}")
+                if sub in sums and sha256_file(target) != sums[sub]:
+                    raise DamagedCheckpoint(f"{sub} is not the file that was saved (sha256 differs)")
+            (tmp / "trainer").rename(dest)
+            if metrics_out is not None and (tmp / "metrics.jsonl").is_file():
+                _copy_metrics_upto(tmp / "metrics.jsonl", metrics_out, step)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+
+class DamagedCheckpoint(Exception):
+    """A complete checkpoint's file is not what its marker lists."""
 
 
 def _copy_metrics_upto(src: Path, dest: Path, step: int) -> None:

@@ -257,13 +257,18 @@ def train(
         if len(set(digests)) > 1:
             by_rank = ", ".join(str(d)[:12] for d in digests)
             raise RetryableError(f"{stage}: the ranks built different training data (row digests by rank: {by_rank}); "
-                               "did the data source change while they read it?")
+                                 "did the data source change while they read it?")
     ckpts.bind_data(digest)
     if me.distributed and not me.zero:
         dist.barrier()  # rank 0 deletes partial checkpoints first; then every rank takes the same one
     restored = ckpts.restore(output_dir, metrics_out=metrics_path, world_size=me.size, cleaner=me.zero)
     if me.distributed and me.zero:
         dist.barrier()
+    if me.distributed:  # one checkpoint for all: a file damaged in one rank's download sent it to an older one
+        steps = dist.gather(restored[0] if restored else None)
+        if len(set(steps)) > 1:
+            raise RetryableError(f"{stage}: the ranks resumed from different checkpoints (steps by rank: {steps}); "
+                                 "a rerun resumes them from one")
     prior.update(whole_run(metrics_path)[2])  # what the sessions before this one did
     resume_path = None
     if restored:
