@@ -174,6 +174,28 @@ def test_a_spooled_record_part_is_on_disk_before_it_is_named(tmp_path: Path,
     assert disk.flushed(part.parent, len(disk.events), at)
 
 
+def test_a_spooled_part_another_process_uploaded_first_is_skipped(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes on one machine share a stage's spool (the shards of a stage): both list a part, one uploads
+    and removes it, and the other crashed reading it (FileNotFoundError) at its start."""
+    monkeypatch.setenv("BEZOAR_SPOOL_DIR", str(tmp_path / "spool"))
+    work = WorkArea(LocalStore(tmp_path / "run"), "generate-lamini")
+    first = RecordLog(work, "records-k", "p", flush_every=1)
+    first.spool.mkdir(parents=True)
+    (first.spool / "part-a.jsonl").write_text(json.dumps({"id": "a", "raw": "x"}) + "\n")
+    real_glob = Path.glob
+
+    def glob(self: Path, pattern: str) -> Any:
+        found = list(real_glob(self, pattern))
+        if self == first.spool:  # listed here; then the other process uploads and removes one of them
+            found.append(self / "part-b.jsonl")
+        return iter(found)
+
+    monkeypatch.setattr(Path, "glob", glob)
+    again = RecordLog(work, "records-k", "p", flush_every=1)
+    assert "a" in again and not list(real_glob(first.spool, "part-*.jsonl"))
+
+
 # ---- a second writer ------------------------------------------------------------------------------
 def test_a_commit_whose_fence_fails_overwrites_nothing(tmp_path: Path) -> None:
     """The runner passes the stage lease's check as the fence: a holder that lost its lease while it

@@ -169,8 +169,12 @@ class RecordLog:
             return
         parts = sorted(self.spool.glob("part-*.jsonl"))
         for p in parts:
-            self.work.put_bytes(f"{self.sub}/{p.name}", p.read_bytes())
-            p.unlink()
+            try:
+                body = p.read_bytes()
+            except FileNotFoundError:  # another process on this machine (a shard of the stage) uploaded it first
+                continue
+            self.work.put_bytes(f"{self.sub}/{p.name}", body)  # the same name and bytes: uploading twice is harmless
+            p.unlink(missing_ok=True)
         if parts:
             log.info("%s: uploaded %d part(s) of records kept in %s while the store was unavailable",
                      self.work.url(self.sub), len(parts), self.spool)
