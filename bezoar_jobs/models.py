@@ -130,6 +130,10 @@ def check_model_dir(path: Path, ref: str | None = None) -> Path:
         raise BadInput(f"model {name!r}: {path} has no config.json (not a transformers checkpoint)")
     if not any(path.glob("*.safetensors")) and not any(_BIN.match(p.name) for p in path.iterdir()):
         raise BadInput(f"model {name!r}: {path} has no weights (*.safetensors or pytorch_model*.bin)")
+    if (path / "adapter_config.json").is_file():
+        log.warning("model %r: %s holds a LoRA adapter beside the model's weights: transformers applies it on top "
+                    "of them (see HUB_IGNORED); if those weights are already merged, remove the adapter files", name,
+                    path)
     return path.resolve()
 
 
@@ -141,13 +145,20 @@ def weights_kwargs(model_dir: str | Path) -> dict[str, Any]:
     return {"use_safetensors": False, "weights_only": True}
 
 
+# a LoRA adapter left beside the full weights (a repository with both a merged model and its adapter): from a
+# directory holding config.json and adapter_config.json, transformers loads the weights and then applies the
+# adapter on top (integrations/peft.py maybe_load_adapters), i.e. the LoRA twice. We load full checkpoints
+# (check_model_dir needs config.json): the adapter's files are not downloaded.
+HUB_IGNORED = ("adapter_",)
+
+
 def hub_patterns(files: list[str], trust_remote_code: bool = False) -> list[str]:
     """What to download of a hub repository: configs, tokenizer files and the weights in one
     format (safetensors when the repository has them, else pytorch_model*.bin), and, for a model
     whose own code is trusted, its Python files: transformers imports the classes its config's
     ``auto_map`` names from the checkpoint directory itself."""
     code = ["*.py"] if trust_remote_code else []
-    if any(f.endswith(".safetensors") for f in files):
+    if any(f.endswith(".safetensors") and not f.rsplit("/", 1)[-1].startswith(HUB_IGNORED) for f in files):
         return [*_HUB_PATTERNS, *code, "*.safetensors"]
     return [*_HUB_PATTERNS, *code, "pytorch_model*.bin"]
 
@@ -247,7 +258,8 @@ def _from_hub(ref: str, revision: str | None, trust_remote_code: bool = False) -
         log.warning("model %s has no pinned revision: the run is not reproducible (set revision: <commit sha>)", ref)
     try:
         files = HfApi().list_repo_files(ref, revision=revision)
-        path = snapshot_download(ref, revision=revision, allow_patterns=hub_patterns(files, trust_remote_code))
+        path = snapshot_download(ref, revision=revision, allow_patterns=hub_patterns(files, trust_remote_code),
+                                 ignore_patterns=[f"{p}*" for p in HUB_IGNORED])
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
         raise BadInput(f"model {ref!r} revision {revision!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:

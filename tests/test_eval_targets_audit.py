@@ -70,13 +70,14 @@ class FakeHub:
             return SimpleNamespace(sha=hub._commit(repo_id, revision))
 
         def snapshot_download(repo_id: str, revision: str | None = None, allow_patterns: Any = None,
-                              **kw: Any) -> str:
+                              ignore_patterns: Any = None, **kw: Any) -> str:
             sha = hub._commit(repo_id, revision)
             hub.downloads.append((repo_id, revision, list(allow_patterns or [])))
             dest = hub.root / f"models--{repo_id.replace('/', '--')}" / "snapshots" / sha
             dest.mkdir(parents=True, exist_ok=True)
             for p in hub.repos[repo_id][sha].iterdir():
-                if allow_patterns is None or any(fnmatch(p.name, pat) for pat in allow_patterns):
+                if (allow_patterns is None or any(fnmatch(p.name, pat) for pat in allow_patterns)) and not any(
+                        fnmatch(p.name, pat) for pat in ignore_patterns or []):
                     shutil.copy2(p, dest / p.name)
             return str(dest)
 
@@ -201,3 +202,32 @@ def test_an_unpinned_hub_student_is_trained_from_and_recorded_at_one_commit(tiny
     asked = len(hub.asked)
     _, info = resolve_base(SimpleNamespace(name="sft-lamini", recipe=recipe), None)  # type: ignore[arg-type]
     assert info == {"base_model": "org/student", "base_revision": SHA_1} and len(hub.asked) == asked
+
+
+def test_an_adapter_left_beside_a_hub_models_full_weights_is_not_applied_on_top(tiny: Path, tmp_path: Path,
+                                                                                hub: FakeHub) -> None:
+    """A repository holding a merged model and the LoRA adapter it was merged from: every *.json and
+    *.safetensors was downloaded, and transformers, loading a directory with config.json and adapter_config.json,
+    applies the adapter over the weights (integrations/peft.py maybe_load_adapters): the LoRA counted twice."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bezoar_jobs.eval import targets
+
+    repo = tmp_path / "merged"
+    shutil.copytree(tiny, repo)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(repo)  # adapter_config.json and adapter_model.safetensors beside the full weights
+    assert (repo / "adapter_config.json").is_file() and (repo / "adapter_model.safetensors").is_file()
+    hub.repos["org/merged"] = {SHA_1: repo}
+    hub.heads["org/merged"] = SHA_1
+    ctx = SimpleNamespace(name="eval-harness", recipe=_recipe(tiny, [
+        {"name": "merged", "model": "org/merged", "revision": SHA_1}]))
+    (t,) = targets.targets(ctx)  # type: ignore[arg-type]
+    model, _ = targets.load(ctx, t)  # type: ignore[arg-type]
+    plain = AutoModelForCausalLM.from_pretrained(tiny)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits.float(), plain(ids).logits.float(), atol=1e-5)
