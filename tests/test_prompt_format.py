@@ -61,3 +61,44 @@ def test_cut_at_stop_removes_a_block_the_model_started_itself() -> None:
     assert cut_at_stop("Paris.\n### Instruction:\nWhat else?") == "Paris."
     assert cut_at_stop("Paris.\n\n### System:\nx") == "Paris."
     assert cut_at_stop("  Just an answer.  ") == "Just an answer."
+
+
+def test_the_saved_chat_template_renders_the_trained_layout(tmp_path) -> None:
+    """A trained checkpoint's tokenizer kept its base model's chat template (SmolLM2's ChatML in the demo), so a
+    server's chat route (vLLM, TGI, transformers' apply_chat_template) prompted the model in a layout it was
+    never trained on. merge_adapter now saves the template of this format, which renders byte for byte what
+    training and MT-Bench answering render."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bezoar_jobs.data.prompt_format import chat_template
+    from bezoar_jobs.training.lora import merge_adapter
+    from tests.tiny_model import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"  # the base's
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    merge_adapter(base, adapter, tmp_path / "model", "float32", tok, chat_template=chat_template(bos=True))
+    assert tok.chat_template.startswith("{% for m in messages %}")  # the caller's tokenizer is left as it was
+    saved = AutoTokenizer.from_pretrained(tmp_path / "model")
+    bos, eos = saved.bos_token, saved.eos_token
+
+    def chat(msgs: list[dict[str, str]]) -> str:
+        return saved.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    assert chat([{"role": "user", "content": " Name three fruits. "}]) == bos + render_prompt("Name three fruits.")
+    assert chat([{"role": "system", "content": "  "}, {"role": "user", "content": "Hi"}]) == bos + render_prompt("Hi")
+    turns = [{"role": "system", "content": "Be brief, 'please'."}, {"role": "user", "content": "Hi there"},
+             {"role": "assistant", "content": " Hello! "}, {"role": "user", "content": "Sum {a} and {b}?"}]
+    assert chat(turns) == bos + render_prompt("Sum {a} and {b}?", system="Be brief, 'please'.",
+                                              history=[Turn("Hi there", "Hello!")])
+    whole = [*turns, {"role": "assistant", "content": "It is a+b."}]  # a whole example, as trained: EOS at its end
+    prompt, completion = render_example("Sum {a} and {b}?", "It is a+b.", system="Be brief, 'please'.",
+                                        history=[Turn("Hi there", "Hello!")])
+    assert saved.apply_chat_template(whole, tokenize=False) == bos + prompt + completion + eos
+    no_bos = chat_template(bos=False)
+    saved.chat_template = no_bos
+    assert chat(turns[1:2]) == render_prompt("Hi there")

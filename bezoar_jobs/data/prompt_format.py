@@ -103,3 +103,33 @@ def cut_at_stop(text: str) -> str:
         if i != -1:
             cut = min(cut, i)
     return text[:cut].strip()
+
+
+def chat_template(bos: bool) -> str:
+    """A Jinja chat template that renders this format (what ``apply_chat_template`` of a trained model's
+    tokenizer produces, for vLLM's, TGI's and transformers' chat routes): the messages' system text or
+    :data:`DEFAULT_SYSTEM`, each earlier exchange as a completed pair, the last user message followed by
+    ``### Response:`` and a newline, and a final assistant message (a whole example) followed by EOS, exactly
+    as :func:`render_prompt` and training lay them out. ``bos``: the trained sequences began with BOS (the
+    tokenizer adds one, or the recipe's ``student.add_bos``); chat templates write it themselves, since
+    ``apply_chat_template`` tokenizes without the tokenizer's special tokens.
+
+    The base model's own template (SmolLM2's ChatML in the demo) was saved with the checkpoints before: a
+    server's chat route prompted a model trained on this layout in another one."""
+    nl = "\\n"
+    return (
+        ("{{- bos_token -}}" if bos else "")
+        + "{%- set ns = namespace(system='" + DEFAULT_SYSTEM.replace("'", "\\'") + "') -%}"
+        "{%- if messages and messages[0]['role'] == 'system' and (messages[0]['content'] | trim) -%}"
+        "{%- set ns.system = messages[0]['content'] | trim -%}"
+        "{%- endif -%}"
+        "{{- '" + SYSTEM_HEADER + nl + "' ~ ns.system ~ '" + nl + nl + "' -}}"
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{- '" + INSTRUCTION_HEADER + nl + "' ~ (m['content'] | trim) ~ '" + nl + nl + RESPONSE_HEADER + nl + "' -}}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{- m['content'] | trim -}}"
+        "{%- if loop.last -%}{{- eos_token -}}{%- else -%}{{- '" + nl + nl + "' -}}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )

@@ -150,7 +150,9 @@ def finish(
 ) -> StageOutput:
     """Merge, write the model card, optionally push; the stage's output. In a group, rank 0 alone merges
     and commits; the other ranks are done once training is."""
+    from ..data.prompt_format import chat_template
     from ..training.card import write_model_card
+    from ..training.examples import starts_with_bos
     from ..training.lora import base_licence, merge_adapter
 
     if not world().zero:
@@ -159,7 +161,8 @@ def finish(
     model_dir = ctx.out / "model"
     t0 = time.time()
     merged = merge_adapter(
-        base_dir, result.adapter_dir, model_dir, t.merge_dtype, tokenizer, ctx.recipe.student.trust_remote_code
+        base_dir, result.adapter_dir, model_dir, t.merge_dtype, tokenizer, ctx.recipe.student.trust_remote_code,
+        chat_template=chat_template(starts_with_bos(tokenizer, ctx.recipe.student.add_bos)),
     )
     merge_s = time.time() - t0
     lic = t.base_licence or base_licence(base_dir)

@@ -70,7 +70,8 @@ def write_model_card(
         "```",
         "",
         "Orca-style rows put their own system message in the System block; earlier turns of a dialogue "
-        "are completed Instruction/Response pairs before the final instruction.",
+        "are completed Instruction/Response pairs before the final instruction. The tokenizer's chat template "
+        "renders this layout, so `apply_chat_template` and a server's chat route prompt the model as it was trained.",
         "",
         "## Licences",
         "",

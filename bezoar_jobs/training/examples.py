@@ -82,6 +82,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def starts_with_bos(tok: Any, add_bos: bool) -> bool:
+    """Whether :func:`encode` begins a sequence with BOS: the tokenizer adds one, or the recipe asks for it."""
+    if tok.bos_token_id is None:
+        return False
+    return add_bos or bool(encode(tok, "x", False)[:1] == [tok.bos_token_id])
+
+
 def encode(tok: Any, text: str, add_bos: bool) -> list[int]:
     """Token ids of ``text`` with the tokenizer's own special tokens, plus BOS when the recipe asks
     for it and the tokenizer did not add one.

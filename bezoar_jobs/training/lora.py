@@ -145,8 +145,10 @@ def merge_adapter(
     merge_dtype: str,
     tokenizer: Any,
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
-    """Merge the LoRA adapter into an unquantized copy of the base; save a full checkpoint."""
+    """Merge the LoRA adapter into an unquantized copy of the base; save a full checkpoint, its tokenizer with
+    ``chat_template`` (the layout it was trained on: data/prompt_format.chat_template) when given."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -168,12 +170,16 @@ def merge_adapter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
-    padding_side = tokenizer.padding_side
+    padding_side, template = tokenizer.padding_side, getattr(tokenizer, "chat_template", None)
     tokenizer.padding_side = "left"  # the released tokenizer is set up for batched generation
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        for stale in ("chat_template.jinja", "chat_template.json"):  # the base's own, copied by an earlier save
+            (out_dir / stale).unlink(missing_ok=True)
     try:
         tokenizer.save_pretrained(str(out_dir))
     finally:
-        tokenizer.padding_side = padding_side
+        tokenizer.padding_side, tokenizer.chat_template = padding_side, template
     n_params = sum(p.numel() for p in merged.parameters())
     del merged, base
     return {"parameters": n_params, "dtype": merge_dtype}
