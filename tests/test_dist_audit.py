@@ -144,3 +144,22 @@ def test_two_ranks_count_the_tokens_one_rank_trains(tmp_path: Path, tiny: Path) 
     (real1, total1, loss1), (real2, total2, loss2) = figures["one"], figures["two"]
     assert loss2 == pytest.approx(loss1, abs=1e-5)  # the same examples were trained
     assert (real2, total2) == (real1, total1)
+
+
+def test_auto_find_batch_size_is_refused_on_more_than_one_process(tmp_path: Path) -> None:
+    """The Trainer's auto_find_batch_size halves a rank's batch on that rank's out-of-memory error alone: the
+    ranks' batches then differ (the recipe's global batch broken) and their collectives can wait forever."""
+    import yaml
+
+    from bezoar_jobs.errors import BadInput
+    from bezoar_jobs.recipe import parse_recipe
+    from bezoar_jobs.training.config import build_stage_configs, device_plan
+
+    text = yaml.safe_dump({"schema_version": 1, "name": "t", "teacher": {"backend": "local", "model": "x"},
+                           "judge": {"backend": "local", "model": "x"}, "student": {"model": "x"},
+                           "training": training_section(sft_args={"auto_find_batch_size": True})})
+    recipe = parse_recipe(text, "r.yaml")
+    plan = device_plan(recipe.training, cuda=False, bf16_ok=False)
+    with pytest.raises(BadInput, match=r"training.sft_args.auto_find_batch_size: not with 2 training processes"):
+        build_stage_configs(recipe.training, recipe.seed, "sft-lamini", tmp_path, plan=plan, world_size=2)
+    build_stage_configs(recipe.training, recipe.seed, "sft-lamini", tmp_path, plan=plan, world_size=1)  # one: fine

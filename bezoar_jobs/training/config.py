@@ -395,6 +395,11 @@ def _fsdp(kwargs: dict[str, Any], path: str, plan: DevicePlan, world_size: int, 
 
 def _split(kwargs: dict[str, Any], world_size: int, path: str, plan: DevicePlan, out: dict[str, Any] | None,
            log: logging.Logger | None = None) -> None:
+    if world_size > 1 and kwargs.get("auto_find_batch_size"):
+        # the Trainer halves one rank's batch on its own out-of-memory error: the ranks then step on different
+        # batches (the global batch broken) and wait on each other's collectives (a hang)
+        raise BadInput(f"{path}.auto_find_batch_size: not with {world_size} training processes (each rank would "
+                       "shrink its own batch); set per_device_train_batch_size")
     if kwargs.get("fsdp"):
         _fsdp(kwargs, path, plan, world_size, log)
     got = split_global_batch(kwargs, world_size, path)
