@@ -67,11 +67,21 @@ def read_manifest(store: Store, stage: str) -> dict[str, Any] | None:
         for v in files.values()
     ):
         raise DamagedManifest(f"{where}: the manifest is damaged (no valid 'files' table); {hint}")
+    unsafe = next((rel for rel in files if not _plain_relative(rel)), None)
+    if unsafe is not None:  # a reader downloads each file to <its directory>/<name>: never outside it
+        raise DamagedManifest(f"{where}: the manifest is damaged (file name {unsafe!r} is not a plain relative "
+                              f"path inside the stage); {hint}")
     problem = field_problem(m, FIELD_TYPES)
     if problem:
         raise DamagedManifest(f"{where}: the manifest is damaged ({problem}); {hint}")
     result: dict[str, Any] = m
     return result
+
+
+def _plain_relative(rel: str) -> bool:
+    """A committed file's name as commit() writes it: POSIX segments, none empty, ``.`` or ``..``."""
+    parts = rel.split("/")
+    return bool(rel) and "\\" not in rel and "\0" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
 # The fields the readers of a manifest (status, the report, plan, `bezoar run`, the stages) use, with

@@ -286,3 +286,24 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path: Pat
     # every checkpoint damaged: the stage starts over instead of failing every start
     (tmp_path / "run" / "sft-lamini" / "_work" / CKPT / "step-2" / "trainer" / "trainer_state.json").unlink()
     assert ckpts.restore(tmp_path / "out2") is None and ckpts.complete_steps() == []
+
+
+@pytest.mark.parametrize("name", ["model/../../../outside.txt", "../outside.txt", "/etc/outside", "data//x.jsonl",
+                                  "data\\\\x.jsonl", "./data/x.jsonl"])
+def test_a_manifest_naming_a_file_outside_its_stage_is_damaged(tmp_path: Path, name: str) -> None:
+    """A reader downloads each listed file to <its directory>/<name>: a hand-edited or crafted manifest listing
+    "model/../../../outside.txt" had fetch_input write outside the stage's scratch directory (the sha256 check
+    comes after the download), and was taken as a manifest like any other."""
+    from bezoar_jobs.manifest import DamagedManifest
+
+    store = open_store(tmp_path / "run")
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    commit(store, out, CommitInfo("sft-lamini", "p", {}, {}, {}, {}))
+    m = json.loads(store.read_text(manifest_path("sft-lamini")))
+    assert read_manifest(store, "sft-lamini") is not None
+    m["files"][name] = m["files"]["model/config.json"]
+    store.write_text(manifest_path("sft-lamini"), json.dumps(m))
+    with pytest.raises(DamagedManifest, match="is not a plain relative path inside the stage"):
+        read_manifest(store, "sft-lamini")
