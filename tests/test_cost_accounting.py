@@ -142,3 +142,50 @@ def test_a_priced_teacher_retried_after_its_spending_cap_does_not_spend_the_cap_
         with pytest.raises(RetryableError, match="spending cap"):
             runner.run_stage("generate-lamini", recipe, store)
         assert len(srv.calls) == first  # the cap was spent by the first attempt: nothing more is paid for
+
+
+def test_the_teachers_time_in_attempts_before_the_committing_one_is_counted(tmp_path, monkeypatch) -> None:
+    """generate-lamini's first attempt fails part way (the teacher refuses every request for a while); the second
+    commits, reusing the first's saved answers. teacher_gpu counted the committing attempt's span only, so the
+    GPU-hours and dollars left out the serving time that bought the reused answers; the report's union too."""
+    import json
+
+    from bezoar_jobs import runner
+    from bezoar_jobs.errors import RetryableError
+    from bezoar_jobs.recipe import load_recipe
+    from bezoar_jobs.report.collect import collect, teacher_gpu_union
+    from bezoar_jobs.store import open_store
+
+    try:
+        from tests.llm_server import LLMTestServer
+        from tests.scripted import scripted_answer, scripted_recipe
+    except ImportError:
+        from llm_server import LLMTestServer  # type: ignore[no-redef]
+        from scripted import scripted_answer, scripted_recipe  # type: ignore[no-redef]
+
+    monkeypatch.setenv("SCRIPTED_JUDGE_KEY", "test-key")
+    run = tmp_path / "run"
+    store = open_store(run)
+    down = {"after": 10, "seen": 0}
+
+    def rule(prompt: str) -> str | None:  # answers the first ten requests, then refuses all
+        down["seen"] += 1
+        return "500" if down["seen"] > down["after"] else None
+
+    with LLMTestServer(script=scripted_answer, api_key="test-key", rule=rule, latency=0.02) as srv:
+        recipe, _ = load_recipe(scripted_recipe(tmp_path, srv.url, **{
+            "teacher.gpus": 2, "teacher.gpu_hour_usd": 3.0, "teacher.max_retries": 1}))
+        with pytest.raises(RetryableError):
+            runner.run_stage("generate-lamini", recipe, store)
+        down["after"] = 10**9  # the teacher is back
+        assert runner.run_stage("generate-lamini", recipe, store) == 0
+    m = json.loads((run / "generate-lamini" / "_MANIFEST.json").read_text())
+    tg, u = m["teacher_gpu"], m["usage"]["teacher"]
+    # the tokens: every answer the data used; of them, those decoded in the committing attempt's span_s
+    assert u["resumed"] > 0 and 0 < u["decoded_tokens"] < u["completion_tokens"]
+    assert len(tg["earlier_spans"]) >= 1 and tg["earlier_s"] > 0
+    served = tg["span_s"] + tg["earlier_s"]
+    assert tg["gpu_hours"] == pytest.approx(2 * served / 3600, abs=1e-6)
+    assert tg["gpu_cost_usd"] == pytest.approx(3.0 * tg["gpu_hours"], abs=1e-6)
+    union = teacher_gpu_union(collect(store))
+    assert union is not None and union["seconds"] > tg["end"] - tg["start"]  # the earlier attempt's span is in it

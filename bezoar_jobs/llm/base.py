@@ -100,27 +100,31 @@ class UsageTotals:
     completion_tokens: int = 0
     retries: int = 0
     seconds: float = 0.0
+    # of the completion tokens, those the server decoded for this attempt (not read back, not shared): what
+    # its serving time bought (a throughput's numerator)
+    decoded_tokens: int = 0
     _counted: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def add(self, r: GenResult) -> None:
         self.requests += 1
         self.failed += 0 if r.ok else 1
         self.cached += 1 if r.cached else 0
-        self._count(r.key, r.prompt_tokens, r.completion_tokens)
+        self._count(r.key, r.prompt_tokens, r.completion_tokens, fresh=not r.cached)
 
     def add_saved(self, prompt_tokens: int, completion_tokens: int, key: str | None = None) -> None:
         """An answer an earlier attempt paid for and saved as a record, used again."""
         self.requests += 1
         self.resumed += 1
-        self._count(key, prompt_tokens, completion_tokens)
+        self._count(key, prompt_tokens, completion_tokens, fresh=False)
 
-    def _count(self, key: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+    def _count(self, key: str | None, prompt_tokens: int, completion_tokens: int, fresh: bool) -> None:
         if key is not None:
             if key in self._counted:  # the same question, already paid: by another record or attempt
                 return
             self._counted.add(key)
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
+        self.decoded_tokens += completion_tokens if fresh else 0
 
 
 class LLMClient(ABC):

@@ -254,6 +254,9 @@ def teacher_gpu_union(data: RunData) -> dict[str, Any] | None:
         if isinstance(tg, dict) and tg.get("start") is not None and tg.get("end") is not None and tg.get("gpus"):
             spans.append((float(tg["start"]), float(tg["end"])))
             gpus, price = int(tg["gpus"]), tg.get("gpu_hour_usd")
+            for earlier in tg.get("earlier_spans") or []:  # the attempts before the committing one
+                if isinstance(earlier, list) and len(earlier) == 2 and all(isinstance(x, int | float) for x in earlier):
+                    spans.append((float(earlier[0]), float(earlier[1])))
     if not spans or gpus is None:
         return None
     spans.sort()

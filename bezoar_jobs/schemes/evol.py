@@ -260,7 +260,7 @@ def generate(ctx: StageContext) -> StageOutput:
     teacher = open_client(ctx, r.teacher, "teacher")
     judge = (open_client(ctx, r.judge, "judge", cached=r.judge.backend != "local", teacher=teacher)
              if cfg.equality_check else None)
-    clock = TeacherClock()
+    clock = TeacherClock(ctx)
     try:
         chain = _Chains(ctx, teacher, judge, lineages, ops, labels, t_resp, t_eq)
         with clock:

@@ -191,7 +191,7 @@ def generate(ctx: StageContext) -> StageOutput:
     t_resp = load_template(cfg.response_template.path, "generation.lamini.response_template")
 
     teacher = open_client(ctx, r.teacher, "teacher")
-    clock = TeacherClock()
+    clock = TeacherClock(ctx)
     try:
         topic_rows: list[dict[str, Any]] = []
         proposals = None

@@ -278,7 +278,7 @@ def generate(ctx: StageContext) -> StageOutput:
         )
     by_index = {int(row["_index"]): row for row in seeds}
     teacher = open_client(ctx, r.teacher, "teacher")
-    clock = TeacherClock()
+    clock = TeacherClock(ctx)
     try:
         phase = Phase(ctx, "responses")
         with clock:

@@ -307,6 +307,7 @@ def usage_dict(u: UsageTotals) -> dict[str, Any]:
         "retries": u.retries,
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
+        "decoded_tokens": u.decoded_tokens,  # of them, decoded for the committing attempt (llm/base.py)
     }
 
 

@@ -15,11 +15,15 @@ span the teacher served a stage, for GPU-hours).
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import time
+import uuid
 from typing import Any
 
 from ..data.io import dataset_card, write_jsonl
+from ..errors import RetryableError
 from ..llm.base import LLMClient, UsageTotals
 from ..recipe_base import Endpoint
 from ..recipe_view import get_path
@@ -27,6 +31,8 @@ from ..runner import StageContext, StageOutput
 from ..training.types import Tokenizer
 from .common import endpoint_info, usage_dict, utilization
 from .records import stable_hash
+
+log = logging.getLogger("bezoar")
 
 # a chat API adds a few tokens per message around the texts (role markers)
 CHAT_OVERHEAD_TOKENS = 16
@@ -108,15 +114,54 @@ class TeacherClock:
     phases it timed (records already on disk cost no teacher time). GPU-hours are that span times
     the endpoint's ``gpus``; a self-hosted teacher is paid by the hour whether or not it is busy,
     so this is a lower bound of what the teacher Deployment costs (the report adds spans up as a
-    union, since the generate stages share one teacher)."""
+    union, since the generate stages share one teacher).
 
-    def __init__(self) -> None:
+    With ``ctx``, each timed span is also saved beside the stage's records (``_work/<records key>/
+    teacher-spans/``), when it ends or is cut short by an error or SIGTERM, so the attempts before the
+    committing one, whose answers the stage reuses, are counted too (:meth:`earlier`). An attempt
+    killed outright (SIGKILL) saves nothing of its last span."""
+
+    def __init__(self, ctx: StageContext | None = None) -> None:
         self.start: float | None = None
         self.end: float | None = None
         self.seconds = 0.0
         self.mono: tuple[float, float] | None = None  # (first start, last end), monotonic: for utilization
         self._t0: float | None = None
         self._m0 = 0.0
+        self.ctx = ctx
+        self._saved: set[str] = set()  # this attempt's span files
+
+    @property
+    def _prefix(self) -> str:
+        from .common import work_key
+
+        assert self.ctx is not None
+        return f"{work_key(self.ctx)}/teacher-spans/"
+
+    def _save(self, start: float, end: float) -> None:
+        if self.ctx is None or self.ctx.shard is not None:  # a shard's span: its own pod's, not counted twice
+            return
+        name = f"{self._prefix}{uuid.uuid4().hex}.json"
+        try:
+            self.ctx.work.put_bytes(name, json.dumps({"start": start, "end": end}).encode())
+            self._saved.add(name)
+        except (RetryableError, OSError) as e:  # best effort: a figure, not data
+            log.warning("%s: the teacher's span was not saved (%s): a rerun will not count it", self.ctx.name, e)
+
+    def earlier(self) -> list[tuple[float, float]]:
+        """The spans saved by the attempts before this one (their records are this stage's data too)."""
+        if self.ctx is None:
+            return []
+        out = []
+        for name in self.ctx.work.list(self._prefix):
+            if name in self._saved or not name.endswith(".json"):
+                continue
+            try:
+                span = json.loads(self.ctx.work.get_bytes(name))
+                out.append((float(span["start"]), float(span["end"])))
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("%s: %s is not a span (%s): not counted", self.ctx.name, self.ctx.work.url(name), e)
+        return sorted(out)
 
     def __enter__(self) -> TeacherClock:
         self._t0 = time.time()
@@ -130,6 +175,7 @@ class TeacherClock:
         self.end = time.time()
         self.seconds += self.end - self._t0
         self.mono = (self.mono[0] if self.mono else self._m0, time.monotonic())
+        self._save(self._t0, self.end)
         self._t0 = None
 
 
@@ -176,16 +222,21 @@ def finish(
         "seed_data": {seed_field.rsplit(".", 1)[-1]: source.model_dump(mode="json")},
     }
     if clock is not None and clock.start is not None:
-        hours = teacher.gpu_hours(clock.seconds)
+        earlier = clock.earlier()
+        served = clock.seconds + sum(b - a for a, b in earlier)  # this attempt's and the earlier ones' spans
+        hours = teacher.gpu_hours(served)
         extra["teacher_gpu"] = {
-            "span_s": round(clock.seconds, 3),
+            "span_s": round(clock.seconds, 3),  # this attempt: it decoded usage's decoded_tokens (plan.py's rate)
             "start": clock.start,
             "end": clock.end,
             "gpus": teacher.gpus,
             "gpu_hours": hours,
             "gpu_hour_usd": teacher.gpu_hour_usd,
-            "gpu_cost_usd": teacher.gpu_cost_usd(clock.seconds),
+            "gpu_cost_usd": teacher.gpu_cost_usd(served),
         }
+        if earlier:  # the attempts before it, whose answers it reused: their serving time is this data's too
+            extra["teacher_gpu"]["earlier_spans"] = [[round(a, 3), round(b, 3)] for a, b in earlier]
+            extra["teacher_gpu"]["earlier_s"] = round(served - clock.seconds, 3)
         if hours is not None:
             extra["gpu_hours"] = hours
     if clock is not None and clock.mono is not None and clients:
