@@ -61,6 +61,9 @@ class Ask:
     typical: int | float | None = None
     what: str = ""
     prompt_tokens_max: int | None = None
+    # the worst case asks each request up to this many times (the filter asks an unreadable verdict again, up to
+    # filter.max_attempts: a verdict cut at its cap is the likely unreadable one)
+    attempts_max: int = 1
 
     @property
     def completion_per_request(self) -> int:
@@ -77,7 +80,7 @@ class Ask:
 
     @property
     def completion_tokens_max(self) -> int:
-        return self.requests * self.decoding.max_new_tokens
+        return self.requests * self.attempts_max * self.decoding.max_new_tokens
 
     @property
     def format_tokens(self) -> int:
@@ -91,7 +94,7 @@ class Ask:
 
     @property
     def prompt_total_max(self) -> int:
-        return self.requests * ((self.prompt_tokens_max or self.prompt_tokens) + self.format_tokens)
+        return self.requests * self.attempts_max * ((self.prompt_tokens_max or self.prompt_tokens) + self.format_tokens)
 
 
 def tokens(text: str) -> int:

@@ -79,3 +79,19 @@ def test_a_filter_is_sized_from_what_its_generate_stage_will_write_when_that_sta
     # not selected, generate-lamini is not rerun: the filter judges the committed rows, and is sized by them
     only = {r["stage"]: r for r in plan(recipe, store, ["filter-lamini"])}
     assert only["filter-lamini"]["requests"] == 5
+
+
+def test_a_filters_worst_case_counts_every_ask_an_unreadable_verdict_may_get(tmp_path):
+    """An unreadable verdict is asked again, up to filter.max_attempts, and a verdict cut at its cap is the likely
+    unreadable one: the worst case priced one ask per row, so it was not a bound (the paper recipe's filter-orca:
+    $177 shown, up to about three times that possible)."""
+    store = LocalStore(tmp_path / "run")
+    once, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"filter.max_attempts": 1}))
+    thrice, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9", **{"filter.max_attempts": 3}))
+    one = {r["stage"]: r for r in plan(once, store, ["filter-lamini"])}["filter-lamini"]
+    three = {r["stage"]: r for r in plan(thrice, store, ["filter-lamini"])}["filter-lamini"]
+    assert three["requests"] == one["requests"] and three["completion_tokens"] == one["completion_tokens"]
+    assert three["completion_tokens_max"] == 3 * one["completion_tokens_max"]
+    assert three["prompt_tokens_max"] == 3 * one["prompt_tokens_max"]
+    assert three["cost_usd_max"] == pytest.approx(3 * one["cost_usd_max"], rel=1e-3)
+    assert three["cost_usd"] == one["cost_usd"]  # the typical figure: one ask a row

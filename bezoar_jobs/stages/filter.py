@@ -375,8 +375,9 @@ def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
     base = template_tokens(template.path)
     dec = cfg.decoding
     typical: int | float | None = Typical.VERDICT
+    attempts = cfg.max_attempts  # the worst case: every verdict unreadable until the last ask
     if cfg.method == "logprobs":
-        dec, typical = dec.model_copy(update={"max_new_tokens": 1}), None
+        dec, typical, attempts = dec.model_copy(update={"max_new_tokens": 1}), None, 1
     m = read_manifest(store, f"generate-{scheme}")
     if m is not None and "data/train.jsonl" in m.get("files", {}):
         sizes = []
@@ -386,8 +387,8 @@ def estimate(recipe: Recipe, store: Store, stage: str) -> list[Ask]:
                 sizes.append(base + tokens(ins) + tokens(resp))
         if sizes:
             return [Ask(recipe.judge, len(sizes), round(sum(sizes) / len(sizes)), dec, typical, "verdicts",
-                        max(sizes))]
+                        max(sizes), attempts)]
     rows = mod.expected_rows(recipe)
     ins, cap = mod.judge_tokens(recipe)
     prompt = base + ins + round(cap * Typical.RESPONSE)
-    return [Ask(recipe.judge, rows, prompt, dec, typical, "verdicts", base + ins + int(cap))]
+    return [Ask(recipe.judge, rows, prompt, dec, typical, "verdicts", base + ins + int(cap), attempts)]
