@@ -8,10 +8,14 @@ judge) and the judge behind ``filter.method: logprobs``.
 * Batching: requests with the same decoding settings are grouped, sorted by prompt length (less
   padding) and run ``batch_size`` at a time with LEFT padding (decoder-only models continue from
   the last position of each row).
-* Seeds: ``generate`` draws from one torch generator for a whole batch, so per-request seeds can
-  only be honoured per batch: the global RNG is seeded with the first request's seed before each
-  batch. A rerun of the same requests in the same order and batch size gives the same answers;
-  the same request in a different batch may not. Temperature 0 is greedy and needs no seed.
+* Seeds: each row of a batch samples from its own torch generator, seeded with its request's seed
+  (``generate``'s own sampling draws from one generator for the whole batch, so a request's answer
+  would depend on which requests shared its batch, and on its row in it). A request gives the same
+  answer alone, in any batch, and after a resume that batches it with other requests. A request
+  without a seed gets one drawn from torch's global RNG. Temperature 0 is greedy and needs no seed.
+* Stop strings: matched in the answer only (never across the end of the prompt), like a server's; the
+  answer ends before the first one, and its token count ends with the token that completed it (not
+  the padding ``generate`` adds to a row that finished before the others).
 * ``on_result`` is called in the calling thread after each batch.
 """
 
@@ -103,38 +107,40 @@ class LocalClient(LLMClient):
         self.usage.seconds += time.monotonic() - t0
 
     def _generate(self, reqs: list[GenRequest], prompts: list[str]) -> list[GenResult]:
-        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         first = reqs[0]
         enc = self._encode(prompts)
-        kw: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        start = enc["input_ids"].shape[1]
+        # greedy argmax always: a sampled row's token is drawn by _RowSampler, which leaves it the only choice
+        kw: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+                              "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        processors = LogitsProcessorList()
         if first.temperature > 0:
-            kw.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
-            seed = next((r.seed for r in reqs if r.seed is not None), None)
-            if seed is not None:
-                torch.manual_seed(seed)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            processors.append(_RowSampler(first.temperature, first.top_p, [r.seed for r in reqs]))
         if first.repetition_penalty is not None:
             kw["repetition_penalty"] = first.repetition_penalty
-        if first.stop:
-            kw["stop_strings"] = list(first.stop)
-            kw["tokenizer"] = self.tokenizer
-        out = self.model.generate(**enc, **kw)
-        new = out[:, enc["input_ids"].shape[1]:]
+        stops = [s for s in first.stop if s]
+        criteria = StoppingCriteriaList()
+        if stops:
+            criteria.append(_StopInAnswer(self.tokenizer, stops, start))
+        out = self.model.generate(**enc, **kw, logits_processor=processors, stopping_criteria=criteria)
+        new = out[:, start:]
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(self.tokenizer.eos_token_id)
         results = []
         for row, req in enumerate(reqs):
             ids = new[row].tolist()
-            n, ended = len(ids), False
-            for j, t in enumerate(ids):
-                if t in eos_ids:
-                    n, ended = j + 1, True
-                    break
+            # the answer's tokens: up to the first EOS (after it, only padding of a finished row)
+            n = next((j for j, t in enumerate(ids) if t in eos_ids), len(ids))
+            ended = n < len(ids)
+            count = n + 1 if ended else n  # the EOS was generated: counted, as servers count it
+            k = _stop_end(self.tokenizer, ids[:n], stops)
+            if k is not None:  # the tokens through the one that completed the first stop string
+                n, count, ended = k, k, True
             text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-            hit = [s for s in req.stop if s and s in text]
+            hit = [s for s in stops if s in text]
             if hit:
                 text = text[: min(text.index(s) for s in hit)]
                 ended = True
@@ -142,7 +148,7 @@ class LocalClient(LLMClient):
                 id=req.id,
                 text=text,
                 prompt_tokens=int(enc["attention_mask"][row].sum()),
-                completion_tokens=n,
+                completion_tokens=count,
                 finish_reason="stop" if ended else "length",
                 extra={"seed": req.seed} if first.temperature > 0 else {},
             ))
@@ -267,3 +273,70 @@ def _cache_arg(model: Any) -> str:
 
 def _output_cache(out: Any) -> Any:
     return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _stop_end(tokenizer: Any, ids: list[int], stops: Sequence[str]) -> int | None:
+    """The fewest leading tokens of ``ids`` whose text contains a stop string (None: none does)."""
+
+    def has(k: int) -> bool:
+        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    if not stops or not ids or not has(len(ids)):
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if has(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+# transformers' StoppingCriteria and LogitsProcessor protocols (callables; ``generate`` needs no base
+# class), so that importing this module does not import transformers
+class _StopInAnswer:
+    """Ends a row once its ANSWER (the tokens after ``start``, the padded prompt's length) contains a
+    stop string. transformers' ``stop_strings`` match the end of the whole sequence, prompt included:
+    a stop string that begins in the prompt (a blank line, after a prompt that ends with a newline)
+    ended the answer after its first token."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], start: int):
+        self.tokenizer, self.stops, self.start = tokenizer, list(stops), start
+        # the last tokens that can hold a stop string just completed: a character is at most 4 byte tokens
+        self.window = 4 * max(len(s) for s in self.stops) + 4
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        tails = input_ids[:, self.start:][:, -self.window:].tolist()
+        done = [any(s in self.tokenizer.decode(t, skip_special_tokens=False) for s in self.stops) for t in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _RowSampler:
+    """Samples each row's next token with its own generator (its request's seed) after temperature and
+    top-p, and leaves that token the only one with a finite score, so ``generate``'s greedy step takes it.
+    A row's draws then depend on its own seed and logits only, not on the other rows of its batch."""
+
+    def __init__(self, temperature: float, top_p: float, seeds: Sequence[int | None]):
+        import torch
+
+        self.temperature, self.top_p = temperature, top_p
+        self.seeds = [int(torch.randint(0, 2**62, (1,))) if s is None else s for s in seeds]
+        self.generators: list[Any] | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+        from transformers import TopPLogitsWarper
+
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            logits = TopPLogitsWarper(self.top_p)(input_ids, logits)
+        probs = torch.softmax(logits, dim=-1)
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picks[:, None], 0.0)
