@@ -17,7 +17,13 @@ Job); everything else is decided here, the same way for every backend:
 - **failure**: the first failure stops the pipeline: no new stage starts; the outcome names the
   stage, the reason, the message and the last log lines, and carries the exit code. Stages still
   running are waited for (local processes) or left to the cluster (Jobs: the next ``bezoar run``
-  adopts them), as the backend says.
+  adopts them), as the backend says. An error of the walk itself (a lease another process holds on a
+  stage ``--force`` reruns, a store that fails while a manifest is checked) stops it the same way
+  before it is raised: local stages started before it were left running, orphaned, and committed
+  after ``bezoar run`` had exited.
+- **interrupt** (:meth:`Scheduler.interrupt`, SIGINT or SIGTERM to ``bezoar run``): no new stage
+  starts; the stages running are waited for as after a failure (the local backend stops them), and
+  the run exits 128 + the signal (130, 143) unless a stage had failed before.
 
 A backend is the kubeflow/sdk RuntimeBackend idea cut to what this needs: ``submit`` a stage,
 ``wait`` for what happened, ``cancel``, and the last ``logs`` of a stage.
@@ -122,6 +128,15 @@ EXIT_STAGE_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 @dataclass
 class StageEvent:
     """A stage's run ended: ``exit_code`` 0 means the backend saw it succeed (the scheduler still
@@ -193,9 +208,14 @@ class RunOutcome:
     created: list[str] = field(default_factory=list)  # Kubernetes: Job names this run created
     adopted: list[str] = field(default_factory=list)  # Kubernetes: running Jobs it picked up instead
     still_running: list[str] = field(default_factory=list)  # left running after a failure
+    interrupted: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), if one did
+    stopped: list[str] = field(default_factory=list)  # stages that ended unfinished after it
 
     def describe(self) -> str:
         if self.failed_stage is None:
+            if self.interrupted:
+                return (f"interrupted by {self.interrupted}: no stage started after it"
+                        + (f"; stopped unfinished: {', '.join(self.stopped)}" if self.stopped else ""))
             return "ok"
         lines = [f"stage {self.failed_stage} failed: {self.reason}: {self.message}"]
         if self.last_log_lines:
@@ -216,6 +236,18 @@ class Scheduler:
         self.outcome = outcome or RunOutcome()
         self.parties = party_stages(recipe, teacher_url(recipe, applied=False))  # they share the teacher's server
         self._pending: list[str] = []  # the selected stages not started yet
+        self._signal: int | None = None  # set by interrupt(): no stage starts any more
+        self._error: Exception | None = None  # an error of the walk itself, raised once the running stages ended
+
+    def interrupt(self, signum: int) -> None:
+        """``bezoar run`` got SIGINT or SIGTERM: no stage starts from now on; the running ones are waited for
+        as after a failure (stopping them is the backend's business). Called from a signal handler, so it only
+        records the signal."""
+        if self._signal is None:
+            self._signal = signum
+
+    def _stopping(self) -> bool:
+        return self.outcome.failed_stage is not None or self._signal is not None or self._error is not None
 
     def run(self, stages: list[str], force: bool = False) -> RunOutcome:
         for s in stages:
@@ -226,34 +258,70 @@ class Scheduler:
         self.backend.start()
         try:
             while True:
-                if o.failed_stage is None:
-                    self._start_ready(stages, pending, done, force)
+                if not self._stopping():
+                    try:
+                        self._start_ready(stages, pending, done, force)
+                    except Exception as e:  # raised below, once the stages running have ended
+                        self._walk_error(e)
+                self._announce_interrupt()
                 running = self.backend.running()
-                if o.failed_stage is not None and (not running or not self.backend.wait_on_failure):
+                if self._stopping() and (not running or not self.backend.wait_on_failure):
                     break
                 if not running:
                     if pending and o.failed_stage is None:  # pragma: no cover - the DAG is acyclic by construction
                         raise RuntimeError(f"stages {pending} can never start")
                     break
                 for ev in self.backend.wait(1.0):
-                    self._ended(ev, done)
+                    self._announce_interrupt()
+                    try:
+                        self._ended(ev, done)
+                    except Exception as e:  # as above
+                        self._walk_error(e)
         finally:
             o.still_running = sorted(self.backend.running())
             self.backend.close()
-        if o.failed_stage is not None:
+        cut_short = self._signal is not None and o.failed_stage is None and bool(o.stopped or pending)
+        if cut_short:  # (an interrupt that came while the last stages were finishing cut nothing short)
+            o.exit_code = 128 + (self._signal or 0)
+        if o.failed_stage is not None or (cut_short and self._error is None):
             self.say(f"error: {o.describe()}")
-            if o.still_running:
-                self.say(f"still running (left alone; the next `bezoar run` adopts them, `bezoar cancel` stops them): "
-                         f"{', '.join(o.still_running)}")
-        else:
+        if o.still_running:
+            self.say(f"still running (left alone; the next `bezoar run` adopts them, `bezoar cancel` stops them): "
+                     f"{', '.join(o.still_running)}")
+        if self._error is not None:
+            raise self._error
+        if o.failed_stage is None and not cut_short:
             self.say(f"{len(o.committed)} stage(s) committed, {len(o.skipped)} already up to date")
         return o
+
+    def _announce_interrupt(self) -> None:
+        o = self.outcome
+        if self._signal is None or o.interrupted:
+            return
+        o.interrupted = _signal_name(self._signal)
+        running = self.backend.running()
+        self.say(f"{o.interrupted}: no stage starts any more"
+                 + (f"; stopping {', '.join(running)}" if running and self.backend.wait_on_failure else ""))
+
+    def _walk_error(self, e: Exception) -> None:
+        """An error of the walk itself (not a stage's): no stage starts any more; raised by :meth:`run` once the
+        stages running have ended (or at once when the backend leaves them running). After a stage's failure or
+        an interrupt, which already stopped the walk and give the run its exit code, it is only said."""
+        if self._stopping():
+            self.say(f"also: {type(e).__name__}: {e}")
+            return
+        self._error = e
+        running = self.backend.running()
+        if running and self.backend.wait_on_failure:
+            self.say(f"error: {e}; no stage starts any more; waiting for {', '.join(running)}")
 
     def _start_ready(self, stages: list[str], pending: list[str], done: set[str], force: bool) -> None:
         progressed = True
         while progressed:
             progressed = False
             for s in list(pending):
+                if self._signal is not None:  # interrupted while starting stages: start none after it
+                    return
                 if not self._room_for(s):
                     if s in self.parties and self.recipe.teacher.backend != "local":
                         continue  # a stage after it may still join the teacher's group
@@ -293,6 +361,11 @@ class Scheduler:
         return used + need <= limit
 
     def _ended(self, ev: StageEvent, done: set[str]) -> None:
+        if ev.exit_code != 0 and self._signal is not None and self.outcome.failed_stage is None:
+            # stopped by the interrupt (or ended some other way after it): the run's failure is the interrupt
+            self.say(f"{ev.stage}: stopped unfinished ({ev.reason or f'exit code {ev.exit_code}'})")
+            self.outcome.stopped.append(ev.stage)
+            return
         if ev.exit_code != 0:
             self._fail(ev)
             return
