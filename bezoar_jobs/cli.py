@@ -368,7 +368,11 @@ def cmd_cancel(a: argparse.Namespace) -> int:
     from .executors.kubernetes import cancel
 
     cluster = load_cluster_settings(a.cluster) if a.cluster else ClusterSettings()
-    return cancel(run_uri=a.run, run_id=run_id_of(a.run, a.run_id), cluster=cluster, undo=a.undo)
+    # a local run (no --cluster, and no Kubernetes to reach): the mark alone stops it (its `bezoar run` looks
+    # for it every few seconds); asking for a cluster's Jobs failed after the mark was written
+    kube = bool(a.cluster or os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG")
+                or os.path.exists(os.path.expanduser("~/.kube/config")))
+    return cancel(run_uri=a.run, run_id=run_id_of(a.run, a.run_id), cluster=cluster, undo=a.undo, delete_jobs=kube)
 
 
 # ---- argument parsing ---------------------------------------------------------------------------

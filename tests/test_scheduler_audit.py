@@ -214,8 +214,7 @@ def test_log_format_json_run_writes_one_json_object_per_line_the_stages_lines_in
 
 
 def test_a_local_run_cancelled_while_it_runs_starts_nothing_more_and_stops(tmp_path):
-    from bezoar_jobs.run_control import EXIT_CANCELLED, cancel_run
-    from bezoar_jobs.store import open_store
+    from bezoar_jobs.run_control import EXIT_CANCELLED
 
     with LLMTestServer(script=scripted_answer, api_key="test-key", latency=0.5) as srv:
         recipe = scripted_recipe(tmp_path, srv.url, **{"teacher.max_concurrency": 2})
@@ -225,7 +224,14 @@ def test_a_local_run_cancelled_while_it_runs_starts_nothing_more_and_stops(tmp_p
         try:
             _wait_for(lambda: all(_holder(run, s) is not None for s in GENERATE) and len(srv.calls) >= 4)
             pids = [p for p in (_holder(run, s) for s in GENERATE) if p is not None]
-            cancel_run(open_store(str(run)))  # what `bezoar cancel --run` writes first
+            # `bezoar cancel` where no Kubernetes is configured: it marks the run and stops there (it went on to ask
+            # for a cluster's Jobs and failed, after writing the mark)
+            env = {k: v for k, v in ENV.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+            said = subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", "cancel", "--run", str(run)],
+                                  env={**env, "HOME": str(tmp_path / "home")}, capture_output=True, text=True,
+                                  timeout=60)
+            assert said.returncode == 0, said.stdout + said.stderr
+            assert "no Kubernetes configuration here" in said.stdout
             _, err = parent.communicate(timeout=60)
             left = [p for p in pids if _alive(p)]
         finally:

@@ -206,9 +206,11 @@ def cancel(
     *,
     out: TextIO | None = None,
     undo: bool = False,
+    delete_jobs: bool = True,
 ) -> int:
     """``bezoar cancel``: mark the run cancelled in its store, then delete every Job of the run
-    (propagationPolicy Background); return 0. ``undo`` removes the mark (and deletes nothing).
+    (propagationPolicy Background); return 0. ``undo`` removes the mark (and deletes nothing);
+    ``delete_jobs=False`` (a local run, no cluster to reach) only marks it: its ``bezoar run`` stops its stages.
 
     Deleting a Job terminates its pods (SIGTERM, then the grace period): a stage saves what it can
     under ``_work/``, and a later ``bezoar run`` (after ``--undo``) resumes from there. Committed
@@ -228,6 +230,10 @@ def cancel(
         marker = cancel_run(store)
         out.write(f"[bezoar] cancel: run {rid} marked cancelled in {store.uri} ({marker.get('cancelled_at')}): "
                   "no controller of it will start or go on\n")
+        if not delete_jobs:
+            out.write("[bezoar] cancel: no Kubernetes configuration here: a local `bezoar run` of it stops its stages "
+                      "(exit 4); no Jobs to delete\n")
+            return 0
         api = api_client if api_client is not None else make_api_client()
         jobs = JobApi(client.BatchV1Api(api), client.CoreV1Api(api), cluster.namespace, short_run_id(rid),
                       ApiRetry(cluster.controller.apiOutageToleranceSeconds,
