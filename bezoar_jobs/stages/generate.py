@@ -116,12 +116,12 @@ class TeacherClock:
     so this is a lower bound of what the teacher Deployment costs (the report adds spans up as a
     union, since the generate stages share one teacher).
 
-    With ``ctx``, each timed span is also saved beside the stage's records (``_work/<records key>/
+    Each timed span is also saved beside the stage's records (``_work/<records key>/
     teacher-spans/``), when it ends or is cut short by an error or SIGTERM, so the attempts before the
     committing one, whose answers the stage reuses, are counted too (:meth:`earlier`). An attempt
     killed outright (SIGKILL) saves nothing of its last span."""
 
-    def __init__(self, ctx: StageContext | None = None) -> None:
+    def __init__(self, ctx: StageContext) -> None:
         self.start: float | None = None
         self.end: float | None = None
         self.seconds = 0.0
@@ -135,11 +135,10 @@ class TeacherClock:
     def _prefix(self) -> str:
         from .common import work_key
 
-        assert self.ctx is not None
         return f"{work_key(self.ctx)}/teacher-spans/"
 
     def _save(self, start: float, end: float) -> None:
-        if self.ctx is None or self.ctx.shard is not None:  # a shard's span: its own pod's, not counted twice
+        if self.ctx.shard is not None:  # a shard's span: its own pod's, not counted twice
             return
         name = f"{self._prefix}{uuid.uuid4().hex}.json"
         try:
@@ -150,8 +149,6 @@ class TeacherClock:
 
     def earlier(self) -> list[tuple[float, float]]:
         """The spans saved by the attempts before this one (their records are this stage's data too)."""
-        if self.ctx is None:
-            return []
         out = []
         for name in self.ctx.work.list(self._prefix):
             if name in self._saved or not name.endswith(".json"):
