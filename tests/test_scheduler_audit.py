@@ -31,17 +31,10 @@ import pytest
 
 from tests.llm_server import LLMTestServer
 from tests.scripted import scripted_answer, scripted_recipe
+from tests.test_lease import _alive
 
 ENV = {**os.environ, "SCRIPTED_JUDGE_KEY": "test-key"}
 GENERATE = ("generate-lamini", "generate-evol", "generate-orca")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _wait_for(pred, timeout: float = 60) -> None:
