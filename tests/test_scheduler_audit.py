@@ -51,10 +51,17 @@ def _holder(run: Path, stage: str) -> int | None:
         return None
 
 
+def _default_sigint() -> None:
+    # a suite run in the background (`sh -c '... &'`, nohup) starts with SIGINT ignored, and `bezoar run` keeps a
+    # signal it was started with ignored (as a backgrounded job expects): the test's SIGINT would then do nothing
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _bezoar_run(recipe: Path, run: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "bezoar_jobs.cli", "run", "--recipe", str(recipe), "--run", str(run),
                              *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a signal the test sends reaches `bezoar run` alone
+                            start_new_session=True,  # a signal the test sends reaches `bezoar run` alone
+                            preexec_fn=_default_sigint)
 
 
 def _kill_left(pids: list[int]) -> None:
@@ -105,6 +112,26 @@ def test_a_signal_to_bezoar_run_stops_its_stages_and_waits_for_them(tmp_path, si
         assert not list((run / "_leases").glob("*.json"))  # every lease released, the run's too
         # what the stages had received is saved for the next run
         assert list(run.glob("generate-*/_work/records-*/**/part-*.jsonl"))
+
+
+def test_a_run_started_with_sigint_ignored_keeps_it_ignored(tmp_path):
+    """`bezoar run ... &` in a script (or under nohup) starts with SIGINT ignored, so that a Ctrl-C at the terminal
+    leaves it alone: its handler must not take SIGINT back."""
+    with LLMTestServer(script=scripted_answer, api_key="test-key", latency=0.2) as srv:
+        recipe = scripted_recipe(tmp_path, srv.url)
+        run = tmp_path / "run"
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "bezoar_jobs.cli", "run", "--recipe", str(recipe), "--run", str(run), "--only",
+             "generate-orca"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            _wait_for(lambda: _holder(run, "generate-orca") is not None and len(srv.calls) >= 2)
+            parent.send_signal(signal.SIGINT)
+            _, err = parent.communicate(timeout=120)
+        finally:
+            parent.kill()
+    assert parent.returncode == 0, err[-3000:]
+    assert "interrupted" not in err and (run / "generate-orca" / "_MANIFEST.json").is_file()
 
 
 def test_an_error_of_the_walk_waits_for_the_stages_it_started(tmp_path):
