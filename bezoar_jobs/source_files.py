@@ -16,7 +16,7 @@ Covered: local paths and ``file://``. Not covered: ``pkg://`` files (they change
 ``s3://`` files and hub datasets (the recipe pins a revision; an ``s3://`` object's content is not hashed here).
 A fingerprint taken on another machine (a stage pod, seen from a controller elsewhere) is compared only where it
 was taken (``host``): a path there need not be the same file here. The cost: one sha256 pass over each local
-file when the stage starts (measured with the committed-input checks: docs/benchmarks.md).
+file when the stage starts (not measured for this; a sha256 pass over committed inputs: docs/benchmarks.md).
 """
 
 from __future__ import annotations
