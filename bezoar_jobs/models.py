@@ -273,6 +273,17 @@ def _from_hub(ref: str, revision: str | None, trust_remote_code: bool = False) -
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
+def pinned_revision(ref: str, revision: str | None) -> str | None:
+    """The revision to load and record for model ``ref``: for a hub model, the commit ``revision`` names now
+    (:func:`hub_commit`), else ``revision`` as it is (a local path, an s3:// or pkg:// file, or the hub not
+    answering)."""
+    from .recipe_base import is_hub_model
+
+    if not is_hub_model(ref) or Path(ref).exists():
+        return revision
+    return hub_commit(ref, revision) or revision
+
+
 def hub_commit(ref: str, revision: str | None) -> str | None:
     """The commit sha that ``revision`` of the hub model ``ref`` names now: itself when it is one, else
     what the branch or tag (None: the default branch) points at, asked of the hub. None when the hub

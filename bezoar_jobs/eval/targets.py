@@ -78,17 +78,13 @@ def targets(ctx: StageContext) -> list[Target]:
 
 def _outside(label: str, kind: str, model: str, revision: str | None, trust_remote_code: bool) -> Target:
     """The base model or a baseline: a hub model at the commit its revision names now (module docstring)."""
-    from ..recipe_base import is_hub_model
+    from ..models import pinned_revision
 
-    loaded = revision
-    if is_hub_model(model) and not Path(model).exists():
-        from ..models import hub_commit
-
-        loaded = hub_commit(model, revision) or revision
-        if loaded != revision:
-            log.warning("%s: %s revision %s is not a commit: evaluating commit %s, which the results record "
-                        "(pin it in the recipe to make the run reproducible)", label, model, revision or "(default "
-                        "branch)", loaded)
+    loaded = pinned_revision(model, revision)
+    if loaded != revision:
+        log.warning("%s: %s revision %s is not a commit: evaluating commit %s, which the results record "
+                    "(pin it in the recipe to make the run reproducible)", label, model, revision or "(default "
+                    "branch)", loaded)
     return Target(label, kind, model, loaded, json.dumps({"model": model, "revision": loaded}), trust_remote_code,
                   recipe_revision=revision)
 

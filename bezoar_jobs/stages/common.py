@@ -89,6 +89,14 @@ def causes_text(causes: Counter[str] | dict[str, int]) -> str:
     return ", ".join(f"{c}: {n}" for c, n in sorted(causes.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def saved_tokens(rec: dict[str, Any]) -> tuple[int, int] | None:
+    """(prompt, completion) tokens a saved record's answer cost (its ``_tokens``), None when it does not say."""
+    tokens = rec.get("_tokens")
+    if isinstance(tokens, list) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
+        return tokens[0], tokens[1]
+    return None
+
+
 class Phase:
     """One step of a stage's records (an instruction list, a response, a verdict) whose answers are
     persisted as records (see records.py); its requests go out through a :class:`~bezoar_jobs.llm.flow.Flow`
@@ -122,8 +130,8 @@ class Phase:
             return
         spent = 0.0
         for rec in self.log.records.values():
-            tokens = rec.get("_tokens")
-            if isinstance(tokens, list) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
+            tokens = saved_tokens(rec)
+            if tokens is not None:
                 spent += float(cost(*tokens))
         client.prior_spent_usd += spent
 
@@ -149,9 +157,9 @@ class Phase:
         rec = self.done(req.id)
         if rec is not None:
             self.resumed += 1
-            tokens = rec.get("_tokens")
-            if isinstance(tokens, list) and len(tokens) == 2 and all(isinstance(t, int) for t in tokens):
-                client.usage.add_saved(tokens[0], tokens[1], rec.get("_key"))  # paid by an earlier attempt
+            tokens = saved_tokens(rec)
+            if tokens is not None:
+                client.usage.add_saved(*tokens, rec.get("_key"))  # paid by an earlier attempt
             if then is not None:
                 flow.call_soon(lambda: then(rec))
             return

@@ -72,15 +72,12 @@ def fingerprint(ctx: StageContext) -> dict[str, Any]:
 
 def resolve_base(ctx: StageContext, base_stage: str | None) -> tuple[Path, dict[str, Any]]:
     """(local model dir, manifest info) of the model this stage starts from."""
-    from ..models import check_model_dir, hub_commit, resolve_model
-    from ..recipe_base import is_hub_model
+    from ..models import check_model_dir, pinned_revision, resolve_model
 
     if base_stage is None:
         s = ctx.recipe.student
-        revision = s.revision
-        if is_hub_model(s.model) and not Path(s.model).exists():
-            # a branch (null: the default one) is trained, and recorded, at the commit it points at now
-            revision = hub_commit(s.model, s.revision) or s.revision
+        # a branch (null: the default one) is trained, and recorded, at the commit it points at now
+        revision = pinned_revision(s.model, s.revision)
         try:
             path = resolve_model(s.model, revision, trust_remote_code=s.trust_remote_code)
         except BadInput as e:  # name the recipe field, not only the path
