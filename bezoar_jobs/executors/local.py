@@ -45,7 +45,7 @@ from ..registry import spec
 from ..run_control import EXIT_CANCELLED, cancelled
 from ..store import Store
 from .cluster import TEACHER_STAGES
-from .scheduler import RunOutcome, Scheduler, StageEvent, on_teacher_server, parties_at_once
+from .scheduler import RunOutcome, Scheduler, StageEvent, on_teacher_server, parties_at_once, signal_name
 
 log = logging.getLogger("bezoar")
 
@@ -62,11 +62,7 @@ def exit_status(rc: int) -> tuple[int, str | None]:
     (SIGKILL: 247); a shell's 128 + signal (137) instead, as the launcher does for its workers (launch.py)."""
     if rc >= 0:
         return rc, None
-    try:
-        name = signal.Signals(-rc).name
-    except ValueError:
-        name = f"signal {-rc}"
-    return 128 - rc, name
+    return 128 - rc, signal_name(-rc)
 
 
 def stage_command(name: str, store: Store, force: bool = False, shard: str | None = None,

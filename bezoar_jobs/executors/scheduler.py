@@ -128,7 +128,8 @@ EXIT_STAGE_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
-def _signal_name(signum: int) -> str:
+def signal_name(signum: int) -> str:
+    """SIGTERM, SIGKILL ... ("signal N" for a number no signal has)."""
     import signal
 
     try:
@@ -298,7 +299,7 @@ class Scheduler:
         o = self.outcome
         if self._signal is None or o.interrupted:
             return
-        o.interrupted = _signal_name(self._signal)
+        o.interrupted = signal_name(self._signal)
         running = self.backend.running()
         self.say(f"{o.interrupted}: no stage starts any more"
                  + (f"; stopping {', '.join(running)}" if running and self.backend.wait_on_failure else ""))
