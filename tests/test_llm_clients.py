@@ -20,6 +20,7 @@ import pytest
 from bezoar_jobs.errors import BadInput, Interrupted, RetryableError
 from bezoar_jobs.llm import CachedClient, GenRequest, GenResult, make_client
 from bezoar_jobs.llm.faults import parse_retry_after
+from bezoar_jobs.llm.ratelimit import TokenBucket
 from bezoar_jobs.llm.render import chat_messages, render_raw
 from bezoar_jobs.recipe import Endpoint
 from bezoar_jobs.store import LocalStore
@@ -178,30 +179,53 @@ def test_concurrency_bound_and_continuous_pool(llm_server):
     assert len(during) >= 25, f"only {len(during)} requests ran beside the slow one: the pool is not continuous"
 
 
-def test_requests_per_minute_limit(llm_server):
+def bucket_releases(monkeypatch) -> dict[int, list[tuple[float, float]]]:
+    """When each rate-limit bucket lets a request go, per bucket: (time, amount).
+
+    The limit binds when the client sends, so it is measured there: arrival times at the test
+    server also carry connection set-up, which on a loaded host delays the first (new-connection)
+    requests more than the last (reused) ones and shortens the observed span."""
+    seen: dict[int, list[tuple[float, float]]] = {}
+    take = TokenBucket.take
+
+    async def recording_take(self, amount):
+        await take(self, amount)
+        seen.setdefault(id(self), []).append((time.monotonic(), amount))
+
+    monkeypatch.setattr(TokenBucket, "take", recording_take)
+    return seen
+
+
+def test_requests_per_minute_limit(llm_server, monkeypatch):
     srv = llm_server()
-    # 600/min = 10/s with a one-second burst: 25 requests cannot take less than ~1.5 s
+    released = bucket_releases(monkeypatch)
+    # 600/min = 10/s with a one-second burst: the 25th request cannot go before 1.5 s after the first
     client = make_client(endpoint("openai-chat", srv, max_concurrency=16, requests_per_minute=600))
     out = run_all(client, [GenRequest(id=str(i), user=f"q {i}", max_new_tokens=4) for i in range(25)])
-    assert len(out) == 25
-    arrivals = sorted(c.arrived for c in srv.calls)
-    span = arrivals[-1] - arrivals[0]
-    assert 1.3 <= span <= 4.0, span
+    assert len(out) == 25 and len(srv.calls) == 25
+    [sends] = released.values()  # one bucket: requests per minute
+    times = sorted(t for t, _ in sends)
+    assert len(times) == 25
+    assert 1.5 - 1e-3 <= times[-1] - times[0] <= 4.0, times[-1] - times[0]
     # no one-second window holds more than the burst plus one second's rate
-    assert max(sum(1 for t in arrivals if s <= t < s + 1.0) for s in arrivals) <= 21
+    assert max(sum(1 for t in times if s <= t < s + 1.0) for s in times) <= 20
 
 
-def test_tokens_per_minute_limit(llm_server):
+def test_tokens_per_minute_limit(llm_server, monkeypatch):
     srv = llm_server(script=lambda p: "w " * 100)
+    released = bucket_releases(monkeypatch)
     # 6000 tokens/min = 100 tokens/s, burst 100. Each request is charged its estimate up front
-    # (len(prompt)/4 + max_new_tokens = 12 + 30) and corrected to the server's usage afterwards
-    # (7 prompt + 30 output tokens): six requests use 222 tokens, so the last cannot start
-    # before (222 - 100 - 37) / 100 s plus the wait for a full estimate
+    # (len(prompt)/4 + max_new_tokens = 13 + 30) and corrected to the server's usage afterwards
+    # (7 prompt + 30 output tokens): before the sixth request goes, at least 6 x 43 - 5 x 6 = 228
+    # tokens were charged against a bucket that held 100, so it goes 1.28 s after the first or later
     client = make_client(endpoint("openai-completions", srv, max_concurrency=8, tokens_per_minute=6000))
     out = run_all(client, [GenRequest(id=str(i), user=f"q{i}", max_new_tokens=30) for i in range(6)])
     assert all(r.completion_tokens == 30 and r.prompt_tokens == 7 for r in out.values())
-    arrivals = sorted(c.arrived for c in srv.calls)
-    assert 1.0 <= arrivals[-1] - arrivals[0] <= 5.0
+    assert len(srv.calls) == 6
+    [sends] = released.values()
+    assert [a for _, a in sends] == [43] * 6  # the estimate charged up front
+    times = sorted(t for t, _ in sends)
+    assert 1.28 - 1e-3 <= times[-1] - times[0] <= 5.0, times[-1] - times[0]
 
 
 # ----------------------------------------------------------------------------------------------
