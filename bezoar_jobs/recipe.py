@@ -42,6 +42,10 @@ from .yamlmodel import key_lines, parse_yaml, validate
 SCHEMA_VERSION = 1
 
 
+# the Messages API's range for temperature is 0 to 1 (its API reference, `temperature`)
+ANTHROPIC_MAX_TEMPERATURE = 1.0
+
+
 class StudentModel(Strict):
     model: str = Field(description="hub id, local/s3 checkpoint directory, or pkg://package/file.gguf")
     revision: str | None = Field(None, description="pinned hub revision (commit sha) of the model")
@@ -290,7 +294,7 @@ class FilterConfig(Strict):
     max_attempts: PosInt = Field(3, description="asks per row when the verdict cannot be parsed")
     retry_temperature: Annotated[Float, Field(gt=0.0, le=2.0)] = Field(
         0.7, description="temperature of a re-ask when decoding.temperature is 0 (greedy would repeat the same "
-        "unparseable verdict)"
+        "unparseable verdict); at most 1 for an anthropic judge, as every temperature sent to the Messages API"
     )
     decoding: Decoding = Field(
         Decoding(max_new_tokens=256, temperature=0.0),
@@ -337,6 +341,7 @@ class Recipe(Strict):
     def _cross(self) -> Recipe:
         if self.filter.method == "logprobs" and self.judge.backend != "local":
             raise ValueError("filter.method 'logprobs' needs judge.backend 'local' (remote APIs give no token scores)")
+        self._within_api_ranges()
         resolved = self.evaluated_checkpoints()
         if len(set(resolved)) != len(resolved):
             raise ValueError(
@@ -344,6 +349,38 @@ class Recipe(Strict):
                 f"('{SFT_ALIAS}' is {resolve_checkpoint(SFT_ALIAS, self)} with this training.sft_order)"
             )
         return self
+
+    def _within_api_ranges(self) -> None:
+        """A temperature the endpoint's API refuses is an error here, naming the field, not a 400 from the
+        API partway through a paid stage (the filter's re-asks come after its whole first pass)."""
+        g, f = self.generation, self.filter
+        sent: dict[str, tuple[Endpoint, list[tuple[str, float]]]] = {
+            "teacher": (self.teacher, [
+                ("generation.lamini.topic_decoding.temperature", g.lamini.topic_decoding.temperature),
+                ("generation.lamini.instruction_decoding.temperature", g.lamini.instruction_decoding.temperature),
+                ("generation.lamini.response_decoding.temperature", g.lamini.response_decoding.temperature),
+                ("generation.evol.evolve_decoding.temperature", g.evol.evolve_decoding.temperature),
+                ("generation.evol.response_decoding.temperature", g.evol.response_decoding.temperature),
+                ("generation.orca.response_decoding.temperature", g.orca.response_decoding.temperature)]),
+            "judge": (self.judge, [("filter.decoding.temperature", f.decoding.temperature)]
+                      + ([("filter.retry_temperature", f.retry_temperature)] if f.decoding.temperature == 0 else [])),
+        }
+        mt = self.evaluation.mtbench
+        mt_role = "evaluation.mtbench.judge" if mt.judge is not None else "judge"
+        mt_uses = [("evaluation.mtbench.judge_decoding.temperature", mt.judge_decoding.temperature)]
+        if mt.judge is not None:
+            sent[mt_role] = (mt.judge, mt_uses)
+        else:
+            sent["judge"][1].extend(mt_uses)
+        for role, (ep, uses) in sent.items():
+            if ep.backend != "anthropic":
+                continue
+            for field, t in uses:
+                if t > ANTHROPIC_MAX_TEMPERATURE:
+                    raise ValueError(
+                        f"{field}: {t:g} is above {ANTHROPIC_MAX_TEMPERATURE:g}, the most the Anthropic Messages API "
+                        f"takes ({role}.backend is anthropic)"
+                    )
 
     # -- pinning: a paid run on unpinned hub revisions cannot be reproduced --------------------
     def unpinned(self) -> list[str]:

@@ -95,6 +95,32 @@ def test_cross_field_rules():
         parse_recipe(yaml.safe_dump(d), "r.yaml")
 
 
+def test_a_temperature_the_anthropic_api_refuses_is_an_error_naming_the_field():
+    claude = {"backend": "anthropic", "model": "claude-2.1", "api_key_env": "ANTHROPIC_API_KEY"}
+    d = _demo()
+    d["judge"] = claude
+    d["filter"] = {**d.get("filter", {}), "method": "generate", "retry_temperature": 1.5}
+    # greedy verdicts re-ask at retry_temperature: 1.5 is past the Messages API's 0-1
+    with pytest.raises(BadInput, match=r"filter.retry_temperature: 1.5 is above 1, the most the Anthropic"):
+        parse_recipe(yaml.safe_dump(d), "r.yaml")
+    # sampled verdicts re-ask at their own temperature: retry_temperature is never sent
+    d["filter"]["decoding"] = {"max_new_tokens": 64, "temperature": 0.5}
+    assert parse_recipe(yaml.safe_dump(d), "r.yaml").filter.retry_temperature == 1.5
+    d = _demo()
+    d["teacher"] = claude
+    d["generation"]["orca"]["response_decoding"] = {"max_new_tokens": 64, "temperature": 1.2}
+    with pytest.raises(BadInput, match=r"generation.orca.response_decoding.temperature: 1.2 is above 1.*teacher"):
+        parse_recipe(yaml.safe_dump(d), "r.yaml")
+    d = _demo()
+    d["evaluation"]["mtbench"].update(judge=claude, judge_method="generate")
+    d["evaluation"]["mtbench"]["judge_decoding"] = {"max_new_tokens": 64, "temperature": 1.1}
+    with pytest.raises(BadInput, match=r"judge_decoding.temperature: 1.1 .*\(evaluation.mtbench.judge.backend"):
+        parse_recipe(yaml.safe_dump(d), "r.yaml")
+    # other APIs take more: the same temperature on an OpenAI-compatible judge loads
+    d["evaluation"]["mtbench"]["judge"] = {"backend": "openai-chat", "model": "gpt-4", "base_url": "http://x/v1"}
+    assert parse_recipe(yaml.safe_dump(d), "r.yaml").evaluation.mtbench.judge_decoding.temperature == 1.1
+
+
 def test_secrets_are_names_not_values():
     # the recipe has no field that could hold a key itself
     d = _demo()
