@@ -116,6 +116,24 @@ def test_a_resumed_run_counts_each_trained_token_once(tmp_path: Path, tiny: Path
     assert m["training"]["real_tokens"] == 2 * m["counts"]["tokens"]
 
 
+def test_tokens_collated_in_dataloader_workers_are_counted(tmp_path: Path, tiny: Path) -> None:
+    """With dataloader_num_workers the collator runs in worker processes: its counters there never reached the
+    trainer's process, and the manifest said 0 tokens trained (and 0 tokens/s)."""
+    figures = {}
+    for workers in (0, 2):
+        (tmp_path / str(workers)).mkdir()
+        training = training_section(sft_args={"max_steps": 6, "per_device_train_batch_size": 2,
+                                              "gradient_accumulation_steps": 2, "dataloader_num_workers": workers})
+        recipe, _ = make_recipe(tmp_path / str(workers), tiny, training)
+        store = open_store(tmp_path / str(workers) / "run")
+        commit_filter(store, "lamini", lamini_rows(12), tmp_path / str(workers))
+        assert run_stage("sft-lamini", recipe, store) == 0
+        m = read_manifest(store, "sft-lamini")
+        assert m["training"]["real_tokens"] == 2 * m["counts"]["tokens"] > 0, workers  # every example twice
+        figures[workers] = (m["training"]["real_tokens"], m["training"]["total_tokens"])
+    assert figures[2] == figures[0]
+
+
 def _stage(recipe: Path, run: Path, *extra: str) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "bezoar_jobs.cli", "stage", "sft-lamini", "--recipe", str(recipe),

@@ -992,6 +992,7 @@ def test_dpo_loads_the_model_with_the_recipes_attention(tmp_path: Path, tiny: Pa
     assert run_stage("dpo", recipe, store) == 0
     m = read_manifest(store, "dpo")
     assert m is not None and m["training"]["attention"] == "eager"
+    assert m["training"]["total_tokens"] >= m["training"]["real_tokens"] > 0  # the batches' counts reach it
 
 
 # ---------------------------------------------------------------------------------------------

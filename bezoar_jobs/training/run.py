@@ -11,7 +11,6 @@ import json
 import logging
 import resource
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,38 +170,40 @@ def _hash_array(h: Any, arr: Any) -> None:
 
 
 class TrainedTokens:
-    """The token counters of the batches the trainer trained on. The training dataloader (accelerate's
-    DataLoaderShard) collates one batch ahead of the step that uses it, so the collator's own counts run a batch
-    ahead: at a checkpoint they include the first batch of the next step, which the resumed run collates and
-    counts again, and at the end of training one batch that was never trained (per rank). Here each batch's
-    counts wait until ``training_step`` takes a batch (batches reach it in the order they were collated)."""
+    """The token counters of the batches the trainer trained on. Each batch carries its own counts (under
+    ``KEY``, taken off before the step sees it), because the batches the collator builds are not the ones
+    trained: the training dataloader (accelerate's DataLoaderShard) collates one batch ahead of the step that
+    uses it, so the collator's running totals include, at a checkpoint, the first batch of the next step (which
+    the resumed run collates and counts again) and, at the end of training, a batch never trained (per rank).
+    And with ``dataloader_num_workers`` above 0 the collator runs in worker processes, whose counters this
+    process never sees: only what travels with a batch reaches it."""
 
     KEYS = ("real_tokens", "total_tokens", "shared_tokens")
+    KEY = "bezoar_token_counts"
 
     def __init__(self, trainer: Any, counter: CountingCollator):
         self.counter = counter
         self.trained = dict.fromkeys(self.KEYS, 0)
-        self._pending: deque[dict[str, int]] = deque()
         self._collate = trainer.data_collator
         trainer.data_collator = self
         step = trainer.training_step
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            if self._pending:
-                for k, v in self._pending.popleft().items():
-                    self.trained[k] += v
-            return step(*args, **kwargs)
+        def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            counts = inputs.pop(self.KEY, None)
+            if counts is not None:
+                for k, v in zip(self.KEYS, counts, strict=True):
+                    self.trained[k] += int(v)
+            return step(model, inputs, *args, **kwargs)
 
         trainer.training_step = training_step
 
-    def _counts(self) -> dict[str, int]:
-        return {k: int(getattr(self.counter, k)) for k in self.KEYS}
+    def _counts(self) -> tuple[int, ...]:
+        return tuple(int(getattr(self.counter, k)) for k in self.KEYS)
 
     def __call__(self, examples: list[dict[str, Any]]) -> Any:
         before = self._counts()
         batch = self._collate(examples)
-        after = self._counts()
-        self._pending.append({k: after[k] - before[k] for k in self.KEYS})
+        batch[self.KEY] = tuple(a - b for a, b in zip(self._counts(), before, strict=True))
         return batch
 
 
