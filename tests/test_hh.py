@@ -69,6 +69,13 @@ def test_double_turns_are_joined_and_missing_leading_blank_line_is_accepted() ->
     assert msgs == [Message(HUMAN, "First part.\n\nSecond part."), Message(ASSISTANT, "Got both.")]
 
 
+@pytest.mark.parametrize("lead", ["\n", " ", "\n \n", "\r\n"])
+def test_white_space_other_than_a_blank_line_before_the_first_turn_is_accepted(lead: str) -> None:
+    # one line break before the first "Human:" had found no turn at all: the row was dropped as unparseable
+    msgs = parse_dialogue(f"{lead}Human: Hi.\n\nAssistant: Hello.")
+    assert msgs == [Message(HUMAN, "Hi."), Message(ASSISTANT, "Hello.")]
+
+
 def test_unparseable_and_unfinished_dialogues() -> None:
     with pytest.raises(ValueError, match="no 'Human:'"):
         parse_dialogue("just some text")

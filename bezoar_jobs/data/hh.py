@@ -25,9 +25,10 @@ from .prompt_format import Turn, render_prompt
 HUMAN = "Human"
 ASSISTANT = "Assistant"
 
-# A turn starts at a paragraph break followed by a speaker name and a colon. The start of the text
-# counts as a paragraph break (a few rows lack the leading blank line).
-_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+# A turn starts at a paragraph break followed by a speaker name and a colon. The start of the text,
+# after any white space, counts as a paragraph break (a few rows lack the leading blank line, or
+# have one line break or a space before the first "Human:").
+_MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
 
 
 @dataclass(frozen=True)
