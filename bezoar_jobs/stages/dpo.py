@@ -2,7 +2,10 @@
 
 A LoRA adapter is trained on the policy; the reference model is the same network with the adapter
 disabled (TRL ``DPOTrainer(ref_model=None, peft_config=...)``), so no second copy of the weights
-is held. Pairs come from :func:`bezoar_jobs.training.dpo.dpo_pairs`.
+is held. Pairs come from :func:`bezoar_jobs.training.dpo.dpo_pairs` already tokenized, with the SFT
+stages' rules (a special token's spelling in the data is text, not a BOS or EOS id), and the trainer
+(:func:`bezoar_jobs.training.dpo.dpo_trainer_class`) trains on those ids rather than tokenizing the
+text again its own way.
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ log = logging.getLogger("bezoar")
 
 def run_dpo(ctx: StageContext) -> StageOutput:
     import datasets
-    from trl import DPOTrainer
 
     from ..data.hh import load_hh_rows
     from ..training.attention import choose, in_use
-    from ..training.dpo import dpo_pairs
+    from ..training.dpo import dpo_pairs, dpo_trainer_class
     from ..training.lora import load_for_training
     from ..training.loss import compact_fused_head
     from ..training.run import install_collator, release
@@ -49,7 +51,7 @@ def run_dpo(ctx: StageContext) -> StageOutput:
     model = load_for_training(
         base_dir, configs.plan, student.trust_remote_code, bool(args.activation_checkpointing), attn
     )
-    trainer = DPOTrainer(
+    trainer = dpo_trainer_class()(
         model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok, peft_config=configs.lora
     )
     counter = install_collator(trainer, padding_free=False)
