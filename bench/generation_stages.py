@@ -1,6 +1,6 @@
 """Whole data stages against the scripted teacher: how busy do they keep it, clean and under faults?
 
-``.venv/bin/python bench/generation.py stages [--quick] [--no-write]``
+``.venv/bin/python bench/generation.py stages [--quick] [--scale K] [--no-write]``
 
 The teacher (and judge) is tests/llm_server.py as its own process with the capacity model of the
 client benchmark (``--capacity`` sequences decoding at once, ``--per-token-ms`` per output token,
@@ -322,11 +322,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeline-dir", type=Path, default=None, help="with --timeline: also write each stage's "
                     "calls there (for a closer look)")
     ap.add_argument("--quick", action="store_true", help="a tenth of the sizes (a smoke run)")
+    ap.add_argument("--scale", type=int, default=1, help="every stage this many times its size (LaMini prompts, "
+                    "Evol-Instruct and Orca seeds; the filter follows LaMini), the ideal client's bound too: a "
+                    "refusal chain's few seconds weigh less on a longer stage")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
         a.lamini_prompts, a.evol_seeds, a.orca_seeds = a.lamini_prompts // 10, a.evol_seeds // 10, a.orca_seeds // 10
+    a.lamini_prompts, a.evol_seeds, a.orca_seeds = (a.scale * a.lamini_prompts, a.scale * a.evol_seeds,
+                                                    a.scale * a.orca_seeds)
     parts = set(a.parts.split(","))
     a.stages = tuple(x for x in a.stages.split(",") if x)
     load = os.getloadavg()
@@ -386,6 +391,7 @@ def shape_bound(a: argparse.Namespace, stage: str, retry_after_s: float) -> dict
     from fault_bound import bound  # bench/fault_bound.py
 
     n, mu, sigma, short = SHAPES[stage]
+    n, short = a.scale * n, a.scale * short
     return bound(n, 10, capacity=a.capacity, concurrency=a.concurrency, per_token_s=a.per_token_ms / 1000, mu=mu,
                  sigma=sigma, cap_tokens=a.max_new_tokens, short=short, retry_after_s=retry_after_s)
 
