@@ -380,6 +380,27 @@ def test_the_teacher_stays_up_for_a_filter_whose_judge_it_serves(tmp_path):
         assert when_scaled_down(e.fc) <= max(t for t, w, n in e.fc.timeline if w == "complete" and "sft-" in n)
 
 
+def test_a_stage_job_that_failed_for_good_gives_its_share_of_the_teacher_back(tmp_path):
+    """A stage Job that failed for good left the .live mark the controller wrote when it created the Job (its pods,
+    killed or failed before their client closed, never marked themselves done): the pods still running kept
+    dividing the teacher with it, and every later run in that store counted it as running. The controller now marks
+    a stage that ended unsuccessfully done."""
+    on_tgi = RECIPE.replace("teacher: {backend: local, model: pkg://none/teacher.gguf}",
+                            "teacher: {backend: tgi, model: m/teacher, base_url: 'http://teacher:80', "
+                            "prompt_format: '{user}'}")
+    with Env(tmp_path) as e:
+        e.fc.add_deployment(NS, "teacher", replicas=0, ready_delay=0.2)
+        cluster = e.settings(teacher={"deployment": "teacher", "url": "http://teacher:80", "leaseSeconds": 60,
+                                      "maxConcurrentRequests": 12},
+                             stageOverrides={"generate-orca": {"backoffLimit": 0}})
+        e.plan(generate_lamini={"sleep": 2}, generate_orca={"fail_times": 100})
+        rc, text, o = e.run(["generate-lamini", "generate-orca"], cluster, recipe=on_tgi)
+        assert rc == 5 and o is not None and o.failed_stage == "generate-orca", text
+        shares = e.runs / "run" / "_control" / "teacher-shares"
+        assert (shares / "generate-orca.done").is_file() and not (shares / "generate-orca.live").exists(), \
+            sorted(p.name for p in shares.iterdir())
+
+
 def test_the_teacher_comes_back_for_an_mtbench_judge_it_serves(tmp_path):
     """MT-Bench's judge served by the teacher (the recipe's judge, an open one at the teacher's /v1): the run
     scaled the teacher to 0 after the data stages and never brought it back, so MT-Bench, hours of training

@@ -786,6 +786,40 @@ def _local_run_shares(monkeypatch: pytest.MonkeyPatch, recipe: Recipe, store: St
     return seen, set(store.list("_control/teacher-shares/"))
 
 
+def test_a_stage_killed_in_a_local_run_gives_its_share_of_the_teacher_back(tmp_path, monkeypatch):
+    """A stage process killed (SIGKILL: the OOM killer) never closed its client, so its .live mark stayed on the
+    teacher's board: the stages still running kept dividing the teacher with it for the rest of the run, and every
+    later run in that store counted it as a pod running. A stage that ended unsuccessfully is now marked done."""
+    from bezoar_jobs.executors import local, scheduler
+    from bezoar_jobs.recipe import load_recipe
+
+    monkeypatch.delenv("BEZOAR_TEACHER_PARTIES", raising=False)
+    store = open_store(str(tmp_path / "run"))
+    recipe, _ = load_recipe(scripted_recipe(tmp_path, "http://127.0.0.1:9"))
+    marked: dict[str, bool] = {}
+
+    class Proc:
+        def __init__(self, cmd: list[str], env: dict[str, str], **kw: object) -> None:
+            self.stage = cmd[cmd.index("stage") + 1]
+            marked[self.stage] = store.exists(f"_control/teacher-shares/{self.stage}.live")
+            self.stdout: list[str] = []
+
+        def wait(self) -> int:
+            return -9 if self.stage == "generate-orca" else 0
+
+        def poll(self) -> int:
+            return self.wait()
+
+    monkeypatch.setattr(local.subprocess, "Popen", Proc)
+    monkeypatch.setattr(scheduler, "up_to_date", lambda store, r, s: (s in marked and s != "generate-orca", "stub"))
+    out = local.run_local(recipe, store, ["generate-lamini", "generate-orca"], parallel=2)
+    assert out.failed_stage == "generate-orca" and "SIGKILL" in out.reason
+    assert marked == {"generate-lamini": True, "generate-orca": True}  # both were marked running when started
+    marks = set(store.list("_control/teacher-shares/"))
+    assert "_control/teacher-shares/generate-orca.done" in marks
+    assert not [m for m in marks if m.endswith(".live")], marks
+
+
 def test_a_local_run_counts_a_filter_on_the_teachers_server_among_its_parties(tmp_path, monkeypatch):
     """`bezoar run` (local) gave a filter whose judge is the teacher's server nothing of the teacher's budget. It
     now gets the number of pods sharing the teacher (the most that run at once: a filter starts after its generate

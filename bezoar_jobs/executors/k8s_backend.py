@@ -187,6 +187,10 @@ class KubernetesBackend:
                 return []
             self._handle(kind, etype, obj)
         out, self._ended = self._ended, []
+        if self.teacher_parties > 1:
+            for ev in out:
+                if ev.exit_code != 0:  # ended for good (a Job's retries are its own): it asks the teacher nothing more
+                    self._mark_parties(ev.stage, mark_done)
         return out
 
     def stage_done(self, stage: str, skipped: bool, pending: Sequence[str] = ()) -> None:

@@ -263,6 +263,10 @@ class LocalBackend:
             pass
         for ev in out:
             self._running.discard(ev.stage)
+            if ev.exit_code != 0 and ev.stage in self.board_stages and self.teacher_parties > 1:
+                # it asks the teacher nothing more: a stage killed (or failed before its client closed) left its
+                # .live marker, which kept the others' shares small for the rest of the run and the next runs
+                mark_done(self.store, ev.stage)
         return out
 
     def stage_done(self, stage: str, skipped: bool, pending: Sequence[str] = ()) -> None:

@@ -30,7 +30,9 @@ is done with the teacher (its client closes) it leaves a marker in the run store
 started); every pod still running reads the markers every ``POLL_S`` and takes ``capacity // left``,
 up to the recipe's ``max_concurrency``, where ``left`` is ``parties - done`` but never fewer than the
 pods marked running (a ``.done`` left by a stage of an earlier ``bezoar run`` that is not in this one
-must not count; a pod that crashed leaves a ``.live`` behind, which only keeps shares smaller). The pods
+must not count; a pod killed before its client closed leaves its ``.live`` behind, which only keeps shares
+smaller, until the scheduler's backend marks its stage done once the stage has ended unsuccessfully: a process
+that exited non-zero, a Job failed for good; a controller killed with its stages leaves them). The pods
 still running only ever divide what the finished ones no longer use, so the total in flight stays within
 the capacity: TGI never answers "Model is overloaded" for it. The run store is what every stage pod
 shares already (a local directory or S3), so this works the same for local processes and Kubernetes
