@@ -360,7 +360,11 @@ def main(argv: list[str] | None = None) -> None:
             fig["identical" if key == "faults" else "identical_tgi"] = {
                 s: all(run[i]["identical"] for run in runs) if "clean" in parts else None
                 for i, s in enumerate(a.stages)}
-            fig["bound" if key == "faults" else "bound_tgi"] = {s: shape_bound(a, s, ra_s) for s in a.stages}
+            # at the clean run's request count where it ran (a stage's count is not its size times a constant:
+            # LaMini's deduplication keeps fewer of a bigger stage's instructions, and the filter follows)
+            asked = {x["stage"]: x["requests"] for x in fig.get("clean", [])}
+            fig["bound" if key == "faults" else "bound_tgi"] = {s: shape_bound(a, s, ra_s, asked.get(s))
+                                                                 for s in a.stages}
         if "together" in parts:
             fig["together"] = together(a, d, dolly, flan)
         if "fleet" in parts:
@@ -386,12 +390,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"written to {a.out}")
 
 
-def shape_bound(a: argparse.Namespace, stage: str, retry_after_s: float) -> dict[str, Any]:
-    """The ideal client of bench/fault_bound.py on ``stage``'s shape (SHAPES) under the fault mix."""
+def shape_bound(a: argparse.Namespace, stage: str, retry_after_s: float, requests: int | None = None) -> dict[str, Any]:
+    """The ideal client of bench/fault_bound.py on ``stage``'s shape (SHAPES) under the fault mix; ``requests``:
+    the stage's request count (the clean run's), else SHAPES' at ``--scale``."""
     from fault_bound import bound  # bench/fault_bound.py
 
-    n, mu, sigma, short = SHAPES[stage]
-    n, short = a.scale * n, a.scale * short
+    n0, mu, sigma, short0 = SHAPES[stage]
+    n = requests or a.scale * n0
+    short = round(short0 * n / n0)
     return bound(n, 10, capacity=a.capacity, concurrency=a.concurrency, per_token_s=a.per_token_ms / 1000, mu=mu,
                  sigma=sigma, cap_tokens=a.max_new_tokens, short=short, retry_after_s=retry_after_s)
 
