@@ -24,29 +24,30 @@ from bezoar_jobs.runner import run_stage
 from bezoar_jobs.store import open_store
 
 try:  # tests/ is not a package today
-    from tests.test_training import commit_filter, lamini_rows, make_recipe, training_section
-    from tests.tiny_model import build_tiny_model
+    from tests.test_training import (
+        commit_filter,
+        lamini_rows,
+        make_recipe,
+        one_torch_thread,
+        tiny,
+        training_section,
+    )
 except ImportError:  # pragma: no cover
-    from test_training import commit_filter, lamini_rows, make_recipe, training_section  # type: ignore
-    from tiny_model import build_tiny_model  # type: ignore[no-redef]
+    from test_training import (  # type: ignore
+        commit_filter,
+        lamini_rows,
+        make_recipe,
+        one_torch_thread,
+        tiny,
+        training_section,
+    )
+
+SHARED_FIXTURES = (one_torch_thread, tiny)  # test_training.py's fixtures, found here by name
 
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO / "bezoar_jobs" / "demo_data" / "hh" / "train.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Any:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _interrupt_after(store: Any, stage: str, step: int) -> None:

@@ -24,11 +24,11 @@ from bezoar_jobs.runner import run_stage
 from bezoar_jobs.store import open_store
 
 try:  # tests/ is not a package today
-    from tests.test_training import make_recipe, training_section
-    from tests.tiny_model import build_tiny_model
+    from tests.test_training import make_recipe, one_torch_thread, tiny, tok, training_section
 except ImportError:  # pragma: no cover
-    from test_training import make_recipe, training_section  # type: ignore[no-redef]
-    from tiny_model import build_tiny_model  # type: ignore[no-redef]
+    from test_training import make_recipe, one_torch_thread, tiny, tok, training_section  # type: ignore
+
+SHARED_FIXTURES = (one_torch_thread, tiny, tok)  # test_training.py's fixtures, found here by name
 
 HH_DEMO = "pkg://bezoar_jobs/demo_data/hh/train.jsonl"
 
@@ -47,28 +47,7 @@ SPELLED = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Any:
-    """As in test_training.py: one thread for the tiny model on a shared machine."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny: Path) -> Any:
-    from bezoar_jobs.models import load_tokenizer
-    from bezoar_jobs.training.lora import setup_tokenizer
-
-    return setup_tokenizer(load_tokenizer(tiny))
 
 
 def with_post_processor(tok: Any, single: str, token: str) -> Any:
