@@ -32,6 +32,7 @@ from .recipe_base import (
     Prob,
     Seed,
     Strict,
+    check_anthropic_temperatures,
     is_hub_model,
 )
 from .recipe_eval import EvaluationConfig, ReportConfig
@@ -40,10 +41,6 @@ from .registry import SFT_ALIAS, resolve_checkpoint
 from .yamlmodel import key_lines, parse_yaml, validate
 
 SCHEMA_VERSION = 1
-
-
-# the Messages API's range for temperature is 0 to 1 (its API reference, `temperature`)
-ANTHROPIC_MAX_TEMPERATURE = 1.0
 
 
 class StudentModel(Strict):
@@ -351,36 +348,15 @@ class Recipe(Strict):
         return self
 
     def _within_api_ranges(self) -> None:
-        """A temperature the endpoint's API refuses is an error here, naming the field, not a 400 from the
-        API partway through a paid stage (the filter's re-asks come after its whole first pass)."""
-        g, f = self.generation, self.filter
-        sent: dict[str, tuple[Endpoint, list[tuple[str, float]]]] = {
-            "teacher": (self.teacher, [
-                ("generation.lamini.topic_decoding.temperature", g.lamini.topic_decoding.temperature),
-                ("generation.lamini.instruction_decoding.temperature", g.lamini.instruction_decoding.temperature),
-                ("generation.lamini.response_decoding.temperature", g.lamini.response_decoding.temperature),
-                ("generation.evol.evolve_decoding.temperature", g.evol.evolve_decoding.temperature),
-                ("generation.evol.response_decoding.temperature", g.evol.response_decoding.temperature),
-                ("generation.orca.response_decoding.temperature", g.orca.response_decoding.temperature)]),
-            "judge": (self.judge, [("filter.decoding.temperature", f.decoding.temperature)]
-                      + ([("filter.retry_temperature", f.retry_temperature)] if f.decoding.temperature == 0 else [])),
-        }
-        mt = self.evaluation.mtbench
-        mt_role = "evaluation.mtbench.judge" if mt.judge is not None else "judge"
-        mt_uses = [("evaluation.mtbench.judge_decoding.temperature", mt.judge_decoding.temperature)]
-        if mt.judge is not None:
-            sent[mt_role] = (mt.judge, mt_uses)
-        else:
-            sent["judge"][1].extend(mt_uses)
-        for role, (ep, uses) in sent.items():
-            if ep.backend != "anthropic":
-                continue
-            for field, t in uses:
-                if t > ANTHROPIC_MAX_TEMPERATURE:
-                    raise ValueError(
-                        f"{field}: {t:g} is above {ANTHROPIC_MAX_TEMPERATURE:g}, the most the Anthropic Messages API "
-                        f"takes ({role}.backend is anthropic)"
-                    )
+        """A temperature an endpoint's API refuses fails the load naming its field, not a paid stage midway."""
+        fields: dict[str, list[str]] = {"teacher": [f"generation.{p}_decoding.temperature" for p in (
+            "lamini.topic", "lamini.instruction", "lamini.response", "evol.evolve", "evol.response", "orca.response")],
+            "judge": ["filter.decoding.temperature"]}
+        if self.filter.decoding.temperature == 0:  # greedy verdicts are re-asked at retry_temperature
+            fields["judge"].append("filter.retry_temperature")
+        mt_judge = "judge" if self.evaluation.mtbench.judge is None else "evaluation.mtbench.judge"
+        fields.setdefault(mt_judge, []).append("evaluation.mtbench.judge_decoding.temperature")
+        check_anthropic_temperatures(self, fields)
 
     # -- pinning: a paid run on unpinned hub revisions cannot be reproduced --------------------
     def unpinned(self) -> list[str]:

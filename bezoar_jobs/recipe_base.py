@@ -9,7 +9,8 @@ directly. Like recipe.py, this imports neither torch nor any client library.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from functools import reduce
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic import Strict as StrictType
@@ -59,6 +60,24 @@ class Decoding(Strict):
         "null: not sent",
     )
     stop: tuple[str, ...] = Field((), description="stop strings: the answer ends before the first one it contains")
+
+
+# the Messages API's range for temperature is 0 to 1 (its API reference, `temperature`)
+ANTHROPIC_MAX_TEMPERATURE = 1.0
+
+
+def check_anthropic_temperatures(recipe: Any, fields: dict[str, list[str]]) -> None:
+    """Each temperature (a dotted field of ``recipe``) sent to an endpoint (the key, its dotted field) that is
+    Anthropic's Messages API must be one that API takes: a ValueError names the first that is not."""
+    for role, names in fields.items():
+        endpoint = reduce(getattr, role.split("."), recipe)
+        if endpoint is None or endpoint.backend != "anthropic":
+            continue
+        for name in names:
+            t = reduce(getattr, name.split("."), recipe)
+            if t > ANTHROPIC_MAX_TEMPERATURE:
+                raise ValueError(f"{name}: {t:g} is above {ANTHROPIC_MAX_TEMPERATURE:g}, the most the Anthropic "
+                                 f"Messages API takes ({role}.backend is anthropic)")
 
 
 # backends that send a raw prompt (filled from prompt_format) to a server at base_url
