@@ -22,25 +22,14 @@ import pytest
 from bezoar_jobs.manifest import CommitInfo, commit, read_manifest
 from bezoar_jobs.runner import run_stage
 from bezoar_jobs.store import open_store
-
-try:  # tests/ is not a package today
-    from tests.test_training import (
-        commit_filter,
-        lamini_rows,
-        make_recipe,
-        one_torch_thread,
-        tiny,
-        training_section,
-    )
-except ImportError:  # pragma: no cover
-    from test_training import (  # type: ignore
-        commit_filter,
-        lamini_rows,
-        make_recipe,
-        one_torch_thread,
-        tiny,
-        training_section,
-    )
+from tests.test_training import (
+    commit_filter,
+    lamini_rows,
+    make_recipe,
+    one_torch_thread,
+    tiny,
+    training_section,
+)
 
 SHARED_FIXTURES = (one_torch_thread, tiny)  # test_training.py's fixtures, found here by name
 

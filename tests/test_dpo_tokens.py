@@ -22,11 +22,7 @@ import pytest
 from bezoar_jobs.manifest import CommitInfo, commit, read_manifest
 from bezoar_jobs.runner import run_stage
 from bezoar_jobs.store import open_store
-
-try:  # tests/ is not a package today
-    from tests.test_training import make_recipe, one_torch_thread, tiny, tok, training_section
-except ImportError:  # pragma: no cover
-    from test_training import make_recipe, one_torch_thread, tiny, tok, training_section  # type: ignore
+from tests.test_training import make_recipe, one_torch_thread, tiny, tok, training_section
 
 SHARED_FIXTURES = (one_torch_thread, tiny, tok)  # test_training.py's fixtures, found here by name
 
