@@ -9,12 +9,13 @@ directly. Like recipe.py, this imports neither torch nor any client library.
 from __future__ import annotations
 
 import re
-from functools import reduce
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic import Strict as StrictType
 from pydantic_core import PydanticCustomError
+
+from .recipe_view import get_path
 
 
 class Strict(BaseModel):
@@ -70,11 +71,11 @@ def check_anthropic_temperatures(recipe: Any, fields: dict[str, list[str]]) -> N
     """Each temperature (a dotted field of ``recipe``) sent to an endpoint (the key, its dotted field) that is
     Anthropic's Messages API must be one that API takes: a ValueError names the first that is not."""
     for role, names in fields.items():
-        endpoint = reduce(getattr, role.split("."), recipe)
+        endpoint = get_path(recipe, role)
         if endpoint is None or endpoint.backend != "anthropic":
             continue
         for name in names:
-            t = reduce(getattr, name.split("."), recipe)
+            t = get_path(recipe, name)
             if t > ANTHROPIC_MAX_TEMPERATURE:
                 raise ValueError(f"{name}: {t:g} is above {ANTHROPIC_MAX_TEMPERATURE:g}, the most the Anthropic "
                                  f"Messages API takes ({role}.backend is anthropic)")
